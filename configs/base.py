@@ -1,0 +1,84 @@
+"""Every default of mtp-jax, defined once. Other configs start from this and change a few fields.
+
+Run: python launch.py --config configs/base.py --workdir runs/base
+Produces: a 2-layer, width-128 model with one sequential MTP module trained for 2000 steps on
+the Python standard library's source; checkpoints and TensorBoard logs under the workdir.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 128
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.mlp_dim = 0  # 0: the SwiGLU default, 8/3 * d_model rounded up to a multiple of 64.
+  c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16; params stay float32.
+  c.model.tie_embeddings = True
+  c.model.rope_theta = 10000.0
+  c.model.max_seq_len = 512  # RoPE range and the decoder's cache length.
+  c.model.norm_eps = 1e-6
+  c.model.remat = False  # rematerialize each Transformer block in the backward pass.
+
+  c.mtp = ml_collections.ConfigDict()
+  c.mtp.kind = 'sequential'  # sequential (DeepSeek-V3) | parallel (Gloeckle et al.)
+  c.mtp.depth = 1  # D extra tokens predicted; 0 is the plain next-token baseline.
+  c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
+  # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).
+  c.mtp.loss_weight_schedule = ''
+
+  c.data = ml_collections.ConfigDict()
+  # Comma-separated files, directories or globs of text (.txt, .py, .md, ...) or JSON lines
+  # (.jsonl); 'stdlib' is the running Python's standard library source.
+  c.data.sources = 'stdlib'
+  c.data.text_field = 'text'  # the field holding the text in JSON-lines files.
+  c.data.vocab_size = 2048
+  c.data.tokenizer = ''  # path of a tokenizer.json to use instead of training one.
+  c.data.valid_fraction = 0.05  # share of files held out for validation (chosen by path hash).
+  c.data.cache_dir = ''  # where token arrays are cached; '' is WORKDIR/data.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 2000
+  c.train.batch_size = 16
+  c.train.seq_len = 128
+  c.train.grad_accum = 1  # micro-batches per optimizer step; batch_size is split between them.
+  c.train.lr = 3e-3
+  c.train.warmup_steps = 100
+  c.train.min_lr_ratio = 0.1  # the cosine decays to lr * min_lr_ratio at the last step.
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.eval_every = 500
+  c.train.eval_batches = 8
+  c.train.log_every = 50
+  c.train.nonfinite = 'stop'  # stop | skip: what a NaN/Inf loss or gradient does.
+
+  c.decode = ml_collections.ConfigDict()
+  c.decode.method = 'mtp'  # ar | mtp
+  c.decode.draft_len = 0  # S drafted tokens per step; 0 means S = mtp.depth.
+  c.decode.temperature = 0.0
+  c.decode.top_k = 0  # 0: no top-k filter.
+  c.decode.top_p = 1.0
+  c.decode.max_new_tokens = 64
+  c.decode.eval_prompts = 4  # validation prompts decoded at each evaluation (0: none).
+  c.decode.prompt_len = 32  # prompt length used by evaluation and bench.
+  c.decode.bench_prompts = 8
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device not used by the other axes.
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ''  # host:port; '' means single process.
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  return c

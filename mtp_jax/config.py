@@ -1,0 +1,136 @@
+"""Config checking and the typed model hyperparameters that modules take instead of a ConfigDict.
+
+`validate` runs before anything is compiled or written; every failure is one line naming the field.
+"""
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+
+KINDS = ('sequential', 'parallel')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  mlp_dim: int
+  dtype: str
+  tie_embeddings: bool
+  rope_theta: float
+  max_seq_len: int
+  norm_eps: float
+  remat: bool
+  mtp_kind: str
+  mtp_depth: int
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @classmethod
+  def from_config(cls, config) -> 'ModelConfig':
+    m = config.model
+    mlp_dim = m.mlp_dim or 64 * -(-(8 * m.d_model // 3) // 64)
+    return cls(
+        vocab_size=config.data.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=mlp_dim, dtype=m.dtype,
+        tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
+        norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth)
+
+
+def parse_schedule(text: str) -> list[tuple[int, float]]:
+  """'STEP:WEIGHT,...' -> sorted [(step, weight)]; raises ConfigError on a malformed entry."""
+  pairs = []
+  for item in filter(None, (s.strip() for s in text.split(','))):
+    try:
+      step, weight = item.split(':')
+      pairs.append((int(step), float(weight)))
+    except ValueError:
+      raise ConfigError(f"mtp.loss_weight_schedule: '{item}' is not STEP:WEIGHT "
+                        "(e.g. '10000:0.1')") from None
+  return sorted(pairs)
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Checks every field that could fail later; raises ConfigError with one line."""
+  m, t, d, mtp = config.model, config.train, config.decode, config.mtp
+  for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
+                      ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
+                      ('model.max_seq_len', m.max_seq_len), ('data.vocab_size', config.data.vocab_size),
+                      ('train.steps', t.steps), ('train.batch_size', t.batch_size),
+                      ('train.seq_len', t.seq_len), ('train.grad_accum', t.grad_accum),
+                      ('train.checkpoint_every', t.checkpoint_every),
+                      ('train.keep_checkpoints', t.keep_checkpoints),
+                      ('train.eval_every', t.eval_every), ('train.eval_batches', t.eval_batches),
+                      ('train.log_every', t.log_every), ('decode.max_new_tokens', d.max_new_tokens),
+                      ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts)]:
+    _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
+  _check(m.d_model % m.num_heads == 0,
+         f'model.num_heads={m.num_heads} must divide model.d_model={m.d_model}')
+  _check((m.d_model // m.num_heads) % 2 == 0,
+         f'model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  _check(m.num_heads % m.num_kv_heads == 0,
+         f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
+  _check(m.mlp_dim >= 0, f'model.mlp_dim must be >= 0 (0 picks 8/3 * d_model), got {m.mlp_dim}')
+  _check(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got '{m.dtype}'")
+  _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
+  _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
+  _check(mtp.kind in KINDS, f"mtp.kind must be one of {', '.join(KINDS)}, got '{mtp.kind}'")
+  _check(isinstance(mtp.depth, int) and mtp.depth >= 0,
+         f'mtp.depth must be an integer >= 0, got {mtp.depth!r}')
+  _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
+  _check(all(w >= 0 for _, w in parse_schedule(mtp.loss_weight_schedule)),
+         'mtp.loss_weight_schedule: weights must be >= 0')
+  _check(t.seq_len + mtp.depth <= m.max_seq_len,
+         f'train.seq_len + mtp.depth = {t.seq_len + mtp.depth} exceeds model.max_seq_len='
+         f'{m.max_seq_len} (the RoPE range)')
+  _check(t.batch_size % t.grad_accum == 0,
+         f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
+  micro = t.batch_size // t.grad_accum
+  _check(micro % num_devices == 0,
+         f'train.batch_size / train.grad_accum = {micro} must be divisible by the device count '
+         f'{num_devices}')
+  _check(t.lr > 0, f'train.lr must be > 0, got {t.lr}')
+  _check(t.warmup_steps >= 0, f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
+  _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}')
+  _check(t.weight_decay >= 0, f'train.weight_decay must be >= 0, got {t.weight_decay}')
+  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f'train.b1 and train.b2 must be in [0, 1)')
+  _check(t.grad_clip > 0, f'train.grad_clip must be > 0, got {t.grad_clip}')
+  _check(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be stop or skip, got '{t.nonfinite}'")
+  _check(0 < config.data.valid_fraction < 1,
+         f'data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}')
+  _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib' or paths)")
+  _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
+         f"data.tokenizer: no file '{config.data.tokenizer}'")
+  validate_decode(config)
+
+
+def validate_decode(config) -> None:
+  d, depth = config.decode, config.mtp.depth
+  _check(d.method in ('ar', 'mtp'), f"decode.method must be ar or mtp, got '{d.method}'")
+  _check(d.temperature >= 0, f'decode.temperature must be >= 0, got {d.temperature}')
+  _check(0 < d.top_p <= 1, f'decode.top_p must be in (0, 1], got {d.top_p}')
+  _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
+  if d.method == 'mtp':
+    _check(depth >= 1, 'decode.method=mtp needs MTP heads, but mtp.depth=0; use decode.method=ar')
+    _check(0 <= d.draft_len <= depth,
+           f'decode.draft_len must be in 1..mtp.depth={depth} (0 means {depth}), got {d.draft_len}')

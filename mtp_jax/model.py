@@ -1,0 +1,104 @@
+"""The MTP language model: a Llama-style trunk plus D multi-token-prediction heads, exposed as
+small methods (trunk, mtp_step, logits) that training and the decoder compose.
+
+Shape legend: B batch, T positions, D model width, V vocab. Depth k = 0 is the trunk's own
+next-token head; depth k >= 1 predicts token t_{i+k+1} at position i.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtp_jax.config import ModelConfig
+from mtp_jax.heads import HEADS
+from mtp_jax.layers import Block, RMSNorm, empty_kv, param_with_axes, rms_norm
+
+
+class MTPLanguageModel(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    block = nn.remat(Block) if cfg.remat else Block
+    self.embedding = param_with_axes(self, 'embedding', nn.initializers.normal(0.02),
+                                     (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
+    self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if not cfg.tie_embeddings:
+      self.unembedding = param_with_axes(self, 'unembedding', nn.initializers.normal(0.02),
+                                         (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+    head = nn.remat(HEADS[cfg.mtp_kind]) if cfg.remat else HEADS[cfg.mtp_kind]
+    self.mtp = [head(cfg) for _ in range(cfg.mtp_depth)]
+    # Sequential modules have their own output norm; parallel heads share the trunk's.
+    if cfg.mtp_kind == 'sequential':
+      self.mtp_norms = [RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(cfg.mtp_depth)]
+
+  def embed(self, tokens_BxT):
+    emb = jnp.take(self.embedding, tokens_BxT, axis=0, mode='clip')
+    return emb.astype(self.cfg.compute_dtype)
+
+  def trunk(self, tokens_BxT, positions_BxT, caches=None):
+    """Returns the trunk's last hidden state h^0 (before the final norm) and updated caches."""
+    x_BxTxD = self.embed(tokens_BxT)
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i])
+      new_caches.append(kv)
+    return x_BxTxD, (None if caches is None else new_caches)
+
+  def mtp_step(self, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv=None):
+    """Depth k >= 1. h_in is h^{k-1} for sequential modules and h^0 for parallel heads;
+    tokens_BxT holds t_{i+k} at position i (used by sequential modules only)."""
+    return self.mtp[k - 1](h_in_BxTxD, self.embed(tokens_BxT), positions_BxT, kv)
+
+  def head_weights(self, k: int):
+    """(norm scale, D x V output matrix) of depth k, as arrays, so the loss can project to the
+    vocabulary one depth at a time under its own rematerialization."""
+    if k > 0 and self.cfg.mtp_kind == 'sequential':
+      norm = self.mtp_norms[k - 1]
+    else:
+      norm = self.final_norm
+    out_DxV = self.embedding.T if self.cfg.tie_embeddings else self.unembedding
+    return norm.scale, out_DxV
+
+  def logits(self, h_BxTxD, k: int = 0):
+    return project(h_BxTxD, *self.head_weights(k), self.cfg)
+
+  def __call__(self, tokens_BxT):
+    """Initialization path: touches every parameter. Returns each depth's logits."""
+    positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    h_BxTxD, _ = self.trunk(tokens_BxT, positions_BxT)
+    out = [self.logits(h_BxTxD, 0)]
+    h0 = h_BxTxD
+    for k in range(1, self.cfg.mtp_depth + 1):
+      h_in = h_BxTxD if self.cfg.mtp_kind == 'sequential' else h0
+      h_BxTxD, _ = self.mtp_step(k, h_in, tokens_BxT, positions_BxT)
+      out.append(self.logits(h_BxTxD, k))
+    return out
+
+
+def project(h_BxTxD, scale_D, out_DxV, cfg: ModelConfig):
+  """Norm then output matrix; logits in float32."""
+  x = rms_norm(h_BxTxD, scale_D, cfg.norm_eps)
+  logits = jnp.einsum('btd,dv->btv', x, out_DxV.astype(cfg.compute_dtype))
+  return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+def init_params(cfg: ModelConfig, rng):
+  """Parameters as a plain pytree (boxes with logical axis names removed)."""
+  model = MTPLanguageModel(cfg)
+  boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))
+  return nn.meta.unbox(boxed)
+
+
+def logical_axes(cfg: ModelConfig):
+  """The logical axis names of every parameter, in the same tree shape as the params."""
+  model = MTPLanguageModel(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  return nn.get_partition_spec(boxed)
+
+
+def empty_caches(cfg: ModelConfig, batch: int, length: int):
+  """KV caches for decoding: one per trunk layer and one per MTP depth."""
+  return {'trunk': [empty_kv(cfg, batch, length) for _ in range(cfg.num_layers)],
+          'mtp': [empty_kv(cfg, batch, length) for _ in range(cfg.mtp_depth)]}

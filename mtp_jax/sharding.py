@@ -1,0 +1,66 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Layers name their parameter and activation axes; only this module says where they live.
+"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mtp_jax.config import ConfigError
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# FSDP shards the width, tensor parallelism the heads, MLP width and vocabulary; the batch is
+# split over both data-like axes.
+RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('length', None),
+    ('embed', 'fsdp'),
+    ('concat_embed', None),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('norm', None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f'mesh: sizes must be >= 1 with at most one -1, got {tuple(sizes)}')
+  if num_devices % fixed:
+    raise ConfigError(f'mesh: data*fsdp*tensor = {fixed} does not divide the {num_devices} devices')
+  sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != num_devices:
+    raise ConfigError(f'mesh: {tuple(sizes)} uses {int(np.prod(sizes))} devices, '
+                      f'but there are {num_devices}')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_sharding(specs, mesh: Mesh):
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def axis_rules():
+  """Context that lets nn.with_logical_constraint resolve names while tracing."""
+  return nn.logical_axis_rules(RULES)

@@ -1,0 +1,54 @@
+"""Shared tiny configs for the CPU test suite."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import base  # noqa: E402
+from mtp_jax.config import ModelConfig  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """base config shrunk to a 2-layer width-32 model; overrides as 'section.field'=value."""
+  c = base.get_config()
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.max_seq_len = 128
+  c.data.vocab_size = 96
+  c.mtp.depth = 2
+  c.train.steps = 4
+  c.train.batch_size = 4
+  c.train.seq_len = 16
+  c.train.warmup_steps = 1
+  c.train.checkpoint_every = 2
+  c.train.eval_every = 4
+  c.train.eval_batches = 1
+  c.train.log_every = 1
+  c.decode.eval_prompts = 0
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  return c
+
+
+def tiny_model(**overrides) -> ModelConfig:
+  return ModelConfig.from_config(tiny_config(**overrides))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """A small real-text corpus: a slice of the standard library's source, as files."""
+  import sysconfig
+  stdlib = sysconfig.get_paths()['stdlib']
+  out = tmp_path / 'corpus'
+  out.mkdir()
+  for name in ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'fnmatch.py',
+               'colorsys.py', 'keyword.py', 'glob.py', 'calendar.py', 'difflib.py', 'queue.py']:
+    src = os.path.join(stdlib, name)
+    (out / name.replace('.py', '.txt')).write_text(open(src, encoding='utf-8').read())
+  return str(out)
