@@ -1,0 +1,38 @@
+"""The one entry point: python launch.py --config configs/X.py --workdir DIR [--mode MODE].
+
+Modes: train (default) and eval. Each hands the locked config to one function of mtp_jax.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
+                                          'Path to a config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
+          flags.FLAGS['config'])))[0])
+  # Imported here so that --help and flag errors do not pay for importing JAX.
+  from mtp_jax import run
+  try:
+    summary = run.run(_MODE.value, config, workdir)
+  except run.USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if summary is not None:
+    print(json.dumps(summary, indent=2, default=float))
+
+
+if __name__ == '__main__':
+  app.run(main)

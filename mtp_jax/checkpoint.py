@@ -1,0 +1,180 @@
+"""Saving and restoring the train state with Orbax, plus the run's config.json, so that a run
+resumes from its newest intact checkpoint and refuses a workdir that holds a different model.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used: none intact, or one of a different model."""
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _reason(error: BaseException) -> str:
+  """One short line for an exception. Orbax wraps TensorStore's error in one whose message is
+  a page of spec, so the innermost cause is the one that says what is wrong."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = f'{type(error).__name__}: {lines[0] if lines else ""}'
+  return text if len(text) <= 160 else text[:157] + '...'
+
+
+class Checkpointer:
+  """Numbered checkpoints under WORKDIR/checkpoints, each holding the train state ('state')
+  and a small JSON dict ('meta'); only the newest `keep` remain."""
+
+  def __init__(self, workdir: str, *, keep: int = 3):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'meta': ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict | None = None, *, force: bool = True) -> None:
+    """Starts saving `state` (any pytree of arrays) and `meta` as `step`. It returns once the
+    arrays are copied to host, so the caller may donate or overwrite them; the files are
+    complete after wait(). Without `force`, Orbax's policy decides, which saves only the
+    first checkpoint or at a preemption. Saving a step that exists raises."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
+        force=force,
+    )
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore(self, step: int | None, target) -> tuple:
+    """Returns (state, meta) of `step` (None: the latest). `target` has the saved structure;
+    each leaf, an array or a jax.ShapeDtypeStruct, gives the dtype and, if it has one, the
+    sharding to restore onto (a leaf without one gets the sharding it was saved with)."""
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f'no checkpoint in {self.directory}')
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
+    return restored.state, restored.meta
+
+  def restore_latest_valid(self, target) -> tuple:
+    """Returns (step, state, meta) of the newest checkpoint that restores, or (None, None, {})
+    when there is none. Damaged newer steps are reported and renamed to STEP.damaged, so that
+    the resumed run can save those step numbers again."""
+    for name in sorted(os.listdir(self.directory)):
+      if ocp.utils.TMP_DIR_SUFFIX in name:
+        # Orbax writes a step under this name and renames it when complete; Orbax ignores
+        # it, and a new save of the same step replaces it.
+        _warn(f'ignoring incomplete checkpoint {name} (its save never finished)')
+    steps = self.all_steps()[::-1]
+    damaged = []
+    for step, previous in zip(steps, steps[1:] + [None]):
+      try:
+        state, meta = self.restore(step, target)
+      except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
+        then = f'falling back to step {previous}' if previous is not None else 'no step left'
+        _warn(f'checkpoint step {step} is damaged ({_reason(e)}); {then}')
+        damaged.append(step)
+        last_error = e
+        continue
+      self._set_aside(damaged)
+      return step, state, meta
+    if damaged:
+      raise CheckpointError(
+          f'every checkpoint in {self.directory} is damaged (steps {damaged}); '
+          f'the last error: {_reason(last_error)}') from last_error
+    return None, None, {}
+
+  def _set_aside(self, steps: list[int]) -> None:
+    # Renamed rather than deleted: a restore can also fail for a passing reason (a network
+    # filesystem error), and the files may still be wanted.
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        shutil.rmtree(path + '.damaged', ignore_errors=True)
+        os.replace(path, path + '.damaged')
+    ocp.multihost.sync_global_processes('mtp_jax:checkpoint_set_aside')
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json; through a temporary file so that a crash never leaves half a
+  file that a later resume would fail to parse."""
+  os.makedirs(workdir, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix='config.json.', suffix='.tmp')
+  with os.fdopen(fd, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(workdir, 'config.json'))
+
+
+def load_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+_ABSENT = object()
+
+
+def _show(value) -> str:
+  return 'absent' if value is _ABSENT else json.dumps(value)
+
+
+def check_compatible(saved: dict, config,
+                     fields=('model', 'mtp.kind', 'mtp.depth', 'data.vocab_size')) -> None:
+  """Raises CheckpointError naming every model-defining field (a section means all its
+  fields) that differs between the saved config and `config`. Training fields may differ."""
+  # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
+  old = _flatten(saved)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  diffs = []
+  for field in fields:
+    names = sorted(n for n in old.keys() | new.keys() if n == field or n.startswith(field + '.'))
+    for name in names:
+      a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
+      if a != b:
+        diffs.append(f'{name}: {_show(a)} -> {_show(b)}')
+  if diffs:
+    raise CheckpointError('workdir holds a checkpoint of a different model: ' + ', '.join(diffs))

@@ -1,0 +1,226 @@
+"""Decoding: cache consistency, exactness of speculative decoding, acceptance bookkeeping on a
+stub model, the sampling distribution, and EOS / length handling."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+from mtp_jax import decode as dec
+from mtp_jax.layers import empty_kv
+from mtp_jax.model import MTPLanguageModel, init_params
+from mtp_jax.loss import _hidden_states
+
+
+def full_forward_logits(params, cfg, tokens_BxW):
+  """Every depth's logits over a window through the training path (no cache)."""
+  model = MTPLanguageModel(cfg)
+  T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
+  hidden, _ = model.apply(params, tokens_BxW[:, :T], tokens_BxW, method=_hidden_states)
+  return [np.asarray(model.apply(params, h, k, method=model.logits)) for k, h in enumerate(hidden)]
+
+
+@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+def test_cached_chunks_match_full_forward(kind):
+  """Feeding a window through the caches in uneven chunks gives the full forward's logits."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(0))
+  model = dec.DecodeModel(cfg)
+  B, T, L = 2, 11, 16
+  tokens = jax.random.randint(jax.random.key(1), (B, T + 3), 0, cfg.vocab_size)
+  want = full_forward_logits(params, cfg, tokens)
+  cache = model.init_cache(B, L)
+  got = [[] for _ in range(3)]
+  for lo, hi in [(0, 4), (4, 5), (5, 9), (9, 11)]:
+    positions = jnp.broadcast_to(jnp.arange(lo, hi), (B, hi - lo))
+    logits, h, cache['trunk'] = model.trunk(params, tokens[:, lo:hi], positions, cache['trunk'])
+    got[0].append(logits)
+    h0 = h
+    for k in (1, 2):
+      h_in = h if kind == 'sequential' else h0
+      logits, h, cache['heads'][k - 1] = model.head(params, k, h_in, tokens[:, lo + k:hi + k],
+                                                     positions, cache['heads'][k - 1])
+      got[k].append(logits)
+  for k in range(3):
+    np.testing.assert_allclose(np.concatenate(got[k], axis=1), want[k], rtol=2e-5, atol=2e-5)
+
+
+def run(model, params, prompts, settings, key=0):
+  prompts_BxP, lens = dec.pad_prompts(prompts)
+  fn = dec.compiled_decoder(model, settings, dec.cache_length(prompts_BxP.shape[1], settings))
+  return fn(params, prompts_BxP, lens, jax.random.key(key))
+
+
+@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+def test_greedy_mtp_equals_ar(kind):
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
+  params = init_params(cfg, jax.random.key(7))
+  model = dec.DecodeModel(cfg)
+  rng = np.random.default_rng(0)
+  for batch, lengths in [(1, [5]), (3, [1, 9, 4]), (4, [6, 2, 6, 13])]:
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
+    ar = dec.outputs(run(model, params, prompts, dec.Settings(draft_len=0, max_new_tokens=17)))
+    for S in (1, 2, 3):
+      state = run(model, params, prompts, dec.Settings(draft_len=S, max_new_tokens=17))
+      assert dec.outputs(state) == ar, (batch, S)
+      assert int(state.iterations) < 17 or S == 0
+
+
+@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+def test_caches_after_decoding_equal_one_fresh_pass(kind):
+  """After many rejected drafts, every cache entry at a committed position equals what one
+  pass over the final sequence computes: rollback and window rewrites leave no stale entry."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(3))
+  model = dec.DecodeModel(cfg)
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  s = dec.Settings(draft_len=2, max_new_tokens=12)
+  state = run(model, params, prompts, s)
+  n = np.asarray(state.n)
+  prompts_BxP, _ = dec.pad_prompts(prompts)
+  fresh = dec.prefill(model, params, jnp.asarray(np.asarray(state.tokens)[:, :int(n.max())]),
+                      jnp.asarray(n), jax.random.key(0), dataclasses.replace(s, max_new_tokens=1),
+                      state.tokens.shape[1])
+  for b in range(2):
+    # The trunk cache covers positions 0..n-2; head k's entries are exact up to n-2-k (parallel:
+    # n-2), past which they were built from tokens that are not committed yet.
+    valid = {'trunk': n[b] - 1}
+    for layer in range(cfg.num_layers):
+      for name in ('k', 'v'):
+        np.testing.assert_allclose(state.cache['trunk'][layer][name][b, :valid['trunk']],
+                                   fresh.cache['trunk'][layer][name][b, :valid['trunk']],
+                                   rtol=2e-5, atol=2e-5)
+    for k in (1, 2):
+      upto = n[b] - 1 - (k if kind == 'sequential' else 1)
+      for name in ('k', 'v'):
+        np.testing.assert_allclose(state.cache['heads'][k - 1][name][b, :upto],
+                                   fresh.cache['heads'][k - 1][name][b, :upto],
+                                   rtol=2e-5, atol=2e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingStub:
+  """A model with known outputs: the trunk always predicts t + 1 (mod V). Heads predict
+  t_{i+k} + 1 for rows whose `head_error` is 0, and t_{i+k} + 2 (always wrong) otherwise.
+  Hidden states carry the token itself; heads chain like sequential modules."""
+  vocab: int = 32
+  depth: int = 3
+  chains: bool = True
+  hidden_dim: int = 1
+  hidden_dtype = jnp.float32
+  head_error: tuple = (1, 0)
+
+  def init_cache(self, batch, length):
+    return {'trunk': jnp.zeros(()), 'heads': [jnp.zeros(()) for _ in range(self.depth)]}
+
+  def _logits(self, next_BxT):
+    return 10.0 * jax.nn.one_hot(next_BxT % self.vocab, self.vocab)
+
+  def trunk(self, params, tokens_BxT, positions_BxT, cache):
+    return self._logits(tokens_BxT + 1), tokens_BxT[..., None].astype(jnp.float32), cache
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    err = jnp.asarray(self.head_error)[:tokens_BxT.shape[0], None]
+    return self._logits(tokens_BxT + 1 + err), h_in, cache
+
+
+def test_stub_decoder_exact_tokens_and_acceptance():
+  stub = CountingStub()
+  s = dec.Settings(draft_len=3, max_new_tokens=9)
+  state = run(stub, None, [[3, 4], [10]], s)
+  assert dec.outputs(state) == [list(range(5, 14)), list(range(11, 20))]
+  # Row 1 accepts all 3 drafts plus a bonus token per iteration: 1 (prefill) + 4 + 4 = 9.
+  # Row 0 rejects the first draft every time: one token per iteration, 8 iterations.
+  assert int(state.iterations) == 8
+  np.testing.assert_array_equal(state.forwards, [8, 2])
+  np.testing.assert_array_equal(state.accepted, [[0, 0, 0], [2, 2, 2]])
+  np.testing.assert_array_equal(state.emitted, [8, 8])
+  assert dec.stats(state, s)['tau'] == pytest.approx(16 / 10)
+
+
+def test_stub_decoder_eos_and_max_length():
+  stub = CountingStub(head_error=(0, 0, 1))
+  # EOS = 8 arrives inside an accepted block for row 0 (prompt 5 -> 6 7 8), mid-way for row 1
+  # (prompt 1 -> 2..8); row 2 never meets it and stops at max_new_tokens.
+  s = dec.Settings(draft_len=3, max_new_tokens=10, eos_id=8)
+  state = run(stub, None, [[5], [1], [20]], s)
+  assert dec.outputs(state) == [[6, 7, 8], [2, 3, 4, 5, 6, 7, 8], list(range(21, 31))]
+  ar = run(stub, None, [[5], [1], [20]], dataclasses.replace(s, draft_len=0))
+  assert dec.outputs(ar) == dec.outputs(state)
+  # A first token that is already EOS ends the row without any iteration.
+  state = run(stub, None, [[7]], s)
+  assert dec.outputs(state) == [[8]] and int(state.iterations) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TableStub:
+  """Trunk: p(next | t) = softmax(P[t]); head k: q_k(next | t_{i+k}) = softmax(Q[k-1][t]),
+  deliberately different from p, so drafts are often rejected."""
+  vocab: int = 4
+  depth: int = 2
+  chains: bool = True
+  hidden_dim: int = 1
+  hidden_dtype = jnp.float32
+
+  P = np.log(np.array([[.1, .6, .2, .1], [.5, .1, .1, .3], [.25, .25, .4, .1], [.7, .1, .1, .1]]))
+  Q = np.log(np.array([[[.4, .2, .2, .2], [.1, .1, .7, .1], [.3, .3, .3, .1], [.1, .1, .1, .7]],
+                       [[.25] * 4, [.6, .2, .1, .1], [.1, .2, .3, .4], [.2, .5, .2, .1]]]))
+
+  def init_cache(self, batch, length):
+    return {'trunk': jnp.zeros(()), 'heads': [jnp.zeros(()) for _ in range(self.depth)]}
+
+  def trunk(self, params, tokens_BxT, positions_BxT, cache):
+    return jnp.asarray(self.P, jnp.float32)[tokens_BxT], jnp.zeros(tokens_BxT.shape + (1,)), cache
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    return jnp.asarray(self.Q[k - 1], jnp.float32)[tokens_BxT], h_in, cache
+
+
+def filtered(p, top_k):
+  if top_k:
+    p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize('top_k', [0, 3])
+def test_speculative_sampling_reproduces_trunk_distribution(top_k):
+  """The joint law of the first three generated tokens equals the trunk's own, within a
+  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails."""
+  stub = TableStub()
+  rows, new = 12000, 3
+  s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k)
+  prompts = np.zeros((rows, 1), np.int32)
+  fn = dec.compiled_decoder(stub, s, dec.cache_length(1, s))
+  state = fn(None, prompts, np.ones(rows, np.int32), jax.random.key(42))
+  out = np.asarray(dec.outputs(state))
+  assert out.shape == (rows, new)
+  P = np.exp(stub.P)
+  expected = np.zeros((4,) * new)
+  for a in range(4):
+    for b in range(4):
+      for c in range(4):
+        expected[a, b, c] = (filtered(P[0], top_k)[a] * filtered(P[a], top_k)[b] *
+                             filtered(P[b], top_k)[c])
+  counts = np.zeros((4,) * new)
+  np.add.at(counts, tuple(out.T), 1)
+  assert counts[expected == 0].sum() == 0
+  mask = expected > 0
+  chi2 = np.sum((counts[mask] - rows * expected[mask]) ** 2 / (rows * expected[mask]))
+  dof = mask.sum() - 1
+  # ~5 standard deviations above the chi-square mean.
+  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)
+  assert 0 < dec.stats(state, s)['acceptance_per_position'][0] < 1
+
+
+def test_probabilities_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  np.testing.assert_allclose(dec.probabilities(logits, dec.Settings()), [[1, 0, 0, 0]])
+  p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_k=2))
+  np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], rtol=1e-5)
+  p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_p=0.8))
+  np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], rtol=1e-5)
+  p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_p=0.81))
+  np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-5)
