@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
@@ -19,6 +19,7 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
@@ -34,5 +35,26 @@ def main(argv):
     print(json.dumps(summary, indent=2, default=float))
 
 
+def _parse_or_exit(argv):
+  """Parses flags once up front so a misspelled config key is one line, not a traceback."""
+  try:
+    flags.FLAGS(argv)
+    _CONFIG.value.keys()  # a failed load surfaces lazily; touch the config to report it here
+  except (OSError, SyntaxError, ImportError) as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    print(f'error: cannot load the config file: {reason}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    print(f'error: the config has no such field ({detail}); overrides given: {", ".join(bad)}',
+          file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
+  _parse_or_exit(sys.argv)
   app.run(main)

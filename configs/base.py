@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.log_every = 50
   c.train.nonfinite = 'stop'  # stop | skip: what a NaN/Inf loss or gradient does.
+  c.train.inject_nan_step = -1  # testing hook: the loss at this step is made NaN (-1: never).
 
   c.decode = ml_collections.ConfigDict()
   c.decode.method = 'mtp'  # ar | mtp

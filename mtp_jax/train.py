@@ -60,6 +60,7 @@ class StepConfig:
   grad_accum: int
   loss_weight: float
   loss_weight_schedule: str
+  inject_nan_step: int = -1
 
 
 def train_step(state, batch_BxW, *, tx, sc: StepConfig):
@@ -77,6 +78,8 @@ def train_step(state, batch_BxW, *, tx, sc: StepConfig):
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
   (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro_AxBxW)
   grads, metrics = jax.tree.map(lambda x: x / sc.grad_accum, (grads, metrics))
+  poison = jnp.where(state['step'] + 1 == sc.inject_nan_step, jnp.nan, 1.0)
+  metrics['loss/total'] = metrics['loss/total'] * poison
 
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss/total']) & jnp.isfinite(grad_norm)
@@ -143,7 +146,7 @@ class Session:
                          out_shardings=self.state_sharding)
     t = config.train
     sc = StepConfig(self.cfg, t.grad_accum, config.mtp.loss_weight,
-                    config.mtp.loss_weight_schedule)
+                    config.mtp.loss_weight_schedule, t.inject_nan_step)
     self.train_step = jax.jit(functools.partial(train_step, tx=self.tx, sc=sc),
                               in_shardings=(self.state_sharding, self.batch_sharding),
                               out_shardings=(self.state_sharding, None), donate_argnums=0)
