@@ -7,8 +7,8 @@ draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is pla
 autoregressive decoding through the same loop.
 
 The loop knows the model only through `DecodeModel`: trunk(tokens, positions, cache) ->
-(logits, hidden, cache) and head(k, hidden_in, tokens, positions, cache) -> (logits, hidden,
-cache). Shape legend: B batch, L cache length, P prompt length, S draft length, D width, V vocab.
+(logits, hidden, cache), head(k, hidden_in, tokens, positions, cache) -> (hidden, cache) and
+head_logits(k, hidden) -> logits. Shape legend: B batch, L cache length, P prompt length, S draft length, D width, V vocab.
 
 Position bookkeeping: a row holds n committed tokens t_0..t_{n-1}; the trunk cache holds
 positions 0..n-2 and t_{n-1} is the pending input of the next verify. Head k at position i reads
@@ -65,12 +65,15 @@ class DecodeModel:
     return model.apply(params, tokens_BxT, positions_BxT, cache, method=fn)
 
   def head(self, params, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv):
+    """Depth k's hidden states over a window; logits are asked for separately, at the one
+    position that drafts, since the vocabulary projection dominates a small head's cost."""
     model = MTPLanguageModel(self.cfg)
+    return model.apply(params, k, h_in_BxTxD, tokens_BxT, positions_BxT, kv,
+                       method=MTPLanguageModel.mtp_step)
 
-    def fn(m, h_in, tokens, positions, kv):
-      h, kv = m.mtp_step(k, h_in, tokens, positions, kv)
-      return m.logits(h, k), h, kv
-    return model.apply(params, h_in_BxTxD, tokens_BxT, positions_BxT, kv, method=fn)
+  def head_logits(self, params, k: int, h_BxTxD):
+    model = MTPLanguageModel(self.cfg)
+    return model.apply(params, h_BxTxD, k, method=MTPLanguageModel.logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +149,13 @@ def _run_heads(model, params, state: State, last_B, starts, widths, s: Settings)
   for k in range(1, s.draft_len + 1):
     positions = _positions(starts[k - 1], widths[k - 1])
     h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
-    logits, h, heads_cache[k - 1] = model.head(params, k, h_in, _gather(tokens, positions + k),
-                                               positions, heads_cache[k - 1])
+    h, heads_cache[k - 1] = model.head(params, k, h_in, _gather(tokens, positions + k),
+                                       positions, heads_cache[k - 1])
     if k < s.draft_len and model.chains:
       hidden[k] = write_cache(hidden[k], h, positions)
     at_last = jnp.clip(last_B - starts[k - 1], 0, widths[k - 1] - 1)
-    logits_BxV = jnp.take_along_axis(logits, at_last[:, None, None], axis=1)[:, 0]
+    h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
+    logits_BxV = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
     draft_logits.append(logits_BxV)
     draft = _sample(keys[k - 1], probabilities(logits_BxV, s))
     tokens = write_cache(tokens, draft[:, None], (last_B + 1 + k)[:, None])

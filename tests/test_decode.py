@@ -41,9 +41,9 @@ def test_cached_chunks_match_full_forward(kind):
     h0 = h
     for k in (1, 2):
       h_in = h if kind == 'sequential' else h0
-      logits, h, cache['heads'][k - 1] = model.head(params, k, h_in, tokens[:, lo + k:hi + k],
-                                                     positions, cache['heads'][k - 1])
-      got[k].append(logits)
+      h, cache['heads'][k - 1] = model.head(params, k, h_in, tokens[:, lo + k:hi + k],
+                                            positions, cache['heads'][k - 1])
+      got[k].append(model.head_logits(params, k, h))
   for k in range(3):
     np.testing.assert_allclose(np.concatenate(got[k], axis=1), want[k], rtol=2e-5, atol=2e-5)
 
@@ -105,7 +105,7 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind):
 class CountingStub:
   """A model with known outputs: the trunk always predicts t + 1 (mod V). Heads predict
   t_{i+k} + 1 for rows whose `head_error` is 0, and t_{i+k} + 2 (always wrong) otherwise.
-  Hidden states carry the token itself; heads chain like sequential modules."""
+  Hidden states carry the token (trunk) or the predicted token (heads) as a float."""
   vocab: int = 32
   depth: int = 3
   chains: bool = True
@@ -124,7 +124,10 @@ class CountingStub:
 
   def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
     err = jnp.asarray(self.head_error)[:tokens_BxT.shape[0], None]
-    return self._logits(tokens_BxT + 1 + err), h_in, cache
+    return (tokens_BxT + 1 + err)[..., None].astype(jnp.float32), cache
+
+  def head_logits(self, params, k, h_BxTxD):
+    return self._logits(h_BxTxD[..., 0].astype(jnp.int32))
 
 
 def test_stub_decoder_exact_tokens_and_acceptance():
@@ -176,7 +179,10 @@ class TableStub:
     return jnp.asarray(self.P, jnp.float32)[tokens_BxT], jnp.zeros(tokens_BxT.shape + (1,)), cache
 
   def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
-    return jnp.asarray(self.Q[k - 1], jnp.float32)[tokens_BxT], h_in, cache
+    return tokens_BxT[..., None].astype(jnp.float32), cache
+
+  def head_logits(self, params, k, h_BxTxD):
+    return jnp.asarray(self.Q[k - 1], jnp.float32)[h_BxTxD[..., 0].astype(jnp.int32)]
 
 
 def filtered(p, top_k):

@@ -1,0 +1,473 @@
+"""Training-step benchmark: this machine's matmul roofline, throughput and FLOPs of the train step
+for each MTP depth D and head kind, and the compiled memory of the step as D grows.
+
+Run: python experiments/bench_train.py --config configs/quickstart.py --depths 0,1,2,3 \
+       --kinds sequential,parallel --steps 10 --markdown
+Prints, from one process and without any data (batches are uniform random token windows of shape
+(train.batch_size, train.seq_len + D + 1), ids < data.vocab_size):
+  1. the FLOP/s of a jitted square matmul in the model's compute dtype (2048^2 on CPU, 8192^2 on
+     GPU), best of 5 runs, and its share of --peak_tflops when that is given;
+  2. per (kind, D): median step time over --steps steps (after 2 warmup steps), tokens/s, model
+     FLOPs per step (counted below) beside XLA's own count, achieved FLOP/s, its share of the
+     matmul FLOP/s (and MFU), and step_time(D)/step_time(0) beside flops(D)/flops(0);
+  3. per D in --memory_depths (sequential, compiled only): XLA's temp/argument/output/alias
+     bytes, and the growth of temp memory per extra depth in units of one B x T x V float32
+     logits tensor; with --remat_compare, temp memory for model.remat x model.dtype.
+Takes about 3 minutes for the command above on 2 CPU cores; runs unchanged on one GPU. Config
+overrides (--config.model.d_model=1024 ...) work as in launch.py; --out FILE.json keeps it all.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
+                                          'Path to a config file.', lock_config=True)
+_DEPTHS = flags.DEFINE_list('depths', ['0', '1', '2', '3'], 'MTP depths D to time.')
+_KINDS = flags.DEFINE_list('kinds', ['sequential', 'parallel'], 'MTP head kinds to time.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps per (kind, D), after 2 warmup.')
+_MEMORY_DEPTHS = flags.DEFINE_list('memory_depths', ['0', '1', '2', '3', '4'],
+                                   'Depths whose sequential train step is compiled for memory.')
+_PEAK = flags.DEFINE_float('peak_tflops', 0.0,
+                           'Peak dense TFLOP/s of ONE device in the compute dtype, for MFU '
+                           '(e.g. 989 for H100 SXM bf16); 0 leaves MFU out.')
+_REMAT = flags.DEFINE_bool('remat_compare', False,
+                           'Also compile the config as given with model.remat False/True and '
+                           'model.dtype float32/bfloat16 and print temp memory.')
+_MARKDOWN = flags.DEFINE_bool('markdown', False, 'Also print each table as markdown.')
+_OUT = flags.DEFINE_string('out', '', 'Write every number to this JSON file.')
+
+WARMUP_STEPS = 2
+MATMUL_SIZE = {'cpu': 2048}  # any other platform (GPU, TPU) gets 8192
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counting
+
+
+def flop_counts(cfg, batch: int, seq_len: int) -> dict:
+  """Analytic FLOPs of one train step. Per token, forward: a Linear (a, b) costs 2ab; attention
+  scores and values cost 2 * 2 * T_ctx * d with T_ctx = T / 2 under the causal mask; each depth
+  projects to the vocabulary (2 d V); a sequential module adds eh_proj (2 * 2d * d) and a block,
+  a parallel head a block. Model FLOPs = 3 x forward (backward = 2 x forward).
+
+  Hardware FLOPs are what the compiled step does on top: the masked attention is dense (full
+  T x T, no causal halving), the loss recomputes each depth's projection in the backward pass
+  (jax.checkpoint), and model.remat recomputes every block's (and MTP head's) forward."""
+  d, V, T, D = cfg.d_model, cfg.vocab_size, seq_len, cfg.mtp_depth
+  HE, KE = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  linear = 2 * d * HE + 2 * 2 * d * KE + 2 * HE * d + 3 * 2 * d * cfg.mlp_dim  # q, k, v, o, MLP
+  attn_causal, attn_dense = 2 * 2 * (T / 2) * HE, 2 * 2 * T * HE
+  out_proj = 2 * d * V
+  eh_proj = 2 * 2 * d * d if cfg.mtp_kind == 'sequential' else 0
+  blocks = cfg.num_layers + D
+  forward = blocks * (linear + attn_causal) + D * eh_proj + (D + 1) * out_proj
+  dense_forward = forward + blocks * (attn_dense - attn_causal)
+  remat_blocks = (blocks * (linear + attn_dense) + D * eh_proj) if cfg.remat else 0
+  tokens = batch * seq_len
+  return {
+      'tokens': tokens,
+      'forward_per_token': forward,
+      'model': 3 * forward * tokens,
+      'hardware': (3 * dense_forward + (D + 1) * out_proj + remat_blocks) * tokens,
+      'parts_forward_per_token': {
+          'blocks_linear': blocks * linear, 'attention_causal': blocks * attn_causal,
+          'eh_proj': D * eh_proj, 'output_projection': (D + 1) * out_proj},
+  }
+
+
+def xla_flops(compiled):
+  """XLA's FLOP count of a compiled function (cost_analysis is a dict or a list of them)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return None if not cost or 'flops' not in cost else float(cost['flops'])
+
+
+def memory_stats(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  names = ('temp', 'argument', 'output', 'alias', 'generated_code')
+  out = {n: int(getattr(m, f'{n}_size_in_bytes', 0)) for n in names}
+  out['peak_estimate'] = out['temp'] + out['argument']
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine and matmul roofline
+
+
+def machine_info(jax) -> dict:
+  dev = jax.devices()[0]
+  info = {'platform': jax.default_backend(), 'device_kind': dev.device_kind,
+          'device_count': jax.device_count(), 'process_count': jax.process_count(),
+          'cpu_count': os.cpu_count(), 'jax_version': jax.__version__,
+          'python': platform.python_version(), 'host': platform.machine()}
+  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
+  if stats and 'bytes_limit' in stats:
+    info['device_memory_bytes'] = int(stats['bytes_limit'])
+  return info
+
+
+def matmul_roofline(jax, jnp, dtype_name: str, runs: int = 5) -> dict:
+  """FLOP/s of one N x N x N matmul on the default device, best of `runs`. Each run repeats the
+  matmul enough times to last ~50 ms so dispatch overhead does not count."""
+  n = MATMUL_SIZE.get(jax.default_backend(), 8192)
+  dtype = jnp.dtype(dtype_name)
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), dtype)
+  b = jax.random.normal(kb, (n, n), dtype)
+  matmul = jax.jit(jnp.matmul)
+  jax.block_until_ready(matmul(a, b))
+  t0 = time.perf_counter()
+  jax.block_until_ready(matmul(a, b))
+  repeats = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
+  best = float('inf')
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    outs = [matmul(a, b) for _ in range(repeats)]
+    jax.block_until_ready(outs)
+    best = min(best, (time.perf_counter() - t0) / repeats)
+  return {'n': n, 'dtype': dtype_name, 'seconds': best, 'flops': 2 * n**3,
+          'flops_per_s': 2 * n**3 / best}
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step, built as train.Session builds it
+
+
+def variant(config, **fields):
+  """A copy of the config with 'section.field' values replaced (e.g. mtp__depth=2)."""
+  c = config.copy_and_resolve_references()
+  for key, value in fields.items():
+    section, field = key.split('__')
+    c[section][field] = value
+  if c.mtp.depth == 0:
+    c.decode.method = 'ar'  # the decoder is not benchmarked, but validate() checks it
+  return c
+
+
+@dataclasses.dataclass
+class Step:
+  cfg: object
+  init: object  # jitted rng -> sharded state
+  compiled: object  # compiled (state, batch) -> (state, metrics), state donated
+  batch_spec: object
+  compile_s: float
+
+
+def build_step(config, mesh):
+  """Compiles the train step for `config`: state shardings from the parameters' logical axis
+  names (eval_shape -> get_partition_spec -> logical_to_sharding), batch split over the data
+  axes, state donated, exactly as train.Session does."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax import sharding
+  from mtp_jax import train as train_lib
+  from mtp_jax.config import ModelConfig, validate
+  from mtp_jax.model import MTPLanguageModel
+
+  validate(config, num_devices=jax.device_count())
+  cfg = ModelConfig.from_config(config)
+  t = config.train
+  tx = train_lib.make_optimizer(t)
+  model = MTPLanguageModel(cfg)
+
+  def init_state(rng):
+    params = model.init(rng, jnp.zeros((1, 8), jnp.int32))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  boxed = jax.eval_shape(init_state, jax.random.key(0))
+  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                nn.meta.unbox(boxed), state_sharding)
+  batch_sharding = sharding.batch_sharding(mesh)
+  batch_spec = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + cfg.mtp_depth + 1), jnp.int32,
+                                    sharding=batch_sharding)
+  sc = train_lib.StepConfig(cfg, t.grad_accum, config.mtp.loss_weight,
+                            config.mtp.loss_weight_schedule)
+  step = jax.jit(functools.partial(train_lib.train_step, tx=tx, sc=sc),
+                 in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+  init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
+  t0 = time.perf_counter()
+  with mesh, sharding.axis_rules():
+    compiled = step.lower(abstract_state, batch_spec).compile()
+  return Step(cfg, init, compiled, batch_spec, time.perf_counter() - t0)
+
+
+def random_batches(step: Step, count: int, seed: int):
+  """`count` uniform random token windows, already on the devices (no host transfer is timed)."""
+  import jax
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  shape = step.batch_spec.shape
+  return [jax.device_put(rng.integers(0, step.cfg.vocab_size, shape, dtype=np.int32),
+                         step.batch_spec.sharding) for _ in range(count)]
+
+
+def time_steps(step: Step, config, mesh, steps: int) -> dict:
+  import jax
+  from mtp_jax import sharding
+  batches = random_batches(step, WARMUP_STEPS + steps, config.seed)
+  times = []
+  with mesh, sharding.axis_rules():
+    state = step.init(jax.random.key(config.seed))
+    for i, batch in enumerate(batches):
+      t0 = time.perf_counter()
+      state, metrics = step.compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      if i >= WARMUP_STEPS:
+        times.append(time.perf_counter() - t0)
+  loss = float(metrics['loss/total'])
+  del state
+  return {'step_s': statistics.median(times), 'step_s_min': min(times),
+          'step_s_max': max(times), 'final_loss': loss}
+
+
+# ---------------------------------------------------------------------------------------------
+# The three parts
+
+
+def bench_throughput(config, mesh, depths, kinds, steps, matmul_fps, peak, n_dev):
+  t = config.train
+  runs = [(None, 0)] if 0 in depths else []
+  runs += [(kind, d) for kind in kinds for d in depths if d > 0]
+  rows = []
+  for kind, depth in runs:
+    c = variant(config, mtp__depth=depth, **({'mtp__kind': kind} if kind else {}))
+    step = build_step(c, mesh)
+    counts = flop_counts(step.cfg, t.batch_size, t.seq_len)
+    timing = time_steps(step, c, mesh, steps)
+    xla = xla_flops(step.compiled)
+    achieved = counts['model'] / timing['step_s']
+    row = {'kind': kind or '-', 'depth': depth, 'compile_s': step.compile_s, **timing,
+           'tokens_per_s': counts['tokens'] / timing['step_s'],
+           'tokens_per_s_per_device': counts['tokens'] / timing['step_s'] / n_dev,
+           'model_flops': counts['model'], 'hardware_flops': counts['hardware'],
+           'xla_flops': xla, 'xla_over_hardware': xla / counts['hardware'] if xla else None,
+           'forward_flops_per_token': counts['parts_forward_per_token'],
+           'model_flops_per_s': achieved,
+           'fraction_of_matmul': achieved / n_dev / matmul_fps,
+           'mfu': achieved / n_dev / (peak * 1e12) if peak else None}
+    rows.append(row)
+    print(f'  timed {row["kind"]:>10} D={depth}: {1e3 * row["step_s"]:.1f} ms/step '
+          f'(compile {step.compile_s:.1f} s)', flush=True)
+  base = next((r for r in rows if r['depth'] == 0), None)
+  for r in rows:
+    r['time_ratio'] = r['step_s'] / base['step_s'] if base else None
+    r['flop_ratio'] = r['model_flops'] / base['model_flops'] if base else None
+  return rows
+
+
+def logits_bytes_per_device(config, mesh) -> int:
+  """One float32 B x T x V logits tensor of a micro-batch, as one device holds it."""
+  t = config.train
+  batch = t.batch_size // t.grad_accum // (mesh.shape['data'] * mesh.shape['fsdp'])
+  return 4 * batch * t.seq_len * config.data.vocab_size // mesh.shape['tensor']
+
+
+def bench_memory(config, mesh, depths):
+  logits = logits_bytes_per_device(config, mesh)
+  rows = []
+  for depth in depths:
+    step = build_step(variant(config, mtp__depth=depth, mtp__kind='sequential'), mesh)
+    rows.append({'depth': depth, 'compile_s': step.compile_s, **memory_stats(step.compiled)})
+    print(f'  compiled sequential D={depth} for memory ({step.compile_s:.1f} s)', flush=True)
+  for prev, r in zip([None] + rows, rows):
+    if prev is not None and 'temp' in r and r['depth'] > prev['depth']:
+      r['temp_increase_per_depth'] = (r['temp'] - prev['temp']) / (r['depth'] - prev['depth'])
+      r['increase_over_logits'] = r['temp_increase_per_depth'] / logits
+  return logits, rows
+
+
+def bench_remat(config, mesh):
+  rows = []
+  for remat in (False, True):
+    for dtype in ('float32', 'bfloat16'):
+      step = build_step(variant(config, model__remat=remat, model__dtype=dtype), mesh)
+      rows.append({'remat': remat, 'dtype': dtype, **memory_stats(step.compiled)})
+      print(f'  compiled remat={remat} dtype={dtype} for memory', flush=True)
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+
+def table(headers, rows, markdown: bool) -> str:
+  cells = [[str(c) for c in row] for row in rows]
+  if markdown:
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---:' for _ in headers) + '|']
+    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in cells])
+  widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+            for i, h in enumerate(headers)]
+  fmt = lambda r: '  '.join(c.rjust(w) for c, w in zip(r, widths))
+  return '\n'.join([fmt(headers), fmt(['-' * w for w in widths])] + [fmt(r) for r in cells])
+
+
+def show(title, headers, rows, markdown: bool):
+  print(f'\n{title}\n' + table(headers, rows, False))
+  if markdown:
+    print('\nmarkdown:\n' + table(headers, rows, True))
+
+
+def _g(x, digits=3):
+  return '-' if x is None else f'{x:.{digits}g}'
+
+
+def _pct(x):
+  return '-' if x is None else f'{100 * x:.1f}%'
+
+
+def _mib(x):
+  return '-' if x is None else f'{x / MiB:.2f}'
+
+
+def report(result, markdown: bool):
+  m, mm = result['machine'], result['matmul']
+  print(f"\nmachine: {m['platform']} / {m['device_kind']} x {m['device_count']}, "
+        f"{m['cpu_count']} CPUs, jax {m['jax_version']}")
+  print(f"config: {result['config_summary']}")
+  print(f"data: {result['data']}")
+  peak = result['peak_tflops']
+  mfu = f", {_pct(mm['flops_per_s'] / (peak * 1e12))} of the {peak:g} TFLOP/s peak" if peak else ''
+  show('1. matmul roofline (one device)',
+       ['matmul', 'dtype', 'best time (ms)', 'TFLOP/s'],
+       [[f"{mm['n']}^3", mm['dtype'], f"{1e3 * mm['seconds']:.2f}",
+         f"{mm['flops_per_s'] / 1e12:.3f}"]], markdown)
+  print(f"machine's matmul FLOP/s: {mm['flops_per_s']:.3e}{mfu}")
+
+  rows = result['throughput']
+  if rows:
+    headers = ['kind', 'D', 'step (ms)', 'tok/s', 'tok/s/dev', 'model GFLOP', 'hw GFLOP',
+               'XLA GFLOP', 'XLA/hw', 'TFLOP/s', '% matmul'] + (['MFU'] if peak else []) + [
+                   't(D)/t(0)', 'F(D)/F(0)']
+    body = [[r['kind'], r['depth'], f"{1e3 * r['step_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+             f"{r['tokens_per_s_per_device']:.0f}", _g(r['model_flops'] / 1e9, 4),
+             _g(r['hardware_flops'] / 1e9, 4), _g(r['xla_flops'] and r['xla_flops'] / 1e9, 4),
+             _g(r['xla_over_hardware']), _g(r['model_flops_per_s'] / 1e12),
+             _pct(r['fraction_of_matmul'])] + ([_pct(r['mfu'])] if peak else []) +
+            [_g(r['time_ratio']), _g(r['flop_ratio'])] for r in rows]
+    show(f"2. training throughput (median of {result['steps']} steps after {WARMUP_STEPS} "
+         'warmup; per device where it says /dev)', headers, body, markdown)
+    print('model FLOPs: 3 x analytic forward, causal attention counted at T/2; hw adds dense '
+          'T x T attention, the loss\'s recomputed logits and model.remat; XLA: '
+          'cost_analysis() of the compiled step (also counts elementwise and optimizer ops). '
+          'TFLOP/s and % matmul use model FLOPs.')
+    for r in rows:
+      if r['xla_over_hardware'] is not None and abs(r['xla_over_hardware'] - 1) > 0.2:
+        print(f"  note: {r['kind']} D={r['depth']}: XLA counts {r['xla_over_hardware']:.2f}x the "
+              'analytic hardware FLOPs (> 20% apart)')
+    if result['grad_accum'] > 1:
+      print('  note: train.grad_accum > 1: XLA may count the accumulation loop body once.')
+
+  mem = result['memory']
+  if mem['rows']:
+    lb = mem['logits_bytes']
+    show('3. compiled memory of the sequential train step (per device, MiB)',
+         ['D', 'temp', 'argument', 'output', 'alias', 'temp+arg', 'temp +/depth',
+          '+/depth / logits'],
+         [[r['depth'], _mib(r.get('temp')), _mib(r.get('argument')), _mib(r.get('output')),
+           _mib(r.get('alias')), _mib(r.get('peak_estimate')),
+           _mib(r.get('temp_increase_per_depth')), _g(r.get('increase_over_logits'))]
+          for r in mem['rows']], markdown)
+    incs = [r['increase_over_logits'] for r in mem['rows'] if 'increase_over_logits' in r]
+    print(f"one float32 B x T x V logits tensor: {_mib(lb)} MiB "
+          f"({mem['logits_shape']}); temp memory grows by "
+          f"{', '.join(_g(x, 2) for x in incs) or '-'} of it per extra depth")
+  if result.get('remat_compare'):
+    rc = result['remat_compare']
+    show(f"memory by model.remat and model.dtype ({rc['label']}, per device, MiB)",
+         ['remat', 'dtype', 'temp', 'argument', 'temp+arg'],
+         [[r['remat'], r['dtype'], _mib(r.get('temp')), _mib(r.get('argument')),
+           _mib(r.get('peak_estimate'))] for r in rc['rows']], markdown)
+
+
+def _ints(values, name):
+  try:
+    out = sorted({int(v) for v in values})
+  except ValueError:
+    raise app.UsageError(f'--{name} takes integers, got {",".join(values)}') from None
+  if any(d < 0 for d in out):
+    raise app.UsageError(f'--{name}: depths must be >= 0')
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  depths, mem_depths = _ints(_DEPTHS.value, 'depths'), _ints(_MEMORY_DEPTHS.value, 'memory_depths')
+  kinds = _KINDS.value
+  if any(k not in ('sequential', 'parallel') for k in kinds):
+    raise app.UsageError(f'--kinds takes sequential,parallel, got {",".join(kinds)}')
+  if _STEPS.value < 1:
+    raise app.UsageError('--steps must be >= 1')
+  config = _CONFIG.value
+  logging.set_verbosity(logging.WARNING)
+
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax import sharding
+  from mtp_jax.config import ConfigError
+
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    machine = machine_info(jax)
+    print(f"{machine['platform']} / {machine['device_kind']} x {machine['device_count']}, "
+          f"mesh {dict(mesh.shape)}", flush=True)
+    mm = matmul_roofline(jax, jnp, config.model.dtype)
+    print(f"  matmul {mm['n']}^3 {mm['dtype']}: {mm['flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
+    n_dev = jax.device_count()
+    peak = _PEAK.value
+    throughput = bench_throughput(config, mesh, depths, kinds, _STEPS.value,
+                                  mm['flops_per_s'], peak, n_dev)
+    logits, mem_rows = bench_memory(config, mesh, mem_depths) if mem_depths else (None, [])
+    remat = None
+    if _REMAT.value:
+      remat = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
+               'rows': bench_remat(config, mesh)}
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+  t, m = config.train, config.model
+  result = {
+      'machine': machine,
+      'config_file': config_flags.get_config_filename(flags.FLAGS['config']),
+      'config_summary': (f'd_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads '
+                         f'({m.num_kv_heads} kv), vocab {config.data.vocab_size}, '
+                         f'batch {t.batch_size} x seq {t.seq_len}, grad_accum {t.grad_accum}, '
+                         f'{m.dtype}, remat {m.remat}'),
+      'config': config.to_dict(),
+      'data': ('no data: each batch is uniform random token ids < data.vocab_size, shape '
+               '(train.batch_size, train.seq_len + D + 1)'),
+      'steps': _STEPS.value, 'warmup_steps': WARMUP_STEPS, 'grad_accum': t.grad_accum,
+      'peak_tflops': peak, 'matmul': mm, 'throughput': throughput,
+      'memory': {'logits_bytes': logits, 'rows': mem_rows,
+                 'logits_shape': (f'{t.batch_size // t.grad_accum} x {t.seq_len} x '
+                                  f'{config.data.vocab_size} per micro-batch')},
+      'remat_compare': remat,
+  }
+  report(result, _MARKDOWN.value)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(result, f, indent=2, default=str)
+    print(f'\nwrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  app.run(main)
