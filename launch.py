@@ -1,6 +1,7 @@
 """The one entry point: python launch.py --config configs/X.py --workdir DIR [--mode MODE].
 
-Modes: train (default) and eval. Each hands the locked config to one function of mtp_jax.
+Modes: train (default), eval, demo, generate, bench. Each hands the locked config to one
+function of mtp_jax.run.
 """
 
 import json
@@ -13,7 +14,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'demo', 'generate', 'bench'],
+                          'train; eval the latest checkpoint; demo, generate or bench decoding.')
+_PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for demo and generate.')
+_PROMPT_FILE = flags.DEFINE_string('prompt_file', '', "generate: one prompt a line ('ids: 1 2 3' "
+                                   'for token ids).')
 
 
 def main(argv):
@@ -27,7 +32,7 @@ def main(argv):
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from mtp_jax import run
   try:
-    summary = run.run(_MODE.value, config, workdir)
+    summary = run.run(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
   except run.USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -38,7 +43,7 @@ def main(argv):
 def _parse_or_exit(argv):
   """Parses flags once up front so a misspelled config key is one line, not a traceback."""
   try:
-    flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
     _CONFIG.value.keys()  # a failed load surfaces lazily; touch the config to report it here
   except (OSError, SyntaxError, ImportError) as e:
     reason = str(e).strip().splitlines()[-1].strip()
@@ -53,8 +58,8 @@ def _parse_or_exit(argv):
   except flags.Error as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  return remaining
 
 
 if __name__ == '__main__':
-  _parse_or_exit(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=_parse_or_exit)

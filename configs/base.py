@@ -64,14 +64,17 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.decode = ml_collections.ConfigDict()
   c.decode.method = 'mtp'  # ar | mtp
-  c.decode.draft_len = 0  # S drafted tokens per step; 0 means S = mtp.depth.
+  c.decode.draft_len = -1  # S drafted tokens per step, 1..mtp.depth; -1 means S = mtp.depth.
   c.decode.temperature = 0.0
   c.decode.top_k = 0  # 0: no top-k filter.
   c.decode.top_p = 1.0
   c.decode.max_new_tokens = 64
   c.decode.eval_prompts = 4  # validation prompts decoded at each evaluation (0: none).
   c.decode.prompt_len = 32  # prompt length used by evaluation and bench.
-  c.decode.bench_prompts = 8
+  c.decode.bench_prompts = 8  # validation prompts per bench row (batch 1 runs them one by one).
+  c.decode.demo_prompt = 'def read_config(path):\n    '
+  # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
+  c.run_after_train = ''
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by the other axes.

@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -373,7 +374,8 @@ def report(result, markdown: bool):
         print(f"  note: {r['kind']} D={r['depth']}: XLA counts {r['xla_over_hardware']:.2f}x the "
               'analytic hardware FLOPs (> 20% apart)')
     if result['grad_accum'] > 1:
-      print('  note: train.grad_accum > 1: XLA may count the accumulation loop body once.')
+      print(f"  note: train.grad_accum={result['grad_accum']}: XLA's cost_analysis counts the "
+            'accumulation loop body once, so its figure is about 1/grad_accum of the step.')
 
   mem = result['memory']
   if mem['rows']:
@@ -418,6 +420,8 @@ def main(argv):
     raise app.UsageError('--steps must be >= 1')
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
+  # train.Session enters the mesh the same way; jax 0.10 deprecates it in favour of set_mesh.
+  warnings.filterwarnings('ignore', message='.*with mesh:', category=DeprecationWarning)
 
   import jax
   import jax.numpy as jnp

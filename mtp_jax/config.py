@@ -130,7 +130,14 @@ def validate_decode(config) -> None:
   _check(d.temperature >= 0, f'decode.temperature must be >= 0, got {d.temperature}')
   _check(0 < d.top_p <= 1, f'decode.top_p must be in (0, 1], got {d.top_p}')
   _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
+  _check(d.draft_len == -1 or 1 <= d.draft_len <= max(depth, 1),
+         f'decode.draft_len must be in 1..mtp.depth={depth} (or -1 for all), got {d.draft_len}')
   if d.method == 'mtp':
     _check(depth >= 1, 'decode.method=mtp needs MTP heads, but mtp.depth=0; use decode.method=ar')
-    _check(0 <= d.draft_len <= depth,
-           f'decode.draft_len must be in 1..mtp.depth={depth} (0 means {depth}), got {d.draft_len}')
+
+
+def draft_len(config) -> int:
+  """S for decode.method=mtp (decode.draft_len, -1 meaning every head); 0 for ar."""
+  if config.decode.method == 'ar':
+    return 0
+  return config.mtp.depth if config.decode.draft_len == -1 else config.decode.draft_len

@@ -6,8 +6,11 @@ import jax
 
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
+from mtp_jax import inference
 from mtp_jax import train as train_lib
 from mtp_jax.config import ConfigError
+
+MODES = ('train', 'eval', 'demo', 'generate', 'bench')
 
 # Errors that mean "the user's input is wrong": printed as one line, exit code 2.
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
@@ -15,21 +18,47 @@ USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
 
 
 def init_distributed(dist_cfg) -> None:
-  """jax.distributed from the config, or from the environment JAX understands."""
-  address = dist_cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS', '')
-  if address and dist_cfg.num_processes > 1:
-    jax.distributed.initialize(address, num_processes=dist_cfg.num_processes,
+  """jax.distributed from the config, when it names a coordinator and several processes."""
+  if dist_cfg.coordinator_address and dist_cfg.num_processes > 1:
+    jax.distributed.initialize(dist_cfg.coordinator_address,
+                               num_processes=dist_cfg.num_processes,
                                process_id=dist_cfg.process_id)
 
 
-def run(mode: str, config, workdir: str):
+def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):
+  session = train_lib.Session(config, workdir)
+  prompts = (inference.read_prompts(prompt, prompt_file, session.data.tokenizer)
+             if mode == 'generate' else None)
+  step, params = inference.load_params(session)
+  with session.mesh:
+    if mode == 'demo':
+      return inference.demo(session, params, prompt or config.decode.demo_prompt)
+    if mode == 'generate':
+      return inference.generate(session, params, prompts, config)
+    return inference.bench(session, params, config, step)
+
+
+def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''):
+  if mode not in MODES:
+    raise ConfigError(f'--mode must be one of {", ".join(MODES)}, got {mode!r}')
+  after = [m for m in config.run_after_train.split(',') if m]
+  bad = [m for m in after if m not in ('demo', 'bench', 'eval')]
+  if bad:
+    raise ConfigError(f'run_after_train: {bad[0]!r} is not one of demo, bench, eval')
   init_distributed(config.distributed)
   os.makedirs(workdir, exist_ok=True)
   if mode == 'train':
-    summary = train_lib.train(config, workdir)
+    summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
     if jax.process_index() == 0:
       train_lib.write_summary(workdir, summary)
+    if summary['stopped_by'] is None:
+      for m in after:
+        result = run(m, config, workdir)
+        if m == 'bench':
+          summary['bench'] = os.path.join(workdir, 'bench.json')
+        elif m == 'eval':
+          summary['eval'] = result['eval']
     return summary
   if mode == 'eval':
     return train_lib.evaluate(config, workdir)
-  raise ConfigError(f'unknown mode {mode}')
+  return _decode_mode(mode, config, workdir, prompt, prompt_file)
