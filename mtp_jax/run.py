@@ -46,7 +46,6 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   if bad:
     raise ConfigError(f'run_after_train: {bad[0]!r} is not one of demo, bench, eval')
   init_distributed(config.distributed)
-  os.makedirs(workdir, exist_ok=True)
   if mode == 'train':
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
     if jax.process_index() == 0:

@@ -1,0 +1,141 @@
+"""The decoding modes on a real (tiny, briefly trained) checkpoint: bench.json's contents, demo,
+generate, the training-time decode check, and one-line errors for bad decoding input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import tiny_config
+from mtp_jax import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def overrides(config) -> list[str]:
+  """The config as --config.* flags, for driving launch.py on the same tiny model."""
+  flat = []
+  for section in ('model', 'mtp', 'data', 'train', 'decode'):
+    for key, value in config[section].items():
+      flat.append(f'--config.{section}.{key}={value}')
+  return flat
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, request):
+  corpus = request.getfixturevalue('corpus_module')
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 4,
+                          'train.eval_every': 4, 'decode.eval_prompts': 2,
+                          'decode.max_new_tokens': 8, 'decode.prompt_len': 6,
+                          'decode.bench_prompts': 8})
+  summary = run.run('train', config, workdir)
+  assert summary['step'] == 4
+  return config, workdir
+
+
+@pytest.fixture(scope='module')
+def corpus_module(tmp_path_factory):
+  import sysconfig
+  out = tmp_path_factory.mktemp('corpus')
+  stdlib = sysconfig.get_paths()['stdlib']
+  for name in ['textwrap.py', 'string.py', 'heapq.py', 'shlex.py', 'glob.py', 'queue.py']:
+    (out / (name + '.txt')).write_text(open(os.path.join(stdlib, name), encoding='utf-8').read())
+  return str(out)
+
+
+def test_bench_json_rows_and_identity(trained, capsys):
+  config, workdir = trained
+  result = run.run('bench', config, workdir)
+  on_disk = json.load(open(os.path.join(workdir, 'bench.json')))
+  assert on_disk['checkpoint_step'] == 4 and on_disk['machine'] == result['machine']
+  rows = on_disk['rows']
+  keys = {'method', 'draft_len', 'batch', 'temperature', 'tau', 'acceptance_per_position',
+          'tokens_per_s', 'speedup', 'identical_to_ar'}
+  assert all(set(r) == keys for r in rows)
+  D = config.mtp.depth
+  assert len(rows) == 2 * 2 * (D + 1)  # temperatures x batches x (ar + S = 1..D)
+  for r in rows:
+    assert len(r['acceptance_per_position']) == r['draft_len']
+    assert r['tokens_per_s'] > 0 and 1 <= r['tau'] <= r['draft_len'] + 1
+    if r['method'] == 'ar':
+      assert r['tau'] == 1 and r['speedup'] == 1 and r['identical_to_ar'] is None
+    elif r['temperature'] == 0:
+      assert r['identical_to_ar'] is True
+    else:
+      assert r['identical_to_ar'] is None
+    # Acceptance can only fall with the draft position: reaching j needs accepting j - 1.
+    acc = r['acceptance_per_position']
+    assert all(a >= b for a, b in zip(acc, acc[1:]))
+  assert 'speedup' in capsys.readouterr().out
+
+
+def test_demo_and_generate(trained, capsys, tmp_path):
+  config, workdir = trained
+  demo = run.run('demo', config, workdir, prompt='def f(x):')
+  assert len(demo['ar_chain']) == config.mtp.depth + 1
+  assert len(demo['drafts']) == config.mtp.depth and 0 <= demo['accepted'] <= config.mtp.depth
+  out = capsys.readouterr().out
+  for k in range(config.mtp.depth + 1):
+    assert f'step {k} (t+{k + 1}' in out
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('import os\nids: 5 6 7 8\n')
+  result = run.run('generate', config, workdir, prompt_file=str(prompts))
+  assert len(result['tokens_per_row']) == 2
+  assert all(0 < n <= config.decode.max_new_tokens for n in result['tokens_per_row'])
+
+
+def test_training_logs_decode_metrics(trained):
+  config, workdir = trained
+  acc = EventAccumulator(os.path.join(workdir, 'tb'), size_guidance={'tensors': 0})
+  acc.Reload()
+  scalars = acc.Tags()['scalars']
+  assert 'decode/tau' in scalars
+  assert {f'decode/acceptance_{j}' for j in range(1, config.mtp.depth + 1)} <= set(scalars)
+  tau = acc.Scalars('decode/tau')
+  assert [e.step for e in tau] == [4] and 1 <= tau[0].value <= config.mtp.depth + 1
+  assert any('decode/sample' in t for t in acc.Tags()['tensors'])
+
+
+@pytest.mark.parametrize('extra,message', [
+    (['--prompt='], 'prompt'),
+    (['--prompt=x', '--config.decode.max_new_tokens=200'], 'model.max_seq_len'),
+    (['--prompt=x', '--config.decode.draft_len=3'], 'decode.draft_len'),
+    (['--prompt=x', '--config.decode.draft_len=0'], 'decode.draft_len'),
+    (['--prompt=x', '--config.decode.temperature=-1.0'], 'decode.temperature'),
+    (['--prompt=x', '--config.decode.top_p=0.0'], 'decode.top_p'),
+    (['--prompt_file=IDS'], 'outside the vocabulary'),
+])
+def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
+  config, workdir = trained
+  ids = tmp_path / 'ids.txt'
+  ids.write_text('ids: 1 2 99999\n')
+  extra = [e.replace('IDS', str(ids)) for e in extra]
+  before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
+  proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
+                         '--workdir', workdir, '--mode', 'generate'] + overrides(config) + extra,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error:') and message in last, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  after = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
+  assert after == before
+
+
+def test_mtp_decoding_needs_heads(tmp_path, corpus):
+  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'mtp.depth': 0,
+                          'train.steps': 1, 'decode.method': 'ar'})
+  run.run('train', config, str(tmp_path))
+  proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
+                         '--workdir', str(tmp_path), '--mode', 'generate', '--prompt=x'] +
+                        overrides(config) + ['--config.decode.method=mtp'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 2
+  assert 'mtp.depth=0' in proc.stderr.strip().splitlines()[-1]
