@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # rematerialize each Transformer block in the backward pass.
 
   c.mtp = ml_collections.ConfigDict()
-  c.mtp.kind = 'sequential'  # sequential (DeepSeek-V3) | parallel (Gloeckle et al.)
+  c.mtp.kind = 'sequential'  # sequential (DeepSeek-V3) | parallel (Gloeckle et al.) | medusa
   c.mtp.depth = 1  # D extra tokens predicted; 0 is the plain next-token baseline.
   c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
   # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).

@@ -192,7 +192,7 @@ def build_step(config, mesh):
   from mtp_jax import sharding
   from mtp_jax import train as train_lib
   from mtp_jax.config import ModelConfig, validate
-  from mtp_jax.model import MTPLanguageModel
+  from mtp_jax.model import MTPLanguageModel, init_tokens
 
   validate(config, num_devices=jax.device_count())
   cfg = ModelConfig.from_config(config)
@@ -201,7 +201,7 @@ def build_step(config, mesh):
   model = MTPLanguageModel(cfg)
 
   def init_state(rng):
-    params = model.init(rng, jnp.zeros((1, 8), jnp.int32))
+    params = model.init(rng, init_tokens(cfg))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   boxed = jax.eval_shape(init_state, jax.random.key(0))

@@ -8,7 +8,7 @@ import os
 
 import jax.numpy as jnp
 
-KINDS = ('sequential', 'parallel')
+KINDS = ('sequential', 'parallel', 'medusa')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -36,6 +36,12 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def mtp_chains(self) -> bool:
+    """Whether depth k reads depth k-1's hidden state and token t_{i+k} (sequential modules);
+    otherwise every head reads only the trunk's last hidden state."""
+    return self.mtp_kind == 'sequential'
 
   @property
   def compute_dtype(self):

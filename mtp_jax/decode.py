@@ -41,8 +41,7 @@ class DecodeModel:
 
   @property
   def chains(self) -> bool:
-    """Whether head k reads head k-1's hidden state and the token t_{i+k} (sequential)."""
-    return self.cfg.mtp_kind == 'sequential'
+    return self.cfg.mtp_chains
 
   @property
   def hidden_dim(self) -> int:

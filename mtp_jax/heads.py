@@ -1,10 +1,11 @@
-"""The multi-token-prediction heads that sit on the trunk: DeepSeek-V3 sequential modules and
-Gloeckle et al. parallel heads. Each maps an input hidden state to the hidden state of depth k.
+"""The multi-token-prediction heads that sit on the trunk: DeepSeek-V3 sequential modules,
+Gloeckle et al. parallel heads and Medusa heads. Each maps an input hidden state to depth k's.
 
 Shape legend: B batch, T positions, D model width.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
@@ -37,4 +38,20 @@ class ParallelHead(nn.Module):
     return Block(self.cfg, name='block')(h0_BxTxD, positions_BxT, kv)
 
 
-HEADS = {'sequential': SequentialModule, 'parallel': ParallelHead}
+class MedusaHead(nn.Module):
+  """Head k of Medusa (Cai et al.): a residual SiLU layer over the trunk's last hidden state,
+  h + SiLU(h W + b), with W zero-initialised so every head starts as the trunk's own output
+  layer. Position-wise: it has no attention and its cache passes through untouched."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
+    del emb_BxTxD, positions_BxT
+    D, dt = self.cfg.d_model, self.cfg.compute_dtype
+    w = param_with_axes(self, 'w', nn.initializers.zeros, (D, D), ('embed', 'mlp'))
+    b = param_with_axes(self, 'b', nn.initializers.zeros, (D,), ('norm',))
+    h = h0_BxTxD.astype(dt)
+    return h + jax.nn.silu(h @ w.astype(dt) + b.astype(dt)), kv
+
+
+HEADS = {'sequential': SequentialModule, 'parallel': ParallelHead, 'medusa': MedusaHead}

@@ -30,17 +30,8 @@ def _depth_stats(h_BxTxD, scale_D, out_DxV, targets_BxT, mask_BxT, cfg: ModelCon
 
 def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW):
   """Every depth's hidden state plus its head weights, in one pass through the model."""
-  cfg = module.cfg
-  T = inputs_BxT.shape[1]
-  positions_BxT = jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape)
-  h0, _ = module.trunk(inputs_BxT, positions_BxT)
-  hidden, h = [h0], h0
-  for k in range(1, cfg.mtp_depth + 1):
-    h_in = h if cfg.mtp_kind == 'sequential' else h0
-    h, _ = module.mtp_step(k, h_in, tokens_BxW[:, k:k + T], positions_BxT)
-    hidden.append(h)
-  weights = [module.head_weights(k) for k in range(cfg.mtp_depth + 1)]
-  return hidden, weights
+  hidden = module.hidden_states(inputs_BxT, tokens_BxW)
+  return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
 def depth_sums(params, tokens_BxW, cfg: ModelConfig):

@@ -29,8 +29,8 @@ class MTPLanguageModel(nn.Module):
                                          (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
     head = nn.remat(HEADS[cfg.mtp_kind]) if cfg.remat else HEADS[cfg.mtp_kind]
     self.mtp = [head(cfg) for _ in range(cfg.mtp_depth)]
-    # Sequential modules have their own output norm; parallel heads share the trunk's.
-    if cfg.mtp_kind == 'sequential':
+    # Sequential modules have their own output norm; the other kinds share the trunk's.
+    if cfg.mtp_chains:
       self.mtp_norms = [RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(cfg.mtp_depth)]
 
   def embed(self, tokens_BxT):
@@ -54,7 +54,7 @@ class MTPLanguageModel(nn.Module):
   def head_weights(self, k: int):
     """(norm scale, D x V output matrix) of depth k, as arrays, so the loss can project to the
     vocabulary one depth at a time under its own rematerialization."""
-    if k > 0 and self.cfg.mtp_kind == 'sequential':
+    if k > 0 and self.cfg.mtp_chains:
       norm = self.mtp_norms[k - 1]
     else:
       norm = self.final_norm
@@ -64,17 +64,24 @@ class MTPLanguageModel(nn.Module):
   def logits(self, h_BxTxD, k: int = 0):
     return project(h_BxTxD, *self.head_weights(k), self.cfg)
 
-  def __call__(self, tokens_BxT):
-    """Initialization path: touches every parameter. Returns each depth's logits."""
-    positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
-    h_BxTxD, _ = self.trunk(tokens_BxT, positions_BxT)
-    out = [self.logits(h_BxTxD, 0)]
-    h0 = h_BxTxD
+  def hidden_states(self, inputs_BxT, tokens_BxW):
+    """Every depth's hidden state over T positions (no cache): the trunk on `inputs_BxT`, then
+    depth k reading t_{i+k} = tokens_BxW[:, i + k]."""
+    T = inputs_BxT.shape[1]
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape)
+    h0, _ = self.trunk(inputs_BxT, positions_BxT)
+    hidden, h = [h0], h0
     for k in range(1, self.cfg.mtp_depth + 1):
-      h_in = h_BxTxD if self.cfg.mtp_kind == 'sequential' else h0
-      h_BxTxD, _ = self.mtp_step(k, h_in, tokens_BxT, positions_BxT)
-      out.append(self.logits(h_BxTxD, k))
-    return out
+      h, _ = self.mtp_step(k, h if self.cfg.mtp_chains else h0, tokens_BxW[:, k:k + T],
+                           positions_BxT)
+      hidden.append(h)
+    return hidden
+
+  def __call__(self, tokens_BxW):
+    """Every depth's logits for a window of T + D + 1 tokens (also the initialization path)."""
+    T = tokens_BxW.shape[1] - self.cfg.mtp_depth - 1
+    hidden = self.hidden_states(tokens_BxW[:, :T], tokens_BxW)
+    return [self.logits(h, k) for k, h in enumerate(hidden)]
 
 
 def project(h_BxTxD, scale_D, out_DxV, cfg: ModelConfig):
@@ -86,16 +93,18 @@ def project(h_BxTxD, scale_D, out_DxV, cfg: ModelConfig):
 
 def init_params(cfg: ModelConfig, rng):
   """Parameters as a plain pytree (boxes with logical axis names removed)."""
-  model = MTPLanguageModel(cfg)
-  boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))
-  return nn.meta.unbox(boxed)
+  return nn.meta.unbox(MTPLanguageModel(cfg).init(rng, init_tokens(cfg)))
 
 
 def logical_axes(cfg: ModelConfig):
   """The logical axis names of every parameter, in the same tree shape as the params."""
-  model = MTPLanguageModel(cfg)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  boxed = jax.eval_shape(lambda: MTPLanguageModel(cfg).init(jax.random.key(0), init_tokens(cfg)))
   return nn.get_partition_spec(boxed)
+
+
+def init_tokens(cfg: ModelConfig):
+  """A dummy window that reaches every parameter at init."""
+  return jnp.zeros((1, cfg.mtp_depth + 2), jnp.int32)
 
 
 def empty_caches(cfg: ModelConfig, batch: int, length: int):

@@ -10,20 +10,17 @@ import pytest
 
 from conftest import tiny_model
 from mtp_jax import decode as dec
-from mtp_jax.layers import empty_kv
 from mtp_jax.model import MTPLanguageModel, init_params
-from mtp_jax.loss import _hidden_states
+
+KINDS = ['sequential', 'parallel', 'medusa']
 
 
 def full_forward_logits(params, cfg, tokens_BxW):
   """Every depth's logits over a window through the training path (no cache)."""
-  model = MTPLanguageModel(cfg)
-  T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
-  hidden, _ = model.apply(params, tokens_BxW[:, :T], tokens_BxW, method=_hidden_states)
-  return [np.asarray(model.apply(params, h, k, method=model.logits)) for k, h in enumerate(hidden)]
+  return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
 
 
-@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_cached_chunks_match_full_forward(kind):
   """Feeding a window through the caches in uneven chunks gives the full forward's logits."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
@@ -40,7 +37,7 @@ def test_cached_chunks_match_full_forward(kind):
     got[0].append(logits)
     h0 = h
     for k in (1, 2):
-      h_in = h if kind == 'sequential' else h0
+      h_in = h if cfg.mtp_chains else h0
       h, cache['heads'][k - 1] = model.head(params, k, h_in, tokens[:, lo + k:hi + k],
                                             positions, cache['heads'][k - 1])
       got[k].append(model.head_logits(params, k, h))
@@ -54,7 +51,7 @@ def run(model, params, prompts, settings, key=0):
   return fn(params, prompts_BxP, lens, jax.random.key(key))
 
 
-@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_greedy_mtp_equals_ar(kind):
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
   params = init_params(cfg, jax.random.key(7))
@@ -69,7 +66,7 @@ def test_greedy_mtp_equals_ar(kind):
       assert int(state.iterations) < 17 or S == 0
 
 
-@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_caches_after_decoding_equal_one_fresh_pass(kind):
   """After many rejected drafts, every cache entry at a committed position equals what one
   pass over the final sequence computes: rollback and window rewrites leave no stale entry."""
@@ -94,7 +91,7 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind):
                                    fresh.cache['trunk'][layer][name][b, :valid['trunk']],
                                    rtol=2e-5, atol=2e-5)
     for k in (1, 2):
-      upto = n[b] - 1 - (k if kind == 'sequential' else 1)
+      upto = n[b] - 1 - (k if cfg.mtp_chains else 1)
       for name in ('k', 'v'):
         np.testing.assert_allclose(state.cache['heads'][k - 1][name][b, :upto],
                                    fresh.cache['heads'][k - 1][name][b, :upto],

@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model
-from mtp_jax.loss import _hidden_states, combined_loss, depth_sums, loss_weight
-from mtp_jax.model import MTPLanguageModel, init_params, project
+from mtp_jax.loss import combined_loss, depth_sums, loss_weight
+from mtp_jax.model import MTPLanguageModel, init_params
+
+KINDS = ['sequential', 'parallel', 'medusa']
 
 
 def depth_logits(params, cfg, tokens_BxW):
-  """Logits of every depth for a window, through the same methods training uses."""
-  T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
-  hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW,
-                                                method=_hidden_states)
-  return [np.asarray(project(h, s, o, cfg)) for h, (s, o) in zip(hidden, weights)]
+  """Logits of every depth for a window of T + D + 1 tokens."""
+  return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
 
 
-@pytest.mark.parametrize('kind', ['sequential', 'parallel'])
+@pytest.mark.parametrize('kind', KINDS)
 def test_causality_every_depth(kind):
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
   params = init_params(cfg, jax.random.key(0))
@@ -27,8 +26,8 @@ def test_causality_every_depth(kind):
   for j in [3, 9, 15]:
     changed = depth_logits(params, cfg, tokens.at[:, j].set((tokens[:, j] + 1) % cfg.vocab_size))
     for k in range(cfg.mtp_depth + 1):
-      # Depth k at position i reads tokens up to i + k (parallel heads only up to i).
-      first = j - (k if kind == 'sequential' else 0)
+      # Depth k at position i reads tokens up to i + k (other kinds only up to i).
+      first = j - (k if cfg.mtp_chains else 0)
       np.testing.assert_array_equal(base[k][:, :first], changed[k][:, :first])
       assert not np.allclose(base[k][:, first], changed[k][:, first]), (k, j)
 
@@ -45,7 +44,7 @@ def reference_loss(params, cfg, tokens_BxW, weight):
   hs, h = [h0], h0
   for k in range(1, D + 1):
     next_tokens = np.stack([[tok[b, i + k] for i in range(T)] for b in range(B)])
-    h_in = h if cfg.mtp_kind == 'sequential' else h0
+    h_in = h if cfg.mtp_chains else h0
     h, _ = model.apply(params, k, h_in, jnp.asarray(next_tokens), pos, method=model.mtp_step)
     hs.append(h)
   losses = []
@@ -63,7 +62,8 @@ def reference_loss(params, cfg, tokens_BxW, weight):
   return losses[0] + (weight * np.mean(losses[1:]) if D else 0.0), losses
 
 
-@pytest.mark.parametrize('kind,depth', [('sequential', 2), ('parallel', 3), ('sequential', 0)])
+@pytest.mark.parametrize('kind,depth', [('sequential', 2), ('parallel', 3), ('medusa', 2),
+                                        ('sequential', 0)])
 def test_loss_matches_reference(kind, depth):
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': depth})
   params = init_params(cfg, jax.random.key(2))
