@@ -18,11 +18,27 @@ USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
 
 
 def init_distributed(dist_cfg) -> None:
-  """jax.distributed from the config, when it names a coordinator and several processes."""
-  if dist_cfg.coordinator_address and dist_cfg.num_processes > 1:
-    jax.distributed.initialize(dist_cfg.coordinator_address,
-                               num_processes=dist_cfg.num_processes,
-                               process_id=dist_cfg.process_id)
+  """Starts jax.distributed before anything touches a device. distributed.coordinator_address is
+  '' for one process, 'host:port' with num_processes and process_id from the config, or 'auto'
+  for JAX to read them from the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU).
+  On CPU the processes' collectives run over Gloo, JAX's default."""
+  address, count, index = (dist_cfg.coordinator_address, dist_cfg.num_processes,
+                           dist_cfg.process_id)
+  if not address:
+    return
+  if address == 'auto':
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # JAX names the value no cluster environment gave it
+      raise ConfigError(f'distributed.coordinator_address=auto, but JAX found no cluster to read '
+                        f'the address from ({e})') from None
+    return
+  if not (isinstance(count, int) and count >= 1 and isinstance(index, int)
+          and 0 <= index < count):
+    raise ConfigError(f'distributed.process_id={index!r} must be in 0..distributed.num_processes-1'
+                      f' (num_processes={count!r})')
+  if count > 1:
+    jax.distributed.initialize(address, num_processes=count, process_id=index)
 
 
 def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mtp_jax.config import ConfigError
+from mtp_jax.config import ConfigError, ModelConfig
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
@@ -40,6 +40,35 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f'mesh: {tuple(sizes)} uses {int(np.prod(sizes))} devices, '
                       f'but there are {num_devices}')
   return tuple(sizes)
+
+
+def check_mesh(config, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError naming the field when a mesh axis does not divide a dimension that RULES
+  shard over it (jit rejects uneven shardings with an error that names an array, not a field),
+  or when processes would have to share batch rows."""
+  cfg, t = ModelConfig.from_config(config), config.train
+  sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+  mlp = 'model.mlp_dim' + (' (0: 8/3 * d_model)' if config.model.mlp_dim == 0 else '')
+  fields = {'batch': ('train.batch_size / train.grad_accum', t.batch_size // t.grad_accum),
+            'embed': ('model.d_model', cfg.d_model), 'heads': ('model.num_heads', cfg.num_heads),
+            'kv_heads': ('model.num_kv_heads', cfg.num_kv_heads), 'mlp': (mlp, cfg.mlp_dim),
+            'vocab': ('data.vocab_size', cfg.vocab_size)}
+  for name, axes in RULES:
+    if axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else axes
+    parts = int(np.prod([sizes[a] for a in axes]))
+    field, size = fields[name]
+    if size % parts:
+      mesh = ' * '.join(f'mesh.{a}' for a in axes)
+      raise ConfigError(f'{field} = {size} is not divisible by {mesh} = {parts}, the mesh axes '
+                        f'that shard it')
+  # Each process feeds only its own rows (data.get_batch), so every process must hold distinct
+  # batch shards: the batch axes must split across processes, not the tensor axis alone.
+  if (sizes['data'] * sizes['fsdp']) % num_processes:
+    raise ConfigError(f"mesh.data * mesh.fsdp = {sizes['data'] * sizes['fsdp']} must be a "
+                      f'multiple of the {num_processes} processes, which each read their own '
+                      f'rows of the batch')
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:

@@ -1,0 +1,27 @@
+"""launch.py as test_multiprocess.py runs it: the same command line, with the TensorBoard writer
+leaving WORKDIR/tb_opened_by_process_I behind, so the test sees which processes opened one."""
+
+import os
+import runpy
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+
+from mtp_jax import train  # noqa: E402
+
+
+class RecordingWriter(train.SummaryWriter):
+
+  def __init__(self, logdir, **kwargs):
+    super().__init__(logdir, **kwargs)
+    marker = os.path.join(os.path.dirname(logdir), f'tb_opened_by_process_{jax.process_index()}')
+    open(marker, 'a').close()
+
+
+if __name__ == '__main__':
+  train.SummaryWriter = RecordingWriter
+  sys.argv[0] = os.path.join(REPO, 'launch.py')
+  runpy.run_path(sys.argv[0], run_name='__main__')

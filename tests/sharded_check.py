@@ -1,0 +1,126 @@
+"""The 8-device half of test_sharding.py. JAX fixes the host device count when it starts and the
+rest of the suite runs on one device, so the test runs this file in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8:
+
+  python tests/sharded_check.py ROOT TOKENIZER
+
+It trains run_config on each mesh of MESHES (workdirs ROOT/mesh_DxFxT), restores the (2,4,1)
+checkpoint onto (2,2,2), decodes on the (2,2,2) mesh (prompts split over the batch axes, and
+replicated as inference.decode leaves them), and writes what it saw to ROOT/sharded.json
+and the cross-mesh restore to ROOT/restored_on_2x2x2.npz. The test imports the shared pieces.
+"""
+
+import json
+import os
+import sys
+import sysconfig
+
+import jax
+import numpy as np
+
+from conftest import tiny_config
+from mtp_jax import decode as dec
+from mtp_jax import inference, sharding, train
+from mtp_jax.config import ConfigError
+
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+SAVED_ON, RESTORED_ON = (2, 4, 1), (2, 2, 2)
+SOURCES = ','.join(os.path.join(sysconfig.get_paths()['stdlib'], name) for name in
+                   ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'glob.py'])
+GREEDY = dec.Settings(draft_len=2, max_new_tokens=12)
+
+
+def run_config(root: str, mesh=None, tokenizer: str = ''):
+  """The tiny model on a few standard-library files, batch 8 so that every mesh splits it;
+  mesh is (data, fsdp, tensor), or None for the default (all devices on data)."""
+  overrides = {'data.sources': SOURCES, 'data.vocab_size': 300, 'data.tokenizer': tokenizer,
+               'data.cache_dir': os.path.join(root, 'data'), 'train.batch_size': 8,
+               'train.checkpoint_every': 4}
+  if mesh is not None:
+    overrides.update(zip(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), mesh))
+  return tiny_config(**overrides)
+
+
+def workdir(root: str, mesh) -> str:
+  return os.path.join(root, 'mesh_' + 'x'.join(map(str, mesh)))
+
+
+def flat(tree) -> dict:
+  """{path: numpy value} of every leaf."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore(config, directory: str):
+  """(session, state): the latest checkpoint in directory, restored onto config's mesh."""
+  session = train.Session(config, directory)
+  try:
+    state, _ = session.checkpointer.restore(None, session.abstract_state)
+  finally:
+    session.checkpointer.close()
+  return session, state
+
+
+def prompts(session) -> list[list[int]]:
+  """Eight validation prompts of 6..13 tokens, so the batch holds right-padded rows."""
+  return [p[:6 + i] for i, p in enumerate(inference.validation_prompts(session, 8, 13))]
+
+
+def greedy_decode(session, params, prompt_list):
+  """Speculative greedy decoding on the session's mesh, the prompts split over the batch axes
+  like a training batch; returns (tokens per row, the prompt array's sharding spec)."""
+  prompts_BxP, lens_B = dec.pad_prompts(prompt_list)
+  fn = dec.compiled_decoder(dec.DecodeModel(session.cfg), GREEDY,
+                            dec.cache_length(prompts_BxP.shape[1], GREEDY))
+  prompts_BxP = jax.device_put(prompts_BxP, session.batch_sharding)
+  lens_B = jax.device_put(lens_B, session.batch_sharding)
+  with session.mesh, sharding.axis_rules():
+    state = fn(params, prompts_BxP, lens_B, jax.random.key(0))
+  return dec.outputs(state), str(prompts_BxP.sharding.spec)
+
+
+def layout(tree) -> dict:
+  """{path: [partition spec, shape of one device's shard]} of every leaf."""
+  return {jax.tree_util.keystr(path): [str(leaf.sharding.spec),
+                                       list(leaf.addressable_shards[0].data.shape)]
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def main(root: str, tokenizer: str):
+  if jax.device_count() != 8:
+    raise SystemExit(f'needs 8 devices (XLA_FLAGS), found {jax.device_count()}')
+  result = {'eval': {}}
+  for mesh in MESHES:
+    summary = train.train(run_config(root, mesh, tokenizer), workdir(root, mesh))
+    result['eval']['x'.join(map(str, mesh))] = summary['eval']
+
+  session, state = restore(run_config(root, RESTORED_ON, tokenizer), workdir(root, RESTORED_ON))
+  result['layout'] = layout(state)
+  tokens, prompt_spec = greedy_decode(session, state['params'], prompts(session))
+  with session.mesh:  # as launch.py's generate and bench modes decode: prompts replicated
+    replicated, _ = inference.decode(session, state['params'], prompts(session), GREEDY)
+  result['decode'] = {'tokens': tokens, 'prompt_spec': prompt_spec,
+                      'replicated_prompts_tokens': dec.outputs(replicated)}
+
+  _, saved = restore(run_config(root, SAVED_ON, tokenizer), workdir(root, SAVED_ON))
+  _, moved = restore(run_config(root, RESTORED_ON, tokenizer), workdir(root, SAVED_ON))
+  result['cross_mesh'] = {
+      'layout': layout(moved),
+      'bitwise_equal': all(a.dtype == b.dtype and a.tobytes() == b.tobytes()
+                           for a, b in zip(flat(saved).values(), flat(moved).values())),
+  }
+  np.savez(os.path.join(root, 'restored_on_2x2x2.npz'), **flat(moved))
+
+  # The Session refuses a mesh that does not divide the model before it compiles anything.
+  try:
+    train.Session(run_config(root, (2, 1, 4), tokenizer), os.path.join(root, 'rejected'))
+    result['rejected'] = None
+  except ConfigError as e:
+    result['rejected'] = str(e)
+
+  with open(os.path.join(root, 'sharded.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])

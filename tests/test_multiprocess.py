@@ -1,0 +1,110 @@
+"""Two processes on 127.0.0.1, one CPU device each, joined by jax.distributed (Gloo collectives)
+and started with launch.py's command line (through tests/multiprocess_driver.py, which records
+who opens a TensorBoard writer): they train as one process does on the same global batches, only
+process 0 writes TensorBoard, and their checkpoint restores in a single process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from configs import base
+from conftest import tiny_config
+from mtp_jax import train
+from sharded_check import flat, restore
+from test_train import raw_steps, scalars
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(REPO, 'tests', 'multiprocess_driver.py')
+TIMEOUT_S = 300
+
+
+def launch_flags(config) -> list[str]:
+  """--config.SECTION.FIELD=VALUE for each field where config differs from configs/base.py."""
+  default = base.get_config()
+  return [f'--config.{section}.{field}={value}'
+          for section, fields in config.items() if isinstance(fields, ml_collections.ConfigDict)
+          for field, value in fields.items() if default[section][field] != value]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_processes(commands, logdir: str) -> list[str]:
+  """Runs the commands together; returns their stdouts. One failing, or TIMEOUT_S passing,
+  kills the rest (a lone process would wait for its peer until JAX's own timeouts)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = []
+  try:
+    for i, command in enumerate(commands):
+      with open(os.path.join(logdir, f'{i}.out'), 'w') as out, \
+           open(os.path.join(logdir, f'{i}.err'), 'w') as err:
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err))
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.poll() is None for p in procs):
+      failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+      assert not failed and time.monotonic() < deadline, (
+          f'process {failed} failed' if failed else f'timed out after {TIMEOUT_S}s')
+      time.sleep(0.2)
+  except AssertionError as e:
+    tails = [open(os.path.join(logdir, f'{i}.err')).read()[-2000:] for i in range(len(commands))]
+    raise AssertionError(f'{e}; stderr tails:\n' + '\n---\n'.join(tails)) from None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for i, p in enumerate(procs):
+    assert p.returncode == 0, open(os.path.join(logdir, f'{i}.err')).read()[-3000:]
+  return [open(os.path.join(logdir, f'{i}.out')).read() for i in range(len(commands))]
+
+
+def summary_of(stdout: str) -> dict:
+  """The JSON summary launch.py prints last (progress lines come before it)."""
+  return json.loads(stdout[stdout.index('{\n'):])
+
+
+def test_two_processes_train_as_one_and_restore_in_one(corpus, tmp_path):
+  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300})
+  pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
+  address = f'127.0.0.1:{free_port()}'
+  command = [sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
+             *launch_flags(config), f'--config.distributed.coordinator_address={address}',
+             '--config.distributed.num_processes=2']
+  stdouts = run_processes([command + [f'--config.distributed.process_id={i}'] for i in range(2)],
+                          str(tmp_path))
+  first, second = map(summary_of, stdouts)
+  assert first == second and first['step'] == config.train.steps
+
+  # One process, one device, the same global batches: each of the pair read only its half.
+  alone = train.train(config, one)
+  for name, value in alone['eval'].items():
+    np.testing.assert_allclose(first['eval'][name], value, rtol=1e-5, err_msg=name)
+  curve, reference = scalars(pair)['train/loss/total'], scalars(one)['train/loss/total']
+  assert [s for s, _ in curve] == [s for s, _ in reference] == [1, 2, 3, 4]
+  np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference], rtol=1e-5)
+  # Only process 0 opened a writer, and the events hold each step once.
+  assert sorted(f for f in os.listdir(pair) if f.startswith('tb_opened_by')) == [
+      'tb_opened_by_process_0']
+  assert raw_steps(pair, 'train/loss/total') == [1, 2, 3, 4]
+
+  # The pair's checkpoint restores here, in one process, to the one-process run's state.
+  session, restored = restore(config, pair)
+  assert int(restored['step']) == config.train.steps
+  _, want = restore(config, one)
+  got, want = flat(restored), flat(want)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  # Evaluated here, the restored params give the pair's own final evaluation.
+  evaluated = session.evaluate(restored['params'])
+  for name, value in first['eval'].items():
+    np.testing.assert_allclose(evaluated[name], value, rtol=1e-5, err_msg=name)

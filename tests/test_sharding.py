@@ -1,0 +1,161 @@
+"""SPMD training on 8 CPU devices gives the one-device run: the same steps on the meshes
+(8,1,1), (2,4,1) and (2,2,2) (data, fsdp, tensor) give the same losses and params, params are laid
+out as the RULES say, checkpoints move between meshes, and speculative decoding on the mesh emits
+the one-device tokens. The 8-device runs happen in a subprocess (tests/sharded_check.py); the
+one-device references here."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sharded_check
+from conftest import tiny_config
+from mtp_jax import sharding, train
+from mtp_jax.config import ConfigError, ModelConfig, validate
+from mtp_jax.model import init_params
+from test_train import scalars
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sharded_check.py')
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """(root, one-device summary, the helper's JSON), after the one-device run and the 8-device
+  subprocess have trained the same config."""
+  root = str(tmp_path_factory.mktemp('sharding'))
+  one = os.path.join(root, 'one')
+  summary = train.train(sharded_check.run_config(root), one)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
+      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip())
+  proc = subprocess.run([sys.executable, HELPER, root, os.path.join(one, 'tokenizer.json')],
+                        env=env, capture_output=True, text=True, timeout=600,
+                        cwd=os.path.dirname(HELPER))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(os.path.join(root, 'sharded.json')) as f:
+    return root, summary, json.load(f)
+
+
+def restore_on_one_device(root, directory):
+  return sharded_check.restore(sharded_check.run_config(root), directory)
+
+
+@pytest.mark.parametrize('mesh', sharded_check.MESHES, ids=lambda m: 'x'.join(map(str, m)))
+def test_training_on_a_mesh_matches_one_device(runs, mesh):
+  root, summary, result = runs
+  directory = sharded_check.workdir(root, mesh)
+  curve = scalars(directory)['train/loss/total']
+  reference = scalars(os.path.join(root, 'one'))['train/loss/total']
+  assert [s for s, _ in curve] == [s for s, _ in reference] == [1, 2, 3, 4]
+  np.testing.assert_allclose([v for _, v in curve], [v for _, v in reference], rtol=1e-5)
+  got_eval = result['eval']['x'.join(map(str, mesh))]
+  assert sorted(got_eval) == sorted(summary['eval'])
+  for name, value in summary['eval'].items():
+    np.testing.assert_allclose(got_eval[name], value, rtol=1e-5, err_msg=name)
+
+  session, want = restore_on_one_device(root, os.path.join(root, 'one'))
+  _, got = restore_on_one_device(root, directory)
+  want, got = sharded_check.flat(want), sharded_check.flat(got)
+  assert sorted(got) == sorted(want)
+  # Adam divides by sqrt(v), which magnifies the rounding differences of tiny gradients (the
+  # embedding rows of rare tokens differ by up to 1e-6); the tolerance is 100x below what the
+  # steps changed.
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+  init = sharded_check.flat({'params': init_params(session.cfg, jax.random.key(0))})
+  assert max(np.max(np.abs(want[n] - init[n])) for n in init) > 1e-3
+
+
+def test_params_are_laid_out_by_the_rules(runs):
+  _, _, result = runs
+  layout = result['layout']  # on (data, fsdp, tensor) = (2, 2, 2)
+  params = "['params']['params']"
+  expected = {  # name: (spec, one device's shard) for D=32, H=4, K=2, E=8, F=128, V=300
+      "['embedding']": (str(P('tensor', 'fsdp')), [150, 16]),
+      "['blocks_0']['mlp']['gate']": (str(P('fsdp', 'tensor')), [16, 64]),
+      "['blocks_1']['mlp']['down']": (str(P('tensor', 'fsdp')), [64, 16]),
+      "['blocks_0']['attn']['q']": (str(P('fsdp', 'tensor', None)), [16, 2, 8]),
+      "['blocks_0']['attn']['k']": (str(P('fsdp', 'tensor', None)), [16, 1, 8]),
+      "['blocks_0']['attn']['o']": (str(P('tensor', None, 'fsdp')), [2, 8, 16]),
+      "['mtp_0']['eh_proj']": (str(P(None, 'fsdp')), [64, 16]),
+      "['final_norm']['scale']": (str(P(None)), [32]),
+  }
+  for name, (spec, shard) in expected.items():
+    assert layout[params + name] == [spec, shard], name
+  # Adam's moments are laid out like their params.
+  for moment in ('.mu[', '.nu['):
+    found = [v for k, v in layout.items()
+             if moment in k and k.endswith("['blocks_0']['mlp']['gate']")]
+    assert found == [[str(P('fsdp', 'tensor')), [16, 64]]], (moment, found)
+  assert layout["['step']"] == [str(P()), []]
+  # The Session names the field a mesh fails to divide before it compiles.
+  assert result['rejected'] == ('model.num_kv_heads = 2 is not divisible by mesh.tensor = 4, '
+                                'the mesh axes that shard it')
+
+
+def test_checkpoint_restores_onto_another_mesh(runs):
+  root, _, result = runs
+  moved = result['cross_mesh']
+  assert moved['bitwise_equal']
+  assert moved['layout'] == result['layout']  # laid out for (2,2,2), not as saved on (2,4,1)
+  _, on_one = restore_on_one_device(root, sharded_check.workdir(root, sharded_check.SAVED_ON))
+  on_one = sharded_check.flat(on_one)
+  with np.load(os.path.join(root, 'restored_on_2x2x2.npz')) as on_mesh:
+    assert sorted(on_mesh.files) == sorted(on_one)
+    for name, value in on_one.items():
+      assert on_mesh[name].dtype == value.dtype and on_mesh[name].tobytes() == value.tobytes(), name
+
+
+def test_speculative_decoding_on_the_mesh_matches_one_device(runs):
+  root, _, result = runs
+  assert result['decode']['prompt_spec'] == str(P(('data', 'fsdp'),))
+  session, state = restore_on_one_device(
+      root, sharded_check.workdir(root, sharded_check.RESTORED_ON))
+  tokens, _ = sharded_check.greedy_decode(session, state['params'],
+                                          sharded_check.prompts(session))
+  assert [len(t) for t in tokens] == [sharded_check.GREEDY.max_new_tokens] * 8
+  assert result['decode']['tokens'] == tokens
+  assert result['decode']['replicated_prompts_tokens'] == tokens
+
+
+@pytest.mark.parametrize('overrides, devices, processes, message', [
+    ({'mesh.tensor': 8}, 8, 1, 'model.num_heads = 4 is not divisible by mesh.tensor = 8'),
+    ({'mesh.tensor': 4}, 8, 1, 'model.num_kv_heads = 2 is not divisible by mesh.tensor = 4'),
+    ({'mesh.tensor': 2, 'model.mlp_dim': 99}, 2, 1,
+     'model.mlp_dim = 99 is not divisible by mesh.tensor = 2'),
+    ({'mesh.tensor': 2, 'data.vocab_size': 97}, 2, 1,
+     'data.vocab_size = 97 is not divisible by mesh.tensor = 2'),
+    ({'mesh.fsdp': 3, 'train.batch_size': 6}, 3, 1,
+     'model.d_model = 32 is not divisible by mesh.fsdp = 3'),
+    ({'mesh.data': 8, 'train.batch_size': 4}, 8, 1,
+     r'train.batch_size / train.grad_accum = 4 is not divisible by mesh.data \* mesh.fsdp = 8'),
+    ({'mesh.tensor': 2}, 2, 2, 'mesh.data \\* mesh.fsdp = 1 must be a multiple of the 2 processes'),
+])
+def test_check_mesh_names_the_field(overrides, devices, processes, message):
+  with pytest.raises(ConfigError, match='^' + message):
+    sharding.check_mesh(tiny_config(**overrides), devices, processes)
+
+
+def test_check_mesh_accepts_meshes_that_divide():
+  for data, fsdp, tensor in sharded_check.MESHES + ((1, 4, 2), (1, 1, 2)):
+    config = tiny_config(**{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor,
+                            'train.batch_size': 8})
+    sharding.check_mesh(config, data * fsdp * tensor)
+  sharding.check_mesh(tiny_config(**{'train.batch_size': 8}), 8, 2)
+
+
+@pytest.mark.parametrize('name, devices, processes, params', [
+    ('gpu_125m', 1, 1, 118.4e6), ('gpu_1b', 8, 1, 1050.0e6), ('gpu_1b', 16, 2, 1050.0e6)])
+def test_gpu_configs_fit_their_meshes_and_documented_size(name, devices, processes, params):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  validate(config, devices)
+  sharding.check_mesh(config, devices, processes)
+  cfg = ModelConfig.from_config(config)
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) == pytest.approx(params, rel=1e-3)
