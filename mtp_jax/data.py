@@ -231,12 +231,13 @@ def prepare(data_cfg, workdir: str, seed: int = 0) -> TokenData:
   cache = os.path.join(data_cfg.cache_dir or os.path.join(workdir, 'data'), key)
   arrays = _load_cache(cache)
   if arrays is None:
+    splits = docs()  # reads (and checks) the corpus before anything is written
     os.makedirs(cache, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     meta = {'dtype': np.dtype(dtype).name, 'vocab_size': vocab_size, 'sources': data_cfg.sources,
             'files_count': len(files), **{k: v for k, v in inputs.items() if k != 'files'}}
     start = time.time()
-    for split, split_docs in zip(('train', 'valid'), docs()):
+    for split, split_docs in zip(('train', 'valid'), splits):
       tokens = _tokenize(tokenizer, [t for _, t in split_docs], eos_id, dtype, split)
       _write_atomic(os.path.join(cache, f'{split}.bin'), tokens.tobytes())
       meta.update({f'{split}_tokens': len(tokens), f'{split}_documents': len(split_docs)})
