@@ -23,7 +23,7 @@ from mtp_jax import data as data_lib
 from mtp_jax import sharding
 from mtp_jax.config import ModelConfig, validate
 from mtp_jax.loss import combined_loss, depth_sums, loss_weight
-from mtp_jax.model import MTPLanguageModel
+from mtp_jax.model import MTPLanguageModel, init_tokens
 
 
 class TrainingError(RuntimeError):
@@ -118,6 +118,7 @@ class Session:
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     validate(config, num_devices=jax.device_count())
+    sharding.check_mesh(config, jax.device_count(), jax.process_count())
     saved = ckpt_lib.load_config(workdir)
     if saved is not None:
       ckpt_lib.check_compatible(saved, config)
@@ -127,12 +128,21 @@ class Session:
                                f'data.vocab_size={config.data.vocab_size}')
     self.cfg = ModelConfig.from_config(config)
     self.window = config.train.seq_len + self.cfg.mtp_depth + 1
+    # Checked here, once the split sizes are known, not at the first batch of each split: the
+    # first evaluation may come after hours of training.
+    for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
+      if len(tokens) < self.window:
+        raise data_lib.DataError(
+            f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
+            f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
+            f'train.seq_len <= {len(tokens) - self.cfg.mtp_depth - 1}, more data or a larger '
+            'data.valid_fraction')
     self.mesh = sharding.make_mesh(config.mesh)
     self.tx = make_optimizer(config.train)
     model = MTPLanguageModel(self.cfg)
 
     def init_state(rng):
-      params = model.init(rng, jnp.zeros((1, 8), jnp.int32))
+      params = model.init(rng, init_tokens(self.cfg))
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(params)}
 
@@ -229,7 +239,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   ckpt_lib.save_config(workdir, config)
   is_main = jax.process_index() == 0
   # purge_step hides events an interrupted run wrote past its last checkpoint.
-  writer = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=start + 1) if is_main else None
+  tb_dir = os.path.join(workdir, 'tb')
+  writer = SummaryWriter(tb_dir, purge_step=start + 1) if is_main else None
   if start:
     print(f'resuming from step {start}', file=sys.stderr)
   tokens_per_step = t.batch_size * t.seq_len
@@ -239,6 +250,13 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   eval_metrics = {}
 
   def save(step):
+    nonlocal writer
+    if writer is not None:
+      # A resume from this checkpoint never logs its steps again, so their events must be on
+      # disk before it exists. tensorboardX's flush() leaves queued events behind (lost to a
+      # kill -9); close() writes them all. The next file's name sorts after this one's.
+      writer.close()
+      writer = SummaryWriter(tb_dir, filename_suffix=f'.{step:010d}')
     session.checkpointer.save(step, state, {'step': step})
 
   def consume(step, metrics):
@@ -271,7 +289,10 @@ def train(config, workdir: str, eval_hook=None) -> dict:
           consume(*pending)
         pending = (step, metrics)
         bar.update(1)
-        boundary = step % t.checkpoint_every == 0 or step == t.steps or preempt.requested
+        # Read once: a signal arriving later in this step (during an evaluation, say) must not
+        # stop the loop without the checkpoint; the next step honours it.
+        stop = preempt.requested
+        boundary = step % t.checkpoint_every == 0 or step == t.steps or stop
         if boundary or step % t.eval_every == 0:
           consume(*pending)
           pending = None
@@ -283,8 +304,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
             eval_hook(session, state['params'], step, writer)
         if boundary:
           save(step)
-        if preempt.requested:
-          stopped_by = preempt.requested
+        if stop:
+          stopped_by = stop
           break
       if pending is not None:
         consume(*pending)
