@@ -183,45 +183,26 @@ class Step:
 
 
 def build_step(config, mesh):
-  """Compiles the train step for `config`: state shardings from the parameters' logical axis
-  names (eval_shape -> get_partition_spec -> logical_to_sharding), batch split over the data
-  axes, state donated, exactly as train.Session does."""
-  import flax.linen as nn
+  """Compiles the train step for `config` exactly as training does (train.Program: state
+  sharded by the parameters' logical axis names, batch split over the data axes, state
+  donated), without data."""
   import jax
   import jax.numpy as jnp
   from mtp_jax import sharding
   from mtp_jax import train as train_lib
-  from mtp_jax.config import ModelConfig, validate
-  from mtp_jax.model import MTPLanguageModel, init_tokens
+  from mtp_jax.config import validate
 
   validate(config, num_devices=jax.device_count())
-  cfg = ModelConfig.from_config(config)
-  t = config.train
-  tx = train_lib.make_optimizer(t)
-  model = MTPLanguageModel(cfg)
-
-  def init_state(rng):
-    params = model.init(rng, init_tokens(cfg))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
-  boxed = jax.eval_shape(init_state, jax.random.key(0))
-  state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
-  abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                nn.meta.unbox(boxed), state_sharding)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batch_spec = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + cfg.mtp_depth + 1), jnp.int32,
-                                    sharding=batch_sharding)
-  sc = train_lib.StepConfig(cfg, t.grad_accum, config.mtp.loss_weight,
-                            config.mtp.loss_weight_schedule)
-  step = jax.jit(functools.partial(train_lib.train_step, tx=tx, sc=sc),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, None), donate_argnums=0)
-  init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_sharding)
+  sharding.check_mesh(config, jax.device_count(), jax.process_count())
+  program = train_lib.Program(config, mesh)
+  batch_spec = jax.ShapeDtypeStruct((config.train.batch_size, program.window), jnp.int32,
+                                    sharding=program.batch_sharding)
   t0 = time.perf_counter()
   with mesh, sharding.axis_rules():
-    lowered = step.lower(abstract_state, batch_spec)
+    lowered = program.train_step.lower(program.abstract_state, batch_spec)
     compiled = lowered.compile()
-  return Step(cfg, init, lowered, compiled, batch_spec, time.perf_counter() - t0)
+  return Step(program.cfg, program.init, lowered, compiled, batch_spec,
+              time.perf_counter() - t0)
 
 
 def random_batches(step: Step, count: int, seed: int):

@@ -12,6 +12,9 @@ import jax
 import orbax.checkpoint as ocp
 
 
+MANIFEST = 'mtp_jax_files.json'  # beside Orbax's files in each step: their names and sizes
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used: none intact, or one of a different model."""
 
@@ -57,6 +60,7 @@ class Checkpointer:
     arrays are copied to host, so the caller may donate or overwrite them; the files are
     complete after wait(). Without `force`, Orbax's policy decides, which saves only the
     first checkpoint or at a preemption. Saving a step that exists raises."""
+    self.wait()
     self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -65,7 +69,32 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
+    """Waits for the save in flight, then records the file sizes of every finished step."""
     self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in self.all_steps():
+        path = os.path.join(self.directory, str(step))
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
+          _write_json(os.path.join(path, MANIFEST), _file_sizes(path))
+
+  def _check_files(self, step: int) -> str | None:
+    """What is wrong with `step`'s files against its manifest (None when nothing is, or when
+    it has no manifest because the run stopped between the save and the manifest). Checking
+    sizes first means a truncated or deleted file is reported plainly, without handing Orbax a
+    broken checkpoint (which prints pages of asynchronous read errors)."""
+    path = os.path.join(self.directory, str(step))
+    try:
+      with open(os.path.join(path, MANIFEST)) as f:
+        expected = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+      return None
+    actual = _file_sizes(path)
+    for name, size in expected.items():
+      if name not in actual:
+        return f'{name} is missing'
+      if actual[name] != size:
+        return f'{name} has {actual[name]} of its {size} bytes'
+    return None
 
   def restore(self, step: int | None, target) -> tuple:
     """Returns (state, meta) of `step` (None: the latest). `target` has the saved structure;
@@ -94,20 +123,24 @@ class Checkpointer:
     steps = self.all_steps()[::-1]
     damaged = []
     for step, previous in zip(steps, steps[1:] + [None]):
-      try:
-        state, meta = self.restore(step, target)
-      except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
-        then = f'falling back to step {previous}' if previous is not None else 'no step left'
-        _warn(f'checkpoint step {step} is damaged ({_reason(e)}); {then}')
+      then = f'falling back to step {previous}' if previous is not None else 'no step left'
+      problem = self._check_files(step)
+      if problem is None:
+        try:
+          state, meta = self.restore(step, target)
+        except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
+          problem = _reason(e)
+      if problem is not None:
+        _warn(f'checkpoint step {step} is damaged ({problem}); {then}')
         damaged.append(step)
-        last_error = e
+        last_problem = problem
         continue
       self._set_aside(damaged)
       return step, state, meta
     if damaged:
       raise CheckpointError(
           f'every checkpoint in {self.directory} is damaged (steps {damaged}); '
-          f'the last error: {_reason(last_error)}') from last_error
+          f'the last problem: {last_problem}')
     return None, None, {}
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -127,14 +160,33 @@ class Checkpointer:
     self._manager.close()
 
 
-def save_config(workdir: str, config) -> None:
-  """Writes WORKDIR/config.json; through a temporary file so that a crash never leaves half a
-  file that a later resume would fail to parse."""
-  os.makedirs(workdir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix='config.json.', suffix='.tmp')
+def _file_sizes(root: str) -> dict:
+  sizes = {}
+  for folder, _, files in os.walk(root):
+    for name in files:
+      if name != MANIFEST:
+        path = os.path.join(folder, name)
+        sizes[os.path.relpath(path, root)] = os.path.getsize(path)
+  return sizes
+
+
+def _write_text(path: str, text: str) -> None:
+  """Through a temporary file, so a crash never leaves half a file for a later run to parse."""
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
   with os.fdopen(fd, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(workdir, 'config.json'))
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+  _write_text(path, json.dumps(obj, indent=1))
+
+
+def save_config(workdir: str, config) -> None:
+  """Writes WORKDIR/config.json."""
+  _write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> dict | None:

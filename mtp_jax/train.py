@@ -31,11 +31,14 @@ class TrainingError(RuntimeError):
 
 
 def lr_schedule(t):
-  """Linear warmup to t.lr, then cosine decay to t.lr * t.min_lr_ratio at the last step."""
+  """Learning rate of optimizer update `count` (0-based): linear warmup reaching t.lr at
+  update warmup_steps, then cosine decay to t.lr * t.min_lr_ratio at the last update. The first
+  update already moves (lr / warmup_steps), instead of optax's zero at count 0."""
   warmup = max(t.warmup_steps, 1)
-  return optax.warmup_cosine_decay_schedule(
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
       decay_steps=max(t.steps, warmup + 1), end_value=t.lr * t.min_lr_ratio)
+  return lambda count: schedule(count + 1)
 
 
 def _decay_mask(params):
@@ -112,32 +115,15 @@ def summarize_eval(sums_list, depth: int) -> dict:
   return out
 
 
-class Session:
-  """Everything one run needs: config, data, mesh, shardings, compiled functions, state."""
+class Program:
+  """The compiled side of a config on a mesh, with no data: the model config, optimizer, state
+  layout (eval_shape -> logical axis names -> shardings) and the jitted init, train and eval
+  steps. Benchmarks build this alone; Session adds data and checkpoints."""
 
-  def __init__(self, config, workdir: str):
-    self.config, self.workdir = config, workdir
-    validate(config, num_devices=jax.device_count())
-    sharding.check_mesh(config, jax.device_count(), jax.process_count())
-    saved = ckpt_lib.load_config(workdir)
-    if saved is not None:
-      ckpt_lib.check_compatible(saved, config)
-    self.data = data_lib.prepare(config.data, workdir, seed=config.seed)
-    if self.data.vocab_size > config.data.vocab_size:
-      raise data_lib.DataError(f'tokenizer has {self.data.vocab_size} tokens, more than '
-                               f'data.vocab_size={config.data.vocab_size}')
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)
     self.window = config.train.seq_len + self.cfg.mtp_depth + 1
-    # Checked here, once the split sizes are known, not at the first batch of each split: the
-    # first evaluation may come after hours of training.
-    for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
-      if len(tokens) < self.window:
-        raise data_lib.DataError(
-            f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
-            f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
-            f'train.seq_len <= {len(tokens) - self.cfg.mtp_depth - 1}, more data or a larger '
-            'data.valid_fraction')
-    self.mesh = sharding.make_mesh(config.mesh)
     self.tx = make_optimizer(config.train)
     model = MTPLanguageModel(self.cfg)
 
@@ -147,13 +133,13 @@ class Session:
               'opt_state': self.tx.init(params)}
 
     boxed = jax.eval_shape(init_state, jax.random.key(0))
-    self.state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), self.mesh)
+    self.state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     self.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         nn.meta.unbox(boxed), self.state_sharding)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self._init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
-                         out_shardings=self.state_sharding)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
+                        out_shardings=self.state_sharding)
     t = config.train
     sc = StepConfig(self.cfg, t.grad_accum, config.mtp.loss_weight,
                     config.mtp.loss_weight_schedule, t.inject_nan_step)
@@ -162,7 +148,35 @@ class Session:
                               out_shardings=(self.state_sharding, None), donate_argnums=0)
     self.eval_step = jax.jit(functools.partial(eval_step, cfg=self.cfg),
                              in_shardings=(self.state_sharding['params'], self.batch_sharding))
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+
+
+class Session(Program):
+  """Everything one run needs: the checked config, data, mesh, compiled functions and the
+  workdir's checkpoints. Every check runs before anything is written or compiled."""
+
+  def __init__(self, config, workdir: str):
+    self.workdir = workdir
+    validate(config, num_devices=jax.device_count())
+    sharding.check_mesh(config, jax.device_count(), jax.process_count())
+    saved = ckpt_lib.load_config(workdir)
+    if saved is not None:
+      ckpt_lib.check_compatible(saved, config)
+    self.data = data_lib.prepare(config.data, workdir, seed=config.seed)
+    if self.data.vocab_size > config.data.vocab_size:
+      raise data_lib.DataError(f'tokenizer has {self.data.vocab_size} tokens, more than '
+                               f'data.vocab_size={config.data.vocab_size}')
+    window = config.train.seq_len + config.mtp.depth + 1
+    # Checked here, once the split sizes are known, not at the first batch of each split: the
+    # first evaluation may come after hours of training.
+    for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
+      if len(tokens) < window:
+        raise data_lib.DataError(
+            f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
+            f'fewer than one window of train.seq_len + mtp.depth + 1 = {window}; use '
+            f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a larger '
+            'data.valid_fraction')
+    super().__init__(config, sharding.make_mesh(config.mesh))
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
   def device_batch(self, batch_np):
     """A process-local numpy batch -> one global array sharded over the batch axes."""
@@ -172,7 +186,7 @@ class Session:
     step, state, _ = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
       with self.mesh, sharding.axis_rules():
-        state = self._init(jax.random.key(self.config.seed))
+        state = self.init(jax.random.key(self.config.seed))
       step = 0
     return step, state
 
@@ -224,10 +238,17 @@ def _log(writer, metrics: dict, step: int, prefix: str = ''):
       writer.add_scalar(prefix + name, float(value), step)
 
 
+def _open_writer(tb_dir: str, purge_step=None) -> SummaryWriter:
+  """A new event file. Readers go through a run's files in name order, and tensorboardX names
+  them by the second they were opened in; the nanosecond suffix keeps files opened within one
+  second (a quick resume, a writer reopened at a checkpoint) in the order they were written."""
+  return SummaryWriter(tb_dir, purge_step=purge_step, filename_suffix=f'.{time.time_ns()}')
+
+
 def _print_eval(step: int, metrics: dict, depth: int):
   parts = [f"loss {metrics['loss/depth_0']:.3f}"]
   parts += [f"acc@{k} {metrics[f'accuracy/depth_{k}']:.3f}" for k in range(depth + 1)]
-  tqdm.tqdm.write(f'step {step} eval: ' + ', '.join(parts))
+  tqdm.tqdm.write(f'step {step} eval: ' + ', '.join(parts), file=sys.stderr)
 
 
 def train(config, workdir: str, eval_hook=None) -> dict:
@@ -238,9 +259,9 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   start, state = session.restore_or_init()
   ckpt_lib.save_config(workdir, config)
   is_main = jax.process_index() == 0
-  # purge_step hides events an interrupted run wrote past its last checkpoint.
   tb_dir = os.path.join(workdir, 'tb')
-  writer = SummaryWriter(tb_dir, purge_step=start + 1) if is_main else None
+  # purge_step hides events an interrupted run wrote past its last checkpoint.
+  writer = _open_writer(tb_dir, purge_step=start + 1) if is_main else None
   if start:
     print(f'resuming from step {start}', file=sys.stderr)
   tokens_per_step = t.batch_size * t.seq_len
@@ -248,15 +269,16 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   nonfinite_skipped, stopped_by = 0, None
   last_time, last_step = time.perf_counter(), start
   eval_metrics = {}
+  finished = False
 
   def save(step):
     nonlocal writer
     if writer is not None:
       # A resume from this checkpoint never logs its steps again, so their events must be on
       # disk before it exists. tensorboardX's flush() leaves queued events behind (lost to a
-      # kill -9); close() writes them all. The next file's name sorts after this one's.
+      # kill -9); close() writes them all.
       writer.close()
-      writer = SummaryWriter(tb_dir, filename_suffix=f'.{step:010d}')
+      writer = _open_writer(tb_dir)
     session.checkpointer.save(step, state, {'step': step})
 
   def consume(step, metrics):
@@ -268,7 +290,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
         raise TrainingError(f'non-finite {what} at step {step} (loss {metrics["loss/total"]}); '
                             f'the latest checkpoint keeps the last finite state')
       nonfinite_skipped += 1
-      tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped ({nonfinite_skipped} so far)')
+      tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped '
+                      f'({nonfinite_skipped} so far)', file=sys.stderr)
     if step % t.log_every == 0 or step == t.steps:
       now = time.perf_counter()
       metrics['tokens_per_s'] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
@@ -309,11 +332,13 @@ def train(config, workdir: str, eval_hook=None) -> dict:
           break
       if pending is not None:
         consume(*pending)
+      finished = True
     finally:
-      session.checkpointer.wait()
+      session.checkpointer.wait()  # a save in flight completes intact, whatever happened
       if writer is not None:
-        writer.flush()
         writer.close()
+      if not finished:
+        session.checkpointer.close()
   if stopped_by:
     print(f'{stopped_by}: stopped after step {step}; checkpoint saved, rerun the same command to '
           f'resume', file=sys.stderr)

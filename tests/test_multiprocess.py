@@ -102,8 +102,11 @@ def test_two_processes_train_as_one_and_restore_in_one(corpus, tmp_path):
   _, want = restore(config, one)
   got, want = flat(restored), flat(want)
   assert sorted(got) == sorted(want)
+  # Adam divides by sqrt(v): a gradient entry near zero, summed in another order across the
+  # two processes, can move its parameter by a visible fraction of lr, so the bound is in lr.
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=0.05 * config.train.lr,
+                               err_msg=name)
   # Evaluated here, the restored params give the pair's own final evaluation.
   evaluated = session.evaluate(restored['params'])
   for name, value in first['eval'].items():

@@ -63,11 +63,12 @@ def test_training_on_a_mesh_matches_one_device(runs, mesh):
   _, got = restore_on_one_device(root, directory)
   want, got = sharded_check.flat(want), sharded_check.flat(got)
   assert sorted(got) == sorted(want)
-  # Adam divides by sqrt(v), which magnifies the rounding differences of tiny gradients (the
-  # embedding rows of rare tokens differ by up to 1e-6); the tolerance is 100x below what the
-  # steps changed.
+  # Adam divides by sqrt(v), which magnifies the rounding differences of tiny gradients: an
+  # entry near zero, summed in another order, can move by a visible fraction of lr. The bound
+  # is 5% of lr, while the steps changed the params by far more (checked below).
+  lr = session.config.train.lr
   for name in want:
-    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=0.05 * lr, err_msg=name)
   init = sharded_check.flat({'params': init_params(session.cfg, jax.random.key(0))})
   assert max(np.max(np.abs(want[n] - init[n])) for n in init) > 1e-3
 
