@@ -68,7 +68,8 @@ def flop_counts(cfg, batch: int, seq_len: int) -> dict:
   """Analytic FLOPs of one train step. Per token, forward: a Linear (a, b) costs 2ab; attention
   scores and values cost 2 * 2 * T_ctx * d with T_ctx = T / 2 under the causal mask; each depth
   projects to the vocabulary (2 d V); a sequential module adds eh_proj (2 * 2d * d) and a block,
-  a parallel head a block. Model FLOPs = 3 x forward (backward = 2 x forward).
+  a parallel head a block, a Medusa head a d x d layer. Model FLOPs = 3 x forward (backward =
+  2 x forward).
 
   Hardware FLOPs are what the compiled step does on top: the masked attention is dense (full
   T x T, no causal halving), the loss recomputes each depth's projection in the backward pass
@@ -78,8 +79,10 @@ def flop_counts(cfg, batch: int, seq_len: int) -> dict:
   linear = 2 * d * HE + 2 * 2 * d * KE + 2 * HE * d + 3 * 2 * d * cfg.mlp_dim  # q, k, v, o, MLP
   attn_causal, attn_dense = 2 * 2 * (T / 2) * HE, 2 * 2 * T * HE
   out_proj = 2 * d * V
-  eh_proj = 2 * 2 * d * d if cfg.mtp_kind == 'sequential' else 0
-  blocks = cfg.num_layers + D
+  # Per depth: a sequential module adds eh_proj and a block, a parallel head a block, a Medusa
+  # head one d x d residual layer (counted in eh_proj's place) and no block.
+  eh_proj = {'sequential': 2 * 2 * d * d, 'parallel': 0, 'medusa': 2 * d * d}[cfg.mtp_kind]
+  blocks = cfg.num_layers + (0 if cfg.mtp_kind == 'medusa' else D)
   forward = blocks * (linear + attn_causal) + D * eh_proj + (D + 1) * out_proj
   dense_forward = forward + blocks * (attn_dense - attn_causal)
   # A rematerialized block recomputes all but its MLP down projection, whose output only feeds
@@ -471,8 +474,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   depths, mem_depths = _ints(_DEPTHS.value, 'depths'), _ints(_MEMORY_DEPTHS.value, 'memory_depths')
   kinds = _KINDS.value
-  if any(k not in ('sequential', 'parallel') for k in kinds):
-    raise app.UsageError(f'--kinds takes sequential,parallel, got {",".join(kinds)}')
+  from mtp_jax.config import KINDS
+  if any(k not in KINDS for k in kinds):
+    raise app.UsageError(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
   if _STEPS.value < 1:
     raise app.UsageError('--steps must be >= 1')
   config = _CONFIG.value
