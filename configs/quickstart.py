@@ -5,7 +5,7 @@ Produces: a 2-layer, width-128 model with D=3 sequential MTP modules trained on 
 standard library's source; prints the validation loss and each depth's top-1 accuracy, then
 runs `demo` (each depth's top-5 and one draft-and-verify step) and `bench` (ar vs mtp decoding,
 written to runs/quickstart/bench.json). Running the same command again resumes from the last
-checkpoint and finishes at once (then repeats demo and bench).
+checkpoint and finishes at once (use --mode demo or --mode bench to repeat those).
 """
 
 from configs import base

@@ -347,8 +347,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
           file=sys.stderr)
     eval_metrics = session.evaluate(state['params'])
   session.checkpointer.close()
-  return {'step': int(state['step']), 'stopped_by': stopped_by, 'eval': eval_metrics,
-          'nonfinite_skipped': nonfinite_skipped}
+  return {'step': int(state['step']), 'resumed_from': start, 'stopped_by': stopped_by,
+          'eval': eval_metrics, 'nonfinite_skipped': nonfinite_skipped}
 
 
 def evaluate(config, workdir: str) -> dict:

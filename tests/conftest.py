@@ -7,8 +7,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 from configs import base  # noqa: E402
 from mtp_jax.config import ModelConfig  # noqa: E402
+from mtp_jax.model import MTPLanguageModel  # noqa: E402
 
 
 def tiny_config(**overrides):
@@ -38,6 +41,11 @@ def tiny_config(**overrides):
 
 def tiny_model(**overrides) -> ModelConfig:
   return ModelConfig.from_config(tiny_config(**overrides))
+
+
+def depth_logits(params, cfg, tokens_BxW):
+  """Every depth's logits over a window of T + D + 1 tokens (the training path, no cache)."""
+  return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
 
 
 @pytest.fixture

@@ -8,17 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import depth_logits, tiny_model
 from mtp_jax import decode as dec
-from mtp_jax.model import MTPLanguageModel, init_params
-
-KINDS = ['sequential', 'parallel', 'medusa']
-
-
-def full_forward_logits(params, cfg, tokens_BxW):
-  """Every depth's logits over a window through the training path (no cache)."""
-  return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
-
+from mtp_jax.config import KINDS
+from mtp_jax.model import init_params
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_cached_chunks_match_full_forward(kind):
@@ -28,7 +21,7 @@ def test_cached_chunks_match_full_forward(kind):
   model = dec.DecodeModel(cfg)
   B, T, L = 2, 11, 16
   tokens = jax.random.randint(jax.random.key(1), (B, T + 3), 0, cfg.vocab_size)
-  want = full_forward_logits(params, cfg, tokens)
+  want = depth_logits(params, cfg, tokens)
   cache = model.init_cache(B, L)
   got = [[] for _ in range(3)]
   for lo, hi in [(0, 4), (4, 5), (5, 9), (9, 11)]:

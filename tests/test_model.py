@@ -5,17 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import depth_logits, tiny_model
 from mtp_jax.loss import combined_loss, depth_sums, loss_weight
+from mtp_jax.config import KINDS
 from mtp_jax.model import MTPLanguageModel, init_params
-
-KINDS = ['sequential', 'parallel', 'medusa']
-
-
-def depth_logits(params, cfg, tokens_BxW):
-  """Logits of every depth for a window of T + D + 1 tokens."""
-  return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
-
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_causality_every_depth(kind):
