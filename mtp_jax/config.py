@@ -138,8 +138,13 @@ def validate_decode(config) -> None:
   _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
   _check(d.draft_len == -1 or 1 <= d.draft_len <= max(depth, 1),
          f'decode.draft_len must be in 1..mtp.depth={depth} (or -1 for all), got {d.draft_len}')
-  if d.method == 'mtp':
-    _check(depth >= 1, 'decode.method=mtp needs MTP heads, but mtp.depth=0; use decode.method=ar')
+
+
+def check_mtp_decoding(config) -> None:
+  """For modes that decode with decode.method: mtp needs heads (training a D = 0 baseline
+  with the default decode settings is fine)."""
+  _check(config.decode.method == 'ar' or config.mtp.depth >= 1,
+         'decode.method=mtp needs MTP heads, but mtp.depth=0; use decode.method=ar')
 
 
 def draft_len(config) -> int:

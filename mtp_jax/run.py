@@ -8,7 +8,7 @@ from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import inference
 from mtp_jax import train as train_lib
-from mtp_jax.config import ConfigError
+from mtp_jax.config import ConfigError, check_mtp_decoding
 
 MODES = ('train', 'eval', 'demo', 'generate', 'bench')
 
@@ -42,6 +42,8 @@ def init_distributed(dist_cfg) -> None:
 
 
 def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):
+  if mode == 'generate':
+    check_mtp_decoding(config)
   session = train_lib.Session(config, workdir)
   prompts = (inference.read_prompts(prompt, prompt_file, session.data.tokenizer)
              if mode == 'generate' else None)

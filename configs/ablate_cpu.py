@@ -1,0 +1,27 @@
+"""Base of the CPU ablation study: the quickstart model, shorter, with the sweep grids.
+
+Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
+     (also --sweep loss_weight, kind, draft_len)
+Produces: runs/ablate/SWEEP/results.csv, results.md and SWEEP.png; each point trains for
+1000 steps (2 to 5 minutes on 2 CPU cores, by depth), so each sweep takes well under 30 min.
+Not yet run as a full study.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.mtp.depth = 2
+  c.train.steps = 1000
+  c.train.checkpoint_every = 500
+  c.train.eval_every = 500
+  c.decode.eval_prompts = 2
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.depth = '0,1,2,3'
+  c.sweep.loss_weight = '0.0,0.1,0.3,1.0'
+  c.sweep.kind = 'sequential,parallel,medusa'
+  c.sweep.draft_len = '1,2,3'
+  return c

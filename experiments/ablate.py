@@ -1,0 +1,192 @@
+"""Ablation sweeps: a grid of short trainings as config overrides, one workdir per point,
+collected into results.csv, results.md and a PNG plot.
+
+Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
+Sweeps (grids from the config's `sweep` section): depth (per-depth validation accuracy vs D),
+loss_weight (main-head validation loss vs lambda), kind (the head kinds side by side),
+draft_len (tau and decoding speedup vs S, from one model trained at the largest S).
+Each point runs `launch.py` in its own process and workdir (ROOT/SWEEP/NAME=VALUE), so a
+failing point is reported without losing the others, and a rerun skips finished points.
+"""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
+                                          'Base config of every point.', lock_config=True)
+_SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len'],
+                           'Which question to answer.')
+_ROOT = flags.DEFINE_string('root', 'runs/ablate', 'Where the points\' workdirs go.')
+
+# Sweep name -> the config field its values override.
+FIELDS = {'depth': 'mtp.depth', 'loss_weight': 'mtp.loss_weight', 'kind': 'mtp.kind'}
+
+
+def overrides(config) -> list[str]:
+  """The config as --config.* flags (sweep section excluded), for launch.py."""
+  flat = []
+  for section, fields in config.items():
+    if section == 'sweep':
+      continue
+    if hasattr(fields, 'items'):
+      flat += [f'--config.{section}.{k}={v}' for k, v in fields.items()]
+    else:
+      flat.append(f'--config.{section}={fields}')
+  return flat
+
+
+def run_point(config, workdir: str, extra: list[str], mode: str = 'train') -> tuple[int, str]:
+  os.makedirs(workdir, exist_ok=True)
+  command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
+             os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode,
+             *overrides(config), *extra]
+  with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
+    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+  lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()
+  return proc.returncode, (lines[-1] if lines else '')
+
+
+def finished(workdir: str, steps: int) -> dict | None:
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  summary = json.load(open(path))
+  return summary if summary.get('step') == steps and not summary.get('stopped_by') else None
+
+
+def log_hparams(workdir: str, hparams: dict, metrics: dict):
+  from tensorboardX import SummaryWriter
+  with SummaryWriter(os.path.join(workdir, 'tb')) as writer:
+    writer.add_hparams(hparams, {f'hparam/{k}': v for k, v in metrics.items()}, name='hparams')
+
+
+def train_points(config, sweep: str, root: str) -> list[dict]:
+  """Trains every point of a depth / loss_weight / kind sweep; one row per point."""
+  field = FIELDS[sweep]
+  rows = []
+  for value in [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]:
+    workdir = os.path.join(root, sweep, f'{sweep}={value}')
+    summary = finished(workdir, config.train.steps)
+    status = 'skipped (finished)'
+    if summary is None:
+      code, last = run_point(config, workdir, [f'--config.{field}={value}',
+                                               '--config.run_after_train='])
+      summary = finished(workdir, config.train.steps)
+      status = 'trained' if summary is not None else f'failed (exit {code}): {last}'
+    print(f'{sweep}={value}: {status}', flush=True)
+    row = {'sweep': sweep, 'value': value, 'status': 'ok' if summary else 'failed',
+           'error': '' if summary else status}
+    if summary:
+      row.update(summary['eval'])
+      log_hparams(workdir, {field: value}, {'main_loss': summary['eval']['loss/depth_0']})
+    rows.append(row)
+  return rows
+
+
+def draft_len_points(config, root: str) -> list[dict]:
+  """One model at D = max S, then bench: tau and speedup vs S (greedy, batch 1 and 8)."""
+  values = sorted(int(v) for v in config.sweep.draft_len.split(',') if v.strip())
+  workdir = os.path.join(root, 'draft_len', f'depth={values[-1]}')
+  depth = [f'--config.mtp.depth={values[-1]}', '--config.run_after_train=']
+  rows = []
+  if finished(workdir, config.train.steps) is None:
+    code, last = run_point(config, workdir, depth)
+    if finished(workdir, config.train.steps) is None:
+      print(f'draft_len: training failed (exit {code}): {last}', flush=True)
+      return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
+              for v in values]
+  bench_path = os.path.join(workdir, 'bench.json')
+  if not os.path.exists(bench_path):
+    code, last = run_point(config, workdir, depth, mode='bench')
+    if code:
+      return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
+              for v in values]
+  bench = json.load(open(bench_path))
+  for r in bench['rows']:
+    if r['temperature'] == 0 and (r['draft_len'] in values or r['draft_len'] == 0):
+      rows.append({'sweep': 'draft_len', 'value': r['draft_len'], 'status': 'ok', 'error': '',
+                   'batch': r['batch'], 'tau': r['tau'], 'speedup': r['speedup'],
+                   'tokens_per_s': r['tokens_per_s'],
+                   'acceptance': ' '.join(f'{a:.3f}' for a in r['acceptance_per_position'])})
+  print(f'draft_len: {len(rows)} rows from {bench_path}', flush=True)
+  return rows
+
+
+def write_tables(rows: list[dict], out_dir: str) -> list[str]:
+  columns = list(dict.fromkeys(k for r in rows for k in r))
+  with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+  def fmt(v):
+    return f'{v:.4g}' if isinstance(v, float) else str(v)
+  lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+  lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in columns) + ' |' for r in rows]
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return columns
+
+
+def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  ok = [r for r in rows if r['status'] == 'ok']
+  fig, ax = plt.subplots(figsize=(6, 4))
+  if sweep == 'draft_len':
+    for batch in sorted({r['batch'] for r in ok}):
+      pts = [r for r in ok if r['batch'] == batch]
+      ax.plot([r['value'] for r in pts], [r['tau'] for r in pts], 'o-', label=f'tau, batch {batch}')
+      ax.plot([r['value'] for r in pts], [r['speedup'] for r in pts], 's--',
+              label=f'speedup, batch {batch}')
+    ax.set_xlabel('draft length S')
+  else:
+    depths = sorted({int(k.split('_')[-1]) for r in ok for k in r if k.startswith('accuracy/')})
+    # Numeric grids plot on a numeric axis; head kinds as categories.
+    labels = [float(r['value']) if sweep != 'kind' else r['value'] for r in ok]
+    if sweep == 'loss_weight':
+      ax.plot(labels, [r['loss/depth_0'] for r in ok], 'o-')
+      ax.set_ylabel('main-head validation loss')
+    else:
+      for k in depths:
+        ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], 'o-',
+                label=f'depth {k}')
+      ax.set_ylabel('validation top-1 accuracy')
+    ax.set_xlabel(FIELDS[sweep])
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  ax.grid(alpha=0.3)
+  path = os.path.join(out_dir, f'{sweep}.png')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  config, sweep = _CONFIG.value, _SWEEP.value
+  out_dir = os.path.join(_ROOT.value, sweep)
+  os.makedirs(out_dir, exist_ok=True)
+  rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
+          else train_points(config, sweep, _ROOT.value))
+  write_tables(rows, out_dir)
+  png = plot(rows, sweep, out_dir)
+  failed = [r for r in rows if r['status'] != 'ok']
+  print(f'wrote {out_dir}/results.csv, results.md, {png}; {len(rows) - len(failed)} ok, '
+        f'{len(failed)} failed')
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  app.run(lambda argv: sys.exit(main(argv)))

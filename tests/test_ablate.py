@@ -1,0 +1,51 @@
+"""The sweep driver on a two-point grid of tiny runs: metrics from both, a CSV whose values come
+from the runs, a rerun that skips finished points, and a failing point that spares the rest."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sweep(tmp_path, corpus, grid: str, **extra):
+  flags = [f'--config.{k}={v}' for k, v in {
+      'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+      'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 2, 'train.batch_size': 2,
+      'train.seq_len': 16, 'train.eval_every': 2, 'train.eval_batches': 1,
+      'train.checkpoint_every': 2, 'decode.eval_prompts': 0, 'sweep.depth': grid,
+      **extra}.items()]
+  proc = subprocess.run([sys.executable, 'experiments/ablate.py', '--config',
+                         'configs/ablate_cpu.py', '--sweep', 'depth', '--root', str(tmp_path)]
+                        + flags, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  rows = list(csv.DictReader(open(tmp_path / 'depth' / 'results.csv')))
+  return proc, rows
+
+
+def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
+  proc, rows = sweep(tmp_path, corpus, '0,1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert [r['value'] for r in rows] == ['0', '1'] and all(r['status'] == 'ok' for r in rows)
+  assert {'loss/depth_0', 'accuracy/depth_0', 'accuracy/depth_1'} <= set(rows[0]) | set(rows[1])
+  for row in rows:
+    summary = json.load(open(tmp_path / 'depth' / f"depth={row['value']}" / 'summary.json'))
+    for name, value in summary['eval'].items():
+      assert float(row[name]) == value
+  assert rows[0]['accuracy/depth_1'] == ''  # D = 0 has no depth 1
+  assert (tmp_path / 'depth' / 'depth.png').stat().st_size > 0
+  assert '| value |' in (tmp_path / 'depth' / 'results.md').read_text().replace('| sweep ', '')
+
+  # A rerun trains nothing; a new point that cannot run (D < 0) is reported, the others stay.
+  ckpt = tmp_path / 'depth' / 'depth=1' / 'checkpoints'
+  before = sorted(os.listdir(ckpt))
+  proc, rows = sweep(tmp_path, corpus, '0,1,-1')
+  assert proc.returncode == 1
+  assert 'depth=0: skipped (finished)' in proc.stdout and 'depth=1: skipped' in proc.stdout
+  assert sorted(os.listdir(ckpt)) == before
+  assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
+  assert 'mtp.depth' in rows[2]['error'] and '1 failed' in proc.stdout
