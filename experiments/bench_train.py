@@ -15,8 +15,8 @@ Prints, from one process and without any data (batches are uniform random token 
   3. per D in --memory_depths (sequential, compiled only): XLA's temp/argument/output/alias
      bytes, and the growth of temp memory per extra depth in units of one B x T x V float32
      logits tensor, also after subtracting what one more trunk block adds (the activations a
-     depth must keep whatever its logits cost); with --remat_compare, temp memory for
-     model.remat x model.dtype.
+     depth must keep whatever its logits cost); with --remat_compare, temp memory and the
+     backward pass's saved residuals for model.remat x model.dtype.
 Takes 3-4 minutes for the command above on 2 shared CPU cores; runs unchanged on one GPU. Config
 overrides (--config.model.d_model=1024 ...) work as in launch.py; --out FILE.json keeps it all.
 """
@@ -332,12 +332,34 @@ def bench_memory(config, mesh, depths):
   return logits, block, rows
 
 
+def residual_bytes(config) -> int:
+  """Bytes the backward pass keeps from the forward (JAX's saved residuals of the loss on one
+  micro-batch, parameters excluded). This is what model.remat trades for recomputation; XLA
+  CPU's memory_analysis does not show it, as its scheduler keeps similar buffers either way."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax._src.ad_checkpoint import saved_residuals
+  from mtp_jax.config import ModelConfig
+  from mtp_jax.loss import combined_loss
+  from mtp_jax.model import init_params
+  cfg = ModelConfig.from_config(config)
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  micro = config.train.batch_size // config.train.grad_accum
+  tokens = jax.ShapeDtypeStruct((micro, config.train.seq_len + cfg.mtp_depth + 1), jnp.int32)
+  saved = saved_residuals(lambda p, t: combined_loss(p, t, cfg, 0.3)[0], params, tokens)
+  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a, why in saved
+                 if 'argument' not in why))
+
+
 def bench_remat(config, mesh):
   rows = []
   for remat in (False, True):
     for dtype in ('float32', 'bfloat16'):
-      step = build_step(variant(config, model__remat=remat, model__dtype=dtype), mesh)
-      rows.append({'remat': remat, 'dtype': dtype, **memory_stats(step.compiled)})
+      conf = variant(config, model__remat=remat, model__dtype=dtype)
+      step = build_step(conf, mesh)
+      rows.append({'remat': remat, 'dtype': dtype, **memory_stats(step.compiled),
+                   'saved_residuals': residual_bytes(conf)})
       print(f'  compiled remat={remat} dtype={dtype} for memory', flush=True)
   return rows
 
@@ -454,9 +476,10 @@ def report(result, markdown: bool):
   if result.get('remat_compare'):
     rc = result['remat_compare']
     show(f"memory by model.remat and model.dtype ({rc['label']}, per device, MiB)",
-         ['remat', 'dtype', 'temp', 'argument', 'temp+arg'],
+         ['remat', 'dtype', 'temp', 'argument', 'temp+arg', 'saved residuals'],
          [[r['remat'], r['dtype'], _mib(r.get('temp')), _mib(r.get('argument')),
-           _mib(r.get('peak_estimate'))] for r in rc['rows']], markdown)
+           _mib(r.get('peak_estimate')), _mib(r.get('saved_residuals'))] for r in rc['rows']],
+         markdown)
 
 
 def _ints(values, name):
