@@ -21,6 +21,8 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mtp_jax.config import as_flags  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
                                           'Base config of every point.', lock_config=True)
 _SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len'],
@@ -31,24 +33,11 @@ _ROOT = flags.DEFINE_string('root', 'runs/ablate', 'Where the points\' workdirs 
 FIELDS = {'depth': 'mtp.depth', 'loss_weight': 'mtp.loss_weight', 'kind': 'mtp.kind'}
 
 
-def overrides(config) -> list[str]:
-  """The config as --config.* flags (sweep section excluded), for launch.py."""
-  flat = []
-  for section, fields in config.items():
-    if section == 'sweep':
-      continue
-    if hasattr(fields, 'items'):
-      flat += [f'--config.{section}.{k}={v}' for k, v in fields.items()]
-    else:
-      flat.append(f'--config.{section}={fields}')
-  return flat
-
-
 def run_point(config, workdir: str, extra: list[str], mode: str = 'train') -> tuple[int, str]:
   os.makedirs(workdir, exist_ok=True)
   command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
              os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode,
-             *overrides(config), *extra]
+             *as_flags(config, skip=('sweep',)), *extra]
   with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
   lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()

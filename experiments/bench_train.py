@@ -22,7 +22,6 @@ overrides (--config.model.d_model=1024 ...) work as in launch.py; --out FILE.jso
 """
 
 import dataclasses
-import functools
 import json
 import os
 import platform

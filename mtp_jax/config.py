@@ -58,6 +58,20 @@ class ModelConfig:
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth)
 
 
+def as_flags(config, skip=()) -> list[str]:
+  """The config as launch.py's --config.FIELD=VALUE flags (sections in `skip` left out), so a
+  driver can run launch.py on exactly this config."""
+  flat = []
+  for name, value in config.items():
+    if name in skip:
+      continue
+    if hasattr(value, 'items'):
+      flat += [f'--config.{name}.{k}={v}' for k, v in value.items()]
+    else:
+      flat.append(f'--config.{name}={value}')
+  return flat
+
+
 def parse_schedule(text: str) -> list[tuple[int, float]]:
   """'STEP:WEIGHT,...' -> sorted [(step, weight)]; raises ConfigError on a malformed entry."""
   pairs = []
@@ -119,7 +133,7 @@ def validate(config, num_devices: int = 1) -> None:
   _check(t.warmup_steps >= 0, f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
   _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}')
   _check(t.weight_decay >= 0, f'train.weight_decay must be >= 0, got {t.weight_decay}')
-  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f'train.b1 and train.b2 must be in [0, 1)')
+  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1 and train.b2 must be in [0, 1)')
   _check(t.grad_clip > 0, f'train.grad_clip must be > 0, got {t.grad_clip}')
   _check(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be stop or skip, got '{t.nonfinite}'")
   _check(0 < config.data.valid_fraction < 1,

@@ -301,12 +301,19 @@ def outputs(state: State) -> list[list[int]]:
   return [tokens[b, start[b]:n[b]].tolist() for b in range(tokens.shape[0])]
 
 
+def rates(emitted: int, forwards: int, accepted) -> dict:
+  """tau (tokens per trunk forward) and the acceptance rate at each draft position, from
+  counts, so runs can be pooled by adding their counts first."""
+  return {'tau': emitted / max(forwards, 1),
+          'acceptance_per_position': (np.asarray(accepted) / max(forwards, 1)).tolist()}
+
+
 def stats(state: State, s: Settings) -> dict:
-  """tau (tokens per trunk forward) and the acceptance rate at each draft position."""
+  """A finished run's counts, and the rates they give."""
   forwards = int(np.sum(np.asarray(state.forwards)))
   emitted = int(np.sum(np.asarray(state.emitted)))
   accepted = np.asarray(state.accepted).sum(axis=0)[:s.draft_len]
-  return {'iterations': int(state.iterations), 'forwards': forwards,
+  return {'iterations': int(state.iterations), 'forwards': forwards, 'emitted': emitted,
+          'accepted': accepted.tolist(),
           'tokens_per_row': (np.asarray(state.n) - np.asarray(state.prompt_len)).tolist(),
-          'tau': emitted / max(forwards, 1),
-          'acceptance_per_position': (accepted / max(forwards, 1)).tolist()}
+          **rates(emitted, forwards, accepted)}

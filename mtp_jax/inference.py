@@ -197,16 +197,17 @@ def bench(session, params, config, step: int) -> dict:
           outs += dec.outputs(state)
           seconds += sec
           st = dec.stats(state, s)
-          emitted += round(st['tau'] * st['forwards'])
+          emitted += st['emitted']
           forwards += st['forwards']
-          accepted += np.asarray(st['acceptance_per_position']) * st['forwards']
+          accepted += st['accepted']
         tokens_per_s = sum(len(o) for o in outs) / seconds
         if S == 0:
           reference = {'outs': outs, 'tokens_per_s': tokens_per_s}
+        pooled = dec.rates(emitted, forwards, accepted)
         rows.append({
             'method': 'ar' if S == 0 else 'mtp', 'draft_len': S, 'batch': batch,
-            'temperature': temperature, 'tau': emitted / max(forwards, 1),
-            'acceptance_per_position': (accepted / max(forwards, 1)).round(4).tolist(),
+            'temperature': temperature, 'tau': pooled['tau'],
+            'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
             'identical_to_ar': (None if S == 0 or temperature > 0 else outs == reference['outs'])})
         _print_row(rows[-1])

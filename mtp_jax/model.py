@@ -6,12 +6,11 @@ next-token head; depth k >= 1 predicts token t_{i+k+1} at position i.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
 from mtp_jax.heads import HEADS
-from mtp_jax.layers import Block, RMSNorm, empty_kv, param_with_axes, rms_norm
+from mtp_jax.layers import Block, RMSNorm, param_with_axes, rms_norm
 
 
 class MTPLanguageModel(nn.Module):
@@ -96,18 +95,6 @@ def init_params(cfg: ModelConfig, rng):
   return nn.meta.unbox(MTPLanguageModel(cfg).init(rng, init_tokens(cfg)))
 
 
-def logical_axes(cfg: ModelConfig):
-  """The logical axis names of every parameter, in the same tree shape as the params."""
-  boxed = jax.eval_shape(lambda: MTPLanguageModel(cfg).init(jax.random.key(0), init_tokens(cfg)))
-  return nn.get_partition_spec(boxed)
-
-
 def init_tokens(cfg: ModelConfig):
   """A dummy window that reaches every parameter at init."""
   return jnp.zeros((1, cfg.mtp_depth + 2), jnp.int32)
-
-
-def empty_caches(cfg: ModelConfig, batch: int, length: int):
-  """KV caches for decoding: one per trunk layer and one per MTP depth."""
-  return {'trunk': [empty_kv(cfg, batch, length) for _ in range(cfg.num_layers)],
-          'mtp': [empty_kv(cfg, batch, length) for _ in range(cfg.mtp_depth)]}

@@ -86,10 +86,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def axis_rules():
   """Context that lets nn.with_logical_constraint resolve names while tracing."""
   return nn.logical_axis_rules(RULES)
