@@ -1,5 +1,6 @@
 """Shared tiny configs for the CPU test suite."""
 
+import hashlib
 import os
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
@@ -46,6 +48,27 @@ def tiny_model(**overrides) -> ModelConfig:
 def depth_logits(params, cfg, tokens_BxW):
   """Every depth's logits over a window of T + D + 1 tokens (the training path, no cache)."""
   return [np.asarray(x) for x in MTPLanguageModel(cfg).apply(params, tokens_BxW)]
+
+
+def assert_bitwise_equal(got, want):
+  """Same tree, and every leaf the same dtype, shape and bytes."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    g, w = np.asarray(g), np.asarray(w)
+    name = jax.tree_util.keystr(path)
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    assert g.tobytes() == w.tobytes(), name
+
+
+def snapshot(root) -> dict:
+  """{path under root: sha1 of its bytes} for every file."""
+  hashes = {}
+  for dirpath, _, filenames in os.walk(root):
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      with open(path, 'rb') as f:
+        hashes[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+  return hashes
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import assert_bitwise_equal
 from mtp_jax import checkpoint
 from mtp_jax.checkpoint import CheckpointError, Checkpointer
 
@@ -39,14 +40,6 @@ def _target(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def _assert_bitwise_equal(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    g, w = np.asarray(g), np.asarray(w)
-    assert g.dtype == w.dtype and g.shape == w.shape
-    assert g.tobytes() == w.tobytes()
-
-
 def _save_steps(workdir, steps, keep=3):
   ckpt = Checkpointer(workdir, keep=keep)
   for step in steps:
@@ -66,7 +59,7 @@ def test_round_trip_is_bitwise_and_onto_the_target_sharding(tmp_path):
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
   ckpt = Checkpointer(str(tmp_path))
   restored, meta = ckpt.restore(None, target)
-  _assert_bitwise_equal(restored, state)
+  assert_bitwise_equal(restored, state)
   assert all(x.sharding == sharding for x in jax.tree.leaves(restored))
   assert meta == {'data_position': 1234, 'loss': 2.5}
   ckpt.close()
@@ -81,7 +74,7 @@ def test_save_copies_the_arrays_before_returning(tmp_path):
   jax.tree.map(lambda x: x.delete(), state)
   ckpt.wait()
   restored, meta = ckpt.restore(1, _target(want))
-  _assert_bitwise_equal(restored, want)
+  assert_bitwise_equal(restored, want)
   assert meta == {}
   ckpt.close()
 
@@ -123,7 +116,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys, damage):
 
   step, state, meta = ckpt.restore_latest_valid(_target(_state(0)))
   assert step == 1 and meta == {'data_position': 10}
-  _assert_bitwise_equal(state, _state(1))
+  assert_bitwise_equal(state, _state(1))
   lines = [l for l in capsys.readouterr().err.splitlines() if 'damaged' in l]
   assert len(lines) == 1
   assert lines[0].startswith('checkpoint step 2 is damaged (')
@@ -134,7 +127,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys, damage):
   assert os.path.isdir(os.path.join(ckpt.directory, '2.damaged'))
   ckpt.save(2, _state(22))
   ckpt.wait()
-  _assert_bitwise_equal(ckpt.restore(2, _target(_state(0)))[0], _state(22))
+  assert_bitwise_equal(ckpt.restore(2, _target(_state(0)))[0], _state(22))
   ckpt.close()
 
 
@@ -161,7 +154,7 @@ def test_unfinished_save_is_ignored(tmp_path, capsys):
   assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
   step, state, _ = ckpt.restore_latest_valid(_target(_state(0)))
   assert step == 1
-  _assert_bitwise_equal(state, _state(1))
+  assert_bitwise_equal(state, _state(1))
   assert 'ignoring incomplete checkpoint 2.orbax-checkpoint-tmp' in capsys.readouterr().err
 
   ckpt.save(2, _state(22))

@@ -1,7 +1,6 @@
 """launch.py as a user runs it, in a subprocess: a tiny quickstart run and its rerun, and bad
 input that ends in one 'error:' line, before anything is compiled or written."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -9,6 +8,8 @@ import sys
 import sysconfig
 
 import pytest
+
+from conftest import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STDLIB = sysconfig.get_paths()['stdlib']
@@ -30,19 +31,8 @@ def launch(workdir, overrides=None, config='configs/quickstart.py'):
       timeout=300)
 
 
-def snapshot(root):
-  """{path under root: sha1 of its bytes} for every file."""
-  hashes = {}
-  for dirpath, _, filenames in os.walk(root):
-    for name in filenames:
-      path = os.path.join(dirpath, name)
-      with open(path, 'rb') as f:
-        hashes[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
-  return hashes
-
-
 def printed_summary(stdout):
-  # Evaluation lines come first on stdout; the summary is the JSON object after them.
+  # The summary is the JSON object on stdout (evaluation lines go to stderr).
   return json.loads(stdout[stdout.index('{'):])
 
 

@@ -6,23 +6,14 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_config
 from mtp_jax import run
+from mtp_jax.config import as_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def overrides(config) -> list[str]:
-  """The config as --config.* flags, for driving launch.py on the same tiny model."""
-  flat = []
-  for section in ('model', 'mtp', 'data', 'train', 'decode'):
-    for key, value in config[section].items():
-      flat.append(f'--config.{section}.{key}={value}')
-  return flat
 
 
 @pytest.fixture(scope='module')
@@ -117,7 +108,7 @@ def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
   extra = [e.replace('IDS', str(ids)) for e in extra]
   before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
   proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
-                         '--workdir', workdir, '--mode', 'generate'] + overrides(config) + extra,
+                         '--workdir', workdir, '--mode', 'generate'] + as_flags(config) + extra,
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -134,7 +125,7 @@ def test_mtp_decoding_needs_heads(tmp_path, corpus):
   run.run('train', config, str(tmp_path))
   proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
                          '--workdir', str(tmp_path), '--mode', 'generate', '--prompt=x'] +
-                        overrides(config) + ['--config.decode.method=mtp'],
+                        as_flags(config) + ['--config.decode.method=mtp'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert proc.returncode == 2

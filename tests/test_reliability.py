@@ -3,7 +3,6 @@ SIGTERM/SIGINT, kill -9 (also in the middle of a checkpoint write), injected NaN
 checkpoint files and bad configs. Each test asserts what the user sees: the exit code, the
 message, the step a rerun resumes from, the TensorBoard curve and the params, bit for bit."""
 
-import hashlib
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
+from conftest import assert_bitwise_equal, snapshot
 from mtp_jax import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,13 +151,6 @@ def restore(workdir, step):
     checkpointer.close()
 
 
-def assert_bitwise_equal(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    g, w = np.asarray(g), np.asarray(w)
-    assert g.dtype == w.dtype and np.array_equal(g, w), jax.tree_util.keystr(path)
-
-
 def assert_no_traceback(stderr: str):
   # Besides crashes, this catches Orbax's reads of a failed restore, which can outlive it and
   # then print "Exception ignored in <coroutine ...>" with a page of TensorStore spec each.
@@ -172,17 +165,6 @@ def error_line(stderr: str, *patterns) -> str:
   for pattern in patterns:
     assert re.search(pattern, lines[0]), (pattern, lines[0])
   return lines[0]
-
-
-def snapshot(directory) -> dict:
-  """{relative path: sha1} of every file under `directory`."""
-  files = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        files[os.path.relpath(path, directory)] = hashlib.sha1(f.read()).hexdigest()
-  return files
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -17,7 +17,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from conftest import tiny_config
+from conftest import assert_bitwise_equal, tiny_config
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
@@ -103,14 +103,6 @@ def checkpoint_steps(workdir):
     return ckpt.all_steps()
   finally:
     ckpt.close()
-
-
-def assert_bitwise_equal(got, want):
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    g, w = np.asarray(g), np.asarray(w)
-    assert g.dtype == w.dtype and g.shape == w.shape
-    assert g.tobytes() == w.tobytes()
 
 
 def scalars(workdir):
