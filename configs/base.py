@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mtp = ml_collections.ConfigDict()
   c.mtp.kind = 'sequential'  # sequential (DeepSeek-V3) | parallel (Gloeckle et al.) | medusa
   c.mtp.depth = 1  # D extra tokens predicted; 0 is the plain next-token baseline.
+  # Hidden width of each head's MLP; 0 is each kind's default: the trunk's MLP width for the
+  # sequential and parallel kinds' blocks, Medusa's single D x D residual layer for medusa (> 0
+  # makes it a two-layer residual MLP that wide). The kind sweep sets it to equalise parameters.
+  c.mtp.head_mlp_dim = 0
   c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
   # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).
   c.mtp.loss_weight_schedule = ''

@@ -5,6 +5,8 @@ Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
 Sweeps (grids from the config's `sweep` section): depth (per-depth validation accuracy vs D),
 loss_weight (main-head validation loss vs lambda), kind (the head kinds side by side),
 draft_len (tau and decoding speedup vs S, from one model trained at the largest S).
+The kind sweep compares the kinds at equal head parameters: each kind's mtp.head_mlp_dim is
+solved for so that its heads hold as many parameters as the sequential modules.
 Each point runs `launch.py` in its own process and workdir (ROOT/SWEEP/NAME=VALUE), so a
 failing point is reported without losing the others, and a rerun skips finished points.
 """
@@ -21,7 +23,7 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mtp_jax.config import as_flags  # noqa: E402
+from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
                                           'Base config of every point.', lock_config=True)
@@ -58,25 +60,61 @@ def log_hparams(workdir: str, hparams: dict, metrics: dict):
     writer.add_hparams(hparams, {f'hparam/{k}': v for k, v in metrics.items()}, name='hparams')
 
 
+def head_params(config, kind: str, head_mlp_dim: int) -> int:
+  """Parameters of the MTP heads (everything but the trunk) of `config` with this kind."""
+  import dataclasses
+  import jax
+  import numpy as np
+  from mtp_jax.model import init_params
+  cfg = dataclasses.replace(ModelConfig.from_config(config), mtp_kind=kind,
+                            head_mlp_dim=head_mlp_dim)
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))['params']
+  return sum(int(np.prod(leaf.shape)) for name, tree in shapes.items() if name.startswith('mtp')
+             for leaf in jax.tree.leaves(tree))
+
+
+def matched_head_mlp_dim(config, kind: str, target: int) -> int:
+  """The mtp.head_mlp_dim at which `kind`'s heads hold closest to `target` parameters (head
+  parameters are affine in that width, so two evaluations fix the line)."""
+  p64, p128 = head_params(config, kind, 64), head_params(config, kind, 128)
+  return max(1, round(64 + (target - p64) * 64 / (p128 - p64)))
+
+
+def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
+  """(value, launch.py overrides, extra result columns) for each point of the grid."""
+  field = FIELDS[sweep]
+  values = [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]
+  if sweep != 'kind' or not config.mtp.depth:
+    return [(v, [f'--config.{field}={v}'], {}) for v in values]
+  target = head_params(config, 'sequential', config.mtp.head_mlp_dim)
+  points = []
+  for kind in values:
+    width = (config.mtp.head_mlp_dim if kind == 'sequential'
+             else matched_head_mlp_dim(config, kind, target))
+    points.append((kind, [f'--config.{field}={kind}', f'--config.mtp.head_mlp_dim={width}'],
+                   {'head_mlp_dim': width, 'head_params': head_params(config, kind, width)}))
+  return points
+
+
 def train_points(config, sweep: str, root: str) -> list[dict]:
   """Trains every point of a depth / loss_weight / kind sweep; one row per point."""
   field = FIELDS[sweep]
   rows = []
-  for value in [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]:
+  for value, overrides, columns in sweep_points(config, sweep):
     workdir = os.path.join(root, sweep, f'{sweep}={value}')
     summary = finished(workdir, config.train.steps)
     status = 'skipped (finished)'
     if summary is None:
-      code, last = run_point(config, workdir, [f'--config.{field}={value}',
-                                               '--config.run_after_train='])
+      code, last = run_point(config, workdir, [*overrides, '--config.run_after_train='])
       summary = finished(workdir, config.train.steps)
       status = 'trained' if summary is not None else f'failed (exit {code}): {last}'
     print(f'{sweep}={value}: {status}', flush=True)
-    row = {'sweep': sweep, 'value': value, 'status': 'ok' if summary else 'failed',
+    row = {'sweep': sweep, 'value': value, **columns, 'status': 'ok' if summary else 'failed',
            'error': '' if summary else status}
     if summary:
       row.update(summary['eval'])
-      log_hparams(workdir, {field: value}, {'main_loss': summary['eval']['loss/depth_0']})
+      log_hparams(workdir, {field: value, **columns},
+                  {'main_loss': summary['eval']['loss/depth_0']})
     rows.append(row)
   return rows
 

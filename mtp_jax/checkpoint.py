@@ -215,7 +215,8 @@ def _show(value) -> str:
 
 
 def check_compatible(saved: dict, config,
-                     fields=('model', 'mtp.kind', 'mtp.depth', 'data.vocab_size')) -> None:
+                     fields=('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim',
+                             'data.vocab_size')) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
   fields) that differs between the saved config and `config`. Training fields may differ."""
   # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.

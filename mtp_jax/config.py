@@ -32,6 +32,7 @@ class ModelConfig:
   remat: bool
   mtp_kind: str
   mtp_depth: int
+  head_mlp_dim: int  # 0: each kind's own default (see heads.py)
 
   @property
   def head_dim(self) -> int:
@@ -55,7 +56,8 @@ class ModelConfig:
         vocab_size=config.data.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=mlp_dim, dtype=m.dtype,
         tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
-        norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth)
+        norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
+        head_mlp_dim=config.mtp.head_mlp_dim)
 
 
 def as_flags(config, skip=()) -> list[str]:
@@ -117,6 +119,9 @@ def validate(config, num_devices: int = 1) -> None:
   _check(mtp.kind in KINDS, f"mtp.kind must be one of {', '.join(KINDS)}, got '{mtp.kind}'")
   _check(isinstance(mtp.depth, int) and mtp.depth >= 0,
          f'mtp.depth must be an integer >= 0, got {mtp.depth!r}')
+  _check(isinstance(mtp.head_mlp_dim, int) and mtp.head_mlp_dim >= 0,
+         f'mtp.head_mlp_dim must be an integer >= 0 (0: the kind\'s default), '
+         f'got {mtp.head_mlp_dim!r}')
   _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
   _check(all(w >= 0 for _, w in parse_schedule(mtp.loss_weight_schedule)),
          'mtp.loss_weight_schedule: weights must be >= 0')

@@ -4,6 +4,8 @@ Gloeckle et al. parallel heads and Medusa heads. Each maps an input hidden state
 Shape legend: B batch, T positions, D model width.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,7 @@ class SequentialModule(nn.Module):
     e = RMSNorm(cfg.d_model, cfg.norm_eps, name='enorm')(emb_BxTxD)
     h = RMSNorm(cfg.d_model, cfg.norm_eps, name='hnorm')(h_prev_BxTxD.astype(e.dtype))
     x_BxTxD = jnp.concatenate([e, h], axis=-1) @ eh_proj.astype(cfg.compute_dtype)
-    return Block(cfg, name='block')(x_BxTxD, positions_BxT, kv)
+    return head_block(cfg, 'block')(x_BxTxD, positions_BxT, kv)
 
 
 class ParallelHead(nn.Module):
@@ -35,23 +37,35 @@ class ParallelHead(nn.Module):
   @nn.compact
   def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
     del emb_BxTxD  # parallel heads see only the trunk
-    return Block(self.cfg, name='block')(h0_BxTxD, positions_BxT, kv)
+    return head_block(self.cfg, 'block')(h0_BxTxD, positions_BxT, kv)
 
 
 class MedusaHead(nn.Module):
   """Head k of Medusa (Cai et al.): a residual SiLU layer over the trunk's last hidden state,
   h + SiLU(h W + b), with W zero-initialised so every head starts as the trunk's own output
-  layer. Position-wise: it has no attention and its cache passes through untouched."""
+  layer. With mtp.head_mlp_dim = F > 0 it is h + SiLU(h W_1 + b) W_2 (W_1: D x F, W_2: F x D,
+  W_2 zero-initialised), so its size can match the other kinds'. Position-wise: it has no
+  attention and its cache passes through untouched."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
     del emb_BxTxD, positions_BxT
-    D, dt = self.cfg.d_model, self.cfg.compute_dtype
-    w = param_with_axes(self, 'w', nn.initializers.zeros, (D, D), ('embed', 'mlp'))
-    b = param_with_axes(self, 'b', nn.initializers.zeros, (D,), ('norm',))
+    D, F, dt = self.cfg.d_model, self.cfg.head_mlp_dim, self.cfg.compute_dtype
     h = h0_BxTxD.astype(dt)
-    return h + jax.nn.silu(h @ w.astype(dt) + b.astype(dt)), kv
+    if not F:
+      w = param_with_axes(self, 'w', nn.initializers.zeros, (D, D), ('embed', 'mlp'))
+      b = param_with_axes(self, 'b', nn.initializers.zeros, (D,), ('norm',))
+      return h + jax.nn.silu(h @ w.astype(dt) + b.astype(dt)), kv
+    w_in = param_with_axes(self, 'w_in', fan_in_init(0, 1), (D, F), ('embed', 'mlp'))
+    b = param_with_axes(self, 'b', nn.initializers.zeros, (F,), ('mlp',))
+    w_out = param_with_axes(self, 'w_out', nn.initializers.zeros, (F, D), ('mlp', 'embed'))
+    return h + jax.nn.silu(h @ w_in.astype(dt) + b.astype(dt)) @ w_out.astype(dt), kv
+
+
+def head_block(cfg: ModelConfig, name: str) -> Block:
+  """A Transformer block whose MLP is mtp.head_mlp_dim wide (the trunk's width when 0)."""
+  return Block(dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim), name=name)
 
 
 HEADS = {'sequential': SequentialModule, 'parallel': ParallelHead, 'medusa': MedusaHead}

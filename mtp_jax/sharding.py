@@ -49,20 +49,22 @@ def check_mesh(config, num_devices: int, num_processes: int = 1) -> None:
   cfg, t = ModelConfig.from_config(config), config.train
   sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
   mlp = 'model.mlp_dim' + (' (0: 8/3 * d_model)' if config.model.mlp_dim == 0 else '')
-  fields = {'batch': ('train.batch_size / train.grad_accum', t.batch_size // t.grad_accum),
-            'embed': ('model.d_model', cfg.d_model), 'heads': ('model.num_heads', cfg.num_heads),
-            'kv_heads': ('model.num_kv_heads', cfg.num_kv_heads), 'mlp': (mlp, cfg.mlp_dim),
-            'vocab': ('data.vocab_size', cfg.vocab_size)}
+  fields = {'batch': [('train.batch_size / train.grad_accum', t.batch_size // t.grad_accum)],
+            'embed': [('model.d_model', cfg.d_model)], 'heads': [('model.num_heads', cfg.num_heads)],
+            'kv_heads': [('model.num_kv_heads', cfg.num_kv_heads)], 'mlp': [(mlp, cfg.mlp_dim)],
+            'vocab': [('data.vocab_size', cfg.vocab_size)]}
+  if cfg.head_mlp_dim and cfg.mtp_depth:
+    fields['mlp'].append(('mtp.head_mlp_dim', cfg.head_mlp_dim))
   for name, axes in RULES:
     if axes is None:
       continue
     axes = (axes,) if isinstance(axes, str) else axes
     parts = int(np.prod([sizes[a] for a in axes]))
-    field, size = fields[name]
-    if size % parts:
-      mesh = ' * '.join(f'mesh.{a}' for a in axes)
-      raise ConfigError(f'{field} = {size} is not divisible by {mesh} = {parts}, the mesh axes '
-                        f'that shard it')
+    for field, size in fields[name]:
+      if size % parts:
+        mesh = ' * '.join(f'mesh.{a}' for a in axes)
+        raise ConfigError(f'{field} = {size} is not divisible by {mesh} = {parts}, the mesh '
+                          f'axes that shard it')
   # Each process feeds only its own rows (data.get_batch), so every process must hold distinct
   # batch shards: the batch axes must split across processes, not the tensor axis alone.
   if (sizes['data'] * sizes['fsdp']) % num_processes:

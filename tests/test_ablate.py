@@ -48,3 +48,18 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
   assert sorted(os.listdir(ckpt)) == before
   assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
   assert 'mtp.depth' in rows[2]['error'] and '1 failed' in proc.stdout
+
+
+def test_kind_sweep_matches_head_parameters():
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import ablate
+  from configs import ablate_cpu
+  config = ablate_cpu.get_config()
+  points = ablate.sweep_points(config, 'kind')
+  assert [p[0] for p in points] == ['sequential', 'parallel', 'medusa']
+  target = points[0][2]['head_params']
+  for kind, overrides, columns in points:
+    assert f"--config.mtp.head_mlp_dim={columns['head_mlp_dim']}" in overrides
+    assert abs(columns['head_params'] - target) <= 0.002 * target, kind
+  # Without matching, medusa's single D x D layer per head is a small fraction of a module.
+  assert ablate.head_params(config, 'medusa', 0) < 0.1 * target

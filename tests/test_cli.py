@@ -92,6 +92,7 @@ CASES = {
     'heads do not divide width': ({'model.num_heads': 3}, None,
                                   ['model.num_heads=3 must divide model.d_model=32']),
     'negative depth': ({'mtp.depth': -1}, None, ['mtp.depth', '-1']),
+    'negative head width': ({'mtp.head_mlp_dim': -8}, None, ['mtp.head_mlp_dim', '-8']),
     'missing config file': ({}, 'configs/nope.py', ['cannot load the config file', 'nope.py']),
 }
 

@@ -101,3 +101,27 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   tokens = jax.random.randint(jax.random.key(1), (2, 16 + 2 + 1), 0, cfg.vocab_size)
   total, _ = combined_loss(params, tokens, cfg, 0.3)
   assert total.dtype == jnp.float32 and np.isfinite(float(total))
+
+
+def test_head_mlp_dim_widens_only_the_heads():
+  for kind in ('sequential', 'parallel'):
+    cfg = tiny_model(**{'mtp.kind': kind, 'mtp.head_mlp_dim': 40})
+    params = init_params(cfg, jax.random.key(0))['params']
+    assert params['mtp_1']['block']['mlp']['gate'].shape == (32, 40)
+    assert params['blocks_0']['mlp']['gate'].shape == (32, cfg.mlp_dim) and cfg.mlp_dim != 40
+  # Medusa with a hidden width: h + SiLU(h W_in + b) W_out, equal to h at init (W_out is zero).
+  cfg = tiny_model(**{'mtp.kind': 'medusa', 'mtp.head_mlp_dim': 40})
+  params = init_params(cfg, jax.random.key(0))
+  model = MTPLanguageModel(cfg)
+  h = jax.random.normal(jax.random.key(1), (2, 5, 32))
+  tokens, pos = jnp.zeros((2, 5), jnp.int32), jnp.broadcast_to(jnp.arange(5), (2, 5))
+  out, _ = model.apply(params, 1, h, tokens, pos, method=model.mtp_step)
+  np.testing.assert_array_equal(out, h)
+  head = dict(params['params']['mtp_0'])
+  head['w_out'] = jax.random.normal(jax.random.key(2), (40, 32))
+  head['b'] = jax.random.normal(jax.random.key(3), (40,))
+  params = {'params': {**params['params'], 'mtp_0': head}}
+  out, _ = model.apply(params, 1, h, tokens, pos, method=model.mtp_step)
+  x = np.asarray(h, np.float64) @ np.asarray(head['w_in'], np.float64) + np.asarray(head['b'])
+  want = np.asarray(h) + (x / (1 + np.exp(-x))) @ np.asarray(head['w_out'], np.float64)
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)

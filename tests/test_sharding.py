@@ -130,6 +130,8 @@ def test_speculative_decoding_on_the_mesh_matches_one_device(runs):
     ({'mesh.tensor': 4}, 8, 1, 'model.num_kv_heads = 2 is not divisible by mesh.tensor = 4'),
     ({'mesh.tensor': 2, 'model.mlp_dim': 99}, 2, 1,
      'model.mlp_dim = 99 is not divisible by mesh.tensor = 2'),
+    ({'mesh.tensor': 2, 'mtp.head_mlp_dim': 35}, 2, 1,
+     'mtp.head_mlp_dim = 35 is not divisible by mesh.tensor = 2'),
     ({'mesh.tensor': 2, 'data.vocab_size': 97}, 2, 1,
      'data.vocab_size = 97 is not divisible by mesh.tensor = 2'),
     ({'mesh.fsdp': 3, 'train.batch_size': 6}, 3, 1,
