@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 2
   c.model.mlp_dim = 0  # 0: the SwiGLU default, 8/3 * d_model rounded up to a multiple of 64.
   c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16; params stay float32.
+  # einsum: attention written out (dense float32 softmax); fused: jax.nn.dot_product_attention
+  # for training (cuDNN flash attention on GPUs that have it). Decoding always uses einsum.
+  c.model.attention = 'einsum'
   c.model.tie_embeddings = True
   c.model.rope_theta = 10000.0
   c.model.max_seq_len = 512  # RoPE range and the decoder's cache length.

@@ -208,6 +208,8 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 _ABSENT = object()
+# Model fields that change how the parameters are computed, not what they are.
+COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
 
 
 def _show(value) -> str:
@@ -218,13 +220,15 @@ def check_compatible(saved: dict, config,
                      fields=('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim',
                              'data.vocab_size')) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
-  fields) that differs between the saved config and `config`. Training fields may differ."""
+  fields) that differs between the saved config and `config`. Training fields may differ, and
+  so may the fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
   # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
   old = _flatten(saved)
   new = _flatten(json.loads(config.to_json_best_effort()))
   diffs = []
   for field in fields:
-    names = sorted(n for n in old.keys() | new.keys() if n == field or n.startswith(field + '.'))
+    names = sorted(n for n in old.keys() | new.keys()
+                   if (n == field or n.startswith(field + '.')) and n not in COMPUTE_ONLY)
     for name in names:
       a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
       if a != b:

@@ -9,6 +9,7 @@ import os
 import jax.numpy as jnp
 
 KINDS = ('sequential', 'parallel', 'medusa')
+ATTENTION = ('einsum', 'fused')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -33,6 +34,7 @@ class ModelConfig:
   mtp_kind: str
   mtp_depth: int
   head_mlp_dim: int  # 0: each kind's own default (see heads.py)
+  attention: str
 
   @property
   def head_dim(self) -> int:
@@ -57,7 +59,7 @@ class ModelConfig:
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=mlp_dim, dtype=m.dtype,
         tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
-        head_mlp_dim=config.mtp.head_mlp_dim)
+        head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention)
 
 
 def as_flags(config, skip=()) -> list[str]:
@@ -114,6 +116,8 @@ def validate(config, num_devices: int = 1) -> None:
          f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
   _check(m.mlp_dim >= 0, f'model.mlp_dim must be >= 0 (0 picks 8/3 * d_model), got {m.mlp_dim}')
   _check(m.dtype in DTYPES, f"model.dtype must be one of {sorted(DTYPES)}, got '{m.dtype}'")
+  _check(m.attention in ATTENTION,
+         f"model.attention must be one of {', '.join(ATTENTION)}, got '{m.attention}'")
   _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
   _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
   _check(mtp.kind in KINDS, f"mtp.kind must be one of {', '.join(KINDS)}, got '{mtp.kind}'")

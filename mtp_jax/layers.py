@@ -63,6 +63,29 @@ def empty_kv(cfg: ModelConfig, batch: int, length: int):
   return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
 
 
+def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv):
+  """Attention written out: writes the cache if there is one, then masks by position and
+  takes a float32 softmax over the T x L scores. Returns (B x T x H x E output, cache)."""
+  B, T, H, E = q_BxTxHxE.shape
+  K = k_BxTxKxE.shape[2]
+  if kv is None:
+    k_BxLxKxE, v_BxLxKxE, key_pos_BxL = k_BxTxKxE, v_BxTxKxE, positions_BxT
+  else:
+    kv = {'k': write_cache(kv['k'], k_BxTxKxE, positions_BxT),
+          'v': write_cache(kv['v'], v_BxTxKxE, positions_BxT)}
+    k_BxLxKxE, v_BxLxKxE = kv['k'], kv['v']
+    L = k_BxLxKxE.shape[1]
+    key_pos_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+  q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+  scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE).astype(jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(E))
+  causal_BxTxL = key_pos_BxL[:, None, :] <= positions_BxT[:, :, None]
+  scores = jnp.where(causal_BxTxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxE.dtype)
+  out_BxTxKxGxE = jnp.einsum('bkgtl,blke->btkge', probs, v_BxLxKxE)
+  return out_BxTxKxGxE.reshape(B, T, H, E), kv
+
+
 class Attention(nn.Module):
   """Causal grouped-query attention. With `kv` (a cache dict), the new keys and values are
   written at `positions` and every cached position <= the query's position is attended; entries
@@ -82,23 +105,13 @@ class Attention(nn.Module):
     q_BxTxHxE = rope(jnp.einsum('btd,dhe->bthe', x, w_q.astype(dt)), positions_BxT, cfg.rope_theta)
     k_BxTxKxE = rope(jnp.einsum('btd,dke->btke', x, w_k.astype(dt)), positions_BxT, cfg.rope_theta)
     v_BxTxKxE = jnp.einsum('btd,dke->btke', x, w_v.astype(dt))
-    if kv is None:
-      k_BxLxKxE, v_BxLxKxE, key_pos_BxL = k_BxTxKxE, v_BxTxKxE, positions_BxT
+    if kv is None and cfg.attention == 'fused':
+      # jax's fused attention: cuDNN's flash attention where the GPU and shapes allow it, XLA's
+      # own elsewhere. No cache means positions 0..T-1 in every row (the training path), so the
+      # position mask below is the plain causal mask.
+      out_BxTxHxE = jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True)
     else:
-      kv = {'k': write_cache(kv['k'], k_BxTxKxE, positions_BxT),
-            'v': write_cache(kv['v'], v_BxTxKxE, positions_BxT)}
-      k_BxLxKxE, v_BxLxKxE = kv['k'], kv['v']
-      L = k_BxLxKxE.shape[1]
-      key_pos_BxL = jnp.broadcast_to(jnp.arange(L), (x.shape[0], L))
-    B, T = positions_BxT.shape
-    q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE).astype(jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(E))
-    causal_BxTxL = key_pos_BxL[:, None, :] <= positions_BxT[:, :, None]
-    scores = jnp.where(causal_BxTxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out_BxTxKxGxE = jnp.einsum('bkgtl,blke->btkge', probs, v_BxLxKxE)
-    out_BxTxHxE = out_BxTxKxGxE.reshape(B, T, H, E)
+      out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv)
     out_BxTxD = jnp.einsum('bthe,hed->btd', out_BxTxHxE, w_o.astype(dt))
     out_BxTxD = nn.with_logical_constraint(out_BxTxD, ('batch', 'length', 'embed'))
     return out_BxTxD, kv

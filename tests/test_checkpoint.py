@@ -183,6 +183,9 @@ def test_check_compatible(tmp_path):
   checkpoint.save_config(str(tmp_path), _config())
   saved = checkpoint.load_config(str(tmp_path))
   checkpoint.check_compatible(saved, _config(steps=5000))
+  other = _config()
+  other.model.dtype, other.model.attention = 'bfloat16', 'fused'  # same parameters
+  checkpoint.check_compatible(saved, other)
   with pytest.raises(CheckpointError) as error:
     checkpoint.check_compatible(saved, _config(d_model=256, depth=2, steps=5000))
   assert str(error.value) == ('workdir holds a checkpoint of a different model: '

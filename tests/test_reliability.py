@@ -447,6 +447,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
      [r'train\.grad_accum=2', r'train\.batch_size=3', 'divide']),
     ({'model.dtype': 'float16'}, None, [r'model\.dtype', 'bfloat16', 'float32', 'float16']),
     ({'mtp.kind': 'foo'}, None, [r'mtp\.kind', 'sequential', 'parallel', 'foo']),
+    ({'model.attention': 'flash'}, None, [r'model\.attention', 'einsum', 'fused', 'flash']),
     ({'train.lr': 0}, None, [r'train\.lr', '> 0']),
     ({'decode.top_p': 1.5}, None, [r'decode\.top_p', r'\(0, 1\]', '1.5']),
     ({'train.steps': 'ten'}, None, [r'train\.steps', 'ten']),
@@ -454,7 +455,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
     ({'train.batch_size': 2}, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
      [r'train\.batch_size', r'device count 4']),
     ({'mesh.tensor': 3}, None, [r'mesh', r'\b3\b', r'\b1 devices?\b']),
-], ids=['rope-range', 'grad-accum', 'dtype', 'mtp-kind', 'lr', 'top-p', 'type', 'vocab',
+], ids=['rope-range', 'grad-accum', 'dtype', 'mtp-kind', 'attention', 'lr', 'top-p', 'type', 'vocab',
         'device-count', 'mesh'])
 def test_a_bad_config_is_one_error_line_before_anything_is_written(
     corpus, tmp_path, overrides, env, patterns):

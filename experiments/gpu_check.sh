@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Everything the GPU targets need, in one command on one GPU:
+#   1. training: matmul roofline, step time, MFU and the D=1 / D=0 step-time ratio against the
+#      FLOP ratio for configs/gpu_125m.py, plus compiled memory with and without remat; then the
+#      same with model.attention=fused (cuDNN flash attention), which must not stop the script;
+#   2. the quickstart trained end to end on the GPU, then its demo and decoding bench (ar vs mtp,
+#      S = 1..3, batch 1 and 8, greedy and temperature 1);
+#   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1).
+#
+# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]     (STAGES: any of 1 2 3, default all)
+# Each stage writes its full output to OUT_DIR/stageN.log and its numbers to JSON files there
+# (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json). PEAK_TFLOPS (default 989, the
+# dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python packages the
+# machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and tensorboardX
+# are the usual ones); they are installed to a temporary directory, never from the network.
+# SMOKE=1 shrinks every model so the whole script runs on a CPU in a few minutes, to check it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-runs/gpu_check}
+STAGES=${2:-1 2 3}
+PEAK=${PEAK_TFLOPS:-989}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+
+if compgen -G '.whl/*.whl' >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/mtp_jax_site .whl/*.whl
+  export PYTHONPATH=/tmp/mtp_jax_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+SMALL=()
+QUICK=()
+STEPS125=300
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  SMALL=(--config.model.d_model=64 --config.model.num_layers=2 --config.model.num_heads=4
+         --config.model.num_kv_heads=4 --config.data.vocab_size=512 --config.train.seq_len=64
+         --config.train.batch_size=4 --config.train.grad_accum=1 --config.train.eval_batches=1
+         --config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
+  QUICK=(--config.train.steps=20 --config.train.eval_every=20 --config.train.checkpoint_every=20
+         --config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
+  STEPS125=20
+  PEAK=0
+fi
+
+"$PY" - <<'EOF' | tee "$OUT_DIR/machine.log"
+import jax, platform
+print('jax', jax.__version__, 'devices', jax.devices(), 'host', platform.node())
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
+  --format=csv | tee -a "$OUT_DIR/machine.log" || true
+
+for stage in $STAGES; do
+  start=$(date +%s)
+  case $stage in
+    1)
+      "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
+        --kinds sequential --memory_depths 0,1 --remat_compare --steps 10 \
+        --peak_tflops "$PEAK" --markdown --out "$OUT_DIR/bench_train.json" "${SMALL[@]}" \
+        2>&1 | tee "$OUT_DIR/stage1.log"
+      if ! "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
+        --kinds sequential --memory_depths 1 --steps 10 --peak_tflops "$PEAK" --markdown \
+        --out "$OUT_DIR/bench_train_fused.json" --config.model.attention=fused "${SMALL[@]}" \
+        2>&1 | tee "$OUT_DIR/stage1_fused.log"; then
+        echo "stage 1: model.attention=fused failed (see stage1_fused.log)" | tee -a "$OUT_DIR/machine.log"
+      fi
+      ;;
+    2)
+      rm -rf "$OUT_DIR/quickstart"
+      "$PY" launch.py --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" \
+        2>&1 | tee "$OUT_DIR/stage2.log"
+      cp "$OUT_DIR/quickstart/bench.json" "$OUT_DIR/quickstart_bench.json"
+      ;;
+    3)
+      rm -rf "$OUT_DIR/gpu_125m"
+      "$PY" launch.py --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" \
+        --config.train.steps=$STEPS125 --config.train.eval_every=$STEPS125 \
+        --config.train.checkpoint_every=$STEPS125 --config.run_after_train=bench "${SMALL[@]}" \
+        2>&1 | tee "$OUT_DIR/stage3.log"
+      cp "$OUT_DIR/gpu_125m/bench.json" "$OUT_DIR/gpu_125m_bench.json"
+      ;;
+    *) echo "error: unknown stage '$stage' (use 1, 2 or 3)" >&2; exit 2 ;;
+  esac
+  echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/machine.log"
+done
