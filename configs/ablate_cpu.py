@@ -18,7 +18,7 @@ def get_config():
   c.train.steps = 1000
   c.train.checkpoint_every = 500
   c.train.eval_every = 500
-  c.decode.eval_prompts = 2
+  c.decode.eval_prompts = 8  # tau per point, from greedy decoding of 8 validation prompts
   c.sweep = ml_collections.ConfigDict()
   c.sweep.depth = '0,1,2,3'
   c.sweep.loss_weight = '0.0,0.1,0.3,1.0'

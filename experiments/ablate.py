@@ -169,7 +169,10 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   ok = [r for r in rows if r['status'] == 'ok']
-  fig, ax = plt.subplots(figsize=(6, 4))
+  # A second panel for tau when the points decoded during training (depth and kind sweeps).
+  with_tau = sweep != 'draft_len' and any('decode/tau' in r for r in ok)
+  fig, axes = plt.subplots(1, 2 if with_tau else 1, figsize=(11 if with_tau else 6, 4))
+  ax = axes[0] if with_tau else axes
   if sweep == 'draft_len':
     for batch in sorted({r['batch'] for r in ok}):
       pts = [r for r in ok if r['batch'] == batch]
@@ -190,6 +193,11 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
                 label=f'depth {k}')
       ax.set_ylabel('validation top-1 accuracy')
     ax.set_xlabel(FIELDS[sweep])
+    if with_tau:
+      axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], 'o-')
+      axes[1].set_xlabel(FIELDS[sweep])
+      axes[1].set_ylabel('tau, greedy (tokens per trunk forward)')
+      axes[1].grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
     ax.legend()
   ax.grid(alpha=0.3)

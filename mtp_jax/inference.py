@@ -230,7 +230,8 @@ def _print_row(r: dict):
 
 def eval_hook(config):
   """The training-time check: greedy speculative decoding on a few validation prompts, logging
-  tau, per-position acceptance and one generated sample to TensorBoard."""
+  tau, per-position acceptance and one generated sample to TensorBoard; returns tau and the
+  acceptances as metrics."""
   d = config.decode
   if d.eval_prompts < 1 or config.mtp.depth < 1:
     return None
@@ -248,4 +249,7 @@ def eval_hook(config):
       writer.add_text('decode/sample', sample, step)
     tqdm.tqdm.write(f"step {step} decode: tau {st['tau']:.2f}, acceptance "
           f"{np.round(st['acceptance_per_position'], 3).tolist()}")
+    return {'decode/tau': float(st['tau']),
+            **{f'decode/acceptance_{j}': float(a)
+               for j, a in enumerate(st['acceptance_per_position'], start=1)}}
   return hook

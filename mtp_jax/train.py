@@ -253,7 +253,8 @@ def _print_eval(step: int, metrics: dict, depth: int):
 
 def train(config, workdir: str, eval_hook=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
-  `eval_hook(session, params, step, writer)` runs after each periodic evaluation."""
+  `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
+  metrics it returns, if any, is added to the evaluation's."""
   session = Session(config, workdir)
   t, depth = config.train, session.cfg.mtp_depth
   start, state = session.restore_or_init()
@@ -323,8 +324,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
           eval_metrics = session.evaluate(state['params'])
           _log(writer, eval_metrics, step, 'eval/')
           _print_eval(step, eval_metrics, depth)
-          if eval_hook is not None:
-            eval_hook(session, state['params'], step, writer)
+          if eval_hook is not None:  # its metrics join the eval dict that train returns
+            eval_metrics.update(eval_hook(session, state['params'], step, writer) or {})
         if boundary:
           save(step)
         if stop:

@@ -16,7 +16,8 @@ def sweep(tmp_path, corpus, grid: str, **extra):
       'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
       'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 2, 'train.batch_size': 2,
       'train.seq_len': 16, 'train.eval_every': 2, 'train.eval_batches': 1,
-      'train.checkpoint_every': 2, 'decode.eval_prompts': 0, 'sweep.depth': grid,
+      'train.checkpoint_every': 2, 'decode.eval_prompts': 1, 'decode.max_new_tokens': 8,
+      'decode.prompt_len': 6, 'sweep.depth': grid,
       **extra}.items()]
   proc = subprocess.run([sys.executable, 'experiments/ablate.py', '--config',
                          'configs/ablate_cpu.py', '--sweep', 'depth', '--root', str(tmp_path)]
@@ -36,6 +37,7 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
     for name, value in summary['eval'].items():
       assert float(row[name]) == value
   assert rows[0]['accuracy/depth_1'] == ''  # D = 0 has no depth 1
+  assert rows[0]['decode/tau'] == '' and 1 <= float(rows[1]['decode/tau']) <= 2
   assert (tmp_path / 'depth' / 'depth.png').stat().st_size > 0
   assert '| value |' in (tmp_path / 'depth' / 'results.md').read_text().replace('| sweep ', '')
 

@@ -90,6 +90,12 @@ def test_training_logs_decode_metrics(trained):
   tau = acc.Scalars('decode/tau')
   assert [e.step for e in tau] == [4] and 1 <= tau[0].value <= config.mtp.depth + 1
   assert any('decode/sample' in t for t in acc.Tags()['tensors'])
+  # The same numbers reach the run's summary (which the sweep driver tabulates).
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))['eval']
+  assert summary['decode/tau'] == pytest.approx(tau[0].value, rel=1e-6)
+  for j in range(1, config.mtp.depth + 1):
+    assert summary[f'decode/acceptance_{j}'] == pytest.approx(
+        acc.Scalars(f'decode/acceptance_{j}')[0].value, rel=1e-6)
 
 
 @pytest.mark.parametrize('extra,message', [
