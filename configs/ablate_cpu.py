@@ -1,7 +1,7 @@
 """Base of the CPU ablation study: the quickstart model, shorter, with the sweep grids.
 
 Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
-     (also --sweep loss_weight, kind, draft_len)
+     (also --sweep loss_weight, kind, draft_len, seed)
 Produces: runs/ablate/SWEEP/results.csv, results.md and SWEEP.png; each point trains for
 1000 steps (2 to 5 minutes on 2 CPU cores, by depth), so each sweep takes well under 30 min.
 Not yet run as a full study.
@@ -24,4 +24,5 @@ def get_config():
   c.sweep.loss_weight = '0.0,0.1,0.3,1.0'
   c.sweep.kind = 'sequential,parallel,medusa'
   c.sweep.draft_len = '1,2,3'
+  c.sweep.seed = '0,1,2'  # the run-to-run spread of this config (seed 0 is the base point)
   return c

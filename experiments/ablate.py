@@ -4,7 +4,9 @@ collected into results.csv, results.md and a PNG plot.
 Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
 Sweeps (grids from the config's `sweep` section): depth (per-depth validation accuracy vs D),
 loss_weight (main-head validation loss vs lambda), kind (the head kinds side by side),
-draft_len (tau and decoding speedup vs S, from one model trained at the largest S).
+draft_len (tau and decoding speedup vs S, from one model trained at the largest S), and seed
+(the base config at several seeds: how far apart two runs of one config land, the noise that
+the other sweeps' differences must exceed).
 The kind sweep compares the kinds at equal head parameters: each kind's mtp.head_mlp_dim is
 solved for so that its heads hold as many parameters as the sequential modules.
 Each point runs `launch.py` in its own process and workdir (ROOT/SWEEP/NAME=VALUE), so a
@@ -27,12 +29,13 @@ from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
                                           'Base config of every point.', lock_config=True)
-_SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len'],
+_SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len', 'seed'],
                            'Which question to answer.')
 _ROOT = flags.DEFINE_string('root', 'runs/ablate', 'Where the points\' workdirs go.')
 
 # Sweep name -> the config field its values override.
-FIELDS = {'depth': 'mtp.depth', 'loss_weight': 'mtp.loss_weight', 'kind': 'mtp.kind'}
+FIELDS = {'depth': 'mtp.depth', 'loss_weight': 'mtp.loss_weight', 'kind': 'mtp.kind',
+          'seed': 'seed'}
 
 
 def run_point(config, workdir: str, extra: list[str], mode: str = 'train') -> tuple[int, str]:
