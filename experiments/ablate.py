@@ -183,6 +183,7 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
       ax.plot([r['value'] for r in pts], [r['speedup'] for r in pts], 's--',
               label=f'speedup, batch {batch}')
     ax.set_xlabel('draft length S')
+    ax.set_xticks(sorted({r['value'] for r in ok}))
   else:
     depths = sorted({int(k.split('_')[-1]) for r in ok for k in r if k.startswith('accuracy/')})
     # Numeric grids plot on a numeric axis; head kinds as categories.
@@ -196,6 +197,8 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
                 label=f'depth {k}')
       ax.set_ylabel('validation top-1 accuracy')
     ax.set_xlabel(FIELDS[sweep])
+    if sweep != 'kind':
+      ax.set_xticks(labels)
     if with_tau:
       axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], 'o-')
       axes[1].set_xlabel(FIELDS[sweep])
