@@ -202,6 +202,8 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
     if with_tau:
       axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], 'o-')
       axes[1].set_xlabel(FIELDS[sweep])
+      if sweep != 'kind':
+        axes[1].set_xticks(labels)
       axes[1].set_ylabel('tau, greedy (tokens per trunk forward)')
       axes[1].grid(alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
