@@ -4,6 +4,8 @@ bfloat16 compute over float32 master weights, 32 sequences (32768 tokens) a step
 micro-batches of 16. Without rematerialization the backward pass keeps about 2.3 GiB of
 activations per sequence (JAX's saved residuals; most of it the T x T attention probabilities),
 so 32 at once would not fit an H100's 80 GB and 16 take about 37 GiB.
+--config.model.attention=fused (cuDNN flash attention) keeps no T x T probabilities;
+experiments/gpu_check.sh times both attentions.
 
 Run:   python launch.py --config configs/gpu_125m.py --workdir runs/gpu_125m
 Bench: python experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
