@@ -194,7 +194,7 @@ def build_step(config, mesh):
   from mtp_jax import train as train_lib
   from mtp_jax.config import validate
 
-  validate(config, num_devices=jax.device_count())
+  validate(config)
   sharding.check_mesh(config, jax.device_count(), jax.process_count())
   program = train_lib.Program(config, mesh)
   batch_spec = jax.ShapeDtypeStruct((config.train.batch_size, program.window), jnp.int32,

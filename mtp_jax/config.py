@@ -94,8 +94,9 @@ def _check(ok: bool, message: str):
     raise ConfigError(message)
 
 
-def validate(config, num_devices: int = 1) -> None:
-  """Checks every field that could fail later; raises ConfigError with one line."""
+def validate(config) -> None:
+  """Checks every field that could fail later; raises ConfigError with one line. How the
+  batch and the model split over the devices is sharding.check_mesh's to check."""
   m, t, d, mtp = config.model, config.train, config.decode, config.mtp
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
@@ -134,10 +135,6 @@ def validate(config, num_devices: int = 1) -> None:
          f'{m.max_seq_len} (the RoPE range)')
   _check(t.batch_size % t.grad_accum == 0,
          f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
-  micro = t.batch_size // t.grad_accum
-  _check(micro % num_devices == 0,
-         f'train.batch_size / train.grad_accum = {micro} must be divisible by the device count '
-         f'{num_devices}')
   _check(t.lr > 0, f'train.lr must be > 0, got {t.lr}')
   _check(t.warmup_steps >= 0, f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
   _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}')

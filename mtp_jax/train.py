@@ -156,7 +156,7 @@ class Session(Program):
 
   def __init__(self, config, workdir: str):
     self.workdir = workdir
-    validate(config, num_devices=jax.device_count())
+    validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
     saved = ckpt_lib.load_config(workdir)
     if saved is not None:

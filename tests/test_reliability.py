@@ -453,7 +453,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
     ({'train.steps': 'ten'}, None, [r'train\.steps', 'ten']),
     ({'data.vocab_size': 200}, None, [r'data\.vocab_size', '257']),
     ({'train.batch_size': 2}, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
-     [r'train\.batch_size', r'device count 4']),
+     [r'train\.batch_size', r'mesh\.data \* mesh\.fsdp = 4']),
     ({'mesh.tensor': 3}, None, [r'mesh', r'\b3\b', r'\b1 devices?\b']),
 ], ids=['rope-range', 'grad-accum', 'dtype', 'mtp-kind', 'attention', 'lr', 'top-p', 'type', 'vocab',
         'device-count', 'mesh'])

@@ -151,13 +151,17 @@ def test_check_mesh_accepts_meshes_that_divide():
                             'train.batch_size': 8})
     sharding.check_mesh(config, data * fsdp * tensor)
   sharding.check_mesh(tiny_config(**{'train.batch_size': 8}), 8, 2)
+  # The batch splits over data * fsdp only: 4 rows on (data 4, tensor 2) of 8 devices is fine.
+  config = tiny_config(**{'mesh.tensor': 2, 'train.batch_size': 4})
+  validate(config)
+  sharding.check_mesh(config, 8)
 
 
 @pytest.mark.parametrize('name, devices, processes, params', [
     ('gpu_125m', 1, 1, 118.4e6), ('gpu_1b', 8, 1, 1050.0e6), ('gpu_1b', 16, 2, 1050.0e6)])
 def test_gpu_configs_fit_their_meshes_and_documented_size(name, devices, processes, params):
   config = importlib.import_module(f'configs.{name}').get_config()
-  validate(config, devices)
+  validate(config)
   sharding.check_mesh(config, devices, processes)
   cfg = ModelConfig.from_config(config)
   shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
