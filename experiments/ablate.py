@@ -167,7 +167,19 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
   return columns
 
 
-def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
+def seed_spread(root: str) -> tuple[float, float, int] | None:
+  """(lowest, highest) main-head validation loss over the seed sweep's finished points and their
+  count, if that sweep has been run under `root`."""
+  path = os.path.join(root, 'seed', 'results.csv')
+  if not os.path.exists(path):
+    return None
+  losses = [float(r['loss/depth_0']) for r in csv.DictReader(open(path)) if r['status'] == 'ok']
+  return (min(losses), max(losses), len(losses)) if len(losses) >= 2 else None
+
+
+def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
+  """The sweep's plot; `spread` (from seed_spread) shades the main-head loss's run-to-run range
+  on the loss_weight plot."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -191,6 +203,9 @@ def plot(rows: list[dict], sweep: str, out_dir: str) -> str:
     if sweep == 'loss_weight':
       ax.plot(labels, [r['loss/depth_0'] for r in ok], 'o-')
       ax.set_ylabel('main-head validation loss')
+      if spread:
+        ax.axhspan(spread[0], spread[1], color='gray', alpha=0.2,
+                   label=f'range over {spread[2]} seeds (seed sweep)')
     else:
       for k in depths:
         ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], 'o-',
@@ -224,7 +239,7 @@ def main(argv):
   rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
           else train_points(config, sweep, _ROOT.value))
   write_tables(rows, out_dir)
-  png = plot(rows, sweep, out_dir)
+  png = plot(rows, sweep, out_dir, seed_spread(_ROOT.value))
   failed = [r for r in rows if r['status'] != 'ok']
   print(f'wrote {out_dir}/results.csv, results.md, {png}; {len(rows) - len(failed)} ok, '
         f'{len(failed)} failed')

@@ -65,3 +65,20 @@ def test_kind_sweep_matches_head_parameters():
     assert abs(columns['head_params'] - target) <= 0.002 * target, kind
   # Without matching, medusa's single D x D layer per head is a small fraction of a module.
   assert ablate.head_params(config, 'medusa', 0) < 0.1 * target
+
+
+def test_seed_spread_shades_the_loss_weight_plot(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import ablate
+  assert ablate.seed_spread(str(tmp_path)) is None  # no seed sweep yet
+  (tmp_path / 'seed').mkdir()
+  seeds = [{'sweep': 'seed', 'value': str(i), 'status': status, 'loss/depth_0': loss}
+           for i, (status, loss) in enumerate([('ok', 2.9), ('ok', 2.8), ('failed', ''),
+                                               ('ok', 2.85)])]
+  ablate.write_tables(seeds, str(tmp_path / 'seed'))
+  spread = ablate.seed_spread(str(tmp_path))
+  assert spread == (2.8, 2.9, 3)
+  rows = [{'sweep': 'loss_weight', 'value': v, 'status': 'ok', 'loss/depth_0': 2.8 + float(v)}
+          for v in ('0.0', '0.1')]
+  path = ablate.plot(rows, 'loss_weight', str(tmp_path), spread)
+  assert os.path.getsize(path) > 0
