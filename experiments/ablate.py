@@ -200,6 +200,7 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
     depths = sorted({int(k.split('_')[-1]) for r in ok for k in r if k.startswith('accuracy/')})
     # Numeric grids plot on a numeric axis; head kinds as categories.
     labels = [float(r['value']) if sweep != 'kind' else r['value'] for r in ok]
+    style = 'o' if sweep == 'kind' else 'o-'  # no lines between categories
     if sweep == 'loss_weight':
       ax.plot(labels, [r['loss/depth_0'] for r in ok], 'o-')
       ax.set_ylabel('main-head validation loss')
@@ -208,14 +209,14 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
                    label=f'range over {spread[2]} seeds (seed sweep)')
     else:
       for k in depths:
-        ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], 'o-',
-                label=f'depth {k}')
+        ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], style,
+                label=f'depth {k}', markersize=8)
       ax.set_ylabel('validation top-1 accuracy')
     ax.set_xlabel(FIELDS[sweep])
     if sweep != 'kind':
       ax.set_xticks(labels)
     if with_tau:
-      axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], 'o-')
+      axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], style, markersize=8)
       axes[1].set_xlabel(FIELDS[sweep])
       if sweep != 'kind':
         axes[1].set_xticks(labels)
