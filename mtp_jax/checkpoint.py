@@ -210,6 +210,9 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 _ABSENT = object()
 # Model fields that change how the parameters are computed, not what they are.
 COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
+# Fields added after checkpoints were first written, with the value that gives the model those
+# checkpoints hold; an older config.json without the field is read as having this value.
+ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'model.attention': 'einsum'}
 
 
 def _show(value) -> str:
@@ -223,8 +226,8 @@ def check_compatible(saved: dict, config,
   fields) that differs between the saved config and `config`. Training fields may differ, and
   so may the fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
   # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
-  old = _flatten(saved)
-  new = _flatten(json.loads(config.to_json_best_effort()))
+  old = {**ADDED_FIELDS, **_flatten(saved)}
+  new = {**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))}
   diffs = []
   for field in fields:
     names = sorted(n for n in old.keys() | new.keys()

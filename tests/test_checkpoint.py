@@ -186,6 +186,13 @@ def test_check_compatible(tmp_path):
   other = _config()
   other.model.dtype, other.model.attention = 'bfloat16', 'fused'  # same parameters
   checkpoint.check_compatible(saved, other)
+  # A config.json from before mtp.head_mlp_dim existed holds the default-width heads.
+  other = _config()
+  other.mtp.head_mlp_dim = 0
+  checkpoint.check_compatible(saved, other)
+  other.mtp.head_mlp_dim = 64
+  with pytest.raises(CheckpointError, match='mtp.head_mlp_dim: 0 -> 64'):
+    checkpoint.check_compatible(saved, other)
   with pytest.raises(CheckpointError) as error:
     checkpoint.check_compatible(saved, _config(d_model=256, depth=2, steps=5000))
   assert str(error.value) == ('workdir holds a checkpoint of a different model: '
