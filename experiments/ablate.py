@@ -189,11 +189,14 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
   fig, axes = plt.subplots(1, 2 if with_tau else 1, figsize=(11 if with_tau else 6, 4))
   ax = axes[0] if with_tau else axes
   if sweep == 'draft_len':
-    for batch in sorted({r['batch'] for r in ok}):
+    batches = sorted({r['batch'] for r in ok})
+    for batch in batches:
       pts = [r for r in ok if r['batch'] == batch]
-      ax.plot([r['value'] for r in pts], [r['tau'] for r in pts], 'o-', label=f'tau, batch {batch}')
+      if batch == batches[0]:  # greedy tokens, and so tau, do not depend on the batch
+        ax.plot([r['value'] for r in pts], [r['tau'] for r in pts], 'o-', label='tau (greedy)')
       ax.plot([r['value'] for r in pts], [r['speedup'] for r in pts], 's--',
-              label=f'speedup, batch {batch}')
+              label=f'speedup over ar, batch {batch}')
+    ax.axhline(1.0, color='gray', lw=0.8)
     ax.set_xlabel('draft length S')
     ax.set_xticks(sorted({r['value'] for r in ok}))
   else:
