@@ -270,10 +270,10 @@ def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, wind
 
 
 def eval_batches(tokens: np.ndarray, *, batch_size: int, window: int, num_batches: int,
-                 seed: int = 0, process_index: int = 0, process_count: int = 1
-                 ) -> list[np.ndarray]:
-  """Returns the same num_batches batches on every call, so evaluations are comparable."""
-  return [get_batch(tokens, seed=seed, step=_EVAL_STEP + i, batch_size=batch_size,
+                 process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
+  """Returns the same num_batches batches on every call and for every run on the same data,
+  whatever its training seed, so evaluations of different runs are comparable."""
+  return [get_batch(tokens, seed=0, step=_EVAL_STEP + i, batch_size=batch_size,
                     window=window, process_index=process_index, process_count=process_count)
           for i in range(num_batches)]
 

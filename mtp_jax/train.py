@@ -200,7 +200,7 @@ class Session(Program):
   def evaluate(self, params) -> dict:
     t = self.config.train
     batches = data_lib.eval_batches(self.data.valid, batch_size=t.batch_size, window=self.window,
-                                    num_batches=t.eval_batches, seed=self.config.seed)
+                                    num_batches=t.eval_batches)
     per_process = t.batch_size // jax.process_count()
     lo = jax.process_index() * per_process
     with self.mesh, sharding.axis_rules():
