@@ -3,8 +3,8 @@
 Run: python experiments/ablate.py --config configs/ablate_cpu.py --sweep depth
      (also --sweep loss_weight, kind, draft_len, seed)
 Produces: runs/ablate/SWEEP/results.csv, results.md and SWEEP.png; each point trains for
-1000 steps (2 to 5 minutes on 2 CPU cores, by depth), so each sweep takes well under 30 min.
-Not yet run as a full study.
+1000 steps (2.0M tokens; 2.5 to 6 minutes on 2 CPU cores, by depth and by what else runs), and
+each sweep took 8 to 21 minutes in the study whose results are in experiments/README.md.
 """
 
 import ml_collections
