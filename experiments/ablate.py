@@ -152,7 +152,9 @@ def draft_len_points(config, root: str) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out_dir: str) -> list[str]:
-  columns = list(dict.fromkeys(k for r in rows for k in r))
+  seen = list(dict.fromkeys(k for r in rows for k in r))
+  # The point's own columns first, then the metrics grouped by name (accuracy/..., loss/...).
+  columns = [k for k in seen if '/' not in k] + sorted(k for k in seen if '/' in k)
   with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
