@@ -342,10 +342,11 @@ def residual_bytes(config) -> int:
   from mtp_jax.config import ModelConfig
   from mtp_jax.loss import combined_loss
   from mtp_jax.model import init_params
+  from mtp_jax.train import window_length
   cfg = ModelConfig.from_config(config)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   micro = config.train.batch_size // config.train.grad_accum
-  tokens = jax.ShapeDtypeStruct((micro, config.train.seq_len + cfg.mtp_depth + 1), jnp.int32)
+  tokens = jax.ShapeDtypeStruct((micro, window_length(config)), jnp.int32)
   saved = saved_residuals(lambda p, t: combined_loss(p, t, cfg, 0.3)[0], params, tokens)
   return int(sum(np.prod(a.shape) * a.dtype.itemsize for a, why in saved
                  if 'argument' not in why))

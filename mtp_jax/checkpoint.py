@@ -210,9 +210,9 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 _ABSENT = object()
 # Model fields that change how the parameters are computed, not what they are.
 COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
-# Fields added after checkpoints were first written, with the value that gives the model those
-# checkpoints hold; an older config.json without the field is read as having this value.
-ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'model.attention': 'einsum'}
+# Model-defining fields added after checkpoints were first written, with the value that gives
+# the model those checkpoints hold; an older config.json without the field is read as having it.
+ADDED_FIELDS = {'mtp.head_mlp_dim': 0}
 
 
 def _show(value) -> str:

@@ -208,9 +208,9 @@ def _load_cache(cache):
           for split in ('train', 'valid')}
 
 
-def prepare(data_cfg, workdir: str, seed: int = 0) -> TokenData:
-  """Returns token arrays for data_cfg, reusing workdir's tokenizer and cached tokens."""
-  del seed  # The split, tokenizer and token arrays are deterministic without it.
+def prepare(data_cfg, workdir: str) -> TokenData:
+  """Returns token arrays for data_cfg, reusing workdir's tokenizer and cached tokens. The
+  split, tokenizer and token arrays are deterministic: no seed enters them."""
   os.makedirs(workdir, exist_ok=True)
   files = _source_files(data_cfg.sources)
   docs = functools.cache(lambda: split_documents(

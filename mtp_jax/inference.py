@@ -2,6 +2,7 @@
 speculative-decoding check that runs during training's evaluations.
 """
 
+import functools
 import json
 import os
 import platform
@@ -46,19 +47,25 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
         f'model.max_seq_len={max_len}')
 
 
-def timed_decoder(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
-  """Checks the prompts, compiles and warms up their decoding; returns run() -> (final state,
-  seconds of that run), so callers can time runs in whatever order they need."""
+def prepared_decoder(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
+  """Checks the prompts and returns call() -> final state, decoding them with the compiled
+  decoder (compiled on the first call for these settings and shapes)."""
   check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len)
   prompts_BxP, lens = dec.pad_prompts(prompts)
   model = dec.DecodeModel(session.cfg)
   fn = dec.compiled_decoder(model, s, dec.cache_length(prompts_BxP.shape[1], s))
-  args = (params, prompts_BxP, lens, jax.random.key(key))
-  jax.block_until_ready(fn(*args))  # compile and warm up outside the timing
+  return functools.partial(fn, params, prompts_BxP, lens, jax.random.key(key))
+
+
+def timed_decoder(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
+  """Like prepared_decoder, but compiles and warms up first and returns run() -> (final state,
+  seconds of that run), so callers can time runs in whatever order they need."""
+  call = prepared_decoder(session, params, prompts, s, key)
+  jax.block_until_ready(call())  # compile and warm up outside the timing
 
   def run():
     start = time.perf_counter()
-    state = jax.block_until_ready(fn(*args))
+    state = jax.block_until_ready(call())
     return state, time.perf_counter() - start
   return run
 
@@ -196,22 +203,21 @@ def bench(session, params, config, step: int) -> dict:
   for temperature in (0.0, 1.0):
     for batch in (1, 8):
       groups = [prompts[i:i + batch] for i in range(0, d.bench_prompts, batch)]
-      settings = [dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens,
-                               temperature=temperature, top_k=d.top_k, top_p=d.top_p,
-                               eos_id=session.data.eos_id) for S in range(D + 1)]
+      per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.data.eos_id)
+               for S in range(D + 1)]
       runs = [[timed_decoder(session, params, group, s, key=g) for g, group in enumerate(groups)]
-              for s in settings]
+              for s in per_S]
       # Every (method, group) once per round, so a slow spell of a shared machine slows all
       # methods alike; each keeps its fastest round.
-      best = np.full((len(settings), len(groups)), np.inf)
-      states = [[None] * len(groups) for _ in settings]
+      best = np.full((len(per_S), len(groups)), np.inf)
+      states = [[None] * len(groups) for _ in per_S]
       for _ in range(BENCH_ROUNDS):
         for g in range(len(groups)):
-          for i in range(len(settings)):
+          for i in range(len(per_S)):
             states[i][g], sec = runs[i][g]()
             best[i, g] = min(best[i, g], sec)
       reference = None
-      for S, s in enumerate(settings):
+      for S, s in enumerate(per_S):
         outs, emitted, forwards, accepted = [], 0, 0, np.zeros(S)
         for state in states[S]:
           outs += dec.outputs(state)
@@ -258,17 +264,17 @@ def eval_hook(config):
   def hook(session, params, step, writer):
     prompts = validation_prompts(session, d.eval_prompts, d.prompt_len)
     s = dec.Settings(draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens)
-    state, seconds = decode(session, params, prompts, s)
+    state = prepared_decoder(session, params, prompts, s)()  # untimed: one decode, no warm-up
     st = dec.stats(state, s)
+    metrics = {'decode/tau': float(st['tau']),
+               **{f'decode/acceptance_{j}': float(a)
+                  for j, a in enumerate(st['acceptance_per_position'], start=1)}}
     if writer is not None:
-      writer.add_scalar('decode/tau', st['tau'], step)
-      for j, a in enumerate(st['acceptance_per_position'], start=1):
-        writer.add_scalar(f'decode/acceptance_{j}', a, step)
+      for name, value in metrics.items():
+        writer.add_scalar(name, value, step)
       sample = _text(session, prompts[0]) + ' ⟶ ' + _text(session, dec.outputs(state)[0])
       writer.add_text('decode/sample', sample, step)
     tqdm.tqdm.write(f"step {step} decode: tau {st['tau']:.2f}, acceptance "
           f"{np.round(st['acceptance_per_position'], 3).tolist()}")
-    return {'decode/tau': float(st['tau']),
-            **{f'decode/acceptance_{j}': float(a)
-               for j, a in enumerate(st['acceptance_per_position'], start=1)}}
+    return metrics
   return hook

@@ -55,6 +55,8 @@ def check_mesh(config, num_devices: int, num_processes: int = 1) -> None:
             'vocab': [('data.vocab_size', cfg.vocab_size)]}
   if cfg.head_mlp_dim and cfg.mtp_depth:
     fields['mlp'].append(('mtp.head_mlp_dim', cfg.head_mlp_dim))
+  elif cfg.mtp_kind == 'medusa' and cfg.mtp_depth:  # its single D x D layer shards D as 'mlp'
+    fields['mlp'].append(('model.d_model (medusa heads)', cfg.d_model))
   for name, axes in RULES:
     if axes is None:
       continue

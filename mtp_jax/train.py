@@ -115,6 +115,11 @@ def summarize_eval(sums_list, depth: int) -> dict:
   return out
 
 
+def window_length(config) -> int:
+  """Tokens per training row: seq_len inputs plus the D + 1 targets past the last one."""
+  return config.train.seq_len + config.mtp.depth + 1
+
+
 class Program:
   """The compiled side of a config on a mesh, with no data: the model config, optimizer, state
   layout (eval_shape -> logical axis names -> shardings) and the jitted init, train and eval
@@ -123,7 +128,7 @@ class Program:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)
-    self.window = config.train.seq_len + self.cfg.mtp_depth + 1
+    self.window = window_length(config)
     self.tx = make_optimizer(config.train)
     model = MTPLanguageModel(self.cfg)
 
@@ -161,11 +166,11 @@ class Session(Program):
     saved = ckpt_lib.load_config(workdir)
     if saved is not None:
       ckpt_lib.check_compatible(saved, config)
-    self.data = data_lib.prepare(config.data, workdir, seed=config.seed)
+    self.data = data_lib.prepare(config.data, workdir)
     if self.data.vocab_size > config.data.vocab_size:
       raise data_lib.DataError(f'tokenizer has {self.data.vocab_size} tokens, more than '
                                f'data.vocab_size={config.data.vocab_size}')
-    window = config.train.seq_len + config.mtp.depth + 1
+    window = window_length(config)
     # Checked here, once the split sizes are known, not at the first batch of each split: the
     # first evaluation may come after hours of training.
     for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):

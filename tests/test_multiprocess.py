@@ -10,26 +10,17 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 
-from configs import base
 from conftest import tiny_config
 from mtp_jax import train
+from mtp_jax.config import as_flags
 from sharded_check import flat, restore
 from test_train import raw_steps, scalars
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, 'tests', 'multiprocess_driver.py')
 TIMEOUT_S = 300
-
-
-def launch_flags(config) -> list[str]:
-  """--config.SECTION.FIELD=VALUE for each field where config differs from configs/base.py."""
-  default = base.get_config()
-  return [f'--config.{section}.{field}={value}'
-          for section, fields in config.items() if isinstance(fields, ml_collections.ConfigDict)
-          for field, value in fields.items() if default[section][field] != value]
 
 
 def free_port() -> int:
@@ -77,7 +68,7 @@ def test_two_processes_train_as_one_and_restore_in_one(corpus, tmp_path):
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
   address = f'127.0.0.1:{free_port()}'
   command = [sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
-             *launch_flags(config), f'--config.distributed.coordinator_address={address}',
+             *as_flags(config), f'--config.distributed.coordinator_address={address}',
              '--config.distributed.num_processes=2']
   stdouts = run_processes([command + [f'--config.distributed.process_id={i}'] for i in range(2)],
                           str(tmp_path))

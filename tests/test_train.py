@@ -80,7 +80,7 @@ def compiled_step(config, tx, grad_accum=1):
 
 
 def random_batch(config, seed=1):
-  window = config.train.seq_len + config.mtp.depth + 1
+  window = train.window_length(config)
   return jax.random.randint(jax.random.key(seed), (config.train.batch_size, window), 0,
                             config.data.vocab_size)
 
