@@ -160,8 +160,10 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
     writer.writeheader()
     writer.writerows(rows)
 
-  def fmt(v):
-    return f'{v:.4g}' if isinstance(v, float) else str(v)
+  def fmt(v):  # 4 significant digits, but never an exponent for large values like tokens/s
+    if not isinstance(v, float):
+      return str(v)
+    return f'{v:.0f}' if abs(v) >= 1000 else f'{v:.4g}'
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in columns) + ' |' for r in rows]
   with open(os.path.join(out_dir, 'results.md'), 'w') as f:
