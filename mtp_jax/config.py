@@ -47,6 +47,11 @@ class ModelConfig:
     return self.mtp_kind == 'sequential'
 
   @property
+  def mtp_attends(self) -> bool:
+    """Whether the heads attend over the sequence (and so keep a KV cache when decoding)."""
+    return self.mtp_kind != 'medusa'
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 

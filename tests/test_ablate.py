@@ -59,12 +59,33 @@ def test_kind_sweep_matches_head_parameters():
   config = ablate_cpu.get_config()
   points = ablate.sweep_points(config, 'kind')
   assert [p[0] for p in points] == ['sequential', 'parallel', 'medusa']
-  target = points[0][2]['head_params']
+  import jax
+  import numpy as np
+  from mtp_jax.config import ModelConfig
+  from mtp_jax.model import init_params
+
+  def total_params(c):
+    shapes = jax.eval_shape(lambda: init_params(ModelConfig.from_config(c), jax.random.key(0)))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+
+  trunk_only = config.copy_and_resolve_references()
+  trunk_only.mtp.depth = 0
+  trunk = total_params(trunk_only)
+  heads = []
   for kind, overrides, columns in points:
-    assert f"--config.mtp.head_mlp_dim={columns['head_mlp_dim']}" in overrides
-    assert abs(columns['head_params'] - target) <= 0.002 * target, kind
+    # Apply the point's launch.py overrides as launch.py would, then count the whole model:
+    # what it holds beyond the D = 0 trunk is what its heads add.
+    c = config.copy_and_resolve_references()
+    for flag in overrides:
+      path, value = flag.removeprefix('--config.').split('=')
+      section, field = path.split('.')
+      c[section][field] = type(c[section][field])(value)
+    assert c.mtp.kind == kind and c.mtp.head_mlp_dim == columns['head_mlp_dim']
+    heads.append(total_params(c) - trunk)
+    assert heads[-1] == columns['head_params'], kind
+  assert all(abs(h - heads[0]) <= 0.002 * heads[0] for h in heads), heads
   # Without matching, medusa's single D x D layer per head is a small fraction of a module.
-  assert ablate.head_params(config, 'medusa', 0) < 0.1 * target
+  assert ablate.head_params(config, 'medusa', 0) < 0.1 * heads[0]
 
 
 def test_seed_spread_shades_the_loss_weight_plot(tmp_path):

@@ -83,7 +83,8 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind):
         np.testing.assert_allclose(state.cache['trunk'][layer][name][b, :valid['trunk']],
                                    fresh.cache['trunk'][layer][name][b, :valid['trunk']],
                                    rtol=2e-5, atol=2e-5)
-    for k in (1, 2):
+    assert all(cache == {} for cache in state.cache['heads']) == (not cfg.mtp_attends)
+    for k in (1, 2) if cfg.mtp_attends else ():
       upto = n[b] - 1 - (k if cfg.mtp_chains else 1)
       for name in ('k', 'v'):
         np.testing.assert_allclose(state.cache['heads'][k - 1][name][b, :upto],
@@ -220,3 +221,12 @@ def test_probabilities_filters():
   np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], rtol=1e-5)
   p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_p=0.81))
   np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-5)
+
+
+def test_greedy_is_argmax_with_first_index_on_ties():
+  rng = np.random.default_rng(0)
+  for V in (2048, 100):  # lane-folded and plain
+    logits = rng.standard_normal((3, 4, V)).astype(np.float32)
+    logits[0, 0] = 1.0  # all tied: index 0
+    logits[1, 2, [7, V - 3]] = logits[1, 2].max() + 1  # a tie between two maxima
+    np.testing.assert_array_equal(dec.greedy(jnp.asarray(logits)), np.argmax(logits, axis=-1))

@@ -1,0 +1,34 @@
+"""experiments/decode_profile.py on random tiny weights: the loop table has every method with the
+iteration counts the decoder really ran, and one timing per model call of an iteration."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_profile_reports_loop_and_model_calls():
+  flags = [f'--config.{k}={v}' for k, v in {
+      'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+      'data.vocab_size': 256, 'mtp.depth': 2, 'decode.max_new_tokens': 8,
+      'decode.prompt_len': 6}.items()]
+  proc = subprocess.run([sys.executable, 'experiments/decode_profile.py', '--config',
+                         'configs/base.py', '--random', '--batches', '1,2', '--rounds', '1',
+                         '--calls', '3'] + flags, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  for B in (1, 2):
+    section = out.split(f'batch {B}: per loop iteration')[1].split('per loop iteration')[0]
+    rows = re.findall(r'^(ar|mtp)\s+(\d)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$', section, re.M)[:3]
+    assert [(m, int(S)) for m, S, *_ in rows] == [('ar', 0), ('mtp', 1), ('mtp', 2)]
+    iterations = [int(r[2]) for r in rows]
+    assert iterations[0] == 7  # 8 new tokens: the first from the prefill, then one per iteration
+    assert all(1 <= it <= 7 for it in iterations[1:])
+    assert float(rows[0][4]) == 1.0 and all(float(r[3]) > 0 for r in rows)
+    calls = re.findall(r'^  (trunk, \d+ positions?|draft \d)[^\n]*?([\d.]+) us$', section, re.M)
+    assert [c[0] for c in calls] == ['trunk, 1 position', 'trunk, 3 positions', 'draft 1',
+                                     'draft 2']
+  assert 'bookkeeping' in out
