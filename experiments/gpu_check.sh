@@ -4,12 +4,14 @@
 #      FLOP ratio for configs/gpu_125m.py, plus compiled memory with and without remat; then the
 #      same with model.attention=fused (cuDNN flash attention), which must not stop the script;
 #   2. the quickstart trained end to end on the GPU, then its demo and decoding bench (ar vs mtp,
-#      S = 1..3, batch 1 and 8, greedy and temperature 1);
-#   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1).
+#      S = 1..3, batch 1 and 8, greedy and temperature 1), and experiments/decode_profile.py on
+#      it (per-iteration cost of each loop and of each model call in it);
+#   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1) and profile.
 #
 # Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]     (STAGES: any of 1 2 3, default all)
 # Each stage writes its full output to OUT_DIR/stageN.log and its numbers to JSON files there
-# (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json). PEAK_TFLOPS (default 989, the
+# (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json; the
+# decoding profiles as quickstart_profile.log, gpu_125m_profile.log). PEAK_TFLOPS (default 989, the
 # dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python packages the
 # machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and tensorboardX
 # are the usual ones); they are installed to a temporary directory, never from the network.
@@ -70,6 +72,8 @@ for stage in $STAGES; do
       "$PY" launch.py --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" \
         2>&1 | tee "$OUT_DIR/stage2.log"
       cp "$OUT_DIR/quickstart/bench.json" "$OUT_DIR/quickstart_bench.json"
+      "$PY" experiments/decode_profile.py --config configs/quickstart.py \
+        --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" 2>&1 | tee "$OUT_DIR/quickstart_profile.log"
       ;;
     3)
       rm -rf "$OUT_DIR/gpu_125m"
@@ -78,6 +82,8 @@ for stage in $STAGES; do
         --config.train.checkpoint_every=$STEPS125 --config.run_after_train=bench "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage3.log"
       cp "$OUT_DIR/gpu_125m/bench.json" "$OUT_DIR/gpu_125m_bench.json"
+      "$PY" experiments/decode_profile.py --config configs/gpu_125m.py \
+        --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}" 2>&1 | tee "$OUT_DIR/gpu_125m_profile.log"
       ;;
     *) echo "error: unknown stage '$stage' (use 1, 2 or 3)" >&2; exit 2 ;;
   esac
