@@ -28,7 +28,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -200,7 +199,7 @@ def build_step(config, mesh):
   batch_spec = jax.ShapeDtypeStruct((config.train.batch_size, program.window), jnp.int32,
                                     sharding=program.batch_sharding)
   t0 = time.perf_counter()
-  with mesh, sharding.axis_rules():
+  with sharding.active(mesh):
     lowered = program.train_step.lower(program.abstract_state, batch_spec)
     compiled = lowered.compile()
   return Step(program.cfg, program.init, lowered, compiled, batch_spec,
@@ -234,7 +233,7 @@ def start_run(config, mesh, kind, depth, steps: int) -> Run:
   from mtp_jax import sharding
   c = variant(config, mtp__depth=depth, **({'mtp__kind': kind} if kind else {}))
   step = build_step(c, mesh)
-  with mesh, sharding.axis_rules():
+  with sharding.active(mesh):
     state = step.init(jax.random.key(c.seed))
   return Run(kind or '-', depth, step, state, random_batches(step, WARMUP_STEPS + steps, c.seed))
 
@@ -504,8 +503,6 @@ def main(argv):
     raise app.UsageError('--steps must be >= 1')
   config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
-  # train.Session enters the mesh the same way; jax 0.10 deprecates it in favour of set_mesh.
-  warnings.filterwarnings('ignore', message='.*with mesh:', category=DeprecationWarning)
 
   import jax
   import jax.numpy as jnp

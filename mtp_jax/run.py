@@ -7,6 +7,7 @@ import jax
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import inference
+from mtp_jax import sharding
 from mtp_jax import train as train_lib
 from mtp_jax.config import ConfigError, check_mtp_decoding
 
@@ -48,7 +49,7 @@ def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str)
   prompts = (inference.read_prompts(prompt, prompt_file, session.data.tokenizer)
              if mode == 'generate' else None)
   step, params = inference.load_params(session)
-  with session.mesh:
+  with sharding.active(session.mesh):
     if mode == 'demo':
       return inference.demo(session, params, prompt or config.decode.demo_prompt)
     if mode == 'generate':

@@ -3,6 +3,8 @@
 Layers name their parameter and activation axes; only this module says where they live.
 """
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -93,3 +95,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def axis_rules():
   """Context that lets nn.with_logical_constraint resolve names while tracing."""
   return nn.logical_axis_rules(RULES)
+
+
+@contextlib.contextmanager
+def active(mesh: Mesh):
+  """The mesh and the logical-axis table, in force while tracing and running: jax.set_mesh makes
+  it the abstract mesh that nn.with_logical_constraint reads (`with mesh:` alone does not, so
+  the activation constraints would silently do nothing)."""
+  with jax.set_mesh(mesh), axis_rules():
+    yield

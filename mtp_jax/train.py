@@ -190,7 +190,7 @@ class Session(Program):
   def restore_or_init(self):
     step, state, _ = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
-      with self.mesh, sharding.axis_rules():
+      with sharding.active(self.mesh):
         state = self.init(jax.random.key(self.config.seed))
       step = 0
     return step, state
@@ -208,7 +208,7 @@ class Session(Program):
                                     num_batches=t.eval_batches)
     per_process = t.batch_size // jax.process_count()
     lo = jax.process_index() * per_process
-    with self.mesh, sharding.axis_rules():
+    with sharding.active(self.mesh):
       sums = [jax.device_get(self.eval_step(params, self.device_batch(b[lo:lo + per_process])))
               for b in batches]
     return summarize_eval(sums, self.cfg.mtp_depth)
@@ -312,7 +312,7 @@ def train(config, workdir: str, eval_hook=None) -> dict:
                                            disable=not is_main, dynamic_ncols=True) as bar:
     try:
       for step in range(start + 1, t.steps + 1):
-        with session.mesh, sharding.axis_rules():
+        with sharding.active(session.mesh):
           state, metrics = session.train_step(state, session.device_batch(session.batch(step - 1)))
         if pending is not None:
           consume(*pending)

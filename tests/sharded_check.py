@@ -74,7 +74,7 @@ def greedy_decode(session, params, prompt_list):
                             dec.cache_length(prompts_BxP.shape[1], GREEDY))
   prompts_BxP = jax.device_put(prompts_BxP, session.batch_sharding)
   lens_B = jax.device_put(lens_B, session.batch_sharding)
-  with session.mesh, sharding.axis_rules():
+  with sharding.active(session.mesh):
     state = fn(params, prompts_BxP, lens_B, jax.random.key(0))
   return dec.outputs(state), str(prompts_BxP.sharding.spec)
 
@@ -97,7 +97,7 @@ def main(root: str, tokenizer: str):
   session, state = restore(run_config(root, RESTORED_ON, tokenizer), workdir(root, RESTORED_ON))
   result['layout'] = layout(state)
   tokens, prompt_spec = greedy_decode(session, state['params'], prompts(session))
-  with session.mesh:  # as launch.py's generate and bench modes decode: prompts replicated
+  with sharding.active(session.mesh):  # as launch.py's generate and bench modes decode: prompts replicated
     replicated, _ = inference.decode(session, state['params'], prompts(session), GREEDY)
   result['decode'] = {'tokens': tokens, 'prompt_spec': prompt_spec,
                       'replicated_prompts_tokens': dec.outputs(replicated)}

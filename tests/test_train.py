@@ -268,7 +268,7 @@ def test_nonfinite_loss_stops_at_its_step_and_skip_leaves_it_out(tmp_path):
   _, state = restore(config, workdir, step=2)
   before = jax.tree.map(np.array, state['params'])
   state['step'] = jnp.asarray(3, jnp.int32)
-  with session.mesh, sharding.axis_rules():
+  with sharding.active(session.mesh):
     want, metrics = session.train_step(state, session.device_batch(session.batch(3)))
   assert int(metrics['nonfinite']) == 0
   assert_bitwise_equal(final, want)
