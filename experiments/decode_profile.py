@@ -8,9 +8,10 @@ Prints, per batch size in --batches:
   1. per loop iteration (the decoder itself on decode.prompt_len-token prompts and
      decode.max_new_tokens new tokens, greedy; (run - prefill) / iterations, fastest of --rounds
      interleaved rounds):
-     `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar). A run that
-     emits tau tokens per iteration has speedup tau / r, so the bench target speedup >= 0.85 tau
-     needs r <= 1 / 0.85 = 1.18;
+     `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
+     tau (tokens per trunk forward, pooled over rows) and tau / r, the speedup of the loop alone
+     (bench's also counts the prefill). The bench target speedup >= 0.85 tau thus needs
+     r <= 1 / 0.85 = 1.18;
   2. the model calls of one iteration, each alone in a jitted loop of --calls calls: the trunk
      over 1 position (the `ar` step), the trunk over S + 1 positions (the verify), and head k over
      its window of S + k positions plus its one-position vocabulary projection (draft k), each
@@ -54,12 +55,12 @@ def _fastest(fns, rounds):
 
 
 def loop_costs(model, params, prompts, S_max, max_new, rounds):
-  """Seconds per iteration of the decoder for S = 0..S_max, and the iteration counts."""
+  """Seconds per iteration of the decoder for S = 0..S_max, the iteration counts and tau."""
   import jax
   from mtp_jax import decode as dec
   prompts_BxP, lens = dec.pad_prompts(prompts)
   key = jax.random.key(0)
-  runs, prefills, iterations = [], [], []
+  runs, prefills, iterations, taus = [], [], [], []
   for S in range(S_max + 1):
     s = dec.Settings(draft_len=S, max_new_tokens=max_new)
     cache_len = dec.cache_length(prompts_BxP.shape[1], s)
@@ -67,10 +68,12 @@ def loop_costs(model, params, prompts, S_max, max_new, rounds):
     pre = jax.jit(functools.partial(dec.prefill, model, s=s, cache_len=cache_len))
     runs.append(functools.partial(loop, params, prompts_BxP, lens, key))
     prefills.append(functools.partial(pre, params, prompts_BxP, lens, key))
-    iterations.append(int(runs[-1]().iterations))
+    state = runs[-1]()
+    iterations.append(int(state.iterations))
+    taus.append(dec.stats(state, s)['tau'])
   times = _fastest(runs + prefills, rounds)
   per_iter = [(times[S] - times[S_max + 1 + S]) / iterations[S] for S in range(S_max + 1)]
-  return per_iter, iterations
+  return per_iter, iterations, taus
 
 
 def component_costs(model, params, B, S, cache_len, calls, rounds):
@@ -149,13 +152,15 @@ def main(argv):
         f'D = {D} {cfg.mtp_kind} ({source}); prompts of {d.prompt_len} tokens, '
         f'{d.max_new_tokens} new, greedy')
   for B in batches:
-    per_iter, iterations = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
-                                      _ROUNDS.value)
+    per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
+                                            _ROUNDS.value)
     print(f'\nbatch {B}: per loop iteration')
-    print(f"{'method':6} {'S':>2} {'iterations':>10} {'us/iter':>9} {'r = t/t(ar)':>11}")
+    print(f"{'method':6} {'S':>2} {'iterations':>10} {'us/iter':>9} {'r = t/t(ar)':>11} "
+          f"{'tau':>5} {'tau / r':>7}")
     for S, t in enumerate(per_iter):
+      r = t / per_iter[0]
       print(f"{'ar' if S == 0 else 'mtp':6} {S:>2} {iterations[S]:>10} {t * 1e6:>9.1f} "
-            f"{t / per_iter[0]:>11.2f}")
+            f"{r:>11.2f} {taus[S]:>5.2f} {taus[S] / r:>7.2f}")
     cache_len = dec.cache_length(d.prompt_len, dec.Settings(draft_len=D,
                                                             max_new_tokens=d.max_new_tokens))
     parts = component_costs(model, params, B, D, cache_len, _CALLS.value, _ROUNDS.value)

@@ -22,12 +22,16 @@ def test_profile_reports_loop_and_model_calls():
   out = proc.stdout
   for B in (1, 2):
     section = out.split(f'batch {B}: per loop iteration')[1].split('per loop iteration')[0]
-    rows = re.findall(r'^(ar|mtp)\s+(\d)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$', section, re.M)[:3]
+    rows = re.findall(r'^(ar|mtp)\s+(\d)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$',
+                      section, re.M)[:3]
     assert [(m, int(S)) for m, S, *_ in rows] == [('ar', 0), ('mtp', 1), ('mtp', 2)]
     iterations = [int(r[2]) for r in rows]
     assert iterations[0] == 7  # 8 new tokens: the first from the prefill, then one per iteration
     assert all(1 <= it <= 7 for it in iterations[1:])
     assert float(rows[0][4]) == 1.0 and all(float(r[3]) > 0 for r in rows)
+    assert float(rows[0][5]) == 1.0  # ar emits one token per trunk forward
+    for r in rows:  # tau / r is tau divided by the printed r (both rounded)
+      assert abs(float(r[6]) - float(r[5]) / float(r[4])) <= 0.01 + 0.01 * float(r[6])
     calls = re.findall(r'^  (trunk, \d+ positions?|draft \d)[^\n]*?([\d.]+) us$', section, re.M)
     assert [c[0] for c in calls] == ['trunk, 1 position', 'trunk, 3 positions', 'draft 1',
                                      'draft 2']
