@@ -84,19 +84,25 @@ def component_costs(model, params, B, S, cache_len, calls, rounds):
   from mtp_jax import decode as dec
   span = cache_len - 2 * S - 2
 
+  def loop(body):
+    """`calls` calls of body(params, i, carry) in one jitted fori_loop; params are an argument,
+    as in the decoder, so XLA cannot fold weight-only work into constants."""
+    fn = jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, functools.partial(body, p), c))
+    return functools.partial(fn, params)
+
   def trunk(T):
-    def body(i, carry):
+    def body(params, i, carry):
       cache, tokens = carry
       positions = jnp.broadcast_to(i % span + jnp.arange(T), (B, T))
       logits, _, cache = model.trunk(params, tokens, positions, cache)
       return cache, dec.greedy(logits)
     init = (model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32))
-    return jax.jit(lambda c: jax.lax.fori_loop(0, calls, body, c)), init
+    return loop(body), init
 
   def draft(k):
-    W = S + k if model.chains else S + 1
+    W = dec.window_width(model, k, S)
 
-    def body(i, carry):
+    def body(params, i, carry):
       kv, tokens, h_in = carry
       positions = jnp.broadcast_to(i % span + jnp.arange(W), (B, W))
       h, kv = model.head(params, k, h_in, tokens, positions, kv)
@@ -104,11 +110,11 @@ def component_costs(model, params, B, S, cache_len, calls, rounds):
       return kv, jnp.roll(tokens, -1, axis=1).at[:, -1:].set(token), h
     init = (model.init_cache(B, cache_len)['heads'][k - 1], jnp.zeros((B, W), jnp.int32),
             jnp.zeros((B, W, model.hidden_dim), model.hidden_dtype))
-    return jax.jit(lambda c: jax.lax.fori_loop(0, calls, body, c)), init
+    return loop(body), init
 
   parts = [('trunk, 1 position (ar step)', *trunk(1)),
            (f'trunk, {S + 1} positions (verify)', *trunk(S + 1))]
-  parts += [(f'draft {k}: head {k} over {S + k if model.chains else S + 1} positions + '
+  parts += [(f'draft {k}: head {k} over {dec.window_width(model, k, S)} positions + '
              f'projection', *draft(k)) for k in range(1, S + 1)]
   times = _fastest([functools.partial(fn, init) for _, fn, init in parts], rounds)
   return [(name, t / calls) for (name, _, _), t in zip(parts, times)]
@@ -158,7 +164,7 @@ def main(argv):
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'us/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7}")
     for S, t in enumerate(per_iter):
-      r = t / per_iter[0]
+      r = t / per_iter[0] if per_iter[0] > 0 else float('nan')  # nan: too short to time
       print(f"{'ar' if S == 0 else 'mtp':6} {S:>2} {iterations[S]:>10} {t * 1e6:>9.1f} "
             f"{r:>11.2f} {taus[S]:>5.2f} {taus[S] / r:>7.2f}")
     cache_len = dec.cache_length(d.prompt_len, dec.Settings(draft_len=D,

@@ -8,13 +8,16 @@ autoregressive decoding through the same loop.
 
 The loop knows the model only through `DecodeModel`: trunk(tokens, positions, cache) ->
 (logits, hidden, cache), head(k, hidden_in, tokens, positions, cache) -> (hidden, cache) and
-head_logits(k, hidden) -> logits. Shape legend: B batch, L cache length, P prompt length, S draft length, D width, V vocab.
+head_logits(k, hidden) -> logits, plus the flags `chains` (head k reads head k-1's hidden state
+and its draft) and `attends` (the heads keep a KV cache). Shape legend: B batch, L cache length,
+P prompt length, S draft length, D width, V vocab.
 
 Position bookkeeping: a row holds n committed tokens t_0..t_{n-1}; the trunk cache holds
 positions 0..n-2 and t_{n-1} is the pending input of the next verify. Head k at position i reads
 h^{k-1}_i and t_{i+k}; a cache entry built from a draft is rewritten once the truth is known,
 because each iteration recomputes head k over the window [n-1-S-k, n-2] (S+1 wide for parallel
 heads, which read only the trunk), which covers every position committed since it last ran.
+Medusa heads keep no cache, so they run on the last position alone.
 """
 
 import dataclasses
@@ -44,6 +47,10 @@ class DecodeModel:
     return self.cfg.mtp_chains
 
   @property
+  def attends(self) -> bool:
+    return self.cfg.mtp_attends
+
+  @property
   def hidden_dim(self) -> int:
     return self.cfg.d_model
 
@@ -54,7 +61,7 @@ class DecodeModel:
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get
     an empty one."""
-    head = (lambda: empty_kv(self.cfg, batch, length)) if self.cfg.mtp_attends else dict
+    head = (lambda: empty_kv(self.cfg, batch, length)) if self.attends else dict
     return {'trunk': [empty_kv(self.cfg, batch, length) for _ in range(self.cfg.num_layers)],
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 
@@ -106,10 +113,11 @@ class State:
 
 
 def greedy(logits_xV):
-  """jnp.argmax over the vocabulary (the first index of the maximum), written as a max and then
-  a min over indices, each folded over 128-wide lanes first. XLA's CPU backend runs these two
-  plain reductions faster than the pair-valued reduction behind jnp.argmax (about 2.5x at 32
-  rows of V = 2048), and greedy decoding takes an argmax for every drafted and verified token."""
+  """The argmax over the vocabulary (the first index of the maximum, as jnp.argmax; a row with a
+  NaN gives a valid but unspecified id), written as a max and then a min over indices, each
+  folded over 128-wide lanes first. XLA's CPU backend runs these two plain reductions faster
+  than the pair-valued reduction behind jnp.argmax (about 2.5x at 32 rows of V = 2048), and
+  decoding takes an argmax for every drafted, verified and sampled token."""
   logits = logits_xV.astype(jnp.float32)
   V = logits.shape[-1]
   lanes = (lambda x: x.reshape(*x.shape[:-1], V // 128, 128)) if V % 128 == 0 else (lambda x: x)
@@ -117,7 +125,7 @@ def greedy(logits_xV):
   top = jnp.max(top, axis=-1, keepdims=True)
   index = jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V)
   index = jnp.min(lanes(index), axis=-2) if V % 128 == 0 else index
-  return jnp.minimum(jnp.min(index, axis=-1), V - 1)  # V - 1 only where logits are NaN
+  return jnp.minimum(jnp.min(index, axis=-1), V - 1)  # V where a NaN max matched nothing
 
 
 def probabilities(logits_xV, s: Settings):
@@ -191,14 +199,18 @@ def _run_heads(model, params, state: State, last_B, starts, widths, s: Settings)
   return tokens, hidden, cache, draft_logits
 
 
+def window_width(model, k: int, S: int) -> int:
+  """Positions head k runs over in each iteration (see the module docstring): S + k for
+  sequential modules, S + 1 for parallel heads, 1 for heads that keep no cache."""
+  if not model.attends:
+    return 1
+  return S + (k if model.chains else 1)
+
+
 def _head_windows(model, n_B, s: Settings):
-  """Window start and width of each head this iteration (see the module docstring)."""
-  starts, widths = [], []
-  for k in range(1, s.draft_len + 1):
-    width = s.draft_len + (k if model.chains else 1)
-    starts.append(jnp.maximum(n_B - 1 - width, 0))
-    widths.append(width)
-  return starts, widths
+  """Window start and width of each head this iteration, ending at position n - 2."""
+  widths = [window_width(model, k, s.draft_len) for k in range(1, s.draft_len + 1)]
+  return [jnp.maximum(n_B - 1 - width, 0) for width in widths], widths
 
 
 def _commit(state: State, new_BxC, count_B, s: Settings):

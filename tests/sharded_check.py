@@ -97,7 +97,8 @@ def main(root: str, tokenizer: str):
   session, state = restore(run_config(root, RESTORED_ON, tokenizer), workdir(root, RESTORED_ON))
   result['layout'] = layout(state)
   tokens, prompt_spec = greedy_decode(session, state['params'], prompts(session))
-  with sharding.active(session.mesh):  # as launch.py's generate and bench modes decode: prompts replicated
+  # As launch.py's generate and bench modes decode: prompts replicated.
+  with sharding.active(session.mesh):
     replicated, _ = inference.decode(session, state['params'], prompts(session), GREEDY)
   result['decode'] = {'tokens': tokens, 'prompt_spec': prompt_spec,
                       'replicated_prompts_tokens': dec.outputs(replicated)}

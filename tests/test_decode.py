@@ -100,6 +100,7 @@ class CountingStub:
   vocab: int = 32
   depth: int = 3
   chains: bool = True
+  attends: bool = True
   hidden_dim: int = 1
   hidden_dtype = jnp.float32
   head_error: tuple = (1, 0)
@@ -121,9 +122,20 @@ class CountingStub:
     return self._logits(h_BxTxD[..., 0].astype(jnp.int32))
 
 
-def test_stub_decoder_exact_tokens_and_acceptance():
+# Greedy decoding takes its own path (argmax comparisons, no random bits); temperature 1 with
+# top_k = 1 sends the same one-hot p and q through the speculative-sampling rule, which must
+# give exactly the same tokens and counts.
+ONE_HOT_PATHS = pytest.mark.parametrize('sampled', [False, True], ids=['greedy', 'top_k=1'])
+
+
+def one_hot_settings(sampled: bool, **fields) -> dec.Settings:
+  return dec.Settings(temperature=1.0 if sampled else 0.0, top_k=1 if sampled else 0, **fields)
+
+
+@ONE_HOT_PATHS
+def test_stub_decoder_exact_tokens_and_acceptance(sampled):
   stub = CountingStub()
-  s = dec.Settings(draft_len=3, max_new_tokens=9)
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=9)
   state = run(stub, None, [[3, 4], [10]], s)
   assert dec.outputs(state) == [list(range(5, 14)), list(range(11, 20))]
   # Row 1 accepts all 3 drafts plus a bonus token per iteration: 1 (prefill) + 4 + 4 = 9.
@@ -135,11 +147,12 @@ def test_stub_decoder_exact_tokens_and_acceptance():
   assert dec.stats(state, s)['tau'] == pytest.approx(16 / 10)
 
 
-def test_stub_decoder_eos_and_max_length():
+@ONE_HOT_PATHS
+def test_stub_decoder_eos_and_max_length(sampled):
   stub = CountingStub(head_error=(0, 0, 1))
   # EOS = 8 arrives inside an accepted block for row 0 (prompt 5 -> 6 7 8), mid-way for row 1
   # (prompt 1 -> 2..8); row 2 never meets it and stops at max_new_tokens.
-  s = dec.Settings(draft_len=3, max_new_tokens=10, eos_id=8)
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=10, eos_id=8)
   state = run(stub, None, [[5], [1], [20]], s)
   assert dec.outputs(state) == [[6, 7, 8], [2, 3, 4, 5, 6, 7, 8], list(range(21, 31))]
   ar = run(stub, None, [[5], [1], [20]], dataclasses.replace(s, draft_len=0))
@@ -156,6 +169,7 @@ class TableStub:
   vocab: int = 4
   depth: int = 2
   chains: bool = True
+  attends: bool = True
   hidden_dim: int = 1
   hidden_dtype = jnp.float32
 
@@ -230,3 +244,5 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     logits[0, 0] = 1.0  # all tied: index 0
     logits[1, 2, [7, V - 3]] = logits[1, 2].max() + 1  # a tie between two maxima
     np.testing.assert_array_equal(dec.greedy(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+    logits[2, 1, 5] = np.nan  # a NaN row gives some token id, never one outside the vocabulary
+    assert 0 <= int(dec.greedy(jnp.asarray(logits))[2, 1]) < V
