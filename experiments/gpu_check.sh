@@ -52,6 +52,15 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version \
   --format=csv | tee -a "$OUT_DIR/machine.log" || true
 
+# The decoding profile of a trained run, into OUT_DIR/NAME_profile.log; a failure is reported
+# and does not stop the stages after it.
+profile() {
+  local name=$1; shift
+  if ! "$PY" experiments/decode_profile.py "$@" 2>&1 | tee "$OUT_DIR/${name}_profile.log"; then
+    echo "decode_profile on $name failed (see ${name}_profile.log)" | tee -a "$OUT_DIR/machine.log"
+  fi
+}
+
 for stage in $STAGES; do
   start=$(date +%s)
   case $stage in
@@ -72,8 +81,8 @@ for stage in $STAGES; do
       "$PY" launch.py --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" \
         2>&1 | tee "$OUT_DIR/stage2.log"
       cp "$OUT_DIR/quickstart/bench.json" "$OUT_DIR/quickstart_bench.json"
-      "$PY" experiments/decode_profile.py --config configs/quickstart.py \
-        --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" 2>&1 | tee "$OUT_DIR/quickstart_profile.log"
+      profile quickstart --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" \
+        "${QUICK[@]}"
       ;;
     3)
       rm -rf "$OUT_DIR/gpu_125m"
@@ -82,8 +91,7 @@ for stage in $STAGES; do
         --config.train.checkpoint_every=$STEPS125 --config.run_after_train=bench "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage3.log"
       cp "$OUT_DIR/gpu_125m/bench.json" "$OUT_DIR/gpu_125m_bench.json"
-      "$PY" experiments/decode_profile.py --config configs/gpu_125m.py \
-        --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}" 2>&1 | tee "$OUT_DIR/gpu_125m_profile.log"
+      profile gpu_125m --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}"
       ;;
     *) echo "error: unknown stage '$stage' (use 1, 2 or 3)" >&2; exit 2 ;;
   esac
