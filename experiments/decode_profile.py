@@ -5,12 +5,12 @@ Run: python experiments/decode_profile.py --config configs/quickstart.py --workd
      python experiments/decode_profile.py --config configs/quickstart.py --random \
        --config.model.num_layers=8   (random weights: costs only, for any shape)
 Prints, per batch size in --batches:
-  1. per loop iteration (the decoder itself on decode.prompt_len-token prompts and
-     decode.max_new_tokens new tokens, greedy; (run - prefill) / iterations, fastest of --rounds
-     interleaved rounds):
-     `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
-     tau (tokens per trunk forward, pooled over rows) and tau / r, the speedup of the loop alone
-     (bench's also counts the prefill). The bench target speedup >= 0.85 tau thus needs
+  1. per loop iteration (the decoder itself on the first B validation prompts of
+     decode.prompt_len tokens, or random ones, and decode.max_new_tokens new tokens, greedy;
+     (run - prefill) / iterations, fastest of --rounds interleaved rounds): `ar`, and `mtp` for
+     S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's tau (tokens per
+     trunk forward, pooled over its rows; at batch 1 one prompt's, where bench pools 8) and
+     tau / r, the speedup of the loop alone (bench's also counts the prefill). The bench target speedup >= 0.85 tau thus needs
      r <= 1 / 0.85 = 1.18;
   2. the model calls of one iteration, each alone in a jitted loop of --calls calls: the trunk
      over 1 position (the `ar` step), the trunk over S + 1 positions (the verify), and head k over
