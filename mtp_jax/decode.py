@@ -109,7 +109,7 @@ class State:
   forwards: jax.Array  # B: trunk forwards while the row was active (prefill excluded)
   emitted: jax.Array  # B: tokens committed by loop iterations (prefill excluded)
   accepted: jax.Array  # B x max(S, 1): times draft j was accepted
-  draft_logits: jax.Array  # B x max(S, 1) x V: the heads' logits at the last position
+  draft_logits: jax.Array  # B x max(S, 1) x V: the heads' logits at the prompt's end (prefill)
 
 
 def greedy(logits_xV):
@@ -120,12 +120,13 @@ def greedy(logits_xV):
   decoding takes an argmax for every drafted, verified and sampled token."""
   logits = logits_xV.astype(jnp.float32)
   V = logits.shape[-1]
-  lanes = (lambda x: x.reshape(*x.shape[:-1], V // 128, 128)) if V % 128 == 0 else (lambda x: x)
-  top = jnp.max(lanes(logits), axis=-2) if V % 128 == 0 else logits
-  top = jnp.max(top, axis=-1, keepdims=True)
+
+  def fold(x, reduce):  # V // 128 rows of 128 lanes reduced to one row first, where V allows
+    return reduce(x.reshape(*x.shape[:-1], V // 128, 128), axis=-2) if V % 128 == 0 else x
+  top = jnp.max(fold(logits, jnp.max), axis=-1, keepdims=True)
   index = jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V)
-  index = jnp.min(lanes(index), axis=-2) if V % 128 == 0 else index
-  return jnp.minimum(jnp.min(index, axis=-1), V - 1)  # V where a NaN max matched nothing
+  # V where a NaN maximum matched nothing: clamped to a valid id.
+  return jnp.minimum(jnp.min(fold(index, jnp.min), axis=-1), V - 1)
 
 
 def probabilities(logits_xV, s: Settings):
@@ -180,8 +181,7 @@ def _run_heads(model, params, state: State, last_B, starts, widths, s: Settings)
   sequential module reads it as its input token."""
   tokens, hidden, heads_cache = state.tokens, list(state.hidden), list(state.cache['heads'])
   draft_logits = []
-  keys = ([None] * s.draft_len if s.temperature == 0 else
-          jax.random.split(jax.random.fold_in(state.key, 1), max(s.draft_len, 1)))
+  keys = jax.random.split(jax.random.fold_in(state.key, 1), max(s.draft_len, 1))
   for k in range(1, s.draft_len + 1):
     positions = _positions(starts[k - 1], widths[k - 1])
     h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
@@ -252,10 +252,14 @@ def prefill(model, params, prompts_BxP, prompt_len_B, key, s: Settings, cache_le
                 draft_logits=jnp.zeros((B, max(S, 1), V), jnp.float32))
   tokens, n, _, done = _commit(state, first[:, None], jnp.ones((B,), jnp.int32), s)
   state = state.replace(tokens=tokens, n=n, done=done)
-  # Heads see the whole prompt once; entries that used not-yet-known tokens are rewritten by
-  # the first iteration's windows.
-  starts = [jnp.zeros((B,), jnp.int32)] * S
-  tokens, hidden, cache, draft_logits = _run_heads(model, params, state, n - 2, starts, [P] * S, s)
+  if model.attends:
+    # Heads see the whole prompt once, filling their caches; entries that used not-yet-known
+    # tokens are rewritten by the first iteration's windows.
+    starts, widths = [jnp.zeros((B,), jnp.int32)] * S, [P] * S
+  else:
+    starts, widths = _head_windows(model, n, s)  # no cache: the drafting position only
+  tokens, hidden, cache, draft_logits = _run_heads(model, params, state, n - 2, starts, widths,
+                                                   s)
   if S:
     state = state.replace(draft_logits=jnp.stack(draft_logits, axis=1))
   return state.replace(cache=cache, hidden=hidden)
@@ -298,7 +302,7 @@ def _verify(logits_BxS1xV, drafts_BxS, draft_logits, key, s: Settings):
 
 def _iteration(model, params, state: State, s: Settings) -> State:
   S = s.draft_len
-  key = state.key if s.temperature == 0 else jax.random.fold_in(state.key, state.iterations + 1)
+  key = jax.random.fold_in(state.key, state.iterations + 1)  # unused (and compiled away) at T = 0
   last = state.n - 2
   starts, widths = _head_windows(model, state.n, s)
   tokens, hidden, cache, draft_logits = _run_heads(model, params, state.replace(key=key), last,
@@ -317,12 +321,10 @@ def _iteration(model, params, state: State, s: Settings) -> State:
   tokens, n, count, done = _commit(state.replace(tokens=tokens), new_BxC, n_acc + 1, s)
   accepted = state.accepted + (active[:, None] &
                                (jnp.arange(max(S, 1))[None] < n_acc[:, None])).astype(jnp.int32)
-  draft_logits = jnp.stack(draft_logits, axis=1) if S else state.draft_logits
   return state.replace(tokens=tokens, n=n, done=done, hidden=hidden, cache=cache,
                        iterations=state.iterations + 1,
                        forwards=state.forwards + active.astype(jnp.int32),
-                       emitted=state.emitted + count, accepted=accepted,
-                       draft_logits=draft_logits)
+                       emitted=state.emitted + count, accepted=accepted)
 
 
 def decode_loop(model, params, prompts_BxP, prompt_len_B, key, *, s: Settings, cache_len: int):

@@ -16,11 +16,11 @@ from mtp_jax.model import MTPLanguageModel, project
 
 
 @functools.partial(jax.checkpoint, static_argnums=(5,))
-def _depth_stats(h_BxTxD, scale_D, out_VxD, targets_BxT, mask_BxT, cfg: ModelConfig):
+def _depth_stats(h_BxTxD, scale_D, out, targets_BxT, mask_BxT, cfg: ModelConfig):
   """Summed cross-entropy and correct count of one depth. Rematerialized: the backward pass
   recomputes this depth's logits instead of keeping them, which bounds peak memory to one
   logits tensor whatever D is."""
-  logits_BxTxV = project(h_BxTxD, scale_D, out_VxD, cfg)
+  logits_BxTxV = project(h_BxTxD, scale_D, out, cfg)
   safe_targets = jnp.maximum(targets_BxT, 0)
   target_logit = jnp.take_along_axis(logits_BxTxV, safe_targets[..., None], axis=-1)[..., 0]
   nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit

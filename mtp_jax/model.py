@@ -51,16 +51,16 @@ class MTPLanguageModel(nn.Module):
     return self.mtp[k - 1](h_in_BxTxD, self.embed(tokens_BxT), positions_BxT, kv)
 
   def head_weights(self, k: int):
-    """(norm scale, V x D output matrix) of depth k, as arrays, so the loss can project to the
-    vocabulary one depth at a time under its own rematerialization. The matrix is vocab-major,
-    the embedding's own layout, so a tied head contracts with the embedding as stored instead
-    of a transposed copy (which XLA's CPU backend otherwise rebuilds at every decoding step)."""
+    """(norm scale, output matrix) of depth k, as arrays, so the loss can project to the
+    vocabulary one depth at a time under its own rematerialization. The matrix is returned as
+    stored (V x D embedding when tied, D x V otherwise) and `project` contracts it in place,
+    never through a transposed copy (which XLA's CPU backend would rebuild at every decoding
+    step)."""
     if k > 0 and self.cfg.mtp_chains:
       norm = self.mtp_norms[k - 1]
     else:
       norm = self.final_norm
-    out_VxD = self.embedding if self.cfg.tie_embeddings else self.unembedding.T
-    return norm.scale, out_VxD
+    return norm.scale, self.embedding if self.cfg.tie_embeddings else self.unembedding
 
   def logits(self, h_BxTxD, k: int = 0):
     return project(h_BxTxD, *self.head_weights(k), self.cfg)
@@ -85,10 +85,12 @@ class MTPLanguageModel(nn.Module):
     return [self.logits(h, k) for k, h in enumerate(hidden)]
 
 
-def project(h_BxTxD, scale_D, out_VxD, cfg: ModelConfig):
-  """Norm then output matrix; logits in float32."""
+def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
+  """Norm then output matrix (V x D when tied to the embedding, D x V otherwise); logits in
+  float32."""
   x = rms_norm(h_BxTxD, scale_D, cfg.norm_eps)
-  logits = jnp.einsum('btd,vd->btv', x, out_VxD.astype(cfg.compute_dtype))
+  spec = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
+  logits = jnp.einsum(spec, x, out.astype(cfg.compute_dtype))
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 

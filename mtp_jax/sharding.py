@@ -92,15 +92,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
-def axis_rules():
-  """Context that lets nn.with_logical_constraint resolve names while tracing."""
-  return nn.logical_axis_rules(RULES)
-
-
 @contextlib.contextmanager
 def active(mesh: Mesh):
   """The mesh and the logical-axis table, in force while tracing and running: jax.set_mesh makes
   it the abstract mesh that nn.with_logical_constraint reads (`with mesh:` alone does not, so
   the activation constraints would silently do nothing)."""
-  with jax.set_mesh(mesh), axis_rules():
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     yield
