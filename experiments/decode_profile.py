@@ -10,8 +10,8 @@ Prints, per batch size in --batches:
      (run - prefill) / iterations, fastest of --rounds interleaved rounds): `ar`, and `mtp` for
      S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's tau (tokens per
      trunk forward, pooled over its rows; at batch 1 one prompt's, where bench pools 8) and
-     tau / r, the speedup of the loop alone (bench's also counts the prefill). The bench target speedup >= 0.85 tau thus needs
-     r <= 1 / 0.85 = 1.18;
+     tau / r, the speedup of the loop alone (bench's also counts the prefill). The bench
+     target speedup >= 0.85 tau thus needs r <= 1 / 0.85 = 1.18;
   2. the model calls of one iteration, each alone in a jitted loop of --calls calls: the trunk
      over 1 position (the `ar` step), the trunk over S + 1 positions (the verify), and head k over
      its window of S + k positions plus its one-position vocabulary projection (draft k), each
@@ -23,7 +23,6 @@ Takes 1-2 minutes for the quickstart on 2 CPU cores. Config overrides work as in
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,38 +39,22 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fast
 _CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.')
 
 
-def _fastest(fns, rounds):
-  """Fastest of `rounds` runs of each function, running them in turn (after one warm-up)."""
-  import jax
-  best = [float('inf')] * len(fns)
-  for fn in fns:
-    jax.block_until_ready(fn())
-  for _ in range(rounds):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      best[i] = min(best[i], time.perf_counter() - start)
-  return best
-
-
-def loop_costs(model, params, prompts, S_max, max_new, rounds):
+def loop_costs(cfg, params, prompts, S_max, max_new, rounds):
   """Seconds per iteration of the decoder for S = 0..S_max, the iteration counts and tau."""
   import jax
   from mtp_jax import decode as dec
+  from mtp_jax import inference
+  model = dec.DecodeModel(cfg)
   prompts_BxP, lens = dec.pad_prompts(prompts)
-  key = jax.random.key(0)
-  runs, prefills, iterations, taus = [], [], [], []
-  for S in range(S_max + 1):
-    s = dec.Settings(draft_len=S, max_new_tokens=max_new)
-    cache_len = dec.cache_length(prompts_BxP.shape[1], s)
-    loop = dec.compiled_decoder(model, s, cache_len)
-    pre = jax.jit(functools.partial(dec.prefill, model, s=s, cache_len=cache_len))
-    runs.append(functools.partial(loop, params, prompts_BxP, lens, key))
-    prefills.append(functools.partial(pre, params, prompts_BxP, lens, key))
-    state = runs[-1]()
-    iterations.append(int(state.iterations))
-    taus.append(dec.stats(state, s)['tau'])
-  times = _fastest(runs + prefills, rounds)
+  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new) for S in range(S_max + 1)]
+  runs = [inference.prepared_decoder(cfg, params, prompts, s) for s in per_S]
+  prefills = [functools.partial(
+      jax.jit(functools.partial(dec.prefill, model, s=s,
+                                cache_len=dec.cache_length(prompts_BxP.shape[1], s))),
+      params, prompts_BxP, lens, jax.random.key(0)) for s in per_S]
+  times, states = inference.fastest(runs + prefills, rounds)
+  iterations = [int(state.iterations) for state in states[:S_max + 1]]
+  taus = [dec.stats(state, s)['tau'] for state, s in zip(states, per_S)]
   per_iter = [(times[S] - times[S_max + 1 + S]) / iterations[S] for S in range(S_max + 1)]
   return per_iter, iterations, taus
 
@@ -82,6 +65,7 @@ def component_costs(model, params, B, S, cache_len, calls, rounds):
   import jax
   import jax.numpy as jnp
   from mtp_jax import decode as dec
+  from mtp_jax import inference
   span = cache_len - 2 * S - 2
 
   def loop(body):
@@ -116,7 +100,7 @@ def component_costs(model, params, B, S, cache_len, calls, rounds):
            (f'trunk, {S + 1} positions (verify)', *trunk(S + 1))]
   parts += [(f'draft {k}: head {k} over {dec.window_width(model, k, S)} positions + '
              f'projection', *draft(k)) for k in range(1, S + 1)]
-  times = _fastest([functools.partial(fn, init) for _, fn, init in parts], rounds)
+  times, _ = inference.fastest([functools.partial(fn, init) for _, fn, init in parts], rounds)
   return [(name, t / calls) for (name, _, _), t in zip(parts, times)]
 
 
@@ -131,6 +115,7 @@ def main(argv):
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
+  from mtp_jax import sharding
   from mtp_jax import train as train_lib
   from mtp_jax.config import ModelConfig, validate
   d = config.decode
@@ -142,13 +127,13 @@ def main(argv):
     params = init_params(cfg, jax.random.key(config.seed))
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, cfg.vocab_size, (max(batches), d.prompt_len)).tolist()
-    source = 'random weights'
+    source, mesh = 'random weights', sharding.make_mesh(config.mesh)
   else:
     session = train_lib.Session(config, _WORKDIR.value)
     cfg = session.cfg
     step, params = inference.load_params(session)
     prompts = inference.validation_prompts(session, max(batches), d.prompt_len)
-    source = f'{_WORKDIR.value} step {step}'
+    source, mesh = f'{_WORKDIR.value} step {step}', session.mesh
   D = cfg.mtp_depth
   if D < 1:
     raise app.UsageError('the model has no MTP heads (mtp.depth=0)')
@@ -157,9 +142,13 @@ def main(argv):
   print(f'model: {cfg.num_layers} layers, width {cfg.d_model}, vocab {cfg.vocab_size}, '
         f'D = {D} {cfg.mtp_kind} ({source}); prompts of {d.prompt_len} tokens, '
         f'{d.max_new_tokens} new, greedy')
+  cache_len = dec.cache_length(d.prompt_len, dec.Settings(draft_len=D,
+                                                          max_new_tokens=d.max_new_tokens))
   for B in batches:
-    per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
-                                            _ROUNDS.value)
+    with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
+      per_iter, iterations, taus = loop_costs(cfg, params, prompts[:B], D, d.max_new_tokens,
+                                              _ROUNDS.value)
+      parts = component_costs(model, params, B, D, cache_len, _CALLS.value, _ROUNDS.value)
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'us/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7}")
@@ -167,9 +156,6 @@ def main(argv):
       r = t / per_iter[0] if per_iter[0] > 0 else float('nan')  # nan: too short to time
       print(f"{'ar' if S == 0 else 'mtp':6} {S:>2} {iterations[S]:>10} {t * 1e6:>9.1f} "
             f"{r:>11.2f} {taus[S]:>5.2f} {taus[S] / r:>7.2f}")
-    cache_len = dec.cache_length(d.prompt_len, dec.Settings(draft_len=D,
-                                                            max_new_tokens=d.max_new_tokens))
-    parts = component_costs(model, params, B, D, cache_len, _CALLS.value, _ROUNDS.value)
     print(f'batch {B}: model calls of one S = {D} iteration, each timed alone')
     for name, t in parts:
       print(f'  {name:48} {t * 1e6:9.1f} us')

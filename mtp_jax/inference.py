@@ -47,32 +47,33 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
         f'model.max_seq_len={max_len}')
 
 
-def prepared_decoder(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
-  """Checks the prompts and returns call() -> final state, decoding them with the compiled
-  decoder (compiled on the first call for these settings and shapes)."""
-  check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len)
+def prepared_decoder(cfg, params, prompts: list[list[int]], s: dec.Settings, key=0):
+  """Checks the prompts against the model config and returns call() -> final state, decoding
+  them with the compiled decoder (compiled on the first call for these settings and shapes)."""
+  check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len)
   prompts_BxP, lens = dec.pad_prompts(prompts)
-  model = dec.DecodeModel(session.cfg)
-  fn = dec.compiled_decoder(model, s, dec.cache_length(prompts_BxP.shape[1], s))
+  fn = dec.compiled_decoder(dec.DecodeModel(cfg), s, dec.cache_length(prompts_BxP.shape[1], s))
   return functools.partial(fn, params, prompts_BxP, lens, jax.random.key(key))
 
 
-def timed_decoder(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
-  """Like prepared_decoder, but compiles and warms up first and returns run() -> (final state,
-  seconds of that run), so callers can time runs in whatever order they need."""
-  call = prepared_decoder(session, params, prompts, s, key)
-  jax.block_until_ready(call())  # compile and warm up outside the timing
-
-  def run():
-    start = time.perf_counter()
-    state = jax.block_until_ready(call())
-    return state, time.perf_counter() - start
-  return run
+def fastest(calls, rounds: int):
+  """Runs each call once (compiling and warming it up), then every call in turn for `rounds`
+  rounds, so a slow spell of a shared machine slows all of them alike. Returns (each call's
+  fastest seconds, each call's last output)."""
+  outputs = [jax.block_until_ready(call()) for call in calls]
+  best = [float('inf')] * len(calls)
+  for _ in range(rounds):
+    for i, call in enumerate(calls):
+      start = time.perf_counter()
+      outputs[i] = jax.block_until_ready(call())
+      best[i] = min(best[i], time.perf_counter() - start)
+  return best, outputs
 
 
 def decode(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
   """Decodes a batch of prompts; returns (final state, seconds excluding compilation)."""
-  return timed_decoder(session, params, prompts, s, key)()
+  (seconds,), (state,) = fastest([prepared_decoder(session.cfg, params, prompts, s, key)], 1)
+  return state, seconds
 
 
 def validation_prompts(session, count: int, length: int) -> list[list[int]]:
@@ -205,17 +206,12 @@ def bench(session, params, config, step: int) -> dict:
       groups = [prompts[i:i + batch] for i in range(0, d.bench_prompts, batch)]
       per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.data.eos_id)
                for S in range(D + 1)]
-      runs = [[timed_decoder(session, params, group, s, key=g) for g, group in enumerate(groups)]
-              for s in per_S]
-      # Every (method, group) once per round, so a slow spell of a shared machine slows all
-      # methods alike; each keeps its fastest round.
-      best = np.full((len(per_S), len(groups)), np.inf)
-      states = [[None] * len(groups) for _ in per_S]
-      for _ in range(BENCH_ROUNDS):
-        for g in range(len(groups)):
-          for i in range(len(per_S)):
-            states[i][g], sec = runs[i][g]()
-            best[i, g] = min(best[i, g], sec)
+      # Every (group, method) once per round; each keeps its fastest round.
+      calls = [prepared_decoder(session.cfg, params, group, s, key=g)
+               for g, group in enumerate(groups) for s in per_S]
+      seconds, outputs = fastest(calls, BENCH_ROUNDS)
+      best = np.asarray(seconds).reshape(len(groups), len(per_S)).T  # [method, group]
+      states = [outputs[i::len(per_S)] for i in range(len(per_S))]
       reference = None
       for S, s in enumerate(per_S):
         outs, emitted, forwards, accepted = [], 0, 0, np.zeros(S)
@@ -264,7 +260,7 @@ def eval_hook(config):
   def hook(session, params, step, writer):
     prompts = validation_prompts(session, d.eval_prompts, d.prompt_len)
     s = dec.Settings(draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens)
-    state = prepared_decoder(session, params, prompts, s)()  # untimed: one decode, no warm-up
+    state = prepared_decoder(session.cfg, params, prompts, s)()  # untimed: one decode
     st = dec.stats(state, s)
     metrics = {'decode/tau': float(st['tau']),
                **{f'decode/acceptance_{j}': float(a)
