@@ -94,13 +94,14 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
   for kind in values:
     width = (config.mtp.head_mlp_dim if kind == 'sequential'
              else matched_head_mlp_dim(config, kind, target))
+    count = target if kind == 'sequential' else head_params(config, kind, width)
     points.append((kind, [f'--config.{field}={kind}', f'--config.mtp.head_mlp_dim={width}'],
-                   {'head_mlp_dim': width, 'head_params': head_params(config, kind, width)}))
+                   {'head_mlp_dim': width, 'head_params': count}))
   return points
 
 
 def train_points(config, sweep: str, root: str) -> list[dict]:
-  """Trains every point of a depth / loss_weight / kind sweep; one row per point."""
+  """Trains every point of a depth / loss_weight / kind / seed sweep; one row per point."""
   field = FIELDS[sweep]
   rows = []
   for value, overrides, columns in sweep_points(config, sweep):
@@ -191,7 +192,8 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
   # A second panel for tau when the points decoded during training (depth and kind sweeps).
   with_tau = sweep != 'draft_len' and any('decode/tau' in r for r in ok)
   fig, axes = plt.subplots(1, 2 if with_tau else 1, figsize=(11 if with_tau else 6, 4))
-  ax = axes[0] if with_tau else axes
+  panels = list(axes) if with_tau else [axes]
+  ax = panels[0]
   if sweep == 'draft_len':
     batches = sorted({r['batch'] for r in ok})
     for batch in batches:
@@ -219,19 +221,17 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
         ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], style,
                 label=f'depth {k}', markersize=8)
       ax.set_ylabel('validation top-1 accuracy')
-    ax.set_xlabel(FIELDS[sweep])
-    if sweep != 'kind':
-      ax.set_xticks(labels)
     if with_tau:
-      axes[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], style, markersize=8)
-      axes[1].set_xlabel(FIELDS[sweep])
+      panels[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], style, markersize=8)
+      panels[1].set_ylabel('tau, greedy (tokens per trunk forward)')
+    for a in panels:
+      a.set_xlabel(FIELDS[sweep])
       if sweep != 'kind':
-        axes[1].set_xticks(labels)
-      axes[1].set_ylabel('tau, greedy (tokens per trunk forward)')
-      axes[1].grid(alpha=0.3)
+        a.set_xticks(labels)
   if ax.get_legend_handles_labels()[0]:
     ax.legend()
-  ax.grid(alpha=0.3)
+  for a in panels:
+    a.grid(alpha=0.3)
   path = os.path.join(out_dir, f'{sweep}.png')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -247,7 +247,7 @@ def main(argv):
   rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
           else train_points(config, sweep, _ROOT.value))
   write_tables(rows, out_dir)
-  png = plot(rows, sweep, out_dir, seed_spread(_ROOT.value))
+  png = plot(rows, sweep, out_dir, seed_spread(_ROOT.value) if sweep == 'loss_weight' else None)
   failed = [r for r in rows if r['status'] != 'ok']
   print(f'wrote {out_dir}/results.csv, results.md, {png}; {len(rows) - len(failed)} ok, '
         f'{len(failed)} failed')

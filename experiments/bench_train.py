@@ -66,26 +66,32 @@ def flop_counts(cfg, batch: int, seq_len: int) -> dict:
   """Analytic FLOPs of one train step. Per token, forward: a Linear (a, b) costs 2ab; attention
   scores and values cost 2 * 2 * T_ctx * d with T_ctx = T / 2 under the causal mask; each depth
   projects to the vocabulary (2 d V); a sequential module adds eh_proj (2 * 2d * d) and a block,
-  a parallel head a block, a Medusa head a d x d layer. Model FLOPs = 3 x forward (backward =
-  2 x forward).
+  a parallel head a block (its MLP mtp.head_mlp_dim wide when set), a Medusa head its residual
+  MLP. Model FLOPs = 3 x forward (backward = 2 x forward).
 
   Hardware FLOPs are what the compiled step does on top: the masked attention is dense (full
   T x T, no causal halving), the loss recomputes each depth's projection in the backward pass
   (jax.checkpoint), and model.remat recomputes every block's (and MTP head's) forward."""
-  d, V, T, D = cfg.d_model, cfg.vocab_size, seq_len, cfg.mtp_depth
+  d, V, T, D, L = cfg.d_model, cfg.vocab_size, seq_len, cfg.mtp_depth, cfg.num_layers
   HE, KE = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  linear = 2 * d * HE + 2 * 2 * d * KE + 2 * HE * d + 3 * 2 * d * cfg.mlp_dim  # q, k, v, o, MLP
+  attn_linear = 2 * d * HE + 2 * 2 * d * KE + 2 * HE * d  # q, k, v, o
+  F, F_head = cfg.mlp_dim, cfg.head_mlp_dim or cfg.mlp_dim  # trunk and head MLP widths
+  linear, head_linear = attn_linear + 3 * 2 * d * F, attn_linear + 3 * 2 * d * F_head
   attn_causal, attn_dense = 2 * 2 * (T / 2) * HE, 2 * 2 * T * HE
   out_proj = 2 * d * V
   # Per depth: a sequential module adds eh_proj and a block, a parallel head a block, a Medusa
-  # head one d x d residual layer (counted in eh_proj's place) and no block.
-  eh_proj = {'sequential': 2 * 2 * d * d, 'parallel': 0, 'medusa': 2 * d * d}[cfg.mtp_kind]
-  blocks = cfg.num_layers + (0 if cfg.mtp_kind == 'medusa' else D)
-  forward = blocks * (linear + attn_causal) + D * eh_proj + (D + 1) * out_proj
-  dense_forward = forward + blocks * (attn_dense - attn_causal)
+  # head its residual MLP (d x d, or d x F and F x d with mtp.head_mlp_dim = F; counted in
+  # eh_proj's place) and no block.
+  medusa = 2 * 2 * d * cfg.head_mlp_dim if cfg.head_mlp_dim else 2 * d * d
+  eh_proj = {'sequential': 2 * 2 * d * d, 'parallel': 0, 'medusa': medusa}[cfg.mtp_kind]
+  head_blocks = 0 if cfg.mtp_kind == 'medusa' else D
+  forward = (L * (linear + attn_causal) + head_blocks * (head_linear + attn_causal)
+             + D * eh_proj + (D + 1) * out_proj)
+  dense_forward = forward + (L + head_blocks) * (attn_dense - attn_causal)
   # A rematerialized block recomputes all but its MLP down projection, whose output only feeds
   # the residual sum and so is not needed by the backward pass.
-  remat_blocks = (blocks * (linear + attn_dense - 2 * cfg.mlp_dim * d) + D * eh_proj
+  remat_blocks = (L * (linear + attn_dense - 2 * F * d)
+                  + head_blocks * (head_linear + attn_dense - 2 * F_head * d) + D * eh_proj
                   if cfg.remat else 0)
   tokens = batch * seq_len
   return {
@@ -94,7 +100,8 @@ def flop_counts(cfg, batch: int, seq_len: int) -> dict:
       'model': 3 * forward * tokens,
       'hardware': (3 * dense_forward + (D + 1) * out_proj + remat_blocks) * tokens,
       'parts_forward_per_token': {
-          'blocks_linear': blocks * linear, 'attention_causal': blocks * attn_causal,
+          'blocks_linear': L * linear + head_blocks * head_linear,
+          'attention_causal': (L + head_blocks) * attn_causal,
           'eh_proj': D * eh_proj, 'output_projection': (D + 1) * out_proj},
   }
 

@@ -35,12 +35,13 @@ SMALL=()
 QUICK=()
 STEPS125=300
 if [[ "${SMOKE:-0}" == 1 ]]; then
+  SHORT_DECODE=(--config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
   SMALL=(--config.model.d_model=64 --config.model.num_layers=2 --config.model.num_heads=4
          --config.model.num_kv_heads=4 --config.data.vocab_size=512 --config.train.seq_len=64
          --config.train.batch_size=4 --config.train.grad_accum=1 --config.train.eval_batches=1
-         --config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
+         "${SHORT_DECODE[@]}")
   QUICK=(--config.train.steps=20 --config.train.eval_every=20 --config.train.checkpoint_every=20
-         --config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
+         "${SHORT_DECODE[@]}")
   STEPS125=20
   PEAK=0
 fi
