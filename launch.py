@@ -14,11 +14,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'demo', 'generate', 'bench'],
-                          'train; eval the latest checkpoint; demo, generate or bench decoding.')
+_MODE = flags.DEFINE_list('mode', ['train'], 'train; eval the latest checkpoint; demo, generate or '
+                          'bench decoding; export to Hugging Face layout. Several, comma-separated, '
+                          'run in turn (e.g. demo,bench).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for demo and generate.')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', '', "generate: one prompt a line ('ids: 1 2 3' "
                                    'for token ids).')
+_EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float16'],
+                                  'export: the dtype of the written tensors.')
 
 
 def main(argv):
@@ -31,13 +34,20 @@ def main(argv):
           flags.FLAGS['config'])))[0])
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from mtp_jax import run
-  try:
-    summary = run.run(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
-  except run.USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
+  bad = [m for m in _MODE.value if m not in run.MODES]
+  if bad or not _MODE.value:
+    print(f"error: --mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}",
+          file=sys.stderr)
     sys.exit(2)
-  if summary is not None:
-    print(json.dumps(summary, indent=2, default=float))
+  for mode in _MODE.value:
+    try:
+      summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
+                        _EXPORT_DTYPE.value)
+    except run.USER_ERRORS as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    if summary is not None:
+      print(json.dumps(summary, indent=2, default=float))
 
 
 def _parse_or_exit(argv):

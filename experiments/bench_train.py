@@ -3,28 +3,39 @@ for each MTP depth D and head kind, and the compiled memory of the step as D gro
 
 Run: python experiments/bench_train.py --config configs/quickstart.py --depths 0,1,2,3 \
        --kinds sequential,parallel --steps 10 --markdown
+     python experiments/bench_train.py --config configs/smollm2_heads.py \
+       --config.data.features=False --config.train.batch_size=2 --config.train.seq_len=32 \
+       --steps 2 --depths 3 --kinds sequential --memory_depths '' --freeze_compare
 Prints, from one process and without any data (batches are uniform random token windows of shape
-(train.batch_size, train.seq_len + D + 1), ids < data.vocab_size):
+(train.batch_size, train.seq_len + D + 1), ids < data.vocab_size; with train.draft_vocab = N the
+heads' softmax covers token ids 0..N-1, as the cost depends on N only):
   1. the FLOP/s of a jitted square matmul in the model's compute dtype (2048^2 on CPU, 8192^2 on
-     GPU), best of 5 runs, and its share of --peak_tflops when that is given;
+     GPU), best of 5 runs, and its share of --peak_tflops when that is given; and the memory read
+     bandwidth (a sum over 512 MiB of float32, best of 5);
   2. per (kind, D): median step time over --steps steps (after 2 warmup steps), tokens/s, model
-     FLOPs per step (counted in flop_counts) beside XLA's cost_analysis of the lowered and the
+     FLOPs per step (mtp_jax/costs.py) beside XLA's cost_analysis of the lowered and the
      compiled step, achieved FLOP/s, its share of the matmul FLOP/s (and MFU), and
      step_time(D)/step_time(0) beside flops(D)/flops(0); --interleave times all (kind, D) step
-     by step, which a machine shared with other jobs needs for fair ratios;
+     by step, which a machine shared with other jobs needs for fair ratios (D = 0 always trains
+     its trunk: it has no heads to train alone);
   3. per D in --memory_depths (sequential, compiled only): XLA's temp/argument/output/alias
      bytes, and the growth of temp memory per extra depth in units of one B x T x V float32
      logits tensor, also after subtracting what one more trunk block adds (the activations a
      depth must keep whatever its logits cost); with --remat_compare, temp memory and the
-     backward pass's saved residuals for model.remat x model.dtype.
-Takes 3-4 minutes for the command above on 2 shared CPU cores; runs unchanged on one GPU. Config
-overrides (--config.model.d_model=1024 ...) work as in launch.py; --out FILE.json keeps it all.
+     backward pass's saved residuals for model.remat x model.dtype;
+  4. with --freeze_compare, the configured model with train.freeze_trunk False and True, timed
+     step by step in turns: step time, tokens/s, FLOPs (frozen: no trunk backward), compiled
+     memory and the optimizer state's bytes. It needs a pretrained trunk (model.init_from; its
+     shapes are read from the file, its weights are not needed).
+Takes 3-4 minutes for the first command and a few for the second on 2 shared CPU cores; runs
+unchanged on one GPU. Config overrides (--config.model.d_model=1024 ...) work as in launch.py;
+--out FILE.json keeps it all. Token windows only: a config with data.features=True (heads trained
+on cached trunk features, no trunk in the step) is refused.
 """
 
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +43,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtp_jax import costs, measure, sharding, train  # noqa: E402
+from mtp_jax.config import KINDS, ConfigError, apply_overrides, validate  # noqa: E402
+from mtp_jax.loss import combined_loss  # noqa: E402
+from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
@@ -47,6 +67,9 @@ _PEAK = flags.DEFINE_float('peak_tflops', 0.0,
 _REMAT = flags.DEFINE_bool('remat_compare', False,
                            'Also compile the config as given with model.remat False/True and '
                            'model.dtype float32/bfloat16 and print temp memory.')
+_FREEZE = flags.DEFINE_bool('freeze_compare', False,
+                            'Also time and compile the config as given with train.freeze_trunk '
+                            'False and True (needs model.init_from).')
 _INTERLEAVE = flags.DEFINE_bool(
     'interleave', False, 'Time every (kind, D) step by step in rounds, all states live at once, '
     'so load drift on a shared machine hits each alike (needs memory for every state).')
@@ -54,253 +77,139 @@ _MARKDOWN = flags.DEFINE_bool('markdown', False, 'Also print each table as markd
 _OUT = flags.DEFINE_string('out', '', 'Write every number to this JSON file.')
 
 WARMUP_STEPS = 2
-MATMUL_SIZE = {'cpu': 2048}  # any other platform (GPU, TPU) gets 8192
 MiB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------
-# FLOP counting
-
-
-def flop_counts(cfg, batch: int, seq_len: int) -> dict:
-  """Analytic FLOPs of one train step. Per token, forward: a Linear (a, b) costs 2ab; attention
-  scores and values cost 2 * 2 * T_ctx * d with T_ctx = T / 2 under the causal mask; each depth
-  projects to the vocabulary (2 d V); a sequential module adds eh_proj (2 * 2d * d) and a block,
-  a parallel head a block (its MLP mtp.head_mlp_dim wide when set), a Medusa head its residual
-  MLP. Model FLOPs = 3 x forward (backward = 2 x forward).
-
-  Hardware FLOPs are what the compiled step does on top: the masked attention is dense (full
-  T x T, no causal halving), the loss recomputes each depth's projection in the backward pass
-  (jax.checkpoint), and model.remat recomputes every block's (and MTP head's) forward."""
-  d, V, T, D, L = cfg.d_model, cfg.vocab_size, seq_len, cfg.mtp_depth, cfg.num_layers
-  HE, KE = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  attn_linear = 2 * d * HE + 2 * 2 * d * KE + 2 * HE * d  # q, k, v, o
-  F, F_head = cfg.mlp_dim, cfg.head_mlp_dim or cfg.mlp_dim  # trunk and head MLP widths
-  linear, head_linear = attn_linear + 3 * 2 * d * F, attn_linear + 3 * 2 * d * F_head
-  attn_causal, attn_dense = 2 * 2 * (T / 2) * HE, 2 * 2 * T * HE
-  out_proj = 2 * d * V
-  # Per depth: a sequential module adds eh_proj and a block, a parallel head a block, a Medusa
-  # head its residual MLP (d x d, or d x F and F x d with mtp.head_mlp_dim = F; counted in
-  # eh_proj's place) and no block.
-  medusa = 2 * 2 * d * cfg.head_mlp_dim if cfg.head_mlp_dim else 2 * d * d
-  eh_proj = {'sequential': 2 * 2 * d * d, 'parallel': 0, 'medusa': medusa}[cfg.mtp_kind]
-  head_blocks = 0 if cfg.mtp_kind == 'medusa' else D
-  forward = (L * (linear + attn_causal) + head_blocks * (head_linear + attn_causal)
-             + D * eh_proj + (D + 1) * out_proj)
-  dense_forward = forward + (L + head_blocks) * (attn_dense - attn_causal)
-  # A rematerialized block recomputes all but its MLP down projection, whose output only feeds
-  # the residual sum and so is not needed by the backward pass.
-  remat_blocks = (L * (linear + attn_dense - 2 * F * d)
-                  + head_blocks * (head_linear + attn_dense - 2 * F_head * d) + D * eh_proj
-                  if cfg.remat else 0)
-  tokens = batch * seq_len
-  return {
-      'tokens': tokens,
-      'forward_per_token': forward,
-      'model': 3 * forward * tokens,
-      'hardware': (3 * dense_forward + (D + 1) * out_proj + remat_blocks) * tokens,
-      'parts_forward_per_token': {
-          'blocks_linear': L * linear + head_blocks * head_linear,
-          'attention_causal': (L + head_blocks) * attn_causal,
-          'eh_proj': D * eh_proj, 'output_projection': (D + 1) * out_proj},
-  }
-
-
-def xla_cost(stage) -> dict:
-  """XLA's FLOPs and bytes accessed of a lowered or compiled function (cost_analysis returns a
-  dict or, in older jax, a list of them)."""
-  cost = stage.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  cost = cost or {}
-  return {'flops': cost.get('flops'), 'bytes': cost.get('bytes accessed')}
-
-
-def memory_stats(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  names = ('temp', 'argument', 'output', 'alias', 'generated_code')
-  out = {n: int(getattr(m, f'{n}_size_in_bytes', 0)) for n in names}
-  out['peak_estimate'] = out['temp'] + out['argument']
-  return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine and matmul roofline
-
-
-def machine_info(jax) -> dict:
-  dev = jax.devices()[0]
-  info = {'platform': jax.default_backend(), 'device_kind': dev.device_kind,
-          'device_count': jax.device_count(), 'process_count': jax.process_count(),
-          'cpu_count': os.cpu_count(), 'jax_version': jax.__version__,
-          'python': platform.python_version(), 'host': platform.machine()}
-  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
-  if stats and 'bytes_limit' in stats:
-    info['device_memory_bytes'] = int(stats['bytes_limit'])
-  return info
-
-
-def matmul_roofline(jax, jnp, dtype_name: str, runs: int = 5) -> dict:
-  """FLOP/s of one N x N x N matmul on the default device, best of `runs`. Each run repeats the
-  matmul enough times to last ~50 ms so dispatch overhead does not count."""
-  n = MATMUL_SIZE.get(jax.default_backend(), 8192)
-  dtype = jnp.dtype(dtype_name)
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), dtype)
-  b = jax.random.normal(kb, (n, n), dtype)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, b))
-  t0 = time.perf_counter()
-  jax.block_until_ready(matmul(a, b))
-  repeats = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
-  best = float('inf')
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    outs = [matmul(a, b) for _ in range(repeats)]
-    jax.block_until_ready(outs)
-    best = min(best, (time.perf_counter() - t0) / repeats)
-  return {'n': n, 'dtype': dtype_name, 'seconds': best, 'flops': 2 * n**3,
-          'flops_per_s': 2 * n**3 / best}
-
-
-# ---------------------------------------------------------------------------------------------
-# The train step, built as train.Session builds it
-
-
-def variant(config, **fields):
-  """A copy of the config with 'section.field' values replaced (e.g. mtp__depth=2)."""
-  c = config.copy_and_resolve_references()
-  for key, value in fields.items():
-    section, field = key.split('__')
-    c[section][field] = value
-  if c.mtp.depth == 0:
-    c.decode.method = 'ar'  # the decoder is not benchmarked, but validate() checks it
-  return c
+# The train step, built as train.Program builds it
 
 
 @dataclasses.dataclass
 class Step:
-  cfg: object
-  init: object  # jitted rng -> sharded state
-  lowered: object
-  compiled: object  # compiled (state, batch) -> (state, metrics), state donated
-  batch_spec: object
+  """The train step of one config, compiled as training compiles it (train.Program: state
+  sharded by the parameters' logical axis names, batch split over the data axes, state donated),
+  without data."""
+  config: ml_collections.ConfigDict  # with its overrides applied
+  program: train.Program
+  lowered: jax.stages.Lowered
+  compiled: jax.stages.Compiled  # (state, batch, draft_ids) -> (state, metrics), state donated
+  batch_spec: jax.ShapeDtypeStruct
+  draft_ids: jax.Array  # the heads' draft vocabulary: train.draft_vocab ids (none: every token)
   compile_s: float
 
+  def flops(self) -> dict:
+    t = self.config.train
+    return costs.train_flops(self.program.cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
+                             draft_vocab=t.draft_vocab)
 
-def build_step(config, mesh):
-  """Compiles the train step for `config` exactly as training does (train.Program: state
-  sharded by the parameters' logical axis names, batch split over the data axes, state
-  donated), without data."""
-  import jax
-  import jax.numpy as jnp
-  from mtp_jax import sharding
-  from mtp_jax import train as train_lib
-  from mtp_jax.config import validate
 
+def build_step(config, mesh, overrides: dict) -> Step:
+  config = apply_overrides(config, overrides)
   validate(config)
   sharding.check_mesh(config, jax.device_count(), jax.process_count())
-  program = train_lib.Program(config, mesh)
+  program = train.Program(config, mesh)
   batch_spec = jax.ShapeDtypeStruct((config.train.batch_size, program.window), jnp.int32,
                                     sharding=program.batch_sharding)
-  t0 = time.perf_counter()
+  draft_ids = jax.device_put(np.arange(config.train.draft_vocab, dtype=np.int32),
+                             sharding.replicated(mesh))
+  start = time.perf_counter()
   with sharding.active(mesh):
-    lowered = program.train_step.lower(program.abstract_state, batch_spec)
+    lowered = program.lower_train_step(batch_spec, draft_ids)
     compiled = lowered.compile()
-  return Step(program.cfg, program.init, lowered, compiled, batch_spec,
-              time.perf_counter() - t0)
-
-
-def random_batches(step: Step, count: int, seed: int):
-  """`count` uniform random token windows, already on the devices (no host transfer is timed)."""
-  import jax
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  shape = step.batch_spec.shape
-  return [jax.device_put(rng.integers(0, step.cfg.vocab_size, shape, dtype=np.int32),
-                         step.batch_spec.sharding) for _ in range(count)]
+  return Step(config, program, lowered, compiled, batch_spec, draft_ids,
+              time.perf_counter() - start)
 
 
 @dataclasses.dataclass
 class Run:
-  """One (kind, D) being timed: its compiled step, live state, batches and step times."""
-  kind: str
-  depth: int
+  """One step being timed: its live state and batches; each call takes the next train step."""
+  label: dict
   step: Step
   state: object
   batches: list
-  times: list = dataclasses.field(default_factory=list)
-  metrics: object = None
+  taken: int = 0
+
+  def __call__(self):
+    batch = self.batches[self.taken % len(self.batches)]
+    self.state, metrics = self.step.compiled(self.state, batch, self.step.draft_ids)
+    self.taken += 1
+    return self.state, metrics
 
 
-def start_run(config, mesh, kind, depth, steps: int) -> Run:
-  import jax
-  from mtp_jax import sharding
-  c = variant(config, mtp__depth=depth, **({'mtp__kind': kind} if kind else {}))
-  step = build_step(c, mesh)
+def start_run(config, mesh, label: dict, overrides: dict, steps: int) -> Run:
+  """A Run with a fresh state and WARMUP_STEPS + `steps` uniform random token windows, already on
+  the devices (no host transfer is timed)."""
+  step = build_step(config, mesh, overrides)
+  c = step.config
   with sharding.active(mesh):
-    state = step.init(jax.random.key(c.seed))
-  return Run(kind or '-', depth, step, state, random_batches(step, WARMUP_STEPS + steps, c.seed))
+    state = step.program.init(jax.random.key(c.seed))
+  rng = np.random.default_rng(c.seed)
+  batches = [jax.device_put(rng.integers(0, c.data.vocab_size, step.batch_spec.shape, np.int32),
+                            step.batch_spec.sharding) for _ in range(WARMUP_STEPS + steps)]
+  return Run(label, step, state, batches)
 
 
-def take_step(run: Run, i: int):
-  """Step i of a run, synced; steps after the warmup are timed."""
-  import jax
-  t0 = time.perf_counter()
-  run.state, run.metrics = run.step.compiled(run.state, run.batches[i])
-  jax.block_until_ready((run.state, run.metrics))
-  if i >= WARMUP_STEPS:
-    run.times.append(time.perf_counter() - t0)
+def time_runs(runs: list[Run], steps: int) -> list[dict]:
+  """Times the runs step by step in turns and returns a throughput row for each."""
+  seconds, outputs = measure.timings(runs, steps, WARMUP_STEPS)
+  return [{**run.label, **throughput(run.step, times, metrics)}
+          for run, times, (_, metrics) in zip(runs, seconds, outputs)]
 
 
-# ---------------------------------------------------------------------------------------------
-# The three parts
-
-
-def bench_throughput(config, mesh, depths, kinds, steps, matmul_fps, peak, n_dev, interleave):
-  """Times each (kind, D) in turn or, with `interleave`, all of them step by step in rounds
-  (every state live at once), so a drift in the machine's load hits every D alike."""
-  t = config.train
-  plan = [(None, 0)] if 0 in depths else []
-  plan += [(kind, d) for kind in kinds for d in depths if d > 0]
-  rows = []
-  for group in ([plan] if interleave else [[p] for p in plan]):
-    runs = [start_run(config, mesh, kind, depth, steps) for kind, depth in group]
-    for i in range(WARMUP_STEPS + steps):
-      for run in runs:
-        take_step(run, i)
-    for run in runs:
-      rows.append(throughput_row(run, t, matmul_fps, peak, n_dev))
-      print(f"  timed {run.kind:>10} D={run.depth}: {1e3 * rows[-1]['step_s']:.1f} ms/step "
-            f'(compile {run.step.compile_s:.1f} s)', flush=True)
-    del runs
-  base = next((r for r in rows if r['depth'] == 0), None)
-  for r in rows:
-    r['time_ratio'] = r['step_s'] / base['step_s'] if base else None
-    r['flop_ratio'] = r['model_flops'] / base['model_flops'] if base else None
-  return rows
-
-
-def throughput_row(run: Run, t, matmul_fps, peak, n_dev) -> dict:
-  counts = flop_counts(run.step.cfg, t.batch_size, t.seq_len)
-  xla, xla_compiled = xla_cost(run.step.lowered), xla_cost(run.step.compiled)
-  step_s = statistics.median(run.times)
-  achieved = counts['model'] / step_s
-  return {'kind': run.kind, 'depth': run.depth, 'compile_s': run.step.compile_s,
-          'step_s': step_s, 'step_s_min': min(run.times), 'step_s_max': max(run.times),
-          'final_loss': float(run.metrics['loss/total']),
+def throughput(step: Step, seconds: list[float], metrics) -> dict:
+  counts = step.flops()
+  xla, xla_compiled = costs.xla_cost(step.lowered), costs.xla_cost(step.compiled)
+  step_s = statistics.median(seconds)
+  return {'compile_s': step.compile_s, 'step_s': step_s, 'step_s_min': min(seconds),
+          'step_s_max': max(seconds), 'final_loss': float(metrics['loss/total']),
           'tokens_per_s': counts['tokens'] / step_s,
-          'tokens_per_s_per_device': counts['tokens'] / step_s / n_dev,
+          'tokens_per_s_per_device': counts['tokens'] / step_s / jax.device_count(),
           'model_flops': counts['model'], 'hardware_flops': counts['hardware'],
           'xla_flops': xla['flops'], 'xla_flops_compiled': xla_compiled['flops'],
           'xla_bytes_accessed_compiled': xla_compiled['bytes'],
           'xla_over_hardware': xla['flops'] / counts['hardware'] if xla['flops'] else None,
           'forward_flops_per_token': counts['parts_forward_per_token'],
-          'model_flops_per_s': achieved,
-          'fraction_of_matmul': achieved / n_dev / matmul_fps,
-          'mfu': achieved / n_dev / (peak * 1e12) if peak else None}
+          'model_flops_per_s': counts['model'] / step_s}
+
+
+def add_rates(rows: list[dict], matmul_fps: float, peak: float):
+  """Each row's achieved model FLOP/s per device as a share of the matmul roofline (and MFU)."""
+  for r in rows:
+    per_device = r['model_flops_per_s'] / jax.device_count()
+    r['fraction_of_matmul'] = per_device / matmul_fps
+    r['mfu'] = per_device / (peak * 1e12) if peak else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The four parts
+
+
+def at_depth(depth: int, kind: str | None = None) -> dict:
+  """Overrides for D = depth (and head kind): D = 0 trains its trunk, having no heads to train
+  alone."""
+  kind = {'mtp.kind': kind} if kind else {}
+  return {'mtp.depth': depth, **kind, **({'train.freeze_trunk': False} if depth == 0 else {})}
+
+
+def bench_throughput(config, mesh, depths, kinds, steps, interleave):
+  """Times each (kind, D) in turn or, with `interleave`, all of them step by step in rounds
+  (every state live at once), so a drift in the machine's load hits every D alike."""
+  plan = [({'kind': '-', 'depth': 0}, at_depth(0))] if 0 in depths else []
+  plan += [({'kind': kind, 'depth': d}, at_depth(d, kind))
+           for kind in kinds for d in depths if d > 0]
+  rows = []
+  for group in ([plan] if interleave else [[p] for p in plan]):
+    runs = [start_run(config, mesh, label, overrides, steps) for label, overrides in group]
+    rows += time_runs(runs, steps)
+    for r in rows[-len(runs):]:
+      print(f"  timed {r['kind']:>10} D={r['depth']}: {1e3 * r['step_s']:.1f} ms/step "
+            f"(compile {r['compile_s']:.1f} s)", flush=True)
+    del runs  # frees these states before the next group's are made
+  base = next((r for r in rows if r['depth'] == 0), None)
+  for r in rows:
+    r['time_ratio'] = r['step_s'] / base['step_s'] if base else None
+    r['flop_ratio'] = r['model_flops'] / base['model_flops'] if base else None
+  return rows
 
 
 def logits_bytes_per_device(config, mesh) -> int:
@@ -310,8 +219,8 @@ def logits_bytes_per_device(config, mesh) -> int:
   return 4 * batch * t.seq_len * config.data.vocab_size // mesh.shape['tensor']
 
 
-def _temp(config, mesh, **fields):
-  return memory_stats(build_step(variant(config, **fields), mesh).compiled).get('temp')
+def _temp(config, mesh, overrides):
+  return costs.memory_stats(build_step(config, mesh, overrides).compiled).get('temp')
 
 
 def bench_memory(config, mesh, depths):
@@ -321,11 +230,12 @@ def bench_memory(config, mesh, depths):
   logits = logits_bytes_per_device(config, mesh)
   rows = []
   for depth in depths:
-    step = build_step(variant(config, mtp__depth=depth, mtp__kind='sequential'), mesh)
-    rows.append({'depth': depth, 'compile_s': step.compile_s, **memory_stats(step.compiled)})
+    step = build_step(config, mesh, at_depth(depth, 'sequential'))
+    rows.append({'depth': depth, 'compile_s': step.compile_s,
+                 **costs.memory_stats(step.compiled)})
     print(f'  compiled sequential D={depth} for memory ({step.compile_s:.1f} s)', flush=True)
-  base = rows[0].get('temp') if depths[0] == 0 else _temp(config, mesh, mtp__depth=0)
-  deeper = _temp(config, mesh, mtp__depth=0, model__num_layers=config.model.num_layers + 1)
+  base = rows[0].get('temp') if depths[0] == 0 else _temp(config, mesh, at_depth(0))
+  deeper = _temp(config, mesh, {**at_depth(0), 'model.num_layers': config.model.num_layers + 1})
   block = None if base is None or deeper is None else deeper - base
   print('  compiled D=0 with one more trunk layer, for the per-block yardstick', flush=True)
   for prev, r in zip([None] + rows, rows):
@@ -337,36 +247,41 @@ def bench_memory(config, mesh, depths):
   return logits, block, rows
 
 
-def residual_bytes(config) -> int:
-  """Bytes the backward pass keeps from the forward (JAX's saved residuals of the loss on one
-  micro-batch, parameters excluded). This is what model.remat trades for recomputation; XLA
-  CPU's memory_analysis does not show it, as its scheduler keeps similar buffers either way."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax._src.ad_checkpoint import saved_residuals
-  from mtp_jax.config import ModelConfig
-  from mtp_jax.loss import combined_loss
-  from mtp_jax.model import init_params
-  from mtp_jax.train import window_length
-  cfg = ModelConfig.from_config(config)
-  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  micro = config.train.batch_size // config.train.grad_accum
-  tokens = jax.ShapeDtypeStruct((micro, window_length(config)), jnp.int32)
-  saved = saved_residuals(lambda p, t: combined_loss(p, t, cfg, 0.3)[0], params, tokens)
-  return int(sum(np.prod(a.shape) * a.dtype.itemsize for a, why in saved
-                 if 'argument' not in why))
+def residual_bytes(step: Step) -> int:
+  """Bytes the backward pass of the loss on one micro-batch keeps from its forward pass
+  (parameters excluded), all parameters differentiated."""
+  c, program = step.config, step.program
+  tokens = jax.ShapeDtypeStruct((c.train.batch_size // c.train.grad_accum, program.window),
+                                jnp.int32)
+  loss = lambda params, tokens: combined_loss(params, tokens, program.spec, c.mtp.loss_weight)[0]
+  return costs.saved_residual_bytes(loss, program.abstract_state['params'], tokens)
 
 
 def bench_remat(config, mesh):
   rows = []
   for remat in (False, True):
     for dtype in ('float32', 'bfloat16'):
-      conf = variant(config, model__remat=remat, model__dtype=dtype)
-      step = build_step(conf, mesh)
-      rows.append({'remat': remat, 'dtype': dtype, **memory_stats(step.compiled),
-                   'saved_residuals': residual_bytes(conf)})
+      step = build_step(config, mesh, {'model.remat': remat, 'model.dtype': dtype})
+      rows.append({'remat': remat, 'dtype': dtype, **costs.memory_stats(step.compiled),
+                   'saved_residuals': residual_bytes(step)})
       print(f'  compiled remat={remat} dtype={dtype} for memory', flush=True)
+  return rows
+
+
+def bench_freeze(config, mesh, steps):
+  """The configured step with the trunk trained and frozen, timed step by step in turns: the
+  frozen one differentiates and updates only the heads, and keeps no optimizer state for the
+  trunk."""
+  runs = [start_run(config, mesh, {'freeze_trunk': frozen}, {'train.freeze_trunk': frozen}, steps)
+          for frozen in (False, True)]
+  rows = time_runs(runs, steps)
+  for run, r in zip(runs, rows):
+    params = costs.param_counts(run.step.program.cfg)
+    r.update(costs.memory_stats(run.step.compiled))
+    r['trained_params'] = params['heads'] if r['freeze_trunk'] else params['total']
+    r['opt_state_bytes'] = costs.tree_bytes(run.step.program.abstract_state['opt_state'])
+    print(f"  timed freeze_trunk={r['freeze_trunk']}: {1e3 * r['step_s']:.1f} ms/step "
+          f"(compile {r['compile_s']:.1f} s)", flush=True)
   return rows
 
 
@@ -412,8 +327,7 @@ def _mib(x):
 
 def report(result, markdown: bool):
   m, mm = result['machine'], result['matmul']
-  print(f"\nmachine: {m['platform']} / {m['device_kind']} x {m['device_count']}, "
-        f"{m['cpu_count']} CPUs, jax {m['jax_version']}")
+  print(f"\nmachine: {measure.machine(m)}")
   print(f"config: {result['config_summary']}")
   print(f"data: {result['data']}")
   peak = result['peak_tflops']
@@ -423,6 +337,9 @@ def report(result, markdown: bool):
        [[f"{mm['n']}^3", mm['dtype'], f"{1e3 * mm['seconds']:.2f}",
          _num(mm['flops_per_s'] / 1e12)]], markdown)
   print(f"machine's matmul FLOP/s: {mm['flops_per_s']:.3e}{mfu}")
+  bw = result['read_bandwidth']
+  print(f"memory read bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s (sum over {bw['bytes'] // MiB} "
+        f"MiB of float32, {1e3 * bw['seconds']:.1f} ms)")
 
   rows = result['throughput']
   if rows:
@@ -486,6 +403,23 @@ def report(result, markdown: bool):
          [[r['remat'], r['dtype'], _mib(r.get('temp')), _mib(r.get('argument')),
            _mib(r.get('peak_estimate')), _mib(r.get('saved_residuals'))] for r in rc['rows']],
          markdown)
+  if result.get('freeze_compare'):
+    fc = result['freeze_compare']
+    show(f"4. frozen trunk ({fc['label']}, median of {result['steps']} steps after {WARMUP_STEPS} "
+         'warmup, in turns; memory per device, MiB)',
+         ['freeze_trunk', 'step (ms)', 'tok/s', 'model GFLOP', 'hw GFLOP', 'XLA GFLOP',
+          'trained params', 'opt state (all dev)', 'temp', 'argument', 'temp+arg'],
+         [[r['freeze_trunk'], f"{1e3 * r['step_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+           _num(r['model_flops'] / 1e9), _num(r['hardware_flops'] / 1e9),
+           _num(r['xla_flops'] and r['xla_flops'] / 1e9), r['trained_params'],
+           _mib(r['opt_state_bytes']), _mib(r.get('temp')), _mib(r.get('argument')),
+           _mib(r.get('peak_estimate'))] for r in fc['rows']], markdown)
+    full, frozen = fc['rows']
+    ratio = lambda key: _g(frozen.get(key) and full.get(key) and frozen[key] / full[key])
+    print(f"frozen / trained: step time {ratio('step_s')}, model FLOPs {ratio('model_flops')}, "
+          f"optimizer state {ratio('opt_state_bytes')}, temp {ratio('temp')}, argument "
+          f"{ratio('argument')}. The frozen step runs the trunk forward only and updates the "
+          'heads alone.')
 
 
 def _ints(values, name):
@@ -503,39 +437,41 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   depths, mem_depths = _ints(_DEPTHS.value, 'depths'), _ints(_MEMORY_DEPTHS.value, 'memory_depths')
   kinds = _KINDS.value
-  from mtp_jax.config import KINDS
   if any(k not in KINDS for k in kinds):
     raise app.UsageError(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
   if _STEPS.value < 1:
     raise app.UsageError('--steps must be >= 1')
-  config = _CONFIG.value
   logging.set_verbosity(logging.WARNING)
 
-  import jax
-  import jax.numpy as jnp
-  from mtp_jax import sharding
-  from mtp_jax.config import ConfigError
-
   try:
+    config = resolve_config(_CONFIG.value)  # a pretrained trunk's shapes, read from its file
+    if config.data.features:
+      raise ConfigError('data.features=True trains on cached trunk features, which this does not '
+                        'time; pass --config.data.features=False to time token windows')
+    if _FREEZE.value:  # fails here, not after the other parts have run
+      validate(apply_overrides(config, {'train.freeze_trunk': True}))
     mesh = sharding.make_mesh(config.mesh)
-    machine = machine_info(jax)
-    print(f"{machine['platform']} / {machine['device_kind']} x {machine['device_count']}, "
-          f"mesh {dict(mesh.shape)}", flush=True)
-    mm = matmul_roofline(jax, jnp, config.model.dtype)
+    machine = measure.machine_info()
+    print(f'{measure.machine(machine)}, mesh {dict(mesh.shape)}', flush=True)
+    mm = measure.matmul_roofline(config.model.dtype)
     print(f"  matmul {mm['n']}^3 {mm['dtype']}: {mm['flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
-    n_dev = jax.device_count()
+    bandwidth = measure.read_bandwidth()
+    print(f"  memory read: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     peak = _PEAK.value
-    throughput = bench_throughput(config, mesh, depths, kinds, _STEPS.value, mm['flops_per_s'],
-                                  peak, n_dev, _INTERLEAVE.value)
+    throughput = bench_throughput(config, mesh, depths, kinds, _STEPS.value, _INTERLEAVE.value)
     logits, block, mem_rows = (bench_memory(config, mesh, mem_depths) if mem_depths
                                else (None, None, []))
-    remat = None
+    remat = freeze = None
     if _REMAT.value:
       remat = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
                'rows': bench_remat(config, mesh)}
+    if _FREEZE.value:
+      freeze = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
+                'rows': bench_freeze(config, mesh, _STEPS.value)}
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  add_rates(throughput + (freeze['rows'] if freeze else []), mm['flops_per_s'], peak)
 
   t, m = config.train, config.model
   result = {
@@ -550,11 +486,11 @@ def main(argv):
                '(train.batch_size, train.seq_len + D + 1)'),
       'steps': _STEPS.value, 'warmup_steps': WARMUP_STEPS, 'interleave': _INTERLEAVE.value,
       'grad_accum': t.grad_accum,
-      'peak_tflops': peak, 'matmul': mm, 'throughput': throughput,
+      'peak_tflops': peak, 'matmul': mm, 'read_bandwidth': bandwidth, 'throughput': throughput,
       'memory': {'logits_bytes': logits, 'one_block_temp_bytes': block, 'rows': mem_rows,
                  'logits_shape': (f'{t.batch_size // t.grad_accum} x {t.seq_len} x '
                                   f'{config.data.vocab_size} per micro-batch')},
-      'remat_compare': remat,
+      'remat_compare': remat, 'freeze_compare': freeze,
   }
   report(result, _MARKDOWN.value)
   if _OUT.value:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 KINDS = ('sequential', 'parallel', 'medusa')
 ATTENTION = ('einsum', 'fused')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+HEAD_LOSSES = ('data', 'distill')
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,7 @@ class ModelConfig:
   mtp_depth: int
   head_mlp_dim: int  # 0: each kind's own default (see heads.py)
   attention: str
+  kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
 
   @property
   def head_dim(self) -> int:
@@ -79,6 +81,24 @@ def as_flags(config, skip=()) -> list[str]:
     else:
       flat.append(f'--config.{name}={value}')
   return flat
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with each field named in `overrides` ('section.field', or 'field' at the
+  top) set to its value. A name the config lacks raises ConfigError, as a misspelled
+  --config.FIELD flag fails, instead of adding a field nothing reads."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *sections, field = key.split('.')
+    node = c
+    for name in sections:
+      node = node.get(name)
+      if not hasattr(node, 'items'):
+        break
+    if not hasattr(node, 'items') or field not in node:
+      raise ConfigError(f"'{key}' is not a config field")
+    node[field] = value
+  return c
 
 
 def parse_schedule(text: str) -> list[tuple[int, float]]:
@@ -149,10 +169,39 @@ def validate(config) -> None:
   _check(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be stop or skip, got '{t.nonfinite}'")
   _check(0 < config.data.valid_fraction < 1,
          f'data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}')
-  _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib' or paths)")
+  _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
   _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
          f"data.tokenizer: no file '{config.data.tokenizer}'")
+  validate_pretrained(config)
   validate_decode(config)
+
+
+def validate_pretrained(config) -> None:
+  """The fields that train heads on a pretrained trunk."""
+  t, data, pretrained = config.train, config.data, bool(config.model.init_from)
+  _check(t.head_loss in HEAD_LOSSES,
+         f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
+  _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,
+         f'train.distill_topk must be in 1..data.vocab_size, got {t.distill_topk!r}')
+  _check(isinstance(t.draft_vocab, int) and 0 <= t.draft_vocab <= config.data.vocab_size,
+         f'train.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
+         f'got {t.draft_vocab!r}')
+  _check(not t.freeze_trunk or pretrained,
+         'train.freeze_trunk needs a pretrained trunk (model.init_from)')
+  _check(not t.freeze_trunk or config.mtp.depth >= 1,
+         'train.freeze_trunk trains only the MTP heads, but mtp.depth=0')
+  _check(not data.features or t.freeze_trunk,
+         'data.features caches the trunk\'s features, so it needs train.freeze_trunk=True')
+  self_gen = 'self' in [s.strip() for s in data.sources.split(',')]
+  _check(not self_gen or data.sources.strip() == 'self',
+         "data.sources: 'self' (data the trunk generates) cannot be mixed with other sources")
+  _check(not self_gen or pretrained, "data.sources=self needs a pretrained trunk (model.init_from)")
+  _check(isinstance(data.self_tokens, int) and data.self_tokens >= 1,
+         f'data.self_tokens must be an integer >= 1, got {data.self_tokens!r}')
+  _check(data.self_temperature > 0,
+         f'data.self_temperature must be > 0, got {data.self_temperature}')
+  _check(isinstance(data.self_answer_len, int) and data.self_answer_len >= 1,
+         f'data.self_answer_len must be an integer >= 1, got {data.self_answer_len!r}')
 
 
 def validate_decode(config) -> None:
@@ -163,6 +212,12 @@ def validate_decode(config) -> None:
   _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
   _check(d.draft_len == -1 or 1 <= d.draft_len <= max(depth, 1),
          f'decode.draft_len must be in 1..mtp.depth={depth} (or -1 for all), got {d.draft_len}')
+  _check(isinstance(d.bench_rounds, int) and d.bench_rounds >= 1,
+         f'decode.bench_rounds must be an integer >= 1, got {d.bench_rounds!r}')
+  _check(not d.prompts or os.path.isfile(d.prompts), f"decode.prompts: no file '{d.prompts}'")
+  _check(isinstance(d.draft_vocab, int) and 0 <= d.draft_vocab <= config.data.vocab_size,
+         f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
+         f'got {d.draft_vocab!r}')
 
 
 def check_mtp_decoding(config) -> None:

@@ -57,10 +57,17 @@ def _source_files(sources):
   for entry in (e.strip() for e in sources.split(',')):
     if not entry:
       continue
+    root = sysconfig.get_paths()['stdlib']
     if entry == 'stdlib':
-      root = sysconfig.get_paths()['stdlib']
       for path in _walk(root, ('.py',), _STDLIB_SKIP):
         files[path] = os.path.join('stdlib', os.path.relpath(path, root))
+      continue
+    if entry.startswith('stdlib/'):  # one file or folder of the standard library, by its path
+      path = os.path.join(root, entry[len('stdlib/'):])
+      if not os.path.exists(path):
+        raise DataError(f"data.sources: the standard library has no '{entry[len('stdlib/'):]}'")
+      found = _walk(path, ('.py',), _STDLIB_SKIP) if os.path.isdir(path) else [path]
+      files.update((p, os.path.join('stdlib', os.path.relpath(p, root))) for p in found)
       continue
     if os.path.exists(entry):
       matches = [entry]
@@ -158,10 +165,14 @@ def _read(path):
     return f.read()
 
 
-def _tokenizer(data_cfg, path, train_texts):
-  """Loads data.tokenizer, reuses `path` or trains one; leaves it at `path`; returns it and EOS."""
+def _tokenizer(data_cfg, path, train_texts, given=None):
+  """The model's tokenizer (`given`), data.tokenizer, the one at `path`, or a new one trained on
+  the training texts; left at `path`. Returns it and the id that ends each document: EOS, or for
+  a given tokenizer without one, the model's own end token."""
   source = data_cfg.tokenizer or path
-  if os.path.exists(source):
+  if given is not None:
+    tokenizer, blob = given, given.to_str().encode()
+  elif os.path.exists(source):
     try:
       tokenizer = tokenizers.Tokenizer.from_file(source)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files.
@@ -178,7 +189,7 @@ def _tokenizer(data_cfg, path, train_texts):
         f"data.vocab_size: {data_cfg.vocab_size} is smaller than the {size} tokens of '{source}';"
         ' the model embedding is sized by data.vocab_size')
   eos_id = tokenizer.token_to_id(EOS)
-  if eos_id is None:
+  if eos_id is None and given is None:
     raise DataError(f"data.tokenizer: '{source}' has no {EOS} token")
   if not os.path.exists(path) or _read(path) != blob:
     _write_atomic(path, blob)
@@ -208,15 +219,17 @@ def _load_cache(cache):
           for split in ('train', 'valid')}
 
 
-def prepare(data_cfg, workdir: str) -> TokenData:
+def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None) -> TokenData:
   """Returns token arrays for data_cfg, reusing workdir's tokenizer and cached tokens. The
-  split, tokenizer and token arrays are deterministic: no seed enters them."""
+  split, tokenizer and token arrays are deterministic: no seed enters them. A pretrained model
+  brings its `tokenizer` (and `end_id`, which ends documents where it has no EOS token)."""
   os.makedirs(workdir, exist_ok=True)
   files = _source_files(data_cfg.sources)
   docs = functools.cache(lambda: split_documents(
       _read_documents(files, data_cfg.text_field), data_cfg.valid_fraction))
   tok_path = os.path.join(workdir, 'tokenizer.json')
-  tokenizer, eos_id = _tokenizer(data_cfg, tok_path, lambda: [t for _, t in docs()[0]])
+  tokenizer, eos_id = _tokenizer(data_cfg, tok_path, lambda: [t for _, t in docs()[0]], tokenizer)
+  eos_id = end_id if eos_id is None else eos_id
   vocab_size = tokenizer.get_vocab_size()
 
   # Any change to a source file or the tokenizer changes the key, so stale tokens are never read.
@@ -249,33 +262,41 @@ def prepare(data_cfg, workdir: str) -> TokenData:
                    eos_id=eos_id, vocab_size=vocab_size)
 
 
-def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, window: int,
-              process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """Returns this process's int32 [batch_size // process_count, window] rows of the global batch.
+def window_starts(length: int, *, seed: int, step: int, batch_size: int, window: int,
+                  process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """This process's window starts in a split of `length` positions for batch (seed, step).
 
-  Every process draws the same global window starts and keeps its own rows, so the global batch
+  Every process draws the same global starts and keeps its own rows, so the global batch
   depends on neither the process count nor anything but (seed, step).
   """
   if batch_size % process_count:
     raise DataError(
         f'train.batch_size: {batch_size} is not divisible by the {process_count} processes')
-  if len(tokens) < window:
+  if length < window:
     raise DataError(
-        f'data: a split has {len(tokens)} tokens, fewer than one window of {window}; add data,'
+        f'data: a split has {length} tokens, fewer than one window of {window}; add data,'
         ' raise data.valid_fraction or lower train.seq_len')
-  starts = np.random.default_rng([seed, step]).integers(0, len(tokens) - window + 1, batch_size)
+  starts = np.random.default_rng([seed, step]).integers(0, length - window + 1, batch_size)
   rows = batch_size // process_count
-  starts = starts[process_index * rows:(process_index + 1) * rows]
+  return starts[process_index * rows:(process_index + 1) * rows]
+
+
+def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, window: int,
+              process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """Returns this process's int32 [batch_size // process_count, window] rows of the global batch."""
+  starts = window_starts(len(tokens), seed=seed, step=step, batch_size=batch_size, window=window,
+                         process_index=process_index, process_count=process_count)
   return np.stack([tokens[s:s + window] for s in starts]).astype(np.int32)
 
 
-def eval_batches(tokens: np.ndarray, *, batch_size: int, window: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
-  """Returns the same num_batches batches on every call and for every run on the same data,
-  whatever its training seed, so evaluations of different runs are comparable."""
-  return [get_batch(tokens, seed=0, step=_EVAL_STEP + i, batch_size=batch_size,
-                    window=window, process_index=process_index, process_count=process_count)
-          for i in range(num_batches)]
+EVAL_SEED = 0
+
+
+def eval_steps(num_batches: int) -> range:
+  """The (seed EVAL_SEED) steps evaluation batches are drawn at: the same on every call and for
+  every run on the same data, whatever its training seed, so evaluations of different runs are
+  comparable."""
+  return range(_EVAL_STEP, _EVAL_STEP + num_batches)
 
 
 def encode(tokenizer: tokenizers.Tokenizer, text: str) -> list[int]:

@@ -6,11 +6,17 @@ speculative sampling (Leviathan et al.), which at temperature 0 reduces to "acce
 draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is plain
 autoregressive decoding through the same loop.
 
-The loop knows the model only through `DecodeModel`: trunk(tokens, positions, cache) ->
-(logits, hidden, cache), head(k, hidden_in, tokens, positions, cache) -> (hidden, cache) and
-head_logits(k, hidden) -> logits, plus the flags `chains` (head k reads head k-1's hidden state
-and its draft) and `attends` (the heads keep a KV cache). Shape legend: B batch, L cache length,
-P prompt length, S draft length, D width, V vocab.
+Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
+has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
+idles while a slow one finishes.
+
+The loop knows the model only through the interface `DecodeModel` implements: trunk(tokens,
+positions, cache) -> (logits, hidden, cache), head(k, hidden_in, tokens, positions, cache) ->
+(hidden, cache), head_logits(k, hidden) -> logits over the draft vocabulary (all tokens, or the N
+most frequent), draft_tokens(params, index) -> token ids, prepare(params) -> params as those
+functions read them, plus the flags `chains` (head k reads head k-1's hidden state and its
+draft) and `attends` (the heads keep a KV cache). Shape legend: Q queued prompts, B rows decoded
+at once, L cache length, P prompt length, S draft length, D width, V vocab, N draft vocabulary.
 
 Position bookkeeping: a row holds n committed tokens t_0..t_{n-1}; the trunk cache holds
 positions 0..n-2 and t_{n-1} is the pending input of the next verify. Head k at position i reads
@@ -28,15 +34,72 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax import kernels as kernels_lib
 from mtp_jax.config import ModelConfig
 from mtp_jax.layers import empty_kv, write_cache
-from mtp_jax.model import MTPLanguageModel
+from mtp_jax.model import MTPLanguageModel, kernel_layout, project
+
+
+class WholeVocabulary:
+  """The parts of the decoder's model interface for a model that drafts over every token and
+  reads its params as given (test stubs build on it)."""
+
+  def prepare(self, params):
+    return params
+
+  def draft_tokens(self, params, index):
+    return index
+
+  def draft_to_vocab(self, params, q_xN, vocab: int):
+    return q_xN
+
+
+_LAYOUTS, _DRAFTS = [], []  # (key, converted params), most recent first
+
+
+def _remember(store: list, key: tuple, make, keep: int):
+  """make()'s value for `key`, made once while it is among the `keep` most recently asked for
+  (keys compare their arrays by identity)."""
+  same = lambda a, b: len(a) == len(b) and all(x is y or (isinstance(x, tuple) and x == y)
+                                              for x, y in zip(a, b))
+  for i, (held, value) in enumerate(store):
+    if same(held, key):
+      store.insert(0, store.pop(i))
+      return value
+  value = make()
+  store.insert(0, (key, value))
+  del store[keep:]
+  return value
+
+
+def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool) -> dict:
+  """The draft vocabulary's ids and output rows (N x D) from the output matrix: the embedding,
+  or the unembedding (D x V as stored, V x D in the kernels' layout)."""
+  inner = params['params']
+  matrix = inner['embedding'] if tied else (
+      inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
+  index = jnp.asarray(ids, jnp.int32)
+  return {'ids': index, 'out': jnp.take(matrix, index, axis=0)}
+
+
+def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None) -> 'DecodeModel':
+  """The decoder's view of a model: with the native kernels where they can run (a float32 model
+  on one CPU device whose kernels built, mtp_jax.kernels), drafting over `draft_ids` (a reduced
+  vocabulary; None: every token)."""
+  draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
+  return DecodeModel(cfg, kernels=use_kernels and cfg.dtype == 'float32' and kernels_lib.usable(),
+                     draft=draft)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeModel:
-  """Adapter from the Flax model to the decoder's small function interface."""
+class DecodeModel(WholeVocabulary):
+  """Adapter from the Flax model to the decoder's small function interface. With `kernels`, the
+  decoding steps use the native CPU kernels (mtp_jax.kernels); with `draft`, the heads project
+  onto those token ids only (FR-Spec's reduced draft vocabulary), which keeps decoding exact:
+  verification still uses the trunk's full distribution."""
   cfg: ModelConfig
+  kernels: bool = False
+  draft: tuple | None = None
 
   @property
   def depth(self) -> int:
@@ -58,6 +121,22 @@ class DecodeModel:
   def hidden_dtype(self):
     return self.cfg.compute_dtype
 
+  @property
+  def _model(self):
+    return MTPLanguageModel(dataclasses.replace(self.cfg, kernels=self.kernels))
+
+  def prepare(self, params):
+    """The params as this model's functions read them, converted once per params object: with
+    kernels every dense matrix one output per row (model.kernel_layout); with a draft vocabulary,
+    its ids and output rows (N x D) under 'draft'. Models that differ only in their draft
+    vocabulary share one converted copy of the weights."""
+    if self.kernels:
+      params = _remember(_LAYOUTS, (params,), lambda: jax.jit(kernel_layout)(params), keep=2)
+    if self.draft is None:
+      return params
+    return _remember(_DRAFTS, (params, self.draft), lambda: {**params, 'draft': _draft(
+        params, self.draft, self.cfg.tie_embeddings, self.kernels)}, keep=8)
+
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get
     an empty one."""
@@ -66,23 +145,35 @@ class DecodeModel:
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 
   def trunk(self, params, tokens_BxT, positions_BxT, cache):
-    model = MTPLanguageModel(self.cfg)
-
     def fn(m, tokens, positions, caches):
       h, caches = m.trunk(tokens, positions, caches)
       return m.logits(h, 0), h, caches
-    return model.apply(params, tokens_BxT, positions_BxT, cache, method=fn)
+    return self._model.apply({'params': params['params']}, tokens_BxT, positions_BxT, cache,
+                             method=fn)
 
   def head(self, params, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv):
     """Depth k's hidden states over a window; logits are asked for separately, at the one
     position that drafts, since the vocabulary projection dominates a small head's cost."""
-    model = MTPLanguageModel(self.cfg)
-    return model.apply(params, k, h_in_BxTxD, tokens_BxT, positions_BxT, kv,
-                       method=MTPLanguageModel.mtp_step)
+    return self._model.apply({'params': params['params']}, k, h_in_BxTxD, tokens_BxT,
+                             positions_BxT, kv, method=MTPLanguageModel.mtp_step)
 
   def head_logits(self, params, k: int, h_BxTxD):
-    model = MTPLanguageModel(self.cfg)
-    return model.apply(params, h_BxTxD, k, method=MTPLanguageModel.logits)
+    model = self._model
+    if self.draft is None:
+      return model.apply({'params': params['params']}, h_BxTxD, k, method=MTPLanguageModel.logits)
+    scale, _ = model.apply({'params': params['params']}, k, method=MTPLanguageModel.head_weights)
+    cfg = dataclasses.replace(model.cfg, tie_embeddings=True)  # N x D, as the embedding is
+    return project(h_BxTxD, scale, params['draft']['out'], cfg)
+
+  def draft_tokens(self, params, index):
+    return index if self.draft is None else params['draft']['ids'][index]
+
+  def draft_to_vocab(self, params, q_xN, vocab: int):
+    """A distribution over the draft vocabulary as one over every token (zero elsewhere)."""
+    if self.draft is None:
+      return q_xN
+    full = jnp.zeros(q_xN.shape[:-1] + (vocab,), q_xN.dtype)
+    return full.at[..., params['draft']['ids']].set(q_xN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,22 +185,40 @@ class Settings:
   top_k: int = 0
   top_p: float = 1.0
   eos_id: int = -1  # -1: no end-of-sequence token.
+  capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
+
+
+@flax.struct.dataclass
+class Rows:
+  """The B rows being decoded; every leaf has the row axis first, so that a row can be replaced
+  by a freshly prefilled one."""
+  tokens: jax.Array  # B x L committed tokens, drafts written past them
+  n: jax.Array  # B: committed tokens
+  prompt_len: jax.Array  # B
+  done: jax.Array  # B bool: finished (or idle)
+  prompt: jax.Array  # B: the queue index of the row's prompt
+  hidden: list  # h^0..h^{S-1}, each B x L x D: the inputs heads read
+  cache: dict
+  forwards: jax.Array  # B: trunk forwards while the row was active (prefill excluded)
+  emitted: jax.Array  # B: tokens committed by loop iterations (prefill excluded)
+  accepted: jax.Array  # B x max(S, 1): times draft j was accepted
+  top_ids: jax.Array  # B x L x capture_topk: the trunk's most likely next tokens per position
+  top_logp: jax.Array  # B x L x capture_topk: their log-probabilities
 
 
 @flax.struct.dataclass
 class State:
-  tokens: jax.Array  # B x L committed tokens, drafts written past them
-  n: jax.Array  # B: committed tokens per row
-  prompt_len: jax.Array  # B
-  done: jax.Array  # B bool
-  hidden: list  # h^0..h^{S-1}, each B x L x D: the inputs heads read
-  cache: dict
+  rows: Rows
   key: jax.Array
   iterations: jax.Array  # loop iterations so far
-  forwards: jax.Array  # B: trunk forwards while the row was active (prefill excluded)
-  emitted: jax.Array  # B: tokens committed by loop iterations (prefill excluded)
-  accepted: jax.Array  # B x max(S, 1): times draft j was accepted
-  draft_logits: jax.Array  # B x max(S, 1) x V: the heads' logits at the prompt's end (prefill)
+  queue: jax.Array  # Q x P prompts
+  queue_len: jax.Array  # Q
+  next_prompt: jax.Array  # the queue index the next free row takes
+  out_tokens: jax.Array  # Q x max_new_tokens: each prompt's tokens, once its row finished
+  out_len: jax.Array  # Q
+  out_forwards: jax.Array  # Q
+  out_emitted: jax.Array  # Q
+  out_accepted: jax.Array  # Q x max(S, 1)
 
 
 def greedy(logits_xV):
@@ -130,13 +239,10 @@ def greedy(logits_xV):
 
 
 def probabilities(logits_xV, s: Settings):
-  """The sampling distribution: one-hot argmax at temperature 0, else softmax(logits / T)
-  restricted to the top_k tokens and the top_p nucleus. Drafts and verification both use it."""
-  logits = logits_xV.astype(jnp.float32)
+  """The sampling distribution, softmax(logits / T) restricted to the top_k tokens and the top_p
+  nucleus (temperature > 0). Drafts and verification both use it."""
+  logits = logits_xV.astype(jnp.float32) / s.temperature
   V = logits.shape[-1]
-  if s.temperature == 0:
-    return jax.nn.one_hot(greedy(logits), V, dtype=jnp.float32)
-  logits = logits / s.temperature
   if s.top_k and s.top_k < V:
     kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -165,6 +271,16 @@ def _pick(key, logits_xV, s: Settings):
   return _sample(key, probabilities(logits_xV, s))
 
 
+def _capture(rows: Rows, logits_BxTxV, positions_BxT, s: Settings) -> Rows:
+  """Writes the trunk's top-K log-probabilities at these positions (nothing when K = 0). With the
+  hidden states the loop keeps anyway, this is a head-training feature cache made by decoding."""
+  if not s.capture_topk:
+    return rows
+  logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32)), s.capture_topk)
+  return rows.replace(top_ids=write_cache(rows.top_ids, ids, positions_BxT),
+                      top_logp=write_cache(rows.top_logp, logp, positions_BxT))
+
+
 def _gather(buf_BxL, positions_BxT):
   """Row-wise buf[b, positions[b]] (trailing dims kept), positions clipped into range."""
   rows = jnp.arange(buf_BxL.shape[0])[:, None]
@@ -175,30 +291,6 @@ def _positions(start_B, width: int):
   return start_B[:, None] + jnp.arange(width)[None, :]
 
 
-def _run_heads(model, params, state: State, last_B, starts, widths, s: Settings):
-  """Runs heads 1..S over their windows. Draft k comes from head k's output at position
-  `last_B` (= n - 2) and is written into the token buffer at n - 1 + k at once, where the next
-  sequential module reads it as its input token."""
-  tokens, hidden, heads_cache = state.tokens, list(state.hidden), list(state.cache['heads'])
-  draft_logits = []
-  keys = jax.random.split(jax.random.fold_in(state.key, 1), max(s.draft_len, 1))
-  for k in range(1, s.draft_len + 1):
-    positions = _positions(starts[k - 1], widths[k - 1])
-    h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
-    h, heads_cache[k - 1] = model.head(params, k, h_in, _gather(tokens, positions + k),
-                                       positions, heads_cache[k - 1])
-    if k < s.draft_len and model.chains:
-      hidden[k] = write_cache(hidden[k], h, positions)
-    at_last = jnp.clip(last_B - starts[k - 1], 0, widths[k - 1] - 1)
-    h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
-    logits_BxV = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
-    draft_logits.append(logits_BxV)
-    draft = _pick(keys[k - 1], logits_BxV, s)
-    tokens = write_cache(tokens, draft[:, None], (last_B + 1 + k)[:, None])
-  cache = dict(state.cache, heads=heads_cache)
-  return tokens, hidden, cache, draft_logits
-
-
 def window_width(model, k: int, S: int) -> int:
   """Positions head k runs over in each iteration (see the module docstring): S + k for
   sequential modules, S + 1 for parallel heads, 1 for heads that keep no cache."""
@@ -207,31 +299,63 @@ def window_width(model, k: int, S: int) -> int:
   return S + (k if model.chains else 1)
 
 
-def _head_windows(model, n_B, s: Settings):
+def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settings, draft: bool):
+  """Runs heads 1..S over their windows (start_B, width). With `draft`, draft k comes from head
+  k's output at position n - 2 and is written into the token buffer at n - 1 + k at once, where
+  the next sequential module reads it as its input token; returns the rows and the drafts'
+  logits (over the draft vocabulary)."""
+  tokens, hidden, heads_cache = rows.tokens, list(rows.hidden), list(rows.cache['heads'])
+  last_B = rows.n - 2
+  draft_logits = []
+  keys = jax.random.split(jax.random.fold_in(key, 1), max(S, 1))
+  for k in range(1, S + 1):
+    positions = _positions(starts[k - 1], widths[k - 1])
+    h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
+    h, heads_cache[k - 1] = model.head(params, k, h_in, _gather(tokens, positions + k),
+                                       positions, heads_cache[k - 1])
+    if k < S and model.chains:
+      hidden[k] = write_cache(hidden[k], h, positions)
+    if not draft:
+      continue
+    at_last = jnp.clip(last_B - starts[k - 1], 0, widths[k - 1] - 1)
+    h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
+    logits_BxN = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
+    draft_logits.append(logits_BxN)
+    token = model.draft_tokens(params, _pick(keys[k - 1], logits_BxN, s))
+    tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
+  rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
+  return rows, draft_logits
+
+
+def _head_windows(model, n_B, S: int):
   """Window start and width of each head this iteration, ending at position n - 2."""
-  widths = [window_width(model, k, s.draft_len) for k in range(1, s.draft_len + 1)]
+  widths = [window_width(model, k, S) for k in range(1, S + 1)]
   return [jnp.maximum(n_B - 1 - width, 0) for width in widths], widths
 
 
-def _commit(state: State, new_BxC, count_B, s: Settings):
-  """Appends up to count tokens per row (new_BxC), stopping at EOS and max_new_tokens."""
+def _commit(rows: Rows, new_BxC, count_B, s: Settings):
+  """Appends up to count tokens per row (new_BxC), stopping at EOS and max_new_tokens. Returns
+  the rows and how many tokens each took."""
   C = new_BxC.shape[1]
   idx = jnp.arange(C)[None, :]
-  room = s.max_new_tokens - (state.n - state.prompt_len)
+  room = s.max_new_tokens - (rows.n - rows.prompt_len)
   count = jnp.minimum(count_B, room)
   is_eos = (new_BxC == s.eos_id) & (idx < count[:, None])
   first_eos = jnp.min(jnp.where(is_eos, idx, C), axis=1)
-  count = jnp.where(state.done, 0, jnp.minimum(count, first_eos + 1))
-  positions = state.n[:, None] + idx
-  tokens = write_cache(state.tokens, jnp.where(idx < count[:, None], new_BxC,
-                                                _gather(state.tokens, positions)), positions)
-  n = state.n + count
-  done = state.done | (first_eos < count) | (n - state.prompt_len >= s.max_new_tokens)
-  return tokens, n, count, done
+  count = jnp.where(rows.done, 0, jnp.minimum(count, first_eos + 1))
+  positions = rows.n[:, None] + idx
+  tokens = write_cache(rows.tokens, jnp.where(idx < count[:, None], new_BxC,
+                                               _gather(rows.tokens, positions)), positions)
+  n = rows.n + count
+  done = rows.done | (first_eos < count) | (n - rows.prompt_len >= s.max_new_tokens)
+  return rows.replace(tokens=tokens, n=n, done=done), count
 
 
-def prefill(model, params, prompts_BxP, prompt_len_B, key, s: Settings, cache_len: int) -> State:
-  """One trunk forward over the prompts (right-padded), the first token, and the heads' caches."""
+def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s: Settings,
+                 cache_len: int):
+  """Rows for these prompts (right-padded): one trunk forward over them, the first token, and
+  the heads run over the prompt to fill their caches. Also returns the trunk's logits at each
+  prompt's last position (B x V)."""
   B, P = prompts_BxP.shape
   S = s.draft_len
   tokens = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(prompts_BxP)
@@ -243,29 +367,74 @@ def prefill(model, params, prompts_BxP, prompt_len_B, key, s: Settings, cache_le
   hidden[0] = write_cache(hidden[0], h0, positions)
   last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   first = _pick(jax.random.fold_in(key, 0), last, s)
-  V = logits.shape[-1]
-  state = State(tokens=tokens, n=prompt_len_B, prompt_len=prompt_len_B,
-                done=jnp.zeros((B,), bool), hidden=hidden, cache=cache, key=key,
-                iterations=jnp.zeros((), jnp.int32), forwards=jnp.zeros((B,), jnp.int32),
-                emitted=jnp.zeros((B,), jnp.int32),
-                accepted=jnp.zeros((B, max(S, 1)), jnp.int32),
-                draft_logits=jnp.zeros((B, max(S, 1), V), jnp.float32))
-  tokens, n, _, done = _commit(state, first[:, None], jnp.ones((B,), jnp.int32), s)
-  state = state.replace(tokens=tokens, n=n, done=done)
+  zeros = jnp.zeros((B,), jnp.int32)
+  rows = Rows(tokens=tokens, n=prompt_len_B, prompt_len=prompt_len_B, done=zeros.astype(bool),
+              prompt=prompt_ids_B, hidden=hidden, cache=cache, forwards=zeros, emitted=zeros,
+              accepted=jnp.zeros((B, max(S, 1)), jnp.int32),
+              top_ids=jnp.zeros((B, cache_len, s.capture_topk), jnp.int32),
+              top_logp=jnp.zeros((B, cache_len, s.capture_topk), jnp.float32))
+  rows = _capture(rows, logits, positions, s)
+  rows, _ = _commit(rows, first[:, None], jnp.ones((B,), jnp.int32), s)
   if model.attends:
     # Heads see the whole prompt once, filling their caches; entries that used not-yet-known
-    # tokens are rewritten by the first iteration's windows.
-    starts, widths = [jnp.zeros((B,), jnp.int32)] * S, [P] * S
-  else:
-    starts, widths = _head_windows(model, n, s)  # no cache: the drafting position only
-  tokens, hidden, cache, draft_logits = _run_heads(model, params, state, n - 2, starts, widths,
-                                                   s)
-  if S:
-    state = state.replace(draft_logits=jnp.stack(draft_logits, axis=1))
-  return state.replace(cache=cache, hidden=hidden)
+    # tokens are rewritten by the first iteration's windows. Heads that keep no cache have
+    # nothing to fill.
+    rows, _ = _run_heads(model, params, rows, key, [zeros] * S, [P] * S, S, s, draft=False)
+  return rows, last
 
 
-def _verify(logits_BxS1xV, drafts_BxS, draft_logits, key, s: Settings):
+def prefill(model, params, prompts_QxP, prompt_len_Q, key, s: Settings, cache_len: int,
+            batch: int | None = None):
+  """The loop's first state: the first `batch` prompts (all by default) prefilled as rows, the
+  rest queued; and the trunk's logits at the end of each row's prompt (B x V), which the loop
+  does not keep."""
+  Q = prompts_QxP.shape[0]
+  B = Q if batch is None else min(batch, Q)
+  rows, logits = prefill_rows(model, params, prompts_QxP[:B], prompt_len_Q[:B], jnp.arange(B),
+                              key, s, cache_len)
+  S1 = max(s.draft_len, 1)
+  zeros = jnp.zeros((Q,), jnp.int32)
+  state = State(rows=rows, key=key, iterations=jnp.zeros((), jnp.int32), queue=prompts_QxP,
+                queue_len=prompt_len_Q, next_prompt=jnp.asarray(B, jnp.int32),
+                out_tokens=jnp.zeros((Q, s.max_new_tokens), jnp.int32), out_len=zeros,
+                out_forwards=zeros, out_emitted=zeros,
+                out_accepted=jnp.zeros((Q, S1), jnp.int32))
+  return _finish(state, jnp.zeros((B,), bool), s), logits
+
+
+def _finish(state: State, was_done_B, s: Settings) -> State:
+  """Copies the rows that finished since `was_done` into their prompts' outputs."""
+  rows = state.rows
+  just = rows.done & ~was_done_B
+  target = jnp.where(just, rows.prompt, state.queue.shape[0])  # out of range: dropped
+  new = _gather(rows.tokens, _positions(rows.prompt_len, s.max_new_tokens))
+  put = lambda buf, value: buf.at[target].set(value, mode='drop')
+  return state.replace(
+      out_tokens=put(state.out_tokens, new), out_len=put(state.out_len, rows.n - rows.prompt_len),
+      out_forwards=put(state.out_forwards, rows.forwards),
+      out_emitted=put(state.out_emitted, rows.emitted),
+      out_accepted=put(state.out_accepted, rows.accepted))
+
+
+_REFILL = 0x52454649  # a stream of random bits apart from the iterations' (fold_in(key, i))
+
+
+def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
+  """Gives the first finished row the next queued prompt, prefilled alone."""
+  rows = state.rows
+  row = jnp.argmax(rows.done)
+  q = state.next_prompt
+  key = jax.random.fold_in(jax.random.fold_in(state.key, _REFILL), q)
+  fresh, _ = prefill_rows(model, params, jax.lax.dynamic_slice_in_dim(state.queue, q, 1),
+                          jax.lax.dynamic_slice_in_dim(state.queue_len, q, 1), q[None], key, s,
+                          cache_len)
+  rows = jax.tree.map(lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, row, 0),
+                      rows, fresh)
+  state = state.replace(rows=rows, next_prompt=q + 1)
+  return _finish(state, jnp.ones_like(rows.done).at[row].set(False), s)
+
+
+def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   """Speculative sampling over one verify forward (`key` is the iteration's). Returns (accepted
   drafts per row, the token that follows them): the residual sample at the first rejection, or
   the bonus token from the trunk when every draft was accepted."""
@@ -280,7 +449,6 @@ def _verify(logits_BxS1xV, drafts_BxS, draft_logits, key, s: Settings):
   p_BxS1xV = probabilities(logits_BxS1xV, s)
   k_accept, k_resid = jax.random.split(jax.random.fold_in(key, 2))
   if S:
-    q_BxSxV = probabilities(jnp.stack(draft_logits, axis=1), s)
     p_draft = jnp.take_along_axis(p_BxS1xV[:, :S], drafts_BxS[..., None], axis=-1)[..., 0]
     q_draft = jnp.take_along_axis(q_BxSxV, drafts_BxS[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(k_accept, (B, S))
@@ -300,43 +468,80 @@ def _verify(logits_BxS1xV, drafts_BxS, draft_logits, key, s: Settings):
   return n_acc, _sample(k_resid, resid)
 
 
-def _iteration(model, params, state: State, s: Settings) -> State:
+def step(model, params, state: State, s: Settings):
+  """One iteration: draft S tokens, verify them in one trunk forward, commit. Returns the new
+  state and what happened: 'draft_logits' (B x S x N, the heads' logits over the draft
+  vocabulary), 'drafts' (B x S token ids), 'accepted' (B) and 'count' (B, tokens committed)."""
   S = s.draft_len
+  rows = state.rows
   key = jax.random.fold_in(state.key, state.iterations + 1)  # unused (and compiled away) at T = 0
-  last = state.n - 2
-  starts, widths = _head_windows(model, state.n, s)
-  tokens, hidden, cache, draft_logits = _run_heads(model, params, state.replace(key=key), last,
-                                                   starts, widths, s)
+  starts, widths = _head_windows(model, rows.n, S)
+  rows, draft_logits = _run_heads(model, params, rows, key, starts, widths, S, s, draft=True)
   # Verify: the pending token and the S drafts, at positions n-1 .. n-1+S.
-  positions = _positions(state.n - 1, S + 1)
-  inputs = _gather(tokens, positions)
+  positions = _positions(rows.n - 1, S + 1)
+  inputs = _gather(rows.tokens, positions)
+  cache = dict(rows.cache)
   logits_BxS1xV, h0, cache['trunk'] = model.trunk(params, inputs, positions, cache['trunk'])
+  hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)
+  rows = _capture(rows.replace(hidden=hidden, cache=cache), logits_BxS1xV, positions, s)
   drafts_BxS = inputs[:, 1:]
-  n_acc, bonus = _verify(logits_BxS1xV, drafts_BxS, draft_logits, key, s)
-  B = tokens.shape[0]
+  B, V = drafts_BxS.shape[0], logits_BxS1xV.shape[-1]
+  if S and s.temperature > 0:
+    q_BxSxV = model.draft_to_vocab(params, probabilities(jnp.stack(draft_logits, axis=1), s), V)
+  else:
+    q_BxSxV = None
+  n_acc, bonus = _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s)
   new_BxC = jnp.concatenate([drafts_BxS, jnp.zeros((B, 1), jnp.int32)], axis=1)
   new_BxC = jnp.where(jnp.arange(S + 1)[None] == n_acc[:, None], bonus[:, None], new_BxC)
-  active = ~state.done
-  tokens, n, count, done = _commit(state.replace(tokens=tokens), new_BxC, n_acc + 1, s)
-  accepted = state.accepted + (active[:, None] &
-                               (jnp.arange(max(S, 1))[None] < n_acc[:, None])).astype(jnp.int32)
-  return state.replace(tokens=tokens, n=n, done=done, hidden=hidden, cache=cache,
-                       iterations=state.iterations + 1,
-                       forwards=state.forwards + active.astype(jnp.int32),
-                       emitted=state.emitted + count, accepted=accepted)
+  active = ~rows.done
+  rows, count = _commit(rows, new_BxC, n_acc + 1, s)
+  accepted = rows.accepted + (active[:, None] &
+                              (jnp.arange(max(S, 1))[None] < n_acc[:, None])).astype(jnp.int32)
+  rows = rows.replace(forwards=rows.forwards + active.astype(jnp.int32),
+                      emitted=rows.emitted + count, accepted=accepted)
+  state = _finish(state.replace(rows=rows, iterations=state.iterations + 1), ~active, s)
+  info = {'draft_logits': (jnp.stack(draft_logits, axis=1) if S else None),
+          'drafts': drafts_BxS, 'accepted': n_acc, 'count': count}
+  return state, info
 
 
-def decode_loop(model, params, prompts_BxP, prompt_len_B, key, *, s: Settings, cache_len: int):
-  state = prefill(model, params, prompts_BxP, prompt_len_B, key, s, cache_len)
-  return jax.lax.while_loop(lambda st: ~jnp.all(st.done),
-                            lambda st: _iteration(model, params, st, s), state)
+def decode_loop(model, params, prompts_QxP, prompt_len_Q, key, *, s: Settings, cache_len: int,
+                batch: int | None = None):
+  state, _ = prefill(model, params, prompts_QxP, prompt_len_Q, key, s, cache_len, batch)
+  Q = prompts_QxP.shape[0]
+
+  def body(state):
+    if batch is not None and batch < Q:
+      free = jnp.any(state.rows.done) & (state.next_prompt < Q)
+      state = jax.lax.cond(free, lambda st: _refill(model, params, st, s, cache_len),
+                           lambda st: st, state)
+    return step(model, params, state, s)[0]
+  return jax.lax.while_loop(
+      lambda st: ~jnp.all(st.rows.done) | (st.next_prompt < Q), body, state)
+
+
+class Decoder:
+  """The jitted decoder for one (model, settings, cache length, rows at once). It takes params as
+  stored (the model prepares them): decoder(params, prompts_QxP, prompt_len_Q, key) -> State."""
+
+  def __init__(self, model, s: Settings, cache_len: int, batch: int | None):
+    self.model = model
+    self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
+                                            batch=batch))
+
+  def __call__(self, params, prompts_QxP, prompt_len_Q, key):
+    return self.jitted(self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
+
+  def compiled(self, params, prompts_QxP, prompt_len_Q, key):
+    """Compiles now, ahead of time, and returns call() -> State for these arguments."""
+    args = (self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
+    return functools.partial(self.jitted.lower(*args).compile(), *args)
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_decoder(model, s: Settings, cache_len: int):
-  """The jitted decoder for one (model, settings, cache length); params are an argument."""
-  return jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len))
+def compiled_decoder(model, s: Settings, cache_len: int, batch: int | None = None) -> Decoder:
+  return Decoder(model, s, cache_len, batch)
 
 
 def cache_length(prompt_len: int, s: Settings) -> int:
@@ -344,8 +549,10 @@ def cache_length(prompt_len: int, s: Settings) -> int:
   return prompt_len + s.max_new_tokens + s.draft_len + 1
 
 
-def pad_prompts(prompts: list[list[int]]):
-  P = max(len(p) for p in prompts)
+def pad_prompts(prompts: list[list[int]], width: int = 0):
+  """Right-padded prompts (to the longest, or to `width`, so that calls share one compilation)
+  and their lengths."""
+  P = max(width, max(len(p) for p in prompts))
   arr = np.zeros((len(prompts), P), np.int32)
   for i, p in enumerate(prompts):
     arr[i, :len(p)] = p
@@ -353,9 +560,9 @@ def pad_prompts(prompts: list[list[int]]):
 
 
 def outputs(state: State) -> list[list[int]]:
-  """The generated tokens of each row (prompt excluded, up to and including EOS)."""
-  tokens, n, start = (np.asarray(x) for x in (state.tokens, state.n, state.prompt_len))
-  return [tokens[b, start[b]:n[b]].tolist() for b in range(tokens.shape[0])]
+  """The generated tokens of each prompt (up to and including EOS), in queue order."""
+  tokens, n = np.asarray(state.out_tokens), np.asarray(state.out_len)
+  return [tokens[q, :n[q]].tolist() for q in range(tokens.shape[0])]
 
 
 def rates(emitted: int, forwards: int, accepted) -> dict:
@@ -367,10 +574,9 @@ def rates(emitted: int, forwards: int, accepted) -> dict:
 
 def stats(state: State, s: Settings) -> dict:
   """A finished run's counts, and the rates they give."""
-  forwards = int(np.sum(np.asarray(state.forwards)))
-  emitted = int(np.sum(np.asarray(state.emitted)))
-  accepted = np.asarray(state.accepted).sum(axis=0)[:s.draft_len]
+  forwards = int(np.sum(np.asarray(state.out_forwards)))
+  emitted = int(np.sum(np.asarray(state.out_emitted)))
+  accepted = np.asarray(state.out_accepted).sum(axis=0)[:s.draft_len]
   return {'iterations': int(state.iterations), 'forwards': forwards, 'emitted': emitted,
-          'accepted': accepted.tolist(),
-          'tokens_per_row': (np.asarray(state.n) - np.asarray(state.prompt_len)).tolist(),
+          'accepted': accepted.tolist(), 'tokens_per_row': np.asarray(state.out_len).tolist(),
           **rates(emitted, forwards, accepted)}

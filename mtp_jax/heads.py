@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig
-from mtp_jax.layers import Block, RMSNorm, fan_in_init, param_with_axes
+from mtp_jax.layers import Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes
 
 
 class SequentialModule(nn.Module):
@@ -22,11 +22,11 @@ class SequentialModule(nn.Module):
   @nn.compact
   def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT, kv=None):
     cfg = self.cfg
-    eh_proj = param_with_axes(self, 'eh_proj', fan_in_init(0, 1), (2 * cfg.d_model, cfg.d_model),
-                              ('concat_embed', 'embed'))
+    eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (2 * cfg.d_model,), (cfg.d_model,),
+                          ('concat_embed',), ('embed',), cfg)
     e = RMSNorm(cfg.d_model, cfg.norm_eps, name='enorm')(emb_BxTxD)
     h = RMSNorm(cfg.d_model, cfg.norm_eps, name='hnorm')(h_prev_BxTxD.astype(e.dtype))
-    x_BxTxD = jnp.concatenate([e, h], axis=-1) @ eh_proj.astype(cfg.compute_dtype)
+    x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj.astype(cfg.compute_dtype), 1, cfg)
     return head_block(cfg, 'block')(x_BxTxD, positions_BxT, kv)
 
 

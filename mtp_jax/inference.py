@@ -5,8 +5,6 @@ speculative-decoding check that runs during training's evaluations.
 import functools
 import json
 import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,16 +14,16 @@ import tqdm
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as dec
+from mtp_jax import measure
 from mtp_jax.config import ConfigError, draft_len
+from mtp_jax.pretrained.tokenizer import render_chat
 
 
-def settings(config, *, method=None, draft=None, temperature=None, max_new=None,
-             eos_id=-1) -> dec.Settings:
+def settings(config, *, draft=None, temperature=None, max_new=None, eos_id=-1) -> dec.Settings:
+  """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar)."""
   d = config.decode
-  S = draft_len(config) if draft is None else draft
-  if method == 'ar':
-    S = 0
-  return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens if max_new is None else max_new,
+  return dec.Settings(draft_len=draft_len(config) if draft is None else draft,
+                      max_new_tokens=d.max_new_tokens if max_new is None else max_new,
                       temperature=d.temperature if temperature is None else temperature,
                       top_k=d.top_k, top_p=d.top_p, eos_id=eos_id)
 
@@ -47,32 +45,21 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
         f'model.max_seq_len={max_len}')
 
 
-def prepared_decoder(cfg, params, prompts: list[list[int]], s: dec.Settings, key=0):
-  """Checks the prompts against the model config and returns call() -> final state, decoding
-  them with the compiled decoder (compiled on the first call for these settings and shapes)."""
+def prepared_decoder(model: dec.DecodeModel, params, prompts: list[list[int]], s: dec.Settings,
+                     key=0, batch: int | None = None):
+  """Checks the prompts against the model config, compiles the decoder for them (rows at once:
+  `batch`, the rest queued; all by default) and returns call() -> final state."""
+  cfg = model.cfg
   check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len)
-  prompts_BxP, lens = dec.pad_prompts(prompts)
-  fn = dec.compiled_decoder(dec.DecodeModel(cfg), s, dec.cache_length(prompts_BxP.shape[1], s))
-  return functools.partial(fn, params, prompts_BxP, lens, jax.random.key(key))
-
-
-def fastest(calls, rounds: int):
-  """Runs each call once (compiling and warming it up), then every call in turn for `rounds`
-  rounds, so a slow spell of a shared machine slows all of them alike. Returns (each call's
-  fastest seconds, each call's last output)."""
-  outputs = [jax.block_until_ready(call()) for call in calls]
-  best = [float('inf')] * len(calls)
-  for _ in range(rounds):
-    for i, call in enumerate(calls):
-      start = time.perf_counter()
-      outputs[i] = jax.block_until_ready(call())
-      best[i] = min(best[i], time.perf_counter() - start)
-  return best, outputs
+  prompts_QxP, lens = dec.pad_prompts(prompts)
+  decoder = dec.compiled_decoder(model, s, dec.cache_length(prompts_QxP.shape[1], s), batch)
+  return decoder.compiled(params, prompts_QxP, lens, jax.random.key(key))
 
 
 def decode(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
   """Decodes a batch of prompts; returns (final state, seconds excluding compilation)."""
-  (seconds,), (state,) = fastest([prepared_decoder(session.cfg, params, prompts, s, key)], 1)
+  call = prepared_decoder(session.decode_model, params, prompts, s, key)
+  (seconds,), (state,) = measure.fastest([call], 1)
   return state, seconds
 
 
@@ -83,77 +70,123 @@ def validation_prompts(session, count: int, length: int) -> list[list[int]]:
   return [valid[s:s + length].astype(int).tolist() for s in starts]
 
 
+def encode_prompt(session, text: str, chat: bool) -> list[int]:
+  """A text prompt's ids: as a user turn of the model's chat template when `chat` and the model
+  has one (its special tokens each one id), else the text as it is."""
+  if chat and session.chat_template:
+    text = render_chat(session.chat_template, text)
+    return session.tokenizer.encode(text, add_special_tokens=False).ids
+  return data_lib.encode(session.tokenizer, text)
+
+
+def prompt_lines(path: str) -> list[str]:
+  with open(path, encoding='utf-8') as f:
+    return [line.rstrip('\n') for line in f if line.strip()]
+
+
+def held_out_prompts(session, count: int) -> list[list[int]]:
+  """Prompts for bench and the training-time decode check: the first `count` lines of
+  decode.prompts (cycled if there are fewer), else windows of the validation split."""
+  d = session.config.decode
+  if not d.prompts:
+    return validation_prompts(session, count, d.prompt_len)
+  lines = prompt_lines(d.prompts)
+  if not lines:
+    raise ConfigError(f'decode.prompts: {d.prompts} has no prompt')
+  return [encode_prompt(session, lines[i % len(lines)], d.chat) for i in range(count)]
+
+
 def load_params(session):
+  """(step, params) of the latest checkpoint; with no checkpoint, a pretrained model's initial
+  params (step 0)."""
   step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state)
-  if state is None:
-    raise ckpt_lib.CheckpointError(f'no checkpoint in {session.workdir}; train first')
-  return step, state['params']
+  if state is not None:
+    return step, state['params']
+  if session.config.model.init_from:
+    return 0, session.initial_params()
+  raise ckpt_lib.CheckpointError(f'no checkpoint in {session.workdir}; train first')
 
 
 def _text(session, ids) -> str:
-  return data_lib.decode(session.data.tokenizer, ids)
+  return data_lib.decode(session.tokenizer, ids)
 
 
-def _top5(session, logits_V) -> str:
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_V, jnp.float32)))
+def _top5(session, logits_N, token_ids=None) -> str:
+  """The five most likely tokens (of token_ids[i] for logit i, when given) and their
+  probabilities."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_N, jnp.float32)))
   top = np.argsort(-probs)[:5]
-  return '  '.join(f'{_text(session, [t])!r} {probs[t]:.2f}' for t in top)
+  ids = top if token_ids is None else np.asarray(token_ids)[top]
+  return '  '.join(f'{_text(session, [t])!r} {probs[i]:.2f}' for t, i in zip(ids, top))
+
+
+def demo_step(session, params, ids: list[int]) -> dict:
+  """Prefill and exactly one draft-and-verify iteration on one prompt (compiled, then timed): the
+  trunk's and every depth's logits at the prompt's end, the drafts, and what was committed."""
+  D = session.cfg.mtp_depth
+  model = session.decode_model
+  s = dec.Settings(draft_len=D, max_new_tokens=D + 1, eos_id=session.eos_id)
+  check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len)
+  prompts_1xP, lens = dec.pad_prompts([ids])
+  cache_len = dec.cache_length(len(ids), s)
+
+  def one_step(prepared, prompts, lens):
+    first, trunk_logits = dec.prefill(model, prepared, prompts, lens, jax.random.key(0), s,
+                                      cache_len)
+    after, info = dec.step(model, prepared, first, s)
+    drafts_index = jnp.argmax(info['draft_logits'], axis=-1)
+    return {'trunk_logits': trunk_logits[0], 'draft_logits': info['draft_logits'][0],
+            'draft_index': drafts_index[0], 'drafts': info['drafts'][0],
+            'first': first.rows.tokens[0, len(ids)], 'accepted': info['accepted'][0],
+            'committed': after.rows.tokens[0, len(ids) + 1:len(ids) + 1 + D + 1],
+            'count': info['count'][0]}
+  args = (model.prepare(params), prompts_1xP, lens)
+  call = functools.partial(jax.jit(one_step).lower(*args).compile(), *args)
+  (seconds,), (out,) = measure.fastest([call], 1)
+  out = jax.device_get(out)
+  out['draft_tokens'] = np.asarray(jax.device_get(model.draft_tokens(
+      args[0], jnp.asarray(np.arange(out['draft_logits'].shape[-1])))))
+  return {**out, 'seconds': seconds}
 
 
 def demo(session, params, prompt: str) -> dict:
   """Each depth's top-5 at the end of the prompt, the step-by-step chain beside the MTP draft,
-  and what one verification step accepted."""
+  and what one verification step accepted, with their times."""
   D = session.cfg.mtp_depth
   if D < 1:
     raise ConfigError('demo needs MTP heads, but the checkpoint has mtp.depth=0')
-  ids = data_lib.encode(session.data.tokenizer, prompt)
-  model = dec.DecodeModel(session.cfg)
-  s_mtp = dec.Settings(draft_len=D, max_new_tokens=D + 1)
-  check_prompts([ids], session.cfg.vocab_size, s_mtp, session.cfg.max_seq_len)
-  prompts_BxP, lens = dec.pad_prompts([ids])
-  cache_len = dec.cache_length(len(ids), s_mtp)
-
-  @jax.jit
-  def one_step(params, prompts, lens):
-    """Prefill (trunk token + D drafts), then exactly one draft-and-verify iteration."""
-    first = dec.prefill(model, params, prompts, lens, jax.random.key(0), s_mtp, cache_len)
-    return first, dec._iteration(model, params, first, s_mtp)
-
-  trunk_logits = jax.jit(model.trunk)(params, jnp.asarray(prompts_BxP),
-                                      jnp.arange(len(ids))[None], model.init_cache(1, cache_len)['trunk'])[0]
-  jax.block_until_ready(one_step(params, prompts_BxP, lens))
-  t0 = time.perf_counter()
-  first, after = jax.block_until_ready(one_step(params, prompts_BxP, lens))
-  mtp_time = time.perf_counter() - t0
-  ar_state, ar_time = decode(session, params, [ids], dec.Settings(draft_len=0, max_new_tokens=D + 1))
+  ids = encode_prompt(session, prompt, session.config.decode.chat)
+  one = demo_step(session, params, ids)
+  ar_state, ar_time = decode(session, params, [ids],
+                             dec.Settings(draft_len=0, max_new_tokens=D + 1, eos_id=session.eos_id))
   chain = dec.outputs(ar_state)[0]
-
   print(f'prompt: {prompt!r} ({len(ids)} tokens)')
   print('top-5 predictions at the end of the prompt:')
-  print(f'  step 0 (t+1, trunk):   {_top5(session, trunk_logits[0, -1])}')
+  print(f'  step 0 (t+1, trunk):   {_top5(session, one["trunk_logits"])}')
   for k in range(1, D + 1):
-    print(f'  step {k} (t+{k + 1}, depth {k}): {_top5(session, first.draft_logits[0, k - 1])}')
-  print(f'autoregressive chain, {D + 1} trunk forwards ({ar_time * 1e3:.1f} ms):')
+    print(f'  step {k} (t+{k + 1}, depth {k}): '
+          f'{_top5(session, one["draft_logits"][k - 1], one["draft_tokens"])}')
+  print(f'autoregressive chain, {len(chain)} trunk forwards ({ar_time * 1e3:.1f} ms):')
   for j in range(1, len(chain) + 1):
     print(f'  prompt + {_text(session, chain[:j])!r}')
-  drafts = np.argmax(np.asarray(first.draft_logits[0]), axis=-1).tolist()
-  n0, n1 = int(first.n[0]), int(after.n[0])
-  emitted = np.asarray(after.tokens[0, n0:n1]).tolist()
-  t1 = int(first.tokens[0, n0 - 1])
-  print(f'MTP one-shot draft ({mtp_time * 1e3:.1f} ms for prefill + one draft-and-verify step): '
-        f'{_text(session, [t1])!r} + drafts {[_text(session, [d]) for d in drafts]}')
-  print(f'verification accepted {n1 - n0 - 1} of {D} drafts and emitted '
-        f'{_text(session, [t1] + emitted)!r} ({1 + len(emitted)} tokens from 2 trunk forwards)')
-  return {'prompt_tokens': len(ids), 'ar_chain': chain, 'drafts': drafts,
-          'accepted': n1 - n0 - 1, 'ar_ms': ar_time * 1e3, 'mtp_ms': mtp_time * 1e3}
+  first, drafts = int(one['first']), one['drafts'].tolist()
+  accepted, count = int(one['accepted']), int(one['count'])
+  emitted = [first] + one['committed'][:count].tolist()
+  print(f"MTP one-shot draft ({one['seconds'] * 1e3:.1f} ms for prefill + one draft-and-verify "
+        f'step): {_text(session, [first])!r} + drafts {[_text(session, [t]) for t in drafts]}')
+  print(f'verification accepted {accepted} of {D} drafts and emitted '
+        f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards)')
+  return {'prompt_tokens': len(ids), 'ar_chain': chain, 'drafts': drafts, 'accepted': accepted,
+          'ar_ms': ar_time * 1e3, 'mtp_ms': one['seconds'] * 1e3}
 
 
-def read_prompts(prompt: str, prompt_file: str, tokenizer) -> list[list[int]]:
-  """--prompt TEXT, or --prompt_file with one prompt a line ('ids: 1 2 3' for raw token ids)."""
+def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
+  """--prompt TEXT, or --prompt_file with one prompt a line ('ids: 1 2 3' for raw token ids; text
+  goes through the chat template when decode.chat is on)."""
   if prompt_file:
     if not os.path.isfile(prompt_file):
       raise ConfigError(f'--prompt_file: no file {prompt_file!r}')
-    lines = [l.rstrip('\n') for l in open(prompt_file, encoding='utf-8') if l.strip()]
+    lines = prompt_lines(prompt_file)
   else:
     lines = [prompt] if prompt else []
   if not lines:
@@ -166,18 +199,18 @@ def read_prompts(prompt: str, prompt_file: str, tokenizer) -> list[list[int]]:
       except ValueError:
         raise ConfigError(f'--prompt_file: bad token ids line {line!r}') from None
     else:
-      prompts.append(data_lib.encode(tokenizer, line))
+      prompts.append(encode_prompt(session, line, session.config.decode.chat))
   return prompts
 
 
 def generate(session, params, prompts: list[list[int]], config) -> dict:
-  s = settings(config, eos_id=session.data.eos_id)
+  s = settings(config, eos_id=session.eos_id)
   state, seconds = decode(session, params, prompts, s, key=config.seed)
   out = dec.outputs(state)
   for p, o in zip(prompts, out):
     print(f'--- prompt: {_text(session, p)!r}')
-    print(_text(session, p) + _text(session, o))
-  result = dec.stats(state, s)
+    print(_text(session, o))
+  result = {**dec.stats(state, s), 'outputs': out}
   result['tokens_per_s'] = sum(len(o) for o in out) / seconds
   print(f"--- {config.decode.method} S={s.draft_len}: tau {result['tau']:.2f}, "
         f"acceptance {np.round(result['acceptance_per_position'], 3).tolist()}, "
@@ -185,68 +218,63 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
   return result
 
 
-def machine() -> str:
-  dev = jax.devices()[0]
-  return (f'{platform.node() or "host"}: {dev.platform} {dev.device_kind} x{jax.device_count()}, '
-          f'{os.cpu_count()} CPUs, jax {jax.__version__}')
-
-
-BENCH_ROUNDS = 5
-
-
-def bench(session, params, config, step: int) -> dict:
-  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on validation prompts.
-  Each call's time is its fastest of BENCH_ROUNDS rounds, every round running all methods in
-  turn (a call is milliseconds on a small model)."""
+def bench_rows(session, params, config) -> list[dict]:
+  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on held-out prompts.
+  Batch 1 decodes each prompt alone; batch 8 decodes them all through 8 rows, a row taking the
+  next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
+  rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
-  prompts = validation_prompts(session, max(d.bench_prompts, 8), d.prompt_len)
+  prompts = held_out_prompts(session, d.bench_prompts)
   rows = []
   for temperature in (0.0, 1.0):
     for batch in (1, 8):
-      groups = [prompts[i:i + batch] for i in range(0, d.bench_prompts, batch)]
-      per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.data.eos_id)
+      groups = [[p] for p in prompts] if batch == 1 else [prompts]
+      per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.eos_id)
                for S in range(D + 1)]
-      # Every (group, method) once per round; each keeps its fastest round.
-      calls = [prepared_decoder(session.cfg, params, group, s, key=g)
+      calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch)
                for g, group in enumerate(groups) for s in per_S]
-      seconds, outputs = fastest(calls, BENCH_ROUNDS)
+      seconds, outputs = measure.fastest(calls, d.bench_rounds)
       best = np.asarray(seconds).reshape(len(groups), len(per_S)).T  # [method, group]
-      states = [outputs[i::len(per_S)] for i in range(len(per_S))]
       reference = None
       for S, s in enumerate(per_S):
-        outs, emitted, forwards, accepted = [], 0, 0, np.zeros(S)
-        for state in states[S]:
-          outs += dec.outputs(state)
-          st = dec.stats(state, s)
-          emitted += st['emitted']
-          forwards += st['forwards']
-          accepted += st['accepted']
+        states = outputs[S::len(per_S)]
+        outs = [o for state in states for o in dec.outputs(state)]
+        counts = [dec.stats(state, s) for state in states]
+        pooled = dec.rates(sum(c['emitted'] for c in counts), sum(c['forwards'] for c in counts),
+                           np.sum([c['accepted'] for c in counts], axis=0))
         tokens_per_s = sum(len(o) for o in outs) / best[S].sum()
         if S == 0:
           reference = {'outs': outs, 'tokens_per_s': tokens_per_s}
-        pooled = dec.rates(emitted, forwards, accepted)
         rows.append({
             'method': 'ar' if S == 0 else 'mtp', 'draft_len': S, 'batch': batch,
             'temperature': temperature, 'tau': pooled['tau'],
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
             'identical_to_ar': (None if S == 0 or temperature > 0 else outs == reference['outs'])})
-        _print_row(rows[-1])
-  result = {'machine': machine(), 'checkpoint_step': step, 'rows': rows}
+  return rows
+
+
+def bench_table(rows: list[dict]) -> str:
+  lines = [f"{'method':6} {'S':>2} {'batch':>5} {'temp':>4} {'tau':>5} {'tokens/s':>9} "
+           f"{'speedup':>7} {'identical':>9}  acceptance per position"]
+  for r in rows:
+    same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
+    lines.append(f"{r['method']:6} {r['draft_len']:>2} {r['batch']:>5} {r['temperature']:>4.1f} "
+                 f"{r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} {same:>9}  "
+                 f"{r['acceptance_per_position']}")
+  return '\n'.join(lines)
+
+
+def bench(session, params, config, step: int) -> dict:
+  """bench_rows, printed and written to WORKDIR/bench.json."""
+  rows = bench_rows(session, params, config)
+  print(bench_table(rows))
+  result = {'machine': measure.machine(), 'checkpoint_step': step,
+            'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
+            'rows': rows}
   with open(os.path.join(session.workdir, 'bench.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result
-
-
-def _print_row(r: dict):
-  if not getattr(_print_row, 'header', False):
-    print(f"{'method':6} {'S':>2} {'batch':>5} {'temp':>4} {'tau':>5} {'tokens/s':>9} "
-          f"{'speedup':>7} {'identical':>9}  acceptance per position")
-    _print_row.header = True
-  same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
-  print(f"{r['method']:6} {r['draft_len']:>2} {r['batch']:>5} {r['temperature']:>4.1f} "
-        f"{r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} {same:>9}  "
-        f"{r['acceptance_per_position']}")
 
 
 def eval_hook(config):
@@ -258,9 +286,10 @@ def eval_hook(config):
     return None
 
   def hook(session, params, step, writer):
-    prompts = validation_prompts(session, d.eval_prompts, d.prompt_len)
-    s = dec.Settings(draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens)
-    state = prepared_decoder(session.cfg, params, prompts, s)()  # untimed: one decode
+    prompts = held_out_prompts(session, d.eval_prompts)
+    s = dec.Settings(draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens,
+                     eos_id=session.eos_id)
+    state = prepared_decoder(session.decode_model, params, prompts, s)()  # untimed: one decode
     st = dec.stats(state, s)
     metrics = {'decode/tau': float(st['tau']),
                **{f'decode/acceptance_{j}': float(a)

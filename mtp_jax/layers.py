@@ -5,10 +5,13 @@ Shape legend: B batch, T query positions, L key positions (the cache length), D 
 H query heads, K kv heads, G = H / K, E head dim, F MLP width, V vocab.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 
 
@@ -17,9 +20,31 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 
+def dense_param(module: nn.Module, name: str, init, in_shape: tuple, out_shape: tuple,
+                in_axes: tuple, out_axes: tuple, cfg: ModelConfig):
+  """A matrix that `dense` contracts: stored (in..., out...), or (out..., in...) under
+  cfg.kernels, the layout model.kernel_layout gives the decoding params."""
+  if cfg.kernels:
+    return param_with_axes(module, name, init, out_shape + in_shape, out_axes + in_axes)
+  return param_with_axes(module, name, init, in_shape + out_shape, in_axes + out_axes)
+
+
 def fan_in_init(in_axis, out_axis):
   return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
                                           in_axis=in_axis, out_axis=out_axis)
+
+
+def dense(x, w, in_dims: int, cfg: ModelConfig):
+  """x's last `in_dims` axes contracted with w's input axes. w is stored (in..., out...); with
+  cfg.kernels (decoding with model.kernel_layout's params) it is (out..., in...), for the
+  few-row kernel."""
+  lead = x.shape[:x.ndim - in_dims]
+  if not cfg.kernels:
+    k = math.prod(w.shape[:in_dims])
+    return (x.reshape(*lead, k) @ w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
+  out_dims = w.shape[:w.ndim - in_dims]
+  y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1))
+  return y.reshape(*lead, *out_dims)
 
 
 def rms_norm(x, scale, eps):
@@ -63,9 +88,11 @@ def empty_kv(cfg: ModelConfig, batch: int, length: int):
   return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
 
 
-def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv):
+def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool = False):
   """Attention written out: writes the cache if there is one, then masks by position and
-  takes a float32 softmax over the T x L scores. Returns (B x T x H x E output, cache)."""
+  takes a float32 softmax over the T x L scores. Returns (B x T x H x E output, cache). With
+  `use_kernel`, attention over a cache goes to the kernel, which reads only the entries each
+  query sees."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxTxKxE.shape[2]
   if kv is None:
@@ -74,6 +101,9 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv):
     kv = {'k': write_cache(kv['k'], k_BxTxKxE, positions_BxT),
           'v': write_cache(kv['v'], v_BxTxKxE, positions_BxT)}
     k_BxLxKxE, v_BxLxKxE = kv['k'], kv['v']
+    out = kernels.cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, use_kernel)
+    if out is not None:
+      return out.astype(q_BxTxHxE.dtype), kv
     L = k_BxLxKxE.shape[1]
     key_pos_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
@@ -97,22 +127,26 @@ class Attention(nn.Module):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
-    w_q = param_with_axes(self, 'q', fan_in_init(0, (1, 2)), (D, H, E), ('embed', 'heads', 'head_dim'))
-    w_k = param_with_axes(self, 'k', fan_in_init(0, (1, 2)), (D, K, E), ('embed', 'kv_heads', 'head_dim'))
-    w_v = param_with_axes(self, 'v', fan_in_init(0, (1, 2)), (D, K, E), ('embed', 'kv_heads', 'head_dim'))
-    w_o = param_with_axes(self, 'o', fan_in_init((0, 1), 2), (H, E, D), ('heads', 'head_dim', 'embed'))
+    w_q = dense_param(self, 'q', fan_in_init(0, (1, 2)), (D,), (H, E), ('embed',),
+                      ('heads', 'head_dim'), cfg)
+    w_k = dense_param(self, 'k', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
+                      ('kv_heads', 'head_dim'), cfg)
+    w_v = dense_param(self, 'v', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
+                      ('kv_heads', 'head_dim'), cfg)
+    w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
+                      ('embed',), cfg)
     x = x_BxTxD.astype(dt)
-    q_BxTxHxE = rope(jnp.einsum('btd,dhe->bthe', x, w_q.astype(dt)), positions_BxT, cfg.rope_theta)
-    k_BxTxKxE = rope(jnp.einsum('btd,dke->btke', x, w_k.astype(dt)), positions_BxT, cfg.rope_theta)
-    v_BxTxKxE = jnp.einsum('btd,dke->btke', x, w_v.astype(dt))
+    q_BxTxHxE = rope(dense(x, w_q.astype(dt), 1, cfg), positions_BxT, cfg.rope_theta)
+    k_BxTxKxE = rope(dense(x, w_k.astype(dt), 1, cfg), positions_BxT, cfg.rope_theta)
+    v_BxTxKxE = dense(x, w_v.astype(dt), 1, cfg)
     if kv is None and cfg.attention == 'fused':
       # jax's fused attention: cuDNN's flash attention where the GPU and shapes allow it, XLA's
       # own elsewhere. No cache means positions 0..T-1 in every row (the training path), so the
       # position mask below is the plain causal mask.
       out_BxTxHxE = jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True)
     else:
-      out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv)
-    out_BxTxD = jnp.einsum('bthe,hed->btd', out_BxTxHxE, w_o.astype(dt))
+      out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels)
+    out_BxTxD = dense(out_BxTxHxE.astype(dt), w_o.astype(dt), 2, cfg)
     out_BxTxD = nn.with_logical_constraint(out_BxTxD, ('batch', 'length', 'embed'))
     return out_BxTxD, kv
 
@@ -124,13 +158,14 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     D, F, dt = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype
-    w_gate = param_with_axes(self, 'gate', fan_in_init(0, 1), (D, F), ('embed', 'mlp'))
-    w_up = param_with_axes(self, 'up', fan_in_init(0, 1), (D, F), ('embed', 'mlp'))
-    w_down = param_with_axes(self, 'down', fan_in_init(0, 1), (F, D), ('mlp', 'embed'))
+    w_gate = dense_param(self, 'gate', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
+    w_up = dense_param(self, 'up', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
+    w_down = dense_param(self, 'down', fan_in_init(0, 1), (F,), (D,), ('mlp',), ('embed',), cfg)
     x = x_BxTxD.astype(dt)
-    h_BxTxF = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+    h_BxTxF = (jax.nn.silu(dense(x, w_gate.astype(dt), 1, cfg))
+               * dense(x, w_up.astype(dt), 1, cfg))
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
-    return h_BxTxF @ w_down.astype(dt)
+    return dense(h_BxTxF, w_down.astype(dt), 1, cfg)
 
 
 class Block(nn.Module):

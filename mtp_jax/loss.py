@@ -1,11 +1,19 @@
 """The combined MTP loss, L = L_main + lambda / D * sum_k L_k, computed one depth at a time so
-that only one B x T x V logits tensor is ever live.
+that only one B x T x V logits tensor is ever live; and the heads-only loss on a frozen trunk,
+from token windows or from cached trunk features.
 
-Shape legend: B batch, W window = T + D + 1 tokens, T positions, D model width, V vocab.
+Shape legend: B batch, W window = T + D + 1 tokens, T positions, D model width, V vocab, K kept
+entries of a sparse target distribution, N draft-vocabulary size.
 A window holds every target of every depth; a token id < 0 marks a missing token (padding),
 and positions whose target is missing are left out of that depth's mean.
+
+Every depth is scored against a sparse target distribution (ids, probabilities): the data's next
+token (K = 1), or with train.head_loss=distill the trunk's own top-K next-token distribution at
+position i + k, which is what speculative acceptance rewards. With a draft vocabulary the heads'
+softmax covers only its N tokens and the targets are renormalised over them.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -14,18 +22,72 @@ import jax.numpy as jnp
 from mtp_jax.config import ModelConfig, parse_schedule
 from mtp_jax.model import MTPLanguageModel, project
 
+SUMS = ('loss', 'count', 'correct', 'data_count', 'agree')
 
-@functools.partial(jax.checkpoint, static_argnums=(5,))
-def _depth_stats(h_BxTxD, scale_D, out, targets_BxT, mask_BxT, cfg: ModelConfig):
-  """Summed cross-entropy and correct count of one depth. Rematerialized: the backward pass
-  recomputes this depth's logits instead of keeping them, which bounds peak memory to one
-  logits tensor whatever D is."""
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  """Static settings of the loss (part of the compiled step's identity)."""
+  cfg: ModelConfig
+  head_loss: str = 'data'  # or 'distill'
+  topk: int = 32  # entries of the trunk's distribution kept as a distill target
+  frozen: bool = False  # the trunk is not trained: its loss is reported, not optimized
+
+
+@functools.partial(jax.checkpoint, static_argnums=(6, 7))
+def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: ModelConfig,
+                 topk: int):
+  """One depth's sums against a sparse target (ids < 0 carry no mass; a position with no mass is
+  left out): cross-entropy, positions, matches with the data token and with the target's first
+  entry. With topk > 0 also returns this depth's own top-k distribution (the trunk's, for
+  distillation). Rematerialized: the backward pass recomputes this depth's logits instead of
+  keeping them, which bounds peak memory to one logits tensor whatever D is."""
   logits_BxTxV = project(h_BxTxD, scale_D, out, cfg)
-  safe_targets = jnp.maximum(targets_BxT, 0)
-  target_logit = jnp.take_along_axis(logits_BxTxV, safe_targets[..., None], axis=-1)[..., 0]
-  nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_logit
-  correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
-  return jnp.sum(nll_BxT * mask_BxT), jnp.sum(correct_BxT * mask_BxT)
+  p = jnp.where(ids_BxTxK >= 0, p_BxTxK, 0.0)
+  mass_BxT = jnp.sum(p, axis=-1)
+  weight_BxT = (mass_BxT > 0).astype(jnp.float32)
+  p = p / jnp.where(mass_BxT > 0, mass_BxT, 1.0)[..., None]
+  target_logits = jnp.take_along_axis(logits_BxTxV, jnp.maximum(ids_BxTxK, 0), axis=-1)
+  nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - jnp.sum(p * target_logits, axis=-1)
+  pred_BxT = jnp.argmax(logits_BxTxV, axis=-1)
+  sums = {'loss': jnp.sum(nll_BxT * weight_BxT), 'count': jnp.sum(weight_BxT),
+          'correct': jnp.sum((pred_BxT == data_BxT) & (data_BxT >= 0)),
+          'data_count': jnp.sum(data_BxT >= 0),
+          'agree': jnp.sum((pred_BxT == ids_BxTxK[..., 0]) * weight_BxT)}
+  if not topk:
+    return sums, None
+  logp, ids = jax.lax.top_k(jax.nn.log_softmax(jax.lax.stop_gradient(logits_BxTxV)), topk)
+  return sums, (ids, jnp.exp(logp))
+
+
+def _one_hot_target(tokens_BxT):
+  return tokens_BxT[..., None], jnp.ones(tokens_BxT.shape + (1,), jnp.float32)
+
+
+def _shift(x_BxTx, k: int, fill):
+  """x at position i + k for every position i (fill past the end)."""
+  pad = jnp.full((x_BxTx.shape[0], k) + x_BxTx.shape[2:], fill, x_BxTx.dtype)
+  return jnp.concatenate([x_BxTx[:, k:], pad], axis=1)
+
+
+def draft_index(draft_ids_N, vocab_size: int):
+  """V -> position in the draft vocabulary, -1 for a token outside it."""
+  return jnp.full((vocab_size,), -1, jnp.int32).at[draft_ids_N].set(
+      jnp.arange(draft_ids_N.shape[0], dtype=jnp.int32))
+
+
+def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
+  """Sums of depths 1..D. targets[k] = (ids, probs) of depth k in full-vocabulary ids."""
+  sums = []
+  for k in range(1, len(hidden)):
+    (scale, out), (ids, p), data_k = weights[k], targets[k], data[k]
+    if draft_ids is not None:
+      index = draft_index(draft_ids, spec.cfg.vocab_size)
+      ids = jnp.where(ids >= 0, index[jnp.maximum(ids, 0)], -1)
+      data_k = jnp.where(data_k >= 0, index[jnp.maximum(data_k, 0)], -1)
+      out = out[draft_ids] if spec.cfg.tie_embeddings else out[:, draft_ids]
+    sums.append(_depth_stats(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0])
+  return sums
 
 
 def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW):
@@ -34,18 +96,50 @@ def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW):
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
-def depth_sums(params, tokens_BxW, cfg: ModelConfig):
-  """Per depth k = 0..D: (summed loss, correct count, target count) over the window."""
+def _head_states(module: MTPLanguageModel, h0_BxTxD, tokens_BxW):
+  hidden = module.head_states(h0_BxTxD, tokens_BxW)
+  return hidden, [module.head_weights(k) for k in range(len(hidden))]
+
+
+def depth_sums(params, tokens_BxW, spec: LossSpec, draft_ids=None):
+  """Per depth k = 0..D, the SUMS over one token window (the trunk runs on its first T tokens)."""
+  cfg = spec.cfg
   T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
   hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW,
                                                 method=_hidden_states)
-  sums = []
-  for k, (h, (scale, out)) in enumerate(zip(hidden, weights)):
-    targets = tokens_BxW[:, k + 1:k + 1 + T]
-    mask = (targets >= 0).astype(jnp.float32)
-    loss_sum, correct = _depth_stats(h, scale, out, targets, mask, cfg)
-    sums.append((loss_sum, correct, jnp.sum(mask)))
-  return sums
+  data = [tokens_BxW[:, k + 1:k + 1 + T] for k in range(cfg.mtp_depth + 1)]
+  distill = spec.head_loss == 'distill' and cfg.mtp_depth > 0
+  trunk, top = _depth_stats(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
+                            spec.topk if distill else 0)
+  if distill:  # the trunk's distribution at i + k; past the window's end there is none
+    targets = [None] + [(_shift(top[0], k, -1), _shift(top[1], k, 0.0))
+                        for k in range(1, cfg.mtp_depth + 1)]
+  else:
+    targets = [_one_hot_target(d) for d in data]
+  return [trunk] + _head_sums(hidden, weights, targets, data, spec, draft_ids)
+
+
+def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
+  """Per depth k = 1..D, the SUMS over one window of cached trunk features: batch holds
+  'tokens' (B x W), 'h0' (B x T x D), the trunk's 'top_ids' and 'top_p' (B x (T + D) x K) and
+  'row_start' (B x W), which marks the first token of each row: a target reached across a row
+  boundary mixes two texts and is left out."""
+  cfg = spec.cfg
+  tokens, h0 = batch['tokens'], batch['h0'].astype(cfg.compute_dtype)
+  T = h0.shape[1]
+  hidden, weights = MTPLanguageModel(cfg).apply(params, h0, tokens, method=_head_states)
+  crossed = jnp.zeros(h0.shape[:2], bool)
+  targets, data = [None], [None]
+  for k in range(1, cfg.mtp_depth + 1):
+    crossed = crossed | batch['row_start'][:, k:k + T]
+    data_k = tokens[:, k + 1:k + 1 + T]
+    if spec.head_loss == 'distill':
+      ids, p = batch['top_ids'][:, k:k + T], batch['top_p'][:, k:k + T].astype(jnp.float32)
+    else:
+      ids, p = _one_hot_target(data_k)
+    targets.append((jnp.where(crossed[..., None], -1, ids), p))
+    data.append(jnp.where(crossed, -1, data_k))
+  return [None] + _head_sums(hidden, weights, targets, data, spec, draft_ids)
 
 
 def loss_weight(step, base: float, schedule: str):
@@ -56,18 +150,34 @@ def loss_weight(step, base: float, schedule: str):
   return weight
 
 
-def combined_loss(params, tokens_BxW, cfg: ModelConfig, weight):
-  """Returns (L, metrics) with per-depth mean loss and top-1 accuracy."""
-  sums = depth_sums(params, tokens_BxW, cfg)
+def metrics_of(sums, agreement: bool) -> dict:
+  """Per-depth means from SUMS (a depth whose sums are None was not computed); `agreement`: the
+  heads' targets are the trunk's distribution, whose top token they are also scored against."""
   metrics = {}
-  for k, (loss_sum, correct, count) in enumerate(sums):
-    count = jnp.maximum(count, 1.0)
-    metrics[f'loss/depth_{k}'] = loss_sum / count
-    metrics[f'accuracy/depth_{k}'] = correct / count
-  main = metrics['loss/depth_0']
-  total = main
-  if cfg.mtp_depth:
-    mtp = sum(metrics[f'loss/depth_{k}'] for k in range(1, cfg.mtp_depth + 1)) / cfg.mtp_depth
-    total = main + weight * mtp
+  for k, s in enumerate(sums):
+    if s is None:
+      continue
+    metrics[f'loss/depth_{k}'] = s['loss'] / jnp.maximum(s['count'], 1.0)
+    metrics[f'accuracy/depth_{k}'] = s['correct'] / jnp.maximum(s['data_count'], 1)
+    if k and agreement:
+      metrics[f'agreement/depth_{k}'] = s['agree'] / jnp.maximum(s['count'], 1.0)
+  return metrics
+
+
+def combined_loss(params, batch, spec: LossSpec, weight, draft_ids=None):
+  """Returns (L, metrics) with per-depth mean loss and top-1 accuracy (and, for heads, agreement
+  with their target's top token). A frozen trunk's loss is not part of L: then L is the heads'
+  mean loss."""
+  D = spec.cfg.mtp_depth
+  if isinstance(batch, dict):
+    sums = feature_sums(params, batch, spec, draft_ids)
+  else:
+    sums = depth_sums(params, batch, spec, draft_ids)
+  metrics = metrics_of(sums, spec.head_loss == 'distill')
+  heads = sum(metrics[f'loss/depth_{k}'] for k in range(1, D + 1)) / D if D else 0.0
+  if spec.frozen:
+    total = heads
+  else:
+    total = metrics['loss/depth_0'] + (weight * heads if D else 0.0)
   metrics['loss/total'] = total
   return total, metrics

@@ -6,11 +6,13 @@ next-token head; depth k >= 1 predicts token t_{i+k+1} at position i.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 from mtp_jax.heads import HEADS
-from mtp_jax.layers import Block, RMSNorm, param_with_axes, rms_norm
+from mtp_jax.layers import Block, RMSNorm, dense_param, param_with_axes, rms_norm
 
 
 class MTPLanguageModel(nn.Module):
@@ -24,8 +26,8 @@ class MTPLanguageModel(nn.Module):
     self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.unembedding = param_with_axes(self, 'unembedding', nn.initializers.normal(0.02),
-                                         (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'))
+      self.unembedding = dense_param(self, 'unembedding', nn.initializers.normal(0.02),
+                                     (cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), cfg)
     head = nn.remat(HEADS[cfg.mtp_kind]) if cfg.remat else HEADS[cfg.mtp_kind]
     self.mtp = [head(cfg) for _ in range(cfg.mtp_depth)]
     # Sequential modules have their own output norm; the other kinds share the trunk's.
@@ -67,13 +69,19 @@ class MTPLanguageModel(nn.Module):
 
   def hidden_states(self, inputs_BxT, tokens_BxW):
     """Every depth's hidden state over T positions (no cache): the trunk on `inputs_BxT`, then
-    depth k reading t_{i+k} = tokens_BxW[:, i + k]."""
+    the heads (head_states)."""
     T = inputs_BxT.shape[1]
-    positions_BxT = jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape)
-    h0, _ = self.trunk(inputs_BxT, positions_BxT)
-    hidden, h = [h0], h0
+    h0, _ = self.trunk(inputs_BxT, jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape))
+    return self.head_states(h0, tokens_BxW)
+
+  def head_states(self, h0_BxTxD, tokens_BxW):
+    """[h0, h1, .., hD] from the trunk's h0 over T positions: depth k reads
+    t_{i+k} = tokens_BxW[:, i + k]."""
+    T = h0_BxTxD.shape[1]
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), h0_BxTxD.shape[:2])
+    hidden, h = [h0_BxTxD], h0_BxTxD
     for k in range(1, self.cfg.mtp_depth + 1):
-      h, _ = self.mtp_step(k, h if self.cfg.mtp_chains else h0, tokens_BxW[:, k:k + T],
+      h, _ = self.mtp_step(k, h if self.cfg.mtp_chains else h0_BxTxD, tokens_BxW[:, k:k + T],
                            positions_BxT)
       hidden.append(h)
     return hidden
@@ -89,9 +97,29 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   """Norm then output matrix (V x D when tied to the embedding, D x V otherwise); logits in
   float32."""
   x = rms_norm(h_BxTxD, scale_D, cfg.norm_eps)
-  spec = 'btd,vd->btv' if cfg.tie_embeddings else 'btd,dv->btv'
-  logits = jnp.einsum(spec, x, out.astype(cfg.compute_dtype))
+  if cfg.tie_embeddings or cfg.kernels:  # V x D: the embedding, or kernel_layout's unembedding
+    logits = kernels.rows_matmul(x, out.astype(cfg.compute_dtype), use_kernel=cfg.kernels)
+  else:
+    logits = jnp.einsum('btd,dv->btv', x, out.astype(cfg.compute_dtype))
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
+# Matrices that layers.dense contracts: parameter name -> its number of input axes.
+_DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_proj': 1,
+          'unembedding': 1}
+
+
+def kernel_layout(params):
+  """The params with every dense matrix stored (out..., in...), one output per row, as the
+  decoding kernels read them (ModelConfig.kernels); Medusa's layers and the embedding stay."""
+  def move(path, leaf):
+    name = str(getattr(path[-1], 'key', ''))
+    parents = {str(getattr(p, 'key', '')) for p in path[:-1]}
+    if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in parents):
+      return leaf
+    n_in = _DENSE[name]
+    return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+  return jax.tree_util.tree_map_with_path(move, params)
 
 
 def init_params(cfg: ModelConfig, rng):

@@ -10,8 +10,10 @@ from mtp_jax import inference
 from mtp_jax import sharding
 from mtp_jax import train as train_lib
 from mtp_jax.config import ConfigError, check_mtp_decoding
+from mtp_jax.pretrained import export as export_lib
+from mtp_jax.pretrained.resolve import resolve_config
 
-MODES = ('train', 'eval', 'demo', 'generate', 'bench')
+MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')
 
 # Errors that mean "the user's input is wrong": printed as one line, exit code 2.
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
@@ -45,8 +47,10 @@ def init_distributed(dist_cfg) -> None:
 def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):
   if mode == 'generate':
     check_mtp_decoding(config)
-  session = train_lib.Session(config, workdir)
-  prompts = (inference.read_prompts(prompt, prompt_file, session.data.tokenizer)
+  # The data is read for its tokenizer (a model trained here) or for validation prompts.
+  needs_data = not config.model.init_from or (mode == 'bench' and not config.decode.prompts)
+  session = train_lib.Session(config, workdir, data=needs_data)
+  prompts = (inference.read_prompts(session, prompt, prompt_file)
              if mode == 'generate' else None)
   step, params = inference.load_params(session)
   with sharding.active(session.mesh):
@@ -57,7 +61,26 @@ def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str)
     return inference.bench(session, params, config, step)
 
 
-def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''):
+def export(config, workdir: str, dtype: str) -> dict:
+  """The latest checkpoint (or a pretrained model's initial params) in Hugging Face's layout,
+  under WORKDIR/export: the trunk as LlamaForCausalLM and the heads in mtp_heads.safetensors."""
+  if dtype not in export_lib.DTYPES:
+    raise ConfigError(f"--export_dtype must be one of {', '.join(export_lib.DTYPES)}, got {dtype!r}")
+  session = train_lib.Session(config, workdir, data=not config.model.init_from)
+  step, params = inference.load_params(session)
+  directory = os.path.join(workdir, 'export')
+  m = session.model_file
+  files = export_lib.export(
+      directory, jax.device_get(params)['params'], session.config, session.cfg,
+      tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=m.bos_id if m else None,
+      chat_template=session.chat_template, dtype=dtype, token_rank=session.token_rank(),
+      trunk_identity=m.identity if m else '')
+  print(f'step {step} written to {directory}: {", ".join(files)}')
+  return {'step': step, 'directory': directory, 'files': files}
+
+
+def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = '',
+        export_dtype: str = 'float32'):
   if mode not in MODES:
     raise ConfigError(f'--mode must be one of {", ".join(MODES)}, got {mode!r}')
   after = [m for m in config.run_after_train.split(',') if m]
@@ -65,6 +88,7 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   if bad:
     raise ConfigError(f'run_after_train: {bad[0]!r} is not one of demo, bench, eval')
   init_distributed(config.distributed)
+  config = resolve_config(config)
   if mode == 'train':
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
     if jax.process_index() == 0:
@@ -80,4 +104,6 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
     return summary
   if mode == 'eval':
     return train_lib.evaluate(config, workdir)
+  if mode == 'export':
+    return export(config, workdir, export_dtype)
   return _decode_mode(mode, config, workdir, prompt, prompt_file)

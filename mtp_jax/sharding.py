@@ -88,6 +88,10 @@ def logical_to_sharding(specs, mesh: Mesh):
   return nn.logical_to_mesh_sharding(specs, mesh, RULES)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(('data', 'fsdp')))
 

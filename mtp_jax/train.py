@@ -4,6 +4,7 @@ checkpoints, TensorBoard logs, preemption handling, and held-out evaluation.
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -20,10 +21,15 @@ from tensorboardX import SummaryWriter
 
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
+from mtp_jax import decode as decode_lib
+from mtp_jax import features as feat_lib
+from mtp_jax import selfdata
 from mtp_jax import sharding
-from mtp_jax.config import ModelConfig, validate
-from mtp_jax.loss import combined_loss, depth_sums, loss_weight
+from mtp_jax.config import ConfigError, ModelConfig, validate
+from mtp_jax.loss import LossSpec, combined_loss, depth_sums, feature_sums, loss_weight
 from mtp_jax.model import MTPLanguageModel, init_tokens
+from mtp_jax.pretrained import heads_file
+from mtp_jax.pretrained import resolve as pretrained
 
 
 class TrainingError(RuntimeError):
@@ -56,62 +62,94 @@ def make_optimizer(t) -> optax.GradientTransformation:
                   mask=_decay_mask))
 
 
+def split_heads(params):
+  """(heads, trunk): the MTP heads' part of a param tree and the rest, each a param tree."""
+  inner = params['params']
+  heads = {k: v for k, v in inner.items() if k.startswith('mtp')}
+  return {'params': heads}, {'params': {k: v for k, v in inner.items() if k not in heads}}
+
+
+def join_params(a, b):
+  return {'params': {**a['params'], **b['params']}}
+
+
+def trainable(params, frozen_trunk: bool):
+  """The part of the params the optimizer updates."""
+  return split_heads(params)[0] if frozen_trunk else params
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static settings of the compiled step (hashable, so jit can key on it)."""
-  model: ModelConfig
+  spec: LossSpec
   grad_accum: int
   loss_weight: float
   loss_weight_schedule: str
   inject_nan_step: int = -1
 
 
-def train_step(state, batch_BxW, *, tx, sc: StepConfig):
+def train_step(state, batch, draft_ids=None, *, tx, sc: StepConfig):
   """One optimizer step over grad_accum micro-batches. A non-finite loss or gradient leaves
-  the state untouched and raises the `nonfinite` flag, so a bad step is never applied."""
+  the state untouched and raises the `nonfinite` flag, so a bad step is never applied. With a
+  frozen trunk only the heads are differentiated and updated; the trunk passes through."""
   weight = loss_weight(state['step'], sc.loss_weight, sc.loss_weight_schedule)
-  grad_fn = jax.value_and_grad(combined_loss, has_aux=True)
-  micro_AxBxW = batch_BxW.reshape(sc.grad_accum, -1, batch_BxW.shape[-1])
+  if sc.spec.frozen:
+    train_part, frozen = split_heads(state['params'])
+    full = lambda p: join_params(p, frozen)
+  else:
+    train_part, full = state['params'], lambda p: p
+  grad_fn = jax.value_and_grad(
+      lambda p, micro: combined_loss(full(p), micro, sc.spec, weight, draft_ids), has_aux=True)
+  micro = jax.tree.map(lambda x: x.reshape(sc.grad_accum, -1, *x.shape[1:]), batch)
 
-  def accumulate(carry, micro_BxW):
-    (_, metrics), grads = grad_fn(state['params'], micro_BxW, sc.model, weight)
+  def accumulate(carry, micro_batch):
+    (_, metrics), grads = grad_fn(train_part, micro_batch)
     return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
-  zeros = jax.eval_shape(lambda: grad_fn(state['params'], micro_AxBxW[0], sc.model, weight))
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.eval_shape(lambda: grad_fn(train_part, first))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro_AxBxW)
+  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
   grads, metrics = jax.tree.map(lambda x: x / sc.grad_accum, (grads, metrics))
   poison = jnp.where(state['step'] + 1 == sc.inject_nan_step, jnp.nan, 1.0)
   metrics['loss/total'] = metrics['loss/total'] * poison
 
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss/total']) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+  updates, opt_state = tx.update(grads, state['opt_state'], train_part)
+  updated = optax.apply_updates(train_part, updates)
   keep_old = lambda n, o: jnp.where(finite, n, o)
-  new = {'step': new['step'],
-         'params': jax.tree.map(keep_old, new['params'], state['params']),
-         'opt_state': jax.tree.map(keep_old, new['opt_state'], state['opt_state'])}
+  new = {'step': state['step'] + 1,
+         'params': full(jax.tree.map(keep_old, updated, train_part)),
+         'opt_state': jax.tree.map(keep_old, opt_state, state['opt_state'])}
   metrics.update({'grad_norm': grad_norm, 'loss_weight': weight,
                   'nonfinite': 1 - finite.astype(jnp.int32),
                   'nonfinite_grad': 1 - jnp.isfinite(grad_norm).astype(jnp.int32)})
   return new, metrics
 
 
-def eval_step(params, batch_BxW, *, cfg: ModelConfig):
-  return depth_sums(params, batch_BxW, cfg)
+def eval_step(params, batch, draft_ids=None, *, spec: LossSpec):
+  if isinstance(batch, dict):
+    return feature_sums(params, batch, spec, draft_ids)
+  return depth_sums(params, batch, spec, draft_ids)
 
 
-def summarize_eval(sums_list, depth: int) -> dict:
-  """Host-side reduction of eval_step outputs over batches -> per-depth loss/acc/perplexity."""
-  totals = np.sum(np.asarray(sums_list, dtype=np.float64), axis=0)  # (D+1, 3)
+def summarize_eval(sums_list, depth: int, agreement: bool = False) -> dict:
+  """Host-side reduction of eval_step outputs over batches -> per-depth loss, accuracy,
+  perplexity and (heads) agreement with their target's top token. A depth not computed (the
+  trunk, when training on its cached features) is left out."""
   out = {}
   for k in range(depth + 1):
-    loss_sum, correct, count = totals[k]
-    out[f'loss/depth_{k}'] = loss_sum / count
-    out[f'accuracy/depth_{k}'] = correct / count
-    out[f'perplexity/depth_{k}'] = float(np.exp(min(loss_sum / count, 50.0)))
+    if sums_list[0][k] is None:
+      continue
+    total = {name: float(np.sum([np.float64(s[k][name]) for s in sums_list]))
+             for name in sums_list[0][k]}
+    loss = total['loss'] / max(total['count'], 1)
+    out[f'loss/depth_{k}'] = loss
+    out[f'accuracy/depth_{k}'] = total['correct'] / max(total['data_count'], 1)
+    out[f'perplexity/depth_{k}'] = float(np.exp(min(loss, 50.0)))
+    if k and agreement:
+      out[f'agreement/depth_{k}'] = total['agree'] / max(total['count'], 1)
   return out
 
 
@@ -120,22 +158,30 @@ def window_length(config) -> int:
   return config.train.seq_len + config.mtp.depth + 1
 
 
+def loss_spec(config, cfg: ModelConfig) -> LossSpec:
+  t = config.train
+  return LossSpec(cfg, head_loss=t.head_loss, topk=t.distill_topk, frozen=t.freeze_trunk)
+
+
 class Program:
   """The compiled side of a config on a mesh, with no data: the model config, optimizer, state
   layout (eval_shape -> logical axis names -> shardings) and the jitted init, train and eval
-  steps. Benchmarks build this alone; Session adds data and checkpoints."""
+  steps. Benchmarks build this alone; Session adds data and checkpoints. The steps take the
+  draft vocabulary's token ids as a third argument (an empty array: the full vocabulary)."""
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)
     self.window = window_length(config)
     self.tx = make_optimizer(config.train)
+    self.spec = loss_spec(config, self.cfg)
     model = MTPLanguageModel(self.cfg)
+    frozen = config.train.freeze_trunk
 
     def init_state(rng):
       params = model.init(rng, init_tokens(self.cfg))
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
-              'opt_state': self.tx.init(params)}
+              'opt_state': self.tx.init(trainable(params, frozen))}
 
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     self.state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
@@ -143,75 +189,235 @@ class Program:
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         nn.meta.unbox(boxed), self.state_sharding)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
     self.init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
                         out_shardings=self.state_sharding)
     t = config.train
-    sc = StepConfig(self.cfg, t.grad_accum, config.mtp.loss_weight,
+    sc = StepConfig(self.spec, t.grad_accum, config.mtp.loss_weight,
                     config.mtp.loss_weight_schedule, t.inject_nan_step)
-    self.train_step = jax.jit(functools.partial(train_step, tx=self.tx, sc=sc),
-                              in_shardings=(self.state_sharding, self.batch_sharding),
-                              out_shardings=(self.state_sharding, None), donate_argnums=0)
-    self.eval_step = jax.jit(functools.partial(eval_step, cfg=self.cfg),
-                             in_shardings=(self.state_sharding['params'], self.batch_sharding))
+    self._train_step = jax.jit(
+        lambda state, batch, ids: train_step(state, batch, ids if ids.size else None, tx=self.tx,
+                                             sc=sc),
+        in_shardings=(self.state_sharding, self.batch_sharding, replicated),
+        out_shardings=(self.state_sharding, None), donate_argnums=0)
+    self._eval_step = jax.jit(
+        lambda params, batch, ids: eval_step(params, batch, ids if ids.size else None,
+                                             spec=self.spec),
+        in_shardings=(self.state_sharding['params'], self.batch_sharding, replicated))
+    self.draft_ids = np.zeros((0,), np.int32)
+
+  def train_step(self, state, batch):
+    return self._train_step(state, batch, self.draft_ids)
+
+  def lower_train_step(self, batch, draft_ids):
+    """The train step lowered for abstract (or concrete) batch and draft ids, for cost and
+    memory analysis."""
+    return self._train_step.lower(self.abstract_state, batch, draft_ids)
+
+  def eval_step(self, params, batch):
+    return self._eval_step(params, batch, self.draft_ids)
+
+
+def token_rank(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+  """Every token id, the most frequent in `tokens` first (ties by id)."""
+  counts = np.bincount(np.asarray(tokens, np.int64), minlength=vocab_size)[:vocab_size]
+  return np.argsort(-counts, kind='stable').astype(np.int32)
 
 
 class Session(Program):
-  """Everything one run needs: the checked config, data, mesh, compiled functions and the
-  workdir's checkpoints. Every check runs before anything is written or compiled."""
+  """Everything one run needs: the checked config, the model file it starts from, data, mesh,
+  compiled functions and the workdir's checkpoints. Every check runs before anything is written
+  or compiled. `data=False` skips the training data (decoding modes that do not draw prompts
+  from it)."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, data: bool = True):
     self.workdir = workdir
+    config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
     saved = ckpt_lib.load_config(workdir)
     if saved is not None:
       ckpt_lib.check_compatible(saved, config)
-    self.data = data_lib.prepare(config.data, workdir)
+    pretrained.check_heads_init(config)
+    self.model_file = (pretrained.open_model(config.model.init_from)
+                       if config.model.init_from else None)
+    if self.model_file is not None and self.model_file.tokenizer is None:
+      raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
+    super().__init__(config, sharding.make_mesh(config.mesh))
+    self.data = self.features = None
+    if data:
+      self._prepare_data()
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+
+  @property
+  def tokenizer(self):
+    return self.model_file.tokenizer if self.model_file else self.data.tokenizer
+
+  @property
+  def eos_id(self) -> int:
+    """The token that ends a generated row: the model's end token, else the data's EOS."""
+    if self.model_file is not None and self.model_file.eos_id is not None:
+      return int(self.model_file.eos_id)
+    return self.data.eos_id if self.data is not None else -1
+
+  @functools.cached_property
+  def decode_model(self):
+    """The model as the decoder sees it: with the native kernels where they run, and drafting
+    over the decode.draft_vocab most frequent tokens of the heads' training data (if > 0)."""
+    N, ids = self.config.decode.draft_vocab, None
+    if N:
+      rank = self.token_rank()
+      if rank is None:
+        raise ConfigError(f'decode.draft_vocab={N} needs the token frequencies of the heads\' '
+                          'training data: train in this workdir, or start from a heads file '
+                          'that holds them (mtp.init_from)')
+      ids = rank[:N]
+    return decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids)
+
+  @property
+  def chat_template(self) -> str:
+    return self.model_file.chat_template if self.model_file else ''
+
+  # Data.
+
+  def _prepare_data(self):
+    config, d = self.config, self.config.data
+    root = d.cache_dir or os.path.join(self.workdir, 'data')
+    if d.sources.strip() == 'self':
+      os.makedirs(self.workdir, exist_ok=True)
+      spec = {'kind': 'chats', 'trunk': self.model_file.identity, 'tokens': d.self_tokens,
+              'temperature': d.self_temperature, 'answer_len': d.self_answer_len,
+              'topk': config.train.distill_topk if d.features else 0,
+              'valid_fraction': d.valid_fraction}
+      cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
+          trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
+          answer_len=d.self_answer_len, topk=spec['topk'], seed=0,
+          valid_fraction=d.valid_fraction))
+      self.data = data_lib.TokenData(
+          train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,
+          eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
+      self.features = cache if d.features else None
+    else:
+      self.data = data_lib.prepare(d, self.workdir, self.model_file and self.model_file.tokenizer,
+                                   self.model_file and self.model_file.eos_id)
+      if d.features:
+        tokens = _digest(self.data.train, self.data.valid)
+        spec = {'kind': 'text', 'trunk': self.model_file.identity, 'tokens': tokens,
+                'topk': config.train.distill_topk}
+        self.features = self._build(root, spec, lambda trunk, builder: selfdata.write_features(
+            trunk, builder, {'train': self.data.train, 'valid': self.data.valid},
+            config.train.distill_topk))
     if self.data.vocab_size > config.data.vocab_size:
       raise data_lib.DataError(f'tokenizer has {self.data.vocab_size} tokens, more than '
                                f'data.vocab_size={config.data.vocab_size}')
-    window = window_length(config)
     # Checked here, once the split sizes are known, not at the first batch of each split: the
     # first evaluation may come after hours of training.
     for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
-      if len(tokens) < window:
+      if len(tokens) < self.window:
         raise data_lib.DataError(
             f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
-            f'fewer than one window of train.seq_len + mtp.depth + 1 = {window}; use '
+            f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
             f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a larger '
             'data.valid_fraction')
-    super().__init__(config, sharding.make_mesh(config.mesh))
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    if config.train.draft_vocab:
+      self.draft_ids = np.sort(self.data_token_rank()[:config.train.draft_vocab])
+
+  def _build(self, root: str, spec: dict, write) -> dict:
+    """The feature cache for `spec`, built by write(trunk, builder) if it is not there yet."""
+    directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
+    cache = feat_lib.load(directory)
+    if cache is None:
+      builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0)
+      write(self.data_trunk(), builder)
+      cache = builder.finish()
+    return cache
+
+  def data_trunk(self) -> selfdata.Trunk:
+    """The frozen trunk as data making sees it: its params alone, on a depth-0 config."""
+    m = self.model_file
+    params = {'params': jax.device_put(pretrained.trunk_params(self.config.model.init_from))}
+    model = decode_lib.decode_model(dataclasses.replace(self.cfg, mtp_depth=0),
+                                    self.config.decode.kernels)
+    return selfdata.Trunk(model=model, params=params,
+                          tokenizer=m.tokenizer, eos_id=self.eos_id, bos_id=m.bos_id,
+                          chat_template=m.chat_template)
+
+  def data_token_rank(self) -> np.ndarray:
+    """Token ids by frequency in the training split, most frequent first."""
+    return token_rank(self.data.train, self.cfg.vocab_size)
+
+  def token_rank(self):
+    """Token ids, most frequent in the heads' training data first: WORKDIR/token_rank.npy
+    (written by training), else the heads file's (mtp.init_from), else the training split's;
+    None when none is known."""
+    path = os.path.join(self.workdir, TOKEN_RANK)
+    if os.path.exists(path):
+      return np.load(path)
+    source = self.config.mtp.init_from
+    rank = heads_file.token_rank(source) if source not in pretrained.HEAD_INITS else None
+    if rank is None and self.data is not None:
+      rank = self.data_token_rank()
+    return rank
 
   def device_batch(self, batch_np):
-    """A process-local numpy batch -> one global array sharded over the batch axes."""
-    return jax.make_array_from_process_local_data(self.batch_sharding, batch_np)
+    """A process-local numpy batch (an array or a dict of them) -> global arrays sharded over the
+    batch axes."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch_np)
+
+  def batch(self, step: int):
+    """Training batch `step`: token windows, or windows of the trunk's cached features."""
+    return self._windows('train', self.config.seed, step)
+
+  def _windows(self, name: str, seed: int, step: int):
+    """This process's rows of batch (seed, step) of split `name`."""
+    t = self.config.train
+    where = dict(seed=seed, step=step, batch_size=t.batch_size, window=self.window,
+                 process_index=jax.process_index(), process_count=jax.process_count())
+    if not self.features:
+      return data_lib.get_batch(getattr(self.data, name), **where)
+    split = self.features[name]
+    starts = data_lib.window_starts(len(split.tokens), **where)
+    return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
+
+  def evaluate(self, params) -> dict:
+    sums = []
+    with sharding.active(self.mesh):
+      for step in data_lib.eval_steps(self.config.train.eval_batches):
+        batch = self.device_batch(self._windows('valid', data_lib.EVAL_SEED, step))
+        sums.append(jax.device_get(self.eval_step(params, batch)))
+    return summarize_eval(sums, self.cfg.mtp_depth, self.spec.head_loss == 'distill')
+
+  # Params.
 
   def restore_or_init(self):
     step, state, _ = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
       with sharding.active(self.mesh):
         state = self.init(jax.random.key(self.config.seed))
+      state['params'] = self.initial_params(state['params'])
       step = 0
     return step, state
 
-  def batch(self, step: int, tokens=None, seed=None):
-    t = self.config.train
-    return data_lib.get_batch(
-        self.data.train if tokens is None else tokens,
-        seed=self.config.seed if seed is None else seed, step=step, batch_size=t.batch_size,
-        window=self.window, process_index=jax.process_index(), process_count=jax.process_count())
+  def initial_params(self, params=None):
+    """The params a run starts from: random, with the trunk of model.init_from and the heads of
+    mtp.init_from put in place."""
+    if params is None:
+      with sharding.active(self.mesh):
+        params = self.init(jax.random.key(self.config.seed))['params']
+    if not self.config.model.init_from:
+      return params
+    trunk = pretrained.trunk_params(self.config.model.init_from)
+    inner = pretrained.merge(params['params'], trunk)
+    inner = pretrained.merge(inner, pretrained.head_params(self.config, trunk))
+    return jax.device_put({'params': inner}, self.state_sharding['params'])
 
-  def evaluate(self, params) -> dict:
-    t = self.config.train
-    batches = data_lib.eval_batches(self.data.valid, batch_size=t.batch_size, window=self.window,
-                                    num_batches=t.eval_batches)
-    per_process = t.batch_size // jax.process_count()
-    lo = jax.process_index() * per_process
-    with sharding.active(self.mesh):
-      sums = [jax.device_get(self.eval_step(params, self.device_batch(b[lo:lo + per_process])))
-              for b in batches]
-    return summarize_eval(sums, self.cfg.mtp_depth)
+
+def _digest(*arrays) -> str:
+  digest = hashlib.sha1()
+  for a in arrays:
+    digest.update(np.ascontiguousarray(a).tobytes())
+  return digest.hexdigest()
 
 
 class _Preemption:
@@ -237,12 +443,6 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _log(writer, metrics: dict, step: int, prefix: str = ''):
-  if writer is not None:
-    for name, value in metrics.items():
-      writer.add_scalar(prefix + name, float(value), step)
-
-
 def _open_writer(tb_dir: str, purge_step=None) -> SummaryWriter:
   """A new event file. Readers go through a run's files in name order, and tensorboardX names
   them by the second they were opened in; the nanosecond suffix keeps files opened within one
@@ -250,10 +450,106 @@ def _open_writer(tb_dir: str, purge_step=None) -> SummaryWriter:
   return SummaryWriter(tb_dir, purge_step=purge_step, filename_suffix=f'.{time.time_ns()}')
 
 
-def _print_eval(step: int, metrics: dict, depth: int):
-  parts = [f"loss {metrics['loss/depth_0']:.3f}"]
-  parts += [f"acc@{k} {metrics[f'accuracy/depth_{k}']:.3f}" for k in range(depth + 1)]
+class MetricsLog:
+  """TensorBoard on process 0 and the step metrics: each step's metrics are fetched one step late
+  (after the next step is dispatched, so the device never waits for the host), checked for a
+  non-finite update, and logged every log_every steps with the throughput since the last log."""
+
+  def __init__(self, workdir: str, t, start: int, enabled: bool):
+    self.t, self.tb_dir = t, os.path.join(workdir, 'tb')
+    # purge_step hides events an interrupted run wrote past its last checkpoint.
+    self.writer = _open_writer(self.tb_dir, purge_step=start + 1) if enabled else None
+    self.pending = None  # (step, metrics) of the last dispatched step
+    self.skipped = 0
+    self.last_time, self.last_step = time.perf_counter(), start
+    self.postfix = {}
+
+  def scalars(self, metrics: dict, step: int, prefix: str):
+    if self.writer is not None:
+      for name, value in metrics.items():
+        self.writer.add_scalar(prefix + name, float(value), step)
+
+  def push(self, step: int, metrics):
+    """Queues this step's metrics and handles the previous step's."""
+    self.flush()
+    self.pending = (step, metrics)
+
+  def flush(self):
+    if self.pending is not None:
+      self._consume(*self.pending)
+      self.pending = None
+
+  def _consume(self, step: int, metrics):
+    t = self.t
+    metrics = jax.device_get(metrics)
+    if metrics['nonfinite']:
+      what = 'gradient' if metrics['nonfinite_grad'] else 'loss'
+      if t.nonfinite == 'stop':
+        raise TrainingError(f'non-finite {what} at step {step} (loss {metrics["loss/total"]}); '
+                            f'the latest checkpoint keeps the last finite state')
+      self.skipped += 1
+      tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped '
+                      f'({self.skipped} so far)', file=sys.stderr)
+    if step % t.log_every == 0 or step == t.steps:
+      now = time.perf_counter()
+      metrics['tokens_per_s'] = (t.batch_size * t.seq_len * (step - self.last_step)
+                                 / max(now - self.last_time, 1e-9))
+      metrics['lr'] = lr_schedule(t)(step - 1)
+      metrics['nonfinite_skipped'] = self.skipped
+      self.last_time, self.last_step = now, step
+      self.scalars({k: v for k, v in metrics.items() if k != 'nonfinite_grad'}, step, 'train/')
+      self.postfix = {'loss': f"{metrics['loss/total']:.3f}",
+                      'tok_s': f"{metrics['tokens_per_s']:.0f}"}
+
+  def reopen(self):
+    """Closes the event file and opens a new one. A resume from a checkpoint never logs its
+    steps again, so their events must be on disk before it exists; tensorboardX's flush() leaves
+    queued events behind (lost to a kill -9), close() writes them all."""
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = _open_writer(self.tb_dir)
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _print_eval(step: int, metrics: dict):
+  depths = sorted({int(k.split('_')[-1]) for k in metrics if k.startswith('loss/depth_')})
+  parts = [f"loss {metrics[f'loss/depth_{depths[0]}']:.3f}"]
+  parts += [f"acc@{k} {metrics[f'accuracy/depth_{k}']:.3f}" for k in depths]
+  parts += [f"agree@{k} {metrics[f'agreement/depth_{k}']:.3f}" for k in depths
+            if f'agreement/depth_{k}' in metrics]
   tqdm.tqdm.write(f'step {step} eval: ' + ', '.join(parts), file=sys.stderr)
+
+
+class _Periodic:
+  """What happens between steps: evaluations (with the eval hook), checkpoints and preemption."""
+
+  def __init__(self, session: Session, log: MetricsLog, eval_hook):
+    self.session, self.log, self.eval_hook = session, log, eval_hook
+    self.t = session.config.train
+    self.eval_metrics = {}
+
+  def after(self, step: int, state, stop) -> None:
+    t = self.t
+    is_eval = step % t.eval_every == 0 or step == t.steps
+    boundary = step % t.checkpoint_every == 0 or step == t.steps or stop
+    if boundary or is_eval:
+      self.log.flush()  # metrics checked before they are evaluated or saved
+    if is_eval:
+      self.evaluate(step, state['params'])
+    if boundary:
+      self.log.reopen()
+      self.session.checkpointer.save(step, state, {'step': step})
+
+  def evaluate(self, step: int, params):
+    metrics = self.session.evaluate(params)
+    self.log.scalars(metrics, step, 'eval/')
+    _print_eval(step, metrics)
+    if self.eval_hook is not None:  # its metrics join the eval dict that train returns
+      metrics.update(self.eval_hook(self.session, params, step, self.log.writer) or {})
+    self.eval_metrics = metrics
 
 
 def train(config, workdir: str, eval_hook=None) -> dict:
@@ -261,88 +557,37 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
   metrics it returns, if any, is added to the evaluation's."""
   session = Session(config, workdir)
-  t, depth = config.train, session.cfg.mtp_depth
+  config, t = session.config, session.config.train
   start, state = session.restore_or_init()
   ckpt_lib.save_config(workdir, config)
+  save_token_rank(workdir, session.data_token_rank())
   is_main = jax.process_index() == 0
-  tb_dir = os.path.join(workdir, 'tb')
-  # purge_step hides events an interrupted run wrote past its last checkpoint.
-  writer = _open_writer(tb_dir, purge_step=start + 1) if is_main else None
   if start:
     print(f'resuming from step {start}', file=sys.stderr)
-  tokens_per_step = t.batch_size * t.seq_len
-  pending = None  # (step, metrics) of the last dispatched step, fetched after the next dispatch
-  nonfinite_skipped, stopped_by = 0, None
-  last_time, last_step = time.perf_counter(), start
-  eval_metrics = {}
-  finished = False
-
-  def save(step):
-    nonlocal writer
-    if writer is not None:
-      # A resume from this checkpoint never logs its steps again, so their events must be on
-      # disk before it exists. tensorboardX's flush() leaves queued events behind (lost to a
-      # kill -9); close() writes them all.
-      writer.close()
-      writer = _open_writer(tb_dir)
-    session.checkpointer.save(step, state, {'step': step})
-
-  def consume(step, metrics):
-    nonlocal nonfinite_skipped, last_time, last_step
-    metrics = jax.device_get(metrics)
-    if metrics['nonfinite']:
-      what = 'gradient' if metrics['nonfinite_grad'] else 'loss'
-      if t.nonfinite == 'stop':
-        raise TrainingError(f'non-finite {what} at step {step} (loss {metrics["loss/total"]}); '
-                            f'the latest checkpoint keeps the last finite state')
-      nonfinite_skipped += 1
-      tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped '
-                      f'({nonfinite_skipped} so far)', file=sys.stderr)
-    if step % t.log_every == 0 or step == t.steps:
-      now = time.perf_counter()
-      metrics['tokens_per_s'] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-      metrics['lr'] = lr_schedule(t)(step - 1)
-      metrics['nonfinite_skipped'] = nonfinite_skipped
-      last_time, last_step = now, step
-      _log(writer, {k: v for k, v in metrics.items() if not k.startswith('nonfinite_grad')},
-           step, 'train/')
-      bar.set_postfix(loss=f"{metrics['loss/total']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-
+  log = MetricsLog(workdir, t, start, enabled=is_main)
+  periodic = _Periodic(session, log, eval_hook)
+  stopped_by, finished, step = None, False, start
   with _Preemption() as preempt, tqdm.tqdm(total=t.steps, initial=start, desc='train',
                                            disable=not is_main, dynamic_ncols=True) as bar:
     try:
       for step in range(start + 1, t.steps + 1):
         with sharding.active(session.mesh):
           state, metrics = session.train_step(state, session.device_batch(session.batch(step - 1)))
-        if pending is not None:
-          consume(*pending)
-        pending = (step, metrics)
+        log.push(step, metrics)
         bar.update(1)
+        bar.set_postfix(log.postfix, refresh=False)
         # Read once: a signal arriving later in this step (during an evaluation, say) must not
         # stop the loop without the checkpoint; the next step honours it.
         stop = preempt.requested
-        boundary = step % t.checkpoint_every == 0 or step == t.steps or stop
-        if boundary or step % t.eval_every == 0:
-          consume(*pending)
-          pending = None
-        if step % t.eval_every == 0 or step == t.steps:
-          eval_metrics = session.evaluate(state['params'])
-          _log(writer, eval_metrics, step, 'eval/')
-          _print_eval(step, eval_metrics, depth)
-          if eval_hook is not None:  # its metrics join the eval dict that train returns
-            eval_metrics.update(eval_hook(session, state['params'], step, writer) or {})
-        if boundary:
-          save(step)
+        periodic.after(step, state, stop)
         if stop:
           stopped_by = stop
           break
-      if pending is not None:
-        consume(*pending)
+      log.flush()
       finished = True
     finally:
       session.checkpointer.wait()  # a save in flight completes intact, whatever happened
-      if writer is not None:
-        writer.close()
+      log.close()
       if not finished:
         session.checkpointer.close()
   if stopped_by:
@@ -351,10 +596,22 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   elif start >= t.steps:
     print(f'already trained to step {start} (train.steps={t.steps}); nothing to do',
           file=sys.stderr)
-    eval_metrics = session.evaluate(state['params'])
+    periodic.eval_metrics = session.evaluate(state['params'])
   session.checkpointer.close()
   return {'step': int(state['step']), 'resumed_from': start, 'stopped_by': stopped_by,
-          'eval': eval_metrics, 'nonfinite_skipped': nonfinite_skipped}
+          'eval': periodic.eval_metrics, 'nonfinite_skipped': log.skipped}
+
+
+TOKEN_RANK = 'token_rank.npy'
+
+
+def save_token_rank(workdir: str, rank: np.ndarray) -> None:
+  """WORKDIR/token_rank.npy: the training data's token ids by frequency, which a reduced draft
+  vocabulary reads when decoding and --mode export ships with the heads."""
+  path = os.path.join(workdir, TOKEN_RANK)
+  tmp = f'{path}.tmp{os.getpid()}.npy'
+  np.save(tmp, rank)
+  os.replace(tmp, path)
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from mtp_jax.config import ModelConfig  # noqa: E402
+from mtp_jax.config import ModelConfig, apply_overrides  # noqa: E402
 from mtp_jax.model import MTPLanguageModel  # noqa: E402
 
 
@@ -35,10 +35,7 @@ def tiny_config(**overrides):
   c.train.eval_batches = 1
   c.train.log_every = 1
   c.decode.eval_prompts = 0
-  for key, value in overrides.items():
-    section, field = key.split('.')
-    c[section][field] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -83,3 +80,196 @@ def corpus(tmp_path):
     src = os.path.join(stdlib, name)
     (out / name.replace('.py', '.txt')).write_text(open(src, encoding='utf-8').read())
   return str(out)
+
+
+# A tiny random Llama, written in llama.cpp's and Hugging Face's formats by the formats' own
+# libraries, and an independent NumPy forward pass to check an import against.
+
+LLAMA = {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+         'model.mlp_dim': 64, 'model.rope_theta': 10000.0, 'model.norm_eps': 1e-5,
+         'model.tie_embeddings': True, 'data.vocab_size': 264}
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokens():
+  """GPT-2's 256 byte symbols, five merges and three special tokens: 264 tokens."""
+  from tokenizers import pre_tokenizers
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  merges = ['Ġ t', 'h e', 'Ġt he', 'i n', 'a n']
+  tokens = alphabet + [m.replace(' ', '') for m in merges] + ['<|endoftext|>', '<|im_start|>',
+                                                                '<|im_end|>']
+  return tokens, merges
+
+
+def random_llama(fields=None, seed=0) -> dict:
+  """HF-named, HF-shaped float32 tensors of a random Llama."""
+  from mtp_jax.pretrained import llama
+  f = {**LLAMA, **(fields or {})}
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, shape in llama.trunk_shapes(f).items():
+    scale = 1.0 if name.endswith('norm.weight') else 0.3
+    base = 1.0 if name.endswith('norm.weight') else 0.0
+    out[name] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+  return out
+
+
+def to_gguf_layout(w, heads):
+  """llama.cpp's rotary layout of q/k rows, as its converter writes it."""
+  return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
+               extra=None):
+  """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
+  when given. `drop`, `reshape` and `extra` make broken files for the error tests."""
+  import gguf
+  f = {**LLAMA, **(fields or {})}
+  names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
+           'lm_head.weight': 'output.weight'}
+  block = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+           'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+           'post_attention_layernorm': 'ffn_norm', 'mlp.gate_proj': 'ffn_gate',
+           'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(f['model.num_layers'])
+  w.add_context_length(256)
+  w.add_embedding_length(f['model.d_model'])
+  w.add_feed_forward_length(f['model.mlp_dim'])
+  w.add_head_count(f['model.num_heads'])
+  w.add_head_count_kv(f['model.num_kv_heads'])
+  w.add_rope_freq_base(f['model.rope_theta'])
+  w.add_layer_norm_rms_eps(f['model.norm_eps'])
+  tokens, merges = byte_tokens()
+  w.add_tokenizer_model('gpt2')
+  w.add_tokenizer_pre('default')
+  w.add_token_list(tokens)
+  w.add_token_merges(merges)
+  w.add_token_types([3 if t.startswith('<|') else 1 for t in tokens])
+  w.add_bos_token_id(tokens.index('<|im_start|>'))
+  w.add_eos_token_id(tokens.index('<|im_end|>'))
+  w.add_chat_template(CHAT)
+  for hf, t in tensors.items():
+    if hf in drop:
+      continue
+    if hf in names:
+      name = names[hf]
+    else:
+      _, _, i, rest = hf.split('.', 3)
+      name = f'blk.{i}.{block[rest.rsplit(".", 1)[0]]}.weight'
+    if hf.endswith('q_proj.weight'):
+      t = to_gguf_layout(t, f['model.num_heads'])
+    elif hf.endswith('k_proj.weight'):
+      t = to_gguf_layout(t, f['model.num_kv_heads'])
+    if reshape and hf in reshape:
+      t = t.reshape(reshape[hf])
+    if qtype is not None and t.ndim == 2:
+      w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    else:
+      w.add_tensor(name, t)
+  for name, t in (extra or {}).items():
+    w.add_tensor(name, t)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCausalLM'):
+  """A Hugging Face directory: config.json, safetensors (sharded with an index when shards > 1),
+  tokenizer.json and tokenizer_config.json."""
+  import json
+  from safetensors.numpy import save_file
+  from mtp_jax.pretrained import tokenizer as tok_lib
+  f = {**LLAMA, **(fields or {})}
+  os.makedirs(directory, exist_ok=True)
+  config = {'architectures': [architecture], 'model_type': 'llama',
+            'hidden_size': f['model.d_model'], 'num_hidden_layers': f['model.num_layers'],
+            'num_attention_heads': f['model.num_heads'],
+            'num_key_value_heads': f['model.num_kv_heads'], 'intermediate_size': f['model.mlp_dim'],
+            'rope_theta': f['model.rope_theta'], 'rms_norm_eps': f['model.norm_eps'],
+            'tie_word_embeddings': f['model.tie_embeddings'], 'vocab_size': f['data.vocab_size'],
+            'max_position_embeddings': 256, 'hidden_act': 'silu', 'eos_token_id': 263}
+  with open(os.path.join(directory, 'config.json'), 'w') as out:
+    json.dump(config, out)
+  names = sorted(tensors)
+  if shards == 1:
+    save_file(tensors, os.path.join(directory, 'model.safetensors'))
+  else:
+    weight_map = {}
+    for s in range(shards):
+      part = names[s::shards]
+      file = f'model-{s + 1:05d}-of-{shards:05d}.safetensors'
+      save_file({n: tensors[n] for n in part}, os.path.join(directory, file))
+      weight_map.update({n: file for n in part})
+    with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as out:
+      json.dump({'metadata': {}, 'weight_map': weight_map}, out)
+  tokens, merges = byte_tokens()
+  tokenizer = tok_lib.from_gguf_metadata('test', tokens=tokens, merges=merges,
+                                         token_types=[3 if t.startswith('<|') else 1 for t in tokens],
+                                         model='gpt2', pre='default', add_bos=False, bos_id=None)
+  tokenizer.save(os.path.join(directory, 'tokenizer.json'))
+  with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as out:
+    json.dump({'chat_template': CHAT, 'eos_token': '<|im_end|>'}, out)
+  return str(directory)
+
+
+def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
+  """Llama's forward pass over one sequence in float64 NumPy, from HF-layout tensors: RMSNorm,
+  rotate-half RoPE, grouped-query causal attention, SwiGLU, tied or separate output layer."""
+  f = {**LLAMA, **(fields or {})}
+  t = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
+  H, K, D = f['model.num_heads'], f['model.num_kv_heads'], f['model.d_model']
+  E, T, eps = D // H, len(tokens), f['model.norm_eps']
+
+  def norm(x, w):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+  inv = f['model.rope_theta'] ** (-np.arange(0, E, 2) / E)
+  angle = np.arange(T)[:, None] * inv[None]
+  cos, sin = np.concatenate([np.cos(angle)] * 2, -1), np.concatenate([np.sin(angle)] * 2, -1)
+
+  def rotate(x):  # x: heads x T x E
+    half = np.concatenate([-x[..., E // 2:], x[..., :E // 2]], -1)
+    return x * cos + half * sin
+
+  x = t['model.embed_tokens.weight'][tokens]
+  for i in range(f['model.num_layers']):
+    p = f'model.layers.{i}.'
+    h = norm(x, t[p + 'input_layernorm.weight'])
+    q = rotate((h @ t[p + 'self_attn.q_proj.weight'].T).reshape(T, H, E).transpose(1, 0, 2))
+    k = rotate((h @ t[p + 'self_attn.k_proj.weight'].T).reshape(T, K, E).transpose(1, 0, 2))
+    v = (h @ t[p + 'self_attn.v_proj.weight'].T).reshape(T, K, E).transpose(1, 0, 2)
+    k, v = np.repeat(k, H // K, 0), np.repeat(v, H // K, 0)
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(E)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + (probs @ v).transpose(1, 0, 2).reshape(T, D) @ t[p + 'self_attn.o_proj.weight'].T
+    h = norm(x, t[p + 'post_attention_layernorm.weight'])
+    gate = h @ t[p + 'mlp.gate_proj.weight'].T
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ t[p + 'mlp.up_proj.weight'].T)) @ \
+        t[p + 'mlp.down_proj.weight'].T
+  out = t['model.embed_tokens.weight'] if f['model.tie_embeddings'] else t['lm_head.weight']
+  return norm(x, t['model.norm.weight']) @ out.T
+
+
+def pretrained_config(source, **overrides):
+  """configs/base.pretrained(source) shrunk for tests: tiny training and decoding settings."""
+  from configs import base as base_cfg
+  c = base_cfg.pretrained(source)
+  c.model.max_seq_len = 128
+  c.mtp.depth = 2
+  c.train.steps = 3
+  c.train.batch_size = 4
+  c.train.seq_len = 16
+  c.train.warmup_steps = 1
+  c.train.checkpoint_every = 3
+  c.train.eval_every = 3
+  c.train.eval_batches = 1
+  c.train.log_every = 1
+  c.decode.eval_prompts = 0
+  c.decode.max_new_tokens = 8
+  return apply_overrides(c, overrides)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pytest
 
 from conftest import snapshot
@@ -122,3 +123,80 @@ def test_a_workdir_of_another_model_is_refused_untouched(trained):
   result = launch(workdir, {'model.d_model': 64})
   assert_user_error(result, 'different model', 'model.d_model: 32 -> 64')
   assert snapshot(workdir) == before
+
+
+@pytest.fixture(scope='module')
+def tiny_llama(tmp_path_factory):
+  """A tiny random Llama as a GGUF file, good and broken copies, and a config file on it."""
+  import gguf
+  from conftest import random_llama, write_gguf
+  root = tmp_path_factory.mktemp('llama')
+  tensors = random_llama()
+  files = {'good': write_gguf(root / 'good.gguf', tensors),
+           'qwen': write_gguf(root / 'qwen.gguf', tensors, arch='qwen2'),
+           'f64': write_gguf(root / 'f64.gguf', {**tensors, 'model.norm.weight':
+                                                 tensors['model.norm.weight'].astype(np.float64)}),
+           'q4': write_gguf(root / 'q4.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0)}
+  data = open(files['good'], 'rb').read()
+  files['cut'] = str(root / 'cut.gguf')
+  with open(files['cut'], 'wb') as f:
+    f.write(data[:len(data) // 2])
+  configs = {}
+  for name, path in files.items():
+    configs[name] = str(root / f'{name}_config.py')
+    with open(configs[name], 'w') as f:
+      f.write('from configs import base\n\n\ndef get_config():\n'
+              f'  c = base.pretrained({path!r})\n  c.mtp.depth = 2\n  c.model.max_seq_len = 256\n'
+              "  c.decode.max_new_tokens = 8\n  c.decode.prompts = ''\n  return c\n")
+  return files, configs
+
+
+PRETRAINED_CASES = {
+    'contradicting field': ('good', {'model.d_model': 64},
+                            ['model.d_model=64 contradicts good.gguf, which has 32']),
+    'architecture': ('qwen', {}, ["architecture 'qwen2'; only 'llama'"]),
+    'tensor type': ('f64', {}, ["tensor 'output_norm.weight'", 'type F64']),
+    'truncated file': ('cut', {}, ['cut.gguf']),
+    'heads without a trunk': (None, {'mtp.init_from': 'last_block'},
+                              ['mtp.init_from=last_block needs a pretrained trunk']),
+}
+
+
+@pytest.mark.parametrize('case', list(PRETRAINED_CASES))
+def test_bad_pretrained_input_is_one_line_and_writes_nothing(case, tiny_llama, tmp_path):
+  files, configs = tiny_llama
+  model, overrides, words = PRETRAINED_CASES[case]
+  fresh = tmp_path / 'fresh'
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
+  config = configs[model] if model else 'configs/quickstart.py'
+  result = subprocess.run(
+      [sys.executable, 'launch.py', '--config', config, '--workdir', str(fresh), '--mode',
+       'generate', '--prompt', 'hello', *flags], cwd=REPO, capture_output=True, text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  assert_user_error(result, *words)
+  assert not fresh.exists() or os.listdir(fresh) == []
+
+
+def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
+  """generate with no checkpoint uses the file's trunk (through its chat template); export
+  writes an HF directory that imports back to the same logits, and a heads file."""
+  files, configs = tiny_llama
+  workdir = tmp_path / 'run'
+  common = ['--workdir', str(workdir), '--config.mtp.init_from=last_block']
+  result = subprocess.run(
+      [sys.executable, 'launch.py', '--config', configs['q4'], *common, '--mode',
+       'generate,export', '--prompt', 'the tin', '--config.decode.method=ar'],
+      cwd=REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # the prompt as the chat template made it, printed as a Python string
+  assert repr('<|im_start|>user\nthe tin<|im_end|>\n<|im_start|>assistant\n') in result.stdout
+  export = workdir / 'export'
+  assert sorted(os.listdir(export)) == sorted(
+      ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
+       'tokenizer_config.json', 'mtp_heads.safetensors'])
+  from mtp_jax.pretrained import resolve
+  back, original = resolve.open_model(str(export)), resolve.open_model(files['q4'])
+  assert back.fields == original.fields and back.eos_id == original.eos_id
+  for name in ('model.layers.1.self_attn.q_proj.weight', 'model.embed_tokens.weight'):
+    np.testing.assert_array_equal(back.get(name), original.get(name))

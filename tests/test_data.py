@@ -232,14 +232,24 @@ def test_get_batch_windows_may_end_at_the_last_token():
 
 def test_eval_batches_are_fixed_and_differ_from_training():
   tokens = np.arange(5000, dtype=np.uint16)
-  kw = dict(batch_size=4, window=8, num_batches=3)
-  batches = data.eval_batches(tokens, **kw)
+  kw = dict(batch_size=4, window=8)
+  steps = data.eval_steps(3)
+  assert list(steps) == list(data.eval_steps(3))
+  batches = [data.get_batch(tokens, seed=data.EVAL_SEED, step=s, **kw) for s in steps]
   assert len(batches) == 3 and batches[0].shape == (4, 8)
-  for a, b in zip(batches, data.eval_batches(tokens, **kw)):
-    np.testing.assert_array_equal(a, b)
   assert not np.array_equal(batches[0], batches[1])
-  first_train_batch = data.get_batch(tokens, seed=0, step=0, batch_size=4, window=8)
+  # no training run of any seed reaches the evaluation steps in its first million steps
+  assert min(steps) > 10**6
+  first_train_batch = data.get_batch(tokens, seed=0, step=0, **kw)
   assert not np.array_equal(batches[0], first_train_batch)
+
+
+def test_stdlib_path_sources():
+  keys = [key for key, _ in data.list_documents('stdlib/pydoc_data/topics.py,stdlib/json')]
+  assert os.path.join('stdlib', 'pydoc_data', 'topics.py') in keys
+  assert os.path.join('stdlib', 'json', 'decoder.py') in keys and len(keys) < 10
+  with pytest.raises(data.DataError, match="the standard library has no 'nope.py'"):
+    data.list_documents('stdlib/nope.py')
 
 
 def test_stdlib_sources():

@@ -56,7 +56,9 @@ def test_greedy_mtp_equals_ar(kind):
     for S in (1, 2, 3):
       state = run(model, params, prompts, dec.Settings(draft_len=S, max_new_tokens=17))
       assert dec.outputs(state) == ar, (batch, S)
-      assert int(state.iterations) < 17 or S == 0
+      # every token past each prompt's first came from a counted iteration
+      st = dec.stats(state, dec.Settings(draft_len=S))
+      assert st['emitted'] + len(prompts) == sum(len(o) for o in ar)
 
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -68,12 +70,13 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind):
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
   s = dec.Settings(draft_len=2, max_new_tokens=12)
-  state = run(model, params, prompts, s)
-  n = np.asarray(state.n)
-  prompts_BxP, _ = dec.pad_prompts(prompts)
-  fresh = dec.prefill(model, params, jnp.asarray(np.asarray(state.tokens)[:, :int(n.max())]),
-                      jnp.asarray(n), jax.random.key(0), dataclasses.replace(s, max_new_tokens=1),
-                      state.tokens.shape[1])
+  rows = run(model, params, prompts, s).rows
+  n = np.asarray(rows.n)
+  fresh, _ = dec.prefill(model, params, jnp.asarray(np.asarray(rows.tokens)[:, :int(n.max())]),
+                         jnp.asarray(n), jax.random.key(0),
+                         dataclasses.replace(s, max_new_tokens=1), rows.tokens.shape[1])
+  fresh = fresh.rows
+  state = rows
   for b in range(2):
     # The trunk cache covers positions 0..n-2; head k's entries are exact up to n-2-k (parallel:
     # n-2), past which they were built from tokens that are not committed yet.
@@ -93,7 +96,7 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind):
 
 
 @dataclasses.dataclass(frozen=True)
-class CountingStub:
+class CountingStub(dec.WholeVocabulary):
   """A model with known outputs: the trunk always predicts t + 1 (mod V). Heads predict
   t_{i+k} + 1 for rows whose `head_error` is 0, and t_{i+k} + 2 (always wrong) otherwise.
   Hidden states carry the token (trunk) or the predicted token (heads) as a float."""
@@ -105,8 +108,8 @@ class CountingStub:
   hidden_dtype = jnp.float32
   head_error: tuple = (1, 0)
 
-  def init_cache(self, batch, length):
-    return {'trunk': jnp.zeros(()), 'heads': [jnp.zeros(()) for _ in range(self.depth)]}
+  def init_cache(self, batch, length):  # per-row placeholders: the stubs keep no cache
+    return {'trunk': jnp.zeros((batch,)), 'heads': [jnp.zeros((batch,)) for _ in range(self.depth)]}
 
   def _logits(self, next_BxT):
     return 10.0 * jax.nn.one_hot(next_BxT % self.vocab, self.vocab)
@@ -141,9 +144,9 @@ def test_stub_decoder_exact_tokens_and_acceptance(sampled):
   # Row 1 accepts all 3 drafts plus a bonus token per iteration: 1 (prefill) + 4 + 4 = 9.
   # Row 0 rejects the first draft every time: one token per iteration, 8 iterations.
   assert int(state.iterations) == 8
-  np.testing.assert_array_equal(state.forwards, [8, 2])
-  np.testing.assert_array_equal(state.accepted, [[0, 0, 0], [2, 2, 2]])
-  np.testing.assert_array_equal(state.emitted, [8, 8])
+  np.testing.assert_array_equal(state.out_forwards, [8, 2])
+  np.testing.assert_array_equal(state.out_accepted, [[0, 0, 0], [2, 2, 2]])
+  np.testing.assert_array_equal(state.out_emitted, [8, 8])
   assert dec.stats(state, s)['tau'] == pytest.approx(16 / 10)
 
 
@@ -163,7 +166,7 @@ def test_stub_decoder_eos_and_max_length(sampled):
 
 
 @dataclasses.dataclass(frozen=True)
-class TableStub:
+class TableStub(dec.WholeVocabulary):
   """Trunk: p(next | t) = softmax(P[t]); head k: q_k(next | t_{i+k}) = softmax(Q[k-1][t]),
   deliberately different from p, so drafts are often rejected."""
   vocab: int = 4
@@ -177,8 +180,8 @@ class TableStub:
   Q = np.log(np.array([[[.4, .2, .2, .2], [.1, .1, .7, .1], [.3, .3, .3, .1], [.1, .1, .1, .7]],
                        [[.25] * 4, [.6, .2, .1, .1], [.1, .2, .3, .4], [.2, .5, .2, .1]]]))
 
-  def init_cache(self, batch, length):
-    return {'trunk': jnp.zeros(()), 'heads': [jnp.zeros(()) for _ in range(self.depth)]}
+  def init_cache(self, batch, length):  # per-row placeholders: the stubs keep no cache
+    return {'trunk': jnp.zeros((batch,)), 'heads': [jnp.zeros((batch,)) for _ in range(self.depth)]}
 
   def trunk(self, params, tokens_BxT, positions_BxT, cache):
     return jnp.asarray(self.P, jnp.float32)[tokens_BxT], jnp.zeros(tokens_BxT.shape + (1,)), cache
@@ -196,11 +199,12 @@ def filtered(p, top_k):
   return p / p.sum()
 
 
-@pytest.mark.parametrize('top_k', [0, 3])
-def test_speculative_sampling_reproduces_trunk_distribution(top_k):
+@pytest.mark.parametrize('top_k,stub', [(0, 'full'), (3, 'full'), (0, 'reduced')])
+def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub):
   """The joint law of the first three generated tokens equals the trunk's own, within a
-  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails."""
-  stub = TableStub()
+  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails; also
+  with heads that draft over part of the vocabulary."""
+  stub = TableStub() if stub == 'full' else ReducedTableStub()
   rows, new = 12000, 3
   s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k)
   prompts = np.zeros((rows, 1), np.int32)
@@ -228,7 +232,8 @@ def test_speculative_sampling_reproduces_trunk_distribution(top_k):
 
 def test_probabilities_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  np.testing.assert_allclose(dec.probabilities(logits, dec.Settings()), [[1, 0, 0, 0]])
+  p = dec.probabilities(logits, dec.Settings(temperature=1.0))
+  np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0.05]], rtol=1e-5)
   p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_k=2))
   np.testing.assert_allclose(p, [[0.625, 0.375, 0, 0]], rtol=1e-5)
   p = dec.probabilities(logits, dec.Settings(temperature=1.0, top_p=0.8))
@@ -246,3 +251,84 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     np.testing.assert_array_equal(dec.greedy(jnp.asarray(logits)), np.argmax(logits, axis=-1))
     logits[2, 1, 5] = np.nan  # a NaN row gives some token id, never one outside the vocabulary
     assert 0 <= int(dec.greedy(jnp.asarray(logits))[2, 1]) < V
+
+
+def run_queued(model, params, prompts, settings, batch, key=0):
+  prompts_QxP, lens = dec.pad_prompts(prompts)
+  fn = dec.compiled_decoder(model, settings, dec.cache_length(prompts_QxP.shape[1], settings),
+                            batch)
+  return fn(params, prompts_QxP, lens, jax.random.key(key))
+
+
+@dataclasses.dataclass(frozen=True)
+class OddTokenStub(CountingStub):
+  """CountingStub whose heads go wrong after an odd token, whichever row it is in (rows change
+  prompts when queued)."""
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    return (tokens_BxT + 1 + tokens_BxT % 2)[..., None].astype(jnp.float32), cache
+
+
+@ONE_HOT_PATHS
+def test_rows_take_the_next_prompt_when_theirs_finishes(sampled):
+  """Five prompts through two rows: the outputs and per-prompt counts equal decoding all five at
+  once, and the loop runs fewer iterations than one row decoding them in turn."""
+  stub = OddTokenStub()
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=9, eos_id=8)
+  prompts = [[3, 4], [10], [5], [20, 21, 22], [1]]
+  together = run(stub, None, prompts, s)
+  queued = run_queued(stub, None, prompts, s, batch=2)
+  assert dec.outputs(queued) == dec.outputs(together)
+  assert dec.outputs(queued) == [[5, 6, 7, 8], list(range(11, 20)), [6, 7, 8], list(range(23, 32)),
+                                 [2, 3, 4, 5, 6, 7, 8]]
+  for name in ('out_len', 'out_emitted'):
+    np.testing.assert_array_equal(getattr(queued, name), getattr(together, name))
+  one_row = run_queued(stub, None, prompts, s, batch=1)
+  assert dec.outputs(one_row) == dec.outputs(together)
+  assert int(queued.iterations) < int(one_row.iterations)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_queued_greedy_mtp_equals_ar_on_a_model(kind):
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(5))
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
+  model = dec.DecodeModel(cfg)
+  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=11)))
+  queued = run_queued(model, params, prompts, dec.Settings(draft_len=2, max_new_tokens=11), 2)
+  assert dec.outputs(queued) == ar
+
+
+def test_draft_vocabulary_keeps_greedy_exact():
+  """Heads drafting over the 40 lowest ids only: drafts outside it cannot be made, acceptance
+  may drop, but the tokens stay the trunk's."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(6))
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (4, 6)]
+  full = dec.DecodeModel(cfg)
+  reduced = dec.decode_model(cfg, use_kernels=False, draft_ids=range(40))
+  ar = dec.outputs(run(full, params, prompts, dec.Settings(max_new_tokens=15)))
+  state = run(reduced, params, prompts, dec.Settings(draft_len=2, max_new_tokens=15))
+  assert dec.outputs(state) == ar
+  prepared = reduced.prepare(params)
+  assert prepared['draft']['out'].shape == (40, cfg.d_model)
+  h = jax.random.normal(jax.random.key(0), (2, 1, cfg.d_model))
+  np.testing.assert_allclose(reduced.head_logits(prepared, 1, h),
+                             full.head_logits(params, 1, h)[..., :40], rtol=1e-5, atol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReducedTableStub(TableStub):
+  """TableStub whose heads draft over tokens 0, 2 and 3 only (their q renormalised there)."""
+  ids = (0, 2, 3)
+
+  def head_logits(self, params, k, h_BxTxD):
+    return super().head_logits(params, k, h_BxTxD)[..., list(self.ids)]
+
+  def draft_tokens(self, params, index):
+    return jnp.asarray(self.ids)[index]
+
+  def draft_to_vocab(self, params, q_xN, vocab):
+    return jnp.zeros(q_xN.shape[:-1] + (vocab,)).at[..., list(self.ids)].set(q_xN)

@@ -10,7 +10,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_config
-from mtp_jax import run
+from mtp_jax import data, inference, run, train
+from mtp_jax import decode as dec
 from mtp_jax.config import as_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,17 +68,31 @@ def test_bench_json_rows_and_identity(trained, capsys):
 
 def test_demo_and_generate(trained, capsys, tmp_path):
   config, workdir = trained
+  D = config.mtp.depth
   demo = run.run('demo', config, workdir, prompt='def f(x):')
-  assert len(demo['ar_chain']) == config.mtp.depth + 1
-  assert len(demo['drafts']) == config.mtp.depth and 0 <= demo['accepted'] <= config.mtp.depth
+  chain = demo['ar_chain']
+  assert len(chain) == D + 1 and len(demo['drafts']) == D
+  # One verification accepts exactly the leading drafts that the greedy chain agrees with.
+  agree = next((j for j in range(D) if demo['drafts'][j] != chain[j + 1]), D)
+  assert demo['accepted'] == agree
   out = capsys.readouterr().out
-  for k in range(config.mtp.depth + 1):
+  for k in range(D + 1):
     assert f'step {k} (t+{k + 1}' in out
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('import os\nids: 5 6 7 8\n')
   result = run.run('generate', config, workdir, prompt_file=str(prompts))
-  assert len(result['tokens_per_row']) == 2
-  assert all(0 < n <= config.decode.max_new_tokens for n in result['tokens_per_row'])
+  assert len(result['outputs']) == 2
+  assert all(0 < len(o) <= config.decode.max_new_tokens for o in result['outputs'])
+  # The 'ids:' line is those four tokens: the same as decoding them directly.
+  session = train.Session(config, workdir)
+  _, params = inference.load_params(session)
+  s = inference.settings(session.config, eos_id=session.eos_id)
+  direct = inference.prepared_decoder(session.decode_model, params, [[5, 6, 7, 8]], s)()
+  assert result['outputs'][1] == dec.outputs(direct)[0]
+  # and the text line is the text's tokens
+  text = inference.prepared_decoder(session.decode_model, params,
+                                    [data.encode(session.tokenizer, 'import os')], s)()
+  assert result['outputs'][0] == dec.outputs(text)[0]
 
 
 def test_training_logs_decode_metrics(trained):

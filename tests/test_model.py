@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import depth_logits, tiny_model
-from mtp_jax.loss import combined_loss, depth_sums, loss_weight
+from mtp_jax.loss import LossSpec, combined_loss, depth_sums, loss_weight
 from mtp_jax.config import KINDS
 from mtp_jax.model import MTPLanguageModel, init_params
 
@@ -62,7 +62,7 @@ def test_loss_matches_reference(kind, depth):
   params = init_params(cfg, jax.random.key(2))
   tokens = np.array(jax.random.randint(jax.random.key(3), (3, 12 + depth + 1), 0, cfg.vocab_size))
   tokens[1, -2:] = -1  # padding at the end of one row: those targets must be left out
-  total, metrics = combined_loss(params, jnp.asarray(tokens), cfg, 0.3)
+  total, metrics = combined_loss(params, jnp.asarray(tokens), LossSpec(cfg), 0.3)
   ref_total, ref_losses = reference_loss(params, cfg, tokens, 0.3)
   np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
   for k, ref in enumerate(ref_losses):
@@ -76,15 +76,15 @@ def test_depth_targets_alignment_on_hand_made_batch():
   params = init_params(cfg, jax.random.key(4))
   T, W = 8, 8 + 3 + 1
   tokens = np.arange(W, dtype=np.int32)[None] % cfg.vocab_size
-  counts = [float(c) for _, _, c in depth_sums(params, jnp.asarray(tokens), cfg)]
+  counts = [float(s['count']) for s in depth_sums(params, jnp.asarray(tokens), LossSpec(cfg))]
   assert counts == [T] * 4
   for p in [1, 5, W - 1]:
     blanked = tokens.copy()
     blanked[0, p] = -1
-    sums = depth_sums(params, jnp.asarray(blanked), cfg)
-    for k, (_, _, count) in enumerate(sums):
+    sums = depth_sums(params, jnp.asarray(blanked), LossSpec(cfg))
+    for k, s in enumerate(sums):
       expected = T - (1 if 0 <= p - k - 1 < T else 0)
-      assert float(count) == expected, (p, k)
+      assert float(s['count']) == expected, (p, k)
 
 
 def test_loss_weight_schedule():
@@ -99,7 +99,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   params = init_params(cfg, jax.random.key(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   tokens = jax.random.randint(jax.random.key(1), (2, 16 + 2 + 1), 0, cfg.vocab_size)
-  total, _ = combined_loss(params, tokens, cfg, 0.3)
+  total, _ = combined_loss(params, tokens, LossSpec(cfg), 0.3)
   assert total.dtype == jnp.float32 and np.isfinite(float(total))
 
 
@@ -135,8 +135,8 @@ def test_fused_attention_matches_einsum(kind):
           for a in ('einsum', 'fused')]
   params = init_params(cfgs[0], jax.random.key(4))
   tokens = jax.random.randint(jax.random.key(5), (3, 20 + 2 + 1), 0, cfgs[0].vocab_size)
-  (l0, m0), g0 = jax.value_and_grad(combined_loss, has_aux=True)(params, tokens, cfgs[0], 0.3)
-  (l1, m1), g1 = jax.value_and_grad(combined_loss, has_aux=True)(params, tokens, cfgs[1], 0.3)
+  (l0, m0), g0 = jax.value_and_grad(combined_loss, has_aux=True)(params, tokens, LossSpec(cfgs[0]), 0.3)
+  (l1, m1), g1 = jax.value_and_grad(combined_loss, has_aux=True)(params, tokens, LossSpec(cfgs[1]), 0.3)
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for name in m0:
     np.testing.assert_allclose(m1[name], m0[name], rtol=1e-5, atol=1e-6, err_msg=name)

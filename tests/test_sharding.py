@@ -175,12 +175,12 @@ def test_activation_constraints_are_in_force_under_the_mesh():
   """sharding.active makes the mesh the abstract mesh that nn.with_logical_constraint reads, so
   the model's activation constraints reach the compiled program (under `with mesh:` alone they
   silently vanish)."""
-  from mtp_jax.loss import combined_loss
+  from mtp_jax.loss import LossSpec, combined_loss
   cfg = ModelConfig.from_config(tiny_config())
   params = init_params(cfg, jax.random.key(0))
   tokens = np.zeros((4, 16 + cfg.mtp_depth + 1), np.int32)
   mesh = sharding.make_mesh(tiny_config().mesh)
-  step = jax.jit(lambda p, t: combined_loss(p, t, cfg, 0.3)[0])
+  step = jax.jit(lambda p, t: combined_loss(p, t, LossSpec(cfg), 0.3)[0])
   with sharding.active(mesh):
     text = step.lower(params, tokens).as_text()
   # The MLP's hidden activations: batch over (data, fsdp), width over tensor.

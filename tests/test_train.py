@@ -74,8 +74,8 @@ def fresh_state(config, tx):
 
 
 def compiled_step(config, tx, grad_accum=1):
-  sc = train.StepConfig(ModelConfig.from_config(config), grad_accum, config.mtp.loss_weight,
-                        config.mtp.loss_weight_schedule)
+  sc = train.StepConfig(train.loss_spec(config, ModelConfig.from_config(config)), grad_accum,
+                        config.mtp.loss_weight, config.mtp.loss_weight_schedule)
   return jax.jit(functools.partial(train.train_step, tx=tx, sc=sc))
 
 

@@ -1,0 +1,28 @@
+"""Head-training recipes on a frozen SmolLM2-135M-Instruct, compared (the recipe sweep): one
+sequential module, 400 steps of 16 x 128 tokens each, scored by greedy speculative decoding of 8
+held-out instruct prompts at the end.
+
+Run: python experiments/ablate.py --config configs/smollm2_ablate.py --sweep recipe
+Produces: runs/ablate/recipe/results.csv, results.md and recipe.png (acceptance and tau per
+recipe). The recipes are experiments/ablate.py's RECIPES: data tokens or the trunk's own
+distribution as the target, text from the standard library's pydoc topics or chats the trunk
+wrote (configs/smollm2_heads.py's cache), the module started from the trunk's last block or
+from random.
+"""
+
+import ml_collections
+
+from configs import smollm2_heads
+
+
+def get_config():
+  c = smollm2_heads.get_config()
+  c.mtp.depth = 1
+  c.train.steps = 400
+  c.train.warmup_steps = 40
+  c.train.checkpoint_every = 400
+  c.train.eval_every = 400
+  c.decode.eval_prompts = 8
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.recipe = 'text_tokens,text_distill,self_distill,self_distill_random_init'
+  return c

@@ -1,0 +1,45 @@
+"""Trains three sequential MTP modules on a frozen SmolLM2-135M-Instruct: the longer recipe behind
+the heads configs/smollm2.py uses.
+
+The trunk writes its own training data (chats it samples: a user turn it invents, then its answer)
+and keeps its features while writing (its last hidden state and top-32 next-token distribution at
+every position), so it runs once per training token. The modules start as copies of the trunk's
+last block and fit the trunk's own distribution at position i + k (self-distillation) over the
+8192 most frequent tokens of that data.
+
+Run:    python launch.py --config configs/smollm2_heads.py
+Export: python launch.py --config configs/smollm2_heads.py --mode export
+Produces: the feature cache under runs/cache, checkpoints and TensorBoard logs under
+runs/smollm2_heads, and with --mode export runs/smollm2_heads/export/ (the trunk in Hugging Face
+layout and mtp_heads.safetensors).
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.pretrained('smollm2')
+  c.mtp.depth = 3
+  c.mtp.init_from = 'last_block'
+  c.data.sources = 'self'
+  c.data.features = True
+  c.data.self_tokens = 600_000
+  c.data.self_temperature = 0.7
+  c.data.cache_dir = 'runs/cache'
+  c.train.freeze_trunk = True
+  c.train.head_loss = 'distill'
+  c.train.draft_vocab = 8192
+  c.train.steps = 3000
+  c.train.batch_size = 16
+  c.train.seq_len = 128
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.0
+  c.train.checkpoint_every = 500
+  c.train.eval_every = 500
+  c.train.eval_batches = 16
+  c.train.log_every = 20
+  c.decode.prompts = 'configs/prompts/instruct_heldout.txt'
+  c.decode.eval_prompts = 4
+  c.run_after_train = ''
+  return c

@@ -1,0 +1,88 @@
+"""tau and speed against the size N of the draft vocabulary (the heads project onto the N most
+frequent tokens of their training data; verification keeps the trunk's full distribution, so
+every greedy output stays the `ar` output), in one run with every setting timed in interleaved
+rounds.
+
+Run: python experiments/draft_vocab.py --config configs/smollm2.py --workdir runs/smollm2
+Prints one row per N in --sizes ('full' is every token): tau, acceptance per position,
+tokens/s at batch 1 on held-out prompts (greedy, S = D, each prompt decoded alone), the speedup
+over `ar` and whether every output equals `ar`'s; --json FILE keeps them.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
+_SIZES = flags.DEFINE_list('sizes', ['full', '16384', '8192', '4096'], 'Draft vocabulary sizes.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
+_JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import numpy as np
+  from mtp_jax import decode as dec
+  from mtp_jax import inference
+  from mtp_jax import measure
+  from mtp_jax import train
+  from mtp_jax.config import ConfigError
+  config = _CONFIG.value
+  try:
+    session = train.Session(config, _WORKDIR.value, data=False)
+    _, params = inference.load_params(session)
+    rank = session.token_rank()
+    sizes = [None if n == 'full' else int(n) for n in _SIZES.value]
+    if rank is None and any(sizes):
+      raise ConfigError('no token frequencies for this model (train here, or use heads that '
+                        'carry them)')
+    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  D, cfg = session.cfg.mtp_depth, session.cfg
+  s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
+  s_mtp = inference.settings(session.config, draft=D, temperature=0.0, eos_id=session.eos_id)
+  ar_model = dec.decode_model(cfg, config.decode.kernels)
+  models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n])
+            for n in sizes]
+  calls = [inference.prepared_decoder(m, params, [p], s) for p in prompts
+           for m, s in [(ar_model, s_ar)] + [(m, s_mtp) for m in models]]
+  seconds, states = measure.fastest(calls, _ROUNDS.value)
+  per = len(models) + 1
+  outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
+  tokens = sum(len(o) for o in outs(0))
+  ar_rate = tokens / sum(seconds[0::per])
+  rows = [{'draft_vocab': 'ar', 'tau': 1.0, 'tokens_per_s': ar_rate, 'speedup': 1.0}]
+  for i, n in enumerate(sizes, start=1):
+    counts = [dec.stats(st, s_mtp) for st in states[i::per]]
+    pooled = dec.rates(sum(c['emitted'] for c in counts), sum(c['forwards'] for c in counts),
+                       np.sum([c['accepted'] for c in counts], axis=0))
+    rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
+    rows.append({'draft_vocab': 'full' if n is None else n, 'tau': pooled['tau'],
+                 'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
+                 'tokens_per_s': rate, 'speedup': rate / ar_rate,
+                 'identical_to_ar': outs(i) == outs(0)})
+  print(f'machine: {measure.machine()}')
+  print(f'{len(prompts)} held-out prompts, batch 1, greedy, S = {D}, up to '
+        f'{s_mtp.max_new_tokens} new tokens, kernels {ar_model.kernels}')
+  print(f"{'N':>6} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  acceptance")
+  for r in rows:
+    print(f"{r['draft_vocab']:>6} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
+          f"{str(r.get('identical_to_ar', '-')):>9}  {r.get('acceptance', '')}")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,169 @@
+"""Token rows a model wrote itself, and cached trunk features for training heads on a frozen trunk:
+at every position the trunk's last hidden state h0 (bfloat16) and its top-K next-token
+log-probabilities. A cache is keyed by the trunk's identity (its file hash) and what made it, so a
+different model never reads a stale cache; it is built in shards, each written atomically, so an
+interrupted build resumes at the first missing shard.
+
+Shape legend: N positions of a split, D width, K kept entries, B batch, T trunk positions of a
+window, W = T + D + 1 tokens.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import ml_dtypes
+import numpy as np
+
+from mtp_jax.data import DataError
+
+SPLITS = ('train', 'valid')
+# name -> (dtype, whether the array has a trailing dimension)
+ARRAYS = {'tokens': (np.int32, False), 'row_start': (np.bool_, False),
+          'h0': (ml_dtypes.bfloat16, True), 'top_ids': (np.int32, True),
+          'top_logp': (np.float16, True)}
+TOKENS_ONLY = ('tokens', 'row_start')
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  tokens: np.ndarray  # N int32
+  row_start: np.ndarray  # N bool: the first token of a row
+  h0: np.ndarray | None = None  # N x D bfloat16
+  top_ids: np.ndarray | None = None  # N x K int32
+  top_logp: np.ndarray | None = None  # N x K float16
+
+  @property
+  def has_features(self) -> bool:
+    return self.h0 is not None
+
+
+def cache_dir(root: str, spec: dict) -> str:
+  """root/<hash of spec>: spec names the trunk (its sha256) and everything that made the rows."""
+  return os.path.join(root, hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
+                      .hexdigest()[:16])
+
+
+def meta(directory: str) -> dict:
+  with open(os.path.join(directory, 'meta.json')) as f:
+    return json.load(f)
+
+
+def load(directory: str) -> dict[str, Split] | None:
+  """The finished cache in directory, or None (meta.json is written last)."""
+  try:
+    with open(os.path.join(directory, 'meta.json')) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    return None
+  out = {}
+  for split in SPLITS:
+    n, arrays = meta[split]['positions'], {}
+    for name in meta['arrays']:
+      dtype, wide = ARRAYS[name]
+      shape = (n, meta['widths'][name]) if wide else (n,)
+      arrays[name] = np.memmap(os.path.join(directory, f'{split}.{name}'), dtype=dtype, mode='r',
+                               shape=shape)
+    out[split] = Split(**arrays)
+  return out
+
+
+class Builder:
+  """Writes rows shard by shard under directory/partial, then joins them into the cache."""
+
+  def __init__(self, directory: str, spec: dict, features: bool):
+    self.directory, self.spec = directory, spec
+    self.names = tuple(ARRAYS) if features else TOKENS_ONLY
+    self.partial = os.path.join(directory, 'partial')
+    os.makedirs(self.partial, exist_ok=True)
+    with open(os.path.join(directory, 'spec.json'), 'w') as f:
+      json.dump(spec, f, indent=1)
+
+  def done(self) -> list[int]:
+    return sorted(int(n) for n in os.listdir(self.partial) if n.isdigit())
+
+  def positions(self) -> int:
+    """Positions in the finished shards (both splits)."""
+    total = 0
+    for index in self.done():
+      with open(os.path.join(self.partial, f'{index:06d}', 'count.json')) as f:
+        counts = json.load(f)
+      total += counts['train'] + counts['valid']
+    return total
+
+  def add(self, index: int, rows: list[dict], valid: list[bool], seconds: float) -> None:
+    """Shard `index`: each row a dict of arrays over its positions ('tokens' and, with features,
+    'h0', 'top_ids', 'top_logp'); `valid` says which rows are held out; `seconds`, what making
+    it took."""
+    tmp = os.path.join(self.partial, f'{index:06d}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    counts = {}
+    for split, keep in (('train', False), ('valid', True)):
+      chosen = [r for r, v in zip(rows, valid) if v == keep]
+      counts[split] = int(sum(len(r['tokens']) for r in chosen))
+      for name in self.names:
+        parts = [_row_array(r, name) for r in chosen]
+        dtype, _ = ARRAYS[name]
+        joined = np.concatenate(parts) if parts else np.zeros((0,), dtype)
+        np.save(os.path.join(tmp, f'{split}.{name}.npy'), joined.astype(dtype))
+    with open(os.path.join(tmp, 'count.json'), 'w') as f:
+      json.dump({**counts, 'seconds': seconds}, f)
+    os.replace(tmp, os.path.join(self.partial, f'{index:06d}'))
+
+  def finish(self) -> dict[str, Split]:
+    """Joins every shard, in order, into one memory-mapped array per split and name."""
+    shards = [os.path.join(self.partial, f'{i:06d}') for i in self.done()]
+    counts = [json.load(open(os.path.join(s, 'count.json'))) for s in shards]
+    meta = {'spec': self.spec, 'arrays': list(self.names), 'widths': {}, 'shards': len(shards),
+            # None when a shard does not say (written before shards were timed)
+            'seconds': (sum(c['seconds'] for c in counts)
+                        if all('seconds' in c for c in counts) else None)}
+    for split in SPLITS:
+      for name in self.names:
+        path = os.path.join(self.directory, f'{split}.{name}')
+        with open(path + '.tmp', 'wb') as out:
+          for shard in shards:
+            a = np.load(os.path.join(shard, f'{split}.{name}.npy'))
+            if a.ndim == 2:
+              meta['widths'][name] = a.shape[1]
+            out.write(np.ascontiguousarray(a).tobytes())
+        os.replace(path + '.tmp', path)
+      meta[split] = {'positions': sum(c[split] for c in counts)}
+      if meta[split]['positions'] < 2:
+        raise DataError(f'the {split} split of {self.directory} is empty; make more rows '
+                        '(data.self_tokens) or raise data.valid_fraction')
+    with open(os.path.join(self.directory, 'meta.json.tmp'), 'w') as f:
+      json.dump(meta, f, indent=1)
+    os.replace(os.path.join(self.directory, 'meta.json.tmp'),
+               os.path.join(self.directory, 'meta.json'))
+    shutil.rmtree(self.partial)
+    return load(self.directory)
+
+
+def _row_array(row: dict, name: str) -> np.ndarray:
+  if name == 'row_start':
+    start = np.zeros(len(row['tokens']), np.bool_)
+    start[:1] = True
+    return start
+  return np.asarray(row[name])
+
+
+def is_valid_row(key: str, valid_fraction: float) -> bool:
+  """Held out by a hash of the row's key, as data.split_documents holds out documents."""
+  return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 10_000 < valid_fraction * 10_000
+
+
+def window_batch(split: Split, starts, seq_len: int, depth: int) -> dict:
+  """Windows at `starts`: 'tokens' and 'row_start' over W = T + D + 1 positions, 'h0' over T,
+  'top_ids' and 'top_p' over T + D (the trunk's distribution at the positions heads aim at)."""
+  W = seq_len + depth + 1
+  take = lambda a, n: np.stack([a[s:s + n] for s in starts])
+  batch = {'tokens': take(split.tokens, W).astype(np.int32), 'row_start': take(split.row_start, W)}
+  if split.has_features:
+    batch['h0'] = take(split.h0, seq_len)
+    batch['top_ids'] = take(split.top_ids, seq_len + depth)
+    batch['top_p'] = np.exp(take(split.top_logp, seq_len + depth).astype(np.float32))
+  return batch

@@ -1,0 +1,87 @@
+"""Measuring helpers the benchmarks share: which machine this is, a timing loop fair to a shared
+machine, and the rooflines (matmul FLOP/s, memory read bytes/s) that measured times are read by.
+"""
+
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+MATMUL_SIZE = {'cpu': 2048}  # any other platform (GPU, TPU) gets 8192
+BANDWIDTH_BYTES = 512 * 2**20
+
+
+def machine_info() -> dict:
+  """The host, its first device and the software, as a dict for a results file."""
+  dev = jax.devices()[0]
+  info = {'host_name': platform.node() or 'host', 'platform': dev.platform,
+          'device_kind': dev.device_kind, 'device_count': jax.device_count(),
+          'process_count': jax.process_count(), 'cpu_count': os.cpu_count(),
+          'jax_version': jax.__version__, 'python': platform.python_version(),
+          'host': platform.machine()}
+  stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
+  if stats and 'bytes_limit' in stats:
+    info['device_memory_bytes'] = int(stats['bytes_limit'])
+  return info
+
+
+def machine(info: dict | None = None) -> str:
+  """The machine in one line: 'HOST: PLATFORM DEVICE_KIND xCOUNT, N CPUs, jax VERSION'."""
+  m = info or machine_info()
+  return (f"{m['host_name']}: {m['platform']} {m['device_kind']} x{m['device_count']}, "
+          f"{m['cpu_count']} CPUs, jax {m['jax_version']}")
+
+
+def timings(calls, rounds: int, warmup: int = 0):
+  """Runs every call in turn for `warmup` untimed rounds, then `rounds` timed ones, so a slow
+  spell of a shared machine slows all of them alike. Returns (each call's seconds per timed
+  round, each call's last output; None for a call that never ran)."""
+  outputs, seconds = [None] * len(calls), [[] for _ in calls]
+  for r in range(warmup + rounds):
+    for i, call in enumerate(calls):
+      start = time.perf_counter()
+      outputs[i] = jax.block_until_ready(call())
+      if r >= warmup:
+        seconds[i].append(time.perf_counter() - start)
+  return seconds, outputs
+
+
+def fastest(calls, rounds: int, warmup: bool = False):
+  """`timings` with one warm-up run of each call if asked (calls compiled beforehand need none).
+  Returns (each call's fastest seconds, each call's last output)."""
+  seconds, outputs = timings(calls, rounds, int(warmup))
+  return [min(s, default=float('inf')) for s in seconds], outputs
+
+
+def _best_rate(fn, args, work: float, runs: int, min_seconds: float = 0.05) -> float:
+  """The highest work / second of fn(*args) over `runs` runs; each run repeats the call enough
+  times to last about `min_seconds`, so dispatch overhead does not count."""
+  jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  repeats = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-6)))
+  seconds, _ = fastest([lambda: [fn(*args) for _ in range(repeats)]], runs)
+  return work * repeats / seconds[0]
+
+
+def matmul_roofline(dtype_name: str, n: int | None = None, runs: int = 5) -> dict:
+  """FLOP/s of an n x n x n matmul on the default device in `dtype_name` (by default n = 2048 on
+  CPU, 8192 elsewhere), best of `runs`."""
+  n = n or MATMUL_SIZE.get(jax.default_backend(), 8192)
+  ka, kb = jax.random.split(jax.random.key(0))
+  a_NxN = jax.random.normal(ka, (n, n), jnp.dtype(dtype_name))
+  b_NxN = jax.random.normal(kb, (n, n), jnp.dtype(dtype_name))
+  flops_per_s = _best_rate(jax.jit(jnp.matmul), (a_NxN, b_NxN), 2 * n**3, runs)
+  return {'n': n, 'dtype': dtype_name, 'seconds': 2 * n**3 / flops_per_s, 'flops': 2 * n**3,
+          'flops_per_s': flops_per_s}
+
+
+def read_bandwidth(nbytes: int = BANDWIDTH_BYTES, runs: int = 5) -> dict:
+  """Bytes/s at which the default device reads memory: the sum of an `nbytes` float32 array,
+  best of `runs` (a reduction reads every element once and writes nothing back, the access
+  pattern of a decoding step reading its weights)."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  bytes_per_s = _best_rate(jax.jit(jnp.sum), (x,), x.nbytes, runs)
+  return {'bytes': x.nbytes, 'seconds': x.nbytes / bytes_per_s, 'bytes_per_s': bytes_per_s}

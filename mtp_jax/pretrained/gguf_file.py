@@ -1,0 +1,151 @@
+"""llama.cpp's GGUF files, read and dequantized with the `gguf` package: the model fields and the
+tokenizer from the metadata, tensors renamed to Hugging Face's Llama names, and q/k rows put back
+from llama.cpp's rotary layout.
+"""
+
+import os
+
+import gguf
+import numpy as np
+
+from mtp_jax.pretrained import llama, tokenizer as tok_lib
+from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256
+
+Q = gguf.GGMLQuantizationType
+# Every type gguf.quants dequantizes in NumPy that llama.cpp uses for Llama weights.
+SUPPORTED = {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K,
+             Q.Q4_K, Q.Q5_K, Q.Q6_K}
+
+_NAMES = {'attn_norm': 'input_layernorm.weight', 'attn_q': 'self_attn.q_proj.weight',
+          'attn_k': 'self_attn.k_proj.weight', 'attn_v': 'self_attn.v_proj.weight',
+          'attn_output': 'self_attn.o_proj.weight', 'ffn_norm': 'post_attention_layernorm.weight',
+          'ffn_gate': 'mlp.gate_proj.weight', 'ffn_up': 'mlp.up_proj.weight',
+          'ffn_down': 'mlp.down_proj.weight'}
+_TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
+        'output.weight': 'lm_head.weight'}
+
+
+def hf_name(name: str) -> str | None:
+  if name in _TOP:
+    return _TOP[name]
+  parts = name.split('.')
+  if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _NAMES:
+    return f'model.layers.{parts[1]}.{_NAMES[parts[2]]}'
+  return None
+
+
+def gguf_name(hf: str) -> str:
+  """The inverse of hf_name, for messages about a tensor a file lacks."""
+  for name, mapped in _TOP.items():
+    if mapped == hf:
+      return name
+  _, _, i, suffix = hf.split('.', 3)
+  return f'blk.{i}.' + next(k for k, v in _NAMES.items() if v == suffix) + '.weight'
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp stores each head's q/k rows as interleaved (x0, y0, x1, y1, ...) rotary pairs; our
+  RoPE (and HF's) rotates the two halves (x0..x_{E/2-1}, y0..). Undoes the conversion's shuffle."""
+  return w.reshape(heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _value(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def read(path: str) -> Pretrained:
+  """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
+  name = os.path.basename(path)
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
+    raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file '
+                          f'(truncated or damaged: {type(e).__name__}: {e})') from None
+  end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+  if os.path.getsize(path) < end:
+    raise PretrainedError(f'model.init_from: {name} is truncated ({os.path.getsize(path)} of '
+                          f'{end} bytes)')
+  arch = _value(reader, 'general.architecture', '')
+  if arch != 'llama':
+    raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only 'llama' is "
+                          'supported')
+  a = f'{arch}.'
+  missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
+                         'attention.head_count') if _value(reader, a + k) is None]
+  if missing:
+    raise PretrainedError(f'model.init_from: {name} has no {a}{missing[0]} in its metadata')
+  if _value(reader, a + 'rope.scaling.type', 'none') not in ('none', ''):
+    raise PretrainedError(f'model.init_from: {name} uses RoPE scaling '
+                          f"({_value(reader, a + 'rope.scaling.type')}), which is not supported")
+  tensors = {}
+  for t in reader.tensors:
+    hf = hf_name(t.name)
+    if hf is None:
+      raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
+                            'a Llama model this project reads')
+    if t.tensor_type not in SUPPORTED:
+      raise PretrainedError(f"model.init_from: tensor '{t.name}' of {name} has type "
+                            f'{t.tensor_type.name}, which is not supported '
+                            f"({', '.join(sorted(q.name for q in SUPPORTED))})")
+    tensors[hf] = t
+  d = int(_value(reader, a + 'embedding_length'))
+  heads = int(_value(reader, a + 'attention.head_count'))
+  tokens = _value(reader, 'tokenizer.ggml.tokens')
+  vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
+  if 'model.embed_tokens.weight' in tensors and not vocab:
+    vocab = int(tensors['model.embed_tokens.weight'].shape[1])
+  rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
+  if rope_dims != d // heads:
+    raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
+                          f'{d // heads} dimensions; only full rotary embeddings are supported')
+  fields = {
+      'model.d_model': d, 'model.num_layers': int(_value(reader, a + 'block_count')),
+      'model.num_heads': heads,
+      'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
+      'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
+      'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
+      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon', 1e-5)),
+      'model.tie_embeddings': 'lm_head.weight' not in tensors,
+      'data.vocab_size': vocab}
+  check_tensors(name, {n: tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()},
+                fields, gguf_name)
+
+  def get(hf: str) -> np.ndarray:
+    t = tensors[hf]
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+    if hf.endswith('q_proj.weight'):
+      w = unpermute(w, fields['model.num_heads'])
+    elif hf.endswith('k_proj.weight'):
+      w = unpermute(w, fields['model.num_kv_heads'])
+    return w
+
+  tokenizer, special = None, {}
+  if tokens:
+    tokenizer = tok_lib.from_gguf_metadata(
+        name, tokens=list(tokens), merges=list(_value(reader, 'tokenizer.ggml.merges', []) or []),
+        token_types=list(_value(reader, 'tokenizer.ggml.token_type', []) or []),
+        model=_value(reader, 'tokenizer.ggml.model', ''),
+        pre=_value(reader, 'tokenizer.ggml.pre', 'default'),
+        add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', False)),
+        bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'))
+    special = {'bos_id': _value(reader, 'tokenizer.ggml.bos_token_id'),
+               'eos_id': _value(reader, 'tokenizer.ggml.eos_token_id')}
+  return Pretrained(
+      path=path, identity=sha256([path]), fields=fields,
+      context_length=int(_value(reader, a + 'context_length', 0)) or None,
+      tokenizer=tokenizer, eos_id=special.get('eos_id'), bos_id=special.get('bos_id'),
+      chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get)
+
+
+def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
+  """Every tensor the fields call for is present with its shape. `shown` maps an HF name to the
+  name the file uses, for the message."""
+  for hf, shape in llama.trunk_shapes(fields).items():
+    label = shown(hf)
+    if hf not in shapes:
+      raise PretrainedError(f"model.init_from: {name} has no tensor '{label}'")
+    if tuple(shapes[hf]) != tuple(shape):
+      raise PretrainedError(f"model.init_from: tensor '{label}' of {name} has shape "
+                            f'{tuple(shapes[hf])}, expected {tuple(shape)}')

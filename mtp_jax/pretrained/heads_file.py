@@ -1,0 +1,95 @@
+"""MTP heads as one safetensors file, beside a trunk in any format: the head tensors in HF layout
+(DeepSeek-V3's names for sequential modules), the token ranking a reduced draft vocabulary reads,
+and metadata saying which model and trunk they belong to.
+"""
+
+import json
+import os
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mtp_jax.pretrained import llama
+from mtp_jax.pretrained.base import PretrainedError
+
+FORMAT = 'mtp_jax.heads.v1'
+RANK = 'token_rank'  # every token id, most frequent in the heads' training data first
+# Metadata key -> config path; a heads file fits a config when these agree (depth may be fewer).
+_MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'model.d_model',
+          'num_heads': 'model.num_heads', 'num_kv_heads': 'model.num_kv_heads',
+          'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size'}
+
+
+def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
+         dtype=np.float16) -> None:
+  """Writes the heads of params['params'] (atomically) as `dtype`."""
+  kind, depth = config.mtp.kind, config.mtp.depth
+  tensors = {k: v.astype(dtype) for k, v in llama.heads_from_params(params, kind, depth).items()}
+  if token_rank is not None:
+    tensors[RANK] = np.asarray(token_rank, np.int32)
+  meta = {key: str(config[section][field]) for key, (section, field) in
+          ((k, p.split('.')) for k, p in _MATCH.items())}
+  meta.update(format=FORMAT, depth=str(depth), trunk=trunk)
+  tmp = f'{path}.tmp{os.getpid()}'
+  save_file(tensors, tmp, metadata=meta)
+  os.replace(tmp, path)
+
+
+def _read_meta(path: str):
+  if not os.path.isfile(path):
+    raise PretrainedError(f"mtp.init_from: '{path}' is not a file (use '', 'last_block' or a "
+                          'heads file)')
+  try:
+    with safe_open(path, framework='numpy') as f:
+      return f.metadata() or {}, list(f.keys())
+  except Exception as e:  # safetensors' own error type for a damaged header
+    raise PretrainedError(f'mtp.init_from: {os.path.basename(path)} is not a readable '
+                          f'safetensors file ({e})') from None
+
+
+def check(path: str, config) -> None:
+  meta, names = _read_meta(path)
+  name = os.path.basename(path)
+  if meta.get('format') != FORMAT:
+    raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
+  for key, field in _MATCH.items():
+    section, attr = field.split('.')
+    if meta.get(key) != str(config[section][attr]):
+      raise PretrainedError(f'mtp.init_from: {name} holds heads with {field}={meta.get(key)}, '
+                            f'the config has {config[section][attr]}')
+  if int(meta['depth']) < config.mtp.depth:
+    raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
+                          f'mtp.depth={config.mtp.depth}')
+  expected = [n for k in range(1, config.mtp.depth + 1)
+              for n, _ in (llama.head_names(config.mtp.kind, k, has_block=True)
+                           if config.mtp.kind != 'medusa' else [])]
+  missing = [n for n in expected if n not in names]
+  if missing:
+    raise PretrainedError(f"mtp.init_from: {name} has no tensor '{missing[0]}'")
+
+
+def load(path: str, config) -> dict:
+  check(path, config)
+  with safe_open(path, framework='numpy') as f:
+    names = list(f.keys())
+    return llama.heads_to_params(lambda n: f.get_tensor(n).astype(np.float32), names,
+                                 config.mtp.kind, config.mtp.depth, config.model.num_heads,
+                                 config.model.num_kv_heads)
+
+
+def token_rank(path: str):
+  """The ranking saved with the heads, or None."""
+  _, names = _read_meta(path)
+  if RANK not in names:
+    return None
+  with safe_open(path, framework='numpy') as f:
+    return f.get_tensor(RANK)
+
+
+def trunk_of(path: str) -> str:
+  return _read_meta(path)[0].get('trunk', '')
+
+
+def describe(path: str) -> str:
+  return json.dumps(_read_meta(path)[0])

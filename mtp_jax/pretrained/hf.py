@@ -1,0 +1,122 @@
+"""Hugging Face model directories: config.json, *.safetensors (one file, or shards listed by
+model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM.
+"""
+
+import json
+import os
+
+import numpy as np
+import tokenizers
+from safetensors import safe_open
+
+from mtp_jax.pretrained import gguf_file, llama
+from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256
+
+DTYPES = ('F32', 'F16', 'BF16')
+
+
+def _json(path: str, name: str):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise PretrainedError(f'model.init_from: {name} is not valid JSON ({e.msg})') from None
+
+
+def weight_files(directory: str) -> list[str]:
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  if os.path.exists(index):
+    shards = sorted(set(_json(index, 'model.safetensors.index.json')['weight_map'].values()))
+    return [os.path.join(directory, s) for s in shards]
+  single = os.path.join(directory, 'model.safetensors')
+  if not os.path.exists(single):
+    raise PretrainedError(f'model.init_from: {directory} has neither model.safetensors nor '
+                          'model.safetensors.index.json')
+  return [single]
+
+
+def fields_from_config(c: dict, name: str) -> dict:
+  arch = c.get('architectures') or []
+  if not ('LlamaForCausalLM' in arch if arch else c.get('model_type') == 'llama'):
+    arch = arch or [c.get('model_type', '?')]
+    raise PretrainedError(f'model.init_from: {name} is a {arch[0]}; only LlamaForCausalLM is '
+                          'supported')
+  for key, ok in (('rope_scaling', None), ('attention_bias', False), ('mlp_bias', False)):
+    if c.get(key, ok) not in (ok, None):
+      raise PretrainedError(f'model.init_from: {name} sets {key}={c[key]!r}, which is not '
+                            'supported')
+  if c.get('hidden_act', 'silu') != 'silu':
+    raise PretrainedError(f"model.init_from: {name} sets hidden_act={c['hidden_act']!r}; only "
+                          'silu is supported')
+  d, heads = c['hidden_size'], c['num_attention_heads']
+  if c.get('head_dim', d // heads) != d // heads:
+    raise PretrainedError(f"model.init_from: {name} sets head_dim={c['head_dim']}, not "
+                          f'hidden_size / num_attention_heads = {d // heads}')
+  return {'model.d_model': d, 'model.num_layers': c['num_hidden_layers'],
+          'model.num_heads': heads,
+          'model.num_kv_heads': c.get('num_key_value_heads', heads),
+          'model.mlp_dim': c['intermediate_size'],
+          'model.rope_theta': float(c.get('rope_theta', 10000.0)),
+          'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
+          'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
+          'data.vocab_size': c['vocab_size']}
+
+
+def read(directory: str) -> Pretrained:
+  name = os.path.basename(os.path.normpath(directory))
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.exists(config_path):
+    raise PretrainedError(f'model.init_from: {directory} has no config.json')
+  config = _json(config_path, f'{name}/config.json')
+  try:
+    fields = fields_from_config(config, name)
+  except KeyError as e:
+    raise PretrainedError(f'model.init_from: {name}/config.json has no {e.args[0]}') from None
+  files = weight_files(directory)
+  where, shapes = {}, {}
+  for path in files:
+    if not os.path.exists(path):
+      raise PretrainedError(f'model.init_from: {name} lists the shard {os.path.basename(path)}, '
+                            'which does not exist')
+    try:
+      with safe_open(path, framework='flax') as f:
+        for key in f.keys():
+          s = f.get_slice(key)
+          if s.get_dtype() not in DTYPES:
+            raise PretrainedError(f"model.init_from: tensor '{key}' of {name} has type "
+                                  f"{s.get_dtype()}, which is not supported ({', '.join(DTYPES)})")
+          where[key], shapes[key] = path, tuple(s.get_shape())
+    except PretrainedError:
+      raise
+    except Exception as e:  # safetensors' own error type, for a damaged or truncated file
+      raise PretrainedError(f'model.init_from: {os.path.basename(path)} is not a readable '
+                            f'safetensors file (truncated or damaged: {e})') from None
+  if fields['model.tie_embeddings'] and 'lm_head.weight' in shapes:
+    shapes.pop('lm_head.weight')  # some exports store the tied matrix twice
+  extra = sorted(set(shapes) - set(llama.trunk_shapes(fields)))
+  if extra:
+    raise PretrainedError(f"model.init_from: {name} has tensor '{extra[0]}', which is not part of "
+                          'a Llama model this project reads')
+  gguf_file.check_tensors(name, shapes, fields)
+
+  def get(key: str) -> np.ndarray:
+    with safe_open(where[key], framework='flax') as f:
+      return np.asarray(f.get_tensor(key), np.float32)
+
+  tokenizer, chat_template, eos_id, bos_id = None, '', config.get('eos_token_id'), \
+      config.get('bos_token_id')
+  if os.path.exists(os.path.join(directory, 'tokenizer.json')):
+    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
+  tok_config_path = os.path.join(directory, 'tokenizer_config.json')
+  if os.path.exists(tok_config_path):
+    tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')
+    chat_template = tok_config.get('chat_template') or ''
+    eos = tok_config.get('eos_token')
+    eos = eos.get('content') if isinstance(eos, dict) else eos
+    if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
+      eos_id = tokenizer.token_to_id(eos)
+  if isinstance(eos_id, list):
+    eos_id = eos_id[0]
+  return Pretrained(path=directory, identity=sha256(files), fields=fields,
+                    context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
+                    eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get)

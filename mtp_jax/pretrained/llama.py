@@ -1,0 +1,183 @@
+"""The one mapping between Llama tensors, named as Hugging Face's LlamaForCausalLM names them, and
+this project's parameter tree (trunk and MTP heads). Format readers translate their own names to
+these; `to_trunk` and `to_heads` build param subtrees from them, `from_params` goes back.
+
+HF stores a linear layer's weight as (out, in); ours are (in, out) with heads split out:
+q (D, H, E), k and v (D, K, E), o (H, E, D). Shape legend: D width, H query heads, K kv heads,
+E head dim, F MLP width, V vocab.
+"""
+
+import numpy as np
+
+# Per block: (HF suffix, our path inside the block).
+_BLOCK = (
+    ('input_layernorm.weight', ('attn_norm', 'scale')),
+    ('self_attn.q_proj.weight', ('attn', 'q')),
+    ('self_attn.k_proj.weight', ('attn', 'k')),
+    ('self_attn.v_proj.weight', ('attn', 'v')),
+    ('self_attn.o_proj.weight', ('attn', 'o')),
+    ('post_attention_layernorm.weight', ('mlp_norm', 'scale')),
+    ('mlp.gate_proj.weight', ('mlp', 'gate')),
+    ('mlp.up_proj.weight', ('mlp', 'up')),
+    ('mlp.down_proj.weight', ('mlp', 'down')),
+)
+# The DeepSeek-V3 module's own tensors, beside its block (named as in its released weights).
+_MODULE = (
+    ('enorm.weight', ('enorm', 'scale')),
+    ('hnorm.weight', ('hnorm', 'scale')),
+    ('eh_proj.weight', ('eh_proj',)),
+)
+HEADS_PREFIX = 'mtp'
+
+
+def block_shapes(d: int, heads: int, kv_heads: int, mlp: int) -> dict:
+  """HF shape of each block tensor, by suffix."""
+  e = d // heads
+  return {'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
+          'self_attn.q_proj.weight': (heads * e, d), 'self_attn.k_proj.weight': (kv_heads * e, d),
+          'self_attn.v_proj.weight': (kv_heads * e, d), 'self_attn.o_proj.weight': (d, heads * e),
+          'mlp.gate_proj.weight': (mlp, d), 'mlp.up_proj.weight': (mlp, d),
+          'mlp.down_proj.weight': (d, mlp)}
+
+
+def trunk_shapes(f: dict) -> dict:
+  """Every trunk tensor's HF name and shape, for model fields `f` (config paths -> values)."""
+  d, v = f['model.d_model'], f['data.vocab_size']
+  shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,)}
+  if not f['model.tie_embeddings']:
+    shapes['lm_head.weight'] = (v, d)
+  per_block = block_shapes(d, f['model.num_heads'], f['model.num_kv_heads'], f['model.mlp_dim'])
+  for i in range(f['model.num_layers']):
+    shapes.update({f'model.layers.{i}.{s}': shape for s, shape in per_block.items()})
+  return shapes
+
+
+def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
+  """One HF block tensor in our layout."""
+  if suffix.endswith('layernorm.weight'):
+    return w
+  if suffix == 'self_attn.o_proj.weight':  # (D, H*E) -> (H, E, D)
+    return np.ascontiguousarray(w.T).reshape(heads, -1, w.shape[0])
+  if suffix.startswith('self_attn.'):  # (N*E, D) -> (D, N, E)
+    n = heads if suffix.startswith('self_attn.q') else kv_heads
+    return np.ascontiguousarray(w.T).reshape(w.shape[1], n, -1)
+  return np.ascontiguousarray(w.T)  # MLP: (out, in) -> (in, out)
+
+
+def _to_hf(suffix: str, w: np.ndarray) -> np.ndarray:
+  if suffix.endswith('layernorm.weight'):
+    return w
+  if suffix == 'self_attn.o_proj.weight':  # (H, E, D) -> (D, H*E)
+    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+  if suffix.startswith('self_attn.'):  # (D, N, E) -> (N*E, D)
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+  return np.ascontiguousarray(w.T)
+
+
+def _set(tree: dict, path: tuple, value):
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _block_to_ours(get, prefix: str, heads: int, kv_heads: int) -> dict:
+  block = {}
+  for suffix, path in _BLOCK:
+    _set(block, path, _to_ours(suffix, get(prefix + suffix), heads, kv_heads))
+  return block
+
+
+def to_trunk(get, f: dict) -> dict:
+  """Our trunk params (the keys of params['params'] that are not heads) from HF-named tensors;
+  `get(name)` returns one as float32."""
+  heads, kv = f['model.num_heads'], f['model.num_kv_heads']
+  trunk = {'embedding': get('model.embed_tokens.weight'),
+           'final_norm': {'scale': get('model.norm.weight')}}
+  if not f['model.tie_embeddings']:
+    trunk['unembedding'] = np.ascontiguousarray(get('lm_head.weight').T)
+  for i in range(f['model.num_layers']):
+    trunk[f'blocks_{i}'] = _block_to_ours(get, f'model.layers.{i}.', heads, kv)
+  return trunk
+
+
+def last_block(trunk: dict, num_layers: int) -> dict:
+  """The trunk's last block, copied (the initialisation `mtp.init_from=last_block` uses)."""
+  return _copy(trunk[f'blocks_{num_layers - 1}'])
+
+
+def _copy(tree):
+  return {k: _copy(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in tree.items()}
+
+
+def head_names(kind: str, k: int, has_block: bool) -> list[tuple[str, tuple]]:
+  """(HF-style name, our path under params['params']) of head k's tensors (k from 1). Sequential
+  modules are named as DeepSeek-V3's: enorm, hnorm, eh_proj, the block, and their own output
+  norm; parallel heads are a block; Medusa heads their residual layer."""
+  p = f'{HEADS_PREFIX}.{k - 1}.'
+  names = []
+  if kind == 'sequential':
+    names += [(p + s, (f'mtp_{k - 1}',) + path) for s, path in _MODULE]
+    names.append((p + 'shared_head.norm.weight', (f'mtp_norms_{k - 1}', 'scale')))
+  if has_block:
+    names += [(p + 'block.' + s, (f'mtp_{k - 1}', 'block') + path) for s, path in _BLOCK]
+  return names
+
+
+def heads_from_params(params: dict, kind: str, depth: int) -> dict:
+  """Every head tensor of params['params'], HF-named and HF-shaped (float32 numpy)."""
+  out = {}
+  for k in range(1, depth + 1):
+    if kind == 'medusa':
+      for name, leaf in sorted(params[f'mtp_{k - 1}'].items()):
+        out[f'{HEADS_PREFIX}.{k - 1}.{name}'] = np.asarray(leaf, np.float32)
+      continue
+    for name, path in head_names(kind, k, has_block=True):
+      w = np.asarray(_get(params, path), np.float32)
+      suffix = name.split('block.', 1)[1] if '.block.' in name else ''
+      if suffix:
+        out[name] = _to_hf(suffix, w)
+      elif path[-1] == 'eh_proj':
+        out[name] = np.ascontiguousarray(w.T)
+      else:
+        out[name] = w
+  return out
+
+
+def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
+                    kv_heads: int) -> dict:
+  """The inverse of heads_from_params: head subtrees of params['params'] from HF-named tensors."""
+  tree = {}
+  for k in range(1, depth + 1):
+    if kind == 'medusa':
+      prefix = f'{HEADS_PREFIX}.{k - 1}.'
+      for name in names:
+        if name.startswith(prefix):
+          _set(tree, (f'mtp_{k - 1}', name[len(prefix):]), get(name))
+      continue
+    for name, path in head_names(kind, k, has_block=True):
+      w = get(name)
+      if '.block.' in name:
+        w = _to_ours(name.split('block.', 1)[1], w, heads, kv_heads)
+      elif path[-1] == 'eh_proj':
+        w = np.ascontiguousarray(w.T)
+      _set(tree, path, w)
+  return tree
+
+
+def trunk_from_params(params: dict, f: dict) -> dict:
+  """The trunk of params['params'] as HF-named, HF-shaped float32 tensors."""
+  out = {'model.embed_tokens.weight': np.asarray(params['embedding'], np.float32),
+         'model.norm.weight': np.asarray(params['final_norm']['scale'], np.float32)}
+  if not f['model.tie_embeddings']:
+    out['lm_head.weight'] = np.ascontiguousarray(np.asarray(params['unembedding'], np.float32).T)
+  for i in range(f['model.num_layers']):
+    for suffix, path in _BLOCK:
+      w = np.asarray(_get(params[f'blocks_{i}'], path), np.float32)
+      out[f'model.layers.{i}.{suffix}'] = _to_hf(suffix, w)
+  return out

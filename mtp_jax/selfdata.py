@@ -1,0 +1,130 @@
+"""Training data for heads, made by the frozen trunk itself: chats it samples (a user turn it
+invents from its chat template's opening, then its own answer), and its features (h0 and the
+top-K next-token distribution) at every position, kept from the decoding that wrote them or, for
+text from files, from one forward pass. Either way the trunk runs once per training token.
+"""
+
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import tqdm
+
+from mtp_jax import decode as dec
+from mtp_jax import features as feat_lib
+from mtp_jax.pretrained.tokenizer import render_chat
+
+ROWS_PER_SHARD = 16
+QUERY_LEN = 48  # longest invented user turn, in tokens
+_MARK = '\u2063MTPJAX\u2063'  # stands for the user's text while splitting the template
+
+
+@dataclasses.dataclass(frozen=True)
+class Trunk:
+  """What writing data needs of the model: its depth-0 config, the trunk's params, the tokenizer
+  and the chat format."""
+  model: object  # decode.DecodeModel of a depth-0 config
+  params: dict
+  tokenizer: object
+  eos_id: int
+  bos_id: int | None
+  chat_template: str
+
+
+def chat_frame(trunk: Trunk) -> tuple[list[int], list[int]]:
+  """Token ids before and after a user turn's text in the model's chat template (a single start
+  token when it has none)."""
+  if not trunk.chat_template:
+    start = trunk.bos_id if trunk.bos_id is not None else trunk.eos_id
+    return [start], []
+  text = render_chat(trunk.chat_template, _MARK)
+  before, after = text.split(_MARK)
+  encode = lambda t: trunk.tokenizer.encode(t, add_special_tokens=False).ids
+  return encode(before), encode(after)
+
+
+def _decode(trunk: Trunk, prompts: list[list[int]], s: dec.Settings, key, width: int):
+  prompts_BxP, lens = dec.pad_prompts(prompts, width)
+  fn = dec.compiled_decoder(trunk.model, s, dec.cache_length(prompts_BxP.shape[1], s))
+  return jax.device_get(fn(trunk.params, prompts_BxP, lens, key))
+
+
+def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,
+                answer_len: int, topk: int, seed: int, valid_fraction: float) -> None:
+  """Samples chats shard by shard until `tokens` positions exist (resuming after the shards
+  already written): the user turn at temperature 1 (for variety) until it ends, then the answer
+  at `temperature`, keeping features when topk > 0."""
+  before, after = chat_frame(trunk)
+  ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
+  answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
+                        capture_topk=topk)
+  have = builder.positions()
+  index = max(builder.done(), default=-1) + 1
+  with tqdm.tqdm(total=tokens, initial=min(have, tokens), desc='data: trunk writes chats',
+                 unit='tok', file=sys.stderr, dynamic_ncols=True) as bar:
+    while have < tokens:
+      start = time.perf_counter()
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      queries = dec.outputs(_decode(trunk, [before] * ROWS_PER_SHARD, ask,
+                                    jax.random.fold_in(key, 0), len(before)))
+      # The template's text after the user's closes the turn (a turn cut off at QUERY_LEN too).
+      prompts = [before + [t for t in q if t != trunk.eos_id] + after for q in queries]
+      done = _decode(trunk, prompts, answer, jax.random.fold_in(key, 1),
+                     len(before) + QUERY_LEN + len(after)).rows  # row b decoded prompt b
+      rows = []
+      for b in range(ROWS_PER_SHARD):
+        n = int(done.n[b])
+        row = {'tokens': np.asarray(done.tokens[b, :n], np.int32)}
+        if topk:
+          row['h0'] = np.asarray(done.hidden[0][b, :n]).astype(ml_dtypes.bfloat16)
+          row['top_ids'] = np.asarray(done.top_ids[b, :n])
+          row['top_logp'] = np.asarray(done.top_logp[b, :n]).astype(np.float16)
+        rows.append(row)
+      builder.add(index, rows, [feat_lib.is_valid_row(f'{seed}:{index}:{b}', valid_fraction)
+                                for b in range(ROWS_PER_SHARD)], time.perf_counter() - start)
+      added = sum(len(r['tokens']) for r in rows)
+      have += added
+      index += 1
+      bar.update(added)
+
+
+FORWARD_ROWS, FORWARD_LEN = 8, 512
+
+
+def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: int) -> None:
+  """Features of existing token arrays ({'train': tokens, 'valid': tokens}), from one trunk
+  forward over rows of FORWARD_LEN tokens each (a row's first positions see less context)."""
+
+  @jax.jit
+  def forward(params, tokens_BxT):
+    positions = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
+    logits, h0, _ = trunk.model.trunk(params, tokens_BxT, positions, None)
+    logp, ids = jax.lax.top_k(jax.nn.log_softmax(logits), topk)
+    return h0.astype(jnp.bfloat16), ids, logp.astype(jnp.float16)
+
+  chunks = []
+  for split, tokens in splits.items():
+    rows = [tokens[i:i + FORWARD_LEN] for i in range(0, len(tokens), FORWARD_LEN)]
+    chunks += [(split, rows[i:i + FORWARD_ROWS]) for i in range(0, len(rows), FORWARD_ROWS)]
+  done = set(builder.done())
+  with tqdm.tqdm(total=sum(len(r) for _, c in chunks for r in c), desc='data: trunk features',
+                 unit='tok', file=sys.stderr, dynamic_ncols=True) as bar:
+    for index, (split, rows) in enumerate(chunks):
+      if index in done:
+        bar.update(sum(len(r) for r in rows))
+        continue
+      start = time.perf_counter()
+      width = max(len(r) for r in rows)
+      batch = np.zeros((FORWARD_ROWS, width), np.int32)
+      for b, r in enumerate(rows):
+        batch[b, :len(r)] = r
+      h0, ids, logp = jax.device_get(forward(trunk.model.prepare(trunk.params), batch))
+      out = [{'tokens': np.asarray(r, np.int32), 'h0': np.asarray(h0[b, :len(r)]),
+              'top_ids': ids[b, :len(r)], 'top_logp': logp[b, :len(r)]}
+             for b, r in enumerate(rows)]
+      builder.add(index, out, [split == 'valid'] * len(out), time.perf_counter() - start)
+      bar.update(sum(len(r) for r in rows))

@@ -1,0 +1,88 @@
+"""The native decoding kernels against the pure-JAX computations they replace: few-row products
+(every row count, ragged shapes), attention over a cache with per-row positions, and whole
+greedy decodes with and without kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_model
+from mtp_jax import decode as dec
+from mtp_jax import kernels
+from mtp_jax.layers import attend
+from mtp_jax.model import init_params, kernel_layout
+
+
+
+def test_the_kernels_build_here():
+  # CI's machine has a C++ compiler; where one is missing the fallbacks run instead.
+  assert kernels.usable()
+
+
+@pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])
+@pytest.mark.parametrize('K,N', [(64, 128), (576, 200), (40, 13)])
+def test_rows_matmul_matches_xla(rows, K, N):
+  x = jax.random.normal(jax.random.key(rows), (rows, K))
+  w = jax.random.normal(jax.random.key(K + N), (N, K))
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+  got = jax.jit(kernels.rows_matmul)(x, w)
+  # the kernel for <= MAX_ROWS rows, XLA's dot past it; both within float32 rounding
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
+  assert got.shape == (rows, N)
+
+
+@pytest.mark.parametrize('T,G', [(1, 1), (1, 3), (4, 3), (2, 2)])
+def test_cache_attention_matches_xla(T, G):
+  B, L, K, E = 3, 40, 2, 32
+  keys = jax.random.split(jax.random.key(T * 10 + G), 4)
+  q = jax.random.normal(keys[0], (B, T, K * G, E))
+  k_new = jax.random.normal(keys[1], (B, T, K, E))
+  v_new = jax.random.normal(keys[2], (B, T, K, E))
+  cache = {'k': jax.random.normal(keys[3], (B, L, K, E)),
+           'v': jax.random.normal(keys[3], (B, L, K, E)) * 2}
+  # each row at its own position; entries past it (stale drafts) must not be seen
+  positions = jnp.asarray([[3], [17], [L - T]]) + jnp.arange(T)[None]
+  want, want_cache = attend(q, k_new, v_new, positions, cache, use_kernel=False)
+  got, got_cache = jax.jit(lambda *a: attend(*a, use_kernel=True))(q, k_new, v_new, positions,
+                                                                 cache)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(got_cache['k'], want_cache['k'])
+  # an entry past every query's position changes nothing
+  stale = {n: c.at[0, 30].set(100.0) for n, c in cache.items()}
+  again, _ = attend(q, k_new, v_new, positions, stale, use_kernel=True)
+  np.testing.assert_array_equal(again[0], got[0])
+
+
+def test_kernel_layout_transposes_every_dense_matrix():
+  cfg = tiny_model(**{'model.tie_embeddings': False})
+  params = init_params(cfg, jax.random.key(0))['params']
+  moved = kernel_layout({'params': params})['params']
+  assert moved['blocks_0']['attn']['q'].shape == (4, 8, 32)  # (H, E, D) from (D, H, E)
+  assert moved['blocks_0']['attn']['o'].shape == (32, 4, 8)  # (D, H, E) from (H, E, D)
+  np.testing.assert_array_equal(moved['blocks_1']['mlp']['down'], params['blocks_1']['mlp']['down'].T)
+  np.testing.assert_array_equal(moved['mtp_0']['eh_proj'], params['mtp_0']['eh_proj'].T)
+  np.testing.assert_array_equal(moved['unembedding'], params['unembedding'].T)
+  np.testing.assert_array_equal(moved['embedding'], params['embedding'])
+
+
+@pytest.mark.parametrize('kind,S', [('sequential', 0), ('sequential', 2), ('parallel', 2),
+                                    ('medusa', 2)])
+def test_decoding_with_kernels_matches_without(kind, S):
+  """Greedy tokens are the same with and without kernels (head dim 16, so the attention kernel
+  runs too), and the hidden states agree to float32 rounding."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'model.d_model': 64, 'model.tie_embeddings': kind != 'parallel'})
+  params = init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
+  s = dec.Settings(draft_len=S, max_new_tokens=24)
+  arr, lens = dec.pad_prompts(prompts)
+  results = []
+  for use in (False, True):
+    model = dec.decode_model(cfg, use)
+    assert model.kernels == use
+    fn = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))
+    results.append(fn(params, arr, lens, jax.random.key(0)))
+  assert dec.outputs(results[0]) == dec.outputs(results[1])
+  np.testing.assert_allclose(results[1].rows.hidden[0], results[0].rows.hidden[0], rtol=1e-4,
+                             atol=1e-4)

@@ -1,0 +1,181 @@
+"""Pretrained trunks: a tiny random Llama written by the formats' own libraries (GGUF, float32 and
+quantized; safetensors, single and sharded) imports to the logits of an independent NumPy
+forward; the tokenizer and chat template come with the model; heads and trunk export and load
+back; a frozen trunk stays bit for bit what the file holds."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import (LLAMA, numpy_llama_logits, pretrained_config, random_llama, write_gguf,
+                      write_hf)
+from mtp_jax import train
+from mtp_jax.config import ModelConfig
+from mtp_jax.model import MTPLanguageModel, init_params
+from mtp_jax.pretrained import gguf_file, heads_file
+from mtp_jax.pretrained import resolve as pretrained
+from mtp_jax.pretrained.base import PretrainedError
+
+TOKENS = [5, 71, 200, 3, 99, 142, 17, 256, 8, 250, 33, 64]
+
+
+def our_logits(source, tokens=TOKENS):
+  """The trunk's logits after importing `source` into this project's model."""
+  config = pretrained.resolve_config(pretrained_config(source, **{'mtp.depth': 0}))
+  cfg = ModelConfig.from_config(config)
+  params = init_params(cfg, jax.random.key(0))
+  params = {'params': pretrained.merge(params['params'], pretrained.trunk_params(source))}
+  model = MTPLanguageModel(cfg)
+  positions = jnp.arange(len(tokens))[None]
+  h, _ = model.apply(params, jnp.asarray([tokens]), positions, method=model.trunk)
+  return np.asarray(model.apply(params, h, method=model.logits))[0]
+
+
+@pytest.mark.parametrize('qtype', [None, 'Q8_0'])
+def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
+  import gguf
+  tensors = random_llama()
+  q = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
+  path = write_gguf(tmp_path / 'tiny.gguf', tensors, qtype=q)
+  if q is not None:  # the reference reads the same rounded weights llama.cpp would
+    tensors = {n: gguf.quants.dequantize(gguf.quants.quantize(t, q), q).reshape(t.shape)
+               if t.ndim == 2 else t for n, t in tensors.items()}
+  np.testing.assert_allclose(our_logits(path), numpy_llama_logits(tensors, TOKENS), atol=1e-4,
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize('shards', [1, 3])
+def test_safetensors_import_matches_numpy_forward(tmp_path, shards):
+  fields = {'model.tie_embeddings': False}
+  tensors = random_llama(fields, seed=1)
+  directory = write_hf(tmp_path / 'hf', tensors, fields, shards=shards)
+  np.testing.assert_allclose(our_logits(directory), numpy_llama_logits(tensors, TOKENS, fields),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_model_fields_and_tokenizer_come_from_the_file(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained.resolve_config(pretrained_config(path))
+  for field, value in LLAMA.items():
+    section, key = field.split('.')
+    assert config[section][key] == pytest.approx(value), field
+  model = pretrained.open_model(path)
+  ids = model.tokenizer.encode('<|im_start|>user\nthe tin<|im_end|>', add_special_tokens=False).ids
+  assert ids[0] == 262 and ids[-1] == model.eos_id == 263  # special tokens are single ids
+  assert model.tokenizer.decode(ids, skip_special_tokens=False) == '<|im_start|>user\nthe tin<|im_end|>'
+  # 'the' is one merged token: the BPE merges came from the metadata
+  assert 'Ġthe' in [model.tokenizer.id_to_token(i) for i in model.tokenizer.encode(' the').ids]
+
+
+def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained_config(path, **{'model.d_model': 64})
+  with pytest.raises(PretrainedError, match=r'model\.d_model=64 contradicts tiny\.gguf, which has 32'):
+    pretrained.resolve_config(config)
+  # Agreeing with the file is fine.
+  pretrained.resolve_config(pretrained_config(path, **{'model.num_layers': 2}))
+
+
+@pytest.mark.parametrize('break_it,message', [
+    (dict(arch='qwen2'), "architecture 'qwen2'; only 'llama'"),
+    (dict(drop=('model.layers.1.mlp.up_proj.weight',)), "no tensor 'blk.1.ffn_up.weight'"),
+    (dict(reshape={'model.layers.0.self_attn.v_proj.weight': (32, 16)}),
+     "tensor 'blk.0.attn_v.weight' of tiny.gguf has shape (32, 16), expected (16, 32)"),
+    (dict(extra={'blk.0.attn_q.bias': np.zeros(32, np.float32)}), "tensor 'blk.0.attn_q.bias'"),
+])
+def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
+  with pytest.raises(PretrainedError, match=None) as e:
+    gguf_file.read(path)
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
+  tensors = random_llama()
+  tensors['model.norm.weight'] = tensors['model.norm.weight'].astype(np.float64)
+  path = write_gguf(tmp_path / 'f64.gguf', tensors)
+  with pytest.raises(PretrainedError, match="tensor 'output_norm.weight' of f64.gguf has type F64"):
+    gguf_file.read(path)
+  good = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  data = open(good, 'rb').read()
+  for cut in (len(data) - 1000, 2000):
+    with open(tmp_path / 'cut.gguf', 'wb') as f:
+      f.write(data[:cut])
+    with pytest.raises(PretrainedError, match='cut.gguf (is truncated|is not a readable GGUF)'):
+      gguf_file.read(str(tmp_path / 'cut.gguf'))
+
+
+def test_hf_directory_errors(tmp_path):
+  tensors = random_llama()
+  with pytest.raises(PretrainedError, match='only LlamaForCausalLM'):
+    pretrained.open_model(write_hf(tmp_path / 'a', tensors, architecture='GPT2LMHeadModel'))
+  directory = write_hf(tmp_path / 'b', tensors, shards=2)
+  os.remove(os.path.join(directory, 'model-00002-of-00002.safetensors'))
+  with pytest.raises(PretrainedError, match='shard model-00002-of-00002.safetensors'):
+    pretrained.open_model(directory)
+  directory = write_hf(tmp_path / 'c', tensors)
+  path = os.path.join(directory, 'model.safetensors')
+  data = open(path, 'rb').read()
+  with open(path, 'wb') as f:
+    f.write(data[:-100])
+  with pytest.raises(PretrainedError, match='model.safetensors is not a readable'):
+    pretrained.open_model(directory)
+
+
+def test_heads_file_round_trip_and_mismatch(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 2}))
+  params = init_params(ModelConfig.from_config(config), jax.random.key(3))['params']
+  out = str(tmp_path / 'heads.safetensors')
+  rank = np.arange(config.data.vocab_size)[::-1]
+  heads_file.save(out, params, config, trunk='abc', token_rank=rank, dtype=np.float32)
+  loaded = heads_file.load(out, config)
+  for key, tree in loaded.items():
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), tree, params[key])
+  assert set(loaded) == {k for k in params if k.startswith('mtp')}
+  np.testing.assert_array_equal(heads_file.token_rank(out), rank)
+  config.mtp.kind = 'parallel'
+  with pytest.raises(PretrainedError, match='mtp.kind=sequential, the config has parallel'):
+    heads_file.check(out, config)
+
+
+def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
+  """train.freeze_trunk: after steps the trunk is exactly the file's, the heads moved, and the
+  optimizer holds state for the heads alone; the same on cached trunk features."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  want = pretrained.trunk_params(path)
+  for features in (False, True):
+    config = pretrained_config(path, **{'data.sources': corpus, 'train.freeze_trunk': True,
+                                        'train.head_loss': 'distill', 'data.features': features,
+                                        'mtp.init_from': 'last_block', 'train.distill_topk': 4})
+    workdir = str(tmp_path / f'run{features}')
+    summary = train.train(config, workdir)
+    assert summary['step'] == 3
+    session = train.Session(config, workdir)
+    state, _ = session.checkpointer.restore(None, session.abstract_state)
+    session.checkpointer.close()
+    heads, trunk = train.split_heads(state['params'])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), trunk['params'],
+                 want)
+    start = session.initial_params()
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(heads), jax.tree.leaves(train.split_heads(start)[0]))]
+    assert sum(moved) > len(moved) // 2
+    assert jax.tree.structure(state['opt_state']) == jax.tree.structure(
+        session.tx.init(heads))
+    assert 'agreement/depth_1' in summary['eval']
+
+
+def test_chat_template_and_eos_in_generation(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained.resolve_config(pretrained_config(path))
+  session = train.Session(config, str(tmp_path / 'run'), data=False)
+  from mtp_jax import inference
+  ids = inference.encode_prompt(session, 'hi', chat=True)
+  text = session.tokenizer.decode(ids, skip_special_tokens=False)
+  assert text == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
+  assert inference.encode_prompt(session, 'hi', chat=False) == session.tokenizer.encode('hi').ids
+  assert session.eos_id == 263

@@ -1,0 +1,55 @@
+"""The real SmolLM2-135M-Instruct, fetched by the command users run: it answers a factual question
+through its chat template, and greedy speculative decoding with MTP heads emits exactly the
+autoregressive tokens on it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import smollm2
+from mtp_jax import decode as dec
+from mtp_jax import inference, train
+from mtp_jax.pretrained import fetch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def session(tmp_path_factory):
+  result = subprocess.run([sys.executable, '-m', 'mtp_jax.pretrained.fetch', 'smollm2'], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  path = result.stdout.strip().splitlines()[-1]
+  assert path == fetch.path_of('smollm2') and os.path.getsize(path) == 98362432
+  config = smollm2.get_config()
+  config.decode.max_new_tokens = 24
+  return train.Session(config, str(tmp_path_factory.mktemp('smollm2')), data=False)
+
+
+def test_the_file_defines_the_model(session):
+  cfg = session.cfg
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_dim,
+          cfg.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+  assert cfg.rope_theta == 100000.0 and cfg.tie_embeddings
+  ids = inference.encode_prompt(session, 'Hi', chat=True)
+  assert ids[:1] == [1] and ids.count(2) == 2  # <|im_start|> and <|im_end|> are one id each
+  assert session.eos_id == 2
+
+
+def test_greedy_answer_and_mtp_equals_ar(session):
+  _, params = inference.load_params(session)
+  prompts = [inference.encode_prompt(session, q, chat=True)
+             for q in ('What is the capital of France?', 'Name three colors of the rainbow.')]
+  outputs = {}
+  for S in (0, 3):
+    s = dec.Settings(draft_len=S, max_new_tokens=24, eos_id=session.eos_id)
+    state = inference.prepared_decoder(session.decode_model, params, prompts, s)()
+    outputs[S] = dec.outputs(state)
+    if S:
+      assert dec.stats(state, s)['tau'] > 1.0  # the heads draft something the trunk accepts
+  assert outputs[3] == outputs[0]
+  answer = session.tokenizer.decode(outputs[0][0])
+  assert answer.startswith('The capital of France is Paris'), answer
+  assert outputs[0][0][-1] == session.eos_id  # the row ended at <|im_end|>
