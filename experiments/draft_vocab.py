@@ -55,7 +55,8 @@ def main(argv):
   ar_model = dec.decode_model(cfg, config.decode.kernels)
   models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n])
             for n in sizes]
-  calls = [inference.prepared_decoder(m, params, [p], s) for p in prompts
+  width = max(len(p) for p in prompts)
+  calls = [inference.prepared_decoder(m, params, [p], s, width=width) for p in prompts
            for m, s in [(ar_model, s_ar)] + [(m, s_mtp) for m in models]]
   seconds, states = measure.fastest(calls, _ROUNDS.value)
   per = len(models) + 1

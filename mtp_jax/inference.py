@@ -46,12 +46,13 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
 
 
 def prepared_decoder(model: dec.DecodeModel, params, prompts: list[list[int]], s: dec.Settings,
-                     key=0, batch: int | None = None):
+                     key=0, batch: int | None = None, width: int = 0):
   """Checks the prompts against the model config, compiles the decoder for them (rows at once:
-  `batch`, the rest queued; all by default) and returns call() -> final state."""
+  `batch`, the rest queued; all by default; prompts padded to `width` at least, so that calls
+  on different prompts share one compilation) and returns call() -> final state."""
   cfg = model.cfg
   check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len)
-  prompts_QxP, lens = dec.pad_prompts(prompts)
+  prompts_QxP, lens = dec.pad_prompts(prompts, width)
   decoder = dec.compiled_decoder(model, s, dec.cache_length(prompts_QxP.shape[1], s), batch)
   return decoder.compiled(params, prompts_QxP, lens, jax.random.key(key))
 
@@ -231,7 +232,9 @@ def bench_rows(session, params, config) -> list[dict]:
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
       per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.eos_id)
                for S in range(D + 1)]
-      calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch)
+      width = max(len(p) for p in prompts)  # one compilation per setting, not per prompt
+      calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch,
+                                width=width)
                for g, group in enumerate(groups) for s in per_S]
       seconds, outputs = measure.fastest(calls, d.bench_rounds)
       best = np.asarray(seconds).reshape(len(groups), len(per_S)).T  # [method, group]
