@@ -29,7 +29,7 @@ def get_config():
   c.train.freeze_trunk = True
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192
-  c.train.steps = 3000
+  c.train.steps = 1500
   c.train.batch_size = 16
   c.train.seq_len = 128
   c.train.lr = 1e-3

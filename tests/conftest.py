@@ -1,19 +1,34 @@
-"""Shared tiny configs for the CPU test suite."""
+"""What the CPU test suite shares: tiny configs and the real text they train on; launch.py and the
+experiments run as a user runs them, and what a run leaves (its printed summary, TensorBoard
+scalars, checkpoints); tiny Llama files in llama.cpp's and Hugging Face's formats."""
 
+import glob
 import hashlib
+import json
 import os
+import re
+import subprocess
 import sys
+import sysconfig
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 
 from configs import base  # noqa: E402
+from mtp_jax import train  # noqa: E402
 from mtp_jax.config import ModelConfig, apply_overrides  # noqa: E402
-from mtp_jax.model import MTPLanguageModel  # noqa: E402
+from mtp_jax.model import MTPLanguageModel, init_params  # noqa: E402
+
+# The real text that tiny runs train on: modules of the standard library, read in place. Their
+# paths stay the same from run to run, and so does the train/valid split (a hash of each path).
+CORPUS_FILES = ('textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'fnmatch.py',
+                'colorsys.py', 'keyword.py', 'glob.py', 'calendar.py', 'difflib.py', 'queue.py')
 
 
 def tiny_config(**overrides):
@@ -68,18 +83,91 @@ def snapshot(root) -> dict:
   return hashes
 
 
-@pytest.fixture
-def corpus(tmp_path):
-  """A small real-text corpus: a slice of the standard library's source, as files."""
-  import sysconfig
+def stdlib_corpus(*names) -> str:
+  """data.sources of these standard-library modules (all of CORPUS_FILES when none is named)."""
   stdlib = sysconfig.get_paths()['stdlib']
-  out = tmp_path / 'corpus'
-  out.mkdir()
-  for name in ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'fnmatch.py',
-               'colorsys.py', 'keyword.py', 'glob.py', 'calendar.py', 'difflib.py', 'queue.py']:
-    src = os.path.join(stdlib, name)
-    (out / name.replace('.py', '.txt')).write_text(open(src, encoding='utf-8').read())
-  return str(out)
+  return ','.join(os.path.join(stdlib, name) for name in names or CORPUS_FILES)
+
+
+@pytest.fixture(scope='session')
+def corpus() -> str:
+  """CORPUS_FILES as data.sources, for the tests that take the corpus as a fixture."""
+  return stdlib_corpus()
+
+
+def model_param_counts(cfg: ModelConfig) -> dict:
+  """{'trunk', 'heads', 'total'} parameters of the model as init_params builds it (shapes only):
+  the count that costs.param_counts and the sweeps built on it must give."""
+  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  heads, trunk = train.split_heads(shapes)
+
+  def size(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+  return {'trunk': size(trunk), 'heads': size(heads), 'total': size(shapes)}
+
+
+def run_script(script, *args, timeout=300) -> subprocess.CompletedProcess:
+  """`python SCRIPT ARGS` in the repository on the CPU, as a user runs launch.py or an
+  experiment; its output captured as text."""
+  return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+def launch_summary(stdout: str) -> dict:
+  """The JSON summary launch.py prints last on stdout (progress lines may come before it, and a
+  run of several modes prints one summary each)."""
+  starts = [m.start() for m in re.finditer(r'^\{$', stdout, re.M)]
+  assert starts, stdout[-3000:]
+  return json.loads(stdout[starts[-1]:])
+
+
+def assert_user_error(result, *words):
+  """launch.py refused its input as a user error: exit code 2 and a last line 'error: ...' that
+  holds every word, no traceback."""
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error:'), result.stderr[-3000:]
+  for word in words:
+    assert word in last, (word, last)
+
+
+def scalars(workdir) -> dict:
+  """{tag: [(step, value), ...]} as TensorBoard shows them (events orphaned by a restart purged)."""
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, 'tb'),
+                                          size_guidance={'scalars': 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+
+
+def raw_events(path, tag) -> list[tuple[int, float]]:
+  """[(step, value)] of `tag` in one event file, as written (nothing purged)."""
+  events = event_file_loader.LegacyEventFileLoader(path).Load()
+  return [(e.step, v.simple_value) for e in events for v in e.summary.value if v.tag == tag]
+
+
+def raw_steps(workdir, tag) -> list[int]:
+  """Every step at which any event file under WORKDIR/tb holds `tag`, duplicates included."""
+  return sorted(step for path in glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
+                for step, _ in raw_events(path, tag))
+
+
+def restore(config, workdir, step=None):
+  """(session, state): checkpoint `step` of workdir (None: the latest), restored onto config's
+  mesh and abstract state as a resumed run restores it."""
+  session = train.Session(config, workdir)
+  try:
+    state, _ = session.checkpointer.restore(step, session.abstract_state)
+  finally:
+    session.checkpointer.close()
+  return session, state
+
+
+def flat(tree) -> dict:
+  """{path: numpy value} of every leaf."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 # A tiny random Llama, written in llama.cpp's and Hugging Face's formats by the formats' own
@@ -180,7 +268,6 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
 def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCausalLM'):
   """A Hugging Face directory: config.json, safetensors (sharded with an index when shards > 1),
   tokenizer.json and tokenizer_config.json."""
-  import json
   from safetensors.numpy import save_file
   from mtp_jax.pretrained import tokenizer as tok_lib
   f = {**LLAMA, **(fields or {})}

@@ -7,35 +7,33 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8:
 It trains run_config on each mesh of MESHES (workdirs ROOT/mesh_DxFxT), restores the (2,4,1)
 checkpoint onto (2,2,2), decodes on the (2,2,2) mesh (prompts split over the batch axes, and
 replicated as inference.decode leaves them), and writes what it saw to ROOT/sharded.json
-and the cross-mesh restore to ROOT/restored_on_2x2x2.npz. The test imports the shared pieces.
+and the cross-mesh restore to ROOT/restored_on_2x2x2.npz. The test imports the meshes, the config
+and the decoding from here, so that both halves run the same.
 """
 
 import json
 import os
 import sys
-import sysconfig
 
 import jax
 import numpy as np
 
-from conftest import tiny_config
+from conftest import flat, restore, stdlib_corpus, tiny_config
 from mtp_jax import decode as dec
 from mtp_jax import inference, sharding, train
 from mtp_jax.config import ConfigError
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 SAVED_ON, RESTORED_ON = (2, 4, 1), (2, 2, 2)
-SOURCES = ','.join(os.path.join(sysconfig.get_paths()['stdlib'], name) for name in
-                   ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'glob.py'])
 GREEDY = dec.Settings(draft_len=2, max_new_tokens=12)
 
 
 def run_config(root: str, mesh=None, tokenizer: str = ''):
-  """The tiny model on a few standard-library files, batch 8 so that every mesh splits it;
-  mesh is (data, fsdp, tensor), or None for the default (all devices on data)."""
-  overrides = {'data.sources': SOURCES, 'data.vocab_size': 300, 'data.tokenizer': tokenizer,
-               'data.cache_dir': os.path.join(root, 'data'), 'train.batch_size': 8,
-               'train.checkpoint_every': 4}
+  """The tiny model on the shared corpus, batch 8 so that every mesh splits it; mesh is (data,
+  fsdp, tensor), or None for the default (all devices on data)."""
+  overrides = {'data.sources': stdlib_corpus(), 'data.vocab_size': 300,
+               'data.tokenizer': tokenizer, 'data.cache_dir': os.path.join(root, 'data'),
+               'train.batch_size': 8, 'train.checkpoint_every': 4}
   if mesh is not None:
     overrides.update(zip(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), mesh))
   return tiny_config(**overrides)
@@ -43,22 +41,6 @@ def run_config(root: str, mesh=None, tokenizer: str = ''):
 
 def workdir(root: str, mesh) -> str:
   return os.path.join(root, 'mesh_' + 'x'.join(map(str, mesh)))
-
-
-def flat(tree) -> dict:
-  """{path: numpy value} of every leaf."""
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def restore(config, directory: str):
-  """(session, state): the latest checkpoint in directory, restored onto config's mesh."""
-  session = train.Session(config, directory)
-  try:
-    state, _ = session.checkpointer.restore(None, session.abstract_state)
-  finally:
-    session.checkpointer.close()
-  return session, state
 
 
 def prompts(session) -> list[list[int]]:

@@ -4,27 +4,39 @@ from the runs, a rerun that skips finished points, and a failing point that spar
 import csv
 import json
 import os
-import subprocess
 import sys
 
+from absl import flags
+from ml_collections import config_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs import ablate_cpu
+from conftest import REPO, model_param_counts, run_script
+from mtp_jax.config import ModelConfig, apply_overrides, as_flags
 
 
-def sweep(tmp_path, corpus, grid: str, **extra):
-  flags = [f'--config.{k}={v}' for k, v in {
+def sweep(tmp_path, corpus, grid: str):
+  # configs/ablate_cpu.py shrunk to 2 steps of a 1-layer width-32 model that decodes one prompt.
+  config = apply_overrides(ablate_cpu.get_config(), {
       'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
       'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 2, 'train.batch_size': 2,
       'train.seq_len': 16, 'train.eval_every': 2, 'train.eval_batches': 1,
       'train.checkpoint_every': 2, 'decode.eval_prompts': 1, 'decode.max_new_tokens': 8,
-      'decode.prompt_len': 6, 'sweep.depth': grid,
-      **extra}.items()]
-  proc = subprocess.run([sys.executable, 'experiments/ablate.py', '--config',
-                         'configs/ablate_cpu.py', '--sweep', 'depth', '--root', str(tmp_path)]
-                        + flags, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      'decode.prompt_len': 6, 'sweep.depth': grid})
+  proc = run_script('experiments/ablate.py', '--config', 'configs/ablate_cpu.py', '--sweep',
+                    'depth', '--root', str(tmp_path), *as_flags(config), timeout=600)
   rows = list(csv.DictReader(open(tmp_path / 'depth' / 'results.csv')))
   return proc, rows
+
+
+def with_flags(config, overrides: list[str]):
+  """`config` after launch.py's --config.FIELD=VALUE flags, applied by the parser of
+  ml_collections that launch.py's config flag uses."""
+  argv = ['launch.py', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict('config', config.copy_and_resolve_references(), lock_config=True,
+                                  flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
 
 
 def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
@@ -53,37 +65,19 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
 
 
 def test_kind_sweep_matches_head_parameters():
-  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
   import ablate
-  from configs import ablate_cpu
   config = ablate_cpu.get_config()
   points = ablate.sweep_points(config, 'kind')
   assert [p[0] for p in points] == ['sequential', 'parallel', 'medusa']
-  import jax
-  import numpy as np
-  from mtp_jax.config import ModelConfig
-  from mtp_jax.model import init_params
-
-  def total_params(c):
-    shapes = jax.eval_shape(lambda: init_params(ModelConfig.from_config(c), jax.random.key(0)))
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
-
-  trunk_only = config.copy_and_resolve_references()
-  trunk_only.mtp.depth = 0
-  trunk = total_params(trunk_only)
   heads = []
   for kind, overrides, columns in points:
-    # Apply the point's launch.py overrides as launch.py would, then count the whole model:
-    # what it holds beyond the D = 0 trunk is what its heads add.
-    c = config.copy_and_resolve_references()
-    for flag in overrides:
-      path, value = flag.removeprefix('--config.').split('=')
-      section, field = path.split('.')
-      c[section][field] = type(c[section][field])(value)
+    # The model that the point's launch.py flags give, counted as initialized.
+    c = with_flags(config, overrides)
     assert c.mtp.kind == kind
     # The reference kind keeps the config's width; every other kind gets a solved one.
     assert (c.mtp.head_mlp_dim == config.mtp.head_mlp_dim) == (kind == 'sequential'), kind
-    heads.append(total_params(c) - trunk)
+    heads.append(model_param_counts(ModelConfig.from_config(c))['heads'])
     assert heads[-1] == columns['head_params'], kind
   assert all(abs(h - heads[0]) <= 0.002 * heads[0] for h in heads), heads
   # Without matching, medusa's single D x D layer per head is a small fraction of a module.
@@ -91,7 +85,7 @@ def test_kind_sweep_matches_head_parameters():
 
 
 def test_seed_spread_shades_the_loss_weight_plot(tmp_path):
-  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
   import ablate
   assert ablate.seed_spread(str(tmp_path)) is None  # no seed sweep yet
   (tmp_path / 'seed').mkdir()

@@ -3,47 +3,29 @@ input that ends in one 'error:' line, before anything is compiled or written."""
 
 import json
 import os
-import subprocess
-import sys
-import sysconfig
 
 import numpy as np
 import pytest
 
-from conftest import snapshot
+from configs import quickstart
+from conftest import assert_user_error, launch_summary, run_script, snapshot, stdlib_corpus
+from mtp_jax.config import apply_overrides, as_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_STDLIB = sysconfig.get_paths()['stdlib']
-CORPUS = ','.join(os.path.join(_STDLIB, name) for name in ['textwrap.py', 'difflib.py', 'shlex.py'])
+QUICKSTART = 'configs/quickstart.py'
 # The quickstart, shrunk to a 1-layer width-32 model that trains 2 steps in seconds.
 TINY = {
     'model.d_model': 32, 'model.num_layers': 1, 'train.steps': 2, 'train.batch_size': 2,
-    'train.seq_len': 16, 'data.vocab_size': 300, 'data.sources': CORPUS,
+    'train.seq_len': 16, 'data.vocab_size': 300, 'data.sources': stdlib_corpus(),
     'train.eval_batches': 1, 'decode.eval_prompts': 0, 'run_after_train': '',
 }
 EMPTY = object()  # stands for a directory holding one empty .txt file
 
 
-def launch(workdir, overrides=None, config='configs/quickstart.py'):
-  flags = [f'--config.{key}={value}' for key, value in {**TINY, **(overrides or {})}.items()]
-  return subprocess.run(
-      [sys.executable, 'launch.py', '--config', config, '--workdir', str(workdir), *flags],
-      cwd=REPO, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True,
-      timeout=300)
-
-
-def printed_summary(stdout):
-  # The summary is the JSON object on stdout (evaluation lines go to stderr).
-  return json.loads(stdout[stdout.index('{'):])
-
-
-def assert_user_error(result, *words):
-  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith('error:'), result.stderr[-3000:]
-  for word in words:
-    assert word in last, (word, last)
+def launch(workdir, overrides=None, flags=(), config=QUICKSTART):
+  """launch.py on the tiny quickstart with `overrides`, then `flags` as a user types them."""
+  tiny = apply_overrides(quickstart.get_config(), {**TINY, **(overrides or {})})
+  return run_script('launch.py', '--config', config, '--workdir', str(workdir), *as_flags(tiny),
+                    *flags)
 
 
 @pytest.fixture(scope='module')
@@ -63,7 +45,7 @@ def empty_corpus(tmp_path_factory):
 
 def test_a_run_prints_its_summary_and_the_same_command_resumes(trained):
   workdir, result = trained
-  summary = printed_summary(result.stdout)
+  summary = launch_summary(result.stdout)
   assert summary['step'] == 2 and summary['stopped_by'] is None
   depth = 3  # the quickstart's mtp.depth
   assert sorted(summary['eval']) == sorted(
@@ -80,40 +62,42 @@ def test_a_run_prints_its_summary_and_the_same_command_resumes(trained):
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'already trained to step 2' in again.stderr
   assert 'Traceback' not in again.stderr
-  resumed = printed_summary(again.stdout)
+  resumed = launch_summary(again.stdout)
   assert resumed['step'] == 2 and resumed['eval'] == summary['eval']
   assert snapshot(workdir / 'checkpoints') == checkpoints
 
 
+# name: (overrides, raw flags, config file, words of the error line). A misspelled field is only
+# a raw flag: no config holds it.
 CASES = {
-    'missing corpus': ({'data.sources': '/nonexistent/x'}, None,
+    'missing corpus': ({'data.sources': '/nonexistent/x'}, [], QUICKSTART,
                        ['data.sources', "'/nonexistent/x' does not exist"]),
-    'empty corpus': ({'data.sources': EMPTY}, None, ['data.sources', 'corpus is empty']),
-    'unknown key': ({'train.stepz': 3}, None, ['no such field', 'stepz']),
-    'heads do not divide width': ({'model.num_heads': 3}, None,
+    'empty corpus': ({'data.sources': EMPTY}, [], QUICKSTART, ['data.sources', 'corpus is empty']),
+    'unknown key': ({}, ['--config.train.stepz=3'], QUICKSTART, ['no such field', 'stepz']),
+    'heads do not divide width': ({'model.num_heads': 3}, [], QUICKSTART,
                                   ['model.num_heads=3 must divide model.d_model=32']),
-    'negative depth': ({'mtp.depth': -1}, None, ['mtp.depth', '-1']),
-    'negative head width': ({'mtp.head_mlp_dim': -8}, None, ['mtp.head_mlp_dim', '-8']),
-    'missing config file': ({}, 'configs/nope.py', ['cannot load the config file', 'nope.py']),
+    'negative depth': ({'mtp.depth': -1}, [], QUICKSTART, ['mtp.depth', '-1']),
+    'negative head width': ({'mtp.head_mlp_dim': -8}, [], QUICKSTART,
+                            ['mtp.head_mlp_dim', '-8']),
+    'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
 }
 
 
 @pytest.mark.parametrize('case', list(CASES))
 def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, tmp_path):
-  overrides, config, words = CASES[case]
+  overrides, flags, config, words = CASES[case]
   overrides = {k: empty_corpus if v is EMPTY else v for k, v in overrides.items()}
-  config = config or 'configs/quickstart.py'
 
   # A fresh workdir: the error comes before any checkpoint, log or config is written (and
   # so before anything is compiled); at most the empty directory exists.
   fresh = tmp_path / 'fresh'
-  assert_user_error(launch(fresh, overrides, config), *words)
+  assert_user_error(launch(fresh, overrides, flags, config), *words)
   assert not fresh.exists() or os.listdir(fresh) == []
 
   # The workdir of a finished run: the same error, and not one file changes.
   workdir, _ = trained
   before = snapshot(workdir)
-  assert_user_error(launch(workdir, overrides, config), *words)
+  assert_user_error(launch(workdir, overrides, flags, config), *words)
   assert snapshot(workdir) == before
 
 
@@ -151,13 +135,15 @@ def tiny_llama(tmp_path_factory):
   return files, configs
 
 
+# name: (model file, flags, words of the error line). The config files leave the file's fields
+# unset, so a field that contradicts the file comes as the flag a user types.
 PRETRAINED_CASES = {
-    'contradicting field': ('good', {'model.d_model': 64},
+    'contradicting field': ('good', ['--config.model.d_model=64'],
                             ['model.d_model=64 contradicts good.gguf, which has 32']),
-    'architecture': ('qwen', {}, ["architecture 'qwen2'; only 'llama'"]),
-    'tensor type': ('f64', {}, ["tensor 'output_norm.weight'", 'type F64']),
-    'truncated file': ('cut', {}, ['cut.gguf']),
-    'heads without a trunk': (None, {'mtp.init_from': 'last_block'},
+    'architecture': ('qwen', [], ["architecture 'qwen2'; only 'llama'"]),
+    'tensor type': ('f64', [], ["tensor 'output_norm.weight'", 'type F64']),
+    'truncated file': ('cut', [], ['cut.gguf']),
+    'heads without a trunk': (None, ['--config.mtp.init_from=last_block'],
                               ['mtp.init_from=last_block needs a pretrained trunk']),
 }
 
@@ -165,14 +151,11 @@ PRETRAINED_CASES = {
 @pytest.mark.parametrize('case', list(PRETRAINED_CASES))
 def test_bad_pretrained_input_is_one_line_and_writes_nothing(case, tiny_llama, tmp_path):
   files, configs = tiny_llama
-  model, overrides, words = PRETRAINED_CASES[case]
+  model, flags, words = PRETRAINED_CASES[case]
   fresh = tmp_path / 'fresh'
-  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
-  config = configs[model] if model else 'configs/quickstart.py'
-  result = subprocess.run(
-      [sys.executable, 'launch.py', '--config', config, '--workdir', str(fresh), '--mode',
-       'generate', '--prompt', 'hello', *flags], cwd=REPO, capture_output=True, text=True,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, timeout=300)
+  config = configs[model] if model else QUICKSTART
+  result = run_script('launch.py', '--config', config, '--workdir', str(fresh), '--mode',
+                      'generate', '--prompt', 'hello', *flags)
   assert_user_error(result, *words)
   assert not fresh.exists() or os.listdir(fresh) == []
 
@@ -183,11 +166,8 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   files, configs = tiny_llama
   workdir = tmp_path / 'run'
   common = ['--workdir', str(workdir), '--config.mtp.init_from=last_block']
-  result = subprocess.run(
-      [sys.executable, 'launch.py', '--config', configs['q4'], *common, '--mode',
-       'generate,export', '--prompt', 'the tin', '--config.decode.method=ar'],
-      cwd=REPO, capture_output=True, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
-      timeout=300)
+  result = run_script('launch.py', '--config', configs['q4'], *common, '--mode', 'generate,export',
+                      '--prompt', 'the tin', '--config.decode.method=ar')
   assert result.returncode == 0, result.stderr[-3000:]
   # the prompt as the chat template made it, printed as a Python string
   assert repr('<|im_start|>user\nthe tin<|im_end|>\n<|im_start|>assistant\n') in result.stdout

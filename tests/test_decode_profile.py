@@ -3,23 +3,18 @@ row with the iteration count the decoder really ran, and one timing per model ca
 iteration. Timings themselves are not asserted (a busy machine makes them noisy)."""
 
 import json
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_script, tiny_config
+from mtp_jax.config import as_flags
 
 
 def test_profile_reports_loop_and_model_calls(tmp_path):
-  flags = [f'--config.{k}={v}' for k, v in {
-      'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-      'data.vocab_size': 256, 'mtp.depth': 2, 'decode.max_new_tokens': 16,
-      'decode.prompt_len': 6}.items()]
+  config = tiny_config(**{'model.num_layers': 1, 'data.vocab_size': 256,
+                          'decode.max_new_tokens': 16, 'decode.prompt_len': 6})
   out = tmp_path / 'profile.json'
-  proc = subprocess.run([sys.executable, 'experiments/decode_profile.py', '--config',
-                         'configs/base.py', '--random', '--batches', '1,2', '--rounds', '2',
-                         '--calls', '3', f'--json={out}'] + flags, cwd=ROOT, capture_output=True,
-                        text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  proc = run_script('experiments/decode_profile.py', '--config', 'configs/base.py', '--random',
+                    '--batches', '1,2', '--rounds', '2', '--calls', '3', f'--json={out}',
+                    *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert [b['batch'] for b in result['batches']] == [1, 2]

@@ -3,23 +3,18 @@ generate, the training-time decode check, and one-line errors for bad decoding i
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_config
+from conftest import assert_user_error, run_script, tiny_config
 from mtp_jax import data, inference, run, train
 from mtp_jax import decode as dec
 from mtp_jax.config import as_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, request):
-  corpus = request.getfixturevalue('corpus_module')
+def trained(tmp_path_factory, corpus):
   workdir = str(tmp_path_factory.mktemp('run'))
   config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 4,
                           'train.eval_every': 4, 'decode.eval_prompts': 2,
@@ -28,16 +23,6 @@ def trained(tmp_path_factory, request):
   summary = run.run('train', config, workdir)
   assert summary['step'] == 4
   return config, workdir
-
-
-@pytest.fixture(scope='module')
-def corpus_module(tmp_path_factory):
-  import sysconfig
-  out = tmp_path_factory.mktemp('corpus')
-  stdlib = sysconfig.get_paths()['stdlib']
-  for name in ['textwrap.py', 'string.py', 'heapq.py', 'shlex.py', 'glob.py', 'queue.py']:
-    (out / (name + '.txt')).write_text(open(os.path.join(stdlib, name), encoding='utf-8').read())
-  return str(out)
 
 
 def test_bench_json_rows_and_identity(trained, capsys):
@@ -128,14 +113,9 @@ def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
   ids.write_text('ids: 1 2 99999\n')
   extra = [e.replace('IDS', str(ids)) for e in extra]
   before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
-  proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
-                         '--workdir', workdir, '--mode', 'generate'] + as_flags(config) + extra,
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith('error:') and message in last, proc.stderr[-2000:]
-  assert 'Traceback' not in proc.stderr
+  proc = run_script('launch.py', '--config', 'configs/base.py', '--workdir', workdir, '--mode',
+                    'generate', *as_flags(config), *extra)
+  assert_user_error(proc, message)
   after = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
   assert after == before
 
@@ -144,10 +124,7 @@ def test_mtp_decoding_needs_heads(tmp_path, corpus):
   config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'mtp.depth': 0,
                           'train.steps': 1, 'decode.method': 'ar'})
   run.run('train', config, str(tmp_path))
-  proc = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/base.py',
-                         '--workdir', str(tmp_path), '--mode', 'generate', '--prompt=x'] +
-                        as_flags(config) + ['--config.decode.method=mtp'],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert proc.returncode == 2
-  assert 'mtp.depth=0' in proc.stderr.strip().splitlines()[-1]
+  proc = run_script('launch.py', '--config', 'configs/base.py', '--workdir', str(tmp_path),
+                    '--mode', 'generate', '--prompt=x', *as_flags(config),
+                    '--config.decode.method=mtp')
+  assert_user_error(proc, 'mtp.depth=0')

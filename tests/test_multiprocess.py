@@ -3,7 +3,6 @@ and started with launch.py's command line (through tests/multiprocess_driver.py,
 who opens a TensorBoard writer): they train as one process does on the same global batches, only
 process 0 writes TensorBoard, and their checkpoint restores in a single process."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,13 +11,10 @@ import time
 
 import numpy as np
 
-from conftest import tiny_config
+from conftest import REPO, flat, launch_summary, raw_steps, restore, scalars, tiny_config
 from mtp_jax import train
-from mtp_jax.config import as_flags
-from sharded_check import flat, restore
-from test_train import raw_steps, scalars
+from mtp_jax.config import apply_overrides, as_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, 'tests', 'multiprocess_driver.py')
 TIMEOUT_S = 300
 
@@ -58,21 +54,18 @@ def run_processes(commands, logdir: str) -> list[str]:
   return [open(os.path.join(logdir, f'{i}.out')).read() for i in range(len(commands))]
 
 
-def summary_of(stdout: str) -> dict:
-  """The JSON summary launch.py prints last (progress lines come before it)."""
-  return json.loads(stdout[stdout.index('{\n'):])
-
-
 def test_two_processes_train_as_one_and_restore_in_one(corpus, tmp_path):
   config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300})
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
   address = f'127.0.0.1:{free_port()}'
-  command = [sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
-             *as_flags(config), f'--config.distributed.coordinator_address={address}',
-             '--config.distributed.num_processes=2']
-  stdouts = run_processes([command + [f'--config.distributed.process_id={i}'] for i in range(2)],
-                          str(tmp_path))
-  first, second = map(summary_of, stdouts)
+  commands = []
+  for i in range(2):
+    joined = apply_overrides(config, {'distributed.coordinator_address': address,
+                                      'distributed.num_processes': 2, 'distributed.process_id': i})
+    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
+                     *as_flags(joined)])
+  stdouts = run_processes(commands, str(tmp_path))
+  first, second = map(launch_summary, stdouts)
   assert first == second and first['step'] == config.train.steps
 
   # One process, one device, the same global batches: each of the pair read only its half.

@@ -4,7 +4,6 @@ checkpoint files and bad configs. Each test asserts what the user sees: the exit
 message, the step a rerun resumes from, the TensorBoard curve and the params, bit for bit."""
 
 import itertools
-import json
 import os
 import random
 import re
@@ -12,44 +11,39 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from conftest import assert_bitwise_equal, snapshot
+from conftest import (REPO, assert_bitwise_equal, launch_summary, raw_events, scalars, snapshot,
+                      stdlib_corpus, tiny_config)
 from mtp_jax import checkpoint as ckpt_lib
+from mtp_jax.config import as_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTIAL = ocp.utils.TMP_DIR_SUFFIX
 LOSS = 'train/loss/total'
 # The kill and determinism runs: long enough that a kill lands while steps are running.
 STEPS = 40
 
-# configs/base.py shrunk to a 1-layer width-32 model with one MTP head; logs every step and
-# evaluates only at the last.
-TINY = {
-    'data.vocab_size': 300, 'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4,
-    'model.num_kv_heads': 2, 'model.max_seq_len': 64, 'mtp.depth': 1, 'train.seq_len': 16,
-    'train.batch_size': 2, 'train.warmup_steps': 1, 'train.eval_every': 1000,
-    'train.eval_batches': 1, 'train.log_every': 1, 'decode.eval_prompts': 0,
-}
+# tiny_config with one layer and one MTP head, batch 2; logs every step and evaluates only at the
+# last.
+TINY = {'data.vocab_size': 300, 'model.num_layers': 1, 'model.max_seq_len': 64, 'mtp.depth': 1,
+        'train.batch_size': 2, 'train.eval_every': 1000}
 _log_names = itertools.count()
 
 
 class Launch:
-  """One `python launch.py` training subprocess. Its stdout and stderr go to files beside the
-  workdir (never inside it), so that they can be read while it runs."""
+  """One `python launch.py` training subprocess on TINY with `overrides`, then the raw `flags`.
+  Its stdout and stderr go to files beside the workdir (never inside it), so that they can be
+  read while it runs."""
 
-  def __init__(self, workdir, corpus, env=None, **overrides):
-    flags = {'data.sources': corpus, **TINY, **overrides}
-    args = [sys.executable, 'launch.py', '--config', 'configs/base.py', f'--workdir={workdir}']
-    args += [f'--config.{k}={v}' for k, v in flags.items()]
+  def __init__(self, workdir, corpus, overrides=None, env=None, flags=()):
+    config = tiny_config(**{'data.sources': corpus, **TINY, **(overrides or {})})
+    args = [sys.executable, 'launch.py', '--config', 'configs/base.py', f'--workdir={workdir}',
+            *as_flags(config), *flags]
     base = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     env = {**base, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1', **(env or {})}
     stem = f'{workdir.rstrip(os.sep)}.{next(_log_names)}'
@@ -95,15 +89,10 @@ class Launch:
     shown = re.findall(r'(?:^|\r)train: [^\r\n]*?\| *(\d+)/\d+ \[', self.err, re.M)
     return int(shown[-1]) if shown else 0
 
-  def summary(self) -> dict:
-    """The JSON summary launch.py prints last on stdout (eval lines come before it)."""
-    out = self.out
-    return json.loads(out[re.search(r'^\{', out, re.M).start():])
 
-
-def launch(workdir, corpus, **overrides) -> Launch:
+def launch(workdir, corpus, overrides) -> Launch:
   """Runs to the end and asserts success."""
-  run = Launch(workdir, corpus, **overrides)
+  run = Launch(workdir, corpus, overrides)
   assert run.finish() == 0, run.err[-3000:]
   return run
 
@@ -120,13 +109,6 @@ def partial_on_disk(workdir) -> list[str]:
   return sorted(n for n in os.listdir(directory) if PARTIAL in n) if os.path.isdir(directory) else []
 
 
-def curve(workdir, tag=LOSS) -> list[tuple[int, float]]:
-  """[(step, value)] of `tag` as TensorBoard shows it (events orphaned by a restart purged)."""
-  acc = EventAccumulator(os.path.join(workdir, 'tb'), size_guidance={'scalars': 0})
-  acc.Reload()
-  return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()['scalars'] else []
-
-
 def curve_diff(got, want) -> str:
   """'' when the curves are equal; otherwise what differs, for the assertion message."""
   steps = [s for s, _ in got]
@@ -136,14 +118,9 @@ def curve_diff(got, want) -> str:
   return f'missing {missing}, repeated {repeated}, first differences {values}' if got != want else ''
 
 
-def raw_events(path, tag=LOSS) -> list[tuple[int, float]]:
-  """[(step, value)] of `tag` in one event file, as written (nothing purged)."""
-  return [(e.step, v.simple_value) for e in LegacyEventFileLoader(path).Load()
-          for v in e.summary.value if v.tag == tag]
-
-
-def restore(workdir, step):
-  """(state, meta) of one checkpoint, restored as saved through the project's Checkpointer."""
+def read_checkpoint(workdir, step):
+  """(state, meta) of one checkpoint, restored as saved through the project's Checkpointer (no
+  config: what is on disk)."""
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
     return checkpointer.restore(step, None)
@@ -179,32 +156,20 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """A small real-text corpus: a slice of the standard library's source, as files."""
-  out = tmp_path_factory.mktemp('corpus')
-  stdlib = sysconfig.get_paths()['stdlib']
-  for name in ['textwrap.py', 'string.py', 'bisect.py', 'heapq.py', 'shlex.py', 'fnmatch.py',
-               'colorsys.py', 'keyword.py', 'glob.py', 'calendar.py', 'difflib.py', 'queue.py']:
-    with open(os.path.join(stdlib, name), encoding='utf-8') as f:
-      (out / name.replace('.py', '.txt')).write_text(f.read())
-  return str(out)
-
-
-@pytest.fixture(scope='module')
 def reference(corpus, tmp_path_factory):
   """STEPS uninterrupted steps: (per-step losses, final params) that interrupted runs must match."""
   workdir = str(tmp_path_factory.mktemp('reference') / 'run')
-  launch(workdir, corpus, **{'train.steps': STEPS, 'train.checkpoint_every': STEPS})
-  losses = curve(workdir)
+  launch(workdir, corpus, {'train.steps': STEPS, 'train.checkpoint_every': STEPS})
+  losses = scalars(workdir)[LOSS]
   assert [s for s, _ in losses] == list(range(1, STEPS + 1))
-  return losses, restore(workdir, STEPS)[0]['params']
+  return losses, read_checkpoint(workdir, STEPS)[0]['params']
 
 
 @pytest.fixture(scope='module')
 def trained(corpus, tmp_path_factory):
   """A finished 4-step run with checkpoints at steps 2 and 4; tests work on copies."""
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  launch(workdir, corpus, **{'train.steps': 4, 'train.checkpoint_every': 2})
+  launch(workdir, corpus, {'train.steps': 4, 'train.checkpoint_every': 2})
   assert steps_on_disk(workdir) == [2, 4]
   return workdir
 
@@ -219,8 +184,8 @@ def trained(corpus, tmp_path_factory):
 ], ids=['SIGTERM', 'SIGINT', 'SIGTERM-during-eval'])
 def test_a_signal_checkpoints_flushes_and_exits_0(corpus, tmp_path, signum, eval_every):
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, corpus, **{'train.steps': 200, 'train.checkpoint_every': 1000,
-                                   'train.eval_every': eval_every})
+  run = Launch(workdir, corpus, {'train.steps': 200, 'train.checkpoint_every': 1000,
+                                'train.eval_every': eval_every})
   run.wait_until(lambda: run.progress() >= 3)
   run.kill(signum)
   assert run.finish(60) == 0, run.err[-3000:]
@@ -229,21 +194,22 @@ def test_a_signal_checkpoints_flushes_and_exits_0(corpus, tmp_path, signum, eval
   assert len(stopped) == 1, run.err[-3000:]
   k = int(stopped[0])
   assert 3 <= k < 200
-  summary = run.summary()
+  summary = launch_summary(run.out)
   assert summary['step'] == k and summary['stopped_by'] == name
   # Only the preemption saved, and it saved the step it reported.
   assert steps_on_disk(workdir) == [k] and partial_on_disk(workdir) == []
-  state, meta = restore(workdir, k)
+  state, meta = read_checkpoint(workdir, k)
   assert meta == {'step': k} and int(state['step']) == k
   # TensorBoard was flushed up to that step: every step once, the last one included.
-  assert [s for s, _ in curve(workdir)] == list(range(1, k + 1))
+  logged = scalars(workdir)
+  assert [s for s, _ in logged[LOSS]] == list(range(1, k + 1))
   if eval_every == 1:
-    assert [s for s, _ in curve(workdir, 'eval/loss/depth_0')] == list(range(1, k + 1))
+    assert [s for s, _ in logged['eval/loss/depth_0']] == list(range(1, k + 1))
 
 
 def test_a_second_signal_exits_at_once_and_leaves_a_resumable_workdir(corpus, tmp_path):
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, corpus, **{'train.steps': 200, 'train.checkpoint_every': 1000})
+  run = Launch(workdir, corpus, {'train.steps': 200, 'train.checkpoint_every': 1000})
   run.wait_until(lambda: run.progress() >= 3)
   run.kill(signal.SIGTERM)
   time.sleep(0.02)  # the first one is handled; the checkpoint is being written
@@ -259,7 +225,7 @@ def test_a_second_signal_exits_at_once_and_leaves_a_resumable_workdir(corpus, tm
   complete, partial = steps_on_disk(workdir), partial_on_disk(workdir)
   assert len(complete) <= 1
   start = complete[-1] if complete else 0
-  rerun = launch(workdir, corpus, **{'train.steps': start + 2, 'train.checkpoint_every': 1000})
+  rerun = launch(workdir, corpus, {'train.steps': start + 2, 'train.checkpoint_every': 1000})
   if start:
     assert f'resuming from step {start}\n' in rerun.err
   else:
@@ -268,7 +234,7 @@ def test_a_second_signal_exits_at_once_and_leaves_a_resumable_workdir(corpus, tm
     assert f'ignoring incomplete checkpoint {name}' in rerun.err
   assert 'is damaged' not in rerun.err
   assert_no_traceback(rerun.err)
-  assert rerun.summary()['step'] == start + 2
+  assert launch_summary(rerun.out)['step'] == start + 2
   assert steps_on_disk(workdir)[-1] == start + 2
 
 
@@ -280,7 +246,7 @@ def test_kill_9_at_random_moments_resumes_from_the_last_complete_checkpoint(
   a save is in flight at nearly every moment (checkpoint_every=1)."""
   rng = random.Random(2)
   workdir = str(tmp_path / 'run')
-  flags = {'train.steps': STEPS, 'train.checkpoint_every': 1}
+  overrides = {'train.steps': STEPS, 'train.checkpoint_every': 1}
 
   def check_resume(run, complete, partial):
     """The run resumed from the newest complete checkpoint and reported the partial ones."""
@@ -296,7 +262,7 @@ def test_kill_9_at_random_moments_resumes_from_the_last_complete_checkpoint(
   kills = []
   for moment in ['startup', 'mid-save', 'random step']:
     complete, partial = steps_on_disk(workdir), partial_on_disk(workdir)
-    run = Launch(workdir, corpus, **flags)
+    run = Launch(workdir, corpus, overrides)
     start = complete[-1] if complete else 0
     if moment == 'startup':  # imports, data preparation or compilation
       time.sleep(rng.uniform(0.2, 2.0))
@@ -317,14 +283,15 @@ def test_kill_9_at_random_moments_resumes_from_the_last_complete_checkpoint(
     kills.append((moment, steps_on_disk(workdir), partial_on_disk(workdir)))
 
   complete, partial = steps_on_disk(workdir), partial_on_disk(workdir)
-  final = launch(workdir, corpus, **flags)
+  final = launch(workdir, corpus, overrides)
   check_resume(final, complete, partial)
-  assert final.summary()['step'] == STEPS, kills
+  assert launch_summary(final.out)['step'] == STEPS, kills
   assert partial_on_disk(workdir) == []
   # Every step appears once in TensorBoard, with the uninterrupted run's value.
   losses, params = reference
-  assert not curve_diff(curve(workdir), losses), (curve_diff(curve(workdir), losses), kills)
-  assert_bitwise_equal(restore(workdir, STEPS)[0]['params'], params)
+  diff = curve_diff(scalars(workdir)[LOSS], losses)
+  assert not diff, (diff, kills)
+  assert_bitwise_equal(read_checkpoint(workdir, STEPS)[0]['params'], params)
 
 
 # 3. Determinism.
@@ -333,8 +300,8 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(corpus, reference, tmp
   """Checkpoints every 5 steps, so the kill loses steps that the resumed run computes again."""
   rng = random.Random(3)
   workdir = str(tmp_path / 'run')
-  flags = {'train.steps': STEPS, 'train.checkpoint_every': 5}
-  run = Launch(workdir, corpus, **flags)
+  overrides = {'train.steps': STEPS, 'train.checkpoint_every': 5}
+  run = Launch(workdir, corpus, overrides)
   target = rng.randint(STEPS // 2 - 3, STEPS // 2 + 3)
   run.wait_until(lambda: run.progress() >= target)
   time.sleep(rng.uniform(0, 0.2))
@@ -344,27 +311,29 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(corpus, reference, tmp
   assert n >= 5
 
   killed_files = set(os.listdir(os.path.join(workdir, 'tb')))
-  resumed = launch(workdir, corpus, **flags)
+  resumed = launch(workdir, corpus, overrides)
   assert f'resuming from step {n}\n' in resumed.err
   losses, params = reference
-  assert_bitwise_equal(restore(workdir, STEPS)[0]['params'], params)
+  assert_bitwise_equal(read_checkpoint(workdir, STEPS)[0]['params'], params)
   # The resumed run's own event files hold steps n+1.. with the uninterrupted losses; all
   # files together show each step once.
   new_files = sorted(set(os.listdir(os.path.join(workdir, 'tb'))) - killed_files)
-  assert [e for f in new_files for e in raw_events(os.path.join(workdir, 'tb', f))] == losses[n:]
-  assert not curve_diff(curve(workdir), losses), curve_diff(curve(workdir), losses)
+  assert [e for f in new_files
+          for e in raw_events(os.path.join(workdir, 'tb', f), LOSS)] == losses[n:]
+  diff = curve_diff(scalars(workdir)[LOSS], losses)
+  assert not diff, diff
 
 
 # 4. Non-finite numbers.
 
 def test_a_nan_loss_stops_with_its_step_and_keeps_the_last_finite_checkpoint(corpus, tmp_path):
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, corpus, **{'train.steps': 8, 'train.checkpoint_every': 2,
-                                   'train.inject_nan_step': 5, 'train.nonfinite': 'stop'})
+  run = Launch(workdir, corpus, {'train.steps': 8, 'train.checkpoint_every': 2,
+                                'train.inject_nan_step': 5, 'train.nonfinite': 'stop'})
   assert run.finish() != 0
   error_line(run.err, r'\bstep 5\b', r'\bloss\b')
   assert steps_on_disk(workdir) == [2, 4] and partial_on_disk(workdir) == []
-  state, meta = restore(workdir, 4)
+  state, meta = read_checkpoint(workdir, 4)
   assert meta == {'step': 4}
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
@@ -374,26 +343,27 @@ def test_an_overflowing_gradient_with_a_finite_loss_stops_and_names_the_gradient
   # No hook needed: step 1 applies lr=1e30, which leaves the params finite but so large that
   # step 2's gradient overflows while its loss stays finite.
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, corpus, **{'train.steps': 8, 'train.checkpoint_every': 1,
-                                   'train.lr': 1e30, 'train.warmup_steps': 0})
+  run = Launch(workdir, corpus, {'train.steps': 8, 'train.checkpoint_every': 1,
+                                'train.lr': 1e30, 'train.warmup_steps': 0})
   assert run.finish() != 0
   line = error_line(run.err, r'non-finite gradient at step 2\b')
   assert np.isfinite(float(re.search(r'\(loss (\S+)\)', line).group(1))), line
   assert steps_on_disk(workdir) == [1] and partial_on_disk(workdir) == []
-  state, _ = restore(workdir, 1)
+  state, _ = read_checkpoint(workdir, 1)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
 def test_a_nan_loss_with_nonfinite_skip_is_counted_and_logged(corpus, tmp_path):
   workdir = str(tmp_path / 'run')
-  run = launch(workdir, corpus, **{'train.steps': 8, 'train.checkpoint_every': 4,
-                                   'train.inject_nan_step': 5, 'train.nonfinite': 'skip'})
-  summary = run.summary()
+  run = launch(workdir, corpus, {'train.steps': 8, 'train.checkpoint_every': 4,
+                                'train.inject_nan_step': 5, 'train.nonfinite': 'skip'})
+  summary = launch_summary(run.out)
   assert summary['step'] == 8 and summary['nonfinite_skipped'] == 1
   assert re.search(r'^step 5: non-finite loss, update skipped', run.out + run.err, re.M)
-  assert curve(workdir, 'train/nonfinite') == [(s, float(s == 5)) for s in range(1, 9)]
-  assert curve(workdir, 'train/nonfinite_skipped') == [(s, float(s >= 5)) for s in range(1, 9)]
-  state, _ = restore(workdir, 8)
+  logged = scalars(workdir)
+  assert logged['train/nonfinite'] == [(s, float(s == 5)) for s in range(1, 9)]
+  assert logged['train/nonfinite_skipped'] == [(s, float(s >= 5)) for s in range(1, 9)]
+  state, _ = read_checkpoint(workdir, 8)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 
@@ -416,13 +386,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(trained, tmp_pat
   workdir = str(tmp_path / 'run')
   shutil.copytree(trained, workdir)
   _damage(workdir, 4, how)
-  run = launch(workdir, corpus, **{'train.steps': 6, 'train.checkpoint_every': 2})
+  run = launch(workdir, corpus, {'train.steps': 6, 'train.checkpoint_every': 2})
   reports = re.findall(r'^checkpoint step .*', run.err, re.M)
   assert len(reports) == 1, run.err[-3000:]
   assert re.match(r'checkpoint step 4 is damaged \(.+\); falling back to step 2$', reports[0])
   assert_no_traceback(run.err)
   assert 'resuming from step 2\n' in run.err
-  assert run.summary()['step'] == 6
+  assert launch_summary(run.out)['step'] == 6
   assert steps_on_disk(workdir) == [2, 4, 6]
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.damaged'))
 
@@ -432,7 +402,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
   shutil.copytree(trained, workdir)
   _damage(workdir, 4, 'truncate')
   _damage(workdir, 2, 'delete')
-  run = Launch(workdir, corpus, **{'train.steps': 6, 'train.checkpoint_every': 2})
+  run = Launch(workdir, corpus, {'train.steps': 6, 'train.checkpoint_every': 2})
   assert run.finish() == 2
   error_line(run.err, r'every checkpoint .* is damaged', r'\b4\b', r'\b2\b')
   assert steps_on_disk(workdir) == [2, 4]
@@ -440,39 +410,41 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
 
 # 6. Validation before work.
 
-@pytest.mark.parametrize('overrides, env, patterns', [
-    ({'train.seq_len': 64}, None,
+# (overrides, raw flags, environment, patterns of the error line). A value of the wrong type is
+# only a raw flag: no config holds it.
+@pytest.mark.parametrize('overrides, flags, env, patterns', [
+    ({'train.seq_len': 64}, [], None,
      [r'train\.seq_len \+ mtp\.depth = 65', r'model\.max_seq_len=64']),
-    ({'train.batch_size': 3, 'train.grad_accum': 2}, None,
+    ({'train.batch_size': 3, 'train.grad_accum': 2}, [], None,
      [r'train\.grad_accum=2', r'train\.batch_size=3', 'divide']),
-    ({'model.dtype': 'float16'}, None, [r'model\.dtype', 'bfloat16', 'float32', 'float16']),
-    ({'mtp.kind': 'foo'}, None, [r'mtp\.kind', 'sequential', 'parallel', 'foo']),
-    ({'model.attention': 'flash'}, None, [r'model\.attention', 'einsum', 'fused', 'flash']),
-    ({'train.lr': 0}, None, [r'train\.lr', '> 0']),
-    ({'decode.top_p': 1.5}, None, [r'decode\.top_p', r'\(0, 1\]', '1.5']),
-    ({'train.steps': 'ten'}, None, [r'train\.steps', 'ten']),
-    ({'data.vocab_size': 200}, None, [r'data\.vocab_size', '257']),
-    ({'train.batch_size': 2}, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
+    ({'model.dtype': 'float16'}, [], None, [r'model\.dtype', 'bfloat16', 'float32', 'float16']),
+    ({'mtp.kind': 'foo'}, [], None, [r'mtp\.kind', 'sequential', 'parallel', 'foo']),
+    ({'model.attention': 'flash'}, [], None, [r'model\.attention', 'einsum', 'fused', 'flash']),
+    ({'train.lr': 0}, [], None, [r'train\.lr', '> 0']),
+    ({'decode.top_p': 1.5}, [], None, [r'decode\.top_p', r'\(0, 1\]', '1.5']),
+    ({}, ['--config.train.steps=ten'], None, [r'train\.steps', 'ten']),
+    ({'data.vocab_size': 200}, [], None, [r'data\.vocab_size', '257']),
+    ({'train.batch_size': 2}, [], {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
      [r'train\.batch_size', r'mesh\.data \* mesh\.fsdp = 4']),
-    ({'mesh.tensor': 3}, None, [r'mesh', r'\b3\b', r'\b1 devices?\b']),
+    ({'mesh.tensor': 3}, [], None, [r'mesh', r'\b3\b', r'\b1 devices?\b']),
 ], ids=['rope-range', 'grad-accum', 'dtype', 'mtp-kind', 'attention', 'lr', 'top-p', 'type', 'vocab',
         'device-count', 'mesh'])
 def test_a_bad_config_is_one_error_line_before_anything_is_written(
-    corpus, tmp_path, overrides, env, patterns):
+    corpus, tmp_path, overrides, flags, env, patterns):
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, corpus, env=env, **overrides)
+  run = Launch(workdir, corpus, overrides, env, flags)
   assert run.finish() != 0
   error_line(run.err, *patterns)
   assert not os.path.exists(workdir) or os.listdir(workdir) == [], os.listdir(workdir)
 
 
-def test_a_window_longer_than_a_split_is_refused_before_training(corpus, tmp_path):
+def test_a_window_longer_than_a_split_is_refused_before_training(tmp_path):
   # One document is split by length: its last 1% (a few hundred tokens) is held out, too
   # short for one window, which the first evaluation (here after step 3) would find out.
   # The split sizes are known once the data is prepared, so data/ may exist; nothing may be
   # trained, checkpointed or logged.
   workdir = str(tmp_path / 'run')
-  run = Launch(workdir, os.path.join(corpus, 'difflib.txt'), **{
+  run = Launch(workdir, stdlib_corpus('difflib.py'), {
       'data.valid_fraction': 0.01, 'model.max_seq_len': 1024, 'train.seq_len': 1000,
       'train.steps': 3})
   assert run.finish() != 0
@@ -486,7 +458,7 @@ def test_a_deeper_mtp_than_the_checkpoint_is_refused_without_touching_files(
   workdir = str(tmp_path / 'run')
   shutil.copytree(trained, workdir)
   before = snapshot(workdir)
-  run = Launch(workdir, corpus, **{'train.steps': 6, 'mtp.depth': 2})
+  run = Launch(workdir, corpus, {'train.steps': 6, 'mtp.depth': 2})
   assert run.finish() == 2
   error_line(run.err, r'mtp\.depth: 1 -> 2')
   assert snapshot(workdir) == before

@@ -16,11 +16,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sharded_check
-from conftest import tiny_config
+from conftest import flat, model_param_counts, restore, scalars, tiny_config
 from mtp_jax import sharding, train
 from mtp_jax.config import ConfigError, ModelConfig, validate
 from mtp_jax.model import init_params
-from test_train import scalars
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sharded_check.py')
 
@@ -43,7 +42,7 @@ def runs(tmp_path_factory):
 
 
 def restore_on_one_device(root, directory):
-  return sharded_check.restore(sharded_check.run_config(root), directory)
+  return restore(sharded_check.run_config(root), directory)
 
 
 @pytest.mark.parametrize('mesh', sharded_check.MESHES, ids=lambda m: 'x'.join(map(str, m)))
@@ -61,7 +60,7 @@ def test_training_on_a_mesh_matches_one_device(runs, mesh):
 
   session, want = restore_on_one_device(root, os.path.join(root, 'one'))
   _, got = restore_on_one_device(root, directory)
-  want, got = sharded_check.flat(want), sharded_check.flat(got)
+  want, got = flat(want), flat(got)
   assert sorted(got) == sorted(want)
   # Adam divides by sqrt(v), which magnifies the rounding differences of tiny gradients: an
   # entry near zero, summed in another order, can move by a visible fraction of lr. The bound
@@ -69,7 +68,7 @@ def test_training_on_a_mesh_matches_one_device(runs, mesh):
   lr = session.config.train.lr
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=0.05 * lr, err_msg=name)
-  init = sharded_check.flat({'params': init_params(session.cfg, jax.random.key(0))})
+  init = flat({'params': init_params(session.cfg, jax.random.key(0))})
   assert max(np.max(np.abs(want[n] - init[n])) for n in init) > 1e-3
 
 
@@ -106,7 +105,7 @@ def test_checkpoint_restores_onto_another_mesh(runs):
   assert moved['bitwise_equal']
   assert moved['layout'] == result['layout']  # laid out for (2,2,2), not as saved on (2,4,1)
   _, on_one = restore_on_one_device(root, sharded_check.workdir(root, sharded_check.SAVED_ON))
-  on_one = sharded_check.flat(on_one)
+  on_one = flat(on_one)
   with np.load(os.path.join(root, 'restored_on_2x2x2.npz')) as on_mesh:
     assert sorted(on_mesh.files) == sorted(on_one)
     for name, value in on_one.items():
@@ -166,9 +165,8 @@ def test_gpu_configs_fit_their_meshes_and_documented_size(name, devices, process
   config = importlib.import_module(f'configs.{name}').get_config()
   validate(config)
   sharding.check_mesh(config, devices, processes)
-  cfg = ModelConfig.from_config(config)
-  shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-  assert sum(x.size for x in jax.tree.leaves(shapes)) == pytest.approx(params, rel=1e-3)
+  total = model_param_counts(ModelConfig.from_config(config))['total']
+  assert total == pytest.approx(params, rel=1e-3)
 
 
 def test_activation_constraints_are_in_force_under_the_mesh():

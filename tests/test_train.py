@@ -3,36 +3,29 @@ TensorBoard logs, non-finite steps and evaluation, with the real Orbax and Tenso
 
 import dataclasses
 import functools
-import glob
 import os
 import shutil
 import signal
-import sysconfig
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-from conftest import assert_bitwise_equal, tiny_config
+from conftest import (assert_bitwise_equal, raw_steps, restore, scalars, stdlib_corpus,
+                      tiny_config)
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
 from mtp_jax.model import init_params
 
-
-# Real text, read in place so that a run shared by the module needs no per-test corpus.
-SOURCES = ','.join(os.path.join(sysconfig.get_paths()['stdlib'], name)
-                   for name in ['textwrap.py', 'difflib.py', 'shlex.py', 'calendar.py'])
 N = 3  # the shared run checkpoints and evaluates every N steps and stops at 2N
 
 
 def run_config(**overrides):
   """tiny_config on real text; 300 tokens leaves room for 43 BPE merges."""
-  return tiny_config(**{'data.sources': SOURCES, 'data.vocab_size': 300, **overrides})
+  return tiny_config(**{'data.sources': stdlib_corpus(), 'data.vocab_size': 300, **overrides})
 
 
 def shared_config():
@@ -85,40 +78,12 @@ def random_batch(config, seed=1):
                             config.data.vocab_size)
 
 
-def restore(config, workdir, step=None):
-  """(step, state) of a checkpoint in workdir, restored onto the run's own abstract state."""
-  session = train.Session(config, workdir)
-  try:
-    if step is None:
-      step = session.checkpointer.latest_step()
-    state, _ = session.checkpointer.restore(step, session.abstract_state)
-  finally:
-    session.checkpointer.close()
-  return step, state
-
-
 def checkpoint_steps(workdir):
   ckpt = ckpt_lib.Checkpointer(workdir)
   try:
     return ckpt.all_steps()
   finally:
     ckpt.close()
-
-
-def scalars(workdir):
-  """{tag: [(step, value), ...]} as TensorBoard shows them (orphaned events purged)."""
-  acc = EventAccumulator(os.path.join(workdir, 'tb'), size_guidance={'scalars': 0})
-  acc.Reload()
-  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
-
-
-def raw_steps(workdir, tag):
-  """Every step at which any event file under WORKDIR/tb holds `tag`, duplicates included."""
-  steps = []
-  for path in sorted(glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))):
-    for event in LegacyEventFileLoader(path).Load():
-      steps += [event.step for v in event.summary.value if v.tag == tag]
-  return sorted(steps)
 
 
 def test_steps_on_one_batch_lower_the_loss():
@@ -180,8 +145,8 @@ def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   assert resumed['eval'] == straight_run.summary['eval']
   saved = checkpoint_steps(workdir)
   assert saved[-1] == 2 * N
-  step, state = restore(config, workdir)
-  assert step == 2 * N and int(state['step']) == 2 * N
+  _, state = restore(config, workdir)
+  assert int(state['step']) == 2 * N
   assert_bitwise_equal(state, straight_run.state)
   # The loss curve is the uninterrupted one, each step logged once.
   curve = scalars(workdir)['train/loss/total']
@@ -249,8 +214,8 @@ def test_nonfinite_loss_stops_at_its_step_and_skip_leaves_it_out(tmp_path):
   with pytest.raises(train.TrainingError, match=r'non-finite loss at step 3\b'):
     train.train(config, workdir)
   assert checkpoint_steps(workdir) == [2]
-  step, state = restore(config, workdir)
-  assert step == 2 and int(state['step']) == 2
+  _, state = restore(config, workdir)
+  assert int(state['step']) == 2
 
   # The same command with nonfinite=skip resumes from step 2 and goes past step 3; the
   # evaluation at step 4 hands over the run's session.
