@@ -83,6 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.self_tokens = 100_000
   c.data.self_temperature = 1.0
   c.data.self_answer_len = 256  # longest answer per row, in tokens
+  # A file of user turns, one a line, that the trunk answers in turn ('': it invents them).
+  c.data.self_prompts = ''
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 2000

@@ -17,7 +17,8 @@ def get_config():
   c.mtp.depth = 3
   c.mtp.init_from = 'experiments/results/smollm2_heads.safetensors'
   c.decode.prompts = 'configs/prompts/instruct_heldout.txt'
-  c.decode.bench_prompts = 8
+  c.decode.draft_vocab = 8192  # the tokens the heads were trained on
+  c.decode.bench_prompts = 16
   c.decode.bench_rounds = 2
   c.decode.eval_prompts = 4
   return c

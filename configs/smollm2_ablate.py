@@ -6,8 +6,8 @@ Run: python experiments/ablate.py --config configs/smollm2_ablate.py --sweep rec
 Produces: runs/ablate/recipe/results.csv, results.md and recipe.png (acceptance and tau per
 recipe). The recipes are experiments/ablate.py's RECIPES: data tokens or the trunk's own
 distribution as the target, text from the standard library's pydoc topics or chats the trunk
-wrote (configs/smollm2_heads.py's cache), the module started from the trunk's last block or
-from random.
+wrote (answers to given user turns, configs/smollm2_heads.py's cache, or to turns it invented),
+the module started from the trunk's last block or from random.
 """
 
 import ml_collections
@@ -24,5 +24,6 @@ def get_config():
   c.train.eval_every = 400
   c.decode.eval_prompts = 8
   c.sweep = ml_collections.ConfigDict()
-  c.sweep.recipe = 'text_tokens,text_distill,self_distill,self_distill_random_init'
+  c.sweep.recipe = ('text_tokens,text_distill,self_distill,self_invented_distill,'
+                    'self_distill_random_init')
   return c

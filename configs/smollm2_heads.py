@@ -1,11 +1,12 @@
 """Trains three sequential MTP modules on a frozen SmolLM2-135M-Instruct: the longer recipe behind
 the heads configs/smollm2.py uses.
 
-The trunk writes its own training data (chats it samples: a user turn it invents, then its answer)
-and keeps its features while writing (its last hidden state and top-32 next-token distribution at
-every position), so it runs once per training token. The modules start as copies of the trunk's
-last block and fit the trunk's own distribution at position i + k (self-distillation) over the
-8192 most frequent tokens of that data.
+The trunk writes its own training data, its answers (sampled at temperature 0.5) to the 2380 user
+turns of configs/prompts/instruct_train.txt (experiments/make_prompts.py: 20 instruction templates
+on 119 topics), and keeps its features while writing (its last hidden state and top-32 next-token
+distribution at every position), so it runs once per training token. The modules start as copies
+of the trunk's last block and fit the trunk's own distribution at position i + k
+(self-distillation) over the 8192 most frequent tokens of that data.
 
 Run:    python launch.py --config configs/smollm2_heads.py
 Export: python launch.py --config configs/smollm2_heads.py --mode export
@@ -23,12 +24,14 @@ def get_config():
   c.mtp.init_from = 'last_block'
   c.data.sources = 'self'
   c.data.features = True
-  c.data.self_tokens = 600_000
-  c.data.self_temperature = 0.7
+  c.data.self_prompts = 'configs/prompts/instruct_train.txt'
+  c.data.self_tokens = 500_000
+  c.data.self_temperature = 0.5
   c.data.cache_dir = 'runs/cache'
   c.train.freeze_trunk = True
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192
+  c.decode.draft_vocab = 8192  # decode over the tokens the heads learn
   c.train.steps = 1500
   c.train.batch_size = 16
   c.train.seq_len = 128

@@ -47,6 +47,10 @@ RECIPES = {
     'text_tokens': {'data.sources': TEXT, 'train.head_loss': 'data'},
     'text_distill': {'data.sources': TEXT, 'train.head_loss': 'distill'},
     'self_distill': {'data.sources': 'self', 'train.head_loss': 'distill'},
+    # the chats' user turns invented by the trunk (sampled at 1) instead of given
+    'self_invented_distill': {'data.sources': 'self', 'train.head_loss': 'distill',
+                              'data.self_prompts': '', 'data.self_tokens': 600_000,
+                              'data.self_temperature': 0.7},
     'self_distill_random_init': {'data.sources': 'self', 'train.head_loss': 'distill',
                                  'mtp.init_from': ''},
 }

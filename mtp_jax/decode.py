@@ -529,14 +529,19 @@ class Decoder:
     self.model = model
     self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
                                             batch=batch))
+    self._executables = {}  # queue shape -> compiled decoder
 
   def __call__(self, params, prompts_QxP, prompt_len_Q, key):
     return self.jitted(self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
 
   def compiled(self, params, prompts_QxP, prompt_len_Q, key):
-    """Compiles now, ahead of time, and returns call() -> State for these arguments."""
+    """Compiles now, ahead of time (once per queue shape), and returns call() -> State for these
+    arguments."""
     args = (self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
-    return functools.partial(self.jitted.lower(*args).compile(), *args)
+    shape = np.shape(prompts_QxP)
+    if shape not in self._executables:
+      self._executables[shape] = self.jitted.lower(*args).compile()
+    return functools.partial(self._executables[shape], *args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,12 +54,17 @@ def _decode(trunk: Trunk, prompts: list[list[int]], s: dec.Settings, key, width:
 
 
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,
-                answer_len: int, topk: int, seed: int, valid_fraction: float) -> None:
+                answer_len: int, topk: int, seed: int, valid_fraction: float,
+                queries: list[str] | None = None) -> None:
   """Samples chats shard by shard until `tokens` positions exist (resuming after the shards
-  already written): the user turn at temperature 1 (for variety) until it ends, then the answer
-  at `temperature`, keeping features when topk > 0."""
+  already written): the user turn, taken in turn from `queries` or, without them, sampled at
+  temperature 1 (for variety) until it ends; then the answer at `temperature`, keeping features
+  when topk > 0."""
   before, after = chat_frame(trunk)
   ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
+  encode = lambda text: trunk.tokenizer.encode(text, add_special_tokens=False).ids
+  given = [encode(q) for q in queries] if queries else None
+  width = len(before) + (max(map(len, given)) if given else QUERY_LEN) + len(after)
   answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
                         capture_topk=topk)
   have = builder.positions()
@@ -69,12 +74,15 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
     while have < tokens:
       start = time.perf_counter()
       key = jax.random.fold_in(jax.random.key(seed), index)
-      queries = dec.outputs(_decode(trunk, [before] * ROWS_PER_SHARD, ask,
+      if given:
+        turns = [given[(index * ROWS_PER_SHARD + b) % len(given)] for b in range(ROWS_PER_SHARD)]
+      else:
+        turns = dec.outputs(_decode(trunk, [before] * ROWS_PER_SHARD, ask,
                                     jax.random.fold_in(key, 0), len(before)))
       # The template's text after the user's closes the turn (a turn cut off at QUERY_LEN too).
-      prompts = [before + [t for t in q if t != trunk.eos_id] + after for q in queries]
+      prompts = [before + [t for t in q if t != trunk.eos_id] + after for q in turns]
       done = _decode(trunk, prompts, answer, jax.random.fold_in(key, 1),
-                     len(before) + QUERY_LEN + len(after)).rows  # row b decoded prompt b
+                     width).rows  # row b decoded prompt b
       rows = []
       for b in range(ROWS_PER_SHARD):
         n = int(done.n[b])

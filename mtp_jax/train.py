@@ -285,14 +285,18 @@ class Session(Program):
     root = d.cache_dir or os.path.join(self.workdir, 'data')
     if d.sources.strip() == 'self':
       os.makedirs(self.workdir, exist_ok=True)
+      queries = ([l for l in open(d.self_prompts, encoding='utf-8').read().splitlines()
+                  if l.strip()] if d.self_prompts else None)
       spec = {'kind': 'chats', 'trunk': self.model_file.identity, 'tokens': d.self_tokens,
               'temperature': d.self_temperature, 'answer_len': d.self_answer_len,
               'topk': config.train.distill_topk if d.features else 0,
               'valid_fraction': d.valid_fraction}
+      if queries:  # a cache made without them keeps its key
+        spec['prompts'] = hashlib.sha1('\n'.join(queries).encode()).hexdigest()
       cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
           trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
           answer_len=d.self_answer_len, topk=spec['topk'], seed=0,
-          valid_fraction=d.valid_fraction))
+          valid_fraction=d.valid_fraction, queries=queries))
       self.data = data_lib.TokenData(
           train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,
           eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
