@@ -72,29 +72,34 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
 // the weights at 2/3 of a 1-row product's rate; with it, within 15%.
 constexpr int64_t kPrefetch = 2048;
 
-// y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n1) of w: four rows of w at a time, each a
+// Weight rows dotted at once with M input rows: enough independent accumulators (R x M) to keep
+// the FMA units busy, few enough to stay in registers. TUNED below.
+constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+
+// y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n1) of w: R rows of w at a time, each a
 // contiguous run, dotted with every x row in registers.
 template <int M>
 void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
+  constexpr int R = BlockRows(M);
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) {
-    vf acc[4][M];
-    for (int r = 0; r < 4; ++r)
+  for (; n + R <= n1; n += R) {
+    vf acc[R][M];
+    for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = vf{};
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) {
-      vf wv[4];
-      for (int r = 0; r < 4; ++r) {
+      vf wv[R];
+      for (int r = 0; r < R; ++r) {
         __builtin_prefetch(w + (n + r) * K + k + kPrefetch);
         wv[r] = load(w + (n + r) * K + k);
       }
       for (int m = 0; m < M; ++m) {
         const vf xv = load(x + m * K + k);
-        for (int r = 0; r < 4; ++r) acc[r][m] += wv[r] * xv;
+        for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
       }
     }
-    for (int r = 0; r < 4; ++r)
+    for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
         float s = hsum(acc[r][m]);
         for (int64_t kk = k; kk < K; ++kk) s += w[(n + r) * K + kk] * x[m * K + kk];
