@@ -137,6 +137,12 @@ def test_heads_file_round_trip_and_mismatch(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), tree, params[key])
   assert set(loaded) == {k for k in params if k.startswith('mtp')}
   np.testing.assert_array_equal(heads_file.token_rank(out), rank)
+  # heads know the trunk they were trained on
+  other = str(tmp_path / 'other.safetensors')
+  heads_file.save(other, params, config, trunk='0' * 64)
+  config.mtp.init_from = other
+  with pytest.raises(PretrainedError, match='heads trained on another trunk'):
+    pretrained.check_heads_init(config)
   config.mtp.kind = 'parallel'
   with pytest.raises(PretrainedError, match='mtp.kind=sequential, the config has parallel'):
     heads_file.check(out, config)

@@ -114,7 +114,7 @@ void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
     }
 }
 
-// Up to kMaxRows rows per pass; more rows take several passes (each reads the weights again).
+// Up to kMaxRows input rows per pass over a block of weights; more rows take several passes.
 constexpr int kMaxRows = 8;
 
 void rows_some(int rows, const float* x, const float* w, float* y, int64_t K, int64_t N,
@@ -143,17 +143,18 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  // Output columns (weight rows) split into chunks for the threads; every pass of up to
-  // kMaxRows rows reads the weights once.
+  // Output columns (weight rows) split into chunks for the threads. A chunk's weights (64 rows)
+  // fit in the L2 cache, so passes of kMaxRows input rows after the first read them from there,
+  // not from memory again.
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-    parallel(pool, chunks, [&](int64_t c) {
+  parallel(pool, chunks, [&](int64_t c) {
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
       rows_some(rows, xp + m0 * K, wp, yp + m0 * N, K, N, c * kChunk,
                 std::min(N, (c + 1) * kChunk));
-    });
-  }
+    }
+  });
   return ffi::Error::Success();
 }
 

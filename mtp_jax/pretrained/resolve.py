@@ -119,6 +119,13 @@ def check_heads_init(config) -> None:
       raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
     return
   heads_file.check(source, config)
+  trained_on = heads_file.trunk_of(source)
+  if trained_on and config.model.init_from:
+    trunk = open_model(config.model.init_from)
+    if trunk.identity != trained_on:
+      raise PretrainedError(f'mtp.init_from: {os.path.basename(source)} holds heads trained on '
+                            f'another trunk (sha256 {trained_on[:12]}..., not '
+                            f'{trunk.identity[:12]}... of {os.path.basename(trunk.path)})')
 
 
 def merge(params: dict, parts: dict) -> dict:
