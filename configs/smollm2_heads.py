@@ -32,14 +32,14 @@ def get_config():
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192
   c.decode.draft_vocab = 8192  # decode over the tokens the heads learn
-  c.train.steps = 1500
+  c.train.steps = 1200
   c.train.batch_size = 16
   c.train.seq_len = 128
   c.train.lr = 1e-3
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
-  c.train.checkpoint_every = 500
-  c.train.eval_every = 500
+  c.train.checkpoint_every = 400
+  c.train.eval_every = 400
   c.train.eval_batches = 16
   c.train.log_every = 20
   c.decode.prompts = 'configs/prompts/instruct_heldout.txt'

@@ -326,11 +326,22 @@ def _mib(x):
 
 
 def report(result, markdown: bool):
-  m, mm = result['machine'], result['matmul']
-  print(f"\nmachine: {measure.machine(m)}")
+  print(f"\nmachine: {measure.machine(result['machine'])}")
   print(f"config: {result['config_summary']}")
   print(f"data: {result['data']}")
-  peak = result['peak_tflops']
+  _report_rooflines(result, markdown)
+  if result['throughput']:
+    _report_throughput(result, markdown)
+  if result['memory']['rows']:
+    _report_memory(result['memory'], markdown)
+  if result.get('remat_compare'):
+    _report_remat(result['remat_compare'], markdown)
+  if result.get('freeze_compare'):
+    _report_freeze(result['freeze_compare'], result['steps'], markdown)
+
+
+def _report_rooflines(result, markdown: bool):
+  mm, peak = result['matmul'], result['peak_tflops']
   mfu = f", {_pct(mm['flops_per_s'] / (peak * 1e12))} of the {peak:g} TFLOP/s peak" if peak else ''
   show('1. matmul roofline (one device)',
        ['matmul', 'dtype', 'best time (ms)', 'TFLOP/s'],
@@ -341,85 +352,88 @@ def report(result, markdown: bool):
   print(f"memory read bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s (sum over {bw['bytes'] // MiB} "
         f"MiB of float32, {1e3 * bw['seconds']:.1f} ms)")
 
-  rows = result['throughput']
-  if rows:
-    headers = ['kind', 'D', 'step (ms)', 'min (ms)', 'tok/s', 'tok/s/dev', 'model GFLOP',
-               'hw GFLOP', 'XLA GFLOP', 'XLA/hw', 'compiled/hw', 'TFLOP/s', '% matmul'] + (
-                   ['MFU'] if peak else []) + ['t(D)/t(0)', 'F(D)/F(0)']
-    body = [[r['kind'], r['depth'], f"{1e3 * r['step_s']:.1f}", f"{1e3 * r['step_s_min']:.1f}",
-             f"{r['tokens_per_s']:.0f}",
-             f"{r['tokens_per_s_per_device']:.0f}", _num(r['model_flops'] / 1e9),
-             _num(r['hardware_flops'] / 1e9), _num(r['xla_flops'] and r['xla_flops'] / 1e9),
-             _g(r['xla_over_hardware']),
-             _g(r['xla_flops_compiled'] and r['xla_flops_compiled'] / r['hardware_flops']),
-             _num(r['model_flops_per_s'] / 1e12),
-             _pct(r['fraction_of_matmul'])] + ([_pct(r['mfu'])] if peak else []) +
-            [_g(r['time_ratio']), _g(r['flop_ratio'])] for r in rows]
-    order = 'interleaved step by step' if result['interleave'] else 'one (kind, D) after another'
-    show(f"2. training throughput (median of {result['steps']} steps after {WARMUP_STEPS} "
-         f'warmup, {order}; /dev: per device)', headers, body, markdown)
-    print('model FLOPs: 3 x analytic forward, causal attention counted at T/2. hw: adds the dense '
-          "T x T attention, the loss's recomputed logits and model.remat. XLA: cost_analysis() of "
-          'the lowered step (HLO before optimization; also counts elementwise and optimizer '
-          'ops); compiled: of the compiled executable. TFLOP/s, % matmul and MFU use model FLOPs.')
-    far = lambda x: x is not None and abs(x - 1) > 0.2
-    for r in rows:
-      if far(r['xla_over_hardware']):
-        print(f"  note: {r['kind']} D={r['depth']}: XLA counts {r['xla_over_hardware']:.2f}x the "
-              'analytic hardware FLOPs (> 20% apart)')
-    if any(r['xla_flops_compiled'] and far(r['xla_flops_compiled'] / r['hardware_flops'])
-           for r in rows):
-      print("  note: the compiled executable's count is > 20% off the analytic one; it seems to "
-            'leave out work handed to library calls (on GPU, the cuBLAS GEMMs), so the lowered '
-            'count is the cross-check.')
-    if result['grad_accum'] > 1:
-      print(f"  note: train.grad_accum={result['grad_accum']}: XLA's cost_analysis counts the "
-            'accumulation loop body once, so its figure is about 1/grad_accum of the step.')
 
-  mem = result['memory']
-  if mem['rows']:
-    lb = mem['logits_bytes']
-    show('3. compiled memory of the sequential train step (per device, MiB)',
-         ['D', 'temp', 'argument', 'output', 'alias', 'temp+arg', 'temp +/depth',
-          '+/depth / logits', '(+/depth - block) / logits'],
-         [[r['depth'], _mib(r.get('temp')), _mib(r.get('argument')), _mib(r.get('output')),
-           _mib(r.get('alias')), _mib(r.get('peak_estimate')),
-           _mib(r.get('temp_increase_per_depth')), _g(r.get('increase_over_logits')),
-           _g(r.get('increase_beyond_block_over_logits'))] for r in mem['rows']], markdown)
-    incs = [r['increase_over_logits'] for r in mem['rows'] if 'increase_over_logits' in r]
-    beyond = [r['increase_beyond_block_over_logits'] for r in mem['rows']
-              if 'increase_beyond_block_over_logits' in r]
-    print(f"one float32 B x T x V logits tensor: {_mib(lb)} MiB ({mem['logits_shape']}); temp "
-          f"memory grows by {', '.join(_g(x, 2) for x in incs) or '-'} of it per extra depth.")
-    print(f"one more trunk block adds {_mib(mem['one_block_temp_bytes'])} MiB of temp at D=0 "
-          f"(= {_g(mem['one_block_temp_bytes'] and mem['one_block_temp_bytes'] / lb, 2)} logits); "
-          f"beyond that, each depth adds {', '.join(_g(x, 2) for x in beyond) or '-'} logits "
-          "(its eh_proj input, norms, embedded tokens, hidden state and its parameters' "
-          'gradients).')
-  if result.get('remat_compare'):
-    rc = result['remat_compare']
-    show(f"memory by model.remat and model.dtype ({rc['label']}, per device, MiB)",
-         ['remat', 'dtype', 'temp', 'argument', 'temp+arg', 'saved residuals'],
-         [[r['remat'], r['dtype'], _mib(r.get('temp')), _mib(r.get('argument')),
-           _mib(r.get('peak_estimate')), _mib(r.get('saved_residuals'))] for r in rc['rows']],
-         markdown)
-  if result.get('freeze_compare'):
-    fc = result['freeze_compare']
-    show(f"4. frozen trunk ({fc['label']}, median of {result['steps']} steps after {WARMUP_STEPS} "
-         'warmup, in turns; memory per device, MiB)',
-         ['freeze_trunk', 'step (ms)', 'tok/s', 'model GFLOP', 'hw GFLOP', 'XLA GFLOP',
-          'trained params', 'opt state (all dev)', 'temp', 'argument', 'temp+arg'],
-         [[r['freeze_trunk'], f"{1e3 * r['step_s']:.1f}", f"{r['tokens_per_s']:.0f}",
-           _num(r['model_flops'] / 1e9), _num(r['hardware_flops'] / 1e9),
-           _num(r['xla_flops'] and r['xla_flops'] / 1e9), r['trained_params'],
-           _mib(r['opt_state_bytes']), _mib(r.get('temp')), _mib(r.get('argument')),
-           _mib(r.get('peak_estimate'))] for r in fc['rows']], markdown)
-    full, frozen = fc['rows']
-    ratio = lambda key: _g(frozen.get(key) and full.get(key) and frozen[key] / full[key])
-    print(f"frozen / trained: step time {ratio('step_s')}, model FLOPs {ratio('model_flops')}, "
-          f"optimizer state {ratio('opt_state_bytes')}, temp {ratio('temp')}, argument "
-          f"{ratio('argument')}. The frozen step runs the trunk forward only and updates the "
-          'heads alone.')
+def _report_throughput(result, markdown: bool):
+  rows, peak = result['throughput'], result['peak_tflops']
+  headers = ['kind', 'D', 'step (ms)', 'min (ms)', 'tok/s', 'tok/s/dev', 'model GFLOP',
+             'hw GFLOP', 'XLA GFLOP', 'XLA/hw', 'compiled/hw', 'TFLOP/s', '% matmul'] + (
+                 ['MFU'] if peak else []) + ['t(D)/t(0)', 'F(D)/F(0)']
+  body = [[r['kind'], r['depth'], f"{1e3 * r['step_s']:.1f}", f"{1e3 * r['step_s_min']:.1f}",
+           f"{r['tokens_per_s']:.0f}",
+           f"{r['tokens_per_s_per_device']:.0f}", _num(r['model_flops'] / 1e9),
+           _num(r['hardware_flops'] / 1e9), _num(r['xla_flops'] and r['xla_flops'] / 1e9),
+           _g(r['xla_over_hardware']),
+           _g(r['xla_flops_compiled'] and r['xla_flops_compiled'] / r['hardware_flops']),
+           _num(r['model_flops_per_s'] / 1e12),
+           _pct(r['fraction_of_matmul'])] + ([_pct(r['mfu'])] if peak else []) +
+          [_g(r['time_ratio']), _g(r['flop_ratio'])] for r in rows]
+  order = 'interleaved step by step' if result['interleave'] else 'one (kind, D) after another'
+  show(f"2. training throughput (median of {result['steps']} steps after {WARMUP_STEPS} "
+       f'warmup, {order}; /dev: per device)', headers, body, markdown)
+  print('model FLOPs: 3 x analytic forward, causal attention counted at T/2. hw: adds the dense '
+        "T x T attention, the loss's recomputed logits and model.remat. XLA: cost_analysis() of "
+        'the lowered step (HLO before optimization; also counts elementwise and optimizer '
+        'ops); compiled: of the compiled executable. TFLOP/s, % matmul and MFU use model FLOPs.')
+  far = lambda x: x is not None and abs(x - 1) > 0.2
+  for r in rows:
+    if far(r['xla_over_hardware']):
+      print(f"  note: {r['kind']} D={r['depth']}: XLA counts {r['xla_over_hardware']:.2f}x the "
+            'analytic hardware FLOPs (> 20% apart)')
+  if any(r['xla_flops_compiled'] and far(r['xla_flops_compiled'] / r['hardware_flops'])
+         for r in rows):
+    print("  note: the compiled executable's count is > 20% off the analytic one; it seems to "
+          'leave out work handed to library calls (on GPU, the cuBLAS GEMMs), so the lowered '
+          'count is the cross-check.')
+  if result['grad_accum'] > 1:
+    print(f"  note: train.grad_accum={result['grad_accum']}: XLA's cost_analysis counts the "
+          'accumulation loop body once, so its figure is about 1/grad_accum of the step.')
+
+
+def _report_memory(mem, markdown: bool):
+  lb = mem['logits_bytes']
+  show('3. compiled memory of the sequential train step (per device, MiB)',
+       ['D', 'temp', 'argument', 'output', 'alias', 'temp+arg', 'temp +/depth',
+        '+/depth / logits', '(+/depth - block) / logits'],
+       [[r['depth'], _mib(r.get('temp')), _mib(r.get('argument')), _mib(r.get('output')),
+         _mib(r.get('alias')), _mib(r.get('peak_estimate')),
+         _mib(r.get('temp_increase_per_depth')), _g(r.get('increase_over_logits')),
+         _g(r.get('increase_beyond_block_over_logits'))] for r in mem['rows']], markdown)
+  incs = [r['increase_over_logits'] for r in mem['rows'] if 'increase_over_logits' in r]
+  beyond = [r['increase_beyond_block_over_logits'] for r in mem['rows']
+            if 'increase_beyond_block_over_logits' in r]
+  print(f"one float32 B x T x V logits tensor: {_mib(lb)} MiB ({mem['logits_shape']}); temp "
+        f"memory grows by {', '.join(_g(x, 2) for x in incs) or '-'} of it per extra depth.")
+  print(f"one more trunk block adds {_mib(mem['one_block_temp_bytes'])} MiB of temp at D=0 "
+        f"(= {_g(mem['one_block_temp_bytes'] and mem['one_block_temp_bytes'] / lb, 2)} logits); "
+        f"beyond that, each depth adds {', '.join(_g(x, 2) for x in beyond) or '-'} logits "
+        "(its eh_proj input, norms, embedded tokens, hidden state and its parameters' "
+        'gradients).')
+
+
+def _report_remat(rc, markdown: bool):
+  show(f"memory by model.remat and model.dtype ({rc['label']}, per device, MiB)",
+       ['remat', 'dtype', 'temp', 'argument', 'temp+arg', 'saved residuals'],
+       [[r['remat'], r['dtype'], _mib(r.get('temp')), _mib(r.get('argument')),
+         _mib(r.get('peak_estimate')), _mib(r.get('saved_residuals'))] for r in rc['rows']],
+       markdown)
+
+
+def _report_freeze(fc, steps: int, markdown: bool):
+  show(f"4. frozen trunk ({fc['label']}, median of {steps} steps after {WARMUP_STEPS} "
+       'warmup, in turns; memory per device, MiB)',
+       ['freeze_trunk', 'step (ms)', 'tok/s', 'model GFLOP', 'hw GFLOP', 'XLA GFLOP',
+        'trained params', 'opt state (all dev)', 'temp', 'argument', 'temp+arg'],
+       [[r['freeze_trunk'], f"{1e3 * r['step_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+         _num(r['model_flops'] / 1e9), _num(r['hardware_flops'] / 1e9),
+         _num(r['xla_flops'] and r['xla_flops'] / 1e9), r['trained_params'],
+         _mib(r['opt_state_bytes']), _mib(r.get('temp')), _mib(r.get('argument')),
+         _mib(r.get('peak_estimate'))] for r in fc['rows']], markdown)
+  full, frozen = fc['rows']
+  ratio = lambda key: _g(frozen.get(key) and full.get(key) and frozen[key] / full[key])
+  print(f"frozen / trained: step time {ratio('step_s')}, model FLOPs {ratio('model_flops')}, "
+        f"optimizer state {ratio('opt_state_bytes')}, temp {ratio('temp')}, argument "
+        f"{ratio('argument')}. The frozen step runs the trunk forward only and updates the "
+        'heads alone.')
 
 
 def _ints(values, name):

@@ -19,11 +19,11 @@ from mtp_jax.config import ConfigError, draft_len
 from mtp_jax.pretrained.tokenizer import render_chat
 
 
-def settings(config, *, draft=None, temperature=None, max_new=None, eos_id=-1) -> dec.Settings:
+def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
   """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar)."""
   d = config.decode
   return dec.Settings(draft_len=draft_len(config) if draft is None else draft,
-                      max_new_tokens=d.max_new_tokens if max_new is None else max_new,
+                      max_new_tokens=d.max_new_tokens,
                       temperature=d.temperature if temperature is None else temperature,
                       top_k=d.top_k, top_p=d.top_p, eos_id=eos_id)
 
@@ -178,7 +178,7 @@ def demo(session, params, prompt: str) -> dict:
   print(f'verification accepted {accepted} of {D} drafts and emitted '
         f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards)')
   return {'prompt_tokens': len(ids), 'ar_chain': chain, 'drafts': drafts, 'accepted': accepted,
-          'ar_ms': ar_time * 1e3, 'mtp_ms': one['seconds'] * 1e3}
+          'emitted': emitted, 'ar_ms': ar_time * 1e3, 'mtp_ms': one['seconds'] * 1e3}
 
 
 def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:

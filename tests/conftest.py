@@ -2,6 +2,7 @@
 experiments run as a user runs them, and what a run leaves (its printed summary, TensorBoard
 scalars, checkpoints); tiny Llama files in llama.cpp's and Hugging Face's formats."""
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -21,6 +22,7 @@ import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader  # noqa: E402
 
 from configs import base  # noqa: E402
+from mtp_jax import checkpoint as ckpt_lib  # noqa: E402
 from mtp_jax import train  # noqa: E402
 from mtp_jax.config import ModelConfig, apply_overrides  # noqa: E402
 from mtp_jax.model import MTPLanguageModel, init_params  # noqa: E402
@@ -51,6 +53,12 @@ def tiny_config(**overrides):
   c.train.log_every = 1
   c.decode.eval_prompts = 0
   return apply_overrides(c, overrides)
+
+
+def text_config(**overrides):
+  """tiny_config trained on the real text of CORPUS_FILES; 300 tokens leave room for 43 BPE
+  merges."""
+  return tiny_config(**{'data.sources': stdlib_corpus(), 'data.vocab_size': 300, **overrides})
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -107,11 +115,20 @@ def model_param_counts(cfg: ModelConfig) -> dict:
   return {'trunk': size(trunk), 'heads': size(heads), 'total': size(shapes)}
 
 
+def cpu_env(devices: int = 0, **extra) -> dict:
+  """The environment of a subprocess on the CPU: JAX_PLATFORMS=cpu, with `devices` host devices
+  when > 0 (XLA_FLAGS replaced; otherwise left out), and `extra` variables."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return {**env, 'JAX_PLATFORMS': 'cpu', **extra}
+
+
 def run_script(script, *args, timeout=300) -> subprocess.CompletedProcess:
-  """`python SCRIPT ARGS` in the repository on the CPU, as a user runs launch.py or an
-  experiment; its output captured as text."""
+  """`python SCRIPT ARGS` in the repository on the CPU (`-m MODULE ARGS` runs a module), as a
+  user runs launch.py or an experiment; its output captured as text."""
   return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+                        timeout=timeout, env=cpu_env())
 
 
 def launch_summary(stdout: str) -> dict:
@@ -122,15 +139,28 @@ def launch_summary(stdout: str) -> dict:
   return json.loads(stdout[starts[-1]:])
 
 
+def assert_no_traceback(stderr: str):
+  # Besides crashes, this catches Orbax's reads of a failed restore, which can outlive it and
+  # then print "Exception ignored in <coroutine ...>" with a page of TensorStore spec each.
+  assert 'Traceback' not in stderr, stderr[max(0, stderr.index('Traceback') - 300):][:3000]
+
+
+def error_line(stderr: str, *patterns) -> str:
+  """The one 'error:' line of stderr, which must match every regex pattern; no traceback."""
+  lines = [line for line in stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1, stderr[-3000:]
+  assert_no_traceback(stderr)
+  for pattern in patterns:
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+  return lines[0]
+
+
 def assert_user_error(result, *words):
-  """launch.py refused its input as a user error: exit code 2 and a last line 'error: ...' that
+  """launch.py refused its input as a user error: exit code 2 and one last line 'error: ...' that
   holds every word, no traceback."""
   assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
-  last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith('error:'), result.stderr[-3000:]
-  for word in words:
-    assert word in last, (word, last)
+  line = error_line(result.stderr, *map(re.escape, words))
+  assert result.stderr.strip().splitlines()[-1] == line, result.stderr[-3000:]
 
 
 def scalars(workdir) -> dict:
@@ -151,6 +181,27 @@ def raw_steps(workdir, tag) -> list[int]:
   """Every step at which any event file under WORKDIR/tb holds `tag`, duplicates included."""
   return sorted(step for path in glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
                 for step, _ in raw_events(path, tag))
+
+
+@contextlib.contextmanager
+def opened_checkpointer(workdir):
+  """The project's Checkpointer on workdir, closed on the way out."""
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  try:
+    yield checkpointer
+  finally:
+    checkpointer.close()
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  with opened_checkpointer(workdir) as checkpointer:
+    return checkpointer.all_steps()
+
+
+def read_checkpoint(workdir, step):
+  """(state, meta) of one checkpoint as saved (no config: what is on disk)."""
+  with opened_checkpointer(workdir) as checkpointer:
+    return checkpointer.restore(step, None)
 
 
 def restore(config, workdir, step=None):

@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from conftest import flat, restore, stdlib_corpus, tiny_config
+from conftest import flat, restore, text_config
 from mtp_jax import decode as dec
 from mtp_jax import inference, sharding, train
 from mtp_jax.config import ConfigError
@@ -31,12 +31,11 @@ GREEDY = dec.Settings(draft_len=2, max_new_tokens=12)
 def run_config(root: str, mesh=None, tokenizer: str = ''):
   """The tiny model on the shared corpus, batch 8 so that every mesh splits it; mesh is (data,
   fsdp, tensor), or None for the default (all devices on data)."""
-  overrides = {'data.sources': stdlib_corpus(), 'data.vocab_size': 300,
-               'data.tokenizer': tokenizer, 'data.cache_dir': os.path.join(root, 'data'),
+  overrides = {'data.tokenizer': tokenizer, 'data.cache_dir': os.path.join(root, 'data'),
                'train.batch_size': 8, 'train.checkpoint_every': 4}
   if mesh is not None:
     overrides.update(zip(('mesh.data', 'mesh.fsdp', 'mesh.tensor'), mesh))
-  return tiny_config(**overrides)
+  return text_config(**overrides)
 
 
 def workdir(root: str, mesh) -> str:

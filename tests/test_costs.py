@@ -63,3 +63,23 @@ def test_model_flops_are_three_forward_passes(overrides):
   cfg = ModelConfig.from_config(tiny_config(**WIDE, **overrides))
   flops = costs.train_flops(cfg, 4, 128)
   assert flops['model'] == 3 * flops['forward_per_token'] * flops['tokens'] < flops['hardware']
+
+
+def test_byte_counts_of_trees_and_of_the_backward_pass():
+  tree = {'a': jnp.zeros((3, 5), jnp.float32), 'b': [jax.ShapeDtypeStruct((7,), jnp.bfloat16)]}
+  assert costs.tree_bytes(tree) == 3 * 5 * 4 + 7 * 2
+  w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  x = jax.ShapeDtypeStruct((16, 64), jnp.float32)
+
+  def f(w, x):
+    return jnp.tanh(jnp.tanh(x @ w) @ w).sum()
+
+  # Each tanh keeps its 16 x 64 output for the backward pass (the arguments are not counted);
+  # under jax.checkpoint nothing but the arguments is kept.
+  kept = costs.saved_residual_bytes(f, w, x)
+  assert kept >= 2 * 16 * 64 * 4
+  assert costs.saved_residual_bytes(jax.checkpoint(f), w, x) == 0
+  compiled = jax.jit(f).lower(w, x).compile()
+  stats = costs.memory_stats(compiled)
+  assert stats['argument'] == costs.tree_bytes((w, x))
+  assert stats['peak_estimate'] == stats['temp'] + stats['argument']

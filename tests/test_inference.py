@@ -7,16 +7,16 @@ import os
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_user_error, run_script, tiny_config
+from conftest import assert_user_error, run_script, snapshot, text_config
 from mtp_jax import data, inference, run, train
 from mtp_jax import decode as dec
 from mtp_jax.config import as_flags
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, corpus):
+def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 4,
+  config = text_config(**{'train.steps': 4,
                           'train.eval_every': 4, 'decode.eval_prompts': 2,
                           'decode.max_new_tokens': 8, 'decode.prompt_len': 6,
                           'decode.bench_prompts': 8})
@@ -60,16 +60,21 @@ def test_demo_and_generate(trained, capsys, tmp_path):
   # One verification accepts exactly the leading drafts that the greedy chain agrees with.
   agree = next((j for j in range(D) if demo['drafts'][j] != chain[j + 1]), D)
   assert demo['accepted'] == agree
+  # Greedy verification emits the trunk's own tokens: the chain's first accepted + 2 of them
+  # (the step may emit no more than the chain's D + 1).
+  assert demo['emitted'] == chain[:min(agree + 2, D + 1)]
   out = capsys.readouterr().out
   for k in range(D + 1):
     assert f'step {k} (t+{k + 1}' in out
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('import os\nids: 5 6 7 8\n')
+  session = train.Session(config, workdir)
+  assert inference.read_prompts(session, '', str(prompts)) == [
+      data.encode(session.tokenizer, 'import os'), [5, 6, 7, 8]]
   result = run.run('generate', config, workdir, prompt_file=str(prompts))
   assert len(result['outputs']) == 2
   assert all(0 < len(o) <= config.decode.max_new_tokens for o in result['outputs'])
   # The 'ids:' line is those four tokens: the same as decoding them directly.
-  session = train.Session(config, workdir)
   _, params = inference.load_params(session)
   s = inference.settings(session.config, eos_id=session.eos_id)
   direct = inference.prepared_decoder(session.decode_model, params, [[5, 6, 7, 8]], s)()
@@ -112,16 +117,15 @@ def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
   ids = tmp_path / 'ids.txt'
   ids.write_text('ids: 1 2 99999\n')
   extra = [e.replace('IDS', str(ids)) for e in extra]
-  before = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
+  before = snapshot(workdir)
   proc = run_script('launch.py', '--config', 'configs/base.py', '--workdir', workdir, '--mode',
                     'generate', *as_flags(config), *extra)
   assert_user_error(proc, message)
-  after = {p: os.path.getmtime(os.path.join(d, p)) for d, _, fs in os.walk(workdir) for p in fs}
-  assert after == before
+  assert snapshot(workdir) == before
 
 
-def test_mtp_decoding_needs_heads(tmp_path, corpus):
-  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300, 'mtp.depth': 0,
+def test_mtp_decoding_needs_heads(tmp_path):
+  config = text_config(**{'mtp.depth': 0,
                           'train.steps': 1, 'decode.method': 'ar'})
   run.run('train', config, str(tmp_path))
   proc = run_script('launch.py', '--config', 'configs/base.py', '--workdir', str(tmp_path),

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO, flat, launch_summary, raw_steps, restore, scalars, tiny_config
+from conftest import REPO, cpu_env, flat, launch_summary, raw_steps, restore, scalars, text_config
 from mtp_jax import train
 from mtp_jax.config import apply_overrides, as_flags
 
@@ -28,7 +28,7 @@ def free_port() -> int:
 def run_processes(commands, logdir: str) -> list[str]:
   """Runs the commands together; returns their stdouts. One failing, or TIMEOUT_S passing,
   kills the rest (a lone process would wait for its peer until JAX's own timeouts)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = cpu_env(devices=1)
   procs = []
   try:
     for i, command in enumerate(commands):
@@ -54,8 +54,8 @@ def run_processes(commands, logdir: str) -> list[str]:
   return [open(os.path.join(logdir, f'{i}.out')).read() for i in range(len(commands))]
 
 
-def test_two_processes_train_as_one_and_restore_in_one(corpus, tmp_path):
-  config = tiny_config(**{'data.sources': corpus, 'data.vocab_size': 300})
+def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
+  config = text_config()
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
   address = f'127.0.0.1:{free_port()}'
   commands = []

@@ -18,9 +18,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import (REPO, assert_bitwise_equal, launch_summary, raw_events, scalars, snapshot,
-                      stdlib_corpus, tiny_config)
-from mtp_jax import checkpoint as ckpt_lib
+from conftest import (REPO, assert_bitwise_equal, assert_no_traceback, cpu_env, error_line,
+                      launch_summary, raw_events, read_checkpoint, scalars, snapshot, stdlib_corpus,
+                      tiny_config)
 from mtp_jax.config import as_flags
 
 PARTIAL = ocp.utils.TMP_DIR_SUFFIX
@@ -44,8 +44,7 @@ class Launch:
     config = tiny_config(**{'data.sources': corpus, **TINY, **(overrides or {})})
     args = [sys.executable, 'launch.py', '--config', 'configs/base.py', f'--workdir={workdir}',
             *as_flags(config), *flags]
-    base = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env = {**base, 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1', **(env or {})}
+    env = cpu_env(PYTHONUNBUFFERED='1', **(env or {}))
     stem = f'{workdir.rstrip(os.sep)}.{next(_log_names)}'
     self.out_path, self.err_path = stem + '.out', stem + '.err'
     with open(self.out_path, 'w') as out, open(self.err_path, 'w') as err:
@@ -116,32 +115,6 @@ def curve_diff(got, want) -> str:
   repeated = sorted(s for s in set(steps) if steps.count(s) > 1)
   values = [(g, w) for g, w in zip(got, want) if g != w][:3]
   return f'missing {missing}, repeated {repeated}, first differences {values}' if got != want else ''
-
-
-def read_checkpoint(workdir, step):
-  """(state, meta) of one checkpoint, restored as saved through the project's Checkpointer (no
-  config: what is on disk)."""
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    return checkpointer.restore(step, None)
-  finally:
-    checkpointer.close()
-
-
-def assert_no_traceback(stderr: str):
-  # Besides crashes, this catches Orbax's reads of a failed restore, which can outlive it and
-  # then print "Exception ignored in <coroutine ...>" with a page of TensorStore spec each.
-  assert 'Traceback' not in stderr, stderr[max(0, stderr.index('Traceback') - 300):][:3000]
-
-
-def error_line(stderr: str, *patterns) -> str:
-  """The one 'error:' line of stderr, which must match every pattern; no traceback."""
-  lines = [line for line in stderr.splitlines() if line.startswith('error:')]
-  assert len(lines) == 1, stderr[-3000:]
-  assert_no_traceback(stderr)
-  for pattern in patterns:
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-  return lines[0]
 
 
 @pytest.fixture(scope='module', autouse=True)

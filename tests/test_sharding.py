@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sharded_check
-from conftest import flat, model_param_counts, restore, scalars, tiny_config
+from conftest import cpu_env, flat, model_param_counts, restore, scalars, tiny_config
 from mtp_jax import sharding, train
 from mtp_jax.config import ConfigError, ModelConfig, validate
 from mtp_jax.model import init_params
@@ -31,8 +31,7 @@ def runs(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('sharding'))
   one = os.path.join(root, 'one')
   summary = train.train(sharded_check.run_config(root), one)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip())
+  env = cpu_env(devices=8)
   proc = subprocess.run([sys.executable, HELPER, root, os.path.join(one, 'tokenizer.json')],
                         env=env, capture_output=True, text=True, timeout=600,
                         cwd=os.path.dirname(HELPER))

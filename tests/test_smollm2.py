@@ -3,23 +3,19 @@ through its chat template, and greedy speculative decoding with MTP heads emits 
 autoregressive tokens on it."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_script
 from configs import smollm2
 from mtp_jax import decode as dec
 from mtp_jax import inference, train
 from mtp_jax.pretrained import fetch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
 def session(tmp_path_factory):
-  result = subprocess.run([sys.executable, '-m', 'mtp_jax.pretrained.fetch', 'smollm2'], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+  result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   path = result.stdout.strip().splitlines()[-1]
   assert path == fetch.path_of('smollm2') and os.path.getsize(path) == 98362432

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import (assert_bitwise_equal, raw_steps, restore, scalars, stdlib_corpus,
-                      tiny_config)
+from conftest import (assert_bitwise_equal, checkpoint_steps, raw_steps, restore, scalars,
+                      text_config, tiny_config)
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
@@ -23,13 +23,8 @@ from mtp_jax.model import init_params
 N = 3  # the shared run checkpoints and evaluates every N steps and stops at 2N
 
 
-def run_config(**overrides):
-  """tiny_config on real text; 300 tokens leaves room for 43 BPE merges."""
-  return tiny_config(**{'data.sources': stdlib_corpus(), 'data.vocab_size': 300, **overrides})
-
-
 def shared_config():
-  return run_config(**{'train.steps': 2 * N, 'train.checkpoint_every': N,
+  return text_config(**{'train.steps': 2 * N, 'train.checkpoint_every': N,
                        'train.eval_every': N, 'train.log_every': 1})
 
 
@@ -76,14 +71,6 @@ def random_batch(config, seed=1):
   window = train.window_length(config)
   return jax.random.randint(jax.random.key(seed), (config.train.batch_size, window), 0,
                             config.data.vocab_size)
-
-
-def checkpoint_steps(workdir):
-  ckpt = ckpt_lib.Checkpointer(workdir)
-  try:
-    return ckpt.all_steps()
-  finally:
-    ckpt.close()
 
 
 def test_steps_on_one_batch_lower_the_loss():
@@ -210,7 +197,7 @@ def test_crash_after_a_checkpoint_resumes_bitwise_and_logs_once(straight_run, tm
 
 def test_nonfinite_loss_stops_at_its_step_and_skip_leaves_it_out(tmp_path):
   workdir = str(tmp_path / 'run')
-  config = run_config(**{'train.inject_nan_step': 3, 'train.nonfinite': 'stop'})
+  config = text_config(**{'train.inject_nan_step': 3, 'train.nonfinite': 'stop'})
   with pytest.raises(train.TrainingError, match=r'non-finite loss at step 3\b'):
     train.train(config, workdir)
   assert checkpoint_steps(workdir) == [2]
@@ -265,4 +252,4 @@ def test_evaluate_reports_the_latest_checkpoint(straight_run, tmp_path):
 
 def test_evaluate_without_a_checkpoint_says_so(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint.*train first'):
-    train.evaluate(run_config(), str(tmp_path / 'empty'))
+    train.evaluate(text_config(), str(tmp_path / 'empty'))
