@@ -57,57 +57,9 @@ def _value(reader, key, default=None):
 def read(path: str) -> Pretrained:
   """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
   name = os.path.basename(path)
-  try:
-    reader = gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
-    raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file '
-                          f'(truncated or damaged: {type(e).__name__}: {e})') from None
-  end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-  if os.path.getsize(path) < end:
-    raise PretrainedError(f'model.init_from: {name} is truncated ({os.path.getsize(path)} of '
-                          f'{end} bytes)')
-  arch = _value(reader, 'general.architecture', '')
-  if arch != 'llama':
-    raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only 'llama' is "
-                          'supported')
-  a = f'{arch}.'
-  missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
-                         'attention.head_count') if _value(reader, a + k) is None]
-  if missing:
-    raise PretrainedError(f'model.init_from: {name} has no {a}{missing[0]} in its metadata')
-  if _value(reader, a + 'rope.scaling.type', 'none') not in ('none', ''):
-    raise PretrainedError(f'model.init_from: {name} uses RoPE scaling '
-                          f"({_value(reader, a + 'rope.scaling.type')}), which is not supported")
-  tensors = {}
-  for t in reader.tensors:
-    hf = hf_name(t.name)
-    if hf is None:
-      raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
-                            'a Llama model this project reads')
-    if t.tensor_type not in SUPPORTED:
-      raise PretrainedError(f"model.init_from: tensor '{t.name}' of {name} has type "
-                            f'{t.tensor_type.name}, which is not supported '
-                            f"({', '.join(sorted(q.name for q in SUPPORTED))})")
-    tensors[hf] = t
-  d = int(_value(reader, a + 'embedding_length'))
-  heads = int(_value(reader, a + 'attention.head_count'))
-  tokens = _value(reader, 'tokenizer.ggml.tokens')
-  vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
-  if 'model.embed_tokens.weight' in tensors and not vocab:
-    vocab = int(tensors['model.embed_tokens.weight'].shape[1])
-  rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
-  if rope_dims != d // heads:
-    raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
-                          f'{d // heads} dimensions; only full rotary embeddings are supported')
-  fields = {
-      'model.d_model': d, 'model.num_layers': int(_value(reader, a + 'block_count')),
-      'model.num_heads': heads,
-      'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
-      'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
-      'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
-      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon', 1e-5)),
-      'model.tie_embeddings': 'lm_head.weight' not in tensors,
-      'data.vocab_size': vocab}
+  reader = _open(path, name)
+  tensors = _tensors(reader, name)
+  fields = _fields(reader, name, tensors)
   check_tensors(name, {n: tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()},
                 fields, gguf_name)
 
@@ -121,22 +73,92 @@ def read(path: str) -> Pretrained:
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
-  tokenizer, special = None, {}
-  if tokens:
-    tokenizer = tok_lib.from_gguf_metadata(
-        name, tokens=list(tokens), merges=list(_value(reader, 'tokenizer.ggml.merges', []) or []),
-        token_types=list(_value(reader, 'tokenizer.ggml.token_type', []) or []),
-        model=_value(reader, 'tokenizer.ggml.model', ''),
-        pre=_value(reader, 'tokenizer.ggml.pre', 'default'),
-        add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', False)),
-        bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'))
-    special = {'bos_id': _value(reader, 'tokenizer.ggml.bos_token_id'),
-               'eos_id': _value(reader, 'tokenizer.ggml.eos_token_id')}
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
-      context_length=int(_value(reader, a + 'context_length', 0)) or None,
-      tokenizer=tokenizer, eos_id=special.get('eos_id'), bos_id=special.get('bos_id'),
+      context_length=int(_value(reader, 'llama.context_length', 0)) or None,
+      tokenizer=_tokenizer(reader, name), eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
+      bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get)
+
+
+def _open(path: str, name: str):
+  """The file's reader, once it is known to be whole and a Llama with the metadata needed."""
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
+    raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file '
+                          f'(truncated or damaged: {type(e).__name__}: {e})') from None
+  end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+  if os.path.getsize(path) < end:
+    raise PretrainedError(f'model.init_from: {name} is truncated ({os.path.getsize(path)} of '
+                          f'{end} bytes)')
+  arch = _value(reader, 'general.architecture', '')
+  if arch != 'llama':
+    raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only 'llama' is "
+                          'supported')
+  missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
+                         'attention.head_count') if _value(reader, 'llama.' + k) is None]
+  if missing:
+    raise PretrainedError(f'model.init_from: {name} has no llama.{missing[0]} in its metadata')
+  if _value(reader, 'llama.rope.scaling.type', 'none') not in ('none', ''):
+    raise PretrainedError(f'model.init_from: {name} uses RoPE scaling '
+                          f"({_value(reader, 'llama.rope.scaling.type')}), which is not "
+                          'supported')
+  return reader
+
+
+def _tensors(reader, name: str) -> dict:
+  """{HF name: the file's tensor}, every tensor a Llama one of a type that can be read."""
+  tensors = {}
+  for t in reader.tensors:
+    hf = hf_name(t.name)
+    if hf is None:
+      raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
+                            'a Llama model this project reads')
+    if t.tensor_type not in SUPPORTED:
+      raise PretrainedError(f"model.init_from: tensor '{t.name}' of {name} has type "
+                            f'{t.tensor_type.name}, which is not supported '
+                            f"({', '.join(sorted(q.name for q in SUPPORTED))})")
+    tensors[hf] = t
+  return tensors
+
+
+def _fields(reader, name: str, tensors: dict) -> dict:
+  """The config fields the file defines (Pretrained.fields)."""
+  a = 'llama.'
+  d = int(_value(reader, a + 'embedding_length'))
+  heads = int(_value(reader, a + 'attention.head_count'))
+  tokens = _value(reader, 'tokenizer.ggml.tokens')
+  vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
+  if 'model.embed_tokens.weight' in tensors and not vocab:
+    vocab = int(tensors['model.embed_tokens.weight'].shape[1])
+  rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
+  if rope_dims != d // heads:
+    raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
+                          f'{d // heads} dimensions; only full rotary embeddings are supported')
+  return {
+      'model.d_model': d, 'model.num_layers': int(_value(reader, a + 'block_count')),
+      'model.num_heads': heads,
+      'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
+      'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
+      'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
+      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon', 1e-5)),
+      'model.tie_embeddings': 'lm_head.weight' not in tensors,
+      'data.vocab_size': vocab}
+
+
+def _tokenizer(reader, name: str):
+  """The tokenizer the metadata describes, or None when the file has no vocabulary."""
+  tokens = _value(reader, 'tokenizer.ggml.tokens')
+  if not tokens:
+    return None
+  return tok_lib.from_gguf_metadata(
+      name, tokens=list(tokens), merges=list(_value(reader, 'tokenizer.ggml.merges', []) or []),
+      token_types=list(_value(reader, 'tokenizer.ggml.token_type', []) or []),
+      model=_value(reader, 'tokenizer.ggml.model', ''),
+      pre=_value(reader, 'tokenizer.ggml.pre', 'default'),
+      add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', False)),
+      bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'))
 
 
 def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
