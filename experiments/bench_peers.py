@@ -325,7 +325,8 @@ def benchmark(workdir: str) -> dict:
   load = os.getloadavg()[0]
   bandwidth = measure.read_bandwidth()['bytes_per_s']
   with sharding.active(session.mesh):
-    seconds, outputs = measure.fastest(calls, _ROUNDS.value, warmup=True)
+    seconds, outputs = measure.fastest(calls, _ROUNDS.value, warmup=True,
+                                       desc='peers: decoding')
   return {'machine': measure.machine(), 'cores': cores, 'threads': threads,
           'load_average': [load, os.getloadavg()[0]],
           'bandwidth_bytes_per_s': bandwidth, 'prompts': prompts, 'max_new_tokens': max_new,

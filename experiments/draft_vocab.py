@@ -58,7 +58,7 @@ def main(argv):
   width = max(len(p) for p in prompts)
   calls = [inference.prepared_decoder(m, params, [p], s, width=width) for p in prompts
            for m, s in [(ar_model, s_ar)] + [(m, s_mtp) for m in models]]
-  seconds, states = measure.fastest(calls, _ROUNDS.value)
+  seconds, states = measure.fastest(calls, _ROUNDS.value, desc='draft_vocab: decoding')
   per = len(models) + 1
   outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
   tokens = sum(len(o) for o in outs(0))

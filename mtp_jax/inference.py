@@ -236,7 +236,8 @@ def bench_rows(session, params, config) -> list[dict]:
       calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch,
                                 width=width)
                for g, group in enumerate(groups) for s in per_S]
-      seconds, outputs = measure.fastest(calls, d.bench_rounds)
+      seconds, outputs = measure.fastest(
+          calls, d.bench_rounds, desc=f'bench: temperature {temperature:g}, batch {batch}')
       best = np.asarray(seconds).reshape(len(groups), len(per_S)).T  # [method, group]
       reference = None
       for S, s in enumerate(per_S):

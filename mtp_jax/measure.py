@@ -4,10 +4,12 @@ machine, and the rooflines (matmul FLOP/s, memory read bytes/s) that measured ti
 
 import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import tqdm
 
 MATMUL_SIZE = {'cpu': 2048}  # any other platform (GPU, TPU) gets 8192
 BANDWIDTH_BYTES = 512 * 2**20
@@ -34,24 +36,28 @@ def machine(info: dict | None = None) -> str:
           f"{m['cpu_count']} CPUs, jax {m['jax_version']}")
 
 
-def timings(calls, rounds: int, warmup: int = 0):
+def timings(calls, rounds: int, warmup: int = 0, desc: str = ''):
   """Runs every call in turn for `warmup` untimed rounds, then `rounds` timed ones, so a slow
-  spell of a shared machine slows all of them alike. Returns (each call's seconds per timed
-  round, each call's last output; None for a call that never ran)."""
+  spell of a shared machine slows all of them alike (with a progress bar on stderr when `desc`
+  names the work). Returns (each call's seconds per timed round, each call's last output; None
+  for a call that never ran)."""
   outputs, seconds = [None] * len(calls), [[] for _ in calls]
-  for r in range(warmup + rounds):
-    for i, call in enumerate(calls):
-      start = time.perf_counter()
-      outputs[i] = jax.block_until_ready(call())
-      if r >= warmup:
-        seconds[i].append(time.perf_counter() - start)
+  with tqdm.tqdm(total=(warmup + rounds) * len(calls), desc=desc, unit='call', file=sys.stderr,
+                 disable=not desc, leave=False, dynamic_ncols=True) as bar:
+    for r in range(warmup + rounds):
+      for i, call in enumerate(calls):
+        start = time.perf_counter()
+        outputs[i] = jax.block_until_ready(call())
+        if r >= warmup:
+          seconds[i].append(time.perf_counter() - start)
+        bar.update(1)
   return seconds, outputs
 
 
-def fastest(calls, rounds: int, warmup: bool = False):
+def fastest(calls, rounds: int, warmup: bool = False, desc: str = ''):
   """`timings` with one warm-up run of each call if asked (calls compiled beforehand need none).
   Returns (each call's fastest seconds, each call's last output)."""
-  seconds, outputs = timings(calls, rounds, int(warmup))
+  seconds, outputs = timings(calls, rounds, int(warmup), desc)
   return [min(s, default=float('inf')) for s in seconds], outputs
 
 
