@@ -1,6 +1,6 @@
 """The one entry point: python launch.py --config configs/X.py --workdir DIR [--mode MODE].
 
-Modes: train (default), eval, demo, generate, bench. Each hands the locked config to one
+Modes: train (default), eval, demo, generate, bench, export. Each hands the locked config to one
 function of mtp_jax.run.
 """
 

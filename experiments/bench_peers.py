@@ -9,8 +9,8 @@ Setup, once (the peers live in their own environment, never in CI's):
   python3 -m venv .venv-peers
   .venv-peers/bin/pip install -r requirements.txt -r requirements-peers.txt
 Run: .venv-peers/bin/python experiments/bench_peers.py --out runs/smollm2/peers.json
-     (add --heads last_block while configs/smollm2.py's heads file does not exist yet;
-     smoke: --num_prompts 1 --max_new_tokens 8 --rounds 1)
+     (--heads last_block decodes with untrained heads; smoke: --num_prompts 1 --max_new_tokens 8
+     --rounds 1)
 The weights are all the same numbers: our trunk comes from the Q4_1 GGUF dequantized to float32;
 transformers loads it from our export (launch.py --mode export, written to --workdir/export);
 llama.cpp's F32 file is the Q4_1 file with every tensor dequantized (cached beside it). The F32
