@@ -61,6 +61,15 @@ def text_config(**overrides):
   return tiny_config(**{'data.sources': stdlib_corpus(), 'data.vocab_size': 300, **overrides})
 
 
+def shrunk(config, **overrides):
+  """A shipped config (quickstart, ablate_cpu, ...) shrunk to a 1-layer width-32 model on the real
+  text of CORPUS_FILES that trains 2 steps in seconds; then `overrides`."""
+  return apply_overrides(config, {
+      'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+      'data.sources': stdlib_corpus(), 'data.vocab_size': 300, 'train.steps': 2,
+      'train.batch_size': 2, 'train.seq_len': 16, 'train.eval_batches': 1, **overrides})
+
+
 def tiny_model(**overrides) -> ModelConfig:
   return ModelConfig.from_config(tiny_config(**overrides))
 

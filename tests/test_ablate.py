@@ -10,18 +10,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import ablate_cpu
-from conftest import REPO, model_param_counts, run_script
-from mtp_jax.config import ModelConfig, apply_overrides, as_flags
+from conftest import REPO, model_param_counts, run_script, shrunk
+from mtp_jax.config import ModelConfig, as_flags
 
 
 def sweep(tmp_path, corpus, grid: str):
-  # configs/ablate_cpu.py shrunk to 2 steps of a 1-layer width-32 model that decodes one prompt.
-  config = apply_overrides(ablate_cpu.get_config(), {
-      'model.d_model': 32, 'model.num_layers': 1, 'model.num_heads': 4, 'model.num_kv_heads': 2,
-      'data.sources': corpus, 'data.vocab_size': 300, 'train.steps': 2, 'train.batch_size': 2,
-      'train.seq_len': 16, 'train.eval_every': 2, 'train.eval_batches': 1,
-      'train.checkpoint_every': 2, 'decode.eval_prompts': 1, 'decode.max_new_tokens': 8,
-      'decode.prompt_len': 6, 'sweep.depth': grid})
+  # configs/ablate_cpu.py shrunk, each point decoding one prompt.
+  config = shrunk(ablate_cpu.get_config(), **{
+      'data.sources': corpus, 'train.eval_every': 2, 'train.checkpoint_every': 2,
+      'decode.eval_prompts': 1, 'decode.max_new_tokens': 8, 'decode.prompt_len': 6,
+      'sweep.depth': grid})
   proc = run_script('experiments/ablate.py', '--config', 'configs/ablate_cpu.py', '--sweep',
                     'depth', '--root', str(tmp_path), *as_flags(config), timeout=600)
   rows = list(csv.DictReader(open(tmp_path / 'depth' / 'results.csv')))

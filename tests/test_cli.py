@@ -8,22 +8,17 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import assert_user_error, launch_summary, run_script, snapshot, stdlib_corpus
-from mtp_jax.config import apply_overrides, as_flags
+from conftest import assert_user_error, launch_summary, run_script, shrunk, snapshot
+from mtp_jax.config import as_flags
 
 QUICKSTART = 'configs/quickstart.py'
-# The quickstart, shrunk to a 1-layer width-32 model that trains 2 steps in seconds.
-TINY = {
-    'model.d_model': 32, 'model.num_layers': 1, 'train.steps': 2, 'train.batch_size': 2,
-    'train.seq_len': 16, 'data.vocab_size': 300, 'data.sources': stdlib_corpus(),
-    'train.eval_batches': 1, 'decode.eval_prompts': 0, 'run_after_train': '',
-}
 EMPTY = object()  # stands for a directory holding one empty .txt file
 
 
 def launch(workdir, overrides=None, flags=(), config=QUICKSTART):
   """launch.py on the tiny quickstart with `overrides`, then `flags` as a user types them."""
-  tiny = apply_overrides(quickstart.get_config(), {**TINY, **(overrides or {})})
+  tiny = shrunk(quickstart.get_config(), **{'decode.eval_prompts': 0, 'run_after_train': '',
+                                            **(overrides or {})})
   return run_script('launch.py', '--config', config, '--workdir', str(workdir), *as_flags(tiny),
                     *flags)
 
