@@ -50,6 +50,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import smollm2  # noqa: E402
+from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
 from mtp_jax.pretrained import fetch  # noqa: E402
@@ -301,7 +302,7 @@ def benchmark(workdir: str) -> dict:
     config.mtp.init_from = _HEADS.value
   session = train.Session(config, workdir, data=False)
   _, params = inference.load_params(session)
-  texts = inference.prompt_lines(_PROMPTS.value)[:_NUM_PROMPTS.value]
+  texts = data_lib.prompt_lines(_PROMPTS.value)[:_NUM_PROMPTS.value]
   if len(texts) < _NUM_PROMPTS.value:
     raise app.UsageError(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
                          f'--num_prompts={_NUM_PROMPTS.value}')

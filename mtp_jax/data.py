@@ -306,3 +306,9 @@ def encode(tokenizer: tokenizers.Tokenizer, text: str) -> list[int]:
 def decode(tokenizer: tokenizers.Tokenizer, ids) -> str:
   # EOS stays visible so generated text shows where the model ended a document.
   return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
+
+
+def prompt_lines(path: str) -> list[str]:
+  """The non-blank lines of a prompt file, one prompt a line."""
+  with open(path, encoding='utf-8') as f:
+    return [line.rstrip('\n') for line in f if line.strip()]

@@ -80,18 +80,13 @@ def encode_prompt(session, text: str, chat: bool) -> list[int]:
   return data_lib.encode(session.tokenizer, text)
 
 
-def prompt_lines(path: str) -> list[str]:
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n') for line in f if line.strip()]
-
-
 def held_out_prompts(session, count: int) -> list[list[int]]:
   """Prompts for bench and the training-time decode check: the first `count` lines of
   decode.prompts (cycled if there are fewer), else windows of the validation split."""
   d = session.config.decode
   if not d.prompts:
     return validation_prompts(session, count, d.prompt_len)
-  lines = prompt_lines(d.prompts)
+  lines = data_lib.prompt_lines(d.prompts)
   if not lines:
     raise ConfigError(f'decode.prompts: {d.prompts} has no prompt')
   return [encode_prompt(session, lines[i % len(lines)], d.chat) for i in range(count)]
@@ -187,7 +182,7 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
   if prompt_file:
     if not os.path.isfile(prompt_file):
       raise ConfigError(f'--prompt_file: no file {prompt_file!r}')
-    lines = prompt_lines(prompt_file)
+    lines = data_lib.prompt_lines(prompt_file)
   else:
     lines = [prompt] if prompt else []
   if not lines:

@@ -43,8 +43,11 @@ def chat_frame(trunk: Trunk) -> tuple[list[int], list[int]]:
     return [start], []
   text = render_chat(trunk.chat_template, _MARK)
   before, after = text.split(_MARK)
-  encode = lambda t: trunk.tokenizer.encode(t, add_special_tokens=False).ids
-  return encode(before), encode(after)
+  return _encode(trunk, before), _encode(trunk, after)
+
+
+def _encode(trunk: Trunk, text: str) -> list[int]:
+  return trunk.tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def _decode(trunk: Trunk, prompts: list[list[int]], s: dec.Settings, key, width: int):
@@ -62,8 +65,7 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
   when topk > 0."""
   before, after = chat_frame(trunk)
   ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
-  encode = lambda text: trunk.tokenizer.encode(text, add_special_tokens=False).ids
-  given = [encode(q) for q in queries] if queries else None
+  given = [_encode(trunk, q) for q in queries] if queries else None
   width = len(before) + (max(map(len, given)) if given else QUERY_LEN) + len(after)
   answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
                         capture_topk=topk)

@@ -285,8 +285,7 @@ class Session(Program):
     root = d.cache_dir or os.path.join(self.workdir, 'data')
     if d.sources.strip() == 'self':
       os.makedirs(self.workdir, exist_ok=True)
-      queries = ([l for l in open(d.self_prompts, encoding='utf-8').read().splitlines()
-                  if l.strip()] if d.self_prompts else None)
+      queries = data_lib.prompt_lines(d.self_prompts) if d.self_prompts else None
       spec = {'kind': 'chats', 'trunk': self.model_file.identity, 'tokens': d.self_tokens,
               'temperature': d.self_temperature, 'answer_len': d.self_answer_len,
               'topk': config.train.distill_topk if d.features else 0,

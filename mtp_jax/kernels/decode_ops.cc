@@ -73,7 +73,7 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
 constexpr int64_t kPrefetch = 2048;
 
 // Weight rows dotted at once with M input rows: enough independent accumulators (R x M) to keep
-// the FMA units busy, few enough to stay in registers. TUNED below.
+// the FMA units busy, few enough to stay in registers.
 constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n1) of w: R rows of w at a time, each a

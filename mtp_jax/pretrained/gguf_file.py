@@ -59,7 +59,8 @@ def read(path: str) -> Pretrained:
   name = os.path.basename(path)
   reader = _open(path, name)
   tensors = _tensors(reader, name)
-  fields = _fields(reader, name, tensors)
+  tokens = _value(reader, 'tokenizer.ggml.tokens')  # decoded once: 49152 strings for SmolLM2
+  fields = _fields(reader, name, tensors, tokens)
   check_tensors(name, {n: tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()},
                 fields, gguf_name)
 
@@ -76,7 +77,7 @@ def read(path: str) -> Pretrained:
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
       context_length=int(_value(reader, 'llama.context_length', 0)) or None,
-      tokenizer=_tokenizer(reader, name), eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
+      tokenizer=_tokenizer(reader, name, tokens), eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
       bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get)
 
@@ -123,12 +124,11 @@ def _tensors(reader, name: str) -> dict:
   return tensors
 
 
-def _fields(reader, name: str, tensors: dict) -> dict:
+def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   """The config fields the file defines (Pretrained.fields)."""
   a = 'llama.'
   d = int(_value(reader, a + 'embedding_length'))
   heads = int(_value(reader, a + 'attention.head_count'))
-  tokens = _value(reader, 'tokenizer.ggml.tokens')
   vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
   if 'model.embed_tokens.weight' in tensors and not vocab:
     vocab = int(tensors['model.embed_tokens.weight'].shape[1])
@@ -147,9 +147,8 @@ def _fields(reader, name: str, tensors: dict) -> dict:
       'data.vocab_size': vocab}
 
 
-def _tokenizer(reader, name: str):
+def _tokenizer(reader, name: str, tokens):
   """The tokenizer the metadata describes, or None when the file has no vocabulary."""
-  tokens = _value(reader, 'tokenizer.ggml.tokens')
   if not tokens:
     return None
   return tok_lib.from_gguf_metadata(

@@ -48,7 +48,8 @@ def _read_meta(path: str):
                           f'safetensors file ({e})') from None
 
 
-def check(path: str, config) -> None:
+def check(path: str, config) -> dict:
+  """The heads file's metadata, once it is known to fit config (one-line errors otherwise)."""
   meta, names = _read_meta(path)
   name = os.path.basename(path)
   if meta.get('format') != FORMAT:
@@ -67,6 +68,7 @@ def check(path: str, config) -> None:
   missing = [n for n in expected if n not in names]
   if missing:
     raise PretrainedError(f"mtp.init_from: {name} has no tensor '{missing[0]}'")
+  return meta
 
 
 def load(path: str, config) -> dict:
@@ -85,10 +87,6 @@ def token_rank(path: str):
     return None
   with safe_open(path, framework='numpy') as f:
     return f.get_tensor(RANK)
-
-
-def trunk_of(path: str) -> str:
-  return _read_meta(path)[0].get('trunk', '')
 
 
 def describe(path: str) -> str:

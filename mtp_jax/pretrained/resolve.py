@@ -118,8 +118,7 @@ def check_heads_init(config) -> None:
     if source == 'last_block' and not config.model.init_from:
       raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
     return
-  heads_file.check(source, config)
-  trained_on = heads_file.trunk_of(source)
+  trained_on = heads_file.check(source, config).get('trunk', '')
   if trained_on and config.model.init_from:
     trunk = open_model(config.model.init_from)
     if trunk.identity != trained_on:
