@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
-# Products of up to this many rows go to the kernel (in passes of 8, each reading the weights);
-# more rows are compute-bound work that XLA's own dot does well.
-MAX_ROWS = 16
+# Products of up to this many rows go to the kernel (in passes of 8 over each block of weights,
+# the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. Past that the
+# work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
+MAX_ROWS = 32
 MAX_QUERIES = 64  # attention: new positions x query heads per kv head
 
 
