@@ -50,10 +50,10 @@ def test_greedy_mtp_equals_ar(kind):
   params = init_params(cfg, jax.random.key(7))
   model = dec.DecodeModel(cfg)
   rng = np.random.default_rng(0)
-  for batch, lengths in [(1, [5]), (3, [1, 9, 4]), (4, [6, 2, 6, 13])]:
+  for batch, lengths in [(1, [5]), (4, [1, 9, 2, 13])]:
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
     ar = dec.outputs(run(model, params, prompts, dec.Settings(draft_len=0, max_new_tokens=17)))
-    for S in (1, 2, 3):
+    for S in (1, 3):  # fewer drafts than heads, and all of them
       state = run(model, params, prompts, dec.Settings(draft_len=S, max_new_tokens=17))
       assert dec.outputs(state) == ar, (batch, S)
       # every token past each prompt's first came from a counted iteration
