@@ -18,6 +18,7 @@ from configs import smollm2_heads
 def get_config():
   c = smollm2_heads.get_config()
   c.mtp.depth = 1
+  c.mtp.init_from = 'last_block'  # the recipes start here; self_distill_random_init from random
   c.train.steps = 400
   c.train.warmup_steps = 40
   c.train.checkpoint_every = 400

@@ -1,12 +1,13 @@
 """Trains three sequential MTP modules on a frozen SmolLM2-135M-Instruct: the longer recipe behind
 the heads configs/smollm2.py uses.
 
-The trunk writes its own training data, its answers (sampled at temperature 0.5) to the 2380 user
-turns of configs/prompts/instruct_train.txt (experiments/make_prompts.py: 20 instruction templates
-on 119 topics), and keeps its features while writing (its last hidden state and top-32 next-token
-distribution at every position), so it runs once per training token. The modules start as copies
-of the trunk's last block and fit the trunk's own distribution at position i + k
-(self-distillation) over the 8192 most frequent tokens of that data.
+The trunk writes its own training data, its answers (sampled at temperature 0.5) to the user turns
+of configs/prompts/instruct_train.txt (experiments/make_prompts.py: questions, advice, recipes,
+letters, names, poems and comparisons on some 400 subjects), and keeps its features while writing
+(its last hidden state and top-32 next-token distribution at every position), so it runs once per
+training token. The modules start from random weights (the recipe sweep in the README found that
+better than copies of the trunk's last block) and fit the trunk's own distribution at position
+i + k (self-distillation) over the 8192 most frequent tokens of that data.
 
 Run:    python launch.py --config configs/smollm2_heads.py
 Export: python launch.py --config configs/smollm2_heads.py --mode export
@@ -21,7 +22,7 @@ from configs import base
 def get_config():
   c = base.pretrained('smollm2')
   c.mtp.depth = 3
-  c.mtp.init_from = 'last_block'
+  c.mtp.init_from = ''
   c.data.sources = 'self'
   c.data.features = True
   c.data.self_prompts = 'configs/prompts/instruct_train.txt'
