@@ -77,7 +77,8 @@ def read(path: str) -> Pretrained:
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
       context_length=int(_value(reader, 'llama.context_length', 0)) or None,
-      tokenizer=_tokenizer(reader, name, tokens), eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
+      tokenizer=_tokenizer(reader, name, tokens),
+      eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
       bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get)
 
