@@ -70,24 +70,50 @@ def load(directory: str) -> dict[str, Split] | None:
   return out
 
 
-class Builder:
-  """Writes rows shard by shard under directory/partial, then joins them into the cache."""
+def smaller_cache(root: str, spec: dict) -> str | None:
+  """The finished cache under root with the most rows whose spec equals `spec` but for a smaller
+  'tokens' count: its shards are the first ones a build of `spec` would write, so that build can
+  start from them (Builder's base). None when there is none."""
+  if not isinstance(spec.get('tokens'), int) or not os.path.isdir(root):
+    return None
+  best, most = None, 0
+  for name in sorted(os.listdir(root)):
+    directory = os.path.join(root, name)
+    try:
+      other = meta(directory)['spec']
+    except (OSError, ValueError, KeyError):
+      continue
+    tokens = other.get('tokens')
+    if (isinstance(tokens, int) and most < tokens < spec['tokens']
+        and {**other, 'tokens': None} == {**spec, 'tokens': None}):
+      best, most = directory, tokens
+  return best
 
-  def __init__(self, directory: str, spec: dict, features: bool):
+
+class Builder:
+  """Writes rows shard by shard under directory/partial, then joins them into the cache. With a
+  `base` (a finished cache of the same kind), its shards count as the first ones written."""
+
+  def __init__(self, directory: str, spec: dict, features: bool, base: str | None = None):
     self.directory, self.spec = directory, spec
     self.names = tuple(ARRAYS) if features else TOKENS_ONLY
     self.partial = os.path.join(directory, 'partial')
+    self.base = meta(base) if base else None
+    if self.base and list(self.names) != self.base['arrays']:
+      raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')
+    self.base_dir = base
     os.makedirs(self.partial, exist_ok=True)
     with open(os.path.join(directory, 'spec.json'), 'w') as f:
       json.dump(spec, f, indent=1)
 
   def done(self) -> list[int]:
-    return sorted(int(n) for n in os.listdir(self.partial) if n.isdigit())
+    ours = sorted(int(n) for n in os.listdir(self.partial) if n.isdigit())
+    return list(range(self.base['shards'])) + ours if self.base else ours
 
   def positions(self) -> int:
     """Positions in the finished shards (both splits)."""
-    total = 0
-    for index in self.done():
+    total = sum(self.base[s]['positions'] for s in SPLITS) if self.base else 0
+    for index in self.done()[self.base['shards'] if self.base else 0:]:
       with open(os.path.join(self.partial, f'{index:06d}', 'count.json')) as f:
         counts = json.load(f)
       total += counts['train'] + counts['valid']
@@ -115,9 +141,14 @@ class Builder:
 
   def finish(self) -> dict[str, Split]:
     """Joins every shard, in order, into one memory-mapped array per split and name."""
-    shards = [os.path.join(self.partial, f'{i:06d}') for i in self.done()]
+    first = self.base['shards'] if self.base else 0
+    shards = [os.path.join(self.partial, f'{i:06d}') for i in self.done()[first:]]
     counts = [json.load(open(os.path.join(s, 'count.json'))) for s in shards]
-    meta = {'spec': self.spec, 'arrays': list(self.names), 'widths': {}, 'shards': len(shards),
+    if self.base:
+      counts.append({**{s: self.base[s]['positions'] for s in SPLITS},
+                     **({'seconds': self.base['seconds']} if self.base['seconds'] else {})})
+    meta = {'spec': self.spec, 'arrays': list(self.names), 'widths': {},
+            'shards': first + len(shards),
             # None when a shard does not say (written before shards were timed)
             'seconds': (sum(c['seconds'] for c in counts)
                         if all('seconds' in c for c in counts) else None)}
@@ -125,6 +156,10 @@ class Builder:
       for name in self.names:
         path = os.path.join(self.directory, f'{split}.{name}')
         with open(path + '.tmp', 'wb') as out:
+          if self.base:
+            meta['widths'].update(self.base['widths'])
+            with open(os.path.join(self.base_dir, f'{split}.{name}'), 'rb') as f:
+              shutil.copyfileobj(f, out, 1 << 24)
           for shard in shards:
             a = np.load(os.path.join(shard, f'{split}.{name}.npy'))
             if a.ndim == 2:

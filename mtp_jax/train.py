@@ -330,7 +330,11 @@ class Session(Program):
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
     cache = feat_lib.load(directory)
     if cache is None:
-      builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0)
+      base = feat_lib.smaller_cache(os.path.dirname(directory), spec)
+      if base:
+        print(f'data: starting from the {feat_lib.meta(base)["spec"]["tokens"]}-token cache in '
+              f'{base}', file=sys.stderr)
+      builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0, base=base)
       write(self.data_trunk(), builder)
       cache = builder.finish()
     return cache

@@ -71,6 +71,33 @@ def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
   np.testing.assert_array_equal(fresh.finish()['train'].tokens, cache['train'].tokens)
 
 
+def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
+  trunk = tiny_trunk(tmp_path)
+  root = str(tmp_path / 'features')
+  kw = dict(temperature=1.0, answer_len=8, topk=4, seed=0, valid_fraction=0.3)
+  small = {'kind': 'chats', 'tokens': 1, 'temperature': 1.0}
+  build = feat_lib.Builder(feat_lib.cache_dir(root, small), small, features=True)
+  selfdata.write_chats(trunk, build, tokens=1, **kw)
+  one = build.finish()
+  # only a spec that differs in its token count alone qualifies, and only a smaller one
+  assert feat_lib.smaller_cache(root, {**small, 'temperature': 0.5, 'tokens': 99}) is None
+  assert feat_lib.smaller_cache(root, small) is None
+  big = {**small, 'tokens': len(one['train'].tokens) + len(one['valid'].tokens) + 1}
+  base = feat_lib.smaller_cache(root, big)
+  assert base == feat_lib.cache_dir(root, small)
+  grown = feat_lib.Builder(feat_lib.cache_dir(root, big), big, features=True, base=base)
+  selfdata.write_chats(trunk, grown, tokens=big['tokens'], **kw)
+  assert grown.done() == [0, 1]
+  grown = grown.finish()
+  fresh = feat_lib.Builder(str(tmp_path / 'fresh'), big, features=True)
+  selfdata.write_chats(trunk, fresh, tokens=big['tokens'], **kw)
+  fresh = fresh.finish()
+  for split in feat_lib.SPLITS:
+    for name in feat_lib.ARRAYS:
+      np.testing.assert_array_equal(getattr(grown[split], name), getattr(fresh[split], name))
+  assert feat_lib.meta(feat_lib.cache_dir(root, big))['shards'] == 2
+
+
 def test_given_user_turns_are_answered_in_turn(tmp_path):
   trunk = tiny_trunk(tmp_path)
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=False)
