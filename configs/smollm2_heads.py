@@ -26,7 +26,7 @@ def get_config():
   c.data.sources = 'self'
   c.data.features = True
   c.data.self_prompts = 'configs/prompts/instruct_train.txt'
-  c.data.self_tokens = 800_000
+  c.data.self_tokens = 500_000
   c.data.self_temperature = 0.5
   c.data.cache_dir = 'runs/cache'
   c.train.freeze_trunk = True
