@@ -98,26 +98,35 @@ class Builder:
     self.directory, self.spec = directory, spec
     self.names = tuple(ARRAYS) if features else TOKENS_ONLY
     self.partial = os.path.join(directory, 'partial')
-    self.base = meta(base) if base else None
+    self.base_dir, self.base = base, (meta(base) if base else None)
     if self.base and list(self.names) != self.base['arrays']:
       raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')
-    self.base_dir = base
+    self.first = self.base['shards'] if self.base else 0  # the shards the base stands for
     os.makedirs(self.partial, exist_ok=True)
     with open(os.path.join(directory, 'spec.json'), 'w') as f:
       json.dump(spec, f, indent=1)
 
+  def _written(self) -> list[int]:
+    """The shards written here (not the base's)."""
+    return sorted(int(n) for n in os.listdir(self.partial) if n.isdigit())
+
+  def _counts(self) -> list[dict]:
+    """Positions per split (and seconds) of each shard written here, then the base's totals."""
+    counts = []
+    for index in self._written():
+      with open(os.path.join(self.partial, f'{index:06d}', 'count.json')) as f:
+        counts.append(json.load(f))
+    if self.base:
+      counts.append({**{s: self.base[s]['positions'] for s in SPLITS},
+                     'seconds': self.base['seconds']})
+    return counts
+
   def done(self) -> list[int]:
-    ours = sorted(int(n) for n in os.listdir(self.partial) if n.isdigit())
-    return list(range(self.base['shards'])) + ours if self.base else ours
+    return list(range(self.first)) + self._written()
 
   def positions(self) -> int:
     """Positions in the finished shards (both splits)."""
-    total = sum(self.base[s]['positions'] for s in SPLITS) if self.base else 0
-    for index in self.done()[self.base['shards'] if self.base else 0:]:
-      with open(os.path.join(self.partial, f'{index:06d}', 'count.json')) as f:
-        counts = json.load(f)
-      total += counts['train'] + counts['valid']
-    return total
+    return sum(c['train'] + c['valid'] for c in self._counts())
 
   def add(self, index: int, rows: list[dict], valid: list[bool], seconds: float) -> None:
     """Shard `index`: each row a dict of arrays over its positions ('tokens' and, with features,
@@ -141,23 +150,19 @@ class Builder:
 
   def finish(self) -> dict[str, Split]:
     """Joins every shard, in order, into one memory-mapped array per split and name."""
-    first = self.base['shards'] if self.base else 0
-    shards = [os.path.join(self.partial, f'{i:06d}') for i in self.done()[first:]]
-    counts = [json.load(open(os.path.join(s, 'count.json'))) for s in shards]
-    if self.base:
-      counts.append({**{s: self.base[s]['positions'] for s in SPLITS},
-                     **({'seconds': self.base['seconds']} if self.base['seconds'] else {})})
-    meta = {'spec': self.spec, 'arrays': list(self.names), 'widths': {},
-            'shards': first + len(shards),
+    shards = [os.path.join(self.partial, f'{i:06d}') for i in self._written()]
+    counts = self._counts()
+    meta = {'spec': self.spec, 'arrays': list(self.names),
+            'widths': dict(self.base['widths']) if self.base else {},
+            'shards': self.first + len(shards),
             # None when a shard does not say (written before shards were timed)
-            'seconds': (sum(c['seconds'] for c in counts)
-                        if all('seconds' in c for c in counts) else None)}
+            'seconds': (None if any(c.get('seconds') is None for c in counts)
+                        else sum(c['seconds'] for c in counts))}
     for split in SPLITS:
       for name in self.names:
         path = os.path.join(self.directory, f'{split}.{name}')
         with open(path + '.tmp', 'wb') as out:
-          if self.base:
-            meta['widths'].update(self.base['widths'])
+          if self.base:  # the base's rows first, as they are
             with open(os.path.join(self.base_dir, f'{split}.{name}'), 'rb') as f:
               shutil.copyfileobj(f, out, 1 << 24)
           for shard in shards:

@@ -331,10 +331,10 @@ class Session(Program):
     cache = feat_lib.load(directory)
     if cache is None:
       base = feat_lib.smaller_cache(os.path.dirname(directory), spec)
-      if base:
-        print(f'data: starting from the {feat_lib.meta(base)["spec"]["tokens"]}-token cache in '
-              f'{base}', file=sys.stderr)
       builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0, base=base)
+      if base:
+        print(f'data: starting from the {builder.base["spec"]["tokens"]}-token cache in {base}',
+              file=sys.stderr)
       write(self.data_trunk(), builder)
       cache = builder.finish()
     return cache
