@@ -1,0 +1,163 @@
+"""How often each head's top draft token is the trunk's, teacher-forced: on the trunk's own greedy
+answers to held-out prompts (the text decoding drafts on), and with --cache on a feature cache's
+held-out split with its user-turn and answer positions apart (training's agree@k pools them; the
+user turns, from a few templates, are easy to agree on).
+
+Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
+       [--cache runs/cache/features/HASH]
+Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
+decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
+Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
+decoding accepts position k only after positions 1..k-1, so its per-position rates are lower.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
+_CACHE = flags.DEFINE_string('cache', '', 'A feature cache directory: also count its valid split.')
+_JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
+
+
+def head_tokens(session, params, draft_ids):
+  """fn(tokens_1xW, h0_1xLxD or None) -> D arrays (L,) of each head's top token id at every
+  position (h0 from the trunk over tokens[:, :L] when None; W = L + D + 1)."""
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax.model import MTPLanguageModel
+  model, D = MTPLanguageModel(session.cfg), session.cfg.mtp_depth
+  ids = jnp.asarray(draft_ids) if draft_ids is not None else None
+
+  def heads(m, tokens_1xW, h0_1xLxD):
+    if h0_1xLxD is None:
+      L = tokens_1xW.shape[1] - D - 1
+      h0_1xLxD, _ = m.trunk(tokens_1xW[:, :L], jnp.arange(L)[None])
+    out = []
+    for k, h in enumerate(m.head_states(h0_1xLxD.astype(jnp.float32), tokens_1xW)[1:], start=1):
+      logits = m.logits(h, k)[0]
+      out.append(jnp.argmax(logits, -1) if ids is None else ids[jnp.argmax(logits[:, ids], -1)])
+    return out
+  fn = jax.jit(lambda p, t, h: model.apply({'params': p['params']}, t, h, method=heads))
+  return lambda tokens_1xW, h0=None: [jax.device_get(x) for x in fn(params, tokens_1xW, h0)]
+
+
+def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'):
+  """Adds to sums[(part, k)] = [agreeing, counted]: head k at position i against want[i + k + 1]
+  (the trunk's token there), for first - 1 <= i and i + k + 1 < last, where first >= 1: the
+  positions decoding drafts from when `first` is the first position it writes."""
+  for k, top in enumerate(tops, start=1):
+    for j in range(first + k, last):
+      s = sums.setdefault((part(j), k), [0, 0])
+      s[0] += int(top[j - k - 1] == want[j])
+      s[1] += 1
+
+
+def greedy_agreement(session, params, prompts, draft_ids) -> tuple[dict, list]:
+  """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
+  teacher-forced over prompt + answer, counted on the answer's positions."""
+  import numpy as np
+  from mtp_jax import decode as dec
+  from mtp_jax import inference
+  s = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
+  width = max(len(p) for p in prompts)
+  answers = [dec.outputs(inference.prepared_decoder(session.decode_model, params, [p], s,
+                                                    width=width)())[0] for p in prompts]
+  fn, D = head_tokens(session, params, draft_ids), session.cfg.mtp_depth
+  L = width + s.max_new_tokens
+  sums = {}
+  for p, a in zip(prompts, answers):
+    seq = np.array(p + a, np.int32)
+    tokens = np.zeros((1, L + D + 1), np.int32)
+    tokens[0, :len(seq)] = seq
+    count(fn(tokens), seq, len(p), len(seq), sums)
+  return sums, answers
+
+
+def cache_agreement(session, params, directory: str, draft_ids) -> dict:
+  """Sums as `count` keeps them over the cache's valid split, from its h0 (as training reads it),
+  against the trunk's top token it kept; positions of the user turn (before the chat template's
+  assistant header) are 'prompt', the rest 'answer'."""
+  import numpy as np
+  from mtp_jax import features as feat_lib
+  from mtp_jax import selfdata
+  split, D = feat_lib.load(directory)['valid'], session.cfg.mtp_depth
+  frame = selfdata.Trunk(model=None, params=None, tokenizer=session.tokenizer,
+                         eos_id=session.eos_id, bos_id=None, chat_template=session.chat_template)
+  after = selfdata.chat_frame(frame)[1]
+  starts = np.flatnonzero(split.row_start).tolist() + [len(split.tokens)]
+  L = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+  fn, sums = head_tokens(session, params, draft_ids), {}
+  for a, b in zip(starts[:-1], starts[1:]):
+    row = np.asarray(split.tokens[a:b])
+    # The answer starts after the first assistant header (a row cut short may have none).
+    opens = [j + len(after) for j in range(len(row) - len(after) + 1)
+             if after and row[j:j + len(after)].tolist() == after]
+    answer = opens[0] if opens else len(row)
+    tokens = np.zeros((1, L + D + 1), np.int32)
+    tokens[0, :len(row)] = row
+    h0 = np.zeros((1, L, split.h0.shape[1]), np.float32)
+    h0[0, :len(row)] = np.asarray(split.h0[a:b], np.float32)
+    want = np.concatenate([[-1], np.asarray(split.top_ids[a:b, 0])])  # token j from position j-1
+    count(fn(tokens, h0), want, 1, len(row), sums,
+          part=lambda j: 'answer' if j >= answer else 'prompt')
+  return sums
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import numpy as np
+  from mtp_jax import features
+  from mtp_jax import inference
+  from mtp_jax import measure
+  from mtp_jax import train
+  from mtp_jax.config import ConfigError
+  config = _CONFIG.value
+  try:
+    if config.mtp.depth < 1:
+      raise ConfigError('mtp.depth=0: there are no heads to score')
+    session = train.Session(config, _WORKDIR.value, data=False)
+    _, params = inference.load_params(session)
+    rank, n = session.token_rank(), config.decode.draft_vocab
+    draft_ids = None if not n or rank is None else np.asarray(rank[:n])
+    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+    cache = features.load(_CACHE.value) if _CACHE.value else None
+    if _CACHE.value and (cache is None or not cache['valid'].has_features):
+      raise ValueError(f'--cache: {_CACHE.value} is not a finished feature cache')
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  rows = {}
+  sums, _ = greedy_agreement(session, params, prompts, draft_ids)
+  rows['greedy answers to held-out prompts'] = sums
+  if _CACHE.value:
+    rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
+                                                             draft_ids)
+  print(f'machine: {measure.machine()}')
+  print(f'heads: depth {config.mtp.depth}, draft vocabulary '
+        f'{"all" if draft_ids is None else len(draft_ids)} tokens; {len(prompts)} held-out prompts '
+        f'answered greedily')
+  out = []
+  for name, s in rows.items():
+    for part in sorted({p for p, _ in s}):
+      rates = [s[(part, k)][0] / max(s[(part, k)][1], 1) for k in range(1, config.mtp.depth + 1)]
+      counted = [s[(part, k)][1] for k in range(1, config.mtp.depth + 1)]
+      print(f'{name}, {part} positions: agreement per depth '
+            f'{" / ".join(f"{r:.3f}" for r in rates)} ({" / ".join(map(str, counted))} positions)')
+      out.append({'data': name, 'positions': part, 'agreement': rates, 'counted': counted})
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'machine': measure.machine(), 'rows': out}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,62 @@
+"""experiments/head_agreement.py counts each head against the right token: Medusa heads at their
+zero initialization are the trunk's own output layer, so head k at position i drafts the trunk's
+next token t_{i+1}, and its agreement must be how often that equals the token k positions later;
+on a feature cache, the user turn and the answer are told apart at the assistant header."""
+
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import REPO, pretrained_config, random_llama, write_gguf
+from mtp_jax import features as feat_lib
+from mtp_jax import inference, selfdata, train
+
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
+import head_agreement  # noqa: E402
+
+
+def test_heads_are_scored_against_the_token_they_draft(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  prompts_file = tmp_path / 'prompts.txt'
+  prompts_file.write_text('hello there\nwhat is a cat\n')
+  config = pretrained_config(path, **{'mtp.kind': 'medusa', 'mtp.init_from': '',
+                                      'decode.prompts': str(prompts_file),
+                                      'decode.max_new_tokens': 12})
+  session = train.Session(config, str(tmp_path / 'run'), data=False)
+  _, params = inference.load_params(session)
+  prompts = inference.held_out_prompts(session, 2)
+  sums, answers = head_agreement.greedy_agreement(session, params, prompts, None)
+
+  model = session.decode_model
+  want = {}
+  for p, a in zip(prompts, answers):
+    seq = np.array(p + a)
+    logits, _, _ = model.trunk(model.prepare(params), jnp.asarray(seq)[None],
+                               jnp.arange(len(seq))[None], None)
+    next_token = np.argmax(np.asarray(logits[0]), -1)  # the trunk's t_{i+1} at every i
+    for k in (1, 2):
+      js = np.arange(len(p) + k, len(seq))  # drafts from the last prompt position on
+      w = want.setdefault(k, [0, 0])
+      w[0] += int(np.sum(next_token[js - k - 1] == seq[js]))
+      w[1] += len(js)
+  assert {k: sums[('answer', k)] for k in (1, 2)} == want
+  assert want[1][1] == sum(len(a) - 1 for a in answers)
+
+  # A cache the trunk wrote: every row's positions are split at its assistant header.
+  builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 1}, features=True)
+  selfdata.write_chats(session.data_trunk(), builder, tokens=60, temperature=1.0, answer_len=6,
+                       topk=4, seed=0, valid_fraction=0.5)
+  directory = builder.directory
+  builder.finish()
+  cache = head_agreement.cache_agreement(session, params, directory, None)
+  valid = feat_lib.load(directory)['valid']
+  rows = np.split(np.asarray(valid.tokens), np.flatnonzero(valid.row_start)[1:])
+  after = selfdata.chat_frame(session.data_trunk())[1]
+  answer_starts = [next(j + len(after) for j in range(len(r)) if r[j:j + len(after)].tolist()
+                        == after) for r in rows]
+  for k in (1, 2):
+    assert cache[('prompt', k)][1] == sum(s - 1 - k for s in answer_starts)
+    assert cache[('answer', k)][1] == sum(len(r) - s for r, s in zip(rows, answer_starts))
+    assert 0 <= cache[('answer', k)][0] <= cache[('answer', k)][1]
