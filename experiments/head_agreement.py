@@ -20,11 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
-_CACHE = flags.DEFINE_string('cache', '', 'A feature cache directory: also count its valid split.')
-_JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
+
+def define_flags():
+  """The command line's flags, defined only when run as a script (tests import this module
+  beside other scripts that define flags of the same names)."""
+  global _CONFIG, _WORKDIR, _CACHE, _JSON
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
+                                            'Path to a config file.', lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
+                                 'Run directory (its checkpoint, if any).')
+  _CACHE = flags.DEFINE_string('cache', '',
+                               'A feature cache directory: also count its valid split.')
+  _JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
 
 
 def head_tokens(session, params, draft_ids):
@@ -160,4 +167,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
