@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   # The heads' start: '' random; 'last_block' copies the trunk's last block into each head's
   # block (sequential and parallel kinds); or a heads file written by --mode export.
   c.mtp.init_from = ''
+  # Trunk layers the first sequential module reads besides the trunk's last hidden state (EAGLE-3
+  # fuses low, middle and high layers): 'I,J,...' are block indices, 0 the first block's output;
+  # '' reads the last hidden state alone.
+  c.mtp.feature_layers = ''
   c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
   # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).
   c.mtp.loss_weight_schedule = ''

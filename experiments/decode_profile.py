@@ -99,9 +99,13 @@ def component_costs(model, params, B, S_max, cache_len, calls, rounds):
       h, kv = model.head(params, k, h_in, tokens, positions, kv)
       index = dec.greedy(model.head_logits(params, k, h[:, -1:]))
       token = model.draft_tokens(params, index)
+      # The output feeds the next call where it has the input's width (not the first module's
+      # input, when it reads wider trunk features).
+      h = h if h.shape == h_in.shape else h_in
       return kv, jnp.roll(tokens, -1, axis=1).at[:, -1:].set(token), h
+    width = model.cfg.feature_dim if k == 1 or not model.chains else model.hidden_dim
     init = (model.init_cache(B, cache_len)['heads'][k - 1], jnp.zeros((B, W), jnp.int32),
-            jnp.zeros((B, W, model.hidden_dim), model.hidden_dtype))
+            jnp.zeros((B, W, width), model.hidden_dtype))
     return loop(body), init
 
   parts = [(f'trunk over {T} positions', *trunk(T)) for T in range(1, S_max + 2)]

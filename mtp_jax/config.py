@@ -37,6 +37,12 @@ class ModelConfig:
   head_mlp_dim: int  # 0: each kind's own default (see heads.py)
   attention: str
   kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
+  feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
+
+  @property
+  def feature_dim(self) -> int:
+    """Width of the trunk's features: its last hidden state, then each of feature_layers'."""
+    return self.d_model * (1 + len(self.feature_layers))
 
   @property
   def head_dim(self) -> int:
@@ -66,7 +72,16 @@ class ModelConfig:
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=mlp_dim, dtype=m.dtype,
         tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
-        head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention)
+        head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
+        feature_layers=parse_layers(config.mtp.feature_layers))
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+  """'I,J,...' -> (I, J, ...); raises ConfigError on an entry that is not an integer."""
+  try:
+    return tuple(int(item) for item in str(text).split(',') if item.strip())
+  except ValueError:
+    raise ConfigError(f"mtp.feature_layers must be block indices 'I,J,...', got '{text}'") from None
 
 
 def as_flags(config, skip=()) -> list[str]:
@@ -152,6 +167,13 @@ def validate(config) -> None:
   _check(isinstance(mtp.head_mlp_dim, int) and mtp.head_mlp_dim >= 0,
          f'mtp.head_mlp_dim must be an integer >= 0 (0: the kind\'s default), '
          f'got {mtp.head_mlp_dim!r}')
+  layers = parse_layers(mtp.feature_layers)
+  _check(not layers or mtp.kind == 'sequential',
+         f'mtp.feature_layers feeds the first sequential module; mtp.kind={mtp.kind} has none')
+  _check(all(0 <= i < m.num_layers - 1 for i in layers) and len(set(layers)) == len(layers),
+         f'mtp.feature_layers must be distinct block indices in 0..{m.num_layers - 2} (the last '
+         f'block\'s output is the trunk\'s last hidden state, always read), got '
+         f"'{mtp.feature_layers}'")
   _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
   _check(all(w >= 0 for _, w in parse_schedule(mtp.loss_weight_schedule)),
          'mtp.loss_weight_schedule: weights must be >= 0')

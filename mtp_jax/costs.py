@@ -58,6 +58,14 @@ def head(cfg: ModelConfig) -> Piece:
                              vectors=piece.vectors + 3 * d)
 
 
+def features_in(cfg: ModelConfig) -> Piece:
+  """What the first sequential module adds to read mtp.feature_layers: eh_proj's extra d x d
+  rows per layer and its hnorm's scale (after a trained norm, so fully differentiated)."""
+  n = len(cfg.feature_layers) if cfg.mtp_depth else 0
+  return Piece(matrices=n * cfg.d_model ** 2, vectors=n * cfg.d_model, attends=False, last=0,
+               raw_input=0)
+
+
 def param_counts(cfg: ModelConfig) -> dict:
   """Parameters of the trunk (embedding, blocks, final norm, untied output layer) and of the D
   heads."""
@@ -65,7 +73,8 @@ def param_counts(cfg: ModelConfig) -> dict:
   trunk_block = block(cfg, cfg.mlp_dim)
   trunk = (V * d * (1 if cfg.tie_embeddings else 2)
            + cfg.num_layers * (trunk_block.matrices + trunk_block.vectors) + d)
-  heads = cfg.mtp_depth * (head(cfg).matrices + head(cfg).vectors)
+  extra = features_in(cfg)
+  heads = cfg.mtp_depth * (head(cfg).matrices + head(cfg).vectors) + extra.matrices + extra.vectors
   return {'trunk': trunk, 'heads': heads, 'total': trunk + heads}
 
 
@@ -85,7 +94,7 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
   matrix. Neither counts elementwise work (norms, softmaxes, the optimizer's ~20 FLOPs per trained
   parameter), which XLA's count includes."""
   d, D, L, T = cfg.d_model, cfg.mtp_depth, cfg.num_layers, seq_len
-  trunk_block, mtp_head = block(cfg, cfg.mlp_dim), head(cfg)
+  trunk_block, mtp_head, extra = block(cfg, cfg.mlp_dim), head(cfg), features_in(cfg)
   HE = cfg.num_heads * cfg.head_dim
 
   def attention(hardware):  # per block: the causal half of T x T, or all of it
@@ -97,7 +106,8 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
   trunk_out, heads_out = 2 * d * cfg.vocab_size, D * 2 * d * (draft_vocab or cfg.vocab_size)
 
   def step(hardware: bool):
-    trunk, heads = L * forward(trunk_block, hardware), D * forward(mtp_head, hardware)
+    trunk = L * forward(trunk_block, hardware)
+    heads = D * forward(mtp_head, hardware) + forward(extra, hardware)
     if frozen:
       backward = 2 * heads - D * 2 * mtp_head.raw_input + heads_out
       recomputed = heads_out
@@ -107,13 +117,14 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
     total = trunk + heads + trunk_out + heads_out + backward
     if not hardware:
       return total
-    remat = D * (forward(mtp_head, hardware) - 2 * mtp_head.last)
+    remat = D * (forward(mtp_head, hardware) - 2 * mtp_head.last) + forward(extra, hardware)
     if not frozen:
       remat += L * (forward(trunk_block, hardware) - 2 * trunk_block.last)
     return total + recomputed + (remat if cfg.remat else 0)
 
   tokens = batch * seq_len
-  parts = {'trunk_linear': L * 2 * trunk_block.matrices, 'heads_linear': D * 2 * mtp_head.matrices,
+  parts = {'trunk_linear': L * 2 * trunk_block.matrices,
+           'heads_linear': D * 2 * mtp_head.matrices + 2 * extra.matrices,
            'attention_causal': (L + (D if mtp_head.attends else 0)) * attention(False),
            'output_projection': trunk_out + heads_out}
   return {'tokens': tokens, 'forward_per_token': sum(parts.values()),

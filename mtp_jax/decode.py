@@ -197,7 +197,7 @@ class Rows:
   prompt_len: jax.Array  # B
   done: jax.Array  # B bool: finished (or idle)
   prompt: jax.Array  # B: the queue index of the row's prompt
-  hidden: list  # h^0..h^{S-1}, each B x L x D: the inputs heads read
+  hidden: list  # h^0..h^{S-1}, each B x L x D (h^0: the trunk's features): the inputs heads read
   cache: dict
   forwards: jax.Array  # B: trunk forwards while the row was active (prefill excluded)
   emitted: jax.Array  # B: tokens committed by loop iterations (prefill excluded)
@@ -362,8 +362,9 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
   positions = _positions(jnp.zeros((B,), jnp.int32), P)
   cache = model.init_cache(B, cache_len)
   logits, h0, cache['trunk'] = model.trunk(params, prompts_BxP, positions, cache['trunk'])
-  hidden = [jnp.zeros((B, cache_len, model.hidden_dim), model.hidden_dtype)
-            for _ in range(max(S, 1) if model.chains else 1)]
+  # h^0 is the trunk's features (mtp.feature_layers can make them wider than a head's output).
+  hidden = [jnp.zeros((B, cache_len, h0.shape[-1] if k == 0 else model.hidden_dim),
+                      model.hidden_dtype) for k in range(max(S, 1) if model.chains else 1)]
   hidden[0] = write_cache(hidden[0], h0, positions)
   last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   first = _pick(jax.random.fold_in(key, 0), last, s)

@@ -1,6 +1,6 @@
 """Token rows a model wrote itself, and cached trunk features for training heads on a frozen trunk:
-at every position the trunk's last hidden state h0 (bfloat16) and its top-K next-token
-log-probabilities. A cache is keyed by the trunk's identity (its file hash) and what made it, so a
+at every position the trunk's features h0 (bfloat16; its last hidden state, then the layers of
+mtp.feature_layers) and its top-K next-token log-probabilities. A cache is keyed by the trunk's identity (its file hash) and what made it, so a
 different model never reads a stale cache; it is built in shards, each written atomically, so an
 interrupted build resumes at the first missing shard.
 
@@ -31,7 +31,7 @@ TOKENS_ONLY = ('tokens', 'row_start')
 class Split:
   tokens: np.ndarray  # N int32
   row_start: np.ndarray  # N bool: the first token of a row
-  h0: np.ndarray | None = None  # N x D bfloat16
+  h0: np.ndarray | None = None  # N x feature_dim bfloat16
   top_ids: np.ndarray | None = None  # N x K int32
   top_logp: np.ndarray | None = None  # N x K float16
 
@@ -68,6 +68,34 @@ def load(directory: str) -> dict[str, Split] | None:
                                shape=shape)
     out[split] = Split(**arrays)
   return out
+
+
+# Spec keys that choose which features a cache keeps, not which rows it holds.
+FEATURE_KEYS = ('topk', 'feature_layers')
+
+
+def same_rows(root: str, spec: dict) -> str | None:
+  """A finished cache under root holding exactly the rows `spec` names, with other features
+  (another 'topk' or 'feature_layers'), whose rows a forward pass can give the features asked
+  for; None when there is none."""
+  if not os.path.isdir(root):
+    return None
+  rows_of = lambda s: {k: v for k, v in s.items() if k not in FEATURE_KEYS}
+  for name in sorted(os.listdir(root)):
+    try:
+      other = meta(os.path.join(root, name))['spec']
+    except (OSError, ValueError, KeyError):
+      continue
+    if other != spec and rows_of(other) == rows_of(spec):
+      return os.path.join(root, name)
+  return None
+
+
+def rows(split: Split) -> list[np.ndarray]:
+  """The split's token rows, cut where row_start is set."""
+  starts = np.flatnonzero(split.row_start)
+  ends = np.append(starts[1:], len(split.tokens))
+  return [np.asarray(split.tokens[a:b]) for a, b in zip(starts, ends)]
 
 
 def smaller_cache(root: str, spec: dict) -> str | None:

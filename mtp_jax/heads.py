@@ -16,16 +16,20 @@ from mtp_jax.layers import Block, RMSNorm, dense, dense_param, fan_in_init, para
 
 class SequentialModule(nn.Module):
   """Module k of DeepSeek-V3: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],
-  h^k = TRM_k(h'). The embedding comes first in the concat, as in the released weights."""
+  h^k = TRM_k(h'). The embedding comes first in the concat, as in the released weights. The
+  first module's h^0 may be the trunk's features, its last hidden state followed by other
+  layers' (mtp.feature_layers): each D-wide slice is normalised on its own and M_1 is wider."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_prev_BxTxD, emb_BxTxD, positions_BxT, kv=None):
+  def __call__(self, h_prev_BxTxF, emb_BxTxD, positions_BxT, kv=None):
     cfg = self.cfg
-    eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (2 * cfg.d_model,), (cfg.d_model,),
-                          ('concat_embed',), ('embed',), cfg)
+    F = h_prev_BxTxF.shape[-1]
+    eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (cfg.d_model + F,),
+                          (cfg.d_model,), ('concat_embed',), ('embed',), cfg)
     e = RMSNorm(cfg.d_model, cfg.norm_eps, name='enorm')(emb_BxTxD)
-    h = RMSNorm(cfg.d_model, cfg.norm_eps, name='hnorm')(h_prev_BxTxD.astype(e.dtype))
+    h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model,
+                name='hnorm')(h_prev_BxTxF.astype(e.dtype))
     x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj.astype(cfg.compute_dtype), 1, cfg)
     return head_block(cfg, 'block')(x_BxTxD, positions_BxT, kv)
 

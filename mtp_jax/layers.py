@@ -55,14 +55,20 @@ def rms_norm(x, scale, eps):
 
 
 class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, or, with `groups`, over each of that many equal slices of it
+  (features of several layers side by side, each at its own scale)."""
   dim: int
   eps: float
+  groups: int = 1
 
   def setup(self):
     self.scale = param_with_axes(self, 'scale', nn.initializers.ones, (self.dim,), ('norm',))
 
   def __call__(self, x):
-    return rms_norm(x, self.scale, self.eps)
+    if self.groups == 1:
+      return rms_norm(x, self.scale, self.eps)
+    sliced = x.reshape(*x.shape[:-1], self.groups, self.dim // self.groups)
+    return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps).reshape(x.shape)
 
 
 def rope(x_BxTxNxE, positions_BxT, theta: float):

@@ -39,12 +39,18 @@ class MTPLanguageModel(nn.Module):
     return emb.astype(self.cfg.compute_dtype)
 
   def trunk(self, tokens_BxT, positions_BxT, caches=None):
-    """Returns the trunk's last hidden state h^0 (before the final norm) and updated caches."""
+    """Returns the trunk's features h^0 and updated caches: its last hidden state (before the
+    final norm), followed by the outputs of the blocks mtp.feature_layers names (B x T x
+    feature_dim)."""
     x_BxTxD = self.embed(tokens_BxT)
-    new_caches = []
+    new_caches, taken = [], {}
     for i, block in enumerate(self.blocks):
       x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i])
       new_caches.append(kv)
+      if i in self.cfg.feature_layers:
+        taken[i] = x_BxTxD
+    if taken:
+      x_BxTxD = jnp.concatenate([x_BxTxD] + [taken[i] for i in self.cfg.feature_layers], axis=-1)
     return x_BxTxD, (None if caches is None else new_caches)
 
   def mtp_step(self, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv=None):
@@ -95,8 +101,9 @@ class MTPLanguageModel(nn.Module):
 
 def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   """Norm then output matrix (V x D when tied to the embedding, D x V otherwise); logits in
-  float32."""
-  x = rms_norm(h_BxTxD, scale_D, cfg.norm_eps)
+  float32. Of the trunk's features (wider than D with mtp.feature_layers) it reads the first D,
+  the last hidden state."""
+  x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps)
   if cfg.tie_embeddings or cfg.kernels:  # V x D: the embedding, or kernel_layout's unembedding
     logits = kernels.rows_matmul(x, out.astype(cfg.compute_dtype), use_kernel=cfg.kernels)
   else:

@@ -103,11 +103,18 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
 
 
 FORWARD_ROWS, FORWARD_LEN = 8, 512
+_WIDTH_STEP = 64  # forward batches are padded to a multiple of this, so few shapes compile
+
+
+def pieces(tokens, length: int = FORWARD_LEN) -> list[np.ndarray]:
+  """Consecutive pieces of at most `length` tokens."""
+  return [np.asarray(tokens[i:i + length]) for i in range(0, len(tokens), length)]
 
 
 def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: int) -> None:
-  """Features of existing token arrays ({'train': tokens, 'valid': tokens}), from one trunk
-  forward over rows of FORWARD_LEN tokens each (a row's first positions see less context)."""
+  """Features of existing token rows ({'train': rows, 'valid': rows}), from one trunk forward
+  over batches of FORWARD_ROWS rows; a row longer than FORWARD_LEN is cut into pieces (a piece's
+  first positions see less context)."""
 
   @jax.jit
   def forward(params, tokens_BxT):
@@ -117,8 +124,8 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
     return h0.astype(jnp.bfloat16), ids, logp.astype(jnp.float16)
 
   chunks = []
-  for split, tokens in splits.items():
-    rows = [tokens[i:i + FORWARD_LEN] for i in range(0, len(tokens), FORWARD_LEN)]
+  for split, split_rows in splits.items():
+    rows = [p for row in split_rows for p in pieces(row)]
     chunks += [(split, rows[i:i + FORWARD_ROWS]) for i in range(0, len(rows), FORWARD_ROWS)]
   done = set(builder.done())
   with tqdm.tqdm(total=sum(len(r) for _, c in chunks for r in c), desc='data: trunk features',
@@ -128,7 +135,7 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
         bar.update(sum(len(r) for r in rows))
         continue
       start = time.perf_counter()
-      width = max(len(r) for r in rows)
+      width = min(FORWARD_LEN, -(-max(len(r) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP)
       batch = np.zeros((FORWARD_ROWS, width), np.int32)
       for b, r in enumerate(rows):
         batch[b, :len(r)] = r

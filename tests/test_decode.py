@@ -13,10 +13,15 @@ from mtp_jax import decode as dec
 from mtp_jax.config import KINDS
 from mtp_jax.model import init_params
 
-@pytest.mark.parametrize('kind', KINDS)
-def test_cached_chunks_match_full_forward(kind):
+# Each head kind, and sequential modules reading a second trunk layer (mtp.feature_layers).
+MODELS = {kind: {'mtp.kind': kind} for kind in KINDS}
+MODELS['sequential+features'] = {'mtp.kind': 'sequential', 'mtp.feature_layers': '0'}
+
+
+@pytest.mark.parametrize('model', list(MODELS))
+def test_cached_chunks_match_full_forward(model):
   """Feeding a window through the caches in uneven chunks gives the full forward's logits."""
-  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  cfg = tiny_model(**MODELS[model], **{'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(0))
   model = dec.DecodeModel(cfg)
   B, T, L = 2, 11, 16
@@ -44,9 +49,9 @@ def run(model, params, prompts, settings, key=0):
   return fn(params, prompts_BxP, lens, jax.random.key(key))
 
 
-@pytest.mark.parametrize('kind', KINDS)
-def test_greedy_mtp_equals_ar(kind):
-  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
+@pytest.mark.parametrize('model', list(MODELS))
+def test_greedy_mtp_equals_ar(model):
+  cfg = tiny_model(**MODELS[model], **{'mtp.depth': 3})
   params = init_params(cfg, jax.random.key(7))
   model = dec.DecodeModel(cfg)
   rng = np.random.default_rng(0)

@@ -1,13 +1,16 @@
-"""The model and the combined loss: causality, target alignment, loss against a reference."""
+"""The model and the combined loss: causality, target alignment, loss against a reference; the
+trunk features the first sequential module reads."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import depth_logits, tiny_model
+from conftest import depth_logits, tiny_config, tiny_model
 from mtp_jax.loss import LossSpec, combined_loss, depth_sums, loss_weight
-from mtp_jax.config import KINDS
+from mtp_jax.config import KINDS, ConfigError, validate
 from mtp_jax.model import MTPLanguageModel, init_params
 
 @pytest.mark.parametrize('kind', KINDS)
@@ -143,3 +146,42 @@ def test_fused_attention_matches_einsum(kind):
     np.testing.assert_allclose(m1[name], m0[name], rtol=1e-5, atol=1e-6, err_msg=name)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_layers_feed_the_first_module_other_layers_of_the_trunk():
+  """With mtp.feature_layers the trunk's features are its last hidden state, then the named
+  blocks' outputs; the trunk's own logits do not change and only the first module widens."""
+  cfg = tiny_model(**{'mtp.feature_layers': '0'})
+  assert cfg.feature_layers == (0,) and cfg.feature_dim == 64
+  params = init_params(cfg, jax.random.key(0))
+  inner = params['params']
+  assert inner['mtp_0']['eh_proj'].shape == (32 + 64, 32)
+  assert inner['mtp_0']['hnorm']['scale'].shape == (64,)
+  assert inner['mtp_1']['eh_proj'].shape == (64, 32)
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  features, _ = MTPLanguageModel(cfg).apply(params, tokens, pos, method=MTPLanguageModel.trunk)
+  plain = tiny_model()
+  last, _ = MTPLanguageModel(plain).apply(params, tokens, pos, method=MTPLanguageModel.trunk)
+  first = dataclasses.replace(plain, num_layers=1)  # the same params up to block 0's output
+  block0, _ = MTPLanguageModel(first).apply(params, tokens, pos, method=MTPLanguageModel.trunk)
+  np.testing.assert_array_equal(features, np.concatenate([last, block0], axis=-1))
+  np.testing.assert_array_equal(
+      MTPLanguageModel(cfg).apply(params, features, 0, method=MTPLanguageModel.logits),
+      MTPLanguageModel(plain).apply(params, last, 0, method=MTPLanguageModel.logits))
+  # each layer's slice is normalised on its own: scaling one layer's features changes nothing
+  h = jax.random.normal(jax.random.key(2), (2, 9, 64))
+  out = [MTPLanguageModel(cfg).apply(params, 1, x, tokens, pos, method=MTPLanguageModel.mtp_step)[0]
+         for x in (h, h.at[..., 32:].multiply(7.0))]
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides,words', [
+    ({'mtp.feature_layers': '1'}, 'block indices in 0..0'),  # block 1 is the last: always read
+    ({'mtp.feature_layers': '0,0'}, 'distinct'),
+    ({'mtp.feature_layers': 'low'}, "'I,J,...', got 'low'"),
+    ({'mtp.feature_layers': '0', 'mtp.kind': 'parallel'}, 'mtp.kind=parallel has none')])
+def test_bad_feature_layers_are_one_config_error(overrides, words):
+  with pytest.raises(ConfigError, match='mtp.feature_layers') as e:
+    validate(tiny_config(**overrides))
+  assert words in str(e.value)

@@ -1,6 +1,6 @@
 """A frozen trunk writing its own training data (chats through its chat template), with the
-features it kept while writing equal to a fresh forward over the written rows, and a build that
-an interruption leaves resumable."""
+features it kept while writing equal to a fresh forward over the written rows, a build that
+an interruption leaves resumable, and written chats given other features by one forward."""
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,9 @@ from mtp_jax import selfdata, train
 from mtp_jax.pretrained import resolve
 
 
-def tiny_trunk(tmp_path) -> selfdata.Trunk:
+def tiny_trunk(tmp_path, **overrides) -> selfdata.Trunk:
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
-  config = resolve.resolve_config(pretrained_config(path))
+  config = resolve.resolve_config(pretrained_config(path, **overrides))
   session = train.Session(config, str(tmp_path / 'run'), data=False)
   return session.data_trunk()
 
@@ -113,3 +113,51 @@ def test_given_user_turns_are_answered_in_turn(tmp_path):
   # the rows not held out, in order, cycling through the turns
   rows = range(selfdata.ROWS_PER_SHARD)
   assert turns == [queries[b % 3] for b in rows if not feat_lib.is_valid_row(f'0:0:{b}', 0.3)]
+
+
+def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
+  """A cache of the same chats with the trunk's block-0 output beside its last hidden state
+  (mtp.feature_layers), made from the written rows: same rows, the last hidden state and the
+  distribution as decoding kept them, and the build resumes from where it was stopped."""
+  trunk = tiny_trunk(tmp_path)
+  root = str(tmp_path / 'features')
+  spec = {'kind': 'chats', 'tokens': 150, 'topk': 4}
+  written = feat_lib.Builder(feat_lib.cache_dir(root, spec), spec, features=True)
+  selfdata.write_chats(trunk, written, tokens=150, temperature=1.0, answer_len=12, topk=4,
+                       seed=0, valid_fraction=0.3)
+  chats = written.finish()
+  wide = {**spec, 'feature_layers': [0]}
+  assert feat_lib.same_rows(root, wide) == feat_lib.cache_dir(root, spec)
+  assert feat_lib.same_rows(root, {**wide, 'tokens': 151}) is None
+  assert feat_lib.same_rows(root, spec) is None  # itself is not another
+  assert train.Session._same_rows(str(tmp_path), wide) == feat_lib.cache_dir(root, spec)
+
+  (tmp_path / 'two').mkdir()
+  two = tiny_trunk(tmp_path / 'two', **{'mtp.feature_layers': '0'})
+  rows = {s: feat_lib.rows(split) for s, split in chats.items()}
+  assert [len(r) for r in rows['train']] == np.diff(
+      np.append(np.flatnonzero(chats['train'].row_start), len(chats['train'].tokens))).tolist()
+  directory = feat_lib.cache_dir(root, wide)
+  first = feat_lib.Builder(directory, wide, features=True)
+  selfdata.FORWARD_ROWS, keep = 2, selfdata.FORWARD_ROWS
+  try:
+    selfdata.write_features(two, first, {'train': rows['train'][:2]}, 4)  # "killed" after one
+    assert first.done() == [0]
+    # begun: the build goes on from the same rows (its rows_from file), not from new chats
+    assert train.Session._same_rows(str(tmp_path), wide) == feat_lib.cache_dir(root, spec)
+    again = feat_lib.Builder(directory, wide, features=True)
+    selfdata.write_features(two, again, rows, 4)
+  finally:
+    selfdata.FORWARD_ROWS = keep
+  made = again.finish()
+  assert train.Session._same_rows(str(tmp_path), wide) is None  # finished
+  for split in feat_lib.SPLITS:
+    old, new = chats[split], made[split]
+    np.testing.assert_array_equal(new.tokens, old.tokens)
+    np.testing.assert_array_equal(new.row_start, old.row_start)
+    assert new.h0.shape == (len(old.tokens), 64)
+    last = np.flatnonzero(np.append(old.row_start[1:], True))  # no prediction was kept there
+    keep_rows = np.setdiff1d(np.arange(len(old.tokens)), last)
+    np.testing.assert_allclose(new.h0[keep_rows, :32].astype(np.float32),
+                               old.h0[keep_rows].astype(np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_array_equal(new.top_ids[keep_rows, 0], old.top_ids[keep_rows, 0])

@@ -18,7 +18,10 @@ RANK = 'token_rank'  # every token id, most frequent in the heads' training data
 # Metadata key -> config path; a heads file fits a config when these agree (depth may be fewer).
 _MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'model.d_model',
           'num_heads': 'model.num_heads', 'num_kv_heads': 'model.num_kv_heads',
-          'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size'}
+          'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size',
+          'feature_layers': 'mtp.feature_layers'}
+# Keys added after the first heads files were written, with the value those files mean.
+_ADDED = {'feature_layers': ''}
 
 
 def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
@@ -56,8 +59,9 @@ def check(path: str, config) -> dict:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
   for key, field in _MATCH.items():
     section, attr = field.split('.')
-    if meta.get(key) != str(config[section][attr]):
-      raise PretrainedError(f'mtp.init_from: {name} holds heads with {field}={meta.get(key)}, '
+    held = meta.get(key, _ADDED.get(key))
+    if held != str(config[section][attr]):
+      raise PretrainedError(f'mtp.init_from: {name} holds heads with {field}={held}, '
                             f'the config has {config[section][attr]}')
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
