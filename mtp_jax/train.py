@@ -347,7 +347,14 @@ class Session(Program):
     if not spec['topk'] or feat_lib.load(directory) is not None:
       return None
     if os.path.isdir(os.path.join(directory, 'partial')):  # begun: as it began
-      return open(marker).read() if os.path.isfile(marker) else None
+      if not os.path.isfile(marker):
+        return None
+      with open(marker) as f:
+        found = f.read()
+      if feat_lib.load(found) is None:
+        raise data_lib.DataError(f'{directory} was begun from the chats in {found}, which are '
+                                 'gone; delete it to start again')
+      return found
     found = feat_lib.same_rows(os.path.dirname(directory), spec)
     if found:
       os.makedirs(directory, exist_ok=True)

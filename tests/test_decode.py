@@ -18,10 +18,10 @@ MODELS = {kind: {'mtp.kind': kind} for kind in KINDS}
 MODELS['sequential+features'] = {'mtp.kind': 'sequential', 'mtp.feature_layers': '0'}
 
 
-@pytest.mark.parametrize('model', list(MODELS))
-def test_cached_chunks_match_full_forward(model):
+@pytest.mark.parametrize('name', list(MODELS))
+def test_cached_chunks_match_full_forward(name):
   """Feeding a window through the caches in uneven chunks gives the full forward's logits."""
-  cfg = tiny_model(**MODELS[model], **{'mtp.depth': 2})
+  cfg = tiny_model(**MODELS[name], **{'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(0))
   model = dec.DecodeModel(cfg)
   B, T, L = 2, 11, 16
@@ -49,9 +49,9 @@ def run(model, params, prompts, settings, key=0):
   return fn(params, prompts_BxP, lens, jax.random.key(key))
 
 
-@pytest.mark.parametrize('model', list(MODELS))
-def test_greedy_mtp_equals_ar(model):
-  cfg = tiny_model(**MODELS[model], **{'mtp.depth': 3})
+@pytest.mark.parametrize('kind', KINDS)
+def test_greedy_mtp_equals_ar(kind):
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
   params = init_params(cfg, jax.random.key(7))
   model = dec.DecodeModel(cfg)
   rng = np.random.default_rng(0)
@@ -293,9 +293,9 @@ def test_rows_take_the_next_prompt_when_theirs_finishes(sampled):
   assert int(queued.iterations) < int(one_row.iterations)
 
 
-@pytest.mark.parametrize('kind', KINDS)
-def test_queued_greedy_mtp_equals_ar_on_a_model(kind):
-  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+@pytest.mark.parametrize('name', list(MODELS))
+def test_queued_greedy_mtp_equals_ar_on_a_model(name):
+  cfg = tiny_model(**MODELS[name], **{'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(5))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
