@@ -140,6 +140,11 @@ def main(argv):
     cache = features.load(_CACHE.value) if _CACHE.value else None
     if _CACHE.value and (cache is None or not cache['valid'].has_features):
       raise ValueError(f'--cache: {_CACHE.value} is not a finished feature cache')
+    if _CACHE.value:
+      layers = features.meta(_CACHE.value)['spec'].get('feature_layers', [])
+      if tuple(layers) != session.cfg.feature_layers:
+        raise ValueError(f'--cache: {_CACHE.value} keeps the features of blocks {layers}, the '
+                         f'heads read {list(session.cfg.feature_layers)} (mtp.feature_layers)')
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

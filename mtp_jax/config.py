@@ -168,8 +168,9 @@ def validate(config) -> None:
          f'mtp.head_mlp_dim must be an integer >= 0 (0: the kind\'s default), '
          f'got {mtp.head_mlp_dim!r}')
   layers = parse_layers(mtp.feature_layers)
-  _check(not layers or mtp.kind == 'sequential',
-         f'mtp.feature_layers feeds the first sequential module; mtp.kind={mtp.kind} has none')
+  _check(not layers or (mtp.kind == 'sequential' and mtp.depth >= 1),
+         f'mtp.feature_layers feeds the first sequential module; mtp.kind={mtp.kind} with '
+         f'mtp.depth={mtp.depth} has none')
   _check(all(0 <= i < m.num_layers - 1 for i in layers) and len(set(layers)) == len(layers),
          f'mtp.feature_layers must be distinct block indices in 0..{m.num_layers - 2} (the last '
          f'block\'s output is the trunk\'s last hidden state, always read), got '

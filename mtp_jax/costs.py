@@ -61,7 +61,7 @@ def head(cfg: ModelConfig) -> Piece:
 def features_in(cfg: ModelConfig) -> Piece:
   """What the first sequential module adds to read mtp.feature_layers: eh_proj's extra d x d
   rows per layer and its hnorm's scale (after a trained norm, so fully differentiated)."""
-  n = len(cfg.feature_layers) if cfg.mtp_depth else 0
+  n = len(cfg.feature_layers) if cfg.mtp_depth and cfg.mtp_chains else 0
   return Piece(matrices=n * cfg.d_model ** 2, vectors=n * cfg.d_model, attends=False, last=0,
                raw_input=0)
 

@@ -73,6 +73,9 @@ def load(directory: str) -> dict[str, Split] | None:
 
 # Spec keys that choose which features a cache keeps, not which rows it holds.
 FEATURE_KEYS = ('topk', 'feature_layers')
+# In a cache made from another cache's rows: that cache's directory. Its shards are forward
+# batches, not the shards writing chats makes, so it is never a base to grow from.
+ROWS_FROM = 'rows_from'
 
 
 def same_rows(root: str, spec: dict) -> str | None:
@@ -111,6 +114,8 @@ def smaller_cache(root: str, spec: dict) -> str | None:
     try:
       other = meta(directory)['spec']
     except (OSError, ValueError, KeyError):
+      continue
+    if os.path.exists(os.path.join(directory, ROWS_FROM)):
       continue
     tokens = other.get('tokens')
     if (isinstance(tokens, int) and most < tokens < spec['tokens']

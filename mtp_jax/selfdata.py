@@ -113,7 +113,7 @@ def pieces(tokens, length: int = FORWARD_LEN) -> list[np.ndarray]:
 
 def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: int) -> None:
   """Features of existing token rows ({'train': rows, 'valid': rows}), from one trunk forward
-  over batches of FORWARD_ROWS rows; a row longer than FORWARD_LEN is cut into pieces (a piece's
+  over batches of FORWARD_ROWS rows, each row whole (text is cut into `pieces` first, whose
   first positions see less context)."""
 
   @jax.jit
@@ -124,8 +124,7 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
     return h0.astype(jnp.bfloat16), ids, logp.astype(jnp.float16)
 
   chunks = []
-  for split, split_rows in splits.items():
-    rows = [p for row in split_rows for p in pieces(row)]
+  for split, rows in splits.items():
     chunks += [(split, rows[i:i + FORWARD_ROWS]) for i in range(0, len(rows), FORWARD_ROWS)]
   done = set(builder.done())
   with tqdm.tqdm(total=sum(len(r) for _, c in chunks for r in c), desc='data: trunk features',
@@ -135,7 +134,7 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
         bar.update(sum(len(r) for r in rows))
         continue
       start = time.perf_counter()
-      width = min(FORWARD_LEN, -(-max(len(r) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP)
+      width = -(-max(len(r) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP
       batch = np.zeros((FORWARD_ROWS, width), np.int32)
       for b, r in enumerate(rows):
         batch[b, :len(r)] = r

@@ -343,7 +343,7 @@ class Session(Program):
     be made from (kept in its `rows_from` file, so that an interrupted build resumes as it
     began); None when there is none or spec's cache is finished."""
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
-    marker = os.path.join(directory, 'rows_from')
+    marker = os.path.join(directory, feat_lib.ROWS_FROM)
     if not spec['topk'] or feat_lib.load(directory) is not None:
       return None
     if os.path.isdir(os.path.join(directory, 'partial')):  # begun: as it began
@@ -360,6 +360,8 @@ class Session(Program):
       os.makedirs(directory, exist_ok=True)
       with open(marker, 'w') as f:
         f.write(found)
+    elif os.path.exists(marker):  # left by a run stopped before it began; chats are written now
+      os.remove(marker)
     return found
 
   def _build(self, root: str, spec: dict, write, grow: bool = True) -> dict:

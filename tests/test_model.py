@@ -180,7 +180,8 @@ def test_feature_layers_feed_the_first_module_other_layers_of_the_trunk():
     ({'mtp.feature_layers': '1'}, 'block indices in 0..0'),  # block 1 is the last: always read
     ({'mtp.feature_layers': '0,0'}, 'distinct'),
     ({'mtp.feature_layers': 'low'}, "'I,J,...', got 'low'"),
-    ({'mtp.feature_layers': '0', 'mtp.kind': 'parallel'}, 'mtp.kind=parallel has none')])
+    ({'mtp.feature_layers': '0', 'mtp.kind': 'parallel'}, 'mtp.kind=parallel with'),
+    ({'mtp.feature_layers': '0', 'mtp.depth': 0}, 'mtp.depth=0 has none')])
 def test_bad_feature_layers_are_one_config_error(overrides, words):
   with pytest.raises(ConfigError, match='mtp.feature_layers') as e:
     validate(tiny_config(**overrides))

@@ -151,6 +151,9 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
     selfdata.FORWARD_ROWS = keep
   made = again.finish()
   assert train.Session._same_rows(str(tmp_path), wide) is None  # finished
+  # its shards are forward batches, not chats' shards: never a base for more chats
+  assert feat_lib.smaller_cache(root, {**wide, 'tokens': 10 ** 6}) is None
+  assert feat_lib.smaller_cache(root, {**spec, 'tokens': 10 ** 6}) == feat_lib.cache_dir(root, spec)
   for split in feat_lib.SPLITS:
     old, new = chats[split], made[split]
     np.testing.assert_array_equal(new.tokens, old.tokens)

@@ -33,7 +33,8 @@ def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
       'tie_word_embeddings': cfg.tie_embeddings, 'vocab_size': cfg.vocab_size,
       'max_position_embeddings': cfg.max_seq_len, 'attention_bias': False, 'mlp_bias': False,
       'bos_token_id': bos_id, 'eos_token_id': eos_id, 'torch_dtype': dtype,
-      'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS}}
+      'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS,
+              'feature_layers': list(cfg.feature_layers)}}
 
 
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,

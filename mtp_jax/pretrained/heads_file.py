@@ -10,6 +10,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mtp_jax.config import parse_layers
 from mtp_jax.pretrained import llama
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -24,6 +25,14 @@ _MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'mo
 _ADDED = {'feature_layers': ''}
 
 
+def _value(config, path: str) -> str:
+  """A config field as heads files record it (block indices as 'I,J', however written)."""
+  section, field = path.split('.')
+  if path == 'mtp.feature_layers':
+    return ','.join(map(str, parse_layers(config[section][field])))
+  return str(config[section][field])
+
+
 def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
          dtype=np.float16) -> None:
   """Writes the heads of params['params'] (atomically) as `dtype`."""
@@ -31,8 +40,7 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
   tensors = {k: v.astype(dtype) for k, v in llama.heads_from_params(params, kind, depth).items()}
   if token_rank is not None:
     tensors[RANK] = np.asarray(token_rank, np.int32)
-  meta = {key: str(config[section][field]) for key, (section, field) in
-          ((k, p.split('.')) for k, p in _MATCH.items())}
+  meta = {key: _value(config, path) for key, path in _MATCH.items()}
   meta.update(format=FORMAT, depth=str(depth), trunk=trunk)
   tmp = f'{path}.tmp{os.getpid()}'
   save_file(tensors, tmp, metadata=meta)
@@ -58,11 +66,10 @@ def check(path: str, config) -> dict:
   if meta.get('format') != FORMAT:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
   for key, field in _MATCH.items():
-    section, attr = field.split('.')
     held = meta.get(key, _ADDED.get(key))
-    if held != str(config[section][attr]):
+    if held != _value(config, field):
       raise PretrainedError(f'mtp.init_from: {name} holds heads with {field}={held}, '
-                            f'the config has {config[section][attr]}')
+                            f'the config has {_value(config, field)}')
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
