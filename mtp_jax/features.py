@@ -78,21 +78,53 @@ FEATURE_KEYS = ('topk', 'feature_layers')
 ROWS_FROM = 'rows_from'
 
 
+def _finished(root: str):
+  """(directory, spec) of every finished cache under root."""
+  if not os.path.isdir(root):
+    return
+  for name in sorted(os.listdir(root)):
+    directory = os.path.join(root, name)
+    try:
+      yield directory, meta(directory)['spec']
+    except (OSError, ValueError, KeyError):
+      continue
+
+
 def same_rows(root: str, spec: dict) -> str | None:
   """A finished cache under root holding exactly the rows `spec` names, with other features
   (another 'topk' or 'feature_layers'), whose rows a forward pass can give the features asked
   for; None when there is none."""
-  if not os.path.isdir(root):
-    return None
   rows_of = lambda s: {k: v for k, v in s.items() if k not in FEATURE_KEYS}
-  for name in sorted(os.listdir(root)):
-    try:
-      other = meta(os.path.join(root, name))['spec']
-    except (OSError, ValueError, KeyError):
-      continue
+  for directory, other in _finished(root):
     if other != spec and rows_of(other) == rows_of(spec):
-      return os.path.join(root, name)
+      return directory
   return None
+
+
+def rows_source(directory: str, spec: dict) -> str | None:
+  """The finished cache of spec's rows with other features that the unfinished cache in
+  `directory` is to be made from (kept in its ROWS_FROM file, so that an interrupted build
+  resumes as it began); None when there is none or the cache is finished."""
+  marker = os.path.join(directory, ROWS_FROM)
+  if not spec['topk'] or load(directory) is not None:
+    return None
+  if os.path.isdir(os.path.join(directory, 'partial')):  # begun: as it began
+    if not os.path.isfile(marker):
+      return None
+    with open(marker) as f:
+      found = f.read()
+    if load(found) is None:
+      raise DataError(f'{directory} was begun from the rows in {found}, which are gone; delete '
+                      'it to start again')
+    return found
+  found = same_rows(os.path.dirname(directory), spec)
+  if found:
+    os.makedirs(directory, exist_ok=True)
+    with open(marker, 'w') as f:
+      f.write(found)
+  elif os.path.exists(marker):  # left by a run stopped before it began; rows are written now
+    os.remove(marker)
+  return found
 
 
 def rows(split: Split) -> list[np.ndarray]:
@@ -106,15 +138,10 @@ def smaller_cache(root: str, spec: dict) -> str | None:
   """The finished cache under root with the most rows whose spec equals `spec` but for a smaller
   'tokens' count: its shards are the first ones a build of `spec` would write, so that build can
   start from them (Builder's base). None when there is none."""
-  if not isinstance(spec.get('tokens'), int) or not os.path.isdir(root):
+  if not isinstance(spec.get('tokens'), int):
     return None
   best, most = None, 0
-  for name in sorted(os.listdir(root)):
-    directory = os.path.join(root, name)
-    try:
-      other = meta(directory)['spec']
-    except (OSError, ValueError, KeyError):
-      continue
+  for directory, other in _finished(root):
     if os.path.exists(os.path.join(directory, ROWS_FROM)):
       continue
     tokens = other.get('tokens')

@@ -65,8 +65,6 @@ class RMSNorm(nn.Module):
     self.scale = param_with_axes(self, 'scale', nn.initializers.ones, (self.dim,), ('norm',))
 
   def __call__(self, x):
-    if self.groups == 1:
-      return rms_norm(x, self.scale, self.eps)
     sliced = x.reshape(*x.shape[:-1], self.groups, self.dim // self.groups)
     return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps).reshape(x.shape)
 

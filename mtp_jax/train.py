@@ -292,19 +292,10 @@ class Session(Program):
               'valid_fraction': d.valid_fraction}
       if queries:  # a cache made without them keeps its key
         spec['prompts'] = hashlib.sha1('\n'.join(queries).encode()).hexdigest()
-      if self.cfg.feature_layers and d.features:  # caches made without them keep their key
-        spec['feature_layers'] = list(self.cfg.feature_layers)
-      written = self._same_rows(root, spec)
-      if written:  # the same chats with other features: one forward per row gives these
-        print(f'data: features of the chats in {written}, recomputed', file=sys.stderr)
-        cache = self._build(root, spec, lambda trunk, builder: selfdata.write_features(
-            trunk, builder, {s: feat_lib.rows(split) for s, split in
-                             feat_lib.load(written).items()}, spec['topk']), grow=False)
-      else:
-        cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
-            trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
-            answer_len=d.self_answer_len, topk=spec['topk'], seed=0,
-            valid_fraction=d.valid_fraction, queries=queries))
+      cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
+          trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
+          answer_len=d.self_answer_len, topk=spec['topk'], seed=0,
+          valid_fraction=d.valid_fraction, queries=queries))
       self.data = data_lib.TokenData(
           train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,
           eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
@@ -316,8 +307,6 @@ class Session(Program):
         tokens = _digest(self.data.train, self.data.valid)
         spec = {'kind': 'text', 'trunk': self.model_file.identity, 'tokens': tokens,
                 'topk': config.train.distill_topk}
-        if self.cfg.feature_layers:
-          spec['feature_layers'] = list(self.cfg.feature_layers)
         self.features = self._build(root, spec, lambda trunk, builder: selfdata.write_features(
             trunk, builder, {'train': selfdata.pieces(self.data.train),
                              'valid': selfdata.pieces(self.data.valid)},
@@ -337,47 +326,32 @@ class Session(Program):
     if config.train.draft_vocab:
       self.draft_ids = np.sort(self.data_token_rank()[:config.train.draft_vocab])
 
-  @staticmethod
-  def _same_rows(root: str, spec: dict) -> str | None:
-    """A finished cache of spec's rows with other features, which spec's unfinished cache is to
-    be made from (kept in its `rows_from` file, so that an interrupted build resumes as it
-    began); None when there is none or spec's cache is finished."""
-    directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
-    marker = os.path.join(directory, feat_lib.ROWS_FROM)
-    if not spec['topk'] or feat_lib.load(directory) is not None:
-      return None
-    if os.path.isdir(os.path.join(directory, 'partial')):  # begun: as it began
-      if not os.path.isfile(marker):
-        return None
-      with open(marker) as f:
-        found = f.read()
-      if feat_lib.load(found) is None:
-        raise data_lib.DataError(f'{directory} was begun from the chats in {found}, which are '
-                                 'gone; delete it to start again')
-      return found
-    found = feat_lib.same_rows(os.path.dirname(directory), spec)
-    if found:
-      os.makedirs(directory, exist_ok=True)
-      with open(marker, 'w') as f:
-        f.write(found)
-    elif os.path.exists(marker):  # left by a run stopped before it began; chats are written now
-      os.remove(marker)
-    return found
-
-  def _build(self, root: str, spec: dict, write, grow: bool = True) -> dict:
-    """The feature cache for `spec`, built by write(trunk, builder) if it is not there yet;
-    `grow`: starting from a smaller finished cache of the same kind (write appends rows)."""
+  def _build(self, root: str, spec: dict, write) -> dict:
+    """The feature cache for `spec` (with the trunk's feature layers, when it keeps features),
+    made if it is not there yet: from a finished cache of the same rows with other features by
+    one trunk forward per row, else by write(trunk, builder), starting from a smaller finished
+    cache of the same kind when there is one (write then appends rows)."""
+    if spec['topk'] and self.cfg.feature_layers:  # caches made without them keep their key
+      spec = {**spec, 'feature_layers': list(self.cfg.feature_layers)}
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
     cache = feat_lib.load(directory)
-    if cache is None:
-      base = feat_lib.smaller_cache(os.path.dirname(directory), spec) if grow else None
+    if cache is not None:
+      return cache
+    source = feat_lib.rows_source(directory, spec)
+    if source:
+      print(f'data: features of the rows in {source}, recomputed', file=sys.stderr)
+      builder = feat_lib.Builder(directory, spec, features=True)
+      selfdata.write_features(self.data_trunk(), builder, {
+          split: feat_lib.rows(rows) for split, rows in feat_lib.load(source).items()},
+          spec['topk'])
+    else:
+      base = feat_lib.smaller_cache(os.path.dirname(directory), spec)
       builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0, base=base)
       if base:
         print(f'data: starting from the {builder.base["spec"]["tokens"]}-token cache in {base}',
               file=sys.stderr)
       write(self.data_trunk(), builder)
-      cache = builder.finish()
-    return cache
+    return builder.finish()
 
   def data_trunk(self) -> selfdata.Trunk:
     """The frozen trunk as data making sees it: its params alone, on a depth-0 config."""

@@ -127,30 +127,30 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
                        seed=0, valid_fraction=0.3)
   chats = written.finish()
   wide = {**spec, 'feature_layers': [0]}
+  wide_dir = feat_lib.cache_dir(root, wide)
   assert feat_lib.same_rows(root, wide) == feat_lib.cache_dir(root, spec)
   assert feat_lib.same_rows(root, {**wide, 'tokens': 151}) is None
   assert feat_lib.same_rows(root, spec) is None  # itself is not another
-  assert train.Session._same_rows(str(tmp_path), wide) == feat_lib.cache_dir(root, spec)
+  assert feat_lib.rows_source(wide_dir, wide) == feat_lib.cache_dir(root, spec)
 
   (tmp_path / 'two').mkdir()
   two = tiny_trunk(tmp_path / 'two', **{'mtp.feature_layers': '0'})
   rows = {s: feat_lib.rows(split) for s, split in chats.items()}
   assert [len(r) for r in rows['train']] == np.diff(
       np.append(np.flatnonzero(chats['train'].row_start), len(chats['train'].tokens))).tolist()
-  directory = feat_lib.cache_dir(root, wide)
-  first = feat_lib.Builder(directory, wide, features=True)
+  first = feat_lib.Builder(wide_dir, wide, features=True)
   selfdata.FORWARD_ROWS, keep = 2, selfdata.FORWARD_ROWS
   try:
     selfdata.write_features(two, first, {'train': rows['train'][:2]}, 4)  # "killed" after one
     assert first.done() == [0]
     # begun: the build goes on from the same rows (its rows_from file), not from new chats
-    assert train.Session._same_rows(str(tmp_path), wide) == feat_lib.cache_dir(root, spec)
-    again = feat_lib.Builder(directory, wide, features=True)
+    assert feat_lib.rows_source(wide_dir, wide) == feat_lib.cache_dir(root, spec)
+    again = feat_lib.Builder(wide_dir, wide, features=True)
     selfdata.write_features(two, again, rows, 4)
   finally:
     selfdata.FORWARD_ROWS = keep
   made = again.finish()
-  assert train.Session._same_rows(str(tmp_path), wide) is None  # finished
+  assert feat_lib.rows_source(wide_dir, wide) is None  # finished
   # its shards are forward batches, not chats' shards: never a base for more chats
   assert feat_lib.smaller_cache(root, {**wide, 'tokens': 10 ** 6}) is None
   assert feat_lib.smaller_cache(root, {**spec, 'tokens': 10 ** 6}) == feat_lib.cache_dir(root, spec)
