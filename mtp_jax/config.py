@@ -136,7 +136,8 @@ def _check(ok: bool, message: str):
 
 def validate(config) -> None:
   """Checks every field that could fail later; raises ConfigError with one line. How the
-  batch and the model split over the devices is sharding.check_mesh's to check."""
+  batch and the model split over the devices is sharding.check_mesh's to check. Writes
+  mtp.feature_layers in its canonical form ('I,J,...')."""
   m, t, d, mtp = config.model, config.train, config.decode, config.mtp
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
@@ -175,6 +176,9 @@ def validate(config) -> None:
          f'mtp.feature_layers must be distinct block indices in 0..{m.num_layers - 2} (the last '
          f'block\'s output is the trunk\'s last hidden state, always read), got '
          f"'{mtp.feature_layers}'")
+  # One spelling from here on ('2, 15,27' and '2,15,27' are one model), so checkpoints and heads
+  # files compare the field as a string.
+  mtp.feature_layers = ','.join(map(str, layers))
   _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
   _check(all(w >= 0 for _, w in parse_schedule(mtp.loss_weight_schedule)),
          'mtp.loss_weight_schedule: weights must be >= 0')

@@ -186,3 +186,11 @@ def test_bad_feature_layers_are_one_config_error(overrides, words):
   with pytest.raises(ConfigError, match='mtp.feature_layers') as e:
     validate(tiny_config(**overrides))
   assert words in str(e.value)
+
+
+def test_feature_layers_have_one_spelling_once_validated():
+  """validate writes the block indices one way, so checkpoints and heads files, which compare
+  the field as a string, take '1,0' and ' 1, 0' for the same model."""
+  config = tiny_config(**{'model.num_layers': 3, 'mtp.feature_layers': ' 1, 0'})
+  validate(config)
+  assert config.mtp.feature_layers == '1,0'

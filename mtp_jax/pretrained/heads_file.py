@@ -10,7 +10,6 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mtp_jax.config import parse_layers
 from mtp_jax.pretrained import llama
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -26,10 +25,9 @@ _ADDED = {'feature_layers': ''}
 
 
 def _value(config, path: str) -> str:
-  """A config field as heads files record it (block indices as 'I,J', however written)."""
+  """A config field as heads files record it (of a validated config: config.validate writes
+  mtp.feature_layers in one form)."""
   section, field = path.split('.')
-  if path == 'mtp.feature_layers':
-    return ','.join(map(str, parse_layers(config[section][field])))
   return str(config[section][field])
 
 
