@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   # chats (a user turn it invents at temperature 1, then its answer at self_temperature), split
   # into train and valid by row.
   c.data.self_tokens = 100_000
-  c.data.self_temperature = 1.0
+  c.data.self_temperature = 1.0  # 0: greedy answers, the text greedy decoding produces
   c.data.self_answer_len = 256  # longest answer per row, in tokens
   # A file of user turns, one a line, that the trunk answers in turn ('': it invents them).
   c.data.self_prompts = ''

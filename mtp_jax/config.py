@@ -225,8 +225,8 @@ def validate_pretrained(config) -> None:
   _check(not self_gen or pretrained, "data.sources=self needs a pretrained trunk (model.init_from)")
   _check(isinstance(data.self_tokens, int) and data.self_tokens >= 1,
          f'data.self_tokens must be an integer >= 1, got {data.self_tokens!r}')
-  _check(data.self_temperature > 0,
-         f'data.self_temperature must be > 0, got {data.self_temperature}')
+  _check(data.self_temperature >= 0,
+         f'data.self_temperature must be >= 0 (0: greedy answers), got {data.self_temperature}')
   _check(not data.self_prompts or os.path.isfile(data.self_prompts),
          f"data.self_prompts: no file '{data.self_prompts}'")
   _check(isinstance(data.self_answer_len, int) and data.self_answer_len >= 1,

@@ -50,6 +50,25 @@ def test_written_chats_carry_the_trunks_own_features(tmp_path):
                                np.take_along_axis(np.asarray(logp), want, -1)[:, 0], atol=1e-2)
 
 
+def test_greedy_chats_are_the_trunks_argmax_continuations(tmp_path):
+  """data.self_temperature=0: every answer token is the trunk's top token at the position
+  before it, as the features kept while writing record."""
+  trunk = tiny_trunk(tmp_path)
+  before, after = selfdata.chat_frame(trunk)
+  query = 'Name a fruit.'
+  start = len(before) + len(selfdata._encode(trunk, query)) + len(after)  # first answer token
+  builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=True)
+  selfdata.write_chats(trunk, builder, tokens=60, temperature=0.0, answer_len=10, topk=2,
+                       seed=0, valid_fraction=0.3, queries=[query])
+  split = builder.finish()['train']
+  rows = np.split(np.arange(len(split.tokens)), np.flatnonzero(split.row_start)[1:])
+  assert len(rows) >= 2
+  for row in rows:
+    tokens, top = split.tokens[row], split.top_ids[row][:, 0]
+    assert len(tokens) > start
+    np.testing.assert_array_equal(tokens[start:], top[start - 1:-1])
+
+
 def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
   trunk = tiny_trunk(tmp_path)
   directory = str(tmp_path / 'cache')
