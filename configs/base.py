@@ -140,6 +140,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Heads draft over the N most frequent tokens of their training data only (0: every token);
   # verification still uses the trunk's full distribution, so decoding stays exact.
   c.decode.draft_vocab = 0
+  # Greedy decoding verifies the first draft's K most likely tokens at once, each followed by its
+  # own chain of drafts, in K rows per prompt; the longest accepted chain is kept (1: one chain).
+  c.decode.candidates = 1
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''
 

@@ -65,9 +65,7 @@ def main(argv):
   ar_rate = tokens / sum(seconds[0::per])
   rows = [{'draft_vocab': 'ar', 'tau': 1.0, 'tokens_per_s': ar_rate, 'speedup': 1.0}]
   for i, n in enumerate(sizes, start=1):
-    counts = [dec.stats(st, s_mtp) for st in states[i::per]]
-    pooled = dec.rates(sum(c['emitted'] for c in counts), sum(c['forwards'] for c in counts),
-                       np.sum([c['accepted'] for c in counts], axis=0))
+    pooled = dec.pooled_rates(states[i::per], s_mtp)
     rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
     rows.append({'draft_vocab': 'full' if n is None else n, 'tau': pooled['tau'],
                  'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),

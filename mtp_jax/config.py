@@ -244,6 +244,11 @@ def validate_decode(config) -> None:
   _check(isinstance(d.bench_rounds, int) and d.bench_rounds >= 1,
          f'decode.bench_rounds must be an integer >= 1, got {d.bench_rounds!r}')
   _check(not d.prompts or os.path.isfile(d.prompts), f"decode.prompts: no file '{d.prompts}'")
+  _check(isinstance(d.candidates, int) and d.candidates >= 1,
+         f'decode.candidates must be an integer >= 1, got {d.candidates!r}')
+  _check(d.candidates == 1 or d.temperature == 0,
+         f'decode.candidates={d.candidates} verifies greedy drafts only; with decode.temperature='
+         f'{d.temperature} use 1')
   _check(isinstance(d.draft_vocab, int) and 0 <= d.draft_vocab <= config.data.vocab_size,
          f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {d.draft_vocab!r}')

@@ -6,6 +6,12 @@ speculative sampling (Leviathan et al.), which at temperature 0 reduces to "acce
 draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is plain
 autoregressive decoding through the same loop.
 
+With `candidates` K > 1 (greedy only), each prompt is decoded in K rows ("lanes") that hold the
+same committed tokens: lane j drafts the first head's j-th most likely token, each continues
+its own chain of S - 1 drafts, all K chains are verified in the same trunk forward, and every
+lane then takes the tokens and new cache entries of the lane that accepted the most (Medusa's
+top-k candidates, at the first draft position only). Output stays the trunk's own.
+
 Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
 has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
 idles while a slow one finishes.
@@ -186,12 +192,13 @@ class Settings:
   top_p: float = 1.0
   eos_id: int = -1  # -1: no end-of-sequence token.
   capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
+  candidates: int = 1  # K > 1 (temperature 0, S >= 1): lanes per prompt, see the module docstring
 
 
 @flax.struct.dataclass
 class Rows:
-  """The B rows being decoded; every leaf has the row axis first, so that a row can be replaced
-  by a freshly prefilled one."""
+  """The B rows being decoded (B = prompts at once x candidates, a prompt's lanes adjacent);
+  every leaf has the row axis first, so that a row can be replaced by a freshly prefilled one."""
   tokens: jax.Array  # B x L committed tokens, drafts written past them
   n: jax.Array  # B: committed tokens
   prompt_len: jax.Array  # B
@@ -321,7 +328,13 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
     logits_BxN = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
     draft_logits.append(logits_BxN)
-    token = model.draft_tokens(params, _pick(keys[k - 1], logits_BxN, s))
+    if k == 1 and s.candidates > 1:  # lane j drafts the j-th most likely token
+      lane_B = jnp.arange(logits_BxN.shape[0]) % s.candidates
+      index = jnp.take_along_axis(jax.lax.top_k(logits_BxN, s.candidates)[1], lane_B[:, None],
+                                  axis=1)[:, 0]
+    else:
+      index = _pick(keys[k - 1], logits_BxN, s)
+    token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
   return rows, draft_logits
@@ -354,8 +367,8 @@ def _commit(rows: Rows, new_BxC, count_B, s: Settings):
 def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s: Settings,
                  cache_len: int):
   """Rows for these prompts (right-padded): one trunk forward over them, the first token, and
-  the heads run over the prompt to fill their caches. Also returns the trunk's logits at each
-  prompt's last position (B x V)."""
+  the heads run over the prompt to fill their caches; each row repeated once per lane. Also
+  returns the trunk's logits at each prompt's last position (B x V)."""
   B, P = prompts_BxP.shape
   S = s.draft_len
   tokens = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(prompts_BxP)
@@ -381,6 +394,8 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
     # tokens are rewritten by the first iteration's windows. Heads that keep no cache have
     # nothing to fill.
     rows, _ = _run_heads(model, params, rows, key, [zeros] * S, [P] * S, S, s, draft=False)
+  if s.candidates > 1:
+    rows = jax.tree.map(lambda x: jnp.repeat(x, s.candidates, axis=0), rows)
   return rows, last
 
 
@@ -400,13 +415,14 @@ def prefill(model, params, prompts_QxP, prompt_len_Q, key, s: Settings, cache_le
                 out_tokens=jnp.zeros((Q, s.max_new_tokens), jnp.int32), out_len=zeros,
                 out_forwards=zeros, out_emitted=zeros,
                 out_accepted=jnp.zeros((Q, S1), jnp.int32))
-  return _finish(state, jnp.zeros((B,), bool), s), logits
+  return _finish(state, jnp.zeros_like(rows.done), s), logits
 
 
 def _finish(state: State, was_done_B, s: Settings) -> State:
   """Copies the rows that finished since `was_done` into their prompts' outputs."""
   rows = state.rows
-  just = rows.done & ~was_done_B
+  first_lane = jnp.arange(rows.done.shape[0]) % s.candidates == 0  # lanes hold the same tokens
+  just = rows.done & ~was_done_B & first_lane
   target = jnp.where(just, rows.prompt, state.queue.shape[0])  # out of range: dropped
   new = _gather(rows.tokens, _positions(rows.prompt_len, s.max_new_tokens))
   put = lambda buf, value: buf.at[target].set(value, mode='drop')
@@ -421,9 +437,10 @@ _REFILL = 0x52454649  # a stream of random bits apart from the iterations' (fold
 
 
 def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
-  """Gives the first finished row the next queued prompt, prefilled alone."""
+  """Gives the first finished row (all its lanes) the next queued prompt, prefilled alone."""
   rows = state.rows
-  row = jnp.argmax(rows.done)
+  lanes = jnp.arange(rows.done.shape[0]) // s.candidates
+  row = jnp.argmax(rows.done) // s.candidates * s.candidates
   q = state.next_prompt
   key = jax.random.fold_in(jax.random.fold_in(state.key, _REFILL), q)
   fresh, _ = prefill_rows(model, params, jax.lax.dynamic_slice_in_dim(state.queue, q, 1),
@@ -432,7 +449,7 @@ def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
   rows = jax.tree.map(lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, row, 0),
                       rows, fresh)
   state = state.replace(rows=rows, next_prompt=q + 1)
-  return _finish(state, jnp.ones_like(rows.done).at[row].set(False), s)
+  return _finish(state, lanes != row // s.candidates, s)
 
 
 def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
@@ -469,6 +486,22 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   return n_acc, _sample(k_resid, resid)
 
 
+def _best_lanes(n_acc_B, lanes: int):
+  """For every row, the row index of its prompt's lane that accepted the most drafts (the first
+  such lane, which drafted the most likely tokens, on a tie)."""
+  grouped = n_acc_B.reshape(-1, lanes)
+  best = jnp.arange(grouped.shape[0]) * lanes + jnp.argmax(grouped, axis=1)
+  return jnp.repeat(best, lanes)
+
+
+def _copy_window(buf, from_B, positions_BxT):
+  """buf with each row's entries at `positions` taken from row from_B (a buffer without a
+  position axis, one value per row, is taken whole)."""
+  if buf.ndim < 2:
+    return buf[from_B]
+  return write_cache(buf, _gather(buf, positions_BxT)[from_B], positions_BxT)
+
+
 def step(model, params, state: State, s: Settings):
   """One iteration: draft S tokens, verify them in one trunk forward, commit. Returns the new
   state and what happened: 'draft_logits' (B x S x N, the heads' logits over the draft
@@ -483,9 +516,6 @@ def step(model, params, state: State, s: Settings):
   inputs = _gather(rows.tokens, positions)
   cache = dict(rows.cache)
   logits_BxS1xV, h0, cache['trunk'] = model.trunk(params, inputs, positions, cache['trunk'])
-  hidden = list(rows.hidden)
-  hidden[0] = write_cache(hidden[0], h0, positions)
-  rows = _capture(rows.replace(hidden=hidden, cache=cache), logits_BxS1xV, positions, s)
   drafts_BxS = inputs[:, 1:]
   B, V = drafts_BxS.shape[0], logits_BxS1xV.shape[-1]
   if S and s.temperature > 0:
@@ -493,6 +523,13 @@ def step(model, params, state: State, s: Settings):
   else:
     q_BxSxV = None
   n_acc, bonus = _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s)
+  if s.candidates > 1:  # every lane takes the verified window of its prompt's best lane
+    win_B = _best_lanes(n_acc, s.candidates)
+    n_acc, bonus, drafts_BxS, h0 = n_acc[win_B], bonus[win_B], drafts_BxS[win_B], h0[win_B]
+    cache['trunk'] = jax.tree.map(lambda buf: _copy_window(buf, win_B, positions), cache['trunk'])
+  hidden = list(rows.hidden)
+  hidden[0] = write_cache(hidden[0], h0, positions)
+  rows = _capture(rows.replace(hidden=hidden, cache=cache), logits_BxS1xV, positions, s)
   new_BxC = jnp.concatenate([drafts_BxS, jnp.zeros((B, 1), jnp.int32)], axis=1)
   new_BxC = jnp.where(jnp.arange(S + 1)[None] == n_acc[:, None], bonus[:, None], new_BxC)
   active = ~rows.done
@@ -527,6 +564,9 @@ class Decoder:
   stored (the model prepares them): decoder(params, prompts_QxP, prompt_len_Q, key) -> State."""
 
   def __init__(self, model, s: Settings, cache_len: int, batch: int | None):
+    if s.candidates < 1 or (s.candidates > 1 and (s.temperature > 0 or s.draft_len < 1)):
+      raise ValueError(f'candidates={s.candidates}: lanes verify greedy drafts only (temperature '
+                       f'0, draft_len >= 1); speculative sampling keeps one chain')
     self.model = model
     self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
                                             batch=batch))
@@ -576,6 +616,13 @@ def rates(emitted: int, forwards: int, accepted) -> dict:
   counts, so runs can be pooled by adding their counts first."""
   return {'tau': emitted / max(forwards, 1),
           'acceptance_per_position': (np.asarray(accepted) / max(forwards, 1)).tolist()}
+
+
+def pooled_rates(states: list, s: Settings) -> dict:
+  """`rates` over several finished runs' counts together."""
+  counts = [stats(state, s) for state in states]
+  return rates(sum(c['emitted'] for c in counts), sum(c['forwards'] for c in counts),
+               np.sum([c['accepted'] for c in counts], axis=0))
 
 
 def stats(state: State, s: Settings) -> dict:

@@ -20,12 +20,14 @@ from mtp_jax.pretrained.tokenizer import render_chat
 
 
 def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
-  """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar)."""
+  """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar).
+  decode.candidates applies to greedy drafting; sampling and `ar` decode one lane."""
   d = config.decode
-  return dec.Settings(draft_len=draft_len(config) if draft is None else draft,
-                      max_new_tokens=d.max_new_tokens,
-                      temperature=d.temperature if temperature is None else temperature,
-                      top_k=d.top_k, top_p=d.top_p, eos_id=eos_id)
+  S = draft_len(config) if draft is None else draft
+  T = d.temperature if temperature is None else temperature
+  return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens, temperature=T, top_k=d.top_k,
+                      top_p=d.top_p, eos_id=eos_id,
+                      candidates=d.candidates if T == 0 and S > 0 else 1)
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int):
@@ -238,9 +240,7 @@ def bench_rows(session, params, config) -> list[dict]:
       for S, s in enumerate(per_S):
         states = outputs[S::len(per_S)]
         outs = [o for state in states for o in dec.outputs(state)]
-        counts = [dec.stats(state, s) for state in states]
-        pooled = dec.rates(sum(c['emitted'] for c in counts), sum(c['forwards'] for c in counts),
-                           np.sum([c['accepted'] for c in counts], axis=0))
+        pooled = dec.pooled_rates(states, s)
         tokens_per_s = sum(len(o) for o in outs) / best[S].sum()
         if S == 0:
           reference = {'outs': outs, 'tokens_per_s': tokens_per_s}

@@ -66,26 +66,32 @@ def test_greedy_mtp_equals_ar(kind):
       assert st['emitted'] + len(prompts) == sum(len(o) for o in ar)
 
 
-@pytest.mark.parametrize('kind', KINDS)
-def test_caches_after_decoding_equal_one_fresh_pass(kind):
+@pytest.mark.parametrize('kind,candidates', [(kind, 1) for kind in KINDS] + [('sequential', 3)])
+def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
   """After many rejected drafts, every cache entry at a committed position equals what one
-  pass over the final sequence computes: rollback and window rewrites leave no stale entry."""
+  pass over the final sequence computes: rollback and window rewrites leave no stale entry. With
+  candidate lanes, in every lane (each verified other drafts than the one kept)."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(3))
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
-  s = dec.Settings(draft_len=2, max_new_tokens=12)
+  s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates)
   rows = run(model, params, prompts, s).rows
   n = np.asarray(rows.n)
   fresh, _ = dec.prefill(model, params, jnp.asarray(np.asarray(rows.tokens)[:, :int(n.max())]),
                          jnp.asarray(n), jax.random.key(0),
-                         dataclasses.replace(s, max_new_tokens=1), rows.tokens.shape[1])
+                         dataclasses.replace(s, max_new_tokens=1, candidates=1),
+                         rows.tokens.shape[1])
   fresh = fresh.rows
   state = rows
-  for b in range(2):
-    # The trunk cache covers positions 0..n-2; head k's entries are exact up to n-2-k (parallel:
-    # n-2), past which they were built from tokens that are not committed yet.
+  for b in range(len(prompts) * candidates):
+    # The trunk cache and features cover positions 0..n-2; head k's entries are exact up to
+    # n-2-k (parallel: n-2), past which they were built from tokens that are not committed yet.
     valid = {'trunk': n[b] - 1}
+    lane0 = b // candidates * candidates  # the lanes of one prompt hold the same tokens
+    np.testing.assert_array_equal(state.tokens[b, :n[b]], state.tokens[lane0, :n[b]])
+    np.testing.assert_allclose(state.hidden[0][b, :valid['trunk']],
+                               fresh.hidden[0][b, :valid['trunk']], rtol=2e-5, atol=2e-5)
     for layer in range(cfg.num_layers):
       for name in ('k', 'v'):
         np.testing.assert_allclose(state.cache['trunk'][layer][name][b, :valid['trunk']],
@@ -337,3 +343,46 @@ class ReducedTableStub(TableStub):
 
   def draft_to_vocab(self, params, q_xN, vocab):
     return jnp.zeros(q_xN.shape[:-1] + (vocab,)).at[..., list(self.ids)].set(q_xN)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerUpStub(CountingStub):
+  """CountingStub whose heads rank a wrong token (t + 2) first and the trunk's (t + 1) second."""
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    return (tokens_BxT + 2)[..., None].astype(jnp.float32), cache
+
+  def head_logits(self, params, k, h_BxTxD):
+    t = h_BxTxD[..., 0].astype(jnp.int32)
+    return self._logits(t) + 0.5 * self._logits(t - 1)
+
+
+def test_candidate_lanes_accept_the_runner_up_draft():
+  """With 2 candidates the first draft's second choice, the trunk's token, is verified beside the
+  first and kept; the chain after it is wrong again, so each iteration commits 2 tokens."""
+  stub = RunnerUpStub(depth=2)
+  prompts = [[3, 4], [10]]
+  chain = run(stub, None, prompts, dec.Settings(draft_len=2, max_new_tokens=9))
+  lanes = run(stub, None, prompts, dec.Settings(draft_len=2, max_new_tokens=9, candidates=2))
+  assert dec.outputs(lanes) == dec.outputs(chain) == [list(range(5, 14)), list(range(11, 20))]
+  np.testing.assert_array_equal(chain.out_accepted, [[0, 0], [0, 0]])
+  np.testing.assert_array_equal(lanes.out_forwards, [4, 4])  # 1 (prefill) + 4 x 2 = 9 tokens
+  np.testing.assert_array_equal(lanes.out_accepted, [[4, 0], [4, 0]])
+  with pytest.raises(ValueError, match='greedy drafts only'):
+    run(stub, None, prompts, dec.Settings(draft_len=2, temperature=1.0, candidates=2))
+
+
+@pytest.mark.parametrize('name', list(MODELS))
+def test_candidate_lanes_keep_greedy_exact_on_a_model(name):
+  """Lanes on real models, all at once and through a queue (a finished prompt's lanes take the
+  next prompt together): the tokens are ar's, and the caches are one fresh pass's."""
+  cfg = tiny_model(**MODELS[name], **{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(5))
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
+  model = dec.DecodeModel(cfg)
+  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=11)))
+  for S, K, batch in [(1, 3, None), (2, 2, 2)]:
+    s = dec.Settings(draft_len=S, max_new_tokens=11, candidates=K)
+    state = run_queued(model, params, prompts, s, batch)
+    assert dec.outputs(state) == ar, (S, K)

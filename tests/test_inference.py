@@ -110,6 +110,9 @@ def test_training_logs_decode_metrics(trained):
     (['--prompt=x', '--config.decode.draft_len=0'], 'decode.draft_len'),
     (['--prompt=x', '--config.decode.temperature=-1.0'], 'decode.temperature'),
     (['--prompt=x', '--config.decode.top_p=0.0'], 'decode.top_p'),
+    (['--prompt=x', '--config.decode.candidates=0'], 'decode.candidates'),
+    (['--prompt=x', '--config.decode.candidates=2', '--config.decode.temperature=1.0'],
+     'greedy drafts only'),
     (['--prompt_file=IDS'], 'outside the vocabulary'),
 ])
 def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):

@@ -1,0 +1,86 @@
+"""tau and speed of greedy decoding against the draft length S and the number K of candidate
+lanes (decode.candidates: the first draft's K most likely tokens verified in one trunk forward,
+each followed by its own chain of S - 1 drafts), in one run with every setting timed in
+interleaved rounds.
+
+Run: python experiments/candidates.py --config configs/smollm2.py --workdir runs/smollm2
+Prints one row per (S, K): tau, acceptance per position, tokens/s at batch 1 on held-out prompts
+(each prompt decoded alone), the speedup over `ar` and whether every output equals `ar`'s;
+--json FILE keeps them.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
+_DRAFTS = flags.DEFINE_list('draft_lens', [], 'Draft lengths S (default: 1..mtp.depth).')
+_CANDIDATES = flags.DEFINE_list('candidates', ['1', '2', '3'], 'Lanes per prompt K.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
+_JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import dataclasses
+  import numpy as np
+  from mtp_jax import decode as dec
+  from mtp_jax import inference
+  from mtp_jax import measure
+  from mtp_jax import train
+  from mtp_jax.config import ConfigError
+  config = _CONFIG.value
+  try:
+    D = config.mtp.depth
+    lens = [int(S) for S in _DRAFTS.value] or list(range(1, D + 1))
+    lanes = [int(K) for K in _CANDIDATES.value]
+    if D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in lanes):
+      raise ConfigError(f'--draft_lens must be in 1..mtp.depth={D} and --candidates >= 1')
+    session = train.Session(config, _WORKDIR.value, data=False)
+    _, params = inference.load_params(session)
+    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
+  s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
+  settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K)
+                       for S in lens for K in lanes]
+  width = max(len(p) for p in prompts)
+  calls = [inference.prepared_decoder(session.decode_model, params, [p], s, width=width)
+           for p in prompts for s in settings]
+  seconds, states = measure.fastest(calls, _ROUNDS.value, desc='candidates: decoding')
+  per = len(settings)
+  outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
+  rows = []
+  for i, s in enumerate(settings):
+    pooled = dec.pooled_rates(states[i::per], s)
+    rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
+    rows.append({'draft_len': s.draft_len, 'candidates': s.candidates, 'tau': pooled['tau'],
+                 'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
+                 'tokens_per_s': rate, 'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
+                 'identical_to_ar': outs(i) == outs(0)})
+  print(f'machine: {measure.machine()}')
+  print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
+        f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
+        f'{session.decode_model.kernels}')
+  print(f"{'S':>2} {'K':>2} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  acceptance")
+  for r in rows:
+    print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
+          f"{r['speedup']:>7.2f} {str(r['identical_to_ar']):>9}  {r['acceptance']}")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
