@@ -24,19 +24,22 @@ from ml_collections import config_flags  # noqa: E402
 def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
-  global _CONFIG, _WORKDIR, _CACHE, _JSON
+  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
                                  'Run directory (its checkpoint, if any).')
   _CACHE = flags.DEFINE_string('cache', '',
                                'A feature cache directory: also count its valid split.')
+  _TOP = flags.DEFINE_integer('top', 1, 'Count a head as agreeing when the trunk\'s token is '
+                              'among its TOP most likely (decode.candidates verifies that many '
+                              'at the first draft position).')
   _JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
 
 
-def head_tokens(session, params, draft_ids):
-  """fn(tokens_1xW, h0_1xLxD or None) -> D arrays (L,) of each head's top token id at every
-  position (h0 from the trunk over tokens[:, :L] when None; W = L + D + 1)."""
+def head_tokens(session, params, draft_ids, top: int = 1):
+  """fn(tokens_1xW, h0_1xLxD or None) -> D arrays (L, top) of each head's `top` most likely token
+  ids at every position (h0 from the trunk over tokens[:, :L] when None; W = L + D + 1)."""
   import jax
   import jax.numpy as jnp
   from mtp_jax.model import MTPLanguageModel
@@ -50,24 +53,26 @@ def head_tokens(session, params, draft_ids):
     out = []
     for k, h in enumerate(m.head_states(h0_1xLxD.astype(jnp.float32), tokens_1xW)[1:], start=1):
       logits = m.logits(h, k)[0]
-      out.append(jnp.argmax(logits, -1) if ids is None else ids[jnp.argmax(logits[:, ids], -1)])
+      out.append(jax.lax.top_k(logits, top)[1] if ids is None else
+                 ids[jax.lax.top_k(logits[:, ids], top)[1]])
     return out
   fn = jax.jit(lambda p, t, h: model.apply({'params': p['params']}, t, h, method=heads))
   return lambda tokens_1xW, h0=None: [jax.device_get(x) for x in fn(params, tokens_1xW, h0)]
 
 
 def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'):
-  """Adds to sums[(part, k)] = [agreeing, counted]: head k at position i against want[i + k + 1]
+  """Adds to sums[(part, k)] = [agreeing, counted]: head k's tokens at position i (tops[k - 1][i],
+  its most likely first) against want[i + k + 1]
   (the trunk's token there), for first - 1 <= i and i + k + 1 < last, where first >= 1: the
   positions decoding drafts from when `first` is the first position it writes."""
   for k, top in enumerate(tops, start=1):
     for j in range(first + k, last):
       s = sums.setdefault((part(j), k), [0, 0])
-      s[0] += int(top[j - k - 1] == want[j])
+      s[0] += int(want[j] in top[j - k - 1])
       s[1] += 1
 
 
-def greedy_agreement(session, params, prompts, draft_ids) -> tuple[dict, list]:
+def greedy_agreement(session, params, prompts, draft_ids, top: int = 1) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
   teacher-forced over prompt + answer, counted on the answer's positions."""
   import numpy as np
@@ -77,7 +82,7 @@ def greedy_agreement(session, params, prompts, draft_ids) -> tuple[dict, list]:
   width = max(len(p) for p in prompts)
   answers = [dec.outputs(inference.prepared_decoder(session.decode_model, params, [p], s,
                                                     width=width)())[0] for p in prompts]
-  fn, D = head_tokens(session, params, draft_ids), session.cfg.mtp_depth
+  fn, D = head_tokens(session, params, draft_ids, top), session.cfg.mtp_depth
   L = width + s.max_new_tokens
   sums = {}
   for p, a in zip(prompts, answers):
@@ -88,7 +93,7 @@ def greedy_agreement(session, params, prompts, draft_ids) -> tuple[dict, list]:
   return sums, answers
 
 
-def cache_agreement(session, params, directory: str, draft_ids) -> dict:
+def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) -> dict:
   """Sums as `count` keeps them over the cache's valid split, from its h0 (as training reads it),
   against the trunk's top token it kept; positions of the user turn (before the chat template's
   assistant header) are 'prompt', the rest 'answer'."""
@@ -101,7 +106,7 @@ def cache_agreement(session, params, directory: str, draft_ids) -> dict:
   after = selfdata.chat_frame(frame)[1]
   starts = np.flatnonzero(split.row_start).tolist() + [len(split.tokens)]
   L = max(b - a for a, b in zip(starts[:-1], starts[1:]))
-  fn, sums = head_tokens(session, params, draft_ids), {}
+  fn, sums = head_tokens(session, params, draft_ids, top), {}
   for a, b in zip(starts[:-1], starts[1:]):
     row = np.asarray(split.tokens[a:b])
     # The answer starts after the first assistant header (a row cut short may have none).
@@ -132,6 +137,8 @@ def main(argv):
   try:
     if config.mtp.depth < 1:
       raise ConfigError('mtp.depth=0: there are no heads to score')
+    if _TOP.value < 1:
+      raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     rank, n = session.token_rank(), config.decode.draft_vocab
@@ -149,15 +156,15 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   rows = {}
-  sums, _ = greedy_agreement(session, params, prompts, draft_ids)
+  sums, _ = greedy_agreement(session, params, prompts, draft_ids, _TOP.value)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
-                                                             draft_ids)
+                                                             draft_ids, _TOP.value)
   print(f'machine: {measure.machine()}')
   print(f'heads: depth {config.mtp.depth}, draft vocabulary '
-        f'{"all" if draft_ids is None else len(draft_ids)} tokens; {len(prompts)} held-out prompts '
-        f'answered greedily')
+        f'{"all" if draft_ids is None else len(draft_ids)} tokens, agreeing when the trunk\'s token '
+        f'is among the top {_TOP.value}; {len(prompts)} held-out prompts answered greedily')
   out = []
   for name, s in rows.items():
     for part in sorted({p for p, _ in s}):

@@ -28,21 +28,26 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
   _, params = inference.load_params(session)
   prompts = inference.held_out_prompts(session, 2)
   sums, answers = head_agreement.greedy_agreement(session, params, prompts, None)
+  sums3, _ = head_agreement.greedy_agreement(session, params, prompts, None, top=3)
 
+  # Head k agrees (--top N) when t_{i+k+1} is among the trunk's N most likely next tokens at i.
   model = session.decode_model
-  want = {}
+  want = {1: {}, 3: {}}
   for p, a in zip(prompts, answers):
     seq = np.array(p + a)
     logits, _, _ = model.trunk(model.prepare(params), jnp.asarray(seq)[None],
                                jnp.arange(len(seq))[None], None)
-    next_token = np.argmax(np.asarray(logits[0]), -1)  # the trunk's t_{i+1} at every i
-    for k in (1, 2):
-      js = np.arange(len(p) + k, len(seq))  # drafts from the last prompt position on
-      w = want.setdefault(k, [0, 0])
-      w[0] += int(np.sum(next_token[js - k - 1] == seq[js]))
-      w[1] += len(js)
-  assert {k: sums[('answer', k)] for k in (1, 2)} == want
-  assert want[1][1] == sum(len(a) - 1 for a in answers)
+    ranked = np.argsort(-np.asarray(logits[0]), axis=-1, kind='stable')
+    for top in (1, 3):
+      for k in (1, 2):
+        js = np.arange(len(p) + k, len(seq))  # drafts from the last prompt position on
+        w = want[top].setdefault(k, [0, 0])
+        w[0] += int(np.sum(np.any(ranked[js - k - 1, :top] == seq[js, None], axis=-1)))
+        w[1] += len(js)
+  assert {k: sums[('answer', k)] for k in (1, 2)} == want[1]
+  assert {k: sums3[('answer', k)] for k in (1, 2)} == want[3]
+  assert want[1][1][1] == sum(len(a) - 1 for a in answers)
+  assert want[3][1][0] > want[1][1][0]
 
   # A cache the trunk wrote: every row's positions are split at its assistant header.
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 1}, features=True)
