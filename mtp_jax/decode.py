@@ -527,6 +527,8 @@ def step(model, params, state: State, s: Settings):
     win_B = _best_lanes(n_acc, s.candidates)
     n_acc, bonus, drafts_BxS, h0 = n_acc[win_B], bonus[win_B], drafts_BxS[win_B], h0[win_B]
     cache['trunk'] = jax.tree.map(lambda buf: _copy_window(buf, win_B, positions), cache['trunk'])
+    if s.capture_topk:
+      logits_BxS1xV = logits_BxS1xV[win_B]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)
   rows = _capture(rows.replace(hidden=hidden, cache=cache), logits_BxS1xV, positions, s)

@@ -68,14 +68,15 @@ def test_greedy_mtp_equals_ar(kind):
 
 @pytest.mark.parametrize('kind,candidates', [(kind, 1) for kind in KINDS] + [('sequential', 3)])
 def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
-  """After many rejected drafts, every cache entry at a committed position equals what one
-  pass over the final sequence computes: rollback and window rewrites leave no stale entry. With
+  """After many rejected drafts, every cache entry (and captured top token) at a committed
+  position equals what one pass over the final sequence computes: rollback and window rewrites
+  leave no stale entry. With
   candidate lanes, in every lane (each verified other drafts than the one kept)."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(3))
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
-  s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates)
+  s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates, capture_topk=2)
   rows = run(model, params, prompts, s).rows
   n = np.asarray(rows.n)
   fresh, _ = dec.prefill(model, params, jnp.asarray(np.asarray(rows.tokens)[:, :int(n.max())]),
@@ -92,6 +93,8 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
     np.testing.assert_array_equal(state.tokens[b, :n[b]], state.tokens[lane0, :n[b]])
     np.testing.assert_allclose(state.hidden[0][b, :valid['trunk']],
                                fresh.hidden[0][b, :valid['trunk']], rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(state.top_ids[b, :valid['trunk']],
+                                  fresh.top_ids[b, :valid['trunk']])
     for layer in range(cfg.num_layers):
       for name in ('k', 'v'):
         np.testing.assert_allclose(state.cache['trunk'][layer][name][b, :valid['trunk']],
