@@ -32,8 +32,6 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   import dataclasses
-  import numpy as np
-  from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
   from mtp_jax import train
@@ -55,20 +53,10 @@ def main(argv):
   s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K)
                        for S in lens for K in lanes]
-  width = max(len(p) for p in prompts)
-  calls = [inference.prepared_decoder(session.decode_model, params, [p], s, width=width)
-           for p in prompts for s in settings]
-  seconds, states = measure.fastest(calls, _ROUNDS.value, desc='candidates: decoding')
-  per = len(settings)
-  outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
-  rows = []
-  for i, s in enumerate(settings):
-    pooled = dec.pooled_rates(states[i::per], s)
-    rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
-    rows.append({'draft_len': s.draft_len, 'candidates': s.candidates, 'tau': pooled['tau'],
-                 'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
-                 'tokens_per_s': rate, 'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
-                 'identical_to_ar': outs(i) == outs(0)})
+  rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
+                                _ROUNDS.value, 'candidates: decoding')
+  for row, s in zip(rows, settings):
+    row.update(draft_len=s.draft_len, candidates=s.candidates)
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '

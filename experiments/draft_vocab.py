@@ -30,7 +30,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -55,29 +54,18 @@ def main(argv):
   ar_model = dec.decode_model(cfg, config.decode.kernels)
   models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n])
             for n in sizes]
-  width = max(len(p) for p in prompts)
-  calls = [inference.prepared_decoder(m, params, [p], s, width=width) for p in prompts
-           for m, s in [(ar_model, s_ar)] + [(m, s_mtp) for m in models]]
-  seconds, states = measure.fastest(calls, _ROUNDS.value, desc='draft_vocab: decoding')
-  per = len(models) + 1
-  outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
-  tokens = sum(len(o) for o in outs(0))
-  ar_rate = tokens / sum(seconds[0::per])
-  rows = [{'draft_vocab': 'ar', 'tau': 1.0, 'tokens_per_s': ar_rate, 'speedup': 1.0}]
-  for i, n in enumerate(sizes, start=1):
-    pooled = dec.pooled_rates(states[i::per], s_mtp)
-    rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
-    rows.append({'draft_vocab': 'full' if n is None else n, 'tau': pooled['tau'],
-                 'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
-                 'tokens_per_s': rate, 'speedup': rate / ar_rate,
-                 'identical_to_ar': outs(i) == outs(0)})
+  rows = inference.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
+                                _ROUNDS.value, 'draft_vocab: decoding')
+  for row, n in zip(rows, ['ar'] + sizes):
+    row['draft_vocab'] = 'full' if n is None else n
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, S = {D}, up to '
         f'{s_mtp.max_new_tokens} new tokens, kernels {ar_model.kernels}')
   print(f"{'N':>6} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
     print(f"{r['draft_vocab']:>6} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
-          f"{str(r.get('identical_to_ar', '-')):>9}  {r.get('acceptance', '')}")
+          f"{'-' if r['draft_vocab'] == 'ar' else str(r['identical_to_ar']):>9}  "
+          f"{r['acceptance'] or ''}")
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)

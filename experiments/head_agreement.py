@@ -163,8 +163,8 @@ def main(argv):
                                                              draft_ids, _TOP.value)
   print(f'machine: {measure.machine()}')
   print(f'heads: depth {config.mtp.depth}, draft vocabulary '
-        f'{"all" if draft_ids is None else len(draft_ids)} tokens, agreeing when the trunk\'s token '
-        f'is among the top {_TOP.value}; {len(prompts)} held-out prompts answered greedily')
+        f'{"all" if draft_ids is None else len(draft_ids)} tokens, agreeing when the trunk\'s '
+        f'token is among the top {_TOP.value}; {len(prompts)} held-out prompts answered greedily')
   out = []
   for name, s in rows.items():
     for part in sorted({p for p, _ in s}):

@@ -253,6 +253,29 @@ def bench_rows(session, params, config) -> list[dict]:
   return rows
 
 
+def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
+                 desc: str) -> list[dict]:
+  """Greedy decoding of each prompt alone by every (model, settings) in `variants`, the first
+  the reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
+  acceptance per position, tokens/s, the speedup over the reference and whether every output
+  equals the reference's."""
+  width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
+  calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
+           for model, s in variants]
+  seconds, states = measure.fastest(calls, rounds, desc=desc)
+  per = len(variants)
+  outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
+  rows = []
+  for i, (_, s) in enumerate(variants):
+    pooled = dec.pooled_rates(states[i::per], s)
+    rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
+    rows.append({'tau': pooled['tau'],
+                 'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
+                 'tokens_per_s': rate, 'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
+                 'identical_to_ar': outs(i) == outs(0)})
+  return rows
+
+
 def bench_table(rows: list[dict]) -> str:
   lines = [f"{'method':6} {'S':>2} {'batch':>5} {'temp':>4} {'tau':>5} {'tokens/s':>9} "
            f"{'speedup':>7} {'identical':>9}  acceptance per position"]
