@@ -495,10 +495,7 @@ def _best_lanes(n_acc_B, lanes: int):
 
 
 def _copy_window(buf, from_B, positions_BxT):
-  """buf with each row's entries at `positions` taken from row from_B (a buffer without a
-  position axis, one value per row, is taken whole)."""
-  if buf.ndim < 2:
-    return buf[from_B]
+  """buf (B x L x ...) with each row's entries at `positions` taken from row from_B."""
   return write_cache(buf, _gather(buf, positions_BxT)[from_B], positions_BxT)
 
 

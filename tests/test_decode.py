@@ -109,6 +109,12 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
                                    rtol=2e-5, atol=2e-5)
 
 
+def placeholder_cache(batch, length, depth):
+  """Caches for stubs, which keep nothing: zeros with the row and position axes real caches have
+  (the decoder copies rows and position windows of every cache leaf)."""
+  return {'trunk': jnp.zeros((batch, length)), 'heads': [jnp.zeros((batch, length))] * depth}
+
+
 @dataclasses.dataclass(frozen=True)
 class CountingStub(dec.WholeVocabulary):
   """A model with known outputs: the trunk always predicts t + 1 (mod V). Heads predict
@@ -122,8 +128,8 @@ class CountingStub(dec.WholeVocabulary):
   hidden_dtype = jnp.float32
   head_error: tuple = (1, 0)
 
-  def init_cache(self, batch, length):  # per-row placeholders: the stubs keep no cache
-    return {'trunk': jnp.zeros((batch,)), 'heads': [jnp.zeros((batch,)) for _ in range(self.depth)]}
+  def init_cache(self, batch, length):
+    return placeholder_cache(batch, length, self.depth)
 
   def _logits(self, next_BxT):
     return 10.0 * jax.nn.one_hot(next_BxT % self.vocab, self.vocab)
@@ -194,8 +200,8 @@ class TableStub(dec.WholeVocabulary):
   Q = np.log(np.array([[[.4, .2, .2, .2], [.1, .1, .7, .1], [.3, .3, .3, .1], [.1, .1, .1, .7]],
                        [[.25] * 4, [.6, .2, .1, .1], [.1, .2, .3, .4], [.2, .5, .2, .1]]]))
 
-  def init_cache(self, batch, length):  # per-row placeholders: the stubs keep no cache
-    return {'trunk': jnp.zeros((batch,)), 'heads': [jnp.zeros((batch,)) for _ in range(self.depth)]}
+  def init_cache(self, batch, length):
+    return placeholder_cache(batch, length, self.depth)
 
   def trunk(self, params, tokens_BxT, positions_BxT, cache):
     return jnp.asarray(self.P, jnp.float32)[tokens_BxT], jnp.zeros(tokens_BxT.shape + (1,)), cache
@@ -304,14 +310,17 @@ def test_rows_take_the_next_prompt_when_theirs_finishes(sampled):
 
 @pytest.mark.parametrize('name', list(MODELS))
 def test_queued_greedy_mtp_equals_ar_on_a_model(name):
+  """Through the queue, and with candidate lanes all at once or queued (a finished prompt's
+  lanes take the next prompt together): the tokens are ar's."""
   cfg = tiny_model(**MODELS[name], **{'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(5))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
   model = dec.DecodeModel(cfg)
   ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=11)))
-  queued = run_queued(model, params, prompts, dec.Settings(draft_len=2, max_new_tokens=11), 2)
-  assert dec.outputs(queued) == ar
+  for S, K, batch in [(2, 1, 2), (1, 3, None), (2, 2, 2)]:
+    s = dec.Settings(draft_len=S, max_new_tokens=11, candidates=K)
+    assert dec.outputs(run_queued(model, params, prompts, s, batch)) == ar, (S, K, batch)
 
 
 def test_draft_vocabulary_keeps_greedy_exact():
@@ -373,19 +382,3 @@ def test_candidate_lanes_accept_the_runner_up_draft():
   np.testing.assert_array_equal(lanes.out_accepted, [[4, 0], [4, 0]])
   with pytest.raises(ValueError, match='greedy drafts only'):
     run(stub, None, prompts, dec.Settings(draft_len=2, temperature=1.0, candidates=2))
-
-
-@pytest.mark.parametrize('name', list(MODELS))
-def test_candidate_lanes_keep_greedy_exact_on_a_model(name):
-  """Lanes on real models, all at once and through a queue (a finished prompt's lanes take the
-  next prompt together): the tokens are ar's, and the caches are one fresh pass's."""
-  cfg = tiny_model(**MODELS[name], **{'mtp.depth': 2})
-  params = init_params(cfg, jax.random.key(5))
-  rng = np.random.default_rng(3)
-  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
-  model = dec.DecodeModel(cfg)
-  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=11)))
-  for S, K, batch in [(1, 3, None), (2, 2, 2)]:
-    s = dec.Settings(draft_len=S, max_new_tokens=11, candidates=K)
-    state = run_queued(model, params, prompts, s, batch)
-    assert dec.outputs(state) == ar, (S, K)
