@@ -6,18 +6,22 @@ speculative sampling (Leviathan et al.), which at temperature 0 reduces to "acce
 draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is plain
 autoregressive decoding through the same loop.
 
-With `candidates` K > 1 (greedy only), each prompt is decoded in K rows ("lanes") that hold the
-same committed tokens: lane j drafts the first head's j-th most likely token, each continues
-its own chain of S - 1 drafts, all K chains are verified in the same trunk forward, and every
-lane then takes the tokens and new cache entries of the lane that accepted the most (Medusa's
-top-k candidates, at the first draft position only). Output stays the trunk's own.
+With `candidates` K > 1 (greedy only), the first head's 2nd..K-th most likely tokens are
+verified beside the chain, which continues from its most likely one: the verify forward takes
+the pending token, the S chain drafts, then the K - 1 alternatives, each stored in the trunk
+cache past the chain but at the first draft's position and seeing only the committed prefix and
+itself (layers.attend), a token tree of one level (Medusa's top-k candidates, SpecInfer's tree
+attention). When the chain's first draft is rejected and an alternative is the trunk's token,
+that alternative is committed with the token the trunk gives after it, and its cache entry and
+features move to the chain's slot. K - 1 more rows of one forward, where separate chains per
+candidate would take (K - 1) x (S + 1) and as many draft calls. Output stays the trunk's own.
 
 Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
 has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
 idles while a slow one finishes.
 
 The loop knows the model only through the interface `DecodeModel` implements: trunk(tokens,
-positions, cache) -> (logits, hidden, cache), head(k, hidden_in, tokens, positions, cache) ->
+positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go), head(k, hidden_in, tokens, positions, cache) ->
 (hidden, cache), head_logits(k, hidden) -> logits over the draft vocabulary (all tokens, or the N
 most frequent), draft_tokens(params, index) -> token ids, prepare(params) -> params as those
 functions read them, plus the flags `chains` (head k reads head k-1's hidden state and its
@@ -150,12 +154,12 @@ class DecodeModel(WholeVocabulary):
     return {'trunk': [empty_kv(self.cfg, batch, length) for _ in range(self.cfg.num_layers)],
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 
-  def trunk(self, params, tokens_BxT, positions_BxT, cache):
-    def fn(m, tokens, positions, caches):
-      h, caches = m.trunk(tokens, positions, caches)
+  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None):
+    def fn(m, tokens, positions, caches, slots):
+      h, caches = m.trunk(tokens, positions, caches, slots)
       return m.logits(h, 0), h, caches
     return self._model.apply({'params': params['params']}, tokens_BxT, positions_BxT, cache,
-                             method=fn)
+                             slots_BxT, method=fn)
 
   def head(self, params, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv):
     """Depth k's hidden states over a window; logits are asked for separately, at the one
@@ -192,13 +196,13 @@ class Settings:
   top_p: float = 1.0
   eos_id: int = -1  # -1: no end-of-sequence token.
   capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
-  candidates: int = 1  # K > 1 (temperature 0, S >= 1): lanes per prompt, see the module docstring
+  candidates: int = 1  # K > 1 (temperature 0, S >= 1): first drafts verified, see the module doc
 
 
 @flax.struct.dataclass
 class Rows:
-  """The B rows being decoded (B = prompts at once x candidates, a prompt's lanes adjacent);
-  every leaf has the row axis first, so that a row can be replaced by a freshly prefilled one."""
+  """The B rows being decoded; every leaf has the row axis first, so that a row can be replaced
+  by a freshly prefilled one."""
   tokens: jax.Array  # B x L committed tokens, drafts written past them
   n: jax.Array  # B: committed tokens
   prompt_len: jax.Array  # B
@@ -309,11 +313,12 @@ def window_width(model, k: int, S: int) -> int:
 def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settings, draft: bool):
   """Runs heads 1..S over their windows (start_B, width). With `draft`, draft k comes from head
   k's output at position n - 2 and is written into the token buffer at n - 1 + k at once, where
-  the next sequential module reads it as its input token; returns the rows and the drafts'
-  logits (over the draft vocabulary)."""
+  the next sequential module reads it as its input token; returns the rows, the drafts' logits
+  (over the draft vocabulary) and the first draft's alternatives (B x candidates - 1)."""
   tokens, hidden, heads_cache = rows.tokens, list(rows.hidden), list(rows.cache['heads'])
   last_B = rows.n - 2
   draft_logits = []
+  others = jnp.zeros((tokens.shape[0], 0), jnp.int32)
   keys = jax.random.split(jax.random.fold_in(key, 1), max(S, 1))
   for k in range(1, S + 1):
     positions = _positions(starts[k - 1], widths[k - 1])
@@ -328,16 +333,13 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
     logits_BxN = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
     draft_logits.append(logits_BxN)
-    if k == 1 and s.candidates > 1:  # lane j drafts the j-th most likely token
-      lane_B = jnp.arange(logits_BxN.shape[0]) % s.candidates
-      index = jnp.take_along_axis(jax.lax.top_k(logits_BxN, s.candidates)[1], lane_B[:, None],
-                                  axis=1)[:, 0]
-    else:
-      index = _pick(keys[k - 1], logits_BxN, s)
+    index = _pick(keys[k - 1], logits_BxN, s)
+    if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones wait beside it
+      others = model.draft_tokens(params, jax.lax.top_k(logits_BxN, s.candidates)[1][:, 1:])
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
-  return rows, draft_logits
+  return rows, draft_logits, others
 
 
 def _head_windows(model, n_B, S: int):
@@ -367,7 +369,7 @@ def _commit(rows: Rows, new_BxC, count_B, s: Settings):
 def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s: Settings,
                  cache_len: int):
   """Rows for these prompts (right-padded): one trunk forward over them, the first token, and
-  the heads run over the prompt to fill their caches; each row repeated once per lane. Also
+  the heads run over the prompt to fill their caches. Also
   returns the trunk's logits at each prompt's last position (B x V)."""
   B, P = prompts_BxP.shape
   S = s.draft_len
@@ -393,9 +395,7 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
     # Heads see the whole prompt once, filling their caches; entries that used not-yet-known
     # tokens are rewritten by the first iteration's windows. Heads that keep no cache have
     # nothing to fill.
-    rows, _ = _run_heads(model, params, rows, key, [zeros] * S, [P] * S, S, s, draft=False)
-  if s.candidates > 1:
-    rows = jax.tree.map(lambda x: jnp.repeat(x, s.candidates, axis=0), rows)
+    rows, _, _ = _run_heads(model, params, rows, key, [zeros] * S, [P] * S, S, s, draft=False)
   return rows, last
 
 
@@ -421,8 +421,7 @@ def prefill(model, params, prompts_QxP, prompt_len_Q, key, s: Settings, cache_le
 def _finish(state: State, was_done_B, s: Settings) -> State:
   """Copies the rows that finished since `was_done` into their prompts' outputs."""
   rows = state.rows
-  first_lane = jnp.arange(rows.done.shape[0]) % s.candidates == 0  # lanes hold the same tokens
-  just = rows.done & ~was_done_B & first_lane
+  just = rows.done & ~was_done_B
   target = jnp.where(just, rows.prompt, state.queue.shape[0])  # out of range: dropped
   new = _gather(rows.tokens, _positions(rows.prompt_len, s.max_new_tokens))
   put = lambda buf, value: buf.at[target].set(value, mode='drop')
@@ -437,10 +436,9 @@ _REFILL = 0x52454649  # a stream of random bits apart from the iterations' (fold
 
 
 def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
-  """Gives the first finished row (all its lanes) the next queued prompt, prefilled alone."""
+  """Gives the first finished row the next queued prompt, prefilled alone."""
   rows = state.rows
-  lanes = jnp.arange(rows.done.shape[0]) // s.candidates
-  row = jnp.argmax(rows.done) // s.candidates * s.candidates
+  row = jnp.argmax(rows.done)
   q = state.next_prompt
   key = jax.random.fold_in(jax.random.fold_in(state.key, _REFILL), q)
   fresh, _ = prefill_rows(model, params, jax.lax.dynamic_slice_in_dim(state.queue, q, 1),
@@ -449,7 +447,7 @@ def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
   rows = jax.tree.map(lambda old, new: jax.lax.dynamic_update_slice_in_dim(old, new, row, 0),
                       rows, fresh)
   state = state.replace(rows=rows, next_prompt=q + 1)
-  return _finish(state, lanes != row // s.candidates, s)
+  return _finish(state, jnp.arange(rows.done.shape[0]) != row, s)
 
 
 def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
@@ -486,17 +484,28 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   return n_acc, _sample(k_resid, resid)
 
 
-def _best_lanes(n_acc_B, lanes: int):
-  """For every row, the row index of its prompt's lane that accepted the most drafts (the first
-  such lane, which drafted the most likely tokens, on a tie)."""
-  grouped = n_acc_B.reshape(-1, lanes)
-  best = jnp.arange(grouped.shape[0]) * lanes + jnp.argmax(grouped, axis=1)
-  return jnp.repeat(best, lanes)
-
-
-def _copy_window(buf, from_B, positions_BxT):
-  """buf (B x L x ...) with each row's entries at `positions` taken from row from_B."""
-  return write_cache(buf, _gather(buf, positions_BxT)[from_B], positions_BxT)
+def _take_other(verified: dict, others_BxO, logits_BxTxV, h0_BxTxD, cache, n_B, S: int):
+  """Greedy verification of the first draft's alternatives, which the verify forward ran at
+  T indices S + 1.. (cache slots n + S..): where the chain's first draft was rejected and an
+  alternative is the trunk's token, that alternative is accepted (one draft) with the trunk's
+  token after it as the bonus, and its logits, features and trunk cache entries replace the
+  chain's at index 1 (slot n), the slot the committed token holds. `verified` has n_acc, bonus
+  and drafts (B x S) of the chain; returns them and the logits, features and cache, updated."""
+  target_BxO = greedy(logits_BxTxV[:, S + 1:])
+  match_BxO = others_BxO == greedy(logits_BxTxV[:, 0])[:, None]
+  won_B = (verified['n_acc'] == 0) & jnp.any(match_BxO, axis=1)
+  j_B = jnp.argmax(match_BxO, axis=1)
+  pick = lambda x: jnp.take_along_axis(x, j_B[:, None], axis=1)[:, 0]
+  drafts = verified['drafts'].at[:, 0].set(jnp.where(won_B, pick(others_BxO),
+                                                     verified['drafts'][:, 0]))
+  verified = {'n_acc': jnp.where(won_B, 1, verified['n_acc']),
+              'bonus': jnp.where(won_B, pick(target_BxO), verified['bonus']), 'drafts': drafts}
+  # Index S + 1 + j where an alternative won, else index 1 itself (a copy that changes nothing).
+  src_B = jnp.where(won_B, S + 1 + j_B, 1)
+  move = lambda x: x.at[:, 1].set(x[jnp.arange(x.shape[0]), src_B])
+  slot_B = (n_B + jnp.where(won_B, S + j_B, 0))[:, None]
+  cache = jax.tree.map(lambda buf: write_cache(buf, _gather(buf, slot_B), n_B[:, None]), cache)
+  return verified, move(logits_BxTxV), move(h0_BxTxD), cache
 
 
 def step(model, params, state: State, s: Settings):
@@ -507,25 +516,31 @@ def step(model, params, state: State, s: Settings):
   rows = state.rows
   key = jax.random.fold_in(state.key, state.iterations + 1)  # unused (and compiled away) at T = 0
   starts, widths = _head_windows(model, rows.n, S)
-  rows, draft_logits = _run_heads(model, params, rows, key, starts, widths, S, s, draft=True)
-  # Verify: the pending token and the S drafts, at positions n-1 .. n-1+S.
+  rows, draft_logits, others_BxO = _run_heads(model, params, rows, key, starts, widths, S, s,
+                                              draft=True)
+  # Verify: the pending token and the S drafts at positions (and cache slots) n-1 .. n-1+S,
+  # then the first draft's alternatives at position n, in slots n+S .. (see _take_other).
   positions = _positions(rows.n - 1, S + 1)
-  inputs = _gather(rows.tokens, positions)
+  O = others_BxO.shape[1]
+  inputs = jnp.concatenate([_gather(rows.tokens, positions), others_BxO], axis=1)
+  at_n = jnp.broadcast_to(rows.n[:, None], others_BxO.shape)
   cache = dict(rows.cache)
-  logits_BxS1xV, h0, cache['trunk'] = model.trunk(params, inputs, positions, cache['trunk'])
-  drafts_BxS = inputs[:, 1:]
-  B, V = drafts_BxS.shape[0], logits_BxS1xV.shape[-1]
+  logits_BxTxV, h0, cache['trunk'] = model.trunk(
+      params, inputs, jnp.concatenate([positions, at_n], axis=1), cache['trunk'],
+      jnp.concatenate([positions, at_n + S + jnp.arange(O)], axis=1))
+  drafts_BxS = inputs[:, 1:S + 1]
+  B, V = drafts_BxS.shape[0], logits_BxTxV.shape[-1]
   if S and s.temperature > 0:
     q_BxSxV = model.draft_to_vocab(params, probabilities(jnp.stack(draft_logits, axis=1), s), V)
   else:
     q_BxSxV = None
-  n_acc, bonus = _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s)
-  if s.candidates > 1:  # every lane takes the verified window of its prompt's best lane
-    win_B = _best_lanes(n_acc, s.candidates)
-    n_acc, bonus, drafts_BxS, h0 = n_acc[win_B], bonus[win_B], drafts_BxS[win_B], h0[win_B]
-    cache['trunk'] = jax.tree.map(lambda buf: _copy_window(buf, win_B, positions), cache['trunk'])
-    if s.capture_topk:
-      logits_BxS1xV = logits_BxS1xV[win_B]
+  n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s)
+  if O:
+    verified, logits_BxTxV, h0, cache['trunk'] = _take_other(
+        {'n_acc': n_acc, 'bonus': bonus, 'drafts': drafts_BxS}, others_BxO, logits_BxTxV, h0,
+        cache['trunk'], rows.n, S)
+    n_acc, bonus, drafts_BxS = verified['n_acc'], verified['bonus'], verified['drafts']
+  logits_BxS1xV, h0 = logits_BxTxV[:, :S + 1], h0[:, :S + 1]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)
   rows = _capture(rows.replace(hidden=hidden, cache=cache), logits_BxS1xV, positions, s)
@@ -564,8 +579,9 @@ class Decoder:
 
   def __init__(self, model, s: Settings, cache_len: int, batch: int | None):
     if s.candidates < 1 or (s.candidates > 1 and (s.temperature > 0 or s.draft_len < 1)):
-      raise ValueError(f'candidates={s.candidates}: lanes verify greedy drafts only (temperature '
-                       f'0, draft_len >= 1); speculative sampling keeps one chain')
+      raise ValueError(f'candidates={s.candidates}: alternatives to the first draft are '
+                       f'verified for greedy drafts only (temperature 0, draft_len >= 1); '
+                       f'speculative sampling keeps one chain')
     self.model = model
     self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
                                             batch=batch))
@@ -590,8 +606,9 @@ def compiled_decoder(model, s: Settings, cache_len: int, batch: int | None = Non
 
 
 def cache_length(prompt_len: int, s: Settings) -> int:
-  """Room for the prompt, the new tokens and one draft block past the end."""
-  return prompt_len + s.max_new_tokens + s.draft_len + 1
+  """Room for the prompt, the new tokens and one verify block (drafts and the first draft's
+  alternatives) past the end."""
+  return prompt_len + s.max_new_tokens + s.draft_len + s.candidates
 
 
 def pad_prompts(prompts: list[list[int]], width: int = 0):

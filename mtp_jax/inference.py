@@ -21,7 +21,7 @@ from mtp_jax.pretrained.tokenizer import render_chat
 
 def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
   """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar).
-  decode.candidates applies to greedy drafting; sampling and `ar` decode one lane."""
+  decode.candidates applies to greedy drafting; sampling and `ar` verify no alternatives."""
   d = config.decode
   S = draft_len(config) if draft is None else draft
   T = d.temperature if temperature is None else temperature

@@ -92,29 +92,37 @@ def empty_kv(cfg: ModelConfig, batch: int, length: int):
   return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
 
 
-def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool = False):
-  """Attention written out: writes the cache if there is one, then masks by position and
-  takes a float32 softmax over the T x L scores. Returns (B x T x H x E output, cache). With
-  `use_kernel`, attention over a cache goes to the kernel, which reads only the entries each
-  query sees."""
+def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool = False,
+           slots_BxT=None):
+  """Attention written out: writes the cache if there is one, then masks and takes a float32
+  softmax over the T x L scores. Returns (B x T x H x E output, cache). Without a cache the
+  mask is causal by position. With one, the new entries are written at `slots` (their
+  positions by default) and each sees the cache slots before its position and its own slot:
+  causal attention for a chain at slots == positions, and a token verified beside the chain
+  (stored past it, at the position of the chain token it competes with) sees the committed
+  prefix and itself only. With `use_kernel`, attention over a cache goes to the kernel, which
+  reads only the entries each query sees."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxTxKxE.shape[2]
   if kv is None:
-    k_BxLxKxE, v_BxLxKxE, key_pos_BxL = k_BxTxKxE, v_BxTxKxE, positions_BxT
+    k_BxLxKxE, v_BxLxKxE = k_BxTxKxE, v_BxTxKxE
+    visible_BxTxL = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
   else:
-    kv = {'k': write_cache(kv['k'], k_BxTxKxE, positions_BxT),
-          'v': write_cache(kv['v'], v_BxTxKxE, positions_BxT)}
+    slots_BxT = positions_BxT if slots_BxT is None else slots_BxT
+    kv = {'k': write_cache(kv['k'], k_BxTxKxE, slots_BxT),
+          'v': write_cache(kv['v'], v_BxTxKxE, slots_BxT)}
     k_BxLxKxE, v_BxLxKxE = kv['k'], kv['v']
-    out = kernels.cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, use_kernel)
+    out = kernels.cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
+                                  use_kernel)
     if out is not None:
       return out.astype(q_BxTxHxE.dtype), kv
-    L = k_BxLxKxE.shape[1]
-    key_pos_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    slot_L = jnp.arange(k_BxLxKxE.shape[1])
+    visible_BxTxL = ((slot_L < positions_BxT[:, :, None]) |
+                     (slot_L == jnp.minimum(slots_BxT, slot_L.size - 1)[:, :, None]))
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
   scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE).astype(jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(E))
-  causal_BxTxL = key_pos_BxL[:, None, :] <= positions_BxT[:, :, None]
-  scores = jnp.where(causal_BxTxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  scores = jnp.where(visible_BxTxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxE.dtype)
   out_BxTxKxGxE = jnp.einsum('bkgtl,blke->btkge', probs, v_BxLxKxE)
   return out_BxTxKxGxE.reshape(B, T, H, E), kv
@@ -122,12 +130,12 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
 
 class Attention(nn.Module):
   """Causal grouped-query attention. With `kv` (a cache dict), the new keys and values are
-  written at `positions` and every cached position <= the query's position is attended; entries
-  past a row's true length are stale drafts and are hidden by that same position test."""
+  written at `slots` (default: `positions`) and each query attends as `attend` describes;
+  entries past a row's true length are stale drafts and are hidden by that same test."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None):
+  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -149,7 +157,8 @@ class Attention(nn.Module):
       # position mask below is the plain causal mask.
       out_BxTxHxE = jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True)
     else:
-      out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels)
+      out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels,
+                               slots_BxT)
     out_BxTxD = dense(out_BxTxHxE.astype(dt), w_o.astype(dt), 2, cfg)
     out_BxTxD = nn.with_logical_constraint(out_BxTxD, ('batch', 'length', 'embed'))
     return out_BxTxD, kv
@@ -177,10 +186,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None):
+  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None):
     D, eps = self.cfg.d_model, self.cfg.norm_eps
     attn_in = RMSNorm(D, eps, name='attn_norm')(x_BxTxD)
-    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, kv)
+    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, kv, slots_BxT)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv

@@ -38,14 +38,15 @@ class MTPLanguageModel(nn.Module):
     emb = jnp.take(self.embedding, tokens_BxT, axis=0, mode='clip')
     return emb.astype(self.cfg.compute_dtype)
 
-  def trunk(self, tokens_BxT, positions_BxT, caches=None):
+  def trunk(self, tokens_BxT, positions_BxT, caches=None, slots_BxT=None):
     """Returns the trunk's features h^0 and updated caches: its last hidden state (before the
     final norm), followed by the outputs of the blocks mtp.feature_layers names (B x T x
-    feature_dim)."""
+    feature_dim). With caches, `slots` says where the new entries go (layers.attend)."""
     x_BxTxD = self.embed(tokens_BxT)
     new_caches, taken = [], {}
     for i, block in enumerate(self.blocks):
-      x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i])
+      x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i],
+                          slots_BxT)
       new_caches.append(kv)
       if i in self.cfg.feature_layers:
         taken[i] = x_BxTxD

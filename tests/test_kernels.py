@@ -32,8 +32,11 @@ def test_rows_matmul_matches_xla(rows, K, N):
   assert got.shape == (rows, N)
 
 
-@pytest.mark.parametrize('T,G', [(1, 1), (1, 3), (4, 3), (2, 2)])
-def test_cache_attention_matches_xla(T, G):
+@pytest.mark.parametrize('T,G,beside', [(1, 1, 0), (1, 3, 0), (4, 3, 0), (2, 2, 0), (4, 3, 2),
+                                         (3, 1, 1)])
+def test_cache_attention_matches_xla(T, G, beside):
+  """With `beside` > 0 the last queries are alternatives to the second: at its position, stored
+  in the slots after the chain (decode's first-draft alternatives)."""
   B, L, K, E = 3, 40, 2, 32
   keys = jax.random.split(jax.random.key(T * 10 + G), 4)
   q = jax.random.normal(keys[0], (B, T, K * G, E))
@@ -42,16 +45,24 @@ def test_cache_attention_matches_xla(T, G):
   cache = {'k': jax.random.normal(keys[3], (B, L, K, E)),
            'v': jax.random.normal(keys[3], (B, L, K, E)) * 2}
   # each row at its own position; entries past it (stale drafts) must not be seen
-  positions = jnp.asarray([[3], [17], [L - T]]) + jnp.arange(T)[None]
-  want, want_cache = attend(q, k_new, v_new, positions, cache, use_kernel=False)
-  got, got_cache = jax.jit(lambda *a: attend(*a, use_kernel=True))(q, k_new, v_new, positions,
-                                                                 cache)
+  slots = jnp.asarray([[3], [17], [L - T]]) + jnp.arange(T)[None]
+  positions = slots.at[:, T - beside:].set(slots[:, 1:2])
+  want, want_cache = attend(q, k_new, v_new, positions, cache, use_kernel=False, slots_BxT=slots)
+  got, got_cache = jax.jit(lambda *a: attend(*a, use_kernel=True, slots_BxT=slots))(
+      q, k_new, v_new, positions, cache)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got_cache['k'], want_cache['k'])
-  # an entry past every query's position changes nothing
+  # an entry past every query's slot changes nothing
   stale = {n: c.at[0, 30].set(100.0) for n, c in cache.items()}
-  again, _ = attend(q, k_new, v_new, positions, stale, use_kernel=True)
+  again, _ = attend(q, k_new, v_new, positions, stale, use_kernel=True, slots_BxT=slots)
   np.testing.assert_array_equal(again[0], got[0])
+  if beside:  # an alternative sees the prefix and itself: neither the chain past it nor the
+    # other alternatives, so it equals the same query attending alone at its own slot
+    t = T - 1
+    prefix = (jnp.arange(L)[None] < slots[:, 1:2])[:, :, None, None]
+    alone, _ = attend(q[:, t:], k_new[:, t:], v_new[:, t:], positions[:, t:],
+                      {n: c * prefix for n, c in want_cache.items()}, slots_BxT=slots[:, t:])
+    np.testing.assert_allclose(got[:, t], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_layout_transposes_every_dense_matrix():
@@ -66,16 +77,16 @@ def test_kernel_layout_transposes_every_dense_matrix():
   np.testing.assert_array_equal(moved['embedding'], params['embedding'])
 
 
-@pytest.mark.parametrize('kind,S', [('sequential', 0), ('sequential', 2), ('parallel', 2),
-                                    ('medusa', 2)])
-def test_decoding_with_kernels_matches_without(kind, S):
+@pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),
+                                      ('medusa', 2, 1), ('sequential', 2, 8)])
+def test_decoding_with_kernels_matches_without(kind, S, K):
   """Greedy tokens are the same with and without kernels (head dim 16, so the attention kernel
   runs too), and the hidden states agree to float32 rounding."""
   cfg = tiny_model(**{'mtp.kind': kind, 'model.d_model': 64, 'model.tie_embeddings': kind != 'parallel'})
   params = init_params(cfg, jax.random.key(1))
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
-  s = dec.Settings(draft_len=S, max_new_tokens=24)
+  s = dec.Settings(draft_len=S, max_new_tokens=24, candidates=K)
   arr, lens = dec.pad_prompts(prompts)
   results = []
   for use in (False, True):

@@ -5,7 +5,7 @@ a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
   which model.kernel_layout makes of the decoding params), for a few rows.
-cache_attention(q, k, v, positions): new positions' attention over a KV cache.
+cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
 import ctypes
@@ -25,7 +25,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc
 # the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. Past that the
 # work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
 MAX_ROWS = 32
-MAX_QUERIES = 64  # attention: new positions x query heads per kv head
+MAX_QUERIES = 64  # attention: query heads per kv head
 
 
 def _cache_root() -> str:
@@ -109,14 +109,17 @@ def rows_matmul(x, w, use_kernel: bool = True):
   return jnp.einsum('...k,nk->...n', x, w)
 
 
-def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, use_kernel: bool = True):
-  """Each new position's attention over the cache entries at positions <= its own (float32), or
-  None when the kernel cannot take these shapes (the caller then attends with XLA)."""
+def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
+                    use_kernel: bool = True):
+  """Each new entry's attention over the cache slots before its position and its own slot
+  (layers.attend's rule; float32), or None when the kernel cannot take these shapes (the caller
+  then attends with XLA)."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxLxKxE.shape[2]
-  if not (use_kernel and E % 16 == 0 and E <= 128 and T * (H // K) <= MAX_QUERIES
+  if not (use_kernel and E % 16 == 0 and E <= 128 and H // K <= MAX_QUERIES
           and _float32(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE) and usable()):
     return None
   out = jax.ffi.ffi_call('mtpjax_cache_attention', jax.ShapeDtypeStruct(q_BxTxHxE.shape,
                                                                          jnp.float32))
-  return out(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT.astype(jnp.int32))
+  return out(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT.astype(jnp.int32),
+             slots_BxT.astype(jnp.int32))

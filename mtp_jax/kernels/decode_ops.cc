@@ -2,7 +2,7 @@
 // weight matrix stored one output per row, which reads the weights once at nearly the same
 // speed for 1 to 8 rows (XLA's dot reads a 1-row product at memory speed but a 2-8-row one
 // about 2x slower), and attention of a few new positions over a KV cache that reads only the
-// positions each query sees, row by row.
+// slots each query sees, row by row.
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
 // float vectors below become AVX-512, AVX2 or SSE code, whichever the machine has.
@@ -37,6 +37,54 @@ inline float hsum(vf v) {  // a tree of lane shuffles
   v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
   return v[0] + v[1];
+}
+
+// e^x for x <= 0, lane by lane (-inf gives 0): 2^n e^r with n = round(x / ln 2) and r in
+// [-ln 2 / 2, ln 2 / 2], e^r by a degree-7 polynomial (Cephes' expf coefficients), within
+// about 2 ulp of std::exp. Attention's softmax takes one per score; the scalar std::exp was
+// most of the kernel's time.
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.0f);  // e^-87 is still a normal float; 2^n below needs n >= -126
+  const vf y = x < lo ? lo : x;
+  const vi n = __builtin_convertvector(y * 1.44269504088896341f - 0.5f, vi);  // rounds, y <= 0
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = y - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vf er = p * r * r + r + 1.0f;
+  const vf scale = (vf)((n + 127) << 23);
+  return x == splat(-INFINITY) ? splat(0.f) : er * scale;
+}
+
+const vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// The lane sums of 16 vectors as one vector (lane j: the sum of v[j]'s lanes): four rounds that
+// each add two half-width interleavings, 15 shuffle pairs where 16 separate sums take 64.
+inline vf sums_of(const vf* v) {
+  vf a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j)
+    a[j] = __builtin_shuffle(v[2 * j], v[2 * j + 1], vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                                        20, 21, 22, 23}) +
+           __builtin_shuffle(v[2 * j], v[2 * j + 1], vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                                        26, 27, 28, 29, 30, 31});
+  for (int j = 0; j < 4; ++j)
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19,
+                                                        24, 25, 26, 27}) +
+           __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22,
+                                                        23, 28, 29, 30, 31});
+  for (int j = 0; j < 2; ++j)
+    c[j] = __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21,
+                                                        24, 25, 28, 29}) +
+           __builtin_shuffle(b[2 * j], b[2 * j + 1], vi{2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22,
+                                                        23, 26, 27, 30, 31});
+  return __builtin_shuffle(c[0], c[1], vi{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                          30}) +
+         __builtin_shuffle(c[0], c[1], vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
+                                          31});
 }
 
 // Runs part(i) for i in [0, parts) on XLA's intra-op threads and this one, and waits until every
@@ -158,20 +206,24 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
-// out[b, t, h] = softmax over cache positions l <= pos[b, t] of q[b, t, h] . k[b, l, h / G]
-// (scaled by 1/sqrt(E)), times v[b, l, h / G]: one pass over each row's cache in position
-// order, kLanes positions at a time, with a running maximum and sum per query head. Positions
-// past the last query's are never read.
-constexpr int kMaxQueries = 64, kMaxVectors = 8;  // per (row, kv head): T * G, and E / kLanes
+// out[b, t, h] = softmax over the cache slots l that query (b, t) sees, l < pos[b, t] or
+// l == slot[b, t] (its own entry), of q[b, t, h] . k[b, l, h / G] (scaled by 1/sqrt(E)), times
+// v[b, l, h / G]: one pass over each row's cache in slot order, kLanes slots at a time, with a
+// running maximum and sum per query head. Slots past the last one any query sees are never
+// read. A chain of new tokens sits at slot == pos (plain causal attention); a draft verified
+// beside the chain sits past it at its own slot, with the position of the chain token it
+// stands in for.
+constexpr int kMaxQueries = 64, kMaxVectors = 8;  // per task: G query heads, and E / kLanes
 
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                              ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
+                              ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> slot,
+                              ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();  // B, T, H, E
   const auto kd = k.dimensions();  // B, L, K, E
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("attention: ranks");
   const int64_t B = qd[0], T = qd[1], H = qd[2], E = qd[3], L = kd[1], KH = kd[2];
-  if (E % kLanes || H % KH || E / kLanes > kMaxVectors || T * (H / KH) > kMaxQueries)
+  if (E % kLanes || H % KH || E / kLanes > kMaxVectors || H / KH > kMaxQueries)
     return ffi::Error::InvalidArgument("attention: unsupported shape");
   const int64_t G = H / KH, EV = E / kLanes;
   const float scale = 1.0f / std::sqrt(static_cast<float>(E));
@@ -179,18 +231,21 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
   const int32_t* pp = pos.typed_data();
+  const int32_t* sp = slot.typed_data();
   float* op = out->typed_data();
-  // One task per (row, kv head): its G query heads at every new position.
-  parallel(pool, B * KH, [&](int64_t task) {
-    const int64_t b = task / KH, kh = task % KH, Q = T * G;
+  // One task per (row, kv head, new position): its G query heads. Tasks per kv head would leave
+  // one of two threads idle half the time at batch 1 (3 kv heads).
+  parallel(pool, B * KH * T, [&](int64_t task) {
+    const int64_t b = task / (KH * T), kh = task / T % KH, t0 = task % T, Q = G;
     float run_max[kMaxQueries], run_sum[kMaxQueries], score[kMaxQueries][kLanes];
-    int64_t limit[kMaxQueries];
+    int64_t before[kMaxQueries], own[kMaxQueries];  // sees slots l < before[i] and l == own[i]
     vf acc[kMaxQueries][kMaxVectors], qv[kMaxQueries][kMaxVectors];
     int64_t last = -1;
     for (int64_t i = 0; i < Q; ++i) {
-      const int64_t t = i / G, h = kh * G + i % G;
-      limit[i] = std::min<int64_t>(pp[b * T + t], L - 1);
-      last = std::max(last, limit[i]);
+      const int64_t t = t0 + i / G, h = kh * G + i % G;
+      before[i] = std::min<int64_t>(pp[b * T + t], L);
+      own[i] = std::min<int64_t>(sp[b * T + t], L - 1);
+      last = std::max(last, std::max(before[i] - 1, own[i]));
       run_max[i] = -INFINITY;
       run_sum[i] = 0.f;
       for (int64_t e = 0; e < EV; ++e) {
@@ -203,16 +258,18 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       const float* krow = kp + ((b * L + l0) * KH + kh) * E;
       const float* vrow = vp + ((b * L + l0) * KH + kh) * E;
       const int64_t stride = KH * E;
-      for (int64_t j = 0; j < n; ++j) {
-        vf kv[kMaxVectors];
-        for (int64_t e = 0; e < EV; ++e) kv[e] = load(krow + j * stride + e * kLanes);
-        for (int64_t i = 0; i < Q; ++i) {
-          vf s = vf{};
-          for (int64_t e = 0; e < EV; ++e) s += qv[i][e] * kv[e];
-          score[i][j] = l0 + j <= limit[i] ? hsum(s) : -INFINITY;
-        }
-      }
+      const vi slot = kIota + static_cast<int>(l0);
       for (int64_t i = 0; i < Q; ++i) {
+        vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
+        for (int64_t j = 0; j < kLanes; ++j) {
+          vf s = vf{};
+          for (int64_t e = 0; e < EV && j < n; ++e)
+            s += qv[i][e] * load(krow + j * stride + e * kLanes);
+          partial[j] = s;
+        }
+        const vi seen = (slot < static_cast<int>(before[i])) | (slot == static_cast<int>(own[i]));
+        const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
+        store(score[i], sv);
         float block_max = -INFINITY;
         for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, score[i][j]);
         if (block_max == -INFINITY) continue;
@@ -220,12 +277,9 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         const float c = std::exp(run_max[i] - new_max);
         run_max[i] = new_max;
         float p[kLanes];
-        float total = 0.f;
-        for (int64_t j = 0; j < kLanes; ++j) {
-          p[j] = j < n ? std::exp(score[i][j] - new_max) : 0.f;
-          total += p[j];
-        }
-        run_sum[i] = run_sum[i] * c + total;
+        const vf pv = exp_nonpositive(sv - new_max);
+        store(p, pv);
+        run_sum[i] = run_sum[i] * c + hsum(pv);
         for (int64_t e = 0; e < EV; ++e) {
           vf a = acc[i][e] * c;
           for (int64_t j = 0; j < n; ++j) a += load(vrow + j * stride + e * kLanes) * p[j];
@@ -234,7 +288,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       }
     }
     for (int64_t i = 0; i < Q; ++i) {
-      const int64_t t = i / G, h = kh * G + i % G;
+      const int64_t t = t0 + i / G, h = kh * G + i % G;
       const float inv = run_sum[i] > 0.f ? 1.0f / run_sum[i] : 0.f;
       for (int64_t e = 0; e < EV; ++e)
         store(op + ((b * T + t) * H + h) * E + e * kLanes, acc[i][e] * inv);
@@ -258,5 +312,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
