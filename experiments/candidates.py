@@ -1,12 +1,13 @@
-"""tau and speed of greedy decoding against the draft length S and the number K of candidate
-lanes (decode.candidates: the first draft's K most likely tokens verified in one trunk forward,
-each followed by its own chain of S - 1 drafts), in one run with every setting timed in
-interleaved rounds.
+"""tau and speed of greedy decoding against the draft length S and the number K of first-draft
+candidates (decode.candidates: the first head's K most likely tokens verified in one trunk
+forward, the chain of S - 1 more drafts following the most likely one), in one run with every
+setting timed in interleaved rounds.
 
 Run: python experiments/candidates.py --config configs/smollm2.py --workdir runs/smollm2
 Prints one row per (S, K): tau, acceptance per position, tokens/s at batch 1 on held-out prompts
-(each prompt decoded alone), the speedup over `ar` and whether every output equals `ar`'s;
---json FILE keeps them.
+(each prompt decoded alone), ms per iteration (tau / tokens/s: one verify forward, its drafts
+and bookkeeping), the speedup over `ar` and whether every output equals `ar`'s; --json FILE
+keeps them.
 """
 
 import json
@@ -22,7 +23,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
 _DRAFTS = flags.DEFINE_list('draft_lens', [], 'Draft lengths S (default: 1..mtp.depth).')
-_CANDIDATES = flags.DEFINE_list('candidates', ['1', '2', '3'], 'Lanes per prompt K.')
+_CANDIDATES = flags.DEFINE_list('candidates', ['1', '2', '3', '4'], 'First-draft candidates K.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
@@ -56,15 +57,18 @@ def main(argv):
   rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
                                 _ROUNDS.value, 'candidates: decoding')
   for row, s in zip(rows, settings):
-    row.update(draft_len=s.draft_len, candidates=s.candidates)
+    row.update(draft_len=s.draft_len, candidates=s.candidates,
+               ms_per_iteration=1e3 * row['tau'] / row['tokens_per_s'])
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
         f'{session.decode_model.kernels}')
-  print(f"{'S':>2} {'K':>2} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  acceptance")
+  print(f"{'S':>2} {'K':>2} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} {'speedup':>7} "
+        f"{'identical':>9}  acceptance")
   for r in rows:
     print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
-          f"{r['speedup']:>7.2f} {str(r['identical_to_ar']):>9}  {r['acceptance']}")
+          f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {str(r['identical_to_ar']):>9}  "
+          f"{r['acceptance']}")
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)
