@@ -41,8 +41,8 @@ def main(argv):
   try:
     D = config.mtp.depth
     lens = [int(S) for S in _DRAFTS.value] or list(range(1, D + 1))
-    lanes = [int(K) for K in _CANDIDATES.value]
-    if D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in lanes):
+    counts = [int(K) for K in _CANDIDATES.value]
+    if D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in counts):
       raise ConfigError(f'--draft_lens must be in 1..mtp.depth={D} and --candidates >= 1')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
@@ -53,7 +53,7 @@ def main(argv):
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
   s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K)
-                       for S in lens for K in lanes]
+                       for S in lens for K in counts]
   rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
                                 _ROUNDS.value, 'candidates: decoding')
   for row, s in zip(rows, settings):
