@@ -21,8 +21,8 @@ has finished the next prompt of the queue (prefilled alone, between two iteratio
 idles while a slow one finishes.
 
 The loop knows the model only through the interface `DecodeModel` implements: trunk(tokens,
-positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go), head(k, hidden_in, tokens, positions, cache) ->
-(hidden, cache), head_logits(k, hidden) -> logits over the draft vocabulary (all tokens, or the N
+positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go),
+head(k, hidden_in, tokens, positions, cache) -> (hidden, cache), head_logits(k, hidden) -> logits over the draft vocabulary (all tokens, or the N
 most frequent), draft_tokens(params, index) -> token ids, prepare(params) -> params as those
 functions read them, plus the flags `chains` (head k reads head k-1's hidden state and its
 draft) and `attends` (the heads keep a KV cache). Shape legend: Q queued prompts, B rows decoded
@@ -333,9 +333,11 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
     logits_BxN = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
     draft_logits.append(logits_BxN)
-    index = _pick(keys[k - 1], logits_BxN, s)
     if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones wait beside it
-      others = model.draft_tokens(params, jax.lax.top_k(logits_BxN, s.candidates)[1][:, 1:])
+      top_BxK = jax.lax.top_k(logits_BxN, s.candidates)[1]  # ties: lower index first, as greedy
+      index, others = top_BxK[:, 0], model.draft_tokens(params, top_BxK[:, 1:])
+    else:
+      index = _pick(keys[k - 1], logits_BxN, s)
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
@@ -484,28 +486,27 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   return n_acc, _sample(k_resid, resid)
 
 
-def _take_other(verified: dict, others_BxO, logits_BxTxV, h0_BxTxD, cache, n_B, S: int):
+def _take_other(n_acc_B, bonus_B, drafts_BxS, others_BxO, logits_BxTxV, h0_BxTxD, cache, n_B):
   """Greedy verification of the first draft's alternatives, which the verify forward ran at
-  T indices S + 1.. (cache slots n + S..): where the chain's first draft was rejected and an
-  alternative is the trunk's token, that alternative is accepted (one draft) with the trunk's
-  token after it as the bonus, and its logits, features and trunk cache entries replace the
-  chain's at index 1 (slot n), the slot the committed token holds. `verified` has n_acc, bonus
-  and drafts (B x S) of the chain; returns them and the logits, features and cache, updated."""
-  target_BxO = greedy(logits_BxTxV[:, S + 1:])
-  match_BxO = others_BxO == greedy(logits_BxTxV[:, 0])[:, None]
-  won_B = (verified['n_acc'] == 0) & jnp.any(match_BxO, axis=1)
+  T indices S + 1.. (cache slots n + S..), after the chain's (n_acc, bonus, drafts). Where the
+  chain's first draft was rejected, the bonus is the trunk's token after the pending one; an
+  alternative equal to it is accepted (one draft) with the trunk's token after the alternative
+  as the new bonus, and its logits, features and trunk cache entries replace the chain's at
+  index 1 (slot n), the slot the committed token holds. Returns n_acc, bonus, drafts, logits,
+  features and cache, updated."""
+  S = drafts_BxS.shape[1]
+  match_BxO = others_BxO == bonus_B[:, None]
+  won_B = (n_acc_B == 0) & jnp.any(match_BxO, axis=1)
   j_B = jnp.argmax(match_BxO, axis=1)
-  pick = lambda x: jnp.take_along_axis(x, j_B[:, None], axis=1)[:, 0]
-  drafts = verified['drafts'].at[:, 0].set(jnp.where(won_B, pick(others_BxO),
-                                                     verified['drafts'][:, 0]))
-  verified = {'n_acc': jnp.where(won_B, 1, verified['n_acc']),
-              'bonus': jnp.where(won_B, pick(target_BxO), verified['bonus']), 'drafts': drafts}
   # Index S + 1 + j where an alternative won, else index 1 itself (a copy that changes nothing).
   src_B = jnp.where(won_B, S + 1 + j_B, 1)
+  after_other_B = greedy(logits_BxTxV[jnp.arange(n_B.shape[0]), src_B])
+  drafts_BxS = drafts_BxS.at[:, 0].set(jnp.where(won_B, bonus_B, drafts_BxS[:, 0]))
   move = lambda x: x.at[:, 1].set(x[jnp.arange(x.shape[0]), src_B])
   slot_B = (n_B + jnp.where(won_B, S + j_B, 0))[:, None]
   cache = jax.tree.map(lambda buf: write_cache(buf, _gather(buf, slot_B), n_B[:, None]), cache)
-  return verified, move(logits_BxTxV), move(h0_BxTxD), cache
+  return (jnp.where(won_B, 1, n_acc_B), jnp.where(won_B, after_other_B, bonus_B), drafts_BxS,
+          move(logits_BxTxV), move(h0_BxTxD), cache)
 
 
 def step(model, params, state: State, s: Settings):
@@ -536,10 +537,8 @@ def step(model, params, state: State, s: Settings):
     q_BxSxV = None
   n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s)
   if O:
-    verified, logits_BxTxV, h0, cache['trunk'] = _take_other(
-        {'n_acc': n_acc, 'bonus': bonus, 'drafts': drafts_BxS}, others_BxO, logits_BxTxV, h0,
-        cache['trunk'], rows.n, S)
-    n_acc, bonus, drafts_BxS = verified['n_acc'], verified['bonus'], verified['drafts']
+    n_acc, bonus, drafts_BxS, logits_BxTxV, h0, cache['trunk'] = _take_other(
+        n_acc, bonus, drafts_BxS, others_BxO, logits_BxTxV, h0, cache['trunk'], rows.n)
   logits_BxS1xV, h0 = logits_BxTxV[:, :S + 1], h0[:, :S + 1]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)

@@ -2,6 +2,8 @@
 (every row count, ragged shapes), attention over a cache with per-row positions, and whole
 greedy decodes with and without kernels."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,10 +80,11 @@ def test_kernel_layout_transposes_every_dense_matrix():
 
 
 @pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),
-                                      ('medusa', 2, 1), ('sequential', 2, 8)])
+                                      ('medusa', 2, 1), ('sequential', 2, 24)])
 def test_decoding_with_kernels_matches_without(kind, S, K):
   """Greedy tokens are the same with and without kernels (head dim 16, so the attention kernel
-  runs too), and the hidden states agree to float32 rounding."""
+  runs too), and the hidden states agree to float32 rounding; with 24 first-draft candidates,
+  where some alternatives are accepted (more first drafts than the chain alone)."""
   cfg = tiny_model(**{'mtp.kind': kind, 'model.d_model': 64, 'model.tie_embeddings': kind != 'parallel'})
   params = init_params(cfg, jax.random.key(1))
   rng = np.random.default_rng(0)
@@ -95,5 +98,10 @@ def test_decoding_with_kernels_matches_without(kind, S, K):
     fn = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))
     results.append(fn(params, arr, lens, jax.random.key(0)))
   assert dec.outputs(results[0]) == dec.outputs(results[1])
+  if K > 1:
+    chain = dataclasses.replace(s, candidates=1)
+    alone = dec.compiled_decoder(model, chain, dec.cache_length(arr.shape[1], chain))(
+        params, arr, lens, jax.random.key(0))
+    assert np.sum(results[1].out_accepted[:, 0]) > np.sum(alone.out_accepted[:, 0])
   np.testing.assert_allclose(results[1].rows.hidden[0], results[0].rows.hidden[0], rtol=1e-4,
                              atol=1e-4)

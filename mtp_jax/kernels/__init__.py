@@ -114,7 +114,7 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
   """Each new entry's attention over the cache slots before its position and its own slot
   (layers.attend's rule; float32), or None when the kernel cannot take these shapes (the caller
   then attends with XLA)."""
-  B, T, H, E = q_BxTxHxE.shape
+  H, E = q_BxTxHxE.shape[2:]
   K = k_BxLxKxE.shape[2]
   if not (use_kernel and E % 16 == 0 and E <= 128 and H // K <= MAX_QUERIES
           and _float32(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE) and usable()):

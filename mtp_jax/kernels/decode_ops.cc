@@ -41,8 +41,8 @@ inline float hsum(vf v) {  // a tree of lane shuffles
 
 // e^x for x <= 0, lane by lane (-inf gives 0): 2^n e^r with n = round(x / ln 2) and r in
 // [-ln 2 / 2, ln 2 / 2], e^r by a degree-7 polynomial (Cephes' expf coefficients), within
-// about 2 ulp of std::exp. Attention's softmax takes one per score; the scalar std::exp was
-// most of the kernel's time.
+// about 2 ulp of std::exp. Attention's softmax takes one per score, where a scalar std::exp
+// per score was a large share of the kernel's time.
 inline vf exp_nonpositive(vf x) {
   const vf lo = splat(-87.0f);  // e^-87 is still a normal float; 2^n below needs n >= -126
   const vf y = x < lo ? lo : x;
@@ -236,13 +236,13 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   // One task per (row, kv head, new position): its G query heads. Tasks per kv head would leave
   // one of two threads idle half the time at batch 1 (3 kv heads).
   parallel(pool, B * KH * T, [&](int64_t task) {
-    const int64_t b = task / (KH * T), kh = task / T % KH, t0 = task % T, Q = G;
-    float run_max[kMaxQueries], run_sum[kMaxQueries], score[kMaxQueries][kLanes];
+    const int64_t b = task / (KH * T), kh = task / T % KH, t = task % T, Q = G;
+    float run_max[kMaxQueries], run_sum[kMaxQueries];
     int64_t before[kMaxQueries], own[kMaxQueries];  // sees slots l < before[i] and l == own[i]
     vf acc[kMaxQueries][kMaxVectors], qv[kMaxQueries][kMaxVectors];
     int64_t last = -1;
     for (int64_t i = 0; i < Q; ++i) {
-      const int64_t t = t0 + i / G, h = kh * G + i % G;
+      const int64_t h = kh * G + i;
       before[i] = std::min<int64_t>(pp[b * T + t], L);
       own[i] = std::min<int64_t>(sp[b * T + t], L - 1);
       last = std::max(last, std::max(before[i] - 1, own[i]));
@@ -263,15 +263,16 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
         vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
         for (int64_t j = 0; j < kLanes; ++j) {
           vf s = vf{};
-          for (int64_t e = 0; e < EV && j < n; ++e)
-            s += qv[i][e] * load(krow + j * stride + e * kLanes);
+          if (j < n)  // slots past the cache are never read
+            for (int64_t e = 0; e < EV; ++e) s += qv[i][e] * load(krow + j * stride + e * kLanes);
           partial[j] = s;
         }
         const vi seen = (slot < static_cast<int>(before[i])) | (slot == static_cast<int>(own[i]));
         const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
-        store(score[i], sv);
+        float score[kLanes];
+        store(score, sv);
         float block_max = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, score[i][j]);
+        for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, score[j]);
         if (block_max == -INFINITY) continue;
         const float new_max = std::max(run_max[i], block_max);
         const float c = std::exp(run_max[i] - new_max);
@@ -288,7 +289,7 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       }
     }
     for (int64_t i = 0; i < Q; ++i) {
-      const int64_t t = t0 + i / G, h = kh * G + i % G;
+      const int64_t h = kh * G + i;
       const float inv = run_sum[i] > 0.f ? 1.0f / run_sum[i] : 0.f;
       for (int64_t e = 0; e < EV; ++e)
         store(op + ((b * T + t) * H + h) * E + e * kLanes, acc[i][e] * inv);
