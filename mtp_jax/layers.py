@@ -29,6 +29,13 @@ def dense_param(module: nn.Module, name: str, init, in_shape: tuple, out_shape: 
   return param_with_axes(module, name, init, in_shape + out_shape, in_axes + out_axes)
 
 
+def fused_param(module: nn.Module, name: str, shape: tuple):
+  """Matrices that model.kernel_layout stacks along their first (output) axis so that one
+  kernel call reads them all: decoding-only (the layout is made from trained params, never
+  initialised), on one device (no sharding axes)."""
+  return param_with_axes(module, name, nn.initializers.zeros, shape, (None,) * len(shape))
+
+
 def fan_in_init(in_axis, out_axis):
   return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
                                           in_axis=in_axis, out_axis=out_axis)
@@ -139,18 +146,23 @@ class Attention(nn.Module):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
-    w_q = dense_param(self, 'q', fan_in_init(0, (1, 2)), (D,), (H, E), ('embed',),
-                      ('heads', 'head_dim'), cfg)
-    w_k = dense_param(self, 'k', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
-                      ('kv_heads', 'head_dim'), cfg)
-    w_v = dense_param(self, 'v', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
-                      ('kv_heads', 'head_dim'), cfg)
+    x = x_BxTxD.astype(dt)
+    if cfg.kernels:  # model.kernel_layout's q, k and v stacked head-wise: one product
+      w_qkv = fused_param(self, 'qkv', (H + 2 * K, E, D))
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = jnp.split(dense(x, w_qkv.astype(dt), 1, cfg),
+                                                   (H, H + K), axis=-2)
+    else:
+      w_q = dense_param(self, 'q', fan_in_init(0, (1, 2)), (D,), (H, E), ('embed',),
+                        ('heads', 'head_dim'), cfg)
+      w_k = dense_param(self, 'k', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
+                        ('kv_heads', 'head_dim'), cfg)
+      w_v = dense_param(self, 'v', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
+                        ('kv_heads', 'head_dim'), cfg)
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w.astype(dt), 1, cfg) for w in (w_q, w_k, w_v))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
-    x = x_BxTxD.astype(dt)
-    q_BxTxHxE = rope(dense(x, w_q.astype(dt), 1, cfg), positions_BxT, cfg.rope_theta)
-    k_BxTxKxE = rope(dense(x, w_k.astype(dt), 1, cfg), positions_BxT, cfg.rope_theta)
-    v_BxTxKxE = dense(x, w_v.astype(dt), 1, cfg)
+    q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, cfg.rope_theta)
+    k_BxTxKxE = rope(k_BxTxKxE, positions_BxT, cfg.rope_theta)
     if kv is None and cfg.attention == 'fused':
       # jax's fused attention: cuDNN's flash attention where the GPU and shapes allow it, XLA's
       # own elsewhere. No cache means positions 0..T-1 in every row (the training path), so the
@@ -171,12 +183,16 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     D, F, dt = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype
-    w_gate = dense_param(self, 'gate', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
-    w_up = dense_param(self, 'up', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
-    w_down = dense_param(self, 'down', fan_in_init(0, 1), (F,), (D,), ('mlp',), ('embed',), cfg)
     x = x_BxTxD.astype(dt)
-    h_BxTxF = (jax.nn.silu(dense(x, w_gate.astype(dt), 1, cfg))
-               * dense(x, w_up.astype(dt), 1, cfg))
+    if cfg.kernels:  # model.kernel_layout's gate and up stacked: one product
+      gate_up_BxTx2xF = dense(x, fused_param(self, 'gate_up', (2, F, D)).astype(dt), 1, cfg)
+      gate_BxTxF, up_BxTxF = gate_up_BxTx2xF[..., 0, :], gate_up_BxTx2xF[..., 1, :]
+    else:
+      w_gate = dense_param(self, 'gate', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
+      w_up = dense_param(self, 'up', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
+      gate_BxTxF, up_BxTxF = dense(x, w_gate.astype(dt), 1, cfg), dense(x, w_up.astype(dt), 1, cfg)
+    w_down = dense_param(self, 'down', fan_in_init(0, 1), (F,), (D,), ('mlp',), ('embed',), cfg)
+    h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
     return dense(h_BxTxF, w_down.astype(dt), 1, cfg)
 

@@ -118,8 +118,11 @@ _DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_pro
 
 
 def kernel_layout(params):
-  """The params with every dense matrix stored (out..., in...), one output per row, as the
-  decoding kernels read them (ModelConfig.kernels); Medusa's layers and the embedding stay."""
+  """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
+  stored (out..., in...), one output per row, and the matrices that read the same input stacked
+  into one, so that one pass over it computes them all: an attention's q, k and v along the head
+  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). Medusa's layers and the
+  embedding stay."""
   def move(path, leaf):
     name = str(getattr(path[-1], 'key', ''))
     parents = {str(getattr(p, 'key', '')) for p in path[:-1]}
@@ -127,7 +130,17 @@ def kernel_layout(params):
       return leaf
     n_in = _DENSE[name]
     return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
-  return jax.tree_util.tree_map_with_path(move, params)
+
+  def stack(tree, name=''):
+    if not isinstance(tree, dict):
+      return tree
+    tree = {k: stack(v, k) for k, v in tree.items()}
+    if name == 'attn' and {'q', 'k', 'v'} <= tree.keys():
+      tree['qkv'] = jnp.concatenate([tree.pop('q'), tree.pop('k'), tree.pop('v')], axis=0)
+    if name == 'mlp' and {'gate', 'up'} <= tree.keys():
+      tree['gate_up'] = jnp.stack([tree.pop('gate'), tree.pop('up')])
+    return tree
+  return stack(jax.tree_util.tree_map_with_path(move, params))
 
 
 def init_params(cfg: ModelConfig, rng):

@@ -34,12 +34,13 @@ def test_rows_matmul_matches_xla(rows, K, N):
   assert got.shape == (rows, N)
 
 
-@pytest.mark.parametrize('T,G,beside', [(1, 1, 0), (1, 3, 0), (4, 3, 0), (2, 2, 0), (4, 3, 2),
-                                         (3, 1, 1)])
-def test_cache_attention_matches_xla(T, G, beside):
+@pytest.mark.parametrize('T,G,beside,E', [(1, 1, 0, 32), (1, 3, 0, 64), (4, 3, 0, 32),
+                                           (2, 2, 0, 48), (4, 3, 2, 64), (3, 1, 1, 32)])
+def test_cache_attention_matches_xla(T, G, beside, E):
   """With `beside` > 0 the last queries are alternatives to the second: at its position, stored
-  in the slots after the chain (decode's first-draft alternatives)."""
-  B, L, K, E = 3, 40, 2, 32
+  in the slots after the chain (decode's first-draft alternatives). Head dims of 2, 3 and 4
+  vectors (the kernel is compiled for each)."""
+  B, L, K = 3, 40, 2
   keys = jax.random.split(jax.random.key(T * 10 + G), 4)
   q = jax.random.normal(keys[0], (B, T, K * G, E))
   k_new = jax.random.normal(keys[1], (B, T, K, E))
@@ -67,12 +68,21 @@ def test_cache_attention_matches_xla(T, G, beside):
     np.testing.assert_allclose(got[:, t], alone[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_kernel_layout_transposes_every_dense_matrix():
+def test_kernel_layout_transposes_and_stacks_dense_matrices():
   cfg = tiny_model(**{'model.tie_embeddings': False})
   params = init_params(cfg, jax.random.key(0))['params']
   moved = kernel_layout({'params': params})['params']
-  assert moved['blocks_0']['attn']['q'].shape == (4, 8, 32)  # (H, E, D) from (D, H, E)
+  attn, H = params['blocks_0']['attn'], cfg.num_heads
+  qkv = moved['blocks_0']['attn']['qkv']  # (H + 2K, E, D): q, k, v each (heads, E, D)
+  assert qkv.shape == (H + 2 * cfg.num_kv_heads, cfg.head_dim, cfg.d_model)
+  assert set(moved['blocks_0']['attn']) == {'qkv', 'o'}
+  for part, name in zip(np.split(qkv, [H, H + cfg.num_kv_heads]), 'qkv'):
+    np.testing.assert_array_equal(part, np.moveaxis(attn[name], 0, -1))
   assert moved['blocks_0']['attn']['o'].shape == (32, 4, 8)  # (D, H, E) from (H, E, D)
+  mlp = params['mtp_0']['block']['mlp']
+  assert set(moved['mtp_0']['block']['mlp']) == {'gate_up', 'down'}
+  np.testing.assert_array_equal(moved['mtp_0']['block']['mlp']['gate_up'],
+                                np.stack([mlp['gate'].T, mlp['up'].T]))
   np.testing.assert_array_equal(moved['blocks_1']['mlp']['down'], params['blocks_1']['mlp']['down'].T)
   np.testing.assert_array_equal(moved['mtp_0']['eh_proj'], params['mtp_0']['eh_proj'].T)
   np.testing.assert_array_equal(moved['unembedding'], params['unembedding'].T)

@@ -206,6 +206,14 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
+  v = vmax(v, __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
+  v = vmax(v, __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
+  v = vmax(v, __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  return std::max(v[0], v[1]);
+}
+
 // out[b, t, h] = softmax over the cache slots l that query (b, t) sees, l < pos[b, t] or
 // l == slot[b, t] (its own entry), of q[b, t, h] . k[b, l, h / G] (scaled by 1/sqrt(E)), times
 // v[b, l, h / G]: one pass over each row's cache in slot order, kLanes slots at a time, with a
@@ -215,6 +223,82 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // stands in for.
 constexpr int kMaxQueries = 64, kMaxVectors = 8;  // per task: G query heads, and E / kLanes
 
+// One new position's G query heads (q: G x E, contiguous) over one kv head's cache (k, v: slot
+// l at l * stride), written to out (G x E). EV = E / kLanes is fixed at compile time so that
+// every loop over the head dimension unrolls: the values are summed in 2 x EV independent
+// accumulators (even and odd slots), where one accumulator chain per vector made the sum wait
+// on each multiply-add's latency.
+template <int EV>
+void attend_position(const float* q, const float* k, const float* v, float* out, int64_t G,
+                     int64_t stride, int64_t before, int64_t own, float scale) {
+  constexpr int64_t E = EV * kLanes;
+  const int64_t last = std::max(before - 1, own);  // the last slot any of the G heads sees
+  float run_max[kMaxQueries], run_sum[kMaxQueries];
+  vf acc[kMaxQueries][2][EV], qv[kMaxQueries][EV];
+  for (int64_t i = 0; i < G; ++i) {
+    run_max[i] = -INFINITY;
+    run_sum[i] = 0.f;
+    for (int e = 0; e < EV; ++e) {
+      acc[i][0][e] = acc[i][1][e] = vf{};
+      qv[i][e] = load(q + i * E + e * kLanes) * scale;
+    }
+  }
+  for (int64_t l0 = 0; l0 <= last; l0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, last + 1 - l0);
+    const float* krow = k + l0 * stride;
+    const float* vrow = v + l0 * stride;
+    const vi slot = kIota + static_cast<int>(l0);
+    const vi seen = (slot < static_cast<int>(before)) | (slot == static_cast<int>(own));
+    for (int64_t i = 0; i < G; ++i) {
+      vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
+      for (int64_t j = 0; j < kLanes; ++j) {
+        vf s = vf{};
+        if (n == kLanes || j < n)  // slots past the cache are never read
+          for (int e = 0; e < EV; ++e) s += qv[i][e] * load(krow + j * stride + e * kLanes);
+        partial[j] = s;
+      }
+      const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
+      const float block_max = hmax(sv);
+      if (block_max == -INFINITY) continue;
+      const float new_max = std::max(run_max[i], block_max);
+      const float c = std::exp(run_max[i] - new_max);
+      run_max[i] = new_max;
+      const vf pv = exp_nonpositive(sv - new_max);
+      run_sum[i] = run_sum[i] * c + hsum(pv);
+      float p[kLanes];
+      store(p, pv);
+      vf a0[EV], a1[EV];
+      for (int e = 0; e < EV; ++e) {
+        a0[e] = acc[i][0][e] * c;
+        a1[e] = acc[i][1][e] * c;
+      }
+      int64_t j = 0;
+      for (; j + 1 < n; j += 2)
+        for (int e = 0; e < EV; ++e) {
+          a0[e] += load(vrow + j * stride + e * kLanes) * p[j];
+          a1[e] += load(vrow + (j + 1) * stride + e * kLanes) * p[j + 1];
+        }
+      if (j < n)
+        for (int e = 0; e < EV; ++e) a0[e] += load(vrow + j * stride + e * kLanes) * p[j];
+      for (int e = 0; e < EV; ++e) {
+        acc[i][0][e] = a0[e];
+        acc[i][1][e] = a1[e];
+      }
+    }
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    const float inv = run_sum[i] > 0.f ? 1.0f / run_sum[i] : 0.f;
+    for (int e = 0; e < EV; ++e)
+      store(out + i * E + e * kLanes, (acc[i][0][e] + acc[i][1][e]) * inv);
+  }
+}
+
+typedef void (*AttendFn)(const float*, const float*, const float*, float*, int64_t, int64_t,
+                         int64_t, int64_t, float);
+constexpr AttendFn kAttend[kMaxVectors] = {
+    attend_position<1>, attend_position<2>, attend_position<3>, attend_position<4>,
+    attend_position<5>, attend_position<6>, attend_position<7>, attend_position<8>};
+
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                               ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> slot,
@@ -223,9 +307,10 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const auto kd = k.dimensions();  // B, L, K, E
   if (qd.size() != 4 || kd.size() != 4) return ffi::Error::InvalidArgument("attention: ranks");
   const int64_t B = qd[0], T = qd[1], H = qd[2], E = qd[3], L = kd[1], KH = kd[2];
-  if (E % kLanes || H % KH || E / kLanes > kMaxVectors || H / KH > kMaxQueries)
+  if (E % kLanes || H % KH || E / kLanes > kMaxVectors || E == 0 || H / KH > kMaxQueries)
     return ffi::Error::InvalidArgument("attention: unsupported shape");
-  const int64_t G = H / KH, EV = E / kLanes;
+  const int64_t G = H / KH;
+  const AttendFn attend = kAttend[E / kLanes - 1];
   const float scale = 1.0f / std::sqrt(static_cast<float>(E));
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
@@ -236,64 +321,10 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   // One task per (row, kv head, new position): its G query heads. Tasks per kv head would leave
   // one of two threads idle half the time at batch 1 (3 kv heads).
   parallel(pool, B * KH * T, [&](int64_t task) {
-    const int64_t b = task / (KH * T), kh = task / T % KH, t = task % T, Q = G;
-    float run_max[kMaxQueries], run_sum[kMaxQueries];
-    int64_t before[kMaxQueries], own[kMaxQueries];  // sees slots l < before[i] and l == own[i]
-    vf acc[kMaxQueries][kMaxVectors], qv[kMaxQueries][kMaxVectors];
-    int64_t last = -1;
-    for (int64_t i = 0; i < Q; ++i) {
-      const int64_t h = kh * G + i;
-      before[i] = std::min<int64_t>(pp[b * T + t], L);
-      own[i] = std::min<int64_t>(sp[b * T + t], L - 1);
-      last = std::max(last, std::max(before[i] - 1, own[i]));
-      run_max[i] = -INFINITY;
-      run_sum[i] = 0.f;
-      for (int64_t e = 0; e < EV; ++e) {
-        acc[i][e] = vf{};
-        qv[i][e] = load(qp + ((b * T + t) * H + h) * E + e * kLanes) * scale;
-      }
-    }
-    for (int64_t l0 = 0; l0 <= last; l0 += kLanes) {
-      const int64_t n = std::min<int64_t>(kLanes, last + 1 - l0);
-      const float* krow = kp + ((b * L + l0) * KH + kh) * E;
-      const float* vrow = vp + ((b * L + l0) * KH + kh) * E;
-      const int64_t stride = KH * E;
-      const vi slot = kIota + static_cast<int>(l0);
-      for (int64_t i = 0; i < Q; ++i) {
-        vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
-        for (int64_t j = 0; j < kLanes; ++j) {
-          vf s = vf{};
-          if (j < n)  // slots past the cache are never read
-            for (int64_t e = 0; e < EV; ++e) s += qv[i][e] * load(krow + j * stride + e * kLanes);
-          partial[j] = s;
-        }
-        const vi seen = (slot < static_cast<int>(before[i])) | (slot == static_cast<int>(own[i]));
-        const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
-        float score[kLanes];
-        store(score, sv);
-        float block_max = -INFINITY;
-        for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, score[j]);
-        if (block_max == -INFINITY) continue;
-        const float new_max = std::max(run_max[i], block_max);
-        const float c = std::exp(run_max[i] - new_max);
-        run_max[i] = new_max;
-        float p[kLanes];
-        const vf pv = exp_nonpositive(sv - new_max);
-        store(p, pv);
-        run_sum[i] = run_sum[i] * c + hsum(pv);
-        for (int64_t e = 0; e < EV; ++e) {
-          vf a = acc[i][e] * c;
-          for (int64_t j = 0; j < n; ++j) a += load(vrow + j * stride + e * kLanes) * p[j];
-          acc[i][e] = a;
-        }
-      }
-    }
-    for (int64_t i = 0; i < Q; ++i) {
-      const int64_t h = kh * G + i;
-      const float inv = run_sum[i] > 0.f ? 1.0f / run_sum[i] : 0.f;
-      for (int64_t e = 0; e < EV; ++e)
-        store(op + ((b * T + t) * H + h) * E + e * kLanes, acc[i][e] * inv);
-    }
+    const int64_t b = task / (KH * T), kh = task / T % KH, t = task % T;
+    const int64_t head = ((b * T + t) * H + kh * G) * E, cache = (b * L * KH + kh) * E;
+    attend(qp + head, kp + cache, vp + cache, op + head, G, KH * E,
+           std::min<int64_t>(pp[b * T + t], L), std::min<int64_t>(sp[b * T + t], L - 1), scale);
   });
   return ffi::Error::Success();
 }
