@@ -1,6 +1,7 @@
 """The row kernel against XLA's dot on one trunk step's weight products, for M input rows: the
-products a decoding step makes (q, k, v, o, gate, up, down in every layer; M = batch x positions),
-with random float32 weights in the kernel's layout (one output per row).
+products a decoding step makes (in every layer q, k and v as one product, o, gate and up as one,
+down, as model.kernel_layout stacks them; M = batch x positions), with random float32 weights in
+the kernel's layout (one output per row).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -36,7 +37,7 @@ def main(_):
     sys.exit('error: the row kernel is not available here (see the note above, or '
              'MTP_JAX_KERNELS=0 is set)')
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
-  shapes = [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)] * _LAYERS.value
+  shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in shapes]
   bytes_read = sum(n * k * 4 for n, k in shapes)
