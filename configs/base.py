@@ -140,9 +140,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Heads draft over the N most frequent tokens of their training data only (0: every token);
   # verification still uses the trunk's full distribution, so decoding stays exact.
   c.decode.draft_vocab = 0
-  # Greedy decoding verifies the first draft's K most likely tokens at once, each followed by its
-  # own chain of drafts, in K rows per prompt; the longest accepted chain is kept (1: one chain).
+  # Greedy decoding verifies the first head's K most likely tokens in one trunk forward: the chain
+  # of drafts follows the most likely one, the other K - 1 sit beside it (1: the chain alone).
   c.decode.candidates = 1
+  # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
+  # 'bfloat16' halves their bytes (with the kernels only). Verification stays float32, so greedy
+  # output is unchanged; the drafts, and so tau, may differ slightly.
+  c.decode.draft_dtype = 'float32'
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''
 

@@ -159,7 +159,8 @@ def main(argv):
   try:
     config, cfg, params, prompts, source, mesh, session = load(config)
     d = config.decode
-    model = session.decode_model if session else dec.decode_model(cfg, d.kernels)
+    model = session.decode_model if session else dec.decode_model(cfg, d.kernels, None,
+                                                                  d.draft_dtype)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -1,12 +1,14 @@
 """tau and speed against the size N of the draft vocabulary (the heads project onto the N most
 frequent tokens of their training data; verification keeps the trunk's full distribution, so
-every greedy output stays the `ar` output), in one run with every setting timed in interleaved
-rounds.
+every greedy output stays the `ar` output) and the dtype drafting reads the heads in
+(decode.draft_dtype), in one run with every setting timed in interleaved rounds.
 
 Run: python experiments/draft_vocab.py --config configs/smollm2.py --workdir runs/smollm2
-Prints one row per N in --sizes ('full' is every token): tau, acceptance per position,
-tokens/s at batch 1 on held-out prompts (greedy, S = D, each prompt decoded alone), the speedup
-over `ar` and whether every output equals `ar`'s; --json FILE keeps them.
+     python experiments/draft_vocab.py ... --sizes 8192 --dtypes float32,bfloat16 --draft_len 2
+Prints one row per N in --sizes ('full' is every token) and dtype in --dtypes: tau, acceptance
+per position, tokens/s at batch 1 on held-out prompts (greedy, S = --draft_len or D, each prompt
+decoded alone), the speedup over `ar` and whether every output equals `ar`'s; --json FILE keeps
+them.
 """
 
 import json
@@ -22,6 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
 _SIZES = flags.DEFINE_list('sizes', ['full', '16384', '8192', '4096'], 'Draft vocabulary sizes.')
+_DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'decode.draft_dtype values (float32, '
+                            'bfloat16).')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S (0: every head, D).')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
@@ -50,20 +55,25 @@ def main(argv):
     sys.exit(2)
   D, cfg = session.cfg.mtp_depth, session.cfg
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
-  s_mtp = inference.settings(session.config, draft=D, temperature=0.0, eos_id=session.eos_id)
+  S = _DRAFT_LEN.value or D
+  s_mtp = inference.settings(session.config, draft=S, temperature=0.0, eos_id=session.eos_id)
   ar_model = dec.decode_model(cfg, config.decode.kernels)
-  models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n])
-            for n in sizes]
+  grid = [(n, t) for n in sizes for t in _DTYPES.value]
+  models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n], t)
+            for n, t in grid]
   rows = inference.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
                                 _ROUNDS.value, 'draft_vocab: decoding')
-  for row, n in zip(rows, ['ar'] + sizes):
-    row['draft_vocab'] = 'full' if n is None else n
+  rows[0]['draft_vocab'], rows[0]['draft_dtype'] = 'ar', '-'
+  for row, (n, t), m in zip(rows[1:], grid, models):
+    row['draft_vocab'], row['draft_dtype'] = ('full' if n is None else n), m.draft_dtype
   print(f'machine: {measure.machine()}')
-  print(f'{len(prompts)} held-out prompts, batch 1, greedy, S = {D}, up to '
+  print(f'{len(prompts)} held-out prompts, batch 1, greedy, S = {S}, up to '
         f'{s_mtp.max_new_tokens} new tokens, kernels {ar_model.kernels}')
-  print(f"{'N':>6} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  acceptance")
+  print(f"{'N':>6} {'dtype':>8} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  "
+        'acceptance')
   for r in rows:
-    print(f"{r['draft_vocab']:>6} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
+    print(f"{r['draft_vocab']:>6} {r['draft_dtype']:>8} {r['tau']:>5.2f} "
+          f"{r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
           f"{'-' if r['draft_vocab'] == 'ar' else str(r['identical_to_ar']):>9}  "
           f"{r['acceptance'] or ''}")
   if _JSON.value:

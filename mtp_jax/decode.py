@@ -82,23 +82,26 @@ def _remember(store: list, key: tuple, make, keep: int):
   return value
 
 
-def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool) -> dict:
-  """The draft vocabulary's ids and output rows (N x D) from the output matrix: the embedding,
-  or the unembedding (D x V as stored, V x D in the kernels' layout)."""
+def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> dict:
+  """The draft vocabulary's ids and output rows (N x D, in `dtype`) from the output matrix: the
+  embedding, or the unembedding (D x V as stored, V x D in the kernels' layout)."""
   inner = params['params']
   matrix = inner['embedding'] if tied else (
       inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
   index = jnp.asarray(ids, jnp.int32)
-  return {'ids': index, 'out': jnp.take(matrix, index, axis=0)}
+  return {'ids': index, 'out': jnp.take(matrix, index, axis=0).astype(dtype)}
 
 
-def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None) -> 'DecodeModel':
+def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
+                 draft_dtype: str = 'float32') -> 'DecodeModel':
   """The decoder's view of a model: with the native kernels where they can run (a float32 model
   on one CPU device whose kernels built, mtp_jax.kernels), drafting over `draft_ids` (a reduced
-  vocabulary; None: every token)."""
+  vocabulary; None: every token) with the heads' matrices in `draft_dtype` (kernels only: XLA
+  would widen them at every call)."""
   draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
-  return DecodeModel(cfg, kernels=use_kernels and cfg.dtype == 'float32' and kernels_lib.usable(),
-                     draft=draft)
+  kernels = use_kernels and cfg.dtype == 'float32' and kernels_lib.usable()
+  return DecodeModel(cfg, kernels=kernels, draft=draft,
+                     draft_dtype=draft_dtype if kernels else 'float32')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,7 @@ class DecodeModel(WholeVocabulary):
   cfg: ModelConfig
   kernels: bool = False
   draft: tuple | None = None
+  draft_dtype: str = 'float32'  # the heads' matrices and draft output rows (kernels only)
 
   @property
   def depth(self) -> int:
@@ -137,15 +141,16 @@ class DecodeModel(WholeVocabulary):
 
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
-    kernels every dense matrix one output per row (model.kernel_layout); with a draft vocabulary,
-    its ids and output rows (N x D) under 'draft'. Models that differ only in their draft
+    kernels every dense matrix one output per row (model.kernel_layout), the heads' in
+    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Models that differ only in their draft
     vocabulary share one converted copy of the weights."""
     if self.kernels:
-      params = _remember(_LAYOUTS, (params,), lambda: jax.jit(kernel_layout)(params), keep=2)
+      params = _remember(_LAYOUTS, (params, (self.draft_dtype,)), lambda: jax.jit(
+          kernel_layout, static_argnums=1)(params, self.draft_dtype), keep=2)
     if self.draft is None:
       return params
     return _remember(_DRAFTS, (params, self.draft), lambda: {**params, 'draft': _draft(
-        params, self.draft, self.cfg.tie_embeddings, self.kernels)}, keep=8)
+        params, self.draft, self.cfg.tie_embeddings, self.kernels, self.draft_dtype)}, keep=8)
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

@@ -30,7 +30,7 @@ class SequentialModule(nn.Module):
     e = RMSNorm(cfg.d_model, cfg.norm_eps, name='enorm')(emb_BxTxD)
     h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model,
                 name='hnorm')(h_prev_BxTxF.astype(e.dtype))
-    x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj.astype(cfg.compute_dtype), 1, cfg)
+    x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj, 1, cfg)
     return head_block(cfg, 'block')(x_BxTxD, positions_BxT, kv)
 
 

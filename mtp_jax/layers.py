@@ -42,12 +42,13 @@ def fan_in_init(in_axis, out_axis):
 
 
 def dense(x, w, in_dims: int, cfg: ModelConfig):
-  """x's last `in_dims` axes contracted with w's input axes. w is stored (in..., out...); with
-  cfg.kernels (decoding with model.kernel_layout's params) it is (out..., in...), for the
-  few-row kernel."""
+  """x's last `in_dims` axes contracted with w's input axes, in the compute dtype. w is stored
+  (in..., out...); with cfg.kernels (decoding with model.kernel_layout's params) it is
+  (out..., in...), for the few-row kernel, which also reads it in bfloat16 as it is."""
   lead = x.shape[:x.ndim - in_dims]
   if not cfg.kernels:
     k = math.prod(w.shape[:in_dims])
+    w = w.astype(cfg.compute_dtype)
     return (x.reshape(*lead, k) @ w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
   out_dims = w.shape[:w.ndim - in_dims]
   y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1))
@@ -149,7 +150,7 @@ class Attention(nn.Module):
     x = x_BxTxD.astype(dt)
     if cfg.kernels:  # model.kernel_layout's q, k and v stacked head-wise: one product
       w_qkv = fused_param(self, 'qkv', (H + 2 * K, E, D))
-      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = jnp.split(dense(x, w_qkv.astype(dt), 1, cfg),
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = jnp.split(dense(x, w_qkv, 1, cfg),
                                                    (H, H + K), axis=-2)
     else:
       w_q = dense_param(self, 'q', fan_in_init(0, (1, 2)), (D,), (H, E), ('embed',),
@@ -158,7 +159,7 @@ class Attention(nn.Module):
                         ('kv_heads', 'head_dim'), cfg)
       w_v = dense_param(self, 'v', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
                         ('kv_heads', 'head_dim'), cfg)
-      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w.astype(dt), 1, cfg) for w in (w_q, w_k, w_v))
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w, 1, cfg) for w in (w_q, w_k, w_v))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
     q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, cfg.rope_theta)
@@ -171,7 +172,7 @@ class Attention(nn.Module):
     else:
       out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels,
                                slots_BxT)
-    out_BxTxD = dense(out_BxTxHxE.astype(dt), w_o.astype(dt), 2, cfg)
+    out_BxTxD = dense(out_BxTxHxE.astype(dt), w_o, 2, cfg)
     out_BxTxD = nn.with_logical_constraint(out_BxTxD, ('batch', 'length', 'embed'))
     return out_BxTxD, kv
 
@@ -185,16 +186,16 @@ class MLP(nn.Module):
     D, F, dt = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype
     x = x_BxTxD.astype(dt)
     if cfg.kernels:  # model.kernel_layout's gate and up stacked: one product
-      gate_up_BxTx2xF = dense(x, fused_param(self, 'gate_up', (2, F, D)).astype(dt), 1, cfg)
+      gate_up_BxTx2xF = dense(x, fused_param(self, 'gate_up', (2, F, D)), 1, cfg)
       gate_BxTxF, up_BxTxF = gate_up_BxTx2xF[..., 0, :], gate_up_BxTx2xF[..., 1, :]
     else:
       w_gate = dense_param(self, 'gate', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
       w_up = dense_param(self, 'up', fan_in_init(0, 1), (D,), (F,), ('embed',), ('mlp',), cfg)
-      gate_BxTxF, up_BxTxF = dense(x, w_gate.astype(dt), 1, cfg), dense(x, w_up.astype(dt), 1, cfg)
+      gate_BxTxF, up_BxTxF = dense(x, w_gate, 1, cfg), dense(x, w_up, 1, cfg)
     w_down = dense_param(self, 'down', fan_in_init(0, 1), (F,), (D,), ('mlp',), ('embed',), cfg)
     h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, ('batch', 'length', 'mlp'))
-    return dense(h_BxTxF, w_down.astype(dt), 1, cfg)
+    return dense(h_BxTxF, w_down, 1, cfg)
 
 
 class Block(nn.Module):

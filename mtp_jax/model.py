@@ -106,7 +106,7 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   the last hidden state."""
   x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps)
   if cfg.tie_embeddings or cfg.kernels:  # V x D: the embedding, or kernel_layout's unembedding
-    logits = kernels.rows_matmul(x, out.astype(cfg.compute_dtype), use_kernel=cfg.kernels)
+    logits = kernels.rows_matmul(x, out, use_kernel=cfg.kernels)  # widens out to x's dtype
   else:
     logits = jnp.einsum('btd,dv->btv', x, out.astype(cfg.compute_dtype))
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
@@ -117,19 +117,22 @@ _DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_pro
           'unembedding': 1}
 
 
-def kernel_layout(params):
+def kernel_layout(params, head_dtype: str = 'float32'):
   """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
   stored (out..., in...), one output per row, and the matrices that read the same input stacked
   into one, so that one pass over it computes them all: an attention's q, k and v along the head
-  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). Medusa's layers and the
+  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). The MTP heads' dense
+  matrices in `head_dtype` (the kernel reads bfloat16 as it is). Medusa's layers and the
   embedding stay."""
   def move(path, leaf):
-    name = str(getattr(path[-1], 'key', ''))
-    parents = {str(getattr(p, 'key', '')) for p in path[:-1]}
-    if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in parents):
+    keys = [str(getattr(p, 'key', '')) for p in path]
+    name = keys[-1]
+    if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in keys[:-1]):
       return leaf
     n_in = _DENSE[name]
-    return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+    leaf = jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+    head = any(k.startswith('mtp_') for k in keys)
+    return leaf.astype(head_dtype) if head else leaf
 
   def stack(tree, name=''):
     if not isinstance(tree, dict):

@@ -272,7 +272,8 @@ class Session(Program):
                           'training data: train in this workdir, or start from a heads file '
                           'that holds them (mtp.init_from)')
       ids = rank[:N]
-    return decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids)
+    return decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids,
+                                   self.config.decode.draft_dtype)
 
   @property
   def chat_template(self) -> str:

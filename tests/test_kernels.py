@@ -34,6 +34,19 @@ def test_rows_matmul_matches_xla(rows, K, N):
   assert got.shape == (rows, N)
 
 
+@pytest.mark.parametrize('rows', [1, 3, 9, 32])
+@pytest.mark.parametrize('K,N', [(576, 200), (40, 13)])
+def test_rows_matmul_reads_bfloat16_weights(rows, K, N):
+  """bfloat16 weights are widened exactly, so the product is the float32 product of the widened
+  weights (including the odd K and N that take the scalar tails)."""
+  x = jax.random.normal(jax.random.key(rows), (rows, K))
+  w = jax.random.normal(jax.random.key(K + N), (N, K)).astype(jnp.bfloat16)
+  want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+  got = jax.jit(kernels.rows_matmul)(x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
+  assert got.dtype == jnp.float32
+
+
 @pytest.mark.parametrize('T,G,beside,E', [(1, 1, 0, 32), (1, 3, 0, 64), (4, 3, 0, 32),
                                            (2, 2, 0, 48), (4, 3, 2, 64), (3, 1, 1, 32)])
 def test_cache_attention_matches_xla(T, G, beside, E):
@@ -87,6 +100,32 @@ def test_kernel_layout_transposes_and_stacks_dense_matrices():
   np.testing.assert_array_equal(moved['mtp_0']['eh_proj'], params['mtp_0']['eh_proj'].T)
   np.testing.assert_array_equal(moved['unembedding'], params['unembedding'].T)
   np.testing.assert_array_equal(moved['embedding'], params['embedding'])
+  narrow = kernel_layout({'params': params}, 'bfloat16')['params']
+  assert narrow['mtp_0']['block']['attn']['qkv'].dtype == jnp.bfloat16
+  assert narrow['mtp_0']['eh_proj'].dtype == jnp.bfloat16
+  assert narrow['mtp_0']['block']['attn_norm']['scale'].dtype == jnp.float32
+  assert narrow['blocks_0']['attn']['qkv'].dtype == jnp.float32  # the trunk stays
+  assert narrow['unembedding'].dtype == jnp.float32
+
+
+def test_bfloat16_drafts_keep_greedy_output():
+  """Heads and draft rows in bfloat16 change what is drafted, never what is committed."""
+  cfg = tiny_model(**{'model.d_model': 64})
+  params = init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  arr, lens = dec.pad_prompts([rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11)])
+  ar = dec.Settings(draft_len=0, max_new_tokens=24)
+  want = dec.outputs(dec.compiled_decoder(dec.decode_model(cfg, False), ar, dec.cache_length(
+      arr.shape[1], ar))(params, arr, lens, jax.random.key(0)))
+  model = dec.decode_model(cfg, True, range(40), 'bfloat16')
+  prepared = model.prepare(params)
+  assert prepared['draft']['out'].dtype == jnp.bfloat16
+  assert prepared['params']['mtp_1']['block']['mlp']['gate_up'].dtype == jnp.bfloat16
+  s = dec.Settings(draft_len=2, max_new_tokens=24)
+  state = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))(
+      params, arr, lens, jax.random.key(0))
+  assert dec.outputs(state) == want
+  assert dec.decode_model(cfg, False, None, 'bfloat16').draft_dtype == 'float32'  # XLA: float32
 
 
 @pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),

@@ -4,7 +4,8 @@ fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16,
 a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
-  which model.kernel_layout makes of the decoding params), for a few rows.
+  which model.kernel_layout makes of the decoding params), for a few rows; w in float32, or in
+  bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -84,6 +85,8 @@ def available() -> bool:
   library = ctypes.cdll.LoadLibrary(path)
   jax.ffi.register_ffi_target('mtpjax_rows_matmul', jax.ffi.pycapsule(library.RowsMatmul),
                               platform='cpu')
+  jax.ffi.register_ffi_target('mtpjax_rows_matmul_bf16',
+                              jax.ffi.pycapsule(library.RowsMatmulBf16), platform='cpu')
   jax.ffi.register_ffi_target('mtpjax_cache_attention',
                               jax.ffi.pycapsule(library.CacheAttention), platform='cpu')
   return True
@@ -100,13 +103,14 @@ def _float32(*arrays) -> bool:
 
 
 def rows_matmul(x, w, use_kernel: bool = True):
-  """x (..., K) @ w.T for w (N, K)."""
+  """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it)."""
   rows = x.size // x.shape[-1]
-  if use_kernel and rows <= MAX_ROWS and _float32(x, w) and usable():
-    out = jax.ffi.ffi_call('mtpjax_rows_matmul',
-                           jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))
+  if (use_kernel and rows <= MAX_ROWS and _float32(x) and w.dtype in (jnp.float32, jnp.bfloat16)
+      and usable()):
+    target = 'mtpjax_rows_matmul' if w.dtype == jnp.float32 else 'mtpjax_rows_matmul_bf16'
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))
     return out(x, w)
-  return jnp.einsum('...k,nk->...n', x, w)
+  return jnp.einsum('...k,nk->...n', x, w.astype(x.dtype))
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,

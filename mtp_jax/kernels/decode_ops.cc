@@ -1,6 +1,6 @@
 // CPU kernels for decoding steps, called through XLA's FFI: a matrix product of a few rows by a
-// weight matrix stored one output per row, which reads the weights once at nearly the same
-// speed for 1 to 8 rows (XLA's dot reads a 1-row product at memory speed but a 2-8-row one
+// weight matrix stored one output per row (float32, or bfloat16 widened as it is read), which
+// reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row product at memory speed but a 2-8-row one
 // about 2x slower), and attention of a few new positions over a KV cache that reads only the
 // slots each query sees, row by row.
 //
@@ -30,6 +30,21 @@ inline vf load(const float* p) {
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+// Weights in bfloat16 (the high half of a float32's bits), widened to float32 as they are read.
+typedef uint16_t vh __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef unsigned vu __attribute__((vector_size(kLanes * sizeof(unsigned))));
+inline vf load(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+inline float widen(float x) { return x; }
+inline float widen(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
 inline vf splat(float x) { return vf{} + x; }
 typedef int vi __attribute__((vector_size(kLanes * sizeof(int))));
 inline float hsum(vf v) {  // a tree of lane shuffles
@@ -125,11 +140,12 @@ constexpr int64_t kPrefetch = 2048;
 constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n1) of w: R rows of w at a time, each a
-// contiguous run, dotted with every x row in registers.
-template <int M>
-void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0,
+// contiguous run, dotted with every x row in registers. W: float, or uint16_t for bfloat16.
+template <int M, typename W>
+void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
   constexpr int R = BlockRows(M);
+  constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W);  // the same bytes ahead
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     vf acc[R][M];
@@ -139,7 +155,7 @@ void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
     for (; k + kLanes <= K; k += kLanes) {
       vf wv[R];
       for (int r = 0; r < R; ++r) {
-        __builtin_prefetch(w + (n + r) * K + k + kPrefetch);
+        __builtin_prefetch(w + (n + r) * K + k + kAhead);
         wv[r] = load(w + (n + r) * K + k);
       }
       for (int m = 0; m < M; ++m) {
@@ -150,14 +166,14 @@ void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
         float s = hsum(acc[r][m]);
-        for (int64_t kk = k; kk < K; ++kk) s += w[(n + r) * K + kk] * x[m * K + kk];
+        for (int64_t kk = k; kk < K; ++kk) s += widen(w[(n + r) * K + kk]) * x[m * K + kk];
         y[m * N + n + r] = s;
       }
   }
   for (; n < n1; ++n)
     for (int m = 0; m < M; ++m) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += w[n * K + k] * x[m * K + k];
+      for (int64_t k = 0; k < K; ++k) s += widen(w[n * K + k]) * x[m * K + k];
       y[m * N + n] = s;
     }
 }
@@ -165,8 +181,9 @@ void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
 // Up to kMaxRows input rows per pass over a block of weights; more rows take several passes.
 constexpr int kMaxRows = 8;
 
-void rows_some(int rows, const float* x, const float* w, float* y, int64_t K, int64_t N,
-               int64_t n0, int64_t n1) {
+template <typename W>
+void rows_some(int rows, const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
+               int64_t n1) {
   switch (rows) {
     case 1: return rows_nk<1>(x, w, y, K, N, n0, n1);
     case 2: return rows_nk<2>(x, w, y, K, N, n0, n1);
@@ -180,7 +197,8 @@ void rows_some(int rows, const float* x, const float* w, float* y, int64_t K, in
 }
 
 // y (M, N) = x (M, K) times w (N, K) transposed: the weights stored one output per row.
-ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+template <ffi::DataType T>
+ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                           ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
@@ -189,7 +207,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t K = xd.back(), N = wd[0];
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  const auto* wp = w.typed_data();
   float* yp = y->typed_data();
   // Output columns (weight rows) split into chunks for the threads. A chunk's weights (64 rows)
   // fit in the L2 cache, so passes of kMaxRows input rows after the first read them from there,
@@ -331,11 +349,18 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl<ffi::F32>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulBf16, RowsMatmulImpl<ffi::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
