@@ -1,8 +1,8 @@
 // CPU kernels for decoding steps, called through XLA's FFI: a matrix product of a few rows by a
 // weight matrix stored one output per row (float32, or bfloat16 widened as it is read), which
-// reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row product at memory speed but a 2-8-row one
-// about 2x slower), and attention of a few new positions over a KV cache that reads only the
-// slots each query sees, row by row.
+// reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row
+// product at memory speed but a 2-8-row one about 2x slower), and attention of a few new
+// positions over a KV cache that reads only the slots each query sees, row by row.
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
 // float vectors below become AVX-512, AVX2 or SSE code, whichever the machine has.
