@@ -109,7 +109,8 @@ class DecodeModel(WholeVocabulary):
   """Adapter from the Flax model to the decoder's small function interface. With `kernels`, the
   decoding steps use the native CPU kernels (mtp_jax.kernels); with `draft`, the heads project
   onto those token ids only (FR-Spec's reduced draft vocabulary), which keeps decoding exact:
-  verification still uses the trunk's full distribution."""
+  verification still uses the trunk's full distribution. With kernels, `draft_dtype` is the dtype
+  the heads' matrices and the draft rows are stored in (drafting only)."""
   cfg: ModelConfig
   kernels: bool = False
   draft: tuple | None = None
@@ -149,7 +150,8 @@ class DecodeModel(WholeVocabulary):
           kernel_layout, static_argnums=1)(params, self.draft_dtype), keep=2)
     if self.draft is None:
       return params
-    return _remember(_DRAFTS, (params, self.draft), lambda: {**params, 'draft': _draft(
+    key = (params, self.draft, (self.draft_dtype,))
+    return _remember(_DRAFTS, key, lambda: {**params, 'draft': _draft(
         params, self.draft, self.cfg.tie_embeddings, self.kernels, self.draft_dtype)}, keep=8)
 
   def init_cache(self, batch: int, length: int):

@@ -293,7 +293,7 @@ def bench(session, params, config, step: int) -> dict:
   print(bench_table(rows))
   result = {'machine': measure.machine(), 'checkpoint_step': step,
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
-            'rows': rows}
+            'draft_dtype': session.decode_model.draft_dtype, 'rows': rows}
   with open(os.path.join(session.workdir, 'bench.json'), 'w') as f:
     json.dump(result, f, indent=2)
   return result

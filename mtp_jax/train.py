@@ -272,8 +272,13 @@ class Session(Program):
                           'training data: train in this workdir, or start from a heads file '
                           'that holds them (mtp.init_from)')
       ids = rank[:N]
-    return decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids,
-                                   self.config.decode.draft_dtype)
+    model = decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids,
+                                    self.config.decode.draft_dtype)
+    if model.draft_dtype != self.config.decode.draft_dtype:
+      print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs the decoding kernels '
+            '(float32 model, one CPU device, kernels built); drafting reads float32 heads',
+            file=sys.stderr)
+    return model
 
   @property
   def chat_template(self) -> str:

@@ -126,6 +126,17 @@ def test_bfloat16_drafts_keep_greedy_output():
       params, arr, lens, jax.random.key(0))
   assert dec.outputs(state) == want
   assert dec.decode_model(cfg, False, None, 'bfloat16').draft_dtype == 'float32'  # XLA: float32
+  # what is drafted comes from the rounded heads: close to the float32 heads', not equal
+  wide = dec.decode_model(cfg, True, range(40))
+  h0 = jax.random.normal(jax.random.key(2), (1, 6, cfg.d_model))
+  tokens, positions = jnp.ones((1, 6), jnp.int32), jnp.arange(6)[None]
+  outs = []
+  for m in (model, wide):
+    h1, _ = m.head(m.prepare(params), 1, h0, tokens, positions, None)
+    outs.append((h1, m.head_logits(m.prepare(params), 1, h1)))
+  for narrow, full in zip(*outs):
+    gap = np.max(np.abs(np.asarray(narrow) - np.asarray(full)))
+    assert 0 < gap < 0.02 * np.max(np.abs(np.asarray(full)))
 
 
 @pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),

@@ -1,7 +1,7 @@
 """Native CPU kernels for decoding steps (decode_ops.cc), built with the host's compiler at first
 use and called through XLA's FFI, each beside the pure-JAX computation it replaces. That
-fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16, more rows than
-a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
+fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16 inputs, more rows
+than a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
   which model.kernel_layout makes of the decoding params), for a few rows; w in float32, or in
@@ -120,7 +120,7 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
   then attends with XLA)."""
   H, E = q_BxTxHxE.shape[2:]
   K = k_BxLxKxE.shape[2]
-  if not (use_kernel and E % 16 == 0 and E <= 128 and H // K <= MAX_QUERIES
+  if not (use_kernel and E % 16 == 0 and 0 < E <= 128 and H // K <= MAX_QUERIES
           and _float32(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE) and usable()):
     return None
   out = jax.ffi.ffi_call('mtpjax_cache_attention', jax.ShapeDtypeStruct(q_BxTxHxE.shape,
