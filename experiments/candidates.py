@@ -57,8 +57,7 @@ def main(argv):
   rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
                                 _ROUNDS.value, 'candidates: decoding')
   for row, s in zip(rows, settings):
-    row.update(draft_len=s.draft_len, candidates=s.candidates,
-               ms_per_iteration=1e3 * row['tau'] / row['tokens_per_s'])
+    row.update(draft_len=s.draft_len, candidates=s.candidates)
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '

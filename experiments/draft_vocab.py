@@ -7,8 +7,8 @@ Run: python experiments/draft_vocab.py --config configs/smollm2.py --workdir run
      python experiments/draft_vocab.py ... --sizes 8192 --dtypes float32,bfloat16 --draft_len 2
 Prints one row per N in --sizes ('full' is every token) and dtype in --dtypes: tau, acceptance
 per position, tokens/s at batch 1 on held-out prompts (greedy, S = --draft_len or D, each prompt
-decoded alone), the speedup over `ar` and whether every output equals `ar`'s; --json FILE keeps
-them.
+decoded alone), ms per iteration, the speedup over `ar` and whether every output equals `ar`'s;
+--json FILE keeps them.
 """
 
 import json
@@ -64,16 +64,16 @@ def main(argv):
   rows = inference.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
                                 _ROUNDS.value, 'draft_vocab: decoding')
   rows[0]['draft_vocab'], rows[0]['draft_dtype'] = 'ar', '-'
-  for row, (n, t), m in zip(rows[1:], grid, models):
+  for row, (n, _), m in zip(rows[1:], grid, models):
     row['draft_vocab'], row['draft_dtype'] = ('full' if n is None else n), m.draft_dtype
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, S = {S}, up to '
         f'{s_mtp.max_new_tokens} new tokens, kernels {ar_model.kernels}')
-  print(f"{'N':>6} {'dtype':>8} {'tau':>5} {'tokens/s':>9} {'speedup':>7} {'identical':>9}  "
-        'acceptance')
+  print(f"{'N':>6} {'dtype':>8} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} {'speedup':>7} "
+        f"{'identical':>9}  acceptance")
   for r in rows:
     print(f"{r['draft_vocab']:>6} {r['draft_dtype']:>8} {r['tau']:>5.2f} "
-          f"{r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} "
+          f"{r['tokens_per_s']:>9.1f} {r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} "
           f"{'-' if r['draft_vocab'] == 'ar' else str(r['identical_to_ar']):>9}  "
           f"{r['acceptance'] or ''}")
   if _JSON.value:

@@ -22,8 +22,9 @@ idles while a slow one finishes.
 
 The loop knows the model only through the interface `DecodeModel` implements: trunk(tokens,
 positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go),
-head(k, hidden_in, tokens, positions, cache) -> (hidden, cache), head_logits(k, hidden) -> logits over the draft vocabulary (all tokens, or the N
-most frequent), draft_tokens(params, index) -> token ids, prepare(params) -> params as those
+head(k, hidden_in, tokens, positions, cache) -> (hidden, cache), head_logits(k, hidden) ->
+logits over the draft vocabulary (all tokens, or the N most frequent), draft_tokens(params,
+index) -> token ids, prepare(params) -> params as those
 functions read them, plus the flags `chains` (head k reads head k-1's hidden state and its
 draft) and `attends` (the heads keep a KV cache). Shape legend: Q queued prompts, B rows decoded
 at once, L cache length, P prompt length, S draft length, D width, V vocab, N draft vocabulary.
@@ -143,8 +144,8 @@ class DecodeModel(WholeVocabulary):
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
-    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Models that differ only in their draft
-    vocabulary share one converted copy of the weights."""
+    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Models
+    that differ only in their draft vocabulary share one converted copy of the weights."""
     if self.kernels:
       params = _remember(_LAYOUTS, (params, (self.draft_dtype,)), lambda: jax.jit(
           kernel_layout, static_argnums=1)(params, self.draft_dtype), keep=2)

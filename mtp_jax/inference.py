@@ -257,8 +257,9 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
                  desc: str) -> list[dict]:
   """Greedy decoding of each prompt alone by every (model, settings) in `variants`, the first
   the reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
-  acceptance per position, tokens/s, the speedup over the reference and whether every output
-  equals the reference's."""
+  acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
+  its drafts and bookkeeping), the speedup over the reference and whether every output equals
+  the reference's."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
   calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
            for model, s in variants]
@@ -271,7 +272,8 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
     rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
     rows.append({'tau': pooled['tau'],
                  'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
-                 'tokens_per_s': rate, 'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
+                 'tokens_per_s': rate, 'ms_per_iteration': 1e3 * pooled['tau'] / rate,
+                 'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
                  'identical_to_ar': outs(i) == outs(0)})
   return rows
 
