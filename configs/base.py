@@ -56,8 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
   # sequential and parallel kinds' blocks, Medusa's single D x D residual layer for medusa (> 0
   # makes it a two-layer residual MLP that wide). The kind sweep sets it to equalise parameters.
   c.mtp.head_mlp_dim = 0
+  # Transformer blocks in each sequential module or parallel head (DeepSeek-V3 uses one).
+  c.mtp.head_blocks = 1
   # The heads' start: '' random; 'last_block' copies the trunk's last block into each head's
-  # block (sequential and parallel kinds); or a heads file written by --mode export.
+  # block (its last mtp.head_blocks blocks, in order, into a head of several; sequential and
+  # parallel kinds); or a heads file written by --mode export.
   c.mtp.init_from = ''
   # Trunk layers the first sequential module reads besides the trunk's last hidden state (EAGLE-3
   # fuses low, middle and high layers): 'I,J,...' are block indices, 0 the first block's output;

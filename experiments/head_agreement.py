@@ -24,7 +24,7 @@ from ml_collections import config_flags  # noqa: E402
 def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
-  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON
+  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -35,6 +35,19 @@ def define_flags():
                               'among its TOP most likely (decode.candidates verifies that many '
                               'at the first draft position).')
   _JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
+  _BY_CONFIDENCE = flags.DEFINE_boolean(
+      'by_confidence', False, 'Split the greedy answers\' positions by the probability the '
+      'trunk gave its own token there (CONFIDENCE buckets).')
+
+
+CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of the trunk's probability of its token
+
+
+def confidence_bucket(p: float) -> str:
+  """The CONFIDENCE bucket of probability p, as a label that sorts in order."""
+  edges = (0.0,) + CONFIDENCE + (1.0,)
+  i = sum(p >= e for e in CONFIDENCE)
+  return f'trunk p in [{edges[i]:.1f}, {edges[i + 1]:.1f}{"]" if i == len(CONFIDENCE) else ")"}'
 
 
 def head_tokens(session, params, draft_ids, top: int = 1):
@@ -72,9 +85,12 @@ def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'
       s[1] += 1
 
 
-def greedy_agreement(session, params, prompts, draft_ids, top: int = 1) -> tuple[dict, list]:
+def greedy_agreement(session, params, prompts, draft_ids, top: int = 1,
+                     by_confidence: bool = False) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
-  teacher-forced over prompt + answer, counted on the answer's positions."""
+  teacher-forced over prompt + answer, counted on the answer's positions; with `by_confidence`
+  apart by the CONFIDENCE bucket of the trunk's probability of the token a head should draft."""
+  import jax
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -89,7 +105,14 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1) -> tuple
     seq = np.array(p + a, np.int32)
     tokens = np.zeros((1, L + D + 1), np.int32)
     tokens[0, :len(seq)] = seq
-    count(fn(tokens), seq, len(p), len(seq), sums)
+    part = lambda j: 'answer'  # noqa: E731
+    if by_confidence:
+      model = session.decode_model
+      logits, _, _ = model.trunk(model.prepare(params), tokens[:, :len(seq)],
+                                 np.arange(len(seq))[None], None)
+      p_max = np.asarray(jax.nn.softmax(logits[0], axis=-1).max(axis=-1))
+      part = lambda j, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
+    count(fn(tokens), seq, len(p), len(seq), sums, part)
   return sums, answers
 
 
@@ -156,7 +179,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   rows = {}
-  sums, _ = greedy_agreement(session, params, prompts, draft_ids, _TOP.value)
+  sums, _ = greedy_agreement(session, params, prompts, draft_ids, _TOP.value,
+                             _BY_CONFIDENCE.value)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,

@@ -212,7 +212,7 @@ _ABSENT = object()
 COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
 # Model-defining fields added after checkpoints were first written, with the value that gives
 # the model those checkpoints hold; an older config.json without the field is read as having it.
-ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': ''}
+ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': '', 'mtp.head_blocks': 1}
 
 
 def _show(value) -> str:
@@ -221,7 +221,7 @@ def _show(value) -> str:
 
 def check_compatible(saved: dict, config,
                      fields=('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim',
-                             'mtp.feature_layers', 'data.vocab_size')) -> None:
+                             'mtp.head_blocks', 'mtp.feature_layers', 'data.vocab_size')) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
   fields) that differs between the saved config and `config`. Training fields may differ, and
   so may the fields that choose how the same parameters are computed (COMPUTE_ONLY)."""

@@ -36,6 +36,7 @@ class ModelConfig:
   mtp_depth: int
   head_mlp_dim: int  # 0: each kind's own default (see heads.py)
   attention: str
+  head_blocks: int = 1  # Transformer blocks in each sequential module or parallel head
   kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
   feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
 
@@ -73,6 +74,7 @@ class ModelConfig:
         tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
         head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
+        head_blocks=config.mtp.head_blocks,
         feature_layers=parse_layers(config.mtp.feature_layers))
 
 
@@ -168,6 +170,10 @@ def validate(config) -> None:
   _check(isinstance(mtp.head_mlp_dim, int) and mtp.head_mlp_dim >= 0,
          f'mtp.head_mlp_dim must be an integer >= 0 (0: the kind\'s default), '
          f'got {mtp.head_mlp_dim!r}')
+  _check(isinstance(mtp.head_blocks, int) and mtp.head_blocks >= 1,
+         f'mtp.head_blocks must be an integer >= 1, got {mtp.head_blocks!r}')
+  _check(mtp.head_blocks == 1 or mtp.kind != 'medusa',
+         f'mtp.head_blocks={mtp.head_blocks}: Medusa heads have no blocks')
   layers = parse_layers(mtp.feature_layers)
   _check(not layers or (mtp.kind == 'sequential' and mtp.depth >= 1),
          f'mtp.feature_layers feeds the first sequential module; mtp.kind={mtp.kind} with '

@@ -29,7 +29,7 @@ class Piece:
   trunk's, nothing needs its gradient."""
   matrices: int
   vectors: int
-  attends: bool
+  attends: int  # attention layers (0 or 1 but in a head of several blocks)
   last: int
   raw_input: int
 
@@ -37,21 +37,24 @@ class Piece:
 def block(cfg: ModelConfig, mlp_dim: int) -> Piece:
   """A Transformer block: q, k, v, o and a SwiGLU MLP `mlp_dim` wide; two norms."""
   d, HE, KE = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  return Piece(matrices=2 * d * HE + 2 * d * KE + 3 * d * mlp_dim, vectors=2 * d, attends=True,
+  return Piece(matrices=2 * d * HE + 2 * d * KE + 3 * d * mlp_dim, vectors=2 * d, attends=1,
                last=mlp_dim * d, raw_input=0)
 
 
 def head(cfg: ModelConfig) -> Piece:
-  """One MTP head of cfg.mtp_kind (see heads.py): a parallel head is a block (its MLP
-  mtp.head_mlp_dim wide when set), a sequential module adds eh_proj (2d x d) and three norms
-  (enorm, hnorm and its own output norm), a Medusa head is h + SiLU(h W + b), or
+  """One MTP head of cfg.mtp_kind (see heads.py): a parallel head is mtp.head_blocks blocks
+  (their MLPs mtp.head_mlp_dim wide when set), a sequential module adds eh_proj (2d x d) and
+  three norms (enorm, hnorm and its own output norm), a Medusa head is h + SiLU(h W + b), or
   h + SiLU(h W_1 + b) W_2 with mtp.head_mlp_dim = F."""
   d, F = cfg.d_model, cfg.head_mlp_dim
   if cfg.mtp_kind == 'medusa':
     if F:
-      return Piece(matrices=2 * d * F, vectors=F, attends=False, last=F * d, raw_input=d * F)
-    return Piece(matrices=d * d, vectors=d, attends=False, last=0, raw_input=d * d)
-  piece = block(cfg, F or cfg.mlp_dim)
+      return Piece(matrices=2 * d * F, vectors=F, attends=0, last=F * d, raw_input=d * F)
+    return Piece(matrices=d * d, vectors=d, attends=0, last=0, raw_input=d * d)
+  one = block(cfg, F or cfg.mlp_dim)
+  n = cfg.head_blocks
+  # Only the last block's down projection feeds nothing but the head's output.
+  piece = dataclasses.replace(one, matrices=n * one.matrices, vectors=n * one.vectors, attends=n)
   if cfg.mtp_kind == 'parallel':
     return piece
   return dataclasses.replace(piece, matrices=piece.matrices + 2 * d * d,
@@ -62,7 +65,7 @@ def features_in(cfg: ModelConfig) -> Piece:
   """What the first sequential module adds to read mtp.feature_layers: eh_proj's extra d x d
   rows per layer and its hnorm's scale (after a trained norm, so fully differentiated)."""
   n = len(cfg.feature_layers) if cfg.mtp_depth and cfg.mtp_chains else 0
-  return Piece(matrices=n * cfg.d_model ** 2, vectors=n * cfg.d_model, attends=False, last=0,
+  return Piece(matrices=n * cfg.d_model ** 2, vectors=n * cfg.d_model, attends=0, last=0,
                raw_input=0)
 
 
@@ -101,7 +104,7 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
     return 2 * 2 * (T if hardware else T / 2) * HE
 
   def forward(piece, hardware):
-    return 2 * piece.matrices + (attention(hardware) if piece.attends else 0)
+    return 2 * piece.matrices + piece.attends * attention(hardware)
 
   trunk_out, heads_out = 2 * d * cfg.vocab_size, D * 2 * d * (draft_vocab or cfg.vocab_size)
 
@@ -125,7 +128,7 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
   tokens = batch * seq_len
   parts = {'trunk_linear': L * 2 * trunk_block.matrices,
            'heads_linear': D * 2 * mtp_head.matrices + 2 * extra.matrices,
-           'attention_causal': (L + (D if mtp_head.attends else 0)) * attention(False),
+           'attention_causal': (L + D * mtp_head.attends) * attention(False),
            'output_projection': trunk_out + heads_out}
   return {'tokens': tokens, 'forward_per_token': sum(parts.values()),
           'model': step(False) * tokens, 'hardware': step(True) * tokens,

@@ -158,7 +158,9 @@ class DecodeModel(WholeVocabulary):
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get
     an empty one."""
-    head = (lambda: empty_kv(self.cfg, batch, length)) if self.attends else dict
+    def head():
+      blocks = self.cfg.head_blocks if self.attends else 0
+      return [empty_kv(self.cfg, batch, length) for _ in range(blocks)]
     return {'trunk': [empty_kv(self.cfg, batch, length) for _ in range(self.cfg.num_layers)],
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 

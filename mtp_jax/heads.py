@@ -18,7 +18,8 @@ class SequentialModule(nn.Module):
   """Module k of DeepSeek-V3: h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],
   h^k = TRM_k(h'). The embedding comes first in the concat, as in the released weights. The
   first module's h^0 may be the trunk's features, its last hidden state followed by other
-  layers' (mtp.feature_layers): each D-wide slice is normalised on its own and M_1 is wider."""
+  layers' (mtp.feature_layers): each D-wide slice is normalised on its own and M_1 is wider.
+  TRM_k is mtp.head_blocks Transformer blocks (one in DeepSeek-V3)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -31,17 +32,18 @@ class SequentialModule(nn.Module):
     h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model,
                 name='hnorm')(h_prev_BxTxF.astype(e.dtype))
     x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj, 1, cfg)
-    return head_block(cfg, 'block')(x_BxTxD, positions_BxT, kv)
+    return head_blocks(cfg, x_BxTxD, positions_BxT, kv)
 
 
 class ParallelHead(nn.Module):
-  """Head k of Gloeckle et al.: one Transformer block over the trunk's last hidden state."""
+  """Head k of Gloeckle et al.: Transformer blocks (mtp.head_blocks, one by default) over the
+  trunk's last hidden state."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
     del emb_BxTxD  # parallel heads see only the trunk
-    return head_block(self.cfg, 'block')(h0_BxTxD, positions_BxT, kv)
+    return head_blocks(self.cfg, h0_BxTxD, positions_BxT, kv)
 
 
 class MedusaHead(nn.Module):
@@ -67,9 +69,21 @@ class MedusaHead(nn.Module):
     return h + jax.nn.silu(h @ w_in.astype(dt) + b.astype(dt)) @ w_out.astype(dt), kv
 
 
-def head_block(cfg: ModelConfig, name: str) -> Block:
-  """A Transformer block whose MLP is mtp.head_mlp_dim wide (the trunk's width when 0)."""
-  return Block(dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim), name=name)
+def block_name(j: int) -> str:
+  """The name of a head's block j (from 0): 'block', then 'block_1', 'block_2', ..."""
+  return 'block' if j == 0 else f'block_{j}'
+
+
+def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):
+  """mtp.head_blocks Transformer blocks in a row, each MLP mtp.head_mlp_dim wide (the trunk's
+  width when 0); kv is None or a list with one cache per block. Call inside a compact method."""
+  block_cfg = dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim)
+  caches = []
+  for j in range(cfg.head_blocks):
+    x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT,
+                                                       None if kv is None else kv[j])
+    caches.append(c)
+  return x_BxTxD, None if kv is None else caches
 
 
 HEADS = {'sequential': SequentialModule, 'parallel': ParallelHead, 'medusa': MedusaHead}

@@ -193,6 +193,10 @@ def test_check_compatible(tmp_path):
   other.mtp.head_mlp_dim = 64
   with pytest.raises(CheckpointError, match='mtp.head_mlp_dim: 0 -> 64'):
     checkpoint.check_compatible(saved, other)
+  other = _config()
+  other.mtp.head_blocks = 2
+  with pytest.raises(CheckpointError, match='mtp.head_blocks: 1 -> 2'):
+    checkpoint.check_compatible(saved, other)
   with pytest.raises(CheckpointError) as error:
     checkpoint.check_compatible(saved, _config(d_model=256, depth=2, steps=5000))
   assert str(error.value) == ('workdir holds a checkpoint of a different model: '

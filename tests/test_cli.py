@@ -74,6 +74,7 @@ CASES = {
     'negative depth': ({'mtp.depth': -1}, [], QUICKSTART, ['mtp.depth', '-1']),
     'negative head width': ({'mtp.head_mlp_dim': -8}, [], QUICKSTART,
                             ['mtp.head_mlp_dim', '-8']),
+    'no head blocks': ({'mtp.head_blocks': 0}, [], QUICKSTART, ['mtp.head_blocks', '0']),
     'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
 }
 

@@ -19,14 +19,17 @@ TOLERANCE = 0.01
 
 CASES = [{'mtp.depth': 0}, {'mtp.depth': 1, 'model.tie_embeddings': False}] + [
     {'mtp.kind': kind, 'mtp.head_mlp_dim': width, 'mtp.depth': depth}
-    for kind in ('sequential', 'parallel', 'medusa') for width in (0, 4096) for depth in (1, 2)]
+    for kind in ('sequential', 'parallel', 'medusa') for width in (0, 4096) for depth in (1, 2)] + [
+    {'mtp.kind': kind, 'mtp.head_blocks': 2, 'mtp.depth': 2} for kind in ('sequential', 'parallel')]
 # The step's other shapes: a frozen trunk (heads differentiated alone), model.remat, a draft
 # vocabulary for the heads' softmax.
 VARIANTS = [{'mtp.kind': kind, 'mtp.head_mlp_dim': 4096, **extra}
             for kind in ('sequential', 'parallel', 'medusa')
             for extra in ({'train.freeze_trunk': True}, {'model.remat': True},
                           {'train.freeze_trunk': True, 'model.remat': True,
-                           'train.draft_vocab': 1000})]
+                           'train.draft_vocab': 1000})] + [
+    {'mtp.kind': 'sequential', 'mtp.head_blocks': 2, 'model.remat': True,
+     'train.freeze_trunk': True}]
 
 
 def _name(overrides):

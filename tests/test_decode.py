@@ -66,13 +66,15 @@ def test_greedy_mtp_equals_ar(kind):
       assert st['emitted'] + len(prompts) == sum(len(o) for o in ar)
 
 
-@pytest.mark.parametrize('kind,candidates', [(kind, 1) for kind in KINDS] + [('sequential', 24)])
-def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
+@pytest.mark.parametrize('kind,candidates,blocks', [(kind, 1, 1) for kind in KINDS]
+                         + [('sequential', 24, 1), ('sequential', 1, 2)])
+def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates, blocks):
   """After many rejected drafts, every cache entry (and captured top token) at a committed
   position equals what one pass over the final sequence computes: rollback and window rewrites
   leave no stale entry. With alternatives to the first draft (24 of the 96 tokens, so that
-  some are accepted), also where one was: its entries moved to the slot it was committed at."""
-  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  some are accepted), also where one was: its entries moved to the slot it was committed at.
+  With two blocks per module, each block's cache."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'mtp.head_blocks': blocks})
   params = init_params(cfg, jax.random.key(3))
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
@@ -106,13 +108,14 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates):
         np.testing.assert_allclose(state.cache['trunk'][layer][name][b, :valid['trunk']],
                                    fresh.cache['trunk'][layer][name][b, :valid['trunk']],
                                    rtol=2e-5, atol=2e-5)
-    assert all(cache == {} for cache in state.cache['heads']) == (not cfg.mtp_attends)
+    assert all(cache == [] for cache in state.cache['heads']) == (not cfg.mtp_attends)
     for k in (1, 2) if cfg.mtp_attends else ():
       upto = n[b] - 1 - (k if cfg.mtp_chains else 1)
-      for name in ('k', 'v'):
-        np.testing.assert_allclose(state.cache['heads'][k - 1][name][b, :upto],
-                                   fresh.cache['heads'][k - 1][name][b, :upto],
-                                   rtol=2e-5, atol=2e-5)
+      for block in range(cfg.head_blocks):
+        for name in ('k', 'v'):
+          np.testing.assert_allclose(state.cache['heads'][k - 1][block][name][b, :upto],
+                                     fresh.cache['heads'][k - 1][block][name][b, :upto],
+                                     rtol=2e-5, atol=2e-5)
 
 
 def placeholder_cache(batch, length, depth):

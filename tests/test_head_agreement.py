@@ -49,6 +49,16 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
   assert want[1][1][1] == sum(len(a) - 1 for a in answers)
   assert want[3][1][0] > want[1][1][0]
 
+  # --by_confidence splits the same counts by the trunk's probability of the drafted token.
+  split, _ = head_agreement.greedy_agreement(session, params, prompts, None, by_confidence=True)
+  labels = {head_agreement.confidence_bucket(p) for p in (0.1, 0.4, 0.6, 0.8, 0.95)}
+  assert len(labels) == 5 and {part for part, _ in split} <= labels
+  for k in (1, 2):
+    parts = [v for (part, depth), v in split.items() if depth == k]
+    assert [sum(v[0] for v in parts), sum(v[1] for v in parts)] == sums[('answer', k)]
+  assert head_agreement.confidence_bucket(0.5) == 'trunk p in [0.5, 0.7)'
+  assert head_agreement.confidence_bucket(1.0) == 'trunk p in [0.9, 1.0]'
+
   # A cache the trunk wrote: every row's positions are split at its assistant header.
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 1}, features=True)
   selfdata.write_chats(session.data_trunk(), builder, tokens=60, temperature=1.0, answer_len=6,

@@ -125,9 +125,11 @@ def test_hf_directory_errors(tmp_path):
     pretrained.open_model(directory)
 
 
-def test_heads_file_round_trip_and_mismatch(tmp_path):
+@pytest.mark.parametrize('blocks', [1, 2])
+def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
-  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 2}))
+  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 2,
+                                                                'mtp.head_blocks': blocks}))
   params = init_params(ModelConfig.from_config(config), jax.random.key(3))['params']
   out = str(tmp_path / 'heads.safetensors')
   rank = np.arange(config.data.vocab_size)[::-1]
@@ -137,6 +139,18 @@ def test_heads_file_round_trip_and_mismatch(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), tree, params[key])
   assert set(loaded) == {k for k in params if k.startswith('mtp')}
   np.testing.assert_array_equal(heads_file.token_rank(out), rank)
+  # last_block copies the trunk's last blocks, in order
+  config.mtp.init_from = 'last_block'
+  trunk = pretrained.trunk_params(path)
+  L = config.model.num_layers
+  for head in pretrained.head_params(config, trunk).values():
+    assert sorted(head) == sorted(['block', 'block_1'][:blocks])
+    for j, name in enumerate(['block', 'block_1'][:blocks]):
+      jax.tree.map(np.testing.assert_array_equal, head[name], trunk[f'blocks_{L - blocks + j}'])
+  config.mtp.head_blocks = 3 - blocks
+  with pytest.raises(PretrainedError, match=f'mtp.head_blocks={blocks}, the config has'):
+    heads_file.check(out, config)
+  config.mtp.head_blocks = blocks
   # heads know the trunk they were trained on
   other = str(tmp_path / 'other.safetensors')
   heads_file.save(other, params, config, trunk='0' * 64)

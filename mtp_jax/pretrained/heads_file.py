@@ -19,9 +19,9 @@ RANK = 'token_rank'  # every token id, most frequent in the heads' training data
 _MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'model.d_model',
           'num_heads': 'model.num_heads', 'num_kv_heads': 'model.num_kv_heads',
           'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size',
-          'feature_layers': 'mtp.feature_layers'}
+          'feature_layers': 'mtp.feature_layers', 'head_blocks': 'mtp.head_blocks'}
 # Keys added after the first heads files were written, with the value those files mean.
-_ADDED = {'feature_layers': ''}
+_ADDED = {'feature_layers': '', 'head_blocks': '1'}
 
 
 def _value(config, path: str) -> str:
@@ -35,7 +35,8 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
          dtype=np.float16) -> None:
   """Writes the heads of params['params'] (atomically) as `dtype`."""
   kind, depth = config.mtp.kind, config.mtp.depth
-  tensors = {k: v.astype(dtype) for k, v in llama.heads_from_params(params, kind, depth).items()}
+  heads = llama.heads_from_params(params, kind, depth, config.mtp.head_blocks)
+  tensors = {k: v.astype(dtype) for k, v in heads.items()}
   if token_rank is not None:
     tensors[RANK] = np.asarray(token_rank, np.int32)
   meta = {key: _value(config, path) for key, path in _MATCH.items()}
@@ -72,7 +73,7 @@ def check(path: str, config) -> dict:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
   expected = [n for k in range(1, config.mtp.depth + 1)
-              for n, _ in (llama.head_names(config.mtp.kind, k, has_block=True)
+              for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks)
                            if config.mtp.kind != 'medusa' else [])]
   missing = [n for n in expected if n not in names]
   if missing:
@@ -86,7 +87,7 @@ def load(path: str, config) -> dict:
     names = list(f.keys())
     return llama.heads_to_params(lambda n: f.get_tensor(n).astype(np.float32), names,
                                  config.mtp.kind, config.mtp.depth, config.model.num_heads,
-                                 config.model.num_kv_heads)
+                                 config.model.num_kv_heads, config.mtp.head_blocks)
 
 
 def token_rank(path: str):

@@ -9,6 +9,8 @@ E head dim, F MLP width, V vocab.
 
 import numpy as np
 
+from mtp_jax.heads import block_name
+
 # Per block: (HF suffix, our path inside the block).
 _BLOCK = (
     ('input_layernorm.weight', ('attn_norm', 'scale')),
@@ -106,30 +108,33 @@ def to_trunk(get, f: dict) -> dict:
   return trunk
 
 
-def last_block(trunk: dict, num_layers: int) -> dict:
-  """The trunk's last block, copied (the initialisation `mtp.init_from=last_block` uses)."""
-  return _copy(trunk[f'blocks_{num_layers - 1}'])
+def last_blocks(trunk: dict, num_layers: int, n: int = 1) -> dict:
+  """The trunk's last n blocks, copied, under a head's block names (the initialisation
+  `mtp.init_from=last_block` uses): block j of the head is trunk block num_layers - n + j."""
+  return {block_name(j): _copy(trunk[f'blocks_{num_layers - n + j}']) for j in range(n)}
 
 
 def _copy(tree):
   return {k: _copy(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in tree.items()}
 
 
-def head_names(kind: str, k: int, has_block: bool) -> list[tuple[str, tuple]]:
-  """(HF-style name, our path under params['params']) of head k's tensors (k from 1). Sequential
-  modules are named as DeepSeek-V3's: enorm, hnorm, eh_proj, the block, and their own output
-  norm; parallel heads are a block; Medusa heads their residual layer."""
+def head_names(kind: str, k: int, blocks: int) -> list[tuple[str, tuple, str]]:
+  """(HF-style name, our path under params['params'], the block tensor's HF suffix or '') of head
+  k's tensors (k from 1) for a sequential module or parallel head of `blocks` blocks. Sequential
+  modules are named as DeepSeek-V3's: enorm, hnorm, eh_proj, the block ('block.', then
+  'block_1.', ...), and their own output norm; parallel heads are blocks."""
   p = f'{HEADS_PREFIX}.{k - 1}.'
   names = []
   if kind == 'sequential':
-    names += [(p + s, (f'mtp_{k - 1}',) + path) for s, path in _MODULE]
-    names.append((p + 'shared_head.norm.weight', (f'mtp_norms_{k - 1}', 'scale')))
-  if has_block:
-    names += [(p + 'block.' + s, (f'mtp_{k - 1}', 'block') + path) for s, path in _BLOCK]
+    names += [(p + s, (f'mtp_{k - 1}',) + path, '') for s, path in _MODULE]
+    names.append((p + 'shared_head.norm.weight', (f'mtp_norms_{k - 1}', 'scale'), ''))
+  for j in range(blocks):
+    names += [(f'{p}{block_name(j)}.{s}', (f'mtp_{k - 1}', block_name(j)) + path, s)
+              for s, path in _BLOCK]
   return names
 
 
-def heads_from_params(params: dict, kind: str, depth: int) -> dict:
+def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1) -> dict:
   """Every head tensor of params['params'], HF-named and HF-shaped (float32 numpy)."""
   out = {}
   for k in range(1, depth + 1):
@@ -137,9 +142,8 @@ def heads_from_params(params: dict, kind: str, depth: int) -> dict:
       for name, leaf in sorted(params[f'mtp_{k - 1}'].items()):
         out[f'{HEADS_PREFIX}.{k - 1}.{name}'] = np.asarray(leaf, np.float32)
       continue
-    for name, path in head_names(kind, k, has_block=True):
+    for name, path, suffix in head_names(kind, k, blocks):
       w = np.asarray(_get(params, path), np.float32)
-      suffix = name.split('block.', 1)[1] if '.block.' in name else ''
       if suffix:
         out[name] = _to_hf(suffix, w)
       elif path[-1] == 'eh_proj':
@@ -150,7 +154,7 @@ def heads_from_params(params: dict, kind: str, depth: int) -> dict:
 
 
 def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
-                    kv_heads: int) -> dict:
+                    kv_heads: int, blocks: int = 1) -> dict:
   """The inverse of heads_from_params: head subtrees of params['params'] from HF-named tensors."""
   tree = {}
   for k in range(1, depth + 1):
@@ -160,10 +164,10 @@ def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
         if name.startswith(prefix):
           _set(tree, (f'mtp_{k - 1}', name[len(prefix):]), get(name))
       continue
-    for name, path in head_names(kind, k, has_block=True):
+    for name, path, suffix in head_names(kind, k, blocks):
       w = get(name)
-      if '.block.' in name:
-        w = _to_ours(name.split('block.', 1)[1], w, heads, kv_heads)
+      if suffix:
+        w = _to_ours(suffix, w, heads, kv_heads)
       elif path[-1] == 'eh_proj':
         w = np.ascontiguousarray(w.T)
       _set(tree, path, w)

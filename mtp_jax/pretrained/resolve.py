@@ -96,7 +96,8 @@ def trunk_params(source: str) -> dict:
 
 def head_params(config, trunk: dict) -> dict:
   """The heads' initial params from mtp.init_from, or {} for a random start: 'last_block'
-  copies the trunk's last block into every head's block; a path loads a heads file."""
+  copies the trunk's last block into every head's block (its last mtp.head_blocks blocks into a
+  head of several); a path loads a heads file."""
   source, m = config.mtp.init_from, config.model
   if not source or not config.mtp.depth:
     return {}
@@ -106,7 +107,10 @@ def head_params(config, trunk: dict) -> dict:
     if config.mtp.head_mlp_dim not in (0, m.mlp_dim):
       raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
                             f'MLP width), got {config.mtp.head_mlp_dim}')
-    return {f'mtp_{k}': {'block': llama.last_block(trunk, m.num_layers)}
+    if config.mtp.head_blocks > m.num_layers:
+      raise PretrainedError(f'mtp.init_from=last_block: mtp.head_blocks={config.mtp.head_blocks} '
+                            f'is more blocks than the trunk has ({m.num_layers})')
+    return {f'mtp_{k}': llama.last_blocks(trunk, m.num_layers, config.mtp.head_blocks)
             for k in range(config.mtp.depth)}
   return heads_file.load(source, config)
 
