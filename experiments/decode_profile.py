@@ -11,7 +11,7 @@ Prints, per batch size in --batches:
      `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
      tau (tokens per trunk forward, pooled over its rows) and tau / r, the loop's speedup;
   2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
-     greedy argmax: the trunk over 1 position (the `ar` step) and over S + 1 positions (the
+     greedy argmax, at positions spread over those the decoder writes (prompt to last token): the trunk over 1 position (the `ar` step) and over S + 1 positions (the
      verify of S drafts) for S = 1..D, each as a multiple of the `ar` step, and head k over its
      window plus its projection onto the draft vocabulary (draft k), as a share of the `ar` step.
      The rest of an iteration (cache and token bookkeeping, acceptance) is the loop's time minus
@@ -64,15 +64,16 @@ def loop_costs(model, params, prompts, S_max, max_new, rounds):
   return per_iter, iterations, taus
 
 
-def component_costs(model, params, B, S_max, cache_len, calls, rounds):
+def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, rounds):
   """Seconds per call of the trunk over T = 1..S_max + 1 positions and of each draft k = 1..S_max
   (its window at S = S_max), each call fed the previous call's argmax so that nothing is hoisted
-  out of the timing loop."""
+  out of the timing loop. The calls start at positions spread evenly over those decoding writes
+  (from prompt_len to the end of the cache), since attention's cost grows with the position."""
   import jax
   import jax.numpy as jnp
   from mtp_jax import decode as dec
   from mtp_jax import measure
-  span = cache_len - 2 * S_max - 2
+  span = cache_len - prompt_len - 2 * S_max - 2
   prepared = model.prepare(params)
 
   def loop(body):
@@ -84,7 +85,7 @@ def component_costs(model, params, B, S_max, cache_len, calls, rounds):
   def trunk(T):
     def body(params, i, carry):
       cache, tokens = carry
-      positions = jnp.broadcast_to(i % span + jnp.arange(T), (B, T))
+      positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(T), (B, T))
       logits, _, cache = model.trunk(params, tokens, positions, cache)
       return cache, dec.greedy(logits)
     init = (model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32))
@@ -95,7 +96,7 @@ def component_costs(model, params, B, S_max, cache_len, calls, rounds):
 
     def body(params, i, carry):
       kv, tokens, h_in = carry
-      positions = jnp.broadcast_to(i % span + jnp.arange(W), (B, W))
+      positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(W), (B, W))
       h, kv = model.head(params, k, h_in, tokens, positions, kv)
       index = dec.greedy(model.head_logits(params, k, h[:, -1:]))
       token = model.draft_tokens(params, index)
@@ -183,7 +184,8 @@ def main(argv):
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
                                               _ROUNDS.value)
-      parts = component_costs(model, params, B, D, cache_len, _CALLS.value, _ROUNDS.value)
+      parts = component_costs(model, params, B, D, max(len(p) for p in prompts), cache_len,
+                              _CALLS.value, _ROUNDS.value)
     ar = parts['trunk over 1 positions']
     loops = [{'S': S, 'iterations': iterations[S], 'seconds': t,
               'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S]}
