@@ -15,6 +15,7 @@ from configs import base
 def get_config():
   c = base.pretrained('smollm2')
   c.mtp.depth = 3
+  c.mtp.feature_layers = '2,15,27'  # the first module reads these blocks' outputs too
   c.mtp.init_from = 'experiments/results/smollm2_heads.safetensors'
   c.decode.prompts = 'configs/prompts/instruct_heldout.txt'
   c.decode.draft_vocab = 8192  # the tokens the heads were trained on

@@ -19,6 +19,11 @@ def get_config():
   c = smollm2_heads.get_config()
   c.mtp.depth = 1
   c.mtp.init_from = 'last_block'  # the recipes start here; self_distill_random_init from random
+  # The recipe the sweep was measured with, before the heads recipe took the extra feature
+  # layers, a higher learning rate and half the data.
+  c.mtp.feature_layers = ''
+  c.data.self_tokens = 500_000
+  c.train.lr = 1e-3
   c.train.steps = 400
   c.train.warmup_steps = 40
   c.train.checkpoint_every = 400

@@ -4,10 +4,12 @@ the heads configs/smollm2.py uses.
 The trunk writes its own training data, its answers (sampled at temperature 0.5) to the user turns
 of configs/prompts/instruct_train.txt (experiments/make_prompts.py: questions, advice, recipes,
 letters, names, poems and comparisons on some 400 subjects), and keeps its features while writing
-(its last hidden state and top-32 next-token distribution at every position), so it runs once per
-training token. The modules start from random weights (the recipe sweep in the README found that
-better than copies of the trunk's last block) and fit the trunk's own distribution at position
-i + k (self-distillation) over the 8192 most frequent tokens of that data.
+(its last hidden state, the outputs of blocks 2, 15 and 27, which the first module reads as
+EAGLE-3's head does, and its top-32 next-token distribution at every position), so it runs once
+per training token. The modules start from random weights (the recipe sweep in the README found
+that better than copies of the trunk's last block) and fit the trunk's own distribution at
+position i + k (self-distillation) over the 8192 most frequent tokens of that data, at a
+learning rate of 3e-3.
 
 Run:    python launch.py --config configs/smollm2_heads.py
 Export: python launch.py --config configs/smollm2_heads.py --mode export
@@ -23,10 +25,11 @@ def get_config():
   c = base.pretrained('smollm2')
   c.mtp.depth = 3
   c.mtp.init_from = ''
+  c.mtp.feature_layers = '2,15,27'
   c.data.sources = 'self'
   c.data.features = True
   c.data.self_prompts = 'configs/prompts/instruct_train.txt'
-  c.data.self_tokens = 500_000
+  c.data.self_tokens = 250_000
   c.data.self_temperature = 0.5
   c.data.cache_dir = 'runs/cache'
   c.train.freeze_trunk = True
@@ -36,7 +39,7 @@ def get_config():
   c.train.steps = 1200
   c.train.batch_size = 16
   c.train.seq_len = 128
-  c.train.lr = 1e-3
+  c.train.lr = 3e-3
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.0
   c.train.checkpoint_every = 400

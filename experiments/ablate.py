@@ -114,8 +114,9 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
     width = (config.mtp.head_mlp_dim if kind == 'sequential'
              else matched_head_mlp_dim(config, kind, target))
     count = target if kind == 'sequential' else head_params(config, kind, width)
-    points.append((kind, [f'--config.{field}={kind}', f'--config.mtp.head_mlp_dim={width}'],
-                   {'head_mlp_dim': width, 'head_params': count}))
+    blocks = [] if kind != 'medusa' else ['--config.mtp.head_blocks=1']  # Medusa has none
+    points.append((kind, [f'--config.{field}={kind}', f'--config.mtp.head_mlp_dim={width}']
+                   + blocks, {'head_mlp_dim': width, 'head_params': count}))
   return points
 
 

@@ -11,9 +11,10 @@ Prints, per batch size in --batches:
      `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
      tau (tokens per trunk forward, pooled over its rows) and tau / r, the loop's speedup;
   2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
-     greedy argmax, at positions spread over those the decoder writes (prompt to last token): the trunk over 1 position (the `ar` step) and over S + 1 positions (the
-     verify of S drafts) for S = 1..D, each as a multiple of the `ar` step, and head k over its
-     window plus its projection onto the draft vocabulary (draft k), as a share of the `ar` step.
+     greedy argmax, at positions spread over those the decoder writes (from the prompt's end):
+     the trunk over 1 position (the `ar` step) and over S + 1 positions (the verify of S drafts)
+     for S = 1..D, each as a multiple of the `ar` step, and head k over its window plus its
+     projection onto the draft vocabulary (draft k), as a share of the `ar` step.
      The rest of an iteration (cache and token bookkeeping, acceptance) is the loop's time minus
      these.
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
@@ -68,7 +69,8 @@ def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, round
   """Seconds per call of the trunk over T = 1..S_max + 1 positions and of each draft k = 1..S_max
   (its window at S = S_max), each call fed the previous call's argmax so that nothing is hoisted
   out of the timing loop. The calls start at positions spread evenly over those decoding writes
-  (from prompt_len to the end of the cache), since attention's cost grows with the position."""
+  (from prompt_len to the last start that leaves the widest call room in the cache), since
+  attention's cost grows with the position."""
   import jax
   import jax.numpy as jnp
   from mtp_jax import decode as dec

@@ -1,10 +1,11 @@
 """How often each head's top draft token is the trunk's, teacher-forced: on the trunk's own greedy
 answers to held-out prompts (the text decoding drafts on), and with --cache on a feature cache's
 held-out split with its user-turn and answer positions apart (training's agree@k pools them; the
-user turns, from a few templates, are easy to agree on).
+user turns, from a few templates, are easy to agree on). With --by_confidence the greedy answers'
+positions are split by the probability the trunk gave the token a head should draft.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
-       [--cache runs/cache/features/HASH]
+       [--cache runs/cache/features/HASH] [--by_confidence] [--top K]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -192,8 +193,10 @@ def main(argv):
   out = []
   for name, s in rows.items():
     for part in sorted({p for p, _ in s}):
-      rates = [s[(part, k)][0] / max(s[(part, k)][1], 1) for k in range(1, config.mtp.depth + 1)]
-      counted = [s[(part, k)][1] for k in range(1, config.mtp.depth + 1)]
+      # A part may hold no position of a deeper head (depth k starts k tokens into an answer).
+      got = [s.get((part, k), [0, 0]) for k in range(1, config.mtp.depth + 1)]
+      rates = [agree / max(n, 1) for agree, n in got]
+      counted = [n for _, n in got]
       print(f'{name}, {part} positions: agreement per depth '
             f'{" / ".join(f"{r:.3f}" for r in rates)} ({" / ".join(map(str, counted))} positions)')
       out.append({'data': name, 'positions': part, 'agreement': rates, 'counted': counted})

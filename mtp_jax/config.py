@@ -78,6 +78,11 @@ class ModelConfig:
         feature_layers=parse_layers(config.mtp.feature_layers))
 
 
+def block_name(j: int) -> str:
+  """The name of an MTP head's block j (from 0) in the params: 'block', then 'block_1', ..."""
+  return 'block' if j == 0 else f'block_{j}'
+
+
 def parse_layers(text: str) -> tuple[int, ...]:
   """'I,J,...' -> (I, J, ...); raises ConfigError on an entry that is not an integer."""
   try:

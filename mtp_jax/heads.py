@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtp_jax.config import ModelConfig
+from mtp_jax.config import ModelConfig, block_name
 from mtp_jax.layers import Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes
 
 
@@ -67,11 +67,6 @@ class MedusaHead(nn.Module):
     b = param_with_axes(self, 'b', nn.initializers.zeros, (F,), ('mlp',))
     w_out = param_with_axes(self, 'w_out', nn.initializers.zeros, (F, D), ('mlp', 'embed'))
     return h + jax.nn.silu(h @ w_in.astype(dt) + b.astype(dt)) @ w_out.astype(dt), kv
-
-
-def block_name(j: int) -> str:
-  """The name of a head's block j (from 0): 'block', then 'block_1', 'block_2', ..."""
-  return 'block' if j == 0 else f'block_{j}'
 
 
 def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):

@@ -151,6 +151,10 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   with pytest.raises(PretrainedError, match=f'mtp.head_blocks={blocks}, the config has'):
     heads_file.check(out, config)
   config.mtp.head_blocks = blocks
+  config.mtp.head_blocks = L + 1
+  with pytest.raises(PretrainedError, match=f'more blocks than the trunk has \\({L}\\)'):
+    pretrained.check_heads_init(config)
+  config.mtp.head_blocks = blocks
   # heads know the trunk they were trained on
   other = str(tmp_path / 'other.safetensors')
   heads_file.save(other, params, config, trunk='0' * 64)

@@ -34,7 +34,8 @@ def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
       'max_position_embeddings': cfg.max_seq_len, 'attention_bias': False, 'mlp_bias': False,
       'bos_token_id': bos_id, 'eos_token_id': eos_id, 'torch_dtype': dtype,
       'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS,
-              'feature_layers': list(cfg.feature_layers)}}
+              'feature_layers': list(cfg.feature_layers), 'head_blocks': cfg.head_blocks,
+              'head_mlp_dim': cfg.head_mlp_dim}}
 
 
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,

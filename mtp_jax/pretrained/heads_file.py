@@ -74,7 +74,7 @@ def check(path: str, config) -> dict:
                           f'mtp.depth={config.mtp.depth}')
   expected = [n for k in range(1, config.mtp.depth + 1)
               for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks)
-                           if config.mtp.kind != 'medusa' else [])]
+                              if config.mtp.kind != 'medusa' else [])]
   missing = [n for n in expected if n not in names]
   if missing:
     raise PretrainedError(f"mtp.init_from: {name} has no tensor '{missing[0]}'")

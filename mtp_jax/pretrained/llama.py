@@ -9,7 +9,7 @@ E head dim, F MLP width, V vocab.
 
 import numpy as np
 
-from mtp_jax.heads import block_name
+from mtp_jax.config import block_name
 
 # Per block: (HF suffix, our path inside the block).
 _BLOCK = (

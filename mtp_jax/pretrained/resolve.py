@@ -107,9 +107,6 @@ def head_params(config, trunk: dict) -> dict:
     if config.mtp.head_mlp_dim not in (0, m.mlp_dim):
       raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
                             f'MLP width), got {config.mtp.head_mlp_dim}')
-    if config.mtp.head_blocks > m.num_layers:
-      raise PretrainedError(f'mtp.init_from=last_block: mtp.head_blocks={config.mtp.head_blocks} '
-                            f'is more blocks than the trunk has ({m.num_layers})')
     return {f'mtp_{k}': llama.last_blocks(trunk, m.num_layers, config.mtp.head_blocks)
             for k in range(config.mtp.depth)}
   return heads_file.load(source, config)
@@ -121,6 +118,9 @@ def check_heads_init(config) -> None:
   if source in HEAD_INITS:
     if source == 'last_block' and not config.model.init_from:
       raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
+    if source == 'last_block' and config.mtp.head_blocks > config.model.num_layers:
+      raise PretrainedError(f'mtp.init_from=last_block: mtp.head_blocks={config.mtp.head_blocks} '
+                            f'is more blocks than the trunk has ({config.model.num_layers})')
     return
   trained_on = heads_file.check(source, config).get('trunk', '')
   if trained_on and config.model.init_from:
