@@ -2,16 +2,18 @@
 answers to held-out prompts (the text decoding drafts on), and with --cache on a feature cache's
 held-out split with its user-turn and answer positions apart (training's agree@k pools them; the
 user turns, from a few templates, are easy to agree on). With --by_confidence the greedy answers'
-positions are split by the probability the trunk gave the token a head should draft.
+positions are split by the probability the trunk gave the token a head should draft; with
+--misses N it prints the N answer tokens the trunk was surest of that the first head missed.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
-       [--cache runs/cache/features/HASH] [--by_confidence] [--top K]
+       [--cache runs/cache/features/HASH] [--by_confidence] [--top K] [--misses N]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
 decoding accepts position k only after positions 1..k-1, so its per-position rates are lower.
 """
 
+import functools
 import json
 import os
 import sys
@@ -25,7 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
-  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE
+  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _MISSES
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -39,6 +41,8 @@ def define_flags():
   _BY_CONFIDENCE = flags.DEFINE_boolean(
       'by_confidence', False, 'Split the greedy answers\' positions by the probability the '
       'trunk gave its own token there (CONFIDENCE buckets).')
+  _MISSES = flags.DEFINE_integer('misses', 0, 'Print the N answer tokens the trunk was surest '
+                                 'of where the first head\'s top token differs, in context.')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of the trunk's probability of its token
@@ -52,8 +56,9 @@ def confidence_bucket(p: float) -> str:
 
 
 def head_tokens(session, params, draft_ids, top: int = 1):
-  """fn(tokens_1xW, h0_1xLxD or None) -> D arrays (L, top) of each head's `top` most likely token
-  ids at every position (h0 from the trunk over tokens[:, :L] when None; W = L + D + 1)."""
+  """fn(tokens_1xW, h0_1xLxD or None) -> (D arrays (L, top) of each head's `top` most likely
+  token ids at every position, the trunk's probability of its own most likely next token at every
+  position (L,)); h0 comes from the trunk over tokens[:, :L] when None; W = L + D + 1."""
   import jax
   import jax.numpy as jnp
   from mtp_jax.model import MTPLanguageModel
@@ -64,14 +69,15 @@ def head_tokens(session, params, draft_ids, top: int = 1):
     if h0_1xLxD is None:
       L = tokens_1xW.shape[1] - D - 1
       h0_1xLxD, _ = m.trunk(tokens_1xW[:, :L], jnp.arange(L)[None])
+    hidden = m.head_states(h0_1xLxD.astype(jnp.float32), tokens_1xW)
     out = []
-    for k, h in enumerate(m.head_states(h0_1xLxD.astype(jnp.float32), tokens_1xW)[1:], start=1):
+    for k, h in enumerate(hidden[1:], start=1):
       logits = m.logits(h, k)[0]
       out.append(jax.lax.top_k(logits, top)[1] if ids is None else
                  ids[jax.lax.top_k(logits[:, ids], top)[1]])
-    return out
+    return out, jax.nn.softmax(m.logits(hidden[0], 0)[0], axis=-1).max(axis=-1)
   fn = jax.jit(lambda p, t, h: model.apply({'params': p['params']}, t, h, method=heads))
-  return lambda tokens_1xW, h0=None: [jax.device_get(x) for x in fn(params, tokens_1xW, h0)]
+  return lambda tokens_1xW, h0=None: jax.device_get(fn(params, tokens_1xW, h0))
 
 
 def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'):
@@ -87,11 +93,13 @@ def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'
 
 
 def greedy_agreement(session, params, prompts, draft_ids, top: int = 1,
-                     by_confidence: bool = False) -> tuple[dict, list]:
+                     by_confidence: bool = False, missed: list | None = None
+                     ) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
   teacher-forced over prompt + answer, counted on the answer's positions; with `by_confidence`
-  apart by the CONFIDENCE bucket of the trunk's probability of the token a head should draft."""
-  import jax
+  apart by the CONFIDENCE bucket of the trunk's probability of the token a head should draft.
+  `missed`, when given, receives (trunk's probability, prompt index, position j, head's token)
+  for every answer token j the first head's top token misses."""
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -102,18 +110,18 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1,
   fn, D = head_tokens(session, params, draft_ids, top), session.cfg.mtp_depth
   L = width + s.max_new_tokens
   sums = {}
-  for p, a in zip(prompts, answers):
+  for i, (p, a) in enumerate(zip(prompts, answers)):
     seq = np.array(p + a, np.int32)
     tokens = np.zeros((1, L + D + 1), np.int32)
     tokens[0, :len(seq)] = seq
+    tops, p_max = fn(tokens)  # p_max[j - 1]: the trunk's probability of its token j
     part = lambda j: 'answer'  # noqa: E731
     if by_confidence:
-      model = session.decode_model
-      logits, _, _ = model.trunk(model.prepare(params), tokens[:, :len(seq)],
-                                 np.arange(len(seq))[None], None)
-      p_max = np.asarray(jax.nn.softmax(logits[0], axis=-1).max(axis=-1))
       part = lambda j, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
-    count(fn(tokens), seq, len(p), len(seq), sums, part)
+    count(tops, seq, len(p), len(seq), sums, part)
+    if missed is not None:
+      missed.extend((float(p_max[j - 1]), i, j, int(tops[0][j - 2, 0]))
+                    for j in range(len(p) + 1, len(seq)) if tops[0][j - 2, 0] != seq[j])
   return sums, answers
 
 
@@ -142,7 +150,7 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) ->
     h0 = np.zeros((1, L, split.h0.shape[1]), np.float32)
     h0[0, :len(row)] = np.asarray(split.h0[a:b], np.float32)
     want = np.concatenate([[-1], np.asarray(split.top_ids[a:b, 0])])  # token j from position j-1
-    count(fn(tokens, h0), want, 1, len(row), sums,
+    count(fn(tokens, h0)[0], want, 1, len(row), sums,
           part=lambda j: 'answer' if j >= answer else 'prompt')
   return sums
 
@@ -152,6 +160,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   import numpy as np
+  from mtp_jax import data as data_lib
   from mtp_jax import features
   from mtp_jax import inference
   from mtp_jax import measure
@@ -163,6 +172,8 @@ def main(argv):
       raise ConfigError('mtp.depth=0: there are no heads to score')
     if _TOP.value < 1:
       raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
+    if _MISSES.value < 0:
+      raise ConfigError(f'--misses must be >= 0, got {_MISSES.value}')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     rank, n = session.token_rank(), config.decode.draft_vocab
@@ -180,8 +191,9 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   rows = {}
-  sums, _ = greedy_agreement(session, params, prompts, draft_ids, _TOP.value,
-                             _BY_CONFIDENCE.value)
+  missed = [] if _MISSES.value else None
+  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value,
+                                   _BY_CONFIDENCE.value, missed)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
@@ -200,6 +212,14 @@ def main(argv):
       print(f'{name}, {part} positions: agreement per depth '
             f'{" / ".join(f"{r:.3f}" for r in rates)} ({" / ".join(map(str, counted))} positions)')
       out.append({'data': name, 'positions': part, 'agreement': rates, 'counted': counted})
+  if missed:
+    print(f'first head\'s misses where the trunk was surest ({_MISSES.value} of {len(missed)}): '
+          'the text before, the trunk\'s token (its probability) | the head\'s')
+    text = functools.partial(data_lib.decode, session.tokenizer)
+    for p_trunk, i, j, head in sorted(missed, reverse=True)[:_MISSES.value]:
+      seq = prompts[i] + answers[i]
+      print(f'  {text(seq[max(j - 6, 0):j])!r} -> {text([seq[j]])!r} ({p_trunk:.2f}) | '
+            f'{text([head])!r}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': out}, f, indent=2)

@@ -59,6 +59,13 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
   assert head_agreement.confidence_bucket(0.5) == 'trunk p in [0.5, 0.7)'
   assert head_agreement.confidence_bucket(1.0) == 'trunk p in [0.9, 1.0]'
 
+  # `missed` lists the first head's misses: the trunk's token is not the head's top one.
+  missed = []
+  head_agreement.greedy_agreement(session, params, prompts, None, missed=missed)
+  assert len(missed) == sums[('answer', 1)][1] - sums[('answer', 1)][0] > 0
+  for _, i, j, head in missed:
+    assert (prompts[i] + answers[i])[j] != head and j > len(prompts[i])
+
   # A cache the trunk wrote: every row's positions are split at its assistant header.
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 1}, features=True)
   selfdata.write_chats(session.data_trunk(), builder, tokens=60, temperature=1.0, answer_len=6,
