@@ -17,14 +17,26 @@ Prints, per batch size in --batches:
      projection onto the draft vocabulary (draft k), as a share of the `ar` step.
      The rest of an iteration (cache and token bookkeeping, acceptance) is the loop's time minus
      these.
+  3. with --breakdown, where a trunk call's time goes: the trunk over 1 and over D + 1 positions,
+     each loop of --calls calls traced once with jax.profiler, its operations' times summed by
+     kind (the row kernel's weight products, its unembedding, the attention kernel, the dots
+     XLA runs itself, which are every product when the kernels are off, and XLA's other
+     operations: norms, rotary embedding, cache writes, argmax), per call,
+     and what the D + 1 positions add to each kind. Operations may overlap on the threads, and
+     tracing slows them a little: read the kinds against each other, not against part 2.
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
 decode.draft_vocab, ...).
 """
 
+import collections
 import functools
+import glob
+import gzip
 import json
 import os
+import re
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,6 +53,8 @@ _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
 _CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.')
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
+_BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
+                               'positions and print their time by kind of operation.')
 
 
 def loop_costs(model, params, prompts, S_max, max_new, rounds):
@@ -65,33 +79,56 @@ def loop_costs(model, params, prompts, S_max, max_new, rounds):
   return per_iter, iterations, taus
 
 
+def call_loop(body, calls: int):
+  """`calls` calls of body(params, i, carry) in one jitted fori_loop: fn(params, carry). Params
+  are an argument, as in the decoder, so XLA cannot fold weight-only work into constants."""
+  import jax
+  return jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, functools.partial(body, p), c))
+
+
+def call_span(prompt_len: int, cache_len: int, S_max: int) -> int:
+  """Positions the timed calls' starts spread over: from prompt_len to the last start that leaves
+  the widest call room in the cache."""
+  return cache_len - prompt_len - 2 * S_max - 2
+
+
+def trunk_body(model, B: int, T: int, prompt_len: int, span: int, calls: int):
+  """body(params, i, carry) of a loop of trunk calls over T positions: call i starts at position
+  prompt_len + i * span // calls and is fed the previous call's argmax, so that nothing is
+  hoisted out of the loop."""
+  import jax.numpy as jnp
+  from mtp_jax import decode as dec
+
+  def body(params, i, carry):
+    cache, tokens = carry
+    positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(T), (B, T))
+    logits, _, cache = model.trunk(params, tokens, positions, cache)
+    return cache, dec.greedy(logits)
+  return body
+
+
+def trunk_init(model, B: int, T: int, cache_len: int):
+  import jax.numpy as jnp
+  return model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32)
+
+
 def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, rounds):
   """Seconds per call of the trunk over T = 1..S_max + 1 positions and of each draft k = 1..S_max
   (its window at S = S_max), each call fed the previous call's argmax so that nothing is hoisted
   out of the timing loop. The calls start at positions spread evenly over those decoding writes
-  (from prompt_len to the last start that leaves the widest call room in the cache), since
-  attention's cost grows with the position."""
-  import jax
+  (call_span), since attention's cost grows with the position."""
   import jax.numpy as jnp
   from mtp_jax import decode as dec
   from mtp_jax import measure
-  span = cache_len - prompt_len - 2 * S_max - 2
+  span = call_span(prompt_len, cache_len, S_max)
   prepared = model.prepare(params)
 
   def loop(body):
-    """`calls` calls of body(params, i, carry) in one jitted fori_loop; params are an argument,
-    as in the decoder, so XLA cannot fold weight-only work into constants."""
-    fn = jax.jit(lambda p, c: jax.lax.fori_loop(0, calls, functools.partial(body, p), c))
-    return functools.partial(fn, prepared)
+    return functools.partial(call_loop(body, calls), prepared)
 
   def trunk(T):
-    def body(params, i, carry):
-      cache, tokens = carry
-      positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(T), (B, T))
-      logits, _, cache = model.trunk(params, tokens, positions, cache)
-      return cache, dec.greedy(logits)
-    init = (model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32))
-    return loop(body), init
+    return loop(trunk_body(model, B, T, prompt_len, span, calls)), trunk_init(model, B, T,
+                                                                             cache_len)
 
   def draft(k):
     W = dec.window_width(model, k, S_max)
@@ -117,6 +154,65 @@ def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, round
   times, _ = measure.fastest([functools.partial(fn, init) for _, fn, init in parts], rounds,
                                warmup=True)
   return {name: t / calls for (name, _, _), t in zip(parts, times)}
+
+
+KINDS = ('weight products (row kernel)', 'unembedding (row kernel)', 'attention (kernel)',
+         'XLA dots', 'other XLA ops')
+
+
+def op_kinds(hlo_text: str) -> dict:
+  """Each operation of a compiled module's text (its instruction name, as the profiler names
+  it) -> its kind in KINDS; loops and calls, which contain other operations, are left out."""
+  kinds = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+) = ', line)
+    if not match or match.group(1).startswith(('while', 'conditional', 'call')):
+      continue
+    if 'custom_call_target="mtpjax_cache_attention"' in line:
+      kind = 'attention (kernel)'
+    elif 'custom_call_target="mtpjax_rows_matmul' in line:
+      kind = ('unembedding (row kernel)' if 'MTPLanguageModel.logits' in line else
+              'weight products (row kernel)')
+    elif ' dot(' in line or match.group(1).startswith(('dot', 'ynn_fusion', 'xnn_fusion')):
+      kind = 'XLA dots'
+    else:
+      kind = 'other XLA ops'
+    kinds[match.group(1)] = kind
+  return kinds
+
+
+def traced_kinds(compiled, args, calls: int) -> dict:
+  """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
+  of `calls` calls)."""
+  import jax
+  kinds = op_kinds(compiled.as_text())
+  jax.block_until_ready(compiled(*args))  # warm
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      jax.block_until_ready(compiled(*args))
+    paths = glob.glob(os.path.join(directory, '**', '*.trace.json.gz'), recursive=True)
+    if not paths:
+      raise RuntimeError(f'jax.profiler wrote no trace under {directory}')
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  totals = collections.Counter({kind: 0.0 for kind in KINDS})
+  for event in events:
+    if event.get('ph') == 'X' and event.get('name') in kinds:
+      totals[kinds[event['name']]] += event.get('dur', 0) / 1e3 / calls  # dur: microseconds
+  return dict(totals)
+
+
+def trunk_breakdown(model, params, B, S_max, prompt_len, cache_len, calls):
+  """{T: {kind: ms per call}} for the trunk over T = 1 and T = S_max + 1 positions."""
+  span = call_span(prompt_len, cache_len, S_max)
+  prepared = model.prepare(params)
+  out = {}
+  for T in (1, S_max + 1):
+    fn = call_loop(trunk_body(model, B, T, prompt_len, span, calls), calls)
+    args = (prepared, trunk_init(model, B, T, cache_len))
+    out[T] = traced_kinds(fn.lower(*args).compile(), args, calls)
+  return out
 
 
 def load(config):
@@ -188,12 +284,17 @@ def main(argv):
                                               _ROUNDS.value)
       parts = component_costs(model, params, B, D, max(len(p) for p in prompts), cache_len,
                               _CALLS.value, _ROUNDS.value)
+      breakdown = (trunk_breakdown(model, params, B, D, max(len(p) for p in prompts), cache_len,
+                                   _CALLS.value) if _BREAKDOWN.value else None)
     ar = parts['trunk over 1 positions']
     loops = [{'S': S, 'iterations': iterations[S], 'seconds': t,
               'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S]}
              for S, t in enumerate(per_iter)]
     calls = [{'name': name, 'seconds': t, 'over_ar': t / ar} for name, t in parts.items()]
     result['batches'].append({'batch': B, 'loops': loops, 'calls': calls})
+    if breakdown:
+      result['batches'][-1]['breakdown'] = [{'positions': T, 'ms_per_call': kinds}
+                                            for T, kinds in breakdown.items()]
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'ms/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7}")
@@ -204,6 +305,14 @@ def main(argv):
     print(f'batch {B}: model calls, each timed alone (x ar: over the trunk over 1 position)')
     for row in calls:
       print(f"  {row['name']:52} {row['seconds'] * 1e3:9.3f} ms  {row['over_ar']:6.3f} x ar")
+    if breakdown:
+      (one, first), (wide, last) = breakdown.items()
+      print(f'batch {B}: a trunk call by kind of operation (traced, ms per call)')
+      print(f"  {'kind':30} {f'{one} position':>12} {f'{wide} positions':>12} {'added':>8}")
+      for kind in KINDS + ('all',):
+        a, b = ((sum(first.values()), sum(last.values())) if kind == 'all' else
+                (first[kind], last[kind]))
+        print(f'  {kind:30} {a:12.3f} {b:12.3f} {b - a:+8.3f}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=2)

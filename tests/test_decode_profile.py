@@ -1,6 +1,7 @@
 """experiments/decode_profile.py on random tiny weights, read from its JSON: every method's loop
-row with the iteration count the decoder really ran, and one timing per model call of an
-iteration. Timings themselves are not asserted (a busy machine makes them noisy)."""
+row with the iteration count the decoder really ran, one timing per model call of an iteration,
+and the traced breakdown of a trunk call by kind of operation. Timings themselves are not
+asserted (a busy machine makes them noisy)."""
 
 import json
 
@@ -9,11 +10,12 @@ from mtp_jax.config import as_flags
 
 
 def test_profile_reports_loop_and_model_calls(tmp_path):
-  config = tiny_config(**{'model.num_layers': 1, 'data.vocab_size': 256,
+  config = tiny_config(**{'model.num_layers': 1, 'data.vocab_size': 256, 'model.d_model': 64,
                           'decode.max_new_tokens': 16, 'decode.prompt_len': 6})
   out = tmp_path / 'profile.json'
   proc = run_script('experiments/decode_profile.py', '--config', 'configs/base.py', '--random',
-                    '--batches', '1,2', '--rounds', '2', '--calls', '3', f'--json={out}',
+                    '--batches', '1,2', '--rounds', '2', '--calls', '3', '--breakdown',
+                    f'--json={out}',
                     *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -36,4 +38,16 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
                      'draft 1: head 1 over 3 positions + projection',
                      'draft 2: head 2 over 4 positions + projection']
     assert batch['calls'][0]['over_ar'] == 1.0 and all(c['seconds'] > 0 for c in batch['calls'])
+    # The trunk over 1 and over D + 1 = 3 positions, traced. The tiny float32 model on one CPU
+    # device decodes on the kernels (test_kernels asserts they build here; width 64 gives head
+    # dim 16, which the attention kernel takes), so every product and the attention are kernel
+    # calls, and norms, rotary and cache writes are XLA's.
+    breakdown = {row['positions']: row['ms_per_call'] for row in batch['breakdown']}
+    assert sorted(breakdown) == [1, 3]
+    for kinds in breakdown.values():
+      assert list(kinds) == ['weight products (row kernel)', 'unembedding (row kernel)',
+                             'attention (kernel)', 'XLA dots', 'other XLA ops']
+      assert kinds['XLA dots'] == 0
+      assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), kinds
+  assert 'a trunk call by kind of operation' in proc.stdout
   assert 'batch 2: model calls' in proc.stdout
