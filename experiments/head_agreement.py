@@ -2,11 +2,14 @@
 answers to held-out prompts (the text decoding drafts on), and with --cache on a feature cache's
 held-out split with its user-turn and answer positions apart (training's agree@k pools them; the
 user turns, from a few templates, are easy to agree on). With --by_confidence the greedy answers'
-positions are split by the probability the trunk gave the token a head should draft; with
+positions are split by the probability the trunk gave the token a head should draft, with
+--by_head_confidence by the probability the head gave its own top token (how well a head knows
+when it is right, which a rule that stops drafting at low confidence would rely on); with
 --misses N it prints the N answer tokens the trunk was surest of that the first head missed.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
-       [--cache runs/cache/features/HASH] [--by_confidence] [--top K] [--misses N]
+       [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence] [--top K]
+       [--misses N]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -27,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
-  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _MISSES
+  global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -41,24 +44,29 @@ def define_flags():
   _BY_CONFIDENCE = flags.DEFINE_boolean(
       'by_confidence', False, 'Split the greedy answers\' positions by the probability the '
       'trunk gave its own token there (CONFIDENCE buckets).')
+  _BY_HEAD_CONFIDENCE = flags.DEFINE_boolean(
+      'by_head_confidence', False, 'Split the greedy answers\' positions by the probability '
+      'each head gave its own top token (over the draft vocabulary; CONFIDENCE buckets).')
   _MISSES = flags.DEFINE_integer('misses', 0, 'Print the N answer tokens the trunk was surest '
                                  'of where the first head\'s top token differs, in context.')
 
 
-CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of the trunk's probability of its token
+CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
 
 
-def confidence_bucket(p: float) -> str:
-  """The CONFIDENCE bucket of probability p, as a label that sorts in order."""
+def confidence_bucket(p: float, whose: str = 'trunk') -> str:
+  """The CONFIDENCE bucket of `whose` probability p, as a label that sorts in order."""
   edges = (0.0,) + CONFIDENCE + (1.0,)
   i = sum(p >= e for e in CONFIDENCE)
-  return f'trunk p in [{edges[i]:.1f}, {edges[i + 1]:.1f}{"]" if i == len(CONFIDENCE) else ")"}'
+  return f'{whose} p in [{edges[i]:.1f}, {edges[i + 1]:.1f}{"]" if i == len(CONFIDENCE) else ")"}'
 
 
 def head_tokens(session, params, draft_ids, top: int = 1):
   """fn(tokens_1xW, h0_1xLxD or None) -> (D arrays (L, top) of each head's `top` most likely
   token ids at every position, the trunk's probability of its own most likely next token at every
-  position (L,)); h0 comes from the trunk over tokens[:, :L] when None; W = L + D + 1."""
+  position (L,), D arrays (L,) of each head's probability of its most likely token, over the
+  draft vocabulary when there is one); h0 comes from the trunk over tokens[:, :L] when None;
+  W = L + D + 1."""
   import jax
   import jax.numpy as jnp
   from mtp_jax.model import MTPLanguageModel
@@ -70,34 +78,36 @@ def head_tokens(session, params, draft_ids, top: int = 1):
       L = tokens_1xW.shape[1] - D - 1
       h0_1xLxD, _ = m.trunk(tokens_1xW[:, :L], jnp.arange(L)[None])
     hidden = m.head_states(h0_1xLxD.astype(jnp.float32), tokens_1xW)
-    out = []
+    out, sure = [], []
     for k, h in enumerate(hidden[1:], start=1):
       logits = m.logits(h, k)[0]
-      out.append(jax.lax.top_k(logits, top)[1] if ids is None else
-                 ids[jax.lax.top_k(logits[:, ids], top)[1]])
-    return out, jax.nn.softmax(m.logits(hidden[0], 0)[0], axis=-1).max(axis=-1)
+      logits = logits if ids is None else logits[:, ids]
+      index = jax.lax.top_k(logits, top)[1]
+      out.append(index if ids is None else ids[index])
+      sure.append(jax.nn.softmax(logits, axis=-1).max(axis=-1))
+    return out, jax.nn.softmax(m.logits(hidden[0], 0)[0], axis=-1).max(axis=-1), sure
   fn = jax.jit(lambda p, t, h: model.apply({'params': p['params']}, t, h, method=heads))
   return lambda tokens_1xW, h0=None: jax.device_get(fn(params, tokens_1xW, h0))
 
 
-def count(tops, want, first: int, last: int, sums: dict, part=lambda j: 'answer'):
-  """Adds to sums[(part, k)] = [agreeing, counted]: head k's tokens at position i (tops[k - 1][i],
-  its most likely first) against want[i + k + 1]
-  (the trunk's token there), for first - 1 <= i and i + k + 1 < last, where first >= 1: the
-  positions decoding drafts from when `first` is the first position it writes."""
+def count(tops, want, first: int, last: int, sums: dict, part=lambda j, k: 'answer'):
+  """Adds to sums[(part(j, k), k)] = [agreeing, counted]: head k's tokens at position i
+  (tops[k - 1][i], its most likely first) against want[j], j = i + k + 1 (the trunk's token
+  there), for first - 1 <= i and j < last, where first >= 1: the positions decoding drafts from
+  when `first` is the first position it writes."""
   for k, top in enumerate(tops, start=1):
     for j in range(first + k, last):
-      s = sums.setdefault((part(j), k), [0, 0])
+      s = sums.setdefault((part(j, k), k), [0, 0])
       s[0] += int(want[j] in top[j - k - 1])
       s[1] += 1
 
 
-def greedy_agreement(session, params, prompts, draft_ids, top: int = 1,
-                     by_confidence: bool = False, missed: list | None = None
-                     ) -> tuple[dict, list]:
+def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str = '',
+                     missed: list | None = None) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
-  teacher-forced over prompt + answer, counted on the answer's positions; with `by_confidence`
-  apart by the CONFIDENCE bucket of the trunk's probability of the token a head should draft.
+  teacher-forced over prompt + answer, counted on the answer's positions; `by` 'trunk' splits
+  them by the CONFIDENCE bucket of the trunk's probability of the token a head should draft,
+  'head' by that of the head's probability of its own top token.
   `missed`, when given, receives (trunk's probability, prompt index, position j, head's token)
   for every answer token j the first head's top token misses."""
   import numpy as np
@@ -114,10 +124,14 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1,
     seq = np.array(p + a, np.int32)
     tokens = np.zeros((1, L + D + 1), np.int32)
     tokens[0, :len(seq)] = seq
-    tops, p_max = fn(tokens)  # p_max[j - 1]: the trunk's probability of its token j
-    part = lambda j: 'answer'  # noqa: E731
-    if by_confidence:
-      part = lambda j, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
+    # p_max[j - 1]: the trunk's probability of its token j; sure[k - 1][i]: head k's of its
+    # top token at i, which drafts token i + k + 1.
+    tops, p_max, sure = fn(tokens)
+    part = lambda j, k: 'answer'  # noqa: E731
+    if by == 'trunk':
+      part = lambda j, k, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
+    elif by == 'head':
+      part = lambda j, k, sure=sure: confidence_bucket(sure[k - 1][j - k - 1], 'head')  # noqa: E731
     count(tops, seq, len(p), len(seq), sums, part)
     if missed is not None:
       missed.extend((float(p_max[j - 1]), i, j, int(tops[0][j - 2, 0]))
@@ -151,7 +165,7 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) ->
     h0[0, :len(row)] = np.asarray(split.h0[a:b], np.float32)
     want = np.concatenate([[-1], np.asarray(split.top_ids[a:b, 0])])  # token j from position j-1
     count(fn(tokens, h0)[0], want, 1, len(row), sums,
-          part=lambda j: 'answer' if j >= answer else 'prompt')
+          part=lambda j, k: 'answer' if j >= answer else 'prompt')
   return sums
 
 
@@ -174,6 +188,9 @@ def main(argv):
       raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
     if _MISSES.value < 0:
       raise ConfigError(f'--misses must be >= 0, got {_MISSES.value}')
+    if _BY_CONFIDENCE.value and _BY_HEAD_CONFIDENCE.value:
+      raise ConfigError('--by_confidence and --by_head_confidence split the same positions two '
+                        'ways: give one')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     rank, n = session.token_rank(), config.decode.draft_vocab
@@ -192,8 +209,8 @@ def main(argv):
     sys.exit(2)
   rows = {}
   missed = [] if _MISSES.value else None
-  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value,
-                                   _BY_CONFIDENCE.value, missed)
+  by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''
+  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,

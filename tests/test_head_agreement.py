@@ -1,15 +1,17 @@
 """experiments/head_agreement.py counts each head against the right token: Medusa heads at their
 zero initialization are the trunk's own output layer, so head k at position i drafts the trunk's
-next token t_{i+1}, and its agreement must be how often that equals the token k positions later;
-on a feature cache, the user turn and the answer are told apart at the assistant header."""
+next token t_{i+1}, and its agreement must be how often that equals the token k positions later,
+and its confidence the trunk's at i; on a feature cache, the user turn and the answer are told
+apart at the assistant header. Contradicting flags are one line and exit 2."""
 
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import REPO, pretrained_config, random_llama, write_gguf
+from conftest import REPO, pretrained_config, random_llama, run_script, write_gguf
 from mtp_jax import features as feat_lib
 from mtp_jax import inference, selfdata, train
 
@@ -33,11 +35,13 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
   # Head k agrees (--top N) when t_{i+k+1} is among the trunk's N most likely next tokens at i.
   model = session.decode_model
   want = {1: {}, 3: {}}
+  sure = []  # the trunk's probability of its top token at each position, per prompt
   for p, a in zip(prompts, answers):
     seq = np.array(p + a)
     logits, _, _ = model.trunk(model.prepare(params), jnp.asarray(seq)[None],
                                jnp.arange(len(seq))[None], None)
     ranked = np.argsort(-np.asarray(logits[0]), axis=-1, kind='stable')
+    sure.append(np.asarray(jnp.max(jax.nn.softmax(logits[0], axis=-1), axis=-1)))
     for top in (1, 3):
       for k in (1, 2):
         js = np.arange(len(p) + k, len(seq))  # drafts from the last prompt position on
@@ -50,7 +54,7 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
   assert want[3][1][0] > want[1][1][0]
 
   # --by_confidence splits the same counts by the trunk's probability of the drafted token.
-  split, _ = head_agreement.greedy_agreement(session, params, prompts, None, by_confidence=True)
+  split, _ = head_agreement.greedy_agreement(session, params, prompts, None, by='trunk')
   labels = {head_agreement.confidence_bucket(p) for p in (0.1, 0.4, 0.6, 0.8, 0.95)}
   assert len(labels) == 5 and {part for part, _ in split} <= labels
   for k in (1, 2):
@@ -58,6 +62,22 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
     assert [sum(v[0] for v in parts), sum(v[1] for v in parts)] == sums[('answer', k)]
   assert head_agreement.confidence_bucket(0.5) == 'trunk p in [0.5, 0.7)'
   assert head_agreement.confidence_bucket(1.0) == 'trunk p in [0.9, 1.0]'
+
+  # by='head' splits them by the head's probability of its own top token. These heads are the
+  # trunk's output layer, so head k drafting token j (from position j - k - 1) is as sure as
+  # the trunk was at that position: each bucket holds exactly those positions.
+  by_head, _ = head_agreement.greedy_agreement(session, params, prompts, None, by='head')
+  for k in (1, 2):
+    expected = {}
+    for p, a, trunk_sure in zip(prompts, answers, sure):
+      for j in range(len(p) + k, len(p) + len(a)):
+        label = head_agreement.confidence_bucket(trunk_sure[j - k - 1], 'head')
+        expected[label] = expected.get(label, 0) + 1
+    got = {part: v[1] for (part, depth), v in by_head.items() if depth == k}
+    assert got == expected
+    parts = [v for (part, depth), v in by_head.items() if depth == k]
+    assert [sum(v[0] for v in parts), sum(v[1] for v in parts)] == sums[('answer', k)]
+  assert head_agreement.confidence_bucket(0.2, 'head') == 'head p in [0.0, 0.3)'
 
   # `missed` lists the first head's misses: the trunk's token is not the head's top one.
   missed = []
@@ -82,3 +102,12 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
     assert cache[('prompt', k)][1] == sum(s - 1 - k for s in answer_starts)
     assert cache[('answer', k)][1] == sum(len(r) - s for r, s in zip(rows, answer_starts))
     assert 0 <= cache[('answer', k)][0] <= cache[('answer', k)][1]
+
+
+def test_two_confidence_splits_are_refused(tmp_path):
+  proc = run_script('experiments/head_agreement.py', '--by_confidence', '--by_head_confidence',
+                    f'--workdir={tmp_path / "run"}')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: --by_confidence and '
+                                                         '--by_head_confidence')
+  assert not (tmp_path / 'run').exists()
