@@ -181,9 +181,10 @@ def op_kinds(hlo_text: str) -> dict:
   return kinds
 
 
-def traced_kinds(compiled, args, calls: int) -> dict:
+def traced_kinds(compiled, args, calls: int) -> dict | None:
   """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
-  of `calls` calls)."""
+  of `calls` calls); None when the trace names none of the module's operations (a backend whose
+  trace names its device kernels instead)."""
   import jax
   kinds = op_kinds(compiled.as_text())
   jax.block_until_ready(compiled(*args))  # warm
@@ -197,14 +198,17 @@ def traced_kinds(compiled, args, calls: int) -> dict:
       trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   totals = collections.Counter({kind: 0.0 for kind in KINDS})
+  matched = 0
   for event in events:
     if event.get('ph') == 'X' and event.get('name') in kinds:
       totals[kinds[event['name']]] += event.get('dur', 0) / 1e3 / calls  # dur: microseconds
-  return dict(totals)
+      matched += 1
+  return dict(totals) if matched else None
 
 
 def trunk_breakdown(model, params, B, S_max, prompt_len, cache_len, calls):
-  """{T: {kind: ms per call}} for the trunk over T = 1 and T = S_max + 1 positions."""
+  """{T: {kind: ms per call}} for the trunk over T = 1 and T = S_max + 1 positions, or None
+  when the trace cannot be read by kind (traced_kinds)."""
   span = call_span(prompt_len, cache_len, S_max)
   prepared = model.prepare(params)
   out = {}
@@ -212,6 +216,8 @@ def trunk_breakdown(model, params, B, S_max, prompt_len, cache_len, calls):
     fn = call_loop(trunk_body(model, B, T, prompt_len, span, calls), calls)
     args = (prepared, trunk_init(model, B, T, cache_len))
     out[T] = traced_kinds(fn.lower(*args).compile(), args, calls)
+    if out[T] is None:
+      return None
   return out
 
 
@@ -305,6 +311,8 @@ def main(argv):
     print(f'batch {B}: model calls, each timed alone (x ar: over the trunk over 1 position)')
     for row in calls:
       print(f"  {row['name']:52} {row['seconds'] * 1e3:9.3f} ms  {row['over_ar']:6.3f} x ar")
+    if _BREAKDOWN.value and not breakdown:
+      print(f'batch {B}: no breakdown: the trace names none of the compiled operations here')
     if breakdown:
       (one, first), (wide, last) = breakdown.items()
       print(f'batch {B}: a trunk call by kind of operation (traced, ms per call)')
