@@ -112,23 +112,29 @@ def trunk_init(model, B: int, T: int, cache_len: int):
   return model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32)
 
 
-def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, rounds):
-  """Seconds per call of the trunk over T = 1..S_max + 1 positions and of each draft k = 1..S_max
-  (its window at S = S_max), each call fed the previous call's argmax so that nothing is hoisted
-  out of the timing loop. The calls start at positions spread evenly over those decoding writes
-  (call_span), since attention's cost grows with the position."""
+def trunk_loops(model, prepared, B, S_max, prompt_len, cache_len, calls) -> dict:
+  """{T: (compiled loop of `calls` trunk calls over T positions, its arguments)} for T = 1..S_max
+  + 1, compiled once for both the timings and the breakdown. The calls start at positions spread
+  evenly over those decoding writes (call_span), since attention's cost grows with the
+  position."""
+  span = call_span(prompt_len, cache_len, S_max)
+  loops = {}
+  for T in range(1, S_max + 2):
+    args = (prepared, trunk_init(model, B, T, cache_len))
+    fn = call_loop(trunk_body(model, B, T, prompt_len, span, calls), calls)
+    loops[T] = fn.lower(*args).compile(), args
+  return loops
+
+
+def component_costs(model, prepared, trunks, B, S_max, prompt_len, cache_len, calls, rounds):
+  """Seconds per call of the trunk over T = 1..S_max + 1 positions (the loops of `trunks`) and of
+  each draft k = 1..S_max (its window at S = S_max), each call fed the previous call's argmax so
+  that nothing is hoisted out of the timing loop, the calls spread as trunk_loops spreads
+  them."""
   import jax.numpy as jnp
   from mtp_jax import decode as dec
   from mtp_jax import measure
   span = call_span(prompt_len, cache_len, S_max)
-  prepared = model.prepare(params)
-
-  def loop(body):
-    return functools.partial(call_loop(body, calls), prepared)
-
-  def trunk(T):
-    return loop(trunk_body(model, B, T, prompt_len, span, calls)), trunk_init(model, B, T,
-                                                                             cache_len)
 
   def draft(k):
     W = dec.window_width(model, k, S_max)
@@ -146,12 +152,12 @@ def component_costs(model, params, B, S_max, prompt_len, cache_len, calls, round
     width = model.cfg.feature_dim if k == 1 or not model.chains else model.hidden_dim
     init = (model.init_cache(B, cache_len)['heads'][k - 1], jnp.zeros((B, W), jnp.int32),
             jnp.zeros((B, W, width), model.hidden_dtype))
-    return loop(body), init
+    return call_loop(body, calls), (prepared, init)
 
-  parts = [(f'trunk over {T} positions', *trunk(T)) for T in range(1, S_max + 2)]
+  parts = [(f'trunk over {T} positions', *trunks[T]) for T in range(1, S_max + 2)]
   parts += [(f'draft {k}: head {k} over {dec.window_width(model, k, S_max)} positions + '
              f'projection', *draft(k)) for k in range(1, S_max + 1)]
-  times, _ = measure.fastest([functools.partial(fn, init) for _, fn, init in parts], rounds,
+  times, _ = measure.fastest([functools.partial(fn, *args) for _, fn, args in parts], rounds,
                                warmup=True)
   return {name: t / calls for (name, _, _), t in zip(parts, times)}
 
@@ -183,11 +189,10 @@ def op_kinds(hlo_text: str) -> dict:
 
 def traced_kinds(compiled, args, calls: int) -> dict | None:
   """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
-  of `calls` calls); None when the trace names none of the module's operations (a backend whose
-  trace names its device kernels instead)."""
+  of `calls` calls, run before: component_costs times it first); None when the trace names none
+  of the module's operations (a backend whose trace names its device kernels instead)."""
   import jax
   kinds = op_kinds(compiled.as_text())
-  jax.block_until_ready(compiled(*args))  # warm
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       jax.block_until_ready(compiled(*args))
@@ -206,16 +211,12 @@ def traced_kinds(compiled, args, calls: int) -> dict | None:
   return dict(totals) if matched else None
 
 
-def trunk_breakdown(model, params, B, S_max, prompt_len, cache_len, calls):
-  """{T: {kind: ms per call}} for the trunk over T = 1 and T = S_max + 1 positions, or None
-  when the trace cannot be read by kind (traced_kinds)."""
-  span = call_span(prompt_len, cache_len, S_max)
-  prepared = model.prepare(params)
+def trunk_breakdown(trunks, S_max, calls):
+  """{T: {kind: ms per call}} for the trunk over T = 1 and T = S_max + 1 positions (the loops of
+  trunk_loops), or None when the trace cannot be read by kind (traced_kinds)."""
   out = {}
   for T in (1, S_max + 1):
-    fn = call_loop(trunk_body(model, B, T, prompt_len, span, calls), calls)
-    args = (prepared, trunk_init(model, B, T, cache_len))
-    out[T] = traced_kinds(fn.lower(*args).compile(), args, calls)
+    out[T] = traced_kinds(*trunks[T], calls)
     if out[T] is None:
       return None
   return out
@@ -282,16 +283,19 @@ def main(argv):
   print(f'model: {cfg.num_layers} layers, width {cfg.d_model}, vocab {cfg.vocab_size} (drafts '
         f'over {vocab}), D = {D} {cfg.mtp_kind} ({source}); {d.max_new_tokens} new tokens, greedy, '
         f"kernels {'on' if model.kernels else 'off'}")
-  cache_len = dec.cache_length(max(len(p) for p in prompts),
-                               dec.Settings(draft_len=D, max_new_tokens=d.max_new_tokens))
+  prompt_len = max(len(p) for p in prompts)
+  cache_len = dec.cache_length(prompt_len, dec.Settings(draft_len=D,
+                                                        max_new_tokens=d.max_new_tokens))
+  with sharding.active(mesh):
+    prepared = model.prepare(params)  # once, for every batch's model-call loops
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
                                               _ROUNDS.value)
-      parts = component_costs(model, params, B, D, max(len(p) for p in prompts), cache_len,
-                              _CALLS.value, _ROUNDS.value)
-      breakdown = (trunk_breakdown(model, params, B, D, max(len(p) for p in prompts), cache_len,
-                                   _CALLS.value) if _BREAKDOWN.value else None)
+      trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value)
+      parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
+                              _ROUNDS.value)
+      breakdown = trunk_breakdown(trunks, D, _CALLS.value) if _BREAKDOWN.value else None
     ar = parts['trunk over 1 positions']
     loops = [{'S': S, 'iterations': iterations[S], 'seconds': t,
               'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S]}
