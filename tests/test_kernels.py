@@ -34,6 +34,20 @@ def test_rows_matmul_matches_xla(rows, K, N):
   assert got.shape == (rows, N)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
+  """Bit for bit, so that a verify's rows equal the ar steps' and greedy MTP stays ar's output
+  with no near-tie flips. N = 37 leaves rows past every block size (8, 4, 2) over; K = 100 has a
+  tail past the last full vector."""
+  K, N = 100, 37
+  x = jax.random.normal(jax.random.key(0), (32, K))
+  w = jax.random.normal(jax.random.key(1), (N, K)).astype(dtype)
+  product = jax.jit(kernels.rows_matmul)
+  alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(32)])
+  for rows in range(2, 33):
+    np.testing.assert_array_equal(np.asarray(product(x[:rows], w)), alone[:rows])
+
+
 @pytest.mark.parametrize('rows', [1, 3, 9, 32])
 @pytest.mark.parametrize('K,N', [(576, 200), (40, 13)])
 def test_rows_matmul_reads_bfloat16_weights(rows, K, N):

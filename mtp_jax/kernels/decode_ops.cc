@@ -102,6 +102,24 @@ inline vf sums_of(const vf* v) {
                                           31});
 }
 
+// out[i] = the lane sum of v[i] for i < C: sixteen at a time through sums_of, whose additions are
+// hsum's, in hsum's order, so a row's product is bit for bit the same whatever the number of rows
+// beside it (the verify's rows equal the ar step's). Left over: a few by hsum, more through
+// sums_of with zero vectors beside them.
+template <int C>
+inline void lane_sums(const vf* v, float* out) {
+  int i = 0;
+  for (; i + 16 <= C; i += 16) store(out + i, sums_of(v + i));
+  if (C - i <= 4) {
+    for (; i < C; ++i) out[i] = hsum(v[i]);
+  } else {
+    vf pad[16];
+    for (int j = 0; j < 16; ++j) pad[j] = i + j < C ? v[i + j] : vf{};
+    const vf s = sums_of(pad);
+    for (int j = 0; i + j < C; ++j) out[i + j] = s[j];
+  }
+}
+
 // Runs part(i) for i in [0, parts) on XLA's intra-op threads and this one, and waits until every
 // part is done. The counters live on the heap: a task the pool starts late finds no part left
 // and must not touch this frame, which may be gone by then.
@@ -139,15 +157,15 @@ constexpr int64_t kPrefetch = 2048;
 // the FMA units busy, few enough to stay in registers.
 constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
 
-// y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n1) of w: R rows of w at a time, each a
-// contiguous run, dotted with every x row in registers. W: float, or uint16_t for bfloat16.
-template <int M, typename W>
-void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
-             int64_t n1) {
-  constexpr int R = BlockRows(M);
+// y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n0 + R * blocks) of w: R rows of w at a time,
+// each a contiguous run, dotted with every x row in registers. W: float, or uint16_t for bfloat16.
+// Every output is summed in the same order whatever R and M are: lanes over k, then lane_sums,
+// then the k past the last full vector.
+template <int M, int R, typename W>
+void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
+                int64_t blocks) {
   constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W);  // the same bytes ahead
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
+  for (int64_t n = n0; n < n0 + R * blocks; n += R) {
     vf acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = vf{};
@@ -163,19 +181,25 @@ void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
         for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
       }
     }
+    float sums[R * M];
+    lane_sums<R * M>(&acc[0][0], sums);
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
-        float s = hsum(acc[r][m]);
+        float s = sums[r * M + m];
         for (int64_t kk = k; kk < K; ++kk) s += widen(w[(n + r) * K + kk]) * x[m * K + kk];
         y[m * N + n + r] = s;
       }
   }
-  for (; n < n1; ++n)
-    for (int m = 0; m < M; ++m) {
-      float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += widen(w[n * K + k]) * x[m * K + k];
-      y[m * N + n] = s;
-    }
+}
+
+// Rows [n0, n1) of w: blocks of BlockRows(M), the rows left over one at a time.
+template <int M, typename W>
+void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
+             int64_t n1) {
+  constexpr int R = BlockRows(M);
+  const int64_t blocks = (n1 - n0) / R;
+  rows_block<M, R>(x, w, y, K, N, n0, blocks);
+  rows_block<M, 1>(x, w, y, K, N, n0 + R * blocks, n1 - n0 - R * blocks);
 }
 
 // Up to kMaxRows input rows per pass over a block of weights; more rows take several passes.
