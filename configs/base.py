@@ -118,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.distill_topk = 32
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
+  # Compute dtype of the training and evaluation steps ('': model.dtype, which decoding and the
+  # trunk writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
+  # bfloat16 natively (GPU, TPU, a CPU with AMX); params and the optimizer stay float32.
+  c.train.dtype = ''
   c.train.inject_nan_step = -1  # testing hook: the loss at this step is made NaN (-1: never).
 
   c.decode = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
+from mtp_jax.matmul import matmul
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes):
@@ -49,7 +50,7 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
   if not cfg.kernels:
     k = math.prod(w.shape[:in_dims])
     w = w.astype(cfg.compute_dtype)
-    return (x.reshape(*lead, k) @ w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
+    return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
   out_dims = w.shape[:w.ndim - in_dims]
   y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1))
   return y.reshape(*lead, *out_dims)

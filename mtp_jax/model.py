@@ -13,6 +13,7 @@ from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 from mtp_jax.heads import HEADS
 from mtp_jax.layers import Block, RMSNorm, dense_param, param_with_axes, rms_norm
+from mtp_jax.matmul import matmul
 
 
 class MTPLanguageModel(nn.Module):
@@ -105,10 +106,11 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   float32. Of the trunk's features (wider than D with mtp.feature_layers) it reads the first D,
   the last hidden state."""
   x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps)
-  if cfg.tie_embeddings or cfg.kernels:  # V x D: the embedding, or kernel_layout's unembedding
-    logits = kernels.rows_matmul(x, out, use_kernel=cfg.kernels)  # widens out to x's dtype
-  else:
-    logits = jnp.einsum('btd,dv->btv', x, out.astype(cfg.compute_dtype))
+  if cfg.kernels:  # V x D: kernel_layout's unembedding
+    logits = kernels.rows_matmul(x, out)  # widens out to x's dtype
+  else:  # V x D when tied to the embedding, D x V otherwise
+    logits = matmul(x.reshape(-1, cfg.d_model), out.T if cfg.tie_embeddings else out,
+                    jnp.float32).reshape(*x.shape[:-1], -1)
   return nn.with_logical_constraint(logits.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
 

@@ -171,11 +171,13 @@ class Program:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    self.cfg = ModelConfig.from_config(config)
+    self.cfg = ModelConfig.from_config(config)  # decoding's, and the trunk's that writes data
+    # the training and evaluation steps' (train.dtype, when set, replaces model.dtype)
+    self.step_cfg = dataclasses.replace(self.cfg, dtype=config.train.dtype or self.cfg.dtype)
     self.window = window_length(config)
     self.tx = make_optimizer(config.train)
-    self.spec = loss_spec(config, self.cfg)
-    model = MTPLanguageModel(self.cfg)
+    self.spec = loss_spec(config, self.step_cfg)
+    model = MTPLanguageModel(self.step_cfg)
     frozen = config.train.freeze_trunk
 
     def init_state(rng):

@@ -391,6 +391,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
     ({'train.batch_size': 3, 'train.grad_accum': 2}, [], None,
      [r'train\.grad_accum=2', r'train\.batch_size=3', 'divide']),
     ({'model.dtype': 'float16'}, [], None, [r'model\.dtype', 'bfloat16', 'float32', 'float16']),
+    ({'train.dtype': 'float16'}, [], None, [r'train\.dtype', 'bfloat16', 'float32', 'float16']),
     ({'mtp.kind': 'foo'}, [], None, [r'mtp\.kind', 'sequential', 'parallel', 'foo']),
     ({'model.attention': 'flash'}, [], None, [r'model\.attention', 'einsum', 'fused', 'flash']),
     ({'train.lr': 0}, [], None, [r'train\.lr', '> 0']),
@@ -400,7 +401,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
     ({'train.batch_size': 2}, [], {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'},
      [r'train\.batch_size', r'mesh\.data \* mesh\.fsdp = 4']),
     ({'mesh.tensor': 3}, [], None, [r'mesh', r'\b3\b', r'\b1 devices?\b']),
-], ids=['rope-range', 'grad-accum', 'dtype', 'mtp-kind', 'attention', 'lr', 'top-p', 'type', 'vocab',
+], ids=['rope-range', 'grad-accum', 'dtype', 'train-dtype', 'mtp-kind', 'attention', 'lr', 'top-p', 'type', 'vocab',
         'device-count', 'mesh'])
 def test_a_bad_config_is_one_error_line_before_anything_is_written(
     corpus, tmp_path, overrides, flags, env, patterns):

@@ -21,6 +21,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from mtp_jax.matmul import matmul
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
 # Products of up to this many rows go to the kernel (in passes of 8 over each block of weights,
 # the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. Past that the
@@ -110,7 +112,7 @@ def rows_matmul(x, w, use_kernel: bool = True):
     target = 'mtpjax_rows_matmul' if w.dtype == jnp.float32 else 'mtpjax_rows_matmul_bf16'
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))
     return out(x, w)
-  return jnp.einsum('...k,nk->...n', x, w.astype(x.dtype))
+  return matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype).T).reshape(*x.shape[:-1], -1)
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,

@@ -1,0 +1,78 @@
+"""What a training product costs in each dtype and arrangement: y = x @ w with both gradients
+(dx = g @ w.T, dw = x.T @ g), the three products of every dense layer in a training step, timed
+  - in float32;
+  - in bfloat16 as XLA gets it from plain `x @ w` (its CPU backend widens operands to float32
+    for a bfloat16 result or a transposed operand);
+  - in bfloat16 through mtp_jax.matmul (row-major operands, float32 results; what train.dtype =
+    bfloat16 runs).
+
+Run: python experiments/bench_matmul.py                 (the SmolLM2 head step's shapes)
+     python experiments/bench_matmul.py --shapes 2048x576x1536 --rounds 5
+Prints, per shape M x K x N (x: M x K, w: K x N): ms for the product and its two gradients, the
+GFLOP/s that makes (6 M K N FLOPs), and each row's speed over float32's, all timed in interleaved
+rounds (fastest kept). Whether bfloat16 beats float32 depends on the device: on a CPU with AMX
+the arranged products run several times faster, elsewhere bfloat16 can be slower
+(mtp_jax.measure.bfloat16_products_fast says which this is).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+# A head step on SmolLM2 (16 x 128 positions): q and o, k and v, gate and up, down, the first
+# module's eh_proj (4 + 1 slices of 576), the 8192-token draft projection.
+_SHAPES = flags.DEFINE_list('shapes', ['2048x576x576', '2048x576x192', '2048x576x1536',
+                                       '2048x1536x576', '2048x2880x576', '2048x576x8192'],
+                            'Products M x K x N.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+  parts = text.lower().split('x')
+  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    print(f'error: --shapes takes M x K x N in positive integers, like 64x32x48; got {text!r}',
+          file=sys.stderr)
+    sys.exit(2)
+  return tuple(int(p) for p in parts)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  shapes = [parse_shape(s) for s in _SHAPES.value]
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax import measure
+  from mtp_jax.matmul import matmul
+
+  def step(product):
+    """The product and both gradients, as a training step's backward pass makes them."""
+    def f(x, w, g):
+      y, pullback = jax.vjp(product, x, w)
+      return y, *pullback(g.astype(y.dtype))
+    return jax.jit(f)
+
+  ways = {'float32': (jnp.float32, step(lambda x, w: x @ w)),
+          'bfloat16, plain x @ w': (jnp.bfloat16, step(lambda x, w: x @ w)),
+          'bfloat16, mtp_jax.matmul': (jnp.bfloat16, step(matmul))}
+  print(f'{measure.machine(measure.machine_info())}; bfloat16 products fast here: '
+        f'{measure.bfloat16_products_fast()}')
+  print(f'{"M x K x N":>16} | {"way":26} | {"ms":>8} | {"GFLOP/s":>8} | x float32')
+  for M, K, N in shapes:
+    keys = jax.random.split(jax.random.key(M * K + N), 3)
+    operands = [jax.random.normal(k, s) for k, s in zip(keys, [(M, K), (K, N), (M, N)])]
+    calls = []
+    for dtype, fn in ways.values():
+      args = [a.astype(dtype) for a in operands]
+      calls.append(lambda fn=fn, args=args: fn(*args))
+    best, _ = measure.fastest(calls, _ROUNDS.value, warmup=True)
+    for (name, _), seconds in zip(ways.items(), best):
+      print(f'{f"{M}x{K}x{N}":>16} | {name:26} | {seconds * 1e3:8.2f} | '
+            f'{6 * M * K * N / seconds / 1e9:8.0f} | {best[0] / seconds:8.2f}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,48 @@
+"""Two-operand products for training and the XLA fallbacks: x @ w, arranged in bfloat16 on CPU so
+that XLA runs them as bfloat16 products (see `matmul`)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.layout import Layout, with_layout_constraint
+
+
+def _row_major(a):
+  """a stored row-major: a transposed view becomes a copy in that layout."""
+  return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_rows(x_MxK, w_KxN, out_dtype):
+  return jnp.dot(_row_major(x_MxK), _row_major(w_KxN),
+                 preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _matmul_rows_fwd(x_MxK, w_KxN, out_dtype):
+  return _matmul_rows(x_MxK, w_KxN, out_dtype), (x_MxK, w_KxN)
+
+
+def _matmul_rows_bwd(out_dtype, res, g_MxN):
+  x_MxK, w_KxN = res
+  g_MxN = g_MxN.astype(x_MxK.dtype)
+  dx = jnp.dot(g_MxN, _row_major(w_KxN.T), preferred_element_type=jnp.float32)
+  dw = jnp.dot(_row_major(x_MxK.T), g_MxN, preferred_element_type=jnp.float32)
+  return dx.astype(x_MxK.dtype), dw.astype(w_KxN.dtype)
+
+
+_matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
+
+
+def matmul(x_MxK, w_KxN, out_dtype=None):
+  """x @ w for 2-D x and w (w widened or narrowed to x's dtype), in out_dtype (x's by default).
+  In bfloat16 on CPU every product of it and of its gradients is made of row-major operands with
+  a float32 result, the only form that XLA's CPU backend runs as a bfloat16 product (with AMX,
+  where the CPU has it: a product and both its gradients about 3x faster than in float32); a
+  transposed operand or a bfloat16 result makes it widen both operands to float32 first, which
+  is slower than float32 (experiments/bench_matmul.py)."""
+  out_dtype = out_dtype or x_MxK.dtype
+  w_KxN = w_KxN.astype(x_MxK.dtype)
+  if x_MxK.dtype != jnp.bfloat16 or jax.default_backend() != 'cpu':
+    return (x_MxK @ w_KxN).astype(out_dtype)
+  return _matmul_rows(x_MxK, w_KxN, jnp.dtype(out_dtype))

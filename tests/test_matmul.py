@@ -1,0 +1,75 @@
+"""mtp_jax.matmul: bfloat16 products arranged for XLA's CPU backend keep the value and gradients
+of x @ w, and train.dtype puts the training steps, and only them, in bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, run_script, tiny_config
+from mtp_jax import sharding, train
+from mtp_jax.matmul import matmul
+
+
+@pytest.mark.parametrize('out_dtype', [None, jnp.float32])
+def test_bfloat16_product_and_gradients_are_those_of_the_rounded_operands(out_dtype):
+  """Against float64 products of the same bfloat16 operands: the product is rounded once (to
+  float32, then to bfloat16 unless out_dtype asks for float32), and so are both gradients."""
+  x = jax.random.normal(jax.random.key(0), (24, 40)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (40, 56)).astype(jnp.bfloat16)
+  c = jax.random.normal(jax.random.key(2), (24, 56))
+
+  def loss(x, w):
+    return jnp.sum(matmul(x, w, out_dtype).astype(jnp.float32) * c)
+
+  y = matmul(x, w, out_dtype)
+  assert y.dtype == (out_dtype or jnp.bfloat16)
+  x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, c))
+  np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=1e-2, atol=1e-2)
+  gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+  assert gx.dtype == gw.dtype == jnp.bfloat16
+  # the cotangent c is rounded to bfloat16 before it is multiplied, as the product's own output
+  c_bf = np.asarray(c.astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(gx, np.float64), c_bf @ w64.T, rtol=2e-2, atol=5e-2)
+  np.testing.assert_allclose(np.asarray(gw, np.float64), x64.T @ c_bf, rtol=2e-2, atol=5e-2)
+
+
+def test_float32_product_is_plain():
+  x = jax.random.normal(jax.random.key(0), (5, 7))
+  w = jax.random.normal(jax.random.key(1), (7, 3))
+  np.testing.assert_array_equal(matmul(x, w), x @ w)
+  assert matmul(x, w.astype(jnp.bfloat16)).dtype == jnp.float32  # w follows x
+
+
+def test_train_dtype_sets_the_steps_dtype_and_leaves_decoding_alone():
+  """train.dtype=bfloat16 computes the training step's loss as model.dtype=bfloat16 does, bit
+  for bit, while the model config decoding and the data-writing trunk use stays float32."""
+  def step_loss(**overrides):
+    config = tiny_config(**{'train.draft_vocab': 0, **overrides})
+    program = train.Program(config, sharding.make_mesh(config.mesh))
+    tokens = jax.random.randint(jax.random.key(1), (config.train.batch_size, program.window), 0,
+                                config.data.vocab_size)
+    with sharding.active(program.mesh):
+      state = program.init(jax.random.key(0))
+      _, metrics = program.train_step(state, tokens)
+    return program, float(metrics['loss/total'])
+
+  program, narrow = step_loss(**{'train.dtype': 'bfloat16'})
+  assert program.cfg.dtype == 'float32' and program.step_cfg.dtype == 'bfloat16'
+  _, whole = step_loss(**{'model.dtype': 'bfloat16'})
+  _, wide = step_loss()
+  assert narrow == whole
+  assert narrow != wide and abs(narrow - wide) < 0.05 * wide
+
+
+def test_bench_matmul_times_each_way_and_refuses_a_bad_shape():
+  result = run_script('experiments/bench_matmul.py', '--shapes', '64x32x48,16x8x24', '--rounds',
+                      '1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split('|') for line in result.stdout.splitlines() if line.count('|') == 4]
+  ways = [r[1].strip() for r in rows[1:]]
+  assert ways == ['float32', 'bfloat16, plain x @ w', 'bfloat16, mtp_jax.matmul'] * 2, rows
+  assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows[1:])
+  assert float(rows[1][4]) == 1.0  # float32 over itself
+  assert_user_error(run_script('experiments/bench_matmul.py', '--shapes', '64x32'), '--shapes',
+                    '64x32')
