@@ -2,6 +2,7 @@
 checkpoints, TensorBoard logs, preemption handling, and held-out evaluation.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -530,6 +531,16 @@ class MetricsLog:
       self.postfix = {'loss': f"{metrics['loss/total']:.3f}",
                       'tok_s': f"{metrics['tokens_per_s']:.0f}"}
 
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (evaluations, checkpoint saves) does not count in the tokens/s of the
+    window it falls in."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.last_time += time.perf_counter() - start
+
   def reopen(self):
     """Closes the event file and opens a new one. A resume from a checkpoint never logs its
     steps again, so their events must be on disk before it exists; tensorboardX's flush() leaves
@@ -566,11 +577,12 @@ class _Periodic:
     boundary = step % t.checkpoint_every == 0 or step == t.steps or stop
     if boundary or is_eval:
       self.log.flush()  # metrics checked before they are evaluated or saved
-    if is_eval:
-      self.evaluate(step, state['params'])
-    if boundary:
-      self.log.reopen()
-      self.session.checkpointer.save(step, state, {'step': step})
+    with self.log.paused():
+      if is_eval:
+        self.evaluate(step, state['params'])
+      if boundary:
+        self.log.reopen()
+        self.session.checkpointer.save(step, state, {'step': step})
 
   def evaluate(self, step: int, params):
     metrics = self.session.evaluate(params)

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +176,22 @@ def test_tensorboard_scalars_at_their_steps(straight_run):
   # The last evaluation is the one the run returned.
   final_loss = straight_run.summary['eval']['loss/depth_0']
   assert logged['eval/loss/depth_0'][-1][1] == np.float32(final_loss)
+
+
+def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path):
+  """A pause (an evaluation, a checkpoint save) between two logged steps is not training time:
+  the window's tokens/s counts only the time outside it."""
+  t = tiny_config(**{'train.log_every': 2}).train
+  log = train.MetricsLog(str(tmp_path), t, start=0, enabled=False)
+  metrics = {'nonfinite': False, 'nonfinite_grad': False, 'loss/total': 1.0}
+  log.push(1, dict(metrics))
+  log.flush()
+  with log.paused():
+    time.sleep(0.5)
+  log.push(2, dict(metrics))
+  log.flush()
+  # 2 steps of batch_size x seq_len tokens in (much) less than the half second paused
+  assert float(log.postfix['tok_s']) > 2 * t.batch_size * t.seq_len / 0.5 * 10, log.postfix
 
 
 def test_crash_after_a_checkpoint_resumes_bitwise_and_logs_once(straight_run, tmp_path):
