@@ -120,7 +120,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.draft_vocab = 0
   # Compute dtype of the training and evaluation steps ('': model.dtype, which decoding and the
   # trunk writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
-  # bfloat16 natively (GPU, TPU, a CPU with AMX); params and the optimizer stay float32.
+  # bfloat16 natively (GPU, TPU, a CPU with AMX), 'auto' picks it there and float32 elsewhere;
+  # params and the optimizer stay float32.
   c.train.dtype = ''
   c.train.inject_nan_step = -1  # testing hook: the loss at this step is made NaN (-1: never).
 

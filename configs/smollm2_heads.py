@@ -19,7 +19,6 @@ layout and mtp_heads.safetensors).
 """
 
 from configs import base
-from mtp_jax import measure
 
 
 def get_config():
@@ -36,7 +35,7 @@ def get_config():
   c.train.freeze_trunk = True
   # The modules train in bfloat16 where that is faster (a CPU with AMX, a GPU), else in float32;
   # the trunk writes its data and decodes in float32 either way.
-  c.train.dtype = 'bfloat16' if measure.bfloat16_products_fast() else 'float32'
+  c.train.dtype = 'auto'
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192
   c.decode.draft_vocab = 8192  # decode over the tokens the heads learn

@@ -217,8 +217,9 @@ def validate(config) -> None:
 def validate_pretrained(config) -> None:
   """The fields that train heads on a pretrained trunk."""
   t, data, pretrained = config.train, config.data, bool(config.model.init_from)
-  _check(t.dtype in ('', *DTYPES),
-         f"train.dtype must be '' (model.dtype) or one of {sorted(DTYPES)}, got '{t.dtype}'")
+  _check(t.dtype in ('', 'auto', *DTYPES),
+         f"train.dtype must be '' (model.dtype), 'auto' or one of {sorted(DTYPES)}, "
+         f"got '{t.dtype}'")
   _check(t.head_loss in HEAD_LOSSES,
          f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
   _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,

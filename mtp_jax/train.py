@@ -24,6 +24,7 @@ from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as decode_lib
 from mtp_jax import features as feat_lib
+from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, ModelConfig, validate
@@ -164,6 +165,16 @@ def loss_spec(config, cfg: ModelConfig) -> LossSpec:
   return LossSpec(cfg, head_loss=t.head_loss, topk=t.distill_topk, frozen=t.freeze_trunk)
 
 
+def step_dtype(config) -> str:
+  """The training and evaluation steps' compute dtype: train.dtype, with '' meaning model.dtype
+  and 'auto' bfloat16 where the device multiplies it fast (measure.bfloat16_products_fast),
+  float32 elsewhere. Resolved when the steps are built, after jax.distributed has started."""
+  t = config.train
+  if t.dtype == 'auto':
+    return 'bfloat16' if measure.bfloat16_products_fast() else 'float32'
+  return t.dtype or config.model.dtype
+
+
 class Program:
   """The compiled side of a config on a mesh, with no data: the model config, optimizer, state
   layout (eval_shape -> logical axis names -> shardings) and the jitted init, train and eval
@@ -174,7 +185,7 @@ class Program:
     self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)  # decoding's, and the trunk's that writes data
     # the training and evaluation steps' (train.dtype, when set, replaces model.dtype)
-    self.step_cfg = dataclasses.replace(self.cfg, dtype=config.train.dtype or self.cfg.dtype)
+    self.step_cfg = dataclasses.replace(self.cfg, dtype=step_dtype(config))
     self.window = window_length(config)
     self.tx = make_optimizer(config.train)
     self.spec = loss_spec(config, self.step_cfg)
@@ -605,6 +616,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   is_main = jax.process_index() == 0
   if start:
     print(f'resuming from step {start}', file=sys.stderr)
+  if t.dtype == 'auto':
+    print(f'train.dtype=auto: the steps compute in {session.step_cfg.dtype} here', file=sys.stderr)
   log = MetricsLog(workdir, t, start, enabled=is_main)
   periodic = _Periodic(session, log, eval_hook)
   stopped_by, finished, step = None, False, start

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script, tiny_config
-from mtp_jax import sharding, train
+from mtp_jax import measure, sharding, train
 from mtp_jax.matmul import matmul
 
 
@@ -56,6 +56,8 @@ def test_train_dtype_sets_the_steps_dtype_and_leaves_decoding_alone():
 
   program, narrow = step_loss(**{'train.dtype': 'bfloat16'})
   assert program.cfg.dtype == 'float32' and program.step_cfg.dtype == 'bfloat16'
+  auto = train.step_dtype(tiny_config(**{'train.dtype': 'auto'}))
+  assert auto == ('bfloat16' if measure.bfloat16_products_fast() else 'float32')
   _, whole = step_loss(**{'model.dtype': 'bfloat16'})
   _, wide = step_loss()
   assert narrow == whole
