@@ -118,8 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.distill_topk = 32
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
-  # Compute dtype of the training and evaluation steps ('': model.dtype, which decoding and the
-  # trunk writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
+  # Compute dtype of the training step ('': model.dtype, which evaluations, decoding and the trunk
+  # writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
   # bfloat16 natively (GPU, TPU, a CPU with AMX), 'auto' picks it there and float32 elsewhere;
   # params and the optimizer stay float32.
   c.train.dtype = ''

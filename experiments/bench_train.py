@@ -261,7 +261,8 @@ def bench_remat(config, mesh):
   rows = []
   for remat in (False, True):
     for dtype in ('float32', 'bfloat16'):
-      step = build_step(config, mesh, {'model.remat': remat, 'model.dtype': dtype})
+      step = build_step(config, mesh, {'model.remat': remat, 'model.dtype': dtype,
+                                       'train.dtype': dtype})
       rows.append({'remat': remat, 'dtype': dtype, **costs.memory_stats(step.compiled),
                    'saved_residuals': residual_bytes(step)})
       print(f'  compiled remat={remat} dtype={dtype} for memory', flush=True)
@@ -467,7 +468,7 @@ def main(argv):
     mesh = sharding.make_mesh(config.mesh)
     machine = measure.machine_info()
     print(f'{measure.machine(machine)}, mesh {dict(mesh.shape)}', flush=True)
-    mm = measure.matmul_roofline(config.model.dtype)
+    mm = measure.matmul_roofline(train.step_dtype(config))  # the dtype the timed steps run in
     print(f"  matmul {mm['n']}^3 {mm['dtype']}: {mm['flops_per_s'] / 1e12:.3f} TFLOP/s", flush=True)
     bandwidth = measure.read_bandwidth()
     print(f"  memory read: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
@@ -494,7 +495,7 @@ def main(argv):
       'config_summary': (f'd_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads '
                          f'({m.num_kv_heads} kv), vocab {config.data.vocab_size}, '
                          f'batch {t.batch_size} x seq {t.seq_len}, grad_accum {t.grad_accum}, '
-                         f'{m.dtype}, remat {m.remat}'),
+                         f'{train.step_dtype(config)}, remat {m.remat}'),
       'config': config.to_dict(),
       'data': ('no data: each batch is uniform random token ids < data.vocab_size, shape '
                '(train.batch_size, train.seq_len + D + 1)'),

@@ -205,6 +205,9 @@ def validate(config) -> None:
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1 and train.b2 must be in [0, 1)')
   _check(t.grad_clip > 0, f'train.grad_clip must be > 0, got {t.grad_clip}')
   _check(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be stop or skip, got '{t.nonfinite}'")
+  _check(t.dtype in ('', 'auto', *DTYPES),
+         f"train.dtype must be '' (model.dtype), 'auto' or one of {sorted(DTYPES)}, "
+         f"got '{t.dtype}'")
   _check(0 < config.data.valid_fraction < 1,
          f'data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}')
   _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
@@ -217,9 +220,6 @@ def validate(config) -> None:
 def validate_pretrained(config) -> None:
   """The fields that train heads on a pretrained trunk."""
   t, data, pretrained = config.train, config.data, bool(config.model.init_from)
-  _check(t.dtype in ('', 'auto', *DTYPES),
-         f"train.dtype must be '' (model.dtype), 'auto' or one of {sorted(DTYPES)}, "
-         f"got '{t.dtype}'")
   _check(t.head_loss in HEAD_LOSSES,
          f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
   _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,

@@ -25,7 +25,7 @@ def _matmul_rows_fwd(x_MxK, w_KxN, out_dtype):
 
 def _matmul_rows_bwd(out_dtype, res, g_MxN):
   x_MxK, w_KxN = res
-  g_MxN = g_MxN.astype(x_MxK.dtype)
+  g_MxN = _row_major(g_MxN.astype(x_MxK.dtype))
   dx = jnp.dot(g_MxN, _row_major(w_KxN.T), preferred_element_type=jnp.float32)
   dw = jnp.dot(_row_major(x_MxK.T), g_MxN, preferred_element_type=jnp.float32)
   return dx.astype(x_MxK.dtype), dw.astype(w_KxN.dtype)
@@ -35,14 +35,17 @@ _matmul_rows.defvjp(_matmul_rows_fwd, _matmul_rows_bwd)
 
 
 def matmul(x_MxK, w_KxN, out_dtype=None):
-  """x @ w for 2-D x and w (w widened or narrowed to x's dtype), in out_dtype (x's by default).
+  """x @ w for 2-D x and w (w widened or narrowed to x's dtype), in out_dtype (x's by default),
+  accumulated in out_dtype or wider.
   In bfloat16 on CPU every product of it and of its gradients is made of row-major operands with
   a float32 result, the only form that XLA's CPU backend runs as a bfloat16 product (with AMX,
   where the CPU has it: a product and both its gradients about 3x faster than in float32); a
   transposed operand or a bfloat16 result makes it widen both operands to float32 first, which
   is slower than float32 (experiments/bench_matmul.py)."""
-  out_dtype = out_dtype or x_MxK.dtype
+  out_dtype = jnp.dtype(out_dtype or x_MxK.dtype)
   w_KxN = w_KxN.astype(x_MxK.dtype)
-  if x_MxK.dtype != jnp.bfloat16 or jax.default_backend() != 'cpu':
-    return (x_MxK @ w_KxN).astype(out_dtype)
-  return _matmul_rows(x_MxK, w_KxN, jnp.dtype(out_dtype))
+  # One CPU device only: a mesh's partitioner is left the plain product, as the decoding kernels
+  # leave it theirs.
+  if x_MxK.dtype != jnp.bfloat16 or jax.default_backend() != 'cpu' or jax.device_count() > 1:
+    return jnp.dot(x_MxK, w_KxN, preferred_element_type=out_dtype)
+  return _matmul_rows(x_MxK, w_KxN, out_dtype)

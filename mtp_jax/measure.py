@@ -16,8 +16,9 @@ BANDWIDTH_BYTES = 512 * 2**20
 
 
 def bfloat16_products_fast() -> bool:
-  """Whether the default device multiplies bfloat16 matrices faster than float32 ones: GPUs and
-  TPUs do, and CPUs with AMX (Intel since Sapphire Rapids), through XLA's CPU backend when
+  """Whether the default device multiplies bfloat16 matrices faster than float32 ones: TPUs and
+  GPUs with bfloat16 units do (taken as given for any GPU: an older one, without them, should set
+  train.dtype itself), and CPUs with AMX (Intel since Sapphire Rapids), through XLA's CPU backend when
   mtp_jax.matmul arranges the products (a product and its gradients about 3x faster than float32
   on such a CPU here). Other CPUs say no: where XLA widens bfloat16 products to float32 they run
   no faster than float32 ones."""

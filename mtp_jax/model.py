@@ -63,9 +63,10 @@ class MTPLanguageModel(nn.Module):
   def head_weights(self, k: int):
     """(norm scale, output matrix) of depth k, as arrays, so the loss can project to the
     vocabulary one depth at a time under its own rematerialization. The matrix is returned as
-    stored (V x D embedding when tied, D x V otherwise) and `project` contracts it in place,
-    never through a transposed copy (which XLA's CPU backend would rebuild at every decoding
-    step)."""
+    stored (V x D embedding when tied, D x V otherwise) and `project` contracts it in place in
+    float32 and in decoding, never through a transposed copy (which XLA's CPU backend would
+    rebuild at every decoding step); only a bfloat16 training step on CPU copies it transposed,
+    once per step (mtp_jax/matmul.py)."""
     if k > 0 and self.cfg.mtp_chains:
       norm = self.mtp_norms[k - 1]
     else:

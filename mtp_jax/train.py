@@ -166,7 +166,7 @@ def loss_spec(config, cfg: ModelConfig) -> LossSpec:
 
 
 def step_dtype(config) -> str:
-  """The training and evaluation steps' compute dtype: train.dtype, with '' meaning model.dtype
+  """The training step's compute dtype: train.dtype, with '' meaning model.dtype
   and 'auto' bfloat16 where the device multiplies it fast (measure.bfloat16_products_fast),
   float32 elsewhere. Resolved when the steps are built, after jax.distributed has started."""
   t = config.train
@@ -184,11 +184,14 @@ class Program:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.cfg = ModelConfig.from_config(config)  # decoding's, and the trunk's that writes data
-    # the training and evaluation steps' (train.dtype, when set, replaces model.dtype)
+    # the training step's (train.dtype, when set, replaces model.dtype)
     self.step_cfg = dataclasses.replace(self.cfg, dtype=step_dtype(config))
     self.window = window_length(config)
     self.tx = make_optimizer(config.train)
     self.spec = loss_spec(config, self.step_cfg)
+    # Evaluations compute in model.dtype, so a run's eval metrics do not depend on the machine
+    # train.dtype=auto resolved on.
+    self.eval_spec = loss_spec(config, self.cfg)
     model = MTPLanguageModel(self.step_cfg)
     frozen = config.train.freeze_trunk
 
@@ -216,7 +219,7 @@ class Program:
         out_shardings=(self.state_sharding, None), donate_argnums=0)
     self._eval_step = jax.jit(
         lambda params, batch, ids: eval_step(params, batch, ids if ids.size else None,
-                                             spec=self.spec),
+                                             spec=self.eval_spec),
         in_shardings=(self.state_sharding['params'], self.batch_sharding, replicated))
     self.draft_ids = np.zeros((0,), np.int32)
 

@@ -1,6 +1,8 @@
 """mtp_jax.matmul: bfloat16 products arranged for XLA's CPU backend keep the value and gradients
 of x @ w, and train.dtype puts the training steps, and only them, in bfloat16."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,8 @@ from mtp_jax.matmul import matmul
 
 @pytest.mark.parametrize('out_dtype', [None, jnp.float32])
 def test_bfloat16_product_and_gradients_are_those_of_the_rounded_operands(out_dtype):
-  """Against float64 products of the same bfloat16 operands: the product is rounded once (to
-  float32, then to bfloat16 unless out_dtype asks for float32), and so are both gradients."""
+  """Against float64 products of the same bfloat16 operands, within bfloat16 rounding: the
+  custom gradient is the product's gradient."""
   x = jax.random.normal(jax.random.key(0), (24, 40)).astype(jnp.bfloat16)
   w = jax.random.normal(jax.random.key(1), (40, 56)).astype(jnp.bfloat16)
   c = jax.random.normal(jax.random.key(2), (24, 56))
@@ -34,11 +36,30 @@ def test_bfloat16_product_and_gradients_are_those_of_the_rounded_operands(out_dt
   np.testing.assert_allclose(np.asarray(gw, np.float64), x64.T @ c_bf, rtol=2e-2, atol=5e-2)
 
 
-def test_float32_product_is_plain():
-  x = jax.random.normal(jax.random.key(0), (5, 7))
-  w = jax.random.normal(jax.random.key(1), (7, 3))
-  np.testing.assert_array_equal(matmul(x, w), x @ w)
-  assert matmul(x, w.astype(jnp.bfloat16)).dtype == jnp.float32  # w follows x
+def _dots(product, x, w):
+  """(operand names, contracting dims, operand types, result type) of every dot_general in the
+  lowered gradient of sum(product(x, w)), and the names of LayoutConstraint results."""
+  loss = lambda x, w: jnp.sum(product(x, w).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+  constrained = set(re.findall(r'(%\w+) = stablehlo.custom_call @LayoutConstraint', text))
+  dots = re.findall(r'stablehlo.dot_general (%\w+), (%\w+), contracting_dims = (\[\d\] x \[\d\]).*'
+                    r': \(tensor<\w+x(\w+)>, tensor<\w+x(\w+)>\) -> tensor<\w+x(\w+)>', text)
+  return dots, constrained
+
+
+def test_bfloat16_products_are_lowered_in_the_form_xla_runs_natively():
+  """Both gradient products (the forward one is not needed for them): bfloat16 operands, a
+  float32 result, the first operand's last axis against the second's first, each operand a
+  row-major copy. A plain bfloat16 x @ w lowers otherwise (which XLA's CPU backend widens)."""
+  x = jnp.ones((8, 4), jnp.bfloat16)
+  w = jnp.ones((4, 6), jnp.bfloat16)
+  dots, constrained = _dots(lambda x, w: matmul(x, w, jnp.float32), x, w)
+  assert len(dots) == 2, dots
+  for a, b, dims, ta, tb, out in dots:
+    assert (dims, ta, tb, out) == ('[1] x [0]', 'bf16', 'bf16', 'f32'), dots
+    assert {a, b} <= constrained, (a, b, constrained)
+  plain, _ = _dots(lambda x, w: x @ w, x, w)
+  assert any(d[2:] != ('[1] x [0]', 'bf16', 'bf16', 'f32') for d in plain), plain
 
 
 def test_train_dtype_sets_the_steps_dtype_and_leaves_decoding_alone():
