@@ -168,7 +168,8 @@ def loss_spec(config, cfg: ModelConfig) -> LossSpec:
 def step_dtype(config) -> str:
   """The training step's compute dtype: train.dtype, with '' meaning model.dtype
   and 'auto' bfloat16 where the device multiplies it fast (measure.bfloat16_products_fast),
-  float32 elsewhere. Resolved when the steps are built, after jax.distributed has started."""
+  float32 elsewhere. Resolved when the steps are built, after jax.distributed has started, on
+  each host from its own device: the hosts of one run are taken to be alike."""
   t = config.train
   if t.dtype == 'auto':
     return 'bfloat16' if measure.bfloat16_products_fast() else 'float32'
