@@ -9,8 +9,8 @@ Run: python experiments/bench_train.py --config configs/quickstart.py --depths 0
 Prints, from one process and without any data (batches are uniform random token windows of shape
 (train.batch_size, train.seq_len + D + 1), ids < data.vocab_size; with train.draft_vocab = N the
 heads' softmax covers token ids 0..N-1, as the cost depends on N only):
-  1. the FLOP/s of a jitted square matmul in the model's compute dtype (2048^2 on CPU, 8192^2 on
-     GPU), best of 5 runs, and its share of --peak_tflops when that is given; and the memory read
+  1. the FLOP/s of a jitted square matmul in the training step's compute dtype (2048^2 on CPU,
+     8192^2 on GPU), best of 5 runs, and its share of --peak_tflops when that is given; and the memory read
      bandwidth (a sum over 512 MiB of float32, best of 5);
   2. per (kind, D): median step time over --steps steps (after 2 warmup steps), tokens/s, model
      FLOPs per step (mtp_jax/costs.py) beside XLA's cost_analysis of the lowered and the
@@ -261,8 +261,9 @@ def bench_remat(config, mesh):
   rows = []
   for remat in (False, True):
     for dtype in ('float32', 'bfloat16'):
+      # train.dtype '' lets the step follow model.dtype, whatever the config sets
       step = build_step(config, mesh, {'model.remat': remat, 'model.dtype': dtype,
-                                       'train.dtype': dtype})
+                                       'train.dtype': ''})
       rows.append({'remat': remat, 'dtype': dtype, **costs.memory_stats(step.compiled),
                    'saved_residuals': residual_bytes(step)})
       print(f'  compiled remat={remat} dtype={dtype} for memory', flush=True)

@@ -2,6 +2,7 @@
 machine, and the rooflines (matmul FLOP/s, memory read bytes/s) that measured times are read by.
 """
 
+import functools
 import os
 import platform
 import sys
@@ -22,14 +23,17 @@ def bfloat16_products_fast() -> bool:
   mtp_jax.matmul arranges the products (a product and its gradients about 3x faster than float32
   on such a CPU here). Other CPUs say no: where XLA widens bfloat16 products to float32 they run
   no faster than float32 ones."""
-  if jax.default_backend() != 'cpu':
-    return True
+  return jax.default_backend() != 'cpu' or 'amx_bf16' in cpu_flags().split()
+
+
+@functools.cache
+def cpu_flags() -> str:
+  """The 'flags' line of /proc/cpuinfo (the host CPU's instruction sets), '' where there is none."""
   try:
     with open('/proc/cpuinfo') as f:
-      flags = next((line for line in f if line.startswith('flags')), '')
+      return next((line for line in f if line.startswith('flags')), '')
   except OSError:
-    return False
-  return 'amx_bf16' in flags.split()
+    return ''
 
 
 def machine_info() -> dict:

@@ -26,7 +26,7 @@ def test_bfloat16_product_and_gradients_are_those_of_the_rounded_operands(out_dt
 
   y = matmul(x, w, out_dtype)
   assert y.dtype == (out_dtype or jnp.bfloat16)
-  x64, w64, c64 = (np.asarray(a, np.float64) for a in (x, w, c))
+  x64, w64 = (np.asarray(a, np.float64) for a in (x, w))
   np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w64, rtol=1e-2, atol=1e-2)
   gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
   assert gx.dtype == gw.dtype == jnp.bfloat16

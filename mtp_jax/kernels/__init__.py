@@ -21,6 +21,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from mtp_jax import measure
 from mtp_jax.matmul import matmul
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
@@ -40,11 +41,7 @@ def _machine_key() -> str:
   """The source, compiler and CPU the library is built for (it is built with -march=native)."""
   digest = hashlib.sha1(open(SOURCE, 'rb').read())
   digest.update(jax.__version__.encode())
-  try:
-    with open('/proc/cpuinfo') as f:
-      digest.update(next((l for l in f if l.startswith('flags')), '').encode())
-  except OSError:
-    pass
+  digest.update(measure.cpu_flags().encode())
   return digest.hexdigest()[:16]
 
 
@@ -112,7 +109,7 @@ def rows_matmul(x, w, use_kernel: bool = True):
     target = 'mtpjax_rows_matmul' if w.dtype == jnp.float32 else 'mtpjax_rows_matmul_bf16'
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))
     return out(x, w)
-  return matmul(x.reshape(-1, x.shape[-1]), w.astype(x.dtype).T).reshape(*x.shape[:-1], -1)
+  return matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], -1)  # w.T in x's dtype
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
