@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig, block_name
-from mtp_jax.layers import Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes
+from mtp_jax.layers import (Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes,
+                             rotary)
 
 
 class SequentialModule(nn.Module):
@@ -74,9 +75,11 @@ def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):
   width when 0); kv is None or a list with one cache per block. Call inside a compact method."""
   block_cfg = dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim)
   caches = []
+  angles = rotary(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
   for j in range(cfg.head_blocks):
     x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT,
-                                                       None if kv is None else kv[j])
+                                                       None if kv is None else kv[j], None,
+                                                       angles)
     caches.append(c)
   return x_BxTxD, None if kv is None else caches
 

@@ -5,11 +5,13 @@ Shape legend: B batch, T query positions, L key positions (the cache length), D 
 H query heads, K kv heads, G = H / K, E head dim, F MLP width, V vocab.
 """
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
@@ -78,12 +80,28 @@ class RMSNorm(nn.Module):
     return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps).reshape(x.shape)
 
 
-def rope(x_BxTxNxE, positions_BxT, theta: float):
-  """Rotary embedding of pairs (i, i + E/2), applied at absolute positions."""
-  half = x_BxTxNxE.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_BxTx1xE = (positions_BxT[:, :, None, None].astype(jnp.float32) * freq)
-  sin, cos = jnp.sin(angle_BxTx1xE), jnp.cos(angle_BxTx1xE)
+@functools.lru_cache(maxsize=8)
+def _angle_table(length: int, half: int, theta: float):
+  """cos and sin of every position's rotary angles, length x half each, in float64 rounded to
+  float32 (NumPy's, so they do not depend on the backend's approximations)."""
+  freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+  angle = np.arange(length, dtype=np.float64)[:, None] * freq
+  return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def rotary(positions_BxT, head_dim: int, theta: float, length: int):
+  """(cos, sin) of the rotary angles at absolute positions below `length`, B x T x 1 x
+  head_dim / 2, looked up in a table. XLA's CPU backend fuses a sin or cos into every operation
+  that reads it, so angles computed in the forward were evaluated again, element by element, in
+  each of the 60 rotations of a trunk call; a lookup is all those fusions now repeat."""
+  cos, sin = _angle_table(length, head_dim // 2, float(theta))
+  take = lambda table: jnp.take(table, positions_BxT, axis=0, mode='clip')[:, :, None, :]
+  return take(cos), take(sin)
+
+
+def rope(x_BxTxNxE, rotary_BxTx1xE):
+  """Rotary embedding of pairs (i, i + E/2) by the angles `rotary` holds (cos, sin)."""
+  cos, sin = rotary_BxTx1xE
   x1, x2 = jnp.split(x_BxTxNxE.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxNxE.dtype)
@@ -144,7 +162,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None):
+  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None, rotary_BxTx1xE=None):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -163,8 +181,10 @@ class Attention(nn.Module):
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w, 1, cfg) for w in (w_q, w_k, w_v))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
-    q_BxTxHxE = rope(q_BxTxHxE, positions_BxT, cfg.rope_theta)
-    k_BxTxKxE = rope(k_BxTxKxE, positions_BxT, cfg.rope_theta)
+    if rotary_BxTx1xE is None:
+      rotary_BxTx1xE = rotary(positions_BxT, E, cfg.rope_theta, cfg.max_seq_len)
+    q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
+    k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':
       # jax's fused attention: cuDNN's flash attention where the GPU and shapes allow it, XLA's
       # own elsewhere. No cache means positions 0..T-1 in every row (the training path), so the
@@ -204,10 +224,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None):
+  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None, rotary_BxTx1xE=None):
     D, eps = self.cfg.d_model, self.cfg.norm_eps
     attn_in = RMSNorm(D, eps, name='attn_norm')(x_BxTxD)
-    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, kv, slots_BxT)
+    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, kv, slots_BxT,
+                                                    rotary_BxTx1xE)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv

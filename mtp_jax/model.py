@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 from mtp_jax.heads import HEADS
-from mtp_jax.layers import Block, RMSNorm, dense_param, param_with_axes, rms_norm
+from mtp_jax.layers import Block, RMSNorm, dense_param, param_with_axes, rms_norm, rotary
 from mtp_jax.matmul import matmul
 
 
@@ -45,9 +45,10 @@ class MTPLanguageModel(nn.Module):
     feature_dim). With caches, `slots` says where the new entries go (layers.attend)."""
     x_BxTxD = self.embed(tokens_BxT)
     new_caches, taken = [], {}
+    angles = rotary(positions_BxT, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
     for i, block in enumerate(self.blocks):
       x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i],
-                          slots_BxT)
+                          slots_BxT, angles)
       new_caches.append(kv)
       if i in self.cfg.feature_layers:
         taken[i] = x_BxTxD

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import depth_logits, tiny_config, tiny_model
+from mtp_jax import layers
 from mtp_jax.loss import LossSpec, combined_loss, depth_sums, loss_weight
 from mtp_jax.config import KINDS, ConfigError, validate
 from mtp_jax.model import MTPLanguageModel, init_params
@@ -104,6 +105,21 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
   tokens = jax.random.randint(jax.random.key(1), (2, 16 + 2 + 1), 0, cfg.vocab_size)
   total, _ = combined_loss(params, tokens, LossSpec(cfg), 0.3)
   assert total.dtype == jnp.float32 and np.isfinite(float(total))
+
+
+def test_rotary_angles_are_looked_up_not_computed_in_the_forward():
+  """XLA's CPU backend fuses a sin or cos into every operation reading it, so each rotation
+  would evaluate them again; the compiled forward takes them from a table instead."""
+  cfg = tiny_model()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jnp.zeros((2, 19), jnp.int32)
+  text = jax.jit(MTPLanguageModel(cfg).apply).lower(params, tokens).compile().as_text()
+  assert 'sine(' not in text and 'cosine(' not in text
+  positions = jnp.array([[0, 5, 127], [3, 64, 100]])
+  cos, sin = layers.rotary(positions, 8, 1e4, 128)
+  angle = np.asarray(positions)[:, :, None, None] * 1e4 ** (-np.arange(4) / 4)
+  np.testing.assert_allclose(cos, np.cos(angle), atol=1e-7)
+  np.testing.assert_allclose(sin, np.sin(angle), atol=1e-7)
 
 
 def test_head_mlp_dim_widens_only_the_heads():
