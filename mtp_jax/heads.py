@@ -77,9 +77,8 @@ def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):
   caches = []
   angles = rotary(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
   for j in range(cfg.head_blocks):
-    x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT,
-                                                       None if kv is None else kv[j], None,
-                                                       angles)
+    x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT, angles,
+                                                       None if kv is None else kv[j])
     caches.append(c)
   return x_BxTxD, None if kv is None else caches
 

@@ -156,13 +156,15 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
 
 
 class Attention(nn.Module):
-  """Causal grouped-query attention. With `kv` (a cache dict), the new keys and values are
-  written at `slots` (default: `positions`) and each query attends as `attend` describes;
-  entries past a row's true length are stale drafts and are hidden by that same test."""
+  """Causal grouped-query attention, queries and keys rotated by `rotary` (layers.rotary at these
+  positions, which the caller computes once for all its blocks). With `kv` (a cache dict), the
+  new keys and values are written at `slots` (default: `positions`) and each query attends as
+  `attend` describes; entries past a row's true length are stale drafts and are hidden by that
+  same test."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None, rotary_BxTx1xE=None):
+  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -181,8 +183,6 @@ class Attention(nn.Module):
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w, 1, cfg) for w in (w_q, w_k, w_v))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
-    if rotary_BxTx1xE is None:
-      rotary_BxTx1xE = rotary(positions_BxT, E, cfg.rope_theta, cfg.max_seq_len)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':
@@ -224,11 +224,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, kv=None, slots_BxT=None, rotary_BxTx1xE=None):
+  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None):
     D, eps = self.cfg.d_model, self.cfg.norm_eps
     attn_in = RMSNorm(D, eps, name='attn_norm')(x_BxTxD)
-    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, kv, slots_BxT,
-                                                    rotary_BxTx1xE)
+    attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, rotary_BxTx1xE, kv,
+                                                    slots_BxT)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv

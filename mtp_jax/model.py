@@ -47,8 +47,8 @@ class MTPLanguageModel(nn.Module):
     new_caches, taken = [], {}
     angles = rotary(positions_BxT, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
     for i, block in enumerate(self.blocks):
-      x_BxTxD, kv = block(x_BxTxD, positions_BxT, None if caches is None else caches[i],
-                          slots_BxT, angles)
+      x_BxTxD, kv = block(x_BxTxD, positions_BxT, angles, None if caches is None else caches[i],
+                          slots_BxT)
       new_caches.append(kv)
       if i in self.cfg.feature_layers:
         taken[i] = x_BxTxD
