@@ -152,8 +152,9 @@ def get_config() -> ml_collections.ConfigDict:
   # of drafts follows the most likely one, the other K - 1 sit beside it (1: the chain alone).
   c.decode.candidates = 1
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
-  # 'bfloat16' halves their bytes (with the kernels only). Verification stays float32, so greedy
-  # output is unchanged; the drafts, and so tau, may differ slightly.
+  # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (with the
+  # kernels only). Verification stays float32, so greedy output is unchanged; the drafts, and so
+  # tau, may differ slightly.
   c.decode.draft_dtype = 'float32'
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''

@@ -48,7 +48,7 @@ import numpy as np
 from mtp_jax import kernels as kernels_lib
 from mtp_jax.config import ModelConfig
 from mtp_jax.layers import empty_kv, write_cache
-from mtp_jax.model import MTPLanguageModel, kernel_layout, project
+from mtp_jax.model import MTPLanguageModel, kernel_layout, narrow_heads, project
 
 
 class WholeVocabulary:
@@ -65,7 +65,7 @@ class WholeVocabulary:
     return q_xN
 
 
-_LAYOUTS, _DRAFTS = [], []  # (key, converted params), most recent first
+_LAYOUTS, _NARROWED, _DRAFTS = [], [], []  # (key, converted params), most recent first
 
 
 def _remember(store: list, key: tuple, make, keep: int):
@@ -84,13 +84,16 @@ def _remember(store: list, key: tuple, make, keep: int):
 
 
 def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> dict:
-  """The draft vocabulary's ids and output rows (N x D, in `dtype`) from the output matrix: the
-  embedding, or the unembedding (D x V as stored, V x D in the kernels' layout)."""
+  """The draft vocabulary's ids and output rows (N x D, in `dtype`; int8 as kernels.Int8Rows)
+  from the output matrix: the embedding, or the unembedding (D x V as stored, V x D in the
+  kernels' layout)."""
   inner = params['params']
   matrix = inner['embedding'] if tied else (
       inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
   index = jnp.asarray(ids, jnp.int32)
-  return {'ids': index, 'out': jnp.take(matrix, index, axis=0).astype(dtype)}
+  rows = jnp.take(matrix, index, axis=0)
+  return {'ids': index,
+          'out': kernels_lib.quantize_rows(rows) if dtype == 'int8' else rows.astype(dtype)}
 
 
 def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
@@ -146,9 +149,10 @@ class DecodeModel(WholeVocabulary):
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
     draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Models
     that differ only in their draft vocabulary share one converted copy of the weights."""
-    if self.kernels:
-      params = _remember(_LAYOUTS, (params, (self.draft_dtype,)), lambda: jax.jit(
-          kernel_layout, static_argnums=1)(params, self.draft_dtype), keep=2)
+    if self.kernels:  # one layout per params; per draft dtype, only the heads' copies differ
+      params = _remember(_LAYOUTS, (params,), lambda: jax.jit(kernel_layout)(params), keep=2)
+      params = _remember(_NARROWED, (params, (self.draft_dtype,)),
+                         lambda: narrow_heads(params, self.draft_dtype), keep=6)
     if self.draft is None:
       return params
     key = (params, self.draft, (self.draft_dtype,))

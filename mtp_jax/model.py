@@ -121,22 +121,29 @@ _DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_pro
           'unembedding': 1}
 
 
+def _dense_inputs(keys) -> int:
+  """Input axes of the dense matrix at this param path (keys), 0 for any other param: Medusa's
+  layers, norms, the embedding."""
+  name = keys[-1]
+  if name in ('qkv', 'gate_up'):
+    return 1
+  if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in keys[:-1]):
+    return 0
+  return _DENSE[name]
+
+
 def kernel_layout(params, head_dtype: str = 'float32'):
   """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
   stored (out..., in...), one output per row, and the matrices that read the same input stacked
   into one, so that one pass over it computes them all: an attention's q, k and v along the head
   axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). The MTP heads' dense
-  matrices in `head_dtype` (the kernel reads bfloat16 as it is). Medusa's layers and the
-  embedding stay."""
+  matrices in `head_dtype`: float32, bfloat16 (the kernel reads it as it is) or int8
+  (kernels.Int8Rows, a scale per output row). Medusa's layers and the embedding stay."""
   def move(path, leaf):
-    keys = [str(getattr(p, 'key', '')) for p in path]
-    name = keys[-1]
-    if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in keys[:-1]):
+    n_in = _dense_inputs([str(getattr(p, 'key', '')) for p in path])
+    if not n_in:
       return leaf
-    n_in = _DENSE[name]
-    leaf = jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
-    head = any(k.startswith('mtp_') for k in keys)
-    return leaf.astype(head_dtype) if head else leaf
+    return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
 
   def stack(tree, name=''):
     if not isinstance(tree, dict):
@@ -147,7 +154,20 @@ def kernel_layout(params, head_dtype: str = 'float32'):
     if name == 'mlp' and {'gate', 'up'} <= tree.keys():
       tree['gate_up'] = jnp.stack([tree.pop('gate'), tree.pop('up')])
     return tree
-  return stack(jax.tree_util.tree_map_with_path(move, params))
+
+  return narrow_heads(stack(jax.tree_util.tree_map_with_path(move, params)), head_dtype)
+
+
+def narrow_heads(layout, head_dtype: str):
+  """kernel_layout's params with the MTP heads' dense matrices in `head_dtype`; every other leaf
+  is the same array object, so narrowed copies for several dtypes share the trunk."""
+  def narrow(path, leaf):
+    keys = [str(getattr(p, 'key', '')) for p in path]
+    n_in = _dense_inputs(keys)
+    if head_dtype == 'float32' or not n_in or not any(k.startswith('mtp_') for k in keys):
+      return leaf
+    return kernels.quantize_rows(leaf, n_in) if head_dtype == 'int8' else leaf.astype(head_dtype)
+  return jax.tree_util.tree_map_with_path(narrow, layout)
 
 
 def init_params(cfg: ModelConfig, rng):

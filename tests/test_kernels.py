@@ -13,7 +13,7 @@ from conftest import tiny_model
 from mtp_jax import decode as dec
 from mtp_jax import kernels
 from mtp_jax.layers import attend
-from mtp_jax.model import init_params, kernel_layout
+from mtp_jax.model import init_params, kernel_layout, narrow_heads
 
 
 
@@ -34,31 +34,62 @@ def test_rows_matmul_matches_xla(rows, K, N):
   assert got.shape == (rows, N)
 
 
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def narrow_weights(w, dtype: str):
+  """w (N, K) stored in `dtype` as the kernels read it, and the float64 matrix it stands for."""
+  if dtype == 'int8':
+    q = kernels.quantize_rows(w)
+    return q, np.asarray(q.values, np.float64) * np.asarray(q.scale, np.float64)[:, None]
+  w = w.astype(dtype)
+  return w, np.asarray(w.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
   """Bit for bit, so that a verify's rows equal the ar steps' and greedy MTP stays ar's output
   with no near-tie flips. N = 37 leaves rows past every block size (8, 4, 2) over; K = 100 has a
   tail past the last full vector."""
   K, N = 100, 37
   x = jax.random.normal(jax.random.key(0), (32, K))
-  w = jax.random.normal(jax.random.key(1), (N, K)).astype(dtype)
+  w, _ = narrow_weights(jax.random.normal(jax.random.key(1), (N, K)), dtype)
   product = jax.jit(kernels.rows_matmul)
   alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(32)])
   for rows in range(2, 33):
     np.testing.assert_array_equal(np.asarray(product(x[:rows], w)), alone[:rows])
 
 
-@pytest.mark.parametrize('rows', [1, 3, 9, 32])
+@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
+@pytest.mark.parametrize('rows', [1, 3, 9, 32, 33])
 @pytest.mark.parametrize('K,N', [(576, 200), (40, 13)])
-def test_rows_matmul_reads_bfloat16_weights(rows, K, N):
-  """bfloat16 weights are widened exactly, so the product is the float32 product of the widened
-  weights (including the odd K and N that take the scalar tails)."""
+def test_rows_matmul_reads_narrow_weights(dtype, rows, K, N):
+  """bfloat16 weights and int8 values are widened exactly, so the product is the float32 product
+  of the matrix they stand for (including the odd K and N that take the scalar tails; 33 rows
+  take XLA's dot, which widens them itself)."""
   x = jax.random.normal(jax.random.key(rows), (rows, K))
-  w = jax.random.normal(jax.random.key(K + N), (N, K)).astype(jnp.bfloat16)
-  want = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+  w, wide = narrow_weights(jax.random.normal(jax.random.key(K + N), (N, K)), dtype)
   got = jax.jit(kernels.rows_matmul)(x, w)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
+  np.testing.assert_allclose(got, np.asarray(x, np.float64) @ wide.T, rtol=1e-5,
+                             atol=1e-4 * np.sqrt(K))
   assert got.dtype == jnp.float32
+  if rows == 1:  # XLA's own path, asked for by name
+    np.testing.assert_allclose(kernels.rows_matmul(x, w, use_kernel=False), got, rtol=1e-5,
+                               atol=1e-4 * np.sqrt(K))
+
+
+def test_int8_rows_round_each_output_row_to_its_own_scale():
+  """A scale per output row over every input axis: each value within half a step of the float
+  matrix, the row's largest magnitude exactly at 127 steps, an all-zero row zero."""
+  w = jax.random.normal(jax.random.key(0), (3, 5, 4, 8)) * jnp.arange(1, 6)[None, :, None, None]
+  w = w.at[1, 2].set(0.0)
+  q = kernels.quantize_rows(w, in_dims=2)
+  assert q.values.dtype == jnp.int8 and q.scale.shape == (3, 5) and q.shape == w.shape
+  scale = np.asarray(q.scale)[..., None, None]
+  wide = np.asarray(q.values, np.float64) * scale
+  assert np.all(np.abs(wide - np.asarray(w)) <= scale / 2 * (1 + 1e-6))
+  np.testing.assert_array_equal(np.max(np.abs(np.asarray(q.values)), axis=(2, 3)),
+                                np.where(np.asarray(q.scale) > 0, 127, 0))
+  assert q.scale[1, 2] == 0 and not np.any(np.asarray(q.values[1, 2]))
+  flat = q.reshape(15, -1)
+  assert flat.values.shape == (15, 32) and flat.scale.shape == (15,)
 
 
 @pytest.mark.parametrize('T,G,beside,E', [(1, 1, 0, 32), (1, 3, 0, 64), (4, 3, 0, 32),
@@ -120,10 +151,24 @@ def test_kernel_layout_transposes_and_stacks_dense_matrices():
   assert narrow['mtp_0']['block']['attn_norm']['scale'].dtype == jnp.float32
   assert narrow['blocks_0']['attn']['qkv'].dtype == jnp.float32  # the trunk stays
   assert narrow['unembedding'].dtype == jnp.float32
+  # int8: a scale per output row, over the matrix's input axes (o's are heads and head dim)
+  layout = kernel_layout({'params': params})
+  quarter = narrow_heads(layout, 'int8')['params']
+  attn = quarter['mtp_0']['block']['attn']
+  assert isinstance(attn['qkv'], kernels.Int8Rows) and attn['qkv'].scale.shape == qkv.shape[:2]
+  assert attn['o'].scale.shape == (cfg.d_model,)
+  np.testing.assert_array_equal(
+      attn['o'].values, kernels.quantize_rows(moved['mtp_0']['block']['attn']['o'], 2).values)
+  assert quarter['mtp_0']['block']['attn_norm']['scale'].dtype == jnp.float32
+  # narrowed copies share every other array with the layout they come from
+  assert quarter['blocks_0']['attn']['qkv'] is layout['params']['blocks_0']['attn']['qkv']
+  assert quarter['embedding'] is layout['params']['embedding']
 
 
-def test_bfloat16_drafts_keep_greedy_output():
-  """Heads and draft rows in bfloat16 change what is drafted, never what is committed."""
+@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
+def test_narrow_drafts_keep_greedy_output(dtype):
+  """Heads and draft rows in bfloat16 or int8 change what is drafted, never what is
+  committed."""
   cfg = tiny_model(**{'model.d_model': 64})
   params = init_params(cfg, jax.random.key(1))
   rng = np.random.default_rng(0)
@@ -131,15 +176,15 @@ def test_bfloat16_drafts_keep_greedy_output():
   ar = dec.Settings(draft_len=0, max_new_tokens=24)
   want = dec.outputs(dec.compiled_decoder(dec.decode_model(cfg, False), ar, dec.cache_length(
       arr.shape[1], ar))(params, arr, lens, jax.random.key(0)))
-  model = dec.decode_model(cfg, True, range(40), 'bfloat16')
+  model = dec.decode_model(cfg, True, range(40), dtype)
   prepared = model.prepare(params)
-  assert prepared['draft']['out'].dtype == jnp.bfloat16
-  assert prepared['params']['mtp_1']['block']['mlp']['gate_up'].dtype == jnp.bfloat16
+  assert prepared['draft']['out'].dtype == dtype
+  assert prepared['params']['mtp_1']['block']['mlp']['gate_up'].dtype == dtype
   s = dec.Settings(draft_len=2, max_new_tokens=24)
   state = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))(
       params, arr, lens, jax.random.key(0))
   assert dec.outputs(state) == want
-  assert dec.decode_model(cfg, False, None, 'bfloat16').draft_dtype == 'float32'  # XLA: float32
+  assert dec.decode_model(cfg, False, None, dtype).draft_dtype == 'float32'  # XLA: float32
   # what is drafted comes from the rounded heads: close to the float32 heads', not equal
   wide = dec.decode_model(cfg, True, range(40))
   h0 = jax.random.normal(jax.random.key(2), (1, 6, cfg.d_model))

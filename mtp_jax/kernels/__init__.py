@@ -4,8 +4,9 @@ fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16 
 than a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
-  which model.kernel_layout makes of the decoding params), for a few rows; w in float32, or in
-  bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32).
+  which model.kernel_layout makes of the decoding params), for a few rows; w in float32, in
+  bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32), or
+  as Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -18,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -86,6 +88,8 @@ def available() -> bool:
                               platform='cpu')
   jax.ffi.register_ffi_target('mtpjax_rows_matmul_bf16',
                               jax.ffi.pycapsule(library.RowsMatmulBf16), platform='cpu')
+  jax.ffi.register_ffi_target('mtpjax_rows_matmul_s8',
+                              jax.ffi.pycapsule(library.RowsMatmulS8), platform='cpu')
   jax.ffi.register_ffi_target('mtpjax_cache_attention',
                               jax.ffi.pycapsule(library.CacheAttention), platform='cpu')
   return True
@@ -101,15 +105,60 @@ def _float32(*arrays) -> bool:
   return all(a.dtype == jnp.float32 for a in arrays)
 
 
+@flax.struct.dataclass
+class Int8Rows:
+  """A matrix stored (out..., in...) as int8 values and one float32 scale per output row: row n
+  is values[n] * scale[n]. It stands in for the float matrix wherever layers.dense reads one
+  (shape, ndim, reshape), and its values come first among its leaves, so Flax's check of a
+  param's shape sees the matrix's."""
+  values: jax.Array  # int8, (out..., in...)
+  scale: jax.Array  # float32, (out...)
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def ndim(self):
+    return self.values.ndim
+
+  @property
+  def dtype(self):
+    return self.values.dtype
+
+  def reshape(self, rows: int, width: int):
+    return Int8Rows(self.values.reshape(rows, width), self.scale.reshape(rows))
+
+
+def quantize_rows(w, in_dims: int = 1) -> Int8Rows:
+  """w (out..., in...) rounded to int8 per output row, symmetric: the scale is the row's largest
+  magnitude / 127, so every value is within half a scale step of w (an all-zero row stays zero)."""
+  w = jnp.asarray(w, jnp.float32)
+  axes = tuple(range(w.ndim - in_dims, w.ndim))
+  scale = jnp.max(jnp.abs(w), axis=axes) / 127.0
+  safe = jnp.where(scale > 0, scale, 1.0).reshape(scale.shape + (1,) * in_dims)
+  values = jnp.clip(jnp.round(w / safe), -127, 127).astype(jnp.int8)
+  return Int8Rows(values, scale)
+
+
+# The row kernel's FFI target for each weight dtype.
+_ROWS_TARGETS = {'float32': 'mtpjax_rows_matmul', 'bfloat16': 'mtpjax_rows_matmul_bf16',
+                 'int8': 'mtpjax_rows_matmul_s8'}
+
+
 def rows_matmul(x, w, use_kernel: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it)."""
   rows = x.size // x.shape[-1]
-  if (use_kernel and rows <= MAX_ROWS and _float32(x) and w.dtype in (jnp.float32, jnp.bfloat16)
-      and usable()):
-    target = 'mtpjax_rows_matmul' if w.dtype == jnp.float32 else 'mtpjax_rows_matmul_bf16'
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32))
-    return out(x, w)
-  return matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], -1)  # w.T in x's dtype
+  narrow = isinstance(w, Int8Rows)
+  values = w.values if narrow else w
+  target = _ROWS_TARGETS.get(jnp.dtype(values.dtype).name)
+  if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
+    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
+                                                        jnp.float32))(x, values)
+  else:  # values.T widened to x's dtype
+    out = matmul(x.reshape(-1, x.shape[-1]), values.T.astype(x.dtype)).reshape(
+        *x.shape[:-1], -1)
+  return out * w.scale.astype(out.dtype) if narrow else out
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,

@@ -1,5 +1,5 @@
 // CPU kernels for decoding steps, called through XLA's FFI: a matrix product of a few rows by a
-// weight matrix stored one output per row (float32, or bfloat16 widened as it is read), which
+// weight matrix stored one output per row (float32, or bfloat16 or int8 widened as it is read), which
 // reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row
 // product at memory speed but a 2-8-row one about 2x slower), and attention of a few new
 // positions over a KV cache that reads only the slots each query sees, row by row.
@@ -14,6 +14,10 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -38,7 +42,28 @@ inline vf load(const uint16_t* p) {
   std::memcpy(&h, p, sizeof(h));
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
+// Weights in int8 (a row's scale is applied to the product by the caller), widened exactly. GCC
+// turns __builtin_convertvector from int8 to float into one scalar conversion per lane, so the
+// sign extension and conversion are written with the instruction set's own intrinsics.
+inline vf load(const int8_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  const __m256 hi =
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+  vf v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  vf v;
+  for (int i = 0; i < kLanes; ++i) v[i] = p[i];
+  return v;
+#endif
+}
 inline float widen(float x) { return x; }
+inline float widen(int8_t x) { return x; }
 inline float widen(uint16_t x) {
   const uint32_t bits = static_cast<uint32_t>(x) << 16;
   float f;
@@ -158,7 +183,7 @@ constexpr int64_t kPrefetch = 2048;
 constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n0 + R * blocks) of w: R rows of w at a time,
-// each a contiguous run, dotted with every x row in registers. W: float, or uint16_t for bfloat16.
+// each a contiguous run, dotted with every x row in registers. W: float, uint16_t for bfloat16, or int8_t.
 // Every output is summed in the same order whatever R and M are: lanes over k, then lane_sums,
 // then the k past the last full vector.
 template <int M, int R, typename W>
@@ -385,6 +410,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulBf16, RowsMatmulImpl<ffi::BF16>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulS8, RowsMatmulImpl<ffi::S8>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
