@@ -65,22 +65,20 @@ class WholeVocabulary:
     return q_xN
 
 
-_LAYOUTS, _NARROWED, _DRAFTS = [], [], []  # (key, converted params), most recent first
+_PREPARED = []  # (params, what prepare() made of them), most recently asked for first
+_KEEP = 2  # params objects whose conversions are kept
 
 
-def _remember(store: list, key: tuple, make, keep: int):
-  """make()'s value for `key`, made once while it is among the `keep` most recently asked for
-  (keys compare their arrays by identity)."""
-  same = lambda a, b: len(a) == len(b) and all(x is y or (isinstance(x, tuple) and x == y)
-                                              for x, y in zip(a, b))
-  for i, (held, value) in enumerate(store):
-    if same(held, key):
-      store.insert(0, store.pop(i))
-      return value
-  value = make()
-  store.insert(0, (key, value))
-  del store[keep:]
-  return value
+def _made_from(params) -> dict:
+  """What prepare() has made of this params object (compared by identity), kept while it is
+  among the _KEEP most recently asked for."""
+  for i, (held, made) in enumerate(_PREPARED):
+    if held is params:
+      _PREPARED.insert(0, _PREPARED.pop(i))
+      return made
+  _PREPARED.insert(0, (params, {}))
+  del _PREPARED[_KEEP:]
+  return _PREPARED[0][1]
 
 
 def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> dict:
@@ -147,17 +145,22 @@ class DecodeModel(WholeVocabulary):
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
-    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Models
-    that differ only in their draft vocabulary share one converted copy of the weights."""
-    if self.kernels:  # one layout per params; per draft dtype, only the heads' copies differ
-      params = _remember(_LAYOUTS, (params,), lambda: jax.jit(kernel_layout)(params), keep=2)
-      params = _remember(_NARROWED, (params, (self.draft_dtype,)),
-                         lambda: narrow_heads(params, self.draft_dtype), keep=6)
-    if self.draft is None:
-      return params
-    key = (params, self.draft, (self.draft_dtype,))
-    return _remember(_DRAFTS, key, lambda: {**params, 'draft': _draft(
-        params, self.draft, self.cfg.tie_embeddings, self.kernels, self.draft_dtype)}, keep=8)
+    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Every
+    model shares one kernel layout of the same params (only the heads' narrowed copies and the
+    draft rows differ), and all of it is dropped with the params object it was made from."""
+    made = _made_from(params)
+    key = (self.kernels, self.draft_dtype, self.draft)
+    if key not in made:
+      out = params
+      if self.kernels:
+        if 'layout' not in made:
+          made['layout'] = jax.jit(kernel_layout)(params)
+        out = narrow_heads(made['layout'], self.draft_dtype)
+      if self.draft is not None:
+        out = {**out, 'draft': _draft(out, self.draft, self.cfg.tie_embeddings, self.kernels,
+                                      self.draft_dtype)}
+      made[key] = out
+    return made[key]
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

@@ -121,6 +121,10 @@ _DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_pro
           'unembedding': 1}
 
 
+def _keys(path) -> list[str]:
+  return [str(getattr(p, 'key', '')) for p in path]
+
+
 def _dense_inputs(keys) -> int:
   """Input axes of the dense matrix at this param path (keys), 0 for any other param: Medusa's
   layers, norms, the embedding."""
@@ -132,15 +136,14 @@ def _dense_inputs(keys) -> int:
   return _DENSE[name]
 
 
-def kernel_layout(params, head_dtype: str = 'float32'):
+def kernel_layout(params):
   """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
   stored (out..., in...), one output per row, and the matrices that read the same input stacked
   into one, so that one pass over it computes them all: an attention's q, k and v along the head
-  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). The MTP heads' dense
-  matrices in `head_dtype`: float32, bfloat16 (the kernel reads it as it is) or int8
-  (kernels.Int8Rows, a scale per output row). Medusa's layers and the embedding stay."""
+  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). All in float32;
+  narrow_heads stores the MTP heads' matrices narrower."""
   def move(path, leaf):
-    n_in = _dense_inputs([str(getattr(p, 'key', '')) for p in path])
+    n_in = _dense_inputs(_keys(path))
     if not n_in:
       return leaf
     return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
@@ -154,15 +157,16 @@ def kernel_layout(params, head_dtype: str = 'float32'):
     if name == 'mlp' and {'gate', 'up'} <= tree.keys():
       tree['gate_up'] = jnp.stack([tree.pop('gate'), tree.pop('up')])
     return tree
-
-  return narrow_heads(stack(jax.tree_util.tree_map_with_path(move, params)), head_dtype)
+  return stack(jax.tree_util.tree_map_with_path(move, params))
 
 
 def narrow_heads(layout, head_dtype: str):
-  """kernel_layout's params with the MTP heads' dense matrices in `head_dtype`; every other leaf
-  is the same array object, so narrowed copies for several dtypes share the trunk."""
+  """kernel_layout's params with the MTP heads' dense matrices in `head_dtype`: float32 (as they
+  are), bfloat16 (the kernel reads it as it is) or int8 (kernels.Int8Rows, a scale per output
+  row). Every other leaf is the same array object (Medusa's layers, norms, the trunk), so copies
+  for several dtypes share the trunk."""
   def narrow(path, leaf):
-    keys = [str(getattr(p, 'key', '')) for p in path]
+    keys = _keys(path)
     n_in = _dense_inputs(keys)
     if head_dtype == 'float32' or not n_in or not any(k.startswith('mtp_') for k in keys):
       return leaf

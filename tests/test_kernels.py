@@ -2,6 +2,7 @@
 (every row count, ragged shapes), attention over a cache with per-row positions, and whole
 greedy decodes with and without kernels."""
 
+import ctypes
 import dataclasses
 
 import jax
@@ -129,7 +130,8 @@ def test_cache_attention_matches_xla(T, G, beside, E):
 def test_kernel_layout_transposes_and_stacks_dense_matrices():
   cfg = tiny_model(**{'model.tie_embeddings': False})
   params = init_params(cfg, jax.random.key(0))['params']
-  moved = kernel_layout({'params': params})['params']
+  layout = kernel_layout({'params': params})
+  moved = layout['params']
   attn, H = params['blocks_0']['attn'], cfg.num_heads
   qkv = moved['blocks_0']['attn']['qkv']  # (H + 2K, E, D): q, k, v each (heads, E, D)
   assert qkv.shape == (H + 2 * cfg.num_kv_heads, cfg.head_dim, cfg.d_model)
@@ -145,14 +147,13 @@ def test_kernel_layout_transposes_and_stacks_dense_matrices():
   np.testing.assert_array_equal(moved['mtp_0']['eh_proj'], params['mtp_0']['eh_proj'].T)
   np.testing.assert_array_equal(moved['unembedding'], params['unembedding'].T)
   np.testing.assert_array_equal(moved['embedding'], params['embedding'])
-  narrow = kernel_layout({'params': params}, 'bfloat16')['params']
+  narrow = narrow_heads(layout, 'bfloat16')['params']
   assert narrow['mtp_0']['block']['attn']['qkv'].dtype == jnp.bfloat16
   assert narrow['mtp_0']['eh_proj'].dtype == jnp.bfloat16
   assert narrow['mtp_0']['block']['attn_norm']['scale'].dtype == jnp.float32
   assert narrow['blocks_0']['attn']['qkv'].dtype == jnp.float32  # the trunk stays
   assert narrow['unembedding'].dtype == jnp.float32
   # int8: a scale per output row, over the matrix's input axes (o's are heads and head dim)
-  layout = kernel_layout({'params': params})
   quarter = narrow_heads(layout, 'int8')['params']
   attn = quarter['mtp_0']['block']['attn']
   assert isinstance(attn['qkv'], kernels.Int8Rows) and attn['qkv'].scale.shape == qkv.shape[:2]
@@ -163,6 +164,47 @@ def test_kernel_layout_transposes_and_stacks_dense_matrices():
   # narrowed copies share every other array with the layout they come from
   assert quarter['blocks_0']['attn']['qkv'] is layout['params']['blocks_0']['attn']['qkv']
   assert quarter['embedding'] is layout['params']['embedding']
+
+
+def test_models_share_one_layout_per_params_and_let_old_params_go():
+  """Every draft dtype and draft vocabulary reads the same trunk arrays, each conversion is made
+  once, and a params object's conversions are dropped once two newer ones were prepared (an
+  evaluation during training prepares new params each time)."""
+  cfg = tiny_model(**{'model.d_model': 64})
+  params = init_params(cfg, jax.random.key(1))
+  models = [dec.decode_model(cfg, True, ids, dtype) for dtype in ('float32', 'bfloat16', 'int8')
+            for ids in (None, range(40))]
+  prepared = [m.prepare(params) for m in models]
+  trunk = prepared[0]['params']['blocks_0']['attn']['qkv']
+  assert all(p['params']['blocks_0']['attn']['qkv'] is trunk for p in prepared)
+  assert all(m.prepare(params) is p for m, p in zip(models, prepared))
+  for seed in (2, 3):
+    models[0].prepare(init_params(cfg, jax.random.key(seed)))
+  assert models[0].prepare(params) is not prepared[0]
+
+
+@pytest.mark.parametrize('march', ['haswell', 'x86-64'])
+def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
+  """The bfloat16 and int8 loads have AVX-512, AVX2 and generic forms, and this machine builds
+  the first; here the library is also built for AVX2 (haswell) and for plain x86-64, loaded as
+  FFI targets of its own, and its row products checked against float64."""
+  out = str(tmp_path / 'decode_ops.so')
+  assert kernels.compile_library(out, march) is None
+  library = ctypes.cdll.LoadLibrary(out)
+  symbols = {'float32': library.RowsMatmul, 'bfloat16': library.RowsMatmulBf16,
+             'int8': library.RowsMatmulS8}
+  K, N = 100, 37  # a tail past the last full vector, rows past every block size
+  x = jax.random.normal(jax.random.key(0), (5, K))
+  for dtype, symbol in symbols.items():
+    name = f'test_rows_matmul_{march}_{dtype}'
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform='cpu')
+    w, wide = narrow_weights(jax.random.normal(jax.random.key(1), (N, K)), dtype)
+    values = w.values if dtype == 'int8' else w
+    got = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((5, N), jnp.float32))(x, values)
+    if dtype == 'int8':
+      got = got * w.scale
+    np.testing.assert_allclose(got, np.asarray(x, np.float64) @ wide.T, rtol=1e-5,
+                               atol=1e-4 * np.sqrt(K))
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])

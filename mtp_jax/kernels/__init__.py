@@ -47,26 +47,30 @@ def _machine_key() -> str:
   return digest.hexdigest()[:16]
 
 
+def compile_library(out: str, march: str = 'native') -> str | None:
+  """Compiles decode_ops.cc into the shared library `out` for the instruction set -march=`march`.
+  Returns None, or why it could not (the compiler's first error line)."""
+  command = [os.environ.get('CXX', 'g++'), '-O3', f'-march={march}', '-std=c++17', '-fPIC',
+             '-shared', '-w', f'-I{jax.ffi.include_dir()}', SOURCE, '-o', out]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True)
+  except OSError as e:
+    return str(e)
+  if result.returncode:
+    return ([l for l in result.stderr.splitlines() if 'error' in l] or ['?'])[0].strip()
+  return None
+
+
 def _build() -> str | None:
   """Path of the compiled library (building it once per machine), or None when it cannot be."""
   path = os.path.join(_cache_root(), _machine_key(), 'decode_ops.so')
   if os.path.exists(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  compiler = os.environ.get('CXX', 'g++')
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.so')
   os.close(fd)
-  command = [compiler, '-O3', '-march=native', '-std=c++17', '-fPIC', '-shared', '-w',
-             f'-I{jax.ffi.include_dir()}', SOURCE, '-o', tmp]
-  try:
-    result = subprocess.run(command, capture_output=True, text=True)
-  except OSError as e:
-    result = None
-    reason = str(e)
-  if result is None or result.returncode:
-    if result is not None:
-      errors = [l for l in result.stderr.splitlines() if 'error' in l] or ['?']
-      reason = errors[0].strip()
+  reason = compile_library(tmp)
+  if reason:
     print(f'note: decoding kernels not built ({reason}); decoding uses XLA alone',
           file=sys.stderr)
     os.remove(tmp)
@@ -141,9 +145,9 @@ def quantize_rows(w, in_dims: int = 1) -> Int8Rows:
   return Int8Rows(values, scale)
 
 
-# The row kernel's FFI target for each weight dtype.
-_ROWS_TARGETS = {'float32': 'mtpjax_rows_matmul', 'bfloat16': 'mtpjax_rows_matmul_bf16',
-                 'int8': 'mtpjax_rows_matmul_s8'}
+# The row kernel's FFI target per weight dtype; int8 values go to 'mtpjax_rows_matmul_s8' only
+# as Int8Rows, which carry their scales.
+_ROWS_TARGETS = {'float32': 'mtpjax_rows_matmul', 'bfloat16': 'mtpjax_rows_matmul_bf16'}
 
 
 def rows_matmul(x, w, use_kernel: bool = True):
@@ -151,7 +155,8 @@ def rows_matmul(x, w, use_kernel: bool = True):
   rows = x.size // x.shape[-1]
   narrow = isinstance(w, Int8Rows)
   values = w.values if narrow else w
-  target = _ROWS_TARGETS.get(jnp.dtype(values.dtype).name)
+  target = ('mtpjax_rows_matmul_s8' if narrow
+            else _ROWS_TARGETS.get(jnp.dtype(values.dtype).name))
   if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
     out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
                                                         jnp.float32))(x, values)

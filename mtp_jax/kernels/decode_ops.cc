@@ -1,6 +1,6 @@
 // CPU kernels for decoding steps, called through XLA's FFI: a matrix product of a few rows by a
-// weight matrix stored one output per row (float32, or bfloat16 or int8 widened as it is read), which
-// reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row
+// weight matrix stored one output per row (float32, or bfloat16 or int8 widened as it is read),
+// which reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row
 // product at memory speed but a 2-8-row one about 2x slower), and attention of a few new
 // positions over a KV cache that reads only the slots each query sees, row by row.
 //
@@ -183,7 +183,8 @@ constexpr int64_t kPrefetch = 2048;
 constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n0 + R * blocks) of w: R rows of w at a time,
-// each a contiguous run, dotted with every x row in registers. W: float, uint16_t for bfloat16, or int8_t.
+// each a contiguous run, dotted with every x row in registers. W: float, uint16_t for bfloat16,
+// or int8_t.
 // Every output is summed in the same order whatever R and M are: lanes over k, then lane_sums,
 // then the k past the last full vector.
 template <int M, int R, typename W>
