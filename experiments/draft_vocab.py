@@ -4,7 +4,7 @@ every greedy output stays the `ar` output) and the dtype drafting reads the head
 (decode.draft_dtype), in one run with every setting timed in interleaved rounds.
 
 Run: python experiments/draft_vocab.py --config configs/smollm2.py --workdir runs/smollm2
-     python experiments/draft_vocab.py ... --sizes 8192 --dtypes float32,bfloat16 --draft_len 2
+     python experiments/draft_vocab.py ... --sizes 8192 --dtypes bfloat16,int8 --draft_len 2
 Prints one row per N in --sizes ('full' is every token) and dtype in --dtypes: tau, acceptance
 per position, tokens/s at batch 1 on held-out prompts (greedy, S = --draft_len or D, each prompt
 decoded alone), ms per iteration, the speedup over `ar` and whether every output equals `ar`'s;
