@@ -90,8 +90,7 @@ def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> 
       inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
   index = jnp.asarray(ids, jnp.int32)
   rows = jnp.take(matrix, index, axis=0)
-  return {'ids': index,
-          'out': kernels_lib.quantize_rows(rows) if dtype == 'int8' else rows.astype(dtype)}
+  return {'ids': index, 'out': kernels_lib.narrowed(rows, dtype)}
 
 
 def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,

@@ -118,7 +118,7 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
 
 # Matrices that layers.dense contracts: parameter name -> its number of input axes.
 _DENSE = {'q': 1, 'k': 1, 'v': 1, 'o': 2, 'gate': 1, 'up': 1, 'down': 1, 'eh_proj': 1,
-          'unembedding': 1}
+          'unembedding': 1, 'qkv': 1, 'gate_up': 1}  # the last two: kernel_layout's stacks
 
 
 def _keys(path) -> list[str]:
@@ -129,8 +129,6 @@ def _dense_inputs(keys) -> int:
   """Input axes of the dense matrix at this param path (keys), 0 for any other param: Medusa's
   layers, norms, the embedding."""
   name = keys[-1]
-  if name in ('qkv', 'gate_up'):
-    return 1
   if name not in _DENSE or (name in ('q', 'k', 'v', 'o') and 'attn' not in keys[:-1]):
     return 0
   return _DENSE[name]
@@ -170,7 +168,7 @@ def narrow_heads(layout, head_dtype: str):
     n_in = _dense_inputs(keys)
     if head_dtype == 'float32' or not n_in or not any(k.startswith('mtp_') for k in keys):
       return leaf
-    return kernels.quantize_rows(leaf, n_in) if head_dtype == 'int8' else leaf.astype(head_dtype)
+    return kernels.narrowed(leaf, head_dtype, n_in)
   return jax.tree_util.tree_map_with_path(narrow, layout)
 
 

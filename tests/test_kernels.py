@@ -37,11 +37,11 @@ def test_rows_matmul_matches_xla(rows, K, N):
 
 def narrow_weights(w, dtype: str):
   """w (N, K) stored in `dtype` as the kernels read it, and the float64 matrix it stands for."""
+  stored = kernels.narrowed(w, dtype)
   if dtype == 'int8':
-    q = kernels.quantize_rows(w)
-    return q, np.asarray(q.values, np.float64) * np.asarray(q.scale, np.float64)[:, None]
-  w = w.astype(dtype)
-  return w, np.asarray(w.astype(jnp.float32), np.float64)
+    return stored, (np.asarray(stored.values, np.float64)
+                    * np.asarray(stored.scale, np.float64)[:, None])
+  return stored, np.asarray(stored.astype(jnp.float32), np.float64)
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
@@ -191,13 +191,12 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   out = str(tmp_path / 'decode_ops.so')
   assert kernels.compile_library(out, march) is None
   library = ctypes.cdll.LoadLibrary(out)
-  symbols = {'float32': library.RowsMatmul, 'bfloat16': library.RowsMatmulBf16,
-             'int8': library.RowsMatmulS8}
   K, N = 100, 37  # a tail past the last full vector, rows past every block size
   x = jax.random.normal(jax.random.key(0), (5, K))
-  for dtype, symbol in symbols.items():
+  for dtype, (_, symbol) in kernels.ROWS_TARGETS.items():
     name = f'test_rows_matmul_{march}_{dtype}'
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform='cpu')
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
     w, wide = narrow_weights(jax.random.normal(jax.random.key(1), (N, K)), dtype)
     values = w.values if dtype == 'int8' else w
     got = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((5, N), jnp.float32))(x, values)

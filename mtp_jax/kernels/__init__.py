@@ -32,6 +32,10 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc
 # work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
 MAX_ROWS = 32
 MAX_QUERIES = 64  # attention: query heads per kv head
+# The row kernel per weight dtype: its FFI target and the library's symbol for it.
+ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
+                'bfloat16': ('mtpjax_rows_matmul_bf16', 'RowsMatmulBf16'),
+                'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8')}
 
 
 def _cache_root() -> str:
@@ -88,14 +92,9 @@ def available() -> bool:
   if path is None:
     return False
   library = ctypes.cdll.LoadLibrary(path)
-  jax.ffi.register_ffi_target('mtpjax_rows_matmul', jax.ffi.pycapsule(library.RowsMatmul),
-                              platform='cpu')
-  jax.ffi.register_ffi_target('mtpjax_rows_matmul_bf16',
-                              jax.ffi.pycapsule(library.RowsMatmulBf16), platform='cpu')
-  jax.ffi.register_ffi_target('mtpjax_rows_matmul_s8',
-                              jax.ffi.pycapsule(library.RowsMatmulS8), platform='cpu')
-  jax.ffi.register_ffi_target('mtpjax_cache_attention',
-                              jax.ffi.pycapsule(library.CacheAttention), platform='cpu')
+  for name, symbol in [*ROWS_TARGETS.values(), ('mtpjax_cache_attention', 'CacheAttention')]:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
   return True
 
 
@@ -145,9 +144,10 @@ def quantize_rows(w, in_dims: int = 1) -> Int8Rows:
   return Int8Rows(values, scale)
 
 
-# The row kernel's FFI target per weight dtype; int8 values go to 'mtpjax_rows_matmul_s8' only
-# as Int8Rows, which carry their scales.
-_ROWS_TARGETS = {'float32': 'mtpjax_rows_matmul', 'bfloat16': 'mtpjax_rows_matmul_bf16'}
+def narrowed(w, dtype: str, in_dims: int = 1):
+  """A float matrix w (out..., in...) stored in `dtype` as the row kernel reads it: float32 or
+  bfloat16 as it is, int8 as Int8Rows."""
+  return quantize_rows(w, in_dims) if dtype == 'int8' else w.astype(dtype)
 
 
 def rows_matmul(x, w, use_kernel: bool = True):
@@ -155,10 +155,11 @@ def rows_matmul(x, w, use_kernel: bool = True):
   rows = x.size // x.shape[-1]
   narrow = isinstance(w, Int8Rows)
   values = w.values if narrow else w
-  target = ('mtpjax_rows_matmul_s8' if narrow
-            else _ROWS_TARGETS.get(jnp.dtype(values.dtype).name))
+  # int8 values reach their target only as Int8Rows, which carry the scales
+  dtype = jnp.dtype(values.dtype).name
+  target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
   if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
-    out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
+    out = jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
                                                         jnp.float32))(x, values)
   else:  # values.T widened to x's dtype
     out = matmul(x.reshape(-1, x.shape[-1]), values.T.astype(x.dtype)).reshape(
