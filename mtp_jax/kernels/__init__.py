@@ -38,6 +38,12 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8')}
 
 
+# -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
+# the row kernel and not in others, which made a row's product depend on the number of rows
+# beside it; the kernel writes its FMAs itself.
+_FLAGS = ['-O3', '-ffp-contract=off', '-std=c++17', '-fPIC', '-shared', '-w']
+
+
 def _cache_root() -> str:
   return os.path.join(os.environ.get('MTP_JAX_CACHE') or os.path.join(
       os.path.expanduser('~'), '.cache', 'mtp_jax'), 'kernels')
@@ -46,6 +52,7 @@ def _cache_root() -> str:
 def _machine_key() -> str:
   """The source, compiler and CPU the library is built for (it is built with -march=native)."""
   digest = hashlib.sha1(open(SOURCE, 'rb').read())
+  digest.update(' '.join(_FLAGS).encode())
   digest.update(jax.__version__.encode())
   digest.update(measure.cpu_flags().encode())
   return digest.hexdigest()[:16]
@@ -54,8 +61,8 @@ def _machine_key() -> str:
 def compile_library(out: str, march: str = 'native') -> str | None:
   """Compiles decode_ops.cc into the shared library `out` for the instruction set -march=`march`.
   Returns None, or why it could not (the compiler's first error line)."""
-  command = [os.environ.get('CXX', 'g++'), '-O3', f'-march={march}', '-std=c++17', '-fPIC',
-             '-shared', '-w', f'-I{jax.ffi.include_dir()}', SOURCE, '-o', out]
+  command = [os.environ.get('CXX', 'g++'), f'-march={march}', *_FLAGS,
+             f'-I{jax.ffi.include_dir()}', SOURCE, '-o', out]
   try:
     result = subprocess.run(command, capture_output=True, text=True)
   except OSError as e:

@@ -5,17 +5,22 @@
 // positions over a KV cache that reads only the slots each query sees, row by row.
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
-// float vectors below become AVX-512, AVX2 or SSE code, whichever the machine has.
+// float vectors below are one AVX-512 register (16 lanes) where the machine has AVX-512, and
+// 8 lanes elsewhere: one AVX2 register, or two SSE or NEON ones. (16 lanes on AVX2 made every
+// vector two registers, and the products' accumulators no longer fit in the 16 registers AVX2
+// has: a 1-row product ran at half memory speed, an 8-row one 3x slower than XLA's dot.)
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <utility>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -25,7 +30,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
 
 inline vf load(const float* p) {
@@ -49,13 +58,7 @@ inline vf load(const int8_t* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 #elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-  const __m256 hi =
-      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
-  vf v;
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-  return v;
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 #else
   vf v;
   for (int i = 0; i < kLanes; ++i) v[i] = p[i];
@@ -71,11 +74,31 @@ inline float widen(uint16_t x) {
   return f;
 }
 inline vf splat(float x) { return vf{} + x; }
+// a * b + c rounded once where the machine has FMA instructions. The library is built with
+// -ffp-contract=off and fuses only here: GCC left to itself fused some instances of the row
+// kernel's loop and not others, so a row's sums depended on the rows beside it.
+inline vf fma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
 typedef int vi __attribute__((vector_size(kLanes * sizeof(int))));
-inline float hsum(vf v) {  // a tree of lane shuffles
-  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+#if defined(__AVX512F__)
+const vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+const vi kIota = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+// v with each lane i exchanged for lane i ^ h.
+inline vf swapped(vf v, int h) { return __builtin_shuffle(v, kIota ^ h); }
+
+// The lane sum of v by a tree of lane shuffles: lane i plus lane i + kLanes / 2, then of those
+// lane i plus lane i + kLanes / 4, ..., down to lanes 0 and 1. sums_of adds in the same order.
+inline float hsum(vf v) {
+  for (int h = kLanes / 2; h > 1; h /= 2) v += swapped(v, h);
   return v[0] + v[1];
 }
 
@@ -100,10 +123,10 @@ inline vf exp_nonpositive(vf x) {
   return x == splat(-INFINITY) ? splat(0.f) : er * scale;
 }
 
-const vi kIota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-// The lane sums of 16 vectors as one vector (lane j: the sum of v[j]'s lanes): four rounds that
-// each add two half-width interleavings, 15 shuffle pairs where 16 separate sums take 64.
+// The lane sums of kLanes vectors as one vector (lane j: the sum of v[j]'s lanes): rounds that
+// each add two half-width interleavings, kLanes - 1 shuffle pairs where kLanes separate sums
+// take kLanes x log2(kLanes).
+#if defined(__AVX512F__)
 inline vf sums_of(const vf* v) {
   vf a[8], b[4], c[2];
   for (int j = 0; j < 8; ++j)
@@ -126,20 +149,33 @@ inline vf sums_of(const vf* v) {
          __builtin_shuffle(c[0], c[1], vi{1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29,
                                           31});
 }
+#else
+inline vf sums_of(const vf* v) {
+  vf a[4], b[2];
+  for (int j = 0; j < 4; ++j)
+    a[j] = __builtin_shuffle(v[2 * j], v[2 * j + 1], vi{0, 1, 2, 3, 8, 9, 10, 11}) +
+           __builtin_shuffle(v[2 * j], v[2 * j + 1], vi{4, 5, 6, 7, 12, 13, 14, 15});
+  for (int j = 0; j < 2; ++j)
+    b[j] = __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{0, 1, 4, 5, 8, 9, 12, 13}) +
+           __builtin_shuffle(a[2 * j], a[2 * j + 1], vi{2, 3, 6, 7, 10, 11, 14, 15});
+  return __builtin_shuffle(b[0], b[1], vi{0, 2, 4, 6, 8, 10, 12, 14}) +
+         __builtin_shuffle(b[0], b[1], vi{1, 3, 5, 7, 9, 11, 13, 15});
+}
+#endif
 
-// out[i] = the lane sum of v[i] for i < C: sixteen at a time through sums_of, whose additions are
+// out[i] = the lane sum of v[i] for i < C: kLanes at a time through sums_of, whose additions are
 // hsum's, in hsum's order, so a row's product is bit for bit the same whatever the number of rows
 // beside it (the verify's rows equal the ar step's). Left over: a few by hsum, more through
 // sums_of with zero vectors beside them.
 template <int C>
 inline void lane_sums(const vf* v, float* out) {
   int i = 0;
-  for (; i + 16 <= C; i += 16) store(out + i, sums_of(v + i));
+  for (; i + kLanes <= C; i += kLanes) store(out + i, sums_of(v + i));
   if (C - i <= 4) {
     for (; i < C; ++i) out[i] = hsum(v[i]);
   } else {
-    vf pad[16];
-    for (int j = 0; j < 16; ++j) pad[j] = i + j < C ? v[i + j] : vf{};
+    vf pad[kLanes];
+    for (int j = 0; j < kLanes; ++j) pad[j] = i + j < C ? v[i + j] : vf{};
     const vf s = sums_of(pad);
     for (int j = 0; i + j < C; ++j) out[i + j] = s[j];
   }
@@ -179,8 +215,11 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
 constexpr int64_t kPrefetch = 2048;
 
 // Weight rows dotted at once with M input rows: enough independent accumulators (R x M) to keep
-// the FMA units busy, few enough to stay in registers.
-constexpr int BlockRows(int M) { return M <= 2 ? 8 : M <= 4 ? 4 : 2; }
+// the FMA units busy, few enough to stay in registers beside R weight vectors and an input one
+// (AVX-512 has 32 vector registers, AVX2 16).
+constexpr int BlockRows(int M) {
+  return kLanes == 16 ? (M <= 2 ? 8 : M <= 4 ? 4 : 2) : (M <= 3 ? 4 : M <= 6 ? 2 : 1);
+}
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n0 + R * blocks) of w: R rows of w at a time,
 // each a contiguous run, dotted with every x row in registers. W: float, uint16_t for bfloat16,
@@ -204,7 +243,7 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
       }
       for (int m = 0; m < M; ++m) {
         const vf xv = load(x + m * K + k);
-        for (int r = 0; r < R; ++r) acc[r][m] += wv[r] * xv;
+        for (int r = 0; r < R; ++r) acc[r][m] = fma(wv[r], xv, acc[r][m]);
       }
     }
     float sums[R * M];
@@ -276,9 +315,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
-  v = vmax(v, __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));
-  v = vmax(v, __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));
-  v = vmax(v, __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));
+  for (int h = kLanes / 2; h > 1; h /= 2) v = vmax(v, swapped(v, h));
   return std::max(v[0], v[1]);
 }
 
@@ -289,7 +326,7 @@ inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
 // read. A chain of new tokens sits at slot == pos (plain causal attention); a draft verified
 // beside the chain sits past it at its own slot, with the position of the chain token it
 // stands in for.
-constexpr int kMaxQueries = 64, kMaxVectors = 8;  // per task: G query heads, and E / kLanes
+constexpr int kMaxQueries = 64, kMaxVectors = 128 / kLanes;  // per task: G query heads, E / kLanes
 
 // One new position's G query heads (q: G x E, contiguous) over one kv head's cache (k, v: slot
 // l at l * stride), written to out (G x E). EV = E / kLanes is fixed at compile time so that
@@ -322,7 +359,7 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
       for (int64_t j = 0; j < kLanes; ++j) {
         vf s = vf{};
         if (n == kLanes || j < n)  // slots past the cache are never read
-          for (int e = 0; e < EV; ++e) s += qv[i][e] * load(krow + j * stride + e * kLanes);
+          for (int e = 0; e < EV; ++e) s = fma(qv[i][e], load(krow + j * stride + e * kLanes), s);
         partial[j] = s;
       }
       const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
@@ -343,11 +380,12 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
       int64_t j = 0;
       for (; j + 1 < n; j += 2)
         for (int e = 0; e < EV; ++e) {
-          a0[e] += load(vrow + j * stride + e * kLanes) * p[j];
-          a1[e] += load(vrow + (j + 1) * stride + e * kLanes) * p[j + 1];
+          a0[e] = fma(load(vrow + j * stride + e * kLanes), splat(p[j]), a0[e]);
+          a1[e] = fma(load(vrow + (j + 1) * stride + e * kLanes), splat(p[j + 1]), a1[e]);
         }
       if (j < n)
-        for (int e = 0; e < EV; ++e) a0[e] += load(vrow + j * stride + e * kLanes) * p[j];
+        for (int e = 0; e < EV; ++e)
+          a0[e] = fma(load(vrow + j * stride + e * kLanes), splat(p[j]), a0[e]);
       for (int e = 0; e < EV; ++e) {
         acc[i][0][e] = a0[e];
         acc[i][1][e] = a1[e];
@@ -363,9 +401,11 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
 
 typedef void (*AttendFn)(const float*, const float*, const float*, float*, int64_t, int64_t,
                          int64_t, int64_t, float);
-constexpr AttendFn kAttend[kMaxVectors] = {
-    attend_position<1>, attend_position<2>, attend_position<3>, attend_position<4>,
-    attend_position<5>, attend_position<6>, attend_position<7>, attend_position<8>};
+template <size_t... I>
+constexpr std::array<AttendFn, sizeof...(I)> attend_table(std::index_sequence<I...>) {
+  return {attend_position<I + 1>...};
+}
+constexpr auto kAttend = attend_table(std::make_index_sequence<kMaxVectors>());
 
 ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
