@@ -2,20 +2,33 @@
 experiments run as a user runs them, and what a run leaves (its printed summary, TensorBoard
 scalars, checkpoints); tiny Llama files in llama.cpp's and Hugging Face's formats."""
 
+import atexit
 import contextlib
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+# One persistent XLA compilation cache for this test process and every subprocess it starts
+# (they inherit the environment): tests build the same small programs again and again, in new
+# sessions and in launch.py subprocesses, and compiling them is most of a tiny run's time. Set
+# before jax is imported; removed at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mtp_jax_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

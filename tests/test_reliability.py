@@ -117,17 +117,6 @@ def curve_diff(got, want) -> str:
   return f'missing {missing}, repeated {repeated}, first differences {values}' if got != want else ''
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """One persistent XLA cache for every subprocess here: they compile the same few programs,
-  which is most of a tiny run's time."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('xla_cache')))
-    mp.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-    mp.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-    yield
-
-
 @pytest.fixture(scope='module')
 def reference(corpus, tmp_path_factory):
   """STEPS uninterrupted steps: (per-step losses, final params) that interrupted runs must match."""
