@@ -196,8 +196,13 @@ class Program:
     model = MTPLanguageModel(self.step_cfg)
     frozen = config.train.freeze_trunk
 
-    def init_state(rng):
+    def init_state(rng, given=None):
+      """Step 0's state: random params, except the subtrees in `given` (params by path, e.g.
+      from pretrained files), which are put in place; with `given`, the random values they
+      replace are never computed (the compiled program drops them), and params come unboxed."""
       params = model.init(rng, init_tokens(self.cfg))
+      if given is not None:
+        params = {'params': pretrained.merge(nn.meta.unbox(params)['params'], given)}
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(trainable(params, frozen))}
 
@@ -208,8 +213,10 @@ class Program:
         nn.meta.unbox(boxed), self.state_sharding)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    self.init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)),
+    self.init = jax.jit(lambda rng, given={}: nn.meta.unbox(init_state(rng, given)),
                         out_shardings=self.state_sharding)
+    self.init_params = jax.jit(lambda rng, given: init_state(rng, given)['params'],
+                               out_shardings=self.state_sharding['params'])
     t = config.train
     sc = StepConfig(self.spec, t.grad_accum, config.mtp.loss_weight,
                     config.mtp.loss_weight_schedule, t.inject_nan_step)
@@ -438,24 +445,33 @@ class Session(Program):
   def restore_or_init(self):
     step, state, _ = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
+      given = self.pretrained_parts()
       with sharding.active(self.mesh):
-        state = self.init(jax.random.key(self.config.seed))
-      state['params'] = self.initial_params(state['params'])
+        state = self.init(jax.random.key(self.config.seed), given)
       step = 0
     return step, state
 
-  def initial_params(self, params=None):
+  def initial_params(self):
     """The params a run starts from: random, with the trunk of model.init_from and the heads of
     mtp.init_from put in place."""
-    if params is None:
-      with sharding.active(self.mesh):
-        params = self.init(jax.random.key(self.config.seed))['params']
-    if not self.config.model.init_from:
-      return params
-    trunk = pretrained.trunk_params(self.config.model.init_from)
-    inner = pretrained.merge(params['params'], trunk)
-    inner = pretrained.merge(inner, pretrained.head_params(self.config, trunk))
-    return jax.device_put({'params': inner}, self.state_sharding['params'])
+    given = self.pretrained_parts()
+    with sharding.active(self.mesh):
+      return self.init_params(jax.random.key(self.config.seed), given)
+
+  def pretrained_parts(self) -> dict:
+    """The param subtrees model.init_from and mtp.init_from give (trunk, heads), float32 and on
+    the devices as the state lays them out; {} for a random start."""
+    source = self.config.model.init_from
+    trunk = pretrained.trunk_params(source) if source else {}
+    parts = {**trunk, **pretrained.head_params(self.config, trunk)}
+    parts = jax.tree.map(lambda a: np.asarray(a, np.float32), parts)
+    layout = self.state_sharding['params']['params']
+    return jax.device_put(parts, _like(layout, parts))
+
+
+def _like(tree: dict, parts: dict):
+  """The entries of the nested dict `tree` on the paths of `parts`."""
+  return {k: _like(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in parts.items()}
 
 
 def _digest(*arrays) -> str:

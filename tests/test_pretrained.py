@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (LLAMA, numpy_llama_logits, pretrained_config, random_llama, write_gguf,
-                      write_hf)
-from mtp_jax import train
+from conftest import (LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
+                      random_llama, write_gguf, write_hf)
+from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
 from mtp_jax.model import MTPLanguageModel, init_params
 from mtp_jax.pretrained import gguf_file, heads_file
@@ -191,6 +191,24 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
     assert jax.tree.structure(state['opt_state']) == jax.tree.structure(
         session.tx.init(heads))
     assert 'agreement/depth_1' in summary['eval']
+
+
+@pytest.mark.parametrize('heads', ['', 'last_block'])
+def test_a_pretrained_start_is_the_random_start_with_the_files_in_place(tmp_path, heads):
+  """The start never computes the random values the files replace (they are most of a real
+  model's start-up), and gives what computing them and overwriting them gives."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.init_from': heads}))
+  session = train.Session(config, str(tmp_path / 'run'), data=False)
+  with sharding.active(session.mesh):
+    random_state = session.init(jax.random.key(config.seed))
+  trunk = pretrained.trunk_params(path)
+  inner = pretrained.merge(random_state['params']['params'], trunk)
+  want = {'params': pretrained.merge(inner, pretrained.head_params(config, trunk))}
+  assert_bitwise_equal(session.initial_params(), want)
+  step, state = session.restore_or_init()
+  assert step == 0
+  assert_bitwise_equal(state, {**random_state, 'params': want})
 
 
 def test_chat_template_and_eos_in_generation(tmp_path):

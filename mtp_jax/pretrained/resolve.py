@@ -132,7 +132,8 @@ def check_heads_init(config) -> None:
 
 
 def merge(params: dict, parts: dict) -> dict:
-  """params['params'] with the subtrees in `parts` put in place (shapes checked)."""
+  """params['params'] with the subtrees in `parts` put in place (shapes checked); the leaves may be
+  arrays, abstract values or, inside jit, traced values."""
   out = dict(params)
   for key, value in parts.items():
     out[key] = _merge_leaf(params[key], value, key)
@@ -148,4 +149,4 @@ def _merge_leaf(old, new, path):
   if tuple(old.shape) != tuple(np.shape(new)):
     raise PretrainedError(f'{path}: shape {tuple(np.shape(new))} does not fit the model\'s '
                           f'{tuple(old.shape)}')
-  return np.asarray(new, np.float32)
+  return new
