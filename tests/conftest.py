@@ -30,10 +30,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
-# The tests compile hundreds of small programs and run each a few times, so LLVM's optimisation
-# of the code XLA generates costs more than it saves: without it a compile takes about half the
-# time. Users' runs keep XLA's defaults. Subprocesses get the same flag through cpu_env().
-TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+# The tests compile hundreds of small programs and run each a few times, so the compiler's work
+# on fast code costs more than it saves: without LLVM's optimisations a compile takes about half
+# the time, and with XLA's older (elemental) emitter for fused loops half of that again. Users'
+# runs keep XLA's defaults. Subprocesses get the same flags through cpu_env().
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
