@@ -144,20 +144,23 @@ def model_param_counts(cfg: ModelConfig) -> dict:
   return {'trunk': size(trunk), 'heads': size(heads), 'total': size(shapes)}
 
 
-def cpu_env(devices: int = 0, **extra) -> dict:
-  """The environment of a subprocess on the CPU: JAX_PLATFORMS=cpu, with `devices` host devices
-  when > 0 (XLA_FLAGS replaced by the tests' own), and `extra` variables."""
-  env = {**os.environ, 'XLA_FLAGS': TEST_XLA_FLAGS}
+def cpu_env(devices: int = 0, xla_flags: str = TEST_XLA_FLAGS, **extra) -> dict:
+  """The environment of a subprocess on the CPU: JAX_PLATFORMS=cpu, XLA_FLAGS replaced by
+  `xla_flags` (the tests' own; '' for XLA's defaults, as users compile) and `devices` host devices
+  when > 0, and `extra` variables."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   if devices:
-    env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
+    xla_flags += f' --xla_force_host_platform_device_count={devices}'
+  if xla_flags.strip():
+    env['XLA_FLAGS'] = xla_flags.strip()
   return {**env, 'JAX_PLATFORMS': 'cpu', **extra}
 
 
-def run_script(script, *args, timeout=300) -> subprocess.CompletedProcess:
+def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS) -> subprocess.CompletedProcess:
   """`python SCRIPT ARGS` in the repository on the CPU (`-m MODULE ARGS` runs a module), as a
   user runs launch.py or an experiment; its output captured as text."""
   return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=cpu_env())
+                        timeout=timeout, env=cpu_env(xla_flags=xla_flags))
 
 
 def launch_summary(stdout: str) -> dict:

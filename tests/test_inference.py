@@ -7,7 +7,7 @@ import os
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_user_error, run_script, snapshot, text_config
+from conftest import assert_user_error, launch_summary, run_script, snapshot, text_config
 from mtp_jax import data, inference, run, train
 from mtp_jax import decode as dec
 from mtp_jax.config import as_flags
@@ -49,6 +49,23 @@ def test_bench_json_rows_and_identity(trained, capsys):
     acc = r['acceptance_per_position']
     assert all(a >= b for a, b in zip(acc, acc[1:]))
   assert 'speedup' in capsys.readouterr().out
+
+
+def test_greedy_mtp_equals_ar_as_users_compile(trained, tmp_path):
+  """The suite compiles with its own XLA flags (conftest); here `generate` runs as users run it,
+  with XLA's defaults, and greedy speculative decoding still emits `ar`'s tokens."""
+  config, workdir = trained
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('def f(x):\nimport os\nclass Parser(object):\n    return\n')
+  outputs = {}
+  for method in ('ar', 'mtp'):
+    proc = run_script('launch.py', '--config', 'configs/base.py', '--workdir', workdir, '--mode',
+                      'generate', *as_flags(config), f'--prompt_file={prompts}',
+                      f'--config.decode.method={method}', xla_flags='')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs[method] = launch_summary(proc.stdout)['outputs']
+  assert len(outputs['ar']) == 4 and all(outputs['ar'])
+  assert outputs['mtp'] == outputs['ar']
 
 
 def test_demo_and_generate(trained, capsys, tmp_path):
