@@ -213,7 +213,7 @@ class Program:
         nn.meta.unbox(boxed), self.state_sharding)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    self.init = jax.jit(lambda rng, given={}: nn.meta.unbox(init_state(rng, given)),
+    self.init = jax.jit(lambda rng, given=None: nn.meta.unbox(init_state(rng, given)),
                         out_shardings=self.state_sharding)
     self.init_params = jax.jit(lambda rng, given: init_state(rng, given)['params'],
                                out_shardings=self.state_sharding['params'])
