@@ -34,6 +34,7 @@ def main(argv):
           flags.FLAGS['config'])))[0])
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from mtp_jax import run
+  run.persist_compiled_programs()
   bad = [m for m in _MODE.value if m not in run.MODES]
   if bad or not _MODE.value:
     print(f"error: --mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}",

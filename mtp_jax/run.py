@@ -11,6 +11,7 @@ from mtp_jax import sharding
 from mtp_jax import train as train_lib
 from mtp_jax.config import ConfigError, check_mtp_decoding
 from mtp_jax.pretrained import export as export_lib
+from mtp_jax.pretrained import fetch
 from mtp_jax.pretrained.resolve import resolve_config
 
 MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')
@@ -18,6 +19,17 @@ MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')
 # Errors that mean "the user's input is wrong": printed as one line, exit code 2.
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
                train_lib.TrainingError)
+
+
+def persist_compiled_programs() -> None:
+  """Keeps what a run compiles for the next one (a repeated demo or bench, a resumed training)
+  under $MTP_JAX_CACHE/xla (~/.cache/mtp_jax/xla), at most 4 GiB, the least recently used
+  dropped first. JAX_COMPILATION_CACHE_DIR names another directory (with JAX's own size
+  setting); JAX_ENABLE_COMPILATION_CACHE=false turns it off."""
+  if jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update('jax_compilation_cache_dir', os.path.join(fetch.cache_dir(), 'xla'))
+  jax.config.update('jax_compilation_cache_max_size', 4 << 30)
 
 
 def init_distributed(dist_cfg) -> None:

@@ -147,20 +147,23 @@ def model_param_counts(cfg: ModelConfig) -> dict:
 def cpu_env(devices: int = 0, xla_flags: str = TEST_XLA_FLAGS, **extra) -> dict:
   """The environment of a subprocess on the CPU: JAX_PLATFORMS=cpu, XLA_FLAGS replaced by
   `xla_flags` (the tests' own; '' for XLA's defaults, as users compile) and `devices` host devices
-  when > 0, and `extra` variables."""
+  when > 0, and `extra` variables (None removes one)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   if devices:
     xla_flags += f' --xla_force_host_platform_device_count={devices}'
   if xla_flags.strip():
     env['XLA_FLAGS'] = xla_flags.strip()
-  return {**env, 'JAX_PLATFORMS': 'cpu', **extra}
+  env = {**env, 'JAX_PLATFORMS': 'cpu', **extra}
+  return {k: v for k, v in env.items() if v is not None}
 
 
-def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS) -> subprocess.CompletedProcess:
+def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS,
+               **env) -> subprocess.CompletedProcess:
   """`python SCRIPT ARGS` in the repository on the CPU (`-m MODULE ARGS` runs a module), as a
-  user runs launch.py or an experiment; its output captured as text."""
+  user runs launch.py or an experiment; its output captured as text. `env`: variables to set
+  (None removes one)."""
   return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=cpu_env(xla_flags=xla_flags))
+                        timeout=timeout, env=cpu_env(xla_flags=xla_flags, **env))
 
 
 def launch_summary(stdout: str) -> dict:

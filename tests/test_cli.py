@@ -15,12 +15,13 @@ QUICKSTART = 'configs/quickstart.py'
 EMPTY = object()  # stands for a directory holding one empty .txt file
 
 
-def launch(workdir, overrides=None, flags=(), config=QUICKSTART):
-  """launch.py on the tiny quickstart with `overrides`, then `flags` as a user types them."""
+def launch(workdir, overrides=None, flags=(), config=QUICKSTART, **env):
+  """launch.py on the tiny quickstart with `overrides`, then `flags` as a user types them, and
+  `env` variables."""
   tiny = shrunk(quickstart.get_config(), **{'decode.eval_prompts': 0, 'run_after_train': '',
                                             **(overrides or {})})
   return run_script('launch.py', '--config', config, '--workdir', str(workdir), *as_flags(tiny),
-                    *flags)
+                    *flags, **env)
 
 
 @pytest.fixture(scope='module')
@@ -60,6 +61,24 @@ def test_a_run_prints_its_summary_and_the_same_command_resumes(trained):
   resumed = launch_summary(again.stdout)
   assert resumed['step'] == 2 and resumed['eval'] == summary['eval']
   assert snapshot(workdir / 'checkpoints') == checkpoints
+
+
+def test_compiled_programs_persist_between_runs(trained, tmp_path):
+  """With no JAX_COMPILATION_CACHE_DIR (the suite sets one), launch.py keeps what it compiles
+  under $MTP_JAX_CACHE/xla; the next run finds every program there and gives the same results."""
+  workdir, result = trained
+  cache = tmp_path / 'xla'
+  env = {'JAX_COMPILATION_CACHE_DIR': None, 'MTP_JAX_CACHE': str(tmp_path),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  used, evals = [], []  # {entry: when it was last read or written}, per run
+  for _ in range(2):
+    run = launch(workdir, flags=['--mode=eval'], **env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    evals.append(launch_summary(run.stdout)['eval'])
+    used.append({p.name: p.read_bytes() for p in cache.glob('*-atime')})
+  assert used[0] and sorted(used[1]) == sorted(used[0])  # nothing compiled anew
+  assert all(used[1][name] != used[0][name] for name in used[0])  # every entry read
+  assert evals[0] == evals[1] == launch_summary(result.stdout)['eval']
 
 
 # name: (overrides, raw flags, config file, words of the error line). A misspelled field is only
