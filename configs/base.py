@@ -116,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   # position i fits the trunk's own next-token distribution at i + k, its top distill_topk).
   c.train.head_loss = 'data'
   c.train.distill_topk = 32
+  # Each head's loss adds this times its feature gap: the smooth-L1 distance between its
+  # normalised output and the trunk's normalised last hidden state at i + k (EAGLE's feature
+  # regression). 0: the gap is not computed.
+  c.train.feature_weight = 0.0
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
   # Compute dtype of the training step ('': model.dtype, which evaluations, decoding and the trunk

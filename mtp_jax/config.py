@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+import math
 import os
 
 import jax.numpy as jnp
@@ -224,6 +225,10 @@ def validate_pretrained(config) -> None:
          f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
   _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,
          f'train.distill_topk must be in 1..data.vocab_size, got {t.distill_topk!r}')
+  _check(isinstance(t.feature_weight, (int, float)) and 0 <= t.feature_weight < math.inf,
+         f'train.feature_weight must be a number >= 0, got {t.feature_weight!r}')
+  _check(not t.feature_weight or config.mtp.depth >= 1,
+         'train.feature_weight weights the MTP heads\' feature gap, but mtp.depth=0')
   _check(isinstance(t.draft_vocab, int) and 0 <= t.draft_vocab <= config.data.vocab_size,
          f'train.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {t.draft_vocab!r}')

@@ -10,7 +10,9 @@ and positions whose target is missing are left out of that depth's mean.
 Every depth is scored against a sparse target distribution (ids, probabilities): the data's next
 token (K = 1), or with train.head_loss=distill the trunk's own top-K next-token distribution at
 position i + k, which is what speculative acceptance rewards. With a draft vocabulary the heads'
-softmax covers only its N tokens and the targets are renormalised over them.
+softmax covers only its N tokens and the targets are renormalised over them. With
+train.feature_weight > 0 each head is also fitted to the trunk's hidden state at i + k (EAGLE's
+feature regression), which decides the trunk's whole next-token distribution there.
 """
 
 import dataclasses
@@ -18,8 +20,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from mtp_jax.config import ModelConfig, parse_schedule
+from mtp_jax.layers import rms_norm
 from mtp_jax.model import MTPLanguageModel, project
 
 SUMS = ('loss', 'count', 'correct', 'data_count', 'agree')
@@ -32,6 +36,7 @@ class LossSpec:
   head_loss: str = 'data'  # or 'distill'
   topk: int = 32  # entries of the trunk's distribution kept as a distill target
   frozen: bool = False  # the trunk is not trained: its loss is reported, not optimized
+  feature_weight: float = 0.0  # weight of each head's feature gap in its loss (0: not computed)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(6, 7))
@@ -60,6 +65,18 @@ def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: Model
   return sums, (ids, jnp.exp(logp))
 
 
+def _feature_gap(h_BxTxD, scale_D, target_BxTxD, target_scale_D, valid_BxT, cfg: ModelConfig):
+  """Sums of the smooth-L1 distance (mean over the width) between a depth's normalised output and
+  the trunk's normalised last hidden state at i + k, the vector the output matrix reads there:
+  EAGLE's feature regression, in the space where both meet the output matrix. The target gets no
+  gradient; positions where valid_BxT is False are left out."""
+  norm = lambda h, scale: rms_norm(h[..., :cfg.d_model].astype(jnp.float32), scale, cfg.norm_eps)
+  target = jax.lax.stop_gradient(norm(target_BxTxD, target_scale_D))
+  gap_BxT = jnp.mean(optax.huber_loss(norm(h_BxTxD, scale_D), target, delta=1.0), axis=-1)
+  weight_BxT = valid_BxT.astype(jnp.float32)
+  return {'feature': jnp.sum(gap_BxT * weight_BxT), 'feature_count': jnp.sum(weight_BxT)}
+
+
 def _one_hot_target(tokens_BxT):
   return tokens_BxT[..., None], jnp.ones(tokens_BxT.shape + (1,), jnp.float32)
 
@@ -77,16 +94,24 @@ def draft_index(draft_ids_N, vocab_size: int):
 
 
 def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
-  """Sums of depths 1..D. targets[k] = (ids, probs) of depth k in full-vocabulary ids."""
+  """Sums of depths 1..D. targets[k] = (ids, probs) of depth k in full-vocabulary ids; hidden[0]
+  is the trunk's, whose state at i + k is depth k's feature target where it has a target."""
   sums = []
+  T = hidden[0].shape[1]
   for k in range(1, len(hidden)):
     (scale, out), (ids, p), data_k = weights[k], targets[k], data[k]
+    feature = {}
+    if spec.feature_weight:
+      valid = jnp.any(ids >= 0, axis=-1) & (jnp.arange(T) < T - k)
+      feature = _feature_gap(hidden[k], scale, _shift(hidden[0], k, 0), weights[0][0], valid,
+                             spec.cfg)
     if draft_ids is not None:
       index = draft_index(draft_ids, spec.cfg.vocab_size)
       ids = jnp.where(ids >= 0, index[jnp.maximum(ids, 0)], -1)
       data_k = jnp.where(data_k >= 0, index[jnp.maximum(data_k, 0)], -1)
       out = out[draft_ids] if spec.cfg.tie_embeddings else out[:, draft_ids]
-    sums.append(_depth_stats(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0])
+    sums.append({**_depth_stats(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0],
+                 **feature})
   return sums
 
 
@@ -161,20 +186,25 @@ def metrics_of(sums, agreement: bool) -> dict:
     metrics[f'accuracy/depth_{k}'] = s['correct'] / jnp.maximum(s['data_count'], 1)
     if k and agreement:
       metrics[f'agreement/depth_{k}'] = s['agree'] / jnp.maximum(s['count'], 1.0)
+    if 'feature' in s:
+      metrics[f'feature/depth_{k}'] = s['feature'] / jnp.maximum(s['feature_count'], 1.0)
   return metrics
 
 
 def combined_loss(params, batch, spec: LossSpec, weight, draft_ids=None):
   """Returns (L, metrics) with per-depth mean loss and top-1 accuracy (and, for heads, agreement
-  with their target's top token). A frozen trunk's loss is not part of L: then L is the heads'
-  mean loss."""
+  with their target's top token, and the feature gap where it is weighted); a head's loss is its
+  cross-entropy plus feature_weight times its feature gap. A frozen trunk's loss is not part of
+  L: then L is the heads' mean loss."""
   D = spec.cfg.mtp_depth
   if isinstance(batch, dict):
     sums = feature_sums(params, batch, spec, draft_ids)
   else:
     sums = depth_sums(params, batch, spec, draft_ids)
   metrics = metrics_of(sums, spec.head_loss == 'distill')
-  heads = sum(metrics[f'loss/depth_{k}'] for k in range(1, D + 1)) / D if D else 0.0
+  head_loss = lambda k: (metrics[f'loss/depth_{k}']
+                         + spec.feature_weight * metrics.get(f'feature/depth_{k}', 0.0))
+  heads = sum(head_loss(k) for k in range(1, D + 1)) / D if D else 0.0
   if spec.frozen:
     total = heads
   else:

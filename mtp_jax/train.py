@@ -152,6 +152,8 @@ def summarize_eval(sums_list, depth: int, agreement: bool = False) -> dict:
     out[f'perplexity/depth_{k}'] = float(np.exp(min(loss, 50.0)))
     if k and agreement:
       out[f'agreement/depth_{k}'] = total['agree'] / max(total['count'], 1)
+    if 'feature' in total:
+      out[f'feature/depth_{k}'] = total['feature'] / max(total['feature_count'], 1)
   return out
 
 
@@ -162,7 +164,8 @@ def window_length(config) -> int:
 
 def loss_spec(config, cfg: ModelConfig) -> LossSpec:
   t = config.train
-  return LossSpec(cfg, head_loss=t.head_loss, topk=t.distill_topk, frozen=t.freeze_trunk)
+  return LossSpec(cfg, head_loss=t.head_loss, topk=t.distill_topk, frozen=t.freeze_trunk,
+                  feature_weight=float(t.feature_weight))
 
 
 def step_dtype(config) -> str:

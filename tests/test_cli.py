@@ -94,6 +94,8 @@ CASES = {
     'negative head width': ({'mtp.head_mlp_dim': -8}, [], QUICKSTART,
                             ['mtp.head_mlp_dim', '-8']),
     'no head blocks': ({'mtp.head_blocks': 0}, [], QUICKSTART, ['mtp.head_blocks', '0']),
+    'negative feature weight': ({'train.feature_weight': -0.5}, [], QUICKSTART,
+                                ['train.feature_weight must be a number >= 0', '-0.5']),
     'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
 }
 

@@ -73,6 +73,46 @@ def test_loss_matches_reference(kind, depth):
     np.testing.assert_allclose(float(metrics[f'loss/depth_{k}']), ref, rtol=1e-5)
 
 
+def test_feature_gap_matches_reference():
+  """train.feature_weight: head k at position i is also pulled towards the trunk's hidden state
+  at i + k, both normalised as the output matrix reads them; positions without a target, or
+  whose i + k lies past the trunk's positions, are left out."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(2))
+  for i, name in enumerate(['final_norm', 'mtp_norms_0', 'mtp_norms_1']):  # norms as trained
+    params['params'][name]['scale'] = jax.random.uniform(jax.random.key(i), (cfg.d_model,),
+                                                         minval=0.5, maxval=3.0)
+  T = 10
+  tokens = np.array(jax.random.randint(jax.random.key(3), (2, T + 3), 0, cfg.vocab_size))
+  tokens[1, -4:] = -1
+  total, metrics = combined_loss(params, jnp.asarray(tokens), LossSpec(cfg, feature_weight=0.7),
+                                 0.3)
+  _, ref_losses = reference_loss(params, cfg, tokens, 0.3)
+  model = MTPLanguageModel(cfg)
+  hidden = model.apply(params, jnp.asarray(tokens[:, :T]), jnp.asarray(tokens),
+                       method=model.hidden_states)
+  p = params['params']
+
+  def normed(h, scale):
+    h = np.asarray(h, np.float64)
+    return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps) * np.asarray(scale)
+
+  target = normed(hidden[0], p['final_norm']['scale'])
+  gaps = []
+  for k in (1, 2):
+    pred = normed(hidden[k], p[f'mtp_norms_{k - 1}']['scale'])
+    gap = [np.mean(np.where(abs(d) <= 1, 0.5 * d * d, abs(d) - 0.5))
+           for b in range(2) for i in range(T - k) if tokens[b, i + k + 1] >= 0
+           for d in [pred[b, i] - target[b, i + k]]]
+    assert len(gap) == 2 * (T - k) - 2
+    gaps.append(np.mean(gap))
+    np.testing.assert_allclose(float(metrics[f'feature/depth_{k}']), gaps[-1], rtol=1e-5)
+  want = ref_losses[0] + 0.3 * np.mean([ref_losses[k] + 0.7 * gaps[k - 1] for k in (1, 2)])
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  _, plain = combined_loss(params, jnp.asarray(tokens), LossSpec(cfg), 0.3)
+  assert not any(name.startswith('feature/') for name in plain)
+
+
 def test_depth_targets_alignment_on_hand_made_batch():
   """Depth k at position i is scored against t_{i+k+1}: blanking one target removes exactly
   the position i = p - k - 1 from depth k's count."""

@@ -168,13 +168,15 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
 
 def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
   """train.freeze_trunk: after steps the trunk is exactly the file's, the heads moved, and the
-  optimizer holds state for the heads alone; the same on cached trunk features."""
+  optimizer holds state for the heads alone; the same on cached trunk features, there with the
+  heads also fitted to the trunk's hidden states (train.feature_weight)."""
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
   want = pretrained.trunk_params(path)
   for features in (False, True):
     config = pretrained_config(path, **{'data.sources': corpus, 'train.freeze_trunk': True,
                                         'train.head_loss': 'distill', 'data.features': features,
-                                        'mtp.init_from': 'last_block', 'train.distill_topk': 4})
+                                        'mtp.init_from': 'last_block', 'train.distill_topk': 4,
+                                        'train.feature_weight': 0.5 if features else 0.0})
     workdir = str(tmp_path / f'run{features}')
     summary = train.train(config, workdir)
     assert summary['step'] == 3
@@ -191,6 +193,7 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
     assert jax.tree.structure(state['opt_state']) == jax.tree.structure(
         session.tx.init(heads))
     assert 'agreement/depth_1' in summary['eval']
+    assert ('feature/depth_1' in summary['eval']) == features
 
 
 @pytest.mark.parametrize('heads', ['', 'last_block'])
