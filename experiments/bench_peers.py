@@ -354,6 +354,7 @@ def report(result: dict):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs its checkpoint manager at INFO.
+  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   with tempfile.TemporaryDirectory() as tmp:
     try:
       result = benchmark(_WORKDIR.value or tmp)

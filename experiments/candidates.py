@@ -32,6 +32,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  from mtp_jax import run
+  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import dataclasses
   from mtp_jax import inference
   from mtp_jax import measure

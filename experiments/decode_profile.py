@@ -254,6 +254,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  from mtp_jax import run
+  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   config = _CONFIG.value
   if not _RANDOM.value and not _WORKDIR.value:
     raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '

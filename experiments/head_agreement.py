@@ -173,6 +173,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  from mtp_jax import run
+  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import numpy as np
   from mtp_jax import data as data_lib
   from mtp_jax import features
