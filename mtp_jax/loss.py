@@ -65,14 +65,17 @@ def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: Model
   return sums, (ids, jnp.exp(logp))
 
 
-def _feature_gap(h_BxTxD, scale_D, target_BxTxD, target_scale_D, valid_BxT, cfg: ModelConfig):
+def _normed(h_BxTxD, scale_D, cfg: ModelConfig):
+  """The first D features normalised in float32, as the output matrix reads them."""
+  return rms_norm(h_BxTxD[..., :cfg.d_model].astype(jnp.float32), scale_D, cfg.norm_eps)
+
+
+def _feature_gap(normed_BxTxD, target_BxTxD, valid_BxT):
   """Sums of the smooth-L1 distance (mean over the width) between a depth's normalised output and
   the trunk's normalised last hidden state at i + k, the vector the output matrix reads there:
-  EAGLE's feature regression, in the space where both meet the output matrix. The target gets no
-  gradient; positions where valid_BxT is False are left out."""
-  norm = lambda h, scale: rms_norm(h[..., :cfg.d_model].astype(jnp.float32), scale, cfg.norm_eps)
-  target = jax.lax.stop_gradient(norm(target_BxTxD, target_scale_D))
-  gap_BxT = jnp.mean(optax.huber_loss(norm(h_BxTxD, scale_D), target, delta=1.0), axis=-1)
+  EAGLE's feature regression, in the space where both meet the output matrix. Positions where
+  valid_BxT is False are left out."""
+  gap_BxT = jnp.mean(optax.huber_loss(normed_BxTxD, target_BxTxD, delta=1.0), axis=-1)
   weight_BxT = valid_BxT.astype(jnp.float32)
   return {'feature': jnp.sum(gap_BxT * weight_BxT), 'feature_count': jnp.sum(weight_BxT)}
 
@@ -98,13 +101,14 @@ def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
   is the trunk's, whose state at i + k is depth k's feature target where it has a target."""
   sums = []
   T = hidden[0].shape[1]
+  if spec.feature_weight:  # normalised once for every depth; the target gets no gradient
+    trunk = jax.lax.stop_gradient(_normed(hidden[0], weights[0][0], spec.cfg))
   for k in range(1, len(hidden)):
     (scale, out), (ids, p), data_k = weights[k], targets[k], data[k]
     feature = {}
     if spec.feature_weight:
       valid = jnp.any(ids >= 0, axis=-1) & (jnp.arange(T) < T - k)
-      feature = _feature_gap(hidden[k], scale, _shift(hidden[0], k, 0), weights[0][0], valid,
-                             spec.cfg)
+      feature = _feature_gap(_normed(hidden[k], scale, spec.cfg), _shift(trunk, k, 0), valid)
     if draft_ids is not None:
       index = draft_index(draft_ids, spec.cfg.vocab_size)
       ids = jnp.where(ids >= 0, index[jnp.maximum(ids, 0)], -1)
