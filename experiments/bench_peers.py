@@ -88,7 +88,7 @@ class System:
 
 
 def our_systems(session, params, prompts: list[list[int]], max_new: int) -> list[System]:
-  """`ar` and `mtp` at S = 1..D, each prompt its own compiled call, as inference.bench_rows does
+  """`ar` and `mtp` at S = 1..D, each prompt its own compiled call, as inference.bench_blocks does
   at batch 1."""
   step_bytes = sum(leaf.nbytes for key, tree in params['params'].items()
                    if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))

@@ -75,7 +75,7 @@ class Checkpointer:
       for step in self.all_steps():
         path = os.path.join(self.directory, str(step))
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
-          _write_json(os.path.join(path, MANIFEST), _file_sizes(path))
+          write_json(os.path.join(path, MANIFEST), _file_sizes(path))
 
   def _check_files(self, step: int) -> str | None:
     """What is wrong with `step`'s files against its manifest (None when nothing is, or when
@@ -180,8 +180,9 @@ def _write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def _write_json(path: str, obj) -> None:
-  _write_text(path, json.dumps(obj, indent=1))
+def write_json(path: str, obj, indent: int = 1) -> None:
+  """obj as JSON at path, written whole or not at all."""
+  _write_text(path, json.dumps(obj, indent=indent))
 
 
 def save_config(workdir: str, config) -> None:

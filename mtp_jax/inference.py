@@ -216,14 +216,14 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
   return result
 
 
-def bench_rows(session, params, config) -> list[dict]:
-  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on held-out prompts.
+def bench_blocks(session, params, config):
+  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on held-out prompts,
+  yielded as one list of rows per (temperature, batch) as each finishes.
   Batch 1 decodes each prompt alone; batch 8 decodes them all through 8 rows, a row taking the
   next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
   prompts = held_out_prompts(session, d.bench_prompts)
-  rows = []
   for temperature in (0.0, 1.0):
     for batch in (1, 8):
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
@@ -236,7 +236,7 @@ def bench_rows(session, params, config) -> list[dict]:
       seconds, outputs = measure.fastest(
           calls, d.bench_rounds, desc=f'bench: temperature {temperature:g}, batch {batch}')
       best = np.asarray(seconds).reshape(len(groups), len(per_S)).T  # [method, group]
-      reference = None
+      reference, rows = None, []
       for S, s in enumerate(per_S):
         states = outputs[S::len(per_S)]
         outs = [o for state in states for o in dec.outputs(state)]
@@ -250,7 +250,7 @@ def bench_rows(session, params, config) -> list[dict]:
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
             'identical_to_ar': (None if S == 0 or temperature > 0 else outs == reference['outs'])})
-  return rows
+      yield rows
 
 
 def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
@@ -290,14 +290,18 @@ def bench_table(rows: list[dict]) -> str:
 
 
 def bench(session, params, config, step: int) -> dict:
-  """bench_rows, printed and written to WORKDIR/bench.json."""
-  rows = bench_rows(session, params, config)
-  print(bench_table(rows))
+  """bench_blocks, each block printed and WORKDIR/bench.json rewritten as it finishes, so a run
+  stopped part way keeps what it measured ('complete' says whether every block is in)."""
   result = {'machine': measure.machine(), 'checkpoint_step': step,
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
-            'draft_dtype': session.decode_model.draft_dtype, 'rows': rows}
-  with open(os.path.join(session.workdir, 'bench.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+            'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
+  path = os.path.join(session.workdir, 'bench.json')
+  for rows in bench_blocks(session, params, config):
+    print(bench_table(rows), flush=True)
+    result['rows'] += rows
+    ckpt_lib.write_json(path, result, indent=2)
+  result['complete'] = True
+  ckpt_lib.write_json(path, result, indent=2)
   return result
 
 

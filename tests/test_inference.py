@@ -30,6 +30,7 @@ def test_bench_json_rows_and_identity(trained, capsys):
   result = run.run('bench', config, workdir)
   on_disk = json.load(open(os.path.join(workdir, 'bench.json')))
   assert on_disk['checkpoint_step'] == 4 and on_disk['machine'] == result['machine']
+  assert on_disk['complete'] is True
   rows = on_disk['rows']
   keys = {'method', 'draft_len', 'batch', 'temperature', 'tau', 'acceptance_per_position',
           'tokens_per_s', 'speedup', 'identical_to_ar'}
@@ -48,7 +49,31 @@ def test_bench_json_rows_and_identity(trained, capsys):
     # Acceptance can only fall with the draft position: reaching j needs accepting j - 1.
     acc = r['acceptance_per_position']
     assert all(a >= b for a, b in zip(acc, acc[1:]))
-  assert 'speedup' in capsys.readouterr().out
+  # Each (temperature, batch) block is printed as it finishes, with its own header.
+  assert capsys.readouterr().out.count('speedup') == 4
+
+
+def test_bench_keeps_finished_blocks(trained, monkeypatch):
+  """A bench stopped part way (a time limit, a crash) leaves the blocks it finished in
+  bench.json, marked incomplete."""
+  config, workdir = trained
+  path = os.path.join(workdir, 'bench.json')
+  if os.path.exists(path):
+    os.remove(path)
+  real = inference.bench_blocks
+
+  def stopped_after_one(*args):
+    blocks = real(*args)
+    yield next(blocks)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(inference, 'bench_blocks', stopped_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    run.run('bench', config, workdir)
+  on_disk = json.load(open(path))
+  assert on_disk['complete'] is False
+  assert [(r['temperature'], r['batch']) for r in on_disk['rows']] == \
+      [(0.0, 1)] * (config.mtp.depth + 1)
 
 
 def test_greedy_mtp_equals_ar_as_users_compile(trained, tmp_path):
