@@ -202,7 +202,8 @@ def bench_throughput(config, mesh, depths, kinds, steps, interleave):
     runs = [start_run(config, mesh, label, overrides, steps) for label, overrides in group]
     rows += time_runs(runs, steps)
     for r in rows[-len(runs):]:
-      print(f"  timed {r['kind']:>10} D={r['depth']}: {1e3 * r['step_s']:.1f} ms/step "
+      print(f"  timed {r['kind']:>10} D={r['depth']}: {1e3 * r['step_s']:.1f} ms/step, "
+            f"{r['model_flops_per_s'] / jax.device_count() / 1e12:.3g} model TFLOP/s per device "
             f"(compile {r['compile_s']:.1f} s)", flush=True)
     del runs  # frees these states before the next group's are made
   base = next((r for r in rows if r['depth'] == 0), None)

