@@ -6,10 +6,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import jax
 import orbax.checkpoint as ocp
+
+from mtp_jax import atomic
 
 
 MANIFEST = 'mtp_jax_files.json'  # beside Orbax's files in each step: their names and sizes
@@ -75,7 +76,7 @@ class Checkpointer:
       for step in self.all_steps():
         path = os.path.join(self.directory, str(step))
         if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
-          write_json(os.path.join(path, MANIFEST), _file_sizes(path))
+          atomic.write_json(os.path.join(path, MANIFEST), _file_sizes(path))
 
   def _check_files(self, step: int) -> str | None:
     """What is wrong with `step`'s files against its manifest (None when nothing is, or when
@@ -170,24 +171,10 @@ def _file_sizes(root: str) -> dict:
   return sizes
 
 
-def _write_text(path: str, text: str) -> None:
-  """Through a temporary file, so a crash never leaves half a file for a later run to parse."""
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-  with os.fdopen(fd, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def write_json(path: str, obj, indent: int = 1) -> None:
-  """obj as JSON at path, written whole or not at all."""
-  _write_text(path, json.dumps(obj, indent=indent))
-
 
 def save_config(workdir: str, config) -> None:
   """Writes WORKDIR/config.json."""
-  _write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  atomic.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
 def load_config(workdir: str) -> dict | None:

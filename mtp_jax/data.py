@@ -18,6 +18,8 @@ import tokenizers
 import tqdm
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mtp_jax import atomic
+
 EOS = '<|endoftext|>'
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst')
 # Test suites are mostly fixtures and assertions, not the code and docstrings we want to model.
@@ -138,13 +140,6 @@ def split_documents(docs, valid_fraction):
   return train, valid
 
 
-def _write_atomic(path, data: bytes):
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _train_tokenizer(texts, vocab_size):
   if vocab_size < 257:
     raise DataError(f'data.vocab_size: {vocab_size} is below 257, the 256 bytes plus {EOS}')
@@ -192,7 +187,7 @@ def _tokenizer(data_cfg, path, train_texts, given=None):
   if eos_id is None and given is None:
     raise DataError(f"data.tokenizer: '{source}' has no {EOS} token")
   if not os.path.exists(path) or _read(path) != blob:
-    _write_atomic(path, blob)
+    atomic.write_bytes(path, blob)
   return tokenizer, eos_id
 
 
@@ -252,9 +247,9 @@ def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None) -> TokenData:
     start = time.time()
     for split, split_docs in zip(('train', 'valid'), splits):
       tokens = _tokenize(tokenizer, [t for _, t in split_docs], eos_id, dtype, split)
-      _write_atomic(os.path.join(cache, f'{split}.bin'), tokens.tobytes())
+      atomic.write_bytes(os.path.join(cache, f'{split}.bin'), tokens.tobytes())
       meta.update({f'{split}_tokens': len(tokens), f'{split}_documents': len(split_docs)})
-    _write_atomic(os.path.join(cache, 'meta.json'), json.dumps(meta, indent=1).encode())
+    atomic.write_json(os.path.join(cache, 'meta.json'), meta)
     print(f"data: {meta['train_tokens']} train / {meta['valid_tokens']} valid tokens in"
           f' {time.time() - start:.1f}s, cached in {cache}', file=sys.stderr)
     arrays = _load_cache(cache)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from mtp_jax import atomic
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as dec
@@ -299,9 +300,9 @@ def bench(session, params, config, step: int) -> dict:
   for rows in bench_blocks(session, params, config):
     print(bench_table(rows), flush=True)
     result['rows'] += rows
-    ckpt_lib.write_json(path, result, indent=2)
+    atomic.write_json(path, result, indent=2)
   result['complete'] = True
-  ckpt_lib.write_json(path, result, indent=2)
+  atomic.write_json(path, result, indent=2)
   return result
 
 

@@ -23,9 +23,25 @@ sys.path.insert(0, REPO)
 # One persistent XLA compilation cache for this test process and every subprocess it starts
 # (they inherit the environment): tests build the same small programs again and again, in new
 # sessions and in launch.py subprocesses, and compiling them is most of a tiny run's time. Set
-# before jax is imported; removed at exit.
+# before jax is imported; removed at exit, or by the next run when this one was killed (the
+# directory's name holds the pid of the process that made it).
+CACHE_PREFIX = 'mtp_jax_xla_cache_'
+
+
+def _remove_caches_of_dead_runs():
+  for path in glob.glob(os.path.join(tempfile.gettempdir(), CACHE_PREFIX + '*_*')):
+    try:
+      os.kill(int(os.path.basename(path)[len(CACHE_PREFIX):].split('_')[0]), 0)
+    except ProcessLookupError:
+      shutil.rmtree(path, ignore_errors=True)
+    except (ValueError, PermissionError):
+      pass  # not one of ours, or another user's live process
+
+
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mtp_jax_xla_cache_')
+  _remove_caches_of_dead_runs()
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix=f'{CACHE_PREFIX}{os.getpid()}_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'

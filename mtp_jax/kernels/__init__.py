@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from mtp_jax import measure
 from mtp_jax.matmul import matmul
+from mtp_jax.pretrained import fetch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
 # Products of up to this many rows go to the kernel (in passes of 8 over each block of weights,
@@ -45,8 +46,7 @@ _FLAGS = ['-O3', '-ffp-contract=off', '-std=c++17', '-fPIC', '-shared', '-w']
 
 
 def _cache_root() -> str:
-  return os.path.join(os.environ.get('MTP_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'mtp_jax'), 'kernels')
+  return os.path.join(fetch.cache_dir(), 'kernels')
 
 
 def _machine_key() -> str:

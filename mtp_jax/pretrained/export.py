@@ -3,23 +3,16 @@
 beside it in mtp_heads.safetensors (heads_file), which mtp.init_from reads.
 """
 
-import json
 import os
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from mtp_jax import atomic
 from mtp_jax.pretrained import heads_file, llama
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 HEADS = 'mtp_heads.safetensors'
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
@@ -51,17 +44,19 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   os.replace(os.path.join(directory, 'model.safetensors.tmp'),
              os.path.join(directory, 'model.safetensors'))
   written = ['model.safetensors']
-  _write_json(os.path.join(directory, 'config.json'), hf_config(cfg, eos_id, bos_id, dtype))
-  _write_json(os.path.join(directory, 'generation_config.json'),
-              {'bos_token_id': bos_id, 'eos_token_id': eos_id})
+  atomic.write_json(os.path.join(directory, 'config.json'),
+                    hf_config(cfg, eos_id, bos_id, dtype), indent=2)
+  atomic.write_json(os.path.join(directory, 'generation_config.json'),
+                    {'bos_token_id': bos_id, 'eos_token_id': eos_id}, indent=2)
   written += ['config.json', 'generation_config.json']
   if tokenizer is not None:
     tokenizer.save(os.path.join(directory, 'tokenizer.json'))
     token = lambda i: tokenizer.id_to_token(i) if i is not None and i >= 0 else None
-    _write_json(os.path.join(directory, 'tokenizer_config.json'),
-                {'tokenizer_class': 'PreTrainedTokenizerFast', 'chat_template': chat_template,
-                 'eos_token': token(eos_id), 'bos_token': token(bos_id),
-                 'model_max_length': cfg.max_seq_len})
+    atomic.write_json(os.path.join(directory, 'tokenizer_config.json'),
+                      {'tokenizer_class': 'PreTrainedTokenizerFast',
+                       'chat_template': chat_template, 'eos_token': token(eos_id),
+                       'bos_token': token(bos_id), 'model_max_length': cfg.max_seq_len},
+                      indent=2)
     written += ['tokenizer.json', 'tokenizer_config.json']
   if cfg.mtp_depth:
     heads_file.save(os.path.join(directory, HEADS), params, config, trunk=trunk_identity,

@@ -1,0 +1,26 @@
+"""Files written whole or not at all: a write that fails part way leaves the old file and no
+temporary file beside it."""
+
+import json
+import os
+
+import pytest
+
+from mtp_jax import atomic
+
+
+def test_write_json_replaces_whole_file(tmp_path):
+  path = str(tmp_path / 'sub' / 'x.json')  # the folder is made
+  atomic.write_json(path, {'a': 1})
+  atomic.write_json(path, {'b': [1, 2]}, indent=2)
+  assert json.load(open(path)) == {'b': [1, 2]}
+  assert os.listdir(tmp_path / 'sub') == ['x.json']
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
+  path = str(tmp_path / 'x.bin')
+  atomic.write_bytes(path, b'old')
+  with pytest.raises(TypeError):
+    atomic.write_bytes(path, 12345)  # fails inside the write, after the temporary file exists
+  assert open(path, 'rb').read() == b'old'
+  assert os.listdir(tmp_path) == ['x.bin']
