@@ -156,7 +156,8 @@ def draft_len_points(config, root: str) -> list[dict]:
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
               for v in values]
   bench_path = os.path.join(workdir, 'bench.json')
-  if not os.path.exists(bench_path):
+  # A bench stopped part way leaves its finished blocks, marked incomplete: run it again.
+  if not os.path.exists(bench_path) or not json.load(open(bench_path)).get('complete', True):
     code, last = run_point(config, workdir, depth, mode='bench')
     if code:
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}

@@ -1,18 +1,29 @@
-"""Files written whole or not at all: into a temporary file beside the target, then renamed over
-it, so a crash never leaves half a file for a later run to read."""
+"""Files written whole or not at all: into a temporary file beside the target, flushed to disk,
+then renamed over it, so a crash never leaves half a file for a later run to read. (Files that a
+library writes itself, safetensors and .npy, follow the same pattern where they are saved.)"""
 
 import json
 import os
 import tempfile
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def write_bytes(path: str, data: bytes) -> None:
+  """The file gets the mode a plain open() would give it (mkstemp's own is 0600)."""
   folder = os.path.dirname(path) or '.'
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -3,7 +3,6 @@ speculative-decoding check that runs during training's evaluations.
 """
 
 import functools
-import json
 import os
 
 import jax
@@ -297,6 +296,7 @@ def bench(session, params, config, step: int) -> dict:
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
   path = os.path.join(session.workdir, 'bench.json')
+  atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current
   for rows in bench_blocks(session, params, config):
     print(bench_table(rows), flush=True)
     result['rows'] += rows

