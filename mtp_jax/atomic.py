@@ -13,13 +13,18 @@ def _umask() -> int:
   return mask
 
 
+# The mode a plain open() gives a new file, read once: os.umask can only be read by setting it,
+# which other threads would see for that moment.
+_MODE = 0o666 & ~_umask()
+
+
 def write_bytes(path: str, data: bytes) -> None:
   """The file gets the mode a plain open() would give it (mkstemp's own is 0600)."""
   folder = os.path.dirname(path) or '.'
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
   try:
-    os.fchmod(fd, 0o666 & ~_umask())
+    os.fchmod(fd, _MODE)
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
       f.flush()
