@@ -17,7 +17,9 @@ heads' softmax covers token ids 0..N-1, as the cost depends on N only):
      compiled step, achieved FLOP/s, its share of the matmul FLOP/s (and MFU), and
      step_time(D)/step_time(0) beside flops(D)/flops(0); --interleave times all (kind, D) step
      by step, which a machine shared with other jobs needs for fair ratios (D = 0 always trains
-     its trunk: it has no heads to train alone);
+     its trunk: it has no heads to train alone); --flops_only prints only the model and
+     hardware FLOPs per step of each (kind, D) and their ratio to D = 0, from the config alone,
+     and stops (the numerators for step times measured elsewhere);
   3. per D in --memory_depths (sequential, compiled only): XLA's temp/argument/output/alias
      bytes, and the growth of temp memory per extra depth in units of one B x T x V float32
      logits tensor, also after subtracting what one more trunk block adds (the activations a
@@ -50,7 +52,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtp_jax import costs, measure, sharding, train  # noqa: E402
-from mtp_jax.config import KINDS, ConfigError, apply_overrides, validate  # noqa: E402
+from mtp_jax.config import KINDS, ConfigError, ModelConfig, apply_overrides, validate  # noqa: E402
 from mtp_jax.loss import combined_loss  # noqa: E402
 from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
@@ -73,6 +75,9 @@ _FREEZE = flags.DEFINE_bool('freeze_compare', False,
 _INTERLEAVE = flags.DEFINE_bool(
     'interleave', False, 'Time every (kind, D) step by step in rounds, all states live at once, '
     'so load drift on a shared machine hits each alike (needs memory for every state).')
+_FLOPS_ONLY = flags.DEFINE_bool(
+    'flops_only', False, 'Print each (kind, D)\'s analytic FLOPs per train step (mtp_jax/costs.py) '
+    'and exit, with no device work: the numerator of MFU for step times measured elsewhere.')
 _MARKDOWN = flags.DEFINE_bool('markdown', False, 'Also print each table as markdown.')
 _OUT = flags.DEFINE_string('out', '', 'Write every number to this JSON file.')
 
@@ -191,12 +196,31 @@ def at_depth(depth: int, kind: str | None = None) -> dict:
   return {'mtp.depth': depth, **kind, **({'train.freeze_trunk': False} if depth == 0 else {})}
 
 
+def plan_of(depths, kinds) -> list[tuple[dict, dict]]:
+  """(label, overrides) per timed row: D = 0 once, then every kind at each D > 0."""
+  plan = [({'kind': '-', 'depth': 0}, at_depth(0))] if 0 in depths else []
+  return plan + [({'kind': kind, 'depth': d}, at_depth(d, kind))
+                 for kind in kinds for d in depths if d > 0]
+
+
+def print_flops(config, depths, kinds):
+  """Model and hardware FLOPs per train step of each planned row, from the config alone."""
+  base = None
+  for label, overrides in plan_of(depths, kinds):
+    c = apply_overrides(config, overrides)
+    counts = costs.train_flops(ModelConfig.from_config(c), c.train.batch_size, c.train.seq_len,
+                               frozen=c.train.freeze_trunk, draft_vocab=c.train.draft_vocab)
+    base = base or (counts['model'] if label['depth'] == 0 else None)
+    ratio = f", F(D)/F(0) {counts['model'] / base:.3f}" if base else ''
+    print(f"  {label['kind']:>10} D={label['depth']}: {counts['model'] / 1e12:.4g} model TFLOP, "
+          f"{counts['hardware'] / 1e12:.4g} hardware TFLOP per step of {counts['tokens']} "
+          f"tokens{ratio}", flush=True)
+
+
 def bench_throughput(config, mesh, depths, kinds, steps, interleave):
   """Times each (kind, D) in turn or, with `interleave`, all of them step by step in rounds
   (every state live at once), so a drift in the machine's load hits every D alike."""
-  plan = [({'kind': '-', 'depth': 0}, at_depth(0))] if 0 in depths else []
-  plan += [({'kind': kind, 'depth': d}, at_depth(d, kind))
-           for kind in kinds for d in depths if d > 0]
+  plan = plan_of(depths, kinds)
   rows = []
   for group in ([plan] if interleave else [[p] for p in plan]):
     runs = [start_run(config, mesh, label, overrides, steps) for label, overrides in group]
@@ -465,6 +489,9 @@ def main(argv):
     if config.data.features:
       raise ConfigError('data.features=True trains on cached trunk features, which this does not '
                         'time; pass --config.data.features=False to time token windows')
+    if _FLOPS_ONLY.value:
+      print_flops(config, depths, kinds)
+      return
     if _FREEZE.value:  # fails here, not after the other parts have run
       validate(apply_overrides(config, {'train.freeze_trunk': True}))
     mesh = sharding.make_mesh(config.mesh)

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import model_param_counts, tiny_config
+from configs import gpu_125m
+from conftest import model_param_counts, run_script, tiny_config
 from mtp_jax import costs, sharding, train
 from mtp_jax.config import ModelConfig
 
@@ -86,3 +87,24 @@ def test_byte_counts_of_trees_and_of_the_backward_pass():
   stats = costs.memory_stats(compiled)
   assert stats['argument'] == costs.tree_bytes((w, x))
   assert stats['output'] == 4  # the scalar the step returns
+
+
+def test_bench_train_prints_the_step_flops_with_no_device_work():
+  """`bench_train.py --flops_only`: each row's model and hardware FLOPs per step as costs.py
+  counts them, and the ratio to D = 0 (the numbers MFU and the step-time ratio are read against
+  for step times measured on another machine)."""
+  result = run_script('experiments/bench_train.py', '--config', 'configs/gpu_125m.py',
+                      '--depths', '0,1', '--kinds', 'sequential', '--flops_only')
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 2 and 'D=0' in lines[0] and 'sequential D=1' in lines[1]
+  counts = []
+  for depth in (0, 1):
+    c = gpu_125m.get_config()
+    c.mtp.depth = depth
+    counts.append(costs.train_flops(ModelConfig.from_config(c), c.train.batch_size,
+                                    c.train.seq_len))
+  for line, count in zip(lines, counts):
+    tflop = lambda key: f'{count[key] / 1e12:.4g}'
+    assert f"{tflop('model')} model TFLOP, {tflop('hardware')} hardware TFLOP" in line
+  assert lines[1].endswith(f"F(D)/F(0) {counts[1]['model'] / counts[0]['model']:.3f}")
