@@ -39,9 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.num_kv_heads = 2
   c.model.mlp_dim = 0  # 0: the SwiGLU default, 8/3 * d_model rounded up to a multiple of 64.
-  c.model.dtype = 'float32'  # compute dtype: float32 or bfloat16; params stay float32.
+  # Compute dtype: float32 or bfloat16; params stay float32. Float32 products run in float32 on
+  # every backend (not TF32 on a GPU): bfloat16 is the fast one there.
+  c.model.dtype = 'float32'
   # einsum: attention written out (dense float32 softmax); fused: jax.nn.dot_product_attention
-  # for training (cuDNN flash attention on GPUs that have it). Decoding always uses einsum.
+  # for training (cuDNN's flash attention on a GPU in bfloat16 or float16, XLA's elsewhere).
+  # Decoding always uses einsum.
   c.model.attention = 'einsum'
   c.model.tie_embeddings = True
   c.model.rope_theta = 10000.0

@@ -13,6 +13,12 @@ import jax.numpy as jnp
 from mtp_jax.config import ModelConfig, block_name
 from mtp_jax.layers import (Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes,
                              rotary)
+from mtp_jax.matmul import precision
+
+
+def _mul(x, w):
+  """x @ w at the model's precision (matmul.precision)."""
+  return jnp.matmul(x, w, precision=precision(x))
 
 
 class SequentialModule(nn.Module):
@@ -63,11 +69,11 @@ class MedusaHead(nn.Module):
     if not F:
       w = param_with_axes(self, 'w', nn.initializers.zeros, (D, D), ('embed', 'mlp'))
       b = param_with_axes(self, 'b', nn.initializers.zeros, (D,), ('norm',))
-      return h + jax.nn.silu(h @ w.astype(dt) + b.astype(dt)), kv
+      return h + jax.nn.silu(_mul(h, w.astype(dt)) + b.astype(dt)), kv
     w_in = param_with_axes(self, 'w_in', fan_in_init(0, 1), (D, F), ('embed', 'mlp'))
     b = param_with_axes(self, 'b', nn.initializers.zeros, (F,), ('mlp',))
     w_out = param_with_axes(self, 'w_out', nn.initializers.zeros, (F, D), ('mlp', 'embed'))
-    return h + jax.nn.silu(h @ w_in.astype(dt) + b.astype(dt)) @ w_out.astype(dt), kv
+    return h + _mul(jax.nn.silu(_mul(h, w_in.astype(dt)) + b.astype(dt)), w_out.astype(dt)), kv
 
 
 def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):

@@ -218,7 +218,8 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
 
 def bench_blocks(session, params, config):
   """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on held-out prompts,
-  yielded as one list of rows per (temperature, batch) as each finishes.
+  yielded as one list of rows per (temperature, batch) as each finishes. A greedy mtp row says
+  whether every prompt's output is ar's, and for how many it is.
   Batch 1 decodes each prompt alone; batch 8 decodes them all through 8 rows, a row taking the
   next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
@@ -244,12 +245,15 @@ def bench_blocks(session, params, config):
         tokens_per_s = sum(len(o) for o in outs) / best[S].sum()
         if S == 0:
           reference = {'outs': outs, 'tokens_per_s': tokens_per_s}
+        compared = S > 0 and temperature == 0  # greedy mtp against greedy ar
+        same = sum(o == r for o, r in zip(outs, reference['outs'])) if compared else None
         rows.append({
             'method': 'ar' if S == 0 else 'mtp', 'draft_len': S, 'batch': batch,
             'temperature': temperature, 'tau': pooled['tau'],
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
-            'identical_to_ar': (None if S == 0 or temperature > 0 else outs == reference['outs'])})
+            'identical_to_ar': same == len(outs) if compared else None,
+            'prompts_identical_to_ar': same, 'prompts': len(outs)})
       yield rows
 
 
@@ -282,7 +286,8 @@ def bench_table(rows: list[dict]) -> str:
   lines = [f"{'method':6} {'S':>2} {'batch':>5} {'temp':>4} {'tau':>5} {'tokens/s':>9} "
            f"{'speedup':>7} {'identical':>9}  acceptance per position"]
   for r in rows:
-    same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
+    same = ('-' if r['identical_to_ar'] is None else 'True' if r['identical_to_ar'] else
+            f"{r['prompts_identical_to_ar']}/{r['prompts']}")
     lines.append(f"{r['method']:6} {r['draft_len']:>2} {r['batch']:>5} {r['temperature']:>4.1f} "
                  f"{r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f} {same:>9}  "
                  f"{r['acceptance_per_position']}")

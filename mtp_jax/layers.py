@@ -5,8 +5,10 @@ Shape legend: B batch, T query positions, L key positions (the cache length), D 
 H query heads, K kv heads, G = H / K, E head dim, F MLP width, V vocab.
 """
 
+import contextlib
 import functools
 import math
+import sys
 
 import flax.linen as nn
 import jax
@@ -15,7 +17,7 @@ import numpy as np
 
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
-from mtp_jax.matmul import matmul
+from mtp_jax.matmul import matmul, precision
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes):
@@ -147,12 +149,31 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
     visible_BxTxL = ((slot_L < positions_BxT[:, :, None]) |
                      (slot_L == jnp.minimum(slots_BxT, slot_L.size - 1)[:, :, None]))
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-  scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE).astype(jnp.float32)
+  scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE,
+                      precision=precision(q_BxTxKxGxE)).astype(jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(E))
   scores = jnp.where(visible_BxTxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxE.dtype)
-  out_BxTxKxGxE = jnp.einsum('bkgtl,blke->btkge', probs, v_BxLxKxE)
+  out_BxTxKxGxE = jnp.einsum('bkgtl,blke->btkge', probs, v_BxLxKxE, precision=precision(probs))
   return out_BxTxKxGxE.reshape(B, T, H, E), kv
+
+
+def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
+  """Causal jax.nn.dot_product_attention: cuDNN's flash attention on a GPU for bfloat16 and
+  float16 (jax's own default is XLA's implementation, which keeps the T x T scores like
+  `attend`), XLA's on other backends, in float32, or where cuDNN refuses the shapes."""
+  q_dtype = jnp.dtype(q_BxTxHxE.dtype)
+  if jax.default_backend() == 'gpu' and q_dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
+                                          implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+      print(f"note: model.attention=fused: cuDNN refused these shapes ({e}); using XLA's",
+            file=sys.stderr)
+  float32 = q_dtype == jnp.float32  # matmul.precision's rule
+  with jax.default_matmul_precision('highest') if float32 else contextlib.nullcontext():
+    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
+                                        implementation='xla')
 
 
 class Attention(nn.Module):
@@ -186,10 +207,9 @@ class Attention(nn.Module):
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':
-      # jax's fused attention: cuDNN's flash attention where the GPU and shapes allow it, XLA's
-      # own elsewhere. No cache means positions 0..T-1 in every row (the training path), so the
-      # position mask below is the plain causal mask.
-      out_BxTxHxE = jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True)
+      # No cache means positions 0..T-1 in every row (the training path), so the position mask
+      # of `attend` is the plain causal mask.
+      out_BxTxHxE = fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE)
     else:
       out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels,
                                slots_BxT)

@@ -1,5 +1,6 @@
 """Two-operand products for training and the XLA fallbacks: x @ w, arranged in bfloat16 on CPU so
-that XLA runs them as bfloat16 products (see `matmul`)."""
+that XLA runs them as bfloat16 products (see `matmul`), and the precision every product of the
+model asks for (`precision`)."""
 
 import functools
 
@@ -11,6 +12,15 @@ from jax.experimental.layout import Layout, with_layout_constraint
 def _row_major(a):
   """a stored row-major: a transposed view becomes a copy in that layout."""
   return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
+
+
+def precision(x):
+  """The precision of a product with operand x: HIGHEST for float32, so that a float32 model
+  multiplies in float32 on every backend (XLA's default lets a GPU round float32 operands to
+  TF32 and a TPU to bfloat16 passes, which changes logits in their fourth digit and makes greedy
+  decoding depend on how many positions a call holds); the backend's default for narrower
+  operands, which it multiplies as they are."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(x.dtype) == jnp.float32 else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -47,5 +57,5 @@ def matmul(x_MxK, w_KxN, out_dtype=None):
   # One CPU device only: a mesh's partitioner is left the plain product, as the decoding kernels
   # leave it theirs.
   if x_MxK.dtype != jnp.bfloat16 or jax.default_backend() != 'cpu' or jax.device_count() > 1:
-    return jnp.dot(x_MxK, w_KxN, preferred_element_type=out_dtype)
+    return jnp.dot(x_MxK, w_KxN, precision=precision(x_MxK), preferred_element_type=out_dtype)
   return _matmul_rows(x_MxK, w_KxN, out_dtype)

@@ -33,19 +33,20 @@ def test_bench_json_rows_and_identity(trained, capsys):
   assert on_disk['complete'] is True
   rows = on_disk['rows']
   keys = {'method', 'draft_len', 'batch', 'temperature', 'tau', 'acceptance_per_position',
-          'tokens_per_s', 'speedup', 'identical_to_ar'}
+          'tokens_per_s', 'speedup', 'identical_to_ar', 'prompts_identical_to_ar', 'prompts'}
   assert all(set(r) == keys for r in rows)
   D = config.mtp.depth
   assert len(rows) == 2 * 2 * (D + 1)  # temperatures x batches x (ar + S = 1..D)
   for r in rows:
     assert len(r['acceptance_per_position']) == r['draft_len']
     assert r['tokens_per_s'] > 0 and 1 <= r['tau'] <= r['draft_len'] + 1
+    assert r['prompts'] == config.decode.bench_prompts
     if r['method'] == 'ar':
       assert r['tau'] == 1 and r['speedup'] == 1 and r['identical_to_ar'] is None
     elif r['temperature'] == 0:
-      assert r['identical_to_ar'] is True
+      assert r['identical_to_ar'] is True and r['prompts_identical_to_ar'] == r['prompts']
     else:
-      assert r['identical_to_ar'] is None
+      assert r['identical_to_ar'] is None and r['prompts_identical_to_ar'] is None
     # Acceptance can only fall with the draft position: reaching j needs accepting j - 1.
     acc = r['acceptance_per_position']
     assert all(a >= b for a, b in zip(acc, acc[1:]))

@@ -1,5 +1,6 @@
 """mtp_jax.matmul: bfloat16 products arranged for XLA's CPU backend keep the value and gradients
-of x @ w, and train.dtype puts the training steps, and only them, in bfloat16."""
+of x @ w, train.dtype puts the training steps, and only them, in bfloat16, and every product of a
+float32 model asks for float32 precision."""
 
 import re
 
@@ -9,8 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script, tiny_config
+from mtp_jax import decode as dec
 from mtp_jax import measure, sharding, train
+from mtp_jax.config import ModelConfig
 from mtp_jax.matmul import matmul
+from mtp_jax.model import init_params
 
 
 @pytest.mark.parametrize('out_dtype', [None, jnp.float32])
@@ -60,6 +64,42 @@ def test_bfloat16_products_are_lowered_in_the_form_xla_runs_natively():
     assert {a, b} <= constrained, (a, b, constrained)
   plain, _ = _dots(lambda x, w: x @ w, x, w)
   assert any(d[2:] != ('[1] x [0]', 'bf16', 'bf16', 'f32') for d in plain), plain
+
+
+def _dot_precisions(text: str) -> list[str]:
+  """The precision of every dot_general in a lowered program's text ('' where it names none)."""
+  return [m.group(1) if m else '' for m in
+          (re.search(r'precision = \[(\w+), \w+\]', line) for line in text.splitlines()
+           if 'stablehlo.dot_general' in line)]
+
+
+@pytest.mark.parametrize('kind, attention', [('sequential', 'fused'), ('parallel', 'einsum'),
+                                             ('medusa', 'fused')])
+def test_float32_models_multiply_in_float32_and_narrower_ones_as_they_are(kind, attention):
+  """Every product of a float32 model's training step (forward and gradients, either attention)
+  and of its decoder (XLA's products, as on a GPU) asks for HIGHEST precision, so that no backend
+  rounds its operands (a GPU's default is TF32); a bfloat16 model's products keep the backend's
+  default."""
+  for dtype in ('float32', 'bfloat16'):
+    config = tiny_config(**{'mtp.kind': kind, 'model.attention': attention, 'model.dtype': dtype,
+                            'train.draft_vocab': 0})
+    program = train.Program(config, sharding.make_mesh(config.mesh))
+    batch = jax.ShapeDtypeStruct((config.train.batch_size, program.window), jnp.int32)
+    step = _dot_precisions(program.lower_train_step(batch, program.draft_ids).as_text())
+    assert len(step) > 10, step
+    if dtype == 'bfloat16':
+      assert 'HIGHEST' not in step, step
+      continue
+    assert set(step) == {'HIGHEST'}, step
+    cfg = ModelConfig.from_config(config)
+    model = dec.decode_model(cfg, use_kernels=False)
+    s = dec.Settings(draft_len=2, max_new_tokens=4)
+    prompts, lens = dec.pad_prompts([[1, 2, 3]])
+    decoder = dec.Decoder(model, s, dec.cache_length(3, s), None)
+    params = model.prepare(init_params(cfg, jax.random.key(0)))
+    text = decoder.jitted.lower(params, prompts, lens, jax.random.key(1)).as_text()
+    decoding = _dot_precisions(text)
+    assert len(decoding) > 10 and set(decoding) == {'HIGHEST'}, decoding
 
 
 def test_train_dtype_sets_the_steps_dtype_and_leaves_decoding_alone():
