@@ -14,7 +14,8 @@
 #      $MTP_JAX_CACHE/smollm2/ first (its sha256 is checked there; mtp_jax/pretrained/fetch.py).
 #
 # Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 1f 2 3 4, default all)
-# Each stage writes its full output to OUT_DIR/stageN.log and its numbers to JSON files there
+# Each stage writes its full output to OUT_DIR/stageN.log (stage 1f: stage1_fused.log; stage 4's
+# demo: stage4_demo.log) and its numbers to JSON files there
 # (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
 # smollm2_bench.json; the decoding profiles as quickstart_profile.log, gpu_125m_profile.log,
 # smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default 989, the dense bf16 peak

@@ -161,13 +161,14 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
 def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
   """Causal jax.nn.dot_product_attention: cuDNN's flash attention on a GPU for bfloat16 and
   float16 (jax's own default is XLA's implementation, which keeps the T x T scores like
-  `attend`), XLA's on other backends, in float32, or where cuDNN refuses the shapes."""
+  `attend`), XLA's on other backends, in float32, or where cuDNN refuses the shapes when the
+  step is traced (a failure later, while XLA compiles the step, is not caught)."""
   q_dtype = jnp.dtype(q_BxTxHxE.dtype)
   if jax.default_backend() == 'gpu' and q_dtype in (jnp.bfloat16, jnp.float16):
     try:
       return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
                                           implementation='cudnn')
-    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+    except (ValueError, NotImplementedError, RuntimeError) as e:
       print(f"note: model.attention=fused: cuDNN refused these shapes ({e}); using XLA's",
             file=sys.stderr)
   float32 = q_dtype == jnp.float32  # matmul.precision's rule

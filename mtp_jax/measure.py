@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
+from mtp_jax.matmul import precision
+
 MATMUL_SIZE = {'cpu': 2048}  # any other platform (GPU, TPU) gets 8192
 BANDWIDTH_BYTES = 512 * 2**20
 
@@ -100,7 +102,8 @@ def matmul_roofline(dtype_name: str, n: int | None = None, runs: int = 5) -> dic
   ka, kb = jax.random.split(jax.random.key(0))
   a_NxN = jax.random.normal(ka, (n, n), jnp.dtype(dtype_name))
   b_NxN = jax.random.normal(kb, (n, n), jnp.dtype(dtype_name))
-  flops_per_s = _best_rate(jax.jit(jnp.matmul), (a_NxN, b_NxN), 2 * n**3, runs)
+  product = functools.partial(jnp.matmul, precision=precision(a_NxN))  # as the model's are
+  flops_per_s = _best_rate(jax.jit(product), (a_NxN, b_NxN), 2 * n**3, runs)
   return {'n': n, 'dtype': dtype_name, 'seconds': 2 * n**3 / flops_per_s, 'flops': 2 * n**3,
           'flops_per_s': flops_per_s}
 
