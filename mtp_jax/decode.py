@@ -291,14 +291,35 @@ def probabilities(logits_xV, s: Settings):
     kth = jnp.min(jax.lax.top_k(logits, s.top_k)[0], axis=-1, keepdims=True)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if s.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it
-    # is still short of top_p.
-    before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    cutoff = jnp.min(jnp.where(before < s.top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    keys = _ordered_keys(logits)
+    logits = jnp.where(keys < _nucleus_cutoff(keys, jax.nn.softmax(logits, axis=-1), s.top_p),
+                       -jnp.inf, logits)
   return jax.nn.softmax(logits, axis=-1)
+
+
+def _ordered_keys(x_xV):
+  """float32 values as uint32 keys in the same order (-0.0 taken as 0.0): a negative value's bits
+  inverted, a positive value's sign bit set."""
+  x_xV = jnp.where(x_xV == 0, jnp.float32(0), x_xV.astype(jnp.float32))
+  bits = jax.lax.bitcast_convert_type(x_xV, jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _nucleus_cutoff(keys_xV, probs_xV, top_p: float):
+  """The top_p nucleus's smallest key, per row (keys_xV keeps its last axis): the nucleus is the
+  smallest prefix of the tokens in descending order whose mass reaches top_p, so a value is in
+  it when the tokens above it hold less than top_p, ties included. Found by bisection over the
+  32-bit keys (32 masked sums over the vocabulary) rather than by sorting it, which takes XLA's
+  CPU backend about 9 ms for 49152 logits."""
+  def halve(_, bounds):  # the mass above lo reaches top_p, the mass above hi does not
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    above = jnp.sum(jnp.where(keys_xV > mid, probs_xV, 0.0), axis=-1, keepdims=True)
+    short = above < top_p
+    return jnp.where(short, lo, mid), jnp.where(short, mid, hi)
+  lo = jnp.zeros(keys_xV.shape[:-1] + (1,), jnp.uint32)  # below every float's key
+  hi = jnp.max(keys_xV, axis=-1, keepdims=True)  # nothing above the largest
+  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
 
 
 def _sample(key, probs_xV):

@@ -271,6 +271,37 @@ def test_probabilities_filters():
   np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-5)
 
 
+def test_top_p_keeps_the_nucleus_a_descending_sort_keeps():
+  """The nucleus against a float64 reference that sorts: the smallest prefix of the tokens in
+  descending order whose mass reaches top_p, with every token tied to its last value. Flat and
+  peaked rows, rows of many ties, -inf entries (a top_k filter's), -0.0 beside 0.0. A row whose
+  reference has a prefix mass within float32 rounding of top_p is not compared (few are)."""
+  rng = np.random.default_rng(3)
+  V, rows = 1000, 48
+  logits = rng.standard_normal((rows, V)) * np.repeat([0.1, 1.0, 3.0, 10.0], rows // 4)[:, None]
+  logits[::3] = np.round(logits[::3], 1)  # many ties
+  logits[1::4, rng.choice(V, 300, replace=False)] = -np.inf
+  logits[2, :4] = [0.0, -0.0, 0.0, -0.0]
+  logits = logits.astype(np.float32)
+  compared = 0
+  for top_p in (0.1, 0.5, 0.9, 0.99):
+    got = np.asarray(dec.probabilities(jnp.asarray(logits), dec.Settings(temperature=1.0,
+                                                                         top_p=top_p)))
+    for row, p in zip(logits.astype(np.float64), got):
+      probs = np.exp(row - row.max())
+      probs /= probs.sum()
+      order = np.argsort(-row, kind='stable')
+      before = np.cumsum(probs[order]) - probs[order]
+      if np.any(np.abs(before - top_p) < 1e-5):
+        continue
+      cutoff = row[order][before < top_p].min()
+      kept = row >= cutoff
+      np.testing.assert_array_equal(p > 0, kept)
+      np.testing.assert_allclose(p[kept], probs[kept] / probs[kept].sum(), rtol=1e-4)
+      compared += 1
+  assert compared >= 0.9 * 4 * rows, compared
+
+
 def test_greedy_is_argmax_with_first_index_on_ties():
   rng = np.random.default_rng(0)
   for V in (2048, 100):  # lane-folded and plain
@@ -295,7 +326,7 @@ def test_top_tokens_are_the_largest_in_order_with_ties_to_the_lower_id():
 def test_top_k_selections_compile_without_a_vocabulary_sort():
   """XLA's CPU backend sorts the whole vocabulary for lax.top_k, instead of running its TopK
   kernel, when a use of its output starts past index 0: the candidates' split into chain draft
-  and alternatives, and the top_k filter's k-th value."""
+  and alternatives, and the top_k filter's k-th value. The top_p filter sorts nothing either."""
   logits = jnp.zeros((2, 3, 4096))
 
   def sorts(fn):
@@ -303,6 +334,7 @@ def test_top_k_selections_compile_without_a_vocabulary_sort():
             if ' sort(' in line]
   assert not sorts(lambda x: (lambda top: (top[..., 0], top[..., 1:]))(dec.top_tokens(x, 3)))
   assert not sorts(lambda x: dec.probabilities(x, dec.Settings(temperature=1.0, top_k=40)))
+  assert not sorts(lambda x: dec.probabilities(x, dec.Settings(temperature=1.0, top_p=0.9)))
   assert sorts(lambda x: jax.lax.top_k(x, 40)[0][..., -1:])  # the form the test guards against
 
 

@@ -1,0 +1,139 @@
+"""What sampling's filters cost: decode.top_p and decode.top_k against plain temperature sampling,
+as one call of the filter (the decoder runs it on every verified position and every draft) and in
+whole decodes at batch 1.
+
+Run: python experiments/bench_sampling.py --config configs/smollm2.py --workdir runs/smollm2
+     python experiments/bench_sampling.py --config configs/quickstart.py --random
+Prints
+  1. the filter alone (decode.probabilities) over the model's vocabulary for --rows rows at once:
+     temperature only, top_p = --top_p, top_k = --top_k, and a sort of the vocabulary (the
+     yardstick: top_p sorted it until it found its nucleus by bisection instead), in ms per call;
+  2. decoding (unless --decode_prompts=0): that many held-out prompts (random ones with
+     --random), each alone at temperature 1, `ar` and `mtp` at S = --draft_len (default D), each
+     with no filter, with top_p and with top_k: tau, tokens/s and the speed over the unfiltered
+     row of the same method.
+Every timing is the fastest of --rounds interleaved rounds. --json FILE keeps the numbers.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory (its checkpoint, if any; any '
+                               'directory for a pretrained model).')
+_RANDOM = flags.DEFINE_bool('random', False, 'Random weights and prompts (costs only).')
+_ROWS = flags.DEFINE_list('rows', ['1', '4', '32'], 'Rows per filter call.')
+_TOP_P = flags.DEFINE_float('top_p', 0.9, 'The nucleus timed.')
+_TOP_K = flags.DEFINE_integer('top_k', 40, 'The top_k timed.')
+_DECODE_PROMPTS = flags.DEFINE_integer('decode_prompts', 8, 'Prompts decoded (0: filters only).')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S of the mtp rows (0: every head, D).')
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.')
+_JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
+
+
+def load(config, count: int):
+  """(model config, params, prompts, session or None) for the flags."""
+  import jax
+  import numpy as np
+  from mtp_jax import inference
+  from mtp_jax import train
+  from mtp_jax.config import ModelConfig, validate
+  from mtp_jax.pretrained.resolve import resolve_config
+  config = resolve_config(config)
+  if _RANDOM.value:
+    validate(config)
+    cfg = ModelConfig.from_config(config)
+    from mtp_jax.model import init_params
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, cfg.vocab_size, (count, config.decode.prompt_len)).tolist()
+    return cfg, init_params(cfg, jax.random.key(config.seed)), prompts, None
+  session = train.Session(config, _WORKDIR.value, data=not (config.model.init_from and
+                                                            config.decode.prompts))
+  _, params = inference.load_params(session)
+  prompts = inference.held_out_prompts(session, count) if count else []
+  return session.cfg, params, prompts, session
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  rows = []
+  for text in _ROWS.value:
+    if not text.isdigit() or int(text) < 1:
+      print(f'error: --rows takes positive integers, got {text!r}', file=sys.stderr)
+      sys.exit(2)
+    rows.append(int(text))
+  if not 0 < _TOP_P.value < 1 or _TOP_K.value < 1:
+    print(f'error: --top_p must be in (0, 1) and --top_k at least 1, got {_TOP_P.value} and '
+          f'{_TOP_K.value}', file=sys.stderr)
+    sys.exit(2)
+  if not _RANDOM.value and not _WORKDIR.value:
+    raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
+                         'or --random')
+  from mtp_jax import run
+  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  import jax
+  import jax.numpy as jnp
+  from mtp_jax import decode as dec
+  from mtp_jax import inference
+  from mtp_jax import measure
+  from mtp_jax.config import ConfigError
+  try:
+    cfg, params, prompts, session = load(_CONFIG.value, _DECODE_PROMPTS.value)
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  V = cfg.vocab_size
+  filters = {'temperature only': dec.Settings(temperature=1.0),
+             f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
+             f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}
+  result = {'machine': measure.machine(), 'vocab': V, 'filters': [], 'decoding': []}
+  print(f"machine: {result['machine']}")
+  print(f'1. the filter alone over {V} logits, ms per call (fastest of {_ROUNDS.value} rounds)')
+  print(f"{'rows':>5} " + ' '.join(f'{name:>16}' for name in filters) + f" {'vocabulary sort':>16}")
+  for R in rows:
+    logits = 3 * jax.random.normal(jax.random.key(R), (R, V))
+    fns = [jax.jit(lambda x, s=s: dec.probabilities(x, s)) for s in filters.values()]
+    fns.append(jax.jit(lambda x: jnp.sort(x, axis=-1)))
+    seconds, _ = measure.fastest([lambda fn=fn: fn(logits) for fn in fns], _ROUNDS.value,
+                                 warmup=True)
+    result['filters'].append({'rows': R, 'ms': dict(zip([*filters, 'vocabulary sort'],
+                                                        [t * 1e3 for t in seconds]))})
+    print(f'{R:>5} ' + ' '.join(f'{t * 1e3:>16.3f}' for t in seconds), flush=True)
+  if prompts:
+    S = _DRAFT_LEN.value or cfg.mtp_depth
+    eos = session.eos_id if session else -1
+    d = _CONFIG.value.decode
+    model = (session.decode_model if session else
+             dec.decode_model(cfg, d.kernels, None, d.draft_dtype))
+    variants = [(name, method, model, dec.Settings(
+        draft_len=draft, max_new_tokens=d.max_new_tokens, temperature=1.0, top_k=s.top_k,
+        top_p=s.top_p, eos_id=eos))
+        for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
+    found = inference.batch1_sweep(params, prompts, [v[2:] for v in variants], _ROUNDS.value,
+                                   'bench_sampling: decoding')
+    print(f'\n2. decoding {len(prompts)} prompts at batch 1, temperature 1, up to '
+          f'{d.max_new_tokens} new tokens (mtp: S = {S})')
+    print(f"{'method':6} {'filter':>16} {'tau':>5} {'tokens/s':>9} {'x unfiltered':>12}")
+    for i, ((name, method, _, _), r) in enumerate(zip(variants, found)):
+      base = found[i - i % len(filters)]['tokens_per_s']
+      row = {'method': method, 'filter': name, 'tau': r['tau'],
+             'tokens_per_s': r['tokens_per_s'], 'over_unfiltered': r['tokens_per_s'] / base}
+      result['decoding'].append(row)
+      print(f"{method:6} {name:>16} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
+            f"{row['over_unfiltered']:>12.2f}")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
