@@ -75,6 +75,15 @@ def finished(workdir: str, steps: int) -> dict | None:
   return summary if summary.get('step') == steps and not summary.get('stopped_by') else None
 
 
+def finished_bench(path: str) -> dict | None:
+  """A run's bench.json if its bench finished (one stopped part way leaves the blocks it
+  finished, marked incomplete), else None."""
+  if not os.path.exists(path):
+    return None
+  bench = json.load(open(path))
+  return bench if bench.get('complete', True) else None
+
+
 def log_hparams(workdir: str, hparams: dict, metrics: dict):
   from tensorboardX import SummaryWriter
   with SummaryWriter(os.path.join(workdir, 'tb')) as writer:
@@ -156,13 +165,13 @@ def draft_len_points(config, root: str) -> list[dict]:
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
               for v in values]
   bench_path = os.path.join(workdir, 'bench.json')
-  # A bench stopped part way leaves its finished blocks, marked incomplete: run it again.
-  if not os.path.exists(bench_path) or not json.load(open(bench_path)).get('complete', True):
+  bench = finished_bench(bench_path)
+  if bench is None:
     code, last = run_point(config, workdir, depth, mode='bench')
-    if code:
+    bench = finished_bench(bench_path)
+    if code or bench is None:
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
               for v in values]
-  bench = json.load(open(bench_path))
   for r in bench['rows']:
     if r['temperature'] == 0 and (r['draft_len'] in values or r['draft_len'] == 0):
       rows.append({'sweep': 'draft_len', 'value': r['draft_len'], 'status': 'ok', 'error': '',

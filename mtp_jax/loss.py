@@ -180,18 +180,19 @@ def loss_weight(step, base: float, schedule: str):
 
 
 def metrics_of(sums, agreement: bool) -> dict:
-  """Per-depth means from SUMS (a depth whose sums are None was not computed); `agreement`: the
-  heads' targets are the trunk's distribution, whose top token they are also scored against."""
+  """Per-depth means from SUMS (a depth whose sums are None was not computed), traced or on the
+  host (NumPy sums stay NumPy, in their precision); `agreement`: the heads' targets are the
+  trunk's distribution, whose top token they are also scored against."""
   metrics = {}
   for k, s in enumerate(sums):
     if s is None:
       continue
-    metrics[f'loss/depth_{k}'] = s['loss'] / jnp.maximum(s['count'], 1.0)
-    metrics[f'accuracy/depth_{k}'] = s['correct'] / jnp.maximum(s['data_count'], 1)
+    metrics[f'loss/depth_{k}'] = s['loss'] / s['count'].clip(min=1)
+    metrics[f'accuracy/depth_{k}'] = s['correct'] / s['data_count'].clip(min=1)
     if k and agreement:
-      metrics[f'agreement/depth_{k}'] = s['agree'] / jnp.maximum(s['count'], 1.0)
+      metrics[f'agreement/depth_{k}'] = s['agree'] / s['count'].clip(min=1)
     if 'feature' in s:
-      metrics[f'feature/depth_{k}'] = s['feature'] / jnp.maximum(s['feature_count'], 1.0)
+      metrics[f'feature/depth_{k}'] = s['feature'] / s['feature_count'].clip(min=1)
   return metrics
 
 

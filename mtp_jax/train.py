@@ -29,7 +29,8 @@ from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, ModelConfig, validate
-from mtp_jax.loss import LossSpec, combined_loss, depth_sums, feature_sums, loss_weight
+from mtp_jax.loss import (LossSpec, combined_loss, depth_sums, feature_sums, loss_weight,
+                          metrics_of)
 from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
 from mtp_jax.pretrained import resolve as pretrained
@@ -141,20 +142,13 @@ def summarize_eval(sums_list, depth: int, agreement: bool = False) -> dict:
   """Host-side reduction of eval_step outputs over batches -> per-depth loss, accuracy,
   perplexity and (heads) agreement with their target's top token. A depth not computed (the
   trunk, when training on its cached features) is left out."""
-  out = {}
-  for k in range(depth + 1):
-    if sums_list[0][k] is None:
-      continue
-    total = {name: float(np.sum([np.float64(s[k][name]) for s in sums_list]))
-             for name in sums_list[0][k]}
-    loss = total['loss'] / max(total['count'], 1)
-    out[f'loss/depth_{k}'] = loss
-    out[f'accuracy/depth_{k}'] = total['correct'] / max(total['data_count'], 1)
-    out[f'perplexity/depth_{k}'] = float(np.exp(min(loss, 50.0)))
-    if k and agreement:
-      out[f'agreement/depth_{k}'] = total['agree'] / max(total['count'], 1)
-    if 'feature' in total:
-      out[f'feature/depth_{k}'] = total['feature'] / max(total['feature_count'], 1)
+  totals = [None if sums_list[0][k] is None else
+            {name: np.sum([np.float64(s[k][name]) for s in sums_list]) for name in sums_list[0][k]}
+            for k in range(depth + 1)]
+  out = {name: float(value) for name, value in metrics_of(totals, agreement).items()}
+  for k, total in enumerate(totals):
+    if total is not None:
+      out[f'perplexity/depth_{k}'] = float(np.exp(min(out[f'loss/depth_{k}'], 50.0)))
   return out
 
 
