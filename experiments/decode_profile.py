@@ -7,7 +7,8 @@ Run: python experiments/decode_profile.py --config configs/smollm2.py --workdir 
        --config.model.num_layers=8   (random weights: costs only, for any shape)
 Prints, per batch size in --batches:
   1. per loop iteration (the decoder on the first B held-out prompts, decode.max_new_tokens new
-     tokens, greedy; (run - prefill) / iterations, fastest of --rounds interleaved rounds):
+     tokens, greedy or at --temperature; (run - prefill) / iterations, fastest of --rounds
+     interleaved rounds):
      `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
      tau (tokens per trunk forward, pooled over its rows) and tau / r, the loop's speedup;
   2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
@@ -53,18 +54,22 @@ _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
 _CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.')
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops in part 1 (0: '
+                                   'greedy; the model calls of part 2 are timed greedy).')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
                                'positions and print their time by kind of operation.')
 
 
-def loop_costs(model, params, prompts, S_max, max_new, rounds):
-  """Seconds per iteration of the decoder for S = 0..S_max, the iteration counts and tau."""
+def loop_costs(model, params, prompts, S_max, max_new, rounds, temperature=0.0):
+  """Seconds per iteration of the decoder for S = 0..S_max at `temperature`, the iteration counts
+  and tau."""
   import jax
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
   prompts_BxP, lens = dec.pad_prompts(prompts)
-  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new) for S in range(S_max + 1)]
+  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new, temperature=temperature)
+           for S in range(S_max + 1)]
   runs = [inference.prepared_decoder(model, params, prompts, s) for s in per_S]
   prepared = model.prepare(params)
   prefills = [functools.partial(
@@ -257,6 +262,10 @@ def main(argv):
   from mtp_jax import run
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   config = _CONFIG.value
+  if _TEMPERATURE.value < 0:
+    print(f'error: --temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}',
+          file=sys.stderr)
+    sys.exit(2)
   if not _RANDOM.value and not _WORKDIR.value:
     raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
                          'or --random')
@@ -280,10 +289,11 @@ def main(argv):
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,
             'width': cfg.d_model, 'vocab': cfg.vocab_size, 'draft_vocab': vocab,
             'depth': D, 'kind': cfg.mtp_kind, 'kernels': model.kernels,
-            'max_new_tokens': d.max_new_tokens, 'batches': []}
+            'max_new_tokens': d.max_new_tokens, 'temperature': _TEMPERATURE.value, 'batches': []}
   print(f"machine: {result['machine']}")
   print(f'model: {cfg.num_layers} layers, width {cfg.d_model}, vocab {cfg.vocab_size} (drafts '
-        f'over {vocab}), D = {D} {cfg.mtp_kind} ({source}); {d.max_new_tokens} new tokens, greedy, '
+        f'over {vocab}), D = {D} {cfg.mtp_kind} ({source}); {d.max_new_tokens} new tokens, '
+        f"{f'temperature {_TEMPERATURE.value:g}' if _TEMPERATURE.value else 'greedy'} loops, "
         f"kernels {'on' if model.kernels else 'off'}")
   prompt_len = max(len(p) for p in prompts)
   cache_len = dec.cache_length(prompt_len, dec.Settings(draft_len=D,
@@ -293,7 +303,7 @@ def main(argv):
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
-                                              _ROUNDS.value)
+                                              _ROUNDS.value, _TEMPERATURE.value)
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)

@@ -5,7 +5,7 @@ asserted (a busy machine makes them noisy)."""
 
 import json
 
-from conftest import run_script, tiny_config
+from conftest import assert_user_error, run_script, tiny_config
 from mtp_jax.config import as_flags
 
 
@@ -51,3 +51,22 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), kinds
   assert 'a trunk call by kind of operation' in proc.stdout
   assert 'batch 2: model calls' in proc.stdout
+
+
+def test_profile_times_sampled_loops(tmp_path):
+  """--temperature samples in the loops (part 1); a negative one is refused before anything
+  compiles."""
+  config = tiny_config(**{'model.num_layers': 1, 'data.vocab_size': 256, 'model.d_model': 64,
+                          'decode.max_new_tokens': 16, 'decode.prompt_len': 6})
+  out = tmp_path / 'profile.json'
+  proc = run_script('experiments/decode_profile.py', '--config', 'configs/base.py', '--random',
+                    '--batches', '1', '--rounds', '1', '--calls', '2', '--temperature', '1',
+                    f'--json={out}', *as_flags(config), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['temperature'] == 1.0 and 'temperature 1 loops' in proc.stdout
+  loops = result['batches'][0]['loops']
+  assert [row['S'] for row in loops] == [0, 1, 2] and loops[0]['iterations'] == 15
+  assert all(1 <= row['iterations'] <= 15 and 1.0 <= row['tau'] <= 3.0 for row in loops[1:])
+  assert_user_error(run_script('experiments/decode_profile.py', '--random', '--temperature',
+                               '-1'), '--temperature', '-1')
