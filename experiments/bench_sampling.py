@@ -71,10 +71,16 @@ def main(argv):
       print(f'error: --rows takes positive integers, got {text!r}', file=sys.stderr)
       sys.exit(2)
     rows.append(int(text))
-  if not 0 < _TOP_P.value < 1 or _TOP_K.value < 1:
-    print(f'error: --top_p must be in (0, 1) and --top_k at least 1, got {_TOP_P.value} and '
-          f'{_TOP_K.value}', file=sys.stderr)
-    sys.exit(2)
+  for bad, message in (
+      (not 0 < _TOP_P.value < 1, f'--top_p must be in (0, 1), got {_TOP_P.value}'),
+      (_TOP_K.value < 1, f'--top_k must be at least 1, got {_TOP_K.value}'),
+      (_DECODE_PROMPTS.value < 0,
+       f'--decode_prompts must be 0 or more, got {_DECODE_PROMPTS.value}'),
+      (_DRAFT_LEN.value < 0, f'--draft_len must be 0 or more, got {_DRAFT_LEN.value}'),
+      (_ROUNDS.value < 1, f'--rounds must be at least 1, got {_ROUNDS.value}')):
+    if bad:
+      print(f'error: {message}', file=sys.stderr)
+      sys.exit(2)
   if not _RANDOM.value and not _WORKDIR.value:
     raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
                          'or --random')
@@ -92,10 +98,20 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   V = cfg.vocab_size
+  S = _DRAFT_LEN.value or cfg.mtp_depth
+  if prompts and not 1 <= S <= cfg.mtp_depth:
+    print(f'error: the mtp rows draft 1 to {cfg.mtp_depth} tokens (the model\'s heads), got '
+          f'--draft_len {S}', file=sys.stderr)
+    sys.exit(2)
   filters = {'temperature only': dec.Settings(temperature=1.0),
              f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
              f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}
-  result = {'machine': measure.machine(), 'vocab': V, 'filters': [], 'decoding': []}
+  d = _CONFIG.value.decode
+  result = {'machine': measure.machine(),
+            'source': 'random weights' if _RANDOM.value else _WORKDIR.value, 'vocab': V,
+            'top_p': _TOP_P.value, 'top_k': _TOP_K.value, 'rounds': _ROUNDS.value,
+            'prompts': len(prompts), 'draft_len': S, 'max_new_tokens': d.max_new_tokens,
+            'filters': [], 'decoding': []}
   print(f"machine: {result['machine']}")
   print(f'1. the filter alone over {V} logits, ms per call (fastest of {_ROUNDS.value} rounds)')
   print(f"{'rows':>5} " + ' '.join(f'{name:>16}' for name in filters) + f" {'vocabulary sort':>16}")
@@ -109,9 +125,7 @@ def main(argv):
                                                         [t * 1e3 for t in seconds]))})
     print(f'{R:>5} ' + ' '.join(f'{t * 1e3:>16.3f}' for t in seconds), flush=True)
   if prompts:
-    S = _DRAFT_LEN.value or cfg.mtp_depth
     eos = session.eos_id if session else -1
-    d = _CONFIG.value.decode
     model = (session.decode_model if session else
              dec.decode_model(cfg, d.kernels, None, d.draft_dtype))
     variants = [(name, method, model, dec.Settings(

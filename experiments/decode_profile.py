@@ -55,20 +55,23 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fast
 _CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.')
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops in part 1 (0: '
-                                   'greedy; the model calls of part 2 are timed greedy).')
+                                   'greedy), with the config\'s decode.top_k and decode.top_p; '
+                                   'the model calls of part 2 are timed greedy.')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
                                'positions and print their time by kind of operation.')
 
 
-def loop_costs(model, params, prompts, S_max, max_new, rounds, temperature=0.0):
-  """Seconds per iteration of the decoder for S = 0..S_max at `temperature`, the iteration counts
-  and tau."""
+def loop_costs(model, params, prompts, S_max, max_new, rounds, temperature=0.0, top_k=0,
+               top_p=1.0):
+  """Seconds per iteration of the decoder for S = 0..S_max at `temperature` (with the top_k and
+  top_p filters when it samples), the iteration counts and tau."""
   import jax
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
   prompts_BxP, lens = dec.pad_prompts(prompts)
-  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new, temperature=temperature)
+  filters = {'top_k': top_k, 'top_p': top_p} if temperature else {}
+  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new, temperature=temperature, **filters)
            for S in range(S_max + 1)]
   runs = [inference.prepared_decoder(model, params, prompts, s) for s in per_S]
   prepared = model.prepare(params)
@@ -262,7 +265,7 @@ def main(argv):
   from mtp_jax import run
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   config = _CONFIG.value
-  if _TEMPERATURE.value < 0:
+  if not _TEMPERATURE.value >= 0:  # NaN too
     print(f'error: --temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}',
           file=sys.stderr)
     sys.exit(2)
@@ -303,7 +306,8 @@ def main(argv):
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
-                                              _ROUNDS.value, _TEMPERATURE.value)
+                                              _ROUNDS.value, _TEMPERATURE.value, d.top_k,
+                                              d.top_p)
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)

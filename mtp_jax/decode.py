@@ -310,7 +310,7 @@ def _nucleus_cutoff(keys_xV, probs_xV, top_p: float):
   smallest prefix of the tokens in descending order whose mass reaches top_p, so a value is in
   it when the tokens above it hold less than top_p, ties included. Found by bisection over the
   32-bit keys (32 masked sums over the vocabulary) rather than by sorting it, which takes XLA's
-  CPU backend about 9 ms for 49152 logits."""
+  CPU backend about 10 ms for 49152 logits."""
   def halve(_, bounds):  # the mass above lo reaches top_p, the mass above hi does not
     lo, hi = bounds
     mid = lo + (hi - lo) // 2

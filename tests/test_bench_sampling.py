@@ -17,7 +17,8 @@ def test_bench_sampling_times_each_filter_and_decodes_with_it(tmp_path):
                     '--top_k', '5', f'--json={out}', *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  assert result['vocab'] == 512
+  assert (result['vocab'], result['prompts'], result['draft_len'], result['top_p']) == (512, 2, 2,
+                                                                                      0.8)
   names = ['temperature only', 'top_p 0.8', 'top_k 5']
   assert [f['rows'] for f in result['filters']] == [1, 3]
   for f in result['filters']:
@@ -31,3 +32,5 @@ def test_bench_sampling_times_each_filter_and_decodes_with_it(tmp_path):
       assert r['over_unfiltered'] == 1
   assert_user_error(run_script('experiments/bench_sampling.py', '--random', '--rows', '0'),
                     '--rows', "'0'")
+  assert_user_error(run_script('experiments/bench_sampling.py', '--random', '--rounds', '0'),
+                    '--rounds', '0')
