@@ -1,6 +1,7 @@
 """What a training product costs in each dtype and arrangement: y = x @ w with both gradients
 (dx = g @ w.T, dw = x.T @ g), the three products of every dense layer in a training step, timed
-  - in float32;
+  - in float32, as plain `x @ w` (the backend's default precision) and through mtp_jax.matmul
+    (what the model runs: HIGHEST precision, which a GPU would otherwise round to TF32);
   - in bfloat16 as XLA gets it from plain `x @ w` (its CPU backend widens operands to float32
     for a bfloat16 result or a transposed operand);
   - in bfloat16 through mtp_jax.matmul (row-major operands, float32 results; what train.dtype =
@@ -56,6 +57,7 @@ def main(argv):
     return jax.jit(f)
 
   ways = {'float32': (jnp.float32, step(lambda x, w: x @ w)),
+          'float32, mtp_jax.matmul': (jnp.float32, step(matmul)),
           'bfloat16, plain x @ w': (jnp.bfloat16, step(lambda x, w: x @ w)),
           'bfloat16, mtp_jax.matmul': (jnp.bfloat16, step(matmul))}
   print(f'{measure.machine(measure.machine_info())}; bfloat16 products fast here: '

@@ -15,6 +15,7 @@ Prints
 Every timing is the fastest of --rounds interleaved rounds. --json FILE keeps the numbers.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -37,28 +38,6 @@ _DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S of the mtp rows (0: every h
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
-
-def load(config, count: int):
-  """(model config, params, prompts, session or None) for the flags."""
-  import jax
-  import numpy as np
-  from mtp_jax import inference
-  from mtp_jax import train
-  from mtp_jax.config import ModelConfig, validate
-  from mtp_jax.pretrained.resolve import resolve_config
-  config = resolve_config(config)
-  if _RANDOM.value:
-    validate(config)
-    cfg = ModelConfig.from_config(config)
-    from mtp_jax.model import init_params
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, cfg.vocab_size, (count, config.decode.prompt_len)).tolist()
-    return cfg, init_params(cfg, jax.random.key(config.seed)), prompts, None
-  session = train.Session(config, _WORKDIR.value, data=not (config.model.init_from and
-                                                            config.decode.prompts))
-  _, params = inference.load_params(session)
-  prompts = inference.held_out_prompts(session, count) if count else []
-  return session.cfg, params, prompts, session
 
 
 def main(argv):
@@ -93,10 +72,12 @@ def main(argv):
   from mtp_jax import measure
   from mtp_jax.config import ConfigError
   try:
-    cfg, params, prompts, session = load(_CONFIG.value, _DECODE_PROMPTS.value)
+    inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value, _DECODE_PROMPTS.value,
+                                     _RANDOM.value)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  cfg, prompts, session, d = inputs.cfg, inputs.prompts, inputs.session, inputs.config.decode
   V = cfg.vocab_size
   S = _DRAFT_LEN.value or cfg.mtp_depth
   if prompts and not 1 <= S <= cfg.mtp_depth:
@@ -106,9 +87,7 @@ def main(argv):
   filters = {'temperature only': dec.Settings(temperature=1.0),
              f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
              f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}
-  d = _CONFIG.value.decode
-  result = {'machine': measure.machine(),
-            'source': 'random weights' if _RANDOM.value else _WORKDIR.value, 'vocab': V,
+  result = {'machine': measure.machine(), 'source': inputs.source, 'vocab': V,
             'top_p': _TOP_P.value, 'top_k': _TOP_K.value, 'rounds': _ROUNDS.value,
             'prompts': len(prompts), 'draft_len': S, 'max_new_tokens': d.max_new_tokens,
             'filters': [], 'decoding': []}
@@ -126,18 +105,16 @@ def main(argv):
     print(f'{R:>5} ' + ' '.join(f'{t * 1e3:>16.3f}' for t in seconds), flush=True)
   if prompts:
     eos = session.eos_id if session else -1
-    model = (session.decode_model if session else
-             dec.decode_model(cfg, d.kernels, None, d.draft_dtype))
-    variants = [(name, method, model, dec.Settings(
-        draft_len=draft, max_new_tokens=d.max_new_tokens, temperature=1.0, top_k=s.top_k,
-        top_p=s.top_p, eos_id=eos))
-        for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
-    found = inference.batch1_sweep(params, prompts, [v[2:] for v in variants], _ROUNDS.value,
+    variants = [(name, method, dataclasses.replace(s, draft_len=draft, eos_id=eos,
+                                                   max_new_tokens=d.max_new_tokens))
+                for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
+    found = inference.batch1_sweep(inputs.params, prompts,
+                                   [(inputs.model, s) for _, _, s in variants], _ROUNDS.value,
                                    'bench_sampling: decoding')
     print(f'\n2. decoding {len(prompts)} prompts at batch 1, temperature 1, up to '
           f'{d.max_new_tokens} new tokens (mtp: S = {S})')
     print(f"{'method':6} {'filter':>16} {'tau':>5} {'tokens/s':>9} {'x unfiltered':>12}")
-    for i, ((name, method, _, _), r) in enumerate(zip(variants, found)):
+    for i, ((name, method, _), r) in enumerate(zip(variants, found)):
       base = found[i - i % len(filters)]['tokens_per_s']
       row = {'method': method, 'filter': name, 'tau': r['tau'],
              'tokens_per_s': r['tokens_per_s'], 'over_unfiltered': r['tokens_per_s'] / base}

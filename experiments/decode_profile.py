@@ -30,6 +30,7 @@ decode.draft_vocab, ...).
 """
 
 import collections
+import dataclasses
 import functools
 import glob
 import gzip
@@ -61,18 +62,15 @@ _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 
                                'positions and print their time by kind of operation.')
 
 
-def loop_costs(model, params, prompts, S_max, max_new, rounds, temperature=0.0, top_k=0,
-               top_p=1.0):
-  """Seconds per iteration of the decoder for S = 0..S_max at `temperature` (with the top_k and
-  top_p filters when it samples), the iteration counts and tau."""
+def loop_costs(model, params, prompts, S_max, rounds, base):
+  """Seconds per iteration of the decoder for S = 0..S_max, each with `base`'s other settings
+  (decode.Settings), the iteration counts and tau."""
   import jax
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
   prompts_BxP, lens = dec.pad_prompts(prompts)
-  filters = {'top_k': top_k, 'top_p': top_p} if temperature else {}
-  per_S = [dec.Settings(draft_len=S, max_new_tokens=max_new, temperature=temperature, **filters)
-           for S in range(S_max + 1)]
+  per_S = [dataclasses.replace(base, draft_len=S) for S in range(S_max + 1)]
   runs = [inference.prepared_decoder(model, params, prompts, s) for s in per_S]
   prepared = model.prepare(params)
   prefills = [functools.partial(
@@ -230,33 +228,6 @@ def trunk_breakdown(trunks, S_max, calls):
   return out
 
 
-def load(config):
-  """(model config, params, prompts, description, mesh) for the flags."""
-  import jax
-  import numpy as np
-  from mtp_jax import inference
-  from mtp_jax import sharding
-  from mtp_jax import train as train_lib
-  from mtp_jax.config import ModelConfig, validate
-  from mtp_jax.pretrained.resolve import resolve_config
-  config = resolve_config(config)
-  d = config.decode
-  count = max(int(b) for b in _BATCHES.value)
-  if _RANDOM.value:
-    validate(config)
-    cfg = ModelConfig.from_config(config)
-    from mtp_jax.model import init_params
-    params = init_params(cfg, jax.random.key(config.seed))
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, cfg.vocab_size, (count, d.prompt_len)).tolist()
-    return config, cfg, params, prompts, 'random weights', sharding.make_mesh(config.mesh), None
-  session = train_lib.Session(config, _WORKDIR.value,
-                              data=not (config.model.init_from and d.prompts))
-  step, params = inference.load_params(session)
-  prompts = inference.held_out_prompts(session, count)
-  return (config, session.cfg, params, prompts, f'{_WORKDIR.value} step {step}', session.mesh,
-          session)
-
 
 def main(argv):
   if len(argv) > 1:
@@ -273,17 +244,22 @@ def main(argv):
     raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
                          'or --random')
   from mtp_jax import decode as dec
+  from mtp_jax import inference
   from mtp_jax import measure
   from mtp_jax import sharding
   from mtp_jax.config import ConfigError
   try:
-    config, cfg, params, prompts, source, mesh, session = load(config)
-    d = config.decode
-    model = session.decode_model if session else dec.decode_model(cfg, d.kernels, None,
-                                                                  d.draft_dtype)
+    inputs = inference.decode_inputs(config, _WORKDIR.value,
+                                     max(int(b) for b in _BATCHES.value), _RANDOM.value)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  config, cfg, params, model, prompts, source, mesh = (
+      inputs.config, inputs.cfg, inputs.params, inputs.model, inputs.prompts, inputs.source,
+      inputs.mesh)
+  d = config.decode
+  # No end-of-sequence token, so every row runs its decode.max_new_tokens.
+  base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, eos_id=-1)
   D = cfg.mtp_depth
   if D < 1:
     raise app.UsageError('the model has no MTP heads (mtp.depth=0)')
@@ -305,9 +281,8 @@ def main(argv):
     prepared = model.prepare(params)  # once, for every batch's model-call loops
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
-      per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, d.max_new_tokens,
-                                              _ROUNDS.value, _TEMPERATURE.value, d.top_k,
-                                              d.top_p)
+      per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, _ROUNDS.value,
+                                              base)
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)

@@ -40,5 +40,6 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode())
 
 
-def write_json(path: str, obj, indent: int = 1) -> None:
-  write_text(path, json.dumps(obj, indent=indent))
+def write_json(path: str, obj, indent: int = 1, **dumps_kwargs) -> None:
+  """obj as json.dumps(obj, indent=indent, **dumps_kwargs) writes it."""
+  write_text(path, json.dumps(obj, indent=indent, **dumps_kwargs))

@@ -2,6 +2,7 @@
 speculative-decoding check that runs during training's evaluations.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -103,6 +104,44 @@ def load_params(session):
   if session.config.model.init_from:
     return 0, session.initial_params()
   raise ckpt_lib.CheckpointError(f'no checkpoint in {session.workdir}; train first')
+
+
+@dataclasses.dataclass
+class DecodeInputs:
+  """What the decoding experiments time (experiments/decode_profile.py, bench_sampling.py)."""
+  config: object  # resolved: a pretrained model's fields filled in from its file
+  cfg: object  # ModelConfig
+  params: dict
+  model: dec.DecodeModel
+  prompts: list
+  source: str  # which weights, for the printout
+  mesh: object
+  session: object  # train.Session, or None for random weights
+
+
+def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInputs:
+  """With `random`, random weights and `count` random prompts of decode.prompt_len tokens
+  (per-call costs do not depend on the weights); else the checkpoint in `workdir` (or the
+  pretrained model, for which any directory does) and `count` held-out prompts."""
+  from mtp_jax import sharding
+  from mtp_jax import train as train_lib
+  from mtp_jax.config import ModelConfig, validate
+  from mtp_jax.model import init_params
+  from mtp_jax.pretrained.resolve import resolve_config
+  config = resolve_config(config)
+  d = config.decode
+  if random:
+    validate(config)
+    cfg = ModelConfig.from_config(config)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
+    return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)),
+                        dec.decode_model(cfg, d.kernels, None, d.draft_dtype), prompts.tolist(),
+                        'random weights', sharding.make_mesh(config.mesh), None)
+  session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts))
+  step, params = load_params(session)
+  prompts = held_out_prompts(session, count) if count else []
+  return DecodeInputs(config, session.cfg, params, session.decode_model, prompts,
+                      f'{workdir} step {step}', session.mesh, session)
 
 
 def _text(session, ids) -> str:

@@ -171,8 +171,8 @@ def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
     except (ValueError, NotImplementedError, RuntimeError) as e:
       print(f"note: model.attention=fused: cuDNN refused these shapes ({e}); using XLA's",
             file=sys.stderr)
-  float32 = q_dtype == jnp.float32  # matmul.precision's rule
-  with jax.default_matmul_precision('highest') if float32 else contextlib.nullcontext():
+  highest = precision(q_BxTxHxE) is not None  # the precision every other product asks for
+  with jax.default_matmul_precision('highest') if highest else contextlib.nullcontext():
     return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
                                         implementation='xla')
 

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -698,5 +697,4 @@ def evaluate(config, workdir: str) -> dict:
 
 
 def write_summary(workdir: str, summary: dict):
-  atomic.write_text(os.path.join(workdir, 'summary.json'),
-                    json.dumps(summary, indent=2, default=float))
+  atomic.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2, default=float)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_script, tiny_config
+from conftest import assert_bitwise_equal, assert_user_error, run_script, tiny_config
 from mtp_jax import decode as dec
 from mtp_jax import measure, sharding, train
 from mtp_jax.config import ModelConfig
@@ -102,6 +102,18 @@ def test_float32_models_multiply_in_float32_and_narrower_ones_as_they_are(kind, 
     assert len(decoding) > 10 and set(decoding) == {'HIGHEST'}, decoding
 
 
+def test_float32_precision_changes_nothing_on_the_cpu():
+  """The CPU multiplies float32 in float32 whatever the precision: a float32 product through
+  `matmul` (HIGHEST) and its gradients equal plain x @ w's bit for bit."""
+  x = jax.random.normal(jax.random.key(0), (64, 96))
+  w = jax.random.normal(jax.random.key(1), (96, 80))
+  c = jax.random.normal(jax.random.key(2), (64, 80))
+  grads = lambda product: jax.jit(jax.value_and_grad(
+      lambda x, w: jnp.sum(product(x, w) * c), argnums=(0, 1)))(x, w)
+  assert jax.default_backend() == 'cpu'
+  assert_bitwise_equal(grads(matmul), grads(lambda x, w: x @ w))
+
+
 def test_train_dtype_sets_the_steps_dtype_and_leaves_decoding_alone():
   """train.dtype=bfloat16 computes the training step's loss as model.dtype=bfloat16 does, bit
   for bit, while the model config decoding and the data-writing trunk use stays float32."""
@@ -131,7 +143,8 @@ def test_bench_matmul_times_each_way_and_refuses_a_bad_shape():
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [line.split('|') for line in result.stdout.splitlines() if line.count('|') == 4]
   ways = [r[1].strip() for r in rows[1:]]
-  assert ways == ['float32', 'bfloat16, plain x @ w', 'bfloat16, mtp_jax.matmul'] * 2, rows
+  assert ways == ['float32', 'float32, mtp_jax.matmul', 'bfloat16, plain x @ w',
+                  'bfloat16, mtp_jax.matmul'] * 2, rows
   assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows[1:])
   assert float(rows[1][4]) == 1.0  # float32 over itself
   assert_user_error(run_script('experiments/bench_matmul.py', '--shapes', '64x32'), '--shapes',
