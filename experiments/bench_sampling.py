@@ -39,7 +39,6 @@ _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fast
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')

@@ -228,7 +228,6 @@ def trunk_breakdown(trunks, S_max, calls):
   return out
 
 
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
