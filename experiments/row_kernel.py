@@ -49,7 +49,11 @@ def main(_):
     def run(weights, x_d, x_f):
       total = 0.0
       for w in weights:  # each product's output reduced, so none is dead code
-        total = total + kernels.rows_matmul(x_d if w.shape[1] == d else x_f, w, use_kernel)[0, 0]
+        y = kernels.rows_matmul(x_d if w.shape[1] == d else x_f, w, use_kernel)[0, 0]
+        total = total + y
+        # The next product waits for this one, as a decoding step's do: independent products
+        # would run two at a time on XLA's threads, each on one core.
+        x_d, x_f, _ = jax.lax.optimization_barrier((x_d, x_f, y))
       return total
     return run
 

@@ -28,7 +28,7 @@ from mtp_jax.matmul import matmul
 from mtp_jax.pretrained import fetch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
-# Products of up to this many rows go to the kernel (in passes of 8 over each block of weights,
+# Products of up to this many rows go to the kernel (in passes of 4 over each block of weights,
 # the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. Past that the
 # work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
 MAX_ROWS = 32

@@ -209,28 +209,58 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
   while (counters->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
 }
 
-// How far ahead (in floats) each weight stream is prefetched. One core keeps too few misses in
-// flight to read memory at full speed once it also computes: without this a 4-row product read
-// the weights at 2/3 of a 1-row product's rate; with it, within 15%.
+// How far ahead (in floats) a block of one or two weight rows prefetches each of them. Such a
+// block reads too few streams at once for the hardware prefetcher to keep enough misses in
+// flight while the core also computes. Blocks of more rows read as many streams, far apart
+// (rows_block), and prefetching them too made them slower (on a Zen 4 VM, 8-row blocks then,
+// experiments/row_kernel.py's chain: 4 rows 13.3 ms against 11.8 without).
 constexpr int64_t kPrefetch = 2048;
 
-// Weight rows dotted at once with M input rows: enough independent accumulators (R x M) to keep
-// the FMA units busy, few enough to stay in registers beside R weight vectors and an input one
-// (AVX-512 has 32 vector registers, AVX2 16; at M = 3 the 8-lane blocks need 17, one reloaded).
-constexpr int BlockRows(int M) {
-  return kLanes == 16 ? (M <= 2 ? 8 : M <= 4 ? 4 : 2) : (M <= 3 ? 4 : M <= 6 ? 2 : 1);
+// Up to kMaxRows input rows per pass over a block of weights; more rows take several passes,
+// the later ones reading the block from L2. Four rows a pass, not eight: on a Zen 4 VM 8 rows
+// took 19.8 ms in two passes of 4 against 21.6 ms in one of 8 (fewer weight streams at once).
+constexpr int kMaxRows = 4;
+
+// Weight rows dotted at once with M <= kMaxRows input rows: enough independent accumulators
+// (R x M) to keep the FMA units busy, few enough to stay in registers beside R weight vectors
+// and an input one (AVX-512 has 32 vector registers, AVX2 16; at M = 3 the 8-lane blocks need
+// 17, one reloaded), and each of the R rows a separate stream through memory.
+constexpr int BlockRows(int M) { return kLanes == 16 ? 4 : (M <= 3 ? 4 : 2); }
+
+// Vector registers: 32 with AVX-512, 16 with AVX2.
+#if defined(__AVX512F__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+
+// Holds v in a register from here on when `live` vectors fit in the registers: left to itself,
+// GCC folds each weight and input load into every FMA that reads it, so the row kernel's loop
+// issued a load per FMA and was bound by loads, not FMAs (on a Zen 4 VM, with the weights in
+// cache, 4 rows took 8.8 ms where holding them takes 4.9, and 32 rows read from memory 68 ms
+// against 41). Where they do not fit (8 lanes, M = 3: 17 vectors) holding them spills.
+template <int live>
+inline void hold(vf& v) {
+#if defined(__x86_64__) && defined(__AVX2__)
+  if constexpr (live <= kRegisters) asm("" : "+v"(v));
+#endif
 }
 
 // y[m, n] = sum_k x[m, k] w[n, k] for rows [n0, n0 + R * blocks) of w: R rows of w at a time,
-// each a contiguous run, dotted with every x row in registers. W: float, uint16_t for bfloat16,
-// or int8_t.
+// dotted with every x row in registers. W: float, uint16_t for bfloat16, or int8_t.
+// The R rows of a block are `blocks` rows apart (block b takes rows n0 + b + r * blocks), so a
+// block reads R streams from separate parts of memory; R adjacent rows read as one stream kept
+// fewer reads in flight (on a Zen 4 VM, experiments/row_kernel.py's chain: 1 row 14.8 ms with
+// adjacent rows, 13.3 with these; 4 rows 17.3 against 13.3).
 // Every output is summed in the same order whatever R and M are: lanes over k, then lane_sums,
 // then the k past the last full vector.
 template <int M, int R, typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
                 int64_t blocks) {
   constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W);  // the same bytes ahead
-  for (int64_t n = n0; n < n0 + R * blocks; n += R) {
+  for (int64_t n = n0; n < n0 + blocks; ++n) {
+    const W* row[R];
+    for (int r = 0; r < R; ++r) row[r] = w + (n + r * blocks) * K;
     vf acc[R][M];
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) acc[r][m] = vf{};
@@ -238,11 +268,13 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
     for (; k + kLanes <= K; k += kLanes) {
       vf wv[R];
       for (int r = 0; r < R; ++r) {
-        __builtin_prefetch(w + (n + r) * K + k + kAhead);
-        wv[r] = load(w + (n + r) * K + k);
+        if (R <= 2) __builtin_prefetch(row[r] + k + kAhead);
+        wv[r] = load(row[r] + k);
+        hold<R * M + R + 1>(wv[r]);
       }
       for (int m = 0; m < M; ++m) {
-        const vf xv = load(x + m * K + k);
+        vf xv = load(x + m * K + k);
+        hold<R * M + R + 1>(xv);
         for (int r = 0; r < R; ++r) acc[r][m] = fma(wv[r], xv, acc[r][m]);
       }
     }
@@ -251,8 +283,8 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < M; ++m) {
         float s = sums[r * M + m];
-        for (int64_t kk = k; kk < K; ++kk) s += widen(w[(n + r) * K + kk]) * x[m * K + kk];
-        y[m * N + n + r] = s;
+        for (int64_t kk = k; kk < K; ++kk) s += widen(row[r][kk]) * x[m * K + kk];
+        y[m * N + n + r * blocks] = s;
       }
   }
 }
@@ -267,9 +299,6 @@ void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
   rows_block<M, 1>(x, w, y, K, N, n0 + R * blocks, n1 - n0 - R * blocks);
 }
 
-// Up to kMaxRows input rows per pass over a block of weights; more rows take several passes.
-constexpr int kMaxRows = 8;
-
 template <typename W>
 void rows_some(int rows, const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
                int64_t n1) {
@@ -277,11 +306,7 @@ void rows_some(int rows, const float* x, const W* w, float* y, int64_t K, int64_
     case 1: return rows_nk<1>(x, w, y, K, N, n0, n1);
     case 2: return rows_nk<2>(x, w, y, K, N, n0, n1);
     case 3: return rows_nk<3>(x, w, y, K, N, n0, n1);
-    case 4: return rows_nk<4>(x, w, y, K, N, n0, n1);
-    case 5: return rows_nk<5>(x, w, y, K, N, n0, n1);
-    case 6: return rows_nk<6>(x, w, y, K, N, n0, n1);
-    case 7: return rows_nk<7>(x, w, y, K, N, n0, n1);
-    default: return rows_nk<8>(x, w, y, K, N, n0, n1);
+    default: return rows_nk<4>(x, w, y, K, N, n0, n1);
   }
 }
 
