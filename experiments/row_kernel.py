@@ -5,14 +5,21 @@ the kernel's layout (one output per row).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
+     git show HEAD~1:mtp_jax/kernels/decode_ops.cc > /tmp/old.cc
+     python experiments/row_kernel.py --baseline /tmp/old.cc   (another version of the kernel)
+     python experiments/row_kernel.py --cached                  (arithmetic alone)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
-GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. Both
+GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. The
 paths are checked equal first. The kernel path here ignores kernels.MAX_ROWS, so rows past it
-show what the kernel would do there.
+show what the kernel would do there. A --baseline kernel is built here and timed in the same
+rounds: this VM's memory is faster in some minutes than in others, so two versions compare only
+within one run.
 """
 
+import ctypes
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,31 +32,68 @@ _KV_WIDTH = flags.DEFINE_integer('kv_width', 192, 'Width of k and v (kv heads x 
 _FFN = flags.DEFINE_integer('ffn', 1536, 'Feed-forward width.')
 _LAYERS = flags.DEFINE_integer('layers', 30, 'Layers.')
 _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds; the fastest is kept.')
+_CACHED = flags.DEFINE_bool('cached', False, 'Every layer multiplies by the first layer\'s '
+                            'weights, which stay in cache: the products\' arithmetic without '
+                            'the reads from memory.')
+_BASELINE = flags.DEFINE_string('baseline', '', 'Another version of decode_ops.cc, timed beside '
+                                'the current kernel (float32 weights).')
 
 
-def main(_):
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not all(r.isdigit() and int(r) > 0 for r in _ROWS.value):
+    _fail(f'--rows takes positive integers, got {",".join(_ROWS.value)}')
+  for name, value in (('width', _WIDTH.value), ('kv_width', _KV_WIDTH.value), ('ffn', _FFN.value),
+                      ('layers', _LAYERS.value), ('rounds', _ROUNDS.value)):
+    if value < 1:
+      _fail(f'--{name} must be at least 1, got {value}')
+  if _BASELINE.value and not os.path.isfile(_BASELINE.value):
+    _fail(f'--baseline {_BASELINE.value}: no such file')
+
   import jax
   import jax.numpy as jnp
   import numpy as np
   from mtp_jax import kernels
 
   if not kernels.usable():
-    sys.exit('error: the row kernel is not available here (see the note above, or '
-             'MTP_JAX_KERNELS=0 is set)')
+    _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
+          'set)')
+  if _BASELINE.value:
+    library = os.path.join(tempfile.mkdtemp(), 'baseline.so')
+    reason = kernels.compile_library(library, source=_BASELINE.value)
+    if reason:
+      _fail(f'--baseline {_BASELINE.value} does not build: {reason}')
+    jax.ffi.register_ffi_target(
+        'mtpjax_rows_matmul_baseline',
+        jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).RowsMatmul), platform='cpu')
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
-  weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in shapes]
-  bytes_read = sum(n * k * 4 for n, k in shapes)
+  distinct = shapes[:4] if _CACHED.value else shapes
+  weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in distinct]
+  weights = weights * (len(shapes) // len(weights))
+  bytes_read = sum(n * k * 4 for n, k in shapes)  # bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
 
-  def chain(use_kernel):
+  def product(x, w, path):
+    if path == 'baseline':
+      return jax.ffi.ffi_call('mtpjax_rows_matmul_baseline',
+                              jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+    return kernels.rows_matmul(x, w, path == 'kernel')
+
+  def chain(path):
     @jax.jit
     def run(weights, x_d, x_f):
       total = 0.0
       for w in weights:  # each product's output reduced, so none is dead code
-        y = kernels.rows_matmul(x_d if w.shape[1] == d else x_f, w, use_kernel)[0, 0]
+        y = product(x_d if w.shape[1] == d else x_f, w, path)[0, 0]
         total = total + y
         # The next product waits for this one, as a decoding step's do: independent products
         # would run two at a time on XLA's threads, each on one core.
@@ -57,15 +101,19 @@ def main(_):
       return total
     return run
 
-  paths = {'kernel': chain(True), 'xla': chain(False)}
+  names = ['kernel', 'baseline', 'xla'] if _BASELINE.value else ['kernel', 'xla']
+  paths = {p: chain(p) for p in names}
   base = {}
-  print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights')
+  held = sum(w.size * 4 for w in weights[:len(distinct)])
+  print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
+        + (f' (one layer\'s {held / 1e6:.1f} MB, reused)' if _CACHED.value else ''))
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GFLOP/s  GB/s  x first' for p in paths))
   for M in [int(r) for r in _ROWS.value]:
     x_d = jnp.asarray(rng.standard_normal((M, d), np.float32))
     x_f = jnp.asarray(rng.standard_normal((M, f), np.float32))
-    a, b = (np.asarray(paths[p](weights, x_d, x_f)) for p in paths)
-    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    first, *others = (np.asarray(fn(weights, x_d, x_f)) for fn in paths.values())
+    for other in others:
+      np.testing.assert_allclose(other, first, rtol=1e-3, atol=1e-3)
     best = {p: float('inf') for p in paths}
     for _ in range(_ROUNDS.value):
       for p, fn in paths.items():

@@ -58,11 +58,12 @@ def _machine_key() -> str:
   return digest.hexdigest()[:16]
 
 
-def compile_library(out: str, march: str = 'native') -> str | None:
-  """Compiles decode_ops.cc into the shared library `out` for the instruction set -march=`march`.
-  Returns None, or why it could not (the compiler's first error line)."""
+def compile_library(out: str, march: str = 'native', source: str = SOURCE) -> str | None:
+  """Compiles `source` (decode_ops.cc, or another version of it) into the shared library `out`
+  for the instruction set -march=`march`. Returns None, or why it could not (the compiler's
+  first error line)."""
   command = [os.environ.get('CXX', 'g++'), f'-march={march}', *_FLAGS,
-             f'-I{jax.ffi.include_dir()}', SOURCE, '-o', out]
+             f'-I{jax.ffi.include_dir()}', source, '-o', out]
   try:
     result = subprocess.run(command, capture_output=True, text=True)
   except OSError as e:

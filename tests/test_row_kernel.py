@@ -1,0 +1,39 @@
+"""experiments/row_kernel.py in tiny shapes: the kernel, a --baseline build of another version of
+its source and XLA's dot each print a row per M (their outputs checked equal by the script, here
+on --cached weights, one layer's reused), and bad flags are one line and exit 2. Timings
+themselves are not asserted."""
+
+import re
+
+from conftest import assert_user_error, run_script
+from mtp_jax import kernels
+
+
+def test_row_kernel_times_a_baseline_beside_the_kernel(tmp_path):
+  old = tmp_path / 'old.cc'  # another version of the kernel: here the same source
+  old.write_text(open(kernels.SOURCE).read())
+  proc = run_script('experiments/row_kernel.py', '--rows', '1,5', '--width', '64',
+                    '--kv_width', '32', '--ffn', '96', '--layers', '2', '--rounds', '2',
+                    f'--baseline={old}', '--cached', timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == "8 products, 0 MB of float32 weights (one layer's 0.1 MB, reused)"
+  assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == ['kernel', 'baseline',
+                                                                        'xla']
+  for line, rows in zip(lines[2:], ['1', '5']):
+    cells = line.split('|')
+    assert cells[0].strip() == rows and len(cells) == 4
+    for cell in cells[1:]:  # ms, GFLOP/s, GB/s, x first
+      assert len(re.findall(r'\d+\.\d+', cell)) == 4, line
+
+
+def test_row_kernel_refuses_bad_flags(tmp_path):
+  for args, words in ((['--rows', '1,x'], ['--rows', 'positive']),
+                      (['--rounds', '0'], ['--rounds', 'at least 1']),
+                      ([f'--baseline={tmp_path / "missing.cc"}'], ['--baseline', 'no such file'])):
+    assert_user_error(run_script('experiments/row_kernel.py', *args), *words)
+  broken = tmp_path / 'broken.cc'
+  broken.write_text('this is not C++\n')
+  assert_user_error(run_script('experiments/row_kernel.py', '--layers', '1', '--width', '32',
+                               '--kv_width', '16', '--ffn', '32', f'--baseline={broken}'),
+                    '--baseline', 'does not build')
