@@ -9,8 +9,8 @@ Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --baseline /tmp/old.cc   (another version of the kernel)
      python experiments/row_kernel.py --cached                  (arithmetic alone)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
-GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. The
-paths are checked equal first. The kernel path here ignores kernels.MAX_ROWS, so rows past it
+GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. Every
+output of each product shape is checked against XLA's dot first. The kernel path here ignores kernels.MAX_ROWS, so rows past it
 show what the kernel would do there. A --baseline kernel is built here and timed in the same
 rounds: this VM's memory is faster in some minutes than in others, so two versions compare only
 within one run.
@@ -33,8 +33,9 @@ _FFN = flags.DEFINE_integer('ffn', 1536, 'Feed-forward width.')
 _LAYERS = flags.DEFINE_integer('layers', 30, 'Layers.')
 _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds; the fastest is kept.')
 _CACHED = flags.DEFINE_bool('cached', False, 'Every layer multiplies by the first layer\'s '
-                            'weights, which stay in cache: the products\' arithmetic without '
-                            'the reads from memory.')
+                            'weights, which stay in the last-level cache where one layer fits '
+                            '(SmolLM2\'s: 14 MB): the products\' arithmetic without reads '
+                            'from memory.')
 _BASELINE = flags.DEFINE_string('baseline', '', 'Another version of decode_ops.cc, timed beside '
                                 'the current kernel (float32 weights).')
 
@@ -65,13 +66,16 @@ def main(argv):
     _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
           'set)')
   if _BASELINE.value:
-    library = os.path.join(tempfile.mkdtemp(), 'baseline.so')
-    reason = kernels.compile_library(library, source=_BASELINE.value)
-    if reason:
-      _fail(f'--baseline {_BASELINE.value} does not build: {reason}')
-    jax.ffi.register_ffi_target(
-        'mtpjax_rows_matmul_baseline',
-        jax.ffi.pycapsule(ctypes.cdll.LoadLibrary(library).RowsMatmul), platform='cpu')
+    with tempfile.TemporaryDirectory() as build:  # the loaded library outlives its file
+      library = os.path.join(build, 'baseline.so')
+      reason = kernels.compile_library(library, source=_BASELINE.value)
+      if reason:
+        _fail(f'--baseline {_BASELINE.value} does not build: {reason}')
+      symbol = getattr(ctypes.cdll.LoadLibrary(library), 'RowsMatmul', None)
+    if symbol is None:
+      _fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
+    jax.ffi.register_ffi_target('mtpjax_rows_matmul_baseline', jax.ffi.pycapsule(symbol),
+                                platform='cpu')
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
@@ -111,9 +115,15 @@ def main(argv):
   for M in [int(r) for r in _ROWS.value]:
     x_d = jnp.asarray(rng.standard_normal((M, d), np.float32))
     x_f = jnp.asarray(rng.standard_normal((M, f), np.float32))
-    first, *others = (np.asarray(fn(weights, x_d, x_f)) for fn in paths.values())
-    for other in others:
-      np.testing.assert_allclose(other, first, rtol=1e-3, atol=1e-3)
+    for w in weights[:4]:  # every output of each shape, each path against XLA's dot
+      x = x_d if w.shape[1] == d else x_f
+      want = np.asarray(product(x, w, 'xla'))
+      for p in names[:-1]:
+        got = np.asarray(product(x, w, p))
+        if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+          print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
+                f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)
+          sys.exit(1)
     best = {p: float('inf') for p in paths}
     for _ in range(_ROUNDS.value):
       for p, fn in paths.items():

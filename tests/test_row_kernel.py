@@ -9,11 +9,15 @@ from conftest import assert_user_error, run_script
 from mtp_jax import kernels
 
 
+# Widths with rows left over past the kernel's blocks and chunks and a tail past its last full
+# vector, so the check of every output covers those paths.
+SHAPE = ['--width', '72', '--kv_width', '30', '--ffn', '100', '--layers', '2']
+
+
 def test_row_kernel_times_a_baseline_beside_the_kernel(tmp_path):
   old = tmp_path / 'old.cc'  # another version of the kernel: here the same source
   old.write_text(open(kernels.SOURCE).read())
-  proc = run_script('experiments/row_kernel.py', '--rows', '1,5', '--width', '64',
-                    '--kv_width', '32', '--ffn', '96', '--layers', '2', '--rounds', '2',
+  proc = run_script('experiments/row_kernel.py', '--rows', '1,5', *SHAPE, '--rounds', '2',
                     f'--baseline={old}', '--cached', timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
@@ -37,3 +41,18 @@ def test_row_kernel_refuses_bad_flags(tmp_path):
   assert_user_error(run_script('experiments/row_kernel.py', '--layers', '1', '--width', '32',
                                '--kv_width', '16', '--ffn', '32', f'--baseline={broken}'),
                     '--baseline', 'does not build')
+
+
+def test_row_kernel_refuses_a_baseline_that_computes_something_else(tmp_path):
+  """The check of every output catches a kernel version whose rows past the first block are
+  wrong (each product's row 0, all the timed chain reads, stays right)."""
+  source = open(kernels.SOURCE).read()
+  store = 'y[m * N + n + r * blocks] = s;'
+  assert source.count(store) == 1
+  wrong = tmp_path / 'wrong.cc'
+  wrong.write_text(source.replace(store, 'y[m * N + n + r * blocks] = n + r * blocks ? 2 * s : s;'))
+  proc = run_script('experiments/row_kernel.py', '--rows', '3', *SHAPE, '--rounds', '1',
+                    f'--baseline={wrong}', timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert re.fullmatch(r"error: the baseline path's 3 x \d+ by \d+ product differs from XLA's "
+                      r'dot by up to \S+', proc.stderr.strip().splitlines()[-1]), proc.stderr

@@ -1,7 +1,8 @@
 // CPU kernels for decoding steps, called through XLA's FFI: a matrix product of a few rows by a
 // weight matrix stored one output per row (float32, or bfloat16 or int8 widened as it is read),
-// which reads the weights once at nearly the same speed for 1 to 8 rows (XLA's dot reads a 1-row
-// product at memory speed but a 2-8-row one about 2x slower), and attention of a few new
+// which reads the weights once for up to 4 rows (more rows take more passes over each chunk of
+// weights, the later ones from L2; XLA's dot reads a 1-row product at memory speed but a 2-8-row
+// one about 2x slower), and attention of a few new
 // positions over a KV cache that reads only the slots each query sees, row by row.
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
@@ -209,22 +210,27 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
   while (counters->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
 }
 
-// How far ahead (in floats) a block of one or two weight rows prefetches each of them. Such a
+// How far ahead (in floats) a block of one or two weight rows prefetches each of them: such a
 // block reads too few streams at once for the hardware prefetcher to keep enough misses in
 // flight while the core also computes. Blocks of more rows read as many streams, far apart
 // (rows_block), and prefetching them too made them slower (on a Zen 4 VM, 8-row blocks then,
-// experiments/row_kernel.py's chain: 4 rows 13.3 ms against 11.8 without).
+// experiments/row_kernel.py's chain: 4 rows 13.3 ms against 11.8 without). With AVX-512 every
+// block is 4 rows, so only the few rows left over at a chunk's end prefetch; with 8 lanes the
+// 2-row blocks of 4 input rows do (not timed since the change).
 constexpr int64_t kPrefetch = 2048;
 
-// Up to kMaxRows input rows per pass over a block of weights; more rows take several passes,
-// the later ones reading the block from L2. Four rows a pass, not eight: on a Zen 4 VM 8 rows
-// took 19.8 ms in two passes of 4 against 21.6 ms in one of 8 (fewer weight streams at once).
+// Up to kMaxRows input rows per pass over a thread's chunk of weight rows (RowsMatmulImpl); more
+// rows take several passes, the later ones reading the chunk from L2. Four rows a pass, not
+// eight, which took blocks of 2 weight rows with AVX-512: on a Zen 4 VM 8 rows took 19.8 ms in
+// two passes of 4 against 21.6 ms in one of 8.
 constexpr int kMaxRows = 4;
 
 // Weight rows dotted at once with M <= kMaxRows input rows: enough independent accumulators
 // (R x M) to keep the FMA units busy, few enough to stay in registers beside R weight vectors
 // and an input one (AVX-512 has 32 vector registers, AVX2 16; at M = 3 the 8-lane blocks need
-// 17, one reloaded), and each of the R rows a separate stream through memory.
+// 17, so hold() leaves them to GCC, which folds the loads into the FMAs: that case stays bound by
+// loads; 4 rows there were chosen on the AVX2 VM before the change and not timed against 2
+// since), and each of the R rows a separate stream.
 constexpr int BlockRows(int M) { return kLanes == 16 ? 4 : (M <= 3 ? 4 : 2); }
 
 // Vector registers: 32 with AVX-512, 16 with AVX2.
