@@ -10,17 +10,16 @@ Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --cached                  (arithmetic alone)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
 GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. Every
-output of each product shape is checked against XLA's dot first. The kernel path here ignores kernels.MAX_ROWS, so rows past it
-show what the kernel would do there. A --baseline kernel is built here and timed in the same
-rounds: this VM's memory is faster in some minutes than in others, so two versions compare only
-within one run.
+output of each product shape is checked against XLA's dot first, and each chain runs once
+untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past it show what the kernel
+would do there. A --baseline kernel is built here and timed in the same rounds: this VM's memory
+is faster in some minutes than in others, so two versions compare only within one run.
 """
 
 import ctypes
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,6 +60,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from mtp_jax import kernels
+  from mtp_jax import measure
 
   if not kernels.usable():
     _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
@@ -80,8 +80,8 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in distinct]
-  weights = weights * (len(shapes) // len(weights))
+  distinct_weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in distinct]
+  weights = distinct_weights * (len(shapes) // len(distinct_weights))
   bytes_read = sum(n * k * 4 for n, k in shapes)  # bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
@@ -108,9 +108,9 @@ def main(argv):
   names = ['kernel', 'baseline', 'xla'] if _BASELINE.value else ['kernel', 'xla']
   paths = {p: chain(p) for p in names}
   base = {}
-  held = sum(w.size * 4 for w in weights[:len(distinct)])
+  held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
   print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
-        + (f' (one layer\'s {held / 1e6:.1f} MB, reused)' if _CACHED.value else ''))
+        + (held if _CACHED.value else ''))
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GFLOP/s  GB/s  x first' for p in paths))
   for M in [int(r) for r in _ROWS.value]:
     x_d = jnp.asarray(rng.standard_normal((M, d), np.float32))
@@ -124,15 +124,12 @@ def main(argv):
           print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
                 f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)
           sys.exit(1)
-    best = {p: float('inf') for p in paths}
-    for _ in range(_ROUNDS.value):
-      for p, fn in paths.items():
-        start = time.perf_counter()
-        fn(weights, x_d, x_f).block_until_ready()
-        best[p] = min(best[p], time.perf_counter() - start)
+    seconds, _ = measure.fastest(
+        [lambda fn=fn: fn(weights, x_d, x_f) for fn in paths.values()], _ROUNDS.value,
+        warmup=True)  # the warm-up compiles each chain for M rows
     flop = 2 * M * bytes_read / 4
     cells = []
-    for p, t in best.items():
+    for p, t in zip(paths, seconds):
       base.setdefault(p, t)
       cells.append(f'{t * 1e3:8.2f} {flop / t / 1e9:8.1f} {bytes_read / t / 1e9:5.1f} '
                    f'{t / base[p]:6.2f}')
