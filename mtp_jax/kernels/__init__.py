@@ -29,8 +29,8 @@ from mtp_jax.pretrained import fetch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
 # Products of up to this many rows go to the kernel (in passes of 4 over each thread's chunk of
-# weight rows, the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. Past that the
-# work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
+# weight rows, the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows.
+# Past that the work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
 MAX_ROWS = 32
 MAX_QUERIES = 64  # attention: query heads per kv head
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.

@@ -2,8 +2,8 @@
 // weight matrix stored one output per row (float32, or bfloat16 or int8 widened as it is read),
 // which reads the weights once for up to 4 rows (more rows take more passes over each chunk of
 // weights, the later ones from L2; XLA's dot reads a 1-row product at memory speed but a 2-8-row
-// one about 2x slower), and attention of a few new
-// positions over a KV cache that reads only the slots each query sees, row by row.
+// one about 2x slower), and attention of a few new positions over a KV cache that reads only the
+// slots each query sees, row by row.
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
 // float vectors below are one AVX-512 register (16 lanes) where the machine has AVX-512, and
@@ -264,6 +264,7 @@ template <int M, int R, typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
                 int64_t blocks) {
   constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W);  // the same bytes ahead
+  constexpr int kLive = R * M + R + 1;  // vectors the loop keeps: accumulators, weights, input
   for (int64_t n = n0; n < n0 + blocks; ++n) {
     const W* row[R];
     for (int r = 0; r < R; ++r) row[r] = w + (n + r * blocks) * K;
@@ -276,11 +277,11 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
       for (int r = 0; r < R; ++r) {
         if (R <= 2) __builtin_prefetch(row[r] + k + kAhead);
         wv[r] = load(row[r] + k);
-        hold<R * M + R + 1>(wv[r]);
+        hold<kLive>(wv[r]);
       }
       for (int m = 0; m < M; ++m) {
         vf xv = load(x + m * K + k);
-        hold<R * M + R + 1>(xv);
+        hold<kLive>(xv);
         for (int r = 0; r < R; ++r) acc[r][m] = fma(wv[r], xv, acc[r][m]);
       }
     }
