@@ -5,11 +5,16 @@ user turns, from a few templates, are easy to agree on). With --by_confidence th
 positions are split by the probability the trunk gave the token a head should draft, with
 --by_head_confidence by the probability the head gave its own top token (how well a head knows
 when it is right, which a rule that stops drafting at low confidence would rely on); with
---misses N it prints the N answer tokens the trunk was surest of that the first head missed.
+--misses N it prints the N answer tokens the trunk was surest of that the first head missed. With
+--simulate it replays greedy speculative decoding of those answers for S = 1..D from the heads'
+teacher-forced drafts (exact: a draft after an accepted one reads the true tokens, as decoding's
+does), beside drafts copied from earlier in the text (prompt lookup), the copy where one is found
+and the heads elsewhere, and at each iteration whichever of the two is accepted further (what a
+perfect choice between them would give): tau and acceptance per position, without the decoder.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence] [--top K]
-       [--misses N]
+       [--misses N] [--simulate]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -31,6 +36,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
+  global _SIMULATE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -49,9 +55,14 @@ def define_flags():
       'each head gave its own top token (over the draft vocabulary; CONFIDENCE buckets).')
   _MISSES = flags.DEFINE_integer('misses', 0, 'Print the N answer tokens the trunk was surest '
                                  'of where the first head\'s top token differs, in context.')
+  _SIMULATE = flags.DEFINE_boolean(
+      'simulate', False, 'Replay greedy decoding of the answers for S = 1..D with the heads\' '
+      'drafts, drafts copied from earlier in the text, and the two combined (DRAFTERS).')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
+DRAFTERS = ('heads', 'copy', 'copy, else heads', 'either')  # what --simulate replays
+COPY_NGRAM = (3, 2)  # the longest and shortest text ending a draft's context that a copy matches
 
 
 def confidence_bucket(p: float, whose: str = 'trunk') -> str:
@@ -103,13 +114,15 @@ def count(tops, want, first: int, last: int, sums: dict, part=lambda j, k: 'answ
 
 
 def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str = '',
-                     missed: list | None = None) -> tuple[dict, list]:
+                     missed: list | None = None, tops_out: list | None = None
+                     ) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
   teacher-forced over prompt + answer, counted on the answer's positions; `by` 'trunk' splits
   them by the CONFIDENCE bucket of the trunk's probability of the token a head should draft,
   'head' by that of the head's probability of its own top token.
   `missed`, when given, receives (trunk's probability, prompt index, position j, head's token)
-  for every answer token j the first head's top token misses."""
+  for every answer token j the first head's top token misses; `tops_out`, when given, receives
+  each prompt's D arrays of the heads' top tokens at every position (head_tokens')."""
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -127,6 +140,8 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
     # p_max[j - 1]: the trunk's probability of its token j; sure[k - 1][i]: head k's of its
     # top token at i, which drafts token i + k + 1.
     tops, p_max, sure = fn(tokens)
+    if tops_out is not None:
+      tops_out.append(tops)
     part = lambda j, k: 'answer'  # noqa: E731
     if by == 'trunk':
       part = lambda j, k, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
@@ -137,6 +152,65 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
       missed.extend((float(p_max[j - 1]), i, j, int(tops[0][j - 2, 0]))
                     for j in range(len(p) + 1, len(seq)) if tops[0][j - 2, 0] != seq[j])
   return sums, answers
+
+
+def copy_drafts(seq: list, j: int, S: int, ngram=COPY_NGRAM) -> list:
+  """Prompt lookup: up to S tokens for seq[j], seq[j + 1], .. given seq[:j], the ones that followed
+  the latest earlier occurrence of the text ending seq[:j], tried from ngram[0] tokens of it down
+  to ngram[1]; [] when none occurs."""
+  for n in range(ngram[0], ngram[1] - 1, -1):
+    suffix = seq[j - n:j]
+    for start in range(j - n - 1, -1, -1):
+      if seq[start:start + n] == suffix:
+        return seq[start + n:min(start + n + S, j)]
+  return []
+
+
+def accepted_run(seq: list, j: int, drafts: list) -> int:
+  """How many of `drafts` (for seq[j], ..) greedy verification accepts: those before the first
+  that is not seq's token (none past seq's end)."""
+  a = 0
+  while a < len(drafts) and j + a < len(seq) and drafts[a] == seq[j + a]:
+    a += 1
+  return a
+
+
+def replay(seq: list, start: int, S: int, drafter) -> tuple[int, int, list]:
+  """Greedy speculative decoding of seq[start:] replayed: each iteration drafts drafter(j) (up to
+  S tokens for seq[j], .. given seq[:j]), accepts them up to the first wrong one, and commits
+  them and the trunk's next token, stopping at the end of seq as decoding stops at EOS or
+  max_new_tokens. Returns (tokens committed, iterations, accepted drafts per position)."""
+  j, emitted, forwards, accepted = start, 0, 0, [0] * S
+  while j < len(seq):
+    a = accepted_run(seq, j, list(drafter(j))[:S])
+    for k in range(a):
+      accepted[k] += 1
+    count = min(a + 1, len(seq) - j)
+    emitted, forwards, j = emitted + count, forwards + 1, j + count
+  return emitted, forwards, accepted
+
+
+def simulate(prompts, answers, tops, depth: int) -> dict:
+  """{(drafter, S): (tokens committed, iterations, accepted per position)} over every answer for
+  each of DRAFTERS and S = 1..depth; tops[i] are prompt i's heads' top tokens (greedy_agreement's
+  tops_out). Decoding commits an answer's first token at prefill, then drafts from the pending
+  token on: head k at position j - 2 drafts seq[j + k - 1]."""
+  totals = {}
+  for p, a, top in zip(prompts, answers, tops):
+    seq = list(p) + list(a)
+    for S in range(1, depth + 1):
+      heads = lambda j, S=S, top=top: [int(top[k][j - 2, 0]) for k in range(S)]  # noqa: E731
+      copy = lambda j, S=S, seq=seq: copy_drafts(seq, j, S)  # noqa: E731
+      drafters = {
+          'heads': heads, 'copy': copy,
+          'copy, else heads': lambda j, heads=heads, copy=copy: copy(j) or heads(j),
+          'either': lambda j, heads=heads, copy=copy, seq=seq: max(
+              heads(j), copy(j), key=lambda d: accepted_run(seq, j, d))}
+      for name in DRAFTERS:
+        got = replay(seq, len(p) + 1, S, drafters[name])
+        e, f, acc = totals.get((name, S), (0, 0, [0] * S))
+        totals[(name, S)] = (e + got[0], f + got[1], [x + y for x, y in zip(acc, got[2])])
+  return totals
 
 
 def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) -> dict:
@@ -177,6 +251,7 @@ def main(argv):
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import numpy as np
   from mtp_jax import data as data_lib
+  from mtp_jax import decode as dec
   from mtp_jax import features
   from mtp_jax import inference
   from mtp_jax import measure
@@ -212,7 +287,9 @@ def main(argv):
   rows = {}
   missed = [] if _MISSES.value else None
   by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''
-  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed)
+  tops = [] if _SIMULATE.value else None
+  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed,
+                                   tops)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
@@ -239,9 +316,19 @@ def main(argv):
       seq = prompts[i] + answers[i]
       print(f'  {text(seq[max(j - 6, 0):j])!r} -> {text([seq[j]])!r} ({p_trunk:.2f}) | '
             f'{text([head])!r}')
+  replayed = []
+  if tops is not None:
+    print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
+          'draft position):')
+    for (name, S), (emitted, forwards, accepted) in simulate(prompts, answers, tops,
+                                                             config.mtp.depth).items():
+      rates = dec.rates(emitted, forwards, accepted)
+      print(f'  S = {S}, {name}: tau {rates["tau"]:.3f}, acceptance '
+            f'{" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
+      replayed.append({'drafter': name, 'draft_len': S, **rates})
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
-      json.dump({'machine': measure.machine(), 'rows': out}, f, indent=2)
+      json.dump({'machine': measure.machine(), 'rows': out, 'replayed': replayed}, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -111,3 +111,48 @@ def test_two_confidence_splits_are_refused(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --by_confidence and '
                                                          '--by_head_confidence')
   assert not (tmp_path / 'run').exists()
+
+
+def test_copy_drafts_and_replay_by_hand():
+  seq = [5, 6, 7, 8, 5, 6, 7, 8, 9]
+  # seq[:6] ends in 8 5 6 (seen nowhere before), then 5 6 (at 0): what followed it, up to j.
+  assert head_agreement.copy_drafts(seq, 6, 3) == [7, 8, 5]
+  assert head_agreement.copy_drafts(seq, 6, 1) == [7]
+  assert head_agreement.copy_drafts(seq, 3, 3) == []  # 6 7 and 5 6 7 occur nowhere earlier
+  # From j = 6: 7 and 8 are accepted, 5 is not; the trunk's 9 is committed with them.
+  assert head_agreement.replay(seq, 6, 3, lambda j: head_agreement.copy_drafts(seq, j, 3)) == (
+      3, 1, [1, 1, 0])
+  # Wrong drafts: one token per iteration.
+  assert head_agreement.replay(seq, 4, 2, lambda j: [0, 0]) == (5, 5, [0, 0])
+
+
+def test_replay_counts_what_the_decoder_counts(tmp_path):
+  """The heads' replay commits as many tokens in as many iterations as the decoder does with the
+  same heads, at every S: Medusa heads at their zero initialization draft the trunk's token at
+  the position they read, which is accepted wherever the text repeats a token."""
+  from mtp_jax import decode as dec
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  prompts_file = tmp_path / 'prompts.txt'
+  prompts_file.write_text('hello there\nwhat is a cat\nthe the the the\n')
+  config = pretrained_config(path, **{'mtp.kind': 'medusa', 'mtp.init_from': '',
+                                      'decode.prompts': str(prompts_file),
+                                      'decode.max_new_tokens': 24})
+  session = train.Session(config, str(tmp_path / 'run'), data=False)
+  _, params = inference.load_params(session)
+  prompts = inference.held_out_prompts(session, 3)
+  tops = []
+  _, answers = head_agreement.greedy_agreement(session, params, prompts, None, tops_out=tops)
+  replayed = head_agreement.simulate(prompts, answers, tops, 2)
+  assert set(replayed) == {(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
+  for S in (1, 2):
+    s = inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id)
+    state, _ = inference.decode(session, params, prompts, s)
+    assert dec.outputs(state) == answers
+    got = dec.stats(state, s)
+    emitted, forwards, accepted = replayed[('heads', S)]
+    assert (emitted, forwards) == (got['emitted'], got['forwards'])
+    # The decoder also counts drafts its last iteration accepted past an answer's end.
+    assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
+    assert accepted[0] > 0
+    assert emitted == sum(len(a) - 1 for a in answers)
+    assert emitted == replayed[('copy', S)][0] == replayed[('either', S)][0]
