@@ -19,16 +19,22 @@ sys.path.insert(0, os.path.join(REPO, 'experiments'))
 import head_agreement  # noqa: E402
 
 
-def test_heads_are_scored_against_the_token_they_draft(tmp_path):
+def medusa_at_init(tmp_path, prompts: list[str], max_new_tokens: int):
+  """(config, session, params, token prompts): a tiny random Llama whose two Medusa heads are at
+  their zero initialization (each the trunk's own output layer), with these held-out prompts."""
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
   prompts_file = tmp_path / 'prompts.txt'
-  prompts_file.write_text('hello there\nwhat is a cat\n')
+  prompts_file.write_text(''.join(p + '\n' for p in prompts))
   config = pretrained_config(path, **{'mtp.kind': 'medusa', 'mtp.init_from': '',
                                       'decode.prompts': str(prompts_file),
-                                      'decode.max_new_tokens': 12})
+                                      'decode.max_new_tokens': max_new_tokens})
   session = train.Session(config, str(tmp_path / 'run'), data=False)
   _, params = inference.load_params(session)
-  prompts = inference.held_out_prompts(session, 2)
+  return config, session, params, inference.held_out_prompts(session, len(prompts))
+
+
+def test_heads_are_scored_against_the_token_they_draft(tmp_path):
+  _, session, params, prompts = medusa_at_init(tmp_path, ['hello there', 'what is a cat'], 12)
   sums, answers = head_agreement.greedy_agreement(session, params, prompts, None)
   sums3, _ = head_agreement.greedy_agreement(session, params, prompts, None, top=3)
 
@@ -131,15 +137,8 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
   same heads, at every S: Medusa heads at their zero initialization draft the trunk's token at
   the position they read, which is accepted wherever the text repeats a token."""
   from mtp_jax import decode as dec
-  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
-  prompts_file = tmp_path / 'prompts.txt'
-  prompts_file.write_text('hello there\nwhat is a cat\nthe the the the\n')
-  config = pretrained_config(path, **{'mtp.kind': 'medusa', 'mtp.init_from': '',
-                                      'decode.prompts': str(prompts_file),
-                                      'decode.max_new_tokens': 24})
-  session = train.Session(config, str(tmp_path / 'run'), data=False)
-  _, params = inference.load_params(session)
-  prompts = inference.held_out_prompts(session, 3)
+  config, session, params, prompts = medusa_at_init(
+      tmp_path, ['hello there', 'what is a cat', 'the the the the'], 24)
   tops = []
   _, answers = head_agreement.greedy_agreement(session, params, prompts, None, tops_out=tops)
   replayed = head_agreement.simulate(prompts, answers, tops, 2)
