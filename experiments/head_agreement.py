@@ -11,10 +11,14 @@ teacher-forced drafts (exact: a draft after an accepted one reads the true token
 does), beside drafts copied from earlier in the text (prompt lookup), the copy where one is found
 and the heads elsewhere, and at each iteration whichever of the two is accepted further (what a
 perfect choice between them would give): tau and acceptance per position, without the decoder.
+With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
+beside the chain), and each --tree W1,W2,.. a full token tree: W1 first drafts, under each of
+them W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token,
+and the heads under it then read true tokens, so teacher-forced top-W lists replay it exactly).
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence] [--top K]
-       [--misses N] [--simulate]
+       [--misses N] [--simulate [--tree W1,W2,..]...]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -23,6 +27,7 @@ decoding accepts position k only after positions 1..k-1, so its per-position rat
 
 import functools
 import json
+import math
 import os
 import sys
 
@@ -36,7 +41,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE
+  global _SIMULATE, _TREE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -57,7 +62,11 @@ def define_flags():
                                  'of where the first head\'s top token differs, in context.')
   _SIMULATE = flags.DEFINE_boolean(
       'simulate', False, 'Replay greedy decoding of the answers for S = 1..D with the heads\' '
-      'drafts, drafts copied from earlier in the text, and the two combined (DRAFTERS).')
+      'drafts, drafts copied from earlier in the text, and the two combined (DRAFTERS); '
+      'with --top K also first-draft candidates 2..K.')
+  _TREE = flags.DEFINE_multi_string(
+      'tree', [], 'With --simulate: also replay a full draft tree of these widths per depth '
+      '(W1,W2,..: W1 first drafts, W2 second drafts under each, ..; each W <= --top).')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
@@ -175,14 +184,42 @@ def accepted_run(seq: list, j: int, drafts: list) -> int:
   return a
 
 
-def replay(seq: list, start: int, S: int, drafter) -> tuple[int, int, list]:
-  """Greedy speculative decoding of seq[start:] replayed: each iteration drafts drafter(j) (up to
-  S tokens for seq[j], .. given seq[:j]), accepts them up to the first wrong one, and commits
-  them and the trunk's next token, stopping at the end of seq as decoding stops at EOS or
-  max_new_tokens. Returns (tokens committed, iterations, accepted drafts per position)."""
+def tree_run(seq: list, j: int, tops_at: list, widths) -> int:
+  """How many drafts a full token tree accepts: depth k holds the widths[k - 1] most likely
+  tokens of head k (tops_at[k - 1], most likely first) under every node of depth k - 1, and
+  greedy verification follows the path of the trunk's tokens as far as it is in the tree."""
+  a = 0
+  while a < len(widths) and j + a < len(seq) and seq[j + a] in list(tops_at[a][:widths[a]]):
+    a += 1
+  return a
+
+
+def tree_positions(widths) -> int:
+  """Positions a full tree of these widths puts through the verify forward, the pending token
+  included."""
+  return 1 + sum(math.prod(widths[:k + 1]) for k in range(len(widths)))
+
+
+def parse_tree(text: str, top: int, depth: int) -> tuple:
+  """--tree's widths per depth, checked against --top (the heads' lists) and the heads' depth."""
+  try:
+    widths = tuple(int(w) for w in text.split(','))
+  except ValueError:
+    widths = ()
+  if not widths or len(widths) > depth or not all(1 <= w <= top for w in widths):
+    raise ValueError(f"--tree must be 1 to {depth} widths per depth 'W1,W2,..', each 1..--top "
+                     f"({top}), got '{text}'")
+  return widths
+
+
+def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
+  """Greedy speculative decoding of seq[start:] replayed: each iteration accepts accept(j) <= S
+  drafts for seq[j], .. (given seq[:j]) and commits them and the trunk's next token, stopping at
+  the end of seq as decoding stops at EOS or max_new_tokens. Returns (tokens committed,
+  iterations, accepted drafts per position)."""
   j, emitted, forwards, accepted = start, 0, 0, [0] * S
   while j < len(seq):
-    a = accepted_run(seq, j, list(drafter(j))[:S])
+    a = accept(j)
     for k in range(a):
       accepted[k] += 1
     count = min(a + 1, len(seq) - j)
@@ -190,16 +227,24 @@ def replay(seq: list, start: int, S: int, drafter) -> tuple[int, int, list]:
   return emitted, forwards, accepted
 
 
-def simulate(prompts, answers, tops, depth: int) -> dict:
-  """{(drafter, S): (tokens committed, iterations, accepted per position)} over every answer for
-  each of DRAFTERS and S = 1..depth; tops[i] are prompt i's heads' top tokens (greedy_agreement's
+def simulate(prompts, answers, tops, depth: int, trees=()) -> dict:
+  """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
+  forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
+  for ('candidates K', S) with K = 2..the tops' width, and for ('tree W1,W2,..', len(widths)) for
+  each widths tuple in `trees`; tops[i] are prompt i's heads' top tokens (greedy_agreement's
   tops_out). Decoding commits an answer's first token at prefill, then drafts from the pending
   token on: head k at position j - 2 drafts seq[j + k - 1]."""
   totals = {}
+
+  def add(key, positions, got):
+    e, f, acc, _ = totals.get(key, (0, 0, [0] * len(got[2]), positions))
+    totals[key] = (e + got[0], f + got[1], [x + y for x, y in zip(acc, got[2])], positions)
+
   for p, a, top in zip(prompts, answers, tops):
-    seq = list(p) + list(a)
+    seq, start = list(p) + list(a), len(p) + 1
+    at = lambda j, top=top: [t[j - 2] for t in top]  # noqa: E731  # each head's list drafting j..
     for S in range(1, depth + 1):
-      heads = lambda j, S=S, top=top: [int(top[k][j - 2, 0]) for k in range(S)]  # noqa: E731
+      heads = lambda j, S=S: [int(t[0]) for t in at(j)[:S]]  # noqa: E731
       copy = lambda j, S=S, seq=seq: copy_drafts(seq, j, S)  # noqa: E731
       drafters = {
           'heads': heads, 'copy': copy,
@@ -207,9 +252,17 @@ def simulate(prompts, answers, tops, depth: int) -> dict:
           'either': lambda j, heads=heads, copy=copy, seq=seq: max(
               heads(j), copy(j), key=lambda d: accepted_run(seq, j, d))}
       for name in DRAFTERS:
-        got = replay(seq, len(p) + 1, S, drafters[name])
-        e, f, acc = totals.get((name, S), (0, 0, [0] * S))
-        totals[(name, S)] = (e + got[0], f + got[1], [x + y for x, y in zip(acc, got[2])])
+        chain = lambda j, d=drafters[name], S=S, seq=seq: accepted_run(seq, j, d(j)[:S])  # noqa: E731
+        add((name, S), S + 1, replay(seq, start, S, chain))
+      for K in range(2, top[0].shape[1] + 1):
+        # The chain from the first head's top token; else a runner-up may be the trunk's token.
+        def candidates(j, K=K, heads=heads, seq=seq):
+          chain = accepted_run(seq, j, heads(j))
+          return chain or int(seq[j] in list(at(j)[0][1:K]))
+        add((f'candidates {K}', S), S + K, replay(seq, start, S, candidates))
+    for widths in trees:
+      add((f'tree {",".join(map(str, widths))}', len(widths)), tree_positions(widths),
+          replay(seq, start, len(widths), lambda j, w=widths, seq=seq: tree_run(seq, j, at(j), w)))
   return totals
 
 
@@ -265,6 +318,9 @@ def main(argv):
       raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
     if _MISSES.value < 0:
       raise ConfigError(f'--misses must be >= 0, got {_MISSES.value}')
+    trees = [parse_tree(t, _TOP.value, config.mtp.depth) for t in _TREE.value]
+    if trees and not _SIMULATE.value:
+      raise ConfigError('--tree is replayed by --simulate: give both')
     if _BY_CONFIDENCE.value and _BY_HEAD_CONFIDENCE.value:
       raise ConfigError('--by_confidence and --by_head_confidence split the same positions two '
                         'ways: give one')
@@ -320,12 +376,12 @@ def main(argv):
   if tops is not None:
     print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
           'draft position):')
-    for (name, S), (emitted, forwards, accepted) in simulate(prompts, answers, tops,
-                                                             config.mtp.depth).items():
+    for (name, S), (emitted, forwards, accepted, positions) in simulate(
+        prompts, answers, tops, config.mtp.depth, trees).items():
       rates = dec.rates(emitted, forwards, accepted)
-      print(f'  S = {S}, {name}: tau {rates["tau"]:.3f}, acceptance '
-            f'{" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
-      replayed.append({'drafter': name, 'draft_len': S, **rates})
+      print(f'  S = {S}, {name} ({positions} verify positions): tau {rates["tau"]:.3f}, '
+            f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
+      replayed.append({'drafter': name, 'draft_len': S, 'verify_positions': positions, **rates})
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': out, 'replayed': replayed}, f, indent=2)

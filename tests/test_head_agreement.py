@@ -126,32 +126,61 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.copy_drafts(seq, 6, 1) == [7]
   assert head_agreement.copy_drafts(seq, 3, 3) == []  # 6 7 and 5 6 7 occur nowhere earlier
   # From j = 6: 7 and 8 are accepted, 5 is not; the trunk's 9 is committed with them.
-  assert head_agreement.replay(seq, 6, 3, lambda j: head_agreement.copy_drafts(seq, j, 3)) == (
-      3, 1, [1, 1, 0])
-  # Wrong drafts: one token per iteration.
-  assert head_agreement.replay(seq, 4, 2, lambda j: [0, 0]) == (5, 5, [0, 0])
+  copied = lambda j: head_agreement.accepted_run(seq, j, head_agreement.copy_drafts(seq, j, 3))
+  assert head_agreement.replay(seq, 6, 3, copied) == (3, 1, [1, 1, 0])
+  # Nothing accepted: one token per iteration.
+  assert head_agreement.replay(seq, 4, 2, lambda j: 0) == (5, 5, [0, 0])
+  # A tree follows the true path as far as each depth's list holds its token.
+  lists = [np.array([1, 7, 2]), np.array([8, 3, 0]), np.array([4, 4, 4])]
+  assert head_agreement.tree_run(seq, 6, lists, (1, 1, 1)) == 0
+  assert head_agreement.tree_run(seq, 6, lists, (2, 1, 3)) == 2
+  assert head_agreement.tree_run(seq, 6, lists, (2, 1)) == 2
+  assert head_agreement.tree_positions((3, 2, 1)) == 1 + 3 + 6 + 6
 
 
 def test_replay_counts_what_the_decoder_counts(tmp_path):
   """The heads' replay commits as many tokens in as many iterations as the decoder does with the
-  same heads, at every S: Medusa heads at their zero initialization draft the trunk's token at
-  the position they read, which is accepted wherever the text repeats a token."""
+  same heads, at every S and with first-draft candidates: Medusa heads at their zero
+  initialization draft the trunk's token at the position they read, which is accepted wherever
+  the text repeats a token."""
+  import dataclasses
   from mtp_jax import decode as dec
   config, session, params, prompts = medusa_at_init(
       tmp_path, ['hello there', 'what is a cat', 'the the the the'], 24)
   tops = []
-  _, answers = head_agreement.greedy_agreement(session, params, prompts, None, tops_out=tops)
-  replayed = head_agreement.simulate(prompts, answers, tops, 2)
-  assert set(replayed) == {(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
+  _, answers = head_agreement.greedy_agreement(session, params, prompts, None, top=3,
+                                               tops_out=tops)
+  replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3, 2)])
+  assert set(replayed) == ({(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
+                           | {(f'candidates {K}', S) for K in (2, 3) for S in (1, 2)}
+                           | {('tree 1,1', 2), ('tree 3,2', 2)})
   for S in (1, 2):
-    s = inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id)
-    state, _ = inference.decode(session, params, prompts, s)
-    assert dec.outputs(state) == answers
-    got = dec.stats(state, s)
-    emitted, forwards, accepted = replayed[('heads', S)]
-    assert (emitted, forwards) == (got['emitted'], got['forwards'])
-    # The decoder also counts drafts its last iteration accepted past an answer's end.
-    assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
-    assert accepted[0] > 0
-    assert emitted == sum(len(a) - 1 for a in answers)
-    assert emitted == replayed[('copy', S)][0] == replayed[('either', S)][0]
+    for K in (1, 2, 3):
+      s = dataclasses.replace(
+          inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id),
+          candidates=K)
+      state, _ = inference.decode(session, params, prompts, s)
+      assert dec.outputs(state) == answers
+      got = dec.stats(state, s)
+      emitted, forwards, accepted, positions = replayed[('heads' if K == 1 else f'candidates {K}',
+                                                         S)]
+      assert (emitted, forwards, positions) == (got['emitted'], got['forwards'], S + K)
+      # The decoder also counts drafts its last iteration accepted past an answer's end.
+      assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
+    assert replayed[('heads', S)][2][0] > 0
+    assert replayed[('candidates 3', S)][:3] != replayed[('heads', S)][:3]  # runners-up won
+    assert replayed[('heads', S)][0] == sum(len(a) - 1 for a in answers)
+    assert all(replayed[(d, S)][0] == replayed[('heads', S)][0] for d in head_agreement.DRAFTERS)
+  # A tree of one token per depth is the chain.
+  assert replayed[('tree 1,1', 2)] == replayed[('heads', 2)][:3] + (3,)
+  assert replayed[('tree 3,2', 2)][3] == 1 + 3 + 6
+
+
+def test_bad_trees_are_refused(tmp_path):
+  for args, words in ((['--simulate', '--top=2', '--tree=3,1'], '--tree must be'),
+                      (['--simulate', '--tree=1,x'], '--tree must be'),
+                      (['--tree=1'], '--tree is replayed by --simulate')):
+    proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith('error: ' + words)
+  assert not (tmp_path / 'run').exists()
