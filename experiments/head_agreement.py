@@ -242,27 +242,29 @@ def simulate(prompts, answers, tops, depth: int, trees=()) -> dict:
 
   for p, a, top in zip(prompts, answers, tops):
     seq, start = list(p) + list(a), len(p) + 1
-    at = lambda j, top=top: [t[j - 2] for t in top]  # noqa: E731  # each head's list drafting j..
+
+    def lists(j):  # each head's most likely tokens for seq[j], seq[j + 1], ..
+      return [t[j - 2] for t in top]
+
+    def drafts(name, j, S):
+      heads = [int(t[0]) for t in lists(j)[:S]]
+      copied = copy_drafts(seq, j, S)
+      return {'heads': heads, 'copy': copied, 'copy, else heads': copied or heads,
+              'either': max(heads, copied, key=lambda d: accepted_run(seq, j, d))}[name]
+
+    def candidates(j, S, K):  # the chain; else a runner-up of the first head may be the trunk's
+      return accepted_run(seq, j, drafts('heads', j, S)) or int(seq[j] in list(lists(j)[0][1:K]))
+
     for S in range(1, depth + 1):
-      heads = lambda j, S=S: [int(t[0]) for t in at(j)[:S]]  # noqa: E731
-      copy = lambda j, S=S, seq=seq: copy_drafts(seq, j, S)  # noqa: E731
-      drafters = {
-          'heads': heads, 'copy': copy,
-          'copy, else heads': lambda j, heads=heads, copy=copy: copy(j) or heads(j),
-          'either': lambda j, heads=heads, copy=copy, seq=seq: max(
-              heads(j), copy(j), key=lambda d: accepted_run(seq, j, d))}
       for name in DRAFTERS:
-        chain = lambda j, d=drafters[name], S=S, seq=seq: accepted_run(seq, j, d(j)[:S])  # noqa: E731
+        chain = lambda j, name=name, S=S: accepted_run(seq, j, drafts(name, j, S))  # noqa: E731
         add((name, S), S + 1, replay(seq, start, S, chain))
       for K in range(2, top[0].shape[1] + 1):
-        # The chain from the first head's top token; else a runner-up may be the trunk's token.
-        def candidates(j, K=K, heads=heads, seq=seq):
-          chain = accepted_run(seq, j, heads(j))
-          return chain or int(seq[j] in list(at(j)[0][1:K]))
-        add((f'candidates {K}', S), S + K, replay(seq, start, S, candidates))
+        add((f'candidates {K}', S), S + K,
+            replay(seq, start, S, lambda j, S=S, K=K: candidates(j, S, K)))
     for widths in trees:
       add((f'tree {",".join(map(str, widths))}', len(widths)), tree_positions(widths),
-          replay(seq, start, len(widths), lambda j, w=widths, seq=seq: tree_run(seq, j, at(j), w)))
+          replay(seq, start, len(widths), lambda j, w=widths: tree_run(seq, j, lists(j), w)))
   return totals
 
 
