@@ -7,8 +7,8 @@ positions are split by the probability the trunk gave the token a head should dr
 when it is right, which a rule that stops drafting at low confidence would rely on); with
 --misses N it prints the N answer tokens the trunk was surest of that the first head missed. With
 --simulate it replays greedy speculative decoding of those answers for S = 1..D from the heads'
-teacher-forced drafts (exact: a draft after an accepted one reads the true tokens, as decoding's
-does), beside drafts copied from earlier in the text (prompt lookup), the copy where one is found
+teacher-forced drafts (exact for float32 heads: a draft after an accepted one reads the true
+tokens, as decoding's does; the decoder's narrower draft dtypes can move a near tie), beside drafts copied from earlier in the text (prompt lookup), the copy where one is found
 and the heads elsewhere, and at each iteration whichever of the two is accepted further (what a
 perfect choice between them would give): tau and acceptance per position, without the decoder.
 With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
@@ -164,14 +164,18 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
 
 
 def copy_drafts(seq: list, j: int, S: int, ngram=COPY_NGRAM) -> list:
-  """Prompt lookup: up to S tokens for seq[j], seq[j + 1], .. given seq[:j], the ones that followed
-  the latest earlier occurrence of the text ending seq[:j], tried from ngram[0] tokens of it down
-  to ngram[1]; [] when none occurs."""
+  """Prompt lookup: S tokens for seq[j], seq[j + 1], .. given seq[:j], the ones that followed the
+  latest earlier occurrence of the text ending seq[:j], tried from ngram[0] tokens of it down to
+  ngram[1] (a copy that reaches position j goes on through its own drafts, so repeated text is
+  copied S tokens deep); [] when none occurs."""
   for n in range(ngram[0], ngram[1] - 1, -1):
     suffix = seq[j - n:j]
     for start in range(j - n - 1, -1, -1):
       if seq[start:start + n] == suffix:
-        return seq[start + n:min(start + n + S, j)]
+        text = list(seq[:j])
+        for m in range(S):
+          text.append(text[start + n + m])
+        return text[j:]
   return []
 
 

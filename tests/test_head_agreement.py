@@ -125,6 +125,8 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.copy_drafts(seq, 6, 3) == [7, 8, 5]
   assert head_agreement.copy_drafts(seq, 6, 1) == [7]
   assert head_agreement.copy_drafts(seq, 3, 3) == []  # 6 7 and 5 6 7 occur nowhere earlier
+  # A copy of repeated text goes on through its own drafts.
+  assert head_agreement.copy_drafts([1, 2, 1, 2, 1, 2], 6, 4) == [1, 2, 1, 2]
   # From j = 6: 7 and 8 are accepted, 5 is not; the trunk's 9 is committed with them.
   copied = lambda j: head_agreement.accepted_run(seq, j, head_agreement.copy_drafts(seq, j, 3))
   assert head_agreement.replay(seq, 6, 3, copied) == (3, 1, [1, 1, 0])
@@ -150,10 +152,10 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
   tops = []
   _, answers = head_agreement.greedy_agreement(session, params, prompts, None, top=3,
                                                tops_out=tops)
-  replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3, 2)])
+  replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3,), (3, 2)])
   assert set(replayed) == ({(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
                            | {(f'candidates {K}', S) for K in (2, 3) for S in (1, 2)}
-                           | {('tree 1,1', 2), ('tree 3,2', 2)})
+                           | {('tree 1,1', 2), ('tree 3', 1), ('tree 3,2', 2)})
   for S in (1, 2):
     for K in (1, 2, 3):
       s = dataclasses.replace(
@@ -169,11 +171,10 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
       assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
     assert replayed[('heads', S)][2][0] > 0
     assert replayed[('candidates 3', S)][:3] != replayed[('heads', S)][:3]  # runners-up won
-    assert replayed[('heads', S)][0] == sum(len(a) - 1 for a in answers)
-    assert all(replayed[(d, S)][0] == replayed[('heads', S)][0] for d in head_agreement.DRAFTERS)
-  # A tree of one token per depth is the chain.
+  # A tree of one token per depth is the chain, and one level of K is K candidates at S = 1
+  # (both checked against the decoder above).
   assert replayed[('tree 1,1', 2)] == replayed[('heads', 2)][:3] + (3,)
-  assert replayed[('tree 3,2', 2)][3] == 1 + 3 + 6
+  assert replayed[('tree 3', 1)] == replayed[('candidates 3', 1)]
 
 
 def test_bad_trees_are_refused(tmp_path):
