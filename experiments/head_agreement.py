@@ -8,17 +8,20 @@ when it is right, which a rule that stops drafting at low confidence would rely 
 --misses N it prints the N answer tokens the trunk was surest of that the first head missed. With
 --simulate it replays greedy speculative decoding of those answers for S = 1..D from the heads'
 teacher-forced drafts (exact for float32 heads: a draft after an accepted one reads the true
-tokens, as decoding's does; the decoder's narrower draft dtypes can move a near tie), beside drafts copied from earlier in the text (prompt lookup), the copy where one is found
-and the heads elsewhere, and at each iteration whichever of the two is accepted further (what a
-perfect choice between them would give): tau and acceptance per position, without the decoder.
+tokens, as decoding's does; the decoder's narrower draft dtypes can move a near tie), beside
+drafts copied from earlier in the text (prompt lookup), the copy where one is found and the
+heads elsewhere, and at each iteration whichever of the two is accepted further (what a perfect
+choice between them would give): tau and acceptance per position, without the decoder.
 With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
-beside the chain), and each --tree W1,W2,.. a full token tree: W1 first drafts, under each of
-them W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token,
-and the heads under it then read true tokens, so teacher-forced top-W lists replay it exactly).
+beside the chain), each --tree W1,W2,.. a full token tree: W1 first drafts, under each of them
+W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token, and
+the heads under it then read true tokens, so teacher-forced top-W lists replay it exactly), and
+each --sparse N the static tree of N drafts that keeps the branches most often accepted, as
+Medusa builds its tree: chosen on one half of the prompts and replayed on the other.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence] [--top K]
-       [--misses N] [--simulate [--tree W1,W2,..]...]
+       [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -26,8 +29,8 @@ decoding accepts position k only after positions 1..k-1, so its per-position rat
 """
 
 import functools
+import itertools
 import json
-import math
 import os
 import sys
 
@@ -41,7 +44,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE
+  global _SIMULATE, _TREE, _SPARSE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -67,6 +70,9 @@ def define_flags():
   _TREE = flags.DEFINE_multi_string(
       'tree', [], 'With --simulate: also replay a full draft tree of these widths per depth '
       '(W1,W2,..: W1 first drafts, W2 second drafts under each, ..; each W <= --top).')
+  _SPARSE = flags.DEFINE_list(
+      'sparse', [], 'With --simulate: also replay, per N, the tree of N drafts (ranks up to '
+      '--top, depths up to D) most often accepted on the other half of the prompts.')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
@@ -188,20 +194,43 @@ def accepted_run(seq: list, j: int, drafts: list) -> int:
   return a
 
 
-def tree_run(seq: list, j: int, tops_at: list, widths) -> int:
-  """How many drafts a full token tree accepts: depth k holds the widths[k - 1] most likely
-  tokens of head k (tops_at[k - 1], most likely first) under every node of depth k - 1, and
-  greedy verification follows the path of the trunk's tokens as far as it is in the tree."""
+def rank_path(seq: list, j: int, tops_at: list) -> tuple:
+  """Where seq[j], seq[j + 1], .. stand in head 1, 2, ..'s lists of likeliest tokens
+  (tops_at[k - 1], most likely first, rank 0), up to the first token a list does not hold."""
+  path = []
+  for k, listed in enumerate(tops_at):
+    if j + k >= len(seq) or seq[j + k] not in list(listed):
+      break
+    path.append(list(listed).index(seq[j + k]))
+  return tuple(path)
+
+
+def tree_run(seq: list, j: int, tops_at: list, tree) -> int:
+  """How many drafts a token tree accepts. A tree is a set of rank paths, each node the path of
+  ranks from the root (node (0, 1): head 2's second likeliest token under head 1's likeliest);
+  greedy verification follows the trunk's tokens as far as their path is in the tree."""
+  path = rank_path(seq, j, tops_at)
   a = 0
-  while a < len(widths) and j + a < len(seq) and seq[j + a] in list(tops_at[a][:widths[a]]):
+  while a < len(path) and path[:a + 1] in tree:
     a += 1
   return a
 
 
-def tree_positions(widths) -> int:
-  """Positions a full tree of these widths puts through the verify forward, the pending token
-  included."""
-  return 1 + sum(math.prod(widths[:k + 1]) for k in range(len(widths)))
+def full_tree(widths) -> frozenset:
+  """Every path with rank < widths[k - 1] at depth k: W1 first drafts, W2 under each, .."""
+  return frozenset(p for k in range(1, len(widths) + 1)
+                   for p in itertools.product(*(range(w) for w in widths[:k])))
+
+
+def sparse_tree(paths, size: int) -> frozenset:
+  """The `size` nodes the trunk's tokens reached most often over these rank paths (Medusa's
+  static tree). A node is reached at least as often as each node under it, and ties go to the
+  shorter path, so the nodes kept always include their parents."""
+  counts = {}
+  for path in paths:
+    for k in range(1, len(path) + 1):
+      counts[path[:k]] = counts.get(path[:k], 0) + 1
+  return frozenset(sorted(counts, key=lambda p: (-counts[p], len(p), p))[:size])
 
 
 def parse_tree(text: str, top: int, depth: int) -> tuple:
@@ -214,6 +243,13 @@ def parse_tree(text: str, top: int, depth: int) -> tuple:
     raise ValueError(f"--tree must be 1 to {depth} widths per depth 'W1,W2,..', each 1..--top "
                      f"({top}), got '{text}'")
   return widths
+
+
+def parse_size(text: str) -> int:
+  """One of --sparse's tree sizes."""
+  if not text.strip().isdigit() or int(text) < 1:
+    raise ValueError(f"--sparse must be tree sizes 'N,..', each >= 1, got '{text}'")
+  return int(text)
 
 
 def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
@@ -231,21 +267,27 @@ def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   return emitted, forwards, accepted
 
 
-def simulate(prompts, answers, tops, depth: int, trees=()) -> dict:
+def simulate(prompts, answers, tops, depth: int, trees=(), sparse=()) -> dict:
   """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
   forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
-  for ('candidates K', S) with K = 2..the tops' width, and for ('tree W1,W2,..', len(widths)) for
-  each widths tuple in `trees`; tops[i] are prompt i's heads' top tokens (greedy_agreement's
-  tops_out). Decoding commits an answer's first token at prefill, then drafts from the pending
-  token on: head k at position j - 2 drafts seq[j + k - 1]."""
+  for ('candidates K', S) with K = 2..the tops' width, for ('tree W1,W2,..', len(widths)) for
+  each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in `sparse` (its
+  nodes from the rank paths of every answer position of the prompts of the other parity); tops[i]
+  are prompt i's heads' top tokens (greedy_agreement's tops_out). Decoding commits an answer's
+  first token at prefill, then drafts from the pending token on: head k at position j - 2
+  drafts seq[j + k - 1]."""
   totals = {}
 
-  def add(key, positions, got):
-    e, f, acc, _ = totals.get(key, (0, 0, [0] * len(got[2]), positions))
-    totals[key] = (e + got[0], f + got[1], [x + y for x, y in zip(acc, got[2])], positions)
+  def add(key, positions, got):  # a sparse tree may have fewer nodes in one half: the most
+    e, f, acc, most = totals.get(key, (0, 0, [0] * len(got[2]), positions))
+    totals[key] = (e + got[0], f + got[1], [x + y for x, y in zip(acc, got[2])],
+                   max(most, positions))
 
-  for p, a, top in zip(prompts, answers, tops):
-    seq, start = list(p) + list(a), len(p) + 1
+  seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+  paths = [[rank_path(seq, j, [t[j - 2] for t in top]) for j in range(len(p) + 1, len(seq))]
+           for p, seq, top in zip(prompts, seqs, tops)]
+  for i, (p, seq, top) in enumerate(zip(prompts, seqs, tops)):
+    start = len(p) + 1
 
     def lists(j):  # each head's most likely tokens for seq[j], seq[j + 1], ..
       return [t[j - 2] for t in top]
@@ -266,9 +308,12 @@ def simulate(prompts, answers, tops, depth: int, trees=()) -> dict:
       for K in range(2, top[0].shape[1] + 1):
         add((f'candidates {K}', S), S + K,
             replay(seq, start, S, lambda j, S=S, K=K: candidates(j, S, K)))
-    for widths in trees:
-      add((f'tree {",".join(map(str, widths))}', len(widths)), tree_positions(widths),
-          replay(seq, start, len(widths), lambda j, w=widths: tree_run(seq, j, lists(j), w)))
+    named = [(f'tree {",".join(map(str, w))}', len(w), full_tree(w)) for w in trees]
+    others = [path for q in range(len(seqs)) if q % 2 != i % 2 for path in paths[q]]
+    named += [(f'sparse tree {n}', depth, sparse_tree(others, n)) for n in sparse]
+    for name, S, tree in named:
+      add((name, S), 1 + len(tree),
+          replay(seq, start, S, lambda j, tree=tree: tree_run(seq, j, lists(j), tree)))
   return totals
 
 
@@ -327,6 +372,9 @@ def main(argv):
     trees = [parse_tree(t, _TOP.value, config.mtp.depth) for t in _TREE.value]
     if trees and not _SIMULATE.value:
       raise ConfigError('--tree is replayed by --simulate: give both')
+    sparse = [parse_size(n) for n in _SPARSE.value]
+    if sparse and not _SIMULATE.value:
+      raise ConfigError('--sparse is replayed by --simulate: give both')
     if _BY_CONFIDENCE.value and _BY_HEAD_CONFIDENCE.value:
       raise ConfigError('--by_confidence and --by_head_confidence split the same positions two '
                         'ways: give one')
@@ -383,7 +431,7 @@ def main(argv):
     print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
           'draft position):')
     for (name, S), (emitted, forwards, accepted, positions) in simulate(
-        prompts, answers, tops, config.mtp.depth, trees).items():
+        prompts, answers, tops, config.mtp.depth, trees, sparse).items():
       rates = dec.rates(emitted, forwards, accepted)
       print(f'  S = {S}, {name} ({positions} verify positions): tau {rates["tau"]:.3f}, '
             f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')

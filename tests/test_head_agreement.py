@@ -132,12 +132,20 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.replay(seq, 6, 3, copied) == (3, 1, [1, 1, 0])
   # Nothing accepted: one token per iteration.
   assert head_agreement.replay(seq, 4, 2, lambda j: 0) == (5, 5, [0, 0])
-  # A tree follows the true path as far as each depth's list holds its token.
+  # A tree follows the true path (here ranks 1, then 0, then none) as far as it has the nodes.
   lists = [np.array([1, 7, 2]), np.array([8, 3, 0]), np.array([4, 4, 4])]
-  assert head_agreement.tree_run(seq, 6, lists, (1, 1, 1)) == 0
-  assert head_agreement.tree_run(seq, 6, lists, (2, 1, 3)) == 2
-  assert head_agreement.tree_run(seq, 6, lists, (2, 1)) == 2
-  assert head_agreement.tree_positions((3, 2, 1)) == 1 + 3 + 6 + 6
+  assert head_agreement.rank_path(seq, 6, lists) == (1, 0)
+  full = head_agreement.full_tree
+  assert head_agreement.tree_run(seq, 6, lists, full((1, 1, 1))) == 0
+  assert head_agreement.tree_run(seq, 6, lists, full((2, 1, 3))) == 2
+  assert head_agreement.tree_run(seq, 6, lists, full((2, 1))) == 2
+  assert head_agreement.tree_run(seq, 6, lists, {(0,), (1,), (0, 0)}) == 1
+  assert len(full((3, 2, 1))) == 3 + 6 + 6 and (2, 1, 0) in full((3, 2, 1))
+  # A sparse tree keeps the nodes reached most often, a node before those under it on a tie.
+  paths = [(0,), (0, 1), (1,), (0, 1, 2), (0,)]
+  assert head_agreement.sparse_tree(paths, 2) == {(0,), (0, 1)}
+  assert head_agreement.sparse_tree(paths, 3) == {(0,), (0, 1), (1,)}
+  assert head_agreement.sparse_tree(paths, 9) == {(0,), (0, 1), (1,), (0, 1, 2)}
 
 
 def test_replay_counts_what_the_decoder_counts(tmp_path):
@@ -152,10 +160,13 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
   tops = []
   _, answers = head_agreement.greedy_agreement(session, params, prompts, None, top=3,
                                                tops_out=tops)
-  replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3,), (3, 2)])
+  replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3,), (3, 2)],
+                                     sparse=[4])
   assert set(replayed) == ({(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
                            | {(f'candidates {K}', S) for K in (2, 3) for S in (1, 2)}
-                           | {('tree 1,1', 2), ('tree 3', 1), ('tree 3,2', 2)})
+                           | {('tree 1,1', 2), ('tree 3', 1), ('tree 3,2', 2),
+                              ('sparse tree 4', 2)})
+  assert replayed[('sparse tree 4', 2)][3] <= 5
   for S in (1, 2):
     for K in (1, 2, 3):
       s = dataclasses.replace(
@@ -180,7 +191,9 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
 def test_bad_trees_are_refused(tmp_path):
   for args, words in ((['--simulate', '--top=2', '--tree=3,1'], '--tree must be'),
                       (['--simulate', '--tree=1,x'], '--tree must be'),
-                      (['--tree=1'], '--tree is replayed by --simulate')):
+                      (['--tree=1'], '--tree is replayed by --simulate'),
+                      (['--simulate', '--sparse=4,0'], '--sparse must be'),
+                      (['--sparse=4'], '--sparse is replayed by --simulate')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ' + words)
