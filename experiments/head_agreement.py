@@ -205,15 +205,21 @@ def rank_path(seq: list, j: int, tops_at: list) -> tuple:
   return tuple(path)
 
 
-def tree_run(seq: list, j: int, tops_at: list, tree) -> int:
-  """How many drafts a token tree accepts. A tree is a set of rank paths, each node the path of
-  ranks from the root (node (0, 1): head 2's second likeliest token under head 1's likeliest);
-  greedy verification follows the trunk's tokens as far as their path is in the tree."""
-  path = rank_path(seq, j, tops_at)
+def tree_run(path: tuple, tree) -> int:
+  """How many drafts a token tree accepts where the trunk's tokens take this rank path
+  (rank_path). A tree is a set of rank paths, each node the path of ranks from the root (node
+  (0, 1): head 2's second likeliest token under head 1's likeliest); greedy verification follows
+  the trunk's tokens as far as their path is in the tree."""
   a = 0
   while a < len(path) and path[:a + 1] in tree:
     a += 1
   return a
+
+
+def candidate_tree(S: int, K: int) -> frozenset:
+  """decode.candidates = K at draft length S as a tree: the chain of each head's likeliest token,
+  and beside its first draft the first head's 2nd..K-th likeliest, each alone."""
+  return frozenset([(0,) * k for k in range(1, S + 1)] + [(r,) for r in range(1, K)])
 
 
 def full_tree(widths) -> frozenset:
@@ -284,36 +290,38 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=()) -> dict:
                    max(most, positions))
 
   seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
-  paths = [[rank_path(seq, j, [t[j - 2] for t in top]) for j in range(len(p) + 1, len(seq))]
-           for p, seq, top in zip(prompts, seqs, tops)]
-  for i, (p, seq, top) in enumerate(zip(prompts, seqs, tops)):
-    start = len(p) + 1
-
-    def lists(j):  # each head's most likely tokens for seq[j], seq[j + 1], ..
-      return [t[j - 2] for t in top]
+  starts = [len(p) + 1 for p in prompts]
+  # Where the trunk's tokens from each drafting position on stand in the heads' lists.
+  paths = [[rank_path(seq, j, [t[j - 2] for t in top]) for j in range(start, len(seq))]
+           for seq, top, start in zip(seqs, tops, starts)]
+  for i, (seq, top, start) in enumerate(zip(seqs, tops, starts)):
 
     def drafts(name, j, S):
-      heads = [int(t[0]) for t in lists(j)[:S]]
+      heads = [int(t[j - 2, 0]) for t in top[:S]]
+      if name == 'heads':
+        return heads
       copied = copy_drafts(seq, j, S)
-      return {'heads': heads, 'copy': copied, 'copy, else heads': copied or heads,
-              'either': max(heads, copied, key=lambda d: accepted_run(seq, j, d))}[name]
+      if name == 'copy':
+        return copied
+      if name == 'copy, else heads':
+        return copied or heads
+      return max(heads, copied, key=lambda d: accepted_run(seq, j, d))  # 'either'
 
-    def candidates(j, S, K):  # the chain; else a runner-up of the first head may be the trunk's
-      return accepted_run(seq, j, drafts('heads', j, S)) or int(seq[j] in list(lists(j)[0][1:K]))
+    def add_tree(name, S, tree):
+      add((name, S), 1 + len(tree),
+          replay(seq, start, S, lambda j: tree_run(paths[i][j - start], tree)))
 
     for S in range(1, depth + 1):
       for name in DRAFTERS:
         chain = lambda j, name=name, S=S: accepted_run(seq, j, drafts(name, j, S))  # noqa: E731
         add((name, S), S + 1, replay(seq, start, S, chain))
       for K in range(2, top[0].shape[1] + 1):
-        add((f'candidates {K}', S), S + K,
-            replay(seq, start, S, lambda j, S=S, K=K: candidates(j, S, K)))
-    named = [(f'tree {",".join(map(str, w))}', len(w), full_tree(w)) for w in trees]
+        add_tree(f'candidates {K}', S, candidate_tree(S, K))
+    for widths in trees:
+      add_tree(f'tree {",".join(map(str, widths))}', len(widths), full_tree(widths))
     others = [path for q in range(len(seqs)) if q % 2 != i % 2 for path in paths[q]]
-    named += [(f'sparse tree {n}', depth, sparse_tree(others, n)) for n in sparse]
-    for name, S, tree in named:
-      add((name, S), 1 + len(tree),
-          replay(seq, start, S, lambda j, tree=tree: tree_run(seq, j, lists(j), tree)))
+    for n in sparse:
+      add_tree(f'sparse tree {n}', depth, sparse_tree(others, n))
   return totals
 
 
