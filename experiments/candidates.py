@@ -1,13 +1,15 @@
-"""tau and speed of greedy decoding against the draft length S and the number K of first-draft
+"""tau and speed of greedy decoding against the draft length S, the number K of first-draft
 candidates (decode.candidates: the first head's K most likely tokens verified in one trunk
-forward, the chain of S - 1 more drafts following the most likely one), in one run with every
-setting timed in interleaved rounds.
+forward, the chain of S - 1 more drafts following the most likely one) and the drafts C in each
+alternative's branch (decode.candidate_depth), in one run with every setting timed in
+interleaved rounds.
 
-Run: python experiments/candidates.py --config configs/smollm2.py --workdir runs/smollm2
-Prints one row per (S, K): tau, acceptance per position, tokens/s at batch 1 on held-out prompts
-(each prompt decoded alone), ms per iteration (tau / tokens/s: one verify forward, its drafts
-and bookkeeping), the speedup over `ar` and whether every output equals `ar`'s; --json FILE
-keeps them.
+Run: python experiments/candidates.py --config configs/smollm2.py --workdir runs/smollm2 \
+       [--draft_lens 2,3] [--candidates 1,3,6] [--depths 1,3]
+Prints one row per (S, K, C): the positions (rows) one verify forward takes, tau, acceptance per
+position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), ms per iteration
+(tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` and
+whether every output equals `ar`'s; --json FILE keeps them.
 """
 
 import json
@@ -24,6 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
 _DRAFTS = flags.DEFINE_list('draft_lens', [], 'Draft lengths S (default: 1..mtp.depth).')
 _CANDIDATES = flags.DEFINE_list('candidates', ['1', '2', '3', '4'], 'First-draft candidates K.')
+_DEPTHS = flags.DEFINE_list('depths', ['1'], 'Drafts C per alternative\'s branch (C <= S; '
+                            'with K > 1).')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
@@ -44,8 +48,11 @@ def main(argv):
     D = config.mtp.depth
     lens = [int(S) for S in _DRAFTS.value] or list(range(1, D + 1))
     counts = [int(K) for K in _CANDIDATES.value]
-    if D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in counts):
-      raise ConfigError(f'--draft_lens must be in 1..mtp.depth={D} and --candidates >= 1')
+    depths = [int(C) for C in _DEPTHS.value]
+    if (D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in counts)
+        or not all(1 <= C <= D for C in depths)):
+      raise ConfigError(f'--draft_lens and --depths must be in 1..mtp.depth={D} and '
+                        f'--candidates >= 1')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
@@ -54,20 +61,24 @@ def main(argv):
     sys.exit(2)
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
   s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
-  settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K)
-                       for S in lens for K in counts]
+  settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
+                       for S in lens for K in counts for C in depths
+                       if C <= S and (K > 1 or C == min(depths))]
   rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
                                 _ROUNDS.value, 'candidates: decoding')
   for row, s in zip(rows, settings):
-    row.update(draft_len=s.draft_len, candidates=s.candidates)
+    row.update(draft_len=s.draft_len, candidates=s.candidates,
+               candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
+               positions=1 + s.draft_len + (s.candidates - 1) * s.candidate_depth)
   print(f'machine: {measure.machine()}')
   print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
         f'{session.decode_model.kernels}')
-  print(f"{'S':>2} {'K':>2} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} {'speedup':>7} "
-        f"{'identical':>9}  acceptance")
+  print(f"{'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} "
+        f"{'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
-    print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
+    print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['candidate_depth']:>2} "
+          f"{r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
           f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {str(r['identical_to_ar']):>9}  "
           f"{r['acceptance']}")
   if _JSON.value:

@@ -44,7 +44,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE, _SPARSE
+  global _SIMULATE, _TREE, _SPARSE, _DEPTHS
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -70,6 +70,9 @@ def define_flags():
   _TREE = flags.DEFINE_multi_string(
       'tree', [], 'With --simulate: also replay a full draft tree of these widths per depth '
       '(W1,W2,..: W1 first drafts, W2 second drafts under each, ..; each W <= --top).')
+  _DEPTHS = flags.DEFINE_list(
+      'candidate_depth', ['1'], 'With --simulate --top K: replay first-draft candidates with '
+      'branches of each of these numbers of drafts (decode.candidate_depth, 1..D).')
   _SPARSE = flags.DEFINE_list(
       'sparse', [], 'With --simulate: also replay, per N, the tree of N drafts (ranks up to '
       '--top, depths up to D) most often accepted on the other half of the prompts.')
@@ -216,10 +219,12 @@ def tree_run(path: tuple, tree) -> int:
   return a
 
 
-def candidate_tree(S: int, K: int) -> frozenset:
-  """decode.candidates = K at draft length S as a tree: the chain of each head's likeliest token,
-  and beside its first draft the first head's 2nd..K-th likeliest, each alone."""
-  return frozenset([(0,) * k for k in range(1, S + 1)] + [(r,) for r in range(1, K)])
+def candidate_tree(S: int, K: int, C: int = 1) -> frozenset:
+  """decode.candidates = K, decode.candidate_depth = C at draft length S as a tree: the chain of
+  each head's likeliest token, and beside its first draft the first head's 2nd..K-th likeliest,
+  each followed by the next heads' likeliest to C drafts."""
+  return frozenset([(0,) * k for k in range(1, S + 1)]
+                   + [(r,) + (0,) * d for r in range(1, K) for d in range(C)])
 
 
 def full_tree(widths) -> frozenset:
@@ -251,10 +256,10 @@ def parse_tree(text: str, top: int, depth: int) -> tuple:
   return widths
 
 
-def parse_size(text: str) -> int:
-  """One of --sparse's tree sizes."""
+def parse_size(text: str, flag: str = '--sparse') -> int:
+  """One of --sparse's tree sizes (or another flag's counts)."""
   if not text.strip().isdigit() or int(text) < 1:
-    raise ValueError(f"--sparse must be tree sizes 'N,..', each >= 1, got '{text}'")
+    raise ValueError(f"{flag} must be counts 'N,..', each >= 1, got '{text}'")
   return int(text)
 
 
@@ -273,10 +278,11 @@ def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   return emitted, forwards, accepted
 
 
-def simulate(prompts, answers, tops, depth: int, trees=(), sparse=()) -> dict:
+def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_depths=(1,)) -> dict:
   """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
   forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
-  for ('candidates K', S) with K = 2..the tops' width, for ('tree W1,W2,..', len(widths)) for
+  for ('candidates K', S) with K = 2..the tops' width (and ('candidates K, depth C', S) for each
+  C > 1 in branch_depths up to S: decode.candidate_depth), for ('tree W1,W2,..', len(widths)) for
   each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in `sparse` (its
   nodes from the rank paths of every answer position of the prompts of the other parity); tops[i]
   are prompt i's heads' top tokens (greedy_agreement's tops_out). Decoding commits an answer's
@@ -316,7 +322,9 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=()) -> dict:
         chain = lambda j, name=name, S=S: accepted_run(seq, j, drafts(name, j, S))  # noqa: E731
         add((name, S), S + 1, replay(seq, start, S, chain))
       for K in range(2, top[0].shape[1] + 1):
-        add_tree(f'candidates {K}', S, candidate_tree(S, K))
+        for C in (C for C in branch_depths if C <= S):
+          add_tree(f'candidates {K}' + (f', depth {C}' if C > 1 else ''), S,
+                   candidate_tree(S, K, C))
     for widths in trees:
       add_tree(f'tree {",".join(map(str, widths))}', len(widths), full_tree(widths))
     others = [path for q in range(len(seqs)) if q % 2 != i % 2 for path in paths[q]]
@@ -381,6 +389,10 @@ def main(argv):
     if trees and not _SIMULATE.value:
       raise ConfigError('--tree is replayed by --simulate: give both')
     sparse = [parse_size(n) for n in _SPARSE.value]
+    depths = [parse_size(n, '--candidate_depth') for n in _DEPTHS.value]
+    if max(depths) > config.mtp.depth:
+      raise ConfigError(f'--candidate_depth must be 1..mtp.depth={config.mtp.depth}, got '
+                        f'{",".join(_DEPTHS.value)}')
     if sparse and not _SIMULATE.value:
       raise ConfigError('--sparse is replayed by --simulate: give both')
     if _BY_CONFIDENCE.value and _BY_HEAD_CONFIDENCE.value:
@@ -439,7 +451,7 @@ def main(argv):
     print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
           'draft position):')
     for (name, S), (emitted, forwards, accepted, positions) in simulate(
-        prompts, answers, tops, config.mtp.depth, trees, sparse).items():
+        prompts, answers, tops, config.mtp.depth, trees, sparse, depths).items():
       rates = dec.rates(emitted, forwards, accepted)
       print(f'  S = {S}, {name} ({positions} verify positions): tau {rates["tau"]:.3f}, '
             f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')

@@ -268,6 +268,9 @@ def validate_decode(config) -> None:
   _check(d.candidates == 1 or d.temperature == 0,
          f'decode.candidates={d.candidates} verifies greedy drafts only; with decode.temperature='
          f'{d.temperature} use 1')
+  _check(isinstance(d.candidate_depth, int) and 1 <= d.candidate_depth <= max(depth, 1),
+         f'decode.candidate_depth must be an integer in 1..mtp.depth={depth}, got '
+         f'{d.candidate_depth!r}')
   _check(isinstance(d.draft_vocab, int) and 0 <= d.draft_vocab <= config.data.vocab_size,
          f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {d.draft_vocab!r}')

@@ -7,14 +7,16 @@ draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is pla
 autoregressive decoding through the same loop.
 
 With `candidates` K > 1 (greedy only), the first head's 2nd..K-th most likely tokens are
-verified beside the chain, which continues from its most likely one: the verify forward takes
-the pending token, the S chain drafts, then the K - 1 alternatives, each stored in the trunk
-cache past the chain but at the first draft's position and seeing only the committed prefix and
-itself (layers.attend), a token tree of one level (Medusa's top-k candidates, SpecInfer's tree
-attention). When the chain's first draft is rejected and an alternative is the trunk's token,
-that alternative is committed with the token the trunk gives after it, and its cache entry and
-features move to the chain's slot. K - 1 more rows of one forward, where separate chains per
-candidate would take (K - 1) x (S + 1) and as many draft calls. Output stays the trunk's own.
+verified beside the chain, which continues from its most likely one, each as the start of a
+branch of `candidate_depth` C drafts (C - 1 more from the heads run on the branch: a token tree
+with K first drafts and one token under each after that, K,1,..,1). The verify forward takes the
+pending token, the S chain drafts, then the branches, each stored in the trunk cache past the
+chain but at the positions of the chain tokens it stands in for, seeing only the committed
+prefix and itself (layers.visible_slots; SpecInfer's tree attention). When the chain's first
+draft is rejected and a branch starts with the trunk's token, the branch is accepted as far as
+the trunk agrees, committed with the token the trunk gives after it, and its cache entries and
+features move to the chain's slots. (K - 1) C more rows of one forward, where separate chains
+per candidate would take (K - 1) (S + 1) and as many draft calls. Output stays the trunk's own.
 
 Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
 has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
@@ -213,6 +215,7 @@ class Settings:
   eos_id: int = -1  # -1: no end-of-sequence token.
   capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
   candidates: int = 1  # K > 1 (temperature 0, S >= 1): first drafts verified, see the module doc
+  candidate_depth: int = 1  # C in 1..S: drafts per branch, the alternative and C - 1 after it
 
 
 @flax.struct.dataclass
@@ -364,38 +367,73 @@ def window_width(model, k: int, S: int) -> int:
   return S + (k if model.chains else 1)
 
 
+def _head(model, params, k: int, tokens, hidden, cache_k, start_B, width: int, last_B):
+  """Head k over its window (start, width): returns its output (B x width x D), the window's
+  positions, its cache, and its logits at position last (B x N, over the draft vocabulary)."""
+  positions = _positions(start_B, width)
+  h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
+  h, cache_k = model.head(params, k, h_in, _gather(tokens, positions + k), positions, cache_k)
+  at_last = jnp.clip(last_B - start_B, 0, width - 1)
+  h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
+  return h, positions, cache_k, model.head_logits(params, k, h_last_Bx1xD)[:, 0]
+
+
 def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settings, draft: bool):
   """Runs heads 1..S over their windows (start_B, width). With `draft`, draft k comes from head
   k's output at position n - 2 and is written into the token buffer at n - 1 + k at once, where
   the next sequential module reads it as its input token; returns the rows, the drafts' logits
-  (over the draft vocabulary) and the first draft's alternatives (B x candidates - 1)."""
+  (over the draft vocabulary) and the branches (B x candidates - 1 x candidate_depth: the first
+  head's 2nd.. most likely tokens, each continued by the heads, see _branches)."""
   tokens, hidden, heads_cache = rows.tokens, list(rows.hidden), list(rows.cache['heads'])
   last_B = rows.n - 2
   draft_logits = []
-  others = jnp.zeros((tokens.shape[0], 0), jnp.int32)
+  branches = jnp.zeros((tokens.shape[0], 0, s.candidate_depth), jnp.int32)
   keys = jax.random.split(jax.random.fold_in(key, 1), max(S, 1))
   for k in range(1, S + 1):
-    positions = _positions(starts[k - 1], widths[k - 1])
-    h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
-    h, heads_cache[k - 1] = model.head(params, k, h_in, _gather(tokens, positions + k),
-                                       positions, heads_cache[k - 1])
+    h, positions, heads_cache[k - 1], logits_BxN = _head(
+        model, params, k, tokens, hidden, heads_cache[k - 1], starts[k - 1], widths[k - 1],
+        last_B)  # the logits are compiled away when not drafting
     if k < S and model.chains:
       hidden[k] = write_cache(hidden[k], h, positions)
     if not draft:
       continue
-    at_last = jnp.clip(last_B - starts[k - 1], 0, widths[k - 1] - 1)
-    h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
-    logits_BxN = model.head_logits(params, k, h_last_Bx1xD)[:, 0]
     draft_logits.append(logits_BxN)
-    if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones wait beside it
+    if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones branch off
       top_BxK = top_tokens(logits_BxN, s.candidates)
       index, others = top_BxK[:, 0], model.draft_tokens(params, top_BxK[:, 1:])
+      branches = _branches(model, params, others, tokens, hidden, heads_cache, starts, widths,
+                           last_B, s.candidate_depth)
     else:
       index = _pick(keys[k - 1], logits_BxN, s)
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
-  return rows, draft_logits, others
+  return rows, draft_logits, branches
+
+
+def _branches(model, params, first_BxO, tokens, hidden, heads_cache, starts, widths, last_B,
+              C: int):
+  """Each alternative first draft continued greedily by heads 2..C as a chain of its own: the
+  rows are repeated once per alternative, from the state head 1 left (its draft position n
+  holding the alternative), heads 2..C run over them as over the chain, and what they write is
+  dropped. Returns the branches' drafts, B x O x C."""
+  B, O = first_BxO.shape
+  if C == 1:
+    return first_BxO[:, :, None]
+  rep = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, O, axis=0), tree)
+  last = rep(last_B)
+  tokens = write_cache(rep(tokens), first_BxO.reshape(-1, 1), (last + 2)[:, None])
+  hidden = [rep(h) if (1 <= i < C if model.chains else i == 0) else None
+            for i, h in enumerate(hidden)]
+  drafts = [first_BxO.reshape(-1)]
+  for k in range(2, C + 1):
+    h, positions, _, logits = _head(model, params, k, tokens, hidden, rep(heads_cache[k - 1]),
+                                    rep(starts[k - 1]), widths[k - 1], last)
+    if k < C and model.chains:
+      hidden[k] = write_cache(hidden[k], h, positions)
+    drafts.append(model.draft_tokens(params, greedy(logits)))
+    tokens = write_cache(tokens, drafts[-1][:, None], (last + 1 + k)[:, None])
+  return jnp.stack(drafts, axis=1).reshape(B, O, C)
 
 
 def _head_windows(model, n_B, S: int):
@@ -540,26 +578,35 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   return n_acc, _sample(k_resid, resid)
 
 
-def _take_other(n_acc_B, bonus_B, drafts_BxS, others_BxO, logits_BxTxV, h0_BxTxD, cache, n_B):
-  """Greedy verification of the first draft's alternatives, which the verify forward ran at
-  T indices S + 1.. (cache slots n + S..), after the chain's (n_acc, bonus, drafts). Where the
-  chain's first draft was rejected, the bonus is the trunk's token after the pending one; an
-  alternative equal to it is accepted (one draft) with the trunk's token after the alternative
-  as the new bonus, and its logits, features and trunk cache entries replace the chain's at
-  index 1 (slot n), the slot the committed token holds. Returns n_acc, bonus, drafts, logits,
-  features and cache, updated."""
-  S = drafts_BxS.shape[1]
-  match_BxO = others_BxO == bonus_B[:, None]
+def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_BxTxD, cache,
+                 n_B):
+  """Greedy verification of the branches (_branches), which the verify forward ran after the
+  chain's S + 1 entries: branch j's draft d at T index S + 1 + j C + d (cache slot n - 1 + that
+  index, position n + d). The first drafts of the chain and the branches differ, so where the
+  chain's first draft was rejected at most one branch starts with the trunk's token there (the
+  bonus). That branch is accepted as far as each of its drafts is the trunk's token after the
+  one before, the trunk's token after its last accepted draft is the new bonus, and its
+  entries' logits, features and trunk cache entries replace the chain's at T indices 1..C
+  (slots n..), where its drafts are committed. Returns n_acc, bonus, drafts, logits, features
+  and cache, updated."""
+  B, S = drafts_BxS.shape
+  C = branches_BxOxC.shape[2]
+  rows_Bx1, d_C = jnp.arange(B)[:, None], jnp.arange(C)
+  match_BxO = branches_BxOxC[:, :, 0] == bonus_B[:, None]
   won_B = (n_acc_B == 0) & jnp.any(match_BxO, axis=1)
   j_B = jnp.argmax(match_BxO, axis=1)
-  # Index S + 1 + j where an alternative won, else index 1 itself (a copy that changes nothing).
-  src_B = jnp.where(won_B, S + 1 + j_B, 1)
-  after_other_B = greedy(logits_BxTxV[jnp.arange(n_B.shape[0]), src_B])
-  drafts_BxS = drafts_BxS.at[:, 0].set(jnp.where(won_B, bonus_B, drafts_BxS[:, 0]))
-  move = lambda x: x.at[:, 1].set(x[jnp.arange(x.shape[0]), src_B])
-  slot_B = (n_B + jnp.where(won_B, S + j_B, 0))[:, None]
-  cache = jax.tree.map(lambda buf: write_cache(buf, _gather(buf, slot_B), n_B[:, None]), cache)
-  return (jnp.where(won_B, 1, n_acc_B), jnp.where(won_B, after_other_B, bonus_B), drafts_BxS,
+  branch_BxC = branches_BxOxC[rows_Bx1[:, 0], j_B]
+  # The winning branch's T indices, else the chain's own 1..C (copies that change nothing).
+  src_BxC = jnp.where(won_B[:, None], S + 1 + j_B[:, None] * C + d_C, 1 + d_C)
+  after_BxC = greedy(logits_BxTxV[rows_Bx1, src_BxC])  # the trunk's token after each draft
+  ok_BxC1 = branch_BxC[:, 1:] == after_BxC[:, :-1]
+  run_B = 1 + jnp.sum(jnp.cumprod(ok_BxC1.astype(jnp.int32), axis=1), axis=1)
+  after_B = jnp.take_along_axis(after_BxC, (run_B - 1)[:, None], axis=1)[:, 0]
+  drafts_BxS = drafts_BxS.at[:, :C].set(jnp.where(won_B[:, None], branch_BxC, drafts_BxS[:, :C]))
+  move = lambda x: x.at[:, 1:C + 1].set(x[rows_Bx1, src_BxC])
+  cache = jax.tree.map(lambda buf: write_cache(buf, _gather(buf, n_B[:, None] - 1 + src_BxC),
+                                               n_B[:, None] + d_C), cache)
+  return (jnp.where(won_B, run_B, n_acc_B), jnp.where(won_B, after_B, bonus_B), drafts_BxS,
           move(logits_BxTxV), move(h0_BxTxD), cache)
 
 
@@ -571,28 +618,29 @@ def step(model, params, state: State, s: Settings):
   rows = state.rows
   key = jax.random.fold_in(state.key, state.iterations + 1)  # unused (and compiled away) at T = 0
   starts, widths = _head_windows(model, rows.n, S)
-  rows, draft_logits, others_BxO = _run_heads(model, params, rows, key, starts, widths, S, s,
-                                              draft=True)
+  rows, draft_logits, branches_BxOxC = _run_heads(model, params, rows, key, starts, widths, S, s,
+                                                  draft=True)
   # Verify: the pending token and the S drafts at positions (and cache slots) n-1 .. n-1+S,
-  # then the first draft's alternatives at position n, in slots n+S .. (see _take_other).
+  # then the branches, each at positions n.. in slots past the chain (see _take_branch).
   positions = _positions(rows.n - 1, S + 1)
-  O = others_BxO.shape[1]
-  inputs = jnp.concatenate([_gather(rows.tokens, positions), others_BxO], axis=1)
-  at_n = jnp.broadcast_to(rows.n[:, None], others_BxO.shape)
+  B, O, C = branches_BxOxC.shape
+  inputs = jnp.concatenate([_gather(rows.tokens, positions), branches_BxOxC.reshape(B, O * C)],
+                           axis=1)
+  at_n = rows.n[:, None] + jnp.tile(jnp.arange(C), O)[None]
   cache = dict(rows.cache)
   logits_BxTxV, h0, cache['trunk'] = model.trunk(
       params, inputs, jnp.concatenate([positions, at_n], axis=1), cache['trunk'],
-      jnp.concatenate([positions, at_n + S + jnp.arange(O)], axis=1))
+      jnp.concatenate([positions, rows.n[:, None] + S + jnp.arange(O * C)], axis=1))
   drafts_BxS = inputs[:, 1:S + 1]
-  B, V = drafts_BxS.shape[0], logits_BxTxV.shape[-1]
+  V = logits_BxTxV.shape[-1]
   if S and s.temperature > 0:
     q_BxSxV = model.draft_to_vocab(params, probabilities(jnp.stack(draft_logits, axis=1), s), V)
   else:
     q_BxSxV = None
   n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s)
   if O:
-    n_acc, bonus, drafts_BxS, logits_BxTxV, h0, cache['trunk'] = _take_other(
-        n_acc, bonus, drafts_BxS, others_BxO, logits_BxTxV, h0, cache['trunk'], rows.n)
+    n_acc, bonus, drafts_BxS, logits_BxTxV, h0, cache['trunk'] = _take_branch(
+        n_acc, bonus, drafts_BxS, branches_BxOxC, logits_BxTxV, h0, cache['trunk'], rows.n)
   logits_BxS1xV, h0 = logits_BxTxV[:, :S + 1], h0[:, :S + 1]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)
@@ -635,6 +683,9 @@ class Decoder:
       raise ValueError(f'candidates={s.candidates}: alternatives to the first draft are '
                        f'verified for greedy drafts only (temperature 0, draft_len >= 1); '
                        f'speculative sampling keeps one chain')
+    if not 1 <= s.candidate_depth <= max(s.draft_len, 1):
+      raise ValueError(f'candidate_depth={s.candidate_depth}: a branch holds 1..draft_len='
+                       f'{s.draft_len} drafts')
     self.model = model
     self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
                                             batch=batch))
@@ -659,9 +710,9 @@ def compiled_decoder(model, s: Settings, cache_len: int, batch: int | None = Non
 
 
 def cache_length(prompt_len: int, s: Settings) -> int:
-  """Room for the prompt, the new tokens and one verify block (drafts and the first draft's
-  alternatives) past the end."""
-  return prompt_len + s.max_new_tokens + s.draft_len + s.candidates
+  """Room for the prompt, the new tokens and one verify block (the chain's drafts and the
+  branches) past the end."""
+  return prompt_len + s.max_new_tokens + s.draft_len + (s.candidates - 1) * s.candidate_depth + 1
 
 
 def pad_prompts(prompts: list[list[int]], width: int = 0):

@@ -22,13 +22,15 @@ from mtp_jax.pretrained.tokenizer import render_chat
 
 def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
   """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar).
-  decode.candidates applies to greedy drafting; sampling and `ar` verify no alternatives."""
+  decode.candidates applies to greedy drafting; sampling and `ar` verify no alternatives. A
+  branch holds at most S drafts (decode.candidate_depth is cut to S)."""
   d = config.decode
   S = draft_len(config) if draft is None else draft
   T = d.temperature if temperature is None else temperature
   return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens, temperature=T, top_k=d.top_k,
                       top_p=d.top_p, eos_id=eos_id,
-                      candidates=d.candidates if T == 0 and S > 0 else 1)
+                      candidates=d.candidates if T == 0 and S > 0 else 1,
+                      candidate_depth=max(min(d.candidate_depth, S), 1))
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int):

@@ -121,15 +121,29 @@ def empty_kv(cfg: ModelConfig, batch: int, length: int):
   return {'k': jnp.zeros(shape, cfg.compute_dtype), 'v': jnp.zeros(shape, cfg.compute_dtype)}
 
 
+def visible_slots(positions_BxT, slots_BxT, length: int):
+  """The cache slots each new entry attends to: slots before `before` and slots first..own.
+  New entries form runs of consecutive slots that start at the row's first position past the
+  pending one (the lowest new position + 1): the entry at position p is the last of a run of
+  r = p - (lowest + 1) entries (0 for the pending entry), its ancestors, stored in the slots just
+  before its own, and it sees the slots before p - r (the committed prefix and the pending
+  entry) and the run. A chain at slots == positions is plain causal attention; a branch of
+  drafts stored past the chain, at the positions of the chain tokens it stands in for, sees the
+  prefix and itself. Returns (before, first, own), own clipped to the cache."""
+  lowest_Bx1 = jnp.min(positions_BxT, axis=1, keepdims=True)
+  run_BxT = jnp.maximum(positions_BxT - lowest_Bx1 - 1, 0)
+  own_BxT = jnp.minimum(slots_BxT, length - 1)
+  return positions_BxT - run_BxT, own_BxT - run_BxT, own_BxT
+
+
 def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool = False,
            slots_BxT=None):
   """Attention written out: writes the cache if there is one, then masks and takes a float32
   softmax over the T x L scores. Returns (B x T x H x E output, cache). Without a cache the
   mask is causal by position. With one, the new entries are written at `slots` (their
-  positions by default) and each sees the cache slots before its position and its own slot:
-  causal attention for a chain at slots == positions, and a token verified beside the chain
-  (stored past it, at the position of the chain token it competes with) sees the committed
-  prefix and itself only. With `use_kernel`, attention over a cache goes to the kernel, which
+  positions by default) and each sees what `visible_slots` says: causal attention for a chain at
+  slots == positions, and a branch of a token tree stored past the chain sees the committed
+  prefix and its own branch. With `use_kernel`, attention over a cache goes to the kernel, which
   reads only the entries each query sees."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxTxKxE.shape[2]
@@ -145,9 +159,10 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
                                   use_kernel)
     if out is not None:
       return out.astype(q_BxTxHxE.dtype), kv
+    before_BxT, first_BxT, own_BxT = visible_slots(positions_BxT, slots_BxT, kv['k'].shape[1])
     slot_L = jnp.arange(k_BxLxKxE.shape[1])
-    visible_BxTxL = ((slot_L < positions_BxT[:, :, None]) |
-                     (slot_L == jnp.minimum(slots_BxT, slot_L.size - 1)[:, :, None]))
+    visible_BxTxL = ((slot_L < before_BxT[:, :, None]) |
+                     ((slot_L >= first_BxT[:, :, None]) & (slot_L <= own_BxT[:, :, None])))
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
   scores = jnp.einsum('btkge,blke->bkgtl', q_BxTxKxGxE, k_BxLxKxE,
                       precision=precision(q_BxTxKxGxE)).astype(jnp.float32)

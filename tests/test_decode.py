@@ -66,19 +66,21 @@ def test_greedy_mtp_equals_ar(kind):
       assert st['emitted'] + len(prompts) == sum(len(o) for o in ar)
 
 
-@pytest.mark.parametrize('kind,candidates,blocks', [(kind, 1, 1) for kind in KINDS]
-                         + [('sequential', 24, 1), ('sequential', 1, 2)])
-def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates, blocks):
+@pytest.mark.parametrize('kind,candidates,depth,blocks', [(kind, 1, 1, 1) for kind in KINDS]
+                         + [('sequential', 24, 1, 1), ('sequential', 24, 2, 1),
+                            ('sequential', 1, 1, 2)])
+def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates, depth, blocks):
   """After many rejected drafts, every cache entry (and captured top token) at a committed
   position equals what one pass over the final sequence computes: rollback and window rewrites
   leave no stale entry. With alternatives to the first draft (24 of the 96 tokens, so that
-  some are accepted), also where one was: its entries moved to the slot it was committed at.
-  With two blocks per module, each block's cache."""
+  some are accepted), also where one was: its entries (with `depth` 2, its branch's) moved to
+  the slots they were committed at. With two blocks per module, each block's cache."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'mtp.head_blocks': blocks})
   params = init_params(cfg, jax.random.key(3))
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
-  s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates, capture_topk=2)
+  s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates,
+                   candidate_depth=depth, capture_topk=2)
   result = run(model, params, prompts, s)
   # One more iteration, which commits nothing (every row is done), lets the heads see the last
   # committed tokens: the last real one may have committed up to S + 1 at once.
@@ -386,9 +388,9 @@ def test_queued_greedy_mtp_equals_ar_on_a_model(name):
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 4, 7, 2)]
   model = dec.DecodeModel(cfg)
   ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=11)))
-  for S, K, batch in [(2, 1, 2), (1, 3, None), (2, 2, 2)]:
-    s = dec.Settings(draft_len=S, max_new_tokens=11, candidates=K)
-    assert dec.outputs(run_queued(model, params, prompts, s, batch)) == ar, (S, K, batch)
+  for S, K, C, batch in [(2, 1, 1, 2), (1, 3, 1, None), (2, 2, 1, 2), (2, 3, 2, 2)]:
+    s = dec.Settings(draft_len=S, max_new_tokens=11, candidates=K, candidate_depth=C)
+    assert dec.outputs(run_queued(model, params, prompts, s, batch)) == ar, (S, K, C, batch)
 
 
 def test_draft_vocabulary_keeps_greedy_exact():
@@ -450,3 +452,34 @@ def test_the_runner_up_first_draft_is_accepted_beside_the_chain():
   np.testing.assert_array_equal(both.out_accepted, [[4, 0], [4, 0]])
   with pytest.raises(ValueError, match='greedy drafts only'):
     run(stub, None, prompts, dec.Settings(draft_len=2, temperature=1.0, candidates=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchStub(RunnerUpStub):
+  """RunnerUpStub whose later heads draft the trunk's token after theirs: the chain fails at its
+  first draft, the branch of the first head's second choice is right all the way."""
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    return (tokens_BxT + (2 if k == 1 else 1))[..., None].astype(jnp.float32), cache
+
+
+def test_a_branch_is_accepted_past_its_first_draft():
+  """With candidate_depth 2 the runner-up first draft is continued by head 2 and both are
+  accepted, with the trunk's token after them: 3 tokens per iteration where one-token branches
+  commit 2; the tokens stay the trunk's."""
+  stub = BranchStub(depth=3)
+  prompts = [[3, 4], [10]]
+  s = dec.Settings(draft_len=3, max_new_tokens=10, candidates=2)
+  alone = run(stub, None, prompts, s)
+  deep = run(stub, None, prompts, dataclasses.replace(s, candidate_depth=2))
+  full = run(stub, None, prompts, dataclasses.replace(s, candidate_depth=3))
+  assert dec.outputs(full) == dec.outputs(deep) == dec.outputs(alone) == [
+      list(range(5, 15)), list(range(11, 21))]
+  np.testing.assert_array_equal(alone.out_forwards, [5, 5])  # 1 (prefill) + 9 in twos
+  np.testing.assert_array_equal(alone.out_accepted, [[5, 0, 0]] * 2)
+  np.testing.assert_array_equal(deep.out_forwards, [3, 3])  # 1 + 9 in threes
+  np.testing.assert_array_equal(deep.out_accepted, [[3, 3, 0]] * 2)
+  np.testing.assert_array_equal(full.out_forwards, [3, 3])  # 1 + 4 + 4 + 1
+  np.testing.assert_array_equal(full.out_accepted, [[3, 3, 3]] * 2)  # the last one clipped
+  with pytest.raises(ValueError, match='candidate_depth=3'):
+    run(stub, None, prompts, dataclasses.replace(s, draft_len=2, candidate_depth=3))

@@ -142,6 +142,11 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.tree_run(path, full((2, 1))) == 2
   assert head_agreement.tree_run(path, {(0,), (1,), (0, 0)}) == 1
   assert head_agreement.candidate_tree(2, 3) == {(0,), (0, 0), (1,), (2,)}
+  assert head_agreement.candidate_tree(3, 3, 2) == {(0,), (0, 0), (0, 0, 0), (1,), (1, 0), (2,),
+                                                    (2, 0)}
+  assert head_agreement.tree_run(path, head_agreement.candidate_tree(3, 2, 2)) == 2
+  assert head_agreement.tree_run(path, head_agreement.candidate_tree(3, 2)) == 1
+  assert head_agreement.candidate_tree(3, 4, 3) == full((4, 1, 1))
   assert len(full((3, 2, 1))) == 3 + 6 + 6 and (2, 1, 0) in full((3, 2, 1))
   # A sparse tree keeps the nodes reached most often, a node before those under it on a tie.
   paths = [(0,), (0, 1), (1,), (0, 1, 2), (0,)]
@@ -180,24 +185,26 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
   _, answers = head_agreement.greedy_agreement(session, params, prompts, None, top=3,
                                                tops_out=tops)
   replayed = head_agreement.simulate(prompts, answers, tops, 2, trees=[(1, 1), (3,), (3, 2)],
-                                     sparse=[4])
+                                     sparse=[4], branch_depths=(1, 2))
   assert set(replayed) == ({(d, S) for d in head_agreement.DRAFTERS for S in (1, 2)}
                            | {(f'candidates {K}', S) for K in (2, 3) for S in (1, 2)}
+                           | {(f'candidates {K}, depth 2', 2) for K in (2, 3)}
                            | {('tree 1,1', 2), ('tree 3', 1), ('tree 3,2', 2),
                               ('sparse tree 4', 2)})
+  for S, K, C in [(1, 1, 1), (1, 2, 1), (1, 3, 1), (2, 1, 1), (2, 2, 1), (2, 3, 1), (2, 3, 2)]:
+    s = dataclasses.replace(
+        inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id),
+        candidates=K, candidate_depth=C)
+    state, _ = inference.decode(session, params, prompts, s)
+    assert dec.outputs(state) == answers
+    got = dec.stats(state, s)
+    name = 'heads' if K == 1 else f'candidates {K}' + (f', depth {C}' if C > 1 else '')
+    emitted, forwards, accepted, positions = replayed[(name, S)]
+    assert (emitted, forwards, positions) == (got['emitted'], got['forwards'],
+                                              1 + S + (K - 1) * C)
+    # The decoder also counts drafts its last iteration accepted past an answer's end.
+    assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
   for S in (1, 2):
-    for K in (1, 2, 3):
-      s = dataclasses.replace(
-          inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id),
-          candidates=K)
-      state, _ = inference.decode(session, params, prompts, s)
-      assert dec.outputs(state) == answers
-      got = dec.stats(state, s)
-      emitted, forwards, accepted, positions = replayed[('heads' if K == 1 else f'candidates {K}',
-                                                         S)]
-      assert (emitted, forwards, positions) == (got['emitted'], got['forwards'], S + K)
-      # The decoder also counts drafts its last iteration accepted past an answer's end.
-      assert all(0 <= g - a <= len(prompts) for g, a in zip(got['accepted'], accepted))
     assert replayed[('heads', S)][2][0] > 0
     assert replayed[('candidates 3', S)][:3] != replayed[('heads', S)][:3]  # runners-up won
   # A tree of one token per depth is the chain, and one level of K is K candidates at S = 1
@@ -211,6 +218,7 @@ def test_bad_trees_are_refused(tmp_path):
                       (['--simulate', '--tree=1,x'], '--tree must be'),
                       (['--tree=1'], '--tree is replayed by --simulate'),
                       (['--simulate', '--sparse=4,0'], '--sparse must be'),
+                      (['--simulate', '--candidate_depth=0'], '--candidate_depth must be'),
                       (['--sparse=4'], '--sparse is replayed by --simulate')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
     assert proc.returncode == 2

@@ -154,6 +154,7 @@ def test_training_logs_decode_metrics(trained):
     (['--prompt=x', '--config.decode.temperature=-1.0'], 'decode.temperature'),
     (['--prompt=x', '--config.decode.top_p=0.0'], 'decode.top_p'),
     (['--prompt=x', '--config.decode.candidates=0'], 'decode.candidates'),
+    (['--prompt=x', '--config.decode.candidate_depth=3'], 'decode.candidate_depth'),
     (['--prompt=x', '--config.decode.draft_dtype=float16'], 'decode.draft_dtype'),
     (['--prompt=x', '--config.decode.candidates=2', '--config.decode.temperature=1.0'],
      'greedy drafts only'),

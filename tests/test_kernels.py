@@ -94,10 +94,12 @@ def test_int8_rows_round_each_output_row_to_its_own_scale():
 
 
 @pytest.mark.parametrize('T,G,beside,E', [(1, 1, 0, 32), (1, 3, 0, 64), (4, 3, 0, 32),
-                                           (2, 2, 0, 48), (4, 3, 2, 64), (3, 1, 1, 32)])
+                                           (2, 2, 0, 48), (4, 3, 2, 64), (3, 1, 1, 32),
+                                           (10, 2, (2, 3), 32)])
 def test_cache_attention_matches_xla(T, G, beside, E):
   """With `beside` > 0 the last queries are alternatives to the second: at its position, stored
-  in the slots after the chain (decode's first-draft alternatives). Head dims of 2, 3 and 4
+  in the slots after the chain (decode's first-draft alternatives); with `beside` = (n, r), n
+  branches of r drafts each, at the positions of the chain's first r. Head dims of 2, 3 and 4
   vectors (the kernel is compiled for each)."""
   B, L, K = 3, 40, 2
   keys = jax.random.split(jax.random.key(T * 10 + G), 4)
@@ -108,7 +110,8 @@ def test_cache_attention_matches_xla(T, G, beside, E):
            'v': jax.random.normal(keys[3], (B, L, K, E)) * 2}
   # each row at its own position; entries past it (stale drafts) must not be seen
   slots = jnp.asarray([[3], [17], [L - T]]) + jnp.arange(T)[None]
-  positions = slots.at[:, T - beside:].set(slots[:, 1:2])
+  n, r = beside if isinstance(beside, tuple) else (beside, 1)
+  positions = slots.at[:, T - n * r:].set(slots[:, 1:2] + jnp.tile(jnp.arange(r), n)[None])
   want, want_cache = attend(q, k_new, v_new, positions, cache, use_kernel=False, slots_BxT=slots)
   got, got_cache = jax.jit(lambda *a: attend(*a, use_kernel=True, slots_BxT=slots))(
       q, k_new, v_new, positions, cache)
@@ -118,13 +121,14 @@ def test_cache_attention_matches_xla(T, G, beside, E):
   stale = {n: c.at[0, 30].set(100.0) for n, c in cache.items()}
   again, _ = attend(q, k_new, v_new, positions, stale, use_kernel=True, slots_BxT=slots)
   np.testing.assert_array_equal(again[0], got[0])
-  if beside:  # an alternative sees the prefix and itself: neither the chain past it nor the
-    # other alternatives, so it equals the same query attending alone at its own slot
-    t = T - 1
-    prefix = (jnp.arange(L)[None] < slots[:, 1:2])[:, :, None, None]
-    alone, _ = attend(q[:, t:], k_new[:, t:], v_new[:, t:], positions[:, t:],
-                      {n: c * prefix for n, c in want_cache.items()}, slots_BxT=slots[:, t:])
-    np.testing.assert_allclose(got[:, t], alone[:, 0], rtol=1e-5, atol=1e-5)
+  if n:  # a branch sees the prefix and itself: neither the chain past it nor the other
+    # branches, so it equals the same queries after the pending one, alone, over the prefix
+    pick = jnp.asarray([0] + list(range(T - r, T)))
+    prefix = (jnp.arange(L)[None] < slots[:, :1])[:, :, None, None]
+    alone, _ = attend(q[:, pick], k_new[:, pick], v_new[:, pick], positions[:, pick],
+                      {name: c * prefix for name, c in want_cache.items()},
+                      slots_BxT=slots[:, pick])
+    np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_kernel_layout_transposes_and_stacks_dense_matrices():

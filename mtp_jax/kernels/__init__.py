@@ -177,9 +177,8 @@ def rows_matmul(x, w, use_kernel: bool = True):
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
                     use_kernel: bool = True):
-  """Each new entry's attention over the cache slots before its position and its own slot
-  (layers.attend's rule; float32), or None when the kernel cannot take these shapes (the caller
-  then attends with XLA)."""
+  """Each new entry's attention over the cache slots it sees (layers.visible_slots; float32),
+  or None when the kernel cannot take these shapes (the caller then attends with XLA)."""
   H, E = q_BxTxHxE.shape[2:]
   K = k_BxLxKxE.shape[2]
   if not (use_kernel and E % 16 == 0 and 0 < E <= 128 and H // K <= MAX_QUERIES

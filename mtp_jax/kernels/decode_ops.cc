@@ -351,13 +351,15 @@ inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
   return std::max(v[0], v[1]);
 }
 
-// out[b, t, h] = softmax over the cache slots l that query (b, t) sees, l < pos[b, t] or
-// l == slot[b, t] (its own entry), of q[b, t, h] . k[b, l, h / G] (scaled by 1/sqrt(E)), times
-// v[b, l, h / G]: one pass over each row's cache in slot order, kLanes slots at a time, with a
-// running maximum and sum per query head. Slots past the last one any query sees are never
-// read. A chain of new tokens sits at slot == pos (plain causal attention); a draft verified
-// beside the chain sits past it at its own slot, with the position of the chain token it
-// stands in for.
+// out[b, t, h] = softmax over the cache slots l that query (b, t) sees, of q[b, t, h] .
+// k[b, l, h / G] (scaled by 1/sqrt(E)), times v[b, l, h / G]: one pass over each row's cache in
+// slot order, kLanes slots at a time, with a running maximum and sum per query head. Slots past
+// the last one any query sees are never read. The query at position p, stored at slot s, is the
+// last of a run of r = p - (the row's lowest new position + 1) new entries (0 at least) in the
+// slots up to s, and sees l < p - r or s - r <= l <= s (layers.visible_slots): a chain of new
+// tokens sits at slot == pos (plain causal attention); a branch of drafts verified beside the
+// chain sits past it, at the positions of the chain tokens it stands in for, and sees the
+// committed prefix and itself.
 constexpr int kMaxQueries = 64, kMaxVectors = 128 / kLanes;  // per task: G query heads, E / kLanes
 
 // One new position's G query heads (q: G x E, contiguous) over one kv head's cache (k, v: slot
@@ -367,7 +369,8 @@ constexpr int kMaxQueries = 64, kMaxVectors = 128 / kLanes;  // per task: G quer
 // on each multiply-add's latency.
 template <int EV>
 void attend_position(const float* q, const float* k, const float* v, float* out, int64_t G,
-                     int64_t stride, int64_t before, int64_t own, float scale) {
+                     int64_t stride, int64_t before, int64_t first, int64_t own,
+                     float scale) {
   constexpr int64_t E = EV * kLanes;
   const int64_t last = std::max(before - 1, own);  // the last slot any of the G heads sees
   float run_max[kMaxQueries], run_sum[kMaxQueries];
@@ -385,7 +388,8 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
     const float* krow = k + l0 * stride;
     const float* vrow = v + l0 * stride;
     const vi slot = kIota + static_cast<int>(l0);
-    const vi seen = (slot < static_cast<int>(before)) | (slot == static_cast<int>(own));
+    const vi seen = (slot < static_cast<int>(before)) |
+                    ((slot >= static_cast<int>(first)) & (slot <= static_cast<int>(own)));
     for (int64_t i = 0; i < G; ++i) {
       vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
       for (int64_t j = 0; j < kLanes; ++j) {
@@ -432,7 +436,7 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
 }
 
 typedef void (*AttendFn)(const float*, const float*, const float*, float*, int64_t, int64_t,
-                         int64_t, int64_t, float);
+                         int64_t, int64_t, int64_t, float);
 template <size_t... I>
 constexpr std::array<AttendFn, sizeof...(I)> attend_table(std::index_sequence<I...>) {
   return {attend_position<I + 1>...};
@@ -463,8 +467,12 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   parallel(pool, B * KH * T, [&](int64_t task) {
     const int64_t b = task / (KH * T), kh = task / T % KH, t = task % T;
     const int64_t head = ((b * T + t) * H + kh * G) * E, cache = (b * L * KH + kh) * E;
+    const int32_t* row_pos = pp + b * T;
+    const int64_t lowest = *std::min_element(row_pos, row_pos + T);
+    const int64_t run = std::max<int64_t>(row_pos[t] - lowest - 1, 0);
+    const int64_t own = std::min<int64_t>(sp[b * T + t], L - 1);
     attend(qp + head, kp + cache, vp + cache, op + head, G, KH * E,
-           std::min<int64_t>(pp[b * T + t], L), std::min<int64_t>(sp[b * T + t], L - 1), scale);
+           std::min<int64_t>(row_pos[t] - run, L), own - run, own, scale);
   });
   return ffi::Error::Success();
 }
