@@ -61,9 +61,10 @@ def main(argv):
     sys.exit(2)
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
   s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
+  # K = 1 has no branches: one row per S; K > 1 one per depth C up to S.
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
-                       for S in lens for K in counts for C in depths
-                       if C <= S and (K > 1 or C == min(depths))]
+                       for S in lens for K in counts
+                       for C in ([1] if K == 1 else [C for C in depths if C <= S])]
   rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
                                 _ROUNDS.value, 'candidates: decoding')
   for row, s in zip(rows, settings):

@@ -390,6 +390,8 @@ def main(argv):
       raise ConfigError('--tree is replayed by --simulate: give both')
     sparse = [parse_size(n) for n in _SPARSE.value]
     depths = [parse_size(n, '--candidate_depth') for n in _DEPTHS.value]
+    if _DEPTHS.value != ['1'] and not _SIMULATE.value:
+      raise ConfigError('--candidate_depth is replayed by --simulate: give both')
     if max(depths) > config.mtp.depth:
       raise ConfigError(f'--candidate_depth must be 1..mtp.depth={config.mtp.depth}, got '
                         f'{",".join(_DEPTHS.value)}')

@@ -42,11 +42,12 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
     if bad:
       raise ConfigError(f'prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}: '
                         f'{bad[:5]}')
-  need = dec.cache_length(max(len(p) for p in prompts), s)
+  longest = max(len(p) for p in prompts)
+  need = dec.cache_length(longest, s)
   if need > max_len:
     raise ConfigError(
-        f'prompt of {max(len(p) for p in prompts)} tokens + decode.max_new_tokens='
-        f'{s.max_new_tokens} + {s.draft_len + 1} draft slots needs a cache of {need}, more than '
+        f'prompt of {longest} tokens + decode.max_new_tokens={s.max_new_tokens} + '
+        f'{need - longest - s.max_new_tokens} draft slots needs a cache of {need}, more than '
         f'model.max_seq_len={max_len}')
 
 

@@ -76,7 +76,8 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates, depth, blo
   some are accepted), also where one was: its entries (with `depth` 2, its branch's) moved to
   the slots they were committed at. With two blocks per module, each block's cache."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'mtp.head_blocks': blocks})
-  params = init_params(cfg, jax.random.key(3))
+  # With branches of 2, a seed where one branch's second draft is accepted (checked below).
+  params = init_params(cfg, jax.random.key(6 if depth > 1 else 3))
   model = dec.DecodeModel(cfg)
   prompts = [[5, 6, 7, 8], [9, 10]]
   s = dec.Settings(draft_len=2, max_new_tokens=12, candidates=candidates,
@@ -97,6 +98,10 @@ def test_caches_after_decoding_equal_one_fresh_pass(kind, candidates, depth, blo
     chain = run(model, params, prompts, dataclasses.replace(s, candidates=1))
     assert dec.outputs(chain) == dec.outputs(result)
     assert np.sum(result.out_accepted[:, 0]) > np.sum(chain.out_accepted[:, 0])
+  if depth > 1:  # ... and a branch past its first draft: both its entries moved
+    alone = run(model, params, prompts, dataclasses.replace(s, candidate_depth=1))
+    assert dec.outputs(alone) == dec.outputs(result)
+    assert np.sum(result.out_accepted[:, 1]) > np.sum(alone.out_accepted[:, 1])
   for b in range(len(prompts)):
     # The trunk cache and features cover positions 0..n-2; head k's entries are exact up to
     # n-2-k (parallel: n-2), past which they were built from tokens that are not committed yet.
@@ -457,10 +462,14 @@ def test_the_runner_up_first_draft_is_accepted_beside_the_chain():
 @dataclasses.dataclass(frozen=True)
 class BranchStub(RunnerUpStub):
   """RunnerUpStub whose later heads draft the trunk's token after theirs: the chain fails at its
-  first draft, the branch of the first head's second choice is right all the way."""
+  first draft, the branch of the first head's second choice is right all the way. Head 2 reads
+  the token before its draft, heads 3.. only the head before them (h_in), so a branch's third
+  draft is right only if its second head's state reached its third."""
 
   def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
-    return (tokens_BxT + (2 if k == 1 else 1))[..., None].astype(jnp.float32), cache
+    if k == 1:
+      return (tokens_BxT + 2)[..., None].astype(jnp.float32), cache
+    return (tokens_BxT[..., None] + 1.0) if k == 2 else h_in + 1.0, cache
 
 
 def test_a_branch_is_accepted_past_its_first_draft():

@@ -219,6 +219,7 @@ def test_bad_trees_are_refused(tmp_path):
                       (['--tree=1'], '--tree is replayed by --simulate'),
                       (['--simulate', '--sparse=4,0'], '--sparse must be'),
                       (['--simulate', '--candidate_depth=0'], '--candidate_depth must be'),
+                      (['--candidate_depth=2'], '--candidate_depth is replayed by --simulate'),
                       (['--sparse=4'], '--sparse is replayed by --simulate')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
     assert proc.returncode == 2

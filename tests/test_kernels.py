@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_model
 from mtp_jax import decode as dec
 from mtp_jax import kernels
-from mtp_jax.layers import attend
+from mtp_jax.layers import attend, visible_slots
 from mtp_jax.model import init_params, kernel_layout, narrow_heads
 
 
@@ -129,6 +129,25 @@ def test_cache_attention_matches_xla(T, G, beside, E):
                       {name: c * prefix for name, c in want_cache.items()},
                       slots_BxT=slots[:, pick])
     np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_visible_slots_by_hand():
+  """Which cache slots each new entry sees, written out: causal for a prompt and for a chain
+  verified after its pending token, and the prefix plus its own drafts for each branch stored
+  past the chain (pending token at position 3, chain drafts at 4 and 5, two branches of two
+  drafts in slots 6..9)."""
+  def seen(positions, slots, length=12):
+    before, first, own = (np.asarray(x)[0] for x in visible_slots(
+        jnp.asarray([positions]), jnp.asarray([slots]), length))
+    return [sorted(set(range(b)) | set(range(f, o + 1))) for b, f, o in zip(before, first, own)]
+
+  prefix = [0, 1, 2, 3]
+  assert seen([0, 1, 2], [0, 1, 2]) == [[0], [0, 1], [0, 1, 2]]
+  assert seen([3, 4, 5, 4, 5, 4, 5], [3, 4, 5, 6, 7, 8, 9]) == [
+      prefix, prefix + [4], prefix + [4, 5], prefix + [6], prefix + [6, 7], prefix + [8],
+      prefix + [8, 9]]
+  assert seen([3, 4, 4, 4], [3, 4, 5, 6]) == [prefix, prefix + [4], prefix + [5], prefix + [6]]
+  assert seen([10, 11], [10, 14], length=12) == [list(range(11)), list(range(12))]  # clipped
 
 
 def test_kernel_layout_transposes_and_stacks_dense_matrices():
