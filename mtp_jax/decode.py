@@ -401,22 +401,25 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones branch off
       top_BxK = top_tokens(logits_BxN, s.candidates)
       index, others = top_BxK[:, 0], model.draft_tokens(params, top_BxK[:, 1:])
-      branches = _branches(model, params, others, tokens, hidden, heads_cache, starts, widths,
-                           last_B, s.candidate_depth)
     else:
       index = _pick(keys[k - 1], logits_BxN, s)
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
+  if draft and s.candidates > 1:
+    branches = _branches(model, params, others, tokens, hidden, heads_cache, last_B,
+                         s.candidate_depth)
   rows = rows.replace(tokens=tokens, hidden=hidden, cache=dict(rows.cache, heads=heads_cache))
   return rows, draft_logits, branches
 
 
-def _branches(model, params, first_BxO, tokens, hidden, heads_cache, starts, widths, last_B,
-              C: int):
-  """Each alternative first draft continued greedily by heads 2..C as a chain of its own: the
-  rows are repeated once per alternative, from the state head 1 left (its draft position n
-  holding the alternative), heads 2..C run over them as over the chain, and what they write is
-  dropped. Returns the branches' drafts, B x O x C."""
+def _branches(model, params, first_BxO, tokens, hidden, heads_cache, last_B, C: int):
+  """Each alternative first draft continued greedily by heads 2..C as a chain of its own, from
+  the state the chain's heads left: the rows are repeated once per alternative, the alternative
+  written at position n in place of the chain's first draft, and head k runs over the positions
+  whose inputs the branch changes, n - k..n - 2 (sequential modules: head k at position i reads
+  t_{i+k} and h^{k-1}_i; parallel and Medusa heads read no tokens, so only n - 2, their draft),
+  attending to the entries the chain's heads wrote for the committed positions before them.
+  What the branches write is dropped. Returns their drafts, B x O x C."""
   B, O = first_BxO.shape
   if C == 1:
     return first_BxO[:, :, None]
@@ -427,8 +430,9 @@ def _branches(model, params, first_BxO, tokens, hidden, heads_cache, starts, wid
             for i, h in enumerate(hidden)]
   drafts = [first_BxO.reshape(-1)]
   for k in range(2, C + 1):
+    width = k - 1 if model.chains and model.attends else 1
     h, positions, _, logits = _head(model, params, k, tokens, hidden, rep(heads_cache[k - 1]),
-                                    rep(starts[k - 1]), widths[k - 1], last)
+                                    jnp.maximum(last + 1 - width, 0), width, last)
     if k < C and model.chains:
       hidden[k] = write_cache(hidden[k], h, positions)
     drafts.append(model.draft_tokens(params, greedy(logits)))

@@ -472,6 +472,43 @@ class BranchStub(RunnerUpStub):
     return (tokens_BxT[..., None] + 1.0) if k == 2 else h_in + 1.0, cache
 
 
+@dataclasses.dataclass(frozen=True)
+class FirstDraftForced(dec.DecodeModel):
+  """A model whose first head drafts params['forced'][b] for row b, where params hold it."""
+
+  def head_logits(self, params, k, h_BxTxD):
+    logits = super().head_logits(params, k, h_BxTxD)
+    if k > 1 or 'forced' not in params:
+      return logits
+    return logits + 1e4 * jax.nn.one_hot(params['forced'][:, None], logits.shape[-1])
+
+
+def test_a_branch_drafts_what_the_chain_would_after_its_first_token():
+  """Mid-decoding, each branch's drafts equal the chain the same sequential heads draft when
+  their first draft is the branch's first token: the branch's heads see the same windows,
+  hidden states and cache entries as the chain's would."""
+  cfg = tiny_model(**{'mtp.depth': 3})
+  model = FirstDraftForced(cfg)
+  params = model.prepare(init_params(cfg, jax.random.key(4)))
+  s = dec.Settings(draft_len=3, max_new_tokens=30, candidates=3, candidate_depth=3)
+  prompts, lengths = dec.pad_prompts([[5, 6, 7, 8, 9], [9, 10]])
+  state, _ = dec.prefill(model, params, jnp.asarray(prompts), jnp.asarray(lengths),
+                         jax.random.key(0), s, dec.cache_length(5, s))
+  step = jax.jit(lambda st: dec.step(model, params, st, s)[0])
+  heads = jax.jit(lambda p, rows, st: dec._run_heads(
+      model, p, rows, jax.random.key(1), *dec._head_windows(model, rows.n, 3), 3, st, True),
+      static_argnums=2)
+  for _ in range(6):
+    state = step(state)
+    _, _, branches = heads(params, state.rows, s)
+    n = np.asarray(state.rows.n)
+    for j in range(2):
+      chain, _, _ = heads(dict(params, forced=branches[:, j, 0]), state.rows,
+                          dataclasses.replace(s, candidates=1))
+      drafts = [np.asarray(chain.tokens)[b, n[b]:n[b] + 3] for b in range(2)]
+      np.testing.assert_array_equal(drafts, branches[:, j])
+
+
 def test_a_branch_is_accepted_past_its_first_draft():
   """With candidate_depth 2 the runner-up first draft is continued by head 2 and both are
   accepted, with the trunk's token after them: 3 tokens per iteration where one-token branches
