@@ -158,9 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Greedy decoding verifies the first head's K most likely tokens in one trunk forward: the chain
   # of drafts follows the most likely one, the other K - 1 sit beside it (1: the chain alone).
   c.decode.candidates = 1
-  # Each of those K - 1 alternatives is continued by the heads to a branch of this many drafts
-  # (1..S; 1: the alternatives alone): a token tree with K first drafts, verified in the same
-  # forward of 1 + S + (K - 1) x C positions.
+  # With K > 1, each of those K - 1 alternatives is continued by the heads to a branch of this
+  # many drafts C (1..mtp.depth, cut to S; 1: the alternatives alone): a token tree with K first
+  # drafts, verified in the same forward of 1 + S + (K - 1) x C positions.
   c.decode.candidate_depth = 1
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
   # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (with the
