@@ -14,7 +14,8 @@ Prints, per batch size in --batches:
   2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
      greedy argmax, at positions spread over those the decoder writes (from the prompt's end):
      the trunk over 1 position (the `ar` step) and over S + 1 positions (the verify of S drafts)
-     for S = 1..D, each as a multiple of the `ar` step, and head k over its window plus its
+     for S = 1..D (and over each width in --positions: a draft tree's verify, 1 + S + (K - 1) C
+     positions), each as a multiple of the `ar` step, and head k over its window plus its
      projection onto the draft vocabulary (draft k), as a share of the `ar` step.
      The rest of an iteration (cache and token bookkeeping, acceptance) is the loop's time minus
      these.
@@ -58,6 +59,8 @@ _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops in part 1 (0: '
                                    'greedy), with the config\'s decode.top_k and decode.top_p; '
                                    'the model calls of part 2 are timed greedy.')
+_POSITIONS = flags.DEFINE_list('positions', [], 'Also time the trunk over these numbers of '
+                               'positions in part 2 (a draft tree\'s verify: 1 + S + (K - 1) C).')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
                                'positions and print their time by kind of operation.')
 
@@ -118,15 +121,16 @@ def trunk_init(model, B: int, T: int, cache_len: int):
   return model.init_cache(B, cache_len)['trunk'], jnp.zeros((B, T), jnp.int32)
 
 
-def trunk_loops(model, prepared, B, S_max, prompt_len, cache_len, calls) -> dict:
+def trunk_loops(model, prepared, B, S_max, prompt_len, cache_len, calls, more=()) -> dict:
   """{T: (compiled loop of `calls` trunk calls over T positions, its arguments)} for T = 1..S_max
-  + 1, compiled once for both the timings and the breakdown. The calls start at positions spread
-  evenly over those decoding writes (call_span), since attention's cost grows with the
-  position."""
+  + 1 and each T in `more`, compiled once for both the timings and the breakdown. The calls
+  start at positions spread evenly over those decoding writes (call_span), since attention's cost
+  grows with the position."""
   span = call_span(prompt_len, cache_len, S_max)
   loops = {}
-  for T in range(1, S_max + 2):
-    args = (prepared, trunk_init(model, B, T, cache_len))
+  for T in sorted(set(range(1, S_max + 2)) | set(more)):
+    # The calls start where the chain's do; the cache has room past them for T positions.
+    args = (prepared, trunk_init(model, B, T, cache_len + max(T - S_max - 1, 0)))
     fn = call_loop(trunk_body(model, B, T, prompt_len, span, calls), calls)
     loops[T] = fn.lower(*args).compile(), args
   return loops
@@ -160,7 +164,7 @@ def component_costs(model, prepared, trunks, B, S_max, prompt_len, cache_len, ca
             jnp.zeros((B, W, width), model.hidden_dtype))
     return call_loop(body, calls), (prepared, init)
 
-  parts = [(f'trunk over {T} positions', *trunks[T]) for T in range(1, S_max + 2)]
+  parts = [(f'trunk over {T} positions', *trunks[T]) for T in sorted(trunks)]
   parts += [(f'draft {k}: head {k} over {dec.window_width(model, k, S_max)} positions + '
              f'projection', *draft(k)) for k in range(1, S_max + 1)]
   times, _ = measure.fastest([functools.partial(fn, *args) for _, fn, args in parts], rounds,
@@ -239,6 +243,14 @@ def main(argv):
     print(f'error: --temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}',
           file=sys.stderr)
     sys.exit(2)
+  try:
+    more = [int(T) for T in _POSITIONS.value]
+  except ValueError:
+    more = [0]
+  if not all(T >= 1 for T in more):
+    print(f'error: --positions must be numbers of positions >= 1, got '
+          f'{",".join(_POSITIONS.value)}', file=sys.stderr)
+    sys.exit(2)
   if not _RANDOM.value and not _WORKDIR.value:
     raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
                          'or --random')
@@ -282,7 +294,7 @@ def main(argv):
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, _ROUNDS.value,
                                               base)
-      trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value)
+      trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value, more)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)
       breakdown = trunk_breakdown(trunks, D, _CALLS.value) if _BREAKDOWN.value else None

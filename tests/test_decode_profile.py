@@ -15,7 +15,7 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
   out = tmp_path / 'profile.json'
   proc = run_script('experiments/decode_profile.py', '--config', 'configs/base.py', '--random',
                     '--batches', '1,2', '--rounds', '2', '--calls', '3', '--breakdown',
-                    f'--json={out}',
+                    '--positions', '6', f'--json={out}',
                     *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -35,6 +35,7 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
         assert row['tau'] * row['iterations'] >= 15 - 1e-9
     names = [c['name'] for c in batch['calls']]
     assert names == ['trunk over 1 positions', 'trunk over 2 positions', 'trunk over 3 positions',
+                     'trunk over 6 positions',  # --positions: a tree's verify
                      'draft 1: head 1 over 3 positions + projection',
                      'draft 2: head 2 over 4 positions + projection']
     assert batch['calls'][0]['over_ar'] == 1.0 and all(c['seconds'] > 0 for c in batch['calls'])
@@ -70,3 +71,5 @@ def test_profile_times_sampled_loops(tmp_path):
   assert all(1 <= row['iterations'] <= 15 and 1.0 <= row['tau'] <= 3.0 for row in loops[1:])
   assert_user_error(run_script('experiments/decode_profile.py', '--random', '--temperature',
                                '-1'), '--temperature', '-1')
+  assert_user_error(run_script('experiments/decode_profile.py', '--random', '--positions', '4,0'),
+                    '--positions', '4,0')
