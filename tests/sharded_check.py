@@ -11,6 +11,7 @@ and the cross-mesh restore to ROOT/restored_on_2x2x2.npz. The test imports the m
 and the decoding from here, so that both halves run the same.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from mtp_jax.config import ConfigError
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 SAVED_ON, RESTORED_ON = (2, 4, 1), (2, 2, 2)
 GREEDY = dec.Settings(draft_len=2, max_new_tokens=12)
+TREE = dataclasses.replace(GREEDY, candidates=3, candidate_depth=2)  # a draft tree 3,1
 
 
 def run_config(root: str, mesh=None, tokenizer: str = ''):
@@ -47,12 +49,12 @@ def prompts(session) -> list[list[int]]:
   return [p[:6 + i] for i, p in enumerate(inference.validation_prompts(session, 8, 13))]
 
 
-def greedy_decode(session, params, prompt_list):
+def greedy_decode(session, params, prompt_list, s: dec.Settings = GREEDY):
   """Speculative greedy decoding on the session's mesh, the prompts split over the batch axes
   like a training batch; returns (tokens per row, the prompt array's sharding spec)."""
   prompts_BxP, lens_B = dec.pad_prompts(prompt_list)
-  fn = dec.compiled_decoder(dec.DecodeModel(session.cfg), GREEDY,
-                            dec.cache_length(prompts_BxP.shape[1], GREEDY))
+  fn = dec.compiled_decoder(dec.DecodeModel(session.cfg), s,
+                            dec.cache_length(prompts_BxP.shape[1], s))
   prompts_BxP = jax.device_put(prompts_BxP, session.batch_sharding)
   lens_B = jax.device_put(lens_B, session.batch_sharding)
   with sharding.active(session.mesh):
@@ -82,7 +84,9 @@ def main(root: str, tokenizer: str):
   with sharding.active(session.mesh):
     replicated, _ = inference.decode(session, state['params'], prompts(session), GREEDY)
   result['decode'] = {'tokens': tokens, 'prompt_spec': prompt_spec,
-                      'replicated_prompts_tokens': dec.outputs(replicated)}
+                      'replicated_prompts_tokens': dec.outputs(replicated),
+                      'tree_tokens': greedy_decode(session, state['params'], prompts(session),
+                                                   TREE)[0]}
 
   _, saved = restore(run_config(root, SAVED_ON, tokenizer), workdir(root, SAVED_ON))
   _, moved = restore(run_config(root, RESTORED_ON, tokenizer), workdir(root, SAVED_ON))

@@ -121,6 +121,7 @@ def test_speculative_decoding_on_the_mesh_matches_one_device(runs):
   assert [len(t) for t in tokens] == [sharded_check.GREEDY.max_new_tokens] * 8
   assert result['decode']['tokens'] == tokens
   assert result['decode']['replicated_prompts_tokens'] == tokens
+  assert result['decode']['tree_tokens'] == tokens  # a draft tree on the mesh, rows repeated
 
 
 @pytest.mark.parametrize('overrides, devices, processes, message', [
