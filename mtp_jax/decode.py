@@ -367,12 +367,16 @@ def window_width(model, k: int, S: int) -> int:
   return S + (k if model.chains else 1)
 
 
-def _head(model, params, k: int, tokens, hidden, cache_k, start_B, width: int, last_B):
+def _head(model, params, k: int, tokens, hidden, cache_k, start_B, width: int, last_B,
+          logits: bool = True):
   """Head k over its window (start, width): returns its output (B x width x D), the window's
-  positions, its cache, and its logits at position last (B x N, over the draft vocabulary)."""
+  positions, its cache, and with `logits` its logits at position last (B x N, over the draft
+  vocabulary; else None)."""
   positions = _positions(start_B, width)
   h_in = _gather(hidden[k - 1] if model.chains else hidden[0], positions)
   h, cache_k = model.head(params, k, h_in, _gather(tokens, positions + k), positions, cache_k)
+  if not logits:
+    return h, positions, cache_k, None
   at_last = jnp.clip(last_B - start_B, 0, width - 1)
   h_last_Bx1xD = jnp.take_along_axis(h, at_last[:, None, None], axis=1)
   return h, positions, cache_k, model.head_logits(params, k, h_last_Bx1xD)[:, 0]
@@ -392,7 +396,7 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
   for k in range(1, S + 1):
     h, positions, heads_cache[k - 1], logits_BxN = _head(
         model, params, k, tokens, hidden, heads_cache[k - 1], starts[k - 1], widths[k - 1],
-        last_B)  # the logits are compiled away when not drafting
+        last_B, logits=draft)
     if k < S and model.chains:
       hidden[k] = write_cache(hidden[k], h, positions)
     if not draft:

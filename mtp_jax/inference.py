@@ -27,10 +27,11 @@ def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settin
   d = config.decode
   S = draft_len(config) if draft is None else draft
   T = d.temperature if temperature is None else temperature
+  K = d.candidates if T == 0 and S > 0 else 1
+  # Without alternatives there are no branches: one Settings (and compilation) for the chain.
   return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens, temperature=T, top_k=d.top_k,
-                      top_p=d.top_p, eos_id=eos_id,
-                      candidates=d.candidates if T == 0 and S > 0 else 1,
-                      candidate_depth=max(min(d.candidate_depth, S), 1))
+                      top_p=d.top_p, eos_id=eos_id, candidates=K,
+                      candidate_depth=min(d.candidate_depth, S) if K > 1 else 1)
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int):

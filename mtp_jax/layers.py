@@ -144,8 +144,8 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
   positions by default) and each sees what `visible_slots` says: causal attention for a chain at
   slots == positions, and a branch of a token tree stored past the chain sees the committed
   prefix and its own branch (new entries must be stored as the runs it describes). With
-  `use_kernel`, attention over a cache goes to the kernel, which
-  reads only the entries each query sees."""
+  `use_kernel`, attention over a cache goes to the kernel, which reads only the entries each
+  query sees."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxTxKxE.shape[2]
   if kv is None:
