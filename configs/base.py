@@ -155,8 +155,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Heads draft over the N most frequent tokens of their training data only (0: every token);
   # verification still uses the trunk's full distribution, so decoding stays exact.
   c.decode.draft_vocab = 0
-  # Greedy decoding verifies the first head's K most likely tokens in one trunk forward: the chain
-  # of drafts follows the most likely one, the other K - 1 sit beside it (1: the chain alone).
+  # Decoding verifies K first drafts in one trunk forward: the chain of drafts follows the first
+  # head's argmax (or its draw when sampling), its K - 1 most likely other tokens sit beside it
+  # (1: the chain alone).
   c.decode.candidates = 1
   # With K > 1, each of those K - 1 alternatives is continued by the heads to a branch of this
   # many drafts C (1..mtp.depth, cut to S; 1: the alternatives alone): a token tree with K first

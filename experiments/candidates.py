@@ -1,15 +1,15 @@
-"""tau and speed of greedy decoding against the draft length S, the number K of first-draft
-candidates (decode.candidates: the first head's K most likely tokens verified in one trunk
-forward, the chain of S - 1 more drafts following the most likely one) and the drafts C in each
-alternative's branch (decode.candidate_depth), in one run with every setting timed in
-interleaved rounds.
+"""tau and speed of decoding against the draft length S, the number K of first-draft candidates
+(decode.candidates: K first drafts verified in one trunk forward, the chain of S - 1 more drafts
+following the first head's argmax, or its draw when sampling, and its K - 1 most likely other
+tokens beside it) and the drafts C in each alternative's branch (decode.candidate_depth), in one
+run with every setting timed in interleaved rounds.
 
 Run: python experiments/candidates.py --config configs/smollm2.py --workdir runs/smollm2 \
-       [--draft_lens 2,3] [--candidates 1,3,6] [--depths 1,3]
+       [--draft_lens 2,3] [--candidates 1,3,6] [--depths 1,3] [--temperature 1]
 Prints one row per (S, K, C): the positions (rows) one verify forward takes, tau, acceptance per
 position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), ms per iteration
-(tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` and
-whether every output equals `ar`'s; --json FILE keeps them.
+(tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` (at the
+same temperature) and, greedy, whether every output equals `ar`'s; --json FILE keeps them.
 """
 
 import json
@@ -28,6 +28,8 @@ _DRAFTS = flags.DEFINE_list('draft_lens', [], 'Draft lengths S (default: 1..mtp.
 _CANDIDATES = flags.DEFINE_list('candidates', ['1', '2', '3', '4'], 'First-draft candidates K.')
 _DEPTHS = flags.DEFINE_list('depths', ['1'], 'Drafts C per alternative\'s branch (C <= S; '
                             'with K > 1).')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0: greedy); top_k '
+                                   'and top_p come from the config.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
@@ -53,14 +55,17 @@ def main(argv):
         or not all(1 <= C <= D for C in depths)):
       raise ConfigError(f'--draft_lens and --depths must be in 1..mtp.depth={D} and '
                         f'--candidates >= 1')
+    if not _TEMPERATURE.value >= 0:
+      raise ConfigError(f'--temperature must be >= 0, got {_TEMPERATURE.value}')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
-  s_mtp = inference.settings(session.config, draft=1, temperature=0.0, eos_id=session.eos_id)
+  T = _TEMPERATURE.value
+  s_ar = inference.settings(session.config, draft=0, temperature=T, eos_id=session.eos_id)
+  s_mtp = inference.settings(session.config, draft=1, temperature=T, eos_id=session.eos_id)
   # K = 1 has no branches: one row per S; K > 1 one per depth C up to S.
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
                        for S in lens for K in counts
@@ -72,15 +77,17 @@ def main(argv):
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
                positions=1 + s.draft_len + (s.candidates - 1) * s.candidate_depth)
   print(f'machine: {measure.machine()}')
-  print(f'{len(prompts)} held-out prompts, batch 1, greedy, up to {s_ar.max_new_tokens} new '
+  how = 'greedy' if T == 0 else f'temperature {T}, top_k {s_ar.top_k}, top_p {s_ar.top_p}'
+  print(f'{len(prompts)} held-out prompts, batch 1, {how}, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
         f'{session.decode_model.kernels}')
   print(f"{'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} "
         f"{'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
+    same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
     print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['candidate_depth']:>2} "
           f"{r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
-          f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {str(r['identical_to_ar']):>9}  "
+          f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {same:>9}  "
           f"{r['acceptance']}")
   if _JSON.value:
     with open(_JSON.value, 'w') as f:

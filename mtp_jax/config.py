@@ -265,9 +265,6 @@ def validate_decode(config) -> None:
   _check(not d.prompts or os.path.isfile(d.prompts), f"decode.prompts: no file '{d.prompts}'")
   _check(isinstance(d.candidates, int) and d.candidates >= 1,
          f'decode.candidates must be an integer >= 1, got {d.candidates!r}')
-  _check(d.candidates == 1 or d.temperature == 0,
-         f'decode.candidates={d.candidates} verifies greedy drafts only; with decode.temperature='
-         f'{d.temperature} use 1')
   _check(isinstance(d.candidate_depth, int) and 1 <= d.candidate_depth <= max(depth, 1),
          f'decode.candidate_depth must be an integer in 1..mtp.depth={depth}, got '
          f'{d.candidate_depth!r}')

@@ -6,17 +6,18 @@ speculative sampling (Leviathan et al.), which at temperature 0 reduces to "acce
 draft is the trunk's argmax", so output is exactly the trunk's own. S = 0 is plain
 autoregressive decoding through the same loop.
 
-With `candidates` K > 1 (greedy only), the first head's 2nd..K-th most likely tokens are
-verified beside the chain, which continues from its most likely one, each as the start of a
-branch of `candidate_depth` C drafts (C - 1 more from the heads run on the branch: a token tree
-with K first drafts and one token under each after that, K,1,..,1). The verify forward takes the
-pending token, the S chain drafts, then the branches, each stored in the trunk cache past the
-chain but at the positions of the chain tokens it stands in for, seeing only the committed
-prefix and itself (layers.visible_slots; SpecInfer's tree attention). When the chain's first
-draft is rejected and a branch starts with the trunk's token, the branch is accepted as far as
-the trunk agrees, committed with the token the trunk gives after it, and its cache entries and
-features move to the chain's slots. (K - 1) C more rows of one forward, where separate chains
-per candidate would take (K - 1) (S + 1) and as many draft calls. Output stays the trunk's own.
+With `candidates` K > 1, the first head's K - 1 most likely tokens besides the chain's first
+draft (its argmax, or its draw when sampling) are verified beside the chain, each as the start
+of a branch of `candidate_depth` C drafts (C - 1 more from the heads run on the branch: a token
+tree with K first drafts and one token under each after that, K,1,..,1). The verify forward
+takes the pending token, the S chain drafts, then the branches, each stored in the trunk cache
+past the chain but at the positions of the chain tokens it stands in for, seeing only the
+committed prefix and itself (layers.visible_slots; SpecInfer's tree attention). When the
+chain's first draft is rejected and a branch starts with the trunk's token, the branch is
+accepted as far as the trunk agrees, committed with the token the trunk gives after it, and its
+cache entries and features move to the chain's slots. (K - 1) C more rows of one forward,
+where separate chains per candidate would take (K - 1) (S + 1) and as many draft calls. Output
+stays the trunk's own: greedy, its tokens; sampling, its law (_take_branch).
 
 Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
 has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
@@ -214,7 +215,7 @@ class Settings:
   top_p: float = 1.0
   eos_id: int = -1  # -1: no end-of-sequence token.
   capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
-  candidates: int = 1  # K > 1 (temperature 0, S >= 1): first drafts verified, see the module doc
+  candidates: int = 1  # K > 1 (S >= 1): first drafts verified, see the module doc
   candidate_depth: int = 1  # C in 1..S: drafts per branch, the alternative and C - 1 after it
 
 
@@ -402,11 +403,11 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     if not draft:
       continue
     draft_logits.append(logits_BxN)
-    if k == 1 and s.candidates > 1:  # the chain takes the argmax; the next ones branch off
-      top_BxK = top_tokens(logits_BxN, s.candidates)
-      index, others = top_BxK[:, 0], model.draft_tokens(params, top_BxK[:, 1:])
-    else:
-      index = _pick(keys[k - 1], logits_BxN, s)
+    index = _pick(keys[k - 1], logits_BxN, s)
+    if k == 1 and s.candidates > 1:  # the most likely tokens besides the chain's branch off
+      chosen = jnp.arange(logits_BxN.shape[-1]) == index[:, None]
+      others = model.draft_tokens(
+          params, top_tokens(jnp.where(chosen, -jnp.inf, logits_BxN), s.candidates - 1))
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   if draft and s.candidates > 1:
@@ -587,16 +588,23 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
 
 
 def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_BxTxD, cache,
-                 n_B):
-  """Greedy verification of the branches (_branches), which the verify forward ran after the
-  chain's S + 1 entries: branch j's draft d at T index S + 1 + j C + d (cache slot n - 1 + that
-  index, position n + d). The first drafts of the chain and the branches differ, so where the
-  chain's first draft was rejected at most one branch starts with the trunk's token there (the
-  bonus). That branch is accepted as far as each of its drafts is the trunk's token after the
-  one before, the trunk's token after its last accepted draft is the new bonus, and its
-  entries' logits, features and trunk cache entries replace the chain's at T indices 1..C
-  (slots n..), where its drafts are committed. Returns n_acc, bonus, drafts, logits, features
-  and cache, updated."""
+                 n_B, key, s: Settings):
+  """Verification of the branches (_branches), which the verify forward ran after the chain's
+  S + 1 entries: branch j's draft d at T index S + 1 + j C + d (cache slot n - 1 + that index,
+  position n + d). The first drafts of the chain and the branches differ, so where the chain's
+  first draft was rejected at most one branch starts with the trunk's token there (the bonus).
+  That branch is accepted as far as each of its drafts is the trunk's token after the one
+  before, the trunk's token after its last accepted draft is the new bonus, and its entries'
+  logits, features and trunk cache entries replace the chain's at T indices 1..C (slots n..),
+  where its drafts are committed. Returns n_acc, bonus, drafts, logits, features and cache,
+  updated.
+
+  The trunk's token is its argmax at temperature 0, else a draw from `probabilities` (`key`).
+  Sampling keeps the trunk's law because a branch's drafts are fixed tokens (SpecInfer's rule
+  for deterministic drafts): after the chain's first draft is rejected, the bonus is drawn from
+  the residual distribution, and each token after it from the trunk's distribution there,
+  whether or not it matches a draft; a match only lets the loop go on from the forward it
+  already ran."""
   B, S = drafts_BxS.shape
   C = branches_BxOxC.shape[2]
   rows_Bx1, d_C = jnp.arange(B)[:, None], jnp.arange(C)
@@ -606,7 +614,7 @@ def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_
   branch_BxC = branches_BxOxC[rows_Bx1[:, 0], j_B]
   # The winning branch's T indices, else the chain's own 1..C (copies that change nothing).
   src_BxC = jnp.where(won_B[:, None], S + 1 + j_B[:, None] * C + d_C, 1 + d_C)
-  after_BxC = greedy(logits_BxTxV[rows_Bx1, src_BxC])  # the trunk's token after each draft
+  after_BxC = _pick(jax.random.fold_in(key, 3), logits_BxTxV[rows_Bx1, src_BxC], s)
   ok_BxC1 = branch_BxC[:, 1:] == after_BxC[:, :-1]
   run_B = 1 + jnp.sum(jnp.cumprod(ok_BxC1.astype(jnp.int32), axis=1), axis=1)
   after_B = jnp.take_along_axis(after_BxC, (run_B - 1)[:, None], axis=1)[:, 0]
@@ -648,7 +656,8 @@ def step(model, params, state: State, s: Settings):
   n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s)
   if O:
     n_acc, bonus, drafts_BxS, logits_BxTxV, h0, cache['trunk'] = _take_branch(
-        n_acc, bonus, drafts_BxS, branches_BxOxC, logits_BxTxV, h0, cache['trunk'], rows.n)
+        n_acc, bonus, drafts_BxS, branches_BxOxC, logits_BxTxV, h0, cache['trunk'], rows.n,
+        key, s)
   logits_BxS1xV, h0 = logits_BxTxV[:, :S + 1], h0[:, :S + 1]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)
@@ -687,10 +696,9 @@ class Decoder:
   stored (the model prepares them): decoder(params, prompts_QxP, prompt_len_Q, key) -> State."""
 
   def __init__(self, model, s: Settings, cache_len: int, batch: int | None):
-    if s.candidates < 1 or (s.candidates > 1 and (s.temperature > 0 or s.draft_len < 1)):
-      raise ValueError(f'candidates={s.candidates}: alternatives to the first draft are '
-                       f'verified for greedy drafts only (temperature 0, draft_len >= 1); '
-                       f'speculative sampling keeps one chain')
+    if s.candidates < 1 or (s.candidates > 1 and s.draft_len < 1):
+      raise ValueError(f'candidates={s.candidates}: alternatives to the first draft need a '
+                       f'draft (draft_len >= 1)')
     if not 1 <= s.candidate_depth <= max(s.draft_len, 1):
       raise ValueError(f'candidate_depth={s.candidate_depth}: a branch holds 1..draft_len='
                        f'{s.draft_len} drafts')

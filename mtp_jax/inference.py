@@ -22,12 +22,12 @@ from mtp_jax.pretrained.tokenizer import render_chat
 
 def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
   """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar).
-  decode.candidates applies to greedy drafting; sampling and `ar` verify no alternatives. A
-  branch holds at most S drafts (decode.candidate_depth is cut to S)."""
+  `ar` verifies no alternatives (decode.candidates is set to 1). A branch holds at most S
+  drafts (decode.candidate_depth is cut to S)."""
   d = config.decode
   S = draft_len(config) if draft is None else draft
   T = d.temperature if temperature is None else temperature
-  K = d.candidates if T == 0 and S > 0 else 1
+  K = d.candidates if S > 0 else 1
   # Without alternatives there are no branches: one Settings (and compilation) for the chain.
   return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens, temperature=T, top_k=d.top_k,
                       top_p=d.top_p, eos_id=eos_id, candidates=K,
@@ -302,11 +302,11 @@ def bench_blocks(session, params, config):
 
 def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
                  desc: str) -> list[dict]:
-  """Greedy decoding of each prompt alone by every (model, settings) in `variants`, the first
-  the reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
+  """Decoding of each prompt alone by every (model, settings) in `variants`, the first the
+  reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
   acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
   its drafts and bookkeeping), the speedup over the reference and whether every output equals
-  the reference's."""
+  the reference's (greedy variants; None when sampling)."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
   calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
            for model, s in variants]
@@ -321,7 +321,7 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
                  'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
                  'tokens_per_s': rate, 'ms_per_iteration': 1e3 * pooled['tau'] / rate,
                  'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
-                 'identical_to_ar': outs(i) == outs(0)})
+                 'identical_to_ar': (outs(i) == outs(0) if s.temperature == 0 else None)})
   return rows
 
 

@@ -235,17 +235,30 @@ def filtered(p, top_k):
   return p / p.sum()
 
 
-@pytest.mark.parametrize('top_k,stub', [(0, 'full'), (3, 'full'), (0, 'reduced')])
-def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub):
-  """The joint law of the first three generated tokens equals the trunk's own, within a
-  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails; also
-  with heads that draft over part of the vocabulary."""
-  stub = TableStub() if stub == 'full' else ReducedTableStub()
-  rows, new = 12000, 3
-  s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k)
+def sample_rows(stub, s: dec.Settings, rows: int):
   prompts = np.zeros((rows, 1), np.int32)
   fn = dec.compiled_decoder(stub, s, dec.cache_length(1, s))
-  state = fn(None, prompts, np.ones(rows, np.int32), jax.random.key(42))
+  return fn(None, prompts, np.ones(rows, np.int32), jax.random.key(42))
+
+
+@pytest.mark.parametrize('top_k,stub,candidates,depth', [
+    (0, 'full', 1, 1), (3, 'full', 1, 1), (0, 'reduced', 1, 1), (0, 'full', 3, 2),
+    (3, 'full', 2, 1), (0, 'reduced', 3, 2)])
+def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub, candidates, depth):
+  """The joint law of the first three generated tokens equals the trunk's own, within a
+  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails; also
+  with heads that draft over part of the vocabulary, and with first-draft alternatives and their
+  branches verified beside the chain (a branch's later tokens drawn greedily instead fail it),
+  which then accept more first drafts than the chain alone."""
+  stub = TableStub() if stub == 'full' else ReducedTableStub()
+  rows, new = 12000, 3
+  s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k,
+                   candidates=candidates, candidate_depth=depth)
+  state = sample_rows(stub, s, rows)
+  if candidates > 1:
+    chain = sample_rows(stub, dataclasses.replace(s, candidates=1, candidate_depth=1), rows)
+    first = lambda st, s: dec.stats(st, s)['acceptance_per_position'][0]
+    assert first(state, s) > first(chain, s) + 0.1, (first(state, s), first(chain, s))
   out = np.asarray(dec.outputs(state))
   assert out.shape == (rows, new)
   P = np.exp(stub.P)
@@ -444,19 +457,21 @@ class RunnerUpStub(CountingStub):
     return self._logits(t) + 0.5 * self._logits(t - 1)
 
 
-def test_the_runner_up_first_draft_is_accepted_beside_the_chain():
+@ONE_HOT_PATHS
+def test_the_runner_up_first_draft_is_accepted_beside_the_chain(sampled):
   """With 2 candidates the first draft's second choice, the trunk's token, is verified beside the
   chain and kept with the trunk's token after it, so each iteration commits 2 tokens."""
   stub = RunnerUpStub(depth=2)
   prompts = [[3, 4], [10]]
-  chain = run(stub, None, prompts, dec.Settings(draft_len=2, max_new_tokens=9))
-  both = run(stub, None, prompts, dec.Settings(draft_len=2, max_new_tokens=9, candidates=2))
+  s = one_hot_settings(sampled, draft_len=2, max_new_tokens=9)
+  chain = run(stub, None, prompts, s)
+  both = run(stub, None, prompts, dataclasses.replace(s, candidates=2))
   assert dec.outputs(both) == dec.outputs(chain) == [list(range(5, 14)), list(range(11, 20))]
   np.testing.assert_array_equal(chain.out_accepted, [[0, 0], [0, 0]])
   np.testing.assert_array_equal(both.out_forwards, [4, 4])  # 1 (prefill) + 4 x 2 = 9 tokens
   np.testing.assert_array_equal(both.out_accepted, [[4, 0], [4, 0]])
-  with pytest.raises(ValueError, match='greedy drafts only'):
-    run(stub, None, prompts, dec.Settings(draft_len=2, temperature=1.0, candidates=2))
+  with pytest.raises(ValueError, match='need a draft'):
+    run(stub, None, prompts, dataclasses.replace(s, draft_len=0, candidates=2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,13 +524,14 @@ def test_a_branch_drafts_what_the_chain_would_after_its_first_token():
       np.testing.assert_array_equal(drafts, branches[:, j])
 
 
-def test_a_branch_is_accepted_past_its_first_draft():
+@ONE_HOT_PATHS
+def test_a_branch_is_accepted_past_its_first_draft(sampled):
   """With candidate_depth 2 the runner-up first draft is continued by head 2 and both are
   accepted, with the trunk's token after them: 3 tokens per iteration where one-token branches
   commit 2; the tokens stay the trunk's."""
   stub = BranchStub(depth=3)
   prompts = [[3, 4], [10]]
-  s = dec.Settings(draft_len=3, max_new_tokens=10, candidates=2)
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=10, candidates=2)
   alone = run(stub, None, prompts, s)
   deep = run(stub, None, prompts, dataclasses.replace(s, candidate_depth=2))
   full = run(stub, None, prompts, dataclasses.replace(s, candidate_depth=3))

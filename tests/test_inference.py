@@ -156,8 +156,6 @@ def test_training_logs_decode_metrics(trained):
     (['--prompt=x', '--config.decode.candidates=0'], 'decode.candidates'),
     (['--prompt=x', '--config.decode.candidate_depth=3'], 'decode.candidate_depth'),
     (['--prompt=x', '--config.decode.draft_dtype=float16'], 'decode.draft_dtype'),
-    (['--prompt=x', '--config.decode.candidates=2', '--config.decode.temperature=1.0'],
-     'greedy drafts only'),
     (['--prompt_file=IDS'], 'outside the vocabulary'),
 ])
 def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
