@@ -388,7 +388,7 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
   k's output at position n - 2 and is written into the token buffer at n - 1 + k at once, where
   the next sequential module reads it as its input token; returns the rows, the drafts' logits
   (over the draft vocabulary) and the branches (B x candidates - 1 x candidate_depth: the first
-  head's 2nd.. most likely tokens, each continued by the heads, see _branches)."""
+  head's most likely tokens besides its draft, each continued by the heads, see _branches)."""
   tokens, hidden, heads_cache = rows.tokens, list(rows.hidden), list(rows.cache['heads'])
   last_B = rows.n - 2
   draft_logits = []
