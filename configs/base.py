@@ -127,8 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.draft_vocab = 0
   # Compute dtype of the training step ('': model.dtype, which evaluations, decoding and the trunk
   # writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
-  # bfloat16 natively (GPU, TPU, a CPU with AMX), 'auto' picks it there and float32 elsewhere;
-  # params and the optimizer stay float32.
+  # bfloat16 natively (GPU, TPU, a CPU with AMX or AVX512_BF16), 'auto' picks it there and
+  # float32 elsewhere; params and the optimizer stay float32.
   c.train.dtype = ''
   c.train.inject_nan_step = -1  # testing hook: the loss at this step is made NaN (-1: never).
 

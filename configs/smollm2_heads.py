@@ -33,8 +33,8 @@ def get_config():
   c.data.self_temperature = 0.5
   c.data.cache_dir = 'runs/cache'
   c.train.freeze_trunk = True
-  # The modules train in bfloat16 where that is faster (a CPU with AMX, a GPU), else in float32;
-  # the trunk writes its data and decodes in float32 either way.
+  # The modules train in bfloat16 where that is faster (a GPU, a CPU with AMX or AVX512_BF16),
+  # else in float32; the trunk writes its data and decodes in float32 either way.
   c.train.dtype = 'auto'
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192

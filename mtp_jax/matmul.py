@@ -48,10 +48,10 @@ def matmul(x_MxK, w_KxN, out_dtype=None):
   """x @ w for 2-D x and w (w widened or narrowed to x's dtype), in out_dtype (x's by default),
   accumulated in out_dtype or wider.
   In bfloat16 on CPU every product of it and of its gradients is made of row-major operands with
-  a float32 result, the only form that XLA's CPU backend runs as a bfloat16 product (with AMX,
-  where the CPU has it: a product and both its gradients about 3x faster than in float32); a
-  transposed operand or a bfloat16 result makes it widen both operands to float32 first, which
-  is slower than float32 (experiments/bench_matmul.py)."""
+  a float32 result, the only form that XLA's CPU backend runs as a bfloat16 product (with AMX
+  or AVX512_BF16, where the CPU has them: a product and both its gradients about 3x and 2x
+  faster than in float32); a transposed operand or a bfloat16 result makes it widen both
+  operands to float32 first, which is slower than float32 (experiments/bench_matmul.py)."""
   out_dtype = jnp.dtype(out_dtype or x_MxK.dtype)
   w_KxN = w_KxN.astype(x_MxK.dtype)
   # One CPU device only: a mesh's partitioner is left the plain product, as the decoding kernels

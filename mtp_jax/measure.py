@@ -21,11 +21,13 @@ BANDWIDTH_BYTES = 512 * 2**20
 def bfloat16_products_fast() -> bool:
   """Whether the default device multiplies bfloat16 matrices faster than float32 ones: TPUs and
   GPUs with bfloat16 units do (taken as given for any GPU: an older one, without them, should set
-  train.dtype itself), and CPUs with AMX (Intel since Sapphire Rapids), through XLA's CPU backend when
-  mtp_jax.matmul arranges the products (a product and its gradients about 3x faster than float32
-  on such a CPU here). Other CPUs say no: where XLA widens bfloat16 products to float32 they run
-  no faster than float32 ones."""
-  return jax.default_backend() != 'cpu' or 'amx_bf16' in cpu_flags().split()
+  train.dtype itself), and CPUs with bfloat16 instructions, AMX (Intel since Sapphire Rapids) or
+  AVX512_BF16 (AMD since Zen 4), through XLA's CPU backend when mtp_jax.matmul arranges the
+  products (a product and its gradients 2.7-3.3x faster than float32 with AMX, 1.7-2.1x with
+  AVX512_BF16 alone, experiments/bench_matmul.py). Other CPUs say no: where XLA widens bfloat16
+  products to float32 they run no faster than float32 ones."""
+  flags = cpu_flags().split()
+  return jax.default_backend() != 'cpu' or 'amx_bf16' in flags or 'avx512_bf16' in flags
 
 
 @functools.cache
