@@ -600,8 +600,8 @@ def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_
   updated.
 
   The trunk's token is its argmax at temperature 0, else a draw from `probabilities` (`key`).
-  Sampling keeps the trunk's law because a branch's drafts are fixed tokens (SpecInfer's rule
-  for deterministic drafts): after the chain's first draft is rejected, the bonus is drawn from
+  Sampling keeps the trunk's law because a branch's drafts are fixed tokens (SpecInfer's naive
+  sampling): after the chain's first draft is rejected, the bonus is drawn from
   the residual distribution, and each token after it from the trunk's distribution there,
   whether or not it matches a draft; a match only lets the loop go on from the forward it
   already ran."""
