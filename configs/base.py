@@ -125,6 +125,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.feature_weight = 0.0
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
+  # Recompute each depth's logits in the backward pass instead of keeping them: peak memory holds
+  # one logits tensor whatever mtp.depth is, for one more output projection per depth. False
+  # keeps them (faster where they fit; configs/smollm2_heads.py).
+  c.train.remat_logits = True
   # Compute dtype of the training step ('': model.dtype, which evaluations, decoding and the trunk
   # writing its own data keep): 'bfloat16' trains heads faster where the device multiplies
   # bfloat16 natively (GPU, TPU, a CPU with AMX or AVX512_BF16), 'auto' picks it there and

@@ -39,6 +39,8 @@ def get_config():
   c.train.head_loss = 'distill'
   c.train.draft_vocab = 8192
   c.decode.draft_vocab = 8192  # decode over the tokens the heads learn
+  # 16 x 128 positions of 8192 logits per module are small: keeping them skips a projection.
+  c.train.remat_logits = False
   c.train.steps = 1200
   c.train.batch_size = 16
   c.train.seq_len = 128

@@ -16,7 +16,6 @@ feature regression), which decides the trunk's whole next-token distribution the
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +36,15 @@ class LossSpec:
   topk: int = 32  # entries of the trunk's distribution kept as a distill target
   frozen: bool = False  # the trunk is not trained: its loss is reported, not optimized
   feature_weight: float = 0.0  # weight of each head's feature gap in its loss (0: not computed)
+  remat: bool = True  # recompute each depth's logits in the backward pass (see _stats)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(6, 7))
 def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: ModelConfig,
                  topk: int):
   """One depth's sums against a sparse target (ids < 0 carry no mass; a position with no mass is
   left out): cross-entropy, positions, matches with the data token and with the target's first
   entry. With topk > 0 also returns this depth's own top-k distribution (the trunk's, for
-  distillation). Rematerialized: the backward pass recomputes this depth's logits instead of
-  keeping them, which bounds peak memory to one logits tensor whatever D is."""
+  distillation). Called through _stats."""
   logits_BxTxV = project(h_BxTxD, scale_D, out, cfg)
   p = jnp.where(ids_BxTxK >= 0, p_BxTxK, 0.0)
   mass_BxT = jnp.sum(p, axis=-1)
@@ -63,6 +61,17 @@ def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: Model
     return sums, None
   logp, ids = jax.lax.top_k(jax.nn.log_softmax(jax.lax.stop_gradient(logits_BxTxV)), topk)
   return sums, (ids, jnp.exp(logp))
+
+
+_REMAT_STATS = jax.checkpoint(_depth_stats, static_argnums=(6, 7))
+
+
+def _stats(spec: LossSpec):
+  """_depth_stats as the loss calls it: with spec.remat, rematerialized (the backward pass
+  recomputes each depth's logits instead of keeping them, which bounds peak memory to one logits
+  tensor whatever D is, for one more output projection per depth); else the logits are kept
+  from the forward pass."""
+  return _REMAT_STATS if spec.remat else _depth_stats
 
 
 def _normed(h_BxTxD, scale_D, cfg: ModelConfig):
@@ -114,7 +123,7 @@ def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
       ids = jnp.where(ids >= 0, index[jnp.maximum(ids, 0)], -1)
       data_k = jnp.where(data_k >= 0, index[jnp.maximum(data_k, 0)], -1)
       out = out[draft_ids] if spec.cfg.tie_embeddings else out[:, draft_ids]
-    sums.append({**_depth_stats(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0],
+    sums.append({**_stats(spec)(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0],
                  **feature})
   return sums
 
@@ -138,7 +147,7 @@ def depth_sums(params, tokens_BxW, spec: LossSpec, draft_ids=None):
                                                 method=_hidden_states)
   data = [tokens_BxW[:, k + 1:k + 1 + T] for k in range(cfg.mtp_depth + 1)]
   distill = spec.head_loss == 'distill' and cfg.mtp_depth > 0
-  trunk, top = _depth_stats(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
+  trunk, top = _stats(spec)(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
                             spec.topk if distill else 0)
   if distill:  # the trunk's distribution at i + k; past the window's end there is none
     targets = [None] + [(_shift(top[0], k, -1), _shift(top[1], k, 0.0))

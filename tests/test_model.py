@@ -204,6 +204,27 @@ def test_fused_attention_matches_einsum(kind):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize('head_loss', ['data', 'distill'])
+def test_logits_kept_or_recomputed_give_the_same_loss_and_gradients(head_loss):
+  """train.remat_logits only chooses whether the backward pass recomputes each depth's logits
+  (a remat in the traced gradient) or keeps them: the loss, metrics and gradients agree."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(4))
+  tokens = jax.random.randint(jax.random.key(5), (3, 20 + 2 + 1), 0, cfg.vocab_size)
+  loss_and_grad = jax.jit(jax.value_and_grad(combined_loss, has_aux=True), static_argnums=2)
+  specs = [LossSpec(cfg, head_loss=head_loss, remat=remat) for remat in (True, False)]
+  (l0, m0), g0 = loss_and_grad(params, tokens, specs[0], 0.3)
+  (l1, m1), g1 = loss_and_grad(params, tokens, specs[1], 0.3)
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for name in m0:
+    np.testing.assert_allclose(m1[name], m0[name], rtol=1e-6, atol=1e-7, err_msg=name)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  traced = [str(jax.make_jaxpr(lambda p, s=s: jax.grad(
+      lambda q: combined_loss(q, tokens, s, 0.3)[0])(p))(params)) for s in specs]
+  assert 'remat' in traced[0] and 'remat' not in traced[1]  # jax.checkpoint's primitive
+
+
 def test_feature_layers_feed_the_first_module_other_layers_of_the_trunk():
   """With mtp.feature_layers the trunk's features are its last hidden state, then the named
   blocks' outputs; the trunk's own logits do not change and only the first module widens."""
