@@ -1,0 +1,134 @@
+"""Times a config's training step on its own data (token windows, or the trunk's cached features
+as configs/smollm2_heads.py trains on), for one or more variants of the config, interleaved.
+bench_train.py times token windows across depths and kinds; this times the step a config runs.
+
+Run: python experiments/bench_head_step.py --config configs/smollm2_heads.py \
+       --variant train.remat_logits=True --variant train.remat_logits=False [--steps 6] \
+       [--rounds 3] [--trace DIR]
+Each --variant is a comma-separated list of FIELD=VALUE overrides of the config (none: the config
+as it is). Prints per variant: the fastest step in ms, tokens/s, and XLA's temporary buffers for
+the step (MiB, its compiled memory analysis). With --trace DIR, also writes a jax.profiler trace
+of two steps of the first variant there and prints its operations' time by kind (summed over
+threads, so the total exceeds the step). The data is the config's: a missing feature cache is
+built first, as training would. Nothing is written outside a temporary run directory and DIR.
+"""
+
+import ast
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
+                                          'Path to a config file.', lock_config=True)
+_VARIANTS = flags.DEFINE_multi_string('variant', [], 'FIELD=VALUE[,FIELD=VALUE...] overrides.')
+_STEPS = flags.DEFINE_integer('steps', 6, 'Timed steps per variant and round, after 2 warm-up.')
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds; the fastest step is kept.')
+_TRACE = flags.DEFINE_string('trace', '', 'Write a profiler trace of the first variant here.')
+
+
+def parse_variant(text: str) -> dict:
+  """'a.b=1,c.d=x' -> {'a.b': 1, 'c.d': 'x'} (values read as Python literals where they are)."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'--variant takes FIELD=VALUE pairs, got {item!r}')
+    try:
+      out[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value
+  return out
+
+
+def op_kinds(trace_dir: str, steps: int) -> list[tuple[str, float]]:
+  """(operation kind, ms per step) from a jax.profiler trace, largest first: XLA's thunks by
+  name without their numeric suffix."""
+  path = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)[0]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  total = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith(('ThunkExecutor', '$')):
+      total[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e3 / steps
+  return total.most_common()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  from mtp_jax import measure, sharding, train
+  from mtp_jax.config import ConfigError, apply_overrides
+  texts = _VARIANTS.value or ['']
+  root = tempfile.mkdtemp(prefix='bench_head_step_')
+  try:
+    runs = []
+    try:
+      if _STEPS.value < 1 or _ROUNDS.value < 1:
+        raise ConfigError('--steps and --rounds must be >= 1')
+      configs = [apply_overrides(_CONFIG.value, parse_variant(v)) for v in texts]
+      sessions = [train.Session(c, os.path.join(root, str(i))) for i, c in enumerate(configs)]
+    except (ConfigError, ValueError, TypeError) as e:  # TypeError: a value of the wrong type
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    for session in sessions:
+      _, state = session.restore_or_init()
+      runs.append([session, state, session.device_batch(session.batch(0))])
+    tokens = configs[0].train.batch_size * configs[0].train.seq_len
+    best = [float('inf')] * len(runs)
+
+    def steps(run, n):
+      session, state, batch = run
+      seconds = []
+      with sharding.active(session.mesh):
+        for _ in range(n):
+          start = time.perf_counter()
+          state, metrics = session.train_step(state, batch)
+          jax.block_until_ready(metrics)
+          seconds.append(time.perf_counter() - start)
+      run[1] = state
+      return seconds
+
+    for run in runs:
+      steps(run, 2)  # compiles
+    for _ in range(_ROUNDS.value):
+      for i, run in enumerate(runs):
+        best[i] = min(best[i], *steps(run, _STEPS.value))
+    print(f'machine: {measure.machine()}')
+    print(f'{tokens} positions a step; the fastest of {_ROUNDS.value} x {_STEPS.value} steps')
+    print(f"{'ms/step':>8} {'tokens/s':>9} {'temp MiB':>8}  variant")
+    for text, (session, _, batch), seconds in zip(texts, runs, best):
+      with sharding.active(session.mesh):
+        memory = session.lower_train_step(batch, session.draft_ids).compile().memory_analysis()
+      temp = memory.temp_size_in_bytes / 2**20 if memory else float('nan')
+      print(f'{seconds * 1e3:>8.1f} {tokens / seconds:>9.0f} {temp:>8.0f}  {text or "(config)"}')
+    if _TRACE.value:
+      jax.profiler.start_trace(_TRACE.value, create_perfetto_trace=True)
+      steps(runs[0], 2)
+      jax.profiler.stop_trace()
+      kinds = op_kinds(_TRACE.value, 2)
+      total = sum(ms for _, ms in kinds)
+      print(f'\n{texts[0] or "(config)"}: operations by kind, ms per step (of {total:.0f} summed '
+            f'over threads)')
+      for name, ms in kinds[:12]:
+        print(f'{ms:>8.1f} {100 * ms / total:>5.1f}%  {name}')
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
