@@ -9,8 +9,9 @@ Each --variant is a comma-separated list of FIELD=VALUE overrides of the config 
 as it is). Prints per variant: the fastest step in ms, tokens/s, and XLA's temporary buffers for
 the step (MiB, its compiled memory analysis). With --trace DIR, also writes a jax.profiler trace
 of two steps of the first variant there and prints its operations' time by kind (summed over
-threads, so the total exceeds the step). The data is the config's: a missing feature cache is
-built first, as training would. Nothing is written outside a temporary run directory and DIR.
+threads, so the total exceeds the step). The data is the config's: a missing feature cache (or
+token dataset) is built in data.cache_dir first, as training would; the runs themselves live in a
+temporary directory, removed at the end.
 """
 
 import ast
@@ -55,7 +56,8 @@ def parse_variant(text: str) -> dict:
 def op_kinds(trace_dir: str, steps: int) -> list[tuple[str, float]]:
   """(operation kind, ms per step) from a jax.profiler trace, largest first: XLA's thunks by
   name without their numeric suffix."""
-  path = glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)[0]
+  path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+             key=os.path.getmtime)  # this run's, where DIR holds earlier traces too
   with gzip.open(path) as f:
     events = json.load(f)
   events = events['traceEvents'] if isinstance(events, dict) else events
@@ -88,7 +90,7 @@ def main(argv):
     for session in sessions:
       _, state = session.restore_or_init()
       runs.append([session, state, session.device_batch(session.batch(0))])
-    tokens = configs[0].train.batch_size * configs[0].train.seq_len
+    tokens = [c.train.batch_size * c.train.seq_len for c in configs]
     best = [float('inf')] * len(runs)
 
     def steps(run, n):
@@ -109,13 +111,14 @@ def main(argv):
       for i, run in enumerate(runs):
         best[i] = min(best[i], *steps(run, _STEPS.value))
     print(f'machine: {measure.machine()}')
-    print(f'{tokens} positions a step; the fastest of {_ROUNDS.value} x {_STEPS.value} steps')
+    print(f"{' / '.join(map(str, tokens))} positions a step; the fastest of {_ROUNDS.value} x "
+          f'{_STEPS.value} steps')
     print(f"{'ms/step':>8} {'tokens/s':>9} {'temp MiB':>8}  variant")
-    for text, (session, _, batch), seconds in zip(texts, runs, best):
+    for text, (session, _, batch), seconds, n in zip(texts, runs, best, tokens):
       with sharding.active(session.mesh):
         memory = session.lower_train_step(batch, session.draft_ids).compile().memory_analysis()
       temp = memory.temp_size_in_bytes / 2**20 if memory else float('nan')
-      print(f'{seconds * 1e3:>8.1f} {tokens / seconds:>9.0f} {temp:>8.0f}  {text or "(config)"}')
+      print(f'{seconds * 1e3:>8.1f} {n / seconds:>9.0f} {temp:>8.0f}  {text or "(config)"}')
     if _TRACE.value:
       jax.profiler.start_trace(_TRACE.value, create_perfetto_trace=True)
       steps(runs[0], 2)

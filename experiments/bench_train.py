@@ -105,7 +105,7 @@ class Step:
   def flops(self) -> dict:
     t = self.config.train
     return costs.train_flops(self.program.cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
-                             draft_vocab=t.draft_vocab)
+                             draft_vocab=t.draft_vocab, remat_logits=t.remat_logits)
 
 
 def build_step(config, mesh, overrides: dict) -> Step:
@@ -209,7 +209,8 @@ def print_flops(config, depths, kinds):
   for label, overrides in plan_of(depths, kinds):
     c = apply_overrides(config, overrides)
     counts = costs.train_flops(ModelConfig.from_config(c), c.train.batch_size, c.train.seq_len,
-                               frozen=c.train.freeze_trunk, draft_vocab=c.train.draft_vocab)
+                               frozen=c.train.freeze_trunk, draft_vocab=c.train.draft_vocab,
+                               remat_logits=c.train.remat_logits)
     base = base or (counts['model'] if label['depth'] == 0 else None)
     ratio = f", F(D)/F(0) {counts['model'] / base:.3f}" if base else ''
     print(f"  {label['kind']:>10} D={label['depth']}: {counts['model'] / 1e12:.4g} model TFLOP, "
@@ -398,7 +399,7 @@ def _report_throughput(result, markdown: bool):
   show(f"2. training throughput (median of {result['steps']} steps after {WARMUP_STEPS} "
        f'warmup, {order}; /dev: per device)', headers, body, markdown)
   print('model FLOPs: 3 x analytic forward, causal attention counted at T/2. hw: adds the dense '
-        "T x T attention, the loss's recomputed logits and model.remat. XLA: cost_analysis() of "
+        "T x T attention, the loss's recomputed logits (train.remat_logits) and model.remat. XLA: cost_analysis() of "
         'the lowered step (HLO before optimization; also counts elementwise and optimizer '
         'ops); compiled: of the compiled executable. TFLOP/s, % matmul and MFU use model FLOPs.')
   far = lambda x: x is not None and abs(x - 1) > 0.2

@@ -21,12 +21,12 @@
 # Each stage writes its full output to OUT_DIR/stageN.log (stage 1f: stage1_fused.log; stage 4's
 # demo: stage4_demo.log) and its numbers to JSON files there
 # (bench_train.json, bench_train_fused.json, quickstart_bench.json, gpu_125m_bench.json,
-# smollm2_bench.json, smollm2_trees.json, smollm2_trees_t1.json; the decoding profiles as quickstart_profile.log,
-# gpu_125m_profile.log, smollm2_profile.log and smollm2_profile.json). PEAK_TFLOPS (default
-# 989, the dense bf16 peak of an H100 SXM and an H200) sets the MFU denominator. Python
-# packages the machine lacks can be carried as wheels in .whl/ (pure-Python ml-collections and
-# tensorboardX are the usual ones); they are installed to a temporary directory, never from the
-# network.
+# smollm2_bench.json, smollm2_trees.json, smollm2_trees_t1.json; the decoding profiles as
+# quickstart_profile.log, gpu_125m_profile.log, smollm2_profile.log and smollm2_profile.json).
+# PEAK_TFLOPS (default 989, the dense bf16 peak of an H100 SXM and an H200) sets the MFU
+# denominator. Python packages the machine lacks can be carried as wheels in .whl/
+# (pure-Python ml-collections and tensorboardX are the usual ones); they are installed to a
+# temporary directory, never from the network.
 # SMOKE=1 shrinks every model so the whole script runs on a CPU in a few minutes, to check it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

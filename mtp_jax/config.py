@@ -206,6 +206,8 @@ def validate(config) -> None:
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1 and train.b2 must be in [0, 1)')
   _check(t.grad_clip > 0, f'train.grad_clip must be > 0, got {t.grad_clip}')
   _check(t.nonfinite in ('stop', 'skip'), f"train.nonfinite must be stop or skip, got '{t.nonfinite}'")
+  _check(isinstance(t.remat_logits, bool),
+         f'train.remat_logits must be True or False, got {t.remat_logits!r}')
   _check(t.dtype in ('', 'auto', *DTYPES),
          f"train.dtype must be '' (model.dtype), 'auto' or one of {sorted(DTYPES)}, "
          f"got '{t.dtype}'")
@@ -225,8 +227,6 @@ def validate_pretrained(config) -> None:
          f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
   _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,
          f'train.distill_topk must be in 1..data.vocab_size, got {t.distill_topk!r}')
-  _check(isinstance(t.remat_logits, bool),
-         f'train.remat_logits must be True or False, got {t.remat_logits!r}')
   _check(isinstance(t.feature_weight, (int, float)) and 0 <= t.feature_weight < math.inf,
          f'train.feature_weight must be a number >= 0, got {t.feature_weight!r}')
   _check(not t.feature_weight or config.mtp.depth >= 1,

@@ -82,7 +82,7 @@ def param_counts(cfg: ModelConfig) -> dict:
 
 
 def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = False,
-                draft_vocab: int = 0) -> dict:
+                draft_vocab: int = 0, remat_logits: bool = True) -> dict:
   """FLOPs of one train step on batch x seq_len tokens. Model FLOPs: the forward pass plus a
   backward pass that costs twice the forward of what it differentiates (the input and the
   weight gradients); every depth projects to the vocabulary, the heads to `draft_vocab` tokens
@@ -92,7 +92,7 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
   gradient.
 
   Hardware FLOPs are what the compiled step does: the masked attention is dense (T x T), the loss
-  recomputes the differentiated projections in the backward pass (jax.checkpoint), and
+  recomputes the differentiated projections in the backward pass (with `remat_logits`), and
   model.remat recomputes the forward of every differentiated block and head, but its `last`
   matrix. Neither counts elementwise work (norms, softmaxes, the optimizer's ~20 FLOPs per trained
   parameter), which XLA's count includes."""
@@ -123,7 +123,7 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
     remat = D * (forward(mtp_head, hardware) - 2 * mtp_head.last) + forward(extra, hardware)
     if not frozen:
       remat += L * (forward(trunk_block, hardware) - 2 * trunk_block.last)
-    return total + recomputed + (remat if cfg.remat else 0)
+    return total + (recomputed if remat_logits else 0) + (remat if cfg.remat else 0)
 
   tokens = batch * seq_len
   parts = {'trunk_linear': L * 2 * trunk_block.matrices,

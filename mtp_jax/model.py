@@ -63,7 +63,7 @@ class MTPLanguageModel(nn.Module):
 
   def head_weights(self, k: int):
     """(norm scale, output matrix) of depth k, as arrays, so the loss can project to the
-    vocabulary one depth at a time under its own rematerialization. The matrix is returned as
+    vocabulary one depth at a time (rematerialized with train.remat_logits). The matrix is returned as
     stored (V x D embedding when tied, D x V otherwise) and `project` contracts it in place in
     float32 and in decoding, never through a transposed copy (which XLA's CPU backend would
     rebuild at every decoding step); only a bfloat16 training step on CPU copies it transposed,

@@ -19,7 +19,7 @@ def test_bench_head_step_times_each_variant_and_summarises_a_trace(tmp_path):
                     f'--trace={trace}', *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  assert '32 positions a step' in out
+  assert '32 / 32 positions a step' in out
   rows = re.findall(r'^\s*([\d.]+)\s+(\d+)\s+(\d+)\s+(\S.*)$', out, re.M)
   assert [r[3] for r in rows] == VARIANTS, out
   assert all(float(ms) > 0 and int(rate) > 0 and int(temp) > 0 for ms, rate, temp, _ in rows)

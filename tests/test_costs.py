@@ -23,14 +23,16 @@ CASES = [{'mtp.depth': 0}, {'mtp.depth': 1, 'model.tie_embeddings': False}] + [
     for kind in ('sequential', 'parallel', 'medusa') for width in (0, 4096) for depth in (1, 2)] + [
     {'mtp.kind': kind, 'mtp.head_blocks': 2, 'mtp.depth': 2} for kind in ('sequential', 'parallel')]
 # The step's other shapes: a frozen trunk (heads differentiated alone), model.remat, a draft
-# vocabulary for the heads' softmax.
+# vocabulary for the heads' softmax, logits kept rather than recomputed.
 VARIANTS = [{'mtp.kind': kind, 'mtp.head_mlp_dim': 4096, **extra}
             for kind in ('sequential', 'parallel', 'medusa')
             for extra in ({'train.freeze_trunk': True}, {'model.remat': True},
                           {'train.freeze_trunk': True, 'model.remat': True,
                            'train.draft_vocab': 1000})] + [
     {'mtp.kind': 'sequential', 'mtp.head_blocks': 2, 'model.remat': True,
-     'train.freeze_trunk': True}]
+     'train.freeze_trunk': True}] + [
+    {'mtp.kind': 'sequential', 'mtp.head_mlp_dim': 4096, 'train.remat_logits': False, **extra}
+    for extra in ({}, {'train.freeze_trunk': True, 'train.draft_vocab': 1000})]
 
 
 def _name(overrides):
@@ -54,7 +56,7 @@ def test_hardware_flops_match_xla(overrides):
   with sharding.active(mesh):
     lowered = program.lower_train_step(batch, draft_ids)
   flops = costs.train_flops(program.cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
-                            draft_vocab=t.draft_vocab)
+                            draft_vocab=t.draft_vocab, remat_logits=t.remat_logits)
   ratio = costs.xla_cost(lowered)['flops'] / flops['hardware']
   assert 1 <= ratio < 1 + TOLERANCE, ratio
 

@@ -2,6 +2,7 @@
 stub model, the sampling distribution, and EOS / length handling."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -245,13 +246,14 @@ def sample_rows(stub, s: dec.Settings, rows: int):
     (0, 'full', 1, 1), (3, 'full', 1, 1), (0, 'reduced', 1, 1), (0, 'full', 3, 2),
     (3, 'full', 2, 1), (0, 'reduced', 3, 2)])
 def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub, candidates, depth):
-  """The joint law of the first three generated tokens equals the trunk's own, within a
-  chi-square bound that an acceptance rule ignoring q (or skipping the residual) fails; also
-  with heads that draft over part of the vocabulary, and with first-draft alternatives and their
-  branches verified beside the chain (a branch's later tokens drawn greedily instead fail it),
-  which then accept more first drafts than the chain alone."""
+  """The joint law of the first generated tokens equals the trunk's own, within a chi-square
+  bound that an acceptance rule ignoring q (or skipping the residual) fails; also with heads
+  that draft over part of the vocabulary, and with first-draft alternatives and their branches
+  verified beside the chain (a branch's later tokens drawn greedily instead fail it), which then
+  accept more first drafts than the chain alone. Three tokens, four with branches of 2 drafts,
+  so that the draw after a branch's second token is among them."""
   stub = TableStub() if stub == 'full' else ReducedTableStub()
-  rows, new = 12000, 3
+  rows, new = 12000, 3 + (depth > 1)
   s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k,
                    candidates=candidates, candidate_depth=depth)
   state = sample_rows(stub, s, rows)
@@ -263,11 +265,8 @@ def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub, candida
   assert out.shape == (rows, new)
   P = np.exp(stub.P)
   expected = np.zeros((4,) * new)
-  for a in range(4):
-    for b in range(4):
-      for c in range(4):
-        expected[a, b, c] = (filtered(P[0], top_k)[a] * filtered(P[a], top_k)[b] *
-                             filtered(P[b], top_k)[c])
+  for seq in itertools.product(range(4), repeat=new):
+    expected[seq] = np.prod([filtered(P[t], top_k)[u] for t, u in zip((0,) + seq, seq)])
   counts = np.zeros((4,) * new)
   np.add.at(counts, tuple(out.T), 1)
   assert counts[expected == 0].sum() == 0

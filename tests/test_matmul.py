@@ -149,3 +149,10 @@ def test_bench_matmul_times_each_way_and_refuses_a_bad_shape():
   assert float(rows[1][4]) == 1.0  # float32 over itself
   assert_user_error(run_script('experiments/bench_matmul.py', '--shapes', '64x32'), '--shapes',
                     '64x32')
+
+
+def test_bfloat16_products_are_fast_on_cpus_with_bfloat16_instructions(monkeypatch):
+  for cpu, fast in [('fpu avx512f avx512_vnni', False), ('fpu avx512f avx512_bf16', True),
+                    ('fpu amx_bf16 amx_tile', True)]:
+    monkeypatch.setattr(measure, 'cpu_flags', lambda cpu=cpu: f'flags\t\t: {cpu}\n')
+    assert measure.bfloat16_products_fast() == (jax.default_backend() != 'cpu' or fast), cpu

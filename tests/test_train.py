@@ -271,3 +271,9 @@ def test_evaluate_reports_the_latest_checkpoint(straight_run, tmp_path):
 def test_evaluate_without_a_checkpoint_says_so(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint.*train first'):
     train.evaluate(text_config(), str(tmp_path / 'empty'))
+
+
+def test_the_loss_recomputes_logits_as_train_remat_logits_says():
+  for value in (True, False):
+    config = tiny_config(**{'train.remat_logits': value})
+    assert train.loss_spec(config, ModelConfig.from_config(config)).remat is value
