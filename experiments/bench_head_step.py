@@ -24,7 +24,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,7 +77,6 @@ def main(argv):
   texts = _VARIANTS.value or ['']
   root = tempfile.mkdtemp(prefix='bench_head_step_')
   try:
-    runs = []
     try:
       if _STEPS.value < 1 or _ROUNDS.value < 1:
         raise ConfigError('--steps and --rounds must be >= 1')
@@ -87,41 +85,34 @@ def main(argv):
     except (ConfigError, ValueError, TypeError) as e:  # TypeError: a value of the wrong type
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
+    tokens = [c.train.batch_size * c.train.seq_len for c in configs]
+    calls, memory = [], []
     for session in sessions:
       _, state = session.restore_or_init()
-      runs.append([session, state, session.device_batch(session.batch(0))])
-    tokens = [c.train.batch_size * c.train.seq_len for c in configs]
-    best = [float('inf')] * len(runs)
+      batch = session.device_batch(session.batch(0))
+      with sharding.active(session.mesh):  # compiled once, for the timings and the memory
+        step = session.lower_train_step(batch, session.draft_ids).compile()
+      analysis = step.memory_analysis()
+      memory.append(analysis.temp_size_in_bytes / 2**20 if analysis else float('nan'))
+      held = {'state': state}  # the step donates its state: each call runs on the last one's
 
-    def steps(run, n):
-      session, state, batch = run
-      seconds = []
-      with sharding.active(session.mesh):
-        for _ in range(n):
-          start = time.perf_counter()
-          state, metrics = session.train_step(state, batch)
-          jax.block_until_ready(metrics)
-          seconds.append(time.perf_counter() - start)
-      run[1] = state
-      return seconds
-
-    for run in runs:
-      steps(run, 2)  # compiles
-    for _ in range(_ROUNDS.value):
-      for i, run in enumerate(runs):
-        best[i] = min(best[i], *steps(run, _STEPS.value))
+      def call(session=session, step=step, batch=batch, held=held):
+        with sharding.active(session.mesh):
+          held['state'], metrics = step(held['state'], batch, session.draft_ids)
+        return metrics
+      calls.append(call)
+    # Every variant one step in turn, so a slow spell of the machine slows them alike.
+    best, _ = measure.fastest(calls, _ROUNDS.value * _STEPS.value, warmup=True,
+                              desc='bench_head_step: steps')
     print(f'machine: {measure.machine()}')
     print(f"{' / '.join(map(str, tokens))} positions a step; the fastest of {_ROUNDS.value} x "
           f'{_STEPS.value} steps')
     print(f"{'ms/step':>8} {'tokens/s':>9} {'temp MiB':>8}  variant")
-    for text, (session, _, batch), seconds, n in zip(texts, runs, best, tokens):
-      with sharding.active(session.mesh):
-        memory = session.lower_train_step(batch, session.draft_ids).compile().memory_analysis()
-      temp = memory.temp_size_in_bytes / 2**20 if memory else float('nan')
+    for text, seconds, n, temp in zip(texts, best, tokens, memory):
       print(f'{seconds * 1e3:>8.1f} {n / seconds:>9.0f} {temp:>8.0f}  {text or "(config)"}')
     if _TRACE.value:
       jax.profiler.start_trace(_TRACE.value, create_perfetto_trace=True)
-      steps(runs[0], 2)
+      measure.timings(calls[:1], 2)
       jax.profiler.stop_trace()
       kinds = op_kinds(_TRACE.value, 2)
       total = sum(ms for _, ms in kinds)

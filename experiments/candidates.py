@@ -41,6 +41,7 @@ def main(argv):
   from mtp_jax import run
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import dataclasses
+  from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
   from mtp_jax import train
@@ -75,7 +76,7 @@ def main(argv):
   for row, s in zip(rows, settings):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
-               positions=1 + s.draft_len + (s.candidates - 1) * s.candidate_depth)
+               positions=dec.verify_width(s))
   print(f'machine: {measure.machine()}')
   how = 'greedy' if T == 0 else f'temperature {T}, top_k {s_ar.top_k}, top_p {s_ar.top_p}'
   print(f'{len(prompts)} held-out prompts, batch 1, {how}, up to {s_ar.max_new_tokens} new '

@@ -243,11 +243,8 @@ def main(argv):
     print(f'error: --temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}',
           file=sys.stderr)
     sys.exit(2)
-  try:
-    more = [int(T) for T in _POSITIONS.value]
-  except ValueError:
-    more = [0]
-  if not all(T >= 1 for T in more):
+  more = [int(T) for T in _POSITIONS.value if T.isdigit()]
+  if len(more) < len(_POSITIONS.value) or not all(T >= 1 for T in more):
     print(f'error: --positions must be numbers of positions >= 1, got '
           f'{",".join(_POSITIONS.value)}', file=sys.stderr)
     sys.exit(2)

@@ -584,10 +584,9 @@ def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_
 
   The trunk's token is its argmax at temperature 0, else a draw from `probabilities` (`key`).
   Sampling keeps the trunk's law because a branch's drafts are fixed tokens (SpecInfer's naive
-  sampling): after the chain's first draft is rejected, the bonus is drawn from
-  the residual distribution, and each token after it from the trunk's distribution there,
-  whether or not it matches a draft; a match only lets the loop go on from the forward it
-  already ran."""
+  sampling): after the chain's first draft is rejected, the bonus is drawn from the residual
+  distribution, and each token after it from the trunk's distribution there, whether or not it
+  matches a draft; a match only lets the loop go on from the forward it already ran."""
   B, S = drafts_BxS.shape
   C = branches_BxOxC.shape[2]
   rows_Bx1, d_C = jnp.arange(B)[:, None], jnp.arange(C)
@@ -708,10 +707,15 @@ def compiled_decoder(model, s: Settings, cache_len: int, batch: int | None = Non
   return Decoder(model, s, cache_len, batch)
 
 
+def verify_width(s: Settings) -> int:
+  """Positions one verify forward takes: the pending token, the S chain drafts and the
+  branches."""
+  return 1 + s.draft_len + (s.candidates - 1) * s.candidate_depth
+
+
 def cache_length(prompt_len: int, s: Settings) -> int:
-  """Room for the prompt, the new tokens and one verify block (the chain's drafts and the
-  branches) past the end."""
-  return prompt_len + s.max_new_tokens + s.draft_len + (s.candidates - 1) * s.candidate_depth + 1
+  """Room for the prompt, the new tokens and one verify block past the end."""
+  return prompt_len + s.max_new_tokens + verify_width(s)
 
 
 def pad_prompts(prompts: list[list[int]], width: int = 0):

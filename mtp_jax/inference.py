@@ -48,7 +48,7 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
   if need > max_len:
     raise ConfigError(
         f'prompt of {longest} tokens + decode.max_new_tokens={s.max_new_tokens} + '
-        f'{need - longest - s.max_new_tokens} draft slots needs a cache of {need}, more than '
+        f'{dec.verify_width(s)} draft slots needs a cache of {need}, more than '
         f'model.max_seq_len={max_len}')
 
 
