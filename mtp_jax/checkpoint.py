@@ -37,13 +37,15 @@ def _reason(error: BaseException) -> str:
 
 class Checkpointer:
   """Numbered checkpoints under WORKDIR/checkpoints, each holding the train state ('state')
-  and a small JSON dict ('meta'); only the newest `keep` remain."""
+  and a small JSON dict ('meta'); only the newest `keep` remain. The directory is made by the
+  first save, so a run that only reads (a decoding mode, or one stopped by bad input) writes
+  nothing."""
 
   def __init__(self, workdir: str, *, keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False),
         item_handlers={
             'state': ocp.StandardCheckpointHandler(),
             'meta': ocp.JsonCheckpointHandler(),
@@ -116,7 +118,8 @@ class Checkpointer:
     """Returns (step, state, meta) of the newest checkpoint that restores, or (None, None, {})
     when there is none. Damaged newer steps are reported and renamed to STEP.damaged, so that
     the resumed run can save those step numbers again."""
-    for name in sorted(os.listdir(self.directory)):
+    names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
+    for name in sorted(names):
       if ocp.utils.TMP_DIR_SUFFIX in name:
         # Orbax writes a step under this name and renames it when complete; Orbax ignores
         # it, and a new save of the same step replaces it.

@@ -162,6 +162,9 @@ PRETRAINED_CASES = {
     'truncated file': ('cut', [], ['cut.gguf']),
     'heads without a trunk': (None, ['--config.mtp.init_from=last_block'],
                               ['mtp.init_from=last_block needs a pretrained trunk']),
+    # found only once the model's tokenizer is open, after the run's checkpoints are looked up
+    'missing prompt file': ('good', ['--prompt_file=/nonexistent/prompts.txt'],
+                            ["--prompt_file: no file '/nonexistent/prompts.txt'"]),
 }
 
 
