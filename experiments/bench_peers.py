@@ -54,7 +54,7 @@ from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
 from mtp_jax.pretrained import fetch  # noqa: E402
-from mtp_jax.pretrained.tokenizer import render_chat  # noqa: E402
+from mtp_jax.pretrained.tokenizer import chat_turn  # noqa: E402
 
 _PROMPTS = flags.DEFINE_string('prompts', 'configs/prompts/instruct_heldout.txt',
                                'Held-out prompts, one user turn a line.')
@@ -319,7 +319,7 @@ def benchmark(workdir: str) -> dict:
   if not {'llama_f32', 'llama_q4_1', 'llama_lookup'} <= skip:
     q4_path = fetch.fetch('smollm2')
     systems += llama_systems(q4_path, prompts, max_new, eos, threads, skip)
-    rendered = [render_chat(session.chat_template, t) for t in texts]
+    rendered = [chat_turn(session, t) for t in texts]
     checks['llama_cpp_tokenizer_mismatches'] = llama_tokenizer_mismatches(q4_path, rendered,
                                                                           prompts)
   calls = [system.calls[i] for i in range(len(prompts)) for system in systems]

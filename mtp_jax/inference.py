@@ -17,7 +17,7 @@ from mtp_jax import data as data_lib
 from mtp_jax import decode as dec
 from mtp_jax import measure
 from mtp_jax.config import ConfigError, draft_len
-from mtp_jax.pretrained.tokenizer import render_chat
+from mtp_jax.pretrained.tokenizer import chat_turn
 
 
 def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
@@ -82,7 +82,7 @@ def encode_prompt(session, text: str, chat: bool) -> list[int]:
   """A text prompt's ids: as a user turn of the model's chat template when `chat` and the model
   has one (its special tokens each one id), else the text as it is."""
   if chat and session.chat_template:
-    text = render_chat(session.chat_template, text)
+    text = chat_turn(session, text)
     return session.tokenizer.encode(text, add_special_tokens=False).ids
   return data_lib.encode(session.tokenizer, text)
 

@@ -82,11 +82,14 @@ def export(config, workdir: str, dtype: str) -> dict:
   step, params = inference.load_params(session)
   directory = os.path.join(workdir, 'export')
   m = session.model_file
+  # The trunk is still the file's when no checkpoint was trained, or training froze it.
+  unchanged = m is not None and (step == 0 or config.train.freeze_trunk)
   files = export_lib.export(
       directory, jax.device_get(params)['params'], session.config, session.cfg,
-      tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=m.bos_id if m else None,
+      tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=session.bos_id,
       chat_template=session.chat_template, dtype=dtype, token_rank=session.token_rank(),
-      trunk_identity=m.identity if m else '')
+      same_trunk_as=m.identity if unchanged else '',
+      context_length=m.context_length if m else None)
   print(f'step {step} written to {directory}: {", ".join(files)}')
   return {'step': step, 'directory': directory, 'files': files}
 

@@ -16,7 +16,7 @@ import tqdm
 
 from mtp_jax import decode as dec
 from mtp_jax import features as feat_lib
-from mtp_jax.pretrained.tokenizer import render_chat
+from mtp_jax.pretrained.tokenizer import chat_turn
 
 ROWS_PER_SHARD = 16
 QUERY_LEN = 48  # longest invented user turn, in tokens
@@ -41,7 +41,7 @@ def chat_frame(trunk: Trunk) -> tuple[list[int], list[int]]:
   if not trunk.chat_template:
     start = trunk.bos_id if trunk.bos_id is not None else trunk.eos_id
     return [start], []
-  text = render_chat(trunk.chat_template, _MARK)
+  text = chat_turn(trunk, _MARK)
   before, after = text.split(_MARK)
   return _encode(trunk, before), _encode(trunk, after)
 

@@ -306,6 +306,10 @@ class Session(Program):
   def chat_template(self) -> str:
     return self.model_file.chat_template if self.model_file else ''
 
+  @property
+  def bos_id(self) -> int | None:
+    return self.model_file.bos_id if self.model_file else None
+
   # Data.
 
   def _prepare_data(self):

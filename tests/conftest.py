@@ -311,9 +311,10 @@ def to_gguf_layout(w, heads):
 
 
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
-               extra=None):
+               extra=None, floats=None, pre='default', chat=CHAT):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
-  when given. `drop`, `reshape` and `extra` make broken files for the error tests."""
+  when given. `drop`, `reshape`, `extra` (tensors) and `floats` (metadata keys) make broken files
+  for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template."""
   import gguf
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
@@ -333,13 +334,15 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_layer_norm_rms_eps(f['model.norm_eps'])
   tokens, merges = byte_tokens()
   w.add_tokenizer_model('gpt2')
-  w.add_tokenizer_pre('default')
+  w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
   w.add_token_merges(merges)
   w.add_token_types([3 if t.startswith('<|') else 1 for t in tokens])
   w.add_bos_token_id(tokens.index('<|im_start|>'))
   w.add_eos_token_id(tokens.index('<|im_end|>'))
-  w.add_chat_template(CHAT)
+  w.add_chat_template(chat)
+  for key, value in (floats or {}).items():
+    w.add_float32(key, value)
   for hf, t in tensors.items():
     if hf in drop:
       continue
@@ -367,9 +370,11 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   return str(path)
 
 
-def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCausalLM'):
+def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCausalLM',
+             transformers5=False, config_extra=None):
   """A Hugging Face directory: config.json, safetensors (sharded with an index when shards > 1),
-  tokenizer.json and tokenizer_config.json."""
+  tokenizer.json and tokenizer_config.json. `transformers5`: config.json as transformers 5 writes
+  it (the rotary base inside rope_parameters); `config_extra` is merged into config.json."""
   from safetensors.numpy import save_file
   from mtp_jax.pretrained import tokenizer as tok_lib
   f = {**LLAMA, **(fields or {})}
@@ -381,6 +386,9 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
             'rope_theta': f['model.rope_theta'], 'rms_norm_eps': f['model.norm_eps'],
             'tie_word_embeddings': f['model.tie_embeddings'], 'vocab_size': f['data.vocab_size'],
             'max_position_embeddings': 256, 'hidden_act': 'silu', 'eos_token_id': 263}
+  if transformers5:
+    config['rope_parameters'] = {'rope_theta': config.pop('rope_theta'), 'rope_type': 'default'}
+  config.update(config_extra or {})
   with open(os.path.join(directory, 'config.json'), 'w') as out:
     json.dump(config, out)
   names = sorted(tensors)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import assert_user_error, launch_summary, run_script, shrunk, snapshot
+from conftest import (assert_user_error, launch_summary, pretrained_config, run_script, shrunk,
+                      snapshot)
 from mtp_jax.config import as_flags
+from mtp_jax.pretrained.base import PretrainedError
 
 QUICKSTART = 'configs/quickstart.py'
 EMPTY = object()  # stands for a directory holding one empty .txt file
@@ -185,7 +187,9 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   writes an HF directory that imports back to the same logits, and a heads file."""
   files, configs = tiny_llama
   workdir = tmp_path / 'run'
-  common = ['--workdir', str(workdir), '--config.mtp.init_from=last_block']
+  # a shorter window than the file's 256 positions, which the exported config still gives
+  common = ['--workdir', str(workdir), '--config.mtp.init_from=last_block',
+            '--config.model.max_seq_len=128', '--config.train.seq_len=64']
   result = run_script('launch.py', '--config', configs['q4'], *common, '--mode', 'generate,export',
                       '--prompt', 'the tin', '--config.decode.method=ar')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -200,3 +204,13 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   assert back.fields == original.fields and back.eos_id == original.eos_id
   for name in ('model.layers.1.self_attn.q_proj.weight', 'model.embed_tokens.weight'):
     np.testing.assert_array_equal(back.get(name), original.get(name))
+  assert json.load(open(export / 'config.json'))['max_position_embeddings'] == 256
+  # No training changed the trunk, so the heads load beside the exported trunk and the original.
+  from mtp_jax.pretrained import resolve as pretrained_lib
+  for trunk in (str(export), files['q4']):
+    config = pretrained_config(trunk, **{'mtp.init_from': str(export / 'mtp_heads.safetensors')})
+    pretrained_lib.check_heads_init(pretrained_lib.resolve_config(config))
+  with pytest.raises(PretrainedError, match='heads trained on another trunk'):
+    config = pretrained_config(files['good'],
+                               **{'mtp.init_from': str(export / 'mtp_heads.safetensors')})
+    pretrained_lib.check_heads_init(pretrained_lib.resolve_config(config))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
+from conftest import (CHAT, LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
                       random_llama, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
@@ -47,11 +47,20 @@ def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
                              rtol=1e-4)
 
 
-@pytest.mark.parametrize('shards', [1, 3])
-def test_safetensors_import_matches_numpy_forward(tmp_path, shards):
+@pytest.mark.parametrize('shards,transformers5', [(1, False), (3, False), (1, True)])
+def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5):
   fields = {'model.tie_embeddings': False}
+  extra, files = {}, {}
+  if transformers5:
+    # Where transformers 5 keeps the rotary base (a base other than the 10000 a reader falls back
+    # to), a head_dim of null, and the rotary buffers transformers before 4.31 saved.
+    fields['model.rope_theta'] = 500000.0
+    extra = {'head_dim': None}
+    files = {f'model.layers.{i}.self_attn.rotary_emb.inv_freq': np.ones(4, np.float32)
+             for i in range(LLAMA['model.num_layers'])}
   tensors = random_llama(fields, seed=1)
-  directory = write_hf(tmp_path / 'hf', tensors, fields, shards=shards)
+  directory = write_hf(tmp_path / 'hf', {**tensors, **files}, fields, shards=shards,
+                       transformers5=transformers5, config_extra=extra)
   np.testing.assert_allclose(our_logits(directory), numpy_llama_logits(tensors, TOKENS, fields),
                              atol=1e-4, rtol=1e-4)
 
@@ -85,6 +94,10 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
     (dict(reshape={'model.layers.0.self_attn.v_proj.weight': (32, 16)}),
      "tensor 'blk.0.attn_v.weight' of tiny.gguf has shape (32, 16), expected (16, 32)"),
     (dict(extra={'blk.0.attn_q.bias': np.zeros(32, np.float32)}), "tensor 'blk.0.attn_q.bias'"),
+    # llama.cpp scales the rotary frequencies by a factor given without a type, or by the key
+    # older files use
+    (dict(floats={'llama.rope.scaling.factor': 4.0}), 'uses RoPE scaling (linear, factor 4.0)'),
+    (dict(floats={'llama.rope.scale_linear': 2.0}), 'uses RoPE scaling (linear, factor 2.0)'),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
@@ -123,6 +136,41 @@ def test_hf_directory_errors(tmp_path):
     f.write(data[:-100])
   with pytest.raises(PretrainedError, match='model.safetensors is not a readable'):
     pretrained.open_model(directory)
+  # Scaled rotary embeddings are refused, in transformers 4's and 5's forms.
+  scaled = {'rope_scaling': {'type': 'linear', 'factor': 2.0}}
+  with pytest.raises(PretrainedError, match="sets rope_scaling of type 'linear'"):
+    pretrained.open_model(write_hf(tmp_path / 'd', tensors, config_extra=scaled))
+  scaled = {'rope_parameters': {'rope_theta': 5e5, 'rope_type': 'llama3', 'factor': 8.0}}
+  with pytest.raises(PretrainedError, match="sets rope_parameters of type 'llama3'"):
+    pretrained.open_model(write_hf(tmp_path / 'e', tensors, config_extra=scaled))
+  directory = write_hf(tmp_path / 'f', tensors, shards=2)
+  with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
+    f.write('{"metadata": {}}')
+  with pytest.raises(PretrainedError, match='index.json has no weight_map'):
+    pretrained.open_model(directory)
+  directory = write_hf(tmp_path / 'g', tensors)
+  with open(os.path.join(directory, 'tokenizer.json'), 'r+') as f:
+    f.truncate(100)
+  with pytest.raises(PretrainedError, match='g/tokenizer.json cannot be read'):
+    pretrained.open_model(directory)
+
+
+def test_llama3_tokenizer_takes_whole_pieces_and_starts_with_bos(tmp_path):
+  """llama.cpp's defaults for the 'llama-bpe' pre-tokenizer: a piece that is a vocabulary entry
+  is one token even where the merges do not reach it, and a BOS starts the text unless the file
+  says otherwise."""
+  from tokenizers import pre_tokenizers
+  from mtp_jax.pretrained import tokenizer as tok_lib
+  tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ['ab', 'abc']
+  make = lambda pre: tok_lib.from_gguf_metadata(
+      'test', tokens=tokens, merges=['a b'], token_types=[1] * len(tokens), model='gpt2',
+      pre=pre, add_bos=False, bos_id=None)
+  assert make('llama-bpe').encode('abc').ids == [tokens.index('abc')]
+  assert make('gpt2').encode('abc').ids == [tokens.index('ab'), tokens.index('c')]
+  for pre, first in (('llama-bpe', [262]), ('default', [])):
+    model = pretrained.open_model(write_gguf(tmp_path / f'{pre}.gguf', random_llama(), pre=pre))
+    ids = model.tokenizer.encode('hi').ids
+    assert ids[:len(first)] == first and 262 not in ids[len(first):]
 
 
 @pytest.mark.parametrize('blocks', [1, 2])
@@ -224,3 +272,12 @@ def test_chat_template_and_eos_in_generation(tmp_path):
   assert text == '<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n'
   assert inference.encode_prompt(session, 'hi', chat=False) == session.tokenizer.encode('hi').ids
   assert session.eos_id == 263
+  # A template that writes the model's own BOS and EOS (as Llama 3's writes bos_token) gets them.
+  chat = CHAT.replace('<|im_end|>', '{{ eos_token }}')
+  path = write_gguf(tmp_path / 'bos.gguf', random_llama(), chat='{{ bos_token }}' + chat)
+  session = train.Session(pretrained.resolve_config(pretrained_config(path)),
+                          str(tmp_path / 'run2'), data=False)
+  ids = inference.encode_prompt(session, 'hi', chat=True)
+  assert session.tokenizer.decode(ids, skip_special_tokens=False) == (
+      '<|im_start|><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n')
+  assert ids[:2] == [262, 262] and 263 in ids

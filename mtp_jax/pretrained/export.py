@@ -10,13 +10,15 @@ from safetensors.numpy import save_file
 
 from mtp_jax import atomic
 from mtp_jax.pretrained import heads_file, llama
+from mtp_jax.pretrained.base import sha256
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 HEADS = 'mtp_heads.safetensors'
 
 
-def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
-  """config.json of LlamaForCausalLM for a ModelConfig, with the heads described under 'mtp'."""
+def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None) -> dict:
+  """config.json of LlamaForCausalLM for a ModelConfig, with the heads described under 'mtp';
+  `context_length`: the positions the trunk was made for (default: model.max_seq_len)."""
   return {
       'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
       'hidden_size': cfg.d_model, 'intermediate_size': cfg.mlp_dim,
@@ -24,7 +26,8 @@ def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
       'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
       'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta, 'rope_scaling': None,
       'tie_word_embeddings': cfg.tie_embeddings, 'vocab_size': cfg.vocab_size,
-      'max_position_embeddings': cfg.max_seq_len, 'attention_bias': False, 'mlp_bias': False,
+      'max_position_embeddings': context_length or cfg.max_seq_len, 'attention_bias': False,
+      'mlp_bias': False,
       'bos_token_id': bos_id, 'eos_token_id': eos_id, 'torch_dtype': dtype,
       'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS,
               'feature_layers': list(cfg.feature_layers), 'head_blocks': cfg.head_blocks,
@@ -33,19 +36,21 @@ def hf_config(cfg, eos_id, bos_id, dtype: str) -> dict:
 
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,
            chat_template: str, dtype: str = 'float32', token_rank=None,
-           trunk_identity: str = '') -> list[str]:
+           same_trunk_as: str = '', context_length: int | None = None) -> list[str]:
   """Writes the model (`params` is params['params'], `config` the run's config and `cfg` its
-  ModelConfig) to `directory`; returns the files written."""
+  ModelConfig) to `directory`; returns the files written. The heads file names the trunk written
+  beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
+  from when training left it unchanged: the heads load on either."""
   os.makedirs(directory, exist_ok=True)
   cast = DTYPES[dtype]
   fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings}
   trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
-  save_file(trunk, os.path.join(directory, 'model.safetensors.tmp'), metadata={'format': 'pt'})
-  os.replace(os.path.join(directory, 'model.safetensors.tmp'),
-             os.path.join(directory, 'model.safetensors'))
+  weights = os.path.join(directory, 'model.safetensors')
+  save_file(trunk, weights + '.tmp', metadata={'format': 'pt'})
+  os.replace(weights + '.tmp', weights)
   written = ['model.safetensors']
   atomic.write_json(os.path.join(directory, 'config.json'),
-                    hf_config(cfg, eos_id, bos_id, dtype), indent=2)
+                    hf_config(cfg, eos_id, bos_id, dtype, context_length), indent=2)
   atomic.write_json(os.path.join(directory, 'generation_config.json'),
                     {'bos_token_id': bos_id, 'eos_token_id': eos_id}, indent=2)
   written += ['config.json', 'generation_config.json']
@@ -55,11 +60,13 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     atomic.write_json(os.path.join(directory, 'tokenizer_config.json'),
                       {'tokenizer_class': 'PreTrainedTokenizerFast',
                        'chat_template': chat_template, 'eos_token': token(eos_id),
-                       'bos_token': token(bos_id), 'model_max_length': cfg.max_seq_len},
+                       'bos_token': token(bos_id),
+                       'model_max_length': context_length or cfg.max_seq_len},
                       indent=2)
     written += ['tokenizer.json', 'tokenizer_config.json']
   if cfg.mtp_depth:
-    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=trunk_identity,
+    trunks = [sha256([weights])] + ([same_trunk_as] if same_trunk_as else [])
+    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=','.join(trunks),
                     token_rank=token_rank, dtype=cast)
     written.append(HEADS)
   return written

@@ -102,10 +102,14 @@ def _open(path: str, name: str):
                          'attention.head_count') if _value(reader, 'llama.' + k) is None]
   if missing:
     raise PretrainedError(f'model.init_from: {name} has no llama.{missing[0]} in its metadata')
-  if _value(reader, 'llama.rope.scaling.type', 'none') not in ('none', ''):
-    raise PretrainedError(f'model.init_from: {name} uses RoPE scaling '
-                          f"({_value(reader, 'llama.rope.scaling.type')}), which is not "
-                          'supported')
+  # llama.cpp divides the rotary frequencies by rope.scaling.factor (older files:
+  # rope.scale_linear) whatever the type, 0 meaning 1; YaRN and the like change them further.
+  kind = _value(reader, 'llama.rope.scaling.type', '') or ''
+  factor = (_value(reader, 'llama.rope.scaling.factor')
+            or _value(reader, 'llama.rope.scale_linear') or 0.0)
+  if kind not in ('', 'none', 'linear') or float(factor) not in (0.0, 1.0):
+    raise PretrainedError(f'model.init_from: {name} uses RoPE scaling ({kind or "linear"}, '
+                          f'factor {float(factor) or "unset"}), which is not supported')
   return reader
 
 
@@ -152,12 +156,13 @@ def _tokenizer(reader, name: str, tokens):
   """The tokenizer the metadata describes, or None when the file has no vocabulary."""
   if not tokens:
     return None
+  pre = _value(reader, 'tokenizer.ggml.pre', 'default')
   return tok_lib.from_gguf_metadata(
       name, tokens=list(tokens), merges=list(_value(reader, 'tokenizer.ggml.merges', []) or []),
       token_types=list(_value(reader, 'tokenizer.ggml.token_type', []) or []),
-      model=_value(reader, 'tokenizer.ggml.model', ''),
-      pre=_value(reader, 'tokenizer.ggml.pre', 'default'),
-      add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', False)),
+      model=_value(reader, 'tokenizer.ggml.model', ''), pre=pre,
+      # llama.cpp's default where the file does not say: a BOS first for Llama 3's tokenizer
+      add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', pre == 'llama-bpe')),
       bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'))
 
 

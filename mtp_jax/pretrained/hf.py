@@ -26,13 +26,29 @@ def _json(path: str, name: str):
 def weight_files(directory: str) -> list[str]:
   index = os.path.join(directory, 'model.safetensors.index.json')
   if os.path.exists(index):
-    shards = sorted(set(_json(index, 'model.safetensors.index.json')['weight_map'].values()))
-    return [os.path.join(directory, s) for s in shards]
+    weight_map = _json(index, 'model.safetensors.index.json').get('weight_map')
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise PretrainedError(f'model.init_from: {directory}/model.safetensors.index.json has no '
+                            'weight_map')
+    return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
   single = os.path.join(directory, 'model.safetensors')
   if not os.path.exists(single):
     raise PretrainedError(f'model.init_from: {directory} has neither model.safetensors nor '
                           'model.safetensors.index.json')
   return [single]
+
+
+def rope_theta(c: dict, name: str) -> float:
+  """The rotary base of a config.json: top-level `rope_theta` with `rope_scaling` (transformers
+  4), or both inside `rope_parameters` (transformers 5). Only unscaled rotary embeddings are
+  supported; a scaling type is refused rather than ignored."""
+  params = c.get('rope_parameters') or {}
+  for key in ('rope_scaling', 'rope_parameters'):
+    kind = (c.get(key) or {}).get('rope_type', (c.get(key) or {}).get('type', 'default'))
+    if kind != 'default':
+      raise PretrainedError(f'model.init_from: {name} sets {key} of type {kind!r}; only unscaled '
+                            "rotary embeddings ('default') are supported")
+  return float(params.get('rope_theta', c.get('rope_theta', 10000.0)))
 
 
 def fields_from_config(c: dict, name: str) -> dict:
@@ -41,7 +57,7 @@ def fields_from_config(c: dict, name: str) -> dict:
     arch = arch or [c.get('model_type', '?')]
     raise PretrainedError(f'model.init_from: {name} is a {arch[0]}; only LlamaForCausalLM is '
                           'supported')
-  for key, ok in (('rope_scaling', None), ('attention_bias', False), ('mlp_bias', False)):
+  for key, ok in (('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, ok) not in (ok, None):
       raise PretrainedError(f'model.init_from: {name} sets {key}={c[key]!r}, which is not '
                             'supported')
@@ -49,14 +65,14 @@ def fields_from_config(c: dict, name: str) -> dict:
     raise PretrainedError(f"model.init_from: {name} sets hidden_act={c['hidden_act']!r}; only "
                           'silu is supported')
   d, heads = c['hidden_size'], c['num_attention_heads']
-  if c.get('head_dim', d // heads) != d // heads:
+  if c.get('head_dim') not in (None, d // heads):
     raise PretrainedError(f"model.init_from: {name} sets head_dim={c['head_dim']}, not "
                           f'hidden_size / num_attention_heads = {d // heads}')
   return {'model.d_model': d, 'model.num_layers': c['num_hidden_layers'],
           'model.num_heads': heads,
-          'model.num_kv_heads': c.get('num_key_value_heads', heads),
+          'model.num_kv_heads': c.get('num_key_value_heads') or heads,
           'model.mlp_dim': c['intermediate_size'],
-          'model.rope_theta': float(c.get('rope_theta', 10000.0)),
+          'model.rope_theta': rope_theta(c, name),
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
           'data.vocab_size': c['vocab_size']}
@@ -93,6 +109,8 @@ def read(directory: str) -> Pretrained:
                             f'safetensors file (truncated or damaged: {e})') from None
   if fields['model.tie_embeddings'] and 'lm_head.weight' in shapes:
     shapes.pop('lm_head.weight')  # some exports store the tied matrix twice
+  for key in [k for k in shapes if k.endswith('.self_attn.rotary_emb.inv_freq')]:
+    shapes.pop(key)  # a buffer older transformers saved; the angles come from rope_theta
   extra = sorted(set(shapes) - set(llama.trunk_shapes(fields)))
   if extra:
     raise PretrainedError(f"model.init_from: {name} has tensor '{extra[0]}', which is not part of "
@@ -106,7 +124,10 @@ def read(directory: str) -> Pretrained:
   tokenizer, chat_template, eos_id, bos_id = None, '', config.get('eos_token_id'), \
       config.get('bos_token_id')
   if os.path.exists(os.path.join(directory, 'tokenizer.json')):
-    tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+      raise PretrainedError(f'model.init_from: {name}/tokenizer.json cannot be read ({e})') from None
   tok_config_path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.exists(tok_config_path):
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')

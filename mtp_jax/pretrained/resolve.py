@@ -123,9 +123,9 @@ def check_heads_init(config) -> None:
                             f'is more blocks than the trunk has ({config.model.num_layers})')
     return
   trained_on = heads_file.check(source, config).get('trunk', '')
-  if trained_on and config.model.init_from:
+  if trained_on and config.model.init_from:  # the sha256 of each file holding their trunk
     trunk = open_model(config.model.init_from)
-    if trunk.identity != trained_on:
+    if trunk.identity not in trained_on.split(','):
       raise PretrainedError(f'mtp.init_from: {os.path.basename(source)} holds heads trained on '
                             f'another trunk (sha256 {trained_on[:12]}..., not '
                             f'{trunk.identity[:12]}... of {os.path.basename(trunk.path)})')

@@ -42,7 +42,10 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
                           'supported (default, gpt2, smollm, llama-bpe)')
   vocab = {t: i for i, t in enumerate(tokens)}
   pairs = [tuple(m.split(' ', 1)) for m in merges]
-  tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+  # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
+  # or not the merges reach it (llama.cpp does the same for this pre-tokenizer).
+  tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                                              ignore_merges=pre == 'llama-bpe'))
   tokenizer.pre_tokenizer = pre_tok
   tokenizer.decoder = decoders.ByteLevel()
   special = [tokens[i] for i, kind in enumerate(token_types) if kind in (CONTROL, USER_DEFINED)]
@@ -53,6 +56,15 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f'{bos} $A', pair=f'{bos} $A {bos} $B', special_tokens=[(bos, bos_id)])
   return tokenizer
+
+
+def chat_turn(model, prompt: str) -> str:
+  """`prompt` as a user turn of `model`'s chat template, followed by the assistant's header;
+  `model` has chat_template, tokenizer, bos_id and eos_id (a training Session, or the trunk that
+  writes data). The template's bos_token and eos_token are the model's own (Llama 3 starts its
+  template with bos_token)."""
+  text = lambda i: (model.tokenizer.id_to_token(int(i)) or '') if i is not None and i >= 0 else ''
+  return render_chat(model.chat_template, prompt, text(model.bos_id), text(model.eos_id))
 
 
 def render_chat(template: str, prompt: str, bos: str = '', eos: str = '') -> str:
