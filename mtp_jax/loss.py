@@ -160,16 +160,19 @@ def depth_sums(params, tokens_BxW, spec: LossSpec, draft_ids=None):
 def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
   """Per depth k = 1..D, the SUMS over one window of cached trunk features: batch holds
   'tokens' (B x W), 'h0' (B x T x D), the trunk's 'top_ids' and 'top_p' (B x (T + D) x K) and
-  'row_start' (B x W), which marks the first token of each row: a target reached across a row
-  boundary mixes two texts and is left out."""
+  'row_start' (B x W), which marks the first token of each row. Head k at position i reads
+  tokens i + 1..i + k and aims at token i + k + 1, or the trunk's distribution at i + k; it is
+  left out when any of those tokens starts a row: its inputs would mix two texts, or its target
+  lies past its row's end, where a row the trunk wrote has no distribution kept at its last
+  position."""
   cfg = spec.cfg
   tokens, h0 = batch['tokens'], batch['h0'].astype(cfg.compute_dtype)
   T = h0.shape[1]
   hidden, weights = MTPLanguageModel(cfg).apply(params, h0, tokens, method=_head_states)
-  crossed = jnp.zeros(h0.shape[:2], bool)
+  crossed = batch['row_start'][:, 1:1 + T]
   targets, data = [None], [None]
   for k in range(1, cfg.mtp_depth + 1):
-    crossed = crossed | batch['row_start'][:, k:k + T]
+    crossed = crossed | batch['row_start'][:, k + 1:k + 1 + T]
     data_k = tokens[:, k + 1:k + 1 + T]
     if spec.head_loss == 'distill':
       ids, p = batch['top_ids'][:, k:k + T], batch['top_p'][:, k:k + T].astype(jnp.float32)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import depth_logits, tiny_config, tiny_model
 from mtp_jax import layers
-from mtp_jax.loss import LossSpec, combined_loss, depth_sums, loss_weight
+from mtp_jax.loss import LossSpec, combined_loss, depth_sums, feature_sums, loss_weight
 from mtp_jax.config import KINDS, ConfigError, validate
 from mtp_jax.model import MTPLanguageModel, init_params
 
@@ -71,6 +71,32 @@ def test_loss_matches_reference(kind, depth):
   np.testing.assert_allclose(float(total), ref_total, rtol=1e-5)
   for k, ref in enumerate(ref_losses):
     np.testing.assert_allclose(float(metrics[f'loss/depth_{k}']), ref, rtol=1e-5)
+
+
+def test_cached_targets_stop_at_a_rows_end():
+  """On cached features, head k at position i counts only when tokens i + 1..i + k + 1 all
+  belong to i's row: a row the trunk wrote keeps no distribution at its last position (zeros
+  there), and a data target past it is the next row's first token."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(0))
+  B, T, K, D = 2, 8, 4, cfg.mtp_depth
+  rng = np.random.default_rng(0)
+  row_start = np.zeros((B, T + D + 1), bool)
+  row_start[0, 5] = True  # row 0 of the batch: a row ends at 4, the next starts at 5
+  top_ids = rng.integers(0, cfg.vocab_size, (B, T + D, K))
+  top_p = np.full((B, T + D, K), 1.0 / K, np.float32)
+  top_ids[0, 4], top_p[0, 4] = 0, 1.0  # what writing chats leaves at a row's last position
+  batch = {'tokens': jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T + D + 1))),
+           'h0': jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32),
+           'row_start': jnp.asarray(row_start), 'top_ids': jnp.asarray(top_ids),
+           'top_p': jnp.asarray(top_p)}
+  for head_loss in ('distill', 'data'):
+    sums = feature_sums(params, batch, LossSpec(cfg, head_loss=head_loss, frozen=True))
+    for k in range(1, D + 1):
+      left_out = [i for i in range(T) if row_start[0, i + 1:i + k + 2].any()]
+      assert left_out == list(range(4 - k, 5))
+      assert int(sums[k]['count']) == 2 * T - len(left_out), (head_loss, k)
+      assert int(sums[k]['data_count']) == 2 * T - len(left_out), (head_loss, k)
 
 
 def test_feature_gap_matches_reference():
