@@ -142,6 +142,10 @@ def _check(ok: bool, message: str):
     raise ConfigError(message)
 
 
+# The pieces text is cut into for one trunk forward each when its features are cached.
+FEATURE_PIECE_LEN = 512
+
+
 def validate(config) -> None:
   """Checks every field that could fail later; raises ConfigError with one line. How the
   batch and the model split over the devices is sharding.check_mesh's to check. Writes
@@ -158,6 +162,8 @@ def validate(config) -> None:
                       ('train.log_every', t.log_every), ('decode.max_new_tokens', d.max_new_tokens),
                       ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts)]:
     _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
+  _check(isinstance(config.seed, int) and config.seed >= 0,
+         f'seed must be an integer >= 0, got {config.seed!r}')
   _check(m.d_model % m.num_heads == 0,
          f'model.num_heads={m.num_heads} must divide model.d_model={m.d_model}')
   _check((m.d_model // m.num_heads) % 2 == 0,
@@ -241,6 +247,10 @@ def validate_pretrained(config) -> None:
   _check(not data.features or t.freeze_trunk,
          'data.features caches the trunk\'s features, so it needs train.freeze_trunk=True')
   self_gen = 'self' in [s.strip() for s in data.sources.split(',')]
+  _check(not data.features or self_gen or config.model.max_seq_len >= FEATURE_PIECE_LEN,
+         f'data.features runs the trunk over text in pieces of {FEATURE_PIECE_LEN} tokens, past '
+         f'model.max_seq_len={config.model.max_seq_len} (the RoPE range); use model.max_seq_len '
+         f'>= {FEATURE_PIECE_LEN}')
   _check(not self_gen or data.sources.strip() == 'self',
          "data.sources: 'self' (data the trunk generates) cannot be mixed with other sources")
   _check(not self_gen or pretrained, "data.sources=self needs a pretrained trunk (model.init_from)")

@@ -362,10 +362,17 @@ def eval_hook(config):
   if d.eval_prompts < 1 or config.mtp.depth < 1:
     return None
 
+  settings = lambda session: dec.Settings(draft_len=config.mtp.depth,
+                                         max_new_tokens=d.max_new_tokens, eos_id=session.eos_id)
+
+  def check(session):
+    """The prompts' one-line errors, at the start of training rather than its first evaluation."""
+    check_prompts(held_out_prompts(session, d.eval_prompts), session.cfg.vocab_size,
+                  settings(session), session.cfg.max_seq_len)
+
   def hook(session, params, step, writer):
     prompts = held_out_prompts(session, d.eval_prompts)
-    s = dec.Settings(draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens,
-                     eos_id=session.eos_id)
+    s = settings(session)
     state = prepared_decoder(session.decode_model, params, prompts, s)()  # untimed: one decode
     st = dec.stats(state, s)
     metrics = {'decode/tau': float(st['tau']),
@@ -379,4 +386,5 @@ def eval_hook(config):
     tqdm.tqdm.write(f"step {step} decode: tau {st['tau']:.2f}, acceptance "
           f"{np.round(st['acceptance_per_position'], 3).tolist()}")
     return metrics
+  hook.check = check
   return hook

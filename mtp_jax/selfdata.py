@@ -16,6 +16,7 @@ import tqdm
 
 from mtp_jax import decode as dec
 from mtp_jax import features as feat_lib
+from mtp_jax.config import FEATURE_PIECE_LEN, ConfigError
 from mtp_jax.pretrained.tokenizer import chat_turn
 
 ROWS_PER_SHARD = 16
@@ -43,10 +44,10 @@ def chat_frame(trunk: Trunk) -> tuple[list[int], list[int]]:
     return [start], []
   text = chat_turn(trunk, _MARK)
   before, after = text.split(_MARK)
-  return _encode(trunk, before), _encode(trunk, after)
+  return encode(trunk, before), encode(trunk, after)
 
 
-def _encode(trunk: Trunk, text: str) -> list[int]:
+def encode(trunk: Trunk, text: str) -> list[int]:
   return trunk.tokenizer.encode(text, add_special_tokens=False).ids
 
 
@@ -54,6 +55,29 @@ def _decode(trunk: Trunk, prompts: list[list[int]], s: dec.Settings, key, width:
   prompts_BxP, lens = dec.pad_prompts(prompts, width)
   fn = dec.compiled_decoder(trunk.model, s, dec.cache_length(prompts_BxP.shape[1], s))
   return jax.device_get(fn(trunk.params, prompts_BxP, lens, key))
+
+
+def _settings(model, answer_len: int, temperature: float, topk: int):
+  """How user turns are invented and how answers are sampled."""
+  return (dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=model.eos_id),
+          dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=model.eos_id,
+                       capture_topk=topk))
+
+
+def check_fits(model, queries: list[list[int]] | None, answer_len: int, max_len: int) -> None:
+  """One-line error, before anything runs, when a chat (the template around the longest user
+  turn, then an answer of answer_len tokens) would pass max_len positions, the RoPE range.
+  `model` is the trunk writing the chats, or the Session that will make it."""
+  before, after = chat_frame(model)
+  ask, answer = _settings(model, answer_len, 0.0, 0)
+  turn = max(map(len, queries)) if queries else QUERY_LEN
+  need = dec.cache_length(len(before) + turn + len(after), answer)
+  if not queries:
+    need = max(need, dec.cache_length(len(before), ask))
+  if need > max_len:
+    raise ConfigError(f'data.self_answer_len={answer_len}: a chat of the longest user turn '
+                      f'({turn} tokens in the chat template) and its answer needs {need} '
+                      f'positions, more than model.max_seq_len={max_len}')
 
 
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,
@@ -64,11 +88,10 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
   temperature 1 (for variety) until it ends; then the answer at `temperature`, keeping features
   when topk > 0."""
   before, after = chat_frame(trunk)
-  ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
-  given = [_encode(trunk, q) for q in queries] if queries else None
+  given = [encode(trunk, q) for q in queries] if queries else None
+  check_fits(trunk, given, answer_len, trunk.model.cfg.max_seq_len)
+  ask, answer = _settings(trunk, answer_len, temperature, topk)
   width = len(before) + (max(map(len, given)) if given else QUERY_LEN) + len(after)
-  answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
-                        capture_topk=topk)
   have = builder.positions()
   index = max(builder.done(), default=-1) + 1
   with tqdm.tqdm(total=tokens, initial=min(have, tokens), desc='data: trunk writes chats',
@@ -102,7 +125,7 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
       bar.update(added)
 
 
-FORWARD_ROWS, FORWARD_LEN = 8, 512
+FORWARD_ROWS, FORWARD_LEN = 8, FEATURE_PIECE_LEN
 _WIDTH_STEP = 64  # forward batches are padded to a multiple of this, so few shapes compile
 
 

@@ -316,8 +316,12 @@ class Session(Program):
     config, d = self.config, self.config.data
     root = d.cache_dir or os.path.join(self.workdir, 'data')
     if d.sources.strip() == 'self':
-      os.makedirs(self.workdir, exist_ok=True)
       queries = data_lib.prompt_lines(d.self_prompts) if d.self_prompts else None
+      if d.self_prompts and not queries:
+        raise ConfigError(f'data.self_prompts: {d.self_prompts} holds no user turn')
+      selfdata.check_fits(self, queries and [selfdata.encode(self, q) for q in queries],
+                          d.self_answer_len, self.cfg.max_seq_len)
+      os.makedirs(self.workdir, exist_ok=True)
       spec = {'kind': 'chats', 'trunk': self.model_file.identity, 'tokens': d.self_tokens,
               'temperature': d.self_temperature, 'answer_len': d.self_answer_len,
               'topk': config.train.distill_topk if d.features else 0,
@@ -628,8 +632,12 @@ class _Periodic:
 def train(config, workdir: str, eval_hook=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
-  metrics it returns, if any, is added to the evaluation's."""
+  metrics it returns, if any, is added to the evaluation's. `eval_hook.check(session)`, where the
+  hook has one, runs before anything is written, so that input the hook would refuse stops the
+  run at its start, not at its first evaluation."""
   session = Session(config, workdir)
+  if getattr(eval_hook, 'check', None):
+    eval_hook.check(session)
   config, t = session.config, session.config.train
   start, state = session.restore_or_init()
   ckpt_lib.save_config(workdir, config)

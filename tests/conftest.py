@@ -325,7 +325,7 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
            'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
   w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(f['model.num_layers'])
-  w.add_context_length(256)
+  w.add_context_length(512)
   w.add_embedding_length(f['model.d_model'])
   w.add_feed_forward_length(f['model.mlp_dim'])
   w.add_head_count(f['model.num_heads'])

@@ -99,6 +99,7 @@ CASES = {
     'negative feature weight': ({'train.feature_weight': -0.5}, [], QUICKSTART,
                                 ['train.feature_weight must be a number >= 0', '-0.5']),
     'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
+    'negative seed': ({}, ['--config.seed=-1'], QUICKSTART, ['seed must be an integer >= 0', '-1']),
 }
 
 
@@ -117,6 +118,17 @@ def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, t
   workdir, _ = trained
   before = snapshot(workdir)
   assert_user_error(launch(workdir, overrides, flags, config), *words)
+  assert snapshot(workdir) == before
+
+
+def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
+  """The training-time decode's prompts are checked when training starts, not at the first
+  evaluation, where the error would also cost that step's checkpoint."""
+  workdir, _ = trained
+  before = snapshot(workdir)
+  result = launch(workdir, {'decode.max_new_tokens': 480, 'decode.eval_prompts': 2,
+                           'train.steps': 999})
+  assert_user_error(result, 'decode.max_new_tokens=480', 'more than model.max_seq_len')
   assert snapshot(workdir) == before
 
 
@@ -187,7 +199,7 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   writes an HF directory that imports back to the same logits, and a heads file."""
   files, configs = tiny_llama
   workdir = tmp_path / 'run'
-  # a shorter window than the file's 256 positions, which the exported config still gives
+  # a shorter window than the file's 512 positions, which the exported config still gives
   common = ['--workdir', str(workdir), '--config.mtp.init_from=last_block',
             '--config.model.max_seq_len=128', '--config.train.seq_len=64']
   result = run_script('launch.py', '--config', configs['q4'], *common, '--mode', 'generate,export',
@@ -204,7 +216,7 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   assert back.fields == original.fields and back.eos_id == original.eos_id
   for name in ('model.layers.1.self_attn.q_proj.weight', 'model.embed_tokens.weight'):
     np.testing.assert_array_equal(back.get(name), original.get(name))
-  assert json.load(open(export / 'config.json'))['max_position_embeddings'] == 256
+  assert json.load(open(export / 'config.json'))['max_position_embeddings'] == 512
   # No training changed the trunk, so the heads load beside the exported trunk and the original.
   from mtp_jax.pretrained import resolve as pretrained_lib
   for trunk in (str(export), files['q4']):

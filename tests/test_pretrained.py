@@ -13,7 +13,7 @@ import pytest
 from conftest import (CHAT, LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
                       random_llama, write_gguf, write_hf)
 from mtp_jax import sharding, train
-from mtp_jax.config import ModelConfig
+from mtp_jax.config import ConfigError, ModelConfig, validate
 from mtp_jax.model import MTPLanguageModel, init_params
 from mtp_jax.pretrained import gguf_file, heads_file
 from mtp_jax.pretrained import resolve as pretrained
@@ -224,8 +224,14 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
     config = pretrained_config(path, **{'data.sources': corpus, 'train.freeze_trunk': True,
                                         'train.head_loss': 'distill', 'data.features': features,
                                         'mtp.init_from': 'last_block', 'train.distill_topk': 4,
-                                        'train.feature_weight': 0.5 if features else 0.0})
+                                        'train.feature_weight': 0.5 if features else 0.0,
+                                        # text is cut into 512-token pieces for its features
+                                        'model.max_seq_len': 512 if features else 128})
     workdir = str(tmp_path / f'run{features}')
+    if features:  # the pieces must fit the RoPE range
+      with pytest.raises(ConfigError, match='pieces of 512 tokens, past model.max_seq_len=128'):
+        validate(pretrained.resolve_config(pretrained_config(
+            path, **{'data.features': True, 'train.freeze_trunk': True})))
     summary = train.train(config, workdir)
     assert summary['step'] == 3
     session = train.Session(config, workdir)

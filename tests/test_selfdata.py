@@ -5,10 +5,12 @@ an interruption leaves resumable, and written chats given other features by one 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import pretrained_config, random_llama, write_gguf
 from mtp_jax import features as feat_lib
 from mtp_jax import selfdata, train
+from mtp_jax.config import ConfigError
 from mtp_jax.pretrained import resolve
 
 
@@ -56,7 +58,7 @@ def test_greedy_chats_are_the_trunks_argmax_continuations(tmp_path):
   trunk = tiny_trunk(tmp_path)
   before, after = selfdata.chat_frame(trunk)
   query = 'Name a fruit.'
-  start = len(before) + len(selfdata._encode(trunk, query)) + len(after)  # first answer token
+  start = len(before) + len(selfdata.encode(trunk, query)) + len(after)  # first answer token
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=True)
   selfdata.write_chats(trunk, builder, tokens=60, temperature=0.0, answer_len=10, topk=2,
                        seed=0, valid_fraction=0.3, queries=[query])
@@ -132,6 +134,32 @@ def test_given_user_turns_are_answered_in_turn(tmp_path):
   # the rows not held out, in order, cycling through the turns
   rows = range(selfdata.ROWS_PER_SHARD)
   assert turns == [queries[b % 3] for b in rows if not feat_lib.is_valid_row(f'0:0:{b}', 0.3)]
+
+
+def test_chats_past_the_rope_range_are_refused_before_anything_is_written(tmp_path):
+  """A user turn and its answer must fit model.max_seq_len (128 here), whose last rotary angle
+  every later position would silently take; an empty file of user turns is refused too."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('the tin\n')
+  common = {'data.sources': 'self', 'train.freeze_trunk': True, 'data.self_prompts': str(prompts)}
+  workdir = tmp_path / 'run'
+  config = resolve.resolve_config(pretrained_config(path, **common))
+  trunk = train.Session(config, str(workdir), data=False).data_trunk()
+  before, after = selfdata.chat_frame(trunk)
+  query = [selfdata.encode(trunk, 'the tin')]
+  # the longest answer that fits: the decoder keeps one verify slot past the last token
+  room = 128 - len(before) - len(query[0]) - len(after) - 1
+  selfdata.check_fits(trunk, query, room, 128)
+  config.data.self_answer_len = room + 1
+  with pytest.raises(ConfigError, match=rf'data.self_answer_len={room + 1}: .* needs 129 '
+                                        r'positions, more than model.max_seq_len=128'):
+    train.Session(config, str(workdir))
+  assert not workdir.exists()
+  prompts.write_text('\n')
+  with pytest.raises(ConfigError, match='holds no user turn'):
+    train.Session(config, str(workdir))
+  assert not workdir.exists()
 
 
 def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
