@@ -36,10 +36,11 @@ def init_distributed(dist_cfg) -> None:
   """Starts jax.distributed before anything touches a device. distributed.coordinator_address is
   '' for one process, 'host:port' with num_processes and process_id from the config, or 'auto'
   for JAX to read them from the cluster's environment (SLURM, Open MPI, Kubernetes, Cloud TPU).
-  On CPU the processes' collectives run over Gloo, JAX's default."""
+  On CPU the processes' collectives run over Gloo, JAX's default. Started once: the modes run
+  after training, or one after the other, share it."""
   address, count, index = (dist_cfg.coordinator_address, dist_cfg.num_processes,
                            dist_cfg.process_id)
-  if not address:
+  if not address or jax.distributed.is_initialized():
     return
   if address == 'auto':
     try:

@@ -55,7 +55,8 @@ def run_processes(commands, logdir: str) -> list[str]:
 
 
 def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
-  config = text_config()
+  # the evaluation after training is a second mode of the same processes
+  config = text_config(run_after_train='eval')
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
   address = f'127.0.0.1:{free_port()}'
   commands = []
