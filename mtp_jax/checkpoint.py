@@ -214,8 +214,9 @@ def check_compatible(saved: dict, config,
                      fields=('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim',
                              'mtp.head_blocks', 'mtp.feature_layers', 'data.vocab_size')) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
-  fields) that differs between the saved config and `config`. Training fields may differ, and
-  so may the fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
+  fields) that differs between the saved config and `config`, or train.freeze_trunk, which
+  decides what the optimizer state holds. Other training fields may differ, and so may the
+  fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
   # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
   old = {**ADDED_FIELDS, **_flatten(saved)}
   new = {**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))}
@@ -229,3 +230,11 @@ def check_compatible(saved: dict, config,
         diffs.append(f'{name}: {_show(a)} -> {_show(b)}')
   if diffs:
     raise CheckpointError('workdir holds a checkpoint of a different model: ' + ', '.join(diffs))
+  frozen = old.get('train.freeze_trunk', False)
+  if frozen != new.get('train.freeze_trunk', False):
+    held = 'the heads alone' if frozen else 'every parameter'
+    raise CheckpointError(
+        f'train.freeze_trunk={not frozen}: the workdir\'s checkpoints were trained with '
+        f'train.freeze_trunk={frozen} and hold optimizer state for {held}; keep '
+        f'train.freeze_trunk={frozen} here, or start another workdir from this one\'s '
+        '--mode export (model.init_from and mtp.init_from)')

@@ -3,6 +3,7 @@ quantized; safetensors, single and sharded) imports to the logits of an independ
 forward; the tokenizer and chat template come with the model; heads and trunk export and load
 back; a frozen trunk stays bit for bit what the file holds."""
 
+import copy
 import os
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 from conftest import (CHAT, LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
                       random_llama, write_gguf, write_hf)
 from mtp_jax import sharding, train
+from mtp_jax.checkpoint import CheckpointError
 from mtp_jax.config import ConfigError, ModelConfig, validate
 from mtp_jax.model import MTPLanguageModel, init_params
 from mtp_jax.pretrained import gguf_file, heads_file
@@ -237,6 +239,13 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
     session = train.Session(config, workdir)
     state, _ = session.checkpointer.restore(None, session.abstract_state)
     session.checkpointer.close()
+    # the optimizer state holds the heads alone: a run that trains the trunk cannot resume it
+    unfrozen = copy.deepcopy(config)
+    unfrozen.train.freeze_trunk, unfrozen.data.features, unfrozen.train.feature_weight = (
+        False, False, 0.0)
+    with pytest.raises(CheckpointError, match=r'train.freeze_trunk=False: .* trained with '
+                                              r'train.freeze_trunk=True'):
+      train.Session(unfrozen, workdir)
     heads, trunk = train.split_heads(state['params'])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), trunk['params'],
                  want)
