@@ -519,7 +519,9 @@ def _open_writer(tb_dir: str, purge_step=None) -> SummaryWriter:
 class MetricsLog:
   """TensorBoard on process 0 and the step metrics: each step's metrics are fetched one step late
   (after the next step is dispatched, so the device never waits for the host), checked for a
-  non-finite update, and logged every log_every steps with the throughput since the last log."""
+  non-finite update, and logged every log_every steps with the throughput since the last log
+  (the first window from the end of the first step, which holds the compile, unless that step
+  is logged itself)."""
 
   def __init__(self, workdir: str, t, start: int, enabled: bool):
     self.t, self.tb_dir = t, os.path.join(workdir, 'tb')
@@ -528,6 +530,7 @@ class MetricsLog:
     self.pending = None  # (step, metrics) of the last dispatched step
     self.skipped = 0
     self.last_time, self.last_step = time.perf_counter(), start
+    self.first = start + 1  # the step that compiles: its time is not throughput
     self.postfix = {}
 
   def scalars(self, metrics: dict, step: int, prefix: str):
@@ -566,6 +569,8 @@ class MetricsLog:
       self.scalars({k: v for k, v in metrics.items() if k != 'nonfinite_grad'}, step, 'train/')
       self.postfix = {'loss': f"{metrics['loss/total']:.3f}",
                       'tok_s': f"{metrics['tokens_per_s']:.0f}"}
+    elif step == self.first:  # the first window's tokens/s starts once this step has run
+      self.last_time, self.last_step = time.perf_counter(), step
 
   @contextlib.contextmanager
   def paused(self):

@@ -195,6 +195,19 @@ def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path):
   assert float(log.postfix['tok_s']) > 2 * t.batch_size * t.seq_len / 0.2, log.postfix
 
 
+def test_tokens_per_s_leaves_out_the_first_step(tmp_path):
+  """The first step of a run (or of a resume) compiles: the first logged window starts after it."""
+  t = tiny_config(**{'train.log_every': 3}).train
+  log = train.MetricsLog(str(tmp_path), t, start=6, enabled=False)
+  metrics = {'nonfinite': False, 'nonfinite_grad': False, 'loss/total': 1.0}
+  time.sleep(1.0)  # step 7 compiling
+  for step in (7, 8, 9, 10):  # logged at 9
+    log.push(step, dict(metrics))
+  log.flush()
+  # 3 steps over the compile would take >= 1 s; 2 steps after it well under 0.2 s
+  assert float(log.postfix['tok_s']) > 2 * t.batch_size * t.seq_len / 0.2, log.postfix
+
+
 def test_crash_after_a_checkpoint_resumes_bitwise_and_logs_once(straight_run, tmp_path):
   # A crash after step N's checkpoint, once steps N+1..2N were logged: the rerun logs them
   # again; the files hold them twice, TensorBoard shows each step once.
