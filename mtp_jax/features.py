@@ -153,12 +153,25 @@ def smaller_cache(root: str, spec: dict) -> str | None:
 
 class Builder:
   """Writes rows shard by shard under directory/partial, then joins them into the cache. With a
-  `base` (a finished cache of the same kind), its shards count as the first ones written."""
+  `base` (a finished cache of the same kind), its shards count as the first ones written. A
+  resumed build keeps the base it began with (recorded in partial/BASE), whatever finished
+  caches appeared since."""
 
   def __init__(self, directory: str, spec: dict, features: bool, base: str | None = None):
     self.directory, self.spec = directory, spec
     self.names = tuple(ARRAYS) if features else TOKENS_ONLY
     self.partial = os.path.join(directory, 'partial')
+    marker = os.path.join(self.partial, 'BASE')
+    if os.path.isfile(marker):
+      with open(marker) as f:
+        base = f.read() or None
+      if base and load(base) is None:
+        raise DataError(f'{directory} was begun from the cache in {base}, which is gone; delete '
+                        'it to start again')
+    elif not os.path.isdir(self.partial):  # a new build (one begun before BASE keeps `base`)
+      os.makedirs(self.partial)
+      with open(marker, 'w') as f:
+        f.write(base or '')
     self.base_dir, self.base = base, (meta(base) if base else None)
     if self.base and list(self.names) != self.base['arrays']:
       raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')

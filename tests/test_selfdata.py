@@ -119,6 +119,25 @@ def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
   assert feat_lib.meta(feat_lib.cache_dir(root, big))['shards'] == 2
 
 
+def test_a_resumed_build_keeps_the_base_it_began_with(tmp_path):
+  """A build stopped after its first shard, then a smaller cache of the same kind finished
+  beside it: the resumed build goes on from its own shard, not from that cache's as well."""
+  rows = lambda n, first: [{'tokens': np.arange(first, first + n, dtype=np.int32)}] * 2
+  root = tmp_path / 'features'
+  big = feat_lib.Builder(str(root / 'big'), {'tokens': 100}, features=False)
+  big.add(0, rows(30, 0), [False, True], 1.0)
+  small = feat_lib.Builder(str(root / 'small'), {'tokens': 50}, features=False)
+  small.add(0, rows(30, 500), [False, True], 1.0)
+  small.finish()
+  base = feat_lib.smaller_cache(str(root), {'tokens': 100})
+  assert base == str(root / 'small')
+  resumed = feat_lib.Builder(str(root / 'big'), {'tokens': 100}, features=False, base=base)
+  assert resumed.done() == [0] and resumed.positions() == 60
+  resumed.add(1, rows(10, 100), [False, True], 1.0)
+  split = resumed.finish()['train']
+  np.testing.assert_array_equal(split.tokens, np.r_[np.arange(30), np.arange(100, 110)])
+
+
 def test_given_user_turns_are_answered_in_turn(tmp_path):
   trunk = tiny_trunk(tmp_path)
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=False)
