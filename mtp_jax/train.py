@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from mtp_jax import atomic
@@ -504,6 +505,15 @@ class _Preemption:
       os._exit(128 + signum)
     self.requested = signal.Signals(signum).name
 
+  def agreed(self):
+    """`requested`, agreed by every process (a collective, called by all at the same step): a
+    signal to any one stops them all after this step, so that they save the same checkpoint
+    together instead of one waiting in the save while the others wait in the next step."""
+    asked = multihost_utils.process_allgather(np.int32(self.requested is not None))
+    if self.requested is None and np.any(asked):
+      return 'a signal to another process'
+    return self.requested
+
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
@@ -666,7 +676,7 @@ def train(config, workdir: str, eval_hook=None) -> dict:
         bar.set_postfix(log.postfix, refresh=False)
         # Read once: a signal arriving later in this step (during an evaluation, say) must not
         # stop the loop without the checkpoint; the next step honours it.
-        stop = preempt.requested
+        stop = preempt.requested if jax.process_count() == 1 else preempt.agreed()
         periodic.after(step, state, stop)
         if stop:
           stopped_by = stop

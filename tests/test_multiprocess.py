@@ -25,10 +25,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(commands, logdir: str) -> list[str]:
+def run_processes(commands, logdir: str, **extra_env) -> list[str]:
   """Runs the commands together; returns their stdouts. One failing, or TIMEOUT_S passing,
   kills the rest (a lone process would wait for its peer until JAX's own timeouts)."""
-  env = cpu_env(devices=1)
+  env = cpu_env(devices=1, **extra_env)
   procs = []
   try:
     for i, command in enumerate(commands):
@@ -96,3 +96,23 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   evaluated = session.evaluate(restored['params'])
   for name, value in first['eval'].items():
     np.testing.assert_allclose(evaluated[name], value, rtol=1e-5, err_msg=name)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
+  """SIGTERM reaches process 1 alone during step 3: both processes stop after step 3 and save
+  it together (one saving while the other ran on to step 4 would leave both waiting)."""
+  config = text_config(**{'train.steps': 8, 'train.checkpoint_every': 8, 'train.eval_every': 8})
+  pair = str(tmp_path / 'pair')
+  address = f'127.0.0.1:{free_port()}'
+  commands = []
+  for i in range(2):
+    joined = apply_overrides(config, {'distributed.coordinator_address': address,
+                                      'distributed.num_processes': 2, 'distributed.process_id': i})
+    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
+                     *as_flags(joined)])
+  first, second = map(launch_summary, run_processes(commands, str(tmp_path),
+                                                     MTP_TEST_SIGTERM='1:3'))
+  assert (first['step'], second['step']) == (3, 3)
+  assert second['stopped_by'] == 'SIGTERM' and first['stopped_by'] == 'a signal to another process'
+  session, restored = restore(config, pair)
+  assert int(restored['step']) == 3
