@@ -374,6 +374,11 @@ class Session(Program):
     cache = feat_lib.load(directory)
     if cache is not None:
       return cache
+    if jax.process_count() > 1:  # each would write the same files under the same names
+      raise data_lib.DataError(
+          f'the feature cache {directory} is not built yet, and {jax.process_count()} processes '
+          'would build it at once: build it first with the same config in one process '
+          '(distributed.coordinator_address=\'\'); the processes of a run then read it')
     source = feat_lib.rows_source(directory, spec)
     if source:
       print(f'data: features of the rows in {source}, recomputed', file=sys.stderr)
