@@ -25,6 +25,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def pair_commands(config, workdir: str) -> list[list[str]]:
+  """launch.py's command line (through DRIVER) for each of two processes joined on 127.0.0.1."""
+  address = f'127.0.0.1:{free_port()}'
+  commands = []
+  for i in range(2):
+    joined = apply_overrides(config, {'distributed.coordinator_address': address,
+                                      'distributed.num_processes': 2, 'distributed.process_id': i})
+    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', workdir,
+                     *as_flags(joined)])
+  return commands
+
+
 def run_processes(commands, logdir: str, **extra_env) -> list[str]:
   """Runs the commands together; returns their stdouts. One failing, or TIMEOUT_S passing,
   kills the rest (a lone process would wait for its peer until JAX's own timeouts)."""
@@ -58,14 +70,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   # the evaluation after training is a second mode of the same processes
   config = text_config(run_after_train='eval')
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
-  address = f'127.0.0.1:{free_port()}'
-  commands = []
-  for i in range(2):
-    joined = apply_overrides(config, {'distributed.coordinator_address': address,
-                                      'distributed.num_processes': 2, 'distributed.process_id': i})
-    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
-                     *as_flags(joined)])
-  stdouts = run_processes(commands, str(tmp_path))
+  stdouts = run_processes(pair_commands(config, pair), str(tmp_path))
   first, second = map(launch_summary, stdouts)
   assert first == second and first['step'] == config.train.steps
 
@@ -103,14 +108,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
   it together (one saving while the other ran on to step 4 would leave both waiting)."""
   config = text_config(**{'train.steps': 8, 'train.checkpoint_every': 8, 'train.eval_every': 8})
   pair = str(tmp_path / 'pair')
-  address = f'127.0.0.1:{free_port()}'
-  commands = []
-  for i in range(2):
-    joined = apply_overrides(config, {'distributed.coordinator_address': address,
-                                      'distributed.num_processes': 2, 'distributed.process_id': i})
-    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', pair,
-                     *as_flags(joined)])
-  first, second = map(launch_summary, run_processes(commands, str(tmp_path),
+  first, second = map(launch_summary, run_processes(pair_commands(config, pair), str(tmp_path),
                                                      MTP_TEST_SIGTERM='1:3'))
   assert (first['step'], second['step']) == (3, 3)
   assert second['stopped_by'] == 'SIGTERM' and first['stopped_by'] == 'a signal to another process'
