@@ -88,7 +88,7 @@ def main(argv):
     tokens = [c.train.batch_size * c.train.seq_len for c in configs]
     calls, memory = [], []
     for session in sessions:
-      _, state = session.restore_or_init()
+      _, state, _ = session.restore_or_init()
       batch = session.device_batch(session.batch(0))
       with sharding.active(session.mesh):  # compiled once, for the timings and the memory
         step = session.lower_train_step(batch, session.draft_ids).compile()

@@ -454,13 +454,15 @@ class Session(Program):
   # Params.
 
   def restore_or_init(self):
-    step, state, _ = self.checkpointer.restore_latest_valid(self.abstract_state)
+    """(step, state, meta) of the newest checkpoint that restores, else of a fresh start
+    (0, the initial state, {})."""
+    step, state, meta = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
       given = self.pretrained_parts()
       with sharding.active(self.mesh):
         state = self.init(jax.random.key(self.config.seed), given)
       step = 0
-    return step, state
+    return step, state, meta
 
   def initial_params(self):
     """The params a run starts from: random, with the trunk of model.init_from and the heads of
@@ -538,12 +540,12 @@ class MetricsLog:
   (the first window from the end of the first step, which holds the compile, unless that step
   is logged itself)."""
 
-  def __init__(self, workdir: str, t, start: int, enabled: bool):
+  def __init__(self, workdir: str, t, start: int, enabled: bool, skipped: int = 0):
     self.t, self.tb_dir = t, os.path.join(workdir, 'tb')
     # purge_step hides events an interrupted run wrote past its last checkpoint.
     self.writer = _open_writer(self.tb_dir, purge_step=start + 1) if enabled else None
     self.pending = None  # (step, metrics) of the last dispatched step
-    self.skipped = 0
+    self.skipped = skipped  # steps whose update was skipped (nonfinite=skip), resumes included
     self.last_time, self.last_step = time.perf_counter(), start
     self.first = start + 1  # the step that compiles: its time is not throughput
     self.postfix = {}
@@ -566,6 +568,7 @@ class MetricsLog:
   def _consume(self, step: int, metrics):
     t = self.t
     metrics = jax.device_get(metrics)
+    skipped_before = self.skipped
     if metrics['nonfinite']:
       what = 'gradient' if metrics['nonfinite_grad'] else 'loss'
       if t.nonfinite == 'stop':
@@ -578,7 +581,8 @@ class MetricsLog:
       now = time.perf_counter()
       metrics['tokens_per_s'] = (t.batch_size * t.seq_len * (step - self.last_step)
                                  / max(now - self.last_time, 1e-9))
-      metrics['lr'] = lr_schedule(t)(step - 1)
+      # a skipped step leaves the optimizer's count, and so the schedule, where it was
+      metrics['lr'] = lr_schedule(t)(step - 1 - skipped_before)
       metrics['nonfinite_skipped'] = self.skipped
       self.last_time, self.last_step = now, step
       self.scalars({k: v for k, v in metrics.items() if k != 'nonfinite_grad'}, step, 'train/')
@@ -638,7 +642,8 @@ class _Periodic:
         self.evaluate(step, state['params'])
       if boundary:
         self.log.reopen()
-        self.session.checkpointer.save(step, state, {'step': step})
+        self.session.checkpointer.save(step, state, {'step': step,
+                                                     'nonfinite_skipped': self.log.skipped})
 
   def evaluate(self, step: int, params):
     metrics = self.session.evaluate(params)
@@ -659,7 +664,7 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   if getattr(eval_hook, 'check', None):
     eval_hook.check(session)
   config, t = session.config, session.config.train
-  start, state = session.restore_or_init()
+  start, state, meta = session.restore_or_init()
   ckpt_lib.save_config(workdir, config)
   save_token_rank(workdir, session.data_token_rank())
   is_main = jax.process_index() == 0
@@ -667,7 +672,8 @@ def train(config, workdir: str, eval_hook=None) -> dict:
     print(f'resuming from step {start}', file=sys.stderr)
   if t.dtype == 'auto':
     print(f'train.dtype=auto: the steps compute in {session.step_cfg.dtype} here', file=sys.stderr)
-  log = MetricsLog(workdir, t, start, enabled=is_main)
+  log = MetricsLog(workdir, t, start, enabled=is_main,
+                   skipped=meta.get('nonfinite_skipped', 0))
   periodic = _Periodic(session, log, eval_hook)
   stopped_by, finished, step = None, False, start
   with _Preemption() as preempt, tqdm.tqdm(total=t.steps, initial=start, desc='train',

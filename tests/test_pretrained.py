@@ -279,7 +279,7 @@ def test_a_pretrained_start_is_the_random_start_with_the_files_in_place(tmp_path
   inner = pretrained.merge(random_state['params']['params'], trunk)
   want = {'params': pretrained.merge(inner, pretrained.head_params(config, trunk))}
   assert_bitwise_equal(session.initial_params(), want)
-  step, state = session.restore_or_init()
+  step, state, _ = session.restore_or_init()
   assert step == 0
   assert_bitwise_equal(state, {**random_state, 'params': want})
 

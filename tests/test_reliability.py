@@ -161,7 +161,7 @@ def test_a_signal_checkpoints_flushes_and_exits_0(corpus, tmp_path, signum, eval
   # Only the preemption saved, and it saved the step it reported.
   assert steps_on_disk(workdir) == [k] and partial_on_disk(workdir) == []
   state, meta = read_checkpoint(workdir, k)
-  assert meta == {'step': k} and int(state['step']) == k
+  assert meta == {'step': k, 'nonfinite_skipped': 0} and int(state['step']) == k
   # TensorBoard was flushed up to that step: every step once, the last one included.
   logged = scalars(workdir)
   assert [s for s, _ in logged[LOSS]] == list(range(1, k + 1))
@@ -296,7 +296,7 @@ def test_a_nan_loss_stops_with_its_step_and_keeps_the_last_finite_checkpoint(cor
   error_line(run.err, r'\bstep 5\b', r'\bloss\b')
   assert steps_on_disk(workdir) == [2, 4] and partial_on_disk(workdir) == []
   state, meta = read_checkpoint(workdir, 4)
-  assert meta == {'step': 4}
+  assert meta == {'step': 4, 'nonfinite_skipped': 0}
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
 
 

@@ -242,6 +242,10 @@ def test_nonfinite_loss_stops_at_its_step_and_skip_leaves_it_out(tmp_path):
   summary = train.train(config, workdir, eval_hook=lambda session, *_: sessions.append(session))
   assert summary['step'] == 4 and summary['nonfinite_skipped'] == 1
   assert [v for _, v in scalars(workdir)['train/nonfinite']] == [0, 0, 1, 0]
+  # step 3's update was skipped, so step 4 applied the schedule's third learning rate
+  lr = dict(scalars(workdir)['train/lr'])
+  np.testing.assert_allclose([lr[3], lr[4]], [train.lr_schedule(config.train)(c) for c in (2, 2)],
+                             rtol=1e-6)
   _, final = restore(config, workdir)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final['params']))
 
@@ -257,6 +261,10 @@ def test_nonfinite_loss_stops_at_its_step_and_skip_leaves_it_out(tmp_path):
   assert_bitwise_equal(final, want)
   assert any(not np.array_equal(np.asarray(w), b)
              for w, b in zip(jax.tree.leaves(want['params']), jax.tree.leaves(before)))
+
+  # The count of skipped steps survives a resume.
+  config.train.steps = 5
+  assert train.train(config, workdir)['nonfinite_skipped'] == 1
 
 
 def test_evaluate_reports_the_latest_checkpoint(straight_run, tmp_path):
