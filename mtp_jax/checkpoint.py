@@ -234,7 +234,7 @@ def check_compatible(saved: dict, config,
   if frozen != new.get('train.freeze_trunk', False):
     held = 'the heads alone' if frozen else 'every parameter'
     raise CheckpointError(
-        f'train.freeze_trunk={not frozen}: the workdir\'s checkpoints were trained with '
-        f'train.freeze_trunk={frozen} and hold optimizer state for {held}; keep '
+        f'train.freeze_trunk={not frozen}: the workdir\'s run trains with '
+        f'train.freeze_trunk={frozen}, and its checkpoints hold optimizer state for {held}; keep '
         f'train.freeze_trunk={frozen} here, or start another workdir from this one\'s '
         '--mode export (model.init_from and mtp.init_from)')

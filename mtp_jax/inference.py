@@ -362,17 +362,20 @@ def eval_hook(config):
   if d.eval_prompts < 1 or config.mtp.depth < 1:
     return None
 
-  settings = lambda session: dec.Settings(draft_len=config.mtp.depth,
-                                         max_new_tokens=d.max_new_tokens, eos_id=session.eos_id)
+  decode_settings = lambda session: dec.Settings(
+      draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens, eos_id=session.eos_id)
 
   def check(session):
-    """The prompts' one-line errors, at the start of training rather than its first evaluation."""
-    check_prompts(held_out_prompts(session, d.eval_prompts), session.cfg.vocab_size,
-                  settings(session), session.cfg.max_seq_len)
+    """The prompts' one-line errors, at the start of training rather than its first evaluation
+    (validation windows are decode.prompt_len tokens long, known before the data is)."""
+    prompts = (held_out_prompts(session, d.eval_prompts) if d.prompts
+               else [[0] * d.prompt_len])
+    check_prompts(prompts, session.cfg.vocab_size, decode_settings(session),
+                  session.cfg.max_seq_len)
 
   def hook(session, params, step, writer):
     prompts = held_out_prompts(session, d.eval_prompts)
-    s = settings(session)
+    s = decode_settings(session)
     state = prepared_decoder(session.decode_model, params, prompts, s)()  # untimed: one decode
     st = dec.stats(state, s)
     metrics = {'decode/tau': float(st['tau']),

@@ -76,8 +76,8 @@ def check_fits(model, queries: list[list[int]] | None, answer_len: int, max_len:
     need = max(need, dec.cache_length(len(before), ask))
   if need > max_len:
     raise ConfigError(f'data.self_answer_len={answer_len}: a chat of the longest user turn '
-                      f'({turn} tokens in the chat template) and its answer needs {need} '
-                      f'positions, more than model.max_seq_len={max_len}')
+                      f'({turn} tokens, with the chat template around it) and its answer needs '
+                      f'{need} positions, more than model.max_seq_len={max_len}')
 
 
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from mtp_jax import atomic
@@ -251,9 +250,10 @@ class Session(Program):
   """Everything one run needs: the checked config, the model file it starts from, data, mesh,
   compiled functions and the workdir's checkpoints. Every check runs before anything is written
   or compiled. `data=False` skips the training data (decoding modes that do not draw prompts
-  from it)."""
+  from it). `check(session)`, when given, makes further checks of its own: before the data is
+  prepared when the model file gives the tokenizer, else right after."""
 
-  def __init__(self, config, workdir: str, *, data: bool = True):
+  def __init__(self, config, workdir: str, *, data: bool = True, check=None):
     self.workdir = workdir
     config = pretrained.resolve_config(config)
     validate(config)
@@ -268,8 +268,13 @@ class Session(Program):
       raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
     super().__init__(config, sharding.make_mesh(config.mesh))
     self.data = self.features = None
+    early = check is not None and self.model_file is not None
+    if early:
+      check(self)
     if data:
       self._prepare_data()
+    if check is not None and not early:
+      check(self)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
   @property
@@ -374,11 +379,8 @@ class Session(Program):
     cache = feat_lib.load(directory)
     if cache is not None:
       return cache
-    if jax.process_count() > 1:  # each would write the same files under the same names
-      raise data_lib.DataError(
-          f'the feature cache {directory} is not built yet, and {jax.process_count()} processes '
-          'would build it at once: build it first with the same config in one process '
-          '(distributed.coordinator_address=\'\'); the processes of a run then read it')
+    if jax.process_index() > 0:  # process 0 builds it (the workdir is shared, as for Orbax)
+      return _wait_for_cache(directory)
     source = feat_lib.rows_source(directory, spec)
     if source:
       print(f'data: features of the rows in {source}, recomputed', file=sys.stderr)
@@ -389,9 +391,9 @@ class Session(Program):
     else:
       base = feat_lib.smaller_cache(os.path.dirname(directory), spec)
       builder = feat_lib.Builder(directory, spec, features=spec['topk'] > 0, base=base)
-      if base:
-        print(f'data: starting from the {builder.base["spec"]["tokens"]}-token cache in {base}',
-              file=sys.stderr)
+      if builder.base:  # the base a resumed build began with, which may not be `base`
+        print(f'data: starting from the {builder.base["spec"]["tokens"]}-token cache in '
+              f'{builder.base_dir}', file=sys.stderr)
       write(self.data_trunk(), builder)
     return builder.finish()
 
@@ -494,6 +496,34 @@ def _digest(*arrays) -> str:
   return digest.hexdigest()
 
 
+@functools.cache
+def _process_mesh():
+  devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+  mesh = jax.sharding.Mesh(devices, ('processes', 'local'))
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('processes')),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def _any_process(flag: bool):
+  """Whether `flag` is set in any process, as a replicated scalar being computed (a collective:
+  every process calls it)."""
+  per_process, replicated = _process_mesh()
+  flags = jax.make_array_from_process_local_data(per_process, np.array([flag], np.int32))
+  return jax.jit(jnp.max, out_shardings=replicated)(flags)
+
+
+def _wait_for_cache(directory: str, poll_s: float = 5.0) -> dict:
+  """The cache process 0 is building in `directory`, once it is finished."""
+  start = time.monotonic()
+  announced = 0.0
+  while (cache := feat_lib.load(directory)) is None:
+    if time.monotonic() - start >= announced:
+      print(f'data: waiting for process 0 to build {directory}', file=sys.stderr)
+      announced += 300
+    time.sleep(poll_s)
+  return cache
+
+
 class _Preemption:
   """SIGTERM/SIGINT: the first asks the loop to checkpoint and stop after the current step;
   a second exits at once (a checkpoint being written then stays an ignored temporary)."""
@@ -501,6 +531,7 @@ class _Preemption:
   def __init__(self):
     self.requested = None
     self._old = {}
+    self._gathering = None  # every process's flag at the step before, being gathered
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -513,13 +544,16 @@ class _Preemption:
     self.requested = signal.Signals(signum).name
 
   def agreed(self):
-    """`requested`, agreed by every process (a collective, called by all at the same step): a
-    signal to any one stops them all after this step, so that they save the same checkpoint
-    together instead of one waiting in the save while the others wait in the next step."""
-    asked = multihost_utils.process_allgather(np.int32(self.requested is not None))
-    if self.requested is None and np.any(asked):
-      return 'a signal to another process'
-    return self.requested
+    """`requested` as all processes of a run agree on it (each calls this at every step): a
+    signal to any one stops them all after the same step, where they save its checkpoint
+    together, instead of one waiting in the save while the others wait in the next step. Each
+    call starts gathering every process's flag and decides by the flags the previous call
+    gathered, read once the previous step is done, as the step metrics are read: one step late,
+    with no process waiting on its devices for it."""
+    earlier, self._gathering = self._gathering, _any_process(self.requested is not None)
+    if earlier is None or not int(np.asarray(earlier.addressable_data(0))):
+      return None
+    return self.requested or 'a signal to another process'
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
@@ -658,11 +692,9 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
   metrics it returns, if any, is added to the evaluation's. `eval_hook.check(session)`, where the
-  hook has one, runs before anything is written, so that input the hook would refuse stops the
-  run at its start, not at its first evaluation."""
-  session = Session(config, workdir)
-  if getattr(eval_hook, 'check', None):
-    eval_hook.check(session)
+  hook has one, is the Session's `check`: input the hook would refuse stops the run before any
+  step, not at its first evaluation."""
+  session = Session(config, workdir, check=getattr(eval_hook, 'check', None))
   config, t = session.config, session.config.train
   start, state, meta = session.restore_or_init()
   ckpt_lib.save_config(workdir, config)

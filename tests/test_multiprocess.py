@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from conftest import REPO, cpu_env, flat, launch_summary, raw_steps, restore, scalars, text_config
+from conftest import (REPO, cpu_env, flat, launch_summary, random_llama, raw_steps, restore,
+                      scalars, text_config, write_gguf)
 from mtp_jax import train
 from mtp_jax.config import apply_overrides, as_flags
 
@@ -25,15 +26,19 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def pair_commands(config, workdir: str) -> list[list[str]]:
-  """launch.py's command line (through DRIVER) for each of two processes joined on 127.0.0.1."""
+def pair_commands(config, workdir: str, config_file: str = 'configs/base.py'
+                  ) -> list[list[str]]:
+  """launch.py's command line (through DRIVER) for each of two processes joined on 127.0.0.1:
+  `config_file` with every field of `config` as a flag, or with no other flags (None)."""
   address = f'127.0.0.1:{free_port()}'
   commands = []
   for i in range(2):
-    joined = apply_overrides(config, {'distributed.coordinator_address': address,
-                                      'distributed.num_processes': 2, 'distributed.process_id': i})
-    commands.append([sys.executable, DRIVER, '--config', 'configs/base.py', '--workdir', workdir,
-                     *as_flags(joined)])
+    joined = {'distributed.coordinator_address': address, 'distributed.num_processes': 2,
+              'distributed.process_id': i}
+    flags = (as_flags(apply_overrides(config, joined)) if config is not None
+             else [f'--config.{k}={v}' for k, v in joined.items()])
+    commands.append([sys.executable, DRIVER, '--config', config_file, '--workdir', workdir,
+                     *flags])
   return commands
 
 
@@ -104,13 +109,43 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
 
 
 def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
-  """SIGTERM reaches process 1 alone during step 3: both processes stop after step 3 and save
-  it together (one saving while the other ran on to step 4 would leave both waiting)."""
+  """SIGTERM reaches process 1 alone during step 3: both processes stop after step 4 (they
+  agree one step late) and save it together (one saving while the other ran on would leave
+  both waiting)."""
   config = text_config(**{'train.steps': 8, 'train.checkpoint_every': 8, 'train.eval_every': 8})
   pair = str(tmp_path / 'pair')
   first, second = map(launch_summary, run_processes(pair_commands(config, pair), str(tmp_path),
                                                      MTP_TEST_SIGTERM='1:3'))
-  assert (first['step'], second['step']) == (3, 3)
+  assert (first['step'], second['step']) == (4, 4)
   assert second['stopped_by'] == 'SIGTERM' and first['stopped_by'] == 'a signal to another process'
   session, restored = restore(config, pair)
-  assert int(restored['step']) == 3
+  assert int(restored['step']) == 4
+
+
+def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
+  """data.sources=self with cached features: process 0 writes the chats and their features while
+  process 1 waits for the finished cache; then both train their heads on it as one run."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config_file = tmp_path / 'heads.py'
+  config_file.write_text(
+      'from configs import base\n\n\ndef get_config():\n'
+      f'  c = base.pretrained({path!r})\n'
+      '  c.model.max_seq_len = 128\n  c.mtp.depth = 2\n  c.mtp.init_from = "last_block"\n'
+      '  c.train.freeze_trunk = True\n  c.train.head_loss = "distill"\n'
+      '  c.train.distill_topk = 4\n  c.data.sources = "self"\n  c.data.features = True\n'
+      '  c.data.self_tokens = 300\n  c.data.self_answer_len = 16\n'
+      '  c.data.valid_fraction = 0.3\n  c.train.steps = 2\n  c.train.batch_size = 4\n'
+      '  c.train.seq_len = 16\n  c.train.warmup_steps = 1\n  c.train.eval_every = 2\n'
+      '  c.train.checkpoint_every = 2\n  c.decode.eval_prompts = 0\n  return c\n')
+  pair = str(tmp_path / 'pair')
+  stdouts = run_processes(pair_commands(None, pair, str(config_file)), str(tmp_path))
+  first, second = map(launch_summary, stdouts)
+  assert first == second and first['step'] == 2
+  caches = os.listdir(os.path.join(pair, 'data', 'features'))
+  assert len(caches) == 1
+  assert sorted(os.listdir(os.path.join(pair, 'data', 'features', caches[0]))) == sorted(
+      ['meta.json', 'spec.json', *(f'{s}.{n}' for s in ('train', 'valid')
+                                   for n in ('tokens', 'row_start', 'h0', 'top_ids',
+                                             'top_logp'))])
+  waited = open(os.path.join(str(tmp_path), '1.err')).read()
+  assert 'data: waiting for process 0 to build' in waited

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import pretrained_config, random_llama, write_gguf
 from mtp_jax import features as feat_lib
-from mtp_jax import selfdata, train
+from mtp_jax import inference, selfdata, train
 from mtp_jax.config import ConfigError
 from mtp_jax.pretrained import resolve
 
@@ -174,6 +174,12 @@ def test_chats_past_the_rope_range_are_refused_before_anything_is_written(tmp_pa
   with pytest.raises(ConfigError, match=rf'data.self_answer_len={room + 1}: .* needs 129 '
                                         r'positions, more than model.max_seq_len=128'):
     train.Session(config, str(workdir))
+  assert not workdir.exists()
+  # The training-time decode's prompts, checked before the trunk writes any chat.
+  config.data.self_answer_len = room
+  config.decode.eval_prompts, config.decode.max_new_tokens = 1, 200
+  with pytest.raises(ConfigError, match='decode.max_new_tokens=200 .* more than model.max_seq_len'):
+    train.train(config, str(workdir), eval_hook=inference.eval_hook(config))
   assert not workdir.exists()
   prompts.write_text('\n')
   with pytest.raises(ConfigError, match='holds no user turn'):

@@ -86,7 +86,10 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
         if f.read().split() == [spec.sha256, *_stamp(path).split()]:
           return path
     if _sha256(path) == spec.sha256:
-      atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
+      try:
+        atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
+      except OSError:  # a read-only cache: the file is good, it is hashed again next time
+        pass
       return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:

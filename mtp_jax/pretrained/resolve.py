@@ -126,9 +126,10 @@ def check_heads_init(config) -> None:
   if trained_on and config.model.init_from:  # the sha256 of each file holding their trunk
     trunk = open_model(config.model.init_from)
     if trunk.identity not in trained_on.split(','):
+      known = ', '.join(f'{t[:12]}...' for t in trained_on.split(','))
       raise PretrainedError(f'mtp.init_from: {os.path.basename(source)} holds heads trained on '
-                            f'another trunk (sha256 {trained_on[:12]}..., not '
-                            f'{trunk.identity[:12]}... of {os.path.basename(trunk.path)})')
+                            f'another trunk (sha256 {known}, not {trunk.identity[:12]}... of '
+                            f'{os.path.basename(trunk.path)})')
 
 
 def merge(params: dict, parts: dict) -> dict:
