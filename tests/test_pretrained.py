@@ -100,6 +100,8 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
     # older files use
     (dict(floats={'llama.rope.scaling.factor': 4.0}), 'uses RoPE scaling (linear, factor 4.0)'),
     (dict(floats={'llama.rope.scale_linear': 2.0}), 'uses RoPE scaling (linear, factor 2.0)'),
+    (dict(extra={'rope_freqs.weight': np.ones(4, np.float32)}),
+     "scales its rotary frequencies by the tensor 'rope_freqs.weight'"),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)

@@ -103,11 +103,12 @@ def _open(path: str, name: str):
   if missing:
     raise PretrainedError(f'model.init_from: {name} has no llama.{missing[0]} in its metadata')
   # llama.cpp divides the rotary frequencies by rope.scaling.factor (older files:
-  # rope.scale_linear) whatever the type, 0 meaning 1; YaRN and the like change them further.
+  # rope.scale_linear; 0 means 1) unless the type is 'none', linear being the type a file that
+  # names none gets; YaRN and the like change them further.
   kind = _value(reader, 'llama.rope.scaling.type', '') or ''
   factor = (_value(reader, 'llama.rope.scaling.factor')
             or _value(reader, 'llama.rope.scale_linear') or 0.0)
-  if kind not in ('', 'none', 'linear') or float(factor) not in (0.0, 1.0):
+  if kind not in ('', 'none', 'linear') or (kind != 'none' and float(factor) not in (0.0, 1.0)):
     raise PretrainedError(f'model.init_from: {name} uses RoPE scaling ({kind or "linear"}, '
                           f'factor {float(factor) or "unset"}), which is not supported')
   return reader
@@ -118,6 +119,9 @@ def _tensors(reader, name: str) -> dict:
   tensors = {}
   for t in reader.tensors:
     hf = hf_name(t.name)
+    if t.name == 'rope_freqs.weight':  # Llama 3.1's frequency factors
+      raise PretrainedError(f"model.init_from: {name} scales its rotary frequencies by the "
+                            "tensor 'rope_freqs.weight', which is not supported")
     if hf is None:
       raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
                             'a Llama model this project reads')
