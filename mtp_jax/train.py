@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from mtp_jax import atomic
@@ -379,8 +381,21 @@ class Session(Program):
     cache = feat_lib.load(directory)
     if cache is not None:
       return cache
-    if jax.process_index() > 0:  # process 0 builds it (the workdir is shared, as for Orbax)
-      return _wait_for_cache(directory)
+    failed = os.path.join(directory, FAILED)
+    if jax.process_count() > 1:  # process 0 builds it (the workdir is shared, as for Orbax)
+      if jax.process_index() == 0 and os.path.exists(failed):
+        os.remove(failed)  # left by an earlier attempt; this one starts afresh
+      multihost_utils.sync_global_devices(f'mtp_jax:build {directory}')
+      if jax.process_index() > 0:
+        return _wait_for_cache(directory)
+    try:
+      return self._build_here(directory, spec, write)
+    except BaseException as e:  # the processes waiting for the cache learn why it never comes
+      if jax.process_count() > 1:
+        atomic.write_text(failed, f'{type(e).__name__}: {e}')
+      raise
+
+  def _build_here(self, directory: str, spec: dict, write) -> dict:
     source = feat_lib.rows_source(directory, spec)
     if source:
       print(f'data: features of the rows in {source}, recomputed', file=sys.stderr)
@@ -512,11 +527,18 @@ def _any_process(flag: bool):
   return jax.jit(jnp.max, out_shardings=replicated)(flags)
 
 
+FAILED = 'FAILED'  # in a cache's directory: why process 0 could not build it
+
+
 def _wait_for_cache(directory: str, poll_s: float = 5.0) -> dict:
-  """The cache process 0 is building in `directory`, once it is finished."""
+  """The cache process 0 is building in `directory`, once it is finished; DataError with
+  process 0's reason if it stops without it."""
   start = time.monotonic()
   announced = 0.0
   while (cache := feat_lib.load(directory)) is None:
+    if os.path.exists(os.path.join(directory, FAILED)):
+      with open(os.path.join(directory, FAILED)) as f:
+        raise data_lib.DataError(f'process 0 could not build {directory}: {f.read()}')
     if time.monotonic() - start >= announced:
       print(f'data: waiting for process 0 to build {directory}', file=sys.stderr)
       announced += 300
@@ -750,8 +772,9 @@ def save_token_rank(workdir: str, rank: np.ndarray) -> None:
   """WORKDIR/token_rank.npy: the training data's token ids by frequency, which a reduced draft
   vocabulary reads when decoding and --mode export ships with the heads."""
   path = os.path.join(workdir, TOKEN_RANK)
-  tmp = f'{path}.tmp{os.getpid()}.npy'
-  np.save(tmp, rank)
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=TOKEN_RANK + '.', suffix='.npy')
+  with os.fdopen(fd, 'wb') as f:  # a name no other process (on any host) writes
+    np.save(f, rank)
   os.replace(tmp, path)
 
 

@@ -122,9 +122,8 @@ def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
   assert int(restored['step']) == 4
 
 
-def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
-  """data.sources=self with cached features: process 0 writes the chats and their features while
-  process 1 waits for the finished cache; then both train their heads on it as one run."""
+def heads_config_file(tmp_path, valid_fraction: float = 0.3) -> str:
+  """A config file training two heads on chats and features a tiny random trunk writes."""
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
   config_file = tmp_path / 'heads.py'
   config_file.write_text(
@@ -134,11 +133,18 @@ def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
       '  c.train.freeze_trunk = True\n  c.train.head_loss = "distill"\n'
       '  c.train.distill_topk = 4\n  c.data.sources = "self"\n  c.data.features = True\n'
       '  c.data.self_tokens = 300\n  c.data.self_answer_len = 16\n'
-      '  c.data.valid_fraction = 0.3\n  c.train.steps = 2\n  c.train.batch_size = 4\n'
-      '  c.train.seq_len = 16\n  c.train.warmup_steps = 1\n  c.train.eval_every = 2\n'
-      '  c.train.checkpoint_every = 2\n  c.decode.eval_prompts = 0\n  return c\n')
+      f'  c.data.valid_fraction = {valid_fraction}\n  c.train.steps = 2\n'
+      '  c.train.batch_size = 4\n  c.train.seq_len = 16\n  c.train.warmup_steps = 1\n'
+      '  c.train.eval_every = 2\n  c.train.checkpoint_every = 2\n'
+      '  c.decode.eval_prompts = 0\n  return c\n')
+  return str(config_file)
+
+
+def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
+  """data.sources=self with cached features: process 0 writes the chats and their features while
+  process 1 waits for the finished cache; then both train their heads on it as one run."""
   pair = str(tmp_path / 'pair')
-  stdouts = run_processes(pair_commands(None, pair, str(config_file)), str(tmp_path))
+  stdouts = run_processes(pair_commands(None, pair, heads_config_file(tmp_path)), str(tmp_path))
   first, second = map(launch_summary, stdouts)
   assert first == second and first['step'] == 2
   caches = os.listdir(os.path.join(pair, 'data', 'features'))
@@ -147,5 +153,24 @@ def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
       ['meta.json', 'spec.json', *(f'{s}.{n}' for s in ('train', 'valid')
                                    for n in ('tokens', 'row_start', 'h0', 'top_ids',
                                              'top_logp'))])
-  waited = open(os.path.join(str(tmp_path), '1.err')).read()
-  assert 'data: waiting for process 0 to build' in waited
+  # process 0 wrote the chats; process 1 only read them
+  assert 'data: trunk writes chats' in open(os.path.join(str(tmp_path), '0.err')).read()
+  assert 'data: trunk writes chats' not in open(os.path.join(str(tmp_path), '1.err')).read()
+
+
+def test_a_cache_process_0_cannot_build_ends_the_others_with_its_reason(tmp_path):
+  """No row held out (valid_fraction 0.001): process 0's build fails, and process 1, waiting for
+  the cache, stops with process 0's one-line reason instead of waiting on."""
+  commands = pair_commands(None, str(tmp_path / 'pair'), heads_config_file(tmp_path, 0.001))
+  procs = [subprocess.Popen(c, cwd=REPO, env=cpu_env(devices=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for c in commands]
+  try:
+    results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [2, 2], [r[1][-2000:] for r in results]
+  assert results[0][1].strip().splitlines()[-1].startswith('error: the valid split of')
+  assert results[1][1].strip().splitlines()[-1].startswith('error: process 0 could not build')
+  assert 'the valid split of' in results[1][1].strip().splitlines()[-1]
