@@ -6,10 +6,10 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import flax.linen as nn
@@ -771,11 +771,9 @@ TOKEN_RANK = 'token_rank.npy'
 def save_token_rank(workdir: str, rank: np.ndarray) -> None:
   """WORKDIR/token_rank.npy: the training data's token ids by frequency, which a reduced draft
   vocabulary reads when decoding and --mode export ships with the heads."""
-  path = os.path.join(workdir, TOKEN_RANK)
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=TOKEN_RANK + '.', suffix='.npy')
-  with os.fdopen(fd, 'wb') as f:  # a name no other process (on any host) writes
-    np.save(f, rank)
-  os.replace(tmp, path)
+  data = io.BytesIO()
+  np.save(data, rank)
+  atomic.write_bytes(os.path.join(workdir, TOKEN_RANK), data.getvalue())
 
 
 def evaluate(config, workdir: str) -> dict:
