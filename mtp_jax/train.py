@@ -746,6 +746,9 @@ def train(config, workdir: str, eval_hook=None) -> dict:
         if stop:
           stopped_by = stop
           break
+      else:
+        if jax.process_count() > 1:  # a signal during the last step, agreed like the others
+          stopped_by = preempt.agreed()
       log.flush()
       finished = True
     finally:

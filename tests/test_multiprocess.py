@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import (REPO, cpu_env, flat, launch_summary, random_llama, raw_steps, restore,
                       scalars, text_config, write_gguf)
@@ -108,18 +109,20 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
     np.testing.assert_allclose(evaluated[name], value, rtol=1e-5, err_msg=name)
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
-  """SIGTERM reaches process 1 alone during step 3: both processes stop after step 4 (they
-  agree one step late) and save it together (one saving while the other ran on would leave
-  both waiting)."""
-  config = text_config(**{'train.steps': 8, 'train.checkpoint_every': 8, 'train.eval_every': 8})
+@pytest.mark.parametrize('signalled,stopped', [(3, 4), (8, 8)])
+def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path, signalled, stopped):
+  """SIGTERM reaches process 1 alone during a step: both processes stop after the next one (they
+  agree one step late), or after the last, and save it together (one saving while the other ran
+  on would leave both waiting)."""
+  config = text_config(**{'train.steps': 8, 'train.checkpoint_every': 8, 'train.eval_every': 8,
+                          'run_after_train': 'eval'})
   pair = str(tmp_path / 'pair')
-  first, second = map(launch_summary, run_processes(pair_commands(config, pair), str(tmp_path),
-                                                     MTP_TEST_SIGTERM='1:3'))
-  assert (first['step'], second['step']) == (4, 4)
+  first, second = map(launch_summary, run_processes(
+      pair_commands(config, pair), str(tmp_path), MTP_TEST_SIGTERM=f'1:{signalled}'))
+  assert (first['step'], second['step']) == (stopped, stopped)
   assert second['stopped_by'] == 'SIGTERM' and first['stopped_by'] == 'a signal to another process'
   session, restored = restore(config, pair)
-  assert int(restored['step']) == 4
+  assert int(restored['step']) == stopped
 
 
 def heads_config_file(tmp_path, valid_fraction: float = 0.3) -> str:
