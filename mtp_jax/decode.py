@@ -57,6 +57,7 @@ from mtp_jax.model import MTPLanguageModel, kernel_layout, narrow_heads, project
 class WholeVocabulary:
   """The parts of the decoder's model interface for a model that drafts over every token and
   reads its params as given (test stubs build on it)."""
+  max_positions = None  # the positions the model can encode (None: no limit)
 
   def prepare(self, params):
     return params
@@ -123,6 +124,10 @@ class DecodeModel(WholeVocabulary):
   @property
   def depth(self) -> int:
     return self.cfg.mtp_depth
+
+  @property
+  def max_positions(self) -> int:  # past it every position takes the last RoPE angle
+    return self.cfg.max_seq_len
 
   @property
   def chains(self) -> bool:
@@ -684,6 +689,9 @@ class Decoder:
     if not 1 <= s.candidate_depth <= max(s.draft_len, 1):
       raise ValueError(f'candidate_depth={s.candidate_depth}: a branch holds 1..draft_len='
                        f'{s.draft_len} drafts')
+    if model.max_positions is not None and cache_len > model.max_positions:
+      raise ValueError(f'a cache of {cache_len} positions is past model.max_seq_len='
+                       f'{model.max_positions}')
     self.model = model
     self.jitted = jax.jit(functools.partial(decode_loop, model, s=s, cache_len=cache_len,
                                             batch=batch))

@@ -57,23 +57,14 @@ def _decode(trunk: Trunk, prompts: list[list[int]], s: dec.Settings, key, width:
   return jax.device_get(fn(trunk.params, prompts_BxP, lens, key))
 
 
-def _settings(model, answer_len: int, temperature: float, topk: int):
-  """How user turns are invented and how answers are sampled."""
-  return (dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=model.eos_id),
-          dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=model.eos_id,
-                       capture_topk=topk))
-
-
 def check_fits(model, queries: list[list[int]] | None, answer_len: int, max_len: int) -> None:
   """One-line error, before anything runs, when a chat (the template around the longest user
-  turn, then an answer of answer_len tokens) would pass max_len positions, the RoPE range.
-  `model` is the trunk writing the chats, or the Session that will make it."""
+  turn, then an answer of answer_len tokens) would pass max_len positions, the RoPE range (an
+  invented turn fits where its answer does). `model` is the Session that will write the chats
+  (the decoder refuses a cache past the range as well)."""
   before, after = chat_frame(model)
-  ask, answer = _settings(model, answer_len, 0.0, 0)
   turn = max(map(len, queries)) if queries else QUERY_LEN
-  need = dec.cache_length(len(before) + turn + len(after), answer)
-  if not queries:
-    need = max(need, dec.cache_length(len(before), ask))
+  need = dec.cache_length(len(before) + turn + len(after), dec.Settings(max_new_tokens=answer_len))
   if need > max_len:
     raise ConfigError(f'data.self_answer_len={answer_len}: a chat of the longest user turn '
                       f'({turn} tokens, with the chat template around it) and its answer needs '
@@ -88,9 +79,10 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
   temperature 1 (for variety) until it ends; then the answer at `temperature`, keeping features
   when topk > 0."""
   before, after = chat_frame(trunk)
+  ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
   given = [encode(trunk, q) for q in queries] if queries else None
-  check_fits(trunk, given, answer_len, trunk.model.cfg.max_seq_len)
-  ask, answer = _settings(trunk, answer_len, temperature, topk)
+  answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
+                        capture_topk=topk)
   width = len(before) + (max(map(len, given)) if given else QUERY_LEN) + len(after)
   have = builder.positions()
   index = max(builder.done(), default=-1) + 1

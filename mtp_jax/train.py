@@ -512,19 +512,20 @@ def _digest(*arrays) -> str:
 
 
 @functools.cache
-def _process_mesh():
+def _process_max():
+  """(the sharding of one value per process, the jitted max over them, replicated)."""
   devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
   mesh = jax.sharding.Mesh(devices, ('processes', 'local'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('processes')),
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+          jax.jit(jnp.max, out_shardings=replicated))
 
 
 def _any_process(flag: bool):
   """Whether `flag` is set in any process, as a replicated scalar being computed (a collective:
   every process calls it)."""
-  per_process, replicated = _process_mesh()
-  flags = jax.make_array_from_process_local_data(per_process, np.array([flag], np.int32))
-  return jax.jit(jnp.max, out_shardings=replicated)(flags)
+  per_process, maximum = _process_max()
+  return maximum(jax.make_array_from_process_local_data(per_process, np.array([flag], np.int32)))
 
 
 FAILED = 'FAILED'  # in a cache's directory: why process 0 could not build it

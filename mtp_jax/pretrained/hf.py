@@ -42,13 +42,13 @@ def rope_theta(c: dict, name: str) -> float:
   """The rotary base of a config.json: top-level `rope_theta` with `rope_scaling` (transformers
   4), or both inside `rope_parameters` (transformers 5). Only unscaled rotary embeddings are
   supported; a scaling type is refused rather than ignored."""
-  params = c.get('rope_parameters') or {}
   for key in ('rope_scaling', 'rope_parameters'):
-    kind = (c.get(key) or {}).get('rope_type', (c.get(key) or {}).get('type', 'default'))
+    given = c.get(key) or {}
+    kind = given.get('rope_type', given.get('type', 'default'))
     if kind != 'default':
       raise PretrainedError(f'model.init_from: {name} sets {key} of type {kind!r}; only unscaled '
                             "rotary embeddings ('default') are supported")
-  return float(params.get('rope_theta', c.get('rope_theta', 10000.0)))
+  return float((c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 10000.0)))
 
 
 def fields_from_config(c: dict, name: str) -> dict:
