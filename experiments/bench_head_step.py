@@ -3,8 +3,8 @@ as configs/smollm2_heads.py trains on), for one or more variants of the config, 
 bench_train.py times token windows across depths and kinds; this times the step a config runs.
 
 Run: python experiments/bench_head_step.py --config configs/smollm2_heads.py \
-       --variant train.remat_logits=True --variant train.remat_logits=False [--steps 6] \
-       [--rounds 3] [--trace DIR]
+       --variant train.remat_logits=True --variant train.remat_logits=False [--steps 12] \
+       [--trace DIR]
 Each --variant is a comma-separated list of FIELD=VALUE overrides of the config (none: the config
 as it is). Prints per variant: the fastest step in ms, tokens/s, and XLA's temporary buffers for
 the step (MiB, its compiled memory analysis). With --trace DIR, also writes a jax.profiler trace
@@ -16,9 +16,6 @@ temporary directory, removed at the end.
 
 import ast
 import collections
-import glob
-import gzip
-import json
 import os
 import re
 import shutil
@@ -33,8 +30,8 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
                                           'Path to a config file.', lock_config=True)
 _VARIANTS = flags.DEFINE_multi_string('variant', [], 'FIELD=VALUE[,FIELD=VALUE...] overrides.')
-_STEPS = flags.DEFINE_integer('steps', 6, 'Timed steps per variant and round, after 2 warm-up.')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved rounds; the fastest step is kept.')
+_STEPS = flags.DEFINE_integer('steps', 12, 'Timed steps per variant, one of each variant in '
+                              'turn after one warm-up step each; the fastest is kept.')
 _TRACE = flags.DEFINE_string('trace', '', 'Write a profiler trace of the first variant here.')
 
 
@@ -53,16 +50,13 @@ def parse_variant(text: str) -> dict:
 
 
 def op_kinds(trace_dir: str, steps: int) -> list[tuple[str, float]]:
-  """(operation kind, ms per step) from a jax.profiler trace, largest first: XLA's thunks by
-  name without their numeric suffix."""
-  path = max(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
-             key=os.path.getmtime)  # this run's, where DIR holds earlier traces too
-  with gzip.open(path) as f:
-    events = json.load(f)
-  events = events['traceEvents'] if isinstance(events, dict) else events
+  """(operation kind, ms per step) from the newest jax.profiler trace in trace_dir (this run's,
+  where it holds earlier ones too), largest first: XLA's thunks by name without their numeric
+  suffix."""
+  from mtp_jax import measure
   total = collections.Counter()
-  for e in events:
-    if e.get('ph') == 'X' and 'dur' in e and not e['name'].startswith(('ThunkExecutor', '$')):
+  for e in measure.trace_events(trace_dir):
+    if not e['name'].startswith(('ThunkExecutor', '$')):
       total[re.sub(r'\.\d+$', '', e['name'])] += e['dur'] / 1e3 / steps
   return total.most_common()
 
@@ -78,8 +72,8 @@ def main(argv):
   root = tempfile.mkdtemp(prefix='bench_head_step_')
   try:
     try:
-      if _STEPS.value < 1 or _ROUNDS.value < 1:
-        raise ConfigError('--steps and --rounds must be >= 1')
+      if _STEPS.value < 1:
+        raise ConfigError('--steps must be >= 1')
       configs = [apply_overrides(_CONFIG.value, parse_variant(v)) for v in texts]
       sessions = [train.Session(c, os.path.join(root, str(i))) for i, c in enumerate(configs)]
     except (ConfigError, ValueError, TypeError) as e:  # TypeError: a value of the wrong type
@@ -102,11 +96,10 @@ def main(argv):
         return metrics
       calls.append(call)
     # Every variant one step in turn, so a slow spell of the machine slows them alike.
-    best, _ = measure.fastest(calls, _ROUNDS.value * _STEPS.value, warmup=True,
-                              desc='bench_head_step: steps')
+    best, _ = measure.fastest(calls, _STEPS.value, warmup=True, desc='bench_head_step: steps')
     print(f'machine: {measure.machine()}')
-    print(f"{' / '.join(map(str, tokens))} positions a step; the fastest of {_ROUNDS.value} x "
-          f'{_STEPS.value} steps')
+    print(f"{' / '.join(map(str, tokens))} positions a step; the fastest of {_STEPS.value} "
+          'steps')
     print(f"{'ms/step':>8} {'tokens/s':>9} {'temp MiB':>8}  variant")
     for text, seconds, n, temp in zip(texts, best, tokens, memory):
       print(f'{seconds * 1e3:>8.1f} {n / seconds:>9.0f} {temp:>8.0f}  {text or "(config)"}')

@@ -103,9 +103,7 @@ class Step:
   compile_s: float
 
   def flops(self) -> dict:
-    t = self.config.train
-    return costs.train_flops(self.program.cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
-                             draft_vocab=t.draft_vocab, remat_logits=t.remat_logits)
+    return costs.train_flops_of(self.program.cfg, self.config.train)
 
 
 def build_step(config, mesh, overrides: dict) -> Step:
@@ -208,9 +206,7 @@ def print_flops(config, depths, kinds):
   base = None
   for label, overrides in plan_of(depths, kinds):
     c = apply_overrides(config, overrides)
-    counts = costs.train_flops(ModelConfig.from_config(c), c.train.batch_size, c.train.seq_len,
-                               frozen=c.train.freeze_trunk, draft_vocab=c.train.draft_vocab,
-                               remat_logits=c.train.remat_logits)
+    counts = costs.train_flops_of(ModelConfig.from_config(c), c.train)
     base = base or (counts['model'] if label['depth'] == 0 else None)
     ratio = f", F(D)/F(0) {counts['model'] / base:.3f}" if base else ''
     print(f"  {label['kind']:>10} D={label['depth']}: {counts['model'] / 1e12:.4g} model TFLOP, "

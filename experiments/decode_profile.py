@@ -33,8 +33,6 @@ decode.draft_vocab, ...).
 import collections
 import dataclasses
 import functools
-import glob
-import gzip
 import json
 import os
 import re
@@ -203,20 +201,16 @@ def traced_kinds(compiled, args, calls: int) -> dict | None:
   of the module's operations (a backend whose trace names its device kernels instead)."""
   import jax
   kinds = op_kinds(compiled.as_text())
+  from mtp_jax import measure
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       jax.block_until_ready(compiled(*args))
-    paths = glob.glob(os.path.join(directory, '**', '*.trace.json.gz'), recursive=True)
-    if not paths:
-      raise RuntimeError(f'jax.profiler wrote no trace under {directory}')
-    with gzip.open(paths[0]) as f:
-      trace = json.load(f)
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    events = measure.trace_events(directory)
   totals = collections.Counter({kind: 0.0 for kind in KINDS})
   matched = 0
   for event in events:
-    if event.get('ph') == 'X' and event.get('name') in kinds:
-      totals[kinds[event['name']]] += event.get('dur', 0) / 1e3 / calls  # dur: microseconds
+    if event['name'] in kinds:
+      totals[kinds[event['name']]] += event['dur'] / 1e3 / calls  # dur: microseconds
       matched += 1
   return dict(totals) if matched else None
 

@@ -135,6 +135,13 @@ def train_flops(cfg: ModelConfig, batch: int, seq_len: int, *, frozen: bool = Fa
           'parts_forward_per_token': parts}
 
 
+def train_flops_of(cfg: ModelConfig, t) -> dict:
+  """train_flops of the step a config trains: `cfg` its model, `t` its train section (batch,
+  window, frozen trunk, draft vocabulary, kept or recomputed logits)."""
+  return train_flops(cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
+                     draft_vocab=t.draft_vocab, remat_logits=t.remat_logits)
+
+
 def xla_cost(stage) -> dict:
   """XLA's FLOPs and bytes accessed of a lowered or compiled function (cost_analysis returns a
   dict or, in older jax, a list of them)."""

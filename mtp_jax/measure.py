@@ -3,6 +3,9 @@ machine, and the rooflines (matmul FLOP/s, memory read bytes/s) that measured ti
 """
 
 import functools
+import glob
+import gzip
+import json
 import os
 import platform
 import sys
@@ -84,6 +87,18 @@ def fastest(calls, rounds: int, warmup: bool = False, desc: str = ''):
   Returns (each call's fastest seconds, each call's last output)."""
   seconds, outputs = timings(calls, rounds, int(warmup), desc)
   return [min(s, default=float('inf')) for s in seconds], outputs
+
+
+def trace_events(directory: str) -> list[dict]:
+  """The operations ('X' events: name, 'dur' in microseconds, thread) of the newest
+  jax.profiler trace under `directory`."""
+  paths = glob.glob(os.path.join(directory, '**', '*.trace.json.gz'), recursive=True)
+  if not paths:
+    raise RuntimeError(f'jax.profiler wrote no trace under {directory}')
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get('ph') == 'X' and 'dur' in e]
 
 
 def _best_rate(fn, args, work: float, runs: int, min_seconds: float = 0.05) -> float:

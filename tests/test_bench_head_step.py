@@ -15,7 +15,7 @@ def test_bench_head_step_times_each_variant_and_summarises_a_trace(tmp_path):
                           'data.cache_dir': str(tmp_path / 'data')})
   trace = tmp_path / 'trace'
   proc = run_script('experiments/bench_head_step.py', '--config', 'configs/base.py',
-                    *[f'--variant={v}' for v in VARIANTS], '--steps', '1', '--rounds', '1',
+                    *[f'--variant={v}' for v in VARIANTS], '--steps', '1',
                     f'--trace={trace}', *as_flags(config), timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout

@@ -55,8 +55,7 @@ def test_hardware_flops_match_xla(overrides):
   draft_ids = jax.ShapeDtypeStruct((t.draft_vocab,), jnp.int32)
   with sharding.active(mesh):
     lowered = program.lower_train_step(batch, draft_ids)
-  flops = costs.train_flops(program.cfg, t.batch_size, t.seq_len, frozen=t.freeze_trunk,
-                            draft_vocab=t.draft_vocab, remat_logits=t.remat_logits)
+  flops = costs.train_flops_of(program.cfg, t)
   ratio = costs.xla_cost(lowered)['flops'] / flops['hardware']
   assert 1 <= ratio < 1 + TOLERANCE, ratio
 
@@ -104,8 +103,7 @@ def test_bench_train_prints_the_step_flops_with_no_device_work():
   for depth in (0, 1):
     c = gpu_125m.get_config()
     c.mtp.depth = depth
-    counts.append(costs.train_flops(ModelConfig.from_config(c), c.train.batch_size,
-                                    c.train.seq_len))
+    counts.append(costs.train_flops_of(ModelConfig.from_config(c), c.train))
   for line, count in zip(lines, counts):
     tflop = lambda key: f'{count[key] / 1e12:.4g}'
     assert f"{tflop('model')} model TFLOP, {tflop('hardware')} hardware TFLOP" in line
