@@ -95,7 +95,7 @@ def our_systems(session, params, prompts: list[list[int]], max_new: int) -> list
   systems = []
   width = max(len(ids) for ids in prompts)  # one compilation per S, shared by the prompts
   for S in range(session.cfg.mtp_depth + 1):
-    s = dec.Settings(draft_len=S, max_new_tokens=max_new, eos_id=session.eos_id)
+    s = dec.Settings(draft_len=S, max_new_tokens=max_new, stop_ids=session.stop_ids)
     calls = [inference.prepared_decoder(session.decode_model, params, [ids], s, width=width)
              for ids in prompts]
     systems.append(System('ours ar' if S == 0 else f'ours mtp S={S}', calls,
@@ -115,7 +115,7 @@ def our_logits(session, params, ids: list[int]) -> np.ndarray:
 # Hugging Face transformers.
 
 
-def hf_systems(export_dir: str, prompts, max_new: int, eos: int, threads: int, step_bytes: int,
+def hf_systems(export_dir: str, prompts, max_new: int, stop_ids, threads: int, step_bytes: int,
                skip):
   """transformers' greedy `generate` and its prompt-lookup decoding on the export; returns the
   model too, for the checks."""
@@ -127,8 +127,8 @@ def hf_systems(export_dir: str, prompts, max_new: int, eos: int, threads: int, s
   def generate(ids, **extra):
     with torch.inference_mode():
       out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
-                           do_sample=False, max_new_tokens=max_new, eos_token_id=eos,
-                           pad_token_id=eos, **extra)
+                           do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop_ids),
+                           pad_token_id=stop_ids[0], **extra)
     return out[0, len(ids):].tolist()
 
   variants = {'hf': ('transformers', {}),
@@ -191,17 +191,17 @@ def gguf_bytes(path: str) -> int:
   return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
-def llama_generate(llm, ids: list[int], max_new: int, eos: int) -> list[int]:
+def llama_generate(llm, ids: list[int], max_new: int, stop_ids) -> list[int]:
   llm.reset()  # else generate() would keep the KV cache of the previous run's common prefix
   out = []
   for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
     out.append(token)
-    if token == eos or len(out) == max_new:
+    if token in stop_ids or len(out) == max_new:
       break
   return out
 
 
-def llama_systems(q4_path: str, prompts, max_new: int, eos: int, threads: int, skip):
+def llama_systems(q4_path: str, prompts, max_new: int, stop_ids, threads: int, skip):
   """llama.cpp's greedy decoding on the F32 and the Q4_1 file, and its prompt lookup on F32."""
   from llama_cpp import Llama
   from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
@@ -219,7 +219,8 @@ def llama_systems(q4_path: str, prompts, max_new: int, eos: int, threads: int, s
       continue
     llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                 logits_all=False, verbose=False, **extra)
-    systems.append(System(name, [lambda llm=llm, ids=ids: llama_generate(llm, ids, max_new, eos)
+    systems.append(System(name, [lambda llm=llm, ids=ids:
+                                 llama_generate(llm, ids, max_new, stop_ids)
                                  for ids in prompts], list, gguf_bytes(path)))
   return systems
 
@@ -307,18 +308,18 @@ def benchmark(workdir: str) -> dict:
     raise app.UsageError(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
                          f'--num_prompts={_NUM_PROMPTS.value}')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
-  max_new, eos = _MAX_NEW.value, session.eos_id
+  max_new, stop_ids = _MAX_NEW.value, session.stop_ids
   systems = our_systems(session, params, prompts, max_new)
   checks = {}
   if not {'hf', 'hf_lookup'} <= skip:
     export_dir = run.export(config, workdir, 'float32')['directory']
-    model, hf = hf_systems(export_dir, prompts, max_new, eos, threads, systems[0].step_bytes,
+    model, hf = hf_systems(export_dir, prompts, max_new, stop_ids, threads, systems[0].step_bytes,
                            skip)
     systems += hf
     checks['transformers_export'] = hf_checks(model, export_dir, session, params, texts, prompts)
   if not {'llama_f32', 'llama_q4_1', 'llama_lookup'} <= skip:
     q4_path = fetch.fetch('smollm2')
-    systems += llama_systems(q4_path, prompts, max_new, eos, threads, skip)
+    systems += llama_systems(q4_path, prompts, max_new, stop_ids, threads, skip)
     rendered = [chat_turn(session, t) for t in texts]
     checks['llama_cpp_tokenizer_mismatches'] = llama_tokenizer_mismatches(q4_path, rendered,
                                                                           prompts)

@@ -103,8 +103,8 @@ def main(argv):
                                                         [t * 1e3 for t in seconds]))})
     print(f'{R:>5} ' + ' '.join(f'{t * 1e3:>16.3f}' for t in seconds), flush=True)
   if prompts:
-    eos = session.eos_id if session else -1
-    variants = [(name, method, dataclasses.replace(s, draft_len=draft, eos_id=eos,
+    stop_ids = session.stop_ids if session else ()
+    variants = [(name, method, dataclasses.replace(s, draft_len=draft, stop_ids=stop_ids,
                                                    max_new_tokens=d.max_new_tokens))
                 for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
     found = inference.batch1_sweep(inputs.params, prompts,

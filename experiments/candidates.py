@@ -65,8 +65,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   T = _TEMPERATURE.value
-  s_ar = inference.settings(session.config, draft=0, temperature=T, eos_id=session.eos_id)
-  s_mtp = inference.settings(session.config, draft=1, temperature=T, eos_id=session.eos_id)
+  s_ar = inference.settings(session.config, draft=0, temperature=T, stop_ids=session.stop_ids)
+  s_mtp = inference.settings(session.config, draft=1, temperature=T, stop_ids=session.stop_ids)
   # K = 1 has no branches: one row per S; K > 1 one per depth C up to S.
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
                        for S in lens for K in counts

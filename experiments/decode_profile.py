@@ -261,7 +261,7 @@ def main(argv):
       inputs.mesh)
   d = config.decode
   # No end-of-sequence token, so every row runs its decode.max_new_tokens.
-  base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, eos_id=-1)
+  base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, stop_ids=())
   D = cfg.mtp_depth
   if D < 1:
     raise app.UsageError('the model has no MTP heads (mtp.depth=0)')

@@ -56,9 +56,9 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   D, cfg = session.cfg.mtp_depth, session.cfg
-  s_ar = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
+  s_ar = inference.settings(session.config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
   S = _DRAFT_LEN.value or D
-  s_mtp = inference.settings(session.config, draft=S, temperature=0.0, eos_id=session.eos_id)
+  s_mtp = inference.settings(session.config, draft=S, temperature=0.0, stop_ids=session.stop_ids)
   ar_model = dec.decode_model(cfg, config.decode.kernels)
   grid = [(n, t) for n in sizes for t in _DTYPES.value]
   models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n], t)

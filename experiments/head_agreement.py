@@ -144,7 +144,7 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
-  s = inference.settings(session.config, draft=0, temperature=0.0, eos_id=session.eos_id)
+  s = inference.settings(session.config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
   width = max(len(p) for p in prompts)
   answers = [dec.outputs(inference.prepared_decoder(session.decode_model, params, [p], s,
                                                     width=width)())[0] for p in prompts]
@@ -342,7 +342,8 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) ->
   from mtp_jax import selfdata
   split, D = feat_lib.load(directory)['valid'], session.cfg.mtp_depth
   frame = selfdata.Trunk(model=None, params=None, tokenizer=session.tokenizer,
-                         eos_id=session.eos_id, bos_id=None, chat_template=session.chat_template)
+                         eos_id=session.eos_id, bos_id=None, chat_template=session.chat_template,
+                         stop_ids=session.stop_ids)
   after = selfdata.chat_frame(frame)[1]
   starts = np.flatnonzero(split.row_start).tolist() + [len(split.tokens)]
   L = max(b - a for a, b in zip(starts[:-1], starts[1:]))

@@ -218,7 +218,7 @@ class Settings:
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
-  eos_id: int = -1  # -1: no end-of-sequence token.
+  stop_ids: tuple[int, ...] = ()  # tokens that end a row (the model's EOS, end of turn, ...)
   capture_topk: int = 0  # K > 0: keep the trunk's top-K log-probabilities at every position
   candidates: int = 1  # K > 1 (S >= 1): first drafts verified, see the module doc
   candidate_depth: int = 1  # C in 1..S: drafts per branch, the alternative and C - 1 after it
@@ -442,20 +442,22 @@ def _head_windows(model, n_B, S: int):
 
 
 def _commit(rows: Rows, new_BxC, count_B, s: Settings):
-  """Appends up to count tokens per row (new_BxC), stopping at EOS and max_new_tokens. Returns
-  the rows and how many tokens each took."""
+  """Appends up to count tokens per row (new_BxC), stopping after a stop token and at
+  max_new_tokens. Returns the rows and how many tokens each took."""
   C = new_BxC.shape[1]
   idx = jnp.arange(C)[None, :]
   room = s.max_new_tokens - (rows.n - rows.prompt_len)
   count = jnp.minimum(count_B, room)
-  is_eos = (new_BxC == s.eos_id) & (idx < count[:, None])
-  first_eos = jnp.min(jnp.where(is_eos, idx, C), axis=1)
-  count = jnp.where(rows.done, 0, jnp.minimum(count, first_eos + 1))
+  stops = jnp.zeros(new_BxC.shape, bool)
+  for t in s.stop_ids:
+    stops = stops | (new_BxC == t)
+  first_stop = jnp.min(jnp.where(stops & (idx < count[:, None]), idx, C), axis=1)
+  count = jnp.where(rows.done, 0, jnp.minimum(count, first_stop + 1))
   positions = rows.n[:, None] + idx
   tokens = write_cache(rows.tokens, jnp.where(idx < count[:, None], new_BxC,
                                                _gather(rows.tokens, positions)), positions)
   n = rows.n + count
-  done = rows.done | (first_eos < count) | (n - rows.prompt_len >= s.max_new_tokens)
+  done = rows.done | (first_stop < count) | (n - rows.prompt_len >= s.max_new_tokens)
   return rows.replace(tokens=tokens, n=n, done=done), count
 
 
@@ -739,7 +741,7 @@ def pad_prompts(prompts: list[list[int]], width: int = 0):
 
 
 def outputs(state: State) -> list[list[int]]:
-  """The generated tokens of each prompt (up to and including EOS), in queue order."""
+  """The generated tokens of each prompt (up to and including its stop token), in queue order."""
   tokens, n = np.asarray(state.out_tokens), np.asarray(state.out_len)
   return [tokens[q, :n[q]].tolist() for q in range(tokens.shape[0])]
 

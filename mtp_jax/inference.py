@@ -20,7 +20,7 @@ from mtp_jax.config import ConfigError, draft_len
 from mtp_jax.pretrained.tokenizer import chat_turn
 
 
-def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settings:
+def settings(config, *, stop_ids: tuple[int, ...], draft=None, temperature=None) -> dec.Settings:
   """Settings from config.decode; draft (S) defaults to the config's (0 for decode.method=ar).
   `ar` verifies no alternatives (decode.candidates is set to 1). A branch holds at most S
   drafts (decode.candidate_depth is cut to S)."""
@@ -30,7 +30,7 @@ def settings(config, *, eos_id: int, draft=None, temperature=None) -> dec.Settin
   K = d.candidates if S > 0 else 1
   # Without alternatives there are no branches: one Settings (and compilation) for the chain.
   return dec.Settings(draft_len=S, max_new_tokens=d.max_new_tokens, temperature=T, top_k=d.top_k,
-                      top_p=d.top_p, eos_id=eos_id, candidates=K,
+                      top_p=d.top_p, stop_ids=stop_ids, candidates=K,
                       candidate_depth=min(d.candidate_depth, S) if K > 1 else 1)
 
 
@@ -166,7 +166,7 @@ def demo_step(session, params, ids: list[int]) -> dict:
   trunk's and every depth's logits at the prompt's end, the drafts, and what was committed."""
   D = session.cfg.mtp_depth
   model = session.decode_model
-  s = dec.Settings(draft_len=D, max_new_tokens=D + 1, eos_id=session.eos_id)
+  s = dec.Settings(draft_len=D, max_new_tokens=D + 1, stop_ids=session.stop_ids)
   check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len)
   prompts_1xP, lens = dec.pad_prompts([ids])
   cache_len = dec.cache_length(len(ids), s)
@@ -198,8 +198,8 @@ def demo(session, params, prompt: str) -> dict:
     raise ConfigError('demo needs MTP heads, but the checkpoint has mtp.depth=0')
   ids = encode_prompt(session, prompt, session.config.decode.chat)
   one = demo_step(session, params, ids)
-  ar_state, ar_time = decode(session, params, [ids],
-                             dec.Settings(draft_len=0, max_new_tokens=D + 1, eos_id=session.eos_id))
+  ar_state, ar_time = decode(session, params, [ids], dec.Settings(
+      draft_len=0, max_new_tokens=D + 1, stop_ids=session.stop_ids))
   chain = dec.outputs(ar_state)[0]
   print(f'prompt: {prompt!r} ({len(ids)} tokens)')
   print('top-5 predictions at the end of the prompt:')
@@ -215,8 +215,14 @@ def demo(session, params, prompt: str) -> dict:
   emitted = [first] + one['committed'][:count].tolist()
   print(f"MTP one-shot draft ({one['seconds'] * 1e3:.1f} ms for prefill + one draft-and-verify "
         f'step): {_text(session, [first])!r} + drafts {[_text(session, [t]) for t in drafts]}')
-  print(f'verification accepted {accepted} of {D} drafts and emitted '
-        f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards)')
+  if first in session.stop_ids:  # the row ended at prefill: the step verified nothing
+    accepted = 0
+    print(f'the trunk ended the answer at its first token, {_text(session, [first])!r}: no draft '
+          'was verified')
+  else:
+    cut = ', cut after its stop token' if count < accepted + 1 else ''
+    print(f'verification accepted {accepted} of {D} drafts and emitted '
+          f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards{cut})')
   return {'prompt_tokens': len(ids), 'ar_chain': chain, 'drafts': drafts, 'accepted': accepted,
           'emitted': emitted, 'ar_ms': ar_time * 1e3, 'mtp_ms': one['seconds'] * 1e3}
 
@@ -245,7 +251,7 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
 
 
 def generate(session, params, prompts: list[list[int]], config) -> dict:
-  s = settings(config, eos_id=session.eos_id)
+  s = settings(config, stop_ids=session.stop_ids)
   state, seconds = decode(session, params, prompts, s, key=config.seed)
   out = dec.outputs(state)
   for p, o in zip(prompts, out):
@@ -271,7 +277,7 @@ def bench_blocks(session, params, config):
   for temperature in (0.0, 1.0):
     for batch in (1, 8):
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
-      per_S = [settings(config, draft=S, temperature=temperature, eos_id=session.eos_id)
+      per_S = [settings(config, draft=S, temperature=temperature, stop_ids=session.stop_ids)
                for S in range(D + 1)]
       width = max(len(p) for p in prompts)  # one compilation per setting, not per prompt
       calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch,
@@ -363,7 +369,7 @@ def eval_hook(config):
     return None
 
   decode_settings = lambda session: dec.Settings(
-      draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens, eos_id=session.eos_id)
+      draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens, stop_ids=session.stop_ids)
 
   def check(session):
     """The prompts' one-line errors, at the start of training rather than its first evaluation

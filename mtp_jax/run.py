@@ -88,8 +88,8 @@ def export(config, workdir: str, dtype: str) -> dict:
   files = export_lib.export(
       directory, jax.device_get(params)['params'], session.config, session.cfg,
       tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=session.bos_id,
-      chat_template=session.chat_template, dtype=dtype, token_rank=session.token_rank(),
-      same_trunk_as=m.identity if unchanged else '',
+      stop_ids=session.stop_ids, chat_template=session.chat_template, dtype=dtype,
+      token_rank=session.token_rank(), same_trunk_as=m.identity if unchanged else '',
       context_length=m.context_length if m else None)
   print(f'step {step} written to {directory}: {", ".join(files)}')
   return {'step': step, 'directory': directory, 'files': files}

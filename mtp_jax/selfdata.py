@@ -34,6 +34,7 @@ class Trunk:
   eos_id: int
   bos_id: int | None
   chat_template: str
+  stop_ids: tuple[int, ...]  # the tokens that end a turn or an answer
 
 
 def chat_frame(trunk: Trunk) -> tuple[list[int], list[int]]:
@@ -79,10 +80,10 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
   temperature 1 (for variety) until it ends; then the answer at `temperature`, keeping features
   when topk > 0."""
   before, after = chat_frame(trunk)
-  ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, eos_id=trunk.eos_id)
+  ask = dec.Settings(max_new_tokens=QUERY_LEN, temperature=1.0, stop_ids=trunk.stop_ids)
   given = [encode(trunk, q) for q in queries] if queries else None
-  answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature, eos_id=trunk.eos_id,
-                        capture_topk=topk)
+  answer = dec.Settings(max_new_tokens=answer_len, temperature=temperature,
+                        stop_ids=trunk.stop_ids, capture_topk=topk)
   width = len(before) + (max(map(len, given)) if given else QUERY_LEN) + len(after)
   have = builder.positions()
   index = max(builder.done(), default=-1) + 1
@@ -97,7 +98,7 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
         turns = dec.outputs(_decode(trunk, [before] * ROWS_PER_SHARD, ask,
                                     jax.random.fold_in(key, 0), len(before)))
       # The template's text after the user's closes the turn (a turn cut off at QUERY_LEN too).
-      prompts = [before + [t for t in q if t != trunk.eos_id] + after for q in turns]
+      prompts = [before + [t for t in q if t not in trunk.stop_ids] + after for q in turns]
       done = _decode(trunk, prompts, answer, jax.random.fold_in(key, 1),
                      width).rows  # row b decoded prompt b
       rows = []

@@ -290,6 +290,14 @@ class Session(Program):
       return int(self.model_file.eos_id)
     return self.data.eos_id if self.data is not None else -1
 
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The tokens that end a generated row: the model file's (EOS, and the end of a turn where it
+    names one), else the data's EOS."""
+    if self.model_file is not None and self.model_file.stop_ids:
+      return self.model_file.stop_ids
+    return (self.eos_id,) if self.eos_id >= 0 else ()
+
   @functools.cached_property
   def decode_model(self):
     """The model as the decoder sees it: with the native kernels where they run, and drafting
@@ -420,7 +428,7 @@ class Session(Program):
                                     self.config.decode.kernels)
     return selfdata.Trunk(model=model, params=params,
                           tokenizer=m.tokenizer, eos_id=self.eos_id, bos_id=m.bos_id,
-                          chat_template=m.chat_template)
+                          stop_ids=self.stop_ids, chat_template=m.chat_template)
 
   def data_token_rank(self) -> np.ndarray:
     """Token ids by frequency in the training split, most frequent first."""

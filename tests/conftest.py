@@ -311,10 +311,11 @@ def to_gguf_layout(w, heads):
 
 
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
-               extra=None, floats=None, pre='default', chat=CHAT):
+               extra=None, floats=None, pre='default', chat=CHAT, eot=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
   when given. `drop`, `reshape`, `extra` (tensors) and `floats` (metadata keys) make broken files
-  for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template."""
+  for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
+  end-of-turn token id, when given."""
   import gguf
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
@@ -340,6 +341,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_token_types([3 if t.startswith('<|') else 1 for t in tokens])
   w.add_bos_token_id(tokens.index('<|im_start|>'))
   w.add_eos_token_id(tokens.index('<|im_end|>'))
+  if eot is not None:
+    w.add_eot_token_id(eot)
   w.add_chat_template(chat)
   for key, value in (floats or {}).items():
     w.add_float32(key, value)

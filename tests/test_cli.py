@@ -151,7 +151,8 @@ def tiny_llama(tmp_path_factory):
            'qwen': write_gguf(root / 'qwen.gguf', tensors, arch='qwen2'),
            'f64': write_gguf(root / 'f64.gguf', {**tensors, 'model.norm.weight':
                                                  tensors['model.norm.weight'].astype(np.float64)}),
-           'q4': write_gguf(root / 'q4.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0)}
+           'q4': write_gguf(root / 'q4.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0,
+                            eot=261)}
   data = open(files['good'], 'rb').read()
   files['cut'] = str(root / 'cut.gguf')
   with open(files['cut'], 'wb') as f:
@@ -214,6 +215,7 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   from mtp_jax.pretrained import resolve
   back, original = resolve.open_model(str(export)), resolve.open_model(files['q4'])
   assert back.fields == original.fields and back.eos_id == original.eos_id
+  assert back.stop_ids == original.stop_ids == (263, 261)  # the end of a turn too
   for name in ('model.layers.1.self_attn.q_proj.weight', 'model.embed_tokens.weight'):
     np.testing.assert_array_equal(back.get(name), original.get(name))
   assert json.load(open(export / 'config.json'))['max_position_embeddings'] == 512

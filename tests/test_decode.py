@@ -198,14 +198,17 @@ def test_stub_decoder_exact_tokens_and_acceptance(sampled):
 
 
 @ONE_HOT_PATHS
-def test_stub_decoder_eos_and_max_length(sampled):
-  stub = CountingStub(head_error=(0, 0, 1))
-  # EOS = 8 arrives inside an accepted block for row 0 (prompt 5 -> 6 7 8), mid-way for row 1
-  # (prompt 1 -> 2..8); row 2 never meets it and stops at max_new_tokens.
-  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=10, eos_id=8)
-  state = run(stub, None, [[5], [1], [20]], s)
-  assert dec.outputs(state) == [[6, 7, 8], [2, 3, 4, 5, 6, 7, 8], list(range(21, 31))]
-  ar = run(stub, None, [[5], [1], [20]], dataclasses.replace(s, draft_len=0))
+def test_stub_decoder_stop_tokens_and_max_length(sampled):
+  stub = CountingStub(head_error=(0, 0, 1, 0))
+  # Stop token 8 arrives inside an accepted block for row 0 (prompt 5 -> 6 7 8), mid-way for row
+  # 1 (prompt 1 -> 2..8); the other stop token, 16, ends row 3 (12 -> 13..16); row 2 meets
+  # neither and stops at max_new_tokens.
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=10, stop_ids=(8, 16))
+  prompts = [[5], [1], [20], [12]]
+  state = run(stub, None, prompts, s)
+  assert dec.outputs(state) == [[6, 7, 8], [2, 3, 4, 5, 6, 7, 8], list(range(21, 31)),
+                                [13, 14, 15, 16]]
+  ar = run(stub, None, prompts, dataclasses.replace(s, draft_len=0))
   assert dec.outputs(ar) == dec.outputs(state)
   # A first token that is already EOS ends the row without any iteration.
   state = run(stub, None, [[7]], s)
@@ -391,7 +394,7 @@ def test_rows_take_the_next_prompt_when_theirs_finishes(sampled):
   """Five prompts through two rows: the outputs and per-prompt counts equal decoding all five at
   once, and the loop runs fewer iterations than one row decoding them in turn."""
   stub = OddTokenStub()
-  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=9, eos_id=8)
+  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=9, stop_ids=(8,))
   prompts = [[3, 4], [10], [5], [20, 21, 22], [1]]
   together = run(stub, None, prompts, s)
   queued = run_queued(stub, None, prompts, s, batch=2)

@@ -193,7 +193,7 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
                               ('sparse tree 4', 2)})
   for S, K, C in [(1, 1, 1), (1, 2, 1), (1, 3, 1), (2, 1, 1), (2, 2, 1), (2, 3, 1), (2, 3, 2)]:
     s = dataclasses.replace(
-        inference.settings(config, draft=S, temperature=0.0, eos_id=session.eos_id),
+        inference.settings(config, draft=S, temperature=0.0, stop_ids=session.stop_ids),
         candidates=K, candidate_depth=C)
     state, _ = inference.decode(session, params, prompts, s)
     assert dec.outputs(state) == answers

@@ -119,7 +119,7 @@ def test_demo_and_generate(trained, capsys, tmp_path):
   assert all(0 < len(o) <= config.decode.max_new_tokens for o in result['outputs'])
   # The 'ids:' line is those four tokens: the same as decoding them directly.
   _, params = inference.load_params(session)
-  s = inference.settings(session.config, eos_id=session.eos_id)
+  s = inference.settings(session.config, stop_ids=session.stop_ids)
   direct = inference.prepared_decoder(session.decode_model, params, [[5, 6, 7, 8]], s)()
   assert result['outputs'][1] == dec.outputs(direct)[0]
   # and the text line is the text's tokens

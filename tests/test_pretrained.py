@@ -4,6 +4,7 @@ forward; the tokenizer and chat template come with the model; heads and trunk ex
 back; a frozen trunk stays bit for bit what the file holds."""
 
 import copy
+import json
 import os
 
 import jax
@@ -277,6 +278,46 @@ def test_a_pretrained_start_is_the_random_start_with_the_files_in_place(tmp_path
   step, state, _ = session.restore_or_init()
   assert step == 0
   assert_bitwise_equal(state, {**random_state, 'params': want})
+
+
+def test_generation_stops_at_every_end_token_the_file_names(tmp_path, capsys):
+  """Llama 3 ends a turn with <|eot_id|>, which GGUF files name as the end-of-turn token beside
+  EOS (llama.cpp stops at either) and HF files list among several EOS ids: decoding stops at the
+  first of any of them."""
+  from mtp_jax import inference
+  tensors = random_llama()
+
+  def generated(path, workdir):
+    config = pretrained.resolve_config(pretrained_config(path))
+    session = train.Session(config, str(tmp_path / workdir), data=False)
+    prompt = inference.encode_prompt(session, 'the tin', chat=True)
+    out = inference.generate(session, inference.load_params(session)[1], [prompt], config)
+    return session, out['outputs'][0]
+
+  session, out = generated(write_gguf(tmp_path / 'plain.gguf', tensors), 'plain')
+  assert session.stop_ids == (263,) and len(out) == 8 and 263 not in out
+  # The end-of-turn token is one the model emits, after another token, so the loop must stop.
+  j = next(j for j in range(1, len(out)) if out[j] not in out[:j])
+  session, cut = generated(write_gguf(tmp_path / 'eot.gguf', tensors, eot=out[j]), 'eot')
+  assert session.stop_ids == (263, out[j]) and session.eos_id == 263
+  assert cut == out[:j + 1]
+  # The demo's one verification step reports the stop: a first token that ends the answer
+  # verifies nothing.
+  assert out[1] != out[0]
+  for first_stops, eot in ((False, out[1]), (True, out[0])):
+    session, _ = generated(write_gguf(tmp_path / f'eot{eot}.gguf', tensors, eot=eot), f'd{eot}')
+    demo = inference.demo(session, inference.load_params(session)[1], 'the tin')
+    if first_stops:
+      assert demo['emitted'] == [out[0]] and demo['accepted'] == 0
+      assert 'ended the answer at its first token' in capsys.readouterr().out
+    else:
+      assert demo['emitted'] == out[:2]  # greedy: the trunk's own tokens, to the stop
+  hf = write_hf(tmp_path / 'hf', tensors, config_extra={'eos_token_id': [263, out[j]]})
+  model = pretrained.open_model(hf)
+  assert model.eos_id == 263 and model.stop_ids == (263, out[j])
+  with open(os.path.join(hf, 'generation_config.json'), 'w') as f:
+    json.dump({'eos_token_id': [out[j], 261]}, f)
+  assert pretrained.open_model(hf).stop_ids == (263, out[j], 261)
 
 
 def test_chat_template_and_eos_in_generation(tmp_path):

@@ -71,7 +71,7 @@ def test_greedy_answer_and_mtp_equals_ar(session):
              for q in ('What is the capital of France?', 'Name three colors of the rainbow.')]
   outputs = {}
   for S in (0, 3):
-    s = dec.Settings(draft_len=S, max_new_tokens=24, eos_id=session.eos_id)
+    s = dec.Settings(draft_len=S, max_new_tokens=24, stop_ids=session.stop_ids)
     state = inference.prepared_decoder(session.decode_model, params, prompts, s)()
     outputs[S] = dec.outputs(state)
     if S:

@@ -25,6 +25,18 @@ class Pretrained:
   bos_id: int | None
   chat_template: str
   get: Callable[[str], np.ndarray]  # HF tensor name -> float32 array in HF layout
+  stop_ids: tuple[int, ...] = ()  # the tokens that end generation, eos_id first
+
+
+def stop_tokens(*ids) -> tuple[int, ...]:
+  """Each token id once, in order, from ids that are ints, lists of ints or None (files give the
+  end of a turn or a message beside EOS, or several EOS ids in a list)."""
+  found = []
+  for entry in ids:
+    for t in entry if isinstance(entry, (list, tuple)) else [entry]:
+      if t is not None and int(t) not in found:
+        found.append(int(t))
+  return tuple(found)
 
 
 def sha256(paths: list[str]) -> str:

@@ -35,12 +35,13 @@ def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None
 
 
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,
-           chat_template: str, dtype: str = 'float32', token_rank=None,
+           chat_template: str, stop_ids=(), dtype: str = 'float32', token_rank=None,
            same_trunk_as: str = '', context_length: int | None = None) -> list[str]:
   """Writes the model (`params` is params['params'], `config` the run's config and `cfg` its
   ModelConfig) to `directory`; returns the files written. The heads file names the trunk written
   beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
-  from when training left it unchanged: the heads load on either."""
+  from when training left it unchanged: the heads load on either. generation_config.json lists
+  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it."""
   os.makedirs(directory, exist_ok=True)
   cast = DTYPES[dtype]
   fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings}
@@ -52,7 +53,8 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   atomic.write_json(os.path.join(directory, 'config.json'),
                     hf_config(cfg, eos_id, bos_id, dtype, context_length), indent=2)
   atomic.write_json(os.path.join(directory, 'generation_config.json'),
-                    {'bos_token_id': bos_id, 'eos_token_id': eos_id}, indent=2)
+                    {'bos_token_id': bos_id,
+                     'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id}, indent=2)
   written += ['config.json', 'generation_config.json']
   if tokenizer is not None:
     tokenizer.save(os.path.join(directory, 'tokenizer.json'))

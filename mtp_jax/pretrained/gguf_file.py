@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 
 from mtp_jax.pretrained import llama, tokenizer as tok_lib
-from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256
+from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
 Q = gguf.GGMLQuantizationType
 # Every type gguf.quants dequantizes in NumPy that llama.cpp uses for Llama weights.
@@ -74,13 +74,16 @@ def read(path: str) -> Pretrained:
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
+  eos_id = _value(reader, 'tokenizer.ggml.eos_token_id')
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
       context_length=int(_value(reader, 'llama.context_length', 0)) or None,
       tokenizer=_tokenizer(reader, name, tokens),
-      eos_id=_value(reader, 'tokenizer.ggml.eos_token_id'),
-      bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
-      chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get)
+      eos_id=eos_id, bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
+      chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get,
+      # llama.cpp ends generation at the end of a turn or a message too (Llama 3's <|eot_id|>).
+      stop_ids=stop_tokens(eos_id, *(_value(reader, f'tokenizer.ggml.{kind}_token_id')
+                                     for kind in ('eot', 'eom'))))
 
 
 def _open(path: str, name: str):

@@ -10,7 +10,7 @@ import tokenizers
 from safetensors import safe_open
 
 from mtp_jax.pretrained import gguf_file, llama
-from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256
+from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
 DTYPES = ('F32', 'F16', 'BF16')
 
@@ -121,8 +121,14 @@ def read(directory: str) -> Pretrained:
     with safe_open(where[key], framework='flax') as f:
       return np.asarray(f.get_tensor(key), np.float32)
 
-  tokenizer, chat_template, eos_id, bos_id = None, '', config.get('eos_token_id'), \
-      config.get('bos_token_id')
+  tokenizer, chat_template, bos_id = None, '', config.get('bos_token_id')
+  # config.json and generation_config.json may each give one EOS id or a list (Llama 3.1:
+  # <|end_of_text|>, <|eom_id|>, <|eot_id|>); generation stops at any of them.
+  listed = [config.get('eos_token_id')]
+  generation_path = os.path.join(directory, 'generation_config.json')
+  if os.path.exists(generation_path):
+    listed.append(_json(generation_path, f'{name}/generation_config.json').get('eos_token_id'))
+  eos_id = next(iter(stop_tokens(*listed)), None)
   if os.path.exists(os.path.join(directory, 'tokenizer.json')):
     try:
       tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
@@ -136,8 +142,7 @@ def read(directory: str) -> Pretrained:
     eos = eos.get('content') if isinstance(eos, dict) else eos
     if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
-  if isinstance(eos_id, list):
-    eos_id = eos_id[0]
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
-                    eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get)
+                    eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
+                    stop_ids=stop_tokens(eos_id, *listed))
