@@ -9,21 +9,36 @@ from tokenizers import decoders, models, pre_tokenizers, processors
 
 from mtp_jax.pretrained.base import PretrainedError
 
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# llama.cpp's split for 'default' (and for a file without the key): runs of punctuation, then
+# GPT-2's pattern, then runs of digits, then groups of three digits, each splitting the pieces
+# the one before it made.
+_DEFAULT_SPLITS = (r'[\p{P}\$\+<=>\^~\|]+', _GPT2_SPLIT, r'\p{N}+', r'[0-9][0-9][0-9]')
+
+
+def _splits(*patterns):
+  """Each regex splits every piece in turn (matches and the text between them both kept), then
+  bytes become GPT-2's symbols."""
+  return pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(tokenizers.Regex(p), behavior='isolated') for p in patterns]
+      + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 def _pre_tokenizer(pre: str):
   """llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) as HF pre-tokenizers."""
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-  if pre in ('default', 'gpt2', ''):
+  if pre in ('default', ''):
+    return _splits(*_DEFAULT_SPLITS)
+  if pre == 'gpt-2':
     return byte_level
   if pre == 'smollm':  # every digit its own token, then GPT-2's split
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre == 'llama-bpe':
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior='isolated'),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return _splits(_LLAMA3_SPLIT)
   return None
 
 
@@ -39,7 +54,7 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
   pre_tok = _pre_tokenizer(pre)
   if pre_tok is None:
     raise PretrainedError(f"model.init_from: {name} has pre-tokenizer '{pre}', which is not "
-                          'supported (default, gpt2, smollm, llama-bpe)')
+                          'supported (default, gpt-2, smollm, llama-bpe)')
   vocab = {t: i for i, t in enumerate(tokens)}
   pairs = [tuple(m.split(' ', 1)) for m in merges]
   # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
