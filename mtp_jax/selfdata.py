@@ -72,6 +72,31 @@ def check_fits(model, queries: list[list[int]] | None, answer_len: int, max_len:
                       f'{need} positions, more than model.max_seq_len={max_len}')
 
 
+def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answer_len: int,
+                   valid_fraction: float, seed: int, window: int) -> None:
+  """One-line error, before any chat is written, when the held-out rows cannot hold one
+  training window whatever the trunk answers. Which rows are held out is fixed by their keys
+  (write_chats), and each row's length is bounded: the template around its user turn, then 1 to
+  answer_len answer tokens. The shards are counted as if every row were shortest, so the rows
+  counted include every row that can be written."""
+  before, after = chat_frame(model)
+  frame = len(before) + len(after)
+  written, held_out, index = 0, 0, 0
+  while written < tokens:
+    for b in range(ROWS_PER_SHARD):
+      turn = (len(queries[(index * ROWS_PER_SHARD + b) % len(queries)]),) * 2 if queries else (
+          0, QUERY_LEN)
+      written += frame + turn[0] + 1
+      if feat_lib.is_valid_row(f'{seed}:{index}:{b}', valid_fraction):
+        held_out += frame + turn[1] + answer_len
+    index += 1
+  if held_out < window:
+    raise ConfigError(f'data.self_tokens={tokens}, data.valid_fraction={valid_fraction}: the '
+                      f'held-out chats can hold at most {held_out} positions, fewer than one '
+                      f'window ({window}, train.seq_len + mtp.depth + 1); raise data.self_tokens '
+                      'or data.valid_fraction')
+
+
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,
                 answer_len: int, topk: int, seed: int, valid_fraction: float,
                 queries: list[str] | None = None) -> None:

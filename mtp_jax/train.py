@@ -36,6 +36,8 @@ from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
 from mtp_jax.pretrained import resolve as pretrained
 
+CHAT_SEED = 0  # the trunk's chats: their sampling and which rows are held out
+
 
 class TrainingError(RuntimeError):
   """Training cannot go on (a non-finite loss, say); the message says where and why."""
@@ -335,8 +337,11 @@ class Session(Program):
       queries = data_lib.prompt_lines(d.self_prompts) if d.self_prompts else None
       if d.self_prompts and not queries:
         raise ConfigError(f'data.self_prompts: {d.self_prompts} holds no user turn')
-      selfdata.check_fits(self, queries and [selfdata.encode(self, q) for q in queries],
-                          d.self_answer_len, self.cfg.max_seq_len)
+      turns = queries and [selfdata.encode(self, q) for q in queries]
+      selfdata.check_fits(self, turns, d.self_answer_len, self.cfg.max_seq_len)
+      selfdata.check_held_out(self, turns, tokens=d.self_tokens, answer_len=d.self_answer_len,
+                              valid_fraction=d.valid_fraction, seed=CHAT_SEED,
+                              window=self.window)
       os.makedirs(self.workdir, exist_ok=True)
       spec = {'kind': 'chats', 'trunk': self.model_file.identity, 'tokens': d.self_tokens,
               'temperature': d.self_temperature, 'answer_len': d.self_answer_len,
@@ -346,7 +351,7 @@ class Session(Program):
         spec['prompts'] = hashlib.sha1('\n'.join(queries).encode()).hexdigest()
       cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
           trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
-          answer_len=d.self_answer_len, topk=spec['topk'], seed=0,
+          answer_len=d.self_answer_len, topk=spec['topk'], seed=CHAT_SEED,
           valid_fraction=d.valid_fraction, queries=queries))
       self.data = data_lib.TokenData(
           train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,

@@ -187,6 +187,32 @@ def test_chats_past_the_rope_range_are_refused_before_anything_is_written(tmp_pa
   assert not workdir.exists()
 
 
+def test_held_out_chats_that_cannot_hold_a_window_are_refused_before_writing(tmp_path):
+  """Which chats are held out is fixed by their keys, and a chat's length is bounded, so a build
+  whose held-out rows cannot reach one training window is refused before it starts (it used to
+  fail once every chat was written). The bound holds for what a build writes."""
+  trunk = tiny_trunk(tmp_path)
+  kw = dict(tokens=100, answer_len=12, valid_fraction=0.3, seed=0)
+  builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 4}, features=False)
+  selfdata.write_chats(trunk, builder, temperature=1.0, topk=0, **kw)
+  held_out = len(builder.finish()['valid'].tokens)
+  assert held_out > 0
+  selfdata.check_held_out(trunk, None, window=held_out, **kw)
+  with pytest.raises(ConfigError, match='held-out chats can hold at most'):
+    selfdata.check_held_out(trunk, None, window=10 ** 6, **kw)
+  # One shard of chats (16 rows), none of them held out at the default 5%.
+  assert not any(feat_lib.is_valid_row(f'0:0:{b}', 0.05) for b in range(16))
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = resolve.resolve_config(pretrained_config(path, **{
+      'data.sources': 'self', 'train.freeze_trunk': True, 'data.self_tokens': 40,
+      'data.valid_fraction': 0.05, 'data.self_answer_len': 16}))
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError, match=r'data.self_tokens=40, data.valid_fraction=0.05: the '
+                                        r'held-out chats can hold at most 0 positions'):
+    train.Session(config, str(workdir))
+  assert not workdir.exists()
+
+
 def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
   """A cache of the same chats with the trunk's block-0 output beside its last hidden state
   (mtp.feature_layers), made from the written rows: same rows, the last hidden state and the
