@@ -22,7 +22,7 @@ Prints:
      pass the tests' allclose at rtol = atol = 1e-4, argmax agreement; the export must load in
      transformers), and the prompts where llama.cpp's tokenizer or the export's chat template
      does not give our token ids (none, when they agree);
-  2. a markdown table, a row per system: tokens/s (generated tokens, EOS included, over the sum
+  2. a markdown table, a row per system: tokens/s (generated tokens, a stop token included, over the sum
      of each prompt's fastest of --rounds rounds, after one warm-up round; ours is compiled
      before it), x ours-ar, the fraction of the ceiling bandwidth / bytes that one decoding step
      reads (the float32 trunk, or the Q4_1 file's tensors; speculative rows can pass 1), and how
@@ -128,7 +128,7 @@ def hf_systems(export_dir: str, prompts, max_new: int, stop_ids, threads: int, s
     with torch.inference_mode():
       out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=int),
                            do_sample=False, max_new_tokens=max_new, eos_token_id=list(stop_ids),
-                           pad_token_id=stop_ids[0], **extra)
+                           pad_token_id=(stop_ids or [None])[0], **extra)
     return out[0, len(ids):].tolist()
 
   variants = {'hf': ('transformers', {}),

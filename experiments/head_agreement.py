@@ -266,7 +266,7 @@ def parse_size(text: str, flag: str = '--sparse') -> int:
 def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   """Greedy speculative decoding of seq[start:] replayed: each iteration accepts accept(j) <= S
   drafts for seq[j], .. (given seq[:j]) and commits them and the trunk's next token, stopping at
-  the end of seq as decoding stops at EOS or max_new_tokens. Returns (tokens committed,
+  the end of seq as decoding stops at a stop token or max_new_tokens. Returns (tokens committed,
   iterations, accepted drafts per position)."""
   j, emitted, forwards, accepted = start, 0, 0, [0] * S
   while j < len(seq):

@@ -220,9 +220,9 @@ def demo(session, params, prompt: str) -> dict:
     print(f'the trunk ended the answer at its first token, {_text(session, [first])!r}: no draft '
           'was verified')
   else:
-    cut = ', cut after its stop token' if count < accepted + 1 else ''
+    end = ', the last of them ending the answer' if emitted[-1] in session.stop_ids else ''
     print(f'verification accepted {accepted} of {D} drafts and emitted '
-          f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards{cut})')
+          f'{_text(session, emitted)!r} ({len(emitted)} tokens from 2 trunk forwards{end})')
   return {'prompt_tokens': len(ids), 'ar_chain': chain, 'drafts': drafts, 'accepted': accepted,
           'emitted': emitted, 'ar_ms': ar_time * 1e3, 'mtp_ms': one['seconds'] * 1e3}
 

@@ -72,6 +72,12 @@ def check_fits(model, queries: list[list[int]] | None, answer_len: int, max_len:
                       f'{need} positions, more than model.max_seq_len={max_len}')
 
 
+def _user_turn(model, ids: list[int]) -> list[int]:
+  """A user turn's tokens as a chat holds them: without the stop tokens that would end it (an
+  invented turn ends with one; the template's text after it closes the turn)."""
+  return [t for t in ids if t not in model.stop_ids]
+
+
 def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answer_len: int,
                    valid_fraction: float, seed: int, window: int) -> None:
   """One-line error, before any chat is written, when the held-out rows cannot hold one
@@ -81,14 +87,17 @@ def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answe
   counted include every row that can be written."""
   before, after = chat_frame(model)
   frame = len(before) + len(after)
+  turns = [len(_user_turn(model, q)) for q in queries] if queries else None
   written, held_out, index = 0, 0, 0
   while written < tokens:
     for b in range(ROWS_PER_SHARD):
-      turn = (len(queries[(index * ROWS_PER_SHARD + b) % len(queries)]),) * 2 if queries else (
-          0, QUERY_LEN)
-      written += frame + turn[0] + 1
+      if turns:
+        shortest = longest = turns[(index * ROWS_PER_SHARD + b) % len(turns)]
+      else:  # an invented turn: 0 to QUERY_LEN tokens
+        shortest, longest = 0, QUERY_LEN
+      written += frame + shortest + 1
       if feat_lib.is_valid_row(f'{seed}:{index}:{b}', valid_fraction):
-        held_out += frame + turn[1] + answer_len
+        held_out += frame + longest + answer_len
     index += 1
   if held_out < window:
     raise ConfigError(f'data.self_tokens={tokens}, data.valid_fraction={valid_fraction}: the '
@@ -122,8 +131,8 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
       else:
         turns = dec.outputs(_decode(trunk, [before] * ROWS_PER_SHARD, ask,
                                     jax.random.fold_in(key, 0), len(before)))
-      # The template's text after the user's closes the turn (a turn cut off at QUERY_LEN too).
-      prompts = [before + [t for t in q if t not in trunk.stop_ids] + after for q in turns]
+      # The template's text after the user's closes the turn (one cut off at QUERY_LEN too).
+      prompts = [before + _user_turn(trunk, q) + after for q in turns]
       done = _decode(trunk, prompts, answer, jax.random.fold_in(key, 1),
                      width).rows  # row b decoded prompt b
       rows = []

@@ -287,7 +287,8 @@ class Session(Program):
 
   @property
   def eos_id(self) -> int:
-    """The token that ends a generated row: the model's end token, else the data's EOS."""
+    """The model's end token (the chat template's eos_token, an export's), else the data's EOS;
+    generation ends at any of stop_ids."""
     if self.model_file is not None and self.model_file.eos_id is not None:
       return int(self.model_file.eos_id)
     return self.data.eos_id if self.data is not None else -1
@@ -349,6 +350,8 @@ class Session(Program):
               'valid_fraction': d.valid_fraction}
       if queries:  # a cache made without them keeps its key
         spec['prompts'] = hashlib.sha1('\n'.join(queries).encode()).hexdigest()
+      if self.stop_ids != (self.eos_id,):  # and one of a model that ends turns at EOS alone
+        spec['stop_ids'] = list(self.stop_ids)
       cache = self._build(root, spec, lambda trunk, builder: selfdata.write_chats(
           trunk, builder, tokens=d.self_tokens, temperature=d.self_temperature,
           answer_len=d.self_answer_len, topk=spec['topk'], seed=CHAT_SEED,
@@ -579,13 +582,16 @@ class _Preemption:
       os._exit(128 + signum)
     self.requested = signal.Signals(signum).name
 
-  def agreed(self):
-    """`requested` as all processes of a run agree on it (each calls this at every step): a
-    signal to any one stops them all after the same step, where they save its checkpoint
-    together, instead of one waiting in the save while the others wait in the next step. Each
+  def poll(self, last: bool = False):
+    """Why to stop after this step (read once per step), or None. A single process stops at
+    once. The processes of a run stop after the same step, where they save its checkpoint
+    together, instead of one waiting in the save while the others wait in the next step: each
     call starts gathering every process's flag and decides by the flags the previous call
     gathered, read once the previous step is done, as the step metrics are read: one step late,
-    with no process waiting on its devices for it."""
+    with no process waiting on its devices for it. So after the loop (`last`) they still agree
+    on a signal during the last step and report it; a single process has simply finished."""
+    if jax.process_count() == 1:
+      return None if last else self.requested
     earlier, self._gathering = self._gathering, _any_process(self.requested is not None)
     if earlier is None or not int(np.asarray(earlier.addressable_data(0))):
       return None
@@ -755,14 +761,13 @@ def train(config, workdir: str, eval_hook=None) -> dict:
         bar.set_postfix(log.postfix, refresh=False)
         # Read once: a signal arriving later in this step (during an evaluation, say) must not
         # stop the loop without the checkpoint; the next step honours it.
-        stop = preempt.requested if jax.process_count() == 1 else preempt.agreed()
+        stop = preempt.poll()
         periodic.after(step, state, stop)
         if stop:
           stopped_by = stop
           break
       else:
-        if jax.process_count() > 1:  # a signal during the last step, agreed like the others
-          stopped_by = preempt.agreed()
+        stopped_by = preempt.poll(last=True)
       log.flush()
       finished = True
     finally:

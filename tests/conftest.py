@@ -456,6 +456,16 @@ def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
   return norm(x, t['model.norm.weight']) @ out.T
 
 
+def pretrained_config_file(path, source, fields: dict) -> str:
+  """A config file as a user writes one for a model file: base.pretrained(source), then each
+  field of `fields` ({'model.max_seq_len': 128, ...}) set."""
+  lines = ['from configs import base', '', '', 'def get_config():',
+           f'  c = base.pretrained({str(source)!r})']
+  lines += [f'  c.{field} = {value!r}' for field, value in fields.items()]
+  path.write_text('\n'.join(lines + ['  return c', '']))
+  return str(path)
+
+
 def pretrained_config(source, **overrides):
   """configs/base.pretrained(source) shrunk for tests: tiny training and decoding settings."""
   from configs import base as base_cfg

@@ -144,7 +144,7 @@ def test_a_workdir_of_another_model_is_refused_untouched(trained):
 def tiny_llama(tmp_path_factory):
   """A tiny random Llama as a GGUF file, good and broken copies, and a config file on it."""
   import gguf
-  from conftest import random_llama, write_gguf
+  from conftest import pretrained_config_file, random_llama, write_gguf
   root = tmp_path_factory.mktemp('llama')
   tensors = random_llama()
   files = {'good': write_gguf(root / 'good.gguf', tensors),
@@ -157,13 +157,9 @@ def tiny_llama(tmp_path_factory):
   files['cut'] = str(root / 'cut.gguf')
   with open(files['cut'], 'wb') as f:
     f.write(data[:len(data) // 2])
-  configs = {}
-  for name, path in files.items():
-    configs[name] = str(root / f'{name}_config.py')
-    with open(configs[name], 'w') as f:
-      f.write('from configs import base\n\n\ndef get_config():\n'
-              f'  c = base.pretrained({path!r})\n  c.mtp.depth = 2\n  c.model.max_seq_len = 256\n'
-              "  c.decode.max_new_tokens = 8\n  c.decode.prompts = ''\n  return c\n")
+  configs = {name: pretrained_config_file(root / f'{name}_config.py', path, {
+      'mtp.depth': 2, 'model.max_seq_len': 256, 'decode.max_new_tokens': 8, 'decode.prompts': ''})
+      for name, path in files.items()}
   return files, configs
 
 

@@ -12,10 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (REPO, cpu_env, flat, launch_summary, random_llama, raw_steps, restore,
-                      scalars, text_config, write_gguf)
+from conftest import (REPO, cpu_env, flat, launch_summary, pretrained_config_file, random_llama,
+                      raw_steps, restore, scalars, text_config, write_gguf)
 from mtp_jax import train
 from mtp_jax.config import apply_overrides, as_flags
+from mtp_jax.features import is_valid_row
 
 DRIVER = os.path.join(REPO, 'tests', 'multiprocess_driver.py')
 TIMEOUT_S = 300
@@ -125,22 +126,17 @@ def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path, sig
   assert int(restored['step']) == stopped
 
 
-def heads_config_file(tmp_path, valid_fraction: float = 0.3) -> str:
-  """A config file training two heads on chats and features a tiny random trunk writes."""
+def heads_config_file(tmp_path, **fields) -> str:
+  """A config file training two heads on chats and features a tiny random trunk writes;
+  `fields` ({'data.self_tokens': 500}) change it."""
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
-  config_file = tmp_path / 'heads.py'
-  config_file.write_text(
-      'from configs import base\n\n\ndef get_config():\n'
-      f'  c = base.pretrained({path!r})\n'
-      '  c.model.max_seq_len = 128\n  c.mtp.depth = 2\n  c.mtp.init_from = "last_block"\n'
-      '  c.train.freeze_trunk = True\n  c.train.head_loss = "distill"\n'
-      '  c.train.distill_topk = 4\n  c.data.sources = "self"\n  c.data.features = True\n'
-      '  c.data.self_tokens = 300\n  c.data.self_answer_len = 16\n'
-      f'  c.data.valid_fraction = {valid_fraction}\n  c.train.steps = 2\n'
-      '  c.train.batch_size = 4\n  c.train.seq_len = 16\n  c.train.warmup_steps = 1\n'
-      '  c.train.eval_every = 2\n  c.train.checkpoint_every = 2\n'
-      '  c.decode.eval_prompts = 0\n  return c\n')
-  return str(config_file)
+  return pretrained_config_file(tmp_path / 'heads.py', path, {
+      'model.max_seq_len': 128, 'mtp.depth': 2, 'mtp.init_from': 'last_block',
+      'train.freeze_trunk': True, 'train.head_loss': 'distill', 'train.distill_topk': 4,
+      'data.sources': 'self', 'data.features': True, 'data.self_tokens': 300,
+      'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'train.steps': 2,
+      'train.batch_size': 4, 'train.seq_len': 16, 'train.warmup_steps': 1,
+      'train.eval_every': 2, 'train.checkpoint_every': 2, 'decode.eval_prompts': 0, **fields})
 
 
 def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
@@ -162,9 +158,14 @@ def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
 
 
 def test_a_cache_process_0_cannot_build_ends_the_others_with_its_reason(tmp_path):
-  """No row held out (valid_fraction 0.001): process 0's build fails, and process 1, waiting for
-  the cache, stops with process 0's one-line reason instead of waiting on."""
-  commands = pair_commands(None, str(tmp_path / 'pair'), heads_config_file(tmp_path, 0.001))
+  """No row held out: process 0's build fails, and process 1, waiting for the cache, stops
+  with process 0's one-line reason instead of waiting on. The check before any chat is written
+  counts shards of chats as if every chat were shortest: two shards for 500 positions, and the
+  second holds a held-out row at valid_fraction 0.03; the trunk's chats fill the 500 positions
+  within the first shard, which holds none."""
+  assert [sum(is_valid_row(f'0:{i}:{b}', 0.03) for b in range(16)) for i in (0, 1)] == [0, 1]
+  config = heads_config_file(tmp_path, **{'data.self_tokens': 500, 'data.valid_fraction': 0.03})
+  commands = pair_commands(None, str(tmp_path / 'pair'), config)
   procs = [subprocess.Popen(c, cwd=REPO, env=cpu_env(devices=1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for c in commands]
   try:

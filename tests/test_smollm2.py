@@ -79,4 +79,4 @@ def test_greedy_answer_and_mtp_equals_ar(session):
   assert outputs[3] == outputs[0]
   answer = session.tokenizer.decode(outputs[0][0])
   assert answer.startswith('The capital of France is Paris'), answer
-  assert outputs[0][0][-1] == session.eos_id  # the row ended at <|im_end|>
+  assert session.stop_ids == (2,) and outputs[0][0][-1] == 2  # the row ended at <|im_end|>
