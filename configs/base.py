@@ -168,8 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
   # drafts, verified in the same forward of 1 + S + (K - 1) x C positions.
   c.decode.candidate_depth = 1
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
-  # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (with the
-  # kernels only). Verification stays float32, so greedy output is unchanged; the drafts, and so
+  # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (both need the
+  # decoding kernels; without them drafting reads float32 heads). Verification stays float32, so greedy output is unchanged; the drafts, and so
   # tau, may differ slightly.
   c.decode.draft_dtype = 'float32'
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
@@ -181,7 +181,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ''  # host:port; '' means single process.
+  c.distributed.coordinator_address = ''  # host:port, 'auto' (the cluster's), '' (one process)
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
   return c
