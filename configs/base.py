@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   # fuses low, middle and high layers): 'I,J,...' are block indices, 0 the first block's output;
   # '' reads the last hidden state alone.
   c.mtp.feature_layers = ''
+  # Sequential modules: True stops depth k's loss from training the modules before it (each
+  # module still reads the one before it); False trains the chain end to end, as DeepSeek-V3.
+  c.mtp.detach_chain = False
   c.mtp.loss_weight = 0.3  # lambda in L = L_main + lambda / D * sum_k L_k.
   # Piecewise lambda: 'STEP:WEIGHT,...' switches to WEIGHT from STEP on ('' keeps it constant).
   c.mtp.loss_weight_schedule = ''

@@ -40,6 +40,7 @@ class ModelConfig:
   head_blocks: int = 1  # Transformer blocks in each sequential module or parallel head
   kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
   feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
+  detach_chain: bool = False  # training: depth k's loss sends no gradient into modules < k
 
   @property
   def feature_dim(self) -> int:
@@ -75,7 +76,7 @@ class ModelConfig:
         tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
         head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
-        head_blocks=config.mtp.head_blocks,
+        head_blocks=config.mtp.head_blocks, detach_chain=config.mtp.detach_chain,
         feature_layers=parse_layers(config.mtp.feature_layers))
 
 
@@ -184,6 +185,10 @@ def validate(config) -> None:
          f'got {mtp.head_mlp_dim!r}')
   _check(isinstance(mtp.head_blocks, int) and mtp.head_blocks >= 1,
          f'mtp.head_blocks must be an integer >= 1, got {mtp.head_blocks!r}')
+  _check(isinstance(mtp.detach_chain, bool)
+         and (not mtp.detach_chain or mtp.kind == 'sequential'),
+         f'mtp.detach_chain must be True or False, and True only for sequential modules (the '
+         f'other kinds do not chain); got {mtp.detach_chain!r} with mtp.kind={mtp.kind}')
   _check(mtp.head_blocks == 1 or mtp.kind != 'medusa',
          f'mtp.head_blocks={mtp.head_blocks}: Medusa heads have no blocks')
   layers = parse_layers(mtp.feature_layers)

@@ -91,8 +91,10 @@ class MTPLanguageModel(nn.Module):
     positions_BxT = jnp.broadcast_to(jnp.arange(T), h0_BxTxD.shape[:2])
     hidden, h = [h0_BxTxD], h0_BxTxD
     for k in range(1, self.cfg.mtp_depth + 1):
-      h, _ = self.mtp_step(k, h if self.cfg.mtp_chains else h0_BxTxD, tokens_BxW[:, k:k + T],
-                           positions_BxT)
+      h_in = h if self.cfg.mtp_chains else h0_BxTxD
+      if k > 1 and self.cfg.detach_chain:
+        h_in = jax.lax.stop_gradient(h_in)
+      h, _ = self.mtp_step(k, h_in, tokens_BxW[:, k:k + T], positions_BxT)
       hidden.append(h)
     return hidden
 

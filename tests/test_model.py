@@ -297,3 +297,24 @@ def test_feature_layers_have_one_spelling_once_validated():
   config = tiny_config(**{'model.num_layers': 3, 'mtp.feature_layers': ' 1, 0'})
   validate(config)
   assert config.mtp.feature_layers == '1,0'
+
+
+def test_a_detached_chain_trains_each_module_by_its_own_depth_alone():
+  """mtp.detach_chain: depth 2's loss reaches module 2 and not module 1, whose input it still
+  reads (the forward is unchanged); without it, depth 2's loss trains module 1 as well."""
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 300)
+
+  def grads(detach):
+    cfg = tiny_model(**{'mtp.depth': 2, 'mtp.detach_chain': detach})
+    params = init_params(cfg, jax.random.key(0))
+    depth_2 = lambda p: jnp.mean(MTPLanguageModel(cfg).apply(p, tokens)[2] ** 2)
+    return depth_2(params), jax.grad(depth_2)(params)['params']
+
+  (chained, g_chained), (detached, g_detached) = grads(False), grads(True)
+  assert chained == detached
+  norm = lambda tree: sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(tree))
+  assert norm(g_detached['mtp_0']) == 0 and norm(g_chained['mtp_0']) > 0
+  assert norm(g_detached['mtp_1']) > 0
+  jax.tree.map(np.testing.assert_array_equal, g_detached['mtp_1'], g_chained['mtp_1'])
+  with pytest.raises(ConfigError, match='mtp.detach_chain'):
+    validate(tiny_config(**{'mtp.kind': 'parallel', 'mtp.detach_chain': True}))
