@@ -26,7 +26,9 @@ _EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float1
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    print(f'error: unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)',
+          file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
@@ -39,6 +41,11 @@ def main(argv):
   if bad or not _MODE.value:
     print(f"error: --mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}",
           file=sys.stderr)
+    sys.exit(2)
+  try:
+    run.check_workdir(workdir, _MODE.value)
+  except run.USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   for mode in _MODE.value:
     try:
@@ -67,7 +74,14 @@ def _parse_or_exit(argv):
           file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
+    # An exception inside the config file's get_config comes back with its whole traceback in
+    # the message; its last line says what went wrong.
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    reason = f'{lines[0]} {lines[-1]}' if 'Error whilst parsing' in str(e) else str(e)
+    print(f'error: {reason}', file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:  # anything else the config file's own code raises (a NameError, ...)
+    print(f'error: cannot load the config file: {type(e).__name__}: {e}', file=sys.stderr)
     sys.exit(2)
   return remaining
 

@@ -185,7 +185,11 @@ def load_config(workdir: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f'{path} is not readable JSON ({e}); it records the run this '
+                            'workdir holds: restore it, or use another --workdir') from None
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

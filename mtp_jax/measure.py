@@ -35,10 +35,11 @@ def bfloat16_products_fast() -> bool:
 
 @functools.cache
 def cpu_flags() -> str:
-  """The 'flags' line of /proc/cpuinfo (the host CPU's instruction sets), '' where there is none."""
+  """The line of /proc/cpuinfo that lists the host CPU's instruction sets ('flags' on x86,
+  'Features' on ARM), '' where there is none."""
   try:
     with open('/proc/cpuinfo') as f:
-      return next((line for line in f if line.startswith('flags')), '')
+      return next((line for line in f if line.startswith(('flags', 'Features'))), '')
   except OSError:
     return ''
 

@@ -21,6 +21,24 @@ USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
                train_lib.TrainingError)
 
 
+WRITING_MODES = ('train', 'bench', 'export')  # the others only read the workdir
+
+
+def check_workdir(workdir: str, modes) -> None:
+  """One-line error before anything runs when `workdir` is a file, or when a mode that writes
+  there would find a file or a read-only directory in its place."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} is a file, not a directory')
+  if not any(mode in WRITING_MODES for mode in modes):
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'--workdir {workdir}: {existing} is not a directory this user can write '
+                      'in')
+
+
 def persist_compiled_programs() -> None:
   """Keeps what a run compiles for the next one (a repeated demo or bench, a resumed training)
   under $MTP_JAX_CACHE/xla (~/.cache/mtp_jax/xla), at most 4 GiB, the least recently used

@@ -121,6 +121,29 @@ def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, t
   assert snapshot(workdir) == before
 
 
+def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path):
+  """What launch.py is given besides config fields: an extra argument, a config file whose own
+  code fails, a workdir that is a file or lies under one, a workdir whose config.json is
+  damaged."""
+  assert_user_error(launch(tmp_path / 'a', flags=['train']), 'unexpected arguments: train')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config():\n  return undefined_name\n')
+  assert_user_error(launch(tmp_path / 'b', config=str(broken)), 'cannot load the config file',
+                    "NameError: name 'undefined_name' is not defined")
+  assert_user_error(launch(tmp_path / 'c', config=QUICKSTART + ':extra'), 'Error whilst parsing',
+                    'get_config() takes 0 positional arguments but 1 was given')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  assert_user_error(launch(a_file), f'--workdir {a_file} is a file')
+  assert_user_error(launch(a_file / 'run'), f'{a_file} is not a directory this user can write')
+  damaged = tmp_path / 'damaged'
+  damaged.mkdir()
+  (damaged / 'config.json').write_text('{"model": ')
+  assert_user_error(launch(damaged), 'config.json is not readable JSON')
+  assert sorted(os.listdir(tmp_path)) == ['a_file', 'broken.py', 'damaged']
+  assert os.listdir(damaged) == ['config.json']
+
+
 def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
   """The training-time decode's prompts are checked when training starts, not at the first
   evaluation, where the error would also cost that step's checkpoint."""

