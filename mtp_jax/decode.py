@@ -19,9 +19,9 @@ cache entries and features move to the chain's slots. (K - 1) C more rows of one
 where separate chains per candidate would take (K - 1) (S + 1) and as many draft calls. Output
 stays the trunk's own: greedy, its tokens; sampling, its law (_take_branch).
 
-Prompts wait in a queue; the loop decodes `batch` of them at a time and gives every row whose
-prompt has finished the next prompt of the queue (prefilled alone, before the next iteration),
-so no row idles while a slow one finishes.
+Prompts wait in a queue; the loop decodes `batch` of them at a time and gives a row whose prompt
+has finished the next prompt of the queue (prefilled alone, between two iterations), so no row
+idles while a slow one finishes.
 
 The loop knows the model only through the interface `DecodeModel` implements: trunk(tokens,
 positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go),
@@ -674,13 +674,10 @@ def decode_loop(model, params, prompts_QxP, prompt_len_Q, key, *, s: Settings, c
 
   def body(state):
     if batch is not None and batch < Q:
-      # Every finished row takes a queued prompt before the step (several rows can finish in
-      # one iteration; a prompt can end at its first token), so none idles through it.
-      state = jax.lax.while_loop(lambda st: jnp.any(st.rows.done) & (st.next_prompt < Q),
-                                 lambda st: _refill(model, params, st, s, cache_len), state)
-    # With every row finished and the queue empty, no step is left to run.
-    return jax.lax.cond(jnp.all(state.rows.done), lambda st: st,
-                        lambda st: step(model, params, st, s)[0], state)
+      free = jnp.any(state.rows.done) & (state.next_prompt < Q)
+      state = jax.lax.cond(free, lambda st: _refill(model, params, st, s, cache_len),
+                           lambda st: st, state)
+    return step(model, params, state, s)[0]
   return jax.lax.while_loop(
       lambda st: ~jnp.all(st.rows.done) | (st.next_prompt < Q), body, state)
 

@@ -215,22 +215,6 @@ def test_stub_decoder_stop_tokens_and_max_length(sampled):
   assert dec.outputs(state) == [[8]] and int(state.iterations) == 0
 
 
-@ONE_HOT_PATHS
-def test_every_finished_row_is_refilled_before_the_next_step(sampled):
-  """Rows that finish in the same iteration all take queued prompts before the next step, and
-  no step runs once every row is done: four identical prompts through two rows take two rows'
-  worth of iterations, and prompts that end at their first token take none."""
-  stub = OddTokenStub()
-  s = one_hot_settings(sampled, draft_len=3, max_new_tokens=9)
-  alone = run_queued(stub, None, [[5]], s, batch=1)
-  queued = run_queued(stub, None, [[5]] * 4, s, batch=2)
-  assert dec.outputs(queued) == dec.outputs(alone) * 4
-  assert int(queued.iterations) == 2 * int(alone.iterations) > 0
-  first = run_queued(stub, None, [[5], [1], [20], [7], [3]],
-                     dataclasses.replace(s, max_new_tokens=1), batch=2)
-  assert dec.outputs(first) == [[6], [2], [21], [8], [4]] and int(first.iterations) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class TableStub(dec.WholeVocabulary):
   """Trunk: p(next | t) = softmax(P[t]); head k: q_k(next | t_{i+k}) = softmax(Q[k-1][t]),
