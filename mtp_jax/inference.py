@@ -34,8 +34,10 @@ def settings(config, *, stop_ids: tuple[int, ...], draft=None, temperature=None)
                       candidate_depth=min(d.candidate_depth, S) if K > 1 else 1)
 
 
-def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int):
-  """One-line errors for prompts the decoder cannot take, before anything compiles."""
+def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int,
+                  width: int = 0):
+  """One-line errors for prompts the decoder cannot take, before anything compiles (`width`:
+  the length they are padded to, when more than their own)."""
   for i, p in enumerate(prompts):
     if not p:
       raise ConfigError(f'prompt {i} is empty')
@@ -43,7 +45,7 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
     if bad:
       raise ConfigError(f'prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}: '
                         f'{bad[:5]}')
-  longest = max(len(p) for p in prompts)
+  longest = max([width] + [len(p) for p in prompts])
   need = dec.cache_length(longest, s)
   if need > max_len:
     raise ConfigError(
@@ -58,7 +60,7 @@ def prepared_decoder(model: dec.DecodeModel, params, prompts: list[list[int]], s
   `batch`, the rest queued; all by default; prompts padded to `width` at least, so that calls
   on different prompts share one compilation) and returns call() -> final state."""
   cfg = model.cfg
-  check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len)
+  check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len, width)
   prompts_QxP, lens = dec.pad_prompts(prompts, width)
   decoder = dec.compiled_decoder(model, s, dec.cache_length(prompts_QxP.shape[1], s), batch)
   return decoder.compiled(params, prompts_QxP, lens, jax.random.key(key))

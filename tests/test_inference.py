@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import assert_user_error, launch_summary, run_script, snapshot, text_config
 from mtp_jax import data, inference, run, train
 from mtp_jax import decode as dec
-from mtp_jax.config import as_flags
+from mtp_jax.config import ConfigError, as_flags
 
 
 @pytest.fixture(scope='module')
@@ -178,3 +178,17 @@ def test_mtp_decoding_needs_heads(tmp_path):
                     '--mode', 'generate', '--prompt=x', *as_flags(config),
                     '--config.decode.method=mtp')
   assert_user_error(proc, 'mtp.depth=0')
+
+
+def test_prompts_padded_past_the_cache_are_one_error(trained):
+  """A bench pads every prompt to the longest one, so that all share a compilation: a short
+  prompt padded past the cache is the one-line error, not the decoder's exception."""
+  config, workdir = trained
+  session = train.Session(config, workdir)
+  _, params = inference.load_params(session)
+  s = inference.settings(session.config, stop_ids=session.stop_ids)
+  fits = max(P for P in range(1, session.cfg.max_seq_len)
+             if dec.cache_length(P, s) <= session.cfg.max_seq_len)
+  inference.prepared_decoder(session.decode_model, params, [[5]], s, width=fits)
+  with pytest.raises(ConfigError, match=f'prompt of {fits + 1} tokens'):
+    inference.prepared_decoder(session.decode_model, params, [[5]], s, width=fits + 1)
