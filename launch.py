@@ -44,18 +44,14 @@ def main(argv):
     sys.exit(2)
   try:
     run.check_workdir(workdir, _MODE.value)
+    for mode in _MODE.value:
+      summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
+                        _EXPORT_DTYPE.value)
+      if summary is not None:
+        print(json.dumps(summary, indent=2, default=float))
   except run.USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  for mode in _MODE.value:
-    try:
-      summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
-                        _EXPORT_DTYPE.value)
-    except run.USER_ERRORS as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-    if summary is not None:
-      print(json.dumps(summary, indent=2, default=float))
 
 
 def _parse_or_exit(argv):

@@ -172,8 +172,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.decode.candidate_depth = 1
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
   # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (both need the
-  # decoding kernels; without them drafting reads float32 heads). Verification stays float32, so greedy output is unchanged; the drafts, and so
-  # tau, may differ slightly.
+  # decoding kernels; without them drafting reads float32 heads). Verification stays float32,
+  # so greedy output is unchanged; the drafts, and so tau, may differ slightly.
   c.decode.draft_dtype = 'float32'
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''
