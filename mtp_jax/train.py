@@ -614,15 +614,16 @@ class MetricsLog:
   (after the next step is dispatched, so the device never waits for the host), checked for a
   non-finite update, and logged every log_every steps with the throughput since the last log
   (the first window from the end of the first step, which holds the compile, unless that step
-  is logged itself)."""
+  is logged itself). `clock` gives the time in seconds."""
 
-  def __init__(self, workdir: str, t, start: int, enabled: bool, skipped: int = 0):
-    self.t, self.tb_dir = t, os.path.join(workdir, 'tb')
+  def __init__(self, workdir: str, t, start: int, enabled: bool, skipped: int = 0,
+               clock=time.perf_counter):
+    self.t, self.tb_dir, self.clock = t, os.path.join(workdir, 'tb'), clock
     # purge_step hides events an interrupted run wrote past its last checkpoint.
     self.writer = _open_writer(self.tb_dir, purge_step=start + 1) if enabled else None
     self.pending = None  # (step, metrics) of the last dispatched step
     self.skipped = skipped  # steps whose update was skipped (nonfinite=skip), resumes included
-    self.last_time, self.last_step = time.perf_counter(), start
+    self.last_time, self.last_step = clock(), start
     self.first = start + 1  # the step that compiles: its time is not throughput
     self.postfix = {}
 
@@ -654,7 +655,7 @@ class MetricsLog:
       tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped '
                       f'({self.skipped} so far)', file=sys.stderr)
     if step % t.log_every == 0 or step == t.steps:
-      now = time.perf_counter()
+      now = self.clock()
       metrics['tokens_per_s'] = (t.batch_size * t.seq_len * (step - self.last_step)
                                  / max(now - self.last_time, 1e-9))
       # a skipped step leaves the optimizer's count, and so the schedule, where it was
@@ -665,17 +666,17 @@ class MetricsLog:
       self.postfix = {'loss': f"{metrics['loss/total']:.3f}",
                       'tok_s': f"{metrics['tokens_per_s']:.0f}"}
     elif step == self.first:  # the first window's tokens/s starts once this step has run
-      self.last_time, self.last_step = time.perf_counter(), step
+      self.last_time, self.last_step = self.clock(), step
 
   @contextlib.contextmanager
   def paused(self):
     """Time spent inside (evaluations, checkpoint saves) does not count in the tokens/s of the
     window it falls in."""
-    start = time.perf_counter()
+    start = self.clock()
     try:
       yield
     finally:
-      self.last_time += time.perf_counter() - start
+      self.last_time += self.clock() - start
 
   def reopen(self):
     """Closes the event file and opens a new one. A resume from a checkpoint never logs its

@@ -6,7 +6,6 @@ import functools
 import os
 import shutil
 import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -178,34 +177,46 @@ def test_tensorboard_scalars_at_their_steps(straight_run):
   assert logged['eval/loss/depth_0'][-1][1] == np.float32(final_loss)
 
 
+class Clock:
+  """Seconds that pass only when the test moves them on."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self) -> float:
+    return self.now
+
+
 def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path):
   """A pause (an evaluation, a checkpoint save) between two logged steps is not training time:
   the window's tokens/s counts only the time outside it."""
   t = tiny_config(**{'train.log_every': 2}).train
-  log = train.MetricsLog(str(tmp_path), t, start=0, enabled=False)
+  clock = Clock()
+  log = train.MetricsLog(str(tmp_path), t, start=0, enabled=False, clock=clock)
   metrics = {'nonfinite': False, 'nonfinite_grad': False, 'loss/total': 1.0}
   log.push(1, dict(metrics))
-  log.flush()
+  log.flush()  # the first step's window starts here
+  clock.now += 0.25
   with log.paused():
-    time.sleep(1.0)
+    clock.now += 10.0
+  clock.now += 0.25
   log.push(2, dict(metrics))
   log.flush()
-  # 2 steps of batch_size x seq_len tokens: counted over the pause they would take >= 1 s, over
-  # the time outside it well under 0.2 s
-  assert float(log.postfix['tok_s']) > 2 * t.batch_size * t.seq_len / 0.2, log.postfix
+  # one step in 0.5 s outside the pause (over the pause too it would be 10.5 s)
+  assert float(log.postfix['tok_s']) == t.batch_size * t.seq_len / 0.5, log.postfix
 
 
 def test_tokens_per_s_leaves_out_the_first_step(tmp_path):
   """The first step of a run (or of a resume) compiles: the first logged window starts after it."""
   t = tiny_config(**{'train.log_every': 3}).train
-  log = train.MetricsLog(str(tmp_path), t, start=6, enabled=False)
+  clock = Clock()
+  log = train.MetricsLog(str(tmp_path), t, start=6, enabled=False, clock=clock)
   metrics = {'nonfinite': False, 'nonfinite_grad': False, 'loss/total': 1.0}
-  time.sleep(1.0)  # step 7 compiling
-  for step in (7, 8, 9, 10):  # logged at 9
+  for step in (7, 8, 9, 10):  # logged at 9, each step handled when the next is pushed
     log.push(step, dict(metrics))
-  log.flush()
-  # 3 steps over the compile would take >= 1 s; 2 steps after it well under 0.2 s
-  assert float(log.postfix['tok_s']) > 2 * t.batch_size * t.seq_len / 0.2, log.postfix
+    clock.now += 10.0 if step == 7 else 1.0  # step 7 compiles
+  # steps 8 and 9 in 2 s (from the start of the run it would be 3 steps in 12 s)
+  assert float(log.postfix['tok_s']) == t.batch_size * t.seq_len / 1.0, log.postfix
 
 
 def test_crash_after_a_checkpoint_resumes_bitwise_and_logs_once(straight_run, tmp_path):
