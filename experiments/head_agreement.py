@@ -5,6 +5,8 @@ user turns, from a few templates, are easy to agree on). With --by_confidence th
 positions are split by the probability the trunk gave the token a head should draft, with
 --by_head_confidence by the probability the head gave its own top token (how well a head knows
 when it is right, which a rule that stops drafting at low confidence would rely on); with
+--answer_split N by whether they are among an answer's first N tokens (decoding's answers are
+decode.max_new_tokens long, the cache's up to data.self_answer_len); with
 --misses N it prints the N answer tokens the trunk was surest of that the first head missed. With
 --simulate it replays greedy speculative decoding of those answers for S = 1..D from the heads'
 teacher-forced drafts (exact for float32 heads: a draft after an accepted one reads the true
@@ -20,8 +22,8 @@ each --sparse N the static tree of N drafts that keeps the branches most often a
 Medusa builds its tree: chosen on one half of the prompts and replayed on the other.
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
-       [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence] [--top K]
-       [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]]
+       [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence |
+       --answer_split N] [--top K] [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -44,7 +46,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE, _SPARSE, _DEPTHS
+  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -61,6 +63,9 @@ def define_flags():
   _BY_HEAD_CONFIDENCE = flags.DEFINE_boolean(
       'by_head_confidence', False, 'Split the greedy answers\' positions by the probability '
       'each head gave its own top token (over the draft vocabulary; CONFIDENCE buckets).')
+  _ANSWER_SPLIT = flags.DEFINE_integer(
+      'answer_split', 0, 'Split the answers\' positions (greedy and, with --cache, the cache\'s) '
+      'into an answer\'s first N tokens and those after them.')
   _MISSES = flags.DEFINE_integer('misses', 0, 'Print the N answer tokens the trunk was surest '
                                  'of where the first head\'s top token differs, in context.')
   _SIMULATE = flags.DEFINE_boolean(
@@ -119,6 +124,15 @@ def head_tokens(session, params, draft_ids, top: int = 1):
   return lambda tokens_1xW, h0=None: jax.device_get(fn(params, tokens_1xW, h0))
 
 
+def answer_part(start: int, split: int):
+  """`count`'s part for answer positions j, the answer starting at position `start`: 'answer',
+  or with split > 0 whether j is among its first `split` tokens."""
+  if split <= 0:
+    return lambda j, k: 'answer'
+  return lambda j, k: (f'answer tokens 1-{split}' if j - start < split
+                       else f'answer tokens past {split}')
+
+
 def count(tops, want, first: int, last: int, sums: dict, part=lambda j, k: 'answer'):
   """Adds to sums[(part(j, k), k)] = [agreeing, counted]: head k's tokens at position i
   (tops[k - 1][i], its most likely first) against want[j], j = i + k + 1 (the trunk's token
@@ -132,12 +146,13 @@ def count(tops, want, first: int, last: int, sums: dict, part=lambda j, k: 'answ
 
 
 def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str = '',
-                     missed: list | None = None, tops_out: list | None = None
-                     ) -> tuple[dict, list]:
+                     missed: list | None = None, tops_out: list | None = None,
+                     answer_split: int = 0) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
   teacher-forced over prompt + answer, counted on the answer's positions; `by` 'trunk' splits
   them by the CONFIDENCE bucket of the trunk's probability of the token a head should draft,
-  'head' by that of the head's probability of its own top token.
+  'head' by that of the head's probability of its own top token; `answer_split` > 0 splits them
+  into each answer's first `answer_split` tokens and the rest.
   `missed`, when given, receives (trunk's probability, prompt index, position j, head's token)
   for every answer token j the first head's top token misses; `tops_out`, when given, receives
   each prompt's D arrays of the heads' top tokens at every position (head_tokens')."""
@@ -160,7 +175,7 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
     tops, p_max, sure = fn(tokens)
     if tops_out is not None:
       tops_out.append(tops)
-    part = lambda j, k: 'answer'  # noqa: E731
+    part = answer_part(len(p), answer_split)
     if by == 'trunk':
       part = lambda j, k, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
     elif by == 'head':
@@ -333,10 +348,11 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
   return totals
 
 
-def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) -> dict:
+def cache_agreement(session, params, directory: str, draft_ids, top: int = 1,
+                    answer_split: int = 0) -> dict:
   """Sums as `count` keeps them over the cache's valid split, from its h0 (as training reads it),
   against the trunk's top token it kept; positions of the user turn (before the chat template's
-  assistant header) are 'prompt', the rest 'answer'."""
+  assistant header) are 'prompt', the rest 'answer' (split as `answer_part` splits them)."""
   import numpy as np
   from mtp_jax import features as feat_lib
   from mtp_jax import selfdata
@@ -359,8 +375,9 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1) ->
     h0 = np.zeros((1, L, split.h0.shape[1]), np.float32)
     h0[0, :len(row)] = np.asarray(split.h0[a:b], np.float32)
     want = np.concatenate([[-1], np.asarray(split.top_ids[a:b, 0])])  # token j from position j-1
+    in_answer = answer_part(answer, answer_split)
     count(fn(tokens, h0)[0], want, 1, len(row), sums,
-          part=lambda j, k: 'answer' if j >= answer else 'prompt')
+          part=lambda j, k, in_answer=in_answer: in_answer(j, k) if j >= answer else 'prompt')
   return sums
 
 
@@ -398,9 +415,11 @@ def main(argv):
                         f'{",".join(_DEPTHS.value)}')
     if sparse and not _SIMULATE.value:
       raise ConfigError('--sparse is replayed by --simulate: give both')
-    if _BY_CONFIDENCE.value and _BY_HEAD_CONFIDENCE.value:
-      raise ConfigError('--by_confidence and --by_head_confidence split the same positions two '
-                        'ways: give one')
+    if _BY_CONFIDENCE.value + _BY_HEAD_CONFIDENCE.value + (_ANSWER_SPLIT.value > 0) > 1:
+      raise ConfigError('--by_confidence, --by_head_confidence and --answer_split split the same '
+                        'positions in different ways: give one')
+    if _ANSWER_SPLIT.value < 0:
+      raise ConfigError(f'--answer_split must be >= 0, got {_ANSWER_SPLIT.value}')
     session = train.Session(config, _WORKDIR.value, data=False)
     _, params = inference.load_params(session)
     rank, n = session.token_rank(), config.decode.draft_vocab
@@ -422,11 +441,12 @@ def main(argv):
   by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''
   tops = [] if _SIMULATE.value else None
   sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed,
-                                   tops)
+                                   tops, _ANSWER_SPLIT.value)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
-                                                             draft_ids, _TOP.value)
+                                                             draft_ids, _TOP.value,
+                                                             _ANSWER_SPLIT.value)
   print(f'machine: {measure.machine()}')
   print(f'heads: depth {config.mtp.depth}, draft vocabulary '
         f'{"all" if draft_ids is None else len(draft_ids)} tokens, agreeing when the trunk\'s '

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import REPO, pretrained_config, random_llama, run_script, write_gguf
 from mtp_jax import features as feat_lib
@@ -85,6 +86,15 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
     assert [sum(v[0] for v in parts), sum(v[1] for v in parts)] == sums[('answer', k)]
   assert head_agreement.confidence_bucket(0.2, 'head') == 'head p in [0.0, 0.3)'
 
+  # answer_split=N splits them into each answer's first N tokens and the rest.
+  halves, _ = head_agreement.greedy_agreement(session, params, prompts, None, answer_split=5)
+  for k in (1, 2):
+    first = sum(j - len(p) < 5 for p, a in zip(prompts, answers)
+                for j in range(len(p) + k, len(p) + len(a)))
+    early, late = halves[('answer tokens 1-5', k)], halves[('answer tokens past 5', k)]
+    assert 0 < early[1] == first and late[1] == sums[('answer', k)][1] - first
+    assert early[0] + late[0] == sums[('answer', k)][0]
+
   # `missed` lists the first head's misses: the trunk's token is not the head's top one.
   missed = []
   head_agreement.greedy_agreement(session, params, prompts, None, missed=missed)
@@ -108,14 +118,21 @@ def test_heads_are_scored_against_the_token_they_draft(tmp_path):
     assert cache[('prompt', k)][1] == sum(s - 1 - k for s in answer_starts)
     assert cache[('answer', k)][1] == sum(len(r) - s for r, s in zip(rows, answer_starts))
     assert 0 <= cache[('answer', k)][0] <= cache[('answer', k)][1]
+  halves = head_agreement.cache_agreement(session, params, directory, None, answer_split=2)
+  for k in (1, 2):
+    early = sum(min(2, len(r) - s) for r, s in zip(rows, answer_starts))
+    assert halves[('answer tokens 1-2', k)][1] == early
+    assert halves[('answer tokens past 2', k)][1] == cache[('answer', k)][1] - early
+    assert halves[('prompt', k)] == cache[('prompt', k)]
 
 
-def test_two_confidence_splits_are_refused(tmp_path):
-  proc = run_script('experiments/head_agreement.py', '--by_confidence', '--by_head_confidence',
-                    f'--workdir={tmp_path / "run"}')
+@pytest.mark.parametrize('flags', [('--by_confidence', '--by_head_confidence'),
+                                   ('--by_head_confidence', '--answer_split=64')])
+def test_two_splits_are_refused(tmp_path, flags):
+  proc = run_script('experiments/head_agreement.py', *flags, f'--workdir={tmp_path / "run"}')
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith('error: --by_confidence and '
-                                                         '--by_head_confidence')
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      'error: --by_confidence, --by_head_confidence and --answer_split split the same positions')
   assert not (tmp_path / 'run').exists()
 
 
