@@ -126,6 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   # normalised output and the trunk's normalised last hidden state at i + k (EAGLE's feature
   # regression). 0: the gap is not computed.
   c.train.feature_weight = 0.0
+  # On cached features (rows of chats packed into windows), each head's attention sees only its
+  # own row, as in decoding; False lets it see the rows before it in the window too.
+  c.train.mask_rows = True
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
   # Recompute each depth's logits in the backward pass instead of keeping them: peak memory holds

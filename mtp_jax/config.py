@@ -242,6 +242,8 @@ def validate_pretrained(config) -> None:
          f'train.feature_weight must be a number >= 0, got {t.feature_weight!r}')
   _check(not t.feature_weight or config.mtp.depth >= 1,
          'train.feature_weight weights the MTP heads\' feature gap, but mtp.depth=0')
+  _check(isinstance(t.mask_rows, bool), f'train.mask_rows must be True or False, got '
+         f'{t.mask_rows!r}')
   _check(isinstance(t.draft_vocab, int) and 0 <= t.draft_vocab <= config.data.vocab_size,
          f'train.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {t.draft_vocab!r}')

@@ -26,11 +26,12 @@ class SequentialModule(nn.Module):
   h^k = TRM_k(h'). The embedding comes first in the concat, as in the released weights. The
   first module's h^0 may be the trunk's features, its last hidden state followed by other
   layers' (mtp.feature_layers): each D-wide slice is normalised on its own and M_1 is wider.
-  TRM_k is mtp.head_blocks Transformer blocks (one in DeepSeek-V3)."""
+  TRM_k is mtp.head_blocks Transformer blocks (one in DeepSeek-V3). `segments` keeps rows
+  packed into one training window apart (layers.attend)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h_prev_BxTxF, emb_BxTxD, positions_BxT, kv=None):
+  def __call__(self, h_prev_BxTxF, emb_BxTxD, positions_BxT, kv=None, segments_BxT=None):
     cfg = self.cfg
     F = h_prev_BxTxF.shape[-1]
     eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (cfg.d_model + F,),
@@ -39,7 +40,7 @@ class SequentialModule(nn.Module):
     h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model,
                 name='hnorm')(h_prev_BxTxF.astype(e.dtype))
     x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj, 1, cfg)
-    return head_blocks(cfg, x_BxTxD, positions_BxT, kv)
+    return head_blocks(cfg, x_BxTxD, positions_BxT, kv, segments_BxT)
 
 
 class ParallelHead(nn.Module):
@@ -48,9 +49,9 @@ class ParallelHead(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
+  def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None, segments_BxT=None):
     del emb_BxTxD  # parallel heads see only the trunk
-    return head_blocks(self.cfg, h0_BxTxD, positions_BxT, kv)
+    return head_blocks(self.cfg, h0_BxTxD, positions_BxT, kv, segments_BxT)
 
 
 class MedusaHead(nn.Module):
@@ -62,8 +63,8 @@ class MedusaHead(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None):
-    del emb_BxTxD, positions_BxT
+  def __call__(self, h0_BxTxD, emb_BxTxD, positions_BxT, kv=None, segments_BxT=None):
+    del emb_BxTxD, positions_BxT, segments_BxT
     D, F, dt = self.cfg.d_model, self.cfg.head_mlp_dim, self.cfg.compute_dtype
     h = h0_BxTxD.astype(dt)
     if not F:
@@ -76,7 +77,7 @@ class MedusaHead(nn.Module):
     return h + _mul(jax.nn.silu(_mul(h, w_in.astype(dt)) + b.astype(dt)), w_out.astype(dt)), kv
 
 
-def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):
+def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv, segments_BxT=None):
   """mtp.head_blocks Transformer blocks in a row, each MLP mtp.head_mlp_dim wide (the trunk's
   width when 0); kv is None or a list with one cache per block. Call inside a compact method."""
   block_cfg = dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim)
@@ -84,7 +85,8 @@ def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv):
   angles = rotary(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.max_seq_len)
   for j in range(cfg.head_blocks):
     x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT, angles,
-                                                       None if kv is None else kv[j])
+                                                       None if kv is None else kv[j], None,
+                                                       segments_BxT)
     caches.append(c)
   return x_BxTxD, None if kv is None else caches
 

@@ -137,20 +137,23 @@ def visible_slots(positions_BxT, slots_BxT, length: int):
 
 
 def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool = False,
-           slots_BxT=None):
+           slots_BxT=None, segments_BxT=None):
   """Attention written out: writes the cache if there is one, then masks and takes a float32
   softmax over the T x L scores. Returns (B x T x H x E output, cache). Without a cache the
-  mask is causal by position. With one, the new entries are written at `slots` (their
-  positions by default) and each sees what `visible_slots` says: causal attention for a chain at
-  slots == positions, and a branch of a token tree stored past the chain sees the committed
-  prefix and its own branch (new entries must be stored as the runs it describes). With
-  `use_kernel`, attention over a cache goes to the kernel, which reads only the entries each
-  query sees."""
+  mask is causal by position, and with `segments` (an id per position) a position sees only
+  those of its own segment: rows packed into one window stay apart. With a cache, the new
+  entries are written at `slots` (their positions by default) and each sees what
+  `visible_slots` says: causal attention for a chain at slots == positions, and a branch of a
+  token tree stored past the chain sees the committed prefix and its own branch (new entries
+  must be stored as the runs it describes). With `use_kernel`, attention over a cache goes to
+  the kernel, which reads only the entries each query sees."""
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxTxKxE.shape[2]
   if kv is None:
     k_BxLxKxE, v_BxLxKxE = k_BxTxKxE, v_BxTxKxE
     visible_BxTxL = positions_BxT[:, None, :] <= positions_BxT[:, :, None]
+    if segments_BxT is not None:
+      visible_BxTxL = visible_BxTxL & (segments_BxT[:, None, :] == segments_BxT[:, :, None])
   else:
     slots_BxT = positions_BxT if slots_BxT is None else slots_BxT
     kv = {'k': write_cache(kv['k'], k_BxTxKxE, slots_BxT),
@@ -198,11 +201,12 @@ class Attention(nn.Module):
   positions, which the caller computes once for all its blocks). With `kv` (a cache dict), the
   new keys and values are written at `slots` (default: `positions`) and each query attends as
   `attend` describes; entries past a row's true length are stale drafts and are hidden by that
-  same test."""
+  same test. Without a cache, `segments` keeps packed rows apart (`attend`)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None):
+  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None,
+               segments_BxT=None):
     cfg = self.cfg
     D, H, K, E = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     dt = cfg.compute_dtype
@@ -223,13 +227,13 @@ class Attention(nn.Module):
                       ('embed',), cfg)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
-    if kv is None and cfg.attention == 'fused':
+    if kv is None and cfg.attention == 'fused' and segments_BxT is None:
       # No cache means positions 0..T-1 in every row (the training path), so the position mask
       # of `attend` is the plain causal mask.
       out_BxTxHxE = fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE)
     else:
       out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels,
-                               slots_BxT)
+                               slots_BxT, segments_BxT)
     out_BxTxD = dense(out_BxTxHxE.astype(dt), w_o, 2, cfg)
     out_BxTxD = nn.with_logical_constraint(out_BxTxD, ('batch', 'length', 'embed'))
     return out_BxTxD, kv
@@ -261,11 +265,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None):
+  def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None,
+               segments_BxT=None):
     D, eps = self.cfg.d_model, self.cfg.norm_eps
     attn_in = RMSNorm(D, eps, name='attn_norm')(x_BxTxD)
     attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, rotary_BxTx1xE, kv,
-                                                    slots_BxT)
+                                                    slots_BxT, segments_BxT)
     x_BxTxD = x_BxTxD + attn_out
     x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv

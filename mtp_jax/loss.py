@@ -37,6 +37,7 @@ class LossSpec:
   frozen: bool = False  # the trunk is not trained: its loss is reported, not optimized
   feature_weight: float = 0.0  # weight of each head's feature gap in its loss (0: not computed)
   remat: bool = True  # recompute each depth's logits in the backward pass (see _stats)
+  mask_rows: bool = True  # on cached features, heads attend within each position's row
 
 
 def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: ModelConfig,
@@ -121,7 +122,10 @@ def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
     if draft_ids is not None:
       index = draft_index(draft_ids, spec.cfg.vocab_size)
       ids = jnp.where(ids >= 0, index[jnp.maximum(ids, 0)], -1)
-      data_k = jnp.where(data_k >= 0, index[jnp.maximum(data_k, 0)], -1)
+      # a data token outside the draft vocabulary is a miss (N: an index no argmax gives), not a
+      # position left out of the accuracy
+      in_draft = index[jnp.maximum(data_k, 0)]
+      data_k = jnp.where(data_k >= 0, jnp.where(in_draft >= 0, in_draft, draft_ids.shape[0]), -1)
       out = out[draft_ids] if spec.cfg.tie_embeddings else out[:, draft_ids]
     sums.append({**_stats(spec)(hidden[k], scale, out, ids, p, data_k, spec.cfg, 0)[0],
                  **feature})
@@ -134,8 +138,8 @@ def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW):
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
-def _head_states(module: MTPLanguageModel, h0_BxTxD, tokens_BxW):
-  hidden = module.head_states(h0_BxTxD, tokens_BxW)
+def _head_states(module: MTPLanguageModel, h0_BxTxD, tokens_BxW, segments_BxT=None):
+  hidden = module.head_states(h0_BxTxD, tokens_BxW, segments_BxT)
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
@@ -149,9 +153,10 @@ def depth_sums(params, tokens_BxW, spec: LossSpec, draft_ids=None):
   distill = spec.head_loss == 'distill' and cfg.mtp_depth > 0
   trunk, top = _stats(spec)(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
                             spec.topk if distill else 0)
-  if distill:  # the trunk's distribution at i + k; past the window's end there is none
-    targets = [None] + [(_shift(top[0], k, -1), _shift(top[1], k, 0.0))
-                        for k in range(1, cfg.mtp_depth + 1)]
+  if distill:  # the trunk's distribution at i + k; past the window's end there is none, and
+    # where the data has no token i + k + 1 (padding) the position is left out, as without it
+    targets = [None] + [(jnp.where(data[k][..., None] >= 0, _shift(top[0], k, -1), -1),
+                         _shift(top[1], k, 0.0)) for k in range(1, cfg.mtp_depth + 1)]
   else:
     targets = [_one_hot_target(d) for d in data]
   return [trunk] + _head_sums(hidden, weights, targets, data, spec, draft_ids)
@@ -164,11 +169,14 @@ def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
   tokens i + 1..i + k and aims at token i + k + 1, or the trunk's distribution at i + k; it is
   left out when any of those tokens starts a row: its inputs would mix two texts, or its target
   lies past its row's end, where a row the trunk wrote has no distribution kept at its last
-  position."""
+  position. With spec.mask_rows the heads' attention at position i sees only the positions of
+  i's row, as decoding's does; without it, also the rows before it in the window."""
   cfg = spec.cfg
   tokens, h0 = batch['tokens'], batch['h0'].astype(cfg.compute_dtype)
   T = h0.shape[1]
-  hidden, weights = MTPLanguageModel(cfg).apply(params, h0, tokens, method=_head_states)
+  # position i holds the trunk's state after token i: it belongs to token i's row
+  rows = jnp.cumsum(batch['row_start'][:, :T], axis=1) if spec.mask_rows else None
+  hidden, weights = MTPLanguageModel(cfg).apply(params, h0, tokens, rows, method=_head_states)
   crossed = batch['row_start'][:, 1:1 + T]
   targets, data = [None], [None]
   for k in range(1, cfg.mtp_depth + 1):

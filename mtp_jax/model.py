@@ -56,10 +56,11 @@ class MTPLanguageModel(nn.Module):
       x_BxTxD = jnp.concatenate([x_BxTxD] + [taken[i] for i in self.cfg.feature_layers], axis=-1)
     return x_BxTxD, (None if caches is None else new_caches)
 
-  def mtp_step(self, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv=None):
+  def mtp_step(self, k: int, h_in_BxTxD, tokens_BxT, positions_BxT, kv=None, segments_BxT=None):
     """Depth k >= 1. h_in is h^{k-1} for sequential modules and h^0 for parallel heads;
-    tokens_BxT holds t_{i+k} at position i (used by sequential modules only)."""
-    return self.mtp[k - 1](h_in_BxTxD, self.embed(tokens_BxT), positions_BxT, kv)
+    tokens_BxT holds t_{i+k} at position i (used by sequential modules only); `segments` keeps
+    rows packed into one training window apart in the heads' attention."""
+    return self.mtp[k - 1](h_in_BxTxD, self.embed(tokens_BxT), positions_BxT, kv, segments_BxT)
 
   def head_weights(self, k: int):
     """(norm scale, output matrix) of depth k, as arrays, so the loss can project to the
@@ -84,9 +85,10 @@ class MTPLanguageModel(nn.Module):
     h0, _ = self.trunk(inputs_BxT, jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape))
     return self.head_states(h0, tokens_BxW)
 
-  def head_states(self, h0_BxTxD, tokens_BxW):
+  def head_states(self, h0_BxTxD, tokens_BxW, segments_BxT=None):
     """[h0, h1, .., hD] from the trunk's h0 over T positions: depth k reads
-    t_{i+k} = tokens_BxW[:, i + k]."""
+    t_{i+k} = tokens_BxW[:, i + k]. With `segments` (a row id per position) a head's attention
+    stays inside each position's row."""
     T = h0_BxTxD.shape[1]
     positions_BxT = jnp.broadcast_to(jnp.arange(T), h0_BxTxD.shape[:2])
     hidden, h = [h0_BxTxD], h0_BxTxD
@@ -94,7 +96,7 @@ class MTPLanguageModel(nn.Module):
       h_in = h if self.cfg.mtp_chains else h0_BxTxD
       if k > 1 and self.cfg.detach_chain:
         h_in = jax.lax.stop_gradient(h_in)
-      h, _ = self.mtp_step(k, h_in, tokens_BxW[:, k:k + T], positions_BxT)
+      h, _ = self.mtp_step(k, h_in, tokens_BxW[:, k:k + T], positions_BxT, None, segments_BxT)
       hidden.append(h)
     return hidden
 

@@ -163,7 +163,8 @@ def window_length(config) -> int:
 def loss_spec(config, cfg: ModelConfig) -> LossSpec:
   t = config.train
   return LossSpec(cfg, head_loss=t.head_loss, topk=t.distill_topk, frozen=t.freeze_trunk,
-                  feature_weight=float(t.feature_weight), remat=t.remat_logits)
+                  feature_weight=float(t.feature_weight), remat=t.remat_logits,
+                  mask_rows=t.mask_rows)
 
 
 def step_dtype(config) -> str:

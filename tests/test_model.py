@@ -99,6 +99,58 @@ def test_cached_targets_stop_at_a_rows_end():
       assert int(sums[k]['data_count']) == 2 * T - len(left_out), (head_loss, k)
 
 
+def test_head_counts_over_a_draft_vocabulary_and_padding():
+  """Over a draft vocabulary (train.draft_vocab) a data token outside it is a miss of the
+  accuracy, not a position left out; distilling on a padded window leaves out the positions
+  whose next token is padding, as the data target does."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(0))
+  B, T, D = 2, 8, cfg.mtp_depth
+  tokens = jax.random.randint(jax.random.key(1), (B, T + D + 1), 0, cfg.vocab_size)
+  draft_ids = jnp.arange(cfg.vocab_size // 4, dtype=jnp.int32)  # most data tokens fall outside
+  sums = depth_sums(params, tokens, LossSpec(cfg), draft_ids)
+  for k in range(1, D + 1):
+    assert int(sums[k]['data_count']) == B * T
+    inside = int(jnp.sum(tokens[:, k + 1:k + 1 + T] < cfg.vocab_size // 4))
+    assert int(sums[k]['correct']) <= inside < B * T
+  padded = tokens.at[0, T - 2:].set(-1)  # row 0's data ends at position T - 3
+  sums = depth_sums(params, padded, LossSpec(cfg, head_loss='distill', topk=4))
+  for k in range(1, D + 1):
+    has_next = padded[:, k + 1:k + 1 + T] >= 0
+    assert int(sums[k]['data_count']) == int(jnp.sum(has_next)) < B * T, k
+    # the trunk ran on T positions: its distribution at i + k exists for i < T - k
+    assert int(sums[k]['count']) == int(jnp.sum(has_next[:, :T - k])), k
+
+
+@pytest.mark.parametrize('kind', ('sequential', 'parallel'))
+def test_heads_on_packed_rows_see_only_their_own_row(kind):
+  """Rows of cached chats are packed into training windows; decoding runs the heads over one
+  text. With train.mask_rows (the default) a head over a row that starts inside the window is
+  what it is over that row alone; without it, it reads the row before."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(0))
+  B, T, D, start = 1, 12, cfg.mtp_depth, 5
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T + D + 1)))
+  h0 = jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32)
+  row_start = np.zeros((B, T + D + 1), bool)
+  row_start[0, start] = True
+  rows = jnp.cumsum(jnp.asarray(row_start[:, :T]), axis=1)
+  states = lambda *args: MTPLanguageModel(cfg).apply(params, *args,
+                                                     method=MTPLanguageModel.head_states)
+  masked, unmasked = states(h0, tokens, rows), states(h0, tokens)
+  alone = states(h0[:, start:], tokens[:, start:])  # the second row from its first position
+  for k in range(1, D + 1):
+    np.testing.assert_allclose(masked[k][:, start:], alone[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(masked[k][:, :start], unmasked[k][:, :start])
+    assert not np.allclose(unmasked[k][:, start:], alone[k], rtol=1e-3, atol=1e-3), k
+  # The training loss follows the setting.
+  batch = {'tokens': tokens, 'h0': h0, 'row_start': jnp.asarray(row_start)}
+  loss = {m: float(feature_sums(params, batch, LossSpec(cfg, frozen=True, mask_rows=m))[1]['loss'])
+          for m in (True, False)}
+  assert loss[True] != loss[False]
+
+
 def test_feature_gap_matches_reference():
   """train.feature_weight: head k at position i is also pulled towards the trunk's hidden state
   at i + k, both normalised as the output matrix reads them; positions without a target, or
