@@ -2,8 +2,11 @@
 then renamed over it, so a crash never leaves half a file for a later run to read. (Files that a
 library writes itself, safetensors and .npy, follow the same pattern where they are saved.)"""
 
+import contextlib
+import fcntl
 import json
 import os
+import sys
 import tempfile
 
 
@@ -24,16 +27,41 @@ def write_bytes(path: str, data: bytes) -> None:
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
   try:
-    os.fchmod(fd, _MODE)
     with os.fdopen(fd, 'wb') as f:
+      os.fchmod(f.fileno(), _MODE)
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync(folder)  # the rename itself
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def sync(path: str) -> None:
+  """Flushes a file written with plain writes, or a folder's entries (a rename into it), to
+  disk."""
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(path: str, waiting: str = ''):
+  """Held by one process at a time (a lock on the file `path`): another waits, printing
+  `waiting` first. The lock goes with the process, so a killed one never leaves it held."""
+  with open(path, 'a') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if waiting:
+        print(waiting, file=sys.stderr)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    yield  # closing the file releases the lock
 
 
 def write_text(path: str, text: str) -> None:

@@ -234,6 +234,7 @@ def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None) -> TokenData:
       'text_field': data_cfg.text_field,
       'valid_fraction': data_cfg.valid_fraction,
       'tokenizer_sha1': hashlib.sha1(_read(tok_path)).hexdigest(),
+      'eos_id': int(eos_id),  # the id between documents
   }
   key = hashlib.sha1(json.dumps(inputs).encode()).hexdigest()[:16]
   cache = os.path.join(data_cfg.cache_dir or os.path.join(workdir, 'data'), key)

@@ -18,6 +18,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 
+from mtp_jax import atomic
 from mtp_jax.data import DataError
 
 SPLITS = ('train', 'valid')
@@ -54,20 +55,24 @@ def meta(directory: str) -> dict:
 
 def load(directory: str) -> dict[str, Split] | None:
   """The finished cache in directory, or None (meta.json is written last)."""
-  try:
-    with open(os.path.join(directory, 'meta.json')) as f:
-      meta = json.load(f)
-  except FileNotFoundError:
+  path = os.path.join(directory, 'meta.json')
+  if not os.path.exists(path):
     return None
   out = {}
-  for split in SPLITS:
-    n, arrays = meta[split]['positions'], {}
-    for name in meta['arrays']:
-      dtype, wide = ARRAYS[name]
-      shape = (n, meta['widths'][name]) if wide else (n,)
-      arrays[name] = np.memmap(os.path.join(directory, f'{split}.{name}'), dtype=dtype, mode='r',
-                               shape=shape)
-    out[split] = Split(**arrays)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    for split in SPLITS:
+      n, arrays = meta[split]['positions'], {}
+      for name in meta['arrays']:
+        dtype, wide = ARRAYS[name]
+        shape = (n, meta['widths'][name]) if wide else (n,)
+        arrays[name] = np.memmap(os.path.join(directory, f'{split}.{name}'), dtype=dtype,
+                                 mode='r', shape=shape)
+      out[split] = Split(**arrays)
+  except (OSError, ValueError, KeyError, TypeError) as e:  # a file cut short, meta.json damaged
+    raise DataError(f'the feature cache in {directory} is damaged ({type(e).__name__}: {e}); '
+                    'delete it to build it again') from None
   return out
 
 
@@ -119,9 +124,7 @@ def rows_source(directory: str, spec: dict) -> str | None:
     return found
   found = same_rows(os.path.dirname(directory), spec)
   if found:
-    os.makedirs(directory, exist_ok=True)
-    with open(marker, 'w') as f:
-      f.write(found)
+    atomic.write_text(marker, found)
   elif os.path.exists(marker):  # left by a run stopped before it began; rows are written now
     os.remove(marker)
   return found
@@ -169,16 +172,18 @@ class Builder:
         raise DataError(f'{directory} was begun from the cache in {base}, which is gone; delete '
                         'it to start again')
     elif not os.path.isdir(self.partial):  # a new build (one begun before BASE keeps `base`)
-      os.makedirs(self.partial)
-      with open(marker, 'w') as f:
-        f.write(base or '')
+      staging = self.partial + '.tmp'  # partial/ appears with its BASE, or not at all
+      shutil.rmtree(staging, ignore_errors=True)
+      os.makedirs(staging)
+      atomic.write_text(os.path.join(staging, 'BASE'), base or '')
+      os.replace(staging, self.partial)
+      atomic.sync(directory)
     self.base_dir, self.base = base, (meta(base) if base else None)
     if self.base and list(self.names) != self.base['arrays']:
       raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')
     self.first = self.base['shards'] if self.base else 0  # the shards the base stands for
     os.makedirs(self.partial, exist_ok=True)
-    with open(os.path.join(directory, 'spec.json'), 'w') as f:
-      json.dump(spec, f, indent=1)
+    atomic.write_json(os.path.join(directory, 'spec.json'), spec)
 
   def _written(self) -> list[int]:
     """The shards written here (not the base's)."""
@@ -220,7 +225,11 @@ class Builder:
         np.save(os.path.join(tmp, f'{split}.{name}.npy'), joined.astype(dtype))
     with open(os.path.join(tmp, 'count.json'), 'w') as f:
       json.dump({**counts, 'seconds': seconds}, f)
+    for name in os.listdir(tmp):  # on disk before the shard counts as written
+      atomic.sync(os.path.join(tmp, name))
+    atomic.sync(tmp)
     os.replace(tmp, os.path.join(self.partial, f'{index:06d}'))
+    atomic.sync(self.partial)
 
   def finish(self) -> dict[str, Split]:
     """Joins every shard, in order, into one memory-mapped array per split and name."""
@@ -244,15 +253,15 @@ class Builder:
             if a.ndim == 2:
               meta['widths'][name] = a.shape[1]
             out.write(np.ascontiguousarray(a).tobytes())
+          out.flush()
+          os.fsync(out.fileno())
         os.replace(path + '.tmp', path)
       meta[split] = {'positions': sum(c[split] for c in counts)}
       if meta[split]['positions'] < 2:
         raise DataError(f'the {split} split of {self.directory} is empty; make more rows '
                         '(data.self_tokens) or raise data.valid_fraction')
-    with open(os.path.join(self.directory, 'meta.json.tmp'), 'w') as f:
-      json.dump(meta, f, indent=1)
-    os.replace(os.path.join(self.directory, 'meta.json.tmp'),
-               os.path.join(self.directory, 'meta.json'))
+    # meta.json last, and on disk with the arrays before the shards they came from are removed
+    atomic.write_json(os.path.join(self.directory, 'meta.json'), meta)
     shutil.rmtree(self.partial)
     return load(self.directory)
 

@@ -360,10 +360,12 @@ class Session(Program):
       self.data = data_lib.TokenData(
           train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,
           eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
+      self._check_data()
       self.features = cache if d.features else None
     else:
       self.data = data_lib.prepare(d, self.workdir, self.model_file and self.model_file.tokenizer,
                                    self.model_file and self.model_file.eos_id)
+      self._check_data()  # before the trunk runs over the corpus
       if d.features:
         tokens = _digest(self.data.train, self.data.valid)
         spec = {'kind': 'text', 'trunk': self.model_file.identity, 'tokens': tokens,
@@ -372,11 +374,16 @@ class Session(Program):
             trunk, builder, {'train': selfdata.pieces(self.data.train),
                              'valid': selfdata.pieces(self.data.valid)},
             config.train.distill_topk))
+    if config.train.draft_vocab:
+      self.draft_ids = np.sort(self.data_token_rank()[:config.train.draft_vocab])
+
+  def _check_data(self):
+    """The tokenizer's size and each split's length, checked once the splits are known, not at
+    the first batch of each split: the first evaluation may come after hours of training."""
+    config = self.config
     if self.data.vocab_size > config.data.vocab_size:
       raise data_lib.DataError(f'tokenizer has {self.data.vocab_size} tokens, more than '
                                f'data.vocab_size={config.data.vocab_size}')
-    # Checked here, once the split sizes are known, not at the first batch of each split: the
-    # first evaluation may come after hours of training.
     for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
       if len(tokens) < self.window:
         raise data_lib.DataError(
@@ -384,8 +391,6 @@ class Session(Program):
             f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
             f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a larger '
             'data.valid_fraction')
-    if config.train.draft_vocab:
-      self.draft_ids = np.sort(self.data_token_rank()[:config.train.draft_vocab])
 
   def _build(self, root: str, spec: dict, write) -> dict:
     """The feature cache for `spec` (with the trunk's feature layers, when it keeps features),
@@ -413,6 +418,15 @@ class Session(Program):
       raise
 
   def _build_here(self, directory: str, spec: dict, write) -> dict:
+    """One run at a time builds a cache: another run sharing data.cache_dir waits for it, then
+    reads what it built."""
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    with atomic.exclusive(directory + '.lock',
+                          f'data: waiting for another run building {directory}'):
+      cache = feat_lib.load(directory)
+      return cache if cache is not None else self._write_cache(directory, spec, write)
+
+  def _write_cache(self, directory: str, spec: dict, write) -> dict:
     source = feat_lib.rows_source(directory, spec)
     if source:
       print(f'data: features of the rows in {source}, recomputed', file=sys.stderr)
@@ -522,8 +536,10 @@ def _like(tree: dict, parts: dict):
 
 
 def _digest(*arrays) -> str:
+  """Of the arrays' values and where each ends (moving a document between splits changes it)."""
   digest = hashlib.sha1()
   for a in arrays:
+    digest.update(f'{a.dtype}:{len(a)}:'.encode())
     digest.update(np.ascontiguousarray(a).tobytes())
   return digest.hexdigest()
 

@@ -2,7 +2,10 @@
 features it kept while writing equal to a fresh forward over the written rows, a build that
 an interruption leaves resumable, and written chats given other features by one forward."""
 
+import concurrent.futures
 import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import pretrained_config, random_llama, write_gguf
+from mtp_jax import atomic
 from mtp_jax import features as feat_lib
 from mtp_jax import inference, selfdata, train
 from mtp_jax.config import ConfigError
@@ -93,6 +97,52 @@ def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
   selfdata.write_chats(trunk, fresh, tokens=again_positions, **kw)
   np.testing.assert_array_equal(fresh.finish()['train'].tokens, cache['train'].tokens)
 
+
+
+def test_a_damaged_cache_is_one_error(tmp_path):
+  """A build records its base before its first shard; a finished cache whose files were cut short
+  (a power loss before they reached the disk) is refused with one line naming it."""
+  directory = str(tmp_path / 'cache')
+  builder = feat_lib.Builder(directory, {'test': 4}, features=False)
+  assert open(f'{directory}/partial/BASE').read() == ''  # no base: what a resume reads
+  rows = [{'tokens': np.arange(6, dtype=np.int32)} for _ in range(4)]
+  builder.add(0, rows, [False, True, False, True], seconds=0.0)
+  assert len(builder.finish()['train'].tokens) == 12
+  assert not os.path.exists(f'{directory}/partial')
+  with open(f'{directory}/train.tokens', 'r+b') as f:
+    f.truncate(8)
+  with pytest.raises(feat_lib.DataError, match=f'the feature cache in {directory} is damaged'):
+    feat_lib.load(directory)
+  with open(f'{directory}/meta.json', 'w') as f:
+    f.write('{"spec": ')
+  with pytest.raises(feat_lib.DataError, match='JSONDecodeError'):
+    feat_lib.load(directory)
+
+
+def test_a_second_build_of_a_cache_waits_for_the_first(tmp_path, capsys):
+  """Two runs sharing data.cache_dir: the second waits for the first's build (here the test holds
+  the lock and builds), then reads its cache instead of writing the rows again."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  session = train.Session(resolve.resolve_config(pretrained_config(path)), str(tmp_path / 'run'),
+                          data=False)
+  directory, spec, writes = str(tmp_path / 'features' / 'cache'), {'topk': 0, 'tokens': 8}, []
+
+  def write(trunk, builder):
+    writes.append(builder.directory)
+    builder.add(0, [{'tokens': np.arange(6, dtype=np.int32)}] * 4, [False, True] * 2, 0.0)
+
+  second = concurrent.futures.ThreadPoolExecutor(1)
+  os.makedirs(os.path.dirname(directory))
+  with atomic.exclusive(directory + '.lock'):
+    waiting = second.submit(session._build_here, directory, spec, write)
+    seen = ''
+    while 'data: waiting for another run building' not in seen:  # until the second one waits
+      assert not waiting.done(), waiting.result()
+      seen += capsys.readouterr().err
+      time.sleep(0.01)
+    first = session._write_cache(directory, spec, write)
+  np.testing.assert_array_equal(waiting.result(timeout=60)['train'].tokens, first['train'].tokens)
+  assert writes == [directory]  # written once
 
 def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
   trunk = tiny_trunk(tmp_path)

