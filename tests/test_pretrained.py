@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import (CHAT, LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
-                      random_llama, write_gguf, write_hf)
+                      random_llama, stdlib_corpus, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
 from mtp_jax.config import ConfigError, ModelConfig, validate
@@ -224,6 +224,17 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   config.mtp.kind = 'parallel'
   with pytest.raises(PretrainedError, match='mtp.kind=sequential, the config has parallel'):
     heads_file.check(out, config)
+
+
+def test_a_split_too_short_is_refused_before_the_trunk_writes_features(tmp_path):
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained_config(path, **{'data.sources': stdlib_corpus('colorsys.py', 'antigravity.py'),
+                                      'train.freeze_trunk': True, 'data.features': True,
+                                      'model.max_seq_len': 512, 'train.seq_len': 500,
+                                      'data.valid_fraction': 0.5})
+  with pytest.raises(train.data_lib.DataError, match='fewer than one window'):
+    train.Session(pretrained.resolve_config(config), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'data' / 'features')
 
 
 def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
