@@ -3,6 +3,7 @@ then renamed over it, so a crash never leaves half a file for a later run to rea
 library writes itself, safetensors and .npy, follow the same pattern where they are saved.)"""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -51,17 +52,26 @@ def sync(path: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(path: str, waiting: str = ''):
-  """Held by one process at a time (a lock on the file `path`): another waits, printing
-  `waiting` first. The lock goes with the process, so a killed one never leaves it held."""
-  with open(path, 'a') as f:
+def exclusive(folder: str, waiting: str = ''):
+  """Held by one process at a time (a lock on the folder itself, so no lock file is left
+  beside what it guards): another waits, printing `waiting` first. The lock goes with the
+  process, so a killed one never leaves it held."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       if waiting:
         print(waiting, file=sys.stderr)
-      fcntl.flock(f, fcntl.LOCK_EX)
-    yield  # closing the file releases the lock
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:  # a file system without locks (Lustre without -o flock, some FUSE)
+      if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+        raise
+      print(f'note: {folder} cannot be locked here ({e.strerror}); not waiting for other '
+            'processes', file=sys.stderr)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 def write_text(path: str, text: str) -> None:

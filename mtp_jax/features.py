@@ -260,7 +260,8 @@ class Builder:
       if meta[split]['positions'] < 2:
         raise DataError(f'the {split} split of {self.directory} is empty; make more rows '
                         '(data.self_tokens) or raise data.valid_fraction')
-    # meta.json last, and on disk with the arrays before the shards they came from are removed
+    # meta.json last, after the arrays' renames, and on disk before the shards are removed
+    atomic.sync(self.directory)
     atomic.write_json(os.path.join(self.directory, 'meta.json'), meta)
     shutil.rmtree(self.partial)
     return load(self.directory)

@@ -177,23 +177,26 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
   return out_BxTxKxGxE.reshape(B, T, H, E), kv
 
 
-def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE):
-  """Causal jax.nn.dot_product_attention: cuDNN's flash attention on a GPU for bfloat16 and
-  float16 (jax's own default is XLA's implementation, which keeps the T x T scores like
-  `attend`), XLA's on other backends, in float32, or where cuDNN refuses the shapes when the
-  step is traced (a failure later, while XLA compiles the step, is not caught)."""
+def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segments_BxT=None):
+  """Causal jax.nn.dot_product_attention (within each segment, when given, as `attend`):
+  cuDNN's flash attention on a GPU for bfloat16 and float16 (jax's own default is XLA's
+  implementation, which keeps the T x T scores like `attend`), XLA's on other backends, in
+  float32, or where cuDNN refuses the shapes when the step is traced (a failure later, while XLA
+  compiles the step, is not caught)."""
   q_dtype = jnp.dtype(q_BxTxHxE.dtype)
+  mask = (None if segments_BxT is None else
+          segments_BxT[:, None, :, None] == segments_BxT[:, None, None, :])
   if jax.default_backend() == 'gpu' and q_dtype in (jnp.bfloat16, jnp.float16):
     try:
-      return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
-                                          implementation='cudnn')
+      return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask,
+                                          is_causal=True, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError) as e:
       print(f"note: model.attention=fused: cuDNN refused these shapes ({e}); using XLA's",
             file=sys.stderr)
   highest = precision(q_BxTxHxE) is not None  # the precision every other product asks for
   with jax.default_matmul_precision('highest') if highest else contextlib.nullcontext():
-    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, is_causal=True,
-                                        implementation='xla')
+    return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask,
+                                        is_causal=True, implementation='xla')
 
 
 class Attention(nn.Module):
@@ -227,10 +230,10 @@ class Attention(nn.Module):
                       ('embed',), cfg)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
-    if kv is None and cfg.attention == 'fused' and segments_BxT is None:
+    if kv is None and cfg.attention == 'fused':
       # No cache means positions 0..T-1 in every row (the training path), so the position mask
       # of `attend` is the plain causal mask.
-      out_BxTxHxE = fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE)
+      out_BxTxHxE = fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segments_BxT)
     else:
       out_BxTxHxE, kv = attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, cfg.kernels,
                                slots_BxT, segments_BxT)

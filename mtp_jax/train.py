@@ -420,9 +420,8 @@ class Session(Program):
   def _build_here(self, directory: str, spec: dict, write) -> dict:
     """One run at a time builds a cache: another run sharing data.cache_dir waits for it, then
     reads what it built."""
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    with atomic.exclusive(directory + '.lock',
-                          f'data: waiting for another run building {directory}'):
+    os.makedirs(directory, exist_ok=True)
+    with atomic.exclusive(directory, f'data: waiting for another run building {directory}'):
       cache = feat_lib.load(directory)
       return cache if cache is not None else self._write_cache(directory, spec, write)
 

@@ -122,28 +122,32 @@ def test_head_counts_over_a_draft_vocabulary_and_padding():
     assert int(sums[k]['count']) == int(jnp.sum(has_next[:, :T - k])), k
 
 
-@pytest.mark.parametrize('kind', ('sequential', 'parallel'))
-def test_heads_on_packed_rows_see_only_their_own_row(kind):
+@pytest.mark.parametrize('kind,attention', [('sequential', 'einsum'), ('parallel', 'einsum'),
+                                            ('sequential', 'fused')])
+def test_heads_on_packed_rows_see_only_their_own_row(kind, attention):
   """Rows of cached chats are packed into training windows; decoding runs the heads over one
   text. With train.mask_rows (the default) a head over a row that starts inside the window is
-  what it is over that row alone; without it, it reads the row before."""
-  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2})
+  what it is over that row alone; without it, it reads the rows before."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'model.attention': attention})
   params = init_params(cfg, jax.random.key(0))
-  B, T, D, start = 1, 12, cfg.mtp_depth, 5
+  B, T, D, starts = 1, 12, cfg.mtp_depth, (5, 9)  # three rows: 0..4, 5..8, 9..11
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T + D + 1)))
   h0 = jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32)
   row_start = np.zeros((B, T + D + 1), bool)
-  row_start[0, start] = True
+  row_start[0, list(starts)] = True
   rows = jnp.cumsum(jnp.asarray(row_start[:, :T]), axis=1)
   states = lambda *args: MTPLanguageModel(cfg).apply(params, *args,
                                                      method=MTPLanguageModel.head_states)
   masked, unmasked = states(h0, tokens, rows), states(h0, tokens)
-  alone = states(h0[:, start:], tokens[:, start:])  # the second row from its first position
-  for k in range(1, D + 1):
-    np.testing.assert_allclose(masked[k][:, start:], alone[k], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(masked[k][:, :start], unmasked[k][:, :start])
-    assert not np.allclose(unmasked[k][:, start:], alone[k], rtol=1e-3, atol=1e-3), k
+  for a, b in zip(starts, starts[1:] + (T,)):
+    alone = states(h0[:, a:b], tokens[:, a:b + D + 1])  # the row from its first position
+    for k in range(1, D + 1):
+      np.testing.assert_allclose(masked[k][:, a:b], alone[k], rtol=1e-5, atol=1e-5)
+      assert not np.allclose(unmasked[k][:, a:b], alone[k], rtol=1e-3, atol=1e-3), (a, k)
+  for k in range(1, D + 1):  # the first row, whose start lies before the window, as before
+    np.testing.assert_allclose(masked[k][:, :starts[0]], unmasked[k][:, :starts[0]], rtol=1e-6,
+                               atol=1e-6)
   # The training loss follows the setting.
   batch = {'tokens': tokens, 'h0': h0, 'row_start': jnp.asarray(row_start)}
   loss = {m: float(feature_sums(params, batch, LossSpec(cfg, frozen=True, mask_rows=m))[1]['loss'])

@@ -132,8 +132,8 @@ def test_a_second_build_of_a_cache_waits_for_the_first(tmp_path, capsys):
     builder.add(0, [{'tokens': np.arange(6, dtype=np.int32)}] * 4, [False, True] * 2, 0.0)
 
   second = concurrent.futures.ThreadPoolExecutor(1)
-  os.makedirs(os.path.dirname(directory))
-  with atomic.exclusive(directory + '.lock'):
+  os.makedirs(directory)
+  with atomic.exclusive(directory):
     waiting = second.submit(session._build_here, directory, spec, write)
     seen = ''
     while 'data: waiting for another run building' not in seen:  # until the second one waits

