@@ -10,7 +10,9 @@ Prints, per batch size in --batches:
      tokens, greedy or at --temperature; (run - prefill) / iterations, fastest of --rounds
      interleaved rounds):
      `ar`, and `mtp` for S = 1..D, with the iteration-cost ratio r = t(mtp S) / t(ar), the run's
-     tau (tokens per trunk forward, pooled over its rows) and tau / r, the loop's speedup;
+     tau (tokens per trunk forward, pooled over its rows), tau / r (a row's speedup) and the
+     loop's own speedup, its iterations times their cost against `ar`'s (a batch's loop runs
+     until its slowest row is done, so at batch > 1 this can be below tau / r);
   2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
      greedy argmax, at positions spread over those the decoder writes (from the prompt's end):
      the trunk over 1 position (the `ar` step) and over S + 1 positions (the verify of S drafts)
@@ -291,7 +293,9 @@ def main(argv):
       breakdown = trunk_breakdown(trunks, D, _CALLS.value) if _BREAKDOWN.value else None
     ar = parts['trunk over 1 positions']
     loops = [{'S': S, 'iterations': iterations[S], 'seconds': t,
-              'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S]}
+              'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S],
+              'speedup': (iterations[0] * per_iter[0] / (iterations[S] * t)
+                          if iterations[S] * t > 0 else None)}
              for S, t in enumerate(per_iter)]
     calls = [{'name': name, 'seconds': t, 'over_ar': t / ar} for name, t in parts.items()]
     result['batches'].append({'batch': B, 'loops': loops, 'calls': calls})
@@ -300,11 +304,14 @@ def main(argv):
                                             for T, kinds in breakdown.items()]
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'ms/iter':>9} {'r = t/t(ar)':>11} "
-          f"{'tau':>5} {'tau / r':>7}")
+          f"{'tau':>5} {'tau / r':>7} {'speedup':>7}")
     for row in loops:
-      r = row['r'] if row['r'] is not None else float('nan')  # nan: too short to time
+      nan = float('nan')  # a loop too short to time
+      r = row['r'] if row['r'] is not None else nan
+      speedup = row['speedup'] if row['speedup'] is not None else nan
       print(f"{'ar' if row['S'] == 0 else 'mtp':6} {row['S']:>2} {row['iterations']:>10} "
-            f"{row['seconds'] * 1e3:>9.3f} {r:>11.2f} {row['tau']:>5.2f} {row['tau'] / r:>7.2f}")
+            f"{row['seconds'] * 1e3:>9.3f} {r:>11.2f} {row['tau']:>5.2f} {row['tau'] / r:>7.2f} "
+            f"{speedup:>7.2f}")
     print(f'batch {B}: model calls, each timed alone (x ar: over the trunk over 1 position)')
     for row in calls:
       print(f"  {row['name']:52} {row['seconds'] * 1e3:9.3f} ms  {row['over_ar']:6.3f} x ar")

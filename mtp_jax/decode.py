@@ -657,8 +657,11 @@ def step(model, params, state: State, s: Settings):
   new_BxC = jnp.where(jnp.arange(S + 1)[None] == n_acc[:, None], bonus[:, None], new_BxC)
   active = ~rows.done
   rows, count = _commit(rows, new_BxC, n_acc + 1, s)
+  # Drafts count as accepted where they were committed: a stop token or max_new_tokens can cut
+  # the block, and then 1 + the acceptances is tau, as without the cut.
+  kept = jnp.minimum(n_acc, count)
   accepted = rows.accepted + (active[:, None] &
-                              (jnp.arange(max(S, 1))[None] < n_acc[:, None])).astype(jnp.int32)
+                              (jnp.arange(max(S, 1))[None] < kept[:, None])).astype(jnp.int32)
   rows = rows.replace(forwards=rows.forwards + active.astype(jnp.int32),
                       emitted=rows.emitted + count, accepted=accepted)
   state = _finish(state.replace(rows=rows, iterations=state.iterations + 1), ~active, s)

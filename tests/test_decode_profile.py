@@ -33,6 +33,11 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
         assert abs(row['tau'] * row['iterations'] - 15) < 1e-9
       else:  # a row may finish early and stop counting forwards
         assert row['tau'] * row['iterations'] >= 15 - 1e-9
+      # the loop's speedup: its iterations and their cost against ar's; at batch 1, tau / r
+      assert row['speedup'] == (
+          loops[0]['iterations'] * loops[0]['seconds'] / (row['iterations'] * row['seconds']))
+      if batch['batch'] == 1:
+        assert abs(row['speedup'] - row['tau'] / row['r']) < 1e-9
     names = [c['name'] for c in batch['calls']]
     assert names == ['trunk over 1 positions', 'trunk over 2 positions', 'trunk over 3 positions',
                      'trunk over 6 positions',  # --positions: a tree's verify
