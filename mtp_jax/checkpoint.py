@@ -205,6 +205,9 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 _ABSENT = object()
 # Model fields that change how the parameters are computed, not what they are.
 COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
+# The fields that define the model a checkpoint holds (a section means all its fields).
+MODEL_FIELDS = ('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim', 'mtp.head_blocks',
+                'mtp.feature_layers', 'data.vocab_size')
 # Model-defining fields added after checkpoints were first written, with the value that gives
 # the model those checkpoints hold; an older config.json without the field is read as having it.
 ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': '', 'mtp.head_blocks': 1}
@@ -214,24 +217,30 @@ def _show(value) -> str:
   return 'absent' if value is _ABSENT else json.dumps(value)
 
 
-def check_compatible(saved: dict, config,
-                     fields=('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim',
-                             'mtp.head_blocks', 'mtp.feature_layers', 'data.vocab_size')) -> None:
+def _both(saved: dict, config) -> tuple[dict, dict]:
+  # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
+  return ({**ADDED_FIELDS, **_flatten(saved)},
+          {**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))})
+
+
+def _diffs(old: dict, new: dict, keep) -> list[str]:
+  """'name: old -> new' for each field whose name `keep` accepts and whose values differ."""
+  return [f'{name}: {_show(old.get(name, _ABSENT))} -> {_show(new.get(name, _ABSENT))}'
+          for name in sorted(old.keys() | new.keys())
+          if keep(name) and old.get(name, _ABSENT) != new.get(name, _ABSENT)]
+
+
+def _in(name: str, fields) -> bool:
+  return any(name == f or name.startswith(f + '.') for f in fields)
+
+
+def check_compatible(saved: dict, config, fields=MODEL_FIELDS) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
   fields) that differs between the saved config and `config`, or train.freeze_trunk, which
   decides what the optimizer state holds. Other training fields may differ, and so may the
   fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
-  # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
-  old = {**ADDED_FIELDS, **_flatten(saved)}
-  new = {**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))}
-  diffs = []
-  for field in fields:
-    names = sorted(n for n in old.keys() | new.keys()
-                   if (n == field or n.startswith(field + '.')) and n not in COMPUTE_ONLY)
-    for name in names:
-      a, b = old.get(name, _ABSENT), new.get(name, _ABSENT)
-      if a != b:
-        diffs.append(f'{name}: {_show(a)} -> {_show(b)}')
+  old, new = _both(saved, config)
+  diffs = _diffs(old, new, lambda n: _in(n, fields) and n not in COMPUTE_ONLY)
   if diffs:
     raise CheckpointError('workdir holds a checkpoint of a different model: ' + ', '.join(diffs))
   frozen = old.get('train.freeze_trunk', False)
@@ -242,3 +251,11 @@ def check_compatible(saved: dict, config,
         f'train.freeze_trunk={frozen}, and its checkpoints hold optimizer state for {held}; keep '
         f'train.freeze_trunk={frozen} here, or start another workdir from this one\'s '
         '--mode export (model.init_from and mtp.init_from)')
+
+
+def changed_settings(saved: dict, config) -> list[str]:
+  """The fields a resumed run may change (all but the model-defining ones), as 'name: old ->
+  new', where `config` differs from the run's saved config; a field the saved config lacks
+  (added to the project since) shows as absent."""
+  old, new = _both(saved, config)
+  return _diffs(old, new, lambda n: not _in(n, MODEL_FIELDS) or n in COMPUTE_ONLY)

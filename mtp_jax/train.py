@@ -263,7 +263,7 @@ class Session(Program):
     config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
-    saved = ckpt_lib.load_config(workdir)
+    saved = self.saved_config = ckpt_lib.load_config(workdir)
     if saved is not None:
       ckpt_lib.check_compatible(saved, config)
     pretrained.check_heads_init(config)
@@ -756,11 +756,15 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   session = Session(config, workdir, check=getattr(eval_hook, 'check', None))
   config, t = session.config, session.config.train
   start, state, meta = session.restore_or_init()
+  # Read before config.json becomes this run's: a resumed run says what it now does differently.
+  changed = (ckpt_lib.changed_settings(session.saved_config, config)
+             if start and session.saved_config is not None else [])
   ckpt_lib.save_config(workdir, config)
   save_token_rank(workdir, session.data_token_rank())
   is_main = jax.process_index() == 0
   if start:
-    print(f'resuming from step {start}', file=sys.stderr)
+    print(f'resuming from step {start}' + (f' with changed settings: {", ".join(changed)}'
+                                           if changed else ''), file=sys.stderr)
   if t.dtype == 'auto':
     print(f'train.dtype=auto: the steps compute in {session.step_cfg.dtype} here', file=sys.stderr)
   log = MetricsLog(workdir, t, start, enabled=is_main,

@@ -168,7 +168,7 @@ def _config(d_model=128, depth=1, steps=100):
       'model': {'d_model': d_model, 'num_layers': 2, 'dtype': 'float32'},
       'mtp': {'kind': 'sequential', 'depth': depth, 'loss_weight': 0.3},
       'data': {'vocab_size': 2048},
-      'train': {'steps': steps, 'lr': 3e-3},
+      'train': {'steps': steps, 'lr': 3e-3, 'mask_rows': True},
   })
 
 
@@ -177,6 +177,24 @@ def test_save_and_load_config(tmp_path):
   checkpoint.save_config(str(tmp_path), _config())
   assert checkpoint.load_config(str(tmp_path)) == _config().to_dict()
   assert os.listdir(tmp_path) == ['config.json']
+
+
+def test_changed_settings_name_what_a_resume_changes(tmp_path):
+  checkpoint.save_config(str(tmp_path), _config())
+  saved = checkpoint.load_config(str(tmp_path))
+  assert checkpoint.changed_settings(saved, _config()) == []
+  other = _config(steps=5000)
+  other.train.lr *= 3
+  other.model.dtype = 'bfloat16'  # how the same parameters are computed: a setting too
+  assert checkpoint.changed_settings(saved, other) == [
+      'model.dtype: "float32" -> "bfloat16"', f'train.lr: {saved["train"]["lr"]} -> '
+      f'{other.train.lr}', f'train.steps: {saved["train"]["steps"]} -> 5000']
+  # A config.json written before a field existed: the resumed run now uses the field's value.
+  del saved['train']['mask_rows']
+  assert checkpoint.changed_settings(saved, _config()) == ['train.mask_rows: absent -> true']
+  # Model-defining fields are check_compatible's, not settings.
+  assert checkpoint.changed_settings(saved, _config(d_model=256)) == [
+      'train.mask_rows: absent -> true']
 
 
 def test_check_compatible(tmp_path):

@@ -127,7 +127,7 @@ def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   assert checkpoint_steps(workdir)[-1] == stopped
   capfd.readouterr()
   resumed = train.train(config, workdir)
-  assert f'resuming from step {stopped}' in capfd.readouterr().err
+  assert f'resuming from step {stopped}\n' in capfd.readouterr().err  # the same settings
   assert resumed['step'] == 2 * N and resumed['stopped_by'] is None
   assert resumed['eval'] == straight_run.summary['eval']
   saved = checkpoint_steps(workdir)
