@@ -14,7 +14,10 @@ sweep (configs/smollm2_ablate.py) compares ways of training heads on a frozen pr
 wrote itself, from the trunk's last block or from random; all are scored by the acceptance of
 greedy speculative decoding on held-out instruct prompts.
 Each point runs `launch.py` in its own process and workdir (ROOT/SWEEP/NAME=VALUE), so a
-failing point is reported without losing the others, and a rerun skips finished points.
+failing point is reported without losing the others, and a rerun skips finished points. Each
+point's workdir records the arguments it ran with (point.json); a rerun whose arguments for a
+point differ (another base config, other flags) stops with one line before anything runs, since
+that workdir's checkpoints hold the other run.
 """
 
 import csv
@@ -29,6 +32,7 @@ from ml_collections import config_flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mtp_jax import atomic  # noqa: E402
 from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
 from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
@@ -56,11 +60,33 @@ RECIPES = {
 }
 
 
-def run_point(config, workdir: str, extra: list[str], mode: str = 'train') -> tuple[int, str]:
+def point_args(config, overrides: list[str]) -> list[str]:
+  """launch.py's config flags for a point: every field of the sweep's config, then its own."""
+  return [*as_flags(config, skip=('sweep',)), *overrides]
+
+
+def check_reusable(workdir: str, args: list[str]) -> None:
+  """Exits with one error line when `workdir` holds a point run with other arguments than
+  `args` (its checkpoints and summary are that run's: resuming or reusing them would mix two
+  settings). A workdir without point.json is new, or from before the file was written."""
+  path = os.path.join(workdir, 'point.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)['args']
+  if old != args:
+    was = ', '.join(a for a in old if a not in args) or 'the same flags in another order'
+    now = ', '.join(a for a in args if a not in old) or '-'
+    print(f'error: {workdir} holds this point run with other settings ({was}; now {now}): give '
+          f'another --root, or remove that workdir to train the point again', file=sys.stderr)
+    sys.exit(2)
+
+
+def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, str]:
   os.makedirs(workdir, exist_ok=True)
+  atomic.write_json(os.path.join(workdir, 'point.json'), {'args': args})
   command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
-             os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode,
-             *as_flags(config, skip=('sweep',)), *extra]
+             os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode, *args]
   with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
   lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()
@@ -132,13 +158,17 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
 def train_points(config, sweep: str, root: str) -> list[dict]:
   """Trains every point of a depth / loss_weight / kind / seed sweep; one row per point."""
   field = FIELDS[sweep]
+  points = [(value, os.path.join(root, sweep, f'{sweep}={value}'),
+             point_args(config, [*overrides, '--config.run_after_train=']), columns)
+            for value, overrides, columns in sweep_points(config, sweep)]
+  for _, workdir, args, _ in points:  # all of them before any trains
+    check_reusable(workdir, args)
   rows = []
-  for value, overrides, columns in sweep_points(config, sweep):
-    workdir = os.path.join(root, sweep, f'{sweep}={value}')
+  for value, workdir, args, columns in points:
     summary = finished(workdir, config.train.steps)
     status = 'skipped (finished)'
     if summary is None:
-      code, last = run_point(config, workdir, [*overrides, '--config.run_after_train='])
+      code, last = run_point(workdir, args)
       summary = finished(workdir, config.train.steps)
       status = 'trained' if summary is not None else f'failed (exit {code}): {last}'
     print(f'{sweep}={value}: {status}', flush=True)
@@ -156,10 +186,11 @@ def draft_len_points(config, root: str) -> list[dict]:
   """One model at D = max S, then bench: tau and speedup vs S (greedy, batch 1 and 8)."""
   values = sorted(int(v) for v in config.sweep.draft_len.split(',') if v.strip())
   workdir = os.path.join(root, 'draft_len', f'depth={values[-1]}')
-  depth = [f'--config.mtp.depth={values[-1]}', '--config.run_after_train=']
+  args = point_args(config, [f'--config.mtp.depth={values[-1]}', '--config.run_after_train='])
+  check_reusable(workdir, args)
   rows = []
   if finished(workdir, config.train.steps) is None:
-    code, last = run_point(config, workdir, depth)
+    code, last = run_point(workdir, args)
     if finished(workdir, config.train.steps) is None:
       print(f'draft_len: training failed (exit {code}): {last}', flush=True)
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}
@@ -167,7 +198,7 @@ def draft_len_points(config, root: str) -> list[dict]:
   bench_path = os.path.join(workdir, 'bench.json')
   bench = finished_bench(bench_path)
   if bench is None:
-    code, last = run_point(config, workdir, depth, mode='bench')
+    code, last = run_point(workdir, args, mode='bench')
     bench = finished_bench(bench_path)
     if code or bench is None:
       return [{'sweep': 'draft_len', 'value': v, 'status': 'failed', 'error': last}

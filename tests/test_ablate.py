@@ -61,6 +61,20 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
   assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
   assert 'mtp.depth' in rows[2]['error'] and '1 failed' in proc.stdout
 
+  # A rerun with another setting would resume or reuse runs of the old one: refused up front.
+  point = tmp_path / 'depth' / 'depth=0'
+  recorded = sorted(os.listdir(point))
+  proc = run_script('experiments/ablate.py', '--config', 'configs/ablate_cpu.py', '--sweep',
+                    'depth', '--root', str(tmp_path), *as_flags(shrunk(
+                        ablate_cpu.get_config(), **{'data.sources': corpus, 'sweep.depth': '0',
+                                                    'train.lr': 0.5})), timeout=600)
+  assert proc.returncode == 2 and proc.stdout == ''
+  error = proc.stderr.strip().splitlines()
+  assert len(error) == 1 and error[0].startswith(f'error: {point} holds this point run with '
+                                                 'other settings (')
+  assert '--config.train.lr=0.5' in error[0]
+  assert sorted(os.listdir(point)) == recorded
+
 
 def test_kind_sweep_matches_head_parameters():
   sys.path.insert(0, os.path.join(REPO, 'experiments'))
