@@ -81,13 +81,13 @@ for stage in $STAGES; do
   case $stage in
     1)
       "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
-        --kinds sequential --memory_depths 0,1 --remat_compare --steps 10 \
+        --kinds sequential --memory_depths 0,1 --remat_compare --steps 10 --interleave \
         --peak_tflops "$PEAK" --markdown --out "$OUT_DIR/bench_train.json" "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage1.log"
       ;;
     1f)
       if ! "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
-        --kinds sequential --memory_depths 1 --steps 10 --peak_tflops "$PEAK" --markdown \
+        --kinds sequential --memory_depths 1 --steps 10 --interleave --peak_tflops "$PEAK" --markdown \
         --out "$OUT_DIR/bench_train_fused.json" --config.model.attention=fused "${SMALL[@]}" \
         2>&1 | tee "$OUT_DIR/stage1_fused.log"; then
         echo "stage 1f: model.attention=fused failed (see stage1_fused.log)" | tee -a "$OUT_DIR/machine.log"
