@@ -756,7 +756,7 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   session = Session(config, workdir, check=getattr(eval_hook, 'check', None))
   config, t = session.config, session.config.train
   start, state, meta = session.restore_or_init()
-  # Read before config.json becomes this run's: a resumed run says what it now does differently.
+  # What a resumed run does differently from the run its config.json recorded.
   changed = (ckpt_lib.changed_settings(session.saved_config, config)
              if start and session.saved_config is not None else [])
   ckpt_lib.save_config(workdir, config)
