@@ -216,7 +216,13 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
 // (rows_block), and prefetching them too made them slower (on a Zen 4 VM, 8-row blocks then,
 // experiments/row_kernel.py's chain: 4 rows 13.3 ms against 11.8 without). With AVX-512 every
 // block is 4 rows, so only the few rows left over at a chunk's end prefetch; with 8 lanes the
-// 2-row blocks of 4 input rows do (not timed since the change).
+// 2-row blocks of 4 input rows do (not timed since the change). The exception: a block of 2 to
+// 4 input rows on the pass that reads its weights from memory (the first over a chunk), whose
+// arithmetic otherwise delays the reads. On an Intel VM (Sapphire Rapids) row_kernel.py's chain
+// took 14.62 and 14.57 ms with it for 3 and 4 rows against 15.63 and 15.66 without, and 8 / 16 /
+// 32 rows 18.4 / 23.8 / 36.2 against 19.9 / 25.8 / 38.0 (1 row 13.5 either way; 2 rows 14.46
+// against 14.73 in another run). Prefetching on the later passes too, which read from L2, made
+// 32 rows slower (43.4 ms against 40.4). Not timed on the Zen 4 VM since.
 constexpr int64_t kPrefetch = 2048;
 
 // Up to kMaxRows input rows per pass over a thread's chunk of weight rows (RowsMatmulImpl); more
@@ -260,7 +266,7 @@ inline void hold(vf& v) {
 // adjacent rows, 13.3 with these; 4 rows 17.3 against 13.3).
 // Every output is summed in the same order whatever R and M are: lanes over k, then lane_sums,
 // then the k past the last full vector.
-template <int M, int R, typename W>
+template <int M, int R, bool kFromMemory, typename W>
 void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
                 int64_t blocks) {
   constexpr int64_t kAhead = kPrefetch * sizeof(float) / sizeof(W);  // the same bytes ahead
@@ -275,7 +281,7 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
     for (; k + kLanes <= K; k += kLanes) {
       vf wv[R];
       for (int r = 0; r < R; ++r) {
-        if (R <= 2) __builtin_prefetch(row[r] + k + kAhead);
+        if (R <= 2 || (kFromMemory && M >= 2)) __builtin_prefetch(row[r] + k + kAhead);
         wv[r] = load(row[r] + k);
         hold<kLive>(wv[r]);
       }
@@ -297,23 +303,30 @@ void rows_block(const float* x, const W* w, float* y, int64_t K, int64_t N, int6
 }
 
 // Rows [n0, n1) of w: blocks of BlockRows(M), the rows left over one at a time.
-template <int M, typename W>
+template <int M, bool kFromMemory, typename W>
 void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
              int64_t n1) {
   constexpr int R = BlockRows(M);
   const int64_t blocks = (n1 - n0) / R;
-  rows_block<M, R>(x, w, y, K, N, n0, blocks);
-  rows_block<M, 1>(x, w, y, K, N, n0 + R * blocks, n1 - n0 - R * blocks);
+  rows_block<M, R, kFromMemory>(x, w, y, K, N, n0, blocks);
+  rows_block<M, 1, kFromMemory>(x, w, y, K, N, n0 + R * blocks, n1 - n0 - R * blocks);
 }
 
+// `from_memory`: this pass is the first over these weight rows, which it reads from memory.
 template <typename W>
-void rows_some(int rows, const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t n0,
-               int64_t n1) {
+void rows_some(int rows, bool from_memory, const float* x, const W* w, float* y, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
   switch (rows) {
-    case 1: return rows_nk<1>(x, w, y, K, N, n0, n1);
-    case 2: return rows_nk<2>(x, w, y, K, N, n0, n1);
-    case 3: return rows_nk<3>(x, w, y, K, N, n0, n1);
-    default: return rows_nk<4>(x, w, y, K, N, n0, n1);
+    case 1: return rows_nk<1, false>(x, w, y, K, N, n0, n1);
+    case 2:
+      return from_memory ? rows_nk<2, true>(x, w, y, K, N, n0, n1)
+                         : rows_nk<2, false>(x, w, y, K, N, n0, n1);
+    case 3:
+      return from_memory ? rows_nk<3, true>(x, w, y, K, N, n0, n1)
+                         : rows_nk<3, false>(x, w, y, K, N, n0, n1);
+    default:
+      return from_memory ? rows_nk<4, true>(x, w, y, K, N, n0, n1)
+                         : rows_nk<4, false>(x, w, y, K, N, n0, n1);
   }
 }
 
@@ -338,7 +351,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   parallel(pool, chunks, [&](int64_t c) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-      rows_some(rows, xp + m0 * K, wp, yp + m0 * N, K, N, c * kChunk,
+      rows_some(rows, m0 == 0, xp + m0 * K, wp, yp + m0 * N, K, N, c * kChunk,
                 std::min(N, (c + 1) * kChunk));
     }
   });
