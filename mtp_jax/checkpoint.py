@@ -234,13 +234,13 @@ def _in(name: str, fields) -> bool:
   return any(name == f or name.startswith(f + '.') for f in fields)
 
 
-def check_compatible(saved: dict, config, fields=MODEL_FIELDS) -> None:
+def check_compatible(saved: dict, config) -> None:
   """Raises CheckpointError naming every model-defining field (a section means all its
   fields) that differs between the saved config and `config`, or train.freeze_trunk, which
   decides what the optimizer state holds. Other training fields may differ, and so may the
   fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
   old, new = _both(saved, config)
-  diffs = _diffs(old, new, lambda n: _in(n, fields) and n not in COMPUTE_ONLY)
+  diffs = _diffs(old, new, lambda n: _in(n, MODEL_FIELDS) and n not in COMPUTE_ONLY)
   if diffs:
     raise CheckpointError('workdir holds a checkpoint of a different model: ' + ', '.join(diffs))
   frozen = old.get('train.freeze_trunk', False)

@@ -182,7 +182,6 @@ class Builder:
     if self.base and list(self.names) != self.base['arrays']:
       raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')
     self.first = self.base['shards'] if self.base else 0  # the shards the base stands for
-    os.makedirs(self.partial, exist_ok=True)
     atomic.write_json(os.path.join(directory, 'spec.json'), spec)
 
   def _written(self) -> list[int]:

@@ -313,8 +313,9 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
   """Decoding of each prompt alone by every (model, settings) in `variants`, the first the
   reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
   acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
-  its drafts and bookkeeping, plus the prompt's prefill spread over the iterations), the speedup over the reference and whether every output equals
-  the reference's (greedy variants; None when sampling)."""
+  its drafts and bookkeeping, plus the prompt's prefill spread over the iterations), the speedup
+  over the reference and whether every output equals the reference's (greedy variants; None
+  when sampling)."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
   calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
            for model, s in variants]

@@ -98,7 +98,6 @@ def test_an_interrupted_build_resumes_after_its_last_shard(tmp_path):
   np.testing.assert_array_equal(fresh.finish()['train'].tokens, cache['train'].tokens)
 
 
-
 def test_a_damaged_cache_is_one_error(tmp_path):
   """A build records its base before its first shard; a finished cache whose files were cut short
   (a power loss before they reached the disk) is refused with one line naming it."""
@@ -143,6 +142,7 @@ def test_a_second_build_of_a_cache_waits_for_the_first(tmp_path, capsys):
     first = session._write_cache(directory, spec, write)
   np.testing.assert_array_equal(waiting.result(timeout=60)['train'].tokens, first['train'].tokens)
   assert writes == [directory]  # written once
+
 
 def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
   trunk = tiny_trunk(tmp_path)

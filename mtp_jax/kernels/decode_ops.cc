@@ -313,20 +313,23 @@ void rows_nk(const float* x, const W* w, float* y, int64_t K, int64_t N, int64_t
 }
 
 // `from_memory`: this pass is the first over these weight rows, which it reads from memory.
+template <int M, typename W>
+void rows_pass(bool from_memory, const float* x, const W* w, float* y, int64_t K, int64_t N,
+               int64_t n0, int64_t n1) {
+  if (from_memory)
+    rows_nk<M, true>(x, w, y, K, N, n0, n1);
+  else
+    rows_nk<M, false>(x, w, y, K, N, n0, n1);
+}
+
 template <typename W>
 void rows_some(int rows, bool from_memory, const float* x, const W* w, float* y, int64_t K,
                int64_t N, int64_t n0, int64_t n1) {
   switch (rows) {
-    case 1: return rows_nk<1, false>(x, w, y, K, N, n0, n1);
-    case 2:
-      return from_memory ? rows_nk<2, true>(x, w, y, K, N, n0, n1)
-                         : rows_nk<2, false>(x, w, y, K, N, n0, n1);
-    case 3:
-      return from_memory ? rows_nk<3, true>(x, w, y, K, N, n0, n1)
-                         : rows_nk<3, false>(x, w, y, K, N, n0, n1);
-    default:
-      return from_memory ? rows_nk<4, true>(x, w, y, K, N, n0, n1)
-                         : rows_nk<4, false>(x, w, y, K, N, n0, n1);
+    case 1: return rows_pass<1>(from_memory, x, w, y, K, N, n0, n1);
+    case 2: return rows_pass<2>(from_memory, x, w, y, K, N, n0, n1);
+    case 3: return rows_pass<3>(from_memory, x, w, y, K, N, n0, n1);
+    default: return rows_pass<4>(from_memory, x, w, y, K, N, n0, n1);
   }
 }
 

