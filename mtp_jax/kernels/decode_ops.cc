@@ -219,10 +219,10 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
 // 2-row blocks of 4 input rows do (not timed since the change). The exception: a block of 2 to
 // 4 input rows on the pass that reads its weights from memory (the first over a chunk), whose
 // arithmetic otherwise delays the reads. On an Intel VM (Sapphire Rapids) row_kernel.py's chain
-// took 14.62 and 14.57 ms with it for 3 and 4 rows against 15.63 and 15.66 without, and 8 / 16 /
-// 32 rows 18.4 / 23.8 / 36.2 against 19.9 / 25.8 / 38.0 (1 row 13.5 either way; 2 rows 14.46
-// against 14.73 in another run). Prefetching on the later passes too, which read from L2, made
-// 32 rows slower (43.4 ms against 40.4). Not timed on the Zen 4 VM since.
+// took 14.69 / 15.04 / 15.28 ms with it for 2 / 3 / 4 rows against 14.97 / 16.10 / 16.82
+// without, and 8 / 16 / 32 rows 18.9 / 24.4 / 36.1 against 20.8 / 27.1 / 38.6 (1 row 14.4
+// against 14.1). Prefetching on the later passes too, which read from L2, made 32 rows slower
+// (43.4 ms against 40.4). Not timed on the Zen 4 VM since.
 constexpr int64_t kPrefetch = 2048;
 
 // Up to kMaxRows input rows per pass over a thread's chunk of weight rows (RowsMatmulImpl); more
