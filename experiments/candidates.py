@@ -10,6 +10,8 @@ Prints one row per (S, K, C): the positions (rows) one verify forward takes, tau
 position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), ms per iteration
 (tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` (at the
 same temperature) and, greedy, whether every output equals `ar`'s; --json FILE keeps them.
+--tiles both (on a CPU with AMX) times every row with and without the tile unit in the same
+rounds (decode.tiles), each against `ar` without it.
 """
 
 import json
@@ -32,6 +34,9 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0: 
                                    'and top_p come from the config.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
+_TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both'], 'config: decode.tiles; both: '
+                           'every setting also without the tile unit (where it runs), in the same '
+                           'interleaved rounds, the reference being `ar` without it.')
 
 
 def main(argv):
@@ -71,22 +76,28 @@ def main(argv):
   settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
                        for S in lens for K in counts
                        for C in ([1] if K == 1 else [C for C in depths if C <= S])]
-  rows = inference.batch1_sweep(params, prompts, [(session.decode_model, s) for s in settings],
-                                _ROUNDS.value, 'candidates: decoding')
-  for row, s in zip(rows, settings):
+  models = [session.decode_model]
+  if _TILES.value == 'both' and session.decode_model.tiles:
+    models.insert(0, dataclasses.replace(session.decode_model, tiles=False))
+  variants = [(m, s) for m in models for s in settings]
+  rows = inference.batch1_sweep(params, prompts, variants, _ROUNDS.value, 'candidates: decoding',
+                                same_as=[i - i % len(settings) for i in range(len(variants))])
+  for row, (m, s) in zip(rows, variants):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
-               positions=dec.verify_width(s))
+               positions=dec.verify_width(s), tiles=m.tiles)
   print(f'machine: {measure.machine()}')
   how = 'greedy' if T == 0 else f'temperature {T}, top_k {s_ar.top_k}, top_p {s_ar.top_p}'
   print(f'{len(prompts)} held-out prompts, batch 1, {how}, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
-        f'{session.decode_model.kernels}')
-  print(f"{'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} {'ms/iter':>7} "
-        f"{'speedup':>7} {'identical':>9}  acceptance")
+        f'{session.decode_model.kernels}, tiles {session.decode_model.tiles}'
+        + (' and off (speedups over ar without them; identical: to ar with the same)'
+           if len(models) > 1 else ''))
+  print(f"{'tiles':>5} {'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} "
+        f"{'ms/iter':>7} {'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
     same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
-    print(f"{r['draft_len']:>2} {r['candidates']:>2} {r['candidate_depth']:>2} "
+    print(f"{str(r['tiles']):>5} {r['draft_len']:>2} {r['candidates']:>2} {r['candidate_depth']:>2} "
           f"{r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
           f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {same:>9}  "
           f"{r['acceptance']}")

@@ -59,10 +59,10 @@ def main(argv):
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
   S = _DRAFT_LEN.value or D
   s_mtp = inference.settings(session.config, draft=S, temperature=0.0, stop_ids=session.stop_ids)
-  ar_model = dec.decode_model(cfg, config.decode.kernels)
+  ar_model = dec.decode_model(cfg, config.decode.kernels, use_tiles=config.decode.tiles)
   grid = [(n, t) for n in sizes for t in _DTYPES.value]
-  models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n], t)
-            for n, t in grid]
+  models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n], t,
+                             config.decode.tiles) for n, t in grid]
   rows = inference.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
                                 _ROUNDS.value, 'draft_vocab: decoding')
   rows[0]['draft_vocab'], rows[0]['draft_dtype'] = 'ar', '-'

@@ -1,7 +1,9 @@
 """The row kernel against XLA's dot on one trunk step's weight products, for M input rows: the
 products a decoding step makes (in every layer q, k and v as one product, o, gate and up as one,
 down, as model.kernel_layout stacks them; M = batch x positions), with random float32 weights in
-the kernel's layout (one output per row).
+the kernel's layout (one output per row), each entry the sum of two bfloat16 numbers; where the
+CPU has AMX (kernels.tiles_usable) and the shapes are whole tiles, also the tiled product of the
+same weights (kernels.tiled: the tile unit, which decoding uses there, decode.tiles).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -80,8 +82,20 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  distinct_weights = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02) for s in distinct]
+  def two_bfloat16(w):  # the sum of its bfloat16 rounding and that of the rest
+    hi = w.astype(jnp.bfloat16).astype(jnp.float32)
+    return hi + (w - hi).astype(jnp.bfloat16).astype(jnp.float32)
+
+  # Weights whose entries are each the sum of two bfloat16 numbers, as a GGUF file's 4-bit
+  # blocks dequantize to, so that the tiled path multiplies the same ones (where the CPU has
+  # AMX and the shapes are whole tiles).
+  distinct_weights = [two_bfloat16(jnp.asarray(rng.standard_normal(s, np.float32) * 0.02))
+                      for s in distinct]
   weights = distinct_weights * (len(shapes) // len(distinct_weights))
+  tiles = kernels.tiles_usable() and all(
+      n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in distinct)
+  tiled = ([kernels.tiled(w) for w in distinct_weights] * (len(shapes) // len(distinct_weights))
+           if tiles else [])
   bytes_read = sum(n * k * 4 for n, k in shapes)  # bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
@@ -90,7 +104,7 @@ def main(argv):
     if path == 'baseline':
       return jax.ffi.ffi_call('mtpjax_rows_matmul_baseline',
                               jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
-    return kernels.rows_matmul(x, w, path == 'kernel')
+    return kernels.rows_matmul(x, w, path in ('kernel', 'tiled'))
 
   def chain(path):
     @jax.jit
@@ -105,8 +119,9 @@ def main(argv):
       return total
     return run
 
-  names = ['kernel', 'baseline', 'xla'] if _BASELINE.value else ['kernel', 'xla']
+  names = ['kernel'] + ['tiled'] * tiles + ['baseline'] * bool(_BASELINE.value) + ['xla']
   paths = {p: chain(p) for p in names}
+  operands = {p: tiled if p == 'tiled' else weights for p in names}
   base = {}
   held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
   print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
@@ -119,13 +134,13 @@ def main(argv):
       x = x_d if w.shape[1] == d else x_f
       want = np.asarray(product(x, w, 'xla'))
       for p in names[:-1]:
-        got = np.asarray(product(x, w, p))
+        got = np.asarray(product(x, kernels.tiled(w) if p == 'tiled' else w, p))
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
           print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
                 f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)
           sys.exit(1)
     seconds, _ = measure.fastest(
-        [lambda fn=fn: fn(weights, x_d, x_f) for fn in paths.values()], _ROUNDS.value,
+        [lambda p=p, fn=fn: fn(operands[p], x_d, x_f) for p, fn in paths.items()], _ROUNDS.value,
         warmup=True)  # the warm-up compiles each chain for M rows
     flop = 2 * M * bytes_read / 4
     cells = []

@@ -290,6 +290,7 @@ def validate_decode(config) -> None:
   _check(isinstance(d.draft_vocab, int) and 0 <= d.draft_vocab <= config.data.vocab_size,
          f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {d.draft_vocab!r}')
+  _check(isinstance(d.tiles, bool), f'decode.tiles must be True or False, got {d.tiles!r}')
   _check(d.draft_dtype in ('float32', 'bfloat16', 'int8'),
          f"decode.draft_dtype must be float32, bfloat16 or int8, got {d.draft_dtype!r}")
 

@@ -51,7 +51,7 @@ import numpy as np
 from mtp_jax import kernels as kernels_lib
 from mtp_jax.config import ModelConfig
 from mtp_jax.layers import empty_kv, greedy, write_cache
-from mtp_jax.model import MTPLanguageModel, kernel_layout, narrow_heads, project
+from mtp_jax.model import MTPLanguageModel, kernel_layout, narrow_heads, project, tile_trunk
 
 
 class WholeVocabulary:
@@ -92,21 +92,25 @@ def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> 
   inner = params['params']
   matrix = inner['embedding'] if tied else (
       inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
+  if matrix.dtype == jnp.uint32:  # model.tile_trunk's
+    matrix = kernels_lib.untiled(matrix)
   index = jnp.asarray(ids, jnp.int32)
   rows = jnp.take(matrix, index, axis=0)
   return {'ids': index, 'out': kernels_lib.narrowed(rows, dtype)}
 
 
 def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
-                 draft_dtype: str = 'float32') -> 'DecodeModel':
+                 draft_dtype: str = 'float32', use_tiles: bool = True) -> 'DecodeModel':
   """The decoder's view of a model: with the native kernels where they can run (a float32 model
   on one CPU device whose kernels built, mtp_jax.kernels), drafting over `draft_ids` (a reduced
   vocabulary; None: every token) with the heads' matrices in `draft_dtype` (kernels only: XLA
-  would widen them at every call)."""
+  would widen them at every call); with `use_tiles`, the trunk's matrices that the CPU's tile
+  unit takes exactly are multiplied there (kernels.tiles_usable, model.tile_trunk)."""
   draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
   kernels = use_kernels and cfg.dtype == 'float32' and kernels_lib.usable()
   return DecodeModel(cfg, kernels=kernels, draft=draft,
-                     draft_dtype=draft_dtype if kernels else 'float32')
+                     draft_dtype=draft_dtype if kernels else 'float32',
+                     tiles=kernels and use_tiles and kernels_lib.tiles_usable())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +124,7 @@ class DecodeModel(WholeVocabulary):
   kernels: bool = False
   draft: tuple | None = None
   draft_dtype: str = 'float32'  # the heads' matrices and draft output rows (kernels only)
+  tiles: bool = False  # the trunk's exact two-bfloat16 matrices tiled (kernels only)
 
   @property
   def depth(self) -> int:
@@ -156,13 +161,15 @@ class DecodeModel(WholeVocabulary):
     model shares one kernel layout of the same params (only the heads' narrowed copies and the
     draft rows differ), and all of it is dropped with the params object it was made from."""
     made = _made_from(params)
-    key = (self.kernels, self.draft_dtype, self.draft)
+    key = (self.kernels, self.tiles, self.draft_dtype, self.draft)
     if key not in made:
       out = params
       if self.kernels:
         if 'layout' not in made:
           made['layout'] = jax.jit(kernel_layout)(params)
-        out = narrow_heads(made['layout'], self.draft_dtype)
+        if self.tiles and 'tiled' not in made:
+          made['tiled'] = tile_trunk(made['layout'])
+        out = narrow_heads(made['tiled' if self.tiles else 'layout'], self.draft_dtype)
       if self.draft is not None:
         out = {**out, 'draft': _draft(out, self.draft, self.cfg.tie_embeddings, self.kernels,
                                       self.draft_dtype)}

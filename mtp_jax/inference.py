@@ -141,7 +141,7 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     cfg = ModelConfig.from_config(config)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
     return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)),
-                        dec.decode_model(cfg, d.kernels, None, d.draft_dtype), prompts.tolist(),
+                        dec.decode_model(cfg, d.kernels, None, d.draft_dtype, d.tiles), prompts.tolist(),
                         'random weights', sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts))
   step, params = load_params(session)
@@ -309,13 +309,13 @@ def bench_blocks(session, params, config):
 
 
 def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
-                 desc: str) -> list[dict]:
+                 desc: str, same_as: list[int] | None = None) -> list[dict]:
   """Decoding of each prompt alone by every (model, settings) in `variants`, the first the
   reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
   acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
   its drafts and bookkeeping, plus the prompt's prefill spread over the iterations), the speedup
   over the reference and whether every output equals the reference's (greedy variants; None
-  when sampling)."""
+  when sampling), or with `same_as` that of variant same_as[i] (another model's `ar`, say)."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
   calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
            for model, s in variants]
@@ -330,7 +330,8 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
                  'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
                  'tokens_per_s': rate, 'ms_per_iteration': 1e3 * pooled['tau'] / rate,
                  'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
-                 'identical_to_ar': (outs(i) == outs(0) if s.temperature == 0 else None)})
+                 'identical_to_ar': (outs(i) == outs(same_as[i] if same_as else 0)
+                                     if s.temperature == 0 else None)})
   return rows
 
 

@@ -5,6 +5,8 @@ Shape legend: B batch, T positions, D model width, V vocab. Depth k = 0 is the t
 next-token head; depth k >= 1 predicts token t_{i+k+1} at position i.
 """
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -174,6 +176,22 @@ def narrow_heads(layout, head_dtype: str):
       return leaf
     return kernels.narrowed(leaf, head_dtype, n_in)
   return jax.tree_util.tree_map_with_path(narrow, layout)
+
+
+def tile_trunk(layout):
+  """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
+  exactly (kernels.two_bfloat16, its shape in whole tiles) stored tiled (kernels.tiled), the
+  same 4 bytes an entry; the heads' matrices, the embedding and every other leaf as they are."""
+  def tile(path, leaf):
+    keys = _keys(path)
+    n_in = _dense_inputs(keys)
+    if not n_in or any(k.startswith('mtp_') for k in keys) or leaf.dtype != jnp.float32:
+      return leaf
+    w = leaf.reshape(-1, math.prod(leaf.shape[leaf.ndim - n_in:]))
+    if w.shape[0] % kernels.TILE_ROWS or w.shape[1] % kernels.TILE_COLUMNS:
+      return leaf
+    return kernels.tiled(w).reshape(leaf.shape) if kernels.two_bfloat16(w) else leaf
+  return jax.tree_util.tree_map_with_path(tile, layout)
 
 
 def init_params(cfg: ModelConfig, rng):

@@ -315,7 +315,7 @@ class Session(Program):
                           'that holds them (mtp.init_from)')
       ids = rank[:N]
     model = decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids,
-                                    self.config.decode.draft_dtype)
+                                    self.config.decode.draft_dtype, self.config.decode.tiles)
     if model.draft_dtype != self.config.decode.draft_dtype:
       print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs the decoding kernels '
             '(float32 model, one CPU device, kernels built); drafting reads float32 heads',
@@ -447,7 +447,8 @@ class Session(Program):
     m = self.model_file
     params = {'params': jax.device_put(pretrained.trunk_params(self.config.model.init_from))}
     model = decode_lib.decode_model(dataclasses.replace(self.cfg, mtp_depth=0),
-                                    self.config.decode.kernels)
+                                    self.config.decode.kernels,
+                                    use_tiles=self.config.decode.tiles)
     return selfdata.Trunk(model=model, params=params,
                           tokenizer=m.tokenizer, eos_id=self.eos_id, bos_id=m.bos_id,
                           stop_ids=self.stop_ids, chat_template=m.chat_template)

@@ -4,6 +4,7 @@ greedy decodes with and without kernels."""
 
 import ctypes
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -238,7 +239,9 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   library = ctypes.cdll.LoadLibrary(out)
   K, N = 100, 37  # a tail past the last full vector, rows past every block size
   x = jax.random.normal(jax.random.key(0), (5, K))
-  for dtype, (_, symbol) in kernels.ROWS_TARGETS.items():
+  assert library.TiledReady() == 0  # no tile unit in these instruction sets
+  for dtype in ('float32', 'bfloat16', 'int8'):
+    symbol = kernels.ROWS_TARGETS[dtype][1]
     name = f'test_rows_matmul_{march}_{dtype}'
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform='cpu')
@@ -256,11 +259,12 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
                                  atol=1e-4 * np.sqrt(K))
 
 
-def test_the_avx512_form_compiles(tmp_path):
-  """The kernels take 16-lane vectors with AVX-512 and 8-lane ones elsewhere; a machine without
-  AVX-512 runs only the second, so the first is at least compiled everywhere (not loaded: it may
-  not run here)."""
-  assert kernels.compile_library(str(tmp_path / 'decode_ops.so'), 'skylake-avx512') is None
+@pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])
+def test_the_avx512_and_amx_forms_compile(march, tmp_path):
+  """The kernels take 16-lane vectors with AVX-512 and 8-lane ones elsewhere, and the tiled
+  product is built only for a CPU with AMX; a machine without them runs neither, so they are at
+  least compiled everywhere (not loaded: they may not run here)."""
+  assert kernels.compile_library(str(tmp_path / 'decode_ops.so'), march) is None
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
@@ -322,3 +326,106 @@ def test_decoding_with_kernels_matches_without(kind, S, K):
     assert np.sum(results[1].out_accepted[:, 0]) > np.sum(alone.out_accepted[:, 0])
   np.testing.assert_allclose(results[1].rows.hidden[0], results[0].rows.hidden[0], rtol=1e-4,
                              atol=1e-4)
+
+
+def two_bfloat16_exact(w):
+  """w with every entry made exactly the sum of two bfloat16 numbers (its bfloat16 rounding and
+  that of the rest), as a GGUF file's 4-bit blocks dequantize to."""
+  w = jnp.asarray(w, jnp.float32)
+  hi = w.astype(jnp.bfloat16).astype(jnp.float32)
+  return hi + (w - hi).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def test_tiled_matrices_hold_exactly_the_matrix_in_amx_tile_order():
+  w = two_bfloat16_exact(jax.random.normal(jax.random.key(0), (48, 96)))
+  assert kernels.two_bfloat16(w)
+  assert not kernels.two_bfloat16(jax.random.normal(jax.random.key(0), (48, 96)))
+  t = kernels.tiled(w)
+  assert t.shape == w.shape and t.dtype == jnp.uint32
+  np.testing.assert_array_equal(kernels.untiled(t), w)
+  # Entry (17, 41) by hand: row block 1, column block 1 (of 3), column pair 4, row 1 of its
+  # block, second of its pair; the block's hi tile, then its lo tile, 512 halves each.
+  halves = np.asarray(t).view(np.uint16).ravel()
+  at = ((1 * 3 + 1) * 2) * 512 + 4 * 32 + 1 * 2 + 1
+  hi = np.asarray(w[17, 41].astype(jnp.bfloat16)).view(np.uint16)
+  lo = np.asarray((w[17, 41] - w[17, 41].astype(jnp.bfloat16).astype(jnp.float32))
+                  .astype(jnp.bfloat16)).view(np.uint16)
+  assert (halves[at], halves[at + 512]) == (hi, lo)
+
+
+def test_the_tile_unit_runs_where_the_cpu_has_one():
+  flags = kernels.measure.cpu_flags().split()
+  assert kernels.tiles_usable() == ('amx_tile' in flags and 'amx_bf16' in flags
+                                    and 'avx512_bf16' in flags
+                                    and os.environ.get('MTP_JAX_TILES', '1') != '0')
+
+
+@pytest.mark.parametrize('K,N', [(96, 48), (576, 960)])
+def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N):
+  """Within float32 rounding of the product in float64 for every row count (1-16 rows take one
+  input block, more take several); where the tile unit runs, also bit for bit the same for a
+  row whatever the rows beside it, as the float32 kernel's (the XLA fallback elsewhere)."""
+  w = two_bfloat16_exact(jax.random.normal(jax.random.key(K), (N, K)) * 0.05)
+  t = kernels.tiled(w)
+  x = jax.random.normal(jax.random.key(1), (40, K))
+  product = jax.jit(kernels.rows_matmul)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+  alone = np.concatenate([np.asarray(product(x[i:i + 1], t)) for i in range(40)])
+  np.testing.assert_allclose(alone, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+  for rows in (2, 5, 16, 17, 33, 40):
+    got = np.asarray(product(x[:rows], t))
+    np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    if kernels.tiles_usable():
+      np.testing.assert_array_equal(got, alone[:rows])
+  np.testing.assert_allclose(kernels.rows_matmul(x, t, use_kernel=False), want, rtol=1e-5,
+                             atol=1e-5 * np.sqrt(K))
+
+
+def tiles_model():
+  """A tiny model whose trunk matrices fit whole tiles (width 64, MLP 192), with every float
+  entry of its params exactly the sum of two bfloat16 numbers."""
+  cfg = tiny_model(**{'model.d_model': 64})
+  params = jax.tree.map(two_bfloat16_exact, init_params(cfg, jax.random.key(1)))
+  return cfg, params
+
+
+def test_tile_trunk_tiles_the_trunks_exact_matrices_only():
+  from mtp_jax.model import tile_trunk
+  cfg, params = tiles_model()
+  layout = kernel_layout(params)
+  tiled = tile_trunk(layout)['params']
+  names = {jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tiled)
+           if leaf.dtype == jnp.uint32}
+  assert names == {f"['blocks_{i}']['{part}']['{w}']" for i in range(cfg.num_layers)
+                   for part, w in (('attn', 'qkv'), ('attn', 'o'), ('mlp', 'gate_up'),
+                                   ('mlp', 'down'))}
+  for (path, leaf), original in zip(jax.tree_util.tree_leaves_with_path(tiled),
+                                    jax.tree.leaves(layout['params'])):
+    if leaf.dtype == jnp.uint32:
+      np.testing.assert_array_equal(
+          kernels.untiled(leaf.reshape(-1, cfg.d_model if 'down' not in str(path) else
+                                       cfg.mlp_dim)).reshape(leaf.shape), original)
+    else:
+      assert leaf is original
+  # float32 weights in general are not two bfloat16s: nothing is tiled
+  plain = kernel_layout(init_params(cfg, jax.random.key(1)))
+  assert not any(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(tile_trunk(plain)))
+
+
+@pytest.mark.parametrize('S,K', [(2, 1), (2, 6)])
+def test_decoding_with_tiles_keeps_greedy_output(S, K):
+  """Greedy MTP with tiled trunk products is `ar` with them, token for token (a verify's rows
+  are the ar steps' bit for bit), chain and draft tree; and the float32 kernel's output too."""
+  cfg, params = tiles_model()
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
+  arr, lens = dec.pad_prompts(prompts)
+  outputs = {}
+  for tiles in (True, False):
+    model = dec.decode_model(cfg, True, use_tiles=tiles)
+    assert model.tiles == (tiles and kernels.tiles_usable())
+    for s in (dec.Settings(draft_len=0, max_new_tokens=24),
+              dec.Settings(draft_len=S, max_new_tokens=24, candidates=K)):
+      fn = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))
+      outputs[tiles, s.draft_len] = dec.outputs(fn(params, arr, lens, jax.random.key(0)))
+  assert outputs[True, S] == outputs[True, 0] == outputs[False, 0] == outputs[False, S]

@@ -5,8 +5,11 @@ than a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
   which model.kernel_layout makes of the decoding params), for a few rows; w in float32, in
-  bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32), or
-  as Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale).
+  bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32), as
+  Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale), or
+  tiled (`tiled`: a float32 matrix whose entries are each the sum of two bfloat16 numbers, kept
+  as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
+  any number of rows).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -37,7 +40,10 @@ MAX_QUERIES = 64  # attention: query heads per kv head
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
 ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'bfloat16': ('mtpjax_rows_matmul_bf16', 'RowsMatmulBf16'),
-                'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8')}
+                'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
+                'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
+TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
+_LIBRARY = []  # the loaded library, once `available`
 
 
 # -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
@@ -82,7 +88,7 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE) -> st
   except OSError as e:
     return str(e)
   if result.returncode:
-    return ([l for l in result.stderr.splitlines() if 'error' in l] or ['?'])[0].strip()
+    return ([l for l in result.stderr.splitlines() if 'error' in l.lower()] or ['?'])[0].strip()
   return None
 
 
@@ -121,6 +127,7 @@ def available() -> bool:
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
                [*ROWS_TARGETS.values(), ('mtpjax_cache_attention', 'CacheAttention')]]
+    library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
     print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone, and the library '
           'is built again next time', file=sys.stderr)
@@ -129,6 +136,7 @@ def available() -> bool:
     return False
   for name, function in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(function), platform='cpu')
+  _LIBRARY.append(library)
   return True
 
 
@@ -136,6 +144,53 @@ def usable() -> bool:
   """Kernels on this process's devices: built, and a single CPU device (a custom call has no
   sharding rule, so a mesh of several devices keeps XLA's own ops)."""
   return jax.default_backend() == 'cpu' and jax.device_count() == 1 and available()
+
+
+@functools.cache
+def tiles_usable() -> bool:
+  """Whether tiled products run here: the kernels are usable, the library was built for a CPU
+  with AMX (bfloat16 tiles), Linux let this process use the tile registers, and
+  MTP_JAX_TILES is not 0."""
+  if os.environ.get('MTP_JAX_TILES', '1') == '0' or not usable():
+    return False
+  return bool(_LIBRARY[0].TiledReady())
+
+
+def two_bfloat16(w) -> bool:
+  """Whether every entry of the float32 matrix w is exactly hi + lo, hi its bfloat16 rounding
+  and lo that of w - hi: true of a GGUF file's 4-bit blocks dequantized (a float16 scale times a
+  4-bit integer, plus a float16 offset), not of float32 weights in general."""
+  hi, lo = _halves(jnp.asarray(w, jnp.float32))
+  return bool(jnp.all(hi.astype(jnp.float32) + lo.astype(jnp.float32) == w))
+
+
+def _halves(w):
+  hi = w.astype(jnp.bfloat16)
+  return hi, (w - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def tiled(w):
+  """The float32 matrix w (N, K), N a multiple of 16 and K of 32, every entry exactly the sum of
+  two bfloat16 numbers (two_bfloat16), as the tiled row kernel reads it: for each block of 16
+  rows by 32 columns (row blocks first), the tile of its entries' his then that of their los,
+  each 16 column pairs by 16 rows by 2 (AMX's layout of a product's second operand), the
+  bfloat16 pairs stored as one uint32 so that the array keeps w's shape (and its 4 bytes an
+  entry)."""
+  N, K = w.shape
+  pieces = jnp.stack([jax.lax.bitcast_convert_type(h, jnp.uint16) for h in _halves(w)])
+  blocks = pieces.reshape(2, N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
+  order = blocks.transpose(1, 3, 0, 4, 2, 5)  # row block, column block, half, pair, row, 2
+  return jax.lax.bitcast_convert_type(order.reshape(N, K, 2), jnp.uint32)
+
+
+def untiled(t):
+  """`tiled`'s float32 matrix back from its tiles."""
+  N, K = t.shape
+  blocks = jax.lax.bitcast_convert_type(t, jnp.uint16).reshape(
+      N // TILE_ROWS, K // TILE_COLUMNS, 2, TILE_COLUMNS // 2, TILE_ROWS, 2)
+  pieces = jax.lax.bitcast_convert_type(blocks.transpose(2, 0, 4, 1, 3, 5).reshape(2, N, K),
+                                        jnp.bfloat16).astype(jnp.float32)
+  return pieces[0] + pieces[1]
 
 
 def _float32(*arrays) -> bool:
@@ -192,7 +247,12 @@ def rows_matmul(x, w, use_kernel: bool = True):
   # int8 values reach their target only as Int8Rows, which carry the scales
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
-  if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
+  if dtype == 'uint32':  # tiled: any number of rows
+    if use_kernel and _float32(x) and tiles_usable():
+      return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
+                                                             jnp.float32))(x, w)
+    values = untiled(w)
+  if use_kernel and target and rows <= MAX_ROWS and dtype != 'uint32' and _float32(x) and usable():
     out = jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
                                                         jnp.float32))(x, values)
   else:  # values.T widened to x's dtype

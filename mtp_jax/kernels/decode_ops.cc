@@ -24,6 +24,12 @@
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define MTPJAX_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <vector>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -361,6 +367,174 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+
+// Tiled matrices (kernels.tiled): an N x K float32 matrix whose every entry w is the sum of two
+// bfloat16 numbers, hi = bf16(w) and lo = bf16(w - hi), kept as those two in AMX's layout for the
+// second operand of a tile product. For each block of 16 rows (n) by 32 columns (k), in
+// row-block-major order, the hi tile then the lo tile, each 16 rows of column pairs (2r, 2r + 1)
+// by 16 n by 2: 1 KiB. The same 4 bytes an entry as float32, so a 1-row product reads what the
+// float32 row kernel reads; the tile unit (AMX) multiplies up to 16 input rows for the cost of
+// one, where the float32 kernel's arithmetic grows with the rows (experiments/row_kernel.py).
+//
+// Each input row is split the same way into three bfloat16 pieces, x = x0 + x1 + x2 exactly, and
+// y = x0 hi + x1 hi + x0 lo + x2 hi + x1 lo in float32 tile sums (x2 lo, below float32's
+// rounding of the sum, is left out): every product of two pieces is exact in float32, so y
+// differs from the float32 product only in the order of its additions. A row's sums are the same
+// whatever the rows beside it: the tile unit computes each row of a product on its own.
+#if MTPJAX_AMX
+constexpr int kTile = 16, kPair = 32;  // a tile block: 16 weight rows by 32 columns
+constexpr int64_t kTileHalves = kTile * kPair;  // bfloat16 values in one tile (1 KiB)
+constexpr int kGroup = 3;  // weight-row blocks a task multiplies at once: three sum chains
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-2: sums (rows x 16 floats); 3-5: the input pieces (rows x 32 bfloat16); 6, 7: a
+// weight block's hi and lo tiles.
+inline void configure_tiles(int rows) {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.bytes_per_row[t] = 64;
+    c.rows[t] = t < 6 ? rows : kTile;
+  }
+  _tile_loadconfig(&c);
+}
+
+// x (M x K float32) as three bfloat16 pieces, each Mp x K (rows past M zero): x = x0 + x1 + x2,
+// each piece rounded to nearest even. K is a multiple of 32, so the vectors cover x.
+void split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* pieces) {
+  const int64_t n = M * K;
+  uint16_t* p0 = pieces;
+  uint16_t* p1 = pieces + Mp * K;
+  uint16_t* p2 = pieces + 2 * Mp * K;
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    __m256bh h0 = _mm512_cvtneps_pbh(v);
+    v = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h0));
+    __m256bh h1 = _mm512_cvtneps_pbh(v);
+    v = _mm512_sub_ps(v, _mm512_cvtpbh_ps(h1));
+    __m256bh h2 = _mm512_cvtneps_pbh(v);
+    std::memcpy(p0 + i, &h0, 32);
+    std::memcpy(p1 + i, &h1, 32);
+    std::memcpy(p2 + i, &h2, 32);
+  }
+  std::memset(p0 + n, 0, (Mp * K - n) * 2);
+  std::memset(p1 + n, 0, (Mp * K - n) * 2);
+  std::memset(p2 + n, 0, (Mp * K - n) * 2);
+}
+
+// Each weight block asks for the next one of its stream (2 KiB ahead): on an Intel VM
+// (Sapphire Rapids) experiments/row_kernel.py's 1-row chain took 17.2 ms without it, 15.9 with
+// it, 15.8 / 16.2 / 18.2 / 19.2 two / four / eight / sixteen blocks ahead (the float32 kernel
+// 14.5-15.1 in the same runs).
+constexpr int64_t kAheadHalves = 2 * kTileHalves;
+inline void prefetch_block(const uint16_t* w) {
+  for (int line = 0; line < 2 * kTileHalves * 2 / 64; ++line) __builtin_prefetch(w + line * 32);
+}
+
+// One weight block's five tile products into sum tile C: its (hi, lo) tiles at w. Macros, not
+// functions: GCC's tile intrinsics take the tile's number as a literal.
+#define MTPJAX_TILE_PRODUCTS(C, w)          \
+  do {                                      \
+    prefetch_block((w) + kAheadHalves);     \
+    _tile_loadd(6, (w), 64);                \
+    _tile_loadd(7, (w) + kTileHalves, 64);  \
+    _tile_dpbf16ps(C, 3, 6);                \
+    _tile_dpbf16ps(C, 4, 6);                \
+    _tile_dpbf16ps(C, 3, 7);                \
+    _tile_dpbf16ps(C, 5, 6);                \
+    _tile_dpbf16ps(C, 4, 7);                \
+  } while (0)
+
+// Sum tile C's first `rows` rows into y's columns [col, col + 16), through tmp.
+#define MTPJAX_STORE_SUMS(C, tmp, y, rows, N, col)                                   \
+  do {                                                                               \
+    _tile_stored(C, (tmp), kTile * sizeof(float));                                   \
+    for (int64_t m = 0; m < (rows); ++m)                                             \
+      std::memcpy((y) + m * (N) + (col), (tmp) + m * kTile, kTile * sizeof(float)); \
+  } while (0)
+
+// Rows [m0, m0 + 16) (or all M <= 16) of y for G weight-row blocks from block nb.
+template <int G>
+void tile_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* w, float* y,
+                int64_t M, int64_t N, int64_t nb, int64_t m0) {
+  const int64_t blocks_k = K / kPair, stride = blocks_k * 2 * kTileHalves;
+  const uint16_t* x0 = pieces + m0 * K;
+  const uint16_t* x1 = x0 + Mp * K;
+  const uint16_t* x2 = x1 + Mp * K;
+  const uint16_t* wb = w + nb * stride;
+  _tile_zero(0);
+  if constexpr (G > 1) _tile_zero(1);
+  if constexpr (G > 2) _tile_zero(2);
+  for (int64_t kb = 0; kb < blocks_k; ++kb) {
+    _tile_loadd(3, x0 + kb * kPair, K * 2);
+    _tile_loadd(4, x1 + kb * kPair, K * 2);
+    _tile_loadd(5, x2 + kb * kPair, K * 2);
+    const uint16_t* block = wb + kb * 2 * kTileHalves;
+    MTPJAX_TILE_PRODUCTS(0, block);
+    if constexpr (G > 1) MTPJAX_TILE_PRODUCTS(1, block + stride);
+    if constexpr (G > 2) MTPJAX_TILE_PRODUCTS(2, block + 2 * stride);
+  }
+  alignas(64) float tmp[kTile * kTile];
+  const int64_t rows = std::min<int64_t>(kTile, M - m0);
+  MTPJAX_STORE_SUMS(0, tmp, y + m0 * N, rows, N, nb * kTile);
+  if constexpr (G > 1) MTPJAX_STORE_SUMS(1, tmp, y + m0 * N, rows, N, (nb + 1) * kTile);
+  if constexpr (G > 2) MTPJAX_STORE_SUMS(2, tmp, y + m0 * N, rows, N, (nb + 2) * kTile);
+}
+#endif
+
+// y (M, N) = x (M, K) times the tiled matrix w (N, K) transposed, any M: tasks of kGroup
+// weight-row blocks, each over every 16 input rows in turn (the later ones reading the blocks
+// from L2).
+ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::U32> w, ffi::ResultBuffer<ffi::F32> y) {
+#if MTPJAX_AMX
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (wd.size() != 2 || xd.size() < 1 || wd[1] != xd.back() || wd[0] % kTile ||
+      wd[1] % kPair)
+    return ffi::Error::InvalidArgument(
+        "rows_matmul: x (..., K) and a tiled w (N, K), N % 16 == 0 and K % 32 == 0, expected");
+  const int64_t K = xd.back(), N = wd[0];
+  const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
+  if (M == 0) return ffi::Error::Success();
+  const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
+  thread_local std::vector<uint16_t> pieces;
+  pieces.resize(3 * Mp * K);
+  split_rows(x.typed_data(), M, Mp, K, pieces.data());
+  const uint16_t* xs = pieces.data();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* yp = y->typed_data();
+  const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
+  // One task per thread, each a run of groups: with a task per group, configuring and releasing
+  // the tiles each time, the trunk's 1-position step took 22.2 ms against 19.2 for the float32
+  // kernel (experiments/decode_profile.py, two runs one after the other; 20.0 against 19.4 with
+  // a task per thread).
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
+  parallel(pool, tasks, [&](int64_t task) {
+    configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
+    for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
+      const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
+      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
+        if (left == 3)
+          tile_group<3>(xs, Mp, K, wp, yp, M, N, nb, m0);
+        else if (left == 2)
+          tile_group<2>(xs, Mp, K, wp, yp, M, N, nb, m0);
+        else
+          tile_group<1>(xs, Mp, K, wp, yp, M, N, nb, m0);
+      }
+    }
+    _tile_release();
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
+#endif
+}
+
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
   for (int h = kLanes / 2; h > 1; h /= 2) v = vmax(v, swapped(v, h));
@@ -515,6 +689,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulS8, RowsMatmulImpl<ffi::S8>,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when tiled products can run here: built for AMX, and the kernel let this process use the
+// tile registers (Linux asks each process to request them once).
+extern "C" int TiledReady() {
+#if MTPJAX_AMX
+  static const int ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                   18 /* XFEATURE_XTILEDATA */) == 0;
+  return ready;
+#else
+  return 0;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
                               ffi::Ffi::Bind()
