@@ -1,0 +1,72 @@
+"""How much of a pretrained trunk the tile unit takes exactly (decode.tiles): per kind of matrix,
+the share of entries that are each the sum of two bfloat16 numbers (hi, its bfloat16 rounding,
+and lo, that of the rest; kernels.two_bfloat16), and the largest relative gap |hi + lo - w| / |w|
+of the others. model.tile_trunk tiles a matrix only when all of its entries split so.
+
+Run: python experiments/tile_split.py --config configs/smollm2.py
+Prints one row per kind (the embedding, each block's q, k, v, o, gate, up and down over every
+block): matrices, entries, the share that splits, whether every matrix of that kind splits
+entirely, the largest gap.
+"""
+
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+
+
+def split_counts(w) -> tuple[int, float]:
+  """(entries of the float32 array w that are exactly hi + lo, the largest relative gap)."""
+  import ml_dtypes
+  import numpy as np
+  w = np.asarray(w, np.float32)
+  hi = w.astype(ml_dtypes.bfloat16).astype(np.float32)
+  lo = (w - hi).astype(ml_dtypes.bfloat16).astype(np.float32)
+  gap = np.abs(hi + lo - w) / np.maximum(np.abs(w), np.finfo(np.float32).tiny)
+  return int(np.sum(hi + lo == w)), float(gap.max(initial=0.0))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  from mtp_jax.config import ConfigError
+  from mtp_jax.pretrained import resolve
+  config = _CONFIG.value
+  if not config.model.init_from:
+    print('error: the config has no pretrained trunk (model.init_from)', file=sys.stderr)
+    sys.exit(2)
+  try:
+    trunk = resolve.trunk_params(config.model.init_from)
+  except (ConfigError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  kinds = collections.defaultdict(lambda: [0, 0, 0, True, 0.0])  # matrices, entries, split, all, gap
+  for path, w in jax.tree_util.tree_leaves_with_path(trunk):
+    if w.ndim < 2:  # norms
+      continue
+    kind = str(getattr(path[-1], 'key', path[-1]))
+    split, gap = split_counts(w)
+    row = kinds[kind]
+    row[0] += 1
+    row[1] += w.size
+    row[2] += split
+    row[3] &= split == w.size
+    row[4] = max(row[4], gap)
+  print(f'{os.path.basename(config.model.init_from)}: entries that are two bfloat16 numbers')
+  print(f"{'matrix':10} {'count':>5} {'entries':>11} {'split':>9} {'all':>5} {'largest gap':>11}")
+  for kind, (count, entries, split, every, gap) in kinds.items():
+    print(f'{kind:10} {count:>5} {entries:>11} {split / entries:>9.5f} {str(every):>5} '
+          f'{gap:>11.2g}')
+
+
+if __name__ == '__main__':
+  app.run(main)

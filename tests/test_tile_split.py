@@ -1,0 +1,24 @@
+"""experiments/tile_split.py on the real SmolLM2 file: every matrix of its 4-bit blocks splits
+exactly into two bfloat16 numbers (so the tile unit takes the whole trunk but the embedding),
+the Q8_0 embedding almost all of it; and a config without a pretrained trunk is one line."""
+
+from conftest import run_script
+
+
+def test_smollm2s_block_matrices_split_into_two_bfloat16_numbers():
+  proc = run_script('experiments/tile_split.py', '--config', 'configs/smollm2.py', timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+  assert set(rows) == {'embedding', 'q', 'k', 'v', 'o', 'gate', 'up', 'down'}
+  for kind in ('q', 'k', 'v', 'o', 'gate', 'up', 'down'):
+    count, _, share, every, gap = rows[kind][1:]
+    assert (count, share, every, float(gap)) == ('30', '1.00000', 'True', 0.0)
+  share, every, gap = rows['embedding'][3:]
+  assert 0.98 < float(share) < 1 and every == 'False' and 0 < float(gap) < 1e-4
+
+
+def test_a_config_without_a_pretrained_trunk_is_one_line():
+  proc = run_script('experiments/tile_split.py', '--config', 'configs/quickstart.py', timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == ('error: the config has no pretrained trunk '
+                                                  '(model.init_from)')
