@@ -77,7 +77,8 @@ def main(argv):
                        for S in lens for K in counts
                        for C in ([1] if K == 1 else [C for C in depths if C <= S])]
   models = [session.decode_model]
-  if _TILES.value == 'both' and session.decode_model.tiles:
+  tiled = session.decode_model.tiled_matrices(params)
+  if _TILES.value == 'both' and tiled:
     models.insert(0, dataclasses.replace(session.decode_model, tiles=False))
   variants = [(m, s) for m in models for s in settings]
   rows = inference.batch1_sweep(params, prompts, variants, _ROUNDS.value, 'candidates: decoding',
@@ -85,13 +86,13 @@ def main(argv):
   for row, (m, s) in zip(rows, variants):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
-               positions=dec.verify_width(s), tiles=m.tiles)
+               positions=dec.verify_width(s), tiles=m.tiles and bool(tiled))
   print(f'machine: {measure.machine()}')
   how = 'greedy' if T == 0 else f'temperature {T}, top_k {s_ar.top_k}, top_p {s_ar.top_p}'
   print(f'{len(prompts)} held-out prompts, batch 1, {how}, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
-        f'{session.decode_model.kernels}, tiles {session.decode_model.tiles}'
-        + (' and off (speedups over ar without them; identical: to ar with the same)'
+        f'{session.decode_model.kernels}, {tiled} matrices tiled'
+        + (', and none (speedups over ar without tiles; identical: to ar with the same)'
            if len(models) > 1 else ''))
   print(f"{'tiles':>5} {'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} "
         f"{'ms/iter':>7} {'speedup':>7} {'identical':>9}  acceptance")

@@ -271,13 +271,14 @@ def main(argv):
   vocab = len(model.draft) if model.draft else cfg.vocab_size
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,
             'width': cfg.d_model, 'vocab': cfg.vocab_size, 'draft_vocab': vocab,
-            'depth': D, 'kind': cfg.mtp_kind, 'kernels': model.kernels, 'tiles': model.tiles,
+            'depth': D, 'kind': cfg.mtp_kind, 'kernels': model.kernels,
+            'tiled_matrices': model.tiled_matrices(params),
             'max_new_tokens': d.max_new_tokens, 'temperature': _TEMPERATURE.value, 'batches': []}
   print(f"machine: {result['machine']}")
   print(f'model: {cfg.num_layers} layers, width {cfg.d_model}, vocab {cfg.vocab_size} (drafts '
         f'over {vocab}), D = {D} {cfg.mtp_kind} ({source}); {d.max_new_tokens} new tokens, '
         f"{f'temperature {_TEMPERATURE.value:g}' if _TEMPERATURE.value else 'greedy'} loops, "
-        f"kernels {'on' if model.kernels else 'off'}, tiles {'on' if model.tiles else 'off'}")
+        f"kernels {'on' if model.kernels else 'off'}, {result['tiled_matrices']} matrices tiled")
   prompt_len = max(len(p) for p in prompts)
   cache_len = dec.cache_length(prompt_len, dec.Settings(draft_len=D,
                                                         max_new_tokens=d.max_new_tokens))

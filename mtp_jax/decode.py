@@ -157,24 +157,35 @@ class DecodeModel(WholeVocabulary):
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
-    draft_dtype; with a draft vocabulary, its ids and output rows (N x D) under 'draft'. Every
-    model shares one kernel layout of the same params (only the heads' narrowed copies and the
-    draft rows differ), and all of it is dropped with the params object it was made from."""
+    draft_dtype, and with tiles the trunk's matrices that split into two bfloat16 numbers tiled
+    (model.tile_trunk); with a draft vocabulary, its ids and output rows (N x D) under 'draft'.
+    Every model shares one kernel layout of the same params (one tiled, one not; only the heads'
+    narrowed copies and the draft rows differ), and all of it is dropped with the params object
+    it was made from."""
     made = _made_from(params)
     key = (self.kernels, self.tiles, self.draft_dtype, self.draft)
     if key not in made:
       out = params
       if self.kernels:
-        if 'layout' not in made:
-          made['layout'] = jax.jit(kernel_layout)(params)
-        if self.tiles and 'tiled' not in made:
-          made['tiled'] = tile_trunk(made['layout'])
-        out = narrow_heads(made['tiled' if self.tiles else 'layout'], self.draft_dtype)
+        base = 'tiled' if self.tiles else 'layout'
+        if base not in made:
+          layout = made.get('layout')
+          layout = jax.jit(kernel_layout)(params) if layout is None else layout
+          # the tiled layout alone is kept (a model without tiles makes the other again)
+          made[base] = tile_trunk(layout) if self.tiles else layout
+        out = narrow_heads(made[base], self.draft_dtype)
       if self.draft is not None:
         out = {**out, 'draft': _draft(out, self.draft, self.cfg.tie_embeddings, self.kernels,
                                       self.draft_dtype)}
       made[key] = out
     return made[key]
+
+  def tiled_matrices(self, params) -> int:
+    """How many of the params' matrices this model multiplies tiled (0 without tiles, or when
+    none of the trunk's matrices splits into two bfloat16 numbers)."""
+    if not self.tiles:
+      return 0
+    return sum(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(self.prepare(params)))
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

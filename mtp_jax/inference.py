@@ -352,7 +352,7 @@ def bench(session, params, config, step: int) -> dict:
   stopped part way keeps what it measured ('complete' says whether every block is in)."""
   result = {'machine': measure.machine(), 'checkpoint_step': step,
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
-            'tiles': session.decode_model.tiles,
+            'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
   path = os.path.join(session.workdir, 'bench.json')
   atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current

@@ -379,8 +379,10 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // Each input row is split the same way into three bfloat16 pieces, x = x0 + x1 + x2 exactly, and
 // y = x0 hi + x1 hi + x0 lo + x2 hi + x1 lo in float32 tile sums (x2 lo, below float32's
 // rounding of the sum, is left out): every product of two pieces is exact in float32, so y
-// differs from the float32 product only in the order of its additions. A row's sums are the same
-// whatever the rows beside it: the tile unit computes each row of a product on its own.
+// differs from the float32 product in the order of its additions, that left-out term and
+// bfloat16 values below float32's normal range, which the conversions and the tile unit flush to
+// zero. A row's sums are the same whatever the rows beside it: the tile unit computes each row
+// of a product on its own.
 #if MTPJAX_AMX
 constexpr int kTile = 16, kPair = 32;  // a tile block: 16 weight rows by 32 columns
 constexpr int64_t kTileHalves = kTile * kPair;  // bfloat16 values in one tile (1 KiB)
@@ -502,8 +504,7 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
   const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
-  thread_local std::vector<uint16_t> pieces;
-  pieces.resize(3 * Mp * K);
+  std::vector<uint16_t> pieces(3 * Mp * K);
   split_rows(x.typed_data(), M, Mp, K, pieces.data());
   const uint16_t* xs = pieces.data();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
