@@ -512,8 +512,7 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
   // One task per thread, each a run of groups: with a task per group, configuring and releasing
   // the tiles each time, the trunk's 1-position step took 22.2 ms against 19.2 for the float32
-  // kernel (experiments/decode_profile.py, two runs one after the other; 20.0 against 19.4 with
-  // a task per thread).
+  // kernel (experiments/decode_profile.py, two runs one after the other).
   const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
   parallel(pool, tasks, [&](int64_t task) {
     configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
