@@ -25,9 +25,9 @@ Prints:
   2. a markdown table, a row per system: tokens/s (generated tokens, a stop token included, over
      the sum of each prompt's fastest of --rounds rounds, after one warm-up round; ours is
      compiled before it), x ours-ar, the fraction of the ceiling bandwidth / bytes that one
-     decoding step reads (the float32 trunk, or the Q4_1 file's tensors; speculative rows can pass 1), and how
-     many prompts' greedy outputs equal ours-ar token for token; then, for every prompt that
-     differs, the first position where it does;
+     decoding step reads (the float32 trunk, or the Q4_1 file's tensors; speculative rows can
+     pass 1), and how many prompts' greedy outputs equal ours-ar token for token; then, for
+     every prompt that differs, the first position where it does;
   3. the machine, the cores used, their read bandwidth (measure.read_bandwidth, just before the
      rounds) and the 1-minute load average before and after the rounds: on a busy machine
      torch's and llama.cpp's OpenMP threads wait on descheduled peers at every parallel region,

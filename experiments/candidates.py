@@ -98,8 +98,8 @@ def main(argv):
         f"{'ms/iter':>7} {'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
     same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
-    print(f"{str(r['tiles']):>5} {r['draft_len']:>2} {r['candidates']:>2} {r['candidate_depth']:>2} "
-          f"{r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
+    print(f"{str(r['tiles']):>5} {r['draft_len']:>2} {r['candidates']:>2} "
+          f"{r['candidate_depth']:>2} {r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
           f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {same:>9}  "
           f"{r['acceptance']}")
   if _JSON.value:

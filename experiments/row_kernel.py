@@ -82,9 +82,8 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  def two_bfloat16(w):  # the sum of its bfloat16 rounding and that of the rest
-    hi = w.astype(jnp.bfloat16).astype(jnp.float32)
-    return hi + (w - hi).astype(jnp.bfloat16).astype(jnp.float32)
+  def two_bfloat16(w):  # the sum of its two halves, which the tiles hold exactly
+    return sum(h.astype(jnp.float32) for h in kernels.halves(w))
 
   # Weights whose entries are each the sum of two bfloat16 numbers, as a GGUF file's 4-bit
   # blocks dequantize to, so that the tiled path multiplies the same ones (where the CPU has

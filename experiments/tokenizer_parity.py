@@ -1,6 +1,6 @@
 """Whether the tokenizer this project builds from GGUF metadata gives llama.cpp's token ids:
-SmolLM2's GGUF file copied with its pre-tokenizer name (tokenizer.ggml.pre) replaced by each of --pres,
-then our tokenizer (mtp_jax.pretrained) and llama.cpp's (llama-cpp-python, the vocabulary alone)
+SmolLM2's GGUF file copied with its pre-tokenizer name (tokenizer.ggml.pre) replaced by each of
+--pres, then our tokenizer (mtp_jax.pretrained) and llama.cpp's (llama-cpp-python, the vocabulary alone)
 encode the same texts: --chars-long pieces of this repository's README, prompts and sources and
 of the standard library's pydoc topics, special tokens parsed by both.
 

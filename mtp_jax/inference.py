@@ -140,9 +140,9 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     validate(config)
     cfg = ModelConfig.from_config(config)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
-    return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)),
-                        dec.decode_model(cfg, d.kernels, None, d.draft_dtype, d.tiles), prompts.tolist(),
-                        'random weights', sharding.make_mesh(config.mesh), None)
+    model = dec.decode_model(cfg, d.kernels, None, d.draft_dtype, d.tiles)
+    return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)), model,
+                        prompts.tolist(), 'random weights', sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts))
   step, params = load_params(session)
   prompts = held_out_prompts(session, count) if count else []

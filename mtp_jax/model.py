@@ -131,6 +131,11 @@ def _keys(path) -> list[str]:
   return [str(getattr(p, 'key', '')) for p in path]
 
 
+def _in_heads(keys) -> bool:
+  """Whether the param at this path (keys) belongs to an MTP head."""
+  return any(k.startswith('mtp_') for k in keys)
+
+
 def _dense_inputs(keys) -> int:
   """Input axes of the dense matrix at this param path (keys), 0 for any other param: Medusa's
   layers, norms, the embedding."""
@@ -172,7 +177,7 @@ def narrow_heads(layout, head_dtype: str):
   def narrow(path, leaf):
     keys = _keys(path)
     n_in = _dense_inputs(keys)
-    if head_dtype == 'float32' or not n_in or not any(k.startswith('mtp_') for k in keys):
+    if head_dtype == 'float32' or not n_in or not _in_heads(keys):
       return leaf
     return kernels.narrowed(leaf, head_dtype, n_in)
   return jax.tree_util.tree_map_with_path(narrow, layout)
@@ -185,12 +190,13 @@ def tile_trunk(layout):
   def tile(path, leaf):
     keys = _keys(path)
     n_in = _dense_inputs(keys)
-    if not n_in or any(k.startswith('mtp_') for k in keys) or leaf.dtype != jnp.float32:
+    if not n_in or _in_heads(keys) or leaf.dtype != jnp.float32:
       return leaf
     w = leaf.reshape(-1, math.prod(leaf.shape[leaf.ndim - n_in:]))
     if w.shape[0] % kernels.TILE_ROWS or w.shape[1] % kernels.TILE_COLUMNS:
       return leaf
-    return kernels.tiled(w).reshape(leaf.shape) if kernels.two_bfloat16(w) else leaf
+    t = kernels.tiled_if_exact(w)
+    return leaf if t is None else t.reshape(leaf.shape)
   return jax.tree_util.tree_map_with_path(tile, layout)
 
 

@@ -43,7 +43,6 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
-_LIBRARY = []  # the loaded library, once `available`
 
 
 # -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
@@ -115,14 +114,20 @@ def _build() -> str | None:
   return path
 
 
-@functools.cache
 def available() -> bool:
   """Whether the kernels are built and registered (once per process)."""
+  return _library() is not None
+
+
+@functools.cache
+def _library():
+  """The kernels' library, built, loaded and its FFI targets registered (once per process), or
+  None where it cannot be."""
   if os.environ.get('MTP_JAX_KERNELS', '1') == '0' or sysconfig.get_platform().startswith('win'):
-    return False
+    return None
   path = _build()
   if path is None:
-    return False
+    return None
   try:
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
@@ -133,11 +138,10 @@ def available() -> bool:
           'is built again next time', file=sys.stderr)
     with contextlib.suppress(OSError):
       os.remove(path)
-    return False
+    return None
   for name, function in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(function), platform='cpu')
-  _LIBRARY.append(library)
-  return True
+  return library
 
 
 def usable() -> bool:
@@ -153,20 +157,32 @@ def tiles_usable() -> bool:
   MTP_JAX_TILES is not 0."""
   if os.environ.get('MTP_JAX_TILES', '1') == '0' or not usable():
     return False
-  return bool(_LIBRARY[0].TiledReady())
+  return bool(_library().TiledReady())
 
 
-def two_bfloat16(w) -> bool:
-  """Whether every entry of the float32 matrix w is exactly hi + lo, hi its bfloat16 rounding
-  and lo that of w - hi: true of a GGUF file's 4-bit blocks dequantized (a float16 scale times a
-  4-bit integer, plus a float16 offset), not of float32 weights in general."""
-  hi, lo = _halves(jnp.asarray(w, jnp.float32))
+def halves(w):
+  """(hi, lo) in bfloat16: hi the float32 array w's bfloat16 rounding, lo that of w - hi. Their
+  sum is w exactly for a GGUF file's 4-bit blocks dequantized (a float16 scale times a 4-bit
+  integer, plus a float16 offset), not for float32 weights in general."""
+  w = jnp.asarray(w, jnp.float32)
+  hi = w.astype(jnp.bfloat16)
+  return hi, (w - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _exact(w, hi, lo) -> bool:
   return bool(jnp.all(hi.astype(jnp.float32) + lo.astype(jnp.float32) == w))
 
 
-def _halves(w):
-  hi = w.astype(jnp.bfloat16)
-  return hi, (w - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+def two_bfloat16(w) -> bool:
+  """Whether every entry of the float32 matrix w is exactly the sum of its two `halves`."""
+  return _exact(w, *halves(w))
+
+
+def tiled_if_exact(w):
+  """`tiled(w)` when every entry of w is the sum of its two `halves`, else None (one split for
+  both the check and the tiles)."""
+  hi, lo = halves(w)
+  return _tiles(hi, lo) if _exact(w, hi, lo) else None
 
 
 def tiled(w):
@@ -176,8 +192,12 @@ def tiled(w):
   each 16 column pairs by 16 rows by 2 (AMX's layout of a product's second operand), the
   bfloat16 pairs stored as one uint32 so that the array keeps w's shape (and its 4 bytes an
   entry)."""
-  N, K = w.shape
-  pieces = jnp.stack([jax.lax.bitcast_convert_type(h, jnp.uint16) for h in _halves(w)])
+  return _tiles(*halves(w))
+
+
+def _tiles(hi, lo):
+  N, K = hi.shape
+  pieces = jnp.stack([jax.lax.bitcast_convert_type(h, jnp.uint16) for h in (hi, lo)])
   blocks = pieces.reshape(2, N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
   order = blocks.transpose(1, 3, 0, 4, 2, 5)  # row block, column block, half, pair, row, 2
   return jax.lax.bitcast_convert_type(order.reshape(N, K, 2), jnp.uint32)
@@ -247,12 +267,12 @@ def rows_matmul(x, w, use_kernel: bool = True):
   # int8 values reach their target only as Int8Rows, which carry the scales
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
-  if dtype == 'uint32':  # tiled: any number of rows
+  if dtype == 'uint32':  # tiled: any number of rows where the tile unit runs, else XLA's dot
     if use_kernel and _float32(x) and tiles_usable():
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
                                                              jnp.float32))(x, w)
-    values = untiled(w)
-  if use_kernel and target and rows <= MAX_ROWS and dtype != 'uint32' and _float32(x) and usable():
+    values, target = untiled(w), None
+  if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
     out = jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
                                                         jnp.float32))(x, values)
   else:  # values.T widened to x's dtype
