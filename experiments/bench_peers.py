@@ -9,7 +9,8 @@ Setup, once (the peers live in their own environment, never in CI's):
   python3 -m venv .venv-peers
   .venv-peers/bin/pip install -r requirements.txt -r requirements-peers.txt
 Run: .venv-peers/bin/python experiments/bench_peers.py --out runs/smollm2/peers.json
-     (--heads last_block decodes with untrained heads; smoke: --num_prompts 1 --max_new_tokens 8
+     (--candidates 1,5 adds rows with first-draft candidates, decode.candidates; --heads
+     last_block decodes with untrained heads; smoke: --num_prompts 1 --max_new_tokens 8
      --rounds 1)
 The weights are all the same numbers: our trunk comes from the Q4_1 GGUF dequantized to float32;
 transformers loads it from our export (launch.py --mode export, written to --workdir/export);
@@ -66,6 +67,8 @@ _THREADS = flags.DEFINE_integer('threads', 2, 'Cores every system runs on (the p
 _OUT = flags.DEFINE_string('out', '', 'Write the results to this JSON file.')
 _SKIP = flags.DEFINE_list('skip', [], 'Peers to leave out: hf, hf_lookup, llama_f32, llama_q4_1, '
                           'llama_lookup.')
+_CANDIDATES = flags.DEFINE_list('candidates', ['1'], 'First-draft candidates K of our mtp rows '
+                                '(decode.candidates): a row per K and S; 1 is the chain.')
 _HEADS = flags.DEFINE_string('heads', '', 'mtp.init_from override (default: the config\'s).')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory: its checkpoint, if any, is decoded '
                                'and exported (default: a temporary one, the pretrained trunk).')
@@ -87,19 +90,22 @@ class System:
 # Our decoders.
 
 
-def our_systems(session, params, prompts: list[list[int]], max_new: int) -> list[System]:
-  """`ar` and `mtp` at S = 1..D, each prompt its own compiled call, as inference.bench_blocks does
-  at batch 1."""
+def our_systems(session, params, prompts: list[list[int]], max_new: int,
+                candidates: list[int]) -> list[System]:
+  """`ar` and `mtp` at S = 1..D for each number of first-draft candidates K, each prompt its own
+  compiled call, as inference.bench_blocks does at batch 1."""
   step_bytes = sum(leaf.nbytes for key, tree in params['params'].items()
                    if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))
   systems = []
   width = max(len(ids) for ids in prompts)  # one compilation per S, shared by the prompts
-  for S in range(session.cfg.mtp_depth + 1):
-    s = dec.Settings(draft_len=S, max_new_tokens=max_new, stop_ids=session.stop_ids)
+  runs = [(0, 1)] + [(S, K) for K in candidates for S in range(1, session.cfg.mtp_depth + 1)]
+  for S, K in runs:
+    s = dec.Settings(draft_len=S, max_new_tokens=max_new, stop_ids=session.stop_ids,
+                     candidates=K)
     calls = [inference.prepared_decoder(session.decode_model, params, [ids], s, width=width)
              for ids in prompts]
-    systems.append(System('ours ar' if S == 0 else f'ours mtp S={S}', calls,
-                          lambda state: dec.outputs(state)[0], step_bytes, s))
+    name = 'ours ar' if S == 0 else f'ours mtp S={S}' + (f' K={K}' if K > 1 else '')
+    systems.append(System(name, calls, lambda state: dec.outputs(state)[0], step_bytes, s))
   return systems
 
 
@@ -296,6 +302,9 @@ def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
     raise app.UsageError(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
+  if not all(k.isdigit() and int(k) >= 1 for k in _CANDIDATES.value):
+    raise app.UsageError(f'--candidates takes positive integers, got {",".join(_CANDIDATES.value)}')
+  candidates = sorted({int(k) for k in _CANDIDATES.value})
   threads = _THREADS.value
   cores = pin(threads)
   config = smollm2.get_config()
@@ -309,7 +318,7 @@ def benchmark(workdir: str) -> dict:
                          f'--num_prompts={_NUM_PROMPTS.value}')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
-  systems = our_systems(session, params, prompts, max_new)
+  systems = our_systems(session, params, prompts, max_new, candidates)
   checks = {}
   if not {'hf', 'hf_lookup'} <= skip:
     export_dir = run.export(config, workdir, 'float32')['directory']
@@ -333,6 +342,7 @@ def benchmark(workdir: str) -> dict:
           'load_average': [load, os.getloadavg()[0]],
           'bandwidth_bytes_per_s': bandwidth, 'prompts': prompts, 'max_new_tokens': max_new,
           'rounds': _ROUNDS.value, 'heads': config.mtp.init_from, 'checks': checks,
+          'tiled_matrices': session.decode_model.tiled_matrices(params),
           'rows': summarize(systems, seconds, outputs, bandwidth)}
 
 
@@ -349,7 +359,8 @@ def report(result: dict):
   before, after = result['load_average']
   print(f"{result['machine']}; cores {result['cores']}; read bandwidth "
         f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; load average {before:.1f} before the "
-        f"rounds, {after:.1f} after (a busy machine slows the OpenMP peers far more than ours)")
+        f"rounds, {after:.1f} after (a busy machine slows the OpenMP peers far more than ours); "
+        f"ours: {result['tiled_matrices']} trunk matrices tiled (decode.tiles)")
 
 
 def main(argv):

@@ -14,8 +14,9 @@ Prints, per M: ms for the whole chain through each (fastest of --rounds interlea
 GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. Every
 output of each product shape is checked against XLA's dot first, and each chain runs once
 untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past it show what the kernel
-would do there. A --baseline kernel is built here and timed in the same rounds: this VM's memory
-is faster in some minutes than in others, so two versions compare only within one run.
+would do there. A --baseline kernel is built here and timed in the same rounds (its tiled
+product too, where it has one and the tiles run): this VM's memory is faster in some minutes than
+in others, so two versions compare only within one run.
 """
 
 import ctypes
@@ -64,6 +65,8 @@ def main(argv):
   from mtp_jax import kernels
   from mtp_jax import measure
 
+  tiled_symbol = None
+
   if not kernels.usable():
     _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
           'set)')
@@ -73,11 +76,16 @@ def main(argv):
       reason = kernels.compile_library(library, source=_BASELINE.value)
       if reason:
         _fail(f'--baseline {_BASELINE.value} does not build: {reason}')
-      symbol = getattr(ctypes.cdll.LoadLibrary(library), 'RowsMatmul', None)
+      loaded = ctypes.cdll.LoadLibrary(library)
+    symbol = getattr(loaded, 'RowsMatmul', None)
     if symbol is None:
       _fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
     jax.ffi.register_ffi_target('mtpjax_rows_matmul_baseline', jax.ffi.pycapsule(symbol),
                                 platform='cpu')
+    tiled_symbol = getattr(loaded, 'RowsMatmulTiled', None)  # older versions have none
+    if tiled_symbol is not None:
+      jax.ffi.register_ffi_target('mtpjax_rows_matmul_tiled_baseline',
+                                  jax.ffi.pycapsule(tiled_symbol), platform='cpu')
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
@@ -100,8 +108,10 @@ def main(argv):
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
 
   def product(x, w, path):
-    if path == 'baseline':
-      return jax.ffi.ffi_call('mtpjax_rows_matmul_baseline',
+    if path.startswith('baseline'):
+      target = {'baseline': 'mtpjax_rows_matmul_baseline',
+                'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline'}[path]
+      return jax.ffi.ffi_call(target,
                               jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
     return kernels.rows_matmul(x, w, path in ('kernel', 'tiled'))
 
@@ -118,9 +128,10 @@ def main(argv):
       return total
     return run
 
-  names = ['kernel'] + ['tiled'] * tiles + ['baseline'] * bool(_BASELINE.value) + ['xla']
+  names = (['kernel'] + ['tiled'] * tiles + ['baseline'] * bool(_BASELINE.value)
+           + ['baseline tiled'] * (tiles and tiled_symbol is not None) + ['xla'])
   paths = {p: chain(p) for p in names}
-  operands = {p: tiled if p == 'tiled' else weights for p in names}
+  operands = {p: tiled if p.endswith('tiled') else weights for p in names}
   base = {}
   held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
   print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
@@ -133,7 +144,7 @@ def main(argv):
       x = x_d if w.shape[1] == d else x_f
       want = np.asarray(product(x, w, 'xla'))
       for p in names[:-1]:
-        got = np.asarray(product(x, kernels.tiled(w) if p == 'tiled' else w, p))
+        got = np.asarray(product(x, kernels.tiled(w) if p.endswith('tiled') else w, p))
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
           print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
                 f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)
