@@ -1,12 +1,15 @@
 """How much of a pretrained trunk the tile unit takes exactly (decode.tiles): per kind of matrix,
 the share of entries that are each the sum of two bfloat16 numbers (hi, its bfloat16 rounding,
 and lo, that of the rest; kernels.two_bfloat16), and the largest relative gap |hi + lo - w| / |w|
-of the others. model.tile_trunk tiles a matrix only when all of its entries split so.
+of the others. model.tile_trunk tiles a matrix only when all of its entries split so. Then
+whether the output matrix (the embedding, when tied) has the form of kernels.ScaledTiles, which
+model.tile_trunk then adds for the projection onto the vocabulary: each run of 32 entries along
+a row one scale times integers of at most 127, as a GGUF Q8_0 tensor dequantizes.
 
 Run: python experiments/tile_split.py --config configs/smollm2.py
 Prints one row per kind (the embedding, each block's q, k, v, o, gate, up and down over every
 block): matrices, entries, the share that splits, whether every matrix of that kind splits
-entirely, the largest gap.
+entirely, the largest gap; then one line for the output matrix.
 """
 
 import collections
@@ -65,6 +68,10 @@ def main(argv):
   for kind, (count, entries, split, gap) in kinds.items():  # all: every matrix splits entirely
     print(f'{kind:10} {count:>5} {entries:>11} {split / entries:>9.5f} {str(split == entries):>5} '
           f'{gap:>11.2g}')
+  from mtp_jax import kernels
+  output = trunk['unembedding'].T if 'unembedding' in trunk else trunk['embedding']  # V x D
+  scaled = kernels.scaled_tiles_if_exact(output) is not None
+  print(f'output matrix as scaled tiles (kernels.ScaledTiles): {scaled}')
 
 
 if __name__ == '__main__':

@@ -185,7 +185,8 @@ class DecodeModel(WholeVocabulary):
     none of the trunk's matrices splits into two bfloat16 numbers)."""
     if not self.tiles:
       return 0
-    return sum(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(self.prepare(params)))
+    tiles = (jnp.uint32, jnp.uint16)  # two-halves tiles; ScaledTiles' integers
+    return sum(leaf.dtype in tiles for leaf in jax.tree.leaves(self.prepare(params)))
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

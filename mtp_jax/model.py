@@ -75,6 +75,10 @@ class MTPLanguageModel(nn.Module):
       norm = self.mtp_norms[k - 1]
     else:
       norm = self.final_norm
+    # decoding's params may hold the output matrix as scaled tiles too (tile_trunk)
+    tiles = self.get_variable('params', 'output_tiles')
+    if tiles is not None:
+      return norm.scale, tiles
     return norm.scale, self.embedding if self.cfg.tie_embeddings else self.unembedding
 
   def logits(self, h_BxTxD, k: int = 0):
@@ -186,7 +190,11 @@ def narrow_heads(layout, head_dtype: str):
 def tile_trunk(layout):
   """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
   exactly (kernels.two_bfloat16, its shape in whole tiles) stored tiled (kernels.tiled), the
-  same 4 bytes an entry; the heads' matrices, the embedding and every other leaf as they are."""
+  same 4 bytes an entry; the heads' matrices, the embedding and every other leaf as they are.
+  An output matrix (the embedding, when tied) not tiled so but whose runs of 32 entries are each
+  a scale times small integers (a GGUF Q8_0 tensor) is added beside it as kernels.ScaledTiles,
+  under 'output_tiles', which the projections onto the vocabulary then read (half the bytes);
+  the embedding stays for looking tokens up."""
   def tile(path, leaf):
     keys = _keys(path)
     n_in = _dense_inputs(keys)
@@ -197,7 +205,13 @@ def tile_trunk(layout):
       return leaf
     t = kernels.tiled_if_exact(w)
     return leaf if t is None else t.reshape(leaf.shape)
-  return jax.tree_util.tree_map_with_path(tile, layout)
+  tiled = jax.tree_util.tree_map_with_path(tile, layout)
+  inner = tiled['params']
+  out = inner.get('unembedding', inner['embedding'])
+  if out.dtype != jnp.float32:  # tiled in two halves already
+    return tiled
+  scaled = kernels.scaled_tiles_if_exact(out.reshape(-1, out.shape[-1]))
+  return tiled if scaled is None else {**tiled, 'params': {**inner, 'output_tiles': scaled}}
 
 
 def init_params(cfg: ModelConfig, rng):

@@ -336,6 +336,32 @@ def two_bfloat16_exact(w):
   return hi + (w - hi).astype(jnp.bfloat16).astype(jnp.float32)
 
 
+def q8_0_exact(w):
+  """w as a GGUF Q8_0 tensor dequantizes: each run of 32 entries along a row a float16 scale
+  (the run's largest magnitude / 127) times integers of at most 127."""
+  w = np.asarray(w, np.float32)
+  runs = w.reshape(w.shape[0], -1, 32)
+  scale = (np.abs(runs).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
+  return jnp.asarray((np.round(runs / scale) * scale).reshape(w.shape))
+
+
+def test_scaled_tiles_hold_exactly_a_q8_0_matrix_and_nothing_else():
+  w = q8_0_exact(jax.random.normal(jax.random.key(0), (48, 96)))
+  t = kernels.scaled_tiles_if_exact(w)
+  assert t.q.shape == w.shape and t.q.dtype == jnp.uint16 and t.scale.shape == (3, 3, 16)
+  np.testing.assert_array_equal(kernels.unscaled(t), w)
+  # Entry (17, 41): row block 1, column block 1 (of 3), column pair 4, row 1, second of its pair
+  q = np.asarray(t.q).ravel()[(1 * 3 + 1) * 512 + 4 * 32 + 1 * 2 + 1]
+  scale = np.asarray(t.scale)[1, 1, 1]
+  assert np.asarray(q, np.uint16).view(jnp.bfloat16).astype(np.float32) * scale == w[17, 41]
+  assert kernels.scaled_tiles_if_exact(jax.random.normal(jax.random.key(0), (48, 96))) is None
+  assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
+      jax.random.normal(jax.random.key(0), (48, 96)))) is None
+  assert kernels.scaled_tiles_if_exact(w[:40]) is None  # not whole tiles
+  # one run whose largest integer is 126, not 127: not the form (its scale is not recoverable)
+  assert kernels.scaled_tiles_if_exact(w.at[0, :32].multiply(126 / 127)) is None
+
+
 def test_tiled_matrices_hold_exactly_the_matrix_in_amx_tile_order():
   w = two_bfloat16_exact(jax.random.normal(jax.random.key(0), (48, 96)))
   assert kernels.two_bfloat16(w)
@@ -377,7 +403,28 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
   alone = np.concatenate([np.asarray(product(x[i:i + 1], t)) for i in range(40)])
   np.testing.assert_allclose(alone, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
-  for rows in (2, 5, 16, 17, 33, 40):
+  for rows in (2, 5, 16, 17, 32, 33, 40):
+    got = np.asarray(product(x[:rows], t))
+    np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    if kernels.tiles_usable():
+      np.testing.assert_array_equal(got, alone[:rows])
+  np.testing.assert_allclose(kernels.rows_matmul(x, t, use_kernel=False), want, rtol=1e-5,
+                             atol=1e-5 * np.sqrt(K))
+
+
+@pytest.mark.parametrize('K,N', [(96, 48), (576, 960)])
+def test_a_scaled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N):
+  """ScaledTiles as the tiled product above: within float32 rounding of the float64 product for
+  every row count, and where the tile unit runs bit for bit the same for a row whatever the rows
+  beside it."""
+  w = q8_0_exact(jax.random.normal(jax.random.key(K), (N, K)) * 0.05)
+  t = kernels.scaled_tiles_if_exact(w)
+  x = jax.random.normal(jax.random.key(1), (40, K))
+  product = jax.jit(kernels.rows_matmul)
+  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+  alone = np.concatenate([np.asarray(product(x[i:i + 1], t)) for i in range(40)])
+  np.testing.assert_allclose(alone, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
+  for rows in (2, 5, 16, 17, 32, 33, 40):
     got = np.asarray(product(x[:rows], t))
     np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-5 * np.sqrt(K))
     if kernels.tiles_usable():
@@ -388,20 +435,26 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N
 
 def tiles_model(**overrides):
   """A tiny model whose trunk matrices fit whole tiles (width 64, MLP 192, vocabulary 96), with
-  every float entry of its params exactly the sum of two bfloat16 numbers."""
+  every float entry of its params exactly the sum of two bfloat16 numbers, except the embedding's,
+  which are Q8_0's (as SmolLM2's file has them)."""
   cfg = tiny_model(**{'model.d_model': 64, **overrides})
   params = jax.tree.map(two_bfloat16_exact, init_params(cfg, jax.random.key(1)))
-  return cfg, params
+  inner = params['params']
+  return cfg, {**params, 'params': {**inner, 'embedding': q8_0_exact(inner['embedding'])}}
 
 
 @pytest.mark.parametrize('tied', [True, False])
 def test_tile_trunk_tiles_the_trunks_exact_matrices_only(tied):
   """The blocks' matrices and an untied output matrix; never the embedding (looked up by id) or
-  the heads."""
+  the heads. A tied Q8_0 embedding is added as ScaledTiles for the output projection."""
   from mtp_jax.model import tile_trunk
   cfg, params = tiles_model(**{'model.tie_embeddings': tied})
   layout = kernel_layout(params)
-  tiled = tile_trunk(layout)['params']
+  tiled = dict(tile_trunk(layout)['params'])
+  output = tiled.pop('output_tiles', None)
+  assert (output is not None) == tied  # untied: the unembedding is tiled in two halves
+  if tied:
+    np.testing.assert_array_equal(kernels.unscaled(output), params['params']['embedding'])
   names = {jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tiled)
            if leaf.dtype == jnp.uint32}
   assert names == {f"['blocks_{i}']['{part}']['{w}']" for i in range(cfg.num_layers)
@@ -435,7 +488,8 @@ def test_decoding_with_tiles_keeps_greedy_output(S, K, tied):
   for tiles in (True, False):
     model = dec.decode_model(cfg, True, draft, use_tiles=tiles)
     assert model.tiles == (tiles and kernels.tiles_usable())
-    assert model.tiled_matrices(params) == (4 * cfg.num_layers + (not tied) if model.tiles else 0)
+    # the blocks' matrices and the output matrix (in two halves, or as ScaledTiles when tied)
+    assert model.tiled_matrices(params) == (4 * cfg.num_layers + 1 if model.tiles else 0)
     for s in (dec.Settings(draft_len=0, max_new_tokens=24),
               dec.Settings(draft_len=S, max_new_tokens=24, candidates=K)):
       state = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))(

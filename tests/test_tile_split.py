@@ -1,6 +1,7 @@
 """experiments/tile_split.py on the real SmolLM2 file: every matrix of its 4-bit blocks splits
 exactly into two bfloat16 numbers (so the tile unit takes the whole trunk but the embedding),
-the Q8_0 embedding almost all of it; and a config without a pretrained trunk is one line."""
+the Q8_0 embedding almost all of it, and all of it as scaled tiles; and a config without a
+pretrained trunk is one line."""
 
 from conftest import run_script
 
@@ -8,7 +9,9 @@ from conftest import run_script
 def test_smollm2s_block_matrices_split_into_two_bfloat16_numbers():
   proc = run_script('experiments/tile_split.py', '--config', 'configs/smollm2.py', timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+  lines = proc.stdout.splitlines()
+  assert lines[-1] == 'output matrix as scaled tiles (kernels.ScaledTiles): True'
+  rows = {line.split()[0]: line.split() for line in lines[2:-1]}
   assert set(rows) == {'embedding', 'q', 'k', 'v', 'o', 'gate', 'up', 'down'}
   for kind in ('q', 'k', 'v', 'o', 'gate', 'up', 'down'):
     count, _, share, every, gap = rows[kind][1:]

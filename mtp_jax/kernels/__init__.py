@@ -9,7 +9,9 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale), or
   tiled (`tiled`: a float32 matrix whose entries are each the sum of two bfloat16 numbers, kept
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
-  any number of rows).
+  any number of rows), or as ScaledTiles (`scaled_tiles`: a matrix whose every run of 32 entries
+  along a row is one scale times small integers, as a GGUF Q8_0 tensor dequantizes: the integers
+  in bfloat16 tiles, half float32's bytes, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -26,6 +28,7 @@ import tempfile
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax import measure
 from mtp_jax.matmul import matmul
@@ -43,6 +46,8 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
+SCALED_TARGET = ('mtpjax_rows_matmul_scaled', 'RowsMatmulScaled')  # ScaledTiles
+RUN, RUN_LARGEST = 32, 127  # ScaledTiles: entries a scale covers; the largest integer there
 
 
 # -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
@@ -131,7 +136,8 @@ def _library():
   try:
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
-               [*ROWS_TARGETS.values(), ('mtpjax_cache_attention', 'CacheAttention')]]
+               [*ROWS_TARGETS.values(), SCALED_TARGET,
+                ('mtpjax_cache_attention', 'CacheAttention')]]
     library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
     print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone, and the library '
@@ -193,6 +199,50 @@ def tiled(w):
   bfloat16 pairs stored as one uint32 so that the array keeps w's shape (and its 4 bytes an
   entry)."""
   return _tiles(*halves(w))
+
+
+@flax.struct.dataclass
+class ScaledTiles:
+  """A float32 matrix w (N, K) whose every run of RUN entries along a row is one float32 scale
+  times integers of magnitude at most RUN_LARGEST, the largest of them RUN_LARGEST (or all zero):
+  a GGUF file's Q8_0 tensors dequantized (a float16 scale times int8 values, the scale the run's
+  largest magnitude / 127). The integers, exact in bfloat16, in the tile unit's order, one tile
+  per block of 16 rows by 32 columns (row blocks first); the scales by block, 16 to a block."""
+  q: jax.Array  # uint16 (N, K): bfloat16 bits, tiled
+  scale: jax.Array  # float32 (N / 16, K / 32, 16)
+
+  @property
+  def shape(self):
+    return self.q.shape
+
+
+def scaled_tiles_if_exact(w):
+  """`w` as ScaledTiles when it has that form exactly (N a multiple of 16, K of 32), else
+  None."""
+  w = np.asarray(w, np.float32)  # NumPy's division is exact where XLA's CPU one may not be
+  N, K = w.shape
+  if N % TILE_ROWS or K % TILE_COLUMNS:
+    return None
+  runs = w.reshape(N, K // RUN, RUN)
+  scale = np.max(np.abs(runs), axis=-1) / np.float32(RUN_LARGEST)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    q = runs / np.where(scale == 0, 1, scale)[..., None]
+  if not np.all((q == np.round(q)) & (q * scale[..., None] == runs)):
+    return None
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(q.reshape(N, K), jnp.bfloat16), jnp.uint16)
+  blocks = bits.reshape(N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
+  return ScaledTiles(  # row block, column block, pair, row, 2
+      blocks.transpose(0, 2, 3, 1, 4).reshape(N, K),
+      jnp.asarray(scale.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN).transpose(0, 2, 1)))
+
+
+def unscaled(t: ScaledTiles):
+  """The float32 matrix back from its ScaledTiles."""
+  N, K = t.q.shape
+  blocks = t.q.reshape(N // TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, TILE_ROWS, 2)
+  q = jax.lax.bitcast_convert_type(blocks.transpose(0, 3, 1, 2, 4).reshape(N, K), jnp.bfloat16)
+  scale = t.scale.transpose(0, 2, 1).reshape(N, K // RUN)
+  return (q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scale[..., None]).reshape(N, K)
 
 
 def _tiles(hi, lo):
@@ -262,6 +312,11 @@ def narrowed(w, dtype: str, in_dims: int = 1):
 def rows_matmul(x, w, use_kernel: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it)."""
   rows = x.size // x.shape[-1]
+  if isinstance(w, ScaledTiles):  # any number of rows where the tile unit runs, else XLA's dot
+    if use_kernel and _float32(x) and tiles_usable():
+      return jax.ffi.ffi_call(SCALED_TARGET[0], jax.ShapeDtypeStruct(
+          (*x.shape[:-1], w.shape[0]), jnp.float32))(x, w.q, w.scale)
+    w = unscaled(w)
   narrow = isinstance(w, Int8Rows)
   values = w.values if narrow else w
   # int8 values reach their target only as Int8Rows, which carry the scales

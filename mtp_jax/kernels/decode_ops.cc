@@ -535,6 +535,107 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #endif
 }
 
+// Scaled matrices (kernels.scaled_tiles): an N x K float32 matrix whose every run of 32 entries
+// along a row is one float32 scale times integers of at most 8 bits, as a GGUF file's Q8_0
+// tensors dequantize (a float16 scale times an int8; SmolLM2's embedding, also its output
+// matrix). The integers are exact in bfloat16: q holds them in tiles, one per block of 16 rows
+// by 32 columns (row blocks first), in the order of a tile product's second operand; s holds each
+// block's 16 row scales. 2 bytes an entry and 4 per 32 entries, where float32 takes 4 an entry.
+// y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q): the three piece products of a
+// run are exact in float32 and summed in its tile, then scaled and added in float32, in the same
+// order whatever the rows beside it.
+#if MTPJAX_AMX
+// Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
+// into `sums` (rows x 16 floats), through tmp. The weight tile goes through tile 6 or 7.
+#define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
+  do {                                                                             \
+    const uint16_t* tile = qb + (g) * stride + kb * kTileHalves;                   \
+    prefetch_block(tile + kAheadHalves);                                           \
+    _tile_loadd(B, tile, 64);                                                      \
+    _tile_zero(C);                                                                 \
+    _tile_dpbf16ps(C, 3, B);                                                       \
+    _tile_dpbf16ps(C, 4, B);                                                       \
+    _tile_dpbf16ps(C, 5, B);                                                       \
+    _tile_stored(C, tmp[g], kTile * sizeof(float));                                \
+    const vf scale = load(sb + ((g) * blocks_k + kb) * kTile);                     \
+    for (int64_t m = 0; m < rows; ++m)                                             \
+      store(sums[g] + m * kTile, load(sums[g] + m * kTile) + load(tmp[g] + m * kTile) * scale); \
+  } while (0)
+
+// Rows [m0, m0 + 16) (or all M <= 16) of y for G scaled weight-row blocks from block nb.
+template <int G>
+void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* q,
+                  const float* s, float* y, int64_t M, int64_t N, int64_t nb, int64_t m0) {
+  const int64_t blocks_k = K / kPair, stride = blocks_k * kTileHalves;
+  const uint16_t* x0 = pieces + m0 * K;
+  const uint16_t* x1 = x0 + Mp * K;
+  const uint16_t* x2 = x1 + Mp * K;
+  const uint16_t* qb = q + nb * stride;
+  const float* sb = s + nb * blocks_k * kTile;
+  const int64_t rows = std::min<int64_t>(kTile, M - m0);
+  alignas(64) float sums[G][kTile * kTile] = {};
+  alignas(64) float tmp[G][kTile * kTile];
+  for (int64_t kb = 0; kb < blocks_k; ++kb) {
+    _tile_loadd(3, x0 + kb * kPair, K * 2);
+    _tile_loadd(4, x1 + kb * kPair, K * 2);
+    _tile_loadd(5, x2 + kb * kPair, K * 2);
+    MTPJAX_SCALED_PRODUCTS(0, 6, 0);
+    if constexpr (G > 1) MTPJAX_SCALED_PRODUCTS(1, 7, 1);
+    if constexpr (G > 2) MTPJAX_SCALED_PRODUCTS(2, 6, 2);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t m = 0; m < rows; ++m)
+      std::memcpy(y + (m0 + m) * N + (nb + g) * kTile, sums[g] + m * kTile,
+                  kTile * sizeof(float));
+}
+#endif
+
+// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M: tasks of kGroup weight-row
+// blocks, each over every 16 input rows in turn, as RowsMatmulTiledImpl.
+ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::F32> s,
+                                ffi::ResultBuffer<ffi::F32> y) {
+#if MTPJAX_AMX
+  const auto xd = x.dimensions();
+  const auto qd = q.dimensions();
+  if (qd.size() != 2 || xd.size() < 1 || qd[1] != xd.back() || qd[0] % kTile ||
+      qd[1] % kPair || static_cast<int64_t>(s.element_count()) != qd[0] * (qd[1] / kPair))
+    return ffi::Error::InvalidArgument(
+        "rows_matmul: x (..., K), scaled tiles q (N, K) and scales (N / 16, K / 32, 16), "
+        "N % 16 == 0 and K % 32 == 0, expected");
+  const int64_t K = xd.back(), N = qd[0];
+  const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
+  if (M == 0) return ffi::Error::Success();
+  const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
+  std::vector<uint16_t> pieces(3 * Mp * K);
+  split_rows(x.typed_data(), M, Mp, K, pieces.data());
+  const uint16_t* xs = pieces.data();
+  const uint16_t* qp = q.typed_data();
+  const float* sp = s.typed_data();
+  float* yp = y->typed_data();
+  const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
+  parallel(pool, tasks, [&](int64_t task) {
+    configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
+    for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
+      const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
+      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
+        if (left == 3)
+          scaled_group<3>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+        else if (left == 2)
+          scaled_group<2>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+        else
+          scaled_group<1>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+      }
+    }
+    _tile_release();
+  });
+  return ffi::Error::Success();
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
+#endif
+}
+
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
   for (int h = kLanes / 2; h > 1; h /= 2) v = vmax(v, swapped(v, h));
@@ -695,6 +796,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled, RowsMatmulScaledImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 when tiled products can run here: built for AMX, and the kernel let this process use the
