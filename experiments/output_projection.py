@@ -1,0 +1,89 @@
+"""The projection onto the vocabulary, on a pretrained trunk's own output matrix (the embedding,
+when tied), for M input rows: the float32 row kernel, the scaled tiles that model.tile_trunk
+makes of a Q8_0 matrix (kernels.ScaledTiles: 2 bytes an entry and a scale per 32, on the CPU's
+tile unit; where the matrix has that form and the tile unit runs) and XLA's dot.
+
+Run: python experiments/output_projection.py --config configs/smollm2.py [--rows 1,8,32]
+Prints, per M: ms for one product through each (fastest of --rounds interleaved rounds, after a
+warm-up), the GB/s of the bytes each reads, and its time as a multiple of the float32 kernel's.
+Every path's output is checked against XLA's float32 dot first.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '32'], 'Input rows M.')
+_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Interleaved timing rounds; the fastest is kept.')
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not all(r.isdigit() and int(r) > 0 for r in _ROWS.value):
+    _fail(f'--rows takes positive integers, got {",".join(_ROWS.value)}')
+  if _ROUNDS.value < 1:
+    _fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
+  config = _CONFIG.value
+  if not config.model.init_from:
+    _fail('the config has no pretrained trunk (model.init_from)')
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mtp_jax import kernels, measure
+  from mtp_jax.config import ConfigError
+  from mtp_jax.pretrained import resolve
+
+  if not kernels.usable():
+    _fail('the row kernel is not available here (MTP_JAX_KERNELS=0, or no compiler)')
+  try:
+    trunk = resolve.trunk_params(config.model.init_from)
+  except (ConfigError, ValueError) as e:
+    _fail(str(e))
+  w = jnp.asarray(trunk['unembedding'].T if 'unembedding' in trunk else trunk['embedding'],
+                  jnp.float32)  # V x D, one output per row
+  V, D = w.shape
+  operands = {'float32 kernel': w, 'xla': w}
+  scaled = kernels.scaled_tiles_if_exact(w) if kernels.tiles_usable() else None
+  if scaled is not None:
+    operands = {'float32 kernel': w, 'scaled tiles': scaled, 'xla': w}
+  reads = {'float32 kernel': w.nbytes, 'xla': w.nbytes,
+           'scaled tiles': w.size * 2 + w.size // kernels.RUN * 4}
+  print(f'{os.path.basename(config.model.init_from)}: output matrix {V} x {D}; '
+        + ('scaled tiles' if scaled is not None else
+           'no scaled tiles (not the form, or no tile unit here)'))
+  kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
+  product = jax.jit(kernels.rows_matmul, static_argnums=2)
+  print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GB/s  x float32' for p in operands))
+  rng = np.random.default_rng(0)
+  for M in [int(r) for r in _ROWS.value]:
+    x = jnp.asarray(rng.standard_normal((M, D), np.float32))
+    want = np.asarray(product(x, w, False))
+    for path, operand in operands.items():
+      got = np.asarray(product(x, operand, path != 'xla'))
+      if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        print(f"error: the {path} path's {M}-row product differs from XLA's dot by up to "
+              f'{np.abs(got - want).max():.3g}', file=sys.stderr)
+        sys.exit(1)
+    seconds, _ = measure.fastest(
+        [lambda o=o, p=p: product(x, o, p != 'xla') for p, o in operands.items()],
+        _ROUNDS.value, warmup=True)
+    first = seconds[0]
+    print(f'{M:>5} | ' + ' | '.join(f'{t * 1e3:8.2f} {reads[p] / t / 1e9:6.1f} {t / first:9.2f}'
+                                    for p, t in zip(operands, seconds)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,32 @@
+"""experiments/output_projection.py on the real SmolLM2 file: a row per M with each path's time
+(the scaled tiles where the tile unit runs; every output checked against XLA's dot by the
+script), and bad flags are one line and exit 2. Timings themselves are not asserted."""
+
+import re
+
+from conftest import assert_user_error, run_script
+from mtp_jax import kernels
+
+
+def test_output_projection_times_each_path_on_smollm2s_matrix():
+  proc = run_script('experiments/output_projection.py', '--config', 'configs/smollm2.py',
+                    '--rows', '1,3', '--rounds', '1', timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  paths = ['float32 kernel'] + ['scaled tiles'] * kernels.tiles_usable() + ['xla']
+  assert lines[0] == 'smollm2: output matrix 49152 x 576; ' + (
+      'scaled tiles' if kernels.tiles_usable() else
+      'no scaled tiles (not the form, or no tile unit here)')
+  assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == paths
+  for line, rows in zip(lines[2:], ['1', '3']):
+    cells = line.split('|')
+    assert cells[0].strip() == rows and len(cells) == len(paths) + 1
+    for cell in cells[1:]:  # ms, GB/s, x float32
+      assert len(re.findall(r'\d+\.\d+', cell)) == 3, line
+
+
+def test_output_projection_refuses_bad_flags():
+  for args, words in ((['--rows', '0'], ['--rows', 'positive']),
+                      (['--rounds', '0'], ['--rounds', 'at least 1']),
+                      (['--config', 'configs/quickstart.py'], ['no pretrained trunk'])):
+    assert_user_error(run_script('experiments/output_projection.py', *args), *words)
