@@ -26,8 +26,8 @@ Prints:
   2. a markdown table, a row per system: tokens/s (generated tokens, a stop token included, over
      the sum of each prompt's fastest of --rounds rounds, after one warm-up round; ours is
      compiled before it), x ours-ar, the fraction of the ceiling bandwidth / bytes that one
-     decoding step reads (the float32 trunk, or the Q4_1 file's tensors; speculative rows can
-     pass 1), and how many prompts' greedy outputs equal ours-ar token for token; then, for
+     decoding step reads (the float32 trunk; ours as decoding keeps it, our_step_bytes; the
+     Q4_1 file's tensors; speculative rows can pass 1), and how many prompts' greedy outputs equal ours-ar token for token; then, for
      every prompt that differs, the first position where it does;
   3. the machine, the cores used, their read bandwidth (measure.read_bandwidth, just before the
      rounds) and the 1-minute load average before and after the rounds: on a busy machine
@@ -90,12 +90,27 @@ class System:
 # Our decoders.
 
 
+def float32_bytes(params) -> int:
+  """Bytes of the trunk's weights in float32: what a float32 decoding step of it reads."""
+  return sum(leaf.nbytes for key, tree in params['params'].items()
+             if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))
+
+
+def our_step_bytes(model, params) -> int:
+  """What one of our decoding steps reads of the weights as decoding keeps them: the trunk's
+  matrices (tiled ones as tiles, the same bytes) and the output matrix, as scaled tiles where the
+  tile unit reads it so; the embedding is then only looked up, a row a token, and not counted."""
+  prepared = model.prepare(params)['params']
+  skip = {'draft'} | ({'embedding'} if 'output_tiles' in prepared else set())
+  return sum(leaf.nbytes for key, tree in prepared.items()
+             if not key.startswith('mtp') and key not in skip for leaf in jax.tree.leaves(tree))
+
+
 def our_systems(session, params, prompts: list[list[int]], max_new: int,
                 candidates: list[int]) -> list[System]:
   """`ar` and `mtp` at S = 1..D for each number of first-draft candidates K, each prompt its own
   compiled call, as inference.bench_blocks does at batch 1."""
-  step_bytes = sum(leaf.nbytes for key, tree in params['params'].items()
-                   if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))
+  step_bytes = our_step_bytes(session.decode_model, params)
   systems = []
   width = max(len(ids) for ids in prompts)  # one compilation per S, shared by the prompts
   runs = [(0, 1)] + [(S, K) for K in candidates for S in range(1, session.cfg.mtp_depth + 1)]
@@ -322,8 +337,8 @@ def benchmark(workdir: str) -> dict:
   checks = {}
   if not {'hf', 'hf_lookup'} <= skip:
     export_dir = run.export(config, workdir, 'float32')['directory']
-    model, hf = hf_systems(export_dir, prompts, max_new, stop_ids, threads, systems[0].step_bytes,
-                           skip)
+    model, hf = hf_systems(export_dir, prompts, max_new, stop_ids, threads,
+                           float32_bytes(params), skip)
     systems += hf
     checks['transformers_export'] = hf_checks(model, export_dir, session, params, texts, prompts)
   if not {'llama_f32', 'llama_q4_1', 'llama_lookup'} <= skip:
