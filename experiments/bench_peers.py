@@ -101,7 +101,7 @@ def our_step_bytes(model, params) -> int:
   matrices (tiled ones as tiles, the same bytes) and the output matrix, as scaled tiles where the
   tile unit reads it so; the embedding is then only looked up, a row a token, and not counted."""
   prepared = model.prepare(params)['params']
-  skip = {'draft'} | ({'embedding'} if 'output_tiles' in prepared else set())
+  skip = {'embedding', 'unembedding'} if 'output_tiles' in prepared else set()
   return sum(leaf.nbytes for key, tree in prepared.items()
              if not key.startswith('mtp') and key not in skip for leaf in jax.tree.leaves(tree))
 

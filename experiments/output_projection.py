@@ -44,6 +44,7 @@ def main(argv):
   import numpy as np
   from mtp_jax import kernels, measure
   from mtp_jax.config import ConfigError
+  from mtp_jax.model import output_matrix
   from mtp_jax.pretrained import resolve
 
   if not kernels.usable():
@@ -52,18 +53,20 @@ def main(argv):
     trunk = resolve.trunk_params(config.model.init_from)
   except (ConfigError, ValueError) as e:
     _fail(str(e))
-  w = jnp.asarray(trunk['unembedding'].T if 'unembedding' in trunk else trunk['embedding'],
-                  jnp.float32)  # V x D, one output per row
+  w = jnp.asarray(output_matrix(trunk, kernel_layout_=False), jnp.float32)  # one output a row
   V, D = w.shape
+  scaled = kernels.scaled_tiles_if_exact(w)
   operands = {'float32 kernel': w, 'xla': w}
-  scaled = kernels.scaled_tiles_if_exact(w) if kernels.tiles_usable() else None
-  if scaled is not None:
+  if scaled is None:
+    form = 'not in the form of scaled tiles'
+  elif not kernels.tiles_usable():
+    form = 'in the form of scaled tiles, but no tile unit here'
+  else:
+    form = 'scaled tiles'
     operands = {'float32 kernel': w, 'scaled tiles': scaled, 'xla': w}
   reads = {'float32 kernel': w.nbytes, 'xla': w.nbytes,
            'scaled tiles': w.size * 2 + w.size // kernels.RUN * 4}
-  print(f'{os.path.basename(config.model.init_from)}: output matrix {V} x {D}; '
-        + ('scaled tiles' if scaled is not None else
-           'no scaled tiles (not the form, or no tile unit here)'))
+  print(f'{os.path.basename(config.model.init_from)}: output matrix {V} x {D}; {form}')
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
   product = jax.jit(kernels.rows_matmul, static_argnums=2)
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GB/s  x float32' for p in operands))

@@ -69,8 +69,8 @@ def main(argv):
     print(f'{kind:10} {count:>5} {entries:>11} {split / entries:>9.5f} {str(split == entries):>5} '
           f'{gap:>11.2g}')
   from mtp_jax import kernels
-  output = trunk['unembedding'].T if 'unembedding' in trunk else trunk['embedding']  # V x D
-  scaled = kernels.scaled_tiles_if_exact(output) is not None
+  from mtp_jax.model import output_matrix
+  scaled = kernels.scaled_tiles_if_exact(output_matrix(trunk, kernel_layout_=False)) is not None
   print(f'output matrix as scaled tiles (kernels.ScaledTiles): {scaled}')
 
 

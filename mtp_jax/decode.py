@@ -51,7 +51,8 @@ import numpy as np
 from mtp_jax import kernels as kernels_lib
 from mtp_jax.config import ModelConfig
 from mtp_jax.layers import empty_kv, greedy, write_cache
-from mtp_jax.model import MTPLanguageModel, kernel_layout, narrow_heads, project, tile_trunk
+from mtp_jax.model import (MTPLanguageModel, kernel_layout, narrow_heads, output_matrix, project,
+                           tile_trunk)
 
 
 class WholeVocabulary:
@@ -85,13 +86,10 @@ def _made_from(params) -> dict:
   return _PREPARED[0][1]
 
 
-def _draft(params, ids: tuple, tied: bool, kernel_layout_: bool, dtype: str) -> dict:
+def _draft(params, ids: tuple, kernel_layout_: bool, dtype: str) -> dict:
   """The draft vocabulary's ids and output rows (N x D, in `dtype`; int8 as kernels.Int8Rows)
-  from the output matrix: the embedding, or the unembedding (D x V as stored, V x D in the
-  kernels' layout)."""
-  inner = params['params']
-  matrix = inner['embedding'] if tied else (
-      inner['unembedding'] if kernel_layout_ else inner['unembedding'].T)
+  from the output matrix (model.output_matrix)."""
+  matrix = output_matrix(params['params'], kernel_layout_)
   if matrix.dtype == jnp.uint32:  # model.tile_trunk's
     matrix = kernels_lib.untiled(matrix)
   index = jnp.asarray(ids, jnp.int32)
@@ -175,14 +173,14 @@ class DecodeModel(WholeVocabulary):
           made[base] = tile_trunk(layout) if self.tiles else layout
         out = narrow_heads(made[base], self.draft_dtype)
       if self.draft is not None:
-        out = {**out, 'draft': _draft(out, self.draft, self.cfg.tie_embeddings, self.kernels,
-                                      self.draft_dtype)}
+        out = {**out, 'draft': _draft(out, self.draft, self.kernels, self.draft_dtype)}
       made[key] = out
     return made[key]
 
   def tiled_matrices(self, params) -> int:
-    """How many of the params' matrices this model multiplies tiled (0 without tiles, or when
-    none of the trunk's matrices splits into two bfloat16 numbers)."""
+    """How many of the params' matrices this model multiplies tiled: the trunk's in two
+    halves and an output matrix as scaled tiles (0 without tiles, or when no matrix has either
+    form)."""
     if not self.tiles:
       return 0
     tiles = (jnp.uint32, jnp.uint16)  # two-halves tiles; ScaledTiles' integers

@@ -76,7 +76,7 @@ class MTPLanguageModel(nn.Module):
     else:
       norm = self.final_norm
     # decoding's params may hold the output matrix as scaled tiles too (tile_trunk)
-    tiles = self.get_variable('params', 'output_tiles')
+    tiles = self.get_variable('params', 'output_tiles') if self.cfg.kernels else None
     if tiles is not None:
       return norm.scale, tiles
     return norm.scale, self.embedding if self.cfg.tie_embeddings else self.unembedding
@@ -187,6 +187,14 @@ def narrow_heads(layout, head_dtype: str):
   return jax.tree_util.tree_map_with_path(narrow, layout)
 
 
+def output_matrix(inner, kernel_layout_: bool):
+  """The output matrix of params['params'] (`inner`), V x D: the embedding when tied (there is
+  no unembedding), else the unembedding (D x V as stored, V x D in kernel_layout's params)."""
+  if 'unembedding' not in inner:
+    return inner['embedding']
+  return inner['unembedding'] if kernel_layout_ else inner['unembedding'].T
+
+
 def tile_trunk(layout):
   """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
   exactly (kernels.two_bfloat16, its shape in whole tiles) stored tiled (kernels.tiled), the
@@ -207,7 +215,7 @@ def tile_trunk(layout):
     return leaf if t is None else t.reshape(leaf.shape)
   tiled = jax.tree_util.tree_map_with_path(tile, layout)
   inner = tiled['params']
-  out = inner.get('unembedding', inner['embedding'])
+  out = output_matrix(inner, kernel_layout_=True)
   if out.dtype != jnp.float32:  # tiled in two halves already
     return tiled
   scaled = kernels.scaled_tiles_if_exact(out.reshape(-1, out.shape[-1]))

@@ -358,8 +358,13 @@ def test_scaled_tiles_hold_exactly_a_q8_0_matrix_and_nothing_else():
   assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
       jax.random.normal(jax.random.key(0), (48, 96)))) is None
   assert kernels.scaled_tiles_if_exact(w[:40]) is None  # not whole tiles
-  # one run whose largest integer is 126, not 127: not the form (its scale is not recoverable)
-  assert kernels.scaled_tiles_if_exact(w.at[0, :32].multiply(126 / 127)) is None
+  # one run of integers times its scale whose largest integer is 126, not 127: not the form
+  # (its scale is not the largest magnitude / 127)
+  run = np.asarray(w[0, :32])
+  scale = np.abs(run).max() / 127
+  ints = np.round(run / scale)
+  ints[np.argmax(np.abs(ints))] *= 126 / 127
+  assert kernels.scaled_tiles_if_exact(w.at[0, :32].set(ints * scale)) is None
 
 
 def test_tiled_matrices_hold_exactly_the_matrix_in_amx_tile_order():
@@ -391,34 +396,21 @@ def test_the_tile_unit_runs_where_the_cpu_has_one():
     assert kernels.tiles_usable()
 
 
-@pytest.mark.parametrize('K,N', [(96, 48), (576, 960)])
-def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N):
-  """Within float32 rounding of the product in float64 for every row count (1-16 rows take one
-  input block, more take several); where the tile unit runs, also bit for bit the same for a
-  row whatever the rows beside it, as the float32 kernel's (the XLA fallback elsewhere)."""
-  w = two_bfloat16_exact(jax.random.normal(jax.random.key(K), (N, K)) * 0.05)
-  t = kernels.tiled(w)
-  x = jax.random.normal(jax.random.key(1), (40, K))
-  product = jax.jit(kernels.rows_matmul)
-  want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-  alone = np.concatenate([np.asarray(product(x[i:i + 1], t)) for i in range(40)])
-  np.testing.assert_allclose(alone, want, rtol=1e-5, atol=1e-5 * np.sqrt(K))
-  for rows in (2, 5, 16, 17, 32, 33, 40):
-    got = np.asarray(product(x[:rows], t))
-    np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-5 * np.sqrt(K))
-    if kernels.tiles_usable():
-      np.testing.assert_array_equal(got, alone[:rows])
-  np.testing.assert_allclose(kernels.rows_matmul(x, t, use_kernel=False), want, rtol=1e-5,
-                             atol=1e-5 * np.sqrt(K))
-
-
-@pytest.mark.parametrize('K,N', [(96, 48), (576, 960)])
-def test_a_scaled_product_is_the_float32_product_whatever_the_rows_beside_it(K, N):
-  """ScaledTiles as the tiled product above: within float32 rounding of the float64 product for
-  every row count, and where the tile unit runs bit for bit the same for a row whatever the rows
-  beside it."""
-  w = q8_0_exact(jax.random.normal(jax.random.key(K), (N, K)) * 0.05)
-  t = kernels.scaled_tiles_if_exact(w)
+@pytest.mark.parametrize('layout', ['tiled', 'scaled'])
+@pytest.mark.parametrize('K,N', [(96, 48), (96, 80), (96, 112), (576, 960)])
+def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layout, K, N):
+  """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 matrix): within float32
+  rounding of the product in float64 for every row count (1-16 rows take one input block, more
+  take several) and for groups of 3, 2 and 1 weight-row blocks (48 / 80 / 112 rows); where the
+  tile unit runs, also bit for bit the same for a row whatever the rows beside it, as the float32
+  kernel's (the XLA fallback elsewhere)."""
+  w = jax.random.normal(jax.random.key(K), (N, K)) * 0.05
+  if layout == 'tiled':
+    w = two_bfloat16_exact(w)
+    t = kernels.tiled(w)
+  else:
+    w = q8_0_exact(w)
+    t = kernels.scaled_tiles_if_exact(w)
   x = jax.random.normal(jax.random.key(1), (40, K))
   product = jax.jit(kernels.rows_matmul)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
@@ -471,19 +463,36 @@ def test_tile_trunk_tiles_the_trunks_exact_matrices_only(tied):
   # float32 weights in general are not two bfloat16s: nothing is tiled
   plain = kernel_layout(init_params(cfg, jax.random.key(1)))
   assert not any(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(tile_trunk(plain)))
+  assert 'output_tiles' not in tile_trunk(plain)['params']
 
 
-@pytest.mark.parametrize('S,K,tied', [(2, 1, True), (2, 6, True), (2, 1, False)])
-def test_decoding_with_tiles_keeps_greedy_output(S, K, tied):
+def test_an_untied_q8_0_output_matrix_is_read_as_scaled_tiles():
+  """An unembedding in Q8_0's form (runs of 32 along its input axis) that does not split in two
+  halves stays as it is and is added as ScaledTiles, V x D."""
+  from mtp_jax.model import tile_trunk
+  cfg, params = tiles_model(**{'model.tie_embeddings': False})
+  inner = params['params']
+  unembedding = q8_0_exact(inner['unembedding'].T).T  # stored D x V
+  assert not kernels.two_bfloat16(unembedding)
+  layout = kernel_layout({**params, 'params': {**inner, 'unembedding': unembedding}})
+  tiled = tile_trunk(layout)['params']
+  assert tiled['unembedding'] is layout['params']['unembedding']
+  np.testing.assert_array_equal(kernels.unscaled(tiled['output_tiles']), unembedding.T)
+
+
+@pytest.mark.parametrize('S,K,tied,draft', [(2, 1, True, False), (2, 6, True, False),
+                                            (2, 1, False, True), (2, 1, True, True)])
+def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft):
   """Greedy MTP with tiled trunk products is `ar` with them, token for token (a verify's rows
-  are the ar steps' bit for bit), chain and draft tree, and an untied output matrix tiled with a
-  draft vocabulary's rows taken from it; the trunk's features agree with the float32 kernel's to
-  float32 rounding."""
+  are the ar steps' bit for bit), chain and draft tree; a tied Q8_0 output matrix read as scaled
+  tiles, with or without a draft vocabulary (configs/smollm2.py's case), and an untied one tiled
+  in two halves with a draft vocabulary's rows taken from it; the trunk's features agree with
+  the float32 kernel's to float32 rounding."""
   cfg, params = tiles_model(**{'model.tie_embeddings': tied})
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
   arr, lens = dec.pad_prompts(prompts)
-  draft = None if tied else range(40)
+  draft = range(40) if draft else None
   outputs, hidden = {}, {}
   for tiles in (True, False):
     model = dec.decode_model(cfg, True, draft, use_tiles=tiles)

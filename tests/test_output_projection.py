@@ -16,7 +16,7 @@ def test_output_projection_times_each_path_on_smollm2s_matrix():
   paths = ['float32 kernel'] + ['scaled tiles'] * kernels.tiles_usable() + ['xla']
   assert lines[0] == 'smollm2: output matrix 49152 x 576; ' + (
       'scaled tiles' if kernels.tiles_usable() else
-      'no scaled tiles (not the form, or no tile unit here)')
+      'in the form of scaled tiles, but no tile unit here')
   assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == paths
   for line, rows in zip(lines[2:], ['1', '3']):
     cells = line.split('|')

@@ -486,11 +486,33 @@ void tile_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* w
   if constexpr (G > 1) MTPJAX_STORE_SUMS(1, tmp, y + m0 * N, rows, N, (nb + 1) * kTile);
   if constexpr (G > 2) MTPJAX_STORE_SUMS(2, tmp, y + m0 * N, rows, N, (nb + 2) * kTile);
 }
+
+// x's M rows (K each) as three bfloat16 pieces (split_rows; Mp rows, padded past 16), then
+// run(pieces, Mp, nb, left, m0) for every group of `left` <= kGroup weight-row blocks from block
+// nb of N / 16 and every 16 input rows from m0: one task per thread, each a run of groups, the
+// later passes over a group reading its blocks from L2. With a task per group instead,
+// configuring and releasing the tiles each time, the trunk's 1-position step took 22.2 ms against
+// 19.2 for the float32 kernel (experiments/decode_profile.py, two runs one after the other).
+template <typename Run>
+void over_groups(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                 const Run& run) {
+  const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
+  std::vector<uint16_t> pieces(3 * Mp * K);
+  split_rows(x, M, Mp, K, pieces.data());
+  const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
+  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
+  parallel(pool, tasks, [&](int64_t task) {
+    configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
+    for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
+      const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
+      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) run(pieces.data(), Mp, nb, left, m0);
+    }
+    _tile_release();
+  });
+}
 #endif
 
-// y (M, N) = x (M, K) times the tiled matrix w (N, K) transposed, any M: tasks of kGroup
-// weight-row blocks, each over every 16 input rows in turn (the later ones reading the blocks
-// from L2).
+// y (M, N) = x (M, K) times the tiled matrix w (N, K) transposed, any M (over_groups).
 ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::U32> w, ffi::ResultBuffer<ffi::F32> y) {
 #if MTPJAX_AMX
@@ -503,32 +525,17 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t K = xd.back(), N = wd[0];
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
-  const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
-  std::vector<uint16_t> pieces(3 * Mp * K);
-  split_rows(x.typed_data(), M, Mp, K, pieces.data());
-  const uint16_t* xs = pieces.data();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
-  const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
-  // One task per thread, each a run of groups: with a task per group, configuring and releasing
-  // the tiles each time, the trunk's 1-position step took 22.2 ms against 19.2 for the float32
-  // kernel (experiments/decode_profile.py, two runs one after the other).
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
-  parallel(pool, tasks, [&](int64_t task) {
-    configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
-    for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
-      const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
-      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
-        if (left == 3)
-          tile_group<3>(xs, Mp, K, wp, yp, M, N, nb, m0);
-        else if (left == 2)
-          tile_group<2>(xs, Mp, K, wp, yp, M, N, nb, m0);
-        else
-          tile_group<1>(xs, Mp, K, wp, yp, M, N, nb, m0);
-      }
-    }
-    _tile_release();
-  });
+  over_groups(pool, x.typed_data(), M, K, N,
+              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
+                if (left == 3)
+                  tile_group<3>(xs, Mp, K, wp, yp, M, N, nb, m0);
+                else if (left == 2)
+                  tile_group<2>(xs, Mp, K, wp, yp, M, N, nb, m0);
+                else
+                  tile_group<1>(xs, Mp, K, wp, yp, M, N, nb, m0);
+              });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
@@ -541,10 +548,11 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // matrix). The integers are exact in bfloat16: q holds them in tiles, one per block of 16 rows
 // by 32 columns (row blocks first), in the order of a tile product's second operand; s holds each
 // block's 16 row scales. 2 bytes an entry and 4 per 32 entries, where float32 takes 4 an entry.
-// y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q): the three piece products of a
-// run are exact in float32 and summed in its tile, then scaled and added in float32, in the same
-// order whatever the rows beside it.
+// y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q): each piece product is exact
+// in float32; a run's are summed in its tile (rounded as float32 sums are), then scaled and
+// added in float32, in the same order whatever the rows beside it.
 #if MTPJAX_AMX
+static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
 // into `sums` (rows x 16 floats), through tmp. The weight tile goes through tile 6 or 7.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
@@ -590,8 +598,7 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t*
 }
 #endif
 
-// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M: tasks of kGroup weight-row
-// blocks, each over every 16 input rows in turn, as RowsMatmulTiledImpl.
+// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups).
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::F32> s,
                                 ffi::ResultBuffer<ffi::F32> y) {
@@ -606,30 +613,18 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t K = xd.back(), N = qd[0];
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
-  const int64_t Mp = M <= kTile ? M : (M + kTile - 1) / kTile * kTile;
-  std::vector<uint16_t> pieces(3 * Mp * K);
-  split_rows(x.typed_data(), M, Mp, K, pieces.data());
-  const uint16_t* xs = pieces.data();
   const uint16_t* qp = q.typed_data();
   const float* sp = s.typed_data();
   float* yp = y->typed_data();
-  const int64_t blocks = N / kTile, groups = (blocks + kGroup - 1) / kGroup;
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), groups);
-  parallel(pool, tasks, [&](int64_t task) {
-    configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
-    for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
-      const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
-      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
-        if (left == 3)
-          scaled_group<3>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-        else if (left == 2)
-          scaled_group<2>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-        else
-          scaled_group<1>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-      }
-    }
-    _tile_release();
-  });
+  over_groups(pool, x.typed_data(), M, K, N,
+              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
+                if (left == 3)
+                  scaled_group<3>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+                else if (left == 2)
+                  scaled_group<2>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+                else
+                  scaled_group<1>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
+              });
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
