@@ -229,38 +229,51 @@ def scaled_tiles_if_exact(w):
     q = runs / np.where(scale == 0, 1, scale)[..., None]
   if not np.all((q == np.round(q)) & (q * scale[..., None] == runs)):
     return None
-  bits = jax.lax.bitcast_convert_type(jnp.asarray(q.reshape(N, K), jnp.bfloat16), jnp.uint16)
-  blocks = bits.reshape(N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
-  return ScaledTiles(  # row block, column block, pair, row, 2
-      blocks.transpose(0, 2, 3, 1, 4).reshape(N, K),
+  q = jnp.asarray(q.reshape(N, K), jnp.bfloat16)
+  return ScaledTiles(
+      _tile_order(q).reshape(N, K),
       jnp.asarray(scale.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN).transpose(0, 2, 1)))
 
 
 def unscaled(t: ScaledTiles):
   """The float32 matrix back from its ScaledTiles."""
   N, K = t.q.shape
-  blocks = t.q.reshape(N // TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, TILE_ROWS, 2)
-  q = jax.lax.bitcast_convert_type(blocks.transpose(0, 3, 1, 2, 4).reshape(N, K), jnp.bfloat16)
+  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)
   scale = t.scale.transpose(0, 2, 1).reshape(N, K // RUN)
   return (q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scale[..., None]).reshape(N, K)
 
 
+def _tile_order(m):
+  """The bfloat16 matrix m (N, K) as uint16 tiles, one a row for each block of 16 rows by 32
+  columns (row blocks first): AMX's layout of a product's second operand, 16 column pairs by 16
+  rows by 2."""
+  N, K = m.shape
+  blocks = jax.lax.bitcast_convert_type(m, jnp.uint16).reshape(
+      N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
+  # row block, column block, pair, row, 2
+  return blocks.transpose(0, 2, 3, 1, 4).reshape(-1, TILE_ROWS * TILE_COLUMNS)
+
+
+def _matrix_order(tiles, N: int, K: int):
+  """_tile_order's bfloat16 matrix back from its tiles."""
+  blocks = tiles.reshape(N // TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, TILE_ROWS, 2)
+  return jax.lax.bitcast_convert_type(blocks.transpose(0, 3, 1, 2, 4).reshape(N, K),
+                                      jnp.bfloat16)
+
+
 def _tiles(hi, lo):
+  """Each block's hi tile then its lo tile, the pairs of bfloat16 values as one uint32."""
   N, K = hi.shape
-  pieces = jnp.stack([jax.lax.bitcast_convert_type(h, jnp.uint16) for h in (hi, lo)])
-  blocks = pieces.reshape(2, N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
-  order = blocks.transpose(1, 3, 0, 4, 2, 5)  # row block, column block, half, pair, row, 2
-  return jax.lax.bitcast_convert_type(order.reshape(N, K, 2), jnp.uint32)
+  both = jnp.stack([_tile_order(hi), _tile_order(lo)], axis=1)  # block, half, tile
+  return jax.lax.bitcast_convert_type(both.reshape(N, K, 2), jnp.uint32)
 
 
 def untiled(t):
   """`tiled`'s float32 matrix back from its tiles."""
   N, K = t.shape
-  blocks = jax.lax.bitcast_convert_type(t, jnp.uint16).reshape(
-      N // TILE_ROWS, K // TILE_COLUMNS, 2, TILE_COLUMNS // 2, TILE_ROWS, 2)
-  pieces = jax.lax.bitcast_convert_type(blocks.transpose(2, 0, 4, 1, 3, 5).reshape(2, N, K),
-                                        jnp.bfloat16).astype(jnp.float32)
-  return pieces[0] + pieces[1]
+  both = jax.lax.bitcast_convert_type(t, jnp.uint16).reshape(-1, 2, TILE_ROWS * TILE_COLUMNS)
+  hi, lo = (_matrix_order(both[:, h], N, K).astype(jnp.float32) for h in (0, 1))
+  return hi + lo
 
 
 def _float32(*arrays) -> bool:
@@ -312,21 +325,19 @@ def narrowed(w, dtype: str, in_dims: int = 1):
 def rows_matmul(x, w, use_kernel: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it)."""
   rows = x.size // x.shape[-1]
-  if isinstance(w, ScaledTiles):  # any number of rows where the tile unit runs, else XLA's dot
+  scaled = isinstance(w, ScaledTiles)
+  if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows where the unit runs, else XLA
     if use_kernel and _float32(x) and tiles_usable():
-      return jax.ffi.ffi_call(SCALED_TARGET[0], jax.ShapeDtypeStruct(
-          (*x.shape[:-1], w.shape[0]), jnp.float32))(x, w.q, w.scale)
-    w = unscaled(w)
+      target, operands = (SCALED_TARGET, (w.q, w.scale)) if scaled else (ROWS_TARGETS['uint32'],
+                                                                        (w,))
+      return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
+                                                             jnp.float32))(x, *operands)
+    w = unscaled(w) if scaled else untiled(w)
   narrow = isinstance(w, Int8Rows)
   values = w.values if narrow else w
   # int8 values reach their target only as Int8Rows, which carry the scales
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
-  if dtype == 'uint32':  # tiled: any number of rows where the tile unit runs, else XLA's dot
-    if use_kernel and _float32(x) and tiles_usable():
-      return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
-                                                             jnp.float32))(x, w)
-    values, target = untiled(w), None
   if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
     out = jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
                                                         jnp.float32))(x, values)
