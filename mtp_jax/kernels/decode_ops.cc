@@ -394,8 +394,8 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0-2: sums (rows x 16 floats); 3-5: the input pieces (rows x 32 bfloat16); 6, 7: a
-// weight block's hi and lo tiles.
+// Tiles 0-2: sums (rows x 16 floats); 3-5: the input pieces (rows x 32 bfloat16); 6, 7: weight
+// tiles (tile_group: a block's hi and lo; scaled_group: one block's, the next block's).
 inline void configure_tiles(int rows) {
   TileConfig c;
   for (int t = 0; t < 8; ++t) {
@@ -433,15 +433,16 @@ void split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* piec
 // it, 15.8 / 16.2 / 18.2 / 19.2 two / four / eight / sixteen blocks ahead (the float32 kernel
 // 14.5-15.1 in the same runs).
 constexpr int64_t kAheadHalves = 2 * kTileHalves;
-inline void prefetch_block(const uint16_t* w) {
-  for (int line = 0; line < 2 * kTileHalves * 2 / 64; ++line) __builtin_prefetch(w + line * 32);
+// The `tiles` tiles from w (a two-halves block is 2, a scaled block 1), one prefetch a cache line.
+inline void prefetch_tiles(const uint16_t* w, int tiles) {
+  for (int line = 0; line < tiles * kTileHalves * 2 / 64; ++line) __builtin_prefetch(w + line * 32);
 }
 
 // One weight block's five tile products into sum tile C: its (hi, lo) tiles at w. Macros, not
 // functions: GCC's tile intrinsics take the tile's number as a literal.
 #define MTPJAX_TILE_PRODUCTS(C, w)          \
   do {                                      \
-    prefetch_block((w) + kAheadHalves);     \
+    prefetch_tiles((w) + kAheadHalves, 2);  \
     _tile_loadd(6, (w), 64);                \
     _tile_loadd(7, (w) + kTileHalves, 64);  \
     _tile_dpbf16ps(C, 3, 6);                \
@@ -558,7 +559,7 @@ static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
     const uint16_t* tile = qb + (g) * stride + kb * kTileHalves;                   \
-    prefetch_block(tile + kAheadHalves);                                           \
+    prefetch_tiles(tile + kAheadHalves, 1);                                        \
     _tile_loadd(B, tile, 64);                                                      \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
