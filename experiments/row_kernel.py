@@ -140,11 +140,11 @@ def main(argv):
   for M in [int(r) for r in _ROWS.value]:
     x_d = jnp.asarray(rng.standard_normal((M, d), np.float32))
     x_f = jnp.asarray(rng.standard_normal((M, f), np.float32))
-    for w in weights[:4]:  # every output of each shape, each path against XLA's dot
+    for i, w in enumerate(weights[:4]):  # each shape's outputs, every path against XLA's dot
       x = x_d if w.shape[1] == d else x_f
       want = np.asarray(product(x, w, 'xla'))
       for p in names[:-1]:
-        got = np.asarray(product(x, kernels.tiled(w) if p.endswith('tiled') else w, p))
+        got = np.asarray(product(x, operands[p][i], p))
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
           print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
                 f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)
