@@ -27,7 +27,8 @@ Prints:
      the sum of each prompt's fastest of --rounds rounds, after one warm-up round; ours is
      compiled before it), x ours-ar, the fraction of the ceiling bandwidth / bytes that one
      decoding step reads (the float32 trunk; ours as decoding keeps it, our_step_bytes; the
-     Q4_1 file's tensors; speculative rows can pass 1), and how many prompts' greedy outputs equal ours-ar token for token; then, for
+     Q4_1 file's tensors; speculative rows can pass 1), and how many prompts' greedy outputs
+     equal ours-ar token for token; a line with the bytes a step reads, per system; then, for
      every prompt that differs, the first position where it does;
   3. the machine, the cores used, their read bandwidth (measure.read_bandwidth, just before the
      rounds) and the 1-minute load average before and after the rounds: on a busy machine
@@ -366,6 +367,11 @@ def report(result: dict):
     print(f'{name}: {json.dumps(check)}')
   print()
   print(table(result['rows']))
+  steps = {}  # the bytes a step reads, as the fractions of the limit count them
+  for r in result['rows']:
+    steps.setdefault(r['step_bytes'], []).append(r['system'])
+  print('bytes a step reads: ' + '; '.join(f"{b / 1e6:.0f} MB ({', '.join(names)})"
+                                            for b, names in steps.items()))
   print()
   for r in result['rows']:
     for i, d in enumerate(r['first_difference']):
