@@ -162,10 +162,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Native CPU kernels for decoding steps (built with the host's C++ compiler at first use;
   # XLA's own ops wherever they cannot run).
   c.decode.kernels = True
-  # With the kernels, on a CPU with AMX (bfloat16 tiles): the trunk's matrices whose entries are
-  # each exactly the sum of two bfloat16 numbers (a GGUF file's 4-bit blocks dequantized) are
-  # multiplied by the tile unit, which takes up to 16 rows for the cost of one; every decoding
-  # step uses it, so verifying drafts stays exact.
+  # With the kernels, on a CPU with AMX (bfloat16 tiles): the trunk's matrices that the tile unit
+  # takes exactly are multiplied there, up to 16 rows for the cost of one: a GGUF file's Q4_1 and
+  # Q8_0 tensors as a float16 scale (and offset) per 32 entries times integers (2 bytes an
+  # entry), other matrices whose entries are each the sum of two bfloat16 numbers in those two
+  # (4 bytes). Every decoding step uses it, so verifying drafts stays exact.
   c.decode.tiles = True
   # Heads draft over the N most frequent tokens of their training data only (0: every token);
   # verification still uses the trunk's full distribution, so decoding stays exact.

@@ -11,7 +11,10 @@ position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), m
 (tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` (at the
 same temperature) and, greedy, whether every output equals `ar`'s; --json FILE keeps them.
 --tiles both (on a CPU with AMX) times every row with and without the tile unit in the same
-rounds (decode.tiles), each against `ar` without it.
+rounds (decode.tiles), each against `ar` without it; --tiles forms also with the trunk's matrices
+all in two bfloat16 halves (kernels.tiled, 4 bytes an entry) where the config's decoder keeps
+those that have the form as kernels.ScaledTiles (2 bytes; a GGUF file's Q4_1 and Q8_0 tensors).
+The tiles column names each row's: none, halves or scaled.
 """
 
 import json
@@ -34,9 +37,10 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0: 
                                    'and top_p come from the config.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
-_TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both'], 'config: decode.tiles; both: '
-                           'every setting also without the tile unit (where it runs), in the same '
-                           'interleaved rounds, the reference being `ar` without it.')
+_TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both', 'forms'], 'config: '
+                           'decode.tiles; both: every setting also without the tile unit (where '
+                           'it runs), in the same interleaved rounds, the reference being `ar` '
+                           'without it; forms: also with the trunk tiled in two halves only.')
 
 
 def main(argv):
@@ -78,27 +82,30 @@ def main(argv):
                        for C in ([1] if K == 1 else [C for C in depths if C <= S])]
   models = [session.decode_model]
   tiled = session.decode_model.tiled_matrices(params)
-  if _TILES.value == 'both' and tiled:
+  if _TILES.value != 'config' and tiled:
     models.insert(0, dataclasses.replace(session.decode_model, tiles=False))
+    if _TILES.value == 'forms':
+      models.insert(1, dataclasses.replace(session.decode_model, scaled_trunk=False))
   variants = [(m, s) for m in models for s in settings]
   rows = inference.batch1_sweep(params, prompts, variants, _ROUNDS.value, 'candidates: decoding',
                                 same_as=[i - i % len(settings) for i in range(len(variants))])
   for row, (m, s) in zip(rows, variants):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
-               positions=dec.verify_width(s), tiles=m.tiles and bool(tiled))
+               positions=dec.verify_width(s),
+               tiles=('scaled' if m.scaled_trunk else 'halves') if m.tiles and tiled else 'none')
   print(f'machine: {measure.machine()}')
   how = 'greedy' if T == 0 else f'temperature {T}, top_k {s_ar.top_k}, top_p {s_ar.top_p}'
   print(f'{len(prompts)} held-out prompts, batch 1, {how}, up to {s_ar.max_new_tokens} new '
         f'tokens, draft vocabulary {config.decode.draft_vocab or "all"}, kernels '
         f'{session.decode_model.kernels}, {tiled} matrices tiled'
-        + (', and none (speedups over ar without tiles; identical: to ar with the same)'
-           if len(models) > 1 else ''))
-  print(f"{'tiles':>5} {'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} "
+        + (', and with other tile forms (speedups over ar without tiles; identical: to ar with '
+           'the same)' if len(models) > 1 else ''))
+  print(f"{'tiles':>6} {'S':>2} {'K':>2} {'C':>2} {'rows':>4} {'tau':>5} {'tokens/s':>9} "
         f"{'ms/iter':>7} {'speedup':>7} {'identical':>9}  acceptance")
   for r in rows:
     same = '-' if r['identical_to_ar'] is None else str(r['identical_to_ar'])
-    print(f"{str(r['tiles']):>5} {r['draft_len']:>2} {r['candidates']:>2} "
+    print(f"{r['tiles']:>6} {r['draft_len']:>2} {r['candidates']:>2} "
           f"{r['candidate_depth']:>2} {r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
           f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {same:>9}  "
           f"{r['acceptance']}")

@@ -1,15 +1,20 @@
-"""How much of a pretrained trunk the tile unit takes exactly (decode.tiles): per kind of matrix,
-the share of entries that are each the sum of two bfloat16 numbers (hi, its bfloat16 rounding,
-and lo, that of the rest; kernels.two_bfloat16), and the largest relative gap |hi + lo - w| / |w|
-of the others. model.tile_trunk tiles a matrix only when all of its entries split so. Then
-whether the output matrix (the embedding, when tied) has the form of kernels.ScaledTiles, which
-model.tile_trunk then adds for the projection onto the vocabulary: each run of 32 entries along
-a row one scale times integers of at most 127, as a GGUF Q8_0 tensor dequantizes.
+"""How much of a pretrained trunk the tile unit takes exactly (decode.tiles), in either of its
+forms. Per kind of matrix: the share of entries that are each the sum of two bfloat16 numbers (hi,
+its bfloat16 rounding, and lo, that of the rest; kernels.two_bfloat16), the largest relative gap
+|hi + lo - w| / |w| of the others, and whether every matrix of the kind has the form of
+kernels.ScaledTiles along its input axis (as decoding's params hold it): each run of 32 entries
+along a row a float16 scale times integers, of at most 127 in magnitude (`scale`: a GGUF Q8_0
+tensor dequantized) or from 0 to 15 plus a float16 offset (`affine`: Q4_1's). model.tile_trunk
+stores a block's matrix as ScaledTiles where it has that form (2 bytes an entry), else in two
+halves where all of its entries split so (4 bytes). Then whether the output matrix (the
+embedding, when tied) is in ScaledTiles' form, which model.tile_trunk then adds for the
+projection onto the vocabulary.
 
 Run: python experiments/tile_split.py --config configs/smollm2.py
 Prints one row per kind (the embedding, each block's q, k, v, o, gate, up and down over every
 block): matrices, entries, the share that splits, whether every matrix of that kind splits
-entirely, the largest gap; then one line for the output matrix.
+entirely, the largest gap, the ScaledTiles form of all of them (scale, affine, or no); then one
+line for the output matrix.
 """
 
 import collections
@@ -36,6 +41,25 @@ def split_counts(w) -> tuple[int, float]:
   return int(jnp.sum(two == w)), float(jnp.max(gap, initial=0.0))
 
 
+def kernel_rows(path, w):
+  """The stored matrix w as decoding's params hold it (model.kernel_layout): one output per row,
+  its input axes flattened last; the embedding as it is (V x D)."""
+  import math
+  import jax.numpy as jnp
+  from mtp_jax.model import _dense_inputs, _keys
+  n_in = _dense_inputs(_keys(path))
+  if n_in:
+    w = jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim)))
+  return w.reshape(-1, math.prod(w.shape[w.ndim - max(n_in, 1):]))
+
+
+def scaled_form(w) -> str:
+  """'affine' or 'scale' where the matrix w (N, K) is in kernels.ScaledTiles' form, else 'no'."""
+  from mtp_jax import kernels
+  t = kernels.scaled_tiles_if_exact(w)
+  return 'no' if t is None else 'affine' if t.affine else 'scale'
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -52,7 +76,9 @@ def main(argv):
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  kinds = collections.defaultdict(lambda: [0, 0, 0, 0.0])  # matrices, entries, split, gap
+  from mtp_jax import kernels
+  # matrices, entries, split, gap, ScaledTiles forms
+  kinds = collections.defaultdict(lambda: [0, 0, 0, 0.0, set()])
   for path, w in jax.tree_util.tree_leaves_with_path(trunk):
     if w.ndim < 2:  # norms
       continue
@@ -63,12 +89,15 @@ def main(argv):
     row[1] += w.size
     row[2] += split
     row[3] = max(row[3], gap)
-  print(f'{os.path.basename(config.model.init_from)}: entries that are two bfloat16 numbers')
-  print(f"{'matrix':10} {'count':>5} {'entries':>11} {'split':>9} {'all':>5} {'largest gap':>11}")
-  for kind, (count, entries, split, gap) in kinds.items():  # all: every matrix splits entirely
+    row[4].add(scaled_form(kernel_rows(path, w)))
+  print(f'{os.path.basename(config.model.init_from)}: entries that are two bfloat16 numbers; '
+        'the form of kernels.ScaledTiles')
+  print(f"{'matrix':10} {'count':>5} {'entries':>11} {'split':>9} {'all':>5} {'largest gap':>11} "
+        f"{'scaled':>7}")
+  for kind, (count, entries, split, gap, forms) in kinds.items():  # all: every matrix splits
+    form = forms.pop() if len(forms) == 1 else 'mixed'
     print(f'{kind:10} {count:>5} {entries:>11} {split / entries:>9.5f} {str(split == entries):>5} '
-          f'{gap:>11.2g}')
-  from mtp_jax import kernels
+          f'{gap:>11.2g} {form:>7}')
   from mtp_jax.model import output_matrix
   scaled = kernels.scaled_tiles_if_exact(output_matrix(trunk, kernel_layout_=False)) is not None
   print(f'output matrix as scaled tiles (kernels.ScaledTiles): {scaled}')

@@ -90,7 +90,9 @@ def _draft(params, ids: tuple, kernel_layout_: bool, dtype: str) -> dict:
   """The draft vocabulary's ids and output rows (N x D, in `dtype`; int8 as kernels.Int8Rows)
   from the output matrix (model.output_matrix)."""
   matrix = output_matrix(params['params'], kernel_layout_)
-  if matrix.dtype == jnp.uint32:  # model.tile_trunk's
+  if isinstance(matrix, kernels_lib.ScaledTiles):  # model.tile_trunk's
+    matrix = kernels_lib.unscaled(matrix)
+  elif matrix.dtype == jnp.uint32:
     matrix = kernels_lib.untiled(matrix)
   index = jnp.asarray(ids, jnp.int32)
   rows = jnp.take(matrix, index, axis=0)
@@ -122,7 +124,10 @@ class DecodeModel(WholeVocabulary):
   kernels: bool = False
   draft: tuple | None = None
   draft_dtype: str = 'float32'  # the heads' matrices and draft output rows (kernels only)
-  tiles: bool = False  # the trunk's exact two-bfloat16 matrices tiled (kernels only)
+  tiles: bool = False  # the trunk's matrices the tile unit takes exactly, tiled (kernels only)
+  # with tiles: the trunk's matrices as kernels.ScaledTiles where they have the form, else in
+  # two bfloat16 halves; False: all in two halves (model.tile_trunk; for comparisons)
+  scaled_trunk: bool = True
 
   @property
   def depth(self) -> int:
@@ -155,22 +160,22 @@ class DecodeModel(WholeVocabulary):
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
-    draft_dtype, and with tiles the trunk's matrices that split into two bfloat16 numbers tiled
-    (model.tile_trunk); with a draft vocabulary, its ids and output rows (N x D) under 'draft'.
-    Every model shares one kernel layout of the same params (one tiled, one not; only the heads'
-    narrowed copies and the draft rows differ), and all of it is dropped with the params object
-    it was made from."""
+    draft_dtype, and with tiles the trunk's matrices that the tile unit takes exactly stored for
+    it (model.tile_trunk); with a draft vocabulary, its ids and output rows (N x D) under 'draft'.
+    Models share the kernel layouts of the same params (one per tile form, one without; only the
+    heads' narrowed copies and the draft rows differ), and all of it is dropped with the params
+    object it was made from."""
     made = _made_from(params)
-    key = (self.kernels, self.tiles, self.draft_dtype, self.draft)
+    key = (self.kernels, self.tiles, self.scaled_trunk, self.draft_dtype, self.draft)
     if key not in made:
       out = params
       if self.kernels:
-        base = 'tiled' if self.tiles else 'layout'
+        base = ('scaled' if self.scaled_trunk else 'tiled') if self.tiles else 'layout'
         if base not in made:
           layout = made.get('layout')
           layout = jax.jit(kernel_layout)(params) if layout is None else layout
-          # the tiled layout alone is kept (a model without tiles makes the other again)
-          made[base] = tile_trunk(layout) if self.tiles else layout
+          # the tiled layouts alone are kept (a model without tiles makes the other again)
+          made[base] = tile_trunk(layout, self.scaled_trunk) if self.tiles else layout
         out = narrow_heads(made[base], self.draft_dtype)
       if self.draft is not None:
         out = {**out, 'draft': _draft(out, self.draft, self.kernels, self.draft_dtype)}

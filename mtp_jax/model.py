@@ -195,14 +195,16 @@ def output_matrix(inner, kernel_layout_: bool):
   return inner['unembedding'] if kernel_layout_ else inner['unembedding'].T
 
 
-def tile_trunk(layout):
+def tile_trunk(layout, scaled: bool = True):
   """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
-  exactly (kernels.two_bfloat16, its shape in whole tiles) stored tiled (kernels.tiled), the
-  same 4 bytes an entry; the heads' matrices, the embedding and every other leaf as they are.
-  An output matrix (the embedding, when tied) not tiled so but whose runs of 32 entries are each
-  a scale times small integers (a GGUF Q8_0 tensor) is added beside it as kernels.ScaledTiles,
-  under 'output_tiles', which the projections onto the vocabulary then read (half the bytes);
-  the embedding stays for looking tokens up."""
+  exactly (its shape in whole tiles) stored for it: as kernels.ScaledTiles where every run of 32
+  entries along a row is a scale times small integers, with or without an offset (a GGUF Q8_0 or
+  Q4_1 tensor: 2 bytes an entry), else (or for all of them, without `scaled`: the layout before
+  ScaledTiles, kept for comparisons) tiled in two bfloat16 halves where every entry splits so
+  (kernels.tiled: 4 bytes an entry). The heads' matrices, the embedding and every other leaf stay
+  as they are. A tied output matrix (the embedding) in ScaledTiles' form is added beside it as
+  such, under 'output_tiles', which the projections onto the vocabulary then read; the embedding
+  stays for looking tokens up."""
   def tile(path, leaf):
     keys = _keys(path)
     n_in = _dense_inputs(keys)
@@ -211,14 +213,15 @@ def tile_trunk(layout):
     w = leaf.reshape(-1, math.prod(leaf.shape[leaf.ndim - n_in:]))
     if w.shape[0] % kernels.TILE_ROWS or w.shape[1] % kernels.TILE_COLUMNS:
       return leaf
-    t = kernels.tiled_if_exact(w)
-    return leaf if t is None else t.reshape(leaf.shape)
+    t = kernels.scaled_tiles_if_exact(w) if scaled else None
+    if t is None:
+      t = kernels.tiled_if_exact(w)
+    return leaf if t is None else t.reshape(*leaf.shape)
   tiled = jax.tree_util.tree_map_with_path(tile, layout)
   inner = tiled['params']
-  out = output_matrix(inner, kernel_layout_=True)
-  if out.dtype != jnp.float32:  # tiled in two halves already
+  if 'unembedding' in inner:  # untied: tiled in place, or not at all
     return tiled
-  scaled = kernels.scaled_tiles_if_exact(out.reshape(-1, out.shape[-1]))
+  scaled = kernels.scaled_tiles_if_exact(inner['embedding'])
   return tiled if scaled is None else {**tiled, 'params': {**inner, 'output_tiles': scaled}}
 
 

@@ -4,6 +4,7 @@ greedy decodes with and without kernels."""
 
 import ctypes
 import dataclasses
+import math
 import os
 
 import jax
@@ -15,7 +16,8 @@ from conftest import run_script, tiny_model
 from mtp_jax import decode as dec
 from mtp_jax import kernels
 from mtp_jax.layers import attend, visible_slots
-from mtp_jax.model import init_params, kernel_layout, narrow_heads
+from mtp_jax.model import (_dense_inputs, _in_heads, _keys, init_params, kernel_layout,
+                           narrow_heads)
 
 
 
@@ -345,19 +347,44 @@ def q8_0_exact(w):
   return jnp.asarray((np.round(runs / scale) * scale).reshape(w.shape))
 
 
-def test_scaled_tiles_hold_exactly_a_q8_0_matrix_and_nothing_else():
-  w = q8_0_exact(jax.random.normal(jax.random.key(0), (48, 96)))
+def q4_1_exact(w):
+  """w as a GGUF Q4_1 tensor dequantizes: each run of 32 entries along a row a float16 scale
+  ((largest - least) / 15) times integers 0 to 15, plus the run's least entry in float16."""
+  w = np.asarray(w, np.float32)
+  runs = w.reshape(w.shape[0], -1, 32)
+  least = runs.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+  scale = ((runs.max(-1, keepdims=True) - least) / 15).astype(np.float16).astype(np.float32)
+  q = np.clip(np.round((runs - least) / scale), 0, 15)
+  return jnp.asarray((q * scale + least).reshape(w.shape))
+
+
+@pytest.mark.parametrize('form', ['q8_0', 'q4_1'])
+def test_scaled_tiles_hold_exactly_a_q8_0_or_q4_1_matrix_and_nothing_else(form):
+  w = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact}[form](
+      jax.random.normal(jax.random.key(0), (48, 96)))
   t = kernels.scaled_tiles_if_exact(w)
-  assert t.q.shape == w.shape and t.q.dtype == jnp.uint16 and t.scale.shape == (3, 3, 16)
+  S = 2 if form == 'q4_1' else 1  # a scale, and an offset
+  assert t.q.shape == w.shape and t.q.dtype == jnp.uint16 and t.affine == (S == 2)
+  assert t.scales.shape == (3, 3, S, 16) and t.scales.dtype == jnp.float16
   np.testing.assert_array_equal(kernels.unscaled(t), w)
   # Entry (17, 41): row block 1, column block 1 (of 3), column pair 4, row 1, second of its pair
   q = np.asarray(t.q).ravel()[(1 * 3 + 1) * 512 + 4 * 32 + 1 * 2 + 1]
-  scale = np.asarray(t.scale)[1, 1, 1]
-  assert np.asarray(q, np.uint16).view(jnp.bfloat16).astype(np.float32) * scale == w[17, 41]
+  scales = np.asarray(t.scales, np.float32)[1, 1, :, 1]
+  offset = scales[1] if S == 2 else 0
+  value = np.asarray(q, np.uint16).view(jnp.bfloat16).astype(np.float32)
+  assert value == np.round(value) and value * scales[0] + offset == w[17, 41]
   assert kernels.scaled_tiles_if_exact(jax.random.normal(jax.random.key(0), (48, 96))) is None
   assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
       jax.random.normal(jax.random.key(0), (48, 96)))) is None
   assert kernels.scaled_tiles_if_exact(w[:40]) is None  # not whole tiles
+  if form == 'q4_1':
+    # one run of integers 0 to 15 times a scale that is no float16 number, plus an offset: not
+    # the file's form (the whole run exact in float32 still)
+    ints = np.arange(32) % 16
+    scale = np.float32(1 / 3)
+    assert np.float16(scale) != scale
+    assert kernels.scaled_tiles_if_exact(w.at[0, :32].set(ints * scale - 2)) is None
+    return
   # one run of integers times its scale whose largest integer is 126, not 127: not the form
   # (its scale is not the largest magnitude / 127)
   run = np.asarray(w[0, :32])
@@ -397,10 +424,10 @@ def test_the_tile_unit_runs_where_the_cpu_has_one():
     assert kernels.tiles_usable()
 
 
-@pytest.mark.parametrize('layout', ['tiled', 'scaled'])
+@pytest.mark.parametrize('layout', ['tiled', 'q8_0', 'q4_1'])
 @pytest.mark.parametrize('K,N', [(96, 48), (96, 80), (96, 112), (576, 960)])
 def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layout, K, N):
-  """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 matrix): within float32
+  """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 or Q4_1 matrix): within float32
   rounding of the product in float64 for every row count (1-16 rows take one input block, more
   take several) and for groups of 3, 2 and 1 weight-row blocks (48 / 80 / 112 rows); where the
   tile unit runs, also bit for bit the same for a row whatever the rows beside it, as the float32
@@ -410,8 +437,9 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
     w = two_bfloat16_exact(w)
     t = kernels.tiled(w)
   else:
-    w = q8_0_exact(w)
+    w = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact}[layout](w)
     t = kernels.scaled_tiles_if_exact(w)
+    assert t.affine == (layout == 'q4_1')
   x = jax.random.normal(jax.random.key(1), (40, K))
   product = jax.jit(kernels.rows_matmul)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
@@ -426,50 +454,77 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
                              atol=1e-5 * np.sqrt(K))
 
 
-def tiles_model(**overrides):
+def tiles_model(form='halves', **overrides):
   """A tiny model whose trunk matrices fit whole tiles (width 64, MLP 192, vocabulary 96), with
   every float entry of its params exactly the sum of two bfloat16 numbers, except the embedding's,
-  which are Q8_0's (as SmolLM2's file has them)."""
+  which are Q8_0's (as SmolLM2's file has them); with form='q4_1', the trunk's matrices (an untied
+  output matrix too) are also Q4_1's along their input axes, as SmolLM2's blocks are."""
   cfg = tiny_model(**{'model.d_model': 64, **overrides})
   params = jax.tree.map(two_bfloat16_exact, init_params(cfg, jax.random.key(1)))
-  inner = params['params']
+
+  def q4_1(path, leaf):
+    keys = _keys(path)
+    n_in = _dense_inputs(keys)
+    if form != 'q4_1' or not n_in or _in_heads(keys):
+      return leaf
+    w = leaf.reshape(math.prod(leaf.shape[:n_in]), -1).T  # (out, in): runs along the input
+    return q4_1_exact(w).T.reshape(leaf.shape)
+  inner = jax.tree_util.tree_map_with_path(q4_1, params)['params']
   return cfg, {**params, 'params': {**inner, 'embedding': q8_0_exact(inner['embedding'])}}
 
 
+def block_matrices(cfg) -> set[str]:
+  return {f"['blocks_{i}']['{part}']['{w}']" for i in range(cfg.num_layers)
+          for part, w in (('attn', 'qkv'), ('attn', 'o'), ('mlp', 'gate_up'), ('mlp', 'down'))}
+
+
 @pytest.mark.parametrize('tied', [True, False])
-def test_tile_trunk_tiles_the_trunks_exact_matrices_only(tied):
-  """The blocks' matrices and an untied output matrix; never the embedding (looked up by id) or
-  the heads. A tied Q8_0 embedding is added as ScaledTiles for the output projection."""
+@pytest.mark.parametrize('form', ['halves', 'q4_1'])
+def test_tile_trunk_tiles_the_trunks_exact_matrices_only(tied, form):
+  """The blocks' matrices and an untied output matrix, as ScaledTiles where they are Q4_1's, else
+  in two halves; never the embedding (looked up by id) or the heads. A tied Q8_0 embedding is
+  added as ScaledTiles for the output projection."""
   from mtp_jax.model import tile_trunk
-  cfg, params = tiles_model(**{'model.tie_embeddings': tied})
+  cfg, params = tiles_model(form, **{'model.tie_embeddings': tied})
   layout = kernel_layout(params)
   tiled = dict(tile_trunk(layout)['params'])
   output = tiled.pop('output_tiles', None)
-  assert (output is not None) == tied  # untied: the unembedding is tiled in two halves
+  assert (output is not None) == tied  # untied: the unembedding is tiled in place
   if tied:
     np.testing.assert_array_equal(kernels.unscaled(output), params['params']['embedding'])
-  names = {jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(tiled)
-           if leaf.dtype == jnp.uint32}
-  assert names == {f"['blocks_{i}']['{part}']['{w}']" for i in range(cfg.num_layers)
-                   for part, w in (('attn', 'qkv'), ('attn', 'o'), ('mlp', 'gate_up'),
-                                   ('mlp', 'down'))} | (set() if tied else {"['unembedding']"})
-  for (path, leaf), original in zip(jax.tree_util.tree_leaves_with_path(tiled),
-                                    jax.tree.leaves(layout['params'])):
-    if leaf.dtype == jnp.uint32:
-      width = cfg.mlp_dim if 'down' in jax.tree_util.keystr(path) else cfg.d_model
-      np.testing.assert_array_equal(
-          kernels.untiled(leaf.reshape(-1, width)).reshape(leaf.shape), original)
-    else:
+  scaled = form == 'q4_1'
+  names = {jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(
+      tiled, is_leaf=lambda x: isinstance(x, kernels.ScaledTiles))
+      if isinstance(leaf, kernels.ScaledTiles) or leaf.dtype == jnp.uint32}
+  assert names == block_matrices(cfg) | (set() if tied else {"['unembedding']"})
+  originals = jax.tree.leaves(layout['params'])
+  for (path, leaf), original in zip(jax.tree_util.tree_leaves_with_path(
+      tiled, is_leaf=lambda x: isinstance(x, kernels.ScaledTiles)), originals):
+    if jax.tree_util.keystr(path) not in names:
       assert leaf is original
-  # float32 weights in general are not two bfloat16s: nothing is tiled
+      continue
+    assert isinstance(leaf, kernels.ScaledTiles) == scaled and leaf.shape == original.shape
+    width = cfg.mlp_dim if 'down' in jax.tree_util.keystr(path) else cfg.d_model
+    flat = leaf.reshape(-1, width)
+    back = kernels.unscaled(flat) if scaled else kernels.untiled(flat)
+    np.testing.assert_array_equal(back.reshape(leaf.shape), original)
+    if scaled:
+      assert flat.affine
+  # the layout before ScaledTiles: every such matrix in two halves
+  halves = dict(tile_trunk(layout, scaled=False)['params'])
+  halves.pop('output_tiles', None)
+  assert sum(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(halves)) == len(names)
+  assert not any(leaf.dtype == jnp.uint16 for leaf in jax.tree.leaves(halves))
+  # float32 weights in general are neither: nothing is tiled
   plain = kernel_layout(init_params(cfg, jax.random.key(1)))
-  assert not any(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(tile_trunk(plain)))
+  assert not any(leaf.dtype in (jnp.uint32, jnp.uint16)
+                 for leaf in jax.tree.leaves(tile_trunk(plain)))
   assert 'output_tiles' not in tile_trunk(plain)['params']
 
 
 def test_an_untied_q8_0_output_matrix_is_read_as_scaled_tiles():
   """An unembedding in Q8_0's form (runs of 32 along its input axis) that does not split in two
-  halves stays as it is and is added as ScaledTiles, V x D."""
+  halves is tiled in place as ScaledTiles, V x D."""
   from mtp_jax.model import tile_trunk
   cfg, params = tiles_model(**{'model.tie_embeddings': False})
   inner = params['params']
@@ -477,19 +532,21 @@ def test_an_untied_q8_0_output_matrix_is_read_as_scaled_tiles():
   assert not kernels.two_bfloat16(unembedding)
   layout = kernel_layout({**params, 'params': {**inner, 'unembedding': unembedding}})
   tiled = tile_trunk(layout)['params']
-  assert tiled['unembedding'] is layout['params']['unembedding']
-  np.testing.assert_array_equal(kernels.unscaled(tiled['output_tiles']), unembedding.T)
+  assert 'output_tiles' not in tiled and not tiled['unembedding'].affine
+  np.testing.assert_array_equal(kernels.unscaled(tiled['unembedding']), unembedding.T)
 
 
-@pytest.mark.parametrize('S,K,tied,draft', [(2, 1, True, False), (2, 6, True, False),
-                                            (2, 1, False, True), (2, 1, True, True)])
-def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft):
+@pytest.mark.parametrize('S,K,tied,draft,form', [
+    (2, 1, True, False, 'halves'), (2, 6, True, False, 'q4_1'), (2, 1, False, True, 'halves'),
+    (2, 1, True, True, 'q4_1'), (2, 1, False, True, 'q4_1')])
+def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft, form):
   """Greedy MTP with tiled trunk products is `ar` with them, token for token (a verify's rows
-  are the ar steps' bit for bit), chain and draft tree; a tied Q8_0 output matrix read as scaled
-  tiles, with or without a draft vocabulary (configs/smollm2.py's case), and an untied one tiled
-  in two halves with a draft vocabulary's rows taken from it; the trunk's features agree with
-  the float32 kernel's to float32 rounding."""
-  cfg, params = tiles_model(**{'model.tie_embeddings': tied})
+  are the ar steps' bit for bit), chain and draft tree; the trunk's matrices in two halves, or
+  Q4_1's as ScaledTiles (configs/smollm2.py's case); a tied Q8_0 output matrix read as scaled
+  tiles, with or without a draft vocabulary, and an untied one tiled in place (in two halves, or
+  as Q4_1's ScaledTiles) with a draft vocabulary's rows taken from it; the trunk's features agree
+  with the float32 kernel's to float32 rounding."""
+  cfg, params = tiles_model(form, **{'model.tie_embeddings': tied})
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 11, 8)]
   arr, lens = dec.pad_prompts(prompts)
@@ -498,7 +555,7 @@ def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft):
   for tiles in (True, False):
     model = dec.decode_model(cfg, True, draft, use_tiles=tiles)
     assert model.tiles == (tiles and kernels.tiles_usable())
-    # the blocks' matrices and the output matrix (in two halves, or as ScaledTiles when tied)
+    # the blocks' matrices and the output matrix
     assert model.tiled_matrices(params) == (4 * cfg.num_layers + 1 if model.tiles else 0)
     for s in (dec.Settings(draft_len=0, max_new_tokens=24),
               dec.Settings(draft_len=S, max_new_tokens=24, candidates=K)):

@@ -9,9 +9,10 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale), or
   tiled (`tiled`: a float32 matrix whose entries are each the sum of two bfloat16 numbers, kept
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
-  any number of rows), or as ScaledTiles (`scaled_tiles`: a matrix whose every run of 32 entries
-  along a row is one scale times small integers, as a GGUF Q8_0 tensor dequantizes: the integers
-  in bfloat16 tiles, half float32's bytes, on the tile unit too).
+  any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
+  32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
+  file's Q4_1 and Q8_0 tensors dequantize: the integers in bfloat16 tiles, half float32's bytes,
+  on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -47,7 +48,8 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
 SCALED_TARGET = ('mtpjax_rows_matmul_scaled', 'RowsMatmulScaled')  # ScaledTiles
-RUN, RUN_LARGEST = 32, 127  # ScaledTiles: entries a scale covers; the largest integer there
+# ScaledTiles: entries a scale covers; the largest integer of Q8_0's form, of Q4_1's (from 0)
+RUN, RUN_LARGEST, RUN_LEVELS = 32, 127, 15
 
 
 # -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
@@ -203,44 +205,81 @@ def tiled(w):
 
 @flax.struct.dataclass
 class ScaledTiles:
-  """A float32 matrix w (N, K) whose every run of RUN entries along a row is one float32 scale
-  times integers of magnitude at most RUN_LARGEST, the largest of them RUN_LARGEST (or all zero):
-  a GGUF file's Q8_0 tensors dequantized (a float16 scale times int8 values, the scale the run's
-  largest magnitude / 127). The integers, exact in bfloat16, in the tile unit's order, one tile
-  per block of 16 rows by 32 columns (row blocks first); the scales by block, 16 to a block."""
-  q: jax.Array  # uint16 (N, K): bfloat16 bits, tiled
-  scale: jax.Array  # float32 (N / 16, K / 32, 16)
+  """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
+  times small integers, plus (`affine`) a float16 offset: a GGUF file's Q8_0 tensors dequantized
+  (a scale, the run's largest magnitude / 127, times int8 values) and its Q4_1 ones (a scale,
+  (largest - least) / 15, times integers 0 to 15, plus the run's least value). The integers,
+  exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
+  blocks first): 2 bytes an entry, where float32 takes 4. It stands in for the matrix wherever
+  layers.dense reads one (shape, ndim, reshape of its integers, which come first among its leaves
+  so that Flax's check of a param's shape sees the matrix's)."""
+  q: jax.Array  # uint16, tiled: (N, K), or the matrix's shape as a param (layers.dense reshapes)
+  # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
+  scales: jax.Array
 
   @property
   def shape(self):
     return self.q.shape
 
+  @property
+  def ndim(self):
+    return self.q.ndim
+
+  @property
+  def affine(self) -> bool:
+    return self.scales.shape[2] == 2
+
+  def reshape(self, *shape):
+    return ScaledTiles(self.q.reshape(*shape), self.scales)
+
+
+def _symmetric(runs):
+  """Q8_0's scale and no offset, from the runs (N, K / 32, 32) in float64."""
+  return np.abs(runs).max(-1) / RUN_LARGEST, None
+
+
+def _affine(runs):
+  """Q4_1's scale and offset, from the runs (N, K / 32, 32) in float64."""
+  least = runs.min(-1)
+  return (runs.max(-1) - least) / RUN_LEVELS, least
+
 
 def scaled_tiles_if_exact(w):
-  """`w` as ScaledTiles when it has that form exactly (N a multiple of 16, K of 32), else
-  None."""
-  w = np.asarray(w, np.float32)  # NumPy's division is exact where XLA's CPU one may not be
+  """`w` as ScaledTiles when it has one of their forms exactly (N a multiple of 16, K of 32; its
+  scales and offsets float16 numbers), else None. In NumPy and float64, where the values d q + o
+  are exact and the division by the integers' range finds a float16 scale exactly (XLA's CPU
+  division is not exact)."""
+  w = np.asarray(w, np.float32)
   N, K = w.shape
   if N % TILE_ROWS or K % TILE_COLUMNS:
     return None
-  runs = w.reshape(N, K // RUN, RUN)
-  scale = np.max(np.abs(runs), axis=-1) / np.float32(RUN_LARGEST)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    q = runs / np.where(scale == 0, 1, scale)[..., None]
-  if not np.all((q == np.round(q)) & (q * scale[..., None] == runs)):
-    return None
-  q = jnp.asarray(q.reshape(N, K), jnp.bfloat16)
-  return ScaledTiles(
-      _tile_order(q).reshape(N, K),
-      jnp.asarray(scale.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN).transpose(0, 2, 1)))
+  runs = w.reshape(N, K // RUN, RUN).astype(np.float64)
+  for form, lowest, highest in ((_symmetric, -RUN_LARGEST, RUN_LARGEST),
+                                (_affine, 0, RUN_LEVELS)):
+    scale, offset = form(runs)
+    base = np.zeros_like(scale) if offset is None else offset
+    q = np.round((runs - base[..., None]) / np.where(scale == 0, 1, scale)[..., None])
+    kept = [scale] if offset is None else [scale, offset]
+    if not (np.all((q >= lowest) & (q <= highest))
+            and np.all(q * scale[..., None] + base[..., None] == runs)
+            and all(np.all(v.astype(np.float16) == v) for v in kept)):
+      continue
+    q = jnp.asarray(q.reshape(N, K).astype(np.float32), jnp.bfloat16)
+    scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
+    return ScaledTiles(_tile_order(q).reshape(N, K), jnp.asarray(
+        scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)))
+  return None
 
 
 def unscaled(t: ScaledTiles):
-  """The float32 matrix back from its ScaledTiles."""
-  N, K = t.q.shape
+  """The float32 matrix (N, K) back from its ScaledTiles."""
+  N, K = t.scales.shape[0] * TILE_ROWS, t.scales.shape[1] * RUN
   q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)
-  scale = t.scale.transpose(0, 2, 1).reshape(N, K // RUN)
-  return (q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scale[..., None]).reshape(N, K)
+  scales = t.scales.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(N, K // RUN, -1, 1)
+  w = q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scales[:, :, 0]
+  if t.affine:
+    w = w + scales[:, :, 1]
+  return w.reshape(N, K)
 
 
 def _tile_order(m):
@@ -328,8 +367,8 @@ def rows_matmul(x, w, use_kernel: bool = True):
   scaled = isinstance(w, ScaledTiles)
   if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows where the unit runs, else XLA
     if use_kernel and _float32(x) and tiles_usable():
-      target, operands = (SCALED_TARGET, (w.q, w.scale)) if scaled else (ROWS_TARGETS['uint32'],
-                                                                        (w,))
+      target, operands = ((SCALED_TARGET, (w.q, w.scales)) if scaled
+                          else (ROWS_TARGETS['uint32'], (w,)))
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
                                                              jnp.float32))(x, *operands)
     w = unscaled(w) if scaled else untiled(w)

@@ -543,44 +543,65 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #endif
 }
 
-// Scaled matrices (kernels.scaled_tiles): an N x K float32 matrix whose every run of 32 entries
-// along a row is one float32 scale times integers of at most 8 bits, as a GGUF file's Q8_0
-// tensors dequantize (a float16 scale times an int8; SmolLM2's embedding, also its output
-// matrix). The integers are exact in bfloat16: q holds them in tiles, one per block of 16 rows
-// by 32 columns (row blocks first), in the order of a tile product's second operand; s holds each
-// block's 16 row scales. 2 bytes an entry and 4 per 32 entries, where float32 takes 4 an entry.
-// y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q): each piece product is exact
-// in float32; a run's are summed in its tile (rounded as float32 sums are), then scaled and
-// added in float32, in the same order whatever the rows beside it.
+// Scaled matrices (kernels.ScaledTiles): an N x K float32 matrix whose every run of 32 entries
+// along a row is a float16 scale times integers of at most 8 bits, plus (affine) a float16
+// offset, as a GGUF file's Q8_0 tensors dequantize (a scale times an int8; SmolLM2's embedding,
+// also its output matrix) and its Q4_1 ones (a scale times a 4-bit integer plus an offset;
+// SmolLM2's blocks). The integers are exact in bfloat16: q holds them in tiles, one per block of
+// 16 rows by 32 columns (row blocks first), in the order of a tile product's second operand; s
+// holds each block's 16 row scales, then (affine) their 16 offsets. 2 bytes an entry and 2 or 4
+// per 32 entries, where float32 takes 4 an entry.
+// y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
+// x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
+// sums are), then scaled and added in float32, in the same order whatever the rows beside it.
 #if MTPJAX_AMX
 static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
+inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
-// into `sums` (rows x 16 floats), through tmp. The weight tile goes through tile 6 or 7.
+// (and its offsets times each row's run sums) into `sums` (rows x 16 floats), through tmp. The
+// weight tile goes through tile 6 or 7.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
     const uint16_t* tile = qb + (g) * stride + kb * kTileHalves;                   \
+    const uint16_t* scales = sb + ((g) * blocks_k + kb) * S * kTile;               \
     prefetch_tiles(tile + kAheadHalves, 1);                                        \
+    __builtin_prefetch(scales + 2 * S * kTile);                                    \
     _tile_loadd(B, tile, 64);                                                      \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
     _tile_dpbf16ps(C, 4, B);                                                       \
     _tile_dpbf16ps(C, 5, B);                                                       \
     _tile_stored(C, tmp[g], kTile * sizeof(float));                                \
-    const vf scale = load(sb + ((g) * blocks_k + kb) * kTile);                     \
-    for (int64_t m = 0; m < rows; ++m)                                             \
-      store(sums[g] + m * kTile, load(sums[g] + m * kTile) + load(tmp[g] + m * kTile) * scale); \
+    const vf scale = load_halves(scales);                                          \
+    if constexpr (kAffine) {                                                       \
+      const vf offset = load_halves(scales + kTile);                               \
+      for (int64_t m = 0; m < rows; ++m)                                           \
+        store(sums[g] + m * kTile, load(sums[g] + m * kTile) +                     \
+                                       load(tmp[g] + m * kTile) * scale +          \
+                                       offset * run_sums[m * blocks_k + kb]);      \
+    } else {                                                                       \
+      for (int64_t m = 0; m < rows; ++m)                                           \
+        store(sums[g] + m * kTile,                                                 \
+              load(sums[g] + m * kTile) + load(tmp[g] + m * kTile) * scale);       \
+    }                                                                              \
   } while (0)
 
-// Rows [m0, m0 + 16) (or all M <= 16) of y for G scaled weight-row blocks from block nb.
-template <int G>
+// Rows [m0, m0 + 16) (or all M <= 16) of y for G scaled weight-row blocks from block nb;
+// run_sums: each input row's sums over its runs of 32 (M x K / 32; affine only).
+template <int G, bool kAffine>
 void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* q,
-                  const float* s, float* y, int64_t M, int64_t N, int64_t nb, int64_t m0) {
+                  const uint16_t* s, const float* all_run_sums, float* y, int64_t M, int64_t N,
+                  int64_t nb, int64_t m0) {
+  constexpr int64_t S = kAffine ? 2 : 1;
   const int64_t blocks_k = K / kPair, stride = blocks_k * kTileHalves;
   const uint16_t* x0 = pieces + m0 * K;
   const uint16_t* x1 = x0 + Mp * K;
   const uint16_t* x2 = x1 + Mp * K;
   const uint16_t* qb = q + nb * stride;
-  const float* sb = s + nb * blocks_k * kTile;
+  const uint16_t* sb = s + nb * blocks_k * S * kTile;
+  const float* run_sums = kAffine ? all_run_sums + m0 * blocks_k : nullptr;
   const int64_t rows = std::min<int64_t>(kTile, M - m0);
   alignas(64) float sums[G][kTile * kTile] = {};
   alignas(64) float tmp[G][kTile * kTile];
@@ -597,35 +618,51 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t*
       std::memcpy(y + (m0 + m) * N + (nb + g) * kTile, sums[g] + m * kTile,
                   kTile * sizeof(float));
 }
+
+template <bool kAffine>
+void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                    const uint16_t* q, const uint16_t* s, float* y) {
+  std::vector<float> run_sums;
+  if constexpr (kAffine) {  // each row's runs summed alike: two vectors, then their lanes
+    run_sums.resize(M * (K / kPair));
+    for (int64_t i = 0; i < M * (K / kPair); ++i)
+      run_sums[i] = hsum(load(x + i * kPair) + load(x + i * kPair + kLanes));
+  }
+  const float* rs = run_sums.data();
+  over_groups(pool, x, M, K, N,
+              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
+                if (left == 3)
+                  scaled_group<3, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+                else if (left == 2)
+                  scaled_group<2, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+                else
+                  scaled_group<1, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+              });
+}
 #endif
 
 // y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups).
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::F32> s,
+                                ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::F16> s,
                                 ffi::ResultBuffer<ffi::F32> y) {
 #if MTPJAX_AMX
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
+  const auto sd = s.dimensions();
   if (qd.size() != 2 || xd.size() < 1 || qd[1] != xd.back() || qd[0] % kTile ||
-      qd[1] % kPair || static_cast<int64_t>(s.element_count()) != qd[0] * (qd[1] / kPair))
+      qd[1] % kPair || sd.size() != 4 || sd[0] != qd[0] / kTile || sd[1] != qd[1] / kPair ||
+      (sd[2] != 1 && sd[2] != 2) || sd[3] != kTile)
     return ffi::Error::InvalidArgument(
-        "rows_matmul: x (..., K), scaled tiles q (N, K) and scales (N / 16, K / 32, 16), "
-        "N % 16 == 0 and K % 32 == 0, expected");
+        "rows_matmul: x (..., K), scaled tiles q (N, K) and scales (N / 16, K / 32, 1 or 2, "
+        "16), N % 16 == 0 and K % 32 == 0, expected");
   const int64_t K = xd.back(), N = qd[0];
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
-  const uint16_t* qp = q.typed_data();
-  const float* sp = s.typed_data();
-  float* yp = y->typed_data();
-  over_groups(pool, x.typed_data(), M, K, N,
-              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
-                if (left == 3)
-                  scaled_group<3>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-                else if (left == 2)
-                  scaled_group<2>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-                else
-                  scaled_group<1>(xs, Mp, K, qp, sp, yp, M, N, nb, m0);
-              });
+  const auto* sp = reinterpret_cast<const uint16_t*>(s.typed_data());
+  if (sd[2] == 2)
+    scaled_product<true>(pool, x.typed_data(), M, K, N, q.typed_data(), sp, y->typed_data());
+  else
+    scaled_product<false>(pool, x.typed_data(), M, K, N, q.typed_data(), sp, y->typed_data());
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
@@ -799,7 +836,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled, RowsMatmulScaledImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 when tiled products can run here: built for AMX, and the kernel let this process use the
