@@ -1,9 +1,13 @@
 """The row kernel against XLA's dot on one trunk step's weight products, for M input rows: the
 products a decoding step makes (in every layer q, k and v as one product, o, gate and up as one,
 down, as model.kernel_layout stacks them; M = batch x positions), with random float32 weights in
-the kernel's layout (one output per row), each entry the sum of two bfloat16 numbers; where the
-CPU has AMX (kernels.tiles_usable) and the shapes are whole tiles, also the tiled product of the
-same weights (kernels.tiled: the tile unit, which decoding uses there, decode.tiles).
+the kernel's layout (one output per row) in the form of a GGUF Q4_1 tensor dequantized (each run
+of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 offset), whose
+entries are also each the sum of two bfloat16 numbers; where the CPU has AMX
+(kernels.tiles_usable) and the shapes are whole tiles, also the products of the same weights on
+the tile unit, which decoding uses there (decode.tiles): `tiled`, in two bfloat16 halves
+(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (2 bytes an entry and 4
+a run of 32).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -11,7 +15,7 @@ Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --baseline /tmp/old.cc   (another version of the kernel)
      python experiments/row_kernel.py --cached                  (arithmetic alone)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
-GFLOP/s and weight GB/s that makes, and each as a multiple of its own time at the first M. Every
+GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a multiple of its own time at the first M. Every
 output of each product shape is checked against XLA's dot first, and each chain runs once
 untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past it show what the kernel
 would do there. A --baseline kernel is built here and timed in the same rounds (its tiled
@@ -90,20 +94,28 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  def two_bfloat16(w):  # the sum of its two halves, which the tiles hold exactly
-    return sum(h.astype(jnp.float32) for h in kernels.halves(w))
+  def q4_1(w):  # w's runs of 32 (the last one shorter) as Q4_1 keeps them: a float16 scale and
+    out = np.empty_like(w)  # offset, 4-bit integers
+    for c in range(0, w.shape[1], 32):
+      run = w[:, c:c + 32]
+      least = run.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+      scale = ((run.max(-1, keepdims=True) - least) / 15).astype(np.float16).astype(np.float32)
+      out[:, c:c + 32] = np.clip(np.round((run - least) / scale), 0, 15) * scale + least
+    return out
 
-  # Weights whose entries are each the sum of two bfloat16 numbers, as a GGUF file's 4-bit
-  # blocks dequantize to, so that the tiled path multiplies the same ones (where the CPU has
-  # AMX and the shapes are whole tiles).
-  distinct_weights = [two_bfloat16(jnp.asarray(rng.standard_normal(s, np.float32) * 0.02))
+  # Weights as a GGUF file's Q4_1 blocks dequantize to (each entry also the sum of two bfloat16
+  # numbers), so that every path multiplies the same ones.
+  distinct_weights = [jnp.asarray(q4_1(rng.standard_normal(s, np.float32) * 0.02))
                       for s in distinct]
-  weights = distinct_weights * (len(shapes) // len(distinct_weights))
+  repeat = len(shapes) // len(distinct_weights)
+  weights = distinct_weights * repeat
   tiles = kernels.tiles_usable() and all(
       n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in distinct)
-  tiled = ([kernels.tiled(w) for w in distinct_weights] * (len(shapes) // len(distinct_weights))
-           if tiles else [])
-  bytes_read = sum(n * k * 4 for n, k in shapes)  # bytes multiplied, from cache or not
+  if tiles and not all(kernels.two_bfloat16(w) for w in distinct_weights):
+    _fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
+  tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if tiles else []
+  scaled = [kernels.scaled_tiles_if_exact(w) for w in distinct_weights] * repeat if tiles else []
+  bytes_read = sum(n * k * 4 for n, k in shapes)  # float32 bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
 
@@ -113,7 +125,7 @@ def main(argv):
                 'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline'}[path]
       return jax.ffi.ffi_call(target,
                               jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
-    return kernels.rows_matmul(x, w, path in ('kernel', 'tiled'))
+    return kernels.rows_matmul(x, w, path in ('kernel', 'tiled', 'scaled'))
 
   def chain(path):
     @jax.jit
@@ -128,10 +140,12 @@ def main(argv):
       return total
     return run
 
-  names = (['kernel'] + ['tiled'] * tiles + ['baseline'] * bool(_BASELINE.value)
+  names = (['kernel'] + ['tiled', 'scaled'] * tiles + ['baseline'] * bool(_BASELINE.value)
            + ['baseline tiled'] * (tiles and tiled_symbol is not None) + ['xla'])
   paths = {p: chain(p) for p in names}
-  operands = {p: tiled if p.endswith('tiled') else weights for p in names}
+  operands = {p: scaled if p == 'scaled' else tiled if p.endswith('tiled') else weights
+              for p in names}
+  path_bytes = {p: sum(leaf.nbytes for leaf in jax.tree.leaves(operands[p])) for p in names}
   base = {}
   held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
   print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
@@ -156,7 +170,7 @@ def main(argv):
     cells = []
     for p, t in zip(paths, seconds):
       base.setdefault(p, t)
-      cells.append(f'{t * 1e3:8.2f} {flop / t / 1e9:8.1f} {bytes_read / t / 1e9:5.1f} '
+      cells.append(f'{t * 1e3:8.2f} {flop / t / 1e9:8.1f} {path_bytes[p] / t / 1e9:5.1f} '
                    f'{t / base[p]:6.2f}')
     print(f'{M:>5} | ' + ' | '.join(cells), flush=True)
 
