@@ -188,7 +188,7 @@ class DecodeModel(WholeVocabulary):
     form)."""
     if not self.tiles:
       return 0
-    tiles = (jnp.uint32, jnp.uint16)  # two-halves tiles; ScaledTiles' integers
+    tiles = (jnp.uint32, jnp.uint16, jnp.uint8)  # two-halves tiles; ScaledTiles' integers
     return sum(leaf.dtype in tiles for leaf in jax.tree.leaves(self.prepare(params)))
 
   def init_cache(self, batch: int, length: int):

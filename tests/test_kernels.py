@@ -364,14 +364,17 @@ def test_scaled_tiles_hold_exactly_a_q8_0_or_q4_1_matrix_and_nothing_else(form):
       jax.random.normal(jax.random.key(0), (48, 96)))
   t = kernels.scaled_tiles_if_exact(w)
   S = 2 if form == 'q4_1' else 1  # a scale, and an offset
-  assert t.q.shape == w.shape and t.q.dtype == jnp.uint16 and t.affine == (S == 2)
+  # Q4_1's integers (0 to 15) one byte each, Q8_0's as bfloat16 bits
+  assert t.q.shape == w.shape and t.q.dtype == (jnp.uint8 if S == 2 else jnp.uint16)
+  assert t.affine == (S == 2)
   assert t.scales.shape == (3, 3, S, 16) and t.scales.dtype == jnp.float16
   np.testing.assert_array_equal(kernels.unscaled(t), w)
   # Entry (17, 41): row block 1, column block 1 (of 3), column pair 4, row 1, second of its pair
   q = np.asarray(t.q).ravel()[(1 * 3 + 1) * 512 + 4 * 32 + 1 * 2 + 1]
   scales = np.asarray(t.scales, np.float32)[1, 1, :, 1]
   offset = scales[1] if S == 2 else 0
-  value = np.asarray(q, np.uint16).view(jnp.bfloat16).astype(np.float32)
+  value = (np.float32(q) if S == 2
+           else np.asarray(q, np.uint16).view(jnp.bfloat16).astype(np.float32))
   assert value == np.round(value) and value * scales[0] + offset == w[17, 41]
   assert kernels.scaled_tiles_if_exact(jax.random.normal(jax.random.key(0), (48, 96))) is None
   assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
@@ -514,10 +517,10 @@ def test_tile_trunk_tiles_the_trunks_exact_matrices_only(tied, form):
   halves = dict(tile_trunk(layout, scaled=False)['params'])
   halves.pop('output_tiles', None)
   assert sum(leaf.dtype == jnp.uint32 for leaf in jax.tree.leaves(halves)) == len(names)
-  assert not any(leaf.dtype == jnp.uint16 for leaf in jax.tree.leaves(halves))
+  assert not any(leaf.dtype in (jnp.uint16, jnp.uint8) for leaf in jax.tree.leaves(halves))
   # float32 weights in general are neither: nothing is tiled
   plain = kernel_layout(init_params(cfg, jax.random.key(1)))
-  assert not any(leaf.dtype in (jnp.uint32, jnp.uint16)
+  assert not any(leaf.dtype in (jnp.uint32, jnp.uint16, jnp.uint8)
                  for leaf in jax.tree.leaves(tile_trunk(plain)))
   assert 'output_tiles' not in tile_trunk(plain)['params']
 

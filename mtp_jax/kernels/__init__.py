@@ -11,8 +11,8 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
-  file's Q4_1 and Q8_0 tensors dequantize: the integers in bfloat16 tiles, half float32's bytes,
-  on the tile unit too).
+  file's Q4_1 and Q8_0 tensors dequantize: Q8_0's integers in bfloat16 tiles, half float32's
+  bytes, Q4_1's in one byte each, a quarter, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -47,7 +47,9 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
-SCALED_TARGET = ('mtpjax_rows_matmul_scaled', 'RowsMatmulScaled')  # ScaledTiles
+# ScaledTiles: integers in bfloat16 tiles, in one byte each
+SCALED_TARGETS = {'uint16': ('mtpjax_rows_matmul_scaled', 'RowsMatmulScaled'),
+                  'uint8': ('mtpjax_rows_matmul_scaled8', 'RowsMatmulScaled8')}
 # ScaledTiles: entries a scale covers; the largest integer of Q8_0's form, of Q4_1's (from 0)
 RUN, RUN_LARGEST, RUN_LEVELS = 32, 127, 15
 
@@ -138,7 +140,7 @@ def _library():
   try:
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
-               [*ROWS_TARGETS.values(), SCALED_TARGET,
+               [*ROWS_TARGETS.values(), *SCALED_TARGETS.values(),
                 ('mtpjax_cache_attention', 'CacheAttention')]]
     library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
@@ -210,10 +212,12 @@ class ScaledTiles:
   (a scale, the run's largest magnitude / 127, times int8 values) and its Q4_1 ones (a scale,
   (largest - least) / 15, times integers 0 to 15, plus the run's least value). The integers,
   exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
-  blocks first): 2 bytes an entry, where float32 takes 4. It stands in for the matrix wherever
+  blocks first): 2 bytes an entry, where float32 takes 4, or Q4_1's 4-bit ones 1 byte. It stands in for the matrix wherever
   layers.dense reads one (shape, ndim, reshape of its integers, which come first among its leaves
   so that Flax's check of a param's shape sees the matrix's)."""
-  q: jax.Array  # uint16, tiled: (N, K), or the matrix's shape as a param (layers.dense reshapes)
+  # tiled, (N, K) or the matrix's shape as a param (layers.dense reshapes): Q8_0's integers as
+  # bfloat16 (uint16 bits), Q4_1's (0 to 15) as uint8, one byte each, widened by the kernel
+  q: jax.Array
   # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
   scales: jax.Array
 
@@ -264,7 +268,10 @@ def scaled_tiles_if_exact(w):
             and np.all(q * scale[..., None] + base[..., None] == runs)
             and all(np.all(v.astype(np.float16) == v) for v in kept)):
       continue
-    q = jnp.asarray(q.reshape(N, K).astype(np.float32), jnp.bfloat16)
+    # Q4_1's integers in one byte each (the kernel widens them to bfloat16 tiles), Q8_0's in
+    # bfloat16
+    q = (jnp.asarray(q.reshape(N, K), jnp.uint8) if offset is not None
+         else jnp.asarray(q.reshape(N, K).astype(np.float32), jnp.bfloat16))
     scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
     return ScaledTiles(_tile_order(q).reshape(N, K), jnp.asarray(
         scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)))
@@ -274,7 +281,7 @@ def scaled_tiles_if_exact(w):
 def unscaled(t: ScaledTiles):
   """The float32 matrix (N, K) back from its ScaledTiles."""
   N, K = t.scales.shape[0] * TILE_ROWS, t.scales.shape[1] * RUN
-  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)
+  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)  # bfloat16 or uint8
   scales = t.scales.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(N, K // RUN, -1, 1)
   w = q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scales[:, :, 0]
   if t.affine:
@@ -283,21 +290,22 @@ def unscaled(t: ScaledTiles):
 
 
 def _tile_order(m):
-  """The bfloat16 matrix m (N, K) as uint16 tiles, one a row for each block of 16 rows by 32
-  columns (row blocks first): AMX's layout of a product's second operand, 16 column pairs by 16
-  rows by 2."""
+  """The matrix m (N, K) as tiles, one a row for each block of 16 rows by 32 columns (row blocks
+  first): AMX's layout of a product's second operand, 16 column pairs by 16 rows by 2; bfloat16
+  as uint16 bits, any other dtype as it is."""
   N, K = m.shape
-  blocks = jax.lax.bitcast_convert_type(m, jnp.uint16).reshape(
-      N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
+  if m.dtype == jnp.bfloat16:
+    m = jax.lax.bitcast_convert_type(m, jnp.uint16)
+  blocks = m.reshape(N // TILE_ROWS, TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, 2)
   # row block, column block, pair, row, 2
   return blocks.transpose(0, 2, 3, 1, 4).reshape(-1, TILE_ROWS * TILE_COLUMNS)
 
 
 def _matrix_order(tiles, N: int, K: int):
-  """_tile_order's bfloat16 matrix back from its tiles."""
+  """_tile_order's matrix back from its tiles: bfloat16 from uint16 bits, else as it is."""
   blocks = tiles.reshape(N // TILE_ROWS, K // TILE_COLUMNS, TILE_COLUMNS // 2, TILE_ROWS, 2)
-  return jax.lax.bitcast_convert_type(blocks.transpose(0, 3, 1, 2, 4).reshape(N, K),
-                                      jnp.bfloat16)
+  m = blocks.transpose(0, 3, 1, 2, 4).reshape(N, K)
+  return jax.lax.bitcast_convert_type(m, jnp.bfloat16) if m.dtype == jnp.uint16 else m
 
 
 def _tiles(hi, lo):
@@ -367,7 +375,7 @@ def rows_matmul(x, w, use_kernel: bool = True):
   scaled = isinstance(w, ScaledTiles)
   if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows where the unit runs, else XLA
     if use_kernel and _float32(x) and tiles_usable():
-      target, operands = ((SCALED_TARGET, (w.q, w.scales)) if scaled
+      target, operands = ((SCALED_TARGETS[jnp.dtype(w.q.dtype).name], (w.q, w.scales)) if scaled
                           else (ROWS_TARGETS['uint32'], (w,)))
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
                                                              jnp.float32))(x, *operands)

@@ -19,12 +19,14 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <type_traits>
 #include <utility>
 
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512BW__) && defined(__linux__)
 #define MTPJAX_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -433,9 +435,12 @@ void split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* piec
 // it, 15.8 / 16.2 / 18.2 / 19.2 two / four / eight / sixteen blocks ahead (the float32 kernel
 // 14.5-15.1 in the same runs).
 constexpr int64_t kAheadHalves = 2 * kTileHalves;
-// The `tiles` tiles from w (a two-halves block is 2, a scaled block 1), one prefetch a cache line.
+// The `tiles` tiles from w (a two-halves block's 2), one prefetch a cache line.
 inline void prefetch_tiles(const uint16_t* w, int tiles) {
   for (int line = 0; line < tiles * kTileHalves * 2 / 64; ++line) __builtin_prefetch(w + line * 32);
+}
+inline void prefetch_bytes(const void* p, int64_t bytes) {  // one prefetch a cache line
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
 }
 
 // One weight block's five tile products into sum tile C: its (hi, lo) tiles at w. Macros, not
@@ -548,9 +553,10 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // offset, as a GGUF file's Q8_0 tensors dequantize (a scale times an int8; SmolLM2's embedding,
 // also its output matrix) and its Q4_1 ones (a scale times a 4-bit integer plus an offset;
 // SmolLM2's blocks). The integers are exact in bfloat16: q holds them in tiles, one per block of
-// 16 rows by 32 columns (row blocks first), in the order of a tile product's second operand; s
-// holds each block's 16 row scales, then (affine) their 16 offsets. 2 bytes an entry and 2 or 4
-// per 32 entries, where float32 takes 4 an entry.
+// 16 rows by 32 columns (row blocks first), in the order of a tile product's second operand, as
+// bfloat16 (2 bytes an entry) or, Q4_1's 0 to 15, one byte each (widened to a bfloat16 tile in
+// L1 while the tile before it multiplies); s holds each block's 16 row scales, then (affine)
+// their 16 offsets, 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
@@ -559,16 +565,37 @@ static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// A tile of integers 0 to 15, one byte each (Q4_1's, 512 bytes), as the bfloat16 tile `out`:
+// each 32 bytes widened to 16-bit indices into a table of the 16 numbers' bfloat16 bits.
+inline void widen_tile(const uint8_t* in, uint16_t* out) {
+  alignas(64) static const uint16_t kBf16[32] = {
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120,
+      0x4130, 0x4140, 0x4150, 0x4160, 0x4170};  // bfloat16 0, 1, ..., 15
+  const __m512i table = _mm512_load_si512(kBf16);
+  for (int i = 0; i < kTileHalves / 32; ++i) {
+    const __m512i index =
+        _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 32 * i)));
+    _mm512_store_si512(out + 32 * i, _mm512_permutexvar_epi16(index, table));
+  }
+}
+
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
 // (and its offsets times each row's run sums) into `sums` (rows x 16 floats), through tmp. The
-// weight tile goes through tile 6 or 7.
+// weight tile goes through tile 6 or 7; a tile of bytes is widened to bfloat16 in `wide` first.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
-    const uint16_t* tile = qb + (g) * stride + kb * kTileHalves;                   \
+    const Q* tile = qb + (g) * stride + kb * kTileHalves;                          \
     const uint16_t* scales = sb + ((g) * blocks_k + kb) * S * kTile;               \
-    prefetch_tiles(tile + kAheadHalves, 1);                                        \
+    prefetch_bytes(tile + 2 * kTileHalves, kTileHalves * sizeof(Q));              \
     __builtin_prefetch(scales + 2 * S * kTile);                                    \
-    _tile_loadd(B, tile, 64);                                                      \
+    if constexpr (sizeof(Q) == 1) {                                                \
+      _tile_loadd(B, wide[g][kb & 1], 64);                                         \
+      if (kb + 1 < blocks_k)                                                       \
+        widen_tile(reinterpret_cast<const uint8_t*>(tile + kTileHalves),           \
+                   wide[g][(kb + 1) & 1]);                                         \
+    } else {                                                                       \
+      _tile_loadd(B, tile, 64);                                                    \
+    }                                                                              \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
     _tile_dpbf16ps(C, 4, B);                                                       \
@@ -590,8 +617,8 @@ inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
 
 // Rows [m0, m0 + 16) (or all M <= 16) of y for G scaled weight-row blocks from block nb;
 // run_sums: each input row's sums over its runs of 32 (M x K / 32; affine only).
-template <int G, bool kAffine>
-void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* q,
+template <int G, bool kAffine, typename Q>
+void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
                   const uint16_t* s, const float* all_run_sums, float* y, int64_t M, int64_t N,
                   int64_t nb, int64_t m0) {
   constexpr int64_t S = kAffine ? 2 : 1;
@@ -599,12 +626,17 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t*
   const uint16_t* x0 = pieces + m0 * K;
   const uint16_t* x1 = x0 + Mp * K;
   const uint16_t* x2 = x1 + Mp * K;
-  const uint16_t* qb = q + nb * stride;
+  const Q* qb = q + nb * stride;
   const uint16_t* sb = s + nb * blocks_k * S * kTile;
   const float* run_sums = kAffine ? all_run_sums + m0 * blocks_k : nullptr;
   const int64_t rows = std::min<int64_t>(kTile, M - m0);
   alignas(64) float sums[G][kTile * kTile] = {};
   alignas(64) float tmp[G][kTile * kTile];
+  // bytes: each block's next tile widened while this one multiplies
+  alignas(64) uint16_t wide[G][2][sizeof(Q) == 1 ? kTileHalves : 1];
+  if constexpr (sizeof(Q) == 1)
+    for (int g = 0; g < G; ++g)
+      widen_tile(reinterpret_cast<const uint8_t*>(qb + g * stride), wide[g][0]);
   for (int64_t kb = 0; kb < blocks_k; ++kb) {
     _tile_loadd(3, x0 + kb * kPair, K * 2);
     _tile_loadd(4, x1 + kb * kPair, K * 2);
@@ -619,9 +651,9 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t*
                   kTile * sizeof(float));
 }
 
-template <bool kAffine>
+template <bool kAffine, typename Q>
 void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
-                    const uint16_t* q, const uint16_t* s, float* y) {
+                    const Q* q, const uint16_t* s, float* y) {
   std::vector<float> run_sums;
   if constexpr (kAffine) {  // each row's runs summed alike: two vectors, then their lanes
     run_sums.resize(M * (K / kPair));
@@ -632,18 +664,20 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   over_groups(pool, x, M, K, N,
               [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
                 if (left == 3)
-                  scaled_group<3, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+                  scaled_group<3, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
                 else if (left == 2)
-                  scaled_group<2, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+                  scaled_group<2, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
                 else
-                  scaled_group<1, kAffine>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+                  scaled_group<1, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
               });
 }
 #endif
 
-// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups).
+// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups); q's
+// integers in bfloat16 (U16 bits) or in one byte each (U8: 0 to 15).
+template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::F16> s,
+                                ffi::Buffer<T> q, ffi::Buffer<ffi::F16> s,
                                 ffi::ResultBuffer<ffi::F32> y) {
 #if MTPJAX_AMX
   const auto xd = x.dimensions();
@@ -659,10 +693,14 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.typed_data());
+  using Q = std::conditional_t<T == ffi::DataType::U8, uint8_t, uint16_t>;
+  if (sizeof(Q) == 1 && sd[2] != 2)
+    return ffi::Error::InvalidArgument("rows_matmul: integers in bytes come with offsets");
+  const auto* qp = reinterpret_cast<const Q*>(q.typed_data());
   if (sd[2] == 2)
-    scaled_product<true>(pool, x.typed_data(), M, K, N, q.typed_data(), sp, y->typed_data());
+    scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
   else
-    scaled_product<false>(pool, x.typed_data(), M, K, N, q.typed_data(), sp, y->typed_data());
+    scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
   return ffi::Error::Success();
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
@@ -831,11 +869,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled, RowsMatmulScaledImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled, RowsMatmulScaledImpl<ffi::U16>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled8, RowsMatmulScaledImpl<ffi::U8>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
