@@ -99,8 +99,9 @@ def float32_bytes(params) -> int:
 
 def our_step_bytes(model, params) -> int:
   """What one of our decoding steps reads of the weights as decoding keeps them: the trunk's
-  matrices (tiled ones as tiles, the same bytes) and the output matrix, as scaled tiles where the
-  tile unit reads it so; the embedding is then only looked up, a row a token, and not counted."""
+  matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and offsets)
+  and the output matrix, as scaled tiles where the tile unit reads it so; the embedding is then
+  only looked up, a row a token, and not counted."""
   prepared = model.prepare(params)['params']
   skip = {'embedding', 'unembedding'} if 'output_tiles' in prepared else set()
   return sum(leaf.nbytes for key, tree in prepared.items()

@@ -65,7 +65,7 @@ def main(argv):
     form = 'scaled tiles'
     operands = {'float32 kernel': w, 'scaled tiles': scaled, 'xla': w}
   reads = {'float32 kernel': w.nbytes, 'xla': w.nbytes,
-           'scaled tiles': w.size * 2 + w.size // kernels.RUN * 4}
+           'scaled tiles': 0 if scaled is None else scaled.q.nbytes + scaled.scales.nbytes}
   print(f'{os.path.basename(config.model.init_from)}: output matrix {V} x {D}; {form}')
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
   product = jax.jit(kernels.rows_matmul, static_argnums=2)

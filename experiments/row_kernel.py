@@ -6,8 +6,8 @@ of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 
 entries are also each the sum of two bfloat16 numbers; where the CPU has AMX
 (kernels.tiles_usable) and the shapes are whole tiles, also the products of the same weights on
 the tile unit, which decoding uses there (decode.tiles): `tiled`, in two bfloat16 halves
-(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (2 bytes an entry and 4
-a run of 32).
+(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers one byte an
+entry, a float16 scale and offset a run of 32).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -115,6 +115,8 @@ def main(argv):
     _fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
   tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if tiles else []
   scaled = [kernels.scaled_tiles_if_exact(w) for w in distinct_weights] * repeat if tiles else []
+  if any(t is None for t in scaled):
+    _fail('the random Q4_1 weights are not all in the form of kernels.ScaledTiles')
   bytes_read = sum(n * k * 4 for n, k in shapes)  # float32 bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here

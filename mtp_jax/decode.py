@@ -126,7 +126,8 @@ class DecodeModel(WholeVocabulary):
   draft_dtype: str = 'float32'  # the heads' matrices and draft output rows (kernels only)
   tiles: bool = False  # the trunk's matrices the tile unit takes exactly, tiled (kernels only)
   # with tiles: the trunk's matrices as kernels.ScaledTiles where they have the form, else in
-  # two bfloat16 halves; False: all in two halves (model.tile_trunk; for comparisons)
+  # two bfloat16 halves; False: the blocks' in two halves, a tied output matrix still as scaled
+  # tiles (model.tile_trunk; for comparisons)
   scaled_trunk: bool = True
 
   @property
@@ -183,8 +184,8 @@ class DecodeModel(WholeVocabulary):
     return made[key]
 
   def tiled_matrices(self, params) -> int:
-    """How many of the params' matrices this model multiplies tiled: the trunk's in two
-    halves and an output matrix as scaled tiles (0 without tiles, or when no matrix has either
+    """How many of the params' matrices this model multiplies tiled: the trunk's and an output
+    matrix, as scaled tiles or in two halves (0 without tiles, or when no matrix has either
     form)."""
     if not self.tiles:
       return 0

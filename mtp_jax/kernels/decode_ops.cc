@@ -593,6 +593,7 @@ inline void widen_tile(const uint8_t* in, uint16_t* out) {
       if (kb + 1 < blocks_k)                                                       \
         widen_tile(reinterpret_cast<const uint8_t*>(tile + kTileHalves),           \
                    wide[g][(kb + 1) & 1]);                                         \
+      asm volatile("" ::: "memory"); /* the widened tile stored before its load */  \
     } else {                                                                       \
       _tile_loadd(B, tile, 64);                                                    \
     }                                                                              \
@@ -634,9 +635,11 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
   alignas(64) float tmp[G][kTile * kTile];
   // bytes: each block's next tile widened while this one multiplies
   alignas(64) uint16_t wide[G][2][sizeof(Q) == 1 ? kTileHalves : 1];
-  if constexpr (sizeof(Q) == 1)
+  if constexpr (sizeof(Q) == 1) {
     for (int g = 0; g < G; ++g)
       widen_tile(reinterpret_cast<const uint8_t*>(qb + g * stride), wide[g][0]);
+    asm volatile("" ::: "memory");
+  }
   for (int64_t kb = 0; kb < blocks_k; ++kb) {
     _tile_loadd(3, x0 + kb * kPair, K * 2);
     _tile_loadd(4, x1 + kb * kPair, K * 2);
