@@ -94,14 +94,13 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  def q4_1(w):  # w's runs of 32 (the last one shorter) as Q4_1 keeps them: a float16 scale and
-    out = np.empty_like(w)  # offset, 4-bit integers
-    for c in range(0, w.shape[1], 32):
-      run = w[:, c:c + 32]
-      least = run.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
-      scale = ((run.max(-1, keepdims=True) - least) / 15).astype(np.float16).astype(np.float32)
-      out[:, c:c + 32] = np.clip(np.round((run - least) / scale), 0, 15) * scale + least
-    return out
+  def q4_1(w):  # w as a GGUF Q4_1 tensor dequantizes (gguf's quantizer; the rows padded with
+    # zeros to whole runs of 32, then cut back)
+    from gguf import GGMLQuantizationType, quants
+    padded = np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
+    rounded = quants.dequantize(quants.quantize(padded, GGMLQuantizationType.Q4_1),
+                                GGMLQuantizationType.Q4_1)
+    return rounded[:, :w.shape[1]]
 
   # Weights as a GGUF file's Q4_1 blocks dequantize to (each entry also the sum of two bfloat16
   # numbers), so that every path multiplies the same ones.

@@ -310,6 +310,14 @@ def to_gguf_layout(w, heads):
   return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_rounded(w, qtype):
+  """The matrix w as a GGUF tensor of type `qtype` dequantizes, through gguf's own quantizer and
+  dequantizer (runs of 32 along each row; the row's length a multiple of 32)."""
+  import gguf
+  w = np.asarray(w, np.float32)
+  return jax.numpy.asarray(gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype))
+
+
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
                extra=None, floats=None, pre='default', chat=CHAT, eot=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`

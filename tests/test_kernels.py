@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
-from conftest import run_script, tiny_model
+from conftest import gguf_rounded, run_script, tiny_model
 from mtp_jax import decode as dec
 from mtp_jax import kernels
 from mtp_jax.layers import attend, visible_slots
@@ -339,23 +340,16 @@ def two_bfloat16_exact(w):
 
 
 def q8_0_exact(w):
-  """w as a GGUF Q8_0 tensor dequantizes: each run of 32 entries along a row a float16 scale
-  (the run's largest magnitude / 127) times integers of at most 127."""
-  w = np.asarray(w, np.float32)
-  runs = w.reshape(w.shape[0], -1, 32)
-  scale = (np.abs(runs).max(-1, keepdims=True) / 127).astype(np.float16).astype(np.float32)
-  return jnp.asarray((np.round(runs / scale) * scale).reshape(w.shape))
+  """w as a GGUF Q8_0 tensor dequantizes (gguf's own quantizer): each run of 32 entries along a
+  row a float16 scale (the run's largest magnitude / 127) times integers of at most 127."""
+  return gguf_rounded(w, GGMLQuantizationType.Q8_0)
 
 
 def q4_1_exact(w):
-  """w as a GGUF Q4_1 tensor dequantizes: each run of 32 entries along a row a float16 scale
-  ((largest - least) / 15) times integers 0 to 15, plus the run's least entry in float16."""
-  w = np.asarray(w, np.float32)
-  runs = w.reshape(w.shape[0], -1, 32)
-  least = runs.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
-  scale = ((runs.max(-1, keepdims=True) - least) / 15).astype(np.float16).astype(np.float32)
-  q = np.clip(np.round((runs - least) / scale), 0, 15)
-  return jnp.asarray((q * scale + least).reshape(w.shape))
+  """w as a GGUF Q4_1 tensor dequantizes (gguf's own quantizer): each run of 32 entries along a
+  row a float16 scale ((largest - least) / 15) times integers 0 to 15, plus the run's least
+  entry in float16."""
+  return gguf_rounded(w, GGMLQuantizationType.Q4_1)
 
 
 @pytest.mark.parametrize('form', ['q8_0', 'q4_1'])
