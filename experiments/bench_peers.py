@@ -55,6 +55,7 @@ from configs import smollm2  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
+from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 from mtp_jax.pretrained import fetch  # noqa: E402
 from mtp_jax.pretrained.tokenizer import chat_turn  # noqa: E402
 
@@ -319,9 +320,10 @@ def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
     raise app.UsageError(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
-  if not all(k.isdigit() and int(k) >= 1 for k in _CANDIDATES.value):
-    raise app.UsageError(f'--candidates takes positive integers, got {",".join(_CANDIDATES.value)}')
-  candidates = sorted({int(k) for k in _CANDIDATES.value})
+  try:
+    candidates = sorted(set(positive_ints(_CANDIDATES.value, '--candidates')))
+  except ConfigError as e:
+    raise app.UsageError(str(e))
   threads = _THREADS.value
   cores = pin(threads)
   config = smollm2.get_config()

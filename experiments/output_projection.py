@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '32'], 'Input rows M.')
@@ -31,8 +33,10 @@ def _fail(message: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not all(r.isdigit() and int(r) > 0 for r in _ROWS.value):
-    _fail(f'--rows takes positive integers, got {",".join(_ROWS.value)}')
+  try:
+    rows = positive_ints(_ROWS.value, '--rows')
+  except ConfigError as e:
+    _fail(str(e))
   if _ROUNDS.value < 1:
     _fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
   config = _CONFIG.value
@@ -43,7 +47,6 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
   from mtp_jax import kernels, measure
-  from mtp_jax.config import ConfigError
   from mtp_jax.model import output_matrix
   from mtp_jax.pretrained import resolve
 
@@ -71,7 +74,7 @@ def main(argv):
   product = jax.jit(kernels.rows_matmul, static_argnums=2)
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GB/s  x float32' for p in operands))
   rng = np.random.default_rng(0)
-  for M in [int(r) for r in _ROWS.value]:
+  for M in rows:
     x = jnp.asarray(rng.standard_normal((M, D), np.float32))
     want = np.asarray(product(x, w, False))
     for path, operand in operands.items():

@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
+
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '24', '32'], 'Input rows M.')
 _WIDTH = flags.DEFINE_integer('width', 576, 'Model width.')
 _KV_WIDTH = flags.DEFINE_integer('kv_width', 192, 'Width of k and v (kv heads x head size).')
@@ -54,8 +56,10 @@ def _fail(message: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not all(r.isdigit() and int(r) > 0 for r in _ROWS.value):
-    _fail(f'--rows takes positive integers, got {",".join(_ROWS.value)}')
+  try:
+    rows = positive_ints(_ROWS.value, '--rows')
+  except ConfigError as e:
+    _fail(str(e))
   for name, value in (('width', _WIDTH.value), ('kv_width', _KV_WIDTH.value), ('ffn', _FFN.value),
                       ('layers', _LAYERS.value), ('rounds', _ROUNDS.value)):
     if value < 1:
@@ -152,7 +156,7 @@ def main(argv):
   print(f'{len(shapes)} products, {bytes_read / 1e6:.0f} MB of float32 weights'
         + (held if _CACHED.value else ''))
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GFLOP/s  GB/s  x first' for p in paths))
-  for M in [int(r) for r in _ROWS.value]:
+  for M in rows:
     x_d = jnp.asarray(rng.standard_normal((M, d), np.float32))
     x_f = jnp.asarray(rng.standard_normal((M, f), np.float32))
     for i, w in enumerate(weights[:4]):  # each shape's outputs, every path against XLA's dot

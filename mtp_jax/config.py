@@ -138,6 +138,14 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
   return sorted(pairs)
 
 
+def positive_ints(values: list[str], flag: str) -> list[int]:
+  """A list flag's values (absl's DEFINE_list) as positive integers, in order; ConfigError naming
+  the flag otherwise."""
+  if not all(v.isdigit() and int(v) > 0 for v in values):
+    raise ConfigError(f'{flag} takes positive integers, got {",".join(values)}')
+  return [int(v) for v in values]
+
+
 def _check(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)
