@@ -89,11 +89,7 @@ def _made_from(params) -> dict:
 def _draft(params, ids: tuple, kernel_layout_: bool, dtype: str) -> dict:
   """The draft vocabulary's ids and output rows (N x D, in `dtype`; int8 as kernels.Int8Rows)
   from the output matrix (model.output_matrix)."""
-  matrix = output_matrix(params['params'], kernel_layout_)
-  if isinstance(matrix, kernels_lib.ScaledTiles):  # model.tile_trunk's
-    matrix = kernels_lib.unscaled(matrix)
-  elif matrix.dtype == jnp.uint32:
-    matrix = kernels_lib.untiled(matrix)
+  matrix = kernels_lib.float32_matrix(output_matrix(params['params'], kernel_layout_))
   index = jnp.asarray(ids, jnp.int32)
   rows = jnp.take(matrix, index, axis=0)
   return {'ids': index, 'out': kernels_lib.narrowed(rows, dtype)}

@@ -18,6 +18,7 @@ cache_attention(q, k, v, positions, slots): new entries' attention over a KV cac
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -205,29 +206,37 @@ def tiled(w):
   return _tiles(*halves(w))
 
 
+class _StandsForMatrix:
+  """A matrix kept as several arrays, the first of them in the matrix's shape: it stands in for
+  the matrix wherever layers.dense reads one (shape, ndim, and a reshape in each class), and Flax's
+  check of a param's shape, which compares the first leaf, sees the matrix's."""
+
+  @property
+  def _first(self):
+    return getattr(self, dataclasses.fields(self)[0].name)
+
+  @property
+  def shape(self):
+    return self._first.shape
+
+  @property
+  def ndim(self):
+    return self._first.ndim
+
+
 @flax.struct.dataclass
-class ScaledTiles:
+class ScaledTiles(_StandsForMatrix):
   """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
   times small integers, plus (`affine`) a float16 offset: a GGUF file's Q8_0 tensors dequantized
   (a scale, the run's largest magnitude / 127, times int8 values) and its Q4_1 ones (a scale,
   (largest - least) / 15, times integers 0 to 15, plus the run's least value). The integers,
   exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
-  blocks first): 2 bytes an entry, where float32 takes 4, or Q4_1's 4-bit ones 1 byte. It stands in for the matrix wherever
-  layers.dense reads one (shape, ndim, reshape of its integers, which come first among its leaves
-  so that Flax's check of a param's shape sees the matrix's)."""
+  blocks first): 2 bytes an entry, where float32 takes 4, or Q4_1's 1 byte."""
   # tiled, (N, K) or the matrix's shape as a param (layers.dense reshapes): Q8_0's integers as
   # bfloat16 (uint16 bits), Q4_1's (0 to 15) as uint8, one byte each, widened by the kernel
   q: jax.Array
   # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
   scales: jax.Array
-
-  @property
-  def shape(self):
-    return self.q.shape
-
-  @property
-  def ndim(self):
-    return self.q.ndim
 
   @property
   def affine(self) -> bool:
@@ -276,6 +285,13 @@ def scaled_tiles_if_exact(w):
     return ScaledTiles(_tile_order(q).reshape(N, K), jnp.asarray(
         scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)))
   return None
+
+
+def float32_matrix(w):
+  """The float32 matrix (N, K) that w holds: from ScaledTiles or two-halves tiles, else w."""
+  if isinstance(w, ScaledTiles):
+    return unscaled(w)
+  return untiled(w) if w.dtype == jnp.uint32 else w
 
 
 def unscaled(t: ScaledTiles):
@@ -328,21 +344,11 @@ def _float32(*arrays) -> bool:
 
 
 @flax.struct.dataclass
-class Int8Rows:
+class Int8Rows(_StandsForMatrix):
   """A matrix stored (out..., in...) as int8 values and one float32 scale per output row: row n
-  is values[n] * scale[n]. It stands in for the float matrix wherever layers.dense reads one
-  (shape, ndim, reshape), and its values come first among its leaves, so Flax's check of a
-  param's shape sees the matrix's."""
+  is values[n] * scale[n]."""
   values: jax.Array  # int8, (out..., in...)
   scale: jax.Array  # float32, (out...)
-
-  @property
-  def shape(self):
-    return self.values.shape
-
-  @property
-  def ndim(self):
-    return self.values.ndim
 
   @property
   def dtype(self):
@@ -379,7 +385,7 @@ def rows_matmul(x, w, use_kernel: bool = True):
                           else (ROWS_TARGETS['uint32'], (w,)))
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),
                                                              jnp.float32))(x, *operands)
-    w = unscaled(w) if scaled else untiled(w)
+    w = float32_matrix(w)
   narrow = isinstance(w, Int8Rows)
   values = w.values if narrow else w
   # int8 values reach their target only as Int8Rows, which carry the scales
