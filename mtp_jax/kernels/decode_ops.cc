@@ -435,10 +435,6 @@ void split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* piec
 // it, 15.8 / 16.2 / 18.2 / 19.2 two / four / eight / sixteen blocks ahead (the float32 kernel
 // 14.5-15.1 in the same runs).
 constexpr int64_t kAheadHalves = 2 * kTileHalves;
-// The `tiles` tiles from w (a two-halves block's 2), one prefetch a cache line.
-inline void prefetch_tiles(const uint16_t* w, int tiles) {
-  for (int line = 0; line < tiles * kTileHalves * 2 / 64; ++line) __builtin_prefetch(w + line * 32);
-}
 inline void prefetch_bytes(const void* p, int64_t bytes) {  // one prefetch a cache line
   for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
 }
@@ -447,7 +443,7 @@ inline void prefetch_bytes(const void* p, int64_t bytes) {  // one prefetch a ca
 // functions: GCC's tile intrinsics take the tile's number as a literal.
 #define MTPJAX_TILE_PRODUCTS(C, w)          \
   do {                                      \
-    prefetch_tiles((w) + kAheadHalves, 2);  \
+    prefetch_bytes((w) + kAheadHalves, 4 * kTileHalves); /* hi and lo */ \
     _tile_loadd(6, (w), 64);                \
     _tile_loadd(7, (w) + kTileHalves, 64);  \
     _tile_dpbf16ps(C, 3, 6);                \
@@ -494,8 +490,9 @@ void tile_group(const uint16_t* pieces, int64_t Mp, int64_t K, const uint16_t* w
 }
 
 // x's M rows (K each) as three bfloat16 pieces (split_rows; Mp rows, padded past 16), then
-// run(pieces, Mp, nb, left, m0) for every group of `left` <= kGroup weight-row blocks from block
-// nb of N / 16 and every 16 input rows from m0: one task per thread, each a run of groups, the
+// run(G, pieces, Mp, nb, m0) for every group of G <= kGroup weight-row blocks from block nb of
+// N / 16 (G a std::integral_constant, for the group functions' template) and every 16 input rows
+// from m0: one task per thread, each a run of groups, the
 // later passes over a group reading its blocks from L2. With a task per group instead,
 // configuring and releasing the tiles each time, the trunk's 1-position step took 22.2 ms against
 // 19.2 for the float32 kernel (experiments/decode_profile.py, two runs one after the other).
@@ -511,7 +508,15 @@ void over_groups(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, in
     configure_tiles(static_cast<int>(std::min<int64_t>(Mp, kTile)));
     for (int64_t g = groups * task / tasks; g < groups * (task + 1) / tasks; ++g) {
       const int64_t nb = g * kGroup, left = std::min<int64_t>(kGroup, blocks - nb);
-      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) run(pieces.data(), Mp, nb, left, m0);
+      static_assert(kGroup == 3, "a group has 1 to 3 blocks");
+      for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
+        if (left == 3)
+          run(std::integral_constant<int, 3>{}, pieces.data(), Mp, nb, m0);
+        else if (left == 2)
+          run(std::integral_constant<int, 2>{}, pieces.data(), Mp, nb, m0);
+        else
+          run(std::integral_constant<int, 1>{}, pieces.data(), Mp, nb, m0);
+      }
     }
     _tile_release();
   });
@@ -534,13 +539,8 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
   over_groups(pool, x.typed_data(), M, K, N,
-              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
-                if (left == 3)
-                  tile_group<3>(xs, Mp, K, wp, yp, M, N, nb, m0);
-                else if (left == 2)
-                  tile_group<2>(xs, Mp, K, wp, yp, M, N, nb, m0);
-                else
-                  tile_group<1>(xs, Mp, K, wp, yp, M, N, nb, m0);
+              [&](auto G, const uint16_t* xs, int64_t Mp, int64_t nb, int64_t m0) {
+                tile_group<decltype(G)::value>(xs, Mp, K, wp, yp, M, N, nb, m0);
               });
   return ffi::Error::Success();
 #else
@@ -665,13 +665,9 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   }
   const float* rs = run_sums.data();
   over_groups(pool, x, M, K, N,
-              [&](const uint16_t* xs, int64_t Mp, int64_t nb, int64_t left, int64_t m0) {
-                if (left == 3)
-                  scaled_group<3, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
-                else if (left == 2)
-                  scaled_group<2, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
-                else
-                  scaled_group<1, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb, m0);
+              [&](auto G, const uint16_t* xs, int64_t Mp, int64_t nb, int64_t m0) {
+                scaled_group<decltype(G)::value, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb,
+                                                             m0);
               });
 }
 #endif
