@@ -44,13 +44,9 @@ def split_counts(w) -> tuple[int, float]:
 def kernel_rows(path, w):
   """The stored matrix w as decoding's params hold it (model.kernel_layout): one output per row,
   its input axes flattened last; the embedding as it is (V x D)."""
-  import math
-  import jax.numpy as jnp
-  from mtp_jax.model import _dense_inputs, _keys
-  n_in = _dense_inputs(_keys(path))
-  if n_in:
-    w = jnp.moveaxis(w, tuple(range(n_in)), tuple(range(w.ndim - n_in, w.ndim)))
-  return w.reshape(-1, math.prod(w.shape[w.ndim - max(n_in, 1):]))
+  from mtp_jax.model import matrix_rows, outputs_first
+  rows = matrix_rows(path, outputs_first(path, w))
+  return w if rows is None else rows
 
 
 def scaled_form(w) -> str:

@@ -149,18 +149,28 @@ def _dense_inputs(keys) -> int:
   return _DENSE[name]
 
 
+def outputs_first(path, leaf):
+  """A dense matrix of the stored params, (in..., out...), as kernel_layout keeps it: (out...,
+  in...), one output per row; any other leaf as it is."""
+  n_in = _dense_inputs(_keys(path))
+  if not n_in:
+    return leaf
+  return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
+
+
+def matrix_rows(path, leaf):
+  """A dense matrix of kernel_layout's params, (out..., in...), as the 2-D matrix the kernels
+  multiply: (outputs, inputs); None for any other leaf."""
+  n_in = _dense_inputs(_keys(path))
+  return leaf.reshape(-1, math.prod(leaf.shape[leaf.ndim - n_in:])) if n_in else None
+
+
 def kernel_layout(params):
   """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
   stored (out..., in...), one output per row, and the matrices that read the same input stacked
   into one, so that one pass over it computes them all: an attention's q, k and v along the head
   axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). All in float32;
   narrow_heads stores the MTP heads' matrices narrower."""
-  def move(path, leaf):
-    n_in = _dense_inputs(_keys(path))
-    if not n_in:
-      return leaf
-    return jnp.moveaxis(leaf, tuple(range(n_in)), tuple(range(leaf.ndim - n_in, leaf.ndim)))
-
   def stack(tree, name=''):
     if not isinstance(tree, dict):
       return tree
@@ -170,7 +180,7 @@ def kernel_layout(params):
     if name == 'mlp' and {'gate', 'up'} <= tree.keys():
       tree['gate_up'] = jnp.stack([tree.pop('gate'), tree.pop('up')])
     return tree
-  return stack(jax.tree_util.tree_map_with_path(move, params))
+  return stack(jax.tree_util.tree_map_with_path(outputs_first, params))
 
 
 def narrow_heads(layout, head_dtype: str):
@@ -206,11 +216,9 @@ def tile_trunk(layout, scaled: bool = True):
   the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the blocks'
   matrices are all in two halves, as before ScaledTiles; a tied output matrix is still added."""
   def tile(path, leaf):
-    keys = _keys(path)
-    n_in = _dense_inputs(keys)
-    if not n_in or _in_heads(keys) or leaf.dtype != jnp.float32:
+    w = matrix_rows(path, leaf)
+    if w is None or _in_heads(_keys(path)) or leaf.dtype != jnp.float32:
       return leaf
-    w = leaf.reshape(-1, math.prod(leaf.shape[leaf.ndim - n_in:]))
     if w.shape[0] % kernels.TILE_ROWS or w.shape[1] % kernels.TILE_COLUMNS:
       return leaf
     t = kernels.scaled_tiles_if_exact(w) if scaled else None
