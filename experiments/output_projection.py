@@ -1,6 +1,6 @@
 """The projection onto the vocabulary, on a pretrained trunk's own output matrix (the embedding,
 when tied), for M input rows: the float32 row kernel, the scaled tiles that model.tile_trunk
-makes of a Q8_0 matrix (kernels.ScaledTiles: 2 bytes an entry and a scale per 32, on the CPU's
+makes of a Q8_0 matrix (kernels.ScaledTiles: 1 byte an entry and a scale per 32, on the CPU's
 tile unit; where the matrix has that form and the tile unit runs) and XLA's dot.
 
 Run: python experiments/output_projection.py --config configs/smollm2.py [--rows 1,8,32]

@@ -185,8 +185,10 @@ class DecodeModel(WholeVocabulary):
     form)."""
     if not self.tiles:
       return 0
-    tiles = (jnp.uint32, jnp.uint16, jnp.uint8)  # two-halves tiles; ScaledTiles' integers
-    return sum(leaf.dtype in tiles for leaf in jax.tree.leaves(self.prepare(params)))
+    leaves = jax.tree.leaves(self.prepare(params),
+                             is_leaf=lambda leaf: isinstance(leaf, kernels_lib.ScaledTiles))
+    return sum(isinstance(leaf, kernels_lib.ScaledTiles) or leaf.dtype == jnp.uint32  # two halves
+               for leaf in leaves)
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

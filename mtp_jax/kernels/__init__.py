@@ -11,8 +11,8 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
-  file's Q4_1 and Q8_0 tensors dequantize: Q8_0's integers in bfloat16 tiles, half float32's
-  bytes, Q4_1's in one byte each, a quarter, on the tile unit too).
+  file's Q4_1 and Q8_0 tensors dequantize: the integers one byte each, a quarter of float32's
+  bytes, widened to bfloat16 tiles in the kernel, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -48,8 +48,8 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
-# ScaledTiles: integers in bfloat16 tiles, in one byte each
-SCALED_TARGETS = {'uint16': ('mtpjax_rows_matmul_scaled', 'RowsMatmulScaled'),
+# ScaledTiles: Q8_0's integers (int8), Q4_1's (0 to 15, with offsets)
+SCALED_TARGETS = {'int8': ('mtpjax_rows_matmul_scaled_s8', 'RowsMatmulScaledS8'),
                   'uint8': ('mtpjax_rows_matmul_scaled8', 'RowsMatmulScaled8')}
 # ScaledTiles: entries a scale covers; the largest integer of Q8_0's form, of Q4_1's (from 0)
 RUN, RUN_LARGEST, RUN_LEVELS = 32, 127, 15
@@ -231,9 +231,10 @@ class ScaledTiles(_StandsForMatrix):
   (a scale, the run's largest magnitude / 127, times int8 values) and its Q4_1 ones (a scale,
   (largest - least) / 15, times integers 0 to 15, plus the run's least value). The integers,
   exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
-  blocks first): 2 bytes an entry, where float32 takes 4, or Q4_1's 1 byte."""
+  blocks first), one byte an entry, where float32 takes 4; the kernel widens each tile to
+  bfloat16 as it reads it."""
   # tiled, (N, K) or the matrix's shape as a param (layers.dense reshapes): Q8_0's integers as
-  # bfloat16 (uint16 bits), Q4_1's (0 to 15) as uint8, one byte each, widened by the kernel
+  # int8, Q4_1's (0 to 15) as uint8
   q: jax.Array
   # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
   scales: jax.Array
@@ -277,10 +278,8 @@ def scaled_tiles_if_exact(w):
             and np.all(q * scale[..., None] + base[..., None] == runs)
             and all(np.all(v.astype(np.float16) == v) for v in kept)):
       continue
-    # Q4_1's integers in one byte each (the kernel widens them to bfloat16 tiles), Q8_0's in
-    # bfloat16
-    q = (jnp.asarray(q.reshape(N, K), jnp.uint8) if offset is not None
-         else jnp.asarray(q.reshape(N, K).astype(np.float32), jnp.bfloat16))
+    # one byte each (the kernel widens them to bfloat16 tiles)
+    q = jnp.asarray(q.reshape(N, K), jnp.int8 if offset is None else jnp.uint8)
     scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
     return ScaledTiles(_tile_order(q).reshape(N, K), jnp.asarray(
         scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)))
@@ -297,7 +296,7 @@ def float32_matrix(w):
 def unscaled(t: ScaledTiles):
   """The float32 matrix (N, K) back from its ScaledTiles."""
   N, K = t.scales.shape[0] * TILE_ROWS, t.scales.shape[1] * RUN
-  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)  # bfloat16 or uint8
+  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)  # int8 or uint8
   scales = t.scales.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(N, K // RUN, -1, 1)
   w = q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scales[:, :, 0]
   if t.affine:

@@ -552,14 +552,18 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // along a row is a float16 scale times integers of at most 8 bits, plus (affine) a float16
 // offset, as a GGUF file's Q8_0 tensors dequantize (a scale times an int8; SmolLM2's embedding,
 // also its output matrix) and its Q4_1 ones (a scale times a 4-bit integer plus an offset;
-// SmolLM2's blocks). The integers are exact in bfloat16: q holds them in tiles, one per block of
-// 16 rows by 32 columns (row blocks first), in the order of a tile product's second operand, as
-// bfloat16 (2 bytes an entry) or, Q4_1's 0 to 15, one byte each (widened to a bfloat16 tile in
-// L1 while the tile before it multiplies); s holds each block's 16 row scales, then (affine)
-// their 16 offsets, 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
+// SmolLM2's blocks). The integers are exact in bfloat16 and kept one byte each (int8, or Q4_1's
+// 0 to 15 as uint8) in tiles, one per block of 16 rows by 32 columns (row blocks first), in the
+// order of a tile product's second operand; each tile is widened to bfloat16 in L1 while the
+// tile before it multiplies. s holds each block's 16 row scales, then (affine) their 16 offsets,
+// 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
+
+
+
+
 #if MTPJAX_AMX
 static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
@@ -578,25 +582,30 @@ inline void widen_tile(const uint8_t* in, uint16_t* out) {
     _mm512_store_si512(out + 32 * i, _mm512_permutexvar_epi16(index, table));
   }
 }
+// A tile of int8 integers (Q8_0's, 512 bytes) as the bfloat16 tile `out`: each 32 bytes
+// sign-extended and converted to float32 (exact), then to bfloat16 (exact: at most 8 bits).
+inline void widen_tile(const int8_t* in, uint16_t* out) {
+  for (int i = 0; i < kTileHalves / 32; ++i) {
+    const __m512 lo = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 32 * i))));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 32 * i + 16))));
+    _mm512_store_si512(out + 32 * i, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
 
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
 // (and its offsets times each row's run sums) into `sums` (rows x 16 floats), through tmp. The
-// weight tile goes through tile 6 or 7; a tile of bytes is widened to bfloat16 in `wide` first.
+// weight tile, widened to bfloat16 in `wide` one k-block ahead, goes through tile 6 or 7.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
     const Q* tile = qb + (g) * stride + kb * kTileHalves;                          \
     const uint16_t* scales = sb + ((g) * blocks_k + kb) * S * kTile;               \
-    prefetch_bytes(tile + 2 * kTileHalves, kTileHalves * sizeof(Q));              \
+    prefetch_bytes(tile + 2 * kTileHalves, kTileHalves);                          \
     __builtin_prefetch(scales + 2 * S * kTile);                                    \
-    if constexpr (sizeof(Q) == 1) {                                                \
-      _tile_loadd(B, wide[g][kb & 1], 64);                                         \
-      if (kb + 1 < blocks_k)                                                       \
-        widen_tile(reinterpret_cast<const uint8_t*>(tile + kTileHalves),           \
-                   wide[g][(kb + 1) & 1]);                                         \
-      asm volatile("" ::: "memory"); /* the widened tile stored before its load */  \
-    } else {                                                                       \
-      _tile_loadd(B, tile, 64);                                                    \
-    }                                                                              \
+    _tile_loadd(B, wide[g][kb & 1], 64);                                           \
+    if (kb + 1 < blocks_k) widen_tile(tile + kTileHalves, wide[g][(kb + 1) & 1]);  \
+    asm volatile("" ::: "memory"); /* the widened tile stored before its load */    \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
     _tile_dpbf16ps(C, 4, B);                                                       \
@@ -633,13 +642,10 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
   const int64_t rows = std::min<int64_t>(kTile, M - m0);
   alignas(64) float sums[G][kTile * kTile] = {};
   alignas(64) float tmp[G][kTile * kTile];
-  // bytes: each block's next tile widened while this one multiplies
-  alignas(64) uint16_t wide[G][2][sizeof(Q) == 1 ? kTileHalves : 1];
-  if constexpr (sizeof(Q) == 1) {
-    for (int g = 0; g < G; ++g)
-      widen_tile(reinterpret_cast<const uint8_t*>(qb + g * stride), wide[g][0]);
-    asm volatile("" ::: "memory");
-  }
+  // each block's next tile widened while this one multiplies
+  alignas(64) uint16_t wide[G][2][kTileHalves];
+  for (int g = 0; g < G; ++g) widen_tile(qb + g * stride, wide[g][0]);
+  asm volatile("" ::: "memory");
   for (int64_t kb = 0; kb < blocks_k; ++kb) {
     _tile_loadd(3, x0 + kb * kPair, K * 2);
     _tile_loadd(4, x1 + kb * kPair, K * 2);
@@ -673,7 +679,7 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 #endif
 
 // y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups); q's
-// integers in bfloat16 (U16 bits) or in one byte each (U8: 0 to 15).
+// integers in one byte each: int8 (S8) or Q4_1's 0 to 15 (U8, with offsets).
 template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<T> q, ffi::Buffer<ffi::F16> s,
@@ -692,9 +698,9 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.typed_data());
-  using Q = std::conditional_t<T == ffi::DataType::U8, uint8_t, uint16_t>;
-  if (sizeof(Q) == 1 && sd[2] != 2)
-    return ffi::Error::InvalidArgument("rows_matmul: integers in bytes come with offsets");
+  using Q = std::conditional_t<T == ffi::DataType::U8, uint8_t, int8_t>;
+  if (T == ffi::DataType::U8 && sd[2] != 2)
+    return ffi::Error::InvalidArgument("rows_matmul: integers 0 to 15 come with offsets");
   const auto* qp = reinterpret_cast<const Q*>(q.typed_data());
   if (sd[2] == 2)
     scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
@@ -868,11 +874,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl,
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled, RowsMatmulScaledImpl<ffi::U16>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaledS8, RowsMatmulScaledImpl<ffi::S8>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
