@@ -199,10 +199,13 @@ class DecodeModel(WholeVocabulary):
     return {'trunk': [empty_kv(self.cfg, batch, length) for _ in range(self.cfg.num_layers)],
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 
-  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None):
+  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None, logits_at_BxN=None):
+    """(logits, the trunk's features, caches): logits at every position, or only at the indices
+    into T that logits_at gives (a prompt's last position: the projection onto the vocabulary
+    is the largest product of a position)."""
     def fn(m, tokens, positions, caches, slots):
       h, caches = m.trunk(tokens, positions, caches, slots)
-      return m.logits(h, 0), h, caches
+      return m.logits(take_positions(h, logits_at_BxN), 0), h, caches
     return self._model.apply({'params': params['params']}, tokens_BxT, positions_BxT, cache,
                              slots_BxT, method=fn)
 
@@ -363,6 +366,11 @@ def _capture(rows: Rows, logits_BxTxV, positions_BxT, s: Settings) -> Rows:
                       top_logp=write_cache(rows.top_logp, logp, positions_BxT))
 
 
+def take_positions(x_BxTx_, at_BxN):
+  """x at the indices into its T axis that `at` gives (all of x when `at` is None)."""
+  return x_BxTx_ if at_BxN is None else jnp.take_along_axis(x_BxTx_, at_BxN[..., None], axis=1)
+
+
 def _gather(buf_BxL, positions_BxT):
   """Row-wise buf[b, positions[b]] (trailing dims kept), positions clipped into range."""
   rows = jnp.arange(buf_BxL.shape[0])[:, None]
@@ -492,12 +500,16 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
   tokens = jnp.zeros((B, cache_len), jnp.int32).at[:, :P].set(prompts_BxP)
   positions = _positions(jnp.zeros((B,), jnp.int32), P)
   cache = model.init_cache(B, cache_len)
-  logits, h0, cache['trunk'] = model.trunk(params, prompts_BxP, positions, cache['trunk'])
+  # Logits at every prompt position only to capture them; else at the last one alone.
+  last_B1 = (prompt_len_B - 1)[:, None]
+  logits, h0, cache['trunk'] = model.trunk(params, prompts_BxP, positions, cache['trunk'],
+                                           logits_at_BxN=None if s.capture_topk else last_B1)
   # h^0 is the trunk's features (mtp.feature_layers can make them wider than a head's output).
   hidden = [jnp.zeros((B, cache_len, h0.shape[-1] if k == 0 else model.hidden_dim),
                       model.hidden_dtype) for k in range(max(S, 1) if model.chains else 1)]
   hidden[0] = write_cache(hidden[0], h0, positions)
-  last = jnp.take_along_axis(logits, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  last = (jnp.take_along_axis(logits, last_B1[..., None], axis=1) if s.capture_topk
+          else logits)[:, 0]
   first = _pick(jax.random.fold_in(key, 0), last, s)
   zeros = jnp.zeros((B,), jnp.int32)
   rows = Rows(tokens=tokens, n=prompt_len_B, prompt_len=prompt_len_B, done=zeros.astype(bool),

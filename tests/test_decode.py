@@ -161,8 +161,9 @@ class CountingStub(dec.WholeVocabulary):
   def _logits(self, next_BxT):
     return 10.0 * jax.nn.one_hot(next_BxT % self.vocab, self.vocab)
 
-  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None):
-    return self._logits(tokens_BxT + 1), tokens_BxT[..., None].astype(jnp.float32), cache
+  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None, logits_at_BxN=None):
+    return (dec.take_positions(self._logits(tokens_BxT + 1), logits_at_BxN),
+            tokens_BxT[..., None].astype(jnp.float32), cache)
 
   def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
     err = jnp.asarray(self.head_error)[:tokens_BxT.shape[0], None]
@@ -233,8 +234,9 @@ class TableStub(dec.WholeVocabulary):
   def init_cache(self, batch, length):
     return placeholder_cache(batch, length, self.depth)
 
-  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None):
-    return jnp.asarray(self.P, jnp.float32)[tokens_BxT], jnp.zeros(tokens_BxT.shape + (1,)), cache
+  def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None, logits_at_BxN=None):
+    return (dec.take_positions(jnp.asarray(self.P, jnp.float32)[tokens_BxT], logits_at_BxN),
+            jnp.zeros(tokens_BxT.shape + (1,)), cache)
 
   def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
     return tokens_BxT[..., None].astype(jnp.float32), cache
