@@ -596,15 +596,16 @@ inline void widen_tile(const int8_t* in, uint16_t* out) {
 
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
 // (and its offsets times each row's run sums) into `sums` (rows x 16 floats), through tmp. The
-// weight tile, widened to bfloat16 in `wide` one k-block ahead, goes through tile 6 or 7.
+// weight tile, widened to bfloat16 one k-block ahead (widened_tile), goes through tile 6 or 7.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
     const Q* tile = qb + (g) * stride + kb * kTileHalves;                          \
     const uint16_t* scales = sb + ((g) * blocks_k + kb) * S * kTile;               \
-    prefetch_bytes(tile + 2 * kTileHalves, kTileHalves);                          \
+    if (widen) prefetch_bytes(tile + 2 * kTileHalves, kTileHalves);               \
     __builtin_prefetch(scales + 2 * S * kTile);                                    \
-    _tile_loadd(B, wide[g][kb & 1], 64);                                           \
-    if (kb + 1 < blocks_k) widen_tile(tile + kTileHalves, wide[g][(kb + 1) & 1]);  \
+    _tile_loadd(B, widened_tile(g, kb), 64);                                       \
+    if (widen && kb + 1 < blocks_k)                                                \
+      widen_tile(tile + kTileHalves, widened_tile(g, kb + 1));                     \
     asm volatile("" ::: "memory"); /* the widened tile stored before its load */    \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
@@ -626,11 +627,14 @@ inline void widen_tile(const int8_t* in, uint16_t* out) {
   } while (0)
 
 // Rows [m0, m0 + 16) (or all M <= 16) of y for G scaled weight-row blocks from block nb;
-// run_sums: each input row's sums over its runs of 32 (M x K / 32; affine only).
+// run_sums: each input row's sums over its runs of 32 (M x K / 32; affine only). With one pass
+// (M <= 16) each block's tiles are widened into two buffers in turn, the next while the current
+// one multiplies; with more, the first pass (m0 = 0) widens the group's tiles into `all` (G x
+// K / 32 tiles, which stay in L2) and the later passes over the group read them from there.
 template <int G, bool kAffine, typename Q>
 void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
                   const uint16_t* s, const float* all_run_sums, float* y, int64_t M, int64_t N,
-                  int64_t nb, int64_t m0) {
+                  int64_t nb, int64_t m0, uint16_t* all) {
   constexpr int64_t S = kAffine ? 2 : 1;
   const int64_t blocks_k = K / kPair, stride = blocks_k * kTileHalves;
   const uint16_t* x0 = pieces + m0 * K;
@@ -642,9 +646,13 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
   const int64_t rows = std::min<int64_t>(kTile, M - m0);
   alignas(64) float sums[G][kTile * kTile] = {};
   alignas(64) float tmp[G][kTile * kTile];
-  // each block's next tile widened while this one multiplies
-  alignas(64) uint16_t wide[G][2][kTileHalves];
-  for (int g = 0; g < G; ++g) widen_tile(qb + g * stride, wide[g][0]);
+  alignas(64) uint16_t ring[G][2][kTileHalves];
+  const bool one_pass = Mp <= kTile, widen = one_pass || m0 == 0;
+  const auto widened_tile = [&](int g, int64_t kb) {
+    return one_pass ? ring[g][kb & 1] : all + (g * blocks_k + kb) * kTileHalves;
+  };
+  if (widen)
+    for (int g = 0; g < G; ++g) widen_tile(qb + g * stride, widened_tile(g, 0));
   asm volatile("" ::: "memory");
   for (int64_t kb = 0; kb < blocks_k; ++kb) {
     _tile_loadd(3, x0 + kb * kPair, K * 2);
@@ -672,8 +680,16 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   const float* rs = run_sums.data();
   over_groups(pool, x, M, K, N,
               [&](auto G, const uint16_t* xs, int64_t Mp, int64_t nb, int64_t m0) {
+                // a thread's widened tiles of its current group, for passes past the first
+                // (64-byte aligned, as the widening stores them)
+                thread_local std::vector<uint16_t> all;
+                uint16_t* at = nullptr;
+                if (Mp > kTile) {
+                  all.resize(kGroup * (K / kPair) * kTileHalves + 32);
+                  at = all.data() + (-reinterpret_cast<uintptr_t>(all.data()) % 64) / 2;
+                }
                 scaled_group<decltype(G)::value, kAffine, Q>(xs, Mp, K, q, s, rs, y, M, N, nb,
-                                                             m0);
+                                                             m0, at);
               });
 }
 #endif
