@@ -21,7 +21,17 @@ from mtp_jax.matmul import matmul, precision
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes):
-  """A float32 parameter annotated with logical axis names for sharding."""
+  """A float32 parameter annotated with logical axis names for sharding. A matrix that decoding
+  keeps as kernels.ScaledTiles (model.tile_trunk) is taken as it is: it carries the matrix's
+  shape, which its arrays (integers two to a byte) do not have for Flax's check of a param's
+  shape against its first array."""
+  if module.has_variable('params', name):
+    value = module.get_variable('params', name)
+    if isinstance(value, kernels.ScaledTiles):
+      if value.shape != tuple(shape):
+        raise ValueError(f'param {name}: scaled tiles of shape {value.shape}, {tuple(shape)} '
+                         'expected')
+      return value
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
 

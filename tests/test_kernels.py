@@ -358,13 +358,22 @@ def test_scaled_tiles_hold_exactly_a_q8_0_or_q4_1_matrix_and_nothing_else(form):
       jax.random.normal(jax.random.key(0), (48, 96)))
   t = kernels.scaled_tiles_if_exact(w)
   S = 2 if form == 'q4_1' else 1  # a scale, and an offset
-  # one byte each: Q4_1's integers 0 to 15, Q8_0's int8
-  assert t.q.shape == w.shape and t.q.dtype == (jnp.uint8 if S == 2 else jnp.int8)
+  # Q8_0's integers one byte each (int8), Q4_1's (0 to 15) two to a byte
+  assert t.shape == w.shape and t.ndim == 2
+  assert t.q.dtype == (jnp.uint8 if S == 2 else jnp.int8)
+  assert t.q.shape == ((48, 48) if S == 2 else w.shape)
   assert t.affine == (S == 2)
   assert t.scales.shape == (3, 3, S, 16) and t.scales.dtype == jnp.float16
   np.testing.assert_array_equal(kernels.unscaled(t), w)
   # Entry (17, 41): row block 1, column block 1 (of 3), column pair 4, row 1, second of its pair
-  q = np.asarray(t.q).ravel()[(1 * 3 + 1) * 512 + 4 * 32 + 1 * 2 + 1]
+  at = (1 * 3 + 1) * 512 + 4 * 32 + 1 * 2 + 1
+  if S == 1:
+    q = np.asarray(t.q).ravel()[at]
+  else:  # the tile's 512 entries in 256 bytes: in each run of 64, 32 low nibbles, 32 high ones
+    tile, entry = divmod(at, 512)
+    run, j = divmod(entry, 64)
+    byte = np.asarray(t.q).ravel()[tile * 256 + run * 32 + j % 32]
+    q = byte & 15 if j < 32 else byte >> 4
   scales = np.asarray(t.scales, np.float32)[1, 1, :, 1]
   offset = scales[1] if S == 2 else 0
   value = np.float32(q)

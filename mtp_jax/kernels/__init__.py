@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -225,26 +226,39 @@ class _StandsForMatrix:
 
 
 @flax.struct.dataclass
-class ScaledTiles(_StandsForMatrix):
+class ScaledTiles:
   """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
   times small integers, plus (`affine`) a float16 offset: a GGUF file's Q8_0 tensors dequantized
   (a scale, the run's largest magnitude / 127, times int8 values) and its Q4_1 ones (a scale,
   (largest - least) / 15, times integers 0 to 15, plus the run's least value). The integers,
   exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
-  blocks first), one byte an entry, where float32 takes 4; the kernel widens each tile to
-  bfloat16 as it reads it."""
-  # tiled, (N, K) or the matrix's shape as a param (layers.dense reshapes): Q8_0's integers as
-  # int8, Q4_1's (0 to 15) as uint8
+  blocks first): Q8_0's one byte an entry, Q4_1's two to a byte, where float32 takes 4; the
+  kernel widens each tile to bfloat16 as it reads it. It stands in for the matrix wherever
+  layers.dense reads one (shape, ndim, reshape), its arrays keeping their own shapes."""
+  # the tiles: Q8_0's integers as int8 (N, K); Q4_1's as uint8 (N, K / 2), two to a byte (in
+  # each 32 bytes, the low nibbles hold 32 entries of the tile and the high ones the next 32)
   q: jax.Array
   # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
   scales: jax.Array
+  # the matrix's shape: (N, K), or as a param (layers.dense reshapes it to N x K)
+  shape: tuple = flax.struct.field(pytree_node=False)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
 
   @property
   def affine(self) -> bool:
     return self.scales.shape[2] == 2
 
   def reshape(self, *shape):
-    return ScaledTiles(self.q.reshape(*shape), self.scales)
+    size = math.prod(self.shape)
+    if -1 in shape:
+      known = math.prod(d for d in shape if d != -1)
+      shape = tuple(size // known if d == -1 else d for d in shape)
+    if math.prod(shape) != size:
+      raise ValueError(f'cannot reshape a {self.shape} matrix to {shape}')
+    return self.replace(shape=tuple(shape))
 
 
 def _symmetric(runs):
@@ -278,11 +292,15 @@ def scaled_tiles_if_exact(w):
             and np.all(q * scale[..., None] + base[..., None] == runs)
             and all(np.all(v.astype(np.float16) == v) for v in kept)):
       continue
-    # one byte each (the kernel widens them to bfloat16 tiles)
-    q = jnp.asarray(q.reshape(N, K), jnp.int8 if offset is None else jnp.uint8)
+    # Q8_0's one byte each, Q4_1's two to a byte (the kernel widens them to bfloat16 tiles)
+    if offset is None:
+      q = _tile_order(jnp.asarray(q.reshape(N, K), jnp.int8)).reshape(N, K)
+    else:
+      q = _nibbles(_tile_order(jnp.asarray(q.reshape(N, K), jnp.uint8))).reshape(N, K // 2)
     scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
-    return ScaledTiles(_tile_order(q).reshape(N, K), jnp.asarray(
-        scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)))
+    return ScaledTiles(q, jnp.asarray(
+        scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)),
+        shape=(N, K))
   return None
 
 
@@ -293,10 +311,26 @@ def float32_matrix(w):
   return untiled(w) if w.dtype == jnp.uint32 else w
 
 
+def _nibbles(tiles):
+  """Tiles of integers 0 to 15 (T, 512) two to a byte (T, 256): in each run of 64 entries, the
+  first 32 in the low nibbles of 32 bytes, the next 32 in their high nibbles."""
+  runs = tiles.reshape(-1, 2, 32)
+  return (runs[:, 0] | (runs[:, 1] << 4)).reshape(tiles.shape[0], -1)
+
+
+def _from_nibbles(packed):
+  """_nibbles' tiles (T, 512) back from their bytes (T, 256)."""
+  runs = packed.reshape(-1, 1, 32)
+  return jnp.concatenate([runs & 15, runs >> 4], axis=1).reshape(packed.shape[0], -1)
+
+
 def unscaled(t: ScaledTiles):
   """The float32 matrix (N, K) back from its ScaledTiles."""
   N, K = t.scales.shape[0] * TILE_ROWS, t.scales.shape[1] * RUN
-  q = _matrix_order(t.q.reshape(-1, TILE_ROWS * TILE_COLUMNS), N, K)  # int8 or uint8
+  tiles = t.q.reshape(N * K // (TILE_ROWS * TILE_COLUMNS), -1)
+  if t.q.dtype == jnp.uint8:
+    tiles = _from_nibbles(tiles)
+  q = _matrix_order(tiles, N, K)  # int8 or uint8
   scales = t.scales.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(N, K // RUN, -1, 1)
   w = q.astype(jnp.float32).reshape(N, K // RUN, RUN) * scales[:, :, 0]
   if t.affine:

@@ -569,17 +569,23 @@ static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-// A tile of integers 0 to 15, one byte each (Q4_1's, 512 bytes), as the bfloat16 tile `out`:
-// each 32 bytes widened to 16-bit indices into a table of the 16 numbers' bfloat16 bits.
+// A tile of integers 0 to 15 (Q4_1's), two to a byte (256 bytes: in each run of 32 bytes the low
+// nibbles hold 32 entries and the high ones the next 32), as the bfloat16 tile `out`: each
+// nibble an index into a table of the 16 numbers' bfloat16 bits (vpermw reads an index's low 5
+// bits, so the table repeats after 16 and a low nibble needs no mask).
 inline void widen_tile(const uint8_t* in, uint16_t* out) {
   alignas(64) static const uint16_t kBf16[32] = {
-      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0, 0x4100, 0x4110, 0x4120,
-      0x4130, 0x4140, 0x4150, 0x4160, 0x4170};  // bfloat16 0, 1, ..., 15
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,   // bfloat16 0 to 7
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,   // 8 to 15
+      0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,   // again
+      0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
   const __m512i table = _mm512_load_si512(kBf16);
-  for (int i = 0; i < kTileHalves / 32; ++i) {
-    const __m512i index =
+  for (int i = 0; i < kTileHalves / 64; ++i) {
+    const __m512i bytes =
         _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 32 * i)));
-    _mm512_store_si512(out + 32 * i, _mm512_permutexvar_epi16(index, table));
+    _mm512_store_si512(out + 64 * i, _mm512_permutexvar_epi16(bytes, table));
+    _mm512_store_si512(out + 64 * i + 32,
+                       _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table));
   }
 }
 // A tile of int8 integers (Q8_0's, 512 bytes) as the bfloat16 tile `out`: each 32 bytes
@@ -594,18 +600,22 @@ inline void widen_tile(const int8_t* in, uint16_t* out) {
   }
 }
 
+// Bytes of one stored tile: Q4_1's integers two to a byte (uint8), Q8_0's one (int8).
+template <typename Q>
+constexpr int64_t kTileBytes = std::is_same_v<Q, uint8_t> ? kTileHalves / 2 : kTileHalves;
+
 // Weight block g's products into sum tile C (from zero), its sums scaled by its 16 row scales
 // (and its offsets times each row's run sums) into `sums` (rows x 16 floats), through tmp. The
 // weight tile, widened to bfloat16 one k-block ahead (widened_tile), goes through tile 6 or 7.
 #define MTPJAX_SCALED_PRODUCTS(C, B, g)                                            \
   do {                                                                             \
-    const Q* tile = qb + (g) * stride + kb * kTileHalves;                          \
+    const Q* tile = qb + (g) * stride + kb * kTileBytes<Q>;                        \
     const uint16_t* scales = sb + ((g) * blocks_k + kb) * S * kTile;               \
-    if (widen) prefetch_bytes(tile + 2 * kTileHalves, kTileHalves);               \
+    if (widen) prefetch_bytes(tile + 2 * kTileBytes<Q>, kTileBytes<Q>);           \
     __builtin_prefetch(scales + 2 * S * kTile);                                    \
     _tile_loadd(B, widened_tile(g, kb), 64);                                       \
     if (widen && kb + 1 < blocks_k)                                                \
-      widen_tile(tile + kTileHalves, widened_tile(g, kb + 1));                     \
+      widen_tile(tile + kTileBytes<Q>, widened_tile(g, kb + 1));                   \
     asm volatile("" ::: "memory"); /* the widened tile stored before its load */    \
     _tile_zero(C);                                                                 \
     _tile_dpbf16ps(C, 3, B);                                                       \
@@ -636,7 +646,7 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
                   const uint16_t* s, const float* all_run_sums, float* y, int64_t M, int64_t N,
                   int64_t nb, int64_t m0, uint16_t* all) {
   constexpr int64_t S = kAffine ? 2 : 1;
-  const int64_t blocks_k = K / kPair, stride = blocks_k * kTileHalves;
+  const int64_t blocks_k = K / kPair, stride = blocks_k * kTileBytes<Q>;
   const uint16_t* x0 = pieces + m0 * K;
   const uint16_t* x1 = x0 + Mp * K;
   const uint16_t* x2 = x1 + Mp * K;
@@ -695,7 +705,7 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 #endif
 
 // y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups); q's
-// integers in one byte each: int8 (S8) or Q4_1's 0 to 15 (U8, with offsets).
+// integers as int8 (S8: N x K) or Q4_1's 0 to 15 two to a byte (U8: N x K / 2, with offsets).
 template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<T> q, ffi::Buffer<ffi::F16> s,
@@ -704,12 +714,13 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
   const auto sd = s.dimensions();
-  if (qd.size() != 2 || xd.size() < 1 || qd[1] != xd.back() || qd[0] % kTile ||
-      qd[1] % kPair || sd.size() != 4 || sd[0] != qd[0] / kTile || sd[1] != qd[1] / kPair ||
-      (sd[2] != 1 && sd[2] != 2) || sd[3] != kTile)
+  constexpr int64_t kPerByte = T == ffi::DataType::U8 ? 2 : 1;
+  if (qd.size() != 2 || xd.size() < 1 || qd[1] * kPerByte != xd.back() || qd[0] % kTile ||
+      xd.back() % kPair || sd.size() != 4 || sd[0] != qd[0] / kTile ||
+      sd[1] != xd.back() / kPair || (sd[2] != 1 && sd[2] != 2) || sd[3] != kTile)
     return ffi::Error::InvalidArgument(
-        "rows_matmul: x (..., K), scaled tiles q (N, K) and scales (N / 16, K / 32, 1 or 2, "
-        "16), N % 16 == 0 and K % 32 == 0, expected");
+        "rows_matmul: x (..., K), scaled tiles q (N, K, or K / 2 for integers 0 to 15) and "
+        "scales (N / 16, K / 32, 1 or 2, 16), N % 16 == 0 and K % 32 == 0, expected");
   const int64_t K = xd.back(), N = qd[0];
   const int64_t M = x.element_count() / std::max<int64_t>(K, 1);
   if (M == 0) return ffi::Error::Success();
