@@ -13,8 +13,8 @@ same temperature) and, greedy, whether every output equals `ar`'s; --json FILE k
 --tiles both (on a CPU with AMX) times every row with and without the tile unit in the same
 rounds (decode.tiles), each against `ar` without it; --tiles forms also with the trunk's matrices
 all in two bfloat16 halves (kernels.tiled, 4 bytes an entry) where the config's decoder keeps
-those that have the form as kernels.ScaledTiles (a GGUF file's Q4_1 tensors, 1 byte an entry,
-and Q8_0's, 2).
+those that have the form as kernels.ScaledTiles (a GGUF file's Q4_1 tensors, half a byte an entry,
+and Q8_0's, 1).
 The tiles column names each row's: none, halves or scaled.
 """
 

@@ -6,8 +6,8 @@ of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 
 entries are also each the sum of two bfloat16 numbers; where the CPU has AMX
 (kernels.tiles_usable) and the shapes are whole tiles, also the products of the same weights on
 the tile unit, which decoding uses there (decode.tiles): `tiled`, in two bfloat16 halves
-(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers one byte an
-entry, a float16 scale and offset a run of 32).
+(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers two to a byte,
+a float16 scale and offset a run of 32).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8

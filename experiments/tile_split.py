@@ -5,10 +5,10 @@ its bfloat16 rounding, and lo, that of the rest; kernels.two_bfloat16), the larg
 kernels.ScaledTiles along its input axis (as decoding's params hold it): each run of 32 entries
 along a row a float16 scale times integers, of at most 127 in magnitude (`scale`: a GGUF Q8_0
 tensor dequantized) or from 0 to 15 plus a float16 offset (`affine`: Q4_1's). model.tile_trunk
-stores a block's matrix as ScaledTiles where it has that form (1 byte an entry for Q4_1's
-integers, 2 for Q8_0's), else in two halves where all of its entries split so (4 bytes). Then whether the output matrix (the
-embedding, when tied) is in ScaledTiles' form, which model.tile_trunk then adds for the
-projection onto the vocabulary.
+stores a block's matrix as ScaledTiles where it has that form (half a byte an entry for
+Q4_1's integers, 1 for Q8_0's), else in two halves where all of its entries split so (4
+bytes). Then whether the output matrix (the embedding, when tied) is in ScaledTiles' form,
+which model.tile_trunk then adds for the projection onto the vocabulary.
 
 Run: python experiments/tile_split.py --config configs/smollm2.py
 Prints one row per kind (the embedding, each block's q, k, v, o, gate, up and down over every

@@ -11,8 +11,9 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
-  file's Q4_1 and Q8_0 tensors dequantize: the integers one byte each, a quarter of float32's
-  bytes, widened to bfloat16 tiles in the kernel, on the tile unit too).
+  file's Q4_1 and Q8_0 tensors dequantize: Q8_0's integers one byte each, a quarter of
+  float32's bytes, Q4_1's two to a byte, widened to bfloat16 tiles in the kernel, on the tile
+  unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
