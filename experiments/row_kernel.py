@@ -6,8 +6,8 @@ of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 
 entries are also each the sum of two bfloat16 numbers; where the CPU has AMX
 (kernels.tiles_usable) and the shapes are whole tiles, also the products of the same weights on
 the tile unit, which decoding uses there (decode.tiles): `tiled`, in two bfloat16 halves
-(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers two to a byte,
-a float16 scale and offset a run of 32).
+(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers two to a
+byte, a float16 scale and offset a run of 32).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -15,12 +15,12 @@ Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --baseline /tmp/old.cc   (another version of the kernel)
      python experiments/row_kernel.py --cached                  (arithmetic alone)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
-GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a multiple of its own time at the first M. Every
-output of each product shape is checked against XLA's dot first, and each chain runs once
-untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past it show what the kernel
-would do there. A --baseline kernel is built here and timed in the same rounds (its tiled
-product too, where it has one and the tiles run): this VM's memory is faster in some minutes than
-in others, so two versions compare only within one run.
+GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a multiple of its
+own time at the first M. Every output of each product shape is checked against XLA's dot first,
+and each chain runs once untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past
+it show what the kernel would do there. A --baseline kernel is built here and timed in the same
+rounds (its tiled product too, where it has one and the tiles run): this VM's memory is faster
+in some minutes than in others, so two versions compare only within one run.
 """
 
 import ctypes

@@ -508,8 +508,7 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
   hidden = [jnp.zeros((B, cache_len, h0.shape[-1] if k == 0 else model.hidden_dim),
                       model.hidden_dtype) for k in range(max(S, 1) if model.chains else 1)]
   hidden[0] = write_cache(hidden[0], h0, positions)
-  last = (jnp.take_along_axis(logits, last_B1[..., None], axis=1) if s.capture_topk
-          else logits)[:, 0]
+  last = take_positions(logits, last_B1 if s.capture_topk else None)[:, 0]
   first = _pick(jax.random.fold_in(key, 0), last, s)
   zeros = jnp.zeros((B,), jnp.int32)
   rows = Rows(tokens=tokens, n=prompt_len_B, prompt_len=prompt_len_B, done=zeros.astype(bool),

@@ -210,11 +210,12 @@ def tile_trunk(layout, scaled: bool = True):
   exactly (its shape in whole tiles) stored for it: as kernels.ScaledTiles where every run of 32
   entries along a row is a scale times small integers, with or without an offset (a GGUF Q8_0 or
   Q4_1 tensor: 1 byte an entry, or half of one), else tiled in two bfloat16 halves where every
-  entry splits so (kernels.tiled: 4 bytes an entry). The heads' matrices, the embedding and every other leaf
-  stay as they are. A tied output matrix (the embedding) in ScaledTiles' form is added
-  beside it as such, under 'output_tiles', which the projections onto the vocabulary then read;
-  the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the blocks'
-  matrices are all in two halves, as before ScaledTiles; a tied output matrix is still added."""
+  entry splits so (kernels.tiled: 4 bytes an entry). The heads' matrices, the embedding and
+  every other leaf stay as they are. A tied output matrix (the embedding) in ScaledTiles' form is
+  added beside it as such, under 'output_tiles', which the projections onto the vocabulary then
+  read; the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the
+  blocks' matrices are all in two halves, as before ScaledTiles; a tied output matrix is still
+  added."""
   def tile(path, leaf):
     w = matrix_rows(path, leaf)
     if w is None or _in_heads(_keys(path)) or leaf.dtype != jnp.float32:

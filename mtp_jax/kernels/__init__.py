@@ -19,7 +19,6 @@ cache_attention(q, k, v, positions, slots): new entries' attention over a KV cac
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import math
@@ -208,24 +207,6 @@ def tiled(w):
   return _tiles(*halves(w))
 
 
-class _StandsForMatrix:
-  """A matrix kept as several arrays, the first of them in the matrix's shape: it stands in for
-  the matrix wherever layers.dense reads one (shape, ndim, and a reshape in each class), and Flax's
-  check of a param's shape, which compares the first leaf, sees the matrix's."""
-
-  @property
-  def _first(self):
-    return getattr(self, dataclasses.fields(self)[0].name)
-
-  @property
-  def shape(self):
-    return self._first.shape
-
-  @property
-  def ndim(self):
-    return self._first.ndim
-
-
 @flax.struct.dataclass
 class ScaledTiles:
   """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
@@ -378,11 +359,21 @@ def _float32(*arrays) -> bool:
 
 
 @flax.struct.dataclass
-class Int8Rows(_StandsForMatrix):
+class Int8Rows:
   """A matrix stored (out..., in...) as int8 values and one float32 scale per output row: row n
-  is values[n] * scale[n]."""
+  is values[n] * scale[n]. It stands in for the float matrix wherever layers.dense reads one
+  (shape, ndim, reshape), and its values come first among its leaves, so Flax's check of a
+  param's shape sees the matrix's."""
   values: jax.Array  # int8, (out..., in...)
   scale: jax.Array  # float32, (out...)
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def ndim(self):
+    return self.values.ndim
 
   @property
   def dtype(self):

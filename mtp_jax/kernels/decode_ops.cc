@@ -555,15 +555,11 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // SmolLM2's blocks). The integers are exact in bfloat16 and kept in tiles, one per block of 16
 // rows by 32 columns (row blocks first), in the order of a tile product's second operand: int8,
 // one byte each, or Q4_1's 0 to 15 two to a byte (uint8); each tile is widened to bfloat16 in L1
-// while the tile before it multiplies. s holds each block's 16 row scales, then (affine) their 16 offsets,
-// 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
+// while the tile before it multiplies. s holds each block's 16 row scales, then (affine) their
+// 16 offsets, 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
-
-
-
-
 #if MTPJAX_AMX
 static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
@@ -873,49 +869,31 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The row kernels' bindings: x (float32) and a weight buffer of type W, then (scaled tiles) the
+// integers' float16 scales, to y (float32).
+template <ffi::DataType W>
+auto weights_binding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<W>>();
+}
+template <ffi::DataType W>
+auto rows_binding() {
+  return weights_binding<W>().template Ret<ffi::Buffer<ffi::F32>>();
+}
+template <ffi::DataType W>
+auto scaled_binding() {
+  return weights_binding<W>()
+      .template Arg<ffi::Buffer<ffi::F16>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulBf16, RowsMatmulImpl<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulS8, RowsMatmulImpl<ffi::S8>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmul, RowsMatmulImpl<ffi::F32>, rows_binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulBf16, RowsMatmulImpl<ffi::BF16>, rows_binding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulS8, RowsMatmulImpl<ffi::S8>, rows_binding<ffi::S8>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulTiled, RowsMatmulTiledImpl, rows_binding<ffi::U32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaledS8, RowsMatmulScaledImpl<ffi::S8>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
+                              scaled_binding<ffi::S8>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled8, RowsMatmulScaledImpl<ffi::U8>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              scaled_binding<ffi::U8>());
 
 // 1 when tiled products can run here: built for AMX, and the kernel let this process use the
 // tile registers (Linux asks each process to request them once).
