@@ -19,7 +19,7 @@ GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a mu
 own time at the first M. Every output of each product shape is checked against XLA's dot first,
 and each chain runs once untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past
 it show what the kernel would do there. A --baseline kernel is built here and timed in the same
-rounds (its tiled product too, where it has one and the tiles run): this VM's memory is faster
+rounds (its tiled and Q4_1 scaled products too, where it has them and the tiles run): this VM's memory is faster
 in some minutes than in others, so two versions compare only within one run.
 """
 
@@ -73,7 +73,7 @@ def main(argv):
   from mtp_jax import kernels
   from mtp_jax import measure
 
-  tiled_symbol = None
+  tiled_symbol = scaled_symbol = None
 
   if not kernels.usable():
     _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
@@ -94,6 +94,11 @@ def main(argv):
     if tiled_symbol is not None:
       jax.ffi.register_ffi_target('mtpjax_rows_matmul_tiled_baseline',
                                   jax.ffi.pycapsule(tiled_symbol), platform='cpu')
+    # Q4_1's scaled tiles, two integers to a byte (versions before them have none)
+    scaled_symbol = getattr(loaded, kernels.SCALED_TARGETS['uint8'][1], None)
+    if scaled_symbol is not None:
+      jax.ffi.register_ffi_target('mtpjax_rows_matmul_scaled_baseline',
+                                  jax.ffi.pycapsule(scaled_symbol), platform='cpu')
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
@@ -127,9 +132,11 @@ def main(argv):
   def product(x, w, path):
     if path.startswith('baseline'):
       target = {'baseline': 'mtpjax_rows_matmul_baseline',
-                'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline'}[path]
+                'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline',
+                'baseline scaled': 'mtpjax_rows_matmul_scaled_baseline'}[path]
+      args = (w.q, w.scales) if path == 'baseline scaled' else (w,)
       return jax.ffi.ffi_call(target,
-                              jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+                              jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, *args)
     return kernels.rows_matmul(x, w, path in ('kernel', 'tiled', 'scaled'))
 
   def chain(path):
@@ -146,9 +153,10 @@ def main(argv):
     return run
 
   names = (['kernel'] + ['tiled', 'scaled'] * tiles + ['baseline'] * bool(_BASELINE.value)
-           + ['baseline tiled'] * (tiles and tiled_symbol is not None) + ['xla'])
+           + ['baseline tiled'] * (tiles and tiled_symbol is not None)
+           + ['baseline scaled'] * (tiles and scaled_symbol is not None) + ['xla'])
   paths = {p: chain(p) for p in names}
-  operands = {p: scaled if p == 'scaled' else tiled if p.endswith('tiled') else weights
+  operands = {p: scaled if p.endswith('scaled') else tiled if p.endswith('tiled') else weights
               for p in names}
   path_bytes = {p: sum(leaf.nbytes for leaf in jax.tree.leaves(operands[p])) for p in names}
   base = {}
