@@ -180,9 +180,11 @@ def get_config() -> ml_collections.ConfigDict:
   # drafts, verified in the same forward of 1 + S + (K - 1) x C positions.
   c.decode.candidate_depth = 1
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
-  # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them (both need the
-  # decoding kernels; without them drafting reads float32 heads). Verification stays float32,
-  # so greedy output is unchanged; the drafts, and so tau, may differ slightly.
+  # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them, 'q4_1' (GGUF's
+  # Q4_1 form: a float16 scale and offset per 32 entries, 4-bit integers) takes 0.625 bytes an
+  # entry, on the CPU's tile unit (AMX; int8 where there is none). All need the decoding kernels;
+  # without them drafting reads float32 heads. Verification stays float32, so greedy output is
+  # unchanged; the drafts, and so tau, may differ slightly.
   c.decode.draft_dtype = 'float32'
   # Modes run after training finishes, e.g. 'demo,bench' (the quickstart does).
   c.run_after_train = ''

@@ -19,7 +19,7 @@ def get_config():
   c.mtp.init_from = 'experiments/results/smollm2_heads.safetensors'
   c.decode.prompts = 'configs/prompts/instruct_heldout.txt'
   c.decode.draft_vocab = 8192  # the tokens the heads were trained on
-  c.decode.draft_dtype = 'int8'  # drafts read the heads at a quarter of the bytes
+  c.decode.draft_dtype = 'q4_1'  # drafts read the heads in Q4_1's form (int8 without AMX)
   c.decode.bench_prompts = 16
   c.decode.bench_rounds = 2
   c.decode.eval_prompts = 4

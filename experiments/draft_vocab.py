@@ -25,7 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
 _SIZES = flags.DEFINE_list('sizes', ['full', '16384', '8192', '4096'], 'Draft vocabulary sizes.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'decode.draft_dtype values (float32, '
-                            'bfloat16, int8).')
+                            'bfloat16, int8, q4_1).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S (0: every head, D).')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')

@@ -299,8 +299,8 @@ def validate_decode(config) -> None:
          f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {d.draft_vocab!r}')
   _check(isinstance(d.tiles, bool), f'decode.tiles must be True or False, got {d.tiles!r}')
-  _check(d.draft_dtype in ('float32', 'bfloat16', 'int8'),
-         f"decode.draft_dtype must be float32, bfloat16 or int8, got {d.draft_dtype!r}")
+  _check(d.draft_dtype in ('float32', 'bfloat16', 'int8', 'q4_1'),
+         f"decode.draft_dtype must be float32, bfloat16, int8 or q4_1, got {d.draft_dtype!r}")
 
 
 def check_mtp_decoding(config) -> None:

@@ -87,8 +87,8 @@ def _made_from(params) -> dict:
 
 
 def _draft(params, ids: tuple, kernel_layout_: bool, dtype: str) -> dict:
-  """The draft vocabulary's ids and output rows (N x D, in `dtype`; int8 as kernels.Int8Rows)
-  from the output matrix (model.output_matrix)."""
+  """The draft vocabulary's ids and output rows (N x D, in `dtype`: kernels.narrowed) from the
+  output matrix (model.output_matrix)."""
   matrix = kernels_lib.float32_matrix(output_matrix(params['params'], kernel_layout_))
   index = jnp.asarray(ids, jnp.int32)
   rows = jnp.take(matrix, index, axis=0)
@@ -100,13 +100,18 @@ def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
   """The decoder's view of a model: with the native kernels where they can run (a float32 model
   on one CPU device whose kernels built, mtp_jax.kernels), drafting over `draft_ids` (a reduced
   vocabulary; None: every token) with the heads' matrices in `draft_dtype` (kernels only: XLA
-  would widen them at every call); with `use_tiles`, the trunk's matrices that the CPU's tile
-  unit takes exactly are multiplied there (kernels.tiles_usable, model.tile_trunk)."""
+  would widen them at every call; q4_1 on the tile unit only, int8 where it is not); with
+  `use_tiles`, the trunk's matrices that the CPU's tile unit takes exactly are multiplied there
+  (kernels.tiles_usable, model.tile_trunk)."""
   draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
   kernels = use_kernels and cfg.dtype == 'float32' and kernels_lib.usable()
-  return DecodeModel(cfg, kernels=kernels, draft=draft,
-                     draft_dtype=draft_dtype if kernels else 'float32',
-                     tiles=kernels and use_tiles and kernels_lib.tiles_usable())
+  tiles = kernels and kernels_lib.tiles_usable()
+  if not kernels:
+    draft_dtype = 'float32'
+  elif draft_dtype == 'q4_1' and not tiles:
+    draft_dtype = 'int8'
+  return DecodeModel(cfg, kernels=kernels, draft=draft, draft_dtype=draft_dtype,
+                     tiles=tiles and use_tiles)
 
 
 @dataclasses.dataclass(frozen=True)

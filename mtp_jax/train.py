@@ -317,9 +317,10 @@ class Session(Program):
     model = decode_lib.decode_model(self.cfg, self.config.decode.kernels, ids,
                                     self.config.decode.draft_dtype, self.config.decode.tiles)
     if model.draft_dtype != self.config.decode.draft_dtype:
-      print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs the decoding kernels '
-            '(float32 model, one CPU device, kernels built); drafting reads float32 heads',
-            file=sys.stderr)
+      needs = ('the decoding kernels (float32 model, one CPU device, kernels built)'
+               if model.draft_dtype == 'float32' else 'the CPU\'s tile unit (AMX)')
+      print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs {needs}; drafting '
+            f'reads {model.draft_dtype} heads', file=sys.stderr)
     return model
 
   @property

@@ -270,10 +270,11 @@ def test_the_avx512_and_amx_forms_compile(march, tmp_path):
   assert kernels.compile_library(str(tmp_path / 'decode_ops.so'), march) is None
 
 
-@pytest.mark.parametrize('dtype', ['bfloat16', 'int8'])
-def test_narrow_drafts_keep_greedy_output(dtype):
-  """Heads and draft rows in bfloat16 or int8 change what is drafted, never what is
-  committed."""
+@pytest.mark.parametrize('dtype,gap', [('bfloat16', 0.02), ('int8', 0.02), ('q4_1', 0.2)])
+def test_narrow_drafts_keep_greedy_output(dtype, gap):
+  """Heads and draft rows in bfloat16, int8 or Q4_1's form change what is drafted, never what is
+  committed; Q4_1's form where the tile unit runs (int8 elsewhere), for every matrix in whole
+  tiles (the 40 draft rows are not: int8)."""
   cfg = tiny_model(**{'model.d_model': 64})
   params = init_params(cfg, jax.random.key(1))
   rng = np.random.default_rng(0)
@@ -283,8 +284,17 @@ def test_narrow_drafts_keep_greedy_output(dtype):
       arr.shape[1], ar))(params, arr, lens, jax.random.key(0)))
   model = dec.decode_model(cfg, True, range(40), dtype)
   prepared = model.prepare(params)
-  assert prepared['draft']['out'].dtype == dtype
-  assert prepared['params']['mtp_1']['block']['mlp']['gate_up'].dtype == dtype
+  gate_up = prepared['params']['mtp_1']['block']['mlp']['gate_up']
+  if dtype == 'q4_1':
+    assert model.draft_dtype == ('q4_1' if kernels.tiles_usable() else 'int8')
+    assert prepared['draft']['out'].dtype == 'int8'
+    if kernels.tiles_usable():
+      assert isinstance(gate_up, kernels.ScaledTiles) and gate_up.affine
+      as_int8 = dec.decode_model(cfg, True, None, 'int8').prepare(params)
+      assert gate_up.shape == as_int8['params']['mtp_1']['block']['mlp']['gate_up'].shape
+  else:
+    assert prepared['draft']['out'].dtype == dtype
+    assert gate_up.dtype == dtype
   s = dec.Settings(draft_len=2, max_new_tokens=24)
   state = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))(
       params, arr, lens, jax.random.key(0))
@@ -299,8 +309,29 @@ def test_narrow_drafts_keep_greedy_output(dtype):
     h1, _ = m.head(m.prepare(params), 1, h0, tokens, positions, None)
     outs.append((h1, m.head_logits(m.prepare(params), 1, h1)))
   for narrow, full in zip(*outs):
-    gap = np.max(np.abs(np.asarray(narrow) - np.asarray(full)))
-    assert 0 < gap < 0.02 * np.max(np.abs(np.asarray(full)))
+    seen = np.max(np.abs(np.asarray(narrow) - np.asarray(full)))
+    assert 0 < seen < gap * np.max(np.abs(np.asarray(full)))
+
+
+def test_q4_1_tiles_round_to_the_nearest_level():
+  """q4_1_tiles keeps every entry within half a scale step of w (plus the offset's float16
+  rounding), its scales and offsets float16 numbers, and matches Q4_1's form exactly:
+  scaled_tiles_if_exact finds the same tiles in the matrix they stand for."""
+  rng = np.random.default_rng(3)
+  w = rng.standard_normal((32, 96)).astype(np.float32) * 0.05
+  w[0, :32] = 0.25  # a constant run: scale 0, every entry its offset
+  t = kernels.q4_1_tiles(w)
+  assert t.q.dtype == jnp.uint8 and t.shape == (32, 96) and t.affine
+  back = np.asarray(kernels.unscaled(t))
+  runs = w.reshape(32, 3, 32)
+  step = (runs.max(-1) - runs.min(-1)) / 15
+  err = np.abs(back - w).reshape(32, 3, 32).max(-1)
+  assert np.all(err <= step * 0.5 + (np.abs(runs.min(-1)) + step * 15) * 2 ** -10 + 1e-7)
+  assert np.all(back[0, :32] == np.float32(np.float16(0.25)))
+  again = kernels.scaled_tiles_if_exact(back)
+  np.testing.assert_array_equal(np.asarray(again.q), np.asarray(t.q))
+  np.testing.assert_array_equal(np.asarray(again.scales), np.asarray(t.scales))
+  assert kernels.q4_1_tiles(w[:, :48]) is None  # K not whole runs of 32 tiles
 
 
 @pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),

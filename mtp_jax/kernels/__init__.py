@@ -274,16 +274,41 @@ def scaled_tiles_if_exact(w):
             and np.all(q * scale[..., None] + base[..., None] == runs)
             and all(np.all(v.astype(np.float16) == v) for v in kept)):
       continue
-    # Q8_0's one byte each, Q4_1's two to a byte (the kernel widens them to bfloat16 tiles)
-    if offset is None:
-      q = _tile_order(jnp.asarray(q.reshape(N, K), jnp.int8)).reshape(N, K)
-    else:
-      q = _nibbles(_tile_order(jnp.asarray(q.reshape(N, K), jnp.uint8))).reshape(N, K // 2)
-    scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
-    return ScaledTiles(q, jnp.asarray(
-        scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)),
-        shape=(N, K))
+    return _scaled_tiles(q, kept)
   return None
+
+
+def _scaled_tiles(q, kept) -> ScaledTiles:
+  """ScaledTiles from the integers q (N, K / 32, 32: int8's range without offsets, 0 to 15 with
+  them) and [scale] or [scale, offset] (N, K / 32), float16 numbers."""
+  N, K = q.shape[0], q.shape[1] * RUN
+  # Q8_0's one byte each, Q4_1's two to a byte (the kernel widens them to bfloat16 tiles)
+  if len(kept) == 1:
+    q = _tile_order(jnp.asarray(q.reshape(N, K), jnp.int8)).reshape(N, K)
+  else:
+    q = _nibbles(_tile_order(jnp.asarray(q.reshape(N, K), jnp.uint8))).reshape(N, K // 2)
+  scales = np.stack(kept, axis=-1).astype(np.float16)  # N, K / 32, S
+  return ScaledTiles(q, jnp.asarray(
+      scales.reshape(N // TILE_ROWS, TILE_ROWS, K // RUN, -1).transpose(0, 2, 3, 1)),
+      shape=(N, K))
+
+
+def q4_1_tiles(w) -> ScaledTiles | None:
+  """The float matrix w (N, K) rounded to Q4_1's form as ScaledTiles (N a multiple of 16, K of
+  32; else None): each run of 32 entries along a row becomes a float16 offset (the run's least
+  value, rounded), a float16 scale (the run's range over that offset / 15, rounded) and integers
+  0 to 15, each entry's nearest (clipped where the rounded offset passed the least value). Half
+  a byte an entry and 4 bytes a run, where int8 rows take one byte an entry."""
+  w = np.asarray(w, np.float32)
+  N, K = w.shape
+  if N % TILE_ROWS or K % TILE_COLUMNS:
+    return None
+  runs = w.reshape(N, K // RUN, RUN).astype(np.float64)
+  offset = runs.min(-1).astype(np.float16).astype(np.float64)
+  scale = ((runs.max(-1) - offset) / RUN_LEVELS).astype(np.float16).astype(np.float64)
+  safe = np.where(scale > 0, scale, 1.0)[..., None]
+  q = np.clip(np.round((runs - offset[..., None]) / safe), 0, RUN_LEVELS)
+  return _scaled_tiles(q, [scale, offset])
 
 
 def float32_matrix(w):
@@ -395,8 +420,14 @@ def quantize_rows(w, in_dims: int = 1) -> Int8Rows:
 
 
 def narrowed(w, dtype: str, in_dims: int = 1):
-  """A float matrix w (out..., in...) stored in `dtype` as the row kernel reads it: float32 or
-  bfloat16 as it is, int8 as Int8Rows."""
+  """A float matrix w (out..., in...) stored in `dtype` as the kernels read it: float32 or
+  bfloat16 as it is, int8 as Int8Rows, q4_1 as ScaledTiles (q4_1_tiles; for the tile unit, which
+  takes any number of rows; as Int8Rows where the shape is not in whole tiles)."""
+  if dtype == 'q4_1':
+    tiles = q4_1_tiles(w.reshape(-1, math.prod(w.shape[w.ndim - in_dims:])))
+    if tiles is not None:
+      return tiles.reshape(*w.shape)
+    dtype = 'int8'
   return quantize_rows(w, in_dims) if dtype == 'int8' else w.astype(dtype)
 
 
