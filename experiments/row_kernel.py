@@ -103,13 +103,10 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
-  def q4_1(w):  # w as a GGUF Q4_1 tensor dequantizes (gguf's quantizer; the rows padded with
-    # zeros to whole runs of 32, then cut back)
-    from gguf import GGMLQuantizationType, quants
-    padded = np.pad(w, ((0, 0), (0, -w.shape[1] % 32)))
-    rounded = quants.dequantize(quants.quantize(padded, GGMLQuantizationType.Q4_1),
-                                GGMLQuantizationType.Q4_1)
-    return rounded[:, :w.shape[1]]
+  def q4_1(w):  # w rounded to Q4_1's form (a float16 scale and offset a run of 32), as a GGUF
+    # file's Q4_1 tensors dequantize to (padded with zeros to whole tiles, then cut back)
+    padded = np.pad(w, ((0, -w.shape[0] % kernels.TILE_ROWS), (0, -w.shape[1] % kernels.RUN)))
+    return np.asarray(kernels.unscaled(kernels.q4_1_tiles(padded)))[:w.shape[0], :w.shape[1]]
 
   # Weights as a GGUF file's Q4_1 blocks dequantize to (each entry also the sum of two bfloat16
   # numbers), so that every path multiplies the same ones.
