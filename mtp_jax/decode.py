@@ -52,7 +52,7 @@ from mtp_jax import kernels as kernels_lib
 from mtp_jax.config import ModelConfig
 from mtp_jax.layers import empty_kv, greedy, write_cache
 from mtp_jax.model import (MTPLanguageModel, kernel_layout, narrow_heads, output_matrix, project,
-                           tile_trunk)
+                           tile_trunk, trunk_path)
 
 
 class WholeVocabulary:
@@ -185,15 +185,16 @@ class DecodeModel(WholeVocabulary):
     return made[key]
 
   def tiled_matrices(self, params) -> int:
-    """How many of the params' matrices this model multiplies tiled: the trunk's and an output
+    """How many of the trunk's matrices this model multiplies tiled: the blocks' and an output
     matrix, as scaled tiles or in two halves (0 without tiles, or when no matrix has either
-    form)."""
+    form); heads drafting in q4_1 are not counted."""
     if not self.tiles:
       return 0
-    leaves = jax.tree.leaves(self.prepare(params),
-                             is_leaf=lambda leaf: isinstance(leaf, kernels_lib.ScaledTiles))
-    return sum(isinstance(leaf, kernels_lib.ScaledTiles) or leaf.dtype == jnp.uint32  # two halves
-               for leaf in leaves)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        self.prepare(params), is_leaf=lambda leaf: isinstance(leaf, kernels_lib.ScaledTiles))
+    return sum(trunk_path(path) and (isinstance(leaf, kernels_lib.ScaledTiles)
+                                     or leaf.dtype == jnp.uint32)  # two halves
+               for path, leaf in leaves)
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

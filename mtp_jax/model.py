@@ -140,6 +140,13 @@ def _in_heads(keys) -> bool:
   return any(k.startswith('mtp_') for k in keys)
 
 
+def trunk_path(path) -> bool:
+  """Whether the leaf at this pytree path belongs to the trunk: not an MTP head's, and not the
+  draft vocabulary's rows a decoder adds beside the params (DecodeModel.prepare)."""
+  keys = _keys(path)
+  return not _in_heads(keys) and keys[:1] != ['draft']
+
+
 def _dense_inputs(keys) -> int:
   """Input axes of the dense matrix at this param path (keys), 0 for any other param: Medusa's
   layers, norms, the embedding."""

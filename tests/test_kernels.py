@@ -591,8 +591,10 @@ def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft, form):
   for tiles in (True, False):
     model = dec.decode_model(cfg, True, draft, use_tiles=tiles)
     assert model.tiles == (tiles and kernels.tiles_usable())
-    # the blocks' matrices and the output matrix
+    # the blocks' matrices and the output matrix (heads drafting in Q4_1's form not counted)
     assert model.tiled_matrices(params) == (4 * cfg.num_layers + 1 if model.tiles else 0)
+    assert dec.decode_model(cfg, True, draft, 'q4_1', use_tiles=tiles).tiled_matrices(
+        params) == model.tiled_matrices(params)
     for s in (dec.Settings(draft_len=0, max_new_tokens=24),
               dec.Settings(draft_len=S, max_new_tokens=24, candidates=K)):
       state = dec.compiled_decoder(model, s, dec.cache_length(arr.shape[1], s))(
