@@ -19,8 +19,8 @@ GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a mu
 own time at the first M. Every output of each product shape is checked against XLA's dot first,
 and each chain runs once untimed. The kernel path here ignores kernels.MAX_ROWS, so rows past
 it show what the kernel would do there. A --baseline kernel is built here and timed in the same
-rounds (its tiled and Q4_1 scaled products too, where it has them and the tiles run): this VM's memory is faster
-in some minutes than in others, so two versions compare only within one run.
+rounds (its tiled and Q4_1 scaled products too, where it has them and the tiles run): this VM's
+memory is faster in some minutes than in others, so two versions compare only within one run.
 """
 
 import ctypes

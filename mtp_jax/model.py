@@ -193,8 +193,8 @@ def kernel_layout(params):
 def narrow_heads(layout, head_dtype: str):
   """kernel_layout's params with the MTP heads' dense matrices in `head_dtype`: float32 (as they
   are), bfloat16 (the kernel reads it as it is), int8 (kernels.Int8Rows, a scale per output
-  row) or q4_1 (kernels.ScaledTiles: kernels.narrowed). Every other leaf is the same array object (Medusa's layers, norms, the trunk), so copies
-  for several dtypes share the trunk."""
+  row) or q4_1 (kernels.ScaledTiles: kernels.narrowed). Every other leaf is the same array
+  object (Medusa's layers, norms, the trunk), so copies for several dtypes share the trunk."""
   def narrow(path, leaf):
     keys = _keys(path)
     n_in = _dense_inputs(keys)

@@ -404,8 +404,8 @@ inline void configure_tiles(int rows) {
     c.bytes_per_row[t] = 64;
     c.rows[t] = t < 6 ? rows : kTile;
   }
-  // GCC does not model the tile instruction as reading c: outside the lambdas it is inlined into
-  // now, it dropped the stores above as dead, and the instruction faulted on the garbage
+  // GCC does not model the tile instruction as reading c: called out of line, it dropped the
+  // stores above as dead and the instruction faulted on what the stack held
   asm volatile("" : : "r"(&c) : "memory");
   _tile_loadconfig(&c);
 }
