@@ -383,10 +383,16 @@ def q4_1_exact(w):
   return gguf_rounded(w, GGMLQuantizationType.Q4_1)
 
 
-@pytest.mark.parametrize('form', ['q8_0', 'q4_1'])
-def test_scaled_tiles_hold_exactly_a_q8_0_or_q4_1_matrix_and_nothing_else(form):
-  w = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact}[form](
-      jax.random.normal(jax.random.key(0), (48, 96)))
+EXACT = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact,
+         'q4_0': lambda w: gguf_rounded(w, GGMLQuantizationType.Q4_0),  # d (q - 8), q 0..15
+         'q5_0': lambda w: gguf_rounded(w, GGMLQuantizationType.Q5_0)}  # d (q - 16), q 0..31
+
+
+@pytest.mark.parametrize('form', ['q8_0', 'q4_1', 'q4_0', 'q5_0'])
+def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
+  """Q8_0, Q4_0 and Q5_0 matrices as a scale times int8 integers a run, Q4_1's as a scale times
+  integers 0 to 15 two to a byte plus an offset, every entry as it was; other matrices not."""
+  w = EXACT[form](jax.random.normal(jax.random.key(0), (48, 96)))
   t = kernels.scaled_tiles_if_exact(w)
   S = 2 if form == 'q4_1' else 1  # a scale, and an offset
   # Q8_0's integers one byte each (int8), Q4_1's (0 to 15) two to a byte
@@ -413,6 +419,9 @@ def test_scaled_tiles_hold_exactly_a_q8_0_or_q4_1_matrix_and_nothing_else(form):
   assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
       jax.random.normal(jax.random.key(0), (48, 96)))) is None
   assert kernels.scaled_tiles_if_exact(w[:40]) is None  # not whole tiles
+  if form in ('q4_0', 'q5_0'):  # the integers within the form's own range
+    assert np.abs(np.asarray(t.q)).max() == {'q4_0': 8, 'q5_0': 16}[form]
+    return
   if form == 'q4_1':
     # one run of integers 0 to 15 times a scale that is no float16 number, plus an offset: not
     # the file's form (the whole run exact in float32 still)
@@ -460,7 +469,7 @@ def test_the_tile_unit_runs_where_the_cpu_has_one():
     assert kernels.tiles_usable()
 
 
-@pytest.mark.parametrize('layout', ['tiled', 'q8_0', 'q4_1'])
+@pytest.mark.parametrize('layout', ['tiled', 'q8_0', 'q4_1', 'q4_0'])
 @pytest.mark.parametrize('K,N', [(96, 48), (96, 80), (96, 112), (576, 960)])
 def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layout, K, N):
   """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 or Q4_1 matrix): within float32
@@ -473,7 +482,7 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
     w = two_bfloat16_exact(w)
     t = kernels.tiled(w)
   else:
-    w = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact}[layout](w)
+    w = EXACT[layout](w)
     t = kernels.scaled_tiles_if_exact(w)
     assert t.affine == (layout == 'q4_1')
   x = jax.random.normal(jax.random.key(1), (40, K))

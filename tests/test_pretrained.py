@@ -50,6 +50,36 @@ def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
                              rtol=1e-4)
 
 
+@pytest.mark.parametrize('qtype', ['Q4_0', 'Q4_1'])
+def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype):
+  """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (Q4_0's
+  integers one byte each, Q4_1's two to a byte), and the trunk's logits through them are the
+  float32 ones to rounding."""
+  import gguf
+  from mtp_jax import decode as dec
+  from mtp_jax import kernels
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(),
+                    qtype=getattr(gguf.GGMLQuantizationType, qtype))
+  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 0}))
+  cfg = ModelConfig.from_config(config)
+  params = {'params': pretrained.merge(init_params(cfg, jax.random.key(0))['params'],
+                                       pretrained.trunk_params(path))}
+  tiled = dec.decode_model(cfg, True)
+  # q, k and v as one matrix, o, gate and up as one, down; the 264-token embedding is no whole
+  # number of tiles
+  assert tiled.tiled_matrices(params) == (4 * cfg.num_layers if tiled.tiles else 0)
+  if tiled.tiles:
+    blocks = tiled.prepare(params)['params']['blocks_0']
+    assert isinstance(blocks['mlp']['down'], kernels.ScaledTiles)
+    assert blocks['mlp']['down'].q.dtype == (jnp.int8 if qtype == 'Q4_0' else jnp.uint8)
+  tokens, positions = jnp.asarray([TOKENS]), jnp.arange(len(TOKENS))[None]
+  logits = []
+  for model in (tiled, dec.decode_model(cfg, False)):
+    cache = model.init_cache(1, len(TOKENS))['trunk']
+    logits.append(np.asarray(model.trunk(model.prepare(params), tokens, positions, cache)[0]))
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize('shards,transformers5', [(1, False), (3, False), (1, True)])
 def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5):
   fields = {'model.tie_embeddings': False}
