@@ -26,7 +26,7 @@ Prints:
   2. a markdown table, a row per system: tokens/s (generated tokens, a stop token included, over
      the sum of each prompt's fastest of --rounds rounds, after one warm-up round; ours is
      compiled before it), x ours-ar, the fraction of the ceiling bandwidth / bytes that one
-     decoding step reads (the float32 trunk; ours as decoding keeps it, our_step_bytes; the
+     decoding step reads (the float32 trunk; ours as decoding keeps it, DecodeModel.step_bytes; the
      Q4_1 file's tensors; speculative rows can pass 1), and how many prompts' greedy outputs
      equal ours-ar token for token; a line with the bytes a step reads, per system; then, for
      every prompt that differs, the first position where it does;
@@ -56,7 +56,7 @@ from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
 from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
-from mtp_jax.pretrained import fetch  # noqa: E402
+from mtp_jax.pretrained import fetch, gguf_file  # noqa: E402
 from mtp_jax.pretrained.tokenizer import chat_turn  # noqa: E402
 
 _PROMPTS = flags.DEFINE_string('prompts', 'configs/prompts/instruct_heldout.txt',
@@ -98,22 +98,11 @@ def float32_bytes(params) -> int:
              if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))
 
 
-def our_step_bytes(model, params) -> int:
-  """What one of our decoding steps reads of the weights as decoding keeps them: the trunk's
-  matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and offsets)
-  and the output matrix, as scaled tiles where the tile unit reads it so; the embedding is then
-  only looked up, a row a token, and not counted."""
-  prepared = model.prepare(params)['params']
-  skip = {'embedding', 'unembedding'} if 'output_tiles' in prepared else set()
-  return sum(leaf.nbytes for key, tree in prepared.items()
-             if not key.startswith('mtp') and key not in skip for leaf in jax.tree.leaves(tree))
-
-
 def our_systems(session, params, prompts: list[list[int]], max_new: int,
                 candidates: list[int]) -> list[System]:
   """`ar` and `mtp` at S = 1..D for each number of first-draft candidates K, each prompt its own
   compiled call, as inference.bench_blocks does at batch 1."""
-  step_bytes = our_step_bytes(session.decode_model, params)
+  step_bytes = session.decode_model.step_bytes(params)
   systems = []
   width = max(len(ids) for ids in prompts)  # one compilation per S, shared by the prompts
   runs = [(0, 1)] + [(S, K) for K in candidates for S in range(1, session.cfg.mtp_depth + 1)]
@@ -184,33 +173,6 @@ def hf_checks(model, export_dir: str, session, params, texts, prompts) -> dict:
 # llama.cpp.
 
 
-def f32_gguf(source: str) -> str:
-  """`source` with every tensor dequantized to float32, under its own name and in llama.cpp's own
-  layout, with the same metadata (file type F32); written once beside it (NAME.F32.gguf)."""
-  path = source.removesuffix('.gguf') + '.F32.gguf'
-  if os.path.exists(path):
-    return path
-  reader = gguf.GGUFReader(source)
-  tmp = f'{path}.tmp{os.getpid()}'
-  writer = gguf.GGUFWriter(tmp, arch=reader.fields['general.architecture'].contents())
-  for field in reader.fields.values():
-    if field.name.startswith('GGUF.') or field.name == 'general.architecture':
-      continue  # the writer's own
-    value = (gguf.LlamaFileType.ALL_F32 if field.name == 'general.file_type'
-             else field.contents())
-    writer.add_key_value(field.name, value, field.types[0],
-                         field.types[1] if len(field.types) > 1 else None)
-  for t in reader.tensors:
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    writer.add_tensor(t.name, w.reshape(tuple(int(s) for s in reversed(t.shape))))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  os.replace(tmp, path)
-  return path
-
-
 def gguf_bytes(path: str) -> int:
   return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
@@ -230,7 +192,7 @@ def llama_systems(q4_path: str, prompts, max_new: int, stop_ids, threads: int, s
   from llama_cpp import Llama
   from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
   n_ctx = max(map(len, prompts)) + max_new + LOOKUP_TOKENS + 1
-  f32_path = f32_gguf(q4_path)
+  f32_path = gguf_file.rewritten(q4_path, gguf.GGMLQuantizationType.F32)
   f32_kv = {'type_k': GGML_F32, 'type_v': GGML_F32}
   variants = {
       'llama_f32': ('llama.cpp F32', f32_path, f32_kv),

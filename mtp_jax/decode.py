@@ -196,6 +196,16 @@ class DecodeModel(WholeVocabulary):
                                      or leaf.dtype == jnp.uint32)  # two halves
                for path, leaf in leaves)
 
+  def step_bytes(self, params) -> int:
+    """What one decoding step reads of the trunk's weights as this model keeps them: its
+    matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and
+    offsets) and the output matrix, as scaled tiles where the tile unit reads it so; the
+    embedding is then only looked up, a row a token, and not counted."""
+    prepared = self.prepare(params)['params']
+    skip = {'embedding', 'unembedding'} if 'output_tiles' in prepared else set()
+    return sum(leaf.nbytes for key, tree in prepared.items()
+               if not key.startswith('mtp') and key not in skip for leaf in jax.tree.leaves(tree))
+
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get
     an empty one."""
@@ -746,13 +756,15 @@ class Decoder:
     return self.jitted(self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
 
   def compiled(self, params, prompts_QxP, prompt_len_Q, key):
-    """Compiles now, ahead of time (once per queue shape), and returns call() -> State for these
-    arguments."""
+    """Compiles now, ahead of time (once per queue shape and form of the prepared params: the
+    same model may decode params whose matrices take other forms, say another file's tensor
+    types), and returns call() -> State for these arguments."""
     args = (self.model.prepare(params), prompts_QxP, prompt_len_Q, key)
-    shape = np.shape(prompts_QxP)
-    if shape not in self._executables:
-      self._executables[shape] = self.jitted.lower(*args).compile()
-    return functools.partial(self._executables[shape], *args)
+    leaves, tree = jax.tree.flatten(args[0])
+    form = (np.shape(prompts_QxP), tree, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    if form not in self._executables:
+      self._executables[form] = self.jitted.lower(*args).compile()
+    return functools.partial(self._executables[form], *args)
 
 
 @functools.lru_cache(maxsize=None)

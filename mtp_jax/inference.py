@@ -310,20 +310,21 @@ def bench_blocks(session, params, config):
 
 def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
                  desc: str, same_as: list[int] | None = None) -> list[dict]:
-  """Decoding of each prompt alone by every (model, settings) in `variants`, the first the
-  reference (`ar`), all timed in interleaved rounds (each call's fastest). Per variant: tau,
+  """Decoding of each prompt alone by every (model, settings) in `variants` (or (model, settings,
+  params) for a variant with params of its own), the first the reference (`ar`), all timed in
+  interleaved rounds (each call's fastest). Per variant: tau,
   acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
   its drafts and bookkeeping, plus the prompt's prefill spread over the iterations), the speedup
   over the reference and whether every output equals the reference's (greedy variants; None
   when sampling), or with `same_as` that of variant same_as[i] (another model's `ar`, say)."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
-  calls = [prepared_decoder(model, params, [p], s, width=width) for p in prompts
-           for model, s in variants]
+  calls = [prepared_decoder(v[0], v[2] if len(v) > 2 else params, [p], v[1], width=width)
+           for p in prompts for v in variants]
   seconds, states = measure.fastest(calls, rounds, desc=desc)
   per = len(variants)
   outs = lambda i: [dec.outputs(st)[0] for st in states[i::per]]
   rows = []
-  for i, (_, s) in enumerate(variants):
+  for i, (_, s, *_) in enumerate(variants):
     pooled = dec.pooled_rates(states[i::per], s)
     rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
     rows.append({'tau': pooled['tau'],

@@ -390,11 +390,12 @@ EXACT = {'q8_0': q8_0_exact, 'q4_1': q4_1_exact,
 
 @pytest.mark.parametrize('form', ['q8_0', 'q4_1', 'q4_0', 'q5_0'])
 def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
-  """Q8_0, Q4_0 and Q5_0 matrices as a scale times int8 integers a run, Q4_1's as a scale times
-  integers 0 to 15 two to a byte plus an offset, every entry as it was; other matrices not."""
+  """Q8_0 and Q5_0 matrices as a scale times int8 integers a run, Q4_1's and Q4_0's as a scale
+  times integers 0 to 15 two to a byte plus an offset (Q4_0's: -8 times the scale), every entry
+  as it was; other matrices not."""
   w = EXACT[form](jax.random.normal(jax.random.key(0), (48, 96)))
   t = kernels.scaled_tiles_if_exact(w)
-  S = 2 if form == 'q4_1' else 1  # a scale, and an offset
+  S = 2 if form in ('q4_1', 'q4_0') else 1  # a scale, and an offset
   # Q8_0's integers one byte each (int8), Q4_1's (0 to 15) two to a byte
   assert t.shape == w.shape and t.ndim == 2
   assert t.q.dtype == (jnp.uint8 if S == 2 else jnp.int8)
@@ -419,8 +420,11 @@ def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
   assert kernels.scaled_tiles_if_exact(two_bfloat16_exact(
       jax.random.normal(jax.random.key(0), (48, 96)))) is None
   assert kernels.scaled_tiles_if_exact(w[:40]) is None  # not whole tiles
-  if form in ('q4_0', 'q5_0'):  # the integers within the form's own range
-    assert np.abs(np.asarray(t.q)).max() == {'q4_0': 8, 'q5_0': 16}[form]
+  if form == 'q5_0':  # the integers within the form's own range
+    assert np.abs(np.asarray(t.q)).max() == 16
+    return
+  if form == 'q4_0':  # every offset -8 times its scale
+    np.testing.assert_array_equal(scales_of(t)[:, :, 1], -8 * scales_of(t)[:, :, 0])
     return
   if form == 'q4_1':
     # one run of integers 0 to 15 times a scale that is no float16 number, plus an offset: not
@@ -438,6 +442,10 @@ def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
   ints[np.abs(ints) == 127] = np.sign(ints[np.abs(ints) == 127]) * 126
   assert np.abs(ints).max() == 126
   assert kernels.scaled_tiles_if_exact(w.at[0, :32].set(ints * scale)) is None
+
+
+def scales_of(t):
+  return np.asarray(t.scales, np.float32)
 
 
 def test_tiled_matrices_hold_exactly_the_matrix_in_amx_tile_order():
@@ -484,7 +492,7 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
   else:
     w = EXACT[layout](w)
     t = kernels.scaled_tiles_if_exact(w)
-    assert t.affine == (layout == 'q4_1')
+    assert t.affine == (layout in ('q4_1', 'q4_0'))
   x = jax.random.normal(jax.random.key(1), (40, K))
   product = jax.jit(kernels.rows_matmul)
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T

@@ -52,8 +52,8 @@ def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
 
 @pytest.mark.parametrize('qtype', ['Q4_0', 'Q4_1'])
 def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype):
-  """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (Q4_0's
-  integers one byte each, Q4_1's two to a byte), and the trunk's logits through them are the
+  """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (both
+  as integers 0 to 15 two to a byte with offsets), and the trunk's logits through them are the
   float32 ones to rounding."""
   import gguf
   from mtp_jax import decode as dec
@@ -71,7 +71,7 @@ def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype):
   if tiled.tiles:
     blocks = tiled.prepare(params)['params']['blocks_0']
     assert isinstance(blocks['mlp']['down'], kernels.ScaledTiles)
-    assert blocks['mlp']['down'].q.dtype == (jnp.int8 if qtype == 'Q4_0' else jnp.uint8)
+    assert blocks['mlp']['down'].q.dtype == jnp.uint8 and blocks['mlp']['down'].affine
   tokens, positions = jnp.asarray([TOKENS]), jnp.arange(len(TOKENS))[None]
   logits = []
   for model in (tiled, dec.decode_model(cfg, False)):

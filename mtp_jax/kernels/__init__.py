@@ -11,8 +11,8 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   as those two for the CPU's tile unit, AMX, which multiplies up to 16 rows for the cost of one;
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
-  file's Q4_1, Q8_0, Q4_0 and Q5_0 tensors dequantize: the symmetric forms' integers one byte
-  each, a quarter of float32's bytes, Q4_1's two to a byte, widened to bfloat16 tiles in the kernel, on the tile
+  file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors dequantize: Q8_0's and Q5_0's integers one byte
+  each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte, widened to bfloat16 tiles in the kernel, on the tile
   unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
@@ -49,16 +49,17 @@ ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'int8': ('mtpjax_rows_matmul_s8', 'RowsMatmulS8'),
                 'uint32': ('mtpjax_rows_matmul_tiled', 'RowsMatmulTiled')}  # `tiled`
 TILE_ROWS, TILE_COLUMNS = 16, 32  # a tiled matrix's (N, K) are multiples of these
-# ScaledTiles: Q8_0's, Q4_0's and Q5_0's integers (int8), Q4_1's (0 to 15, with offsets)
+# ScaledTiles: Q8_0's and Q5_0's integers (int8), Q4_1's and Q4_0's (0 to 15, with offsets)
 SCALED_TARGETS = {'int8': ('mtpjax_rows_matmul_scaled_s8', 'RowsMatmulScaledS8'),
                   'uint8': ('mtpjax_rows_matmul_scaled8', 'RowsMatmulScaled8')}
 # ScaledTiles: entries a scale covers; the largest integer of Q8_0's form, of Q4_1's (from 0)
 RUN, RUN_LARGEST, RUN_LEVELS = 32, 127, 15
 # The largest magnitude of the integers in a run of the symmetric forms, each a scale times
-# integers and stored as int8: Q8_0 (a scale of the run's largest magnitude / 127), Q4_0 (that
-# magnitude / 8: the integers q - 8 for q of 0 to 15, the largest magnitude taking -8) and Q5_0
-# (/ 16, q - 16 for 5-bit q)
-SYMMETRIC_LARGEST = (RUN_LARGEST, 8, 16)
+# integers and stored as int8: Q8_0 (a scale of the run's largest magnitude / 127) and Q5_0
+# (that magnitude / 16: the integers q - 16 for 5-bit q, the largest magnitude taking -16)
+SYMMETRIC_LARGEST = (RUN_LARGEST, 16)
+# Q4_0's d (q - 8), q of 0 to 15: the largest magnitude takes -8, so d is that entry / -8
+Q4_0_MIDDLE = 8
 
 
 # -ffp-contract=off: GCC fuses a multiply and an add into one FMA in some template instances of
@@ -216,15 +217,17 @@ def tiled(w):
 class ScaledTiles:
   """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
   times small integers, plus (`affine`) a float16 offset: a GGUF file's Q8_0 tensors dequantized
-  (a scale, the run's largest magnitude / 127, times int8 values; Q4_0's and Q5_0's alike, the
-  magnitude / 8 or / 16: SYMMETRIC_LARGEST) and its Q4_1 ones (a scale, (largest - least) / 15,
-  times integers 0 to 15, plus the run's least value). The integers, exact in bfloat16, in the
-  tile unit's order, one tile per block of 16 rows by 32 columns (row blocks first): the
-  symmetric forms' one byte an entry, Q4_1's two to a byte, where float32 takes 4; the
-  kernel widens each tile to bfloat16 as it reads it. It stands in for the matrix wherever
-  layers.dense reads one (shape, ndim, reshape), its arrays keeping their own shapes."""
-  # the tiles: the symmetric forms' integers as int8 (N, K); Q4_1's as uint8 (N, K / 2), two to a byte (in
-  # each 32 bytes, the low nibbles hold 32 entries of the tile and the high ones the next 32)
+  (a scale, the run's largest magnitude / 127, times int8 values; Q5_0's alike, the magnitude
+  / 16: SYMMETRIC_LARGEST) and its Q4_1 ones (a scale, (largest - least) / 15, times integers 0
+  to 15, plus the run's least value; Q4_0's too, its d (q - 8) as d q - 8 d). The integers,
+  exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
+  blocks first): the symmetric forms' one byte an entry, the affine ones' two to a byte, where
+  float32 takes 4; the kernel widens each tile to bfloat16 as it reads it. It stands in for the
+  matrix wherever layers.dense reads one (shape, ndim, reshape), its arrays keeping their own
+  shapes."""
+  # the tiles: the symmetric forms' integers as int8 (N, K); the affine ones' as uint8 (N, K / 2),
+  # two to a byte (in each 32 bytes, the low nibbles hold 32 entries of the tile and the high ones
+  # the next 32)
   q: jax.Array
   # float16 (N / 16, K / 32, S, 16): per block, its 16 rows' scales, then (S = 2) their offsets
   scales: jax.Array
@@ -261,6 +264,14 @@ def _affine(runs):
   return (runs.max(-1) - least) / RUN_LEVELS, least
 
 
+def _q4_0(runs):
+  """Q4_0's scale d and offset -8 d, from the runs (N, K / 32, 32) in float64: Q4_1's form
+  (integers 0 to 15, two to a byte) for a Q4_0 tensor."""
+  largest = np.take_along_axis(runs, np.abs(runs).argmax(-1)[..., None], -1)[..., 0]
+  scale = -largest / Q4_0_MIDDLE
+  return scale, -Q4_0_MIDDLE * scale
+
+
 def _fits(runs, form, lowest, highest):
   """(integers, [scale] or [scale, offset]) when every run has the form exactly, else None."""
   scale, offset = form(runs)
@@ -276,9 +287,9 @@ def _fits(runs, form, lowest, highest):
 
 def scaled_tiles_if_exact(w):
   """`w` as ScaledTiles when it has one of their forms exactly (N a multiple of 16, K of 32; its
-  scales and offsets float16 numbers), else None: a GGUF file's Q8_0, Q4_0 and Q5_0 tensors
-  dequantized (SYMMETRIC_LARGEST; their integers one byte each) and its Q4_1 ones (two to a
-  byte). In NumPy and float64, where the values d q + o are exact and the division by the
+  scales and offsets float16 numbers), else None: a GGUF file's Q8_0 and Q5_0 tensors
+  dequantized (SYMMETRIC_LARGEST; their integers one byte each) and its Q4_0 and Q4_1 ones
+  (integers 0 to 15 two to a byte, with offsets: -8 times the scale for Q4_0). In NumPy and float64, where the values d q + o are exact and the division by the
   integers' range finds a float16 scale exactly (XLA's CPU division is not exact). Each form is
   tried on the first block of 16 rows before the whole matrix."""
   w = np.asarray(w, np.float32)
@@ -286,7 +297,9 @@ def scaled_tiles_if_exact(w):
   if N % TILE_ROWS or K % TILE_COLUMNS:
     return None
   runs = w.reshape(N, K // RUN, RUN).astype(np.float64)
-  for form in (*(_symmetric(n) for n in SYMMETRIC_LARGEST), (_affine, 0, RUN_LEVELS)):
+  forms = (_symmetric(RUN_LARGEST), (_q4_0, 0, RUN_LEVELS), _symmetric(SYMMETRIC_LARGEST[1]),
+           (_affine, 0, RUN_LEVELS))
+  for form in forms:
     if _fits(runs[:TILE_ROWS], *form) is None:
       continue
     fitted = _fits(runs, *form)

@@ -183,3 +183,49 @@ def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
     if tuple(shapes[hf]) != tuple(shape):
       raise PretrainedError(f"model.init_from: tensor '{label}' of {name} has shape "
                             f'{tuple(shapes[hf])}, expected {tuple(shape)}')
+
+
+# The file type a rewritten file records, by the type its matrices take
+_FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+               gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+               gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+               gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+               gguf.GGMLQuantizationType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0}
+
+
+def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
+  """`source` with its tensors in another type, under their own names, in llama.cpp's own layout
+  and with the same metadata (but the file type): with F32 every tensor dequantized; with a
+  quantized type each quantized matrix dequantized and quantized again to it by gguf's own
+  quantizer (the other tensors dequantized to float32), so the file holds that type's rounding
+  of the source's weights. Written once beside it (NAME.TYPE.gguf, through a temporary file)."""
+  if qtype not in _FILE_TYPES:
+    raise PretrainedError(f'cannot rewrite a GGUF file as {qtype.name} (one of '
+                          f'{", ".join(t.name for t in _FILE_TYPES)})')
+  path = f'{source.removesuffix(".gguf")}.{qtype.name}.gguf'
+  if os.path.exists(path):
+    return path
+  reader = gguf.GGUFReader(source)
+  tmp = f'{path}.tmp{os.getpid()}'
+  writer = gguf.GGUFWriter(tmp, arch=reader.fields['general.architecture'].contents())
+  for field in reader.fields.values():
+    if field.name.startswith('GGUF.') or field.name == 'general.architecture':
+      continue  # the writer's own
+    value = _FILE_TYPES[qtype] if field.name == 'general.file_type' else field.contents()
+    writer.add_key_value(field.name, value, field.types[0],
+                         field.types[1] if len(field.types) > 1 else None)
+  plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+           gguf.GGMLQuantizationType.BF16)
+  for t in reader.tensors:
+    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+    if qtype != gguf.GGMLQuantizationType.F32 and t.tensor_type not in plain and w.ndim == 2:
+      writer.add_tensor(t.name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    else:
+      writer.add_tensor(t.name, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  os.replace(tmp, path)
+  return path
