@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (CHAT, LLAMA, assert_bitwise_equal, numpy_llama_logits, pretrained_config,
-                      random_llama, stdlib_corpus, write_gguf, write_hf)
+from conftest import (CHAT, LLAMA, assert_bitwise_equal, gguf_rounded, numpy_llama_logits,
+                      pretrained_config, random_llama, stdlib_corpus, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
 from mtp_jax.config import ConfigError, ModelConfig, validate
@@ -48,6 +48,28 @@ def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
                if t.ndim == 2 else t for n, t in tensors.items()}
   np.testing.assert_allclose(our_logits(path), numpy_llama_logits(tensors, TOKENS), atol=1e-4,
                              rtol=1e-4)
+
+
+def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_path):
+  """gguf_file.rewritten: the file's matrices quantized again to the type by gguf's quantizer
+  (the norms kept in float32), the metadata kept, written once beside the file; a type it
+  cannot write is one clear error."""
+  import gguf
+  tensors = random_llama()
+  source = write_gguf(tmp_path / 'tiny.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0)
+  path = gguf_file.rewritten(source, gguf.GGMLQuantizationType.Q4_0)
+  assert path == str(tmp_path / 'tiny.Q4_0.gguf')
+  types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+  assert types['blk.0.ffn_down.weight'] == gguf.GGMLQuantizationType.Q4_0
+  assert types['blk.0.attn_norm.weight'] == gguf.GGMLQuantizationType.F32
+  rounded = {n: gguf_rounded(gguf_rounded(t, gguf.GGMLQuantizationType.Q8_0),
+                             gguf.GGMLQuantizationType.Q4_0) if t.ndim == 2 else t
+             for n, t in tensors.items()}
+  np.testing.assert_allclose(our_logits(path), numpy_llama_logits(
+      {n: np.asarray(t) for n, t in rounded.items()}, TOKENS), atol=1e-4, rtol=1e-4)
+  assert gguf_file.rewritten(source, gguf.GGMLQuantizationType.Q4_0) == path  # not again
+  with pytest.raises(PretrainedError, match='cannot rewrite a GGUF file as Q6_K'):
+    gguf_file.rewritten(source, gguf.GGMLQuantizationType.Q6_K)
 
 
 @pytest.mark.parametrize('qtype', ['Q4_0', 'Q4_1'])
