@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (CHAT, LLAMA, assert_bitwise_equal, gguf_rounded, numpy_llama_logits,
-                      pretrained_config, random_llama, stdlib_corpus, write_gguf, write_hf)
+from conftest import (CHAT, LLAMA, assert_bitwise_equal, assert_user_error, gguf_rounded,
+                      numpy_llama_logits, pretrained_config, random_llama, run_script,
+                      stdlib_corpus, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
 from mtp_jax.config import ConfigError, ModelConfig, validate
@@ -70,6 +71,12 @@ def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_pat
   assert gguf_file.rewritten(source, gguf.GGMLQuantizationType.Q4_0) == path  # not again
   with pytest.raises(PretrainedError, match='cannot rewrite a GGUF file as Q6_K'):
     gguf_file.rewritten(source, gguf.GGMLQuantizationType.Q6_K)
+  # experiments/gguf_forms.py, which times such files, refuses what it cannot run at once
+  for args, words in ((['--types', 'Q4_1,Q6_K'], ['--types', 'Q6_K']),
+                      (['--types', 'Q4_1,Q4_1'], ['distinct']),
+                      (['--draft_len', '0'], ['--draft_len']),
+                      (['--config.model.init_from', str(path)], ['model.init_from', 'smollm2'])):
+    assert_user_error(run_script('experiments/gguf_forms.py', *args, timeout=60), *words)
 
 
 @pytest.mark.parametrize('qtype', ['Q4_0', 'Q4_1'])
