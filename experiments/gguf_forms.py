@@ -28,7 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its checkpoint, if any).')
 _TYPES = flags.DEFINE_list('types', ['Q4_1', 'Q4_0', 'Q8_0', 'F32'], 'GGUF tensor types; Q4_1 is '
-                           'the file as it ships (F32, Q8_0, Q4_0, Q4_1, Q5_0).')
+                           'the file as it ships (those gguf_file.rewritten writes: F32, Q8_0, '
+                           'Q4_0, Q4_1, Q5_0).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', 1, 'S of the `mtp` rows.')
 _ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
@@ -51,7 +52,7 @@ def main(argv):
   from mtp_jax.pretrained.base import PretrainedError
   config = _CONFIG.value
   types = [t.strip().upper() for t in _TYPES.value]
-  known = ('F32', 'Q8_0', 'Q4_0', 'Q4_1', 'Q5_0')
+  known = [t.name for t in gguf_file.FILE_TYPES]  # what gguf_file.rewritten writes
   if not types or any(t not in known for t in types) or len(set(types)) < len(types):
     print(f'error: --types must be distinct types among {", ".join(known)}, got '
           f'{",".join(_TYPES.value)}', file=sys.stderr)

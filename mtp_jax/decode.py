@@ -190,21 +190,26 @@ class DecodeModel(WholeVocabulary):
     form); heads drafting in q4_1 are not counted."""
     if not self.tiles:
       return 0
-    leaves, _ = jax.tree_util.tree_flatten_with_path(
-        self.prepare(params), is_leaf=lambda leaf: isinstance(leaf, kernels_lib.ScaledTiles))
-    return sum(trunk_path(path) and (isinstance(leaf, kernels_lib.ScaledTiles)
-                                     or leaf.dtype == jnp.uint32)  # two halves
-               for path, leaf in leaves)
+    return sum(isinstance(leaf, kernels_lib.ScaledTiles) or leaf.dtype == jnp.uint32  # two halves
+               for _, leaf in self._trunk_leaves(params))
 
   def step_bytes(self, params) -> int:
     """What one decoding step reads of the trunk's weights as this model keeps them: its
     matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and
     offsets) and the output matrix, as scaled tiles where the tile unit reads it so; the
     embedding is then only looked up, a row a token, and not counted."""
-    prepared = self.prepare(params)['params']
-    skip = {'embedding', 'unembedding'} if 'output_tiles' in prepared else set()
-    return sum(leaf.nbytes for key, tree in prepared.items()
-               if not key.startswith('mtp') and key not in skip for leaf in jax.tree.leaves(tree))
+    leaves = [(path[1].key, leaf) for path, leaf in self._trunk_leaves(params)]  # by module
+    tied = any(module == 'output_tiles' for module, _ in leaves)
+    return sum(array.nbytes for module, leaf in leaves
+               if not (tied and module in ('embedding', 'unembedding'))
+               for array in jax.tree.leaves(leaf))
+
+  def _trunk_leaves(self, params) -> list:
+    """(path, leaf) for each of the prepared params' trunk leaves (model.trunk_path: under
+    'params'), a scaled matrix one leaf."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(
+        self.prepare(params), is_leaf=lambda leaf: isinstance(leaf, kernels_lib.ScaledTiles))
+    return [(path, leaf) for path, leaf in leaves if trunk_path(path)]
 
   def init_cache(self, batch: int, length: int):
     """KV caches of the trunk's layers and of each head; Medusa heads, which do not attend, get

@@ -216,11 +216,11 @@ def tile_trunk(layout, scaled: bool = True):
   """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
   exactly (its shape in whole tiles) stored for it: as kernels.ScaledTiles where every run of 32
   entries along a row is a scale times small integers, with or without an offset (a GGUF Q8_0,
-  Q4_0, Q5_0 or Q4_1 tensor: 1 byte an entry, or half of one for Q4_1), else tiled in two bfloat16 halves where every
-  entry splits so (kernels.tiled: 4 bytes an entry). The heads' matrices, the embedding and
-  every other leaf stay as they are. A tied output matrix (the embedding) in ScaledTiles' form is
-  added beside it as such, under 'output_tiles', which the projections onto the vocabulary then
-  read; the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the
+  Q4_0, Q5_0 or Q4_1 tensor: 1 byte an entry, or half of one for Q4_1 and Q4_0), else tiled in
+  two bfloat16 halves where every entry splits so (kernels.tiled: 4 bytes an entry). The heads'
+  matrices, the embedding and every other leaf stay as they are. A tied output matrix (the
+  embedding) in ScaledTiles' form is added beside it as such, under 'output_tiles', which the
+  projections onto the vocabulary then read; the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the
   blocks' matrices are all in two halves, as before ScaledTiles; a tied output matrix is still
   added."""
   def tile(path, leaf):

@@ -424,7 +424,8 @@ def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
     assert np.abs(np.asarray(t.q)).max() == 16
     return
   if form == 'q4_0':  # every offset -8 times its scale
-    np.testing.assert_array_equal(scales_of(t)[:, :, 1], -8 * scales_of(t)[:, :, 0])
+    scales = np.asarray(t.scales, np.float32)
+    np.testing.assert_array_equal(scales[:, :, 1], -8 * scales[:, :, 0])
     return
   if form == 'q4_1':
     # one run of integers 0 to 15 times a scale that is no float16 number, plus an offset: not
@@ -442,10 +443,6 @@ def test_scaled_tiles_hold_exactly_a_gguf_matrix_and_nothing_else(form):
   ints[np.abs(ints) == 127] = np.sign(ints[np.abs(ints) == 127]) * 126
   assert np.abs(ints).max() == 126
   assert kernels.scaled_tiles_if_exact(w.at[0, :32].set(ints * scale)) is None
-
-
-def scales_of(t):
-  return np.asarray(t.scales, np.float32)
 
 
 def test_tiled_matrices_hold_exactly_the_matrix_in_amx_tile_order():

@@ -12,8 +12,8 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
   file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors dequantize: Q8_0's and Q5_0's integers one byte
-  each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte, widened to bfloat16 tiles in the kernel, on the tile
-  unit too).
+  each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte, widened to bfloat16
+  tiles in the kernel, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 """
 
@@ -54,10 +54,9 @@ SCALED_TARGETS = {'int8': ('mtpjax_rows_matmul_scaled_s8', 'RowsMatmulScaledS8')
                   'uint8': ('mtpjax_rows_matmul_scaled8', 'RowsMatmulScaled8')}
 # ScaledTiles: entries a scale covers; the largest integer of Q8_0's form, of Q4_1's (from 0)
 RUN, RUN_LARGEST, RUN_LEVELS = 32, 127, 15
-# The largest magnitude of the integers in a run of the symmetric forms, each a scale times
-# integers and stored as int8: Q8_0 (a scale of the run's largest magnitude / 127) and Q5_0
-# (that magnitude / 16: the integers q - 16 for 5-bit q, the largest magnitude taking -16)
-SYMMETRIC_LARGEST = (RUN_LARGEST, 16)
+# Q5_0's d (q - 16) for 5-bit q: a symmetric form (stored as int8) of a scale, the run's largest
+# magnitude / 16, times integers of at most 16, as Q8_0's is of its largest magnitude / 127
+Q5_0_LARGEST = 16
 # Q4_0's d (q - 8), q of 0 to 15: the largest magnitude takes -8, so d is that entry / -8
 Q4_0_MIDDLE = 8
 
@@ -218,7 +217,7 @@ class ScaledTiles:
   """A float32 matrix w (N, K) whose every run of RUN entries along a row is a float16 scale
   times small integers, plus (`affine`) a float16 offset: a GGUF file's Q8_0 tensors dequantized
   (a scale, the run's largest magnitude / 127, times int8 values; Q5_0's alike, the magnitude
-  / 16: SYMMETRIC_LARGEST) and its Q4_1 ones (a scale, (largest - least) / 15, times integers 0
+  / 16) and its Q4_1 ones (a scale, (largest - least) / 15, times integers 0
   to 15, plus the run's least value; Q4_0's too, its d (q - 8) as d q - 8 d). The integers,
   exact in bfloat16, in the tile unit's order, one tile per block of 16 rows by 32 columns (row
   blocks first): the symmetric forms' one byte an entry, the affine ones' two to a byte, where
@@ -285,19 +284,28 @@ def _fits(runs, form, lowest, highest):
   return q, kept
 
 
-def scaled_tiles_if_exact(w):
-  """`w` as ScaledTiles when it has one of their forms exactly (N a multiple of 16, K of 32; its
-  scales and offsets float16 numbers), else None: a GGUF file's Q8_0 and Q5_0 tensors
-  dequantized (SYMMETRIC_LARGEST; their integers one byte each) and its Q4_0 and Q4_1 ones
-  (integers 0 to 15 two to a byte, with offsets: -8 times the scale for Q4_0). In NumPy and float64, where the values d q + o are exact and the division by the
-  integers' range finds a float16 scale exactly (XLA's CPU division is not exact). Each form is
-  tried on the first block of 16 rows before the whole matrix."""
+def _runs(w):
+  """The float matrix w (N, K) as its runs of 32 entries (N, K / 32, 32) in float64, or None
+  when it is not in whole tiles (N a multiple of 16, K of 32)."""
   w = np.asarray(w, np.float32)
   N, K = w.shape
   if N % TILE_ROWS or K % TILE_COLUMNS:
     return None
-  runs = w.reshape(N, K // RUN, RUN).astype(np.float64)
-  forms = (_symmetric(RUN_LARGEST), (_q4_0, 0, RUN_LEVELS), _symmetric(SYMMETRIC_LARGEST[1]),
+  return w.reshape(N, K // RUN, RUN).astype(np.float64)
+
+
+def scaled_tiles_if_exact(w):
+  """`w` as ScaledTiles when it has one of their forms exactly (N a multiple of 16, K of 32; its
+  scales and offsets float16 numbers), else None: a GGUF file's Q8_0 and Q5_0 tensors
+  dequantized (their integers one byte each) and its Q4_0 and Q4_1 ones (integers 0 to 15 two
+  to a byte, with offsets: -8 times the scale for Q4_0). In NumPy and float64, where the values
+  d q + o are exact and the division by the integers' range finds a float16 scale exactly
+  (XLA's CPU division is not exact). Each form is tried on the first block of 16 rows before
+  the whole matrix."""
+  runs = _runs(w)
+  if runs is None:
+    return None
+  forms = (_symmetric(RUN_LARGEST), (_q4_0, 0, RUN_LEVELS), _symmetric(Q5_0_LARGEST),
            (_affine, 0, RUN_LEVELS))
   for form in forms:
     if _fits(runs[:TILE_ROWS], *form) is None:
@@ -312,7 +320,8 @@ def _scaled_tiles(q, kept) -> ScaledTiles:
   """ScaledTiles from the integers q (N, K / 32, 32: int8's range without offsets, 0 to 15 with
   them) and [scale] or [scale, offset] (N, K / 32), float16 numbers."""
   N, K = q.shape[0], q.shape[1] * RUN
-  # Q8_0's one byte each, Q4_1's two to a byte (the kernel widens them to bfloat16 tiles)
+  # symmetric forms' one byte each, affine ones' two to a byte (the kernel widens them to
+  # bfloat16 tiles)
   if len(kept) == 1:
     q = _tile_order(jnp.asarray(q.reshape(N, K), jnp.int8)).reshape(N, K)
   else:
@@ -329,11 +338,9 @@ def q4_1_tiles(w) -> ScaledTiles | None:
   value, rounded), a float16 scale (the run's range over that offset / 15, rounded) and integers
   0 to 15, each entry's nearest (clipped where the rounded offset passed the least value). Half
   a byte an entry and 4 bytes a run, where int8 rows take one byte an entry."""
-  w = np.asarray(w, np.float32)
-  N, K = w.shape
-  if N % TILE_ROWS or K % TILE_COLUMNS:
+  runs = _runs(w)
+  if runs is None:
     return None
-  runs = w.reshape(N, K // RUN, RUN).astype(np.float64)
   offset = runs.min(-1).astype(np.float16).astype(np.float64)
   scale = ((runs.max(-1) - offset) / RUN_LEVELS).astype(np.float16).astype(np.float64)
   safe = np.where(scale > 0, scale, 1.0)[..., None]

@@ -554,12 +554,13 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Scaled matrices (kernels.ScaledTiles): an N x K float32 matrix whose every run of 32 entries
 // along a row is a float16 scale times integers of at most 8 bits, plus (affine) a float16
 // offset, as a GGUF file's Q8_0 tensors dequantize (a scale times an int8; SmolLM2's embedding,
-// also its output matrix) and its Q4_1 ones (a scale times a 4-bit integer plus an offset;
-// SmolLM2's blocks). The integers are exact in bfloat16 and kept in tiles, one per block of 16
-// rows by 32 columns (row blocks first), in the order of a tile product's second operand: int8,
-// one byte each, or Q4_1's 0 to 15 two to a byte (uint8); each tile is widened to bfloat16 in L1
-// while the tile before it multiplies. s holds each block's 16 row scales, then (affine) their
-// 16 offsets, 2 or 4 bytes per 32 entries, where float32 takes 4 bytes an entry.
+// also its output matrix; Q5_0's alike) and its Q4_1 ones (a scale times a 4-bit integer plus an
+// offset; SmolLM2's blocks; Q4_0's d (q - 8) as d q - 8 d). The integers are exact in bfloat16
+// and kept in tiles, one per block of 16 rows by 32 columns (row blocks first), in the order of
+// a tile product's second operand: int8, one byte each, or 0 to 15 two to a byte (uint8); each
+// tile is widened to bfloat16 in L1 while the tile before it multiplies. s holds each block's 16
+// row scales, then (affine) their 16 offsets, 2 or 4 bytes per 32 entries, where float32 takes 4
+// bytes an entry.
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.

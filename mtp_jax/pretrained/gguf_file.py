@@ -185,8 +185,8 @@ def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
                             f'{tuple(shapes[hf])}, expected {tuple(shape)}')
 
 
-# The file type a rewritten file records, by the type its matrices take
-_FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+# The types a file can be rewritten in (rewritten), each with the file type it then records
+FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
                gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
                gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
@@ -199,9 +199,9 @@ def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
   quantized type each quantized matrix dequantized and quantized again to it by gguf's own
   quantizer (the other tensors dequantized to float32), so the file holds that type's rounding
   of the source's weights. Written once beside it (NAME.TYPE.gguf, through a temporary file)."""
-  if qtype not in _FILE_TYPES:
+  if qtype not in FILE_TYPES:
     raise PretrainedError(f'cannot rewrite a GGUF file as {qtype.name} (one of '
-                          f'{", ".join(t.name for t in _FILE_TYPES)})')
+                          f'{", ".join(t.name for t in FILE_TYPES)})')
   path = f'{source.removesuffix(".gguf")}.{qtype.name}.gguf'
   if os.path.exists(path):
     return path
@@ -211,7 +211,7 @@ def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
   for field in reader.fields.values():
     if field.name.startswith('GGUF.') or field.name == 'general.architecture':
       continue  # the writer's own
-    value = _FILE_TYPES[qtype] if field.name == 'general.file_type' else field.contents()
+    value = FILE_TYPES[qtype] if field.name == 'general.file_type' else field.contents()
     writer.add_key_value(field.name, value, field.types[0],
                          field.types[1] if len(field.types) > 1 else None)
   plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
