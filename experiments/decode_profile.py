@@ -13,8 +13,9 @@ Prints, per batch size in --batches:
      tau (tokens per trunk forward, pooled over its rows), tau / r (a row's speedup) and the
      loop's own speedup, its iterations times their cost against `ar`'s (a batch's loop runs
      until its slowest row is done, so at batch > 1 this can be below tau / r);
-  2. the model calls of an iteration, each alone in a jitted loop of --calls calls with its
-     greedy argmax, at positions spread over those the decoder writes (from the prompt's end):
+  2. the model calls of an iteration, each alone in a jitted loop of --calls calls with the
+     decoder's argmax (DecodeModel.argmax), at positions spread over those the decoder writes
+     (from the prompt's end):
      the trunk over 1 position (the `ar` step) and over S + 1 positions (the verify of S drafts)
      for S = 1..D (and over each width in --positions: a draft tree's verify, 1 + S + (K - 1) C
      positions), each as a multiple of the `ar` step, and head k over its window plus its
@@ -23,9 +24,10 @@ Prints, per batch size in --batches:
      these.
   3. with --breakdown, where a trunk call's time goes: the trunk over 1 and over D + 1 positions,
      each loop of --calls calls traced once with jax.profiler, its operations' times summed by
-     kind (the row kernel's weight products, its unembedding, the attention kernel, the dots
-     XLA runs itself, which are every product when the kernels are off, and XLA's other
-     operations: norms, rotary embedding, cache writes, argmax), per call,
+     kind (the row kernel's weight products, its unembedding, the attention kernel, the argmax
+     kernel, the dots XLA runs itself, which are every product when the kernels are off, and
+     XLA's other operations: norms, rotary embedding, cache writes; the argmax without the
+     kernels), per call,
      and what the D + 1 positions add to each kind. Operations may overlap on the threads, and
      tracing slows them a little: read the kinds against each other, not against part 2.
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
@@ -112,7 +114,7 @@ def trunk_body(model, B: int, T: int, prompt_len: int, span: int, calls: int):
     cache, tokens = carry
     positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(T), (B, T))
     logits, _, cache = model.trunk(params, tokens, positions, cache)
-    return cache, dec.greedy(logits)
+    return cache, model.argmax(logits)
   return body
 
 
@@ -153,7 +155,7 @@ def component_costs(model, prepared, trunks, B, S_max, prompt_len, cache_len, ca
       kv, tokens, h_in = carry
       positions = jnp.broadcast_to(prompt_len + i * span // calls + jnp.arange(W), (B, W))
       h, kv = model.head(params, k, h_in, tokens, positions, kv)
-      index = dec.greedy(model.head_logits(params, k, h[:, -1:]))
+      index = model.argmax(model.head_logits(params, k, h[:, -1:]))
       token = model.draft_tokens(params, index)
       # The output feeds the next call where it has the input's width (not the first module's
       # input, when it reads wider trunk features).
@@ -173,7 +175,7 @@ def component_costs(model, prepared, trunks, B, S_max, prompt_len, cache_len, ca
 
 
 KINDS = ('weight products (row kernel)', 'unembedding (row kernel)', 'attention (kernel)',
-         'XLA dots', 'other XLA ops')
+         'argmax (kernel)', 'XLA dots', 'other XLA ops')
 
 
 def op_kinds(hlo_text: str) -> dict:
@@ -186,6 +188,8 @@ def op_kinds(hlo_text: str) -> dict:
       continue
     if 'custom_call_target="mtpjax_cache_attention"' in line:
       kind = 'attention (kernel)'
+    elif 'custom_call_target="mtpjax_argmax"' in line:
+      kind = 'argmax (kernel)'
     elif 'custom_call_target="mtpjax_rows_matmul' in line:
       kind = ('unembedding (row kernel)' if 'MTPLanguageModel.logits' in line else
               'weight products (row kernel)')

@@ -69,6 +69,10 @@ class WholeVocabulary:
   def draft_to_vocab(self, params, q_xN, vocab: int):
     return q_xN
 
+  def argmax(self, logits_xV):
+    """The token every greedy choice of the decoder takes (layers.greedy)."""
+    return greedy(logits_xV)
+
 
 _PREPARED = []  # (params, what prepare() made of them), most recently asked for first
 _KEEP = 2  # params objects whose conversions are kept
@@ -247,6 +251,13 @@ class DecodeModel(WholeVocabulary):
   def draft_tokens(self, params, index):
     return index if self.draft is None else params['draft']['ids'][index]
 
+  def argmax(self, logits_xV):
+    """layers.greedy's token, from the kernel (kernels.argmax) with the kernels: XLA's CPU
+    backend takes about a nanosecond an entry, 0.17 ms for a 4-position verify over 49152 tokens
+    against 0.01 in the kernel."""
+    out = kernels_lib.argmax(logits_xV, self.kernels)
+    return greedy(logits_xV) if out is None else out
+
   def draft_to_vocab(self, params, q_xN, vocab: int):
     """A distribution over the draft vocabulary as one over every token (zero elsewhere)."""
     if self.draft is None:
@@ -302,10 +313,10 @@ class State:
   out_accepted: jax.Array  # Q x max(S, 1)
 
 
-def top_tokens(logits_xN, K: int, taken=None):
+def top_tokens(logits_xN, K: int, taken=None, argmax=greedy):
   """The ids of the K largest logits, largest first, ties to the lower id, leaving out the id
   `taken` (one per row) when given: K `greedy` argmaxes, each with the ids already taken
-  masked. For the few first-draft candidates this is cheaper
+  masked (`argmax`: the model's, DecodeModel.argmax). For the few first-draft candidates this is cheaper
   than lax.top_k, which XLA's CPU backend runs as its TopK kernel only when every use of the
   result starts at index 0; split into the chain's draft and its alternatives, it became a full
   sort of the draft vocabulary, 1.3 ms of each iteration."""
@@ -316,7 +327,7 @@ def top_tokens(logits_xN, K: int, taken=None):
     x = mask(x, taken)
   picks = []
   for _ in range(K):
-    picks.append(greedy(x))
+    picks.append(argmax(x))
     x = mask(x, picks[-1])
   return jnp.stack(picks, axis=-1)
 
@@ -363,18 +374,19 @@ def _nucleus_cutoff(keys_xV, probs_xV, top_p: float):
   return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
 
 
-def _sample(key, probs_xV):
+def _sample(key, probs_xV, argmax=greedy):
   """A token drawn from probs: the Gumbel-max draw of jax.random.categorical, with the argmax
-  taken by `greedy`."""
-  return greedy(jnp.log(probs_xV) + jax.random.gumbel(key, probs_xV.shape, jnp.float32))
+  taken by `argmax` (the model's, DecodeModel.argmax)."""
+  return argmax(jnp.log(probs_xV) + jax.random.gumbel(key, probs_xV.shape, jnp.float32))
 
 
-def _pick(key, logits_xV, s: Settings):
+def _pick(key, logits_xV, s: Settings, argmax=greedy):
   """A token from `probabilities`: at temperature 0 the argmax itself, so greedy decoding draws
-  no random bits (on CPU, one V-wide draw took longer than the quickstart trunk's forward)."""
+  no random bits (on CPU, one V-wide draw took longer than the quickstart trunk's forward).
+  `argmax`: the model's (DecodeModel.argmax)."""
   if s.temperature == 0:
-    return greedy(logits_xV)
-  return _sample(key, probabilities(logits_xV, s))
+    return argmax(logits_xV)
+  return _sample(key, probabilities(logits_xV, s), argmax)
 
 
 def _capture(rows: Rows, logits_BxTxV, positions_BxT, s: Settings) -> Rows:
@@ -445,9 +457,10 @@ def _run_heads(model, params, rows: Rows, key, starts, widths, S: int, s: Settin
     if not draft:
       continue
     draft_logits.append(logits_BxN)
-    index = _pick(keys[k - 1], logits_BxN, s)
+    index = _pick(keys[k - 1], logits_BxN, s, model.argmax)
     if k == 1 and s.candidates > 1:  # the most likely tokens besides the chain's branch off
-      others = model.draft_tokens(params, top_tokens(logits_BxN, s.candidates - 1, taken=index))
+      others = model.draft_tokens(params, top_tokens(logits_BxN, s.candidates - 1, taken=index,
+                                                           argmax=model.argmax))
     token = model.draft_tokens(params, index)
     tokens = write_cache(tokens, token[:, None], (last_B + 1 + k)[:, None])
   if draft and s.candidates > 1:
@@ -480,7 +493,7 @@ def _branches(model, params, first_BxO, tokens, hidden, heads_cache, last_B, C: 
                                     jnp.maximum(last + 1 - width, 0), width, last)
     if k < C and model.chains:
       hidden[k] = write_cache(hidden[k], h, positions)
-    drafts.append(model.draft_tokens(params, greedy(logits)))
+    drafts.append(model.draft_tokens(params, model.argmax(logits)))
     tokens = write_cache(tokens, drafts[-1][:, None], (last + 1 + k)[:, None])
   return jnp.stack(drafts, axis=1).reshape(B, O, C)
 
@@ -530,7 +543,7 @@ def prefill_rows(model, params, prompts_BxP, prompt_len_B, prompt_ids_B, key, s:
                       model.hidden_dtype) for k in range(max(S, 1) if model.chains else 1)]
   hidden[0] = write_cache(hidden[0], h0, positions)
   last = take_positions(logits, last_B1 if s.capture_topk else None)[:, 0]
-  first = _pick(jax.random.fold_in(key, 0), last, s)
+  first = _pick(jax.random.fold_in(key, 0), last, s, model.argmax)
   zeros = jnp.zeros((B,), jnp.int32)
   rows = Rows(tokens=tokens, n=prompt_len_B, prompt_len=prompt_len_B, done=zeros.astype(bool),
               prompt=prompt_ids_B, hidden=hidden, cache=cache, forwards=zeros, emitted=zeros,
@@ -598,7 +611,7 @@ def _refill(model, params, state: State, s: Settings, cache_len: int) -> State:
   return _finish(state, jnp.arange(rows.done.shape[0]) != row, s)
 
 
-def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
+def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings, argmax=greedy):
   """Speculative sampling over one verify forward (`key` is the iteration's). Returns (accepted
   drafts per row, the token that follows them): the residual sample at the first rejection, or
   the bonus token from the trunk when every draft was accepted."""
@@ -606,7 +619,7 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   if s.temperature == 0:
     # The rule below with one-hot p and q: accept while the draft is the trunk's argmax, then
     # take the trunk's argmax. Written directly, it needs no random bits and no V-wide buffers.
-    target_BxS1 = greedy(logits_BxS1xV)
+    target_BxS1 = argmax(logits_BxS1xV)
     ok_BxS = drafts_BxS == target_BxS1[:, :S]
     n_acc = jnp.sum(jnp.cumprod(ok_BxS.astype(jnp.int32), axis=1), axis=1)
     return n_acc, jnp.take_along_axis(target_BxS1, n_acc[:, None], axis=1)[:, 0]
@@ -629,11 +642,11 @@ def _verify(logits_BxS1xV, drafts_BxS, q_BxSxV, key, s: Settings):
   resid = jnp.maximum(p_at - q_at, 0.0)
   total = jnp.sum(resid, axis=-1, keepdims=True)
   resid = jnp.where(total > 0, resid / jnp.where(total > 0, total, 1.0), p_at)
-  return n_acc, _sample(k_resid, resid)
+  return n_acc, _sample(k_resid, resid, argmax)
 
 
 def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_BxTxD, cache,
-                 n_B, key, s: Settings):
+                 n_B, key, s: Settings, argmax=greedy):
   """Verification of the branches (_branches), which the verify forward ran after the chain's
   S + 1 entries: branch j's draft d at T index S + 1 + j C + d (cache slot n - 1 + that index,
   position n + d). The first drafts of the chain and the branches differ, so where the chain's
@@ -658,7 +671,7 @@ def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_
   branch_BxC = branches_BxOxC[rows_Bx1[:, 0], j_B]
   # The winning branch's T indices, else the chain's own 1..C (copies that change nothing).
   src_BxC = jnp.where(won_B[:, None], S + 1 + j_B[:, None] * C + d_C, 1 + d_C)
-  after_BxC = _pick(jax.random.fold_in(key, 3), logits_BxTxV[rows_Bx1, src_BxC], s)
+  after_BxC = _pick(jax.random.fold_in(key, 3), logits_BxTxV[rows_Bx1, src_BxC], s, argmax)
   ok_BxC1 = branch_BxC[:, 1:] == after_BxC[:, :-1]
   run_B = 1 + jnp.sum(jnp.cumprod(ok_BxC1.astype(jnp.int32), axis=1), axis=1)
   after_B = jnp.take_along_axis(after_BxC, (run_B - 1)[:, None], axis=1)[:, 0]
@@ -697,11 +710,11 @@ def step(model, params, state: State, s: Settings):
     q_BxSxV = model.draft_to_vocab(params, probabilities(jnp.stack(draft_logits, axis=1), s), V)
   else:
     q_BxSxV = None
-  n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s)
+  n_acc, bonus = _verify(logits_BxTxV[:, :S + 1], drafts_BxS, q_BxSxV, key, s, model.argmax)
   if O:
     n_acc, bonus, drafts_BxS, logits_BxTxV, h0, cache['trunk'] = _take_branch(
         n_acc, bonus, drafts_BxS, branches_BxOxC, logits_BxTxV, h0, cache['trunk'], rows.n,
-        key, s)
+        key, s, model.argmax)
   logits_BxS1xV, h0 = logits_BxTxV[:, :S + 1], h0[:, :S + 1]
   hidden = list(rows.hidden)
   hidden[0] = write_cache(hidden[0], h0, positions)

@@ -47,12 +47,13 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
     # The trunk over 1 and over D + 1 = 3 positions, traced. The tiny float32 model on one CPU
     # device decodes on the kernels (test_kernels asserts they build here; width 64 gives head
     # dim 16, which the attention kernel takes), so every product and the attention are kernel
-    # calls, and norms, rotary and cache writes are XLA's.
+    # calls (the argmax too), and norms, rotary and cache writes are XLA's.
     breakdown = {row['positions']: row['ms_per_call'] for row in batch['breakdown']}
     assert sorted(breakdown) == [1, 3]
     for kinds in breakdown.values():
       assert list(kinds) == ['weight products (row kernel)', 'unembedding (row kernel)',
-                             'attention (kernel)', 'XLA dots', 'other XLA ops']
+                             'attention (kernel)', 'argmax (kernel)', 'XLA dots',
+                             'other XLA ops']
       assert kinds['XLA dots'] == 0
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), kinds
   assert 'a trunk call by kind of operation' in proc.stdout

@@ -156,6 +156,46 @@ def test_cache_attention_matches_xla(T, G, beside, E):
     np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
 
 
+def argmax_cases(rows: int, V: int, seed: int = 0):
+  """Rows of random logits for argmax checks: the maximum repeated in some rows (at lanes, vector
+  sets and the tail after the last full vector, so the first index must win), a row of -inf,
+  a row holding NaNs."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((rows, V)).astype(np.float32)
+  for r in range(0, rows, 2):
+    at = np.sort(rng.choice(V, size=min(3, V), replace=False))
+    x[r, at] = x[r].max() + 1
+  if rows > 2:
+    x[1] = -np.inf
+  if rows > 3 and V > 1:
+    x[3, rng.choice(V, size=2, replace=False)] = np.nan
+  return x
+
+
+@pytest.mark.parametrize('rows', [1, 3, 4, 9])
+@pytest.mark.parametrize('V', [1, 7, 100, 8192 + 13])
+def test_argmax_is_greedys_token(rows, V):
+  """kernels.argmax takes the first index of each row's maximum, as layers.greedy does, for rows
+  taken alone and (4 or more) in threads; a row with NaNs gets some valid id."""
+  from mtp_jax.layers import greedy
+  x = argmax_cases(rows, V)
+  got = np.asarray(kernels.argmax(jnp.asarray(x)))
+  want = np.asarray(greedy(jnp.asarray(x)))
+  clean = ~np.isnan(x).any(axis=1)
+  np.testing.assert_array_equal(got[clean], want[clean])
+  np.testing.assert_array_equal(want[clean], np.argmax(x[clean], axis=1))
+  assert np.all((got >= 0) & (got < V))
+  shaped = kernels.argmax(jnp.asarray(x).reshape(rows, 1, V))  # any leading axes
+  assert shaped.shape == (rows, 1) and shaped.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(shaped)[:, 0], got)
+
+
+def test_argmax_leaves_bfloat16_and_disabled_kernels_to_xla():
+  x = jnp.zeros((2, 8), jnp.bfloat16)
+  assert kernels.argmax(x) is None
+  assert kernels.argmax(x.astype(jnp.float32), use_kernel=False) is None
+
+
 def test_visible_slots_by_hand():
   """Which cache slots each new entry sees, written out: causal for a prompt and for a chain
   verified after its pending token, and the prefix plus its own drafts for each branch stored
@@ -236,7 +276,8 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   """The kernels have AVX-512, AVX2 (8-lane, other block sizes) and generic forms, and the native
   build takes one of them; here the library is also built for AVX2 (haswell) and for plain
   x86-64, loaded as FFI targets of its own, and its row products for 1 to 5 rows (every block
-  form) checked against float64 and, bit for bit, against the same rows taken one at a time."""
+  form) checked against float64 and, bit for bit, against the same rows taken one at a time;
+  its argmax against NumPy's."""
   out = str(tmp_path / 'decode_ops.so')
   assert kernels.compile_library(out, march) is None
   library = ctypes.cdll.LoadLibrary(out)
@@ -260,6 +301,13 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
         got = got * np.asarray(w.scale)
       np.testing.assert_allclose(got, np.asarray(x[:rows], np.float64) @ wide.T, rtol=1e-5,
                                  atol=1e-4 * np.sqrt(K))
+  # The argmax's 8-lane form: ties, -inf, a tail past the last vector set
+  jax.ffi.register_ffi_target(f'test_argmax_{march}', jax.ffi.pycapsule(library.Argmax),
+                              platform='cpu')
+  logits = argmax_cases(5, 8192 + 13, seed=1)
+  got = jax.ffi.ffi_call(f'test_argmax_{march}', jax.ShapeDtypeStruct((5,), jnp.int32))(logits)
+  clean = ~np.isnan(logits).any(axis=1)
+  np.testing.assert_array_equal(np.asarray(got)[clean], np.argmax(logits[clean], axis=1))
 
 
 @pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])

@@ -15,6 +15,7 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte, widened to bfloat16
   tiles in the kernel, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
+argmax(x): the first index of each row's largest value, as layers.greedy.
 """
 
 import contextlib
@@ -148,7 +149,7 @@ def _library():
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
                [*ROWS_TARGETS.values(), *SCALED_TARGETS.values(),
-                ('mtpjax_cache_attention', 'CacheAttention')]]
+                ('mtpjax_cache_attention', 'CacheAttention'), ('mtpjax_argmax', 'Argmax')]]
     library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
     print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone, and the library '
@@ -506,3 +507,13 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
                                                                          jnp.float32))
   return out(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT.astype(jnp.int32),
              slots_BxT.astype(jnp.int32))
+
+
+def argmax(x_xV, use_kernel: bool = True):
+  """The first index of the largest value along x's last axis (int32), as layers.greedy takes
+  it, or None when the kernel cannot run (the caller then takes layers.greedy). Not
+  differentiable: for decoding's tokens, not inside a training step's gradient."""
+  if not (use_kernel and x_xV.shape[-1] > 0 and _float32(x_xV) and usable()):
+    return None
+  return jax.ffi.ffi_call('mtpjax_argmax', jax.ShapeDtypeStruct(x_xV.shape[:-1], jnp.int32))(
+      x_xV)

@@ -871,6 +871,57 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+
+// The first index of the largest value of each row of x (rows x V), as layers.greedy takes it:
+// each lane keeps its strictly larger values (so its first occurrence of its maximum) and their
+// indices, four such lanes sets over the row in turn, then the largest of their values with the
+// lowest index among equals. A NaN is never larger, so a row with NaNs gives the index of its
+// largest other value (layers.greedy: some valid id), and a row of -inf index 0. XLA's CPU backend takes the max and then
+// the index where it occurs as two reductions of about a nanosecond an entry: 0.23 ms for the
+// argmax of a 4-position verify over SmolLM2's 49152 tokens.
+void argmax_row(const float* x, int64_t V, int32_t* out) {
+  constexpr int kSets = 4;
+  vf best[kSets];
+  vi at[kSets];
+  for (int s = 0; s < kSets; ++s) {
+    best[s] = splat(-INFINITY);
+    at[s] = vi{};
+  }
+  int64_t i = 0;
+  for (; i + kSets * kLanes <= V; i += kSets * kLanes)
+    for (int s = 0; s < kSets; ++s) {
+      const vf v = load(x + i + s * kLanes);
+      const vi larger = v > best[s];
+      best[s] = larger ? v : best[s];
+      at[s] = larger ? kIota + static_cast<int>(i + s * kLanes) : at[s];
+    }
+  float top = -INFINITY;
+  int64_t index = 0;  // a row of -inf or NaN alone: 0
+  const auto take = [&](float value, int64_t j) {
+    if (value > top || (value == top && j < index)) top = value, index = j;
+  };
+  for (int s = 0; s < kSets; ++s)
+    for (int l = 0; l < kLanes; ++l) take(best[s][l], at[s][l]);
+  for (; i < V; ++i) take(x[i], i);
+  *out = static_cast<int32_t>(index);
+}
+
+ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() < 1) return ffi::Error::InvalidArgument("argmax: x (..., V)");
+  const int64_t V = xd.back(), rows = x.element_count() / V;
+  const float* xp = x.typed_data();
+  int32_t* op = out->typed_data();
+  // A row of 49152 takes a few microseconds: threads only for several rows.
+  if (rows < 4) {
+    for (int64_t r = 0; r < rows; ++r) argmax_row(xp + r * V, V, op + r);
+  } else {
+    parallel(pool, rows, [&](int64_t r) { argmax_row(xp + r * V, V, op + r); });
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The row kernels' bindings: x (float32) and a weight buffer of type W, then (scaled tiles) the
@@ -920,3 +971,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheAttention, CacheAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Argmax, ArgmaxImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

@@ -1,0 +1,140 @@
+"""The decoder's argmax through the kernel (kernels.argmax, DecodeModel.argmax) against XLA's
+(layers.greedy): alone and in whole greedy decodes (decode_profile.py times the trunk's calls,
+which end in the model's argmax).
+
+Run: python experiments/argmax.py --config configs/smollm2.py --workdir runs/smollm2
+     python experiments/argmax.py --config configs/quickstart.py --random  (random weights)
+Prints, each part timed in interleaved rounds (the fastest of --rounds) after a check that the
+two take the same tokens:
+  1. the argmax alone over B x T x V logits (B in --batches, T = 1 and D + 1, V the trunk's
+     vocabulary and the draft vocabulary): microseconds per call, a loop of --calls calls;
+  2. greedy decoding of --prompts held-out prompts, each alone at batch 1: `ar` and `mtp` at
+     S = 1..D with each argmax, tokens/s and each row's output against `ar`'s with XLA's argmax.
+"""
+
+import dataclasses
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory holding the heads (any directory '
+                               'for a pretrained model without trained heads).')
+_RANDOM = flags.DEFINE_bool('random', False, 'Random weights and random prompts instead of a '
+                            'checkpoint (the times do not depend on the weights).')
+_BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes of part 1.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
+_CALLS = flags.DEFINE_integer('calls', 50, 'Calls per timing loop in part 1.')
+_PROMPTS = flags.DEFINE_integer('prompts', 8, 'Held-out prompts decoded in part 2 (0: skip it).')
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def argmax_loop(argmax, calls: int):
+  """A jitted loop of `calls` argmaxes of x, each fed the previous one's tokens (written into
+  x's first entry) so that nothing is hoisted out of it."""
+  import jax
+  import jax.numpy as jnp
+
+  def body(_, carry):
+    total, x = carry
+    x = x.at[..., 0].set((total % 2).astype(x.dtype))
+    return total + argmax(x).sum(), x
+  return jax.jit(lambda x: jax.lax.fori_loop(0, calls, body, (jnp.int32(0), x))[0])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    batches = positive_ints(_BATCHES.value, '--batches')
+  except ConfigError as e:
+    _fail(str(e))
+  for flag in (_ROUNDS, _CALLS):
+    if flag.value < 1:
+      _fail(f'--{flag.name} must be at least 1, got {flag.value}')
+  if _PROMPTS.value < 0:
+    _fail(f'--prompts must be 0 or more, got {_PROMPTS.value}')
+  if not _WORKDIR.value and not _RANDOM.value:
+    _fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mtp_jax import decode as dec
+  from mtp_jax import inference, kernels, measure, run
+  from mtp_jax.layers import greedy
+
+  if not kernels.usable():
+    _fail('the kernels are not available here (MTP_JAX_KERNELS=0, no compiler, or several '
+          'devices)')
+  run.persist_compiled_programs()
+  try:
+    inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,
+                                     max(batches + [_PROMPTS.value]), _RANDOM.value)
+  except ConfigError as e:
+    _fail(str(e))
+  model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
+  if not model.kernels:
+    _fail('the config decodes without kernels (decode.kernels)')
+
+  @dataclasses.dataclass(frozen=True)
+  class XlaArgmax(type(model)):  # the same model, its argmax XLA's
+    def argmax(self, logits_xV):
+      return greedy(logits_xV)
+  models = {'kernel': model,
+            'xla': XlaArgmax(**{f.name: getattr(model, f.name)
+                                for f in dataclasses.fields(model)})}
+  D = cfg.mtp_depth
+  draft_vocab = len(model.draft) if model.draft else cfg.vocab_size
+  print(f'machine: {measure.machine()}')
+  print(f'model: {cfg.num_layers} layers, vocab {cfg.vocab_size} (drafts over {draft_vocab}), '
+        f'D = {D} ({inputs.source})')
+
+  print('\n1. the argmax alone: us per call (kernel, xla, xla / kernel)')
+  rng = np.random.default_rng(0)
+  shapes = [(B, T, V) for B in batches for T in sorted({1, D + 1})
+            for V in sorted({cfg.vocab_size, draft_vocab}, reverse=True)]
+  loops, arrays = [], []
+  for shape in shapes:
+    x = jnp.asarray(rng.standard_normal(shape, np.float32))
+    if not np.array_equal(models['kernel'].argmax(x), greedy(x)):
+      print(f'error: the kernel\'s argmax differs from XLA\'s over {shape}', file=sys.stderr)
+      sys.exit(1)
+    arrays.append(x)
+    loops += [functools.partial(argmax_loop(m.argmax, _CALLS.value), x) for m in models.values()]
+  seconds, _ = measure.fastest(loops, _ROUNDS.value, warmup=True)
+  for i, shape in enumerate(shapes):
+    k, x = (t / _CALLS.value * 1e6 for t in seconds[2 * i:2 * i + 2])
+    print(f"  {' x '.join(map(str, shape)):>18}: {k:8.1f} {x:8.1f} {x / k:6.1f}x")
+
+  if not _PROMPTS.value:
+    return
+  print(f'\n2. greedy decoding of {_PROMPTS.value} held-out prompts, each alone')
+  base = inference.settings(_CONFIG.value, draft=0, temperature=0.0, stop_ids=())
+  stop = inputs.session.stop_ids if inputs.session else ()  # random prompts: no stop token
+  variants, names = [], []
+  for S in range(D + 1):
+    for name in ('xla', 'kernel'):
+      variants.append((models[name], dataclasses.replace(base, draft_len=S, stop_ids=stop)))
+      names.append(f"{'ar' if S == 0 else 'mtp'} S = {S}, {name} argmax")
+  rows = inference.batch1_sweep(params, prompts[:_PROMPTS.value], variants, _ROUNDS.value,
+                                desc='argmax')
+  for name, row in zip(names, rows):
+    print(f"  {name:26} tau {row['tau']:.2f}  {row['tokens_per_s']:7.1f} tokens/s  "
+          f"x{row['speedup']:.3f} over ar (xla)  same as it: {row['identical_to_ar']}")
+
+
+if __name__ == '__main__':
+  app.run(main)
