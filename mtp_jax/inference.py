@@ -177,7 +177,7 @@ def demo_step(session, params, ids: list[int]) -> dict:
     first, trunk_logits = dec.prefill(model, prepared, prompts, lens, jax.random.key(0), s,
                                       cache_len)
     after, info = dec.step(model, prepared, first, s)
-    drafts_index = jnp.argmax(info['draft_logits'], axis=-1)
+    drafts_index = model.argmax(info['draft_logits'])
     return {'trunk_logits': trunk_logits[0], 'draft_logits': info['draft_logits'][0],
             'draft_index': drafts_index[0], 'drafts': info['drafts'][0],
             'first': first.rows.tokens[0, len(ids)], 'accepted': info['accepted'][0],

@@ -294,8 +294,9 @@ def greedy(logits_xV):
   NaN gives a valid but unspecified id), written as a max and then a min over indices, each
   folded over 128-wide lanes first. XLA's CPU backend runs these two plain reductions faster
   than the pair-valued reduction behind jnp.argmax (about 2.5x at 32 rows of V = 2048), and
-  decoding takes an argmax for every drafted, verified and sampled token, and training one per
-  position and depth for its accuracy and agreement."""
+  training takes one per position and depth for its accuracy and agreement; decoding takes one
+  for every drafted, verified and sampled token, through its kernel (kernels.argmax, the same
+  token for rows without a NaN) where the decoding kernels run."""
   logits = logits_xV.astype(jnp.float32)
   V = logits.shape[-1]
 

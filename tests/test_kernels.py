@@ -156,38 +156,49 @@ def test_cache_attention_matches_xla(T, G, beside, E):
     np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
 
 
-def argmax_cases(rows: int, V: int, seed: int = 0):
-  """Rows of random logits for argmax checks: the maximum repeated in some rows (at lanes, vector
-  sets and the tail after the last full vector, so the first index must win), a row of -inf,
-  a row holding NaNs."""
+def argmax_cases(V: int, seed: int = 0):
+  """Rows of logits for argmax checks, each row V wide: random ones; the maximum repeated where
+  a lane that keeps its first maximum, or a merge that takes the wrong one, would answer wrong
+  (two indices 16 or 64 apart, which share a lane of one vector set; an index in a later lane
+  below one in an earlier lane's later vector; one of them past the last full set of vectors);
+  the maximum only past the last set; a row of -inf; -inf with one finite value at the end; a
+  row with a NaN."""
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((rows, V)).astype(np.float32)
-  for r in range(0, rows, 2):
-    at = np.sort(rng.choice(V, size=min(3, V), replace=False))
-    x[r, at] = x[r].max() + 1
-  if rows > 2:
-    x[1] = -np.inf
-  if rows > 3 and V > 1:
-    x[3, rng.choice(V, size=2, replace=False)] = np.nan
-  return x
+  rows = [rng.standard_normal(V).astype(np.float32) for _ in range(3)]
+  for ties in ([5, 21], [5, 69], [21, 5 + 64], [3, V - 2], [V - 3, V - 1], [V - 1]):
+    row = rng.standard_normal(V).astype(np.float32)
+    row[[t for t in ties if 0 <= t < V]] = 9.0
+    rows.append(row)
+  rows.append(np.full(V, -np.inf, np.float32))
+  row = np.full(V, -np.inf, np.float32)
+  row[-1] = -3.0
+  rows.append(row)
+  row = rng.standard_normal(V).astype(np.float32)
+  row[V // 2] = np.nan
+  rows.append(row)
+  return np.stack(rows)
 
 
-@pytest.mark.parametrize('rows', [1, 3, 4, 9])
 @pytest.mark.parametrize('V', [1, 7, 100, 8192 + 13])
-def test_argmax_is_greedys_token(rows, V):
-  """kernels.argmax takes the first index of each row's maximum, as layers.greedy does, for rows
-  taken alone and (4 or more) in threads; a row with NaNs gets some valid id."""
+def test_argmax_is_greedys_token(V):
+  """kernels.argmax takes the first index of each row's maximum, the token layers.greedy takes
+  (a row holding a NaN: V - 1, where greedy gives some valid id); one row at a time and many
+  (threads), any leading axes, under vmap and jit, and with no gradient to take."""
   from mtp_jax.layers import greedy
-  x = argmax_cases(rows, V)
-  got = np.asarray(kernels.argmax(jnp.asarray(x)))
+  x = argmax_cases(V)
   want = np.asarray(greedy(jnp.asarray(x)))
-  clean = ~np.isnan(x).any(axis=1)
-  np.testing.assert_array_equal(got[clean], want[clean])
-  np.testing.assert_array_equal(want[clean], np.argmax(x[clean], axis=1))
-  assert np.all((got >= 0) & (got < V))
-  shaped = kernels.argmax(jnp.asarray(x).reshape(rows, 1, V))  # any leading axes
-  assert shaped.shape == (rows, 1) and shaped.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(shaped)[:, 0], got)
+  nan = np.isnan(x).any(axis=1)
+  expected = np.where(nan, V - 1, np.argmax(x, axis=1))
+  np.testing.assert_array_equal(want[~nan], expected[~nan])
+  assert np.all((want >= 0) & (want < V))
+  for rows in (x[:1], x, np.tile(x, (40, 1))):  # 40 copies: past the threads' threshold
+    np.testing.assert_array_equal(np.asarray(kernels.argmax(jnp.asarray(rows))),
+                                  np.tile(expected, 40)[:len(rows)])
+  shaped = jax.jit(kernels.argmax)(jnp.asarray(x).reshape(-1, 1, V))
+  assert shaped.shape == (len(x), 1) and shaped.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(shaped)[:, 0], expected)
+  np.testing.assert_array_equal(jax.vmap(kernels.argmax)(jnp.asarray(x)), expected)
+  assert jax.grad(lambda x: kernels.argmax(x).sum() * x[0, 0])(jnp.asarray(x[:3])).shape
 
 
 def test_argmax_leaves_bfloat16_and_disabled_kernels_to_xla():
@@ -304,10 +315,11 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   # The argmax's 8-lane form: ties, -inf, a tail past the last vector set
   jax.ffi.register_ffi_target(f'test_argmax_{march}', jax.ffi.pycapsule(library.Argmax),
                               platform='cpu')
-  logits = argmax_cases(5, 8192 + 13, seed=1)
-  got = jax.ffi.ffi_call(f'test_argmax_{march}', jax.ShapeDtypeStruct((5,), jnp.int32))(logits)
-  clean = ~np.isnan(logits).any(axis=1)
-  np.testing.assert_array_equal(np.asarray(got)[clean], np.argmax(logits[clean], axis=1))
+  logits = argmax_cases(8192 + 13, seed=1)
+  got = jax.ffi.ffi_call(f'test_argmax_{march}', jax.ShapeDtypeStruct((len(logits),),
+                                                                      jnp.int32))(logits)
+  np.testing.assert_array_equal(got, np.where(np.isnan(logits).any(axis=1), len(logits[0]) - 1,
+                                              np.argmax(logits, axis=1)))
 
 
 @pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])
