@@ -45,7 +45,6 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
-  from mtp_jax import train
   from mtp_jax.config import ConfigError
   from mtp_jax.pretrained import fetch, gguf_file
   from mtp_jax.pretrained import resolve as pretrained
@@ -66,11 +65,10 @@ def main(argv):
     sys.exit(2)
   try:
     source = fetch.fetch('smollm2', quiet=True)
-    session = train.Session(config, _WORKDIR.value, data=False)
-    _, shipped = inference.load_params(session)  # the Q4_1 trunk and the config's heads
-    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+    # the Q4_1 trunk and the config's heads
+    inputs = inference.decode_inputs(config, _WORKDIR.value, config.decode.bench_prompts, False)
+    session, shipped, prompts, mtp = inputs.session, inputs.params, inputs.prompts, inputs.model
     ar = dec.decode_model(session.cfg, config.decode.kernels, use_tiles=config.decode.tiles)
-    mtp = session.decode_model
     s_ar = inference.settings(config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
     s_mtp = inference.settings(config, draft=_DRAFT_LEN.value, temperature=0.0,
                                stop_ids=session.stop_ids)

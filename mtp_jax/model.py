@@ -220,9 +220,9 @@ def tile_trunk(layout, scaled: bool = True):
   two bfloat16 halves where every entry splits so (kernels.tiled: 4 bytes an entry). The heads'
   matrices, the embedding and every other leaf stay as they are. A tied output matrix (the
   embedding) in ScaledTiles' form is added beside it as such, under 'output_tiles', which the
-  projections onto the vocabulary then read; the embedding stays for looking tokens up. Without `scaled` (kept for comparisons), the
-  blocks' matrices are all in two halves, as before ScaledTiles; a tied output matrix is still
-  added."""
+  projections onto the vocabulary then read; the embedding stays for looking tokens up. Without
+  `scaled` (kept for comparisons), the blocks' matrices are all in two halves, as before
+  ScaledTiles; a tied output matrix is still added."""
   def tile(path, leaf):
     w = matrix_rows(path, leaf)
     if w is None or _in_heads(_keys(path)) or leaf.dtype != jnp.float32:

@@ -511,9 +511,9 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
 
 def argmax(x_xV, use_kernel: bool = True):
   """The first index of the largest value along x's last axis (int32), the token layers.greedy
-  takes (V - 1 for a row holding a NaN, where greedy gives some valid id), or None when the kernel cannot run (the
-  caller then takes layers.greedy). For decoding's tokens: it has no gradient (its input's is
-  stopped) and vmaps over leading axes."""
+  takes (V - 1 for a row holding a NaN, where greedy gives some valid id), or None when the
+  kernel cannot run (the caller then takes layers.greedy). For decoding's tokens: it has no
+  gradient (its input's is stopped) and vmaps over leading axes."""
   if not (use_kernel and x_xV.shape[-1] > 0 and _float32(x_xV) and usable()):
     return None
   return jax.ffi.ffi_call('mtpjax_argmax', jax.ShapeDtypeStruct(x_xV.shape[:-1], jnp.int32),

@@ -871,14 +871,13 @@ ffi::Error CacheAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
-
 // The first index of the largest value of each row of x (rows x V), the token layers.greedy
 // takes: each lane keeps its first strictly larger value and its index, four vectors of lanes
 // over the row in turn, then the largest of their values with the lowest index among equals.
-// A row holding a NaN gives V - 1 (layers.greedy gives some valid id there). XLA's
-// CPU backend takes greedy's max and then the first index holding it at about a nanosecond an
-// entry (experiments/argmax.py: 182 us for a 4-position verify over SmolLM2's 49152 tokens,
-// 13 us here).
+// A row holding a NaN gives V - 1 (layers.greedy gives some valid id there). XLA's CPU backend
+// takes greedy's max and then the first index holding it at about a nanosecond an entry
+// (experiments/argmax.py: 168 us for a 4-position verify over SmolLM2's 49152 tokens, 13 us
+// here).
 void argmax_row(const float* x, int64_t V, int32_t* out) {
   constexpr int kSets = 4;
   vf best[kSets];
@@ -903,10 +902,8 @@ void argmax_row(const float* x, int64_t V, int32_t* out) {
     if (value > top || (value == top && j < index)) top = value, index = j;
   };
   for (int s = 0; s < kSets; ++s)
-    for (int l = 0; l < kLanes; ++l) {
-      take(best[s][l], at[s][l]);
-      seen_nan |= nan[l] != 0;
-    }
+    for (int l = 0; l < kLanes; ++l) take(best[s][l], at[s][l]);
+  for (int l = 0; l < kLanes; ++l) seen_nan |= nan[l] != 0;
   for (; i < V; ++i) {
     take(x[i], i);
     seen_nan |= std::isnan(x[i]);
@@ -923,7 +920,7 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   int32_t* op = out->typed_data();
   // A row of 49152 takes a few microseconds: threads only where there is more than a
-  // threaded call's own cost of work (about 4 such rows).
+  // threaded call's own cost of work (about 3 such rows).
   if (rows * V < (int64_t{1} << 17)) {
     for (int64_t r = 0; r < rows; ++r) argmax_row(xp + r * V, V, op + r);
   } else {
