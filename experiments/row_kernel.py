@@ -14,6 +14,7 @@ Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      git show HEAD~1:mtp_jax/kernels/decode_ops.cc > /tmp/old.cc
      python experiments/row_kernel.py --baseline /tmp/old.cc   (another version of the kernel)
      python experiments/row_kernel.py --cached                  (arithmetic alone)
+     python experiments/row_kernel.py --cached --decompose      (what a scaled run's parts cost)
 Prints, per M: ms for the whole chain through each (fastest of --rounds interleaved rounds), the
 GFLOP/s and weight GB/s (the bytes each path reads) that makes, and each as a multiple of its
 own time at the first M. Every output of each product shape is checked against XLA's dot first,
@@ -21,6 +22,10 @@ and each chain runs once untimed. The kernel path here ignores kernels.MAX_ROWS,
 it show what the kernel would do there. A --baseline kernel is built here and timed in the same
 rounds (its tiled and Q4_1 scaled products too, where it has them and the tiles run): this VM's
 memory is faster in some minutes than in others, so two versions compare only within one run.
+--decompose adds the scaled products with parts of each 32-entry run's work left out (`no
+scaling`: the tile's sums stored but not scaled and added; `products only`: not stored either),
+timed alone since their outputs are wrong: the columns' differences are what storing and scaling
+cost at each M.
 """
 
 import ctypes
@@ -46,6 +51,14 @@ _CACHED = flags.DEFINE_bool('cached', False, 'Every layer multiplies by the firs
                             'from memory.')
 _BASELINE = flags.DEFINE_string('baseline', '', 'Another version of decode_ops.cc, timed beside '
                                 'the current kernel (float32 weights).')
+_DECOMPOSE = flags.DEFINE_bool('decompose', False, 'Also time the scaled products with parts of '
+                               'each run\'s work left out (decode_ops.cc built with '
+                               'MTPJAX_SCALED_PARTS=1: the sums stored from the tile, not scaled; '
+                               '=0: the tile products alone), whose outputs are wrong: what each '
+                               'part costs, as the difference between columns.')
+
+# The scaled paths --decompose adds: name, MTPJAX_SCALED_PARTS.
+_PARTS = (('no scaling', 1), ('products only', 0))
 
 
 def _fail(message: str):
@@ -78,13 +91,32 @@ def main(argv):
   if not kernels.usable():
     _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
           'set)')
-  if _BASELINE.value:
-    with tempfile.TemporaryDirectory() as build:  # the loaded library outlives its file
-      library = os.path.join(build, 'baseline.so')
-      reason = kernels.compile_library(library, source=_BASELINE.value)
+  def load(what, source, defines=()):  # a built library, loaded (it outlives its file)
+    with tempfile.TemporaryDirectory() as build:
+      library = os.path.join(build, 'variant.so')
+      reason = kernels.compile_library(library, source=source, defines=defines)
       if reason:
-        _fail(f'--baseline {_BASELINE.value} does not build: {reason}')
-      loaded = ctypes.cdll.LoadLibrary(library)
+        _fail(f'{what} does not build: {reason}')
+      return ctypes.cdll.LoadLibrary(library)
+
+  d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
+  shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
+  whole = all(n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in shapes)
+  tiles = kernels.tiles_usable() and whole
+  if _DECOMPOSE.value and not kernels.tiles_usable():
+    _fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
+  if _DECOMPOSE.value and not whole:
+    _fail(f'--decompose needs whole tiles: products of rows a multiple of {kernels.TILE_ROWS} '
+          f'and columns of {kernels.TILE_COLUMNS} (--width, --kv_width, --ffn)')
+  part_targets = {}
+  for name, parts in _PARTS * _DECOMPOSE.value:
+    define = f'MTPJAX_SCALED_PARTS={parts}'
+    symbol = getattr(load(f'the kernel with {define}', kernels.SOURCE, (define,)),
+                     kernels.SCALED_TARGETS['uint8'][1])
+    part_targets[name] = f'mtpjax_rows_matmul_scaled_parts_{parts}'
+    jax.ffi.register_ffi_target(part_targets[name], jax.ffi.pycapsule(symbol), platform='cpu')
+  if _BASELINE.value:
+    loaded = load(f'--baseline {_BASELINE.value}', _BASELINE.value)
     symbol = getattr(loaded, 'RowsMatmul', None)
     if symbol is None:
       _fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
@@ -99,8 +131,6 @@ def main(argv):
     if scaled_symbol is not None:
       jax.ffi.register_ffi_target('mtpjax_rows_matmul_scaled_baseline',
                                   jax.ffi.pycapsule(scaled_symbol), platform='cpu')
-  d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
-  shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
   def q4_1(w):  # w rounded to Q4_1's form (a float16 scale and offset a run of 32), as a GGUF
@@ -114,8 +144,6 @@ def main(argv):
                       for s in distinct]
   repeat = len(shapes) // len(distinct_weights)
   weights = distinct_weights * repeat
-  tiles = kernels.tiles_usable() and all(
-      n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in distinct)
   if tiles and not all(kernels.two_bfloat16(w) for w in distinct_weights):
     _fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
   tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if tiles else []
@@ -127,6 +155,10 @@ def main(argv):
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
 
   def product(x, w, path):
+    if path in part_targets:
+      return jax.ffi.ffi_call(part_targets[path],
+                              jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
+                                  x, w.q, w.scales)
     if path.startswith('baseline'):
       target = {'baseline': 'mtpjax_rows_matmul_baseline',
                 'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline',
@@ -151,10 +183,11 @@ def main(argv):
 
   names = (['kernel'] + ['tiled', 'scaled'] * tiles + ['baseline'] * bool(_BASELINE.value)
            + ['baseline tiled'] * (tiles and tiled_symbol is not None)
-           + ['baseline scaled'] * (tiles and scaled_symbol is not None) + ['xla'])
+           + ['baseline scaled'] * (tiles and scaled_symbol is not None) + list(part_targets)
+           + ['xla'])
   paths = {p: chain(p) for p in names}
-  operands = {p: scaled if p.endswith('scaled') else tiled if p.endswith('tiled') else weights
-              for p in names}
+  operands = {p: scaled if p.endswith('scaled') or p in part_targets else
+              tiled if p.endswith('tiled') else weights for p in names}
   path_bytes = {p: sum(leaf.nbytes for leaf in jax.tree.leaves(operands[p])) for p in names}
   base = {}
   held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
@@ -169,6 +202,12 @@ def main(argv):
       want = np.asarray(product(x, w, 'xla'))
       for p in names[:-1]:
         got = np.asarray(product(x, operands[p][i], p))
+        if p in part_targets:  # wrong by design: a build that left nothing out would time nothing
+          if np.allclose(got, want, rtol=1e-4, atol=1e-4):
+            print(f'error: the {p} path\'s product equals XLA\'s dot: MTPJAX_SCALED_PARTS left '
+                  'nothing out', file=sys.stderr)
+            sys.exit(1)
+          continue
         if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
           print(f'error: the {p} path\'s {M} x {w.shape[1]} by {w.shape[0]} product differs from '
                 f'XLA\'s dot by up to {np.abs(got - want).max():.3g}', file=sys.stderr)

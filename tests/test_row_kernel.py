@@ -1,6 +1,7 @@
 """experiments/row_kernel.py in tiny shapes: the kernel, a --baseline build of another version of
 its source and XLA's dot each print a row per M (their outputs checked equal by the script, here
-on --cached weights, one layer's reused), and bad flags are one line and exit 2. Timings
+on --cached weights, one layer's reused); --decompose adds the scaled products with parts left
+out where the tile unit runs, and refuses elsewhere; bad flags are one line and exit 2. Timings
 themselves are not asserted."""
 
 import re
@@ -29,6 +30,23 @@ def test_row_kernel_times_a_baseline_beside_the_kernel(tmp_path):
     assert cells[0].strip() == rows and len(cells) == 4
     for cell in cells[1:]:  # ms, GFLOP/s, GB/s, x first
       assert len(re.findall(r'\d+\.\d+', cell)) == 4, line
+
+
+def test_row_kernel_decomposes_the_scaled_products():
+  """Where the tile unit runs, --decompose times the scaled products built with parts left out
+  (the script exits 1 if such a build still gives the right sums, so the switch is checked);
+  elsewhere it is one error line."""
+  args = ['--rows', '1,3', '--width', '64', '--kv_width', '32', '--ffn', '96', '--layers', '1',
+          '--rounds', '1', '--cached', '--decompose']
+  proc = run_script('experiments/row_kernel.py', *args, timeout=600)
+  if not kernels.tiles_usable():
+    assert_user_error(proc, '--decompose', 'does not have')
+    return
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == [
+      'kernel', 'tiled', 'scaled', 'no scaling', 'products only', 'xla']
+  assert [line.split('|')[0].strip() for line in lines[2:]] == ['1', '3']
 
 
 def test_row_kernel_refuses_bad_flags(tmp_path):

@@ -93,11 +93,12 @@ def _machine_key() -> str:
   return digest.hexdigest()[:16]
 
 
-def compile_library(out: str, march: str = 'native', source: str = SOURCE) -> str | None:
+def compile_library(out: str, march: str = 'native', source: str = SOURCE,
+                    defines: tuple[str, ...] = ()) -> str | None:
   """Compiles `source` (decode_ops.cc, or another version of it) into the shared library `out`
-  for the instruction set -march=`march`. Returns None, or why it could not (the compiler's
-  first error line)."""
-  command = [_compiler(), f'-march={march}', *_FLAGS,
+  for the instruction set -march=`march`, with the preprocessor `defines` (NAME=VALUE; only
+  experiments set any). Returns None, or why it could not (the compiler's first error line)."""
+  command = [_compiler(), f'-march={march}', *_FLAGS, *(f'-D{d}' for d in defines),
              f'-I{jax.ffi.include_dir()}', source, '-o', out]
   try:
     result = subprocess.run(command, capture_output=True, text=True)

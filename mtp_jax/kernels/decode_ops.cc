@@ -600,6 +600,15 @@ inline void widen_tile(const int8_t* in, uint16_t* out) {
   }
 }
 
+// MTPJAX_SCALED_PARTS below 2 leaves parts of each run's work out of the scaled products, which
+// then give wrong sums: experiments/row_kernel.py --decompose builds such libraries to time
+// what the parts cost (1: the sums stored from the tile but not scaled and added; 0: the tile
+// products alone). Every library that decodes keeps the default.
+#ifndef MTPJAX_SCALED_PARTS
+#define MTPJAX_SCALED_PARTS 2
+#endif
+constexpr int kScaledParts = MTPJAX_SCALED_PARTS;
+
 // Bytes of one stored tile: Q4_1's integers two to a byte (uint8), Q8_0's one (int8).
 template <typename Q>
 constexpr int64_t kTileBytes = std::is_same_v<Q, uint8_t> ? kTileHalves / 2 : kTileHalves;
@@ -621,7 +630,9 @@ constexpr int64_t kTileBytes = std::is_same_v<Q, uint8_t> ? kTileHalves / 2 : kT
     _tile_dpbf16ps(C, 3, B);                                                       \
     _tile_dpbf16ps(C, 4, B);                                                       \
     _tile_dpbf16ps(C, 5, B);                                                       \
+    if constexpr (kScaledParts < 1) break; /* timing only: products alone */       \
     _tile_stored(C, tmp[g], kTile * sizeof(float));                                \
+    if constexpr (kScaledParts < 2) break; /* timing only: no scaling */           \
     const vf scale = load_halves(scales);                                          \
     if constexpr (kAffine) {                                                       \
       const vf offset = load_halves(scales + kTile);                               \
