@@ -6,10 +6,11 @@ function of mtp_jax.run.
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from mtp_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
@@ -25,23 +26,16 @@ _EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float1
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f'error: unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)',
-          file=sys.stderr)
-    sys.exit(2)
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO.
+  cli.start(argv)  # Orbax logs every save step at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
   # Imported here so that --help and flag errors do not pay for importing JAX.
   from mtp_jax import run
-  run.persist_compiled_programs()
   bad = [m for m in _MODE.value if m not in run.MODES]
   if bad or not _MODE.value:
-    print(f"error: --mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}",
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}")
   try:
     run.check_workdir(workdir, _MODE.value)
     for mode in _MODE.value:
@@ -50,8 +44,7 @@ def main(argv):
       if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
   except run.USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
 
 
 def _parse_or_exit(argv):
@@ -61,24 +54,19 @@ def _parse_or_exit(argv):
     _CONFIG.value.keys()  # a failed load surfaces lazily; touch the config to report it here
   except (OSError, SyntaxError, ImportError) as e:
     reason = str(e).strip().splitlines()[-1].strip()
-    print(f'error: cannot load the config file: {reason}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'cannot load the config file: {reason}')
   except (AttributeError, KeyError) as e:
     bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
     detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    print(f'error: the config has no such field ({detail}); overrides given: {", ".join(bad)}',
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'the config has no such field ({detail}); overrides given: {", ".join(bad)}')
   except flags.Error as e:
     # An exception inside the config file's get_config comes back with its whole traceback in
     # the message; its last line says what went wrong.
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
     reason = f'{lines[0]} {lines[-1]}' if 'Error whilst parsing' in str(e) else str(e)
-    print(f'error: {reason}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'{reason}')
   except Exception as e:  # anything else the config file's own code raises (a NameError, ...)
-    print(f'error: cannot load the config file: {type(e).__name__}: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'cannot load the config file: {type(e).__name__}: {e}')
   return remaining
 
 

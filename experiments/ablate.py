@@ -26,13 +26,14 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mtp_jax import atomic  # noqa: E402
+from mtp_jax import cli  # noqa: E402
 from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
 from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
@@ -77,9 +78,8 @@ def check_reusable(workdir: str, args: list[str]) -> None:
   if old != args:
     was = ', '.join(a for a in old if a not in args) or 'the same flags in another order'
     now = ', '.join(a for a in args if a not in old) or '-'
-    print(f'error: {workdir} holds this point run with other settings ({was}; now {now}): give '
-          f'another --root, or remove that workdir to train the point again', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'{workdir} holds this point run with other settings ({was}; now {now}): give '
+             f'another --root, or remove that workdir to train the point again')
 
 
 def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, str]:
@@ -139,7 +139,7 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
   if sweep == 'recipe':
     unknown = [v for v in values if v not in RECIPES]
     if unknown:
-      raise app.UsageError(f"sweep.recipe: unknown recipe {unknown[0]} ({', '.join(RECIPES)})")
+      cli.fail(f"sweep.recipe: unknown recipe {unknown[0]} ({', '.join(RECIPES)})")
     return [(v, [f'--config.{k}={x}' for k, x in RECIPES[v].items()], {}) for v in values]
   if sweep != 'kind' or not config.mtp.depth:
     return [(v, [f'--config.{field}={v}'], {}) for v in values]
@@ -307,8 +307,7 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, persist=False)
   config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
   out_dir = os.path.join(_ROOT.value, sweep)
   os.makedirs(out_dir, exist_ok=True)

@@ -20,9 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtp_jax import cli  # noqa: E402
 from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
@@ -35,11 +36,6 @@ _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes of part 1.')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
 _CALLS = flags.DEFINE_integer('calls', 50, 'Calls per timing loop in part 1.')
 _PROMPTS = flags.DEFINE_integer('prompts', 8, 'Held-out prompts decoded in part 2 (0: skip it).')
-
-
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def argmax_loop(argmax, calls: int):
@@ -56,39 +52,35 @@ def argmax_loop(argmax, calls: int):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start(argv, persist=False)
   try:
     batches = positive_ints(_BATCHES.value, '--batches')
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(e)
   for flag in (_ROUNDS, _CALLS):
     if flag.value < 1:
-      _fail(f'--{flag.name} must be at least 1, got {flag.value}')
+      cli.fail(f'--{flag.name} must be at least 1, got {flag.value}')
   if _PROMPTS.value < 0:
-    _fail(f'--prompts must be 0 or more, got {_PROMPTS.value}')
+    cli.fail(f'--prompts must be 0 or more, got {_PROMPTS.value}')
   if not _WORKDIR.value and not _RANDOM.value:
-    _fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
-  logging.set_verbosity(logging.WARNING)
-  import jax
+    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
   import jax.numpy as jnp
   import numpy as np
-  from mtp_jax import decode as dec
   from mtp_jax import inference, kernels, measure, run
   from mtp_jax.layers import greedy
 
   if not kernels.usable():
-    _fail('the kernels are not available here (MTP_JAX_KERNELS=0, no compiler, or several '
+    cli.fail('the kernels are not available here (MTP_JAX_KERNELS=0, no compiler, or several '
           'devices)')
   run.persist_compiled_programs()
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,
                                      max(batches + [_PROMPTS.value]), _RANDOM.value)
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(e)
   model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
   if not model.kernels:
-    _fail('the config decodes without kernels (decode.kernels)')
+    cli.fail('the config decodes without kernels (decode.kernels)')
 
   @dataclasses.dataclass(frozen=True)
   class XlaArgmax(type(model)):  # the same model, its argmax XLA's

@@ -24,8 +24,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
                                           'Path to a config file.', lock_config=True)
@@ -62,9 +64,7 @@ def op_kinds(trace_dir: str, steps: int) -> list[tuple[str, float]]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, persist=False)
   import jax
   from mtp_jax import measure, sharding, train
   from mtp_jax.config import ConfigError, apply_overrides
@@ -77,8 +77,7 @@ def main(argv):
       configs = [apply_overrides(_CONFIG.value, parse_variant(v)) for v in texts]
       sessions = [train.Session(c, os.path.join(root, str(i))) for i, c in enumerate(configs)]
     except (ConfigError, ValueError, TypeError) as e:  # TypeError: a value of the wrong type
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(e)
     tokens = [c.train.batch_size * c.train.seq_len for c in configs]
     calls, memory = [], []
     for session in sessions:

@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from mtp_jax import cli  # noqa: E402
+
 # A head step on SmolLM2 (16 x 128 positions): q and o, k and v, gate and up, down, the first
 # module's eh_proj (4 + 1 slices of 576), the 8192-token draft projection.
 _SHAPES = flags.DEFINE_list('shapes', ['2048x576x576', '2048x576x192', '2048x576x1536',
@@ -34,15 +36,12 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fast
 def parse_shape(text: str) -> tuple[int, int, int]:
   parts = text.lower().split('x')
   if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-    print(f'error: --shapes takes M x K x N in positive integers, like 64x32x48; got {text!r}',
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'--shapes takes M x K x N in positive integers, like 64x32x48; got {text!r}')
   return tuple(int(p) for p in parts)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start(argv, persist=False)
   shapes = [parse_shape(s) for s in _SHAPES.value]
   import jax
   import jax.numpy as jnp

@@ -46,12 +46,13 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 import gguf  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import smollm2  # noqa: E402
+from mtp_jax import cli  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
@@ -281,11 +282,11 @@ def summarize(systems: list[System], seconds: list[float], outputs: list, bandwi
 def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
-    raise app.UsageError(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
+    cli.fail(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
   try:
     candidates = sorted(set(positive_ints(_CANDIDATES.value, '--candidates')))
   except ConfigError as e:
-    raise app.UsageError(str(e))
+    cli.fail(str(e))
   threads = _THREADS.value
   cores = pin(threads)
   config = smollm2.get_config()
@@ -295,8 +296,8 @@ def benchmark(workdir: str) -> dict:
   _, params = inference.load_params(session)
   texts = data_lib.prompt_lines(_PROMPTS.value)[:_NUM_PROMPTS.value]
   if len(texts) < _NUM_PROMPTS.value:
-    raise app.UsageError(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
-                         f'--num_prompts={_NUM_PROMPTS.value}')
+    cli.fail(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
+             f'--num_prompts={_NUM_PROMPTS.value}')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
   systems = our_systems(session, params, prompts, max_new, candidates)
@@ -350,15 +351,12 @@ def report(result: dict):
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # Orbax logs its checkpoint manager at INFO.
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  cli.start(argv)  # Orbax logs its checkpoint manager at INFO
   with tempfile.TemporaryDirectory() as tmp:
     try:
       result = benchmark(_WORKDIR.value or tmp)
     except run.USER_ERRORS as e:  # as launch.py: a wrong flag or file is one line
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(e)
   report(result)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

@@ -22,8 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -40,14 +42,11 @@ _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, persist=False)
   rows = []
   for text in _ROWS.value:
     if not text.isdigit() or int(text) < 1:
-      print(f'error: --rows takes positive integers, got {text!r}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f'--rows takes positive integers, got {text!r}')
     rows.append(int(text))
   for bad, message in (
       (not 0 < _TOP_P.value < 1, f'--top_p must be in (0, 1), got {_TOP_P.value}'),
@@ -57,11 +56,10 @@ def main(argv):
       (_DRAFT_LEN.value < 0, f'--draft_len must be 0 or more, got {_DRAFT_LEN.value}'),
       (_ROUNDS.value < 1, f'--rounds must be at least 1, got {_ROUNDS.value}')):
     if bad:
-      print(f'error: {message}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(message)
   if not _RANDOM.value and not _WORKDIR.value:
-    raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
-                         'or --random')
+    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
+             'or --random')
   from mtp_jax import run
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import jax
@@ -74,15 +72,13 @@ def main(argv):
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value, _DECODE_PROMPTS.value,
                                      _RANDOM.value)
   except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   cfg, prompts, session, d = inputs.cfg, inputs.prompts, inputs.session, inputs.config.decode
   V = cfg.vocab_size
   S = _DRAFT_LEN.value or cfg.mtp_depth
   if prompts and not 1 <= S <= cfg.mtp_depth:
-    print(f'error: the mtp rows draft 1 to {cfg.mtp_depth} tokens (the model\'s heads), got '
-          f'--draft_len {S}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'the mtp rows draft 1 to {cfg.mtp_depth} tokens (the model\'s heads), got '
+             f'--draft_len {S}')
   filters = {'temperature only': dec.Settings(temperature=1.0),
              f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
              f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}

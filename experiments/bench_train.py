@@ -44,13 +44,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mtp_jax import cli  # noqa: E402
 from mtp_jax import costs, measure, sharding, train  # noqa: E402
 from mtp_jax.config import KINDS, ConfigError, ModelConfig, apply_overrides, validate  # noqa: E402
 from mtp_jax.loss import combined_loss  # noqa: E402
@@ -464,22 +465,20 @@ def _ints(values, name):
   try:
     out = sorted({int(v) for v in values})
   except ValueError:
-    raise app.UsageError(f'--{name} takes integers, got {",".join(values)}') from None
+    cli.fail(f'--{name} takes integers, got {",".join(values)}')
   if any(d < 0 for d in out):
-    raise app.UsageError(f'--{name}: depths must be >= 0')
+    cli.fail(f'--{name}: depths must be >= 0')
   return out
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start(argv, persist=False)
   depths, mem_depths = _ints(_DEPTHS.value, 'depths'), _ints(_MEMORY_DEPTHS.value, 'memory_depths')
   kinds = _KINDS.value
   if any(k not in KINDS for k in kinds):
-    raise app.UsageError(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
+    cli.fail(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
   if _STEPS.value < 1:
-    raise app.UsageError('--steps must be >= 1')
-  logging.set_verbosity(logging.WARNING)
+    cli.fail('--steps must be >= 1')
 
   try:
     config = resolve_config(_CONFIG.value)  # a pretrained trunk's shapes, read from its file
@@ -510,8 +509,7 @@ def main(argv):
       freeze = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
                 'rows': bench_freeze(config, mesh, _STEPS.value)}
   except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   add_rates(throughput + (freeze['rows'] if freeze else []), mm['flops_per_s'], peak)
 
   t, m = config.train, config.model

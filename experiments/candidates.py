@@ -24,8 +24,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -45,11 +47,7 @@ _TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both', 'forms'], 'conf
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  from mtp_jax import run
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  cli.start(argv)
   import dataclasses
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -72,8 +70,7 @@ def main(argv):
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   T = _TEMPERATURE.value
   s_ar = inference.settings(session.config, draft=0, temperature=T, stop_ids=session.stop_ids)
   s_mtp = inference.settings(session.config, draft=1, temperature=T, stop_ids=session.stop_ids)

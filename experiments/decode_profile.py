@@ -45,8 +45,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
@@ -108,7 +110,6 @@ def trunk_body(model, B: int, T: int, prompt_len: int, span: int, calls: int):
   prompt_len + i * span // calls and is fed the previous call's argmax, so that nothing is
   hoisted out of the loop."""
   import jax.numpy as jnp
-  from mtp_jax import decode as dec
 
   def body(params, i, carry):
     cache, tokens = carry
@@ -233,24 +234,17 @@ def trunk_breakdown(trunks, S_max, calls):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  from mtp_jax import run
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  cli.start(argv)
   config = _CONFIG.value
   if not _TEMPERATURE.value >= 0:  # NaN too
-    print(f'error: --temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}',
-          file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
   more = [int(T) for T in _POSITIONS.value if T.isdigit()]
   if len(more) < len(_POSITIONS.value) or not all(T >= 1 for T in more):
-    print(f'error: --positions must be numbers of positions >= 1, got '
-          f'{",".join(_POSITIONS.value)}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'--positions must be numbers of positions >= 1, got '
+             f'{",".join(_POSITIONS.value)}')
   if not _RANDOM.value and not _WORKDIR.value:
-    raise app.UsageError('give --workdir (a trained run, or any directory for a pretrained model) '
-                         'or --random')
+    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
+             'or --random')
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -260,8 +254,7 @@ def main(argv):
     inputs = inference.decode_inputs(config, _WORKDIR.value,
                                      max(int(b) for b in _BATCHES.value), _RANDOM.value)
   except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   config, cfg, params, model, prompts, source, mesh = (
       inputs.config, inputs.cfg, inputs.params, inputs.model, inputs.prompts, inputs.source,
       inputs.mesh)
@@ -270,7 +263,7 @@ def main(argv):
   base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, stop_ids=())
   D = cfg.mtp_depth
   if D < 1:
-    raise app.UsageError('the model has no MTP heads (mtp.depth=0)')
+    cli.fail('the model has no MTP heads (mtp.depth=0)')
   batches = [int(b) for b in _BATCHES.value]
   vocab = len(model.draft) if model.draft else cfg.vocab_size
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,

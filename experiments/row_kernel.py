@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from mtp_jax import cli  # noqa: E402
 from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '24', '32'], 'Input rows M.')
@@ -61,24 +62,18 @@ _DECOMPOSE = flags.DEFINE_bool('decompose', False, 'Also time the scaled product
 _PARTS = (('no scaling', 1), ('products only', 0))
 
 
-def _fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  cli.start(argv, persist=False)
   try:
     rows = positive_ints(_ROWS.value, '--rows')
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(e)
   for name, value in (('width', _WIDTH.value), ('kv_width', _KV_WIDTH.value), ('ffn', _FFN.value),
                       ('layers', _LAYERS.value), ('rounds', _ROUNDS.value)):
     if value < 1:
-      _fail(f'--{name} must be at least 1, got {value}')
+      cli.fail(f'--{name} must be at least 1, got {value}')
   if _BASELINE.value and not os.path.isfile(_BASELINE.value):
-    _fail(f'--baseline {_BASELINE.value}: no such file')
+    cli.fail(f'--baseline {_BASELINE.value}: no such file')
 
   import jax
   import jax.numpy as jnp
@@ -89,14 +84,14 @@ def main(argv):
   tiled_symbol = scaled_symbol = None
 
   if not kernels.usable():
-    _fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
+    cli.fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
           'set)')
   def load(what, source, defines=()):  # a built library, loaded (it outlives its file)
     with tempfile.TemporaryDirectory() as build:
       library = os.path.join(build, 'variant.so')
       reason = kernels.compile_library(library, source=source, defines=defines)
       if reason:
-        _fail(f'{what} does not build: {reason}')
+        cli.fail(f'{what} does not build: {reason}')
       return ctypes.cdll.LoadLibrary(library)
 
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
@@ -104,9 +99,9 @@ def main(argv):
   whole = all(n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in shapes)
   tiles = kernels.tiles_usable() and whole
   if _DECOMPOSE.value and not kernels.tiles_usable():
-    _fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
+    cli.fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
   if _DECOMPOSE.value and not whole:
-    _fail(f'--decompose needs whole tiles: products of rows a multiple of {kernels.TILE_ROWS} '
+    cli.fail(f'--decompose needs whole tiles: products of rows a multiple of {kernels.TILE_ROWS} '
           f'and columns of {kernels.TILE_COLUMNS} (--width, --kv_width, --ffn)')
   part_targets = {}
   for name, parts in _PARTS * _DECOMPOSE.value:
@@ -119,7 +114,7 @@ def main(argv):
     loaded = load(f'--baseline {_BASELINE.value}', _BASELINE.value)
     symbol = getattr(loaded, 'RowsMatmul', None)
     if symbol is None:
-      _fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
+      cli.fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
     jax.ffi.register_ffi_target('mtpjax_rows_matmul_baseline', jax.ffi.pycapsule(symbol),
                                 platform='cpu')
     tiled_symbol = getattr(loaded, 'RowsMatmulTiled', None)  # older versions have none
@@ -145,11 +140,11 @@ def main(argv):
   repeat = len(shapes) // len(distinct_weights)
   weights = distinct_weights * repeat
   if tiles and not all(kernels.two_bfloat16(w) for w in distinct_weights):
-    _fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
+    cli.fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
   tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if tiles else []
   scaled = [kernels.scaled_tiles_if_exact(w) for w in distinct_weights] * repeat if tiles else []
   if any(t is None for t in scaled):
-    _fail('the random Q4_1 weights are not all in the form of kernels.ScaledTiles')
+    cli.fail('the random Q4_1 weights are not all in the form of kernels.ScaledTiles')
   bytes_read = sum(n * k * 4 for n, k in shapes)  # float32 bytes multiplied, from cache or not
 
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here

@@ -23,8 +23,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, logging  # noqa: E402
+from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -57,21 +59,17 @@ def scaled_form(w) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, persist=False)
   import jax
   from mtp_jax.config import ConfigError
   from mtp_jax.pretrained import resolve
   config = _CONFIG.value
   if not config.model.init_from:
-    print('error: the config has no pretrained trunk (model.init_from)', file=sys.stderr)
-    sys.exit(2)
+    cli.fail('the config has no pretrained trunk (model.init_from)')
   try:
     trunk = resolve.trunk_params(config.model.init_from)
   except (ConfigError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(e)
   from mtp_jax import kernels
   # matrices, entries, split, gap, ScaledTiles forms
   kinds = collections.defaultdict(lambda: [0, 0, 0, 0.0, set()])

@@ -18,7 +18,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mtp_jax import cli  # noqa: E402
 
 _PRES = flags.DEFINE_list('pres', ['default', 'gpt-2', 'smollm'],
                           'tokenizer.ggml.pre names to compare under.')
@@ -52,9 +54,7 @@ def renamed_copy(source: str, pre: str, out: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)  # gguf's writer logs every file at INFO
+  cli.start(argv, persist=False)
   from llama_cpp import Llama
   from mtp_jax.pretrained import fetch, resolve
   sys.path.insert(0, os.path.join(ROOT, 'experiments'))

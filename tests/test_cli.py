@@ -1,6 +1,8 @@
 """launch.py as a user runs it, in a subprocess: a tiny quickstart run and its rerun, and bad
-input that ends in one 'error:' line, before anything is compiled or written."""
+input that ends in one 'error:' line, before anything is compiled or written; every experiment
+script refuses a stray argument the same way."""
 
+import glob
 import json
 import os
 
@@ -8,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import (assert_user_error, launch_summary, pretrained_config, run_script, shrunk,
-                      snapshot)
+from conftest import (REPO, assert_user_error, launch_summary, pretrained_config, run_script,
+                      shrunk, snapshot)
 from mtp_jax.config import as_flags
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -247,3 +249,15 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
     config = pretrained_config(files['good'],
                                **{'mtp.init_from': str(export / 'mtp_heads.safetensors')})
     pretrained_lib.check_heads_init(pretrained_lib.resolve_config(config))
+
+
+# The experiments that parse flags (make_prompts.py takes none).
+EXPERIMENTS = sorted(os.path.relpath(p, REPO) for p in glob.glob(f'{REPO}/experiments/*.py')
+                     if not p.endswith('make_prompts.py'))
+
+
+@pytest.mark.parametrize('script', EXPERIMENTS)
+def test_every_experiment_refuses_a_stray_argument_in_one_line(script):
+  """Each experiment starts through cli.start, as launch.py does: a positional argument (a flag
+  typed without its dashes) is one error line and exit 2, before any work."""
+  assert_user_error(run_script(script, 'rounds=3'), 'unexpected arguments: rounds=3')
