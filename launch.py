@@ -31,8 +31,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
-  # Imported here so that --help and flag errors do not pay for importing JAX.
-  from mtp_jax import run
+  from mtp_jax import run  # here, not above: --help and flag errors need no JAX
   bad = [m for m in _MODE.value if m not in run.MODES]
   if bad or not _MODE.value:
     cli.fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}")

@@ -71,7 +71,7 @@ def main(argv):
 
   if not kernels.usable():
     cli.fail('the kernels are not available here (MTP_JAX_KERNELS=0, no compiler, or several '
-          'devices)')
+             'devices)')
   run.persist_compiled_programs()
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,

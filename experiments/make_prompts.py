@@ -12,8 +12,12 @@ Run: python experiments/make_prompts.py
 
 import os
 import random
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from mtp_jax import cli  # noqa: E402
 COUNT = 6000
 
 THINGS = [
@@ -163,4 +167,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.start(sys.argv, persist=False)  # it takes no flags: any argument is a mistake
   main()

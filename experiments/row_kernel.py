@@ -23,9 +23,9 @@ it show what the kernel would do there. A --baseline kernel is built here and ti
 rounds (its tiled and Q4_1 scaled products too, where it has them and the tiles run): this VM's
 memory is faster in some minutes than in others, so two versions compare only within one run.
 --decompose adds the scaled products with parts of each 32-entry run's work left out (`no
-scaling`: the tile's sums stored but not scaled and added; `products only`: not stored either),
-timed alone since their outputs are wrong: the columns' differences are what storing and scaling
-cost at each M.
+scaling`: the tile's sums stored but not scaled and added; `products only`: not stored either;
+their outputs all zeros), timed in the same rounds and checked only to differ from XLA's: the
+columns' differences are what storing and scaling cost at each M.
 """
 
 import ctypes
@@ -85,7 +85,8 @@ def main(argv):
 
   if not kernels.usable():
     cli.fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
-          'set)')
+             'set)')
+
   def load(what, source, defines=()):  # a built library, loaded (it outlives its file)
     with tempfile.TemporaryDirectory() as build:
       library = os.path.join(build, 'variant.so')
@@ -102,7 +103,7 @@ def main(argv):
     cli.fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
   if _DECOMPOSE.value and not whole:
     cli.fail(f'--decompose needs whole tiles: products of rows a multiple of {kernels.TILE_ROWS} '
-          f'and columns of {kernels.TILE_COLUMNS} (--width, --kv_width, --ffn)')
+             f'and columns of {kernels.TILE_COLUMNS} (--width, --kv_width, --ffn)')
   part_targets = {}
   for name, parts in _PARTS * _DECOMPOSE.value:
     define = f'MTPJAX_SCALED_PARTS={parts}'

@@ -251,9 +251,7 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
     pretrained_lib.check_heads_init(pretrained_lib.resolve_config(config))
 
 
-# The experiments that parse flags (make_prompts.py takes none).
-EXPERIMENTS = sorted(os.path.relpath(p, REPO) for p in glob.glob(f'{REPO}/experiments/*.py')
-                     if not p.endswith('make_prompts.py'))
+EXPERIMENTS = sorted(os.path.relpath(p, REPO) for p in glob.glob(f'{REPO}/experiments/*.py'))
 
 
 @pytest.mark.parametrize('script', EXPERIMENTS)

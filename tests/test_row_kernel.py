@@ -47,6 +47,9 @@ def test_row_kernel_decomposes_the_scaled_products():
   assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == [
       'kernel', 'tiled', 'scaled', 'no scaling', 'products only', 'xla']
   assert [line.split('|')[0].strip() for line in lines[2:]] == ['1', '3']
+  # shapes that are not whole tiles: refused before anything is built
+  assert_user_error(run_script('experiments/row_kernel.py', *args[:2], *SHAPE, '--decompose'),
+                    '--decompose needs whole tiles')
 
 
 def test_row_kernel_refuses_bad_flags(tmp_path):
