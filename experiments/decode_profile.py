@@ -30,6 +30,11 @@ Prints, per batch size in --batches:
      kernels), per call,
      and what the D + 1 positions add to each kind. Operations may overlap on the threads, and
      tracing slows them a little: read the kinds against each other, not against part 2.
+     Also each loop of part 1 (`ar`, `mtp` at S = 1..D) traced once the same way, counting the
+     operations inside the decoder's while loop (not the prefill's), per iteration: where an `mtp` iteration's time beyond `ar`'s goes
+     (the drafts' products and projections join the weight products and the unembedding), and
+     what no operation holds (the loop's own time minus the traced operations': dispatch
+     between them, or their overlap where negative).
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
 decode.draft_vocab, ...).
 """
@@ -66,12 +71,15 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops 
 _POSITIONS = flags.DEFINE_list('positions', [], 'Also time the trunk over these numbers of '
                                'positions in part 2 (a draft tree\'s verify: 1 + S + (K - 1) C).')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
-                               'positions and print their time by kind of operation.')
+                               'positions, and each loop\'s iteration, and print their time by '
+                               'kind of operation.')
 
 
-def loop_costs(model, params, prompts, S_max, rounds, base):
+def loop_costs(model, params, prompts, S_max, rounds, base, breakdown: bool = False):
   """Seconds per iteration of the decoder for S = 0..S_max, each with `base`'s other settings
-  (decode.Settings), the iteration counts and tau."""
+  (decode.Settings), the iteration counts and tau; with `breakdown` also each loop's iteration
+  by kind of operation ({S: {kind: ms per iteration}}: traced_kinds over the operations inside
+  the decoder's while loop; None where the trace names no operation), else None."""
   import jax
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -89,7 +97,16 @@ def loop_costs(model, params, prompts, S_max, rounds, base):
   taus = [dec.stats(state, s)['tau'] for state, s in zip(states, per_S)]
   per_iter = [(times[S] - times[S_max + 1 + S]) / max(iterations[S], 1)
               for S in range(S_max + 1)]
-  return per_iter, iterations, taus
+  kinds = None
+  if breakdown:
+    kinds = {}
+    for S in range(S_max + 1):
+      compiled = runs[S].func
+      kinds[S] = traced_kinds(compiled, runs[S].args, max(iterations[S], 1),
+                              only=loop_operations(compiled.as_text()))
+      if kinds[S] is None:
+        return per_iter, iterations, taus, None
+  return per_iter, iterations, taus, kinds
 
 
 def call_loop(body, calls: int):
@@ -202,12 +219,56 @@ def op_kinds(hlo_text: str) -> dict:
   return kinds
 
 
-def traced_kinds(compiled, args, calls: int) -> dict | None:
+def loop_operations(hlo_text: str) -> set:
+  """The operations a compiled module runs inside its largest while loop (the decoder's loop of
+  iterations): those of its body and condition and of every computation they call, loops and
+  conditionals within included; what runs once around it (the prefill) is left out."""
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$', line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      current.append(line)
+
+  def called(line):
+    names = re.findall(r'(?:condition|body|to_apply|calls|true_computation|false_computation)'
+                       r'=%?([\w.\-]+)', line)
+    for group in re.findall(r'branch_computations=\{([^}]*)\}', line):
+      names += [n.strip().lstrip('%') for n in group.split(',')]
+    return names
+
+  def reach(roots):
+    seen, stack = set(), list(roots)
+    while stack:
+      name = stack.pop()
+      if name in seen or name not in computations:
+        continue
+      seen.add(name)
+      for line in computations[name]:
+        stack += called(line)
+    return seen
+
+  def names(comps):
+    return {m.group(1) for c in comps for line in computations[c]
+            if (m := re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+) = ', line))}
+
+  loops = [called(line) for lines in computations.values() for line in lines
+           if re.search(r' while\(', line)]
+  return max((names(reach(roots)) for roots in loops), key=len, default=set())
+
+
+def traced_kinds(compiled, args, calls: int, only=None) -> dict | None:
   """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
-  of `calls` calls, run before: component_costs times it first); None when the trace names none
-  of the module's operations (a backend whose trace names its device kernels instead)."""
+  of `calls` calls, run before: component_costs times it first), counting only the operations
+  named in `only` when given; None when the trace names none of the module's operations (a
+  backend whose trace names its device kernels instead)."""
   import jax
   kinds = op_kinds(compiled.as_text())
+  if only is not None:
+    kinds = {name: kind for name, kind in kinds.items() if name in only}
   from mtp_jax import measure
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
@@ -283,8 +344,8 @@ def main(argv):
     prepared = model.prepare(params)  # once, for every batch's model-call loops
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
-      per_iter, iterations, taus = loop_costs(model, params, prompts[:B], D, _ROUNDS.value,
-                                              base)
+      per_iter, iterations, taus, loop_kinds = loop_costs(model, params, prompts[:B], D,
+                                                          _ROUNDS.value, base, _BREAKDOWN.value)
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value, more)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)
@@ -300,6 +361,11 @@ def main(argv):
     if breakdown:
       result['batches'][-1]['breakdown'] = [{'positions': T, 'ms_per_call': kinds}
                                             for T, kinds in breakdown.items()]
+    if loop_kinds:
+      result['batches'][-1]['loop_breakdown'] = [
+          {'S': S, 'ms_per_iteration': kinds,
+           'untraced_ms': per_iter[S] * 1e3 - sum(kinds.values())}
+          for S, kinds in loop_kinds.items()]
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'ms/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7} {'speedup':>7}")
@@ -323,6 +389,21 @@ def main(argv):
         a, b = ((sum(first.values()), sum(last.values())) if kind == 'all' else
                 (first[kind], last[kind]))
         print(f'  {kind:30} {a:12.3f} {b:12.3f} {b - a:+8.3f}')
+    if loop_kinds:
+      print(f'batch {B}: a loop iteration by kind of operation (traced: the operations inside '
+            f'the loop, ms per iteration; + S: beyond ar\'s)')
+      head = ' '.join(f"{'ar' if S == 0 else f'S = {S}':>9} {'+ S' if S else '':>7}"
+                      for S in loop_kinds)
+      print(f"  {'kind':30} {head}")
+      rows = [(kind, [kinds[kind] for kinds in loop_kinds.values()]) for kind in KINDS]
+      rows.append(('all traced', [sum(kinds.values()) for kinds in loop_kinds.values()]))
+      rows.append(('untraced (loop time - traced)',
+                   [per_iter[S] * 1e3 - sum(kinds.values()) for S, kinds in loop_kinds.items()]))
+      rows.append(('loop time (part 1)', [t * 1e3 for t in per_iter]))
+      for kind, ms in rows:
+        cells = ' '.join(f'{v:9.3f} {"" if S == 0 else f"{v - ms[0]:+7.3f}":>7}'
+                         for S, v in enumerate(ms))
+        print(f'  {kind:30} {cells}')
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=2)

@@ -1,6 +1,6 @@
 """experiments/decode_profile.py on random tiny weights, read from its JSON: every method's loop
 row with the iteration count the decoder really ran, one timing per model call of an iteration,
-and the traced breakdown of a trunk call by kind of operation. Timings themselves are not
+and the traced breakdowns by kind of operation of a trunk call and of each loop's iteration. Timings themselves are not
 asserted (a busy machine makes them noisy)."""
 
 import json
@@ -56,7 +56,21 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
                              'other XLA ops']
       assert kinds['XLA dots'] == 0
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), kinds
+    # Each loop's iteration, traced (the operations inside the while loop): every kind the trunk
+    # call has, and the mtp iterations' products more than ar's (the drafts' and the verify's).
+    loops = {row['S']: row for row in batch['loop_breakdown']}
+    assert sorted(loops) == [0, 1, 2]
+    for S, row in loops.items():
+      kinds = row['ms_per_iteration']
+      assert list(kinds) == list(breakdown[1]) and kinds['XLA dots'] == 0
+      assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), (S, kinds)
+      assert abs(row['untraced_ms'] + sum(kinds.values())
+                 - batch['loops'][S]['seconds'] * 1e3) < 1e-6
+      if S:
+        assert kinds['weight products (row kernel)'] > (
+            loops[0]['ms_per_iteration']['weight products (row kernel)']), (S, loops)
   assert 'a trunk call by kind of operation' in proc.stdout
+  assert 'a loop iteration by kind of operation' in proc.stdout
   assert 'batch 2: model calls' in proc.stdout
 
 
