@@ -31,10 +31,10 @@ Prints, per batch size in --batches:
      and what the D + 1 positions add to each kind. Operations may overlap on the threads, and
      tracing slows them a little: read the kinds against each other, not against part 2.
      Also each loop of part 1 (`ar`, `mtp` at S = 1..D) traced once the same way, counting the
-     operations inside the decoder's while loop (not the prefill's), per iteration: where an `mtp` iteration's time beyond `ar`'s goes
-     (the drafts' products and projections join the weight products and the unembedding), and
-     what no operation holds (the loop's own time minus the traced operations': dispatch
-     between them, or their overlap where negative).
+     operations inside the decoder's while loop (not the prefill's), per iteration: where an
+     `mtp` iteration's time beyond `ar`'s goes (the drafts' products and projections join the
+     weight products), and the loop's own time (part 1) minus the traced operations': time no
+     operation holds, less what tracing adds to them, so read its change from `ar` to `mtp`.
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
 decode.draft_vocab, ...).
 """
