@@ -24,7 +24,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
-from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
+from mtp_jax.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -53,10 +53,7 @@ def argmax_loop(argmax, calls: int):
 
 def main(argv):
   cli.start(argv, persist=False)
-  try:
-    batches = positive_ints(_BATCHES.value, '--batches')
-  except ConfigError as e:
-    cli.fail(e)
+  batches = cli.positive_ints(_BATCHES.value, '--batches')
   for flag in (_ROUNDS, _CALLS):
     if flag.value < 1:
       cli.fail(f'--{flag.name} must be at least 1, got {flag.value}')
@@ -75,7 +72,7 @@ def main(argv):
   run.persist_compiled_programs()
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,
-                                     max(batches + [_PROMPTS.value]), _RANDOM.value)
+                                     _PROMPTS.value, _RANDOM.value)
   except ConfigError as e:
     cli.fail(e)
   model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
@@ -99,13 +96,12 @@ def main(argv):
   rng = np.random.default_rng(0)
   shapes = [(B, T, V) for B in batches for T in sorted({1, D + 1})
             for V in sorted({cfg.vocab_size, draft_vocab}, reverse=True)]
-  loops, arrays = [], []
+  loops = []
   for shape in shapes:
     x = jnp.asarray(rng.standard_normal(shape, np.float32))
     if not np.array_equal(models['kernel'].argmax(x), greedy(x)):
       print(f'error: the kernel\'s argmax differs from XLA\'s over {shape}', file=sys.stderr)
       sys.exit(1)
-    arrays.append(x)
     loops += [functools.partial(argmax_loop(m.argmax, _CALLS.value), x) for m in models.values()]
   seconds, _ = measure.fastest(loops, _ROUNDS.value, warmup=True)
   for i, shape in enumerate(shapes):

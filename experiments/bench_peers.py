@@ -56,7 +56,6 @@ from mtp_jax import cli  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
-from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 from mtp_jax.pretrained import fetch, gguf_file  # noqa: E402
 from mtp_jax.pretrained.tokenizer import chat_turn  # noqa: E402
 
@@ -283,10 +282,7 @@ def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
     cli.fail(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
-  try:
-    candidates = sorted(set(positive_ints(_CANDIDATES.value, '--candidates')))
-  except ConfigError as e:
-    cli.fail(str(e))
+  candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates')))
   threads = _THREADS.value
   cores = pin(threads)
   config = smollm2.get_config()

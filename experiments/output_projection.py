@@ -18,7 +18,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
-from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
+from mtp_jax.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -28,10 +28,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 20, 'Interleaved timing rounds; the fas
 
 def main(argv):
   cli.start(argv, persist=False)
-  try:
-    rows = positive_ints(_ROWS.value, '--rows')
-  except ConfigError as e:
-    cli.fail(e)
+  rows = cli.positive_ints(_ROWS.value, '--rows')
   if _ROUNDS.value < 1:
     cli.fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
   config = _CONFIG.value

@@ -26,3 +26,12 @@ def start(argv, persist: bool = True) -> None:
   if persist:
     from mtp_jax import run
     run.persist_compiled_programs()
+
+
+def positive_ints(values: list[str], flag: str) -> list[int]:
+  """A list flag's values as positive integers (config.positive_ints), else its one error line."""
+  from mtp_jax.config import ConfigError, positive_ints
+  try:
+    return positive_ints(values, flag)
+  except ConfigError as e:
+    fail(e)
