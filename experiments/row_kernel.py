@@ -38,7 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
-from mtp_jax.config import ConfigError, positive_ints  # noqa: E402
 
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '24', '32'], 'Input rows M.')
 _WIDTH = flags.DEFINE_integer('width', 576, 'Model width.')
@@ -64,10 +63,7 @@ _PARTS = (('no scaling', 1), ('products only', 0))
 
 def main(argv):
   cli.start(argv, persist=False)
-  try:
-    rows = positive_ints(_ROWS.value, '--rows')
-  except ConfigError as e:
-    cli.fail(e)
+  rows = cli.positive_ints(_ROWS.value, '--rows')
   for name, value in (('width', _WIDTH.value), ('kv_width', _KV_WIDTH.value), ('ffn', _FFN.value),
                       ('layers', _LAYERS.value), ('rounds', _ROUNDS.value)):
     if value < 1:
@@ -80,8 +76,6 @@ def main(argv):
   import numpy as np
   from mtp_jax import kernels
   from mtp_jax import measure
-
-  tiled_symbol = scaled_symbol = None
 
   if not kernels.usable():
     cli.fail('the row kernel is not available here (see the note above, or MTP_JAX_KERNELS=0 is '
@@ -104,29 +98,32 @@ def main(argv):
   if _DECOMPOSE.value and not whole:
     cli.fail(f'--decompose needs whole tiles: products of rows a multiple of {kernels.TILE_ROWS} '
              f'and columns of {kernels.TILE_COLUMNS} (--width, --kv_width, --ffn)')
-  part_targets = {}
-  for name, parts in _PARTS * _DECOMPOSE.value:
-    define = f'MTPJAX_SCALED_PARTS={parts}'
-    symbol = getattr(load(f'the kernel with {define}', kernels.SOURCE, (define,)),
-                     kernels.SCALED_TARGETS['uint8'][1])
-    part_targets[name] = f'mtpjax_rows_matmul_scaled_parts_{parts}'
-    jax.ffi.register_ffi_target(part_targets[name], jax.ffi.pycapsule(symbol), platform='cpu')
+  # The paths through other builds of the kernel: name -> (its FFI target, the weights' form)
+  extra = {}
+
+  def add(name: str, library, symbol: str, form: str) -> bool:
+    """Path `name` through `library`'s `symbol` on weights in `form` (float32, tiled or scaled);
+    False when the library has no such symbol (versions before it)."""
+    function = getattr(library, symbol, None)
+    if function is None:
+      return False
+    target = f"mtpjax_rows_matmul_{name.replace(' ', '_')}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(function), platform='cpu')
+    extra[name] = (target, form)
+    return True
+
+  scaled_symbol = kernels.SCALED_TARGETS['uint8'][1]  # Q4_1's, two integers to a byte
   if _BASELINE.value:
     loaded = load(f'--baseline {_BASELINE.value}', _BASELINE.value)
-    symbol = getattr(loaded, 'RowsMatmul', None)
-    if symbol is None:
+    if not add('baseline', loaded, 'RowsMatmul', 'float32'):
       cli.fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
-    jax.ffi.register_ffi_target('mtpjax_rows_matmul_baseline', jax.ffi.pycapsule(symbol),
-                                platform='cpu')
-    tiled_symbol = getattr(loaded, 'RowsMatmulTiled', None)  # older versions have none
-    if tiled_symbol is not None:
-      jax.ffi.register_ffi_target('mtpjax_rows_matmul_tiled_baseline',
-                                  jax.ffi.pycapsule(tiled_symbol), platform='cpu')
-    # Q4_1's scaled tiles, two integers to a byte (versions before them have none)
-    scaled_symbol = getattr(loaded, kernels.SCALED_TARGETS['uint8'][1], None)
-    if scaled_symbol is not None:
-      jax.ffi.register_ffi_target('mtpjax_rows_matmul_scaled_baseline',
-                                  jax.ffi.pycapsule(scaled_symbol), platform='cpu')
+    if tiles:
+      add('baseline tiled', loaded, 'RowsMatmulTiled', 'tiled')
+      add('baseline scaled', loaded, scaled_symbol, 'scaled')
+  for name, parts in _PARTS * _DECOMPOSE.value:
+    define = f'MTPJAX_SCALED_PARTS={parts}'
+    add(name, load(f'the kernel with {define}', kernels.SOURCE, (define,)), scaled_symbol,
+        'scaled')
   rng = np.random.default_rng(0)
   distinct = shapes[:4] if _CACHED.value else shapes
   def q4_1(w):  # w rounded to Q4_1's form (a float16 scale and offset a run of 32), as a GGUF
@@ -151,15 +148,9 @@ def main(argv):
   kernels.MAX_ROWS = 1 << 30  # the kernel path takes every M here
 
   def product(x, w, path):
-    if path in part_targets:
-      return jax.ffi.ffi_call(part_targets[path],
-                              jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(
-                                  x, w.q, w.scales)
-    if path.startswith('baseline'):
-      target = {'baseline': 'mtpjax_rows_matmul_baseline',
-                'baseline tiled': 'mtpjax_rows_matmul_tiled_baseline',
-                'baseline scaled': 'mtpjax_rows_matmul_scaled_baseline'}[path]
-      args = (w.q, w.scales) if path == 'baseline scaled' else (w,)
+    if path in extra:
+      target, form = extra[path]
+      args = (w.q, w.scales) if form == 'scaled' else (w,)
       return jax.ffi.ffi_call(target,
                               jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, *args)
     return kernels.rows_matmul(x, w, path in ('kernel', 'tiled', 'scaled'))
@@ -177,13 +168,10 @@ def main(argv):
       return total
     return run
 
-  names = (['kernel'] + ['tiled', 'scaled'] * tiles + ['baseline'] * bool(_BASELINE.value)
-           + ['baseline tiled'] * (tiles and tiled_symbol is not None)
-           + ['baseline scaled'] * (tiles and scaled_symbol is not None) + list(part_targets)
-           + ['xla'])
+  names = ['kernel'] + ['tiled', 'scaled'] * tiles + list(extra) + ['xla']
   paths = {p: chain(p) for p in names}
-  operands = {p: scaled if p.endswith('scaled') or p in part_targets else
-              tiled if p.endswith('tiled') else weights for p in names}
+  forms = {'tiled': 'tiled', 'scaled': 'scaled', **{p: form for p, (_, form) in extra.items()}}
+  operands = {p: {'tiled': tiled, 'scaled': scaled}.get(forms.get(p), weights) for p in names}
   path_bytes = {p: sum(leaf.nbytes for leaf in jax.tree.leaves(operands[p])) for p in names}
   base = {}
   held = f' (one layer\'s {sum(w.size * 4 for w in distinct_weights) / 1e6:.1f} MB, reused)'
@@ -198,7 +186,7 @@ def main(argv):
       want = np.asarray(product(x, w, 'xla'))
       for p in names[:-1]:
         got = np.asarray(product(x, operands[p][i], p))
-        if p in part_targets:  # wrong by design: a build that left nothing out would time nothing
+        if p in dict(_PARTS):  # wrong by design: a build that left nothing out would time nothing
           if np.allclose(got, want, rtol=1e-4, atol=1e-4):
             print(f'error: the {p} path\'s product equals XLA\'s dot: MTPJAX_SCALED_PARTS left '
                   'nothing out', file=sys.stderr)
