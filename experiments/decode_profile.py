@@ -101,9 +101,7 @@ def loop_costs(model, params, prompts, S_max, rounds, base, breakdown: bool = Fa
   if breakdown:
     kinds = {}
     for S in range(S_max + 1):
-      compiled = runs[S].func
-      kinds[S] = traced_kinds(compiled, runs[S].args, max(iterations[S], 1),
-                              only=loop_operations(compiled.as_text()))
+      kinds[S] = traced_kinds(runs[S].func, runs[S].args, max(iterations[S], 1), in_loop=True)
       if kinds[S] is None:
         return per_iter, iterations, taus, None
   return per_iter, iterations, taus, kinds
@@ -219,57 +217,18 @@ def op_kinds(hlo_text: str) -> dict:
   return kinds
 
 
-def loop_operations(hlo_text: str) -> set:
-  """The operations a compiled module runs inside its largest while loop (the decoder's loop of
-  iterations): those of its body and condition and of every computation they call, loops and
-  conditionals within included; what runs once around it (the prefill) is left out."""
-  computations, current = {}, None
-  for line in hlo_text.splitlines():
-    header = re.match(r'(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$', line)
-    if header:
-      current = computations.setdefault(header.group(1), [])
-    elif line.startswith('}'):
-      current = None
-    elif current is not None:
-      current.append(line)
-
-  def called(line):
-    names = re.findall(r'(?:condition|body|to_apply|calls|true_computation|false_computation)'
-                       r'=%?([\w.\-]+)', line)
-    for group in re.findall(r'branch_computations=\{([^}]*)\}', line):
-      names += [n.strip().lstrip('%') for n in group.split(',')]
-    return names
-
-  def reach(roots):
-    seen, stack = set(), list(roots)
-    while stack:
-      name = stack.pop()
-      if name in seen or name not in computations:
-        continue
-      seen.add(name)
-      for line in computations[name]:
-        stack += called(line)
-    return seen
-
-  def names(comps):
-    return {m.group(1) for c in comps for line in computations[c]
-            if (m := re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+) = ', line))}
-
-  loops = [called(line) for lines in computations.values() for line in lines
-           if re.search(r' while\(', line)]
-  return max((names(reach(roots)) for roots in loops), key=len, default=set())
-
-
-def traced_kinds(compiled, args, calls: int, only=None) -> dict | None:
+def traced_kinds(compiled, args, calls: int, in_loop: bool = False) -> dict | None:
   """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
-  of `calls` calls, run before: component_costs times it first), counting only the operations
-  named in `only` when given; None when the trace names none of the module's operations (a
-  backend whose trace names its device kernels instead)."""
+  of `calls` calls, run before: component_costs times it first), with `in_loop` counting only
+  the operations inside its while loop (measure.loop_operations); None when the trace names
+  none of the module's operations (a backend whose trace names its device kernels instead)."""
   import jax
-  kinds = op_kinds(compiled.as_text())
-  if only is not None:
-    kinds = {name: kind for name, kind in kinds.items() if name in only}
   from mtp_jax import measure
+  text = compiled.as_text()
+  kinds = op_kinds(text)
+  if in_loop:
+    inside = measure.loop_operations(text)
+    kinds = {name: kind for name, kind in kinds.items() if name in inside}
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
       jax.block_until_ready(compiled(*args))
@@ -299,10 +258,8 @@ def main(argv):
   config = _CONFIG.value
   if not _TEMPERATURE.value >= 0:  # NaN too
     cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
-  more = [int(T) for T in _POSITIONS.value if T.isdigit()]
-  if len(more) < len(_POSITIONS.value) or not all(T >= 1 for T in more):
-    cli.fail(f'--positions must be numbers of positions >= 1, got '
-             f'{",".join(_POSITIONS.value)}')
+  more = cli.positive_ints(_POSITIONS.value, '--positions')
+  batches = cli.positive_ints(_BATCHES.value, '--batches')
   if not _RANDOM.value and not _WORKDIR.value:
     cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
              'or --random')
@@ -313,7 +270,7 @@ def main(argv):
   from mtp_jax.config import ConfigError
   try:
     inputs = inference.decode_inputs(config, _WORKDIR.value,
-                                     max(int(b) for b in _BATCHES.value), _RANDOM.value)
+                                     max(batches), _RANDOM.value)
   except ConfigError as e:
     cli.fail(e)
   config, cfg, params, model, prompts, source, mesh = (
@@ -325,7 +282,6 @@ def main(argv):
   D = cfg.mtp_depth
   if D < 1:
     cli.fail('the model has no MTP heads (mtp.depth=0)')
-  batches = [int(b) for b in _BATCHES.value]
   vocab = len(model.draft) if model.draft else cfg.vocab_size
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,
             'width': cfg.d_model, 'vocab': cfg.vocab_size, 'draft_vocab': vocab,

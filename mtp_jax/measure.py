@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -100,6 +101,48 @@ def trace_events(directory: str) -> list[dict]:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   return [e for e in events if e.get('ph') == 'X' and 'dur' in e]
+
+
+def loop_operations(hlo_text: str) -> set:
+  """The names of the operations a compiled module's text (`compiled.as_text()`, as the profiler
+  names them in trace_events) runs inside its largest while loop (a decoder's loop of
+  iterations): those of its body and condition and of every computation they call, loops and
+  conditionals within included; what runs once around the loop (a prefill) is left out."""
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$', line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      current.append(line)
+
+  def called(line):
+    names = re.findall(r'(?:condition|body|to_apply|calls|true_computation|false_computation)'
+                       r'=%?([\w.\-]+)', line)
+    for group in re.findall(r'branch_computations=\{([^}]*)\}', line):
+      names += [n.strip().lstrip('%') for n in group.split(',')]
+    return names
+
+  def reach(roots):
+    seen, stack = set(), list(roots)
+    while stack:
+      name = stack.pop()
+      if name in seen or name not in computations:
+        continue
+      seen.add(name)
+      for line in computations[name]:
+        stack += called(line)
+    return seen
+
+  def names(comps):
+    return {m.group(1) for c in comps for line in computations[c]
+            if (m := re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+) = ', line))}
+
+  loops = [called(line) for lines in computations.values() for line in lines
+           if re.search(r' while\(', line)]
+  return max((names(reach(roots)) for roots in loops), key=len, default=set())
 
 
 def _best_rate(fn, args, work: float, runs: int, min_seconds: float = 0.05) -> float:

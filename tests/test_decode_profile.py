@@ -64,8 +64,6 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
       kinds = row['ms_per_iteration']
       assert list(kinds) == list(breakdown[1]) and kinds['XLA dots'] == 0
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), (S, kinds)
-      assert abs(row['untraced_ms'] + sum(kinds.values())
-                 - batch['loops'][S]['seconds'] * 1e3) < 1e-6
       if S:
         assert kinds['weight products (row kernel)'] > (
             loops[0]['ms_per_iteration']['weight products (row kernel)']), (S, loops)

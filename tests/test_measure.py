@@ -1,9 +1,11 @@
 """The shared measuring helpers: the timing loop's order, warm-up and fastest-of semantics on a
-scripted clock, the machine line's format, and the rooflines' reported work."""
+scripted clock, the machine line's format, the rooflines' reported work, and the operations a
+compiled module runs inside its while loop."""
 
 import re
 
 import jax
+import jax.numpy as jnp
 
 from mtp_jax import measure
 
@@ -45,3 +47,31 @@ def test_rooflines_report_the_work_they_timed():
   assert abs(mm['seconds'] * mm['flops_per_s'] - mm['flops']) < 1e-6 * mm['flops']
   bw = measure.read_bandwidth(nbytes=2**20, runs=2)
   assert bw['bytes'] == 2**20 and bw['bytes_per_s'] > 0
+
+
+def test_loop_operations_are_those_inside_the_largest_while_loop():
+  """A compiled function with work before its loop, a conditional and a smaller loop inside the
+  loop's body, and work after it: the loop's operations are those of its body (the conditional's
+  branches and the inner loop's body included) and condition, none of those outside it."""
+  def f(x):
+    x = jnp.cos(x)  # before the loop
+
+    def inner(c):
+      return c[0] + 1, jnp.tanh(c[1])
+
+    def body(c):
+      i, y = c
+      y = jax.lax.cond(y.sum() > 0, lambda z: z * 2.0, lambda z: z - 1.0, y)
+      y = jax.lax.while_loop(lambda d: d[0] < 2, inner, (0, y))[1]
+      return i + 1, jnp.sin(y) @ y
+    return jnp.exp(jax.lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1])  # exp: after it
+  text = jax.jit(f).lower(jnp.ones((4, 4))).compile().as_text()
+  inside = measure.loop_operations(text)
+  ops = {m.group(1): m.group(2) for m in re.finditer(
+      r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*op_name="([^"]*)"', text, re.M)}
+  named = lambda word: {name for name, op in ops.items() if op.endswith('/' + word)}
+  for word in ('sin', 'tanh', 'mul', 'sub'):  # the body, the inner loop, both branches
+    assert named(word) and named(word) <= inside, (word, named(word), inside)
+  for word in ('cos', 'exp'):
+    assert named(word) and not named(word) & inside, (word, named(word))
+  assert measure.loop_operations('ENTRY %main () -> f32[] {\n}\n') == set()
