@@ -41,6 +41,26 @@ def write_bytes(path: str, data: bytes) -> None:
     raise
 
 
+@contextlib.contextmanager
+def replacing(path: str):
+  """For a writer that takes a file name (gguf's, say): yields a temporary path beside `path`,
+  renamed over it, flushed, when the block ends; removed if the block fails."""
+  folder = os.path.dirname(path) or '.'
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, _MODE)
+    sync(tmp)
+    os.replace(tmp, path)
+    sync(folder)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def sync(path: str) -> None:
   """Flushes a file written with plain writes, or a folder's entries (a rename into it), to
   disk."""

@@ -8,6 +8,7 @@ import os
 import gguf
 import numpy as np
 
+from mtp_jax import atomic
 from mtp_jax.pretrained import llama, tokenizer as tok_lib
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
@@ -198,7 +199,8 @@ def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
   and with the same metadata (but the file type): with F32 every tensor dequantized; with a
   quantized type each quantized matrix dequantized and quantized again to it by gguf's own
   quantizer (the other tensors dequantized to float32), so the file holds that type's rounding
-  of the source's weights. Written once beside it (NAME.TYPE.gguf, through a temporary file)."""
+  of the source's weights. Written once beside it (NAME.TYPE.gguf, whole or not at all:
+atomic.replacing)."""
   if qtype not in FILE_TYPES:
     raise PretrainedError(f'cannot rewrite a GGUF file as {qtype.name} (one of '
                           f'{", ".join(t.name for t in FILE_TYPES)})')
@@ -206,26 +208,25 @@ def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
   if os.path.exists(path):
     return path
   reader = gguf.GGUFReader(source)
-  tmp = f'{path}.tmp{os.getpid()}'
-  writer = gguf.GGUFWriter(tmp, arch=reader.fields['general.architecture'].contents())
-  for field in reader.fields.values():
-    if field.name.startswith('GGUF.') or field.name == 'general.architecture':
-      continue  # the writer's own
-    value = FILE_TYPES[qtype] if field.name == 'general.file_type' else field.contents()
-    writer.add_key_value(field.name, value, field.types[0],
-                         field.types[1] if len(field.types) > 1 else None)
   plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
            gguf.GGMLQuantizationType.BF16)
-  for t in reader.tensors:
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-    w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-    if qtype != gguf.GGMLQuantizationType.F32 and t.tensor_type not in plain and w.ndim == 2:
-      writer.add_tensor(t.name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
-    else:
-      writer.add_tensor(t.name, w)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:
+    writer = gguf.GGUFWriter(tmp, arch=reader.fields['general.architecture'].contents())
+    for field in reader.fields.values():
+      if field.name.startswith('GGUF.') or field.name == 'general.architecture':
+        continue  # the writer's own
+      value = FILE_TYPES[qtype] if field.name == 'general.file_type' else field.contents()
+      writer.add_key_value(field.name, value, field.types[0],
+                           field.types[1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+      w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+      w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+      if qtype != gguf.GGMLQuantizationType.F32 and t.tensor_type not in plain and w.ndim == 2:
+        writer.add_tensor(t.name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+      else:
+        writer.add_tensor(t.name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
   return path
