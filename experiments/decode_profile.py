@@ -33,7 +33,8 @@ Prints, per batch size in --batches:
      Also each loop of part 1 (`ar`, `mtp` at S = 1..D) traced once the same way, counting the
      operations inside the decoder's while loop (not the prefill's), per iteration: where an
      `mtp` iteration's time beyond `ar`'s goes (the drafts' products and projections join the
-     weight products), and the loop's own time (part 1) minus the traced operations': time no
+     weight products; the JSON also has how many operations of each kind ran an iteration), and
+     the loop's own time (part 1) minus the traced operations': time no
      operation holds, less what tracing adds to them, so read its change from `ar` to `mtp`.
 --json FILE writes every number. Config overrides work as in launch.py (decode.kernels,
 decode.draft_vocab, ...).
@@ -78,8 +79,9 @@ _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 
 def loop_costs(model, params, prompts, S_max, rounds, base, breakdown: bool = False):
   """Seconds per iteration of the decoder for S = 0..S_max, each with `base`'s other settings
   (decode.Settings), the iteration counts and tau; with `breakdown` also each loop's iteration
-  by kind of operation ({S: {kind: ms per iteration}}: traced_kinds over the operations inside
-  the decoder's while loop; None where the trace names no operation), else None."""
+  by kind of operation ({S: ({kind: ms per iteration}, {kind: operations run per iteration})}:
+  traced_kinds over the operations inside the decoder's while loop; None where the trace names
+  no operation), else None."""
   import jax
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -217,11 +219,12 @@ def op_kinds(hlo_text: str) -> dict:
   return kinds
 
 
-def traced_kinds(compiled, args, calls: int, in_loop: bool = False) -> dict | None:
-  """Milliseconds per call of each kind of operation, from one traced run of `compiled` (a loop
-  of `calls` calls, run before: component_costs times it first), with `in_loop` counting only
-  the operations inside its while loop (measure.loop_operations); None when the trace names
-  none of the module's operations (a backend whose trace names its device kernels instead)."""
+def traced_kinds(compiled, args, calls: int, in_loop: bool = False):
+  """Milliseconds per call of each kind of operation, and how many operations of each kind ran
+  per call ({kind: ms}, {kind: runs}), from one traced run of `compiled` (a loop of `calls`
+  calls, run before: component_costs times it first), with `in_loop` counting only the
+  operations inside its while loop (measure.loop_operations); None when the trace names none of
+  the module's operations (a backend whose trace names its device kernels instead)."""
   import jax
   from mtp_jax import measure
   text = compiled.as_text()
@@ -234,12 +237,14 @@ def traced_kinds(compiled, args, calls: int, in_loop: bool = False) -> dict | No
       jax.block_until_ready(compiled(*args))
     events = measure.trace_events(directory)
   totals = collections.Counter({kind: 0.0 for kind in KINDS})
-  matched = 0
+  runs = collections.Counter({kind: 0 for kind in KINDS})
   for event in events:
     if event['name'] in kinds:
       totals[kinds[event['name']]] += event['dur'] / 1e3 / calls  # dur: microseconds
-      matched += 1
-  return dict(totals) if matched else None
+      runs[kinds[event['name']]] += 1
+  if not sum(runs.values()):
+    return None
+  return dict(totals), {kind: n / calls for kind, n in runs.items()}
 
 
 def trunk_breakdown(trunks, S_max, calls):
@@ -247,9 +252,10 @@ def trunk_breakdown(trunks, S_max, calls):
   trunk_loops), or None when the trace cannot be read by kind (traced_kinds)."""
   out = {}
   for T in (1, S_max + 1):
-    out[T] = traced_kinds(*trunks[T], calls)
-    if out[T] is None:
+    traced = traced_kinds(*trunks[T], calls)
+    if traced is None:
       return None
+    out[T] = traced[0]
   return out
 
 
@@ -300,8 +306,9 @@ def main(argv):
     prepared = model.prepare(params)  # once, for every batch's model-call loops
   for B in batches:
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
-      per_iter, iterations, taus, loop_kinds = loop_costs(model, params, prompts[:B], D,
-                                                          _ROUNDS.value, base, _BREAKDOWN.value)
+      per_iter, iterations, taus, traced = loop_costs(model, params, prompts[:B], D,
+                                                      _ROUNDS.value, base, _BREAKDOWN.value)
+      loop_kinds = {S: ms for S, (ms, _) in traced.items()} if traced else None
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value, more)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)
@@ -319,9 +326,9 @@ def main(argv):
                                             for T, kinds in breakdown.items()]
     if loop_kinds:
       result['batches'][-1]['loop_breakdown'] = [
-          {'S': S, 'ms_per_iteration': kinds,
+          {'S': S, 'ms_per_iteration': kinds, 'runs_per_iteration': runs,
            'untraced_ms': per_iter[S] * 1e3 - sum(kinds.values())}
-          for S, kinds in loop_kinds.items()]
+          for S, (kinds, runs) in traced.items()]
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'ms/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7} {'speedup':>7}")

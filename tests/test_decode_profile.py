@@ -57,16 +57,22 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
       assert kinds['XLA dots'] == 0
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), kinds
     # Each loop's iteration, traced (the operations inside the while loop): every kind the trunk
-    # call has, and the mtp iterations' products more than ar's (the drafts' and the verify's).
+    # call has, and the mtp iterations running more products than ar's (the drafts' and the
+    # verify's: counted, not timed). ar's iteration runs one trunk step's: the layer's qkv, o,
+    # gate-up and down products, an unembedding and an argmax.
     loops = {row['S']: row for row in batch['loop_breakdown']}
     assert sorted(loops) == [0, 1, 2]
     for S, row in loops.items():
-      kinds = row['ms_per_iteration']
-      assert list(kinds) == list(breakdown[1]) and kinds['XLA dots'] == 0
+      kinds, runs = row['ms_per_iteration'], row['runs_per_iteration']
+      assert list(kinds) == list(runs) == list(breakdown[1]) and kinds['XLA dots'] == 0
       assert all(ms > 0 for kind, ms in kinds.items() if kind != 'XLA dots'), (S, kinds)
       if S:
-        assert kinds['weight products (row kernel)'] > (
-            loops[0]['ms_per_iteration']['weight products (row kernel)']), (S, loops)
+        assert runs['weight products (row kernel)'] > (
+            loops[0]['runs_per_iteration']['weight products (row kernel)']), (S, loops)
+    assert {kind: loops[0]['runs_per_iteration'][kind] for kind in
+            ('weight products (row kernel)', 'unembedding (row kernel)', 'argmax (kernel)')} == {
+                'weight products (row kernel)': 4, 'unembedding (row kernel)': 1,
+                'argmax (kernel)': 1}
   assert 'a trunk call by kind of operation' in proc.stdout
   assert 'a loop iteration by kind of operation' in proc.stdout
   assert 'batch 2: model calls' in proc.stdout
