@@ -13,7 +13,12 @@ teacher-forced drafts (exact for float32 heads: a draft after an accepted one re
 tokens, as decoding's does; the decoder's narrower draft dtypes can move a near tie), beside
 drafts copied from earlier in the text (prompt lookup), the copy where one is found and the
 heads elsewhere, and at each iteration whichever of the two is accepted further (what a perfect
-choice between them would give): tau and acceptance per position, without the decoder.
+choice between them would give): tau and acceptance per position, without the decoder. With
+--table CACHE,.. also beside drafts from a table of the trunk's own continuations (REST's
+retrieval from a datastore, built from the trunk's answers instead of a corpus): after each 1 to
+TABLE_CONTEXT tokens of the caches' training rows, the trunk's top next tokens there; a draft is
+the commonest after the longest context the table holds, and 'either (table)' is whichever of the
+table's and the heads' drafts is accepted further.
 With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
 beside the chain), each --tree W1,W2,.. a full token tree: W1 first drafts, under each of them
 W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token, and
@@ -23,7 +28,8 @@ Medusa builds its tree: chosen on one half of the prompts and replayed on the ot
 
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence |
-       --answer_split N] [--top K] [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]]
+       --answer_split N] [--top K] [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]
+       [--table CACHE,..]]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -48,7 +54,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT
+  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT, _TABLE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -83,11 +89,16 @@ def define_flags():
   _SPARSE = flags.DEFINE_list(
       'sparse', [], 'With --simulate: also replay, per N, the tree of N drafts (ranks up to '
       '--top, depths up to D) most often accepted on the other half of the prompts.')
+  _TABLE = flags.DEFINE_list(
+      'table', [], 'With --simulate: also replay drafts from a table of the trunk\'s next tokens '
+      'after each 1 to TABLE_CONTEXT tokens of these feature caches\' training rows.')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
 DRAFTERS = ('heads', 'copy', 'copy, else heads', 'either')  # what --simulate replays
 COPY_NGRAM = (3, 2)  # the longest and shortest text ending a draft's context that a copy matches
+TABLE_DRAFTERS = ('table', 'either (table)')  # what --simulate --table adds
+TABLE_CONTEXT = 3  # the longest context, in tokens, the continuation table keys
 
 
 def confidence_bucket(p: float, whose: str = 'trunk') -> str:
@@ -205,6 +216,41 @@ def copy_drafts(seq: list, j: int, S: int, ngram=COPY_NGRAM) -> list:
   return []
 
 
+def continuation_table(splits, longest: int = TABLE_CONTEXT) -> dict:
+  """{context: the trunk's next token after it}: for each feature-cache split (its tokens, row
+  starts and the trunk's top next token at each position, top_ids[:, 0]) and every 1 to `longest`
+  tokens ending a position within its row, the token the trunk most often put next there (the
+  first seen of a tie)."""
+  import collections
+  import numpy as np
+  counts = collections.defaultdict(collections.Counter)
+  for split in splits:
+    tokens = np.asarray(split.tokens).tolist()
+    nexts = np.asarray(split.top_ids[:, 0]).tolist()
+    starts = np.asarray(split.row_start)
+    row = 0
+    for i, token in enumerate(nexts):
+      row = i if starts[i] else row
+      for n in range(1, min(longest, i - row + 1) + 1):
+        counts[tuple(tokens[i - n + 1:i + 1])][token] += 1
+  return {context: c.most_common(1)[0][0] for context, c in counts.items()}
+
+
+def table_drafts(table: dict, seq: list, j: int, S: int, longest: int = TABLE_CONTEXT) -> list:
+  """S tokens for seq[j], .. given seq[:j] from a continuation_table: each the trunk's commonest
+  next token after the longest text ending the draft's context that the table holds (the drafts
+  before it in that context); stops early where not even the last token is in the table."""
+  text = list(seq[:j])
+  for _ in range(S):
+    for n in range(min(longest, len(text)), 0, -1):
+      if tuple(text[-n:]) in table:
+        text.append(table[tuple(text[-n:])])
+        break
+    else:
+      break
+  return text[j:]
+
+
 def accepted_run(seq: list, j: int, drafts: list) -> int:
   """How many of `drafts` (for seq[j], ..) greedy verification accepts: those before the first
   that is not seq's token (none past seq's end)."""
@@ -295,13 +341,15 @@ def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   return emitted, forwards, accepted
 
 
-def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_depths=(1,)) -> dict:
+def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_depths=(1,),
+             table: dict | None = None) -> dict:
   """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
   forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
   for ('candidates K', S) with K = 2..the tops' width (and ('candidates K, depth C', S) for each
   C > 1 in branch_depths up to S: decode.candidate_depth), for ('tree W1,W2,..', len(widths)) for
   each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in `sparse` (its
-  nodes from the rank paths of every answer position of the prompts of the other parity); tops[i]
+  nodes from the rank paths of every answer position of the prompts of the other parity), and
+  with a continuation `table` for each of TABLE_DRAFTERS and S = 1..depth; tops[i]
   are prompt i's heads' top tokens (greedy_agreement's tops_out). Decoding commits an answer's
   first token at prefill, then drafts from the pending token on: head k at position j - 2
   drafts seq[j + k - 1]."""
@@ -323,19 +371,19 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
       heads = [int(t[j - 2, 0]) for t in top[:S]]
       if name == 'heads':
         return heads
-      copied = copy_drafts(seq, j, S)
-      if name == 'copy':
-        return copied
+      other = table_drafts(table, seq, j, S) if 'table' in name else copy_drafts(seq, j, S)
+      if name in ('copy', 'table'):
+        return other
       if name == 'copy, else heads':
-        return copied or heads
-      return max(heads, copied, key=lambda d: accepted_run(seq, j, d))  # 'either'
+        return other or heads
+      return max(heads, other, key=lambda d: accepted_run(seq, j, d))  # either of the two
 
     def add_tree(name, S, tree):
       add((name, S), 1 + len(tree),
           replay(seq, start, S, lambda j: tree_run(paths[i][j - start], tree)))
 
     for S in range(1, depth + 1):
-      for name in DRAFTERS:
+      for name in DRAFTERS + (TABLE_DRAFTERS if table is not None else ()):
         chain = lambda j, name=name, S=S: accepted_run(seq, j, drafts(name, j, S))  # noqa: E731
         add((name, S), S + 1, replay(seq, start, S, chain))
       for K in range(2, top[0].shape[1] + 1):
@@ -413,6 +461,16 @@ def main(argv):
                         f'{",".join(_DEPTHS.value)}')
     if sparse and not _SIMULATE.value:
       raise ConfigError('--sparse is replayed by --simulate: give both')
+    if _TABLE.value and not _SIMULATE.value:
+      raise ConfigError('--table is replayed by --simulate: give both')
+    table_splits = []
+    for directory in _TABLE.value:
+      found = features.load(directory)
+      if found is None:
+        raise ValueError(f'--table: {directory} is not a finished feature cache')
+      if found['train'].top_ids is None:
+        raise ValueError(f'--table: {directory} keeps no trunk tokens (top_ids)')
+      table_splits.append(found['train'])
     if _BY_CONFIDENCE.value + _BY_HEAD_CONFIDENCE.value + (_ANSWER_SPLIT.value > 0) > 1:
       raise ConfigError('--by_confidence, --by_head_confidence and --answer_split split the same '
                         'positions in different ways: give one')
@@ -468,10 +526,14 @@ def main(argv):
             f'{text([head])!r}')
   replayed = []
   if tops is not None:
+    table = continuation_table(table_splits) if table_splits else None
+    if table is not None:
+      print(f'continuation table: {len(table)} contexts of 1 to {TABLE_CONTEXT} tokens from '
+            f'{sum(len(s.tokens) for s in table_splits)} positions of {",".join(_TABLE.value)}')
     print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
           'draft position):')
     for (name, S), (emitted, forwards, accepted, positions) in simulate(
-        prompts, answers, tops, config.mtp.depth, trees, sparse, depths).items():
+        prompts, answers, tops, config.mtp.depth, trees, sparse, depths, table).items():
       rates = dec.rates(emitted, forwards, accepted)
       print(f'  S = {S}, {name} ({positions} verify positions): tau {rates["tau"]:.3f}, '
             f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')

@@ -172,6 +172,36 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.sparse_tree(paths, 9) == {(0,), (0, 1), (1,), (0, 1, 2)}
 
 
+def test_continuation_table_and_its_drafts_by_hand():
+  """The table keys every 1 to 3 tokens ending a position within its row (never across a row
+  start) with the trunk's commonest next token there, and drafts from the longest context it
+  holds; replayed beside the heads, 'either (table)' takes whichever is accepted further."""
+  # Two rows: 1 2 3 | 2 3 4 5; the trunk's top next token at each position.
+  split = feat_lib.Split(tokens=np.array([1, 2, 3, 2, 3, 4, 5], np.int32),
+                         row_start=np.array([1, 0, 0, 1, 0, 0, 0], bool),
+                         top_ids=np.array([[2], [3], [9], [3], [4], [5], [6]], np.int32))
+  table = head_agreement.continuation_table([split])
+  assert table[(1,)] == 2 and table[(1, 2)] == 3 and table[(1, 2, 3)] == 9
+  assert table[(3,)] == 9 and table[(2, 3)] == 9  # a tie (9, then 4): the first seen
+  assert table[(2, 3, 4)] == 5 and table[(4, 5)] == 6
+  assert (3, 2) not in table and (3, 2, 3) not in table  # across the row start
+  # Drafts: after ..1 2 3 the 3-token context gives 9, then 9 alone is unknown: one draft.
+  assert head_agreement.table_drafts(table, [7, 1, 2, 3], 4, 3) == [9]
+  # After ..8 2 3 4 the longest known context is 2 3 4 -> 5, then 3 4 5 is unknown, 4 5 -> 6.
+  assert head_agreement.table_drafts(table, [8, 2, 3, 4], 4, 2) == [5, 6]
+  assert head_agreement.table_drafts(table, [8, 7], 2, 2) == []
+  # Replayed: the answer 4 5 6 7 after 2 3; the heads always draft 0.
+  prompts, answers = [[2, 3]], [[4, 5, 6, 7]]
+  tops = [[np.zeros((6, 1), np.int32)]]
+  replayed = head_agreement.simulate(prompts, answers, tops, 1, table=table)
+  assert replayed[('heads', 1)][2] == [0]
+  # Decoding commits 4 at prefill, then drafts from j = 3 (5 after 2 3 4: accepted; 6 commits
+  # with it), then from j = 5 (after 4 5 6 the table knows no context: no draft, 7 commits).
+  assert replayed[('table', 1)][:3] == (3, 2, [1])
+  assert replayed[('either (table)', 1)] == replayed[('table', 1)]
+  assert ('table', 1) not in head_agreement.simulate(prompts, answers, tops, 1)
+
+
 def test_sparse_trees_are_chosen_on_the_other_prompts():
   """A sparse tree is built from the prompts of the other parity: here the trunk's tokens are
   always the first head's second choice in prompt 0 and its first in prompt 1, so a one-node
@@ -237,7 +267,10 @@ def test_bad_trees_are_refused(tmp_path):
                       (['--simulate', '--sparse=4,0'], '--sparse must be'),
                       (['--simulate', '--candidate_depth=0'], '--candidate_depth must be'),
                       (['--candidate_depth=2'], '--candidate_depth is replayed by --simulate'),
-                      (['--sparse=4'], '--sparse is replayed by --simulate')):
+                      (['--sparse=4'], '--sparse is replayed by --simulate'),
+                      (['--table=' + str(tmp_path)], '--table is replayed by --simulate'),
+                      (['--simulate', '--table=' + str(tmp_path / 'none')],
+                       f'--table: {tmp_path / "none"} is not a finished feature cache')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith('error: ' + words)
