@@ -14,9 +14,9 @@ Produces: 5000 steps (164M tokens) on the Python standard library's source (2.8M
 at this vocabulary, after a tokenizer that takes about 20 s to train, so the run sees them about
 60 times: point data.sources at a larger corpus for a model worth keeping), checkpoints every
 1000 steps and TensorBoard logs under the workdir. The final loss: not yet measured. Step time on
-an H200 (README, "On a GPU"): 124 ms a step at D = 0 and 158 ms at D = 1 with einsum attention,
-19% MFU. The target is MFU >= 45%; at that rate a step takes about 70 ms and the run about 6
-minutes plus evaluations.
+an H200 (experiments/RESULTS.md, "On a GPU"): 124 ms a step at D = 0 and 158 ms at D = 1 with
+einsum attention, 19% MFU. The target is MFU >= 45%; at that rate a step takes about 70 ms and
+the run about 6 minutes plus evaluations.
 """
 
 from configs import base

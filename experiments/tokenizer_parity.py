@@ -1,8 +1,8 @@
 """Whether the tokenizer this project builds from GGUF metadata gives llama.cpp's token ids:
 SmolLM2's GGUF file copied with its pre-tokenizer name (tokenizer.ggml.pre) replaced by each of
 --pres, then our tokenizer (mtp_jax.pretrained) and llama.cpp's (llama-cpp-python, the vocabulary alone)
-encode the same texts: --chars-long pieces of this repository's README, prompts and sources and
-of the standard library's pydoc topics, special tokens parsed by both.
+encode the same texts: --chars-long pieces of this repository's README and RESULTS.md, prompts
+and sources and of the standard library's pydoc topics, special tokens parsed by both.
 
 Run (in the peers' environment, see bench_peers.py):
   .venv-peers/bin/python experiments/tokenizer_parity.py [--pres default,gpt-2,smollm]
@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def texts(chars: int, per_file: int) -> list[str]:
-  files = [os.path.join(ROOT, 'README.md'), *sorted(glob.glob(os.path.join(ROOT, 'configs',
-                                                                           'prompts', '*.txt'))),
+  files = [os.path.join(ROOT, 'README.md'), os.path.join(ROOT, 'experiments', 'RESULTS.md'),
+           *sorted(glob.glob(os.path.join(ROOT, 'configs', 'prompts', '*.txt'))),
            *sorted(glob.glob(os.path.join(ROOT, 'mtp_jax', '*.py'))),
            os.path.join(sysconfig.get_paths()['stdlib'], 'pydoc_data', 'topics.py')]
   out = []
