@@ -6,10 +6,10 @@ of configs/prompts/instruct_train.txt (experiments/make_prompts.py: questions, a
 letters, names, poems and comparisons on some 400 subjects), and keeps its features while writing
 (its last hidden state, the outputs of blocks 2, 15 and 27, which the first module reads as
 EAGLE-3's head does, and its top-32 next-token distribution at every position), so it runs once
-per training token. The modules start from random weights (the recipe sweep in the README found
-that better than copies of the trunk's last block) and fit the trunk's own distribution at
-position i + k (self-distillation) over the 8192 most frequent tokens of that data, at a
-learning rate of 3e-3.
+per training token. The modules start from random weights (the recipe sweep in
+experiments/RESULTS.md, "Head-training recipes", found that better than copies of the trunk's
+last block) and fit the trunk's own distribution at position i + k (self-distillation) over the
+8192 most frequent tokens of that data, at a learning rate of 3e-3.
 
 Run:    python launch.py --config configs/smollm2_heads.py
 Export: python launch.py --config configs/smollm2_heads.py --mode export
