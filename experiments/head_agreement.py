@@ -18,7 +18,11 @@ choice between them would give): tau and acceptance per position, without the de
 retrieval from a datastore, built from the trunk's answers instead of a corpus): after each 1 to
 TABLE_CONTEXT tokens of the caches' training rows, the trunk's top next tokens there; a draft is
 the commonest after the longest context the table holds, and 'either (table)' is whichever of the
-table's and the heads' drafts is accepted further.
+table's and the heads' drafts is accepted further. With --stop_below THETA,.. also a chain whose
+length each iteration sets: drafting stops at the first draft where the product of the heads'
+probabilities of their own tokens falls below THETA (as EAGLE-2 grows its trees by confidence),
+that draft made but not verified; it prints the mean drafts made and positions verified per
+iteration, which decode_profile.py's times of a draft and a verify position turn into a speed.
 With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
 beside the chain), each --tree W1,W2,.. a full token tree: W1 first drafts, under each of them
 W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token, and
@@ -29,7 +33,7 @@ Medusa builds its tree: chosen on one half of the prompts and replayed on the ot
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence |
        --answer_split N] [--top K] [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]
-       [--table CACHE,..]]
+       [--table CACHE,..] [--stop_below THETA,..]]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -54,7 +58,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT, _TABLE
+  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT, _TABLE, _STOP_BELOW
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -92,6 +96,9 @@ def define_flags():
   _TABLE = flags.DEFINE_list(
       'table', [], 'With --simulate: also replay drafts from a table of the trunk\'s next tokens '
       'after each 1 to TABLE_CONTEXT tokens of these feature caches\' training rows.')
+  _STOP_BELOW = flags.DEFINE_list(
+      'stop_below', [], 'With --simulate: also replay, per THETA in [0, 1], chains that stop '
+      'drafting where the product of the heads\' probabilities of their tokens falls below it.')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
@@ -160,7 +167,7 @@ def count(tops, want, first: int, last: int, sums: dict, part=lambda j, k: 'answ
 
 def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str = '',
                      missed: list | None = None, tops_out: list | None = None,
-                     answer_split: int = 0) -> tuple[dict, list]:
+                     answer_split: int = 0, sure_out: list | None = None) -> tuple[dict, list]:
   """(sums as `count` keeps them, the answers): each prompt's greedy `ar` answer, then every head
   teacher-forced over prompt + answer, counted on the answer's positions; `by` 'trunk' splits
   them by the CONFIDENCE bucket of the trunk's probability of the token a head should draft,
@@ -168,7 +175,8 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
   into each answer's first `answer_split` tokens and the rest.
   `missed`, when given, receives (trunk's probability, prompt index, position j, head's token)
   for every answer token j the first head's top token misses; `tops_out`, when given, receives
-  each prompt's D arrays of the heads' top tokens at every position (head_tokens')."""
+  each prompt's D arrays of the heads' top tokens at every position (head_tokens'), and
+  `sure_out` their D arrays of each head's probability of its top token."""
   import numpy as np
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -188,6 +196,8 @@ def greedy_agreement(session, params, prompts, draft_ids, top: int = 1, by: str 
     tops, p_max, sure = fn(tokens)
     if tops_out is not None:
       tops_out.append(tops)
+    if sure_out is not None:
+      sure_out.append(sure)
     part = answer_part(len(p), answer_split)
     if by == 'trunk':
       part = lambda j, k, p_max=p_max: confidence_bucket(p_max[j - 1])  # noqa: E731
@@ -249,6 +259,18 @@ def table_drafts(table: dict, seq: list, j: int, S: int, longest: int = TABLE_CO
     else:
       break
   return text[j:]
+
+
+def confident_length(probs, theta: float) -> tuple[int, int]:
+  """(drafts made, drafts verified) when drafting stops at the first draft where the product of
+  the heads' probabilities of their own tokens so far (probs, draft 1 first) falls below theta:
+  that draft is made, since its probability is known only then, but not verified."""
+  product = 1.0
+  for k, p in enumerate(probs):
+    product *= p
+    if product < theta:
+      return k + 1, k
+  return len(probs), len(probs)
 
 
 def accepted_run(seq: list, j: int, drafts: list) -> int:
@@ -326,6 +348,17 @@ def parse_size(text: str, flag: str = '--sparse') -> int:
   return int(text)
 
 
+def parse_fraction(text: str) -> float:
+  """One of --stop_below's thresholds, a number in [0, 1]."""
+  try:
+    theta = float(text)
+  except ValueError:
+    theta = -1.0
+  if not 0.0 <= theta <= 1.0:
+    raise ValueError(f"--stop_below must be numbers 'THETA,..', each in [0, 1], got '{text}'")
+  return theta
+
+
 def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   """Greedy speculative decoding of seq[start:] replayed: each iteration accepts accept(j) <= S
   drafts for seq[j], .. (given seq[:j]) and commits them and the trunk's next token, stopping at
@@ -342,7 +375,7 @@ def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
 
 
 def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_depths=(1,),
-             table: dict | None = None) -> dict:
+             table: dict | None = None, sure=None, stops=()) -> dict:
   """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
   forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
   for ('candidates K', S) with K = 2..the tops' width (and ('candidates K, depth C', S) for each
@@ -350,7 +383,11 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
   each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in `sparse` (its
   nodes from the rank paths of every answer position of the prompts of the other parity), and
   with a continuation `table` for each of TABLE_DRAFTERS and S = 1..depth; tops[i]
-  are prompt i's heads' top tokens (greedy_agreement's tops_out). Decoding commits an answer's
+  are prompt i's heads' top tokens (greedy_agreement's tops_out). For each theta in `stops` and
+  S = 1..depth, (f'stop below {theta}', S) holds chains of at most S drafts cut by
+  confident_length from sure[i], prompt i's heads' probabilities of their tokens
+  (greedy_agreement's sure_out), with the mean positions verified and, fifth, drafts made per
+  iteration. Decoding commits an answer's
   first token at prefill, then drafts from the pending token on: head k at position j - 2
   drafts seq[j + k - 1]."""
   totals = {}
@@ -390,11 +427,27 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
         for C in (C for C in branch_depths if C <= S):
           add_tree(f'candidates {K}' + (f', depth {C}' if C > 1 else ''), S,
                    candidate_tree(S, K, C))
+      for theta in stops:
+        made = [0, 0]
+
+        def confident(j, S=S, theta=theta, made=made):
+          count, verified = confident_length([float(p[j - 2]) for p in sure[i][:S]], theta)
+          made[0], made[1] = made[0] + count, made[1] + verified
+          return accepted_run(seq, j, [int(t[j - 2, 0]) for t in top[:verified]])
+
+        e, f, acc = replay(seq, start, S, confident)
+        key = (f'stop below {theta:g}', S)
+        old = totals.get(key, (0, 0, [0] * S, 0, 0))
+        totals[key] = (old[0] + e, old[1] + f, [x + y for x, y in zip(old[2], acc)],
+                       old[3] + f + made[1], old[4] + made[0])  # sums; means below
     for widths in trees:
       add_tree(f'tree {",".join(map(str, widths))}', len(widths), full_tree(widths))
     others = [path for q in range(len(seqs)) if q % 2 != i % 2 for path in paths[q]]
     for n in sparse:
       add_tree(f'sparse tree {n}', depth, sparse_tree(others, n))
+  for key, value in totals.items():
+    if key[0].startswith('stop below'):
+      totals[key] = value[:3] + (value[3] / value[1], value[4] / value[1])
   return totals
 
 
@@ -463,6 +516,9 @@ def main(argv):
       raise ConfigError('--sparse is replayed by --simulate: give both')
     if _TABLE.value and not _SIMULATE.value:
       raise ConfigError('--table is replayed by --simulate: give both')
+    stops = [parse_fraction(t) for t in _STOP_BELOW.value]
+    if stops and not _SIMULATE.value:
+      raise ConfigError('--stop_below is replayed by --simulate: give both')
     table_splits = []
     for directory in _TABLE.value:
       found = features.load(directory)
@@ -495,8 +551,9 @@ def main(argv):
   missed = [] if _MISSES.value else None
   by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''
   tops = [] if _SIMULATE.value else None
+  sure = [] if _SIMULATE.value else None
   sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed,
-                                   tops, _ANSWER_SPLIT.value)
+                                   tops, _ANSWER_SPLIT.value, sure)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
@@ -532,12 +589,16 @@ def main(argv):
             f'{sum(len(s.tokens) for s in table_splits)} positions of {",".join(_TABLE.value)}')
     print('greedy decoding of the answers replayed (tau: tokens per trunk forward; acceptance per '
           'draft position):')
-    for (name, S), (emitted, forwards, accepted, positions) in simulate(
-        prompts, answers, tops, config.mtp.depth, trees, sparse, depths, table).items():
+    for (name, S), (emitted, forwards, accepted, positions, *made) in simulate(
+        prompts, answers, tops, config.mtp.depth, trees, sparse, depths, table, sure,
+        stops).items():
       rates = dec.rates(emitted, forwards, accepted)
-      print(f'  S = {S}, {name} ({positions} verify positions): tau {rates["tau"]:.3f}, '
+      counts = (f'{positions:.3f} verify positions and {made[0]:.3f} drafts an iteration' if made
+                else f'{positions} verify positions')
+      print(f'  S = {S}, {name} ({counts}): tau {rates["tau"]:.3f}, '
             f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
-      replayed.append({'drafter': name, 'draft_len': S, 'verify_positions': positions, **rates})
+      replayed.append({'drafter': name, 'draft_len': S, 'verify_positions': positions,
+                       **({'drafts_made': made[0]} if made else {}), **rates})
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': out, 'replayed': replayed}, f, indent=2)

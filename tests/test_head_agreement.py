@@ -202,6 +202,31 @@ def test_continuation_table_and_its_drafts_by_hand():
   assert ('table', 1) not in head_agreement.simulate(prompts, answers, tops, 1)
 
 
+def test_drafting_stops_where_the_heads_are_unsure():
+  """A chain cut by the heads' confidence makes the draft whose product of probabilities falls
+  below theta but verifies only those before it; replayed, a theta of 0 is the fixed chain, and
+  the means count the pending token among the positions verified."""
+  length = head_agreement.confident_length
+  assert length([0.9, 0.5, 0.9], 0.0) == (3, 3)
+  assert length([0.9, 0.5, 0.9], 0.4) == (3, 3)  # 0.9, 0.45, 0.405
+  assert length([0.9, 0.5, 0.9], 0.42) == (3, 2)
+  assert length([0.9, 0.5, 0.9], 0.5) == (2, 1)
+  assert length([0.3, 0.9], 0.5) == (1, 0)
+  # The answer 4 5 6 7 after 2 3; both heads draft the true tokens, head 1 sure, head 2 not.
+  prompts, answers = [[2, 3]], [[4, 5, 6, 7]]
+  seq = prompts[0] + answers[0]
+  nxt = lambda k: np.array([[seq[i + k + 1] if i + k + 1 < len(seq) else 0]  # noqa: E731
+                            for i in range(len(seq))], np.int32)
+  tops = [[nxt(1), nxt(2)]]
+  sure = [[np.full(len(seq), 0.9), np.full(len(seq), 0.2)]]
+  replayed = head_agreement.simulate(prompts, answers, tops, 2, sure=sure, stops=[0.0, 0.5])
+  assert replayed[('stop below 0', 2)] == replayed[('heads', 2)][:3] + (3.0, 2.0)
+  # theta 0.5: draft 1 (0.9) is verified, draft 2 (0.18) made but not: from j = 3, 5 is
+  # accepted and 6 commits with it; from j = 5, 7 is accepted and the answer ends.
+  assert replayed[('stop below 0.5', 2)] == (3, 2, [2, 0], 2.0, 2.0)
+  assert replayed[('stop below 0', 1)][:3] == replayed[('heads', 1)][:3]
+
+
 def test_sparse_trees_are_chosen_on_the_other_prompts():
   """A sparse tree is built from the prompts of the other parity: here the trunk's tokens are
   always the first head's second choice in prompt 0 and its first in prompt 1, so a one-node
@@ -269,6 +294,8 @@ def test_bad_trees_are_refused(tmp_path):
                       (['--candidate_depth=2'], '--candidate_depth is replayed by --simulate'),
                       (['--sparse=4'], '--sparse is replayed by --simulate'),
                       (['--table=' + str(tmp_path)], '--table is replayed by --simulate'),
+                      (['--stop_below=0.2'], '--stop_below is replayed by --simulate'),
+                      (['--simulate', '--stop_below=0.2,2'], '--stop_below must be'),
                       (['--simulate', '--table=' + str(tmp_path / 'none')],
                        f'--table: {tmp_path / "none"} is not a finished feature cache')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
