@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'
   # einsum: attention written out (dense float32 softmax); fused: jax.nn.dot_product_attention
   # for training (cuDNN's flash attention on a GPU in bfloat16 or float16, XLA's elsewhere).
-  # Decoding always uses einsum.
+  # Decoding uses einsum, or the cache-attention kernel where the decoding kernels run.
   c.model.attention = 'einsum'
   c.model.tie_embeddings = True
   c.model.rope_theta = 10000.0
@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 2048
   c.data.tokenizer = ''  # path of a tokenizer.json to use instead of training one.
   c.data.valid_fraction = 0.05  # share of files held out for validation (chosen by path hash).
-  c.data.cache_dir = ''  # where token arrays are cached; '' is WORKDIR/data.
+  c.data.cache_dir = ''  # where token arrays and trunk features are cached; '' is WORKDIR/data.
   # With a frozen pretrained trunk: train the heads on cached trunk features (its last hidden
   # state and top-k next-token distribution at every position), so the trunk runs once per
   # training token instead of once per step.
@@ -163,9 +163,9 @@ def get_config() -> ml_collections.ConfigDict:
   # XLA's own ops wherever they cannot run).
   c.decode.kernels = True
   # With the kernels, on a CPU with AMX (bfloat16 tiles): the trunk's matrices that the tile unit
-  # takes exactly are multiplied there, up to 16 rows for the cost of one: a GGUF file's Q4_1 and
-  # Q8_0 tensors as a float16 scale (and offset) per 32 entries times integers (half a byte an
-  # entry for Q4_1's, 1 for Q8_0's), other matrices whose entries are each the sum of two bfloat16
+  # takes exactly are multiplied there, up to 16 rows for the cost of one: a GGUF file's Q4_1,
+  # Q4_0, Q8_0 and Q5_0 tensors as a float16 scale (and offset) per 32 entries times integers
+  # (half a byte an entry for Q4_1's and Q4_0's, 1 for Q8_0's and Q5_0's), other matrices whose entries are each the sum of two bfloat16
   # numbers in those two (4 bytes). Every decoding step uses it, so verifying drafts stays exact.
   c.decode.tiles = True
   # Heads draft over the N most frequent tokens of their training data only (0: every token);

@@ -359,6 +359,26 @@ def parse_fraction(text: str) -> float:
   return theta
 
 
+def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candidate_depth,
+                   table, stop_below) -> tuple[list, list, list, list]:
+  """(tree widths, sparse tree sizes, candidate depths, stop thresholds) from --simulate's
+  flags as given (lists of strings), or ValueError naming the flag that is malformed, out of
+  range for heads of this depth, or given without --simulate."""
+  widths = [parse_tree(t, top, depth) for t in trees]
+  sizes = [parse_size(n) for n in sparse]
+  depths = [parse_size(n, '--candidate_depth') for n in candidate_depth]
+  if not depths or max(depths) > depth:
+    raise ValueError(f'--candidate_depth must be 1..mtp.depth={depth}, got '
+                     f'{",".join(candidate_depth)}')
+  stops = [parse_fraction(t) for t in stop_below]
+  given = {'--tree': widths, '--sparse': sizes, '--candidate_depth': candidate_depth != ['1'],
+           '--table': table, '--stop_below': stops}
+  for flag, value in given.items():
+    if value and not simulate:
+      raise ValueError(f'{flag} is replayed by --simulate: give both')
+  return widths, sizes, depths, stops
+
+
 def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
   """Greedy speculative decoding of seq[start:] replayed: each iteration accepts accept(j) <= S
   drafts for seq[j], .. (given seq[:j]) and commits them and the trunk's next token, stopping at
@@ -502,23 +522,10 @@ def main(argv):
       raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
     if _MISSES.value < 0:
       raise ConfigError(f'--misses must be >= 0, got {_MISSES.value}')
-    trees = [parse_tree(t, _TOP.value, config.mtp.depth) for t in _TREE.value]
-    if trees and not _SIMULATE.value:
-      raise ConfigError('--tree is replayed by --simulate: give both')
-    sparse = [parse_size(n) for n in _SPARSE.value]
-    depths = [parse_size(n, '--candidate_depth') for n in _DEPTHS.value]
-    if _DEPTHS.value != ['1'] and not _SIMULATE.value:
-      raise ConfigError('--candidate_depth is replayed by --simulate: give both')
-    if max(depths) > config.mtp.depth:
-      raise ConfigError(f'--candidate_depth must be 1..mtp.depth={config.mtp.depth}, got '
-                        f'{",".join(_DEPTHS.value)}')
-    if sparse and not _SIMULATE.value:
-      raise ConfigError('--sparse is replayed by --simulate: give both')
-    if _TABLE.value and not _SIMULATE.value:
-      raise ConfigError('--table is replayed by --simulate: give both')
-    stops = [parse_fraction(t) for t in _STOP_BELOW.value]
-    if stops and not _SIMULATE.value:
-      raise ConfigError('--stop_below is replayed by --simulate: give both')
+    trees, sparse, depths, stops = replay_options(
+        config.mtp.depth, simulate=_SIMULATE.value, top=_TOP.value, trees=_TREE.value,
+        sparse=_SPARSE.value, candidate_depth=_DEPTHS.value, table=_TABLE.value,
+        stop_below=_STOP_BELOW.value)
     table_splits = []
     for directory in _TABLE.value:
       found = features.load(directory)

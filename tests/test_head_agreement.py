@@ -285,17 +285,35 @@ def test_replay_counts_what_the_decoder_counts(tmp_path):
   assert replayed[('tree 3', 1)] == replayed[('candidates 3', 1)]
 
 
-def test_bad_trees_are_refused(tmp_path):
-  for args, words in ((['--simulate', '--top=2', '--tree=3,1'], '--tree must be'),
-                      (['--simulate', '--tree=1,x'], '--tree must be'),
-                      (['--tree=1'], '--tree is replayed by --simulate'),
-                      (['--simulate', '--sparse=4,0'], '--sparse must be'),
-                      (['--simulate', '--candidate_depth=0'], '--candidate_depth must be'),
-                      (['--candidate_depth=2'], '--candidate_depth is replayed by --simulate'),
+def test_bad_replay_flags_are_refused(tmp_path):
+  """Each malformed --simulate flag, or one given without --simulate, is a ValueError naming it
+  (checked here in-process); from the command line such an error is one line and exit 2 before
+  anything is written, as the three runs below check for each kind of check."""
+  def refused(words, depth=3, **flags):
+    given = dict(simulate=True, top=1, trees=[], sparse=[], candidate_depth=['1'], table=[],
+                 stop_below=[])
+    given.update(flags)
+    with pytest.raises(ValueError, match=words):
+      head_agreement.replay_options(depth, **given)
+
+  refused('--tree must be', top=2, trees=['3,1'])
+  refused('--tree must be', trees=['1,x'])
+  refused('--tree must be', depth=1, trees=['1,1'])
+  refused('--tree is replayed by --simulate', simulate=False, trees=['1'])
+  refused('--sparse must be', sparse=['4', '0'])
+  refused('--sparse is replayed by --simulate', simulate=False, sparse=['4'])
+  refused('--candidate_depth must be', candidate_depth=['0'])
+  refused('--candidate_depth must be', depth=2, candidate_depth=['3'])
+  refused('--candidate_depth must be', candidate_depth=[])
+  refused('--candidate_depth is replayed by --simulate', simulate=False, candidate_depth=['2'])
+  refused('--table is replayed by --simulate', simulate=False, table=[str(tmp_path)])
+  refused('--stop_below must be', stop_below=['0.2', '2'])
+  refused('--stop_below is replayed by --simulate', simulate=False, stop_below=['0.2'])
+  assert head_agreement.replay_options(
+      3, simulate=True, top=3, trees=['3,2'], sparse=['4'], candidate_depth=['1', '2'], table=[],
+      stop_below=['0', '0.3']) == ([(3, 2)], [4], [1, 2], [0.0, 0.3])
+  for args, words in ((['--simulate', '--tree=1,x'], '--tree must be'),
                       (['--sparse=4'], '--sparse is replayed by --simulate'),
-                      (['--table=' + str(tmp_path)], '--table is replayed by --simulate'),
-                      (['--stop_below=0.2'], '--stop_below is replayed by --simulate'),
-                      (['--simulate', '--stop_below=0.2,2'], '--stop_below must be'),
                       (['--simulate', '--table=' + str(tmp_path / 'none')],
                        f'--table: {tmp_path / "none"} is not a finished feature cache')):
     proc = run_script('experiments/head_agreement.py', *args, f'--workdir={tmp_path / "run"}')
