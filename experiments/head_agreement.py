@@ -397,19 +397,18 @@ def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
 def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_depths=(1,),
              table: dict | None = None, sure=None, stops=()) -> dict:
   """{(drafter, S): (tokens committed, iterations, accepted per position, positions a verify
-  forward takes with the pending token)} over every answer, for each of DRAFTERS and S = 1..depth,
-  for ('candidates K', S) with K = 2..the tops' width (and ('candidates K, depth C', S) for each
-  C > 1 in branch_depths up to S: decode.candidate_depth), for ('tree W1,W2,..', len(widths)) for
-  each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in `sparse` (its
-  nodes from the rank paths of every answer position of the prompts of the other parity), and
-  with a continuation `table` for each of TABLE_DRAFTERS and S = 1..depth; tops[i]
+  forward takes with the pending token)} over every answer, for each of DRAFTERS and
+  S = 1..depth, for ('candidates K', S) with K = 2..the tops' width (and ('candidates K, depth C', S)
+  for each C > 1 in branch_depths up to S: decode.candidate_depth), for ('tree W1,W2,..',
+  len(widths)) for each widths tuple in `trees`, and for ('sparse tree N', depth) for each N in
+  `sparse` (its nodes from the rank paths of every answer position of the prompts of the other
+  parity), and with a continuation `table` for each of TABLE_DRAFTERS and S = 1..depth; tops[i]
   are prompt i's heads' top tokens (greedy_agreement's tops_out). For each theta in `stops` and
-  S = 1..depth, (f'stop below {theta}', S) holds chains of at most S drafts cut by
-  confident_length from sure[i], prompt i's heads' probabilities of their tokens
-  (greedy_agreement's sure_out), with the mean positions verified and, fifth, drafts made per
-  iteration. Decoding commits an answer's
-  first token at prefill, then drafts from the pending token on: head k at position j - 2
-  drafts seq[j + k - 1]."""
+  S = 1..depth, (f'stop below {theta}', S) holds chains of at most S drafts cut by confident_length
+  from sure[i], prompt i's heads' probabilities of their tokens (greedy_agreement's sure_out),
+  with the mean positions verified and, fifth, drafts made per iteration. Decoding commits an
+  answer's first token at prefill, then drafts from the pending token on: head k at position
+  j - 2 drafts seq[j + k - 1]."""
   totals = {}
 
   def add(key, positions, got):  # a sparse tree may have fewer nodes in one half: the most
