@@ -4,6 +4,7 @@ Modes: train (default), eval, demo, generate, bench, export. Each hands the lock
 function of mtp_jax.run.
 """
 
+import functools
 import json
 import os
 
@@ -26,12 +27,14 @@ _EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float1
 
 
 def main(argv):
-  cli.start(argv)  # Orbax logs every save step at INFO
+  cli.start(argv, persist=False)  # Orbax logs every save step at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
-  from mtp_jax import run  # here, not above: --help and flag errors need no JAX
+  _check_before_jax(config)
+  from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
+  run.persist_compiled_programs()
   bad = [m for m in _MODE.value if m not in run.MODES]
   if bad or not _MODE.value:
     cli.fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}")
@@ -43,6 +46,21 @@ def main(argv):
       if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
   except run.USER_ERRORS as e:
+    cli.fail(e)
+
+
+def _check_before_jax(config) -> None:
+  """A config that names no model file is checked before JAX is imported (a few seconds), so
+  its bad fields are reported at once; one with model.init_from is checked when its file has
+  filled in the fields it defines, as is one that leaves those fields unset (that error too)."""
+  from mtp_jax import config as config_lib
+  from mtp_jax.pretrained import FILE_FIELDS
+  fields = [functools.reduce(getattr, f.split('.'), config) for f in FILE_FIELDS]
+  if config.model.init_from or None in fields:
+    return
+  try:
+    config_lib.validate(config)
+  except config_lib.ConfigError as e:
     cli.fail(e)
 
 

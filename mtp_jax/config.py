@@ -7,11 +7,11 @@ import dataclasses
 import math
 import os
 
-import jax.numpy as jnp
-
+# No JAX here: launch.py checks a config with this module before it imports JAX, so bad input is
+# reported in a second.
 KINDS = ('sequential', 'parallel', 'medusa')
 ATTENTION = ('einsum', 'fused')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = ('float32', 'bfloat16')
 HEAD_LOSSES = ('data', 'distill')
 
 
@@ -64,7 +64,8 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
-    return DTYPES[self.dtype]
+    import jax.numpy as jnp
+    return getattr(jnp, self.dtype)  # jnp.float32 or jnp.bfloat16
 
   @classmethod
   def from_config(cls, config) -> 'ModelConfig':
