@@ -165,8 +165,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With the kernels, on a CPU with AMX (bfloat16 tiles): the trunk's matrices that the tile unit
   # takes exactly are multiplied there, up to 16 rows for the cost of one: a GGUF file's Q4_1,
   # Q4_0, Q8_0 and Q5_0 tensors as a float16 scale (and offset) per 32 entries times integers
-  # (half a byte an entry for Q4_1's and Q4_0's, 1 for Q8_0's and Q5_0's), other matrices whose entries are each the sum of two bfloat16
-  # numbers in those two (4 bytes). Every decoding step uses it, so verifying drafts stays exact.
+  # (half a byte an entry for Q4_1's and Q4_0's, 1 for Q8_0's and Q5_0's), other matrices whose
+  # entries are each the sum of two bfloat16 numbers in those two (4 bytes). Every decoding step uses it, so verifying drafts stays exact.
   c.decode.tiles = True
   # Heads draft over the N most frequent tokens of their training data only (0: every token);
   # verification still uses the trunk's full distribution, so decoding stays exact.

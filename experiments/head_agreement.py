@@ -230,20 +230,38 @@ def continuation_table(splits, longest: int = TABLE_CONTEXT) -> dict:
   """{context: the trunk's next token after it}: for each feature-cache split (its tokens, row
   starts and the trunk's top next token at each position, top_ids[:, 0]) and every 1 to `longest`
   tokens ending a position within its row, the token the trunk most often put next there (the
-  first seen of a tie)."""
+  first seen of a tie). A row's last position is left out: a row the trunk wrote keeps no
+  distribution there (zeros, which training's loss leaves out too)."""
   import collections
   import numpy as np
   counts = collections.defaultdict(collections.Counter)
   for split in splits:
     tokens = np.asarray(split.tokens).tolist()
     nexts = np.asarray(split.top_ids[:, 0]).tolist()
-    starts = np.asarray(split.row_start)
+    starts = np.append(np.asarray(split.row_start), True)  # the split's end closes its last row
     row = 0
     for i, token in enumerate(nexts):
       row = i if starts[i] else row
+      if starts[i + 1]:
+        continue
       for n in range(1, min(longest, i - row + 1) + 1):
         counts[tuple(tokens[i - n + 1:i + 1])][token] += 1
   return {context: c.most_common(1)[0][0] for context, c in counts.items()}
+
+
+def table_sources(directories) -> list:
+  """The training splits of these feature caches, for continuation_table; ValueError naming
+  one that is not a finished cache or keeps no trunk tokens."""
+  from mtp_jax import features
+  splits = []
+  for directory in directories:
+    found = features.load(directory)
+    if found is None:
+      raise ValueError(f'--table: {directory} is not a finished feature cache')
+    if found['train'].top_ids is None:
+      raise ValueError(f'--table: {directory} keeps no trunk tokens (top_ids)')
+    splits.append(found['train'])
+  return splits
 
 
 def table_drafts(table: dict, seq: list, j: int, S: int, longest: int = TABLE_CONTEXT) -> list:
@@ -361,8 +379,8 @@ def parse_fraction(text: str) -> float:
 
 def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candidate_depth,
                    table, stop_below) -> tuple[list, list, list, list]:
-  """(tree widths, sparse tree sizes, candidate depths, stop thresholds) from --simulate's
-  flags as given (lists of strings), or ValueError naming the flag that is malformed, out of
+  """(tree widths, sparse tree sizes, candidate depths, stop thresholds: each once, in
+  order) from --simulate's flags as given (lists of strings), or ValueError naming the flag that is malformed, out of
   range for heads of this depth, or given without --simulate."""
   widths = [parse_tree(t, top, depth) for t in trees]
   sizes = [parse_size(n) for n in sparse]
@@ -370,7 +388,7 @@ def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candi
   if not depths or max(depths) > depth:
     raise ValueError(f'--candidate_depth must be 1..mtp.depth={depth}, got '
                      f'{",".join(candidate_depth)}')
-  stops = [parse_fraction(t) for t in stop_below]
+  stops = sorted({parse_fraction(t) for t in stop_below})
   given = {'--tree': widths, '--sparse': sizes, '--candidate_depth': candidate_depth != ['1'],
            '--table': table, '--stop_below': stops}
   for flag, value in given.items():
@@ -404,9 +422,12 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
   `sparse` (its nodes from the rank paths of every answer position of the prompts of the other
   parity), and with a continuation `table` for each of TABLE_DRAFTERS and S = 1..depth; tops[i]
   are prompt i's heads' top tokens (greedy_agreement's tops_out). For each theta in `stops` and
-  S = 1..depth, (f'stop below {theta}', S) holds chains of at most S drafts cut by confident_length
-  from sure[i], prompt i's heads' probabilities of their tokens (greedy_agreement's sure_out),
-  with the mean positions verified and, fifth, drafts made per iteration. Decoding commits an
+  S = 1..depth, (f'stop below {theta:g}', S) holds chains of at most S drafts cut by
+  confident_length from sure[i], prompt i's heads' teacher-forced probabilities of their tokens
+  (greedy_agreement's sure_out), with the mean positions verified and, fifth, drafts made per
+  iteration: tau and acceptance are exact, those means approximate (after a wrong draft the
+  decoder's next head reads that draft, not the true token, and gives another probability;
+  what it accepts is the same). Decoding commits an
   answer's first token at prefill, then drafts from the pending token on: head k at position
   j - 2 drafts seq[j + k - 1]."""
   totals = {}
@@ -466,7 +487,7 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
       add_tree(f'sparse tree {n}', depth, sparse_tree(others, n))
   for key, value in totals.items():
     if key[0].startswith('stop below'):
-      totals[key] = value[:3] + (value[3] / value[1], value[4] / value[1])
+      totals[key] = value[:3] + (value[3] / max(value[1], 1), value[4] / max(value[1], 1))
   return totals
 
 
@@ -525,14 +546,7 @@ def main(argv):
         config.mtp.depth, simulate=_SIMULATE.value, top=_TOP.value, trees=_TREE.value,
         sparse=_SPARSE.value, candidate_depth=_DEPTHS.value, table=_TABLE.value,
         stop_below=_STOP_BELOW.value)
-    table_splits = []
-    for directory in _TABLE.value:
-      found = features.load(directory)
-      if found is None:
-        raise ValueError(f'--table: {directory} is not a finished feature cache')
-      if found['train'].top_ids is None:
-        raise ValueError(f'--table: {directory} keeps no trunk tokens (top_ids)')
-      table_splits.append(found['train'])
+    table_splits = table_sources(_TABLE.value)
     if _BY_CONFIDENCE.value + _BY_HEAD_CONFIDENCE.value + (_ANSWER_SPLIT.value > 0) > 1:
       raise ConfigError('--by_confidence, --by_head_confidence and --answer_split split the same '
                         'positions in different ways: give one')
@@ -603,6 +617,7 @@ def main(argv):
                 else f'{positions} verify positions')
       print(f'  S = {S}, {name} ({counts}): tau {rates["tau"]:.3f}, '
             f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
+      # A cut chain's verify positions and drafts are means per iteration; others', counts.
       replayed.append({'drafter': name, 'draft_len': S, 'verify_positions': positions,
                        **({'drafts_made': made[0]} if made else {}), **rates})
   if _JSON.value:

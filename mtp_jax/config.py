@@ -65,6 +65,8 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     import jax.numpy as jnp
+    if self.dtype not in DTYPES:
+      raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
     return getattr(jnp, self.dtype)  # jnp.float32 or jnp.bfloat16
 
   @classmethod

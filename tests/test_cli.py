@@ -146,6 +146,21 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   assert os.listdir(damaged) == ['config.json']
 
 
+def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_path):
+  """launch.py reports a bad field of a config that names no model file before it imports JAX:
+  with a `jax` that cannot be imported first on the path, the field's error is still its one
+  line, while a mistake only found after JAX's import (--mode) meets the broken import."""
+  fake = tmp_path / 'nojax' / 'jax'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text("raise ImportError('jax imported')\n")
+  path = str(tmp_path / 'nojax')
+  assert_user_error(launch(tmp_path / 'a', {'mtp.depth': -1}, PYTHONPATH=path),
+                    'mtp.depth must be an integer >= 0, got -1')
+  proc = launch(tmp_path / 'b', flags=['--mode=nope'], PYTHONPATH=path)
+  assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ['nojax']
+
+
 def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
   """The training-time decode's prompts are checked when training starts, not at the first
   evaluation, where the error would also cost that step's checkpoint."""

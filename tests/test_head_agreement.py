@@ -172,58 +172,74 @@ def test_copy_drafts_and_replay_by_hand():
   assert head_agreement.sparse_tree(paths, 9) == {(0,), (0, 1), (1,), (0, 1, 2)}
 
 
-def test_continuation_table_and_its_drafts_by_hand():
+def test_continuation_table_and_its_drafts_by_hand(tmp_path):
   """The table keys every 1 to 3 tokens ending a position within its row (never across a row
-  start) with the trunk's commonest next token there, and drafts from the longest context it
-  holds; replayed beside the heads, 'either (table)' takes whichever is accepted further."""
-  # Two rows: 1 2 3 | 2 3 4 5; the trunk's top next token at each position.
-  split = feat_lib.Split(tokens=np.array([1, 2, 3, 2, 3, 4, 5], np.int32),
-                         row_start=np.array([1, 0, 0, 1, 0, 0, 0], bool),
-                         top_ids=np.array([[2], [3], [9], [3], [4], [5], [6]], np.int32))
+  start, never a row's last position, where the trunk kept no distribution) with the trunk's
+  commonest next token there, and drafts from the longest context it holds; replayed beside the
+  heads, 'either (table)' takes whichever is accepted further at each iteration."""
+  # Two rows: 1 2 3 7 | 2 3 4 5 6; the trunk's top next token at each position (0 at row ends).
+  split = feat_lib.Split(tokens=np.array([1, 2, 3, 7, 2, 3, 4, 5, 6], np.int32),
+                         row_start=np.array([1, 0, 0, 0, 1, 0, 0, 0, 0], bool),
+                         top_ids=np.array([[2], [3], [9], [0], [3], [4], [5], [6], [0]], np.int32))
   table = head_agreement.continuation_table([split])
   assert table[(1,)] == 2 and table[(1, 2)] == 3 and table[(1, 2, 3)] == 9
   assert table[(3,)] == 9 and table[(2, 3)] == 9  # a tie (9, then 4): the first seen
-  assert table[(2, 3, 4)] == 5 and table[(4, 5)] == 6
-  assert (3, 2) not in table and (3, 2, 3) not in table  # across the row start
+  assert table[(2, 3, 4)] == 5 and table[(4, 5)] == 6 and table[(2,)] == 3
+  assert not {(7,), (3, 7), (6,), (5, 6), (4, 5, 6)} & set(table)  # rows' last positions
+  assert (7, 2) not in table and (3, 7, 2) not in table  # across the row start
   # Drafts: after ..1 2 3 the 3-token context gives 9, then 9 alone is unknown: one draft.
-  assert head_agreement.table_drafts(table, [7, 1, 2, 3], 4, 3) == [9]
-  # After ..8 2 3 4 the longest known context is 2 3 4 -> 5, then 3 4 5 is unknown, 4 5 -> 6.
+  assert head_agreement.table_drafts(table, [8, 1, 2, 3], 4, 3) == [9]
+  # After ..8 2 3 4: 2 3 4 -> 5, then 3 4 5 -> 6.
   assert head_agreement.table_drafts(table, [8, 2, 3, 4], 4, 2) == [5, 6]
   assert head_agreement.table_drafts(table, [8, 7], 2, 2) == []
-  # Replayed: the answer 4 5 6 7 after 2 3; the heads always draft 0.
+  # Replayed: the answer 4 5 6 7 after 2 3. Decoding commits 4 at prefill, then drafts from
+  # j = 3: the table's 5 (after 2 3 4) is accepted and 6 commits with it; from j = 5 it knows no
+  # context. The heads draft 7 at j = 5 (right) and 0 elsewhere.
   prompts, answers = [[2, 3]], [[4, 5, 6, 7]]
-  tops = [[np.zeros((6, 1), np.int32)]]
+  tops = [[np.array([[0], [0], [0], [7], [0], [0]], np.int32)]]
   replayed = head_agreement.simulate(prompts, answers, tops, 1, table=table)
-  assert replayed[('heads', 1)][2] == [0]
-  # Decoding commits 4 at prefill, then drafts from j = 3 (5 after 2 3 4: accepted; 6 commits
-  # with it), then from j = 5 (after 4 5 6 the table knows no context: no draft, 7 commits).
   assert replayed[('table', 1)][:3] == (3, 2, [1])
-  assert replayed[('either (table)', 1)] == replayed[('table', 1)]
+  assert replayed[('heads', 1)][:3] == (3, 3, [1])  # 5, then 6, then 7 with its draft
+  assert replayed[('either (table)', 1)][:3] == (3, 2, [2])  # the table at j = 3, heads at 5
   assert ('table', 1) not in head_agreement.simulate(prompts, answers, tops, 1)
+  # The caches a table is built from: finished, and holding the trunk's tokens.
+  with pytest.raises(ValueError, match='is not a finished feature cache'):
+    head_agreement.table_sources([str(tmp_path / 'none')])
+  builder = feat_lib.Builder(str(tmp_path / 'tokens'), {'test': 0}, features=False)
+  builder.add(0, [{'tokens': np.arange(4)}, {'tokens': np.arange(3)}], [False, True], 0.0)
+  builder.finish()
+  with pytest.raises(ValueError, match=r'keeps no trunk tokens \(top_ids\)'):
+    head_agreement.table_sources([str(tmp_path / 'tokens')])
 
 
 def test_drafting_stops_where_the_heads_are_unsure():
   """A chain cut by the heads' confidence makes the draft whose product of probabilities falls
   below theta but verifies only those before it; replayed, a theta of 0 is the fixed chain, and
-  the means count the pending token among the positions verified."""
+  the means are over every iteration of every answer, counting the pending token among the
+  positions verified."""
   length = head_agreement.confident_length
   assert length([0.9, 0.5, 0.9], 0.0) == (3, 3)
   assert length([0.9, 0.5, 0.9], 0.4) == (3, 3)  # 0.9, 0.45, 0.405
   assert length([0.9, 0.5, 0.9], 0.42) == (3, 2)
   assert length([0.9, 0.5, 0.9], 0.5) == (2, 1)
   assert length([0.3, 0.9], 0.5) == (1, 0)
-  # The answer 4 5 6 7 after 2 3; both heads draft the true tokens, head 1 sure, head 2 not.
-  prompts, answers = [[2, 3]], [[4, 5, 6, 7]]
+  # Two prompts with the answer 4 5 .. 10 after 2 3; both heads draft the true tokens. Head k at
+  # position j - 2 drafts token j + k - 1, with its probability at index j - 2.
+  prompts, answers = [[2, 3], [2, 3]], [[4, 5, 6, 7, 8, 9, 10]] * 2
   seq = prompts[0] + answers[0]
   nxt = lambda k: np.array([[seq[i + k + 1] if i + k + 1 < len(seq) else 0]  # noqa: E731
                             for i in range(len(seq))], np.int32)
-  tops = [[nxt(1), nxt(2)]]
-  sure = [[np.full(len(seq), 0.9), np.full(len(seq), 0.2)]]
+  tops = [[nxt(1), nxt(2)]] * 2
+  first = [np.array([.5, .9, .5, .3, .9, .5, .5, .5, .5]),
+           np.array([.5, .4, .5, .5, .9, .5, .5, .5, .5])]
+  sure = [first, [np.full(len(seq), 0.9)] * 2]
   replayed = head_agreement.simulate(prompts, answers, tops, 2, sure=sure, stops=[0.0, 0.5])
   assert replayed[('stop below 0', 2)] == replayed[('heads', 2)][:3] + (3.0, 2.0)
-  # theta 0.5: draft 1 (0.9) is verified, draft 2 (0.18) made but not: from j = 3, 5 is
-  # accepted and 6 commits with it; from j = 5, 7 is accepted and the answer ends.
-  assert replayed[('stop below 0.5', 2)] == (3, 2, [2, 0], 2.0, 2.0)
+  # theta 0.5, prompt 0: from j = 3, 0.9 x 0.4 < 0.5: two drafts made, one verified and accepted
+  # (5; 6 commits with it); from j = 5, 0.3: one made, none verified (7 commits); from j = 6,
+  # 0.81: both verified and accepted (8, 9; 10 commits). Prompt 1 (0.81 everywhere): j = 3
+  # and j = 6, two drafts each, all accepted. Means: 12 positions and 9 drafts, 5 iterations.
+  assert replayed[('stop below 0.5', 2)] == (12, 5, [4, 3], 12 / 5, 9 / 5)
   assert replayed[('stop below 0', 1)][:3] == replayed[('heads', 1)][:3]
 
 
