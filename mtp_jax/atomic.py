@@ -23,28 +23,17 @@ _MODE = 0o666 & ~_umask()
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """The file gets the mode a plain open() would give it (mkstemp's own is 0600)."""
-  folder = os.path.dirname(path) or '.'
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      os.fchmod(f.fileno(), _MODE)
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync(folder)  # the rename itself
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """`data` as the file `path`, whole or not at all (replacing)."""
+  with replacing(path) as tmp, open(tmp, 'wb') as f:
+    f.write(data)
 
 
 @contextlib.contextmanager
 def replacing(path: str):
-  """For a writer that takes a file name (gguf's, say): yields a temporary path beside `path`,
-  renamed over it, flushed, when the block ends; removed if the block fails."""
+  """Yields a temporary path beside `path` for the block to write (write_bytes, or a writer that
+  takes a file name: gguf's); when the block ends it is flushed, given the mode a plain open()
+  would give a new file (mkstemp's own is 0600) and renamed over `path`; if the block fails it is
+  removed."""
   folder = os.path.dirname(path) or '.'
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
