@@ -4,7 +4,6 @@ Modes: train (default), eval, demo, generate, bench, export. Each hands the lock
 function of mtp_jax.run.
 """
 
-import functools
 import json
 import os
 
@@ -54,9 +53,8 @@ def _check_before_jax(config) -> None:
   its bad fields are reported at once; one with model.init_from is checked when its file has
   filled in the fields it defines, as is one that leaves those fields unset (that error too)."""
   from mtp_jax import config as config_lib
-  from mtp_jax.pretrained import FILE_FIELDS
-  fields = [functools.reduce(getattr, f.split('.'), config) for f in FILE_FIELDS]
-  if config.model.init_from or None in fields:
+  from mtp_jax import pretrained
+  if config.model.init_from or pretrained.unset_fields(config):
     return
   try:
     config_lib.validate(config)

@@ -10,3 +10,14 @@ This file stays free of heavy imports: configs/base.py reads FILE_FIELDS at conf
 FILE_FIELDS = {'model.d_model': int, 'model.num_layers': int, 'model.num_heads': int,
                'model.num_kv_heads': int, 'model.mlp_dim': int, 'model.rope_theta': float,
                'model.norm_eps': float, 'model.tie_embeddings': bool, 'data.vocab_size': int}
+
+
+def field(config, name: str):
+  """The value in `config` of one of FILE_FIELDS ('section.key')."""
+  section, key = name.split('.')
+  return config[section][key]
+
+
+def unset_fields(config) -> list[str]:
+  """The FILE_FIELDS `config` leaves unset (None), for a model file to fill in."""
+  return [name for name in FILE_FIELDS if field(config, name) is None]

@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mtp_jax.pretrained import fetch as fetch_lib, gguf_file, heads_file, hf, llama
-from mtp_jax.pretrained import FILE_FIELDS
+from mtp_jax.pretrained import FILE_FIELDS, field, unset_fields
 from mtp_jax.pretrained.base import Pretrained, PretrainedError
 
 HEAD_INITS = ('', 'last_block')  # or a heads file
@@ -57,35 +57,31 @@ def resolve_config(config):
   PretrainedError naming a field the config sets to something else, or placeholders left with
   no file to fill them."""
   source = config.model.init_from
-  unset = [f for f in FILE_FIELDS if _get(config, f) is None]
+  unset = unset_fields(config)
   if not source:
     if unset:
       raise PretrainedError(f'{unset[0]} is unset, which only a config with model.init_from '
                             'may leave (the file then defines it)')
     return config
   p = open_model(source)
-  name = os.path.basename(p.path)
+  file_name = os.path.basename(p.path)
   resolved = config.copy_and_resolve_references()
-  for field, kind in FILE_FIELDS.items():
-    have, want = _get(config, field), kind(p.fields[field])
+  for name, kind in FILE_FIELDS.items():
+    have, want = field(config, name), kind(p.fields[name])
     if have is None:
-      section, key = field.split('.')
+      section, key = name.split('.')
       resolved[section][key] = want
     elif not _same(kind(have), want):
-      raise PretrainedError(f'{field}={have} contradicts {name}, which has {want}; leave it unset '
-                            '(configs from base.pretrained take every model field from the file)')
+      raise PretrainedError(f'{name}={have} contradicts {file_name}, which has {want}; leave it '
+                            'unset (configs from base.pretrained take every model field from the '
+                            'file)')
   if p.context_length and config.model.max_seq_len > p.context_length:
     raise PretrainedError(f'model.max_seq_len={config.model.max_seq_len} exceeds the '
-                          f'{p.context_length} positions {name} was trained for')
+                          f'{p.context_length} positions {file_name} was trained for')
   if config.data.tokenizer:
     raise PretrainedError('data.tokenizer: the tokenizer comes with model.init_from; leave it '
                           'empty')
   return resolved
-
-
-def _get(config, field: str):
-  section, key = field.split('.')
-  return config[section][key]
 
 
 def trunk_params(source: str) -> dict:
