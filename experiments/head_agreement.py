@@ -22,7 +22,9 @@ table's and the heads' drafts is accepted further. With --stop_below THETA,.. al
 length each iteration sets: drafting stops at the first draft where the product of the heads'
 probabilities of their own tokens falls below THETA (as EAGLE-2 grows its trees by confidence),
 that draft made but not verified; it prints the mean drafts made and positions verified per
-iteration, which decode_profile.py's times of a draft and a verify position turn into a speed.
+iteration. With --price AR,DRAFT,POSITION (decode_profile.py's times of an `ar` iteration, a
+draft and a verify position past the first) it prices the heads' fixed and cut chains as a
+speedup over `ar`.
 With --top K it also replays decode.candidates = 2..K (the first head's runner-up tokens verified
 beside the chain), each --tree W1,W2,.. a full token tree: W1 first drafts, under each of them
 W2 second drafts, and so on (a draft tree's node is accepted when it is the trunk's token, and
@@ -33,7 +35,7 @@ Medusa builds its tree: chosen on one half of the prompts and replayed on the ot
 Run: python experiments/head_agreement.py --config configs/smollm2.py --workdir runs/smollm2 \
        [--cache runs/cache/features/HASH] [--by_confidence | --by_head_confidence |
        --answer_split N] [--top K] [--misses N] [--simulate [--tree W1,W2,..]... [--sparse N,..]
-       [--table CACHE,..] [--stop_below THETA,..]]
+       [--table CACHE,..] [--stop_below THETA,..] [--price AR,DRAFT,POSITION]]
 Prints, per depth k, the share of positions where head k's top token (over the draft vocabulary,
 decode.draft_vocab) is the trunk's next token k + 1 ahead, and how many positions were counted.
 Depth k reads the tokens before its target, so this is the acceptance of each head on its own;
@@ -58,7 +60,7 @@ def define_flags():
   """The command line's flags, defined only when run as a script (tests import this module
   beside other scripts that define flags of the same names)."""
   global _CONFIG, _WORKDIR, _CACHE, _TOP, _JSON, _BY_CONFIDENCE, _BY_HEAD_CONFIDENCE, _MISSES
-  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT, _TABLE, _STOP_BELOW
+  global _SIMULATE, _TREE, _SPARSE, _DEPTHS, _ANSWER_SPLIT, _TABLE, _STOP_BELOW, _PRICE
   _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py',
                                             'Path to a config file.', lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2',
@@ -99,6 +101,10 @@ def define_flags():
   _STOP_BELOW = flags.DEFINE_list(
       'stop_below', [], 'With --simulate: also replay, per THETA in [0, 1], chains that stop '
       'drafting where the product of the heads\' probabilities of their tokens falls below it.')
+  _PRICE = flags.DEFINE_list(
+      'price', [], 'AR,DRAFT,POSITION: with --simulate, also price the heads\' chains (fixed and '
+      'cut) by these times of an ar iteration, a draft and a verify position past the first '
+      '(decode_profile.py\'s), as a speedup over ar.')
 
 
 CONFIDENCE = (0.3, 0.5, 0.7, 0.9)  # bucket edges of a probability (the trunk's or a head's)
@@ -380,8 +386,8 @@ def parse_fraction(text: str) -> float:
 def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candidate_depth,
                    table, stop_below) -> tuple[list, list, list, list]:
   """(tree widths, sparse tree sizes, candidate depths, stop thresholds: each once, in
-  order) from --simulate's flags as given (lists of strings), or ValueError naming the flag that is malformed, out of
-  range for heads of this depth, or given without --simulate."""
+  order) from --simulate's flags as given (lists of strings), or ValueError naming the flag
+  that is malformed, out of range for heads of this depth, or given without --simulate."""
   widths = [parse_tree(t, top, depth) for t in trees]
   sizes = [parse_size(n) for n in sparse]
   depths = [parse_size(n, '--candidate_depth') for n in candidate_depth]
@@ -395,6 +401,33 @@ def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candi
     if value and not simulate:
       raise ValueError(f'{flag} is replayed by --simulate: give both')
   return widths, sizes, depths, stops
+
+
+def parse_costs(values, simulate: bool) -> tuple[float, float, float] | None:
+  """--price's three times (an `ar` iteration, a draft, a verify position past the first), or
+  None when it is not given; ValueError when they are not three positive numbers, or are given
+  without --simulate."""
+  if not values:
+    return None
+  if not simulate:
+    raise ValueError('--price is replayed by --simulate: give both')
+  try:
+    costs = tuple(float(v) for v in values)
+  except ValueError:
+    costs = ()
+  if len(costs) != 3 or not all(c > 0 for c in costs):
+    raise ValueError(f"--price must be three times 'AR,DRAFT,POSITION', each > 0, got "
+                     f"'{','.join(values)}'")
+  return costs
+
+
+def priced_speedup(tau: float, drafts: float, positions: float, costs) -> float:
+  """A chain's speed over `ar` when its iterations make `drafts` drafts and verify `positions`
+  positions (means) and commit tau tokens, at costs = (an `ar` iteration, a draft, a verify
+  position past the first) in one unit: tau x ar / (ar + draft x drafts + position x
+  (positions - 1))."""
+  ar, draft, position = costs
+  return tau * ar / (ar + draft * drafts + position * (positions - 1))
 
 
 def replay(seq: list, start: int, S: int, accept) -> tuple[int, int, list]:
@@ -430,7 +463,7 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
   what it accepts is the same). Decoding commits an
   answer's first token at prefill, then drafts from the pending token on: head k at position
   j - 2 drafts seq[j + k - 1]."""
-  totals = {}
+  totals, cut = {}, {}  # cut: the cut chains' sums, made means per iteration at the end
 
   def add(key, positions, got):  # a sparse tree may have fewer nodes in one half: the most
     e, f, acc, most = totals.get(key, (0, 0, [0] * len(got[2]), positions))
@@ -468,26 +501,27 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
           add_tree(f'candidates {K}' + (f', depth {C}' if C > 1 else ''), S,
                    candidate_tree(S, K, C))
       for theta in stops:
-        made = [0, 0]
+        key = (f'stop below {theta:g}', S)
+        totals.setdefault(key, None)  # its place among the rows
+        sums = cut.setdefault(key, [0, 0, [0] * S, 0, 0])
 
-        def confident(j, S=S, theta=theta, made=made):
-          count, verified = confident_length([float(p[j - 2]) for p in sure[i][:S]], theta)
-          made[0], made[1] = made[0] + count, made[1] + verified
+        def confident(j, S=S, theta=theta, sums=sums):
+          made, verified = confident_length([float(p[j - 2]) for p in sure[i][:S]], theta)
+          sums[3] += 1 + verified  # the pending token and the drafts verified
+          sums[4] += made
           return accepted_run(seq, j, [int(t[j - 2, 0]) for t in top[:verified]])
 
-        e, f, acc = replay(seq, start, S, confident)
-        key = (f'stop below {theta:g}', S)
-        old = totals.get(key, (0, 0, [0] * S, 0, 0))
-        totals[key] = (old[0] + e, old[1] + f, [x + y for x, y in zip(old[2], acc)],
-                       old[3] + f + made[1], old[4] + made[0])  # sums; means below
+        emitted, forwards, accepted = replay(seq, start, S, confident)
+        sums[:3] = [sums[0] + emitted, sums[1] + forwards,
+                    [x + y for x, y in zip(sums[2], accepted)]]
     for widths in trees:
       add_tree(f'tree {",".join(map(str, widths))}', len(widths), full_tree(widths))
     others = [path for q in range(len(seqs)) if q % 2 != i % 2 for path in paths[q]]
     for n in sparse:
       add_tree(f'sparse tree {n}', depth, sparse_tree(others, n))
-  for key, value in totals.items():
-    if key[0].startswith('stop below'):
-      totals[key] = value[:3] + (value[3] / max(value[1], 1), value[4] / max(value[1], 1))
+  for key, (emitted, forwards, accepted, positions, made) in cut.items():
+    totals[key] = (emitted, forwards, accepted, positions / max(forwards, 1),
+                   made / max(forwards, 1))
   return totals
 
 
@@ -547,6 +581,7 @@ def main(argv):
         sparse=_SPARSE.value, candidate_depth=_DEPTHS.value, table=_TABLE.value,
         stop_below=_STOP_BELOW.value)
     table_splits = table_sources(_TABLE.value)
+    costs = parse_costs(_PRICE.value, _SIMULATE.value)
     if _BY_CONFIDENCE.value + _BY_HEAD_CONFIDENCE.value + (_ANSWER_SPLIT.value > 0) > 1:
       raise ConfigError('--by_confidence, --by_head_confidence and --answer_split split the same '
                         'positions in different ways: give one')
@@ -615,11 +650,16 @@ def main(argv):
       rates = dec.rates(emitted, forwards, accepted)
       counts = (f'{positions:.3f} verify positions and {made[0]:.3f} drafts an iteration' if made
                 else f'{positions} verify positions')
+      # The heads' chains are priced: fixed (S drafts) and cut (their means).
+      priced = (priced_speedup(rates['tau'], made[0] if made else S, positions, costs)
+                if costs and (made or name == 'heads') else None)
       print(f'  S = {S}, {name} ({counts}): tau {rates["tau"]:.3f}, '
-            f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}')
+            f'acceptance {" / ".join(f"{r:.3f}" for r in rates["acceptance_per_position"])}'
+            + (f', priced {priced:.3f}x ar' if priced else ''))
       # A cut chain's verify positions and drafts are means per iteration; others', counts.
       replayed.append({'drafter': name, 'draft_len': S, 'verify_positions': positions,
-                       **({'drafts_made': made[0]} if made else {}), **rates})
+                       **({'drafts_made': made[0]} if made else {}),
+                       **({'priced_speedup': priced} if priced else {}), **rates})
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'machine': measure.machine(), 'rows': out, 'replayed': replayed}, f, indent=2)

@@ -241,6 +241,16 @@ def test_drafting_stops_where_the_heads_are_unsure():
   # and j = 6, two drafts each, all accepted. Means: 12 positions and 9 drafts, 5 iterations.
   assert replayed[('stop below 0.5', 2)] == (12, 5, [4, 3], 12 / 5, 9 / 5)
   assert replayed[('stop below 0', 1)][:3] == replayed[('heads', 1)][:3]
+  # Priced: tau 12 / 5 at 2 + 1.8 x 0.5 + 1.4 x 0.25 against an ar iteration of 2.
+  assert head_agreement.priced_speedup(12 / 5, 9 / 5, 12 / 5, (2.0, 0.5, 0.25)) == (
+      pytest.approx(12 / 5 * 2 / (2 + 0.9 + 0.35)))
+  assert head_agreement.parse_costs([], False) is None
+  assert head_agreement.parse_costs(['5.7', '0.47', '0.69'], True) == (5.7, 0.47, 0.69)
+  for bad in (['5.7', '0.47'], ['5.7', 'x', '0.69'], ['5.7', '0', '0.69']):
+    with pytest.raises(ValueError, match='--price must be three times'):
+      head_agreement.parse_costs(bad, True)
+  with pytest.raises(ValueError, match='--price is replayed by --simulate'):
+    head_agreement.parse_costs(['5.7', '0.47', '0.69'], False)
 
 
 def test_sparse_trees_are_chosen_on_the_other_prompts():
