@@ -308,7 +308,6 @@ def main(argv):
     with sharding.active(mesh):  # on the config's mesh, as launch.py's decoding modes run
       per_iter, iterations, taus, traced = loop_costs(model, params, prompts[:B], D,
                                                       _ROUNDS.value, base, _BREAKDOWN.value)
-      loop_kinds = {S: ms for S, (ms, _) in traced.items()} if traced else None
       trunks = trunk_loops(model, prepared, B, D, prompt_len, cache_len, _CALLS.value, more)
       parts = component_costs(model, prepared, trunks, B, D, prompt_len, cache_len, _CALLS.value,
                               _ROUNDS.value)
@@ -324,11 +323,11 @@ def main(argv):
     if breakdown:
       result['batches'][-1]['breakdown'] = [{'positions': T, 'ms_per_call': kinds}
                                             for T, kinds in breakdown.items()]
-    if loop_kinds:
-      result['batches'][-1]['loop_breakdown'] = [
-          {'S': S, 'ms_per_iteration': kinds, 'runs_per_iteration': runs,
-           'untraced_ms': per_iter[S] * 1e3 - sum(kinds.values())}
-          for S, (kinds, runs) in traced.items()]
+    loop_rows = [{'S': S, 'ms_per_iteration': kinds, 'runs_per_iteration': runs,
+                  'untraced_ms': per_iter[S] * 1e3 - sum(kinds.values())}
+                 for S, (kinds, runs) in (traced or {}).items()]
+    if loop_rows:
+      result['batches'][-1]['loop_breakdown'] = loop_rows
     print(f'\nbatch {B}: per loop iteration')
     print(f"{'method':6} {'S':>2} {'iterations':>10} {'ms/iter':>9} {'r = t/t(ar)':>11} "
           f"{'tau':>5} {'tau / r':>7} {'speedup':>7}")
@@ -352,16 +351,15 @@ def main(argv):
         a, b = ((sum(first.values()), sum(last.values())) if kind == 'all' else
                 (first[kind], last[kind]))
         print(f'  {kind:30} {a:12.3f} {b:12.3f} {b - a:+8.3f}')
-    if loop_kinds:
+    if loop_rows:
       print(f'batch {B}: a loop iteration by kind of operation (traced: the operations inside '
             f'the loop, ms per iteration; + S: beyond ar\'s)')
-      head = ' '.join(f"{'ar' if S == 0 else f'S = {S}':>9} {'+ S' if S else '':>7}"
-                      for S in loop_kinds)
+      labels = ['ar' if r['S'] == 0 else f"S = {r['S']}" for r in loop_rows]
+      head = ' '.join(f"{label:>9} {'' if i == 0 else '+ S':>7}" for i, label in enumerate(labels))
       print(f"  {'kind':30} {head}")
-      rows = [(kind, [kinds[kind] for kinds in loop_kinds.values()]) for kind in KINDS]
-      rows.append(('all traced', [sum(kinds.values()) for kinds in loop_kinds.values()]))
-      rows.append(('untraced (loop time - traced)',
-                   [per_iter[S] * 1e3 - sum(kinds.values()) for S, kinds in loop_kinds.items()]))
+      rows = [(kind, [r['ms_per_iteration'][kind] for r in loop_rows]) for kind in KINDS]
+      rows.append(('all traced', [sum(r['ms_per_iteration'].values()) for r in loop_rows]))
+      rows.append(('untraced (loop time - traced)', [r['untraced_ms'] for r in loop_rows]))
       rows.append(('loop time (part 1)', [t * 1e3 for t in per_iter]))
       for kind, ms in rows:
         cells = ' '.join(f'{v:9.3f} {"" if S == 0 else f"{v - ms[0]:+7.3f}":>7}'

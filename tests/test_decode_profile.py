@@ -1,7 +1,7 @@
 """experiments/decode_profile.py on random tiny weights, read from its JSON: every method's loop
 row with the iteration count the decoder really ran, one timing per model call of an iteration,
-and the traced breakdowns by kind of operation of a trunk call and of each loop's iteration. Timings themselves are not
-asserted (a busy machine makes them noisy)."""
+and the traced breakdowns by kind of operation of a trunk call and of each loop's iteration.
+Timings themselves are not asserted (a busy machine makes them noisy)."""
 
 import json
 

@@ -199,8 +199,8 @@ def rewritten(source: str, qtype: gguf.GGMLQuantizationType) -> str:
   and with the same metadata (but the file type): with F32 every tensor dequantized; with a
   quantized type each quantized matrix dequantized and quantized again to it by gguf's own
   quantizer (the other tensors dequantized to float32), so the file holds that type's rounding
-  of the source's weights. Written once beside it (NAME.TYPE.gguf, whole or not at all:
-atomic.replacing)."""
+  of the source's weights. Written once beside it (NAME.TYPE.gguf), whole or not at all
+  (atomic.replacing)."""
   if qtype not in FILE_TYPES:
     raise PretrainedError(f'cannot rewrite a GGUF file as {qtype.name} (one of '
                           f'{", ".join(t.name for t in FILE_TYPES)})')
