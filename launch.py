@@ -31,14 +31,11 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
+  cli.check_modes_and_workdir(_MODE.value, workdir)
   _check_before_jax(config)
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()
-  bad = [m for m in _MODE.value if m not in run.MODES]
-  if bad or not _MODE.value:
-    cli.fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(run.MODES)}")
   try:
-    run.check_workdir(workdir, _MODE.value)
     for mode in _MODE.value:
       summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
                         _EXPORT_DTYPE.value)

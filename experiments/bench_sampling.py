@@ -43,11 +43,7 @@ _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 def main(argv):
   cli.start(argv, persist=False)
-  rows = []
-  for text in _ROWS.value:
-    if not text.isdigit() or int(text) < 1:
-      cli.fail(f'--rows takes positive integers, got {text!r}')
-    rows.append(int(text))
+  rows = cli.positive_ints(_ROWS.value, '--rows')
   for bad, message in (
       (not 0 < _TOP_P.value < 1, f'--top_p must be in (0, 1), got {_TOP_P.value}'),
       (_TOP_K.value < 1, f'--top_k must be at least 1, got {_TOP_K.value}'),

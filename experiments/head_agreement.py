@@ -54,6 +54,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
+from mtp_jax.config import positive_ints  # noqa: E402
 
 
 def define_flags():
@@ -365,13 +366,6 @@ def parse_tree(text: str, top: int, depth: int) -> tuple:
   return widths
 
 
-def parse_size(text: str, flag: str = '--sparse') -> int:
-  """One of --sparse's tree sizes (or another flag's counts)."""
-  if not text.strip().isdigit() or int(text) < 1:
-    raise ValueError(f"{flag} must be counts 'N,..', each >= 1, got '{text}'")
-  return int(text)
-
-
 def parse_fraction(text: str) -> float:
   """One of --stop_below's thresholds, a number in [0, 1]."""
   try:
@@ -389,8 +383,8 @@ def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candi
   order) from --simulate's flags as given (lists of strings), or ValueError naming the flag
   that is malformed, out of range for heads of this depth, or given without --simulate."""
   widths = [parse_tree(t, top, depth) for t in trees]
-  sizes = [parse_size(n) for n in sparse]
-  depths = [parse_size(n, '--candidate_depth') for n in candidate_depth]
+  sizes = positive_ints(sparse, '--sparse')
+  depths = positive_ints(candidate_depth, '--candidate_depth')
   if not depths or max(depths) > depth:
     raise ValueError(f'--candidate_depth must be 1..mtp.depth={depth}, got '
                      f'{",".join(candidate_depth)}')

@@ -4,6 +4,7 @@ a user's mistake told as one `error:` line with exit code 2 (each caller checks 
 it compiles or writes anything). Importing this module does not import JAX (so --help and flag
 errors stay quick)."""
 
+import os
 import sys
 from typing import NoReturn
 
@@ -14,6 +15,27 @@ def fail(message) -> NoReturn:
   """The user's input is wrong: `error: message` as one line on stderr, exit code 2."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
+
+
+MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')  # launch.py's --mode
+WRITING_MODES = ('train', 'bench', 'export')  # the others only read the workdir
+
+
+def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
+  """launch.py's --mode and --workdir, checked before JAX is imported: every mode one of MODES;
+  the workdir not a file, and where a mode writes there, somewhere this user can create it."""
+  bad = [m for m in modes if m not in MODES]
+  if bad or not modes:
+    fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(MODES)}")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f'--workdir {workdir} is a file, not a directory')
+  if not any(mode in WRITING_MODES for mode in modes):
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    fail(f'--workdir {workdir}: {existing} is not a directory this user can write in')
 
 
 def start(argv, persist: bool = True) -> None:

@@ -9,34 +9,15 @@ from mtp_jax import data as data_lib
 from mtp_jax import inference
 from mtp_jax import sharding
 from mtp_jax import train as train_lib
+from mtp_jax.cli import MODES
 from mtp_jax.config import ConfigError, check_mtp_decoding
 from mtp_jax.pretrained import export as export_lib
 from mtp_jax.pretrained import fetch
 from mtp_jax.pretrained.resolve import resolve_config
 
-MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')
-
 # Errors that mean "the user's input is wrong": printed as one line, exit code 2.
 USER_ERRORS = (ConfigError, data_lib.DataError, ckpt_lib.CheckpointError,
                train_lib.TrainingError)
-
-
-WRITING_MODES = ('train', 'bench', 'export')  # the others only read the workdir
-
-
-def check_workdir(workdir: str, modes) -> None:
-  """One-line error before anything runs when `workdir` is a file, or when a mode that writes
-  there would find a file or a read-only directory in its place."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f'--workdir {workdir} is a file, not a directory')
-  if not any(mode in WRITING_MODES for mode in modes):
-    return
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f'--workdir {workdir}: {existing} is not a directory this user can write '
-                      'in')
 
 
 def persist_compiled_programs() -> None:

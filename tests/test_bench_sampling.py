@@ -31,6 +31,6 @@ def test_bench_sampling_times_each_filter_and_decodes_with_it(tmp_path):
     if r['filter'] == 'temperature only':
       assert r['over_unfiltered'] == 1
   assert_user_error(run_script('experiments/bench_sampling.py', '--random', '--rows', '0'),
-                    '--rows', "'0'")
+                    '--rows takes positive integers, got 0')
   assert_user_error(run_script('experiments/bench_sampling.py', '--random', '--rounds', '0'),
                     '--rounds', '0')

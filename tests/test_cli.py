@@ -147,18 +147,23 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
 
 
 def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_path):
-  """launch.py reports a bad field of a config that names no model file before it imports JAX:
-  with a `jax` that cannot be imported first on the path, the field's error is still its one
-  line, while a mistake only found after JAX's import (--mode) meets the broken import."""
+  """launch.py reports a bad --mode, a --workdir that is a file and a bad field of a config that
+  names no model file before it imports JAX: with a `jax` that cannot be imported first on the
+  path, each is still its one line, while a run that passes them meets the broken import."""
   fake = tmp_path / 'nojax' / 'jax'
   fake.mkdir(parents=True)
   (fake / '__init__.py').write_text("raise ImportError('jax imported')\n")
   path = str(tmp_path / 'nojax')
   assert_user_error(launch(tmp_path / 'a', {'mtp.depth': -1}, PYTHONPATH=path),
                     'mtp.depth must be an integer >= 0, got -1')
-  proc = launch(tmp_path / 'b', flags=['--mode=nope'], PYTHONPATH=path)
+  assert_user_error(launch(tmp_path / 'b', flags=['--mode=nope'], PYTHONPATH=path),
+                    '--mode: nope is not one of train, eval')
+  (tmp_path / 'file').write_text('')
+  assert_user_error(launch(tmp_path / 'file', flags=['--mode=eval'], PYTHONPATH=path),
+                    f'--workdir {tmp_path / "file"} is a file, not a directory')
+  proc = launch(tmp_path / 'c', flags=['--mode=eval'], PYTHONPATH=path)
   assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
-  assert sorted(os.listdir(tmp_path)) == ['nojax']
+  assert sorted(os.listdir(tmp_path)) == ['file', 'nojax']
 
 
 def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
