@@ -55,7 +55,7 @@ def test_rows_matmul_matches_xla(rows, K, N):
   w = jax.random.normal(jax.random.key(K + N), (N, K))
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
   got = jax.jit(kernels.rows_matmul)(x, w)
-  # the kernel for <= MAX_ROWS rows, XLA's dot past it; both within float32 rounding
+  # the kernel, MAX_ROWS rows a call; within float32 rounding
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
   assert got.shape == (rows, N)
 
@@ -72,14 +72,14 @@ def narrow_weights(w, dtype: str):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
   """Bit for bit, so that a verify's rows equal the ar steps' and greedy MTP stays ar's output
-  with no near-tie flips. N = 37 leaves rows past every block size (4, 2) over; K = 100 has a
-  tail past the last full vector."""
+  with no near-tie flips, at any batch: past MAX_ROWS (32) the rows take several calls. N = 37
+  leaves rows past every block size (4, 2) over; K = 100 has a tail past the last full vector."""
   K, N = 100, 37
-  x = jax.random.normal(jax.random.key(0), (32, K))
+  x = jax.random.normal(jax.random.key(0), (70, K))
   w, _ = narrow_weights(jax.random.normal(jax.random.key(1), (N, K)), dtype)
   product = jax.jit(kernels.rows_matmul)
-  alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(32)])
-  for rows in range(2, 33):
+  alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(70)])
+  for rows in [*range(2, 34), 64, 70]:
     np.testing.assert_array_equal(np.asarray(product(x[:rows], w)), alone[:rows])
 
 
@@ -89,7 +89,7 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
 def test_rows_matmul_reads_narrow_weights(dtype, rows, K, N):
   """bfloat16 weights and int8 values are widened exactly, so the product is the float32 product
   of the matrix they stand for (including the odd K and N that take the scalar tails; 33 rows
-  take XLA's dot, which widens them itself)."""
+  take two calls)."""
   x = jax.random.normal(jax.random.key(rows), (rows, K))
   w, wide = narrow_weights(jax.random.normal(jax.random.key(K + N), (N, K)), dtype)
   got = jax.jit(kernels.rows_matmul)(x, w)
@@ -154,6 +154,18 @@ def test_cache_attention_matches_xla(T, G, beside, E):
                       {name: c * prefix for name, c in want_cache.items()},
                       slots_BxT=slots[:, pick])
     np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_attention_refuses_shapes_that_disagree():
+  """k, v, positions and slots that do not fit q are a ValueError at trace time, not a kernel
+  that reads past its buffers."""
+  q = jnp.ones((2, 3, 4, 32))
+  k = jnp.ones((2, 10, 2, 32))
+  at = jnp.zeros((2, 3), jnp.int32)
+  for args in ((q, k, k[..., :16], at, at), (q, k[:1], k[:1], at, at), (q, k, k, at[:, :2], at),
+               (q, k, k, at, at[:1])):
+    with pytest.raises(ValueError, match='cache_attention: q'):
+      kernels.cache_attention(*args)
 
 
 def argmax_cases(V: int, seed: int = 0):
@@ -394,6 +406,18 @@ def test_q4_1_tiles_round_to_the_nearest_level():
   np.testing.assert_array_equal(np.asarray(again.q), np.asarray(t.q))
   np.testing.assert_array_equal(np.asarray(again.scales), np.asarray(t.scales))
   assert kernels.q4_1_tiles(w[:, :48]) is None  # K not whole runs of 32 tiles
+
+
+def test_rows_matmul_refuses_a_matrix_of_another_shape():
+  """A weight that is not (N, K) for the input's K, or ScaledTiles whose recorded shape is not the
+  one its tiles hold, is a ValueError at trace time, not a kernel that writes past its output."""
+  x = jnp.ones((2, 96), jnp.float32)
+  t = kernels.q4_1_tiles(np.ones((32, 96), np.float32))
+  for w, words in ((t.reshape(2, 16, 96), r'got \(2, 16, 96\)'),
+                   (t.reshape(96, 32), r'got \(96, 32\) holding \(32, 96\)'),
+                   (jnp.ones((8, 64)), r'K=96\), got \(8, 64\)')):
+    with pytest.raises(ValueError, match=words):
+      jax.jit(kernels.rows_matmul)(x if w.shape[-1] != 32 else jnp.ones((2, 32)), w)
 
 
 @pytest.mark.parametrize('kind,S,K', [('sequential', 0, 1), ('sequential', 2, 1), ('parallel', 2, 1),

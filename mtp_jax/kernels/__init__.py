@@ -31,6 +31,7 @@ import tempfile
 
 import flax
 import jax
+import jaxlib
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,9 +40,11 @@ from mtp_jax.matmul import matmul
 from mtp_jax.pretrained import fetch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
-# Products of up to this many rows go to the kernel (in passes of 4 over each thread's chunk of
-# weight rows, the later passes reading it from L2): a batch-8 verify of 4 positions is 32 rows.
-# Past that the work is compute-bound and XLA's dot does it as well (experiments/row_kernel.py).
+# Rows per call of a row kernel (in passes of 4 over each thread's chunk of weight rows, the later
+# passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. More rows take more
+# calls, each reading the weights again, so that every row's result is the one a single row
+# gets (a verify's rows are the `ar` steps' at any batch); only a prompt's prefill, once per
+# decode, has hundreds of rows, and there XLA's dot would be faster (experiments/row_kernel.py).
 MAX_ROWS = 32
 MAX_QUERIES = 64  # attention: query heads per kv head
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
@@ -88,7 +91,7 @@ def _machine_key() -> str:
   digest = hashlib.sha1(open(SOURCE, 'rb').read())
   digest.update(' '.join(_FLAGS).encode())
   digest.update(_compiler_version().encode())
-  digest.update(jax.__version__.encode())
+  digest.update(f'{jax.__version__} {jaxlib.__version__}'.encode())  # ffi.h is jaxlib's
   digest.update(measure.cpu_flags().encode())
   return digest.hexdigest()[:16]
 
@@ -471,9 +474,15 @@ def narrowed(w, dtype: str, in_dims: int = 1):
 
 
 def rows_matmul(x, w, use_kernel: bool = True):
-  """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it)."""
-  rows = x.size // x.shape[-1]
+  """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it). Through a
+  kernel, each row's result is the same whatever the number of rows: past MAX_ROWS the row
+  kernels take the rows MAX_ROWS at a time, so a verify's rows equal the `ar` steps' bit for bit
+  at any batch."""
   scaled = isinstance(w, ScaledTiles)
+  held = (w.q.shape[0], w.q.shape[1] * (2 if w.affine else 1)) if scaled else w.shape
+  if len(w.shape) != 2 or w.shape[1] != x.shape[-1] or tuple(held) != tuple(w.shape):
+    raise ValueError(f'rows_matmul takes w as (N, K={x.shape[-1]}), got {tuple(w.shape)}'
+                     + (f' holding {tuple(held)}' if scaled else ''))
   if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows where the unit runs, else XLA
     if use_kernel and _float32(x) and tiles_usable():
       target, operands = ((SCALED_TARGETS[jnp.dtype(w.q.dtype).name], (w.q, w.scales)) if scaled
@@ -486,9 +495,13 @@ def rows_matmul(x, w, use_kernel: bool = True):
   # int8 values reach their target only as Int8Rows, which carry the scales
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
-  if use_kernel and target and rows <= MAX_ROWS and _float32(x) and usable():
-    out = jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], values.shape[0]),
-                                                        jnp.float32))(x, values)
+  if use_kernel and target and _float32(x) and usable():
+    flat = x.reshape(-1, x.shape[-1])
+    out = jnp.concatenate([
+        jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((len(part), values.shape[0]),
+                                                         jnp.float32))(part, values)
+        for part in (flat[i:i + MAX_ROWS] for i in range(0, len(flat), MAX_ROWS))])
+    out = out.reshape(*x.shape[:-1], -1)
   else:  # values.T widened to x's dtype
     out = matmul(x.reshape(-1, x.shape[-1]), values.T.astype(x.dtype)).reshape(
         *x.shape[:-1], -1)
@@ -499,8 +512,13 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
                     use_kernel: bool = True):
   """Each new entry's attention over the cache slots it sees (layers.visible_slots; float32),
   or None when the kernel cannot take these shapes (the caller then attends with XLA)."""
-  H, E = q_BxTxHxE.shape[2:]
+  B, T, H, E = q_BxTxHxE.shape
   K = k_BxLxKxE.shape[2]
+  if (v_BxLxKxE.shape != k_BxLxKxE.shape or k_BxLxKxE.shape[0] != B or k_BxLxKxE.shape[3] != E
+      or positions_BxT.shape != (B, T) or slots_BxT.shape != (B, T)):
+    raise ValueError(f'cache_attention: q {q_BxTxHxE.shape}, k {k_BxLxKxE.shape}, v '
+                     f'{v_BxLxKxE.shape}, positions {positions_BxT.shape} and slots '
+                     f'{slots_BxT.shape} are not (B, T, H, E), (B, L, K, E) twice and (B, T)')
   if not (use_kernel and E % 16 == 0 and 0 < E <= 128 and H // K <= MAX_QUERIES
           and _float32(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE) and usable()):
     return None

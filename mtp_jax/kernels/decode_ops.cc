@@ -5,9 +5,11 @@
 // one about 2x slower), and attention of a few new positions over a KV cache that reads only the
 // slots each query sees, row by row.
 //
-// Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set; the
-// float vectors below are one AVX-512 register (16 lanes) where the machine has AVX-512, and
-// 8 lanes elsewhere: one AVX2 register, or two SSE or NEON ones. (16 lanes on AVX2 made every
+// Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set, by GCC
+// (the vector shuffles are GCC's own builtins; where the build fails, with clang say, decoding
+// uses XLA alone; tested on x86-64 only); the float vectors below are one AVX-512 register (16
+// lanes) where the machine has AVX-512, and 8 lanes elsewhere: one AVX2 register, or two SSE
+// (or, untested, NEON) ones. (16 lanes on AVX2 made every
 // vector two registers, and the products' accumulators no longer fit in the 16 registers AVX2
 // has: a 1-row product ran at half memory speed, an 8-row one 2.8x slower than XLA's dot.)
 
@@ -190,6 +192,15 @@ inline void lane_sums(const vf* v, float* out) {
   }
 }
 
+// A hint to the core that this thread spins on a flag.
+inline void SpinPause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 // Runs part(i) for i in [0, parts) on XLA's intra-op threads and this one, and waits until every
 // part is done. The counters live on the heap: a task the pool starts late finds no part left
 // and must not touch this frame, which may be gone by then.
@@ -215,7 +226,7 @@ void parallel(ffi::ThreadPool& pool, int64_t parts, const std::function<void(int
     pool.Schedule(std::move(task));
   }
   run();
-  while (counters->done.load(std::memory_order_acquire) < parts) __builtin_ia32_pause();
+  while (counters->done.load(std::memory_order_acquire) < parts) SpinPause();
 }
 
 // How far ahead (in floats) a block of one or two weight rows prefetches each of them: such a
