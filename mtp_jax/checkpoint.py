@@ -114,10 +114,12 @@ class Checkpointer:
     )
     return restored.state, restored.meta
 
-  def restore_latest_valid(self, target) -> tuple:
+  def restore_latest_valid(self, target, set_aside: bool = True) -> tuple:
     """Returns (step, state, meta) of the newest checkpoint that restores, or (None, None, {})
-    when there is none. Damaged newer steps are reported and renamed to STEP.damaged, so that
-    the resumed run can save those step numbers again."""
+    when there is none. Damaged newer steps are reported and, with `set_aside` (a run that goes
+    on to save), renamed to STEP.damaged, so that it can save those step numbers again; a mode
+    that only reads the workdir (eval, decoding, export) leaves them as they are, since another
+    process may still be training there."""
     names = os.listdir(self.directory) if os.path.isdir(self.directory) else []
     for name in sorted(names):
       if ocp.utils.TMP_DIR_SUFFIX in name:
@@ -139,7 +141,8 @@ class Checkpointer:
         damaged.append(step)
         last_problem = problem
         continue
-      self._set_aside(damaged)
+      if set_aside:
+        self._set_aside(damaged)
       return step, state, meta
     if damaged:
       raise CheckpointError(

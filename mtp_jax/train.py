@@ -824,7 +824,8 @@ def save_token_rank(workdir: str, rank: np.ndarray) -> None:
 def evaluate(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in workdir on the validation split."""
   session = Session(config, workdir)
-  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state)
+  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
+                                                            set_aside=False)
   session.checkpointer.close()
   if state is None:
     raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')

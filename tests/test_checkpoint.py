@@ -131,6 +131,20 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys, damage):
   ckpt.close()
 
 
+def test_a_read_only_restore_falls_back_and_leaves_the_damaged_step(tmp_path, capsys):
+  """eval and decoding (set_aside=False) may read a workdir another process trains in: they use
+  the previous step and report the damaged one, and rename nothing."""
+  _save_steps(str(tmp_path), [1, 2])
+  ckpt = Checkpointer(str(tmp_path))
+  _truncate_data(os.path.join(ckpt.directory, '2'))
+  step, state, _ = ckpt.restore_latest_valid(_target(_state(0)), set_aside=False)
+  assert step == 1
+  assert_bitwise_equal(state, _state(1))
+  assert 'checkpoint step 2 is damaged (' in capsys.readouterr().err
+  assert sorted(os.listdir(ckpt.directory)) == ['1', '2']
+  ckpt.close()
+
+
 def test_all_damaged_raises(tmp_path):
   _save_steps(str(tmp_path), [1, 2])
   ckpt = Checkpointer(str(tmp_path))

@@ -360,6 +360,19 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(trained, tmp_pat
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '4.damaged'))
 
 
+def test_eval_reads_past_a_damaged_checkpoint_and_leaves_it(trained, tmp_path, corpus):
+  """A mode that only reads the workdir (another process may be training there) falls back to
+  the previous step as training would, but renames nothing."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir)
+  _damage(workdir, 4, 'truncate')
+  run = Launch(workdir, corpus, flags=['--mode=eval'])
+  assert run.finish() == 0, run.err[-3000:]
+  assert re.search(r'^checkpoint step 4 is damaged \(.+\); falling back to step 2$', run.err, re.M)
+  assert launch_summary(run.out)['step'] == 2
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
 def test_every_checkpoint_damaged_is_one_clear_error(trained, tmp_path, corpus):
   workdir = str(tmp_path / 'run')
   shutil.copytree(trained, workdir)
