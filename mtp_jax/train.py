@@ -400,6 +400,8 @@ class Session(Program):
     cache of the same kind when there is one (write then appends rows)."""
     if spec['topk'] and self.cfg.feature_layers:  # caches made without them keep their key
       spec = {**spec, 'feature_layers': list(self.cfg.feature_layers)}
+    if self.config.model.dtype != 'float32':  # the trunk writes in it; float32 caches keep theirs
+      spec = {**spec, 'dtype': self.config.model.dtype}
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
     cache = feat_lib.load(directory)
     if cache is not None:

@@ -265,20 +265,24 @@ def test_held_out_chats_that_cannot_hold_a_window_are_refused_before_writing(tmp
   assert not workdir.exists()
 
 
-def test_a_chats_cache_names_the_stop_tokens_of_a_model_that_has_more_than_eos(tmp_path):
+def test_a_chats_cache_names_the_stop_tokens_and_a_dtype_other_than_float32(tmp_path):
   """Chats end at any of the model's stop tokens, so a cache of them is keyed by the set when
-  it is more than EOS (a cache of a model that stops at EOS alone keeps the key it had)."""
+  it is more than EOS, and the trunk writes them in model.dtype, which keys it when it is not
+  float32 (a cache of a model that stops at EOS alone, written in float32, keeps the key it
+  had)."""
   tensors, specs = random_llama(), {}
-  for name, eot in (('plain', None), ('eot', 261)):
+  for name, eot, dtype in (('plain', None, 'float32'), ('eot', 261, 'float32'),
+                           ('bf16', None, 'bfloat16')):
     path = write_gguf(tmp_path / f'{name}.gguf', tensors, eot=eot)
     root = tmp_path / f'cache_{name}'
     train.Session(resolve.resolve_config(pretrained_config(path, **{
         'data.sources': 'self', 'train.freeze_trunk': True, 'data.self_tokens': 200,
-        'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'data.cache_dir': str(root)})),
-        str(tmp_path / name))
+        'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'data.cache_dir': str(root),
+        'model.dtype': dtype})), str(tmp_path / name))
     [spec_file] = (root / 'features').glob('*/spec.json')
     specs[name] = json.loads(spec_file.read_text())
   assert 'stop_ids' not in specs['plain'] and specs['eot']['stop_ids'] == [263, 261]
+  assert 'dtype' not in specs['plain'] and specs['bf16'] == {**specs['plain'], 'dtype': 'bfloat16'}
 
 
 def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
