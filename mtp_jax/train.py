@@ -404,7 +404,12 @@ class Session(Program):
       spec = {**spec, 'dtype': self.config.model.dtype}
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
     cache = feat_lib.load(directory)
-    if cache is not None:
+    if jax.process_count() > 1:
+      # Process 0's look decides for all: another run sharing data.cache_dir may finish the
+      # cache between the processes' looks, and one that found it would skip the barrier below.
+      if multihost_utils.broadcast_one_to_all(np.int32(cache is not None)):
+        return cache if cache is not None else _wait_for_cache(directory)
+    elif cache is not None:
       return cache
     failed = os.path.join(directory, FAILED)
     if jax.process_count() > 1:  # process 0 builds it (the workdir is shared, as for Orbax)
