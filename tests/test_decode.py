@@ -77,6 +77,65 @@ def test_greedy_mtp_equals_ar(kind):
       assert st['emitted'] + len(prompts) == sum(len(o) for o in ar)
 
 
+@dataclasses.dataclass(frozen=True)
+class TableHeads(dec.DecodeModel):
+  """A real model (trunk, heads, caches) whose head k, reading token t at position i, drafts
+  params['table'][i, t]: what `ar` wrote after t at i (the table is made from `ar`'s outputs),
+  where params['right'][i, k - 1] says so, and another token elsewhere. So drafts are accepted
+  part of the time at every depth, and a slot, window or position that is off by one after a
+  partial acceptance turns into a wrong draft or a wrong token. Each hidden state carries i and
+  t in two extra entries; the heads compute on the rest."""
+
+  @property
+  def hidden_dim(self) -> int:
+    return self.cfg.d_model + 2
+
+  def head(self, params, k, h_in, tokens_BxT, positions_BxT, cache):
+    h, cache = super().head(params, k, h_in[..., :self.cfg.d_model], tokens_BxT, positions_BxT,
+                            cache)
+    where = jnp.stack([positions_BxT + k, tokens_BxT], -1).astype(h.dtype)
+    return jnp.concatenate([h, where], -1), cache
+
+  def head_logits(self, params, k, h_BxTxD):
+    D = self.cfg.d_model
+    logits = super().head_logits(params, k, h_BxTxD[..., :D])
+    table = params['table']
+    i = jnp.clip(h_BxTxD[..., D].astype(jnp.int32), 0, table.shape[0] - 1)
+    want = table[i, h_BxTxD[..., D + 1].astype(jnp.int32)]
+    draft = jnp.where(params['right'][i, k - 1], want, (want + 1) % logits.shape[-1])
+    return logits + 1e4 * jax.nn.one_hot(draft, logits.shape[-1])
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_greedy_mtp_equals_ar_when_drafts_are_partly_right(kind):
+  """Random-init heads are almost never right; these (TableHeads) are right part of the time at
+  every depth, so rows advance by different amounts each iteration, through the queue and with
+  alternatives to the first draft, and rows end at a stop token: every output is ar's."""
+  cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 3})
+  params = init_params(cfg, jax.random.key(7))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (1, 9, 2, 13, 4)]
+  model, N, L = dec.DecodeModel(cfg), 20, 64
+  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=N)))
+  stop = (ar[1][7],)
+  ar_stopped = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=N,
+                                                                    stop_ids=stop)))
+  table = np.zeros((L, cfg.vocab_size), np.int32)
+  for seq in (p + o for p, o in zip(prompts, ar)):
+    for i in range(len(seq) - 1):
+      table[i, seq[i]] = seq[i + 1]
+  for S, K, C, batch, right, stop_ids in [(3, 1, 1, None, 0.8, ()), (3, 3, 2, 2, 0.7, ()),
+                                          (2, 1, 1, 2, 0.9, stop)]:
+    given = dict(params, table=jnp.asarray(table),
+                 right=jnp.asarray(rng.random((L, 3)) < right))
+    s = dec.Settings(draft_len=S, max_new_tokens=N, candidates=K, candidate_depth=C,
+                     stop_ids=stop_ids)
+    state = run_queued(TableHeads(cfg), given, prompts, s, batch)
+    assert dec.outputs(state) == (ar_stopped if stop_ids else ar), (S, K, C, batch)
+    accepted = np.asarray(state.out_accepted).sum(0)
+    assert np.all(accepted[:S] > 0), accepted  # every depth was right at times
+
+
 @pytest.mark.parametrize('kind,candidates,depth,blocks', [(kind, 1, 1, 1) for kind in KINDS]
                          + [('sequential', 24, 1, 1), ('sequential', 24, 2, 1),
                             ('sequential', 1, 1, 2)])
