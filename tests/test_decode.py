@@ -304,35 +304,45 @@ class TableStub(dec.WholeVocabulary):
     return jnp.asarray(self.Q[k - 1], jnp.float32)[h_BxTxD[..., 0].astype(jnp.int32)]
 
 
-def filtered(p, top_k):
+def filtered(p, top_k, top_p=1.0):
+  """p as the decoder's filters leave it: its top_k entries, then the fewest largest entries
+  whose sum reaches top_p (with every entry tied with the last of them)."""
   if top_k:
     p = np.where(p >= np.sort(p)[-top_k], p, 0.0)
+  p = p / p.sum()
+  if top_p < 1:
+    ordered = np.sort(p)[::-1]
+    p = np.where(p >= ordered[np.cumsum(ordered) - ordered < top_p].min(), p, 0.0)
   return p / p.sum()
 
 
-def sample_rows(stub, s: dec.Settings, rows: int):
+def sample_rows(stub, s: dec.Settings, rows: int, batch=None):
   prompts = np.zeros((rows, 1), np.int32)
-  fn = dec.compiled_decoder(stub, s, dec.cache_length(1, s))
+  fn = dec.compiled_decoder(stub, s, dec.cache_length(1, s), batch)
   return fn(None, prompts, np.ones(rows, np.int32), jax.random.key(42))
 
 
-@pytest.mark.parametrize('top_k,stub,candidates,depth', [
-    (0, 'full', 1, 1), (3, 'full', 1, 1), (0, 'reduced', 1, 1), (0, 'full', 3, 2),
-    (3, 'full', 2, 1), (0, 'reduced', 3, 2)])
-def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub, candidates, depth):
+@pytest.mark.parametrize('top_k,top_p,stub,candidates,depth,batch', [
+    (0, 1, 'full', 1, 1, None), (3, 1, 'full', 1, 1, None), (0, 1, 'reduced', 1, 1, None),
+    (0, 1, 'full', 3, 2, None), (3, 1, 'full', 2, 1, None), (0, 1, 'reduced', 3, 2, None),
+    (0, 0.75, 'full', 1, 1, 4), (0, 0.9, 'reduced', 2, 2, 8)])
+def test_speculative_sampling_reproduces_trunk_distribution(top_k, top_p, stub, candidates, depth,
+                                                            batch):
   """The joint law of the first generated tokens equals the trunk's own, within a chi-square
   bound that an acceptance rule ignoring q (or skipping the residual) fails; also with heads
   that draft over part of the vocabulary, and with first-draft alternatives and their branches
   verified beside the chain (a branch's later tokens drawn greedily instead fail it), which then
-  accept more first drafts than the chain alone. Three tokens, four with branches of 2 drafts,
-  so that the draw after a branch's second token is among them."""
+  accept more first drafts than the chain alone; with top_p, and through a queue of the rows
+  taking 4 or 8 at a time (each refilled row draws with its own keys). Three tokens, four with
+  branches of 2 drafts, so that the draw after a branch's second token is among them."""
   stub = TableStub() if stub == 'full' else ReducedTableStub()
   rows, new = 12000, 3 + (depth > 1)
-  s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k,
+  s = dec.Settings(draft_len=2, max_new_tokens=new, temperature=1.0, top_k=top_k, top_p=top_p,
                    candidates=candidates, candidate_depth=depth)
-  state = sample_rows(stub, s, rows)
+  state = sample_rows(stub, s, rows, batch)
   if candidates > 1:
-    chain = sample_rows(stub, dataclasses.replace(s, candidates=1, candidate_depth=1), rows)
+    chain = sample_rows(stub, dataclasses.replace(s, candidates=1, candidate_depth=1), rows,
+                        batch)
     first = lambda st, s: dec.stats(st, s)['acceptance_per_position'][0]
     assert first(state, s) > first(chain, s) + 0.1, (first(state, s), first(chain, s))
   out = np.asarray(dec.outputs(state))
@@ -340,7 +350,7 @@ def test_speculative_sampling_reproduces_trunk_distribution(top_k, stub, candida
   P = np.exp(stub.P)
   expected = np.zeros((4,) * new)
   for seq in itertools.product(range(4), repeat=new):
-    expected[seq] = np.prod([filtered(P[t], top_k)[u] for t, u in zip((0,) + seq, seq)])
+    expected[seq] = np.prod([filtered(P[t], top_k, top_p)[u] for t, u in zip((0,) + seq, seq)])
   counts = np.zeros((4,) * new)
   np.add.at(counts, tuple(out.T), 1)
   assert counts[expected == 0].sum() == 0
