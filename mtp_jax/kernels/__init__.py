@@ -31,8 +31,8 @@ import tempfile
 
 import flax
 import jax
-import jaxlib
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from mtp_jax import measure

@@ -7,11 +7,11 @@
 //
 // Built at first use by mtp_jax/kernels/__init__.py with the host's own instruction set, by GCC
 // (the vector shuffles are GCC's own builtins; where the build fails, with clang say, decoding
-// uses XLA alone; tested on x86-64 only); the float vectors below are one AVX-512 register (16
+// uses XLA alone; tested on x86-64 only). The float vectors below are one AVX-512 register (16
 // lanes) where the machine has AVX-512, and 8 lanes elsewhere: one AVX2 register, or two SSE
-// (or, untested, NEON) ones. (16 lanes on AVX2 made every
-// vector two registers, and the products' accumulators no longer fit in the 16 registers AVX2
-// has: a 1-row product ran at half memory speed, an 8-row one 2.8x slower than XLA's dot.)
+// (or, untested, NEON) ones. (16 lanes on AVX2 made every vector two registers, and the
+// products' accumulators no longer fit in the 16 registers AVX2 has: a 1-row product ran at half
+// memory speed, an 8-row one 2.8x slower than XLA's dot.)
 
 #include <algorithm>
 #include <array>
