@@ -321,8 +321,8 @@ def gguf_rounded(w, qtype):
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
                extra=None, floats=None, pre='default', chat=CHAT, eot=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
-  when given. `drop`, `reshape`, `extra` (tensors) and `floats` (metadata keys) make broken files
-  for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
+  when given. `drop` (tensors, or the key llama.attention.layer_norm_rms_epsilon), `reshape`,
+  `extra` (tensors) and `floats` (metadata keys) make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
   end-of-turn token id, when given."""
   import gguf
   f = {**LLAMA, **(fields or {})}
@@ -340,7 +340,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_head_count(f['model.num_heads'])
   w.add_head_count_kv(f['model.num_kv_heads'])
   w.add_rope_freq_base(f['model.rope_theta'])
-  w.add_layer_norm_rms_eps(f['model.norm_eps'])
+  if 'llama.attention.layer_norm_rms_epsilon' not in drop:
+    w.add_layer_norm_rms_eps(f['model.norm_eps'])
   tokens, merges = byte_tokens()
   w.add_tokenizer_model('gpt2')
   w.add_tokenizer_pre(pre)

@@ -162,6 +162,11 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
     (dict(floats={'llama.rope.scale_linear': 2.0}), 'uses RoPE scaling (linear, factor 2.0)'),
     (dict(extra={'rope_freqs.weight': np.ones(4, np.float32)}),
      "scales its rotary frequencies by the tensor 'rope_freqs.weight'"),
+    # llama.cpp refuses both: no default for the norms' epsilon, and token ids past the embedding
+    (dict(drop=('llama.attention.layer_norm_rms_epsilon',)),
+     'has no llama.attention.layer_norm_rms_epsilon in its metadata'),
+    (dict(floats={'llama.vocab_size': 200.0}),
+     'tokens in tokenizer.ggml.tokens, more than its vocabulary of 200 (llama.vocab_size)'),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
@@ -217,6 +222,34 @@ def test_hf_directory_errors(tmp_path):
     f.truncate(100)
   with pytest.raises(PretrainedError, match='g/tokenizer.json cannot be read'):
     pretrained.open_model(directory)
+
+
+def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):
+  """In tokenizer_config.json as text, or as a list of named templates (the one named 'default'
+  is the chat's), or beside it as chat_template.jinja (transformers' own layout now); a list
+  without 'default', or a template that is not text, is one clear error."""
+  tensors = random_llama()
+
+  def opened(name, template=None, jinja=None):
+    directory = write_hf(tmp_path / name, tensors)
+    with open(os.path.join(directory, 'tokenizer_config.json'), 'w') as f:
+      json.dump({'eos_token': '<|im_end|>',
+                 **({} if template is None else {'chat_template': template})}, f)
+    if jinja is not None:
+      with open(os.path.join(directory, 'chat_template.jinja'), 'w') as f:
+        f.write(jinja)
+    return pretrained.open_model(directory)
+
+  assert opened('text', CHAT).chat_template == CHAT
+  assert opened('jinja', jinja=CHAT).chat_template == CHAT
+  assert opened('listed', [{'name': 'tool_use', 'template': 'x'},
+                           {'name': 'default', 'template': CHAT}]).chat_template == CHAT
+  assert opened('none').chat_template == ''
+  with pytest.raises(PretrainedError, match="lists chat templates named tool_use, none of them "
+                                            "'default'"):
+    opened('no_default', [{'name': 'tool_use', 'template': 'x'}])
+  with pytest.raises(PretrainedError, match='has a chat_template that is not text'):
+    opened('number', 7)
 
 
 def test_llama3_tokenizer_takes_whole_pieces_and_starts_with_bos(tmp_path):

@@ -102,8 +102,10 @@ def _open(path: str, name: str):
   if arch != 'llama':
     raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only 'llama' is "
                           'supported')
+  # llama.cpp refuses a Llama file without any of these; the others have defaults it shares
   missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
-                         'attention.head_count') if _value(reader, 'llama.' + k) is None]
+                         'attention.head_count', 'attention.layer_norm_rms_epsilon')
+             if _value(reader, 'llama.' + k) is None]
   if missing:
     raise PretrainedError(f'model.init_from: {name} has no llama.{missing[0]} in its metadata')
   # llama.cpp divides the rotary frequencies by rope.scaling.factor (older files:
@@ -145,6 +147,10 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
   if 'model.embed_tokens.weight' in tensors and not vocab:
     vocab = int(tensors['model.embed_tokens.weight'].shape[1])
+  if tokens and len(tokens) > vocab:  # its tokenizer would hand out ids the embedding lacks
+    raise PretrainedError(f'model.init_from: {name} lists {len(tokens)} tokens in '
+                          f'tokenizer.ggml.tokens, more than its vocabulary of {vocab} '
+                          '(llama.vocab_size)')
   rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
   if rope_dims != d // heads:
     raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
@@ -155,7 +161,7 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
       'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
       'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
-      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon', 1e-5)),
+      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
       'data.vocab_size': vocab}
 

@@ -15,6 +15,21 @@ from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_to
 DTYPES = ('F32', 'F16', 'BF16')
 
 
+def _chat_template(value, name: str) -> str:
+  """tokenizer_config.json's chat_template: a template, or a list of named ones, of which the one
+  named 'default' is the chat's (as transformers takes it); '' when there is none."""
+  if isinstance(value, list):
+    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    value = named.get('default')
+    if value is None:
+      raise PretrainedError(f'model.init_from: {name}/tokenizer_config.json lists chat templates '
+                            f"named {', '.join(map(str, named))}, none of them 'default'")
+  if value is not None and not isinstance(value, str):
+    raise PretrainedError(f'model.init_from: {name}/tokenizer_config.json has a chat_template '
+                          f'that is not text ({type(value).__name__})')
+  return value or ''
+
+
 def _json(path: str, name: str):
   try:
     with open(path, encoding='utf-8') as f:
@@ -137,11 +152,15 @@ def read(directory: str) -> Pretrained:
   tok_config_path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.exists(tok_config_path):
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')
-    chat_template = tok_config.get('chat_template') or ''
+    chat_template = _chat_template(tok_config.get('chat_template'), name)
     eos = tok_config.get('eos_token')
     eos = eos.get('content') if isinstance(eos, dict) else eos
     if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
+  jinja_path = os.path.join(directory, 'chat_template.jinja')  # where transformers saves it now
+  if not chat_template and os.path.exists(jinja_path):
+    with open(jinja_path, encoding='utf-8') as f:
+      chat_template = f.read()
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
