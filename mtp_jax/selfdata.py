@@ -78,6 +78,16 @@ def _user_turn(model, ids: list[int]) -> list[int]:
   return [t for t in ids if t not in model.stop_ids]
 
 
+def row_key(seed: int, index: int, b: int, given: int = 0) -> str:
+  """The key that decides whether row b of shard `index` is held out (feat_lib.is_valid_row).
+  With `given` user turns, taken in turn, a row that asks a turn again takes the key of the
+  turn's first row, so a turn's answers are all held out or all trained on (a held-out answer
+  to a turn trained on would score the heads on what they learned)."""
+  row = index * ROWS_PER_SHARD + b
+  first = row % given if given else row
+  return f'{seed}:{first // ROWS_PER_SHARD}:{first % ROWS_PER_SHARD}'
+
+
 def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answer_len: int,
                    valid_fraction: float, seed: int, window: int) -> None:
   """One-line error, before any chat is written, when the held-out rows cannot hold one
@@ -96,14 +106,15 @@ def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answe
       else:  # an invented turn: 0 to QUERY_LEN tokens
         shortest, longest = 0, QUERY_LEN
       written += frame + shortest + 1
-      if feat_lib.is_valid_row(f'{seed}:{index}:{b}', valid_fraction):
+      if feat_lib.is_valid_row(row_key(seed, index, b, len(turns or ())), valid_fraction):
         held_out += frame + longest + answer_len
     index += 1
   if held_out < window:
     raise ConfigError(f'data.self_tokens={tokens}, data.valid_fraction={valid_fraction}: the '
                       f'held-out chats can hold at most {held_out} positions, fewer than one '
                       f'window ({window}, train.seq_len + mtp.depth + 1); raise data.self_tokens '
-                      'or data.valid_fraction')
+                      'or data.valid_fraction' + (', or give more user turns (a turn\'s answers '
+                                                  'are held out together)' if turns else ''))
 
 
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,
@@ -144,7 +155,8 @@ def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, tempera
           row['top_ids'] = np.asarray(done.top_ids[b, :n])
           row['top_logp'] = np.asarray(done.top_logp[b, :n]).astype(np.float16)
         rows.append(row)
-      builder.add(index, rows, [feat_lib.is_valid_row(f'{seed}:{index}:{b}', valid_fraction)
+      builder.add(index, rows, [feat_lib.is_valid_row(row_key(seed, index, b, len(given or ())),
+                                                      valid_fraction)
                                 for b in range(ROWS_PER_SHARD)], time.perf_counter() - start)
       added = sum(len(r['tokens']) for r in rows)
       have += added

@@ -66,8 +66,9 @@ def test_greedy_chats_are_the_trunks_argmax_continuations(tmp_path):
   query = 'Name a fruit.'
   start = len(before) + len(selfdata.encode(trunk, query)) + len(after)  # first answer token
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=True)
+  # the turn twice: a turn's rows are held out together, and each split needs a row
   selfdata.write_chats(trunk, builder, tokens=60, temperature=0.0, answer_len=10, topk=2,
-                       seed=0, valid_fraction=0.3, queries=[query])
+                       seed=0, valid_fraction=0.5, queries=[query, query])
   split = builder.finish()['train']
   rows = np.split(np.arange(len(split.tokens)), np.flatnonzero(split.row_start)[1:])
   assert len(rows) >= 2
@@ -194,17 +195,24 @@ def test_given_user_turns_are_answered_in_turn(tmp_path):
   trunk = tiny_trunk(tmp_path)
   builder = feat_lib.Builder(str(tmp_path / 'cache'), {'test': 3}, features=False)
   queries = ['the tin', 'he', 'an inn']
-  selfdata.write_chats(trunk, builder, tokens=1, temperature=1.0, answer_len=4, topk=0, seed=0,
+  selfdata.write_chats(trunk, builder, tokens=1, temperature=1.0, answer_len=4, topk=0, seed=1,
                        valid_fraction=0.3, queries=queries)
-  split = builder.finish()['train']
-  starts = list(np.flatnonzero(split.row_start)) + [len(split.tokens)]
-  turns = []
-  for a, b in zip(starts, starts[1:]):
-    text = trunk.tokenizer.decode(split.tokens[a:b].tolist(), skip_special_tokens=False)
-    turns.append(text.split('<|im_start|>user\n')[1].split('<|im_end|>')[0])
-  # the rows not held out, in order, cycling through the turns
+  cache = builder.finish()
+
+  def turns(split):
+    starts = list(np.flatnonzero(split.row_start)) + [len(split.tokens)]
+    texts = [trunk.tokenizer.decode(split.tokens[a:b].tolist(), skip_special_tokens=False)
+             for a, b in zip(starts, starts[1:])]
+    return [t.split('<|im_start|>user\n')[1].split('<|im_end|>')[0] for t in texts]
+  # each split's rows, in order, cycling through the turns; a turn asked again is held out with
+  # its first row, so no turn is in both splits
   rows = range(selfdata.ROWS_PER_SHARD)
-  assert turns == [queries[b % 3] for b in rows if not feat_lib.is_valid_row(f'0:0:{b}', 0.3)]
+  held = [feat_lib.is_valid_row(selfdata.row_key(1, 0, b, 3), 0.3) for b in rows]
+  assert held == [feat_lib.is_valid_row(f'1:0:{b % 3}', 0.3) for b in rows]
+  assert turns(cache['train']) == [queries[b % 3] for b in rows if not held[b]]
+  assert turns(cache['valid']) == [queries[b % 3] for b in rows if held[b]]
+  assert 0 < sum(held) < len(held)
+  assert not set(turns(cache['train'])) & set(turns(cache['valid']))
 
 
 def test_chats_past_the_rope_range_are_refused_before_anything_is_written(tmp_path):
