@@ -51,7 +51,9 @@ def _walk(root, suffixes, skip=()):
 
 
 def _source_files(sources):
-  """Returns sorted (path, key) pairs; the key, which decides the split, is the path as written.
+  """Returns sorted (path, key) pairs; the key, which decides the split, is the path as written,
+  normalised ('./data/a.txt' is 'data/a.txt'; an absolute spelling is another key, and the token
+  cache keeps the keys, so it is another cache).
 
   Standard-library keys are relative ('stdlib/json/decoder.py'), so every machine splits alike.
   """
@@ -83,7 +85,7 @@ def _source_files(sources):
       found = _walk(match, TEXT_SUFFIXES + ('.jsonl',)) if os.path.isdir(match) else [match]
       if not found:
         raise DataError(f"data.sources: no {'/'.join(TEXT_SUFFIXES)}/.jsonl files under '{match}'")
-      files.update((path, path) for path in found)
+      files.update((path, os.path.normpath(path)) for path in found)
   if not files:
     raise DataError(f"data.sources: no sources given in '{sources}'")
   return sorted(files.items(), key=lambda item: (item[1], item[0]))
@@ -227,10 +229,11 @@ def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None) -> TokenData:
   eos_id = end_id if eos_id is None else eos_id
   vocab_size = tokenizer.get_vocab_size()
 
-  # Any change to a source file or the tokenizer changes the key, so stale tokens are never read.
+  # Any change to a source file, to the keys that split them or to the tokenizer changes the
+  # key, so stale tokens are never read.
   inputs = {
-      'files': [(os.path.abspath(p), s.st_size, s.st_mtime_ns)
-                for p, _ in files for s in [os.stat(p)]],
+      'files': [(os.path.abspath(p), s.st_size, s.st_mtime_ns, key)
+                for p, key in files for s in [os.stat(p)]],
       'text_field': data_cfg.text_field,
       'valid_fraction': data_cfg.valid_fraction,
       'tokenizer_sha1': hashlib.sha1(_read(tok_path)).hexdigest(),

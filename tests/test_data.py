@@ -114,6 +114,19 @@ def test_split_is_deterministic_and_by_file(tmp_path):
   assert {k for k, _ in valid2} == valid_keys - {docs[0][0]}
 
 
+def test_a_path_spelled_another_way_splits_alike_or_caches_apart(tmp_path, monkeypatch):
+  """'corpus' and './corpus' are the same keys, so the same split and the same token cache; an
+  absolute spelling keys its files otherwise, and gets a cache of its own, never one made under
+  another split."""
+  make_corpus(tmp_path / 'corpus', n=60)
+  monkeypatch.chdir(tmp_path)
+  split = lambda sources: data.split_documents(data.list_documents(sources), 0.2)
+  assert split('corpus') == split('./corpus') == split('corpus/')
+  for sources in ('corpus', './corpus', str(tmp_path / 'corpus')):
+    data.prepare(data_cfg(sources, cache_dir=str(tmp_path / 'cache')), str(tmp_path / 'work'))
+  assert len(os.listdir(tmp_path / 'cache')) == 2
+
+
 def test_split_never_leaves_a_side_empty():
   docs = [(f'doc{i}', f'text {i}') for i in range(5)]
   train, valid = data.split_documents(docs, 0.0)
