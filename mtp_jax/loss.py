@@ -143,13 +143,32 @@ def _head_states(module: MTPLanguageModel, h0_BxTxD, tokens_BxW, segments_BxT=No
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
-def depth_sums(params, tokens_BxW, spec: LossSpec, draft_ids=None):
-  """Per depth k = 0..D, the SUMS over one token window (the trunk runs on its first T tokens)."""
+def window_sums(params, batch, spec: LossSpec, draft_ids=None):
+  """The SUMS over one window: of cached trunk features (feature_sums) or of tokens
+  (depth_sums)."""
+  if isinstance(batch, dict) and 'h0' in batch:
+    return feature_sums(params, batch, spec, draft_ids)
+  return depth_sums(params, batch, spec, draft_ids)
+
+
+def depth_sums(params, batch, spec: LossSpec, draft_ids=None):
+  """Per depth k = 0..D, the SUMS over one token window (the trunk runs on its first T tokens):
+  tokens (B x W), or {'tokens', 'row_start'} for rows joined one after another (chats the trunk
+  wrote), where depth k at position i is left out when one of tokens i + 1..i + k + 1 starts a
+  row (its target, or a head's input, lies in the next row). The trunk's attention is not cut
+  at rows: a window is a stretch of joined rows, as text is of joined documents."""
   cfg = spec.cfg
+  tokens_BxW, row_start = ((batch['tokens'], batch['row_start']) if isinstance(batch, dict)
+                           else (batch, None))
   T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
   hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW,
                                                 method=_hidden_states)
   data = [tokens_BxW[:, k + 1:k + 1 + T] for k in range(cfg.mtp_depth + 1)]
+  if row_start is not None:
+    crossed = jnp.zeros(data[0].shape, bool)
+    for k in range(cfg.mtp_depth + 1):
+      crossed = crossed | row_start[:, k + 1:k + 1 + T]
+      data[k] = jnp.where(crossed, -1, data[k])
   distill = spec.head_loss == 'distill' and cfg.mtp_depth > 0
   trunk, top = _stats(spec)(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
                             spec.topk if distill else 0)
@@ -222,10 +241,7 @@ def combined_loss(params, batch, spec: LossSpec, weight, draft_ids=None):
   cross-entropy plus feature_weight times its feature gap. A frozen trunk's loss is not part of
   L: then L is the heads' mean loss."""
   D = spec.cfg.mtp_depth
-  if isinstance(batch, dict):
-    sums = feature_sums(params, batch, spec, draft_ids)
-  else:
-    sums = depth_sums(params, batch, spec, draft_ids)
+  sums = window_sums(params, batch, spec, draft_ids)
   metrics = metrics_of(sums, spec.head_loss == 'distill')
   head_loss = lambda k: (metrics[f'loss/depth_{k}']
                          + spec.feature_weight * metrics.get(f'feature/depth_{k}', 0.0))

@@ -30,8 +30,7 @@ from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, ModelConfig, validate
-from mtp_jax.loss import (LossSpec, combined_loss, depth_sums, feature_sums, loss_weight,
-                          metrics_of)
+from mtp_jax.loss import LossSpec, combined_loss, loss_weight, metrics_of, window_sums
 from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
 from mtp_jax.pretrained import resolve as pretrained
@@ -136,9 +135,7 @@ def train_step(state, batch, draft_ids=None, *, tx, sc: StepConfig):
 
 
 def eval_step(params, batch, draft_ids=None, *, spec: LossSpec):
-  if isinstance(batch, dict):
-    return feature_sums(params, batch, spec, draft_ids)
-  return depth_sums(params, batch, spec, draft_ids)
+  return window_sums(params, batch, spec, draft_ids)
 
 
 def summarize_eval(sums_list, depth: int, agreement: bool = False) -> dict:
@@ -272,7 +269,7 @@ class Session(Program):
     if self.model_file is not None and self.model_file.tokenizer is None:
       raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
     super().__init__(config, sharding.make_mesh(config.mesh))
-    self.data = self.features = None
+    self.data = self.features = self.chats = None
     early = check is not None and self.model_file is not None
     if early:
       check(self)
@@ -363,6 +360,7 @@ class Session(Program):
           eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
       self._check_data()
       self.features = cache if d.features else None
+      self.chats = None if d.features else cache  # its row starts, for token windows
     else:
       self.data = data_lib.prepare(d, self.workdir, self.model_file and self.model_file.tokenizer,
                                    self.model_file and self.model_file.eos_id)
@@ -493,11 +491,16 @@ class Session(Program):
     t = self.config.train
     where = dict(seed=seed, step=step, batch_size=t.batch_size, window=self.window,
                  process_index=jax.process_index(), process_count=jax.process_count())
-    if not self.features:
-      return data_lib.get_batch(getattr(self.data, name), **where)
-    split = self.features[name]
-    starts = data_lib.window_starts(len(split.tokens), **where)
-    return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
+    if self.features:
+      split = self.features[name]
+      starts = data_lib.window_starts(len(split.tokens), **where)
+      return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
+    tokens = data_lib.get_batch(getattr(self.data, name), **where)
+    if self.chats is None:
+      return tokens
+    # chats joined one after another: the loss leaves out what reaches into the next one
+    return {'tokens': tokens, 'row_start': data_lib.get_batch(self.chats[name].row_start, **where)
+            .astype(bool)}
 
   def evaluate(self, params) -> dict:
     sums = []

@@ -195,6 +195,33 @@ def test_feature_gap_matches_reference():
   assert not any(name.startswith('feature/') for name in plain)
 
 
+@pytest.mark.parametrize('head_loss', ['ce', 'distill'])
+def test_token_windows_of_joined_rows_leave_out_what_reaches_the_next_row(head_loss):
+  """With row starts beside the tokens (chats joined one after another), depth k at position i
+  is left out when a row starts at any of i + 1..i + k + 1; every other position's sums are the
+  window's without them."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(4))
+  T, W, p = 8, 8 + 2 + 1, 5
+  tokens = jnp.asarray((np.arange(W, dtype=np.int32)[None] * 7) % cfg.vocab_size)
+  row_start = np.zeros((1, W), bool)
+  row_start[0, p] = True
+  spec = LossSpec(cfg, head_loss=head_loss, topk=4)
+  plain = depth_sums(params, tokens, spec)
+  joined = depth_sums(params, {'tokens': tokens, 'row_start': jnp.asarray(row_start)}, spec)
+  for k, (a, b) in enumerate(zip(plain, joined)):
+    left_out = [i for i in range(T) if any(i + j == p for j in range(1, k + 2))]
+    # (distillation has no target past the window's end: position i + k < T)
+    had = [i for i in left_out if head_loss == 'ce' or k == 0 or i + k < T]
+    assert float(b['count']) == float(a['count']) - len(had), k
+    assert float(b['data_count']) == T - len(left_out), k
+  # a row start at the window's first token reaches no position's inputs or targets
+  row_start[0, p], row_start[0, 0] = False, True
+  first = depth_sums(params, {'tokens': tokens, 'row_start': jnp.asarray(row_start)}, spec)
+  for a, b in zip(plain, first):
+    np.testing.assert_allclose(float(b['loss']), float(a['loss']), rtol=1e-6)
+
+
 def test_depth_targets_alignment_on_hand_made_batch():
   """Depth k at position i is scored against t_{i+k+1}: blanking one target removes exactly
   the position i = p - k - 1 from depth k's count."""

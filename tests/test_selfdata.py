@@ -293,6 +293,23 @@ def test_a_chats_cache_names_the_stop_tokens_and_a_dtype_other_than_float32(tmp_
   assert 'dtype' not in specs['plain'] and specs['bf16'] == {**specs['plain'], 'dtype': 'bfloat16'}
 
 
+def test_token_windows_of_chats_carry_their_row_starts(tmp_path):
+  """data.features=False on chats the trunk wrote: each batch holds the token windows and, beside
+  them, where each chat starts (a chat's first token, the template's opening), which the loss
+  needs to leave out what reaches into the next chat."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  session = train.Session(resolve.resolve_config(pretrained_config(path, **{
+      'data.sources': 'self', 'data.features': False, 'data.self_tokens': 300,
+      'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'train.seq_len': 32})),
+      str(tmp_path / 'run'))
+  before, _ = selfdata.chat_frame(session.data_trunk())
+  batch = session.batch(0)
+  assert sorted(batch) == ['row_start', 'tokens']
+  assert batch['tokens'].shape == batch['row_start'].shape and batch['row_start'].dtype == bool
+  assert batch['row_start'].any()
+  assert np.all(batch['tokens'][batch['row_start']] == before[0])
+
+
 def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
   """A cache of the same chats with the trunk's block-0 output beside its last hidden state
   (mtp.feature_layers), made from the written rows: same rows, the last hidden state and the
