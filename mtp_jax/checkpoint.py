@@ -183,12 +183,6 @@ def save_config(workdir: str, config) -> None:
   atomic.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
-def holds_checkpoints(workdir: str) -> bool:
-  """Whether WORKDIR/checkpoints holds a finished step (set-aside and unfinished ones aside)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
-
-
 def load_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):

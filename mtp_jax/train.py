@@ -261,7 +261,7 @@ class Session(Program):
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
     saved = self.saved_config = ckpt_lib.load_config(workdir)
-    if saved is not None and ckpt_lib.holds_checkpoints(workdir):  # else nothing to disagree with
+    if saved is not None:
       ckpt_lib.check_compatible(saved, config)
     pretrained.check_heads_init(config)
     self.model_file = (pretrained.open_model(config.model.init_from)

@@ -166,17 +166,6 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
   assert sorted(os.listdir(tmp_path)) == ['file', 'nojax']
 
 
-def test_a_run_stopped_before_its_first_checkpoint_binds_no_model(trained, tmp_path):
-  """A workdir whose run wrote config.json and was stopped before any checkpoint holds no model
-  to disagree with: another model may start there (eval here finds no checkpoint, not a
-  different model)."""
-  workdir, _ = trained
-  (tmp_path / 'run').mkdir()
-  (tmp_path / 'run' / 'config.json').write_bytes((workdir / 'config.json').read_bytes())
-  assert_user_error(launch(tmp_path / 'run', {'model.d_model': 64}, flags=['--mode=eval']),
-                    'no checkpoint in', 'train first')
-
-
 def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
   """The training-time decode's prompts are checked when training starts, not at the first
   evaluation, where the error would also cost that step's checkpoint."""
