@@ -1,7 +1,7 @@
 """Native CPU kernels for decoding steps (decode_ops.cc), built with the host's compiler at first
 use and called through XLA's FFI, each beside the pure-JAX computation it replaces. That
 fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16 inputs, more rows
-than a kernel is for, or MTP_JAX_KERNELS=0; tests check the two agree.
+than a kernel is for (MAX_EXACT_ROWS), or MTP_JAX_KERNELS=0; tests check the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
   which model.kernel_layout makes of the decoding params), for a few rows; w in float32, in
@@ -41,11 +41,13 @@ from mtp_jax.pretrained import fetch
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc')
 # Rows per call of a row kernel (in passes of 4 over each thread's chunk of weight rows, the later
-# passes reading it from L2): a batch-8 verify of 4 positions is 32 rows. More rows take more
-# calls, each reading the weights again, so that every row's result is the one a single row
-# gets (a verify's rows are the `ar` steps' at any batch); only a prompt's prefill, once per
-# decode, has hundreds of rows, and there XLA's dot would be faster (experiments/row_kernel.py).
+# passes reading it from L2): a batch-8 verify of 4 positions is 32 rows.
 MAX_ROWS = 32
+# Up to this many rows the row kernels take MAX_ROWS a call, each call reading the weights again,
+# so that every row's result is the one a single row gets: a verify of up to 4 positions at batch
+# 32 equals the `ar` steps bit for bit. Past it (a prompt's prefill, a feature pass over text)
+# XLA's dot is faster and nothing compares its rows with single ones: `ar` and `mtp` prefill alike.
+MAX_EXACT_ROWS = 4 * MAX_ROWS
 MAX_QUERIES = 64  # attention: query heads per kv head
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
 ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
@@ -475,9 +477,8 @@ def narrowed(w, dtype: str, in_dims: int = 1):
 
 def rows_matmul(x, w, use_kernel: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it). Through a
-  kernel, each row's result is the same whatever the number of rows: past MAX_ROWS the row
-  kernels take the rows MAX_ROWS at a time, so a verify's rows equal the `ar` steps' bit for bit
-  at any batch."""
+  kernel, each row's result is the same whatever the number of rows: up to MAX_EXACT_ROWS the
+  row kernels take them MAX_ROWS at a time (the tile kernels take any number at once)."""
   scaled = isinstance(w, ScaledTiles)
   held = (w.q.shape[0], w.q.shape[1] * (2 if w.affine else 1)) if scaled else w.shape
   if len(w.shape) != 2 or w.shape[1] != x.shape[-1] or tuple(held) != tuple(w.shape):
@@ -495,7 +496,8 @@ def rows_matmul(x, w, use_kernel: bool = True):
   # int8 values reach their target only as Int8Rows, which carry the scales
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
-  if use_kernel and target and _float32(x) and usable():
+  rows = x.size // max(x.shape[-1], 1)
+  if use_kernel and target and 0 < rows <= MAX_EXACT_ROWS and _float32(x) and usable():
     flat = x.reshape(-1, x.shape[-1])
     out = jnp.concatenate([
         jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((len(part), values.shape[0]),
