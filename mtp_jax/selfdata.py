@@ -90,15 +90,15 @@ def row_key(seed: int, index: int, b: int, given: int = 0) -> str:
 
 def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answer_len: int,
                    valid_fraction: float, seed: int, window: int) -> None:
-  """One-line error, before any chat is written, when the held-out rows cannot hold one
-  training window whatever the trunk answers. Which rows are held out is fixed by their keys
+  """One-line error, before any chat is written, when the held-out rows, or the training rows,
+  cannot hold one training window whatever the trunk answers. Which rows are held out is fixed by their keys
   (write_chats), and each row's length is bounded: the template around its user turn, then 1 to
   answer_len answer tokens. The shards are counted as if every row were shortest, so the rows
   counted include every row that can be written."""
   before, after = chat_frame(model)
   frame = len(before) + len(after)
   turns = [len(_user_turn(model, q)) for q in queries] if queries else None
-  written, held_out, index = 0, 0, 0
+  written, room, index = 0, {True: 0, False: 0}, 0
   while written < tokens:
     for b in range(ROWS_PER_SHARD):
       if turns:
@@ -106,15 +106,19 @@ def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answe
       else:  # an invented turn: 0 to QUERY_LEN tokens
         shortest, longest = 0, QUERY_LEN
       written += frame + shortest + 1
-      if feat_lib.is_valid_row(row_key(seed, index, b, len(turns or ())), valid_fraction):
-        held_out += frame + longest + answer_len
+      held = feat_lib.is_valid_row(row_key(seed, index, b, len(turns or ())), valid_fraction)
+      room[held] += frame + longest + answer_len
     index += 1
-  if held_out < window:
+  more_turns = ', or give more user turns (a turn\'s answers are held out together)'
+  if room[True] < window:
     raise ConfigError(f'data.self_tokens={tokens}, data.valid_fraction={valid_fraction}: the '
-                      f'held-out chats can hold at most {held_out} positions, fewer than one '
+                      f'held-out chats can hold at most {room[True]} positions, fewer than one '
                       f'window ({window}, train.seq_len + mtp.depth + 1); raise data.self_tokens '
-                      'or data.valid_fraction' + (', or give more user turns (a turn\'s answers '
-                                                  'are held out together)' if turns else ''))
+                      'or data.valid_fraction' + (more_turns if turns else ''))
+  if room[False] < window:  # every turn held out: only given turns can do that
+    raise ConfigError(f'data.valid_fraction={valid_fraction}: the training chats can hold at most '
+                      f'{room[False]} positions, fewer than one window ({window}); lower '
+                      'data.valid_fraction' + more_turns)
 
 
 def write_chats(trunk: Trunk, builder: feat_lib.Builder, *, tokens: int, temperature: float,

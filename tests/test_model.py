@@ -195,7 +195,7 @@ def test_feature_gap_matches_reference():
   assert not any(name.startswith('feature/') for name in plain)
 
 
-@pytest.mark.parametrize('head_loss', ['ce', 'distill'])
+@pytest.mark.parametrize('head_loss', ['data', 'distill'])
 def test_token_windows_of_joined_rows_leave_out_what_reaches_the_next_row(head_loss):
   """With row starts beside the tokens (chats joined one after another), depth k at position i
   is left out when a row starts at any of i + 1..i + k + 1; every other position's sums are the
@@ -212,7 +212,7 @@ def test_token_windows_of_joined_rows_leave_out_what_reaches_the_next_row(head_l
   for k, (a, b) in enumerate(zip(plain, joined)):
     left_out = [i for i in range(T) if any(i + j == p for j in range(1, k + 2))]
     # (distillation has no target past the window's end: position i + k < T)
-    had = [i for i in left_out if head_loss == 'ce' or k == 0 or i + k < T]
+    had = [i for i in left_out if head_loss == 'data' or k == 0 or i + k < T]
     assert float(b['count']) == float(a['count']) - len(had), k
     assert float(b['data_count']) == T - len(left_out), k
   # a row start at the window's first token reaches no position's inputs or targets

@@ -226,8 +226,9 @@ def test_hf_directory_errors(tmp_path):
 
 def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):
   """In tokenizer_config.json as text, or as a list of named templates (the one named 'default'
-  is the chat's), or beside it as chat_template.jinja (transformers' own layout now); a list
-  without 'default', or a template that is not text, is one clear error."""
+  is the chat's), or beside it as chat_template.jinja (transformers' own layout now), which comes
+  first, as transformers reads it; a list without 'default', or a template that is not text, is
+  one clear error."""
   tensors = random_llama()
 
   def opened(name, template=None, jinja=None):
@@ -242,6 +243,7 @@ def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):
 
   assert opened('text', CHAT).chat_template == CHAT
   assert opened('jinja', jinja=CHAT).chat_template == CHAT
+  assert opened('both', [{'name': 'tool_use', 'template': 'x'}], jinja=CHAT).chat_template == CHAT
   assert opened('listed', [{'name': 'tool_use', 'template': 'x'},
                            {'name': 'default', 'template': CHAT}]).chat_template == CHAT
   assert opened('none').chat_template == ''

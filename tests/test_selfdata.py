@@ -260,6 +260,12 @@ def test_held_out_chats_that_cannot_hold_a_window_are_refused_before_writing(tmp
   selfdata.check_held_out(trunk, None, window=held_out, **kw)
   with pytest.raises(ConfigError, match='held-out chats can hold at most'):
     selfdata.check_held_out(trunk, None, window=10 ** 6, **kw)
+  # One given turn is held out or trained on whole: here held out (its key is held at 0.5)
+  assert feat_lib.is_valid_row(selfdata.row_key(0, 0, 0, 1), 0.5)
+  with pytest.raises(ConfigError, match=r'data.valid_fraction=0.5: the training chats can hold at '
+                                        r'most 0 positions.*give more user turns'):
+    selfdata.check_held_out(trunk, [selfdata.encode(trunk, 'the tin')], window=8,
+                            **{**kw, 'valid_fraction': 0.5})
   # One shard of chats (16 rows), none of them held out at the default 5%.
   assert not any(feat_lib.is_valid_row(f'0:0:{b}', 0.05) for b in range(16))
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())

@@ -149,18 +149,19 @@ def read(directory: str) -> Pretrained:
       tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
       raise PretrainedError(f'model.init_from: {name}/tokenizer.json cannot be read ({e})') from None
+  jinja_path = os.path.join(directory, 'chat_template.jinja')  # first, as transformers reads it
+  if os.path.exists(jinja_path):
+    with open(jinja_path, encoding='utf-8') as f:
+      chat_template = f.read()
   tok_config_path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.exists(tok_config_path):
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')
-    chat_template = _chat_template(tok_config.get('chat_template'), name)
+    if not chat_template:
+      chat_template = _chat_template(tok_config.get('chat_template'), name)
     eos = tok_config.get('eos_token')
     eos = eos.get('content') if isinstance(eos, dict) else eos
     if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
-  jinja_path = os.path.join(directory, 'chat_template.jinja')  # where transformers saves it now
-  if not chat_template and os.path.exists(jinja_path):
-    with open(jinja_path, encoding='utf-8') as f:
-      chat_template = f.read()
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
