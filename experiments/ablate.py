@@ -21,6 +21,7 @@ that workdir's checkpoints hold the other run.
 """
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -88,9 +89,16 @@ def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, 
   command = [sys.executable, os.path.join(ROOT, 'launch.py'), '--config',
              os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode, *args]
   with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
-    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+      returncode = proc.wait()
+    except KeyboardInterrupt:
+      # Ctrl-C reached the point's run too (one process group): it finishes its step, writes a
+      # checkpoint and exits, which a rerun of the sweep resumes; a second Ctrl-C stops it at once
+      proc.wait()
+      raise
   lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()
-  return proc.returncode, (lines[-1] if lines else '')
+  return returncode, (lines[-1] if lines else '')
 
 
 def finished(workdir: str, steps: int) -> dict | None:
@@ -217,10 +225,11 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
   seen = list(dict.fromkeys(k for r in rows for k in r))
   # The point's own columns first, then the metrics grouped by name (accuracy/..., loss/...).
   columns = [k for k in seen if '/' not in k] + sorted(k for k in seen if '/' in k)
-  with open(os.path.join(out_dir, 'results.csv'), 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline='')
+  writer = csv.DictWriter(table, columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  atomic.write_text(os.path.join(out_dir, 'results.csv'), table.getvalue())
 
   def fmt(v):  # 4 significant digits, but never an exponent for large values like tokens/s
     if not isinstance(v, float):
@@ -228,8 +237,7 @@ def write_tables(rows: list[dict], out_dir: str) -> list[str]:
     return f'{v:.0f}' if abs(v) >= 1000 else f'{v:.4g}'
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
   lines += ['| ' + ' | '.join(fmt(r.get(c, '')) for c in columns) + ' |' for r in rows]
-  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  atomic.write_text(os.path.join(out_dir, 'results.md'), '\n'.join(lines) + '\n')
   return columns
 
 
@@ -302,7 +310,8 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
     a.grid(alpha=0.3)
   path = os.path.join(out_dir, f'{sweep}.png')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with atomic.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=120, format='png')
   return path
 
 
@@ -311,8 +320,13 @@ def main(argv):
   config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
   out_dir = os.path.join(_ROOT.value, sweep)
   os.makedirs(out_dir, exist_ok=True)
-  rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
-          else train_points(config, sweep, _ROOT.value))
+  try:
+    rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
+            else train_points(config, sweep, _ROOT.value))
+  except KeyboardInterrupt:
+    print('stopped: the point that was running wrote a checkpoint; the same command resumes it '
+          'and skips the finished points', file=sys.stderr)
+    return 130
   write_tables(rows, out_dir)
   png = plot(rows, sweep, out_dir, seed_spread(_ROOT.value) if sweep == 'loss_weight' else None)
   failed = [r for r in rows if r['status'] != 'ok']

@@ -4,13 +4,17 @@ from the runs, a rerun that skips finished points, and a failing point that spar
 import csv
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 
 from absl import flags
 from ml_collections import config_flags
 
 from configs import ablate_cpu
-from conftest import REPO, model_param_counts, run_script, shrunk
+from conftest import REPO, cpu_env, model_param_counts, run_script, shrunk
 from mtp_jax.config import ModelConfig, as_flags
 
 
@@ -111,3 +115,28 @@ def test_seed_spread_shades_the_loss_weight_plot(tmp_path):
           for v in ('0.0', '0.1')]
   path = ablate.plot(rows, 'loss_weight', str(tmp_path), spread)
   assert os.path.getsize(path) > 0
+
+
+def test_ctrl_c_lets_the_running_point_checkpoint_and_the_rerun_resume_it(tmp_path, corpus):
+  """Ctrl-C reaches the sweep and the point it runs (one process group, as from a terminal):
+  the point finishes its step and writes a checkpoint, which a rerun resumes from, instead of
+  being killed with the sweep; the sweep says so and exits 130."""
+  config = shrunk(ablate_cpu.get_config(), **{
+      'data.sources': corpus, 'train.steps': 2000, 'train.eval_every': 2000,
+      'train.checkpoint_every': 2000, 'decode.eval_prompts': 0, 'sweep.depth': '1'})
+  command = [sys.executable, 'experiments/ablate.py', '--config', 'configs/ablate_cpu.py',
+             '--sweep', 'depth', '--root', str(tmp_path), *as_flags(config)]
+  log = tmp_path / 'depth' / 'depth=1' / 'train.log'
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True, env=cpu_env())
+  deadline = time.monotonic() + 300
+  while not (log.exists() and re.search(r'train: +\d+%.*\| [1-9]\d*/2000', log.read_text())):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+    time.sleep(0.5)
+  os.killpg(proc.pid, signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert 'the same command resumes it' in err.strip().splitlines()[-1]
+  steps = [int(n) for n in os.listdir(log.parent / 'checkpoints') if n.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 2000
+  assert 'stopped' in log.read_text()
