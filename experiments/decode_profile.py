@@ -266,6 +266,8 @@ def main(argv):
     cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
   more = cli.positive_ints(_POSITIONS.value, '--positions')
   batches = cli.positive_ints(_BATCHES.value, '--batches')
+  if not batches:
+    cli.fail('--batches takes positive integers, got none')
   if not _RANDOM.value and not _WORKDIR.value:
     cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
              'or --random')

@@ -142,7 +142,7 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
 def positive_ints(values: list[str], flag: str) -> list[int]:
   """A list flag's values (absl's DEFINE_list) as positive integers, in order; ConfigError naming
   the flag otherwise."""
-  if not all(v.isdigit() and int(v) > 0 for v in values):
+  if not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):  # not '²': isdigit
     raise ConfigError(f'{flag} takes positive integers, got {",".join(values)}')
   return [int(v) for v in values]
 

@@ -279,3 +279,13 @@ def test_every_experiment_refuses_a_stray_argument_in_one_line(script):
   """Each experiment starts through cli.start, as launch.py does: a positional argument (a flag
   typed without its dashes) is one error line and exit 2, before any work."""
   assert_user_error(run_script(script, 'rounds=3'), 'unexpected arguments: rounds=3')
+
+
+def test_list_flags_take_positive_integers_in_ascii_digits():
+  """config.positive_ints, which every experiment's list flags go through: '²' is a digit to
+  str.isdigit but not to int(), and was a traceback."""
+  from mtp_jax.config import ConfigError, positive_ints
+  assert positive_ints(['1', '32'], '--rows') == [1, 32] and positive_ints([], '--rows') == []
+  for bad in ('0', 'x', '²', '-1', ' 2', ''):
+    with pytest.raises(ConfigError, match='--rows takes positive integers'):
+      positive_ints(['4', bad], '--rows')
