@@ -358,6 +358,8 @@ def bench(session, params, config, step: int) -> dict:
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
+  d = config.decode
+  check_bench(session, config, held_out_prompts(session, d.bench_prompts))
   path = os.path.join(session.workdir, 'bench.json')
   atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current
   for rows in bench_blocks(session, params, config):
@@ -369,12 +371,27 @@ def bench(session, params, config, step: int) -> dict:
   return result
 
 
+def check_bench(session, config, prompts=None) -> None:
+  """bench's one-line errors: its prompts (`prompts`, else decode.prompt_len-token validation
+  windows' length) at every S it decodes, before it writes bench.json or compiles anything."""
+  d = config.decode
+  prompts = prompts or [[0] * d.prompt_len]
+  width = max(len(p) for p in prompts)
+  for S in range(session.cfg.mtp_depth + 1):
+    check_prompts(prompts, session.cfg.vocab_size,
+                  settings(config, draft=S, temperature=0.0, stop_ids=session.stop_ids),
+                  session.cfg.max_seq_len, width)
+
+
 def eval_hook(config):
   """The training-time check: greedy speculative decoding on a few validation prompts, logging
   tau, per-position acceptance and one generated sample to TensorBoard; returns tau and the
-  acceptances as metrics."""
+  acceptances as metrics. Its `check`, which the run makes before training, also checks the
+  bench that run_after_train will run after it (None when there is neither)."""
   d = config.decode
-  if d.eval_prompts < 1 or config.mtp.depth < 1:
+  decodes = d.eval_prompts >= 1 and config.mtp.depth >= 1
+  bench_after = 'bench' in config.run_after_train.split(',')
+  if not decodes and not bench_after:
     return None
 
   decode_settings = lambda session: dec.Settings(
@@ -382,13 +399,20 @@ def eval_hook(config):
 
   def check(session):
     """The prompts' one-line errors, at the start of training rather than its first evaluation
-    (validation windows are decode.prompt_len tokens long, known before the data is)."""
-    prompts = (held_out_prompts(session, d.eval_prompts) if d.prompts
-               else [[0] * d.prompt_len])
-    check_prompts(prompts, session.cfg.vocab_size, decode_settings(session),
-                  session.cfg.max_seq_len)
+    or the bench after it (validation windows are decode.prompt_len tokens long, known before
+    the data is)."""
+    if decodes:
+      prompts = (held_out_prompts(session, d.eval_prompts) if d.prompts
+                 else [[0] * d.prompt_len])
+      check_prompts(prompts, session.cfg.vocab_size, decode_settings(session),
+                    session.cfg.max_seq_len)
+    if bench_after:
+      check_bench(session, config,
+                  held_out_prompts(session, d.bench_prompts) if d.prompts else None)
 
   def hook(session, params, step, writer):
+    if not decodes:
+      return None
     prompts = held_out_prompts(session, d.eval_prompts)
     s = decode_settings(session)
     state = prepared_decoder(session.decode_model, params, prompts, s)()  # untimed: one decode

@@ -177,6 +177,17 @@ def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
   assert snapshot(workdir) == before
 
 
+def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(trained):
+  """run_after_train=bench: the bench's prompts at every S are checked before any step, not after
+  the training they would follow (with decode.eval_prompts=0 nothing else decodes)."""
+  workdir, _ = trained
+  before = snapshot(workdir)
+  result = launch(workdir, {'decode.max_new_tokens': 480, 'decode.eval_prompts': 0,
+                           'run_after_train': 'bench', 'train.steps': 999})
+  assert_user_error(result, 'decode.max_new_tokens=480', 'more than model.max_seq_len')
+  assert snapshot(workdir) == before
+
+
 def test_a_workdir_of_another_model_is_refused_untouched(trained):
   workdir, _ = trained
   before = snapshot(workdir)
