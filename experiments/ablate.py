@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -90,6 +91,12 @@ def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, 
              os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode, *args]
   with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    terminated = []
+
+    def forward(signum, frame):  # `kill` of the sweep reaches the point's run too
+      terminated.append(signum)
+      proc.send_signal(signum)
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
       returncode = proc.wait()
     except KeyboardInterrupt:
@@ -97,6 +104,10 @@ def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, 
       # checkpoint and exits, which a rerun of the sweep resumes; a second Ctrl-C stops it at once
       proc.wait()
       raise
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+    if terminated:  # the run stopped as it does on SIGTERM; so does the sweep
+      raise KeyboardInterrupt
   lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()
   return returncode, (lines[-1] if lines else '')
 

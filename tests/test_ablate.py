@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from absl import flags
 from ml_collections import config_flags
 
@@ -117,10 +118,12 @@ def test_seed_spread_shades_the_loss_weight_plot(tmp_path):
   assert os.path.getsize(path) > 0
 
 
-def test_ctrl_c_lets_the_running_point_checkpoint_and_the_rerun_resume_it(tmp_path, corpus):
-  """Ctrl-C reaches the sweep and the point it runs (one process group, as from a terminal):
-  the point finishes its step and writes a checkpoint, which a rerun resumes from, instead of
-  being killed with the sweep; the sweep says so and exits 130."""
+@pytest.mark.parametrize('how', ['ctrl_c', 'kill'])
+def test_a_stopped_sweep_lets_the_running_point_checkpoint(tmp_path, corpus, how):
+  """Ctrl-C reaches the sweep and the point it runs (one process group, as from a terminal), and
+  the sweep passes a SIGTERM sent to it alone on to the point: either way the point finishes its
+  step and writes a checkpoint, which a rerun resumes from, instead of being killed with the
+  sweep or left running without it; the sweep says so and exits 130."""
   config = shrunk(ablate_cpu.get_config(), **{
       'data.sources': corpus, 'train.steps': 2000, 'train.eval_every': 2000,
       'train.checkpoint_every': 2000, 'decode.eval_prompts': 0, 'sweep.depth': '1'})
@@ -133,7 +136,10 @@ def test_ctrl_c_lets_the_running_point_checkpoint_and_the_rerun_resume_it(tmp_pa
   while not (log.exists() and re.search(r'train: +\d+%.*\| [1-9]\d*/2000', log.read_text())):
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
     time.sleep(0.5)
-  os.killpg(proc.pid, signal.SIGINT)
+  if how == 'ctrl_c':
+    os.killpg(proc.pid, signal.SIGINT)
+  else:
+    os.kill(proc.pid, signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 130, err[-3000:]
   assert 'the same command resumes it' in err.strip().splitlines()[-1]
