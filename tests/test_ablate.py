@@ -127,14 +127,16 @@ def test_a_stopped_sweep_lets_the_running_point_checkpoint(tmp_path, corpus, how
   config = shrunk(ablate_cpu.get_config(), **{
       'data.sources': corpus, 'train.steps': 2000, 'train.eval_every': 2000,
       'train.checkpoint_every': 2000, 'decode.eval_prompts': 0, 'sweep.depth': '1'})
-  command = [sys.executable, 'experiments/ablate.py', '--config', 'configs/ablate_cpu.py',
-             '--sweep', 'depth', '--root', str(tmp_path), *as_flags(config)]
+  # SIGINT as a terminal's foreground job has it: a shell's background job, as CI may run the
+  # tests in, ignores it, and so would the sweep (set before the sweep's Python starts)
+  default_sigint = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                    'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
+  command = [sys.executable, '-c', default_sigint, 'experiments/ablate.py', '--config',
+             'configs/ablate_cpu.py', '--sweep', 'depth', '--root', str(tmp_path),
+             *as_flags(config)]
   log = tmp_path / 'depth' / 'depth=1' / 'train.log'
-  # SIGINT as a terminal's foreground job has it (a shell's background job, as CI may run the
-  # tests in, ignores it, and so would the sweep)
   proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True, env=cpu_env(),
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          text=True, start_new_session=True, env=cpu_env())
   deadline = time.monotonic() + 300
   while not (log.exists() and re.search(r'train: +\d+%.*\| [1-9]\d*/2000', log.read_text())):
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
