@@ -268,15 +268,14 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
   return result
 
 
-def bench_blocks(session, params, config):
-  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on held-out prompts,
+def bench_blocks(session, params, config, prompts):
+  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on `prompts`,
   yielded as one list of rows per (temperature, batch) as each finishes. A greedy mtp row says
   whether every prompt's output is ar's, and for how many it is.
   Batch 1 decodes each prompt alone; batch 8 decodes them all through 8 rows, a row taking the
   next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
-  prompts = held_out_prompts(session, d.bench_prompts)
   for temperature in (0.0, 1.0):
     for batch in (1, 8):
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
@@ -358,11 +357,11 @@ def bench(session, params, config, step: int) -> dict:
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
-  d = config.decode
-  check_bench(session, config, held_out_prompts(session, d.bench_prompts))
+  prompts = held_out_prompts(session, config.decode.bench_prompts)
+  check_bench(session, config, prompts)
   path = os.path.join(session.workdir, 'bench.json')
   atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current
-  for rows in bench_blocks(session, params, config):
+  for rows in bench_blocks(session, params, config, prompts):
     print(bench_table(rows), flush=True)
     result['rows'] += rows
     atomic.write_json(path, result, indent=2)
@@ -371,11 +370,9 @@ def bench(session, params, config, step: int) -> dict:
   return result
 
 
-def check_bench(session, config, prompts=None) -> None:
-  """bench's one-line errors: its prompts (`prompts`, else decode.prompt_len-token validation
-  windows' length) at every S it decodes, before it writes bench.json or compiles anything."""
-  d = config.decode
-  prompts = prompts or [[0] * d.prompt_len]
+def check_bench(session, config, prompts) -> None:
+  """bench's one-line errors: its prompts at every S it decodes, before it writes bench.json or
+  compiles anything."""
   width = max(len(p) for p in prompts)
   for S in range(session.cfg.mtp_depth + 1):
     check_prompts(prompts, session.cfg.vocab_size,
@@ -400,15 +397,14 @@ def eval_hook(config):
   def check(session):
     """The prompts' one-line errors, at the start of training rather than its first evaluation
     or the bench after it (validation windows are decode.prompt_len tokens long, known before
-    the data is)."""
+    the data is: stand-ins of that length are checked for them)."""
+    prompts = lambda count: (held_out_prompts(session, count) if d.prompts
+                             else [[0] * d.prompt_len])
     if decodes:
-      prompts = (held_out_prompts(session, d.eval_prompts) if d.prompts
-                 else [[0] * d.prompt_len])
-      check_prompts(prompts, session.cfg.vocab_size, decode_settings(session),
+      check_prompts(prompts(d.eval_prompts), session.cfg.vocab_size, decode_settings(session),
                     session.cfg.max_seq_len)
     if bench_after:
-      check_bench(session, config,
-                  held_out_prompts(session, d.bench_prompts) if d.prompts else None)
+      check_bench(session, config, prompts(d.bench_prompts))
 
   def hook(session, params, step, writer):
     if not decodes:
