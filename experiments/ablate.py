@@ -91,11 +91,10 @@ def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, 
              os.path.join(ROOT, 'configs/base.py'), '--workdir', workdir, '--mode', mode, *args]
   with open(os.path.join(workdir, f'{mode}.log'), 'w') as log:
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    terminated = []
 
-    def forward(signum, frame):  # `kill` of the sweep reaches the point's run too
-      terminated.append(signum)
+    def forward(signum, frame):  # `kill` of the sweep: passed on, then stopped as by Ctrl-C
       proc.send_signal(signum)
+      raise KeyboardInterrupt
     previous = signal.signal(signal.SIGTERM, forward)
     try:
       returncode = proc.wait()
@@ -106,8 +105,6 @@ def run_point(workdir: str, args: list[str], mode: str = 'train') -> tuple[int, 
       raise
     finally:
       signal.signal(signal.SIGTERM, previous)
-    if terminated:  # the run stopped as it does on SIGTERM; so does the sweep
-      raise KeyboardInterrupt
   lines = open(os.path.join(workdir, f'{mode}.log')).read().strip().splitlines()
   return returncode, (lines[-1] if lines else '')
 
