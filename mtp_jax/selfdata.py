@@ -91,9 +91,9 @@ def row_key(seed: int, index: int, b: int, given: int = 0) -> str:
 def check_held_out(model, queries: list[list[int]] | None, *, tokens: int, answer_len: int,
                    valid_fraction: float, seed: int, window: int) -> None:
   """One-line error, before any chat is written, when the held-out rows, or the training rows,
-  cannot hold one training window whatever the trunk answers. Which rows are held out is fixed by their keys
-  (write_chats), and each row's length is bounded: the template around its user turn, then 1 to
-  answer_len answer tokens. The shards are counted as if every row were shortest, so the rows
+  cannot hold one training window whatever the trunk answers. Which rows are held out is fixed
+  by their keys (write_chats), and each row's length is bounded: the template around its user
+  turn, then 1 to answer_len answer tokens. The shards are counted as if every row were shortest, so the rows
   counted include every row that can be written."""
   before, after = chat_frame(model)
   frame = len(before) + len(after)
