@@ -282,7 +282,7 @@ def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
     cli.fail(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
-  candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates')))
+  candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates', allow_empty=True)))
   threads = _THREADS.value
   cores = pin(threads)
   config = smollm2.get_config()

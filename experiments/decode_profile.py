@@ -264,10 +264,8 @@ def main(argv):
   config = _CONFIG.value
   if not _TEMPERATURE.value >= 0:  # NaN too
     cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
-  more = cli.positive_ints(_POSITIONS.value, '--positions')
+  more = cli.positive_ints(_POSITIONS.value, '--positions', allow_empty=True)
   batches = cli.positive_ints(_BATCHES.value, '--batches')
-  if not batches:
-    cli.fail('--batches takes positive integers, got none')
   if not _RANDOM.value and not _WORKDIR.value:
     cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
              'or --random')

@@ -383,13 +383,13 @@ def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candi
   order) from --simulate's flags as given (lists of strings), or ValueError naming the flag
   that is malformed, out of range for heads of this depth, or given without --simulate."""
   widths = [parse_tree(t, top, depth) for t in trees]
-  sizes = positive_ints(sparse, '--sparse')
+  sizes = positive_ints(sparse, '--sparse', allow_empty=True)
   depths = positive_ints(candidate_depth, '--candidate_depth')
-  if not depths or max(depths) > depth:
+  if max(depths) > depth:
     raise ValueError(f'--candidate_depth must be 1..mtp.depth={depth}, got '
                      f'{",".join(candidate_depth)}')
   stops = sorted({parse_fraction(t) for t in stop_below})
-  given = {'--tree': widths, '--sparse': sizes, '--candidate_depth': candidate_depth != ['1'],
+  given = {'--tree': widths, '--sparse': sizes, '--candidate_depth': depths != [1],
            '--table': table, '--stop_below': stops}
   for flag, value in given.items():
     if value and not simulate:

@@ -50,10 +50,10 @@ def start(argv, persist: bool = True) -> None:
     run.persist_compiled_programs()
 
 
-def positive_ints(values: list[str], flag: str) -> list[int]:
+def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> list[int]:
   """A list flag's values as positive integers (config.positive_ints), else its one error line."""
   from mtp_jax.config import ConfigError, positive_ints
   try:
-    return positive_ints(values, flag)
+    return positive_ints(values, flag, allow_empty)
   except ConfigError as e:
     fail(e)

@@ -65,7 +65,7 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     import jax.numpy as jnp
-    return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[self.dtype]  # validate: DTYPES
+    return getattr(jnp, self.dtype)  # one of DTYPES (validate)
 
   @classmethod
   def from_config(cls, config) -> 'ModelConfig':
@@ -139,9 +139,11 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
   return sorted(pairs)
 
 
-def positive_ints(values: list[str], flag: str) -> list[int]:
-  """A list flag's values (absl's DEFINE_list) as positive integers, in order; ConfigError naming
-  the flag otherwise."""
+def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> list[int]:
+  """A list flag's values (absl's DEFINE_list) as positive integers, in order, at least one
+  unless `allow_empty`; ConfigError naming the flag otherwise."""
+  if not values and not allow_empty:
+    raise ConfigError(f'{flag} takes positive integers, got none')
   if not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):  # not '²': isdigit
     raise ConfigError(f'{flag} takes positive integers, got {",".join(values)}')
   return [int(v) for v in values]

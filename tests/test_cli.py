@@ -294,9 +294,13 @@ def test_every_experiment_refuses_a_stray_argument_in_one_line(script):
 
 def test_list_flags_take_positive_integers_in_ascii_digits():
   """config.positive_ints, which every experiment's list flags go through: '²' is a digit to
-  str.isdigit but not to int(), and was a traceback."""
+  str.isdigit but not to int(), and was a traceback; an empty list only where the flag allows
+  none."""
   from mtp_jax.config import ConfigError, positive_ints
-  assert positive_ints(['1', '32'], '--rows') == [1, 32] and positive_ints([], '--rows') == []
+  assert positive_ints(['1', '32'], '--rows') == [1, 32]
+  assert positive_ints([], '--rows', allow_empty=True) == []
+  with pytest.raises(ConfigError, match='--rows takes positive integers, got none'):
+    positive_ints([], '--rows')
   for bad in ('0', 'x', '²', '-1', ' 2', ''):
     with pytest.raises(ConfigError, match='--rows takes positive integers'):
       positive_ints(['4', bad], '--rows')

@@ -330,7 +330,7 @@ def test_bad_replay_flags_are_refused(tmp_path):
   refused('--sparse is replayed by --simulate', simulate=False, sparse=['4'])
   refused('--candidate_depth takes positive integers', candidate_depth=['0'])
   refused('--candidate_depth must be', depth=2, candidate_depth=['3'])
-  refused('--candidate_depth must be', candidate_depth=[])
+  refused('--candidate_depth takes positive integers, got none', candidate_depth=[])
   refused('--candidate_depth is replayed by --simulate', simulate=False, candidate_depth=['2'])
   refused('--table is replayed by --simulate', simulate=False, table=[str(tmp_path)])
   refused('--stop_below must be', stop_below=['0.2', '2'])
