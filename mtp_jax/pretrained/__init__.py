@@ -13,7 +13,7 @@ FILE_FIELDS = {'model.d_model': int, 'model.num_layers': int, 'model.num_heads':
 
 
 def field(config, name: str):
-  """The value in `config` of one of FILE_FIELDS ('section.key')."""
+  """The value in `config` of a field named 'section.key' (one of FILE_FIELDS, or another)."""
   section, key = name.split('.')
   return config[section][key]
 

@@ -10,7 +10,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mtp_jax.pretrained import llama
+from mtp_jax.pretrained import field, llama
 from mtp_jax.pretrained.base import PretrainedError
 
 FORMAT = 'mtp_jax.heads.v1'
@@ -27,8 +27,7 @@ _ADDED = {'feature_layers': '', 'head_blocks': '1'}
 def _value(config, path: str) -> str:
   """A config field as heads files record it (of a validated config: config.validate writes
   mtp.feature_layers in one form)."""
-  section, field = path.split('.')
-  return str(config[section][field])
+  return str(field(config, path))
 
 
 def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
@@ -64,11 +63,11 @@ def check(path: str, config) -> dict:
   name = os.path.basename(path)
   if meta.get('format') != FORMAT:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
-  for key, field in _MATCH.items():
+  for key, path_ in _MATCH.items():
     held = meta.get(key, _ADDED.get(key))
-    if held != _value(config, field):
-      raise PretrainedError(f'mtp.init_from: {name} holds heads with {field}={held}, '
-                            f'the config has {_value(config, field)}')
+    if held != _value(config, path_):
+      raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held}, '
+                            f'the config has {_value(config, path_)}')
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
