@@ -37,7 +37,7 @@ class LossSpec:
   frozen: bool = False  # the trunk is not trained: its loss is reported, not optimized
   feature_weight: float = 0.0  # weight of each head's feature gap in its loss (0: not computed)
   remat: bool = True  # recompute each depth's logits in the backward pass (see _stats)
-  mask_rows: bool = True  # on cached features, heads attend within each position's row
+  mask_rows: bool = True  # on rows packed into a window, attention stays within each row
 
 
 def _depth_stats(h_BxTxD, scale_D, out, ids_BxTxK, p_BxTxK, data_BxT, cfg: ModelConfig,
@@ -132,9 +132,9 @@ def _head_sums(hidden, weights, targets, data, spec: LossSpec, draft_ids):
   return sums
 
 
-def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW):
+def _hidden_states(module: MTPLanguageModel, inputs_BxT, tokens_BxW, segments_BxT=None):
   """Every depth's hidden state plus its head weights, in one pass through the model."""
-  hidden = module.hidden_states(inputs_BxT, tokens_BxW)
+  hidden = module.hidden_states(inputs_BxT, tokens_BxW, segments_BxT)
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
@@ -155,13 +155,17 @@ def depth_sums(params, batch, spec: LossSpec, draft_ids=None):
   """Per depth k = 0..D, the SUMS over one token window (the trunk runs on its first T tokens):
   tokens (B x W), or {'tokens', 'row_start'} for rows joined one after another (chats the trunk
   wrote), where depth k at position i is left out when one of tokens i + 1..i + k + 1 starts a
-  row (its target, or a head's input, lies in the next row). The trunk's attention is not cut
-  at rows: a window is a stretch of joined rows, as text is of joined documents."""
+  row (its target, or a head's input, lies in the next row). With spec.mask_rows the trunk's
+  and the heads' attention at position i see only i's row, as when the row is decoded alone;
+  without it, also the rows before it in the window. (Plain token windows of text have no rows:
+  a window is a stretch of joined documents.)"""
   cfg = spec.cfg
   tokens_BxW, row_start = ((batch['tokens'], batch['row_start']) if isinstance(batch, dict)
                            else (batch, None))
   T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
-  hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW,
+  rows = (jnp.cumsum(row_start[:, :T], axis=1) if row_start is not None and spec.mask_rows
+          else None)
+  hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW, rows,
                                                 method=_hidden_states)
   data = [tokens_BxW[:, k + 1:k + 1 + T] for k in range(cfg.mtp_depth + 1)]
   if row_start is not None:

@@ -41,16 +41,17 @@ class MTPLanguageModel(nn.Module):
     emb = jnp.take(self.embedding, tokens_BxT, axis=0, mode='clip')
     return emb.astype(self.cfg.compute_dtype)
 
-  def trunk(self, tokens_BxT, positions_BxT, caches=None, slots_BxT=None):
+  def trunk(self, tokens_BxT, positions_BxT, caches=None, slots_BxT=None, segments_BxT=None):
     """Returns the trunk's features h^0 and updated caches: its last hidden state (before the
     final norm), followed by the outputs of the blocks mtp.feature_layers names (B x T x
-    feature_dim). With caches, `slots` says where the new entries go (layers.attend)."""
+    feature_dim). With caches, `slots` says where the new entries go (layers.attend); without,
+    `segments` (a row id per position) keeps rows packed into one window apart."""
     x_BxTxD = self.embed(tokens_BxT)
     new_caches, taken = [], {}
     angles = rotary(positions_BxT, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len)
     for i, block in enumerate(self.blocks):
       x_BxTxD, kv = block(x_BxTxD, positions_BxT, angles, None if caches is None else caches[i],
-                          slots_BxT)
+                          slots_BxT, segments_BxT)
       new_caches.append(kv)
       if i in self.cfg.feature_layers:
         taken[i] = x_BxTxD
@@ -84,12 +85,14 @@ class MTPLanguageModel(nn.Module):
   def logits(self, h_BxTxD, k: int = 0):
     return project(h_BxTxD, *self.head_weights(k), self.cfg)
 
-  def hidden_states(self, inputs_BxT, tokens_BxW):
+  def hidden_states(self, inputs_BxT, tokens_BxW, segments_BxT=None):
     """Every depth's hidden state over T positions (no cache): the trunk on `inputs_BxT`, then
-    the heads (head_states)."""
+    the heads (head_states); with `segments` (a row id per position) the trunk's and the heads'
+    attention stay inside each position's row."""
     T = inputs_BxT.shape[1]
-    h0, _ = self.trunk(inputs_BxT, jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape))
-    return self.head_states(h0, tokens_BxW)
+    h0, _ = self.trunk(inputs_BxT, jnp.broadcast_to(jnp.arange(T), inputs_BxT.shape),
+                       segments_BxT=segments_BxT)
+    return self.head_states(h0, tokens_BxW, segments_BxT)
 
   def head_states(self, h0_BxTxD, tokens_BxW, segments_BxT=None):
     """[h0, h1, .., hD] from the trunk's h0 over T positions: depth k reads

@@ -222,6 +222,34 @@ def test_token_windows_of_joined_rows_leave_out_what_reaches_the_next_row(head_l
     np.testing.assert_allclose(float(b['loss']), float(a['loss']), rtol=1e-6)
 
 
+@pytest.mark.parametrize('attention', ['einsum', 'fused'])
+def test_token_windows_of_joined_rows_keep_the_trunk_inside_each_row(attention):
+  """Chats joined as tokens (data.features=False): with train.mask_rows the trunk's and the
+  heads' states over a row that starts inside the window are those of the row alone (rotary
+  angles are relative, so its offset in the window does not matter); without it the trunk
+  reads the row before."""
+  cfg = tiny_model(**{'mtp.depth': 2, 'model.attention': attention})
+  params = init_params(cfg, jax.random.key(5))
+  T, D, p = 10, cfg.mtp_depth, 4
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, T + D + 1)))
+  row_start = np.zeros((1, T + D + 1), bool)
+  row_start[0, p] = True
+  rows = jnp.cumsum(jnp.asarray(row_start[:, :T]), axis=1)
+  states = lambda *args: MTPLanguageModel(cfg).apply(params, *args,
+                                                     method=MTPLanguageModel.hidden_states)
+  masked, unmasked = states(tokens[:, :T], tokens, rows), states(tokens[:, :T], tokens)
+  alone = states(tokens[:, p:T], tokens[:, p:])
+  for k in range(D + 1):
+    np.testing.assert_allclose(masked[k][:, p:], alone[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(masked[k][:, :p], unmasked[k][:, :p], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(unmasked[0][:, p:], alone[0], rtol=1e-3, atol=1e-3)
+  # the loss follows the setting
+  batch = {'tokens': tokens, 'row_start': jnp.asarray(row_start)}
+  loss = {m: float(depth_sums(params, batch, LossSpec(cfg, mask_rows=m))[0]['loss'])
+          for m in (True, False)}
+  assert loss[True] != loss[False]
+
+
 def test_depth_targets_alignment_on_hand_made_batch():
   """Depth k at position i is scored against t_{i+k+1}: blanking one target removes exactly
   the position i = p - k - 1 from depth k's count."""
