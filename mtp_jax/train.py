@@ -814,7 +814,11 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   elif start >= t.steps:
     print(f'already trained to step {start} (train.steps={t.steps}); nothing to do',
           file=sys.stderr)
+    # The eval dict of a finished run, hook's metrics too (a run stopped in its last step is
+    # finished by this rerun; its summary must not lack them).
     periodic.eval_metrics = session.evaluate(state['params'])
+    if eval_hook is not None:
+      periodic.eval_metrics.update(eval_hook(session, state['params'], start, None) or {})
   session.checkpointer.close()
   return {'step': int(state['step']), 'resumed_from': start, 'stopped_by': stopped_by,
           'eval': periodic.eval_metrics, 'nonfinite_skipped': log.skipped}

@@ -147,6 +147,10 @@ def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   assert checkpoint_steps(workdir) == saved
   assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
   assert [s for s, _ in scalars(workdir)['train/loss/total']] == list(range(1, 2 * N + 1))
+  # With an eval hook (launch.py's decoding), its metrics join the finished run's eval dict
+  # as they did at the last step's evaluation.
+  hooked = train.train(config, workdir, eval_hook=lambda session, params, step, w: {'hook': step})
+  assert hooked['eval'] == {**straight_run.summary['eval'], 'hook': 2 * N}
 
 
 def test_tensorboard_scalars_at_their_steps(straight_run):
