@@ -1,9 +1,9 @@
 """Token rows a model wrote itself, and cached trunk features for training heads on a frozen trunk:
 at every position the trunk's features h0 (bfloat16; its last hidden state, then the layers of
 mtp.feature_layers) and its top-K next-token log-probabilities. A cache is keyed by the trunk's
-identity (its file hash) and what made it, so a different model never reads a stale cache; it is
-built in shards, each written atomically, so an interrupted build resumes at the first missing
-shard.
+identity (its file hash; a Hugging Face directory's config and tokenizer files beside its
+weights) and what made it, so a different model never reads a stale cache; it is built in
+shards, each written atomically, so an interrupted build resumes at the first missing shard.
 
 Shape legend: N positions of a split, D width, K kept entries, B batch, T trunk positions of a
 window, W = T + D + 1 tokens.

@@ -400,6 +400,8 @@ class Session(Program):
       spec = {**spec, 'feature_layers': list(self.cfg.feature_layers)}
     if self.config.model.dtype != 'float32':  # the trunk writes in it; float32 caches keep theirs
       spec = {**spec, 'dtype': self.config.model.dtype}
+    if self.model_file.setup_identity:  # a Hugging Face directory's config and tokenizer
+      spec = {**spec, 'setup': self.model_file.setup_identity}
     directory = feat_lib.cache_dir(os.path.join(root, 'features'), spec)
     cache = feat_lib.load(directory)
     if jax.process_count() > 1:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import pretrained_config, random_llama, write_gguf
+from conftest import CHAT, pretrained_config, random_llama, write_gguf, write_hf
 from mtp_jax import atomic
 from mtp_jax import features as feat_lib
 from mtp_jax import inference, selfdata, train
@@ -297,6 +297,29 @@ def test_a_chats_cache_names_the_stop_tokens_and_a_dtype_other_than_float32(tmp_
     specs[name] = json.loads(spec_file.read_text())
   assert 'stop_ids' not in specs['plain'] and specs['eot']['stop_ids'] == [263, 261]
   assert 'dtype' not in specs['plain'] and specs['bf16'] == {**specs['plain'], 'dtype': 'bfloat16'}
+
+
+def test_a_chats_cache_of_a_hugging_face_directory_names_its_config_and_tokenizer(tmp_path):
+  """A Hugging Face directory's identity is its weights' sha256 (heads name their trunk by it);
+  the chats its trunk writes also depend on its config, tokenizer and chat template, so a cache
+  of them is keyed by those files too: a changed template makes a new cache."""
+  directory = write_hf(tmp_path / 'hf', random_llama())
+  specs = []
+  for name in ('before', 'after'):
+    root = tmp_path / f'cache_{name}'
+    train.Session(resolve.resolve_config(pretrained_config(directory, **{
+        'data.sources': 'self', 'train.freeze_trunk': True, 'data.self_tokens': 200,
+        'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'data.cache_dir': str(root)})),
+        str(tmp_path / name))
+    [spec_file] = (root / 'features').glob('*/spec.json')
+    specs.append(json.loads(spec_file.read_text()))
+    model = resolve.open_model(directory)
+    assert specs[-1]['trunk'] == model.identity
+    assert specs[-1]['setup'] == model.setup_identity
+    with open(os.path.join(directory, 'chat_template.jinja'), 'w') as f:  # read first
+      f.write(CHAT.replace('<|im_start|>', '<|im_start|> '))
+  assert specs[0]['trunk'] == specs[1]['trunk'] and specs[0]['setup'] != specs[1]['setup']
+  assert resolve.open_model(write_gguf(tmp_path / 'tiny.gguf', random_llama())).setup_identity == ''
 
 
 def test_token_windows_of_chats_carry_their_row_starts(tmp_path):

@@ -13,6 +13,8 @@ from mtp_jax.pretrained import gguf_file, llama
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
 DTYPES = ('F32', 'F16', 'BF16')
+SETUP_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
+               'chat_template.jinja')
 
 
 def _chat_template(value, name: str) -> str:
@@ -162,7 +164,12 @@ def read(directory: str) -> Pretrained:
     eos = eos.get('content') if isinstance(eos, dict) else eos
     if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
+  # Heads name their trunk by the weights' sha256 alone; what the trunk computes and writes
+  # depends on these files as well.
+  setup = [os.path.join(directory, f) for f in SETUP_FILES
+           if os.path.exists(os.path.join(directory, f))]
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
+                    setup_identity=sha256(setup),
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
                     stop_ids=stop_tokens(eos_id, *listed))
