@@ -35,6 +35,23 @@ def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monk
   assert 'decoding kernels not built' in capsys.readouterr().err
 
 
+def test_a_failed_build_is_recorded_and_not_tried_again(tmp_path, monkeypatch, capsys):
+  """A build that fails fails again (here: no compiler where $CXX points): the reason is kept
+  beside where the library would be, so later processes say it at once instead of trying;
+  removing the record tries again."""
+  monkeypatch.setattr(kernels, '_cache_root', lambda: str(tmp_path / 'kernels'))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  assert kernels._build() is None
+  first = capsys.readouterr().err
+  assert 'no-such-compiler' in first and 'to try the build again' not in first
+  [record] = (tmp_path / 'kernels').glob('*/build_failed.txt')
+  assert kernels._build() is None
+  assert 'no-such-compiler' in capsys.readouterr().err.split('to try the build again')[0]
+  record.unlink()
+  assert kernels._build() is None
+  assert 'to try the build again' not in capsys.readouterr().err and record.exists()
+
+
 def test_a_library_it_cannot_load_leaves_decoding_to_xla_and_is_built_again(tmp_path):
   """A damaged library in the cache (an empty file after a power loss, say) is a note and XLA's
   ops, not a crash at every run; the file is removed, so the next run builds it again."""

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from mtp_jax import measure
+from mtp_jax import atomic, measure
 from mtp_jax.matmul import matmul
 from mtp_jax.pretrained import fetch
 
@@ -115,10 +115,19 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE,
 
 
 def _build() -> str | None:
-  """Path of the compiled library (building it once per machine), or None when it cannot be."""
+  """Path of the compiled library (building it once per machine), or None when it cannot be. A
+  failed build is recorded beside where the library would be, and later processes with the
+  same source, compiler and CPU (the same key) do not try again until that record is removed."""
   path = os.path.join(_cache_root(), _machine_key(), 'decode_ops.so')
   if os.path.exists(path):
     return path
+  failed = os.path.join(os.path.dirname(path), 'build_failed.txt')
+  if os.path.exists(failed):
+    with open(failed) as f:
+      reason = f.read().strip()
+    print(f'note: decoding kernels not built ({reason}); decoding uses XLA alone (remove '
+          f'{failed} to try the build again)', file=sys.stderr)
+    return None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.so')
@@ -132,6 +141,8 @@ def _build() -> str | None:
           file=sys.stderr)
     if os.path.exists(tmp):  # the linker may have removed it already
       os.remove(tmp)
+    with contextlib.suppress(OSError):
+      atomic.write_text(failed, reason + '\n')
     return None
   os.replace(tmp, path)
   return path
