@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Decoding uses einsum, or the cache-attention kernel where the decoding kernels run.
   c.model.attention = 'einsum'
   c.model.tie_embeddings = True
+  c.model.qkv_bias = False  # biases on the attention's q, k and v projections (Qwen2's)
   c.model.rope_theta = 10000.0
   c.model.max_seq_len = 512  # RoPE range and the decoder's cache length.
   c.model.norm_eps = 1e-6

@@ -213,7 +213,8 @@ MODEL_FIELDS = ('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim', 'mtp.head_
                 'mtp.feature_layers', 'data.vocab_size')
 # Model-defining fields added after checkpoints were first written, with the value that gives
 # the model those checkpoints hold; an older config.json without the field is read as having it.
-ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': '', 'mtp.head_blocks': 1}
+ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': '', 'mtp.head_blocks': 1,
+                'model.qkv_bias': False}
 
 
 def _show(value) -> str:

@@ -41,6 +41,7 @@ class ModelConfig:
   kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
   feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
   detach_chain: bool = False  # training: depth k's loss sends no gradient into modules < k
+  qkv_bias: bool = False  # biases on q, k and v (Qwen2)
 
   @property
   def feature_dim(self) -> int:
@@ -78,7 +79,7 @@ class ModelConfig:
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
         head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
         head_blocks=config.mtp.head_blocks, detach_chain=config.mtp.detach_chain,
-        feature_layers=parse_layers(config.mtp.feature_layers))
+        feature_layers=parse_layers(config.mtp.feature_layers), qkv_bias=m.qkv_bias)
 
 
 def block_name(j: int) -> str:
@@ -188,6 +189,7 @@ def validate(config) -> None:
          f"model.attention must be one of {', '.join(ATTENTION)}, got '{m.attention}'")
   _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
   _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
+  _check(isinstance(m.qkv_bias, bool), f'model.qkv_bias must be True or False, got {m.qkv_bias!r}')
   _check(mtp.kind in KINDS, f"mtp.kind must be one of {', '.join(KINDS)}, got '{mtp.kind}'")
   _check(isinstance(mtp.depth, int) and mtp.depth >= 0,
          f'mtp.depth must be an integer >= 0, got {mtp.depth!r}')

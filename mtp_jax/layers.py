@@ -214,7 +214,8 @@ class Attention(nn.Module):
   positions, which the caller computes once for all its blocks). With `kv` (a cache dict), the
   new keys and values are written at `slots` (default: `positions`) and each query attends as
   `attend` describes; entries past a row's true length are stale drafts and are hidden by that
-  same test. Without a cache, `segments` keeps packed rows apart (`attend`)."""
+  same test. Without a cache, `segments` keeps packed rows apart (`attend`). With
+  model.qkv_bias, q, k and v have biases (Qwen2)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -225,9 +226,10 @@ class Attention(nn.Module):
     dt = cfg.compute_dtype
     x = x_BxTxD.astype(dt)
     if cfg.kernels:  # model.kernel_layout's q, k and v stacked head-wise: one product
-      w_qkv = fused_param(self, 'qkv', (H + 2 * K, E, D))
-      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = jnp.split(dense(x, w_qkv, 1, cfg),
-                                                   (H, H + K), axis=-2)
+      qkv_BxTxNxE = dense(x, fused_param(self, 'qkv', (H + 2 * K, E, D)), 1, cfg)
+      if cfg.qkv_bias:  # stacked the same way
+        qkv_BxTxNxE = qkv_BxTxNxE + fused_param(self, 'qkv_bias', (H + 2 * K, E)).astype(dt)
+      q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = jnp.split(qkv_BxTxNxE, (H, H + K), axis=-2)
     else:
       w_q = dense_param(self, 'q', fan_in_init(0, (1, 2)), (D,), (H, E), ('embed',),
                         ('heads', 'head_dim'), cfg)
@@ -236,6 +238,12 @@ class Attention(nn.Module):
       w_v = dense_param(self, 'v', fan_in_init(0, (1, 2)), (D,), (K, E), ('embed',),
                         ('kv_heads', 'head_dim'), cfg)
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (dense(x, w, 1, cfg) for w in (w_q, w_k, w_v))
+      if cfg.qkv_bias:  # Qwen2's
+        q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (
+            y + param_with_axes(self, f'{n}_bias', nn.initializers.zeros, (N, E),
+                                (axis, 'head_dim')).astype(dt)
+            for y, n, N, axis in ((q_BxTxHxE, 'q', H, 'heads'), (k_BxTxKxE, 'k', K, 'kv_heads'),
+                                  (v_BxTxKxE, 'v', K, 'kv_heads')))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)

@@ -179,7 +179,8 @@ def kernel_layout(params):
   """The params as the decoding kernels read them (ModelConfig.kernels): every dense matrix
   stored (out..., in...), one output per row, and the matrices that read the same input stacked
   into one, so that one pass over it computes them all: an attention's q, k and v along the head
-  axis ('qkv', H + 2K heads), an MLP's gate and up ('gate_up', 2 x F). All in float32;
+  axis ('qkv', H + 2K heads; their biases, where there are, 'qkv_bias'), an MLP's gate and up
+  ('gate_up', 2 x F). All in float32;
   narrow_heads stores the MTP heads' matrices narrower."""
   def stack(tree, name=''):
     if not isinstance(tree, dict):
@@ -187,6 +188,8 @@ def kernel_layout(params):
     tree = {k: stack(v, k) for k, v in tree.items()}
     if name == 'attn' and {'q', 'k', 'v'} <= tree.keys():
       tree['qkv'] = jnp.concatenate([tree.pop('q'), tree.pop('k'), tree.pop('v')], axis=0)
+    if name == 'attn' and {'q_bias', 'k_bias', 'v_bias'} <= tree.keys():  # Qwen2's, alike
+      tree['qkv_bias'] = jnp.concatenate([tree.pop(f'{n}_bias') for n in 'qkv'], axis=0)
     if name == 'mlp' and {'gate', 'up'} <= tree.keys():
       tree['gate_up'] = jnp.stack([tree.pop('gate'), tree.pop('up')])
     return tree

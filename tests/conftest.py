@@ -277,7 +277,8 @@ def flat(tree) -> dict:
 
 LLAMA = {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
          'model.mlp_dim': 64, 'model.rope_theta': 10000.0, 'model.norm_eps': 1e-5,
-         'model.tie_embeddings': True, 'data.vocab_size': 264}
+         'model.tie_embeddings': True, 'model.qkv_bias': False, 'data.vocab_size': 264}
+QWEN2 = {**LLAMA, 'model.qkv_bias': True}  # a Llama with biases on q, k and v
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -362,10 +363,11 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
       name = names[hf]
     else:
       _, _, i, rest = hf.split('.', 3)
-      name = f'blk.{i}.{block[rest.rsplit(".", 1)[0]]}.weight'
-    if hf.endswith('q_proj.weight'):
+      base, kind = rest.rsplit('.', 1)
+      name = f'blk.{i}.{block[base]}.{kind}'
+    if arch == 'llama' and hf.endswith('q_proj.weight'):  # Qwen2's converter leaves them
       t = to_gguf_layout(t, f['model.num_heads'])
-    elif hf.endswith('k_proj.weight'):
+    elif arch == 'llama' and hf.endswith('k_proj.weight'):
       t = to_gguf_layout(t, f['model.num_kv_heads'])
     if reshape and hf in reshape:
       t = t.reshape(reshape[hf])
@@ -391,7 +393,8 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
   from mtp_jax.pretrained import tokenizer as tok_lib
   f = {**LLAMA, **(fields or {})}
   os.makedirs(directory, exist_ok=True)
-  config = {'architectures': [architecture], 'model_type': 'llama',
+  model_type = {'Qwen2ForCausalLM': 'qwen2'}.get(architecture, 'llama')
+  config = {'architectures': [architecture], 'model_type': model_type,
             'hidden_size': f['model.d_model'], 'num_hidden_layers': f['model.num_layers'],
             'num_attention_heads': f['model.num_heads'],
             'num_key_value_heads': f['model.num_kv_heads'], 'intermediate_size': f['model.mlp_dim'],
@@ -427,7 +430,8 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
 
 def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
   """Llama's forward pass over one sequence in float64 NumPy, from HF-layout tensors: RMSNorm,
-  rotate-half RoPE, grouped-query causal attention, SwiGLU, tied or separate output layer."""
+  rotate-half RoPE, grouped-query causal attention (with Qwen2's q, k and v biases where the
+  tensors have them), SwiGLU, tied or separate output layer."""
   f = {**LLAMA, **(fields or {})}
   t = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
   H, K, D = f['model.num_heads'], f['model.num_kv_heads'], f['model.d_model']
@@ -448,9 +452,10 @@ def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
   for i in range(f['model.num_layers']):
     p = f'model.layers.{i}.'
     h = norm(x, t[p + 'input_layernorm.weight'])
-    q = rotate((h @ t[p + 'self_attn.q_proj.weight'].T).reshape(T, H, E).transpose(1, 0, 2))
-    k = rotate((h @ t[p + 'self_attn.k_proj.weight'].T).reshape(T, K, E).transpose(1, 0, 2))
-    v = (h @ t[p + 'self_attn.v_proj.weight'].T).reshape(T, K, E).transpose(1, 0, 2)
+    proj = lambda n: h @ t[p + f'self_attn.{n}_proj.weight'].T + t.get(p + f'self_attn.{n}_proj.bias', 0)
+    q = rotate(proj('q').reshape(T, H, E).transpose(1, 0, 2))
+    k = rotate(proj('k').reshape(T, K, E).transpose(1, 0, 2))
+    v = proj('v').reshape(T, K, E).transpose(1, 0, 2)
     k, v = np.repeat(k, H // K, 0), np.repeat(v, H // K, 0)
     scores = q @ k.transpose(0, 2, 1) / np.sqrt(E)
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)

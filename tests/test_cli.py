@@ -204,7 +204,8 @@ def tiny_llama(tmp_path_factory):
   root = tmp_path_factory.mktemp('llama')
   tensors = random_llama()
   files = {'good': write_gguf(root / 'good.gguf', tensors),
-           'qwen': write_gguf(root / 'qwen.gguf', tensors, arch='qwen2'),
+           'gemma': write_gguf(root / 'gemma.gguf', tensors, arch='gemma'),
+           'qwen': write_gguf(root / 'qwen.gguf', tensors, arch='qwen2'),  # without its biases
            'f64': write_gguf(root / 'f64.gguf', {**tensors, 'model.norm.weight':
                                                  tensors['model.norm.weight'].astype(np.float64)}),
            'q4': write_gguf(root / 'q4.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0,
@@ -224,7 +225,8 @@ def tiny_llama(tmp_path_factory):
 PRETRAINED_CASES = {
     'contradicting field': ('good', ['--config.model.d_model=64'],
                             ['model.d_model=64 contradicts good.gguf, which has 32']),
-    'architecture': ('qwen', [], ["architecture 'qwen2'; only 'llama'"]),
+    'architecture': ('gemma', [], ["architecture 'gemma'; only 'llama' and 'qwen2'"]),
+    'missing tensor': ('qwen', [], ["qwen.gguf has no tensor 'blk.0.attn_q.bias'"]),
     'tensor type': ('f64', [], ["tensor 'output_norm.weight'", 'type F64']),
     'truncated file': ('cut', [], ['cut.gguf']),
     'heads without a trunk': (None, ['--config.mtp.init_from=last_block'],

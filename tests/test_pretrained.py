@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (CHAT, LLAMA, assert_bitwise_equal, assert_user_error, gguf_rounded,
+from conftest import (CHAT, LLAMA, QWEN2, assert_bitwise_equal, assert_user_error, gguf_rounded,
                       numpy_llama_logits, pretrained_config, random_llama, run_script,
                       stdlib_corpus, write_gguf, write_hf)
 from mtp_jax import sharding, train
@@ -38,17 +38,22 @@ def our_logits(source, tokens=TOKENS):
   return np.asarray(model.apply(params, h, method=model.logits))[0]
 
 
-@pytest.mark.parametrize('qtype', [None, 'Q8_0'])
-def test_gguf_import_matches_numpy_forward(tmp_path, qtype):
+@pytest.mark.parametrize('qtype,arch', [(None, 'llama'), ('Q8_0', 'llama'), (None, 'qwen2'),
+                                        ('Q8_0', 'qwen2')])
+def test_gguf_import_matches_numpy_forward(tmp_path, qtype, arch):
+  """Both architectures: Qwen2 is a Llama with biases on q, k and v, whose q and k rows
+  llama.cpp's converter leaves in Hugging Face's order."""
   import gguf
-  tensors = random_llama()
+  fields = QWEN2 if arch == 'qwen2' else LLAMA
+  tensors = random_llama(fields)
   q = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
-  path = write_gguf(tmp_path / 'tiny.gguf', tensors, qtype=q)
+  path = write_gguf(tmp_path / 'tiny.gguf', tensors, fields, qtype=q, arch=arch)
   if q is not None:  # the reference reads the same rounded weights llama.cpp would
     tensors = {n: gguf.quants.dequantize(gguf.quants.quantize(t, q), q).reshape(t.shape)
                if t.ndim == 2 else t for n, t in tensors.items()}
-  np.testing.assert_allclose(our_logits(path), numpy_llama_logits(tensors, TOKENS), atol=1e-4,
-                             rtol=1e-4)
+  np.testing.assert_allclose(our_logits(path), numpy_llama_logits(tensors, TOKENS, fields),
+                             atol=1e-4, rtol=1e-4)
+  assert pretrained.resolve_config(pretrained_config(path)).model.qkv_bias == (arch == 'qwen2')
 
 
 def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_path):
@@ -79,15 +84,17 @@ def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_pat
     assert_user_error(run_script('experiments/gguf_forms.py', *args, timeout=60), *words)
 
 
-@pytest.mark.parametrize('qtype', ['Q4_0', 'Q4_1'])
-def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype):
+@pytest.mark.parametrize('qtype,arch', [('Q4_0', 'llama'), ('Q4_1', 'llama'), ('Q4_1', 'qwen2')])
+def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype, arch):
   """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (both
-  as integers 0 to 15 two to a byte with offsets), and the trunk's logits through them are the
-  float32 ones to rounding."""
+  as integers 0 to 15 two to a byte with offsets), and the trunk's logits through them (and
+  through the kernels' stacked q, k and v, Qwen2's biases stacked alike) are the float32 ones
+  to rounding."""
   import gguf
   from mtp_jax import decode as dec
   from mtp_jax import kernels
-  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(),
+  fields = QWEN2 if arch == 'qwen2' else LLAMA
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(fields), fields, arch=arch,
                     qtype=getattr(gguf.GGMLQuantizationType, qtype))
   config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 0}))
   cfg = ModelConfig.from_config(config)
@@ -109,9 +116,10 @@ def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype):
   np.testing.assert_allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('shards,transformers5', [(1, False), (3, False), (1, True)])
-def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5):
-  fields = {'model.tie_embeddings': False}
+@pytest.mark.parametrize('shards,transformers5,qwen2', [(1, False, False), (3, False, False),
+                                                      (1, True, False), (2, False, True)])
+def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5, qwen2):
+  fields = {'model.tie_embeddings': False, 'model.qkv_bias': qwen2}
   extra, files = {}, {}
   if transformers5:
     # Where transformers 5 keeps the rotary base (a base other than the 10000 a reader falls back
@@ -122,9 +130,45 @@ def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers
              for i in range(LLAMA['model.num_layers'])}
   tensors = random_llama(fields, seed=1)
   directory = write_hf(tmp_path / 'hf', {**tensors, **files}, fields, shards=shards,
-                       transformers5=transformers5, config_extra=extra)
+                       transformers5=transformers5, config_extra=extra,
+                       architecture='Qwen2ForCausalLM' if qwen2 else 'LlamaForCausalLM')
   np.testing.assert_allclose(our_logits(directory), numpy_llama_logits(tensors, TOKENS, fields),
                              atol=1e-4, rtol=1e-4)
+
+
+def test_a_qwen2_model_decodes_exactly_and_exports_as_qwen2(tmp_path, capsys):
+  """Qwen2 from end to end: heads copied from its last block (biases too) draft, and greedy
+  `mtp`, through the decoding kernels' stacked q, k, v and their biases, is `ar` token for token;
+  --mode export writes a Qwen2ForCausalLM directory that imports back to the same tensors, with
+  a heads file, biases included, that loads beside it."""
+  from mtp_jax import run
+  path = write_gguf(tmp_path / 'qwen.gguf', random_llama(QWEN2, seed=3), QWEN2, arch='qwen2')
+  workdir = str(tmp_path / 'run')
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('the tin\nan apple\n')
+  outputs = {}
+  for method in ('ar', 'mtp'):
+    config = pretrained_config(path, **{'mtp.init_from': 'last_block', 'decode.method': method,
+                                        'decode.max_new_tokens': 16})
+    result = run.run('generate', config, workdir, prompt_file=str(prompts))
+    outputs[method] = result['outputs']
+    assert result['tau'] > 1 or method == 'ar'
+  assert outputs['mtp'] == outputs['ar'] and all(len(o) > 4 for o in outputs['ar'])
+  summary = run.run('export', config, workdir)
+  export = os.path.join(workdir, 'export')
+  assert json.load(open(os.path.join(export, 'config.json')))['architectures'] == [
+      'Qwen2ForCausalLM']
+  back, original = pretrained.open_model(export), pretrained.open_model(path)
+  assert back.fields == original.fields and back.fields['model.qkv_bias']
+  for name in ('model.layers.1.self_attn.k_proj.bias', 'model.layers.0.self_attn.q_proj.weight'):
+    np.testing.assert_array_equal(back.get(name), original.get(name))
+  heads = os.path.join(export, 'mtp_heads.safetensors')
+  assert 'mtp_heads.safetensors' in summary['files']
+  config = pretrained.resolve_config(pretrained_config(export, **{'mtp.init_from': heads}))
+  pretrained.check_heads_init(config)
+  loaded = pretrained.head_params(config, pretrained.trunk_params(export))
+  np.testing.assert_array_equal(loaded['mtp_0']['block']['attn']['v_bias'],
+                                pretrained.trunk_params(path)['blocks_1']['attn']['v_bias'])
 
 
 def test_model_fields_and_tokenizer_come_from_the_file(tmp_path):
@@ -151,7 +195,8 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize('break_it,message', [
-    (dict(arch='qwen2'), "architecture 'qwen2'; only 'llama'"),
+    (dict(arch='gemma'), "architecture 'gemma'; only 'llama' and 'qwen2' are supported"),
+    (dict(arch='qwen2'), "has no tensor 'blk.0.attn_q.bias'"),  # Qwen2 has biases
     (dict(drop=('model.layers.1.mlp.up_proj.weight',)), "no tensor 'blk.1.ffn_up.weight'"),
     (dict(reshape={'model.layers.0.self_attn.v_proj.weight': (32, 16)}),
      "tensor 'blk.0.attn_v.weight' of tiny.gguf has shape (32, 16), expected (16, 32)"),
@@ -192,8 +237,14 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
 
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
-  with pytest.raises(PretrainedError, match='only LlamaForCausalLM'):
+  with pytest.raises(PretrainedError, match='only LlamaForCausalLM and Qwen2ForCausalLM'):
     pretrained.open_model(write_hf(tmp_path / 'a', tensors, architecture='GPT2LMHeadModel'))
+  with pytest.raises(PretrainedError, match='use_sliding_window=true; only full attention'):
+    pretrained.open_model(write_hf(tmp_path / 'q', random_llama(QWEN2), QWEN2,
+                                   architecture='Qwen2ForCausalLM',
+                                   config_extra={'use_sliding_window': True}))
+  with pytest.raises(PretrainedError, match="has no tensor 'model.layers.0.self_attn.q_proj.bias'"):
+    pretrained.open_model(write_hf(tmp_path / 'nb', tensors, architecture='Qwen2ForCausalLM'))
   directory = write_hf(tmp_path / 'b', tensors, shards=2)
   os.remove(os.path.join(directory, 'model-00002-of-00002.safetensors'))
   with pytest.raises(PretrainedError, match='shard model-00002-of-00002.safetensors'):
@@ -265,6 +316,10 @@ def test_llama3_tokenizer_takes_whole_pieces_and_starts_with_bos(tmp_path):
       'test', tokens=tokens, merges=['a b'], token_types=[1] * len(tokens), model='gpt2',
       pre=pre, add_bos=False, bos_id=None)
   assert make('llama-bpe').encode('abc').ids == [tokens.index('abc')]
+  # Qwen2's split is Llama 3's with every digit its own piece (llama.cpp's 'qwen2')
+  pieces = lambda pre: [p for p, _ in make(pre).pre_tokenizer.pre_tokenize_str("it's 2024!\n")]
+  assert pieces('llama-bpe') == ['it', "'s", 'Ġ', '202', '4', '!Ċ']
+  assert pieces('qwen2') == ['it', "'s", 'Ġ', '2', '0', '2', '4', '!Ċ']
   assert make('gpt-2').encode('abc').ids == [tokens.index('ab'), tokens.index('c')]
   # llama.cpp's 'default' (also a file without the key): punctuation runs, GPT-2's split, digit
   # runs, groups of three digits, each on the pieces before (experiments/tokenizer_parity.py

@@ -1,6 +1,7 @@
-"""Writes a model back out in Hugging Face's layout: the trunk as LlamaForCausalLM
-(config.json, model.safetensors, tokenizer files), which transformers loads, and the MTP heads
-beside it in mtp_heads.safetensors (heads_file), which mtp.init_from reads.
+"""Writes a model back out in Hugging Face's layout: the trunk as LlamaForCausalLM, or
+Qwen2ForCausalLM where q, k and v have biases (config.json, model.safetensors, tokenizer files),
+which transformers loads, and the MTP heads beside it in mtp_heads.safetensors (heads_file), which
+mtp.init_from reads.
 """
 
 import os
@@ -17,17 +18,23 @@ HEADS = 'mtp_heads.safetensors'
 
 
 def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None) -> dict:
-  """config.json of LlamaForCausalLM for a ModelConfig, with the heads described under 'mtp';
-  `context_length`: the positions the trunk was made for (default: model.max_seq_len)."""
+  """config.json of LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias) for a ModelConfig,
+  with the heads described under 'mtp'; `context_length`: the positions the trunk was made for
+  (default: model.max_seq_len)."""
+  if cfg.qkv_bias:  # Qwen2's biases on q, k and v, and nothing else
+    arch = {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2',
+            'use_sliding_window': False}
+  else:
+    arch = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'attention_bias': False,
+            'mlp_bias': False}
   return {
-      'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'hidden_act': 'silu',
+      **arch, 'hidden_act': 'silu',
       'hidden_size': cfg.d_model, 'intermediate_size': cfg.mlp_dim,
       'num_attention_heads': cfg.num_heads, 'num_hidden_layers': cfg.num_layers,
       'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
       'rms_norm_eps': cfg.norm_eps, 'rope_theta': cfg.rope_theta, 'rope_scaling': None,
       'tie_word_embeddings': cfg.tie_embeddings, 'vocab_size': cfg.vocab_size,
-      'max_position_embeddings': context_length or cfg.max_seq_len, 'attention_bias': False,
-      'mlp_bias': False,
+      'max_position_embeddings': context_length or cfg.max_seq_len,
       'bos_token_id': bos_id, 'eos_token_id': eos_id, 'torch_dtype': dtype,
       'mtp': {'kind': cfg.mtp_kind, 'depth': cfg.mtp_depth, 'file': HEADS,
               'feature_layers': list(cfg.feature_layers), 'head_blocks': cfg.head_blocks,
@@ -44,7 +51,8 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it."""
   os.makedirs(directory, exist_ok=True)
   cast = DTYPES[dtype]
-  fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings}
+  fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
+            'model.qkv_bias': cfg.qkv_bias}
   trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
   weights = os.path.join(directory, 'model.safetensors')
   save_file(trunk, weights + '.tmp', metadata={'format': 'pt'})

@@ -1,6 +1,7 @@
 """llama.cpp's GGUF files, read and dequantized with the `gguf` package: the model fields and the
-tokenizer from the metadata, tensors renamed to Hugging Face's Llama names, and q/k rows put back
-from llama.cpp's rotary layout.
+tokenizer from the metadata, tensors renamed to Hugging Face's Llama names, and a Llama's q/k rows
+put back from llama.cpp's rotary layout (its converter leaves Qwen2's as they are, and rotates
+them as Hugging Face does).
 """
 
 import os
@@ -22,6 +23,9 @@ _NAMES = {'attn_norm': 'input_layernorm.weight', 'attn_q': 'self_attn.q_proj.wei
           'attn_output': 'self_attn.o_proj.weight', 'ffn_norm': 'post_attention_layernorm.weight',
           'ffn_gate': 'mlp.gate_proj.weight', 'ffn_up': 'mlp.up_proj.weight',
           'ffn_down': 'mlp.down_proj.weight'}
+# general.architecture -> whether q, k and v have biases (blk.N.attn_q.bias, ...)
+ARCHITECTURES = {'llama': False, 'qwen2': True}
+_BIASES = ('attn_q', 'attn_k', 'attn_v')
 _TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
         'output.weight': 'lm_head.weight'}
 
@@ -32,6 +36,8 @@ def hf_name(name: str) -> str | None:
   parts = name.split('.')
   if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _NAMES:
     return f'model.layers.{parts[1]}.{_NAMES[parts[2]]}'
+  if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'bias' and parts[2] in _BIASES:
+    return f"model.layers.{parts[1]}.{_NAMES[parts[2]].replace('.weight', '.bias')}"
   return None
 
 
@@ -41,7 +47,8 @@ def gguf_name(hf: str) -> str:
     if mapped == hf:
       return name
   _, _, i, suffix = hf.split('.', 3)
-  return f'blk.{i}.' + next(k for k, v in _NAMES.items() if v == suffix) + '.weight'
+  base, kind = suffix.rsplit('.', 1)
+  return f'blk.{i}.' + next(k for k, v in _NAMES.items() if v == base + '.weight') + '.' + kind
 
 
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -59,6 +66,7 @@ def read(path: str) -> Pretrained:
   """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
   name = os.path.basename(path)
   reader = _open(path, name)
+  arch = _value(reader, 'general.architecture')
   tensors = _tensors(reader, name)
   tokens = _value(reader, 'tokenizer.ggml.tokens')  # decoded once: 49152 strings for SmolLM2
   fields = _fields(reader, name, tensors, tokens)
@@ -69,16 +77,16 @@ def read(path: str) -> Pretrained:
     t = tensors[hf]
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-    if hf.endswith('q_proj.weight'):
+    if arch == 'llama' and hf.endswith('q_proj.weight'):
       w = unpermute(w, fields['model.num_heads'])
-    elif hf.endswith('k_proj.weight'):
+    elif arch == 'llama' and hf.endswith('k_proj.weight'):
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
   eos_id = _value(reader, 'tokenizer.ggml.eos_token_id')
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
-      context_length=int(_value(reader, 'llama.context_length', 0)) or None,
+      context_length=int(_value(reader, f'{arch}.context_length', 0)) or None,
       tokenizer=_tokenizer(reader, name, tokens),
       eos_id=eos_id, bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get,
@@ -99,21 +107,21 @@ def _open(path: str, name: str):
     raise PretrainedError(f'model.init_from: {name} is truncated ({os.path.getsize(path)} of '
                           f'{end} bytes)')
   arch = _value(reader, 'general.architecture', '')
-  if arch != 'llama':
-    raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only 'llama' is "
-                          'supported')
-  # llama.cpp refuses a Llama file without any of these; the others have defaults it shares
+  if arch not in ARCHITECTURES:
+    raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only "
+                          f"{' and '.join(repr(a) for a in ARCHITECTURES)} are supported")
+  # llama.cpp refuses a file without any of these; the others have defaults it shares
   missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
                          'attention.head_count', 'attention.layer_norm_rms_epsilon')
-             if _value(reader, 'llama.' + k) is None]
+             if _value(reader, f'{arch}.{k}') is None]
   if missing:
-    raise PretrainedError(f'model.init_from: {name} has no llama.{missing[0]} in its metadata')
+    raise PretrainedError(f'model.init_from: {name} has no {arch}.{missing[0]} in its metadata')
   # llama.cpp divides the rotary frequencies by rope.scaling.factor (older files:
   # rope.scale_linear; 0 means 1) unless the type is 'none', linear being the type a file that
   # names none gets; YaRN and the like change them further.
-  kind = _value(reader, 'llama.rope.scaling.type', '') or ''
-  factor = (_value(reader, 'llama.rope.scaling.factor')
-            or _value(reader, 'llama.rope.scale_linear') or 0.0)
+  kind = _value(reader, f'{arch}.rope.scaling.type', '') or ''
+  factor = (_value(reader, f'{arch}.rope.scaling.factor')
+            or _value(reader, f'{arch}.rope.scale_linear') or 0.0)
   if kind not in ('', 'none', 'linear') or (kind != 'none' and float(factor) not in (0.0, 1.0)):
     raise PretrainedError(f'model.init_from: {name} uses RoPE scaling ({kind or "linear"}, '
                           f'factor {float(factor) or "unset"}), which is not supported')
@@ -121,16 +129,20 @@ def _open(path: str, name: str):
 
 
 def _tensors(reader, name: str) -> dict:
-  """{HF name: the file's tensor}, every tensor a Llama one of a type that can be read."""
+  """{HF name: the file's tensor}, every tensor one of its architecture's, of a type that can be
+  read."""
   tensors = {}
+  arch = _value(reader, 'general.architecture')
   for t in reader.tensors:
     hf = hf_name(t.name)
+    if hf is not None and hf.endswith('.bias') and not ARCHITECTURES[arch]:
+      hf = None
     if t.name == 'rope_freqs.weight':  # Llama 3.1's frequency factors
       raise PretrainedError(f"model.init_from: {name} scales its rotary frequencies by the "
                             "tensor 'rope_freqs.weight', which is not supported")
     if hf is None:
       raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
-                            'a Llama model this project reads')
+                            f'a {arch} model this project reads')
     if t.tensor_type not in SUPPORTED:
       raise PretrainedError(f"model.init_from: tensor '{t.name}' of {name} has type "
                             f'{t.tensor_type.name}, which is not supported '
@@ -141,7 +153,8 @@ def _tensors(reader, name: str) -> dict:
 
 def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   """The config fields the file defines (Pretrained.fields)."""
-  a = 'llama.'
+  arch = _value(reader, 'general.architecture')
+  a = arch + '.'
   d = int(_value(reader, a + 'embedding_length'))
   heads = int(_value(reader, a + 'attention.head_count'))
   vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
@@ -150,7 +163,7 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   if tokens and len(tokens) > vocab:  # its tokenizer would hand out ids the embedding lacks
     raise PretrainedError(f'model.init_from: {name} lists {len(tokens)} tokens in '
                           f'tokenizer.ggml.tokens, more than its vocabulary of {vocab} '
-                          '(llama.vocab_size)')
+                          f'({a}vocab_size)')
   rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
   if rope_dims != d // heads:
     raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
@@ -163,7 +176,7 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
       'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
-      'data.vocab_size': vocab}
+      'model.qkv_bias': ARCHITECTURES[arch], 'data.vocab_size': vocab}
 
 
 def _tokenizer(reader, name: str, tokens):

@@ -19,9 +19,10 @@ RANK = 'token_rank'  # every token id, most frequent in the heads' training data
 _MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'model.d_model',
           'num_heads': 'model.num_heads', 'num_kv_heads': 'model.num_kv_heads',
           'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size',
-          'feature_layers': 'mtp.feature_layers', 'head_blocks': 'mtp.head_blocks'}
+          'feature_layers': 'mtp.feature_layers', 'head_blocks': 'mtp.head_blocks',
+          'qkv_bias': 'model.qkv_bias'}
 # Keys added after the first heads files were written, with the value those files mean.
-_ADDED = {'feature_layers': '', 'head_blocks': '1'}
+_ADDED = {'feature_layers': '', 'head_blocks': '1', 'qkv_bias': 'False'}
 
 
 def _value(config, path: str) -> str:
@@ -34,7 +35,8 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
          dtype=np.float16) -> None:
   """Writes the heads of params['params'] (atomically) as `dtype`."""
   kind, depth = config.mtp.kind, config.mtp.depth
-  heads = llama.heads_from_params(params, kind, depth, config.mtp.head_blocks)
+  heads = llama.heads_from_params(params, kind, depth, config.mtp.head_blocks,
+                                  config.model.qkv_bias)
   tensors = {k: v.astype(dtype) for k, v in heads.items()}
   if token_rank is not None:
     tensors[RANK] = np.asarray(token_rank, np.int32)
@@ -72,7 +74,8 @@ def check(path: str, config) -> dict:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
   expected = [n for k in range(1, config.mtp.depth + 1)
-              for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks)
+              for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks,
+                                               config.model.qkv_bias)
                               if config.mtp.kind != 'medusa' else [])]
   missing = [n for n in expected if n not in names]
   if missing:
@@ -86,7 +89,8 @@ def load(path: str, config) -> dict:
     names = list(f.keys())
     return llama.heads_to_params(lambda n: f.get_tensor(n).astype(np.float32), names,
                                  config.mtp.kind, config.mtp.depth, config.model.num_heads,
-                                 config.model.num_kv_heads, config.mtp.head_blocks)
+                                 config.model.num_kv_heads, config.mtp.head_blocks,
+                                 config.model.qkv_bias)
 
 
 def token_rank(path: str):

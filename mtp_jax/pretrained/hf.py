@@ -1,5 +1,5 @@
 """Hugging Face model directories: config.json, *.safetensors (one file, or shards listed by
-model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM.
+model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM and Qwen2ForCausalLM.
 """
 
 import json
@@ -68,16 +68,25 @@ def rope_theta(c: dict, name: str) -> float:
   return float((c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 10000.0)))
 
 
+# architectures[0] (or model_type) -> whether q, k and v have biases
+ARCHITECTURES = {'LlamaForCausalLM': False, 'Qwen2ForCausalLM': True}
+MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+
+
 def fields_from_config(c: dict, name: str) -> dict:
-  arch = c.get('architectures') or []
-  if not ('LlamaForCausalLM' in arch if arch else c.get('model_type') == 'llama'):
-    arch = arch or [c.get('model_type', '?')]
-    raise PretrainedError(f'model.init_from: {name} is a {arch[0]}; only LlamaForCausalLM is '
-                          'supported')
+  listed = c.get('architectures') or []
+  arch = listed[0] if listed else MODEL_TYPES.get(c.get('model_type'), c.get('model_type', '?'))
+  if arch not in ARCHITECTURES:
+    raise PretrainedError(f"model.init_from: {name} is a {arch}; only "
+                          f"{' and '.join(ARCHITECTURES)} are supported")
+  # Llama's attention_bias would also put one on o_proj
   for key, ok in (('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, ok) not in (ok, None):
       raise PretrainedError(f'model.init_from: {name} sets {key}={c[key]!r}, which is not '
                             'supported')
+  if c.get('use_sliding_window'):
+    raise PretrainedError(f'model.init_from: {name} sets use_sliding_window=true; only full '
+                          'attention is supported')
   if c.get('hidden_act', 'silu') != 'silu':
     raise PretrainedError(f"model.init_from: {name} sets hidden_act={c['hidden_act']!r}; only "
                           'silu is supported')
@@ -92,7 +101,7 @@ def fields_from_config(c: dict, name: str) -> dict:
           'model.rope_theta': rope_theta(c, name),
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
-          'data.vocab_size': c['vocab_size']}
+          'model.qkv_bias': ARCHITECTURES[arch], 'data.vocab_size': c['vocab_size']}
 
 
 def read(directory: str) -> Pretrained:
@@ -131,7 +140,8 @@ def read(directory: str) -> Pretrained:
   extra = sorted(set(shapes) - set(llama.trunk_shapes(fields)))
   if extra:
     raise PretrainedError(f"model.init_from: {name} has tensor '{extra[0]}', which is not part of "
-                          'a Llama model this project reads')
+                          f"a {'Qwen2' if fields['model.qkv_bias'] else 'Llama'} model this "
+                          'project reads')
   gguf_file.check_tensors(name, shapes, fields)
 
   def get(key: str) -> np.ndarray:

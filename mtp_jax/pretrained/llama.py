@@ -1,6 +1,7 @@
 """The one mapping between Llama tensors, named as Hugging Face's LlamaForCausalLM names them, and
 this project's parameter tree (trunk and MTP heads). Format readers translate their own names to
-these; `to_trunk` and `to_heads` build param subtrees from them, `from_params` goes back.
+these; `to_trunk` and `to_heads` build param subtrees from them, `from_params` goes back. Qwen2 is
+a Llama with biases on q, k and v (model.qkv_bias); its tensors are named as Qwen2ForCausalLM's.
 
 HF stores a linear layer's weight as (out, in); ours are (in, out) with heads split out:
 q (D, H, E), k and v (D, K, E), o (H, E, D). Shape legend: D width, H query heads, K kv heads,
@@ -23,6 +24,12 @@ _BLOCK = (
     ('mlp.up_proj.weight', ('mlp', 'up')),
     ('mlp.down_proj.weight', ('mlp', 'down')),
 )
+# Qwen2's biases (model.qkv_bias), after the block's other tensors.
+_BIASES = (
+    ('self_attn.q_proj.bias', ('attn', 'q_bias')),
+    ('self_attn.k_proj.bias', ('attn', 'k_bias')),
+    ('self_attn.v_proj.bias', ('attn', 'v_bias')),
+)
 # The DeepSeek-V3 module's own tensors, beside its block (named as in its released weights).
 _MODULE = (
     ('enorm.weight', ('enorm', 'scale')),
@@ -32,14 +39,23 @@ _MODULE = (
 HEADS_PREFIX = 'mtp'
 
 
-def block_shapes(d: int, heads: int, kv_heads: int, mlp: int) -> dict:
+def block_tensors(qkv_bias: bool) -> tuple:
+  """(HF suffix, our path inside the block) of every tensor of a block."""
+  return _BLOCK + (_BIASES if qkv_bias else ())
+
+
+def block_shapes(d: int, heads: int, kv_heads: int, mlp: int, qkv_bias: bool = False) -> dict:
   """HF shape of each block tensor, by suffix."""
   e = d // heads
-  return {'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
-          'self_attn.q_proj.weight': (heads * e, d), 'self_attn.k_proj.weight': (kv_heads * e, d),
-          'self_attn.v_proj.weight': (kv_heads * e, d), 'self_attn.o_proj.weight': (d, heads * e),
-          'mlp.gate_proj.weight': (mlp, d), 'mlp.up_proj.weight': (mlp, d),
-          'mlp.down_proj.weight': (d, mlp)}
+  shapes = {'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
+            'self_attn.q_proj.weight': (heads * e, d), 'self_attn.k_proj.weight': (kv_heads * e, d),
+            'self_attn.v_proj.weight': (kv_heads * e, d), 'self_attn.o_proj.weight': (d, heads * e),
+            'mlp.gate_proj.weight': (mlp, d), 'mlp.up_proj.weight': (mlp, d),
+            'mlp.down_proj.weight': (d, mlp)}
+  if qkv_bias:
+    shapes.update({'self_attn.q_proj.bias': (heads * e,), 'self_attn.k_proj.bias': (kv_heads * e,),
+                   'self_attn.v_proj.bias': (kv_heads * e,)})
+  return shapes
 
 
 def trunk_shapes(f: dict) -> dict:
@@ -48,7 +64,8 @@ def trunk_shapes(f: dict) -> dict:
   shapes = {'model.embed_tokens.weight': (v, d), 'model.norm.weight': (d,)}
   if not f['model.tie_embeddings']:
     shapes['lm_head.weight'] = (v, d)
-  per_block = block_shapes(d, f['model.num_heads'], f['model.num_kv_heads'], f['model.mlp_dim'])
+  per_block = block_shapes(d, f['model.num_heads'], f['model.num_kv_heads'], f['model.mlp_dim'],
+                           f['model.qkv_bias'])
   for i in range(f['model.num_layers']):
     shapes.update({f'model.layers.{i}.{s}': shape for s, shape in per_block.items()})
   return shapes
@@ -60,8 +77,10 @@ def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarra
     return w
   if suffix == 'self_attn.o_proj.weight':  # (D, H*E) -> (H, E, D)
     return np.ascontiguousarray(w.T).reshape(heads, -1, w.shape[0])
+  n = heads if suffix.startswith('self_attn.q') else kv_heads
+  if suffix.endswith('.bias'):  # (N*E,) -> (N, E)
+    return w.reshape(n, -1)
   if suffix.startswith('self_attn.'):  # (N*E, D) -> (D, N, E)
-    n = heads if suffix.startswith('self_attn.q') else kv_heads
     return np.ascontiguousarray(w.T).reshape(w.shape[1], n, -1)
   return np.ascontiguousarray(w.T)  # MLP: (out, in) -> (in, out)
 
@@ -69,6 +88,8 @@ def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarra
 def _to_hf(suffix: str, w: np.ndarray) -> np.ndarray:
   if suffix.endswith('layernorm.weight'):
     return w
+  if suffix.endswith('.bias'):  # (N, E) -> (N*E,)
+    return w.reshape(-1)
   if suffix == 'self_attn.o_proj.weight':  # (H, E, D) -> (D, H*E)
     return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
   if suffix.startswith('self_attn.'):  # (D, N, E) -> (N*E, D)
@@ -88,9 +109,9 @@ def _get(tree: dict, path: tuple):
   return tree
 
 
-def _block_to_ours(get, prefix: str, heads: int, kv_heads: int) -> dict:
+def _block_to_ours(get, prefix: str, heads: int, kv_heads: int, qkv_bias: bool) -> dict:
   block = {}
-  for suffix, path in _BLOCK:
+  for suffix, path in block_tensors(qkv_bias):
     _set(block, path, _to_ours(suffix, get(prefix + suffix), heads, kv_heads))
   return block
 
@@ -104,7 +125,8 @@ def to_trunk(get, f: dict) -> dict:
   if not f['model.tie_embeddings']:
     trunk['unembedding'] = np.ascontiguousarray(get('lm_head.weight').T)
   for i in range(f['model.num_layers']):
-    trunk[f'blocks_{i}'] = _block_to_ours(get, f'model.layers.{i}.', heads, kv)
+    trunk[f'blocks_{i}'] = _block_to_ours(get, f'model.layers.{i}.', heads, kv,
+                                          f['model.qkv_bias'])
   return trunk
 
 
@@ -118,11 +140,13 @@ def _copy(tree):
   return {k: _copy(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in tree.items()}
 
 
-def head_names(kind: str, k: int, blocks: int) -> list[tuple[str, tuple, str]]:
+def head_names(kind: str, k: int, blocks: int,
+               qkv_bias: bool = False) -> list[tuple[str, tuple, str]]:
   """(HF-style name, our path under params['params'], the block tensor's HF suffix or '') of head
-  k's tensors (k from 1) for a sequential module or parallel head of `blocks` blocks. Sequential
-  modules are named as DeepSeek-V3's: enorm, hnorm, eh_proj, the block ('block.', then
-  'block_1.', ...), and their own output norm; parallel heads are blocks."""
+  k's tensors (k from 1) for a sequential module or parallel head of `blocks` blocks (with the
+  trunk's q, k and v biases when it has them). Sequential modules are named as DeepSeek-V3's:
+  enorm, hnorm, eh_proj, the block ('block.', then 'block_1.', ...), and their own output norm;
+  parallel heads are blocks."""
   p = f'{HEADS_PREFIX}.{k - 1}.'
   names = []
   if kind == 'sequential':
@@ -130,11 +154,12 @@ def head_names(kind: str, k: int, blocks: int) -> list[tuple[str, tuple, str]]:
     names.append((p + 'shared_head.norm.weight', (f'mtp_norms_{k - 1}', 'scale'), ''))
   for j in range(blocks):
     names += [(f'{p}{block_name(j)}.{s}', (f'mtp_{k - 1}', block_name(j)) + path, s)
-              for s, path in _BLOCK]
+              for s, path in block_tensors(qkv_bias)]
   return names
 
 
-def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1) -> dict:
+def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1,
+                      qkv_bias: bool = False) -> dict:
   """Every head tensor of params['params'], HF-named and HF-shaped (float32 numpy)."""
   out = {}
   for k in range(1, depth + 1):
@@ -142,7 +167,7 @@ def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1) -> d
       for name, leaf in sorted(params[f'mtp_{k - 1}'].items()):
         out[f'{HEADS_PREFIX}.{k - 1}.{name}'] = np.asarray(leaf, np.float32)
       continue
-    for name, path, suffix in head_names(kind, k, blocks):
+    for name, path, suffix in head_names(kind, k, blocks, qkv_bias):
       w = np.asarray(_get(params, path), np.float32)
       if suffix:
         out[name] = _to_hf(suffix, w)
@@ -154,7 +179,7 @@ def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1) -> d
 
 
 def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
-                    kv_heads: int, blocks: int = 1) -> dict:
+                    kv_heads: int, blocks: int = 1, qkv_bias: bool = False) -> dict:
   """The inverse of heads_from_params: head subtrees of params['params'] from HF-named tensors."""
   tree = {}
   for k in range(1, depth + 1):
@@ -164,7 +189,7 @@ def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
         if name.startswith(prefix):
           _set(tree, (f'mtp_{k - 1}', name[len(prefix):]), get(name))
       continue
-    for name, path, suffix in head_names(kind, k, blocks):
+    for name, path, suffix in head_names(kind, k, blocks, qkv_bias):
       w = get(name)
       if suffix:
         w = _to_ours(suffix, w, heads, kv_heads)
@@ -181,7 +206,7 @@ def trunk_from_params(params: dict, f: dict) -> dict:
   if not f['model.tie_embeddings']:
     out['lm_head.weight'] = np.ascontiguousarray(np.asarray(params['unembedding'], np.float32).T)
   for i in range(f['model.num_layers']):
-    for suffix, path in _BLOCK:
+    for suffix, path in block_tensors(f['model.qkv_bias']):
       w = np.asarray(_get(params[f'blocks_{i}'], path), np.float32)
       out[f'model.layers.{i}.{suffix}'] = _to_hf(suffix, w)
   return out

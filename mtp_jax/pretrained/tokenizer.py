@@ -12,6 +12,7 @@ from mtp_jax.pretrained.base import PretrainedError
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r'\p{N}{1,3}', r'\p{N}')  # every digit its own piece
 
 
 # llama.cpp's split for 'default' (and for a file without the key): runs of punctuation, then
@@ -39,6 +40,8 @@ def _pre_tokenizer(pre: str):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre == 'llama-bpe':
     return _splits(_LLAMA3_SPLIT)
+  if pre == 'qwen2':
+    return _splits(_QWEN2_SPLIT)
   return None
 
 
@@ -54,7 +57,7 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
   pre_tok = _pre_tokenizer(pre)
   if pre_tok is None:
     raise PretrainedError(f"model.init_from: {name} has pre-tokenizer '{pre}', which is not "
-                          'supported (default, gpt-2, smollm, llama-bpe)')
+                          'supported (default, gpt-2, smollm, llama-bpe, qwen2)')
   vocab = {t: i for i, t in enumerate(tokens)}
   pairs = [tuple(m.split(' ', 1)) for m in merges]
   # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
