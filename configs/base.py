@@ -8,7 +8,7 @@ the Python standard library's source; checkpoints and TensorBoard logs under the
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from mtp_jax.pretrained import FILE_FIELDS
+from mtp_jax.pretrained import FILE_FIELDS, set_field
 
 
 def pretrained(source: str) -> ml_collections.ConfigDict:
@@ -17,9 +17,8 @@ def pretrained(source: str) -> ml_collections.ConfigDict:
   read from it. Setting one of them anyway must agree with the file."""
   c = get_config()
   c.model.init_from = source
-  for field, kind in FILE_FIELDS.items():
-    section, key = field.split('.')
-    c[section][key] = placeholder(kind)
+  for name, kind in FILE_FIELDS.items():
+    set_field(c, name, placeholder(kind))
   c.model.max_seq_len = 2048
   c.decode.demo_prompt = 'I like apples'
   return c

@@ -45,6 +45,7 @@ decoding accepts position k only after positions 1..k-1, so its per-position rat
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -366,13 +367,19 @@ def parse_tree(text: str, top: int, depth: int) -> tuple:
   return widths
 
 
+def _finite(text: str) -> float | None:
+  """`text` as a finite number, or None."""
+  try:
+    value = float(text)
+  except ValueError:
+    return None
+  return value if math.isfinite(value) else None
+
+
 def parse_fraction(text: str) -> float:
   """One of --stop_below's thresholds, a number in [0, 1]."""
-  try:
-    theta = float(text)
-  except ValueError:
-    theta = -1.0
-  if not 0.0 <= theta <= 1.0:
+  theta = _finite(text)
+  if theta is None or not 0.0 <= theta <= 1.0:
     raise ValueError(f"--stop_below must be numbers 'THETA,..', each in [0, 1], got '{text}'")
   return theta
 
@@ -405,11 +412,8 @@ def parse_costs(values, simulate: bool) -> tuple[float, float, float] | None:
     return None
   if not simulate:
     raise ValueError('--price is replayed by --simulate: give both')
-  try:
-    costs = tuple(float(v) for v in values)
-  except ValueError:
-    costs = ()
-  if len(costs) != 3 or not all(c > 0 for c in costs):
+  costs = tuple(_finite(v) for v in values)
+  if len(costs) != 3 or not all(c is not None and c > 0 for c in costs):
     raise ValueError(f"--price must be three times 'AR,DRAFT,POSITION', each > 0, got "
                      f"'{','.join(values)}'")
   return costs

@@ -493,16 +493,14 @@ class Session(Program):
     t = self.config.train
     where = dict(seed=seed, step=step, batch_size=t.batch_size, window=self.window,
                  process_index=jax.process_index(), process_count=jax.process_count())
-    if self.features:
-      split = self.features[name]
-      starts = data_lib.window_starts(len(split.tokens), **where)
-      return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
-    tokens = data_lib.get_batch(getattr(self.data, name), **where)
-    if self.chats is None:
-      return tokens
-    # chats joined one after another: the loss leaves out what reaches into the next one
-    return {'tokens': tokens, 'row_start': data_lib.get_batch(self.chats[name].row_start, **where)
-            .astype(bool)}
+    cache = self.features if self.features is not None else self.chats
+    if cache is None:
+      return data_lib.get_batch(getattr(self.data, name), **where)
+    # The trunk's cached features, or its chats as tokens: either way the rows' starts go with
+    # the tokens (the loss leaves out what reaches into the next row).
+    split = cache[name]
+    starts = data_lib.window_starts(len(split.tokens), **where)
+    return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
 
   def evaluate(self, params) -> dict:
     sums = []

@@ -246,7 +246,7 @@ def test_drafting_stops_where_the_heads_are_unsure():
       pytest.approx(12 / 5 * 2 / (2 + 0.9 + 0.35)))
   assert head_agreement.parse_costs([], False) is None
   assert head_agreement.parse_costs(['5.7', '0.47', '0.69'], True) == (5.7, 0.47, 0.69)
-  for bad in (['5.7', '0.47'], ['5.7', 'x', '0.69'], ['5.7', '0', '0.69']):
+  for bad in (['5.7', '0.47'], ['5.7', 'x', '0.69'], ['5.7', '0', '0.69'], ['inf', '0.47', '0.69']):
     with pytest.raises(ValueError, match='--price must be three times'):
       head_agreement.parse_costs(bad, True)
   with pytest.raises(ValueError, match='--price is replayed by --simulate'):
@@ -334,6 +334,7 @@ def test_bad_replay_flags_are_refused(tmp_path):
   refused('--candidate_depth is replayed by --simulate', simulate=False, candidate_depth=['2'])
   refused('--table is replayed by --simulate', simulate=False, table=[str(tmp_path)])
   refused('--stop_below must be', stop_below=['0.2', '2'])
+  refused('--stop_below must be', stop_below=['nan'])
   refused('--stop_below is replayed by --simulate', simulate=False, stop_below=['0.2'])
   assert head_agreement.replay_options(
       3, simulate=True, top=3, trees=['3,2'], sparse=['4'], candidate_depth=['1', '2'], table=[],

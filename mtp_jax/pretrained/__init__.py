@@ -19,6 +19,12 @@ def field(config, name: str):
   return config[section][key]
 
 
+def set_field(config, name: str, value) -> None:
+  """Sets the field named 'section.key' of `config` to `value`."""
+  section, key = name.split('.')
+  config[section][key] = value
+
+
 def unset_fields(config) -> list[str]:
   """The FILE_FIELDS `config` leaves unset (None), for a model file to fill in."""
   return [name for name in FILE_FIELDS if field(config, name) is None]

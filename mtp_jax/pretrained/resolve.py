@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mtp_jax.pretrained import fetch as fetch_lib, gguf_file, heads_file, hf, llama
-from mtp_jax.pretrained import FILE_FIELDS, field, unset_fields
+from mtp_jax.pretrained import FILE_FIELDS, field, set_field, unset_fields
 from mtp_jax.pretrained.base import Pretrained, PretrainedError
 
 HEAD_INITS = ('', 'last_block')  # or a heads file
@@ -69,8 +69,7 @@ def resolve_config(config):
   for name, kind in FILE_FIELDS.items():
     have, want = field(config, name), kind(p.fields[name])
     if have is None:
-      section, key = name.split('.')
-      resolved[section][key] = want
+      set_field(resolved, name, want)
     elif not _same(kind(have), want):
       raise PretrainedError(f'{name}={have} contradicts {file_name}, which has {want}; leave it '
                             'unset (configs from base.pretrained take every model field from the '
