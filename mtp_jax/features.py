@@ -231,7 +231,11 @@ class Builder:
     atomic.sync(self.partial)
 
   def finish(self) -> dict[str, Split]:
-    """Joins every shard, in order, into one memory-mapped array per split and name."""
+    """Joins every shard, in order, into one memory-mapped array per split and name (after the
+    base's rows, which are checked first: a damaged base is reported as itself, not as this
+    cache cut short)."""
+    if self.base_dir:
+      load(self.base_dir)
     shards = [os.path.join(self.partial, f'{i:06d}') for i in self._written()]
     counts = self._counts()
     meta = {'spec': self.spec, 'arrays': list(self.names),

@@ -162,6 +162,15 @@ def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
   grown = feat_lib.Builder(feat_lib.cache_dir(root, big), big, features=True, base=base)
   selfdata.write_chats(trunk, grown, tokens=big['tokens'], **kw)
   assert grown.done() == [0, 1]
+  # a base damaged meanwhile is named as itself (deleting the larger cache would not help)
+  path = os.path.join(base, 'train.h0')
+  whole = open(path, 'rb').read()
+  with open(path, 'wb') as f:
+    f.write(whole[:-8])
+  with pytest.raises(feat_lib.DataError, match=f'the feature cache in {base} is damaged'):
+    grown.finish()
+  with open(path, 'wb') as f:
+    f.write(whole)
   grown = grown.finish()
   fresh = feat_lib.Builder(str(tmp_path / 'fresh'), big, features=True)
   selfdata.write_chats(trunk, fresh, tokens=big['tokens'], **kw)
