@@ -1,14 +1,17 @@
-"""Whether this project reads and writes Hugging Face models as transformers does. For each
-architecture it takes (LlamaForCausalLM, Qwen2ForCausalLM), transformers makes a small model with
-random weights (norm scales and Qwen2's q, k and v biases random too, where transformers would
-start them at 1 and 0) and saves it itself (save_pretrained); this project imports that
-directory (model.init_from) and its trunk's logits are compared with transformers' own forward on
-the same tokens. Then --mode export's writer saves the import, transformers loads that directory,
-and the logits are compared again.
+"""Whether this project reads and writes models as the libraries that define their formats do.
+For each architecture it takes (Llama, Qwen2), transformers makes a small model with random
+weights (norm scales and Qwen2's q, k and v biases random too, where transformers would start
+them at 1 and 0) and saves it itself (save_pretrained); this project imports that directory
+(model.init_from) and its trunk's logits are compared with transformers' own forward on the same
+tokens. Then --mode export's writer saves the import, transformers loads that directory, and the
+logits are compared again. Last, the same weights go into a GGUF file in the layout llama.cpp's
+converter writes for the architecture (a Llama's q and k rows interleaved for its rotary
+pairs, Qwen2's left as they are); llama.cpp (llama-cpp-python) and this project each read it,
+and both sets of logits are compared with transformers'.
 
 Run (in the peers' environment, see bench_peers.py):
   .venv-peers/bin/python experiments/hf_parity.py
-Prints, per architecture and direction, the largest logit difference (float32 on both sides).
+Prints, per architecture and check, the largest logit difference (float32 throughout).
 """
 
 import os
@@ -75,6 +78,52 @@ def our_logits(cfg, params, tokens):
   return np.asarray(model.apply(params, h, method=model.logits))[0]
 
 
+def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
+  """model's weights as an `arch` GGUF file, q and k rows interleaved for rotary pairs or not,
+  with a byte-level vocabulary of the model's size (llama.cpp loads no model without one)."""
+  import gguf
+  import numpy as np
+  from tokenizers import pre_tokenizers
+  from mtp_jax.pretrained import gguf_file
+  c = model.config
+  heads = {'q_proj': c.num_attention_heads, 'k_proj': c.num_key_value_heads}
+  w = gguf.GGUFWriter(path, arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_rope_freq_base(float(model.config.rope_parameters['rope_theta']))
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  symbols = sorted(pre_tokenizers.ByteLevel.alphabet()) + ['Ġt']
+  tokens = symbols + [f'<|unused_{i}|>' for i in range(c.vocab_size - len(symbols))]
+  w.add_tokenizer_model('gpt2')
+  w.add_tokenizer_pre('default')
+  w.add_token_list(tokens)
+  w.add_token_merges(['Ġ t'])
+  w.add_token_types([1] * len(symbols) + [3] * (len(tokens) - len(symbols)))
+  for name, tensor in model.state_dict().items():
+    t = tensor.float().numpy()
+    proj = name.split('.')[-2]
+    if interleave and proj in heads and name.endswith('.weight'):  # rotary pairs adjacent
+      n = heads[proj]
+      t = t.reshape(n, 2, t.shape[0] // n // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
+    w.add_tensor(gguf_file.gguf_name(name), np.ascontiguousarray(t))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+def llama_cpp_logits(path: str, tokens):
+  import numpy as np
+  from llama_cpp import Llama
+  llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False)
+  llm.eval(tokens)
+  return np.asarray(llm.scores[:len(tokens)], np.float32)
+
+
 def main(argv):
   cli.start(argv, persist=False)
   import jax
@@ -99,6 +148,15 @@ def main(argv):
       back = transformers.AutoModelForCausalLM.from_pretrained(written).eval()
       print(f'{architecture}: written here, read by transformers as {type(back).__name__}: '
             f'largest logit difference {np.max(np.abs(their_logits(back, tokens) - got)):.2e}')
+      arch = {'LlamaForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2'}[architecture]
+      path, other = os.path.join(tmp, f'{arch}.gguf'), os.path.join(tmp, f'{arch}_other.gguf')
+      write_gguf(path, theirs, arch, interleave=arch == 'llama')  # as llama.cpp's converter
+      write_gguf(other, theirs, arch, interleave=arch != 'llama')  # the other layout
+      _, cfg, params = our_import(path)
+      print(f'{arch}.gguf in llama.cpp\'s layout: largest logit difference from transformers\' '
+            f'{np.max(np.abs(llama_cpp_logits(path, tokens) - want)):.2e} read by llama.cpp '
+            f'({np.max(np.abs(llama_cpp_logits(other, tokens) - want)):.2e} in the other '
+            f'layout), {np.max(np.abs(our_logits(cfg, params, tokens) - want)):.2e} read here')
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@ encode the same texts: --chars-long pieces of this repository's README and RESUL
 and sources and of the standard library's pydoc topics, special tokens parsed by both.
 
 Run (in the peers' environment, see bench_peers.py):
-  .venv-peers/bin/python experiments/tokenizer_parity.py [--pres default,gpt-2,smollm,llama-bpe,qwen2]
+  .venv-peers/bin/python experiments/tokenizer_parity.py \
+      [--pres default,gpt-2,smollm,llama-bpe,qwen2]
 Prints, per name, how many texts (and tokens) give the same ids, and for the first texts that do
 not, where they part.
 """

@@ -54,10 +54,12 @@ def lr_schedule(t):
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only: not on norms (1-D) nor on the (un)embedding."""
+  """Weight decay on matrices only: not on norms and biases (1-D, or Qwen2's q, k and v biases,
+  stored per head) nor on the (un)embedding."""
   def keep(path, leaf):
-    names = {str(getattr(p, 'key', '')) for p in path}
-    return leaf.ndim >= 2 and not names & {'embedding', 'unembedding'}
+    names = [str(getattr(p, 'key', '')) for p in path]
+    return (leaf.ndim >= 2 and not {'embedding', 'unembedding'} & set(names)
+            and not names[-1].endswith('_bias'))
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -452,7 +452,8 @@ def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
   for i in range(f['model.num_layers']):
     p = f'model.layers.{i}.'
     h = norm(x, t[p + 'input_layernorm.weight'])
-    proj = lambda n: h @ t[p + f'self_attn.{n}_proj.weight'].T + t.get(p + f'self_attn.{n}_proj.bias', 0)
+    proj = lambda n: (h @ t[p + f'self_attn.{n}_proj.weight'].T
+                      + t.get(p + f'self_attn.{n}_proj.bias', 0))
     q = rotate(proj('q').reshape(T, H, E).transpose(1, 0, 2))
     k = rotate(proj('k').reshape(T, K, E).transpose(1, 0, 2))
     v = proj('v').reshape(T, K, E).transpose(1, 0, 2)

@@ -18,7 +18,8 @@ WIDE = {'model.d_model': 1024, 'model.num_heads': 8, 'model.mlp_dim': 2048, 'tra
         'model.max_seq_len': 256, 'data.vocab_size': 8192, 'train.batch_size': 32}
 TOLERANCE = 0.01
 
-CASES = [{'mtp.depth': 0}, {'mtp.depth': 1, 'model.tie_embeddings': False, 'model.qkv_bias': True}] + [
+CASES = [{'mtp.depth': 0},
+         {'mtp.depth': 1, 'model.tie_embeddings': False, 'model.qkv_bias': True}] + [
     {'mtp.kind': kind, 'mtp.head_mlp_dim': width, 'mtp.depth': depth}
     for kind in ('sequential', 'parallel', 'medusa') for width in (0, 4096) for depth in (1, 2)] + [
     {'mtp.kind': kind, 'mtp.head_blocks': 2, 'mtp.depth': 2} for kind in ('sequential', 'parallel')]

@@ -154,6 +154,30 @@ def test_a_qwen2_model_decodes_exactly_and_exports_as_qwen2(tmp_path, capsys):
     outputs[method] = result['outputs']
     assert result['tau'] > 1 or method == 'ar'
   assert outputs['mtp'] == outputs['ar'] and all(len(o) > 4 for o in outputs['ar'])
+  # What mtp = ar cannot show (both read the same biases): through the kernels, with q, k, v
+  # and their biases stacked, and with drafts in int8 (biases kept in float32), the trunk's and
+  # a head's outputs are the plain forward's to rounding.
+  from mtp_jax import decode as dec
+  from mtp_jax import kernels
+  assert kernels.usable()  # CI's machine builds them (test_kernels)
+  config = pretrained.resolve_config(config)
+  cfg = ModelConfig.from_config(config)
+  trunk = pretrained.trunk_params(path)
+  params = {'params': pretrained.merge(init_params(cfg, jax.random.key(0))['params'],
+                                       {**trunk, **pretrained.head_params(config, trunk)})}
+  T = len(TOKENS)
+  tokens, positions = jnp.asarray([TOKENS]), jnp.arange(T)[None]
+  got = []
+  for model in (dec.decode_model(cfg, False), dec.decode_model(cfg, True),
+                dec.decode_model(cfg, True, draft_dtype='int8')):
+    prepared, cache = model.prepare(params), model.init_cache(1, T)
+    logits, h, _ = model.trunk(prepared, tokens, positions, cache['trunk'])
+    h1, _ = model.head(prepared, 1, h, tokens, positions, cache['heads'][0])
+    got.append((np.asarray(logits), np.asarray(model.head_logits(prepared, 1, h1))))
+  for trunk_logits, head_logits in got[1:]:
+    np.testing.assert_allclose(trunk_logits, got[0][0], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got[1][1], got[0][1], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got[2][1], got[0][1], atol=0.05 * np.abs(got[0][1]).max())
   summary = run.run('export', config, workdir)
   export = os.path.join(workdir, 'export')
   assert json.load(open(os.path.join(export, 'config.json')))['architectures'] == [

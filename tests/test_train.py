@@ -13,8 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import (assert_bitwise_equal, checkpoint_steps, raw_steps, restore, scalars,
-                      text_config, tiny_config)
+from conftest import (assert_bitwise_equal, checkpoint_steps, flat, raw_steps, restore,
+                      scalars, text_config, tiny_config)
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
@@ -85,6 +85,21 @@ def test_steps_on_one_batch_lower_the_loss():
   assert int(state['step']) == 8
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_weight_decay_reaches_matrices_only():
+  """Not norms, biases (Medusa's, and Qwen2's q, k and v biases, stored per head as 2-D) or the
+  (un)embedding."""
+  for overrides in ({'model.qkv_bias': True, 'model.tie_embeddings': False},
+                    {'mtp.kind': 'medusa'}):
+    cfg = ModelConfig.from_config(tiny_config(**overrides))
+    mask = flat(train._decay_mask(init_params(cfg, jax.random.key(0))['params']))
+    decayed = {name for name, kept in mask.items() if kept}
+    assert decayed and all(name.endswith(("['q']", "['k']", "['v']", "['o']", "['gate']",
+                                          "['up']", "['down']", "['eh_proj']", "['w']"))
+                           for name in decayed), sorted(decayed)
+    biases = [name for name in mask if 'bias' in name or name.endswith("['b']")]
+    assert biases and not any(mask[name] for name in biases)
 
 
 def test_grad_accumulation_matches_one_big_batch():

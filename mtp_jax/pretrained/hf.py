@@ -75,7 +75,8 @@ MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
 
 def fields_from_config(c: dict, name: str) -> dict:
   listed = c.get('architectures') or []
-  arch = listed[0] if listed else MODEL_TYPES.get(c.get('model_type'), c.get('model_type', '?'))
+  arch = (next((a for a in listed if a in ARCHITECTURES), listed[0]) if listed
+          else MODEL_TYPES.get(c.get('model_type'), c.get('model_type', '?')))
   if arch not in ARCHITECTURES:
     raise PretrainedError(f"model.init_from: {name} is a {arch}; only "
                           f"{' and '.join(ARCHITECTURES)} are supported")
