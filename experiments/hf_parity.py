@@ -119,7 +119,8 @@ def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
 def llama_cpp_logits(path: str, tokens):
   import numpy as np
   from llama_cpp import Llama
-  llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False)
+  # its KV cache in float32 (type 0), not float16, so that rounding is float32's alone
+  llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
   llm.eval(tokens)
   return np.asarray(llm.scores[:len(tokens)], np.float32)
 
