@@ -165,24 +165,38 @@ class Builder:
     self.names = tuple(ARRAYS) if features else TOKENS_ONLY
     self.partial = os.path.join(directory, 'partial')
     marker = os.path.join(self.partial, 'BASE')
-    if os.path.isfile(marker):
+    resumed = os.path.isfile(marker)
+    if resumed:
       with open(marker) as f:
         base = f.read() or None
-      if base and load(base) is None:
+      if base and not os.path.exists(os.path.join(base, 'meta.json')):
         raise DataError(f'{directory} was begun from the cache in {base}, which is gone; delete '
                         'it to start again')
-    elif not os.path.isdir(self.partial):  # a new build (one begun before BASE keeps `base`)
+    self.base_dir = base
+    if base:  # before anything is written here
+      self._check_base()
+    if not resumed and not os.path.isdir(self.partial):  # new (one begun before BASE keeps base)
       staging = self.partial + '.tmp'  # partial/ appears with its BASE, or not at all
       shutil.rmtree(staging, ignore_errors=True)
       os.makedirs(staging)
       atomic.write_text(os.path.join(staging, 'BASE'), base or '')
       os.replace(staging, self.partial)
       atomic.sync(directory)
-    self.base_dir, self.base = base, (meta(base) if base else None)
+    self.base = meta(base) if base else None
     if self.base and list(self.names) != self.base['arrays']:
       raise ValueError(f'{base} holds {self.base["arrays"]}, not {list(self.names)}')
     self.first = self.base['shards'] if self.base else 0  # the shards the base stands for
     atomic.write_json(os.path.join(directory, 'spec.json'), spec)
+
+  def _check_base(self) -> None:
+    """The base's arrays are whole (load), or a DataError naming it, and this cache when it was
+    begun from it (it must go with it)."""
+    try:
+      load(self.base_dir)
+    except DataError as e:
+      if not os.path.isdir(self.partial):
+        raise
+      raise DataError(f'{e}, and {self.directory}, which extends it, with it') from None
 
   def _written(self) -> list[int]:
     """The shards written here (not the base's)."""
@@ -232,10 +246,10 @@ class Builder:
 
   def finish(self) -> dict[str, Split]:
     """Joins every shard, in order, into one memory-mapped array per split and name (after the
-    base's rows, which are checked first: a damaged base is reported as itself, not as this
-    cache cut short)."""
+    base's rows, checked again first: a base damaged meanwhile is reported as itself, not as
+    this cache cut short)."""
     if self.base_dir:
-      load(self.base_dir)
+      self._check_base()
     shards = [os.path.join(self.partial, f'{i:06d}') for i in self._written()]
     counts = self._counts()
     meta = {'spec': self.spec, 'arrays': list(self.names),

@@ -109,7 +109,8 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
     if jax.process_index() == 0:
       train_lib.write_summary(workdir, summary)
-    # A rerun of a finished run finishes at once; `--mode demo` or `bench` still runs them.
+    # A rerun of a finished run only evaluates (and decodes, with decode.eval_prompts);
+    # `--mode demo` or `bench` still runs what run_after_train names.
     if summary['stopped_by'] is None and summary['resumed_from'] < summary['step']:
       for m in after:
         result = run(m, config, workdir)

@@ -35,18 +35,27 @@ def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monk
   assert 'decoding kernels not built' in capsys.readouterr().err
 
 
-def test_a_failed_build_is_recorded_and_not_tried_again(tmp_path, monkeypatch, capsys):
-  """A build that fails fails again (here: no compiler where $CXX points): the reason is kept
-  beside where the library would be, so later processes say it at once instead of trying;
-  removing the record tries again."""
+def test_a_refused_build_is_recorded_and_not_tried_again(tmp_path, monkeypatch, capsys):
+  """A compiler that refuses the source refuses it again (here g++ told to read it as C++98,
+  stopping at its first error): the reason is kept beside where the library would be, so later
+  processes say it at once instead of compiling; removing the record tries again. A failure
+  that may pass (here: no compiler where $CXX points) is not recorded."""
   monkeypatch.setattr(kernels, '_cache_root', lambda: str(tmp_path / 'kernels'))
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   assert kernels._build() is None
+  assert 'no-such-compiler' in capsys.readouterr().err
+  assert not list((tmp_path / 'kernels').glob('*/build_failed.txt'))
+  old = tmp_path / 'old-gxx'
+  old.write_text('#!/bin/sh\nexec g++ "$@" -std=c++98 -fmax-errors=1\n')
+  old.chmod(0o755)
+  monkeypatch.setenv('CXX', str(old))
+  assert kernels._build() is None
   first = capsys.readouterr().err
-  assert 'no-such-compiler' in first and 'to try the build again' not in first
+  assert ': error:' in first and 'to try the build again' not in first
   [record] = (tmp_path / 'kernels').glob('*/build_failed.txt')
   assert kernels._build() is None
-  assert 'no-such-compiler' in capsys.readouterr().err.split('to try the build again')[0]
+  again = capsys.readouterr().err
+  assert record.read_text().strip() in again and 'to try the build again' in again
   record.unlink()
   assert kernels._build() is None
   assert 'to try the build again' not in capsys.readouterr().err and record.exists()

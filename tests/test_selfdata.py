@@ -162,13 +162,22 @@ def test_a_larger_build_starts_from_a_smaller_finished_one(tmp_path):
   grown = feat_lib.Builder(feat_lib.cache_dir(root, big), big, features=True, base=base)
   selfdata.write_chats(trunk, grown, tokens=big['tokens'], **kw)
   assert grown.done() == [0, 1]
-  # a base damaged meanwhile is named as itself (deleting the larger cache would not help)
+  # a damaged base is named as itself, with the cache begun from it (deleting that one alone
+  # would not help): before a build begins, and when it ends
   path = os.path.join(base, 'train.h0')
   whole = open(path, 'rb').read()
   with open(path, 'wb') as f:
     f.write(whole[:-8])
-  with pytest.raises(feat_lib.DataError, match=f'the feature cache in {base} is damaged'):
+  damaged = (f'the feature cache in {base} is damaged .*, and '
+             f'{feat_lib.cache_dir(root, big)}, which extends it')
+  with pytest.raises(feat_lib.DataError, match=damaged):
     grown.finish()
+  with pytest.raises(feat_lib.DataError, match=damaged):
+    feat_lib.Builder(feat_lib.cache_dir(root, big), big, features=True, base=base)
+  other = {**big, 'tokens': big['tokens'] + 1}  # a new build writes nothing
+  with pytest.raises(feat_lib.DataError, match=f'the feature cache in {base} is damaged .*again$'):
+    feat_lib.Builder(feat_lib.cache_dir(root, other), other, features=True, base=base)
+  assert not os.path.exists(feat_lib.cache_dir(root, other))
   with open(path, 'wb') as f:
     f.write(whole)
   grown = grown.finish()

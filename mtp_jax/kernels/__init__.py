@@ -116,8 +116,10 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE,
 
 def _build() -> str | None:
   """Path of the compiled library (building it once per machine), or None when it cannot be. A
-  failed build is recorded beside where the library would be, and later processes with the
-  same source, compiler and CPU (the same key) do not try again until that record is removed."""
+  build the compiler refuses with a diagnostic (which the same source, compiler and CPU, the
+  same key, would give again) is recorded beside where the library would be, and later
+  processes do not try again until that record is removed; a failure that may pass (no
+  compiler, a full disk, a killed compiler) is not recorded."""
   path = os.path.join(_cache_root(), _machine_key(), 'decode_ops.so')
   if os.path.exists(path):
     return path
@@ -141,8 +143,11 @@ def _build() -> str | None:
           file=sys.stderr)
     if os.path.exists(tmp):  # the linker may have removed it already
       os.remove(tmp)
-    with contextlib.suppress(OSError):
-      atomic.write_text(failed, reason + '\n')
+    # A diagnostic ('FILE:LINE:COL: error: ...'), not GCC's fatal errors (a full disk, a killed
+    # compiler, a missing header), nor a compiler that did not run.
+    if ': error:' in reason:
+      with contextlib.suppress(OSError):
+        atomic.write_text(failed, reason + '\n')
     return None
   os.replace(tmp, path)
   return path

@@ -2,6 +2,7 @@
 model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM and Qwen2ForCausalLM.
 """
 
+import hashlib
 import json
 import os
 
@@ -15,6 +16,21 @@ from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_to
 DTYPES = ('F32', 'F16', 'BF16')
 SETUP_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
                'chat_template.jinja')
+
+
+def setup_identity(directory: str) -> str:
+  """sha256 over the SETUP_FILES the directory has, each by name, length and content. Heads name
+  their trunk by the weights' sha256 alone; what the trunk computes and writes depends on these
+  files as well."""
+  digest = hashlib.sha256()
+  for name in SETUP_FILES:
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path, 'rb') as f:
+        data = f.read()
+      digest.update(f'{name}\0{len(data)}\0'.encode())
+      digest.update(data)
+  return digest.hexdigest()
 
 
 def _chat_template(value, name: str) -> str:
@@ -175,12 +191,8 @@ def read(directory: str) -> Pretrained:
     eos = eos.get('content') if isinstance(eos, dict) else eos
     if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
-  # Heads name their trunk by the weights' sha256 alone; what the trunk computes and writes
-  # depends on these files as well.
-  setup = [os.path.join(directory, f) for f in SETUP_FILES
-           if os.path.exists(os.path.join(directory, f))]
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
-                    setup_identity=sha256(setup),
+                    setup_identity=setup_identity(directory),
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
                     stop_ids=stop_tokens(eos_id, *listed))
