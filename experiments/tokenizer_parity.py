@@ -6,7 +6,7 @@ and sources and of the standard library's pydoc topics, special tokens parsed by
 
 Run (in the peers' environment, see bench_peers.py):
   .venv-peers/bin/python experiments/tokenizer_parity.py \
-      [--pres default,gpt-2,smollm,llama-bpe,qwen2]
+      [--pres default,gpt-2,smollm,llama-bpe,qwen2,deepseek-r1-qwen]
 Prints, per name, how many texts (and tokens) give the same ids, and for the first texts that do
 not, where they part.
 """

@@ -344,6 +344,7 @@ def test_llama3_tokenizer_takes_whole_pieces_and_starts_with_bos(tmp_path):
   pieces = lambda pre: [p for p, _ in make(pre).pre_tokenizer.pre_tokenize_str("it's 2024!\n")]
   assert pieces('llama-bpe') == ['it', "'s", 'Ġ', '202', '4', '!Ċ']
   assert pieces('qwen2') == ['it', "'s", 'Ġ', '2', '0', '2', '4', '!Ċ']
+  assert pieces('deepseek-r1-qwen') == pieces('qwen2')  # llama.cpp's name for the same split
   assert make('gpt-2').encode('abc').ids == [tokens.index('ab'), tokens.index('c')]
   # llama.cpp's 'default' (also a file without the key): punctuation runs, GPT-2's split, digit
   # runs, groups of three digits, each on the pieces before (experiments/tokenizer_parity.py

@@ -40,7 +40,7 @@ def _pre_tokenizer(pre: str):
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if pre == 'llama-bpe':
     return _splits(_LLAMA3_SPLIT)
-  if pre == 'qwen2':
+  if pre in ('qwen2', 'deepseek-r1-qwen'):  # the second: DeepSeek-R1's Qwen2 distillations
     return _splits(_QWEN2_SPLIT)
   return None
 
@@ -57,7 +57,8 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
   pre_tok = _pre_tokenizer(pre)
   if pre_tok is None:
     raise PretrainedError(f"model.init_from: {name} has pre-tokenizer '{pre}', which is not "
-                          'supported (default, gpt-2, smollm, llama-bpe, qwen2)')
+                          'supported (default, gpt-2, smollm, llama-bpe, qwen2, '
+                          'deepseek-r1-qwen)')
   vocab = {t: i for i, t in enumerate(tokens)}
   pairs = [tuple(m.split(' ', 1)) for m in merges]
   # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
