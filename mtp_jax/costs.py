@@ -36,9 +36,10 @@ class Piece:
 
 def block(cfg: ModelConfig, mlp_dim: int) -> Piece:
   """A Transformer block: q, k, v (with biases under model.qkv_bias), o and a SwiGLU MLP
-  `mlp_dim` wide; two norms."""
+  `mlp_dim` wide; two norms (four with model.qk_norm)."""
   d, HE, KE = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
   biases = HE + 2 * KE if cfg.qkv_bias else 0  # Qwen2's
+  biases += 2 * cfg.head_dim if cfg.qk_norm else 0  # Qwen3's q and k norms
   return Piece(matrices=2 * d * HE + 2 * d * KE + 3 * d * mlp_dim, vectors=2 * d + biases,
                attends=1, last=mlp_dim * d, raw_input=0)
 

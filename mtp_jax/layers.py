@@ -215,7 +215,8 @@ class Attention(nn.Module):
   new keys and values are written at `slots` (default: `positions`) and each query attends as
   `attend` describes; entries past a row's true length are stale drafts and are hidden by that
   same test. Without a cache, `segments` keeps packed rows apart (`attend`). With
-  model.qkv_bias, q, k and v have biases (Qwen2)."""
+  model.qkv_bias, q, k and v have biases (Qwen2); with model.qk_norm, q and k are RMS-normalised
+  per head before the rotation (Qwen3)."""
   cfg: ModelConfig
 
   @nn.compact
@@ -246,6 +247,9 @@ class Attention(nn.Module):
                                   (v_BxTxKxE, 'v', K, 'kv_heads')))
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
+    if cfg.qk_norm:  # Qwen3's, per head, before the rotation
+      q_BxTxHxE = RMSNorm(E, cfg.norm_eps, name='q_norm')(q_BxTxHxE)
+      k_BxTxKxE = RMSNorm(E, cfg.norm_eps, name='k_norm')(k_BxTxKxE)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':

@@ -75,8 +75,8 @@ def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str)
 
 def export(config, workdir: str, dtype: str) -> dict:
   """The latest checkpoint (or a pretrained model's initial params) in Hugging Face's layout,
-  under WORKDIR/export: the trunk as LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias) and
-  the heads in mtp_heads.safetensors."""
+  under WORKDIR/export: the trunk as LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias,
+  Qwen3ForCausalLM with model.qk_norm) and the heads in mtp_heads.safetensors."""
   if dtype not in export_lib.DTYPES:
     raise ConfigError(f"--export_dtype must be one of {', '.join(export_lib.DTYPES)}, got {dtype!r}")
   session = train_lib.Session(config, workdir, data=not config.model.init_from)

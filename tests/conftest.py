@@ -277,8 +277,11 @@ def flat(tree) -> dict:
 
 LLAMA = {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
          'model.mlp_dim': 64, 'model.rope_theta': 10000.0, 'model.norm_eps': 1e-5,
-         'model.tie_embeddings': True, 'model.qkv_bias': False, 'data.vocab_size': 264}
+         'model.tie_embeddings': True, 'model.qkv_bias': False, 'model.qk_norm': False,
+         'model.head_dim': 0, 'data.vocab_size': 264}
 QWEN2 = {**LLAMA, 'model.qkv_bias': True}  # a Llama with biases on q, k and v
+# a Llama with q and k normalised per head, its heads wider than d_model / num_heads
+QWEN3 = {**LLAMA, 'model.qk_norm': True, 'model.head_dim': 16}
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -329,7 +332,9 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
            'lm_head.weight': 'output.weight'}
-  block = {'input_layernorm': 'attn_norm', 'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+  block = {'input_layernorm': 'attn_norm', 'self_attn.q_norm': 'attn_q_norm',
+           'self_attn.k_norm': 'attn_k_norm', 'self_attn.q_proj': 'attn_q',
+           'self_attn.k_proj': 'attn_k',
            'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
            'post_attention_layernorm': 'ffn_norm', 'mlp.gate_proj': 'ffn_gate',
            'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down'}
@@ -340,6 +345,9 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_feed_forward_length(f['model.mlp_dim'])
   w.add_head_count(f['model.num_heads'])
   w.add_head_count_kv(f['model.num_kv_heads'])
+  if f['model.head_dim']:
+    w.add_key_length(f['model.head_dim'])
+    w.add_value_length(f['model.head_dim'])
   w.add_rope_freq_base(f['model.rope_theta'])
   if 'llama.attention.layer_norm_rms_epsilon' not in drop:
     w.add_layer_norm_rms_eps(f['model.norm_eps'])
@@ -393,7 +401,7 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
   from mtp_jax.pretrained import tokenizer as tok_lib
   f = {**LLAMA, **(fields or {})}
   os.makedirs(directory, exist_ok=True)
-  model_type = {'Qwen2ForCausalLM': 'qwen2'}.get(architecture, 'llama')
+  model_type = {'Qwen2ForCausalLM': 'qwen2', 'Qwen3ForCausalLM': 'qwen3'}.get(architecture, 'llama')
   config = {'architectures': [architecture], 'model_type': model_type,
             'hidden_size': f['model.d_model'], 'num_hidden_layers': f['model.num_layers'],
             'num_attention_heads': f['model.num_heads'],
@@ -401,6 +409,8 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
             'rope_theta': f['model.rope_theta'], 'rms_norm_eps': f['model.norm_eps'],
             'tie_word_embeddings': f['model.tie_embeddings'], 'vocab_size': f['data.vocab_size'],
             'max_position_embeddings': 256, 'hidden_act': 'silu', 'eos_token_id': 263}
+  if f['model.head_dim']:
+    config['head_dim'] = f['model.head_dim']
   if transformers5:
     config['rope_parameters'] = {'rope_theta': config.pop('rope_theta'), 'rope_type': 'default'}
   config.update(config_extra or {})
@@ -430,12 +440,12 @@ def write_hf(directory, tensors, fields=None, shards=1, architecture='LlamaForCa
 
 def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
   """Llama's forward pass over one sequence in float64 NumPy, from HF-layout tensors: RMSNorm,
-  rotate-half RoPE, grouped-query causal attention (with Qwen2's q, k and v biases where the
-  tensors have them), SwiGLU, tied or separate output layer."""
+  rotate-half RoPE, grouped-query causal attention (with Qwen2's q, k and v biases and Qwen3's q
+  and k norms where the tensors have them), SwiGLU, tied or separate output layer."""
   f = {**LLAMA, **(fields or {})}
   t = {k: np.asarray(v, np.float64) for k, v in tensors.items()}
   H, K, D = f['model.num_heads'], f['model.num_kv_heads'], f['model.d_model']
-  E, T, eps = D // H, len(tokens), f['model.norm_eps']
+  E, T, eps = f['model.head_dim'] or D // H, len(tokens), f['model.norm_eps']
 
   def norm(x, w):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
@@ -454,15 +464,16 @@ def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
     h = norm(x, t[p + 'input_layernorm.weight'])
     proj = lambda n: (h @ t[p + f'self_attn.{n}_proj.weight'].T
                       + t.get(p + f'self_attn.{n}_proj.bias', 0))
-    q = rotate(proj('q').reshape(T, H, E).transpose(1, 0, 2))
-    k = rotate(proj('k').reshape(T, K, E).transpose(1, 0, 2))
+    qk_norm = lambda x, n: norm(x, t[p + f'self_attn.{n}_norm.weight']) if f['model.qk_norm'] else x
+    q = rotate(qk_norm(proj('q').reshape(T, H, E), 'q').transpose(1, 0, 2))
+    k = rotate(qk_norm(proj('k').reshape(T, K, E), 'k').transpose(1, 0, 2))
     v = proj('v').reshape(T, K, E).transpose(1, 0, 2)
     k, v = np.repeat(k, H // K, 0), np.repeat(v, H // K, 0)
     scores = q @ k.transpose(0, 2, 1) / np.sqrt(E)
     scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    x = x + (probs @ v).transpose(1, 0, 2).reshape(T, D) @ t[p + 'self_attn.o_proj.weight'].T
+    x = x + (probs @ v).transpose(1, 0, 2).reshape(T, H * E) @ t[p + 'self_attn.o_proj.weight'].T
     h = norm(x, t[p + 'post_attention_layernorm.weight'])
     gate = h @ t[p + 'mlp.gate_proj.weight'].T
     x = x + (gate / (1 + np.exp(-gate)) * (h @ t[p + 'mlp.up_proj.weight'].T)) @ \

@@ -94,6 +94,8 @@ CASES = {
     'unknown key': ({}, ['--config.train.stepz=3'], QUICKSTART, ['no such field', 'stepz']),
     'heads do not divide width': ({'model.num_heads': 3}, [], QUICKSTART,
                                   ['model.num_heads=3 must divide model.d_model=32']),
+    'odd head width': ({'model.head_dim': 7}, [], QUICKSTART,
+                       ['model.head_dim must be an even integer', '7']),
     'negative depth': ({'mtp.depth': -1}, [], QUICKSTART, ['mtp.depth', '-1']),
     'negative head width': ({'mtp.head_mlp_dim': -8}, [], QUICKSTART,
                             ['mtp.head_mlp_dim', '-8']),
@@ -225,7 +227,7 @@ def tiny_llama(tmp_path_factory):
 PRETRAINED_CASES = {
     'contradicting field': ('good', ['--config.model.d_model=64'],
                             ['model.d_model=64 contradicts good.gguf, which has 32']),
-    'architecture': ('gemma', [], ["architecture 'gemma'; only 'llama' and 'qwen2'"]),
+    'architecture': ('gemma', [], ["architecture 'gemma'; only 'llama', 'qwen2', 'qwen3'"]),
     'missing tensor': ('qwen', [], ["qwen.gguf has no tensor 'blk.0.attn_q.bias'"]),
     'tensor type': ('f64', [], ["tensor 'output_norm.weight'", 'type F64']),
     'truncated file': ('cut', [], ['cut.gguf']),

@@ -19,7 +19,8 @@ WIDE = {'model.d_model': 1024, 'model.num_heads': 8, 'model.mlp_dim': 2048, 'tra
 TOLERANCE = 0.01
 
 CASES = [{'mtp.depth': 0},
-         {'mtp.depth': 1, 'model.tie_embeddings': False, 'model.qkv_bias': True}] + [
+         {'mtp.depth': 1, 'model.tie_embeddings': False, 'model.qkv_bias': True},
+         {'mtp.depth': 1, 'model.qk_norm': True, 'model.head_dim': 256}] + [
     {'mtp.kind': kind, 'mtp.head_mlp_dim': width, 'mtp.depth': depth}
     for kind in ('sequential', 'parallel', 'medusa') for width in (0, 4096) for depth in (1, 2)] + [
     {'mtp.kind': kind, 'mtp.head_blocks': 2, 'mtp.depth': 2} for kind in ('sequential', 'parallel')]

@@ -4,6 +4,7 @@ forward; the tokenizer and chat template come with the model; heads and trunk ex
 back; a frozen trunk stays bit for bit what the file holds."""
 
 import copy
+import functools
 import json
 import os
 
@@ -12,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (CHAT, LLAMA, QWEN2, assert_bitwise_equal, assert_user_error, gguf_rounded,
-                      numpy_llama_logits, pretrained_config, random_llama, run_script,
-                      stdlib_corpus, write_gguf, write_hf)
+from conftest import (CHAT, LLAMA, QWEN2, QWEN3, assert_bitwise_equal, assert_user_error,
+                      gguf_rounded, numpy_llama_logits, pretrained_config, random_llama,
+                      run_script, stdlib_corpus, tiny_config, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
 from mtp_jax.config import ConfigError, ModelConfig, validate
@@ -38,13 +39,17 @@ def our_logits(source, tokens=TOKENS):
   return np.asarray(model.apply(params, h, method=model.logits))[0]
 
 
+FIELDS = {'llama': LLAMA, 'qwen2': QWEN2, 'qwen3': QWEN3}
+
+
 @pytest.mark.parametrize('qtype,arch', [(None, 'llama'), ('Q8_0', 'llama'), (None, 'qwen2'),
-                                        ('Q8_0', 'qwen2')])
+                                        ('Q8_0', 'qwen2'), (None, 'qwen3'), ('Q8_0', 'qwen3')])
 def test_gguf_import_matches_numpy_forward(tmp_path, qtype, arch):
-  """Both architectures: Qwen2 is a Llama with biases on q, k and v, whose q and k rows
-  llama.cpp's converter leaves in Hugging Face's order."""
+  """Every architecture: Qwen2 is a Llama with biases on q, k and v, Qwen3 one with q and k
+  normalised per head and heads wider than d_model / num_heads; llama.cpp's converter leaves
+  their q and k rows in Hugging Face's order."""
   import gguf
-  fields = QWEN2 if arch == 'qwen2' else LLAMA
+  fields = FIELDS[arch]
   tensors = random_llama(fields)
   q = getattr(gguf.GGMLQuantizationType, qtype) if qtype else None
   path = write_gguf(tmp_path / 'tiny.gguf', tensors, fields, qtype=q, arch=arch)
@@ -53,7 +58,9 @@ def test_gguf_import_matches_numpy_forward(tmp_path, qtype, arch):
                if t.ndim == 2 else t for n, t in tensors.items()}
   np.testing.assert_allclose(our_logits(path), numpy_llama_logits(tensors, TOKENS, fields),
                              atol=1e-4, rtol=1e-4)
-  assert pretrained.resolve_config(pretrained_config(path)).model.qkv_bias == (arch == 'qwen2')
+  model = pretrained.resolve_config(pretrained_config(path)).model
+  assert (model.qkv_bias, model.qk_norm, model.head_dim) == (
+      arch == 'qwen2', arch == 'qwen3', 16 if arch == 'qwen3' else 0)
 
 
 def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_path):
@@ -84,7 +91,8 @@ def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_pat
     assert_user_error(run_script('experiments/gguf_forms.py', *args, timeout=60), *words)
 
 
-@pytest.mark.parametrize('qtype,arch', [('Q4_0', 'llama'), ('Q4_1', 'llama'), ('Q4_1', 'qwen2')])
+@pytest.mark.parametrize('qtype,arch', [('Q4_0', 'llama'), ('Q4_1', 'llama'), ('Q4_1', 'qwen2'),
+                                        ('Q4_1', 'qwen3')])
 def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype, arch):
   """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (both
   as integers 0 to 15 two to a byte with offsets), and the trunk's logits through them (and
@@ -93,7 +101,7 @@ def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype, arch):
   import gguf
   from mtp_jax import decode as dec
   from mtp_jax import kernels
-  fields = QWEN2 if arch == 'qwen2' else LLAMA
+  fields = FIELDS[arch]
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(fields), fields, arch=arch,
                     qtype=getattr(gguf.GGMLQuantizationType, qtype))
   config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 0}))
@@ -116,10 +124,11 @@ def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype, arch):
   np.testing.assert_allclose(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('shards,transformers5,qwen2', [(1, False, False), (3, False, False),
-                                                      (1, True, False), (2, False, True)])
-def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5, qwen2):
-  fields = {'model.tie_embeddings': False, 'model.qkv_bias': qwen2}
+@pytest.mark.parametrize('shards,transformers5,arch', [
+    (1, False, 'Llama'), (3, False, 'Llama'), (1, True, 'Llama'), (2, False, 'Qwen2'),
+    (1, False, 'Qwen3')])
+def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers5, arch):
+  fields = {**FIELDS[arch.lower()], 'model.tie_embeddings': False}
   extra, files = {}, {}
   if transformers5:
     # Where transformers 5 keeps the rotary base (a base other than the 10000 a reader falls back
@@ -131,18 +140,28 @@ def test_safetensors_import_matches_numpy_forward(tmp_path, shards, transformers
   tensors = random_llama(fields, seed=1)
   directory = write_hf(tmp_path / 'hf', {**tensors, **files}, fields, shards=shards,
                        transformers5=transformers5, config_extra=extra,
-                       architecture='Qwen2ForCausalLM' if qwen2 else 'LlamaForCausalLM')
+                       architecture=f'{arch}ForCausalLM')
   np.testing.assert_allclose(our_logits(directory), numpy_llama_logits(tensors, TOKENS, fields),
                              atol=1e-4, rtol=1e-4)
 
 
-def test_a_qwen2_model_decodes_exactly_and_exports_as_qwen2(tmp_path, capsys):
-  """Qwen2 from end to end: heads copied from its last block (biases too) draft, and greedy
-  `mtp`, through the decoding kernels' stacked q, k, v and their biases, is `ar` token for token;
-  --mode export writes a Qwen2ForCausalLM directory that imports back to the same tensors, with
-  a heads file, biases included, that loads beside it."""
+# per architecture: a tensor of a block only it has, and where that lies in our params
+OWN_TENSORS = {'qwen2': ('model.layers.1.self_attn.k_proj.bias', ('attn', 'v_bias')),
+               'qwen3': ('model.layers.1.self_attn.k_norm.weight', ('attn', 'q_norm', 'scale'))}
+
+
+@pytest.mark.parametrize('arch', ['qwen2', 'qwen3'])
+def test_a_qwen_model_decodes_exactly_and_exports_as_itself(tmp_path, capsys, arch):
+  """Qwen2 and Qwen3 from end to end: heads copied from the last block (its biases, or its q and
+  k norms and wide heads, too) draft, and greedy `mtp`, through the decoding kernels' stacked q,
+  k, v (Qwen2's biases stacked alike), is `ar` token for token; --mode export writes a
+  Qwen2ForCausalLM or Qwen3ForCausalLM directory that imports back to the same tensors, with a
+  heads file, those tensors included, that loads beside it."""
   from mtp_jax import run
-  path = write_gguf(tmp_path / 'qwen.gguf', random_llama(QWEN2, seed=3), QWEN2, arch='qwen2')
+  fields = FIELDS[arch]
+  # seeds whose heads have some drafts accepted (an iteration that accepts exercises more)
+  seed = {'qwen2': 3, 'qwen3': 1}[arch]
+  path = write_gguf(tmp_path / 'qwen.gguf', random_llama(fields, seed=seed), fields, arch=arch)
   workdir = str(tmp_path / 'run')
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('the tin\nan apple\n')
@@ -181,18 +200,31 @@ def test_a_qwen2_model_decodes_exactly_and_exports_as_qwen2(tmp_path, capsys):
   summary = run.run('export', config, workdir)
   export = os.path.join(workdir, 'export')
   assert json.load(open(os.path.join(export, 'config.json')))['architectures'] == [
-      'Qwen2ForCausalLM']
+      f'Qwen{arch[-1]}ForCausalLM']
   back, original = pretrained.open_model(export), pretrained.open_model(path)
-  assert back.fields == original.fields and back.fields['model.qkv_bias']
-  for name in ('model.layers.1.self_attn.k_proj.bias', 'model.layers.0.self_attn.q_proj.weight'):
+  assert back.fields == original.fields
+  own, ours = OWN_TENSORS[arch]
+  for name in (own, 'model.layers.0.self_attn.q_proj.weight'):
     np.testing.assert_array_equal(back.get(name), original.get(name))
   heads = os.path.join(export, 'mtp_heads.safetensors')
   assert 'mtp_heads.safetensors' in summary['files']
   config = pretrained.resolve_config(pretrained_config(export, **{'mtp.init_from': heads}))
   pretrained.check_heads_init(config)
   loaded = pretrained.head_params(config, pretrained.trunk_params(export))
-  np.testing.assert_array_equal(loaded['mtp_0']['block']['attn']['v_bias'],
-                                pretrained.trunk_params(path)['blocks_1']['attn']['v_bias'])
+  held = lambda tree: functools.reduce(lambda t, key: t[key], ours, tree)
+  np.testing.assert_array_equal(held(loaded['mtp_0']['block']),
+                                held(pretrained.trunk_params(path)['blocks_1']))
+
+
+def test_export_refuses_a_trunk_no_hugging_face_class_holds(tmp_path):
+  """q, k and v biases with q and k norms: a model this project trains, which no transformers
+  class describes; export says so before writing anything."""
+  from mtp_jax.pretrained import export
+  cfg = ModelConfig.from_config(tiny_config(**{'model.qkv_bias': True, 'model.qk_norm': True}))
+  with pytest.raises(PretrainedError, match='no Hugging Face architecture has both'):
+    export.export(str(tmp_path / 'out'), init_params(cfg, jax.random.key(0))['params'], None, cfg,
+                  tokenizer=None, eos_id=None, bos_id=None, chat_template='')
+  assert not os.path.exists(tmp_path / 'out')
 
 
 def test_model_fields_and_tokenizer_come_from_the_file(tmp_path):
@@ -214,12 +246,19 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
   config = pretrained_config(path, **{'model.d_model': 64})
   with pytest.raises(PretrainedError, match=r'model\.d_model=64 contradicts tiny\.gguf, which has 32'):
     pretrained.resolve_config(config)
-  # Agreeing with the file is fine.
+  # Agreeing with the file is fine, a head width of d_model / num_heads (the file's 0) too, and
+  # validate writes it as the file does, so heads files and checkpoints name one model.
   pretrained.resolve_config(pretrained_config(path, **{'model.num_layers': 2}))
+  config = pretrained.resolve_config(pretrained_config(path, **{'model.head_dim': 8}))
+  validate(config)
+  assert config.model.head_dim == 0
+  with pytest.raises(PretrainedError, match=r'model\.head_dim=16 contradicts tiny\.gguf, which has 0'):
+    pretrained.resolve_config(pretrained_config(path, **{'model.head_dim': 16}))
 
 
 @pytest.mark.parametrize('break_it,message', [
-    (dict(arch='gemma'), "architecture 'gemma'; only 'llama' and 'qwen2' are supported"),
+    (dict(arch='gemma'), "architecture 'gemma'; only 'llama', 'qwen2', 'qwen3' are supported"),
+    (dict(arch='qwen3'), "has no tensor 'blk.0.attn_q_norm.weight'"),  # Qwen3 has q and k norms
     (dict(arch='qwen2'), "has no tensor 'blk.0.attn_q.bias'"),  # Qwen2 has biases
     (dict(drop=('model.layers.1.mlp.up_proj.weight',)), "no tensor 'blk.1.ffn_up.weight'"),
     (dict(reshape={'model.layers.0.self_attn.v_proj.weight': (32, 16)}),
@@ -261,8 +300,14 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
 
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
-  with pytest.raises(PretrainedError, match='only LlamaForCausalLM and Qwen2ForCausalLM'):
+  with pytest.raises(PretrainedError, match='only LlamaForCausalLM, Qwen2ForCausalLM, '
+                                            'Qwen3ForCausalLM are supported'):
     pretrained.open_model(write_hf(tmp_path / 'a', tensors, architecture='GPT2LMHeadModel'))
+  # transformers' Qwen3Config takes heads 128 wide where config.json does not say
+  wide = {**QWEN3, 'model.head_dim': 128}
+  no_width = write_hf(tmp_path / 'q3', random_llama(wide), wide, architecture='Qwen3ForCausalLM',
+                      config_extra={'head_dim': None})
+  assert pretrained.open_model(no_width).fields['model.head_dim'] == 128
   with pytest.raises(PretrainedError, match='use_sliding_window=true; only full attention'):
     pretrained.open_model(write_hf(tmp_path / 'q', random_llama(QWEN2), QWEN2,
                                    architecture='Qwen2ForCausalLM',

@@ -88,18 +88,19 @@ def test_steps_on_one_batch_lower_the_loss():
 
 
 def test_weight_decay_reaches_matrices_only():
-  """Not norms, biases (Medusa's, and Qwen2's q, k and v biases, stored per head as 2-D) or the
-  (un)embedding."""
+  """Not norms (Qwen3's q and k norms among them), biases (Medusa's, and Qwen2's q, k and v
+  biases, stored per head as 2-D) or the (un)embedding."""
   for overrides in ({'model.qkv_bias': True, 'model.tie_embeddings': False},
-                    {'mtp.kind': 'medusa'}):
+                    {'model.qk_norm': True}, {'mtp.kind': 'medusa'}):
     cfg = ModelConfig.from_config(tiny_config(**overrides))
     mask = flat(train._decay_mask(init_params(cfg, jax.random.key(0))['params']))
     decayed = {name for name, kept in mask.items() if kept}
     assert decayed and all(name.endswith(("['q']", "['k']", "['v']", "['o']", "['gate']",
                                           "['up']", "['down']", "['eh_proj']", "['w']"))
                            for name in decayed), sorted(decayed)
-    biases = [name for name in mask if 'bias' in name or name.endswith("['b']")]
-    assert biases and not any(mask[name] for name in biases)
+    spared = [name for name in mask if 'bias' in name or 'norm' in name or name.endswith("['b']")]
+    assert not any(mask[name] for name in spared)
+    assert any('bias' in name or "['b']" in name or 'q_norm' in name for name in spared)
 
 
 def test_grad_accumulation_matches_one_big_batch():

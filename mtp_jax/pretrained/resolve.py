@@ -68,6 +68,9 @@ def resolve_config(config):
   resolved = config.copy_and_resolve_references()
   for name, kind in FILE_FIELDS.items():
     have, want = field(config, name), kind(p.fields[name])
+    if name == 'model.head_dim' and have and have * p.fields['model.num_heads'] == (
+        p.fields['model.d_model']):
+      have = 0  # the file's form of d_model / num_heads
     if have is None:
       set_field(resolved, name, want)
     elif not _same(kind(have), want):
