@@ -50,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.qk_norm = False  # q and k RMS-normalised per head before the rotary embedding (Qwen3's)
   c.model.head_dim = 0  # width of an attention head; 0: d_model / num_heads
   c.model.rope_theta = 10000.0
+  # Per rotary frequency (head_dim / 2 of them), what divides it (Llama 3's scaling); () for none.
+  c.model.rope_factors = ()
   c.model.max_seq_len = 512  # RoPE range and the decoder's cache length.
   c.model.norm_eps = 1e-6
   c.model.remat = False  # rematerialize each Transformer block in the backward pass.

@@ -1,7 +1,8 @@
 """Whether this project reads and writes models as the libraries that define their formats do.
-For each architecture it takes (Llama, Qwen2, Qwen3), transformers makes a small model with
-random weights (norm scales and Qwen2's q, k and v biases random too, where transformers would
-start them at 1 and 0; Qwen3's heads twice d_model / num_heads wide) and saves it itself
+For each architecture it takes (Llama, also with Llama 3's rotary scaling; Qwen2; Qwen3),
+transformers makes a small model with random weights (norm scales and Qwen2's q, k and v biases
+random too, where transformers would start them at 1 and 0; Qwen3's heads twice d_model /
+num_heads wide) and saves it itself
 (save_pretrained); this project imports that directory (model.init_from) and its trunk's logits
 are compared with transformers' own forward on the same tokens. Then --mode export's writer saves
 the import, transformers loads that directory, and the logits are compared again. Last, the same
@@ -15,6 +16,7 @@ Run (in the peers' environment, see bench_peers.py):
 Prints, per architecture and check, the largest logit difference (float32 throughout).
 """
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -27,22 +29,29 @@ from mtp_jax import cli  # noqa: E402
 
 _TOKENS = flags.DEFINE_integer('tokens', 24, 'Positions of the compared sequence.')
 
+# Llama 3's scaling, its original context short enough that the compared positions see it:
+# of the 8 frequencies of 16-wide heads at base 1e5, 1 kept, 1 blended, 6 divided by 8
+LLAMA3 = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+          'original_max_position_embeddings': 64}
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
              rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2)
 
 
-def transformers_model(architecture: str):
-  """A random model of `architecture` made by transformers, every parameter drawn at random."""
+def transformers_model(architecture: str, scaled: bool = False):
+  """A random model of `architecture` made by transformers, every parameter drawn at random;
+  `scaled`: with Llama 3's rotary scaling."""
   import torch
   import transformers
   config_class = {'LlamaForCausalLM': transformers.LlamaConfig,
                   'Qwen2ForCausalLM': transformers.Qwen2Config,
                   'Qwen3ForCausalLM': transformers.Qwen3Config}[architecture]
   extra = {'head_dim': 32} if architecture == 'Qwen3ForCausalLM' else {}
+  if scaled:
+    extra['rope_parameters'] = {**LLAMA3, 'rope_theta': 100000.0}
   torch.manual_seed(0)
-  model = getattr(transformers, architecture)(config_class(**SHAPE, **extra,
-                                                           rope_theta=100000.0))
+  model = getattr(transformers, architecture)(config_class(**{'rope_theta': 100000.0, **SHAPE,
+                                                              **extra}))
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('bias') or 'norm' in name:  # transformers starts these at 0 and 1
@@ -103,6 +112,11 @@ def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
   w.add_value_length(head_dim)
   w.add_rope_freq_base(float(model.config.rope_parameters['rope_theta']))
   w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  if c.rope_parameters.get('rope_type') == 'llama3':  # as llama.cpp's converter writes it
+    from mtp_jax.pretrained import hf
+    w.add_tensor('rope_freqs.weight', np.asarray(
+        hf.llama3_factors(c.rope_parameters['rope_theta'], head_dim, c.rope_parameters),
+        np.float32))
   symbols = sorted(pre_tokenizers.ByteLevel.alphabet()) + ['Ġt']
   tokens = symbols + [f'<|unused_{i}|>' for i in range(c.vocab_size - len(symbols))]
   w.add_tokenizer_model('gpt2')
@@ -142,23 +156,29 @@ def main(argv):
   tokens = [int(t) for t in tokens]
   print(f'transformers {transformers.__version__}, {len(tokens)} tokens')
   with tempfile.TemporaryDirectory() as tmp:
-    for architecture in ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'):
-      theirs = transformers_model(architecture)
-      saved = os.path.join(tmp, architecture)
+    for architecture, scaled in (('LlamaForCausalLM', False), ('LlamaForCausalLM', True),
+                                 ('Qwen2ForCausalLM', False), ('Qwen3ForCausalLM', False)):
+      theirs = transformers_model(architecture, scaled)
+      saved = os.path.join(tmp, architecture + ('_llama3' if scaled else ''))
       theirs.save_pretrained(saved)
       config, cfg, params = our_import(saved)
       want, got = their_logits(theirs, tokens), our_logits(cfg, params, tokens)
-      print(f'{architecture}: qkv_bias={cfg.qkv_bias}, qk_norm={cfg.qk_norm}, head_dim='
-            f'{cfg.head_dim}, read here: largest logit difference '
+      print(f'{architecture}{" with llama3 rotary scaling" if scaled else ""}: qkv_bias='
+            f'{cfg.qkv_bias}, qk_norm={cfg.qk_norm}, head_dim={cfg.head_dim}, read here: '
+            f'largest logit difference '
             f'{np.max(np.abs(got - want)):.2e} (logits up to {np.max(np.abs(want)):.1f})')
-      written = os.path.join(tmp, architecture + '_export')
-      export.export(written, jax.device_get(params)['params'], config, cfg, tokenizer=None,
-                    eos_id=None, bos_id=None, chat_template='')
-      back = transformers.AutoModelForCausalLM.from_pretrained(written).eval()
-      print(f'{architecture}: written here, read by transformers as {type(back).__name__}: '
-            f'largest logit difference {np.max(np.abs(their_logits(back, tokens) - got)):.2e}')
+      if scaled:  # what the scaling changes, read unscaled
+        plain = our_logits(dataclasses.replace(cfg, rope_factors=()), params, tokens)
+        print(f'  (read without the scaling: {np.max(np.abs(plain - want)):.2e})')
+      if not scaled:  # export takes no rotary factors
+        written = saved + '_export'
+        export.export(written, jax.device_get(params)['params'], config, cfg, tokenizer=None,
+                      eos_id=None, bos_id=None, chat_template='')
+        back = transformers.AutoModelForCausalLM.from_pretrained(written).eval()
+        print(f'{architecture}: written here, read by transformers as {type(back).__name__}: '
+              f'largest logit difference {np.max(np.abs(their_logits(back, tokens) - got)):.2e}')
       arch = architecture.removesuffix('ForCausalLM').lower()
-      path, other = os.path.join(tmp, f'{arch}.gguf'), os.path.join(tmp, f'{arch}_other.gguf')
+      path, other = saved + '.gguf', saved + '_other.gguf'
       write_gguf(path, theirs, arch, interleave=arch == 'llama')  # as llama.cpp's converter
       write_gguf(other, theirs, arch, interleave=arch != 'llama')  # the other layout
       _, cfg, params = our_import(path)

@@ -214,7 +214,8 @@ MODEL_FIELDS = ('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim', 'mtp.head_
 # Model-defining fields added after checkpoints were first written, with the value that gives
 # the model those checkpoints hold; an older config.json without the field is read as having it.
 ADDED_FIELDS = {'mtp.head_mlp_dim': 0, 'mtp.feature_layers': '', 'mtp.head_blocks': 1,
-                'model.qkv_bias': False, 'model.qk_norm': False, 'model.head_dim': 0}
+                'model.qkv_bias': False, 'model.qk_norm': False, 'model.head_dim': 0,
+                'model.rope_factors': []}
 
 
 def _show(value) -> str:

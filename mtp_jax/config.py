@@ -44,6 +44,7 @@ class ModelConfig:
   qkv_bias: bool = False  # biases on q, k and v (Qwen2)
   qk_norm: bool = False  # q and k RMS-normalised per head (Qwen3)
   head_width: int = 0  # model.head_dim: an attention head's width; 0: d_model / num_heads
+  rope_factors: tuple = ()  # what divides each rotary frequency (Llama 3's scaling); (): none
 
   @property
   def feature_dim(self) -> int:
@@ -82,7 +83,8 @@ class ModelConfig:
         head_mlp_dim=config.mtp.head_mlp_dim, attention=m.attention,
         head_blocks=config.mtp.head_blocks, detach_chain=config.mtp.detach_chain,
         feature_layers=parse_layers(config.mtp.feature_layers), qkv_bias=m.qkv_bias,
-        qk_norm=m.qk_norm, head_width=m.head_dim)
+        qk_norm=m.qk_norm, head_width=m.head_dim,
+        rope_factors=tuple(float(f) for f in m.rope_factors))
 
 
 def block_name(j: int) -> str:
@@ -198,6 +200,10 @@ def validate(config) -> None:
   _check(m.attention in ATTENTION,
          f"model.attention must be one of {', '.join(ATTENTION)}, got '{m.attention}'")
   _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
+  half = (m.head_dim or m.d_model // m.num_heads) // 2
+  _check(not m.rope_factors or (len(m.rope_factors) == half and all(f > 0 for f in m.rope_factors)),
+         f'model.rope_factors must be empty or {half} numbers > 0 (one per rotary frequency), got '
+         f'{len(m.rope_factors)}')
   _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
   _check(isinstance(m.qkv_bias, bool), f'model.qkv_bias must be True or False, got {m.qkv_bias!r}')
   _check(isinstance(m.qk_norm, bool), f'model.qk_norm must be True or False, got {m.qk_norm!r}')

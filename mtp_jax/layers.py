@@ -93,20 +93,23 @@ class RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def _angle_table(length: int, half: int, theta: float):
+def _angle_table(length: int, half: int, theta: float, factors: tuple = ()):
   """cos and sin of every position's rotary angles, length x half each, in float64 rounded to
-  float32 (NumPy's, so they do not depend on the backend's approximations)."""
+  float32 (NumPy's, so they do not depend on the backend's approximations); each frequency
+  divided by its factor when `factors` are given (Llama 3's scaling)."""
   freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+  if factors:
+    freq = freq / np.asarray(factors, np.float64)
   angle = np.arange(length, dtype=np.float64)[:, None] * freq
   return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def rotary(positions_BxT, head_dim: int, theta: float, length: int):
+def rotary(positions_BxT, head_dim: int, theta: float, length: int, factors: tuple = ()):
   """(cos, sin) of the rotary angles at absolute positions below `length`, B x T x 1 x
   head_dim / 2, looked up in a table. XLA's CPU backend fuses a sin or cos into every operation
   that reads it, so angles computed in the forward were evaluated again, element by element, in
   each of the 60 rotations of a trunk call; a lookup is all those fusions now repeat."""
-  cos, sin = _angle_table(length, head_dim // 2, float(theta))
+  cos, sin = _angle_table(length, head_dim // 2, float(theta), tuple(factors))
   take = lambda table: jnp.take(table, positions_BxT, axis=0, mode='clip')[:, :, None, :]
   return take(cos), take(sin)
 

@@ -278,7 +278,7 @@ def flat(tree) -> dict:
 LLAMA = {'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
          'model.mlp_dim': 64, 'model.rope_theta': 10000.0, 'model.norm_eps': 1e-5,
          'model.tie_embeddings': True, 'model.qkv_bias': False, 'model.qk_norm': False,
-         'model.head_dim': 0, 'data.vocab_size': 264}
+         'model.head_dim': 0, 'model.rope_factors': (), 'data.vocab_size': 264}
 QWEN2 = {**LLAMA, 'model.qkv_bias': True}  # a Llama with biases on q, k and v
 # a Llama with q and k normalised per head, its heads wider than d_model / num_heads
 QWEN3 = {**LLAMA, 'model.qk_norm': True, 'model.head_dim': 16}
@@ -383,6 +383,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
       w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
     else:
       w.add_tensor(name, t)
+  if f['model.rope_factors']:  # Llama 3's scaling, as llama.cpp's converter writes it
+    w.add_tensor('rope_freqs.weight', np.asarray(f['model.rope_factors'], np.float32))
   for name, t in (extra or {}).items():
     w.add_tensor(name, t)
   w.write_header_to_file()
@@ -451,6 +453,8 @@ def numpy_llama_logits(tensors, tokens, fields=None) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
 
   inv = f['model.rope_theta'] ** (-np.arange(0, E, 2) / E)
+  if f['model.rope_factors']:  # Llama 3's scaling
+    inv = inv / np.asarray(f['model.rope_factors'])
   angle = np.arange(T)[:, None] * inv[None]
   cos, sin = np.concatenate([np.cos(angle)] * 2, -1), np.concatenate([np.sin(angle)] * 2, -1)
 

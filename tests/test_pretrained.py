@@ -218,13 +218,63 @@ def test_a_qwen_model_decodes_exactly_and_exports_as_itself(tmp_path, capsys, ar
 
 def test_export_refuses_a_trunk_no_hugging_face_class_holds(tmp_path):
   """q, k and v biases with q and k norms: a model this project trains, which no transformers
-  class describes; export says so before writing anything."""
+  class describes; rotary factors, which a config.json gives only as the parameters they came
+  from: export says so before writing anything, but writes the heads of an unchanged trunk with
+  factors (they load beside its own file)."""
   from mtp_jax.pretrained import export
-  cfg = ModelConfig.from_config(tiny_config(**{'model.qkv_bias': True, 'model.qk_norm': True}))
-  with pytest.raises(PretrainedError, match='no Hugging Face architecture has both'):
-    export.export(str(tmp_path / 'out'), init_params(cfg, jax.random.key(0))['params'], None, cfg,
-                  tokenizer=None, eos_id=None, bos_id=None, chat_template='')
-  assert not os.path.exists(tmp_path / 'out')
+  for overrides, words in (({'model.qkv_bias': True, 'model.qk_norm': True},
+                            'no Hugging Face architecture has both'),
+                           ({'model.rope_factors': (1.0, 2.0, 4.0, 8.0)},
+                            'scales its rotary frequencies by factors')):
+    cfg = ModelConfig.from_config(tiny_config(**overrides))
+    with pytest.raises(PretrainedError, match=words):
+      export.export(str(tmp_path / 'out'), init_params(cfg, jax.random.key(0))['params'], None,
+                    cfg, tokenizer=None, eos_id=None, bos_id=None, chat_template='')
+    assert not os.path.exists(tmp_path / 'out')
+  # Llama 3's scaling with the trunk unchanged: the heads alone, loading beside the trunk's file
+  config = tiny_config(**{'model.rope_factors': (1.0, 2.0, 4.0, 8.0)})
+  cfg = ModelConfig.from_config(config)
+  written = export.export(str(tmp_path / 'out'), init_params(cfg, jax.random.key(0))['params'],
+                          config, cfg, tokenizer=None, eos_id=None, bos_id=None, chat_template='',
+                          same_trunk_as='0' * 64)
+  assert written == ['mtp_heads.safetensors'] == os.listdir(tmp_path / 'out')
+  assert json.loads(heads_file.describe(str(tmp_path / 'out' / written[0])))['trunk'] == '0' * 64
+
+
+# Llama 3's scaling for 8-wide heads at base 1e4 (frequencies 1, 0.1, 0.01, 0.001: wavelengths
+# 2 pi / frequency, 6.28, 62.8, 628, 6283) and an original context of 64: under 64 /
+# high_freq_factor = 16 kept, past 64 / low_freq_factor = 64 divided by 8, between them by
+# 1 / ((1 - s) / 8 + s), s = (64 / 62.83 - 1) / 3.
+LLAMA3 = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+          'original_max_position_embeddings': 64}
+_S = (64 / (2 * np.pi / 0.1) - 1) / 3
+LLAMA3_FACTORS = (1.0, 1 / ((1 - _S) / 8 + _S), 8.0, 8.0)
+
+
+@pytest.mark.parametrize('source', ['gguf', 'hf', 'hf5'])
+def test_llama3_rotary_scaling_matches_numpy_forward(tmp_path, source):
+  """Llama 3's scaled rotary frequencies: from a Hugging Face config's parameters (as
+  transformers 4 and 5 write them), or from the factors a GGUF file holds (rope_freqs.weight, as
+  llama.cpp's converter writes them); the scaled forward is not the unscaled one."""
+  from mtp_jax.pretrained import hf
+  np.testing.assert_allclose(hf.llama3_factors(10000.0, 8, LLAMA3), LLAMA3_FACTORS, rtol=1e-12)
+  fields = {**LLAMA, 'model.rope_factors': LLAMA3_FACTORS}
+  tensors = random_llama(fields)
+  if source == 'gguf':
+    path = write_gguf(tmp_path / 'l3.gguf', tensors, fields)
+  else:
+    path = write_hf(tmp_path / 'l3', tensors, fields, transformers5=source == 'hf5',
+                    config_extra={'rope_scaling' if source == 'hf' else 'rope_parameters': {
+                        **LLAMA3, 'rope_theta': 10000.0}})
+  np.testing.assert_allclose(pretrained.resolve_config(pretrained_config(path)).model.rope_factors,
+                             LLAMA3_FACTORS, rtol=1e-6)  # the GGUF file's float32
+  got = our_logits(path)
+  np.testing.assert_allclose(got, numpy_llama_logits(tensors, TOKENS, fields), atol=1e-4,
+                             rtol=1e-4)
+  assert not np.allclose(got, numpy_llama_logits(tensors, TOKENS), atol=1e-2)
+  with pytest.raises(ConfigError, match='model.rope_factors must be empty or 4 numbers > 0'):
+    validate(tiny_config(**{'model.d_model': 32, 'model.num_heads': 4,
+                            'model.rope_factors': (1.0, 2.0)}))
 
 
 def test_model_fields_and_tokenizer_come_from_the_file(tmp_path):
@@ -252,7 +302,8 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
   config = pretrained.resolve_config(pretrained_config(path, **{'model.head_dim': 8}))
   validate(config)
   assert config.model.head_dim == 0
-  with pytest.raises(PretrainedError, match=r'model\.head_dim=16 contradicts tiny\.gguf, which has 0'):
+  with pytest.raises(PretrainedError,
+                     match=r'model\.head_dim=16 contradicts tiny\.gguf, which has 0'):
     pretrained.resolve_config(pretrained_config(path, **{'model.head_dim': 16}))
 
 
@@ -268,8 +319,6 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
     # older files use
     (dict(floats={'llama.rope.scaling.factor': 4.0}), 'uses RoPE scaling (linear, factor 4.0)'),
     (dict(floats={'llama.rope.scale_linear': 2.0}), 'uses RoPE scaling (linear, factor 2.0)'),
-    (dict(extra={'rope_freqs.weight': np.ones(4, np.float32)}),
-     "scales its rotary frequencies by the tensor 'rope_freqs.weight'"),
     # llama.cpp refuses both: no default for the norms' epsilon, and token ids past the embedding
     (dict(drop=('llama.attention.layer_norm_rms_epsilon',)),
      'has no llama.attention.layer_norm_rms_epsilon in its metadata'),
@@ -325,13 +374,20 @@ def test_hf_directory_errors(tmp_path):
     f.write(data[:-100])
   with pytest.raises(PretrainedError, match='model.safetensors is not a readable'):
     pretrained.open_model(directory)
-  # Scaled rotary embeddings are refused, in transformers 4's and 5's forms.
+  # Scalings other than Llama 3's are refused, in transformers 4's and 5's forms; so is Llama 3's
+  # without its parameters, or given twice, differently.
   scaled = {'rope_scaling': {'type': 'linear', 'factor': 2.0}}
   with pytest.raises(PretrainedError, match="sets rope_scaling of type 'linear'"):
     pretrained.open_model(write_hf(tmp_path / 'd', tensors, config_extra=scaled))
-  scaled = {'rope_parameters': {'rope_theta': 5e5, 'rope_type': 'llama3', 'factor': 8.0}}
-  with pytest.raises(PretrainedError, match="sets rope_parameters of type 'llama3'"):
+  scaled = {'rope_parameters': {'rope_theta': 5e5, 'rope_type': 'yarn', 'factor': 8.0}}
+  with pytest.raises(PretrainedError, match="sets rope_parameters of type 'yarn'"):
     pretrained.open_model(write_hf(tmp_path / 'e', tensors, config_extra=scaled))
+  scaled = {'rope_parameters': {'rope_theta': 5e5, 'rope_type': 'llama3', 'factor': 8.0}}
+  with pytest.raises(PretrainedError, match="llama3 rotary scaling has no low_freq_factor"):
+    pretrained.open_model(write_hf(tmp_path / 'e2', tensors, config_extra=scaled))
+  scaled = {'rope_scaling': LLAMA3, 'rope_parameters': {**LLAMA3, 'factor': 32.0}}
+  with pytest.raises(PretrainedError, match="rope_scaling and rope_parameters to different"):
+    pretrained.open_model(write_hf(tmp_path / 'e3', tensors, config_extra=scaled))
   directory = write_hf(tmp_path / 'f', tensors, shards=2)
   with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
     f.write('{"metadata": {}}')

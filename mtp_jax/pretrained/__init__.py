@@ -12,7 +12,8 @@ This file stays free of heavy imports: configs/base.py reads FILE_FIELDS at conf
 FILE_FIELDS = {'model.d_model': int, 'model.num_layers': int, 'model.num_heads': int,
                'model.num_kv_heads': int, 'model.mlp_dim': int, 'model.rope_theta': float,
                'model.norm_eps': float, 'model.tie_embeddings': bool, 'model.qkv_bias': bool,
-               'model.qk_norm': bool, 'model.head_dim': int, 'data.vocab_size': int}
+               'model.qk_norm': bool, 'model.head_dim': int, 'model.rope_factors': tuple,
+               'data.vocab_size': int}
 
 
 def field(config, name: str):

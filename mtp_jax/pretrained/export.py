@@ -56,10 +56,22 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   ModelConfig) to `directory`; returns the files written. The heads file names the trunk written
   beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
   from when training left it unchanged: the heads load on either. generation_config.json lists
-  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it."""
+  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it.
+  A trunk with rotary factors (model.rope_factors) is not written: only the heads, when the
+  trunk is unchanged."""
+  cast = DTYPES[dtype]
+  if cfg.rope_factors:  # Llama 3's scaling: a config.json states only the parameters behind it
+    if not same_trunk_as or not cfg.mtp_depth:
+      raise PretrainedError('--mode export: the trunk scales its rotary frequencies by factors '
+                            "(model.rope_factors, Llama 3's scaling), which a config.json states "
+                            'only as the parameters they came from, so only the heads of an '
+                            'unchanged trunk are written (they load beside its own file)')
+    os.makedirs(directory, exist_ok=True)
+    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=same_trunk_as,
+                    token_rank=token_rank, dtype=cast)
+    return [HEADS]
   config_json = hf_config(cfg, eos_id, bos_id, dtype, context_length)  # refused before writing
   os.makedirs(directory, exist_ok=True)
-  cast = DTYPES[dtype]
   fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
             'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm}
   trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}

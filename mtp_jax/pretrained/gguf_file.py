@@ -28,6 +28,7 @@ _NAMES = {'attn_norm': 'input_layernorm.weight', 'attn_q': 'self_attn.q_proj.wei
 ARCHITECTURES = {'llama': (False, False), 'qwen2': (True, False), 'qwen3': (False, True)}
 _BIASES = ('attn_q', 'attn_k', 'attn_v')
 _QK_NORMS = {'attn_q_norm': 'self_attn.q_norm.weight', 'attn_k_norm': 'self_attn.k_norm.weight'}
+ROPE_FREQS = 'rope_freqs'  # its key among the tensors _tensors returns
 _TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
         'output.weight': 'lm_head.weight'}
 
@@ -146,9 +147,9 @@ def _tensors(reader, name: str) -> dict:
     if hf is not None and (hf.endswith('.bias') and not biases
                            or hf.endswith(('q_norm.weight', 'k_norm.weight')) and not qk_norms):
       hf = None
-    if t.name == 'rope_freqs.weight':  # Llama 3.1's frequency factors
-      raise PretrainedError(f"model.init_from: {name} scales its rotary frequencies by the "
-                            "tensor 'rope_freqs.weight', which is not supported")
+    if t.name == 'rope_freqs.weight' and arch == 'llama':  # Llama 3's scaling: each frequency's
+      tensors[ROPE_FREQS] = t                               # divisor
+      continue
     if hf is None:
       raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
                             f'a {arch} model this project reads')
@@ -177,6 +178,10 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   if int(_value(reader, a + 'attention.value_length', head_dim)) != head_dim:
     raise PretrainedError(f'model.init_from: {name} has keys and values of different widths; '
                           'only equal ones are supported')
+  factors = ()
+  if ROPE_FREQS in tensors:
+    t = tensors.pop(ROPE_FREQS)
+    factors = tuple(float(f) for f in gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1))
   rope_dims = _value(reader, a + 'rope.dimension_count', head_dim)
   if rope_dims != head_dim:
     raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
@@ -187,6 +192,7 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
       'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
       'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
+      'model.rope_factors': factors,
       'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
       'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],

@@ -72,17 +72,51 @@ def weight_files(directory: str) -> list[str]:
   return [single]
 
 
-def rope_theta(c: dict, name: str) -> float:
-  """The rotary base of a config.json: top-level `rope_theta` with `rope_scaling` (transformers
-  4), or both inside `rope_parameters` (transformers 5). Only unscaled rotary embeddings are
-  supported; a scaling type is refused rather than ignored."""
+def rope(c: dict, name: str, head_dim: int) -> tuple[float, tuple]:
+  """(rotary base, what divides each frequency) of a config.json: top-level `rope_theta` with
+  `rope_scaling` (transformers 4), or both inside `rope_parameters` (transformers 5). Unscaled
+  rotary embeddings, or Llama 3's scaling ('llama3'); another type is refused rather than
+  ignored."""
+  theta = float((c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 10000.0)))
+  scaled = {}
   for key in ('rope_scaling', 'rope_parameters'):
     given = c.get(key) or {}
     kind = given.get('rope_type', given.get('type', 'default'))
-    if kind != 'default':
+    if kind not in ('default', 'llama3'):
       raise PretrainedError(f'model.init_from: {name} sets {key} of type {kind!r}; only unscaled '
-                            "rotary embeddings ('default') are supported")
-  return float((c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 10000.0)))
+                            "rotary embeddings ('default') and Llama 3's ('llama3') are supported")
+    if kind == 'llama3':
+      scaled[key] = given
+  if not scaled:
+    return theta, ()
+  if len({json.dumps({k: v for k, v in p.items() if k != 'rope_theta'}, sort_keys=True)
+          for p in scaled.values()}) > 1:
+    raise PretrainedError(f'model.init_from: {name} sets rope_scaling and rope_parameters to '
+                          'different scalings')
+  params = dict(next(iter(scaled.values())))
+  # as transformers: the original context from the top level, else the model's own
+  params.setdefault('original_max_position_embeddings',
+                    c.get('original_max_position_embeddings', c.get('max_position_embeddings')))
+  missing = [k for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                         'original_max_position_embeddings') if params.get(k) is None]
+  if missing:
+    raise PretrainedError(f"model.init_from: {name}'s llama3 rotary scaling has no {missing[0]}")
+  return theta, llama3_factors(theta, head_dim, params)
+
+
+def llama3_factors(theta: float, head_dim: int, p: dict) -> tuple:
+  """Llama 3's scaling as a factor per frequency: frequencies whose wavelength is past
+  original_max_position_embeddings / low_freq_factor are divided by `factor`, those under
+  it / high_freq_factor kept, those between divided by a blend of the two."""
+  freq = theta ** (-np.arange(head_dim // 2, dtype=np.float64) / (head_dim // 2))
+  old = p['original_max_position_embeddings']
+  factor, low, high = p['factor'], p['low_freq_factor'], p['high_freq_factor']
+  wavelength = 2 * np.pi / freq
+  smooth = (old / wavelength - low) / (high - low)
+  scaled = np.where(wavelength > old / low, freq / factor,
+                    np.where(wavelength < old / high, freq,
+                             (1 - smooth) * freq / factor + smooth * freq))
+  return tuple(float(f) for f in freq / scaled)
 
 
 # architecture -> (whether q, k and v have biases, whether q and k are normalised per head)
@@ -119,11 +153,12 @@ def fields_from_config(c: dict, name: str) -> dict:
   d, heads = c['hidden_size'], c['num_attention_heads']
   # transformers' Qwen3Config defaults to 128 where config.json says nothing
   head_dim = c.get('head_dim') or (128 if arch == 'Qwen3ForCausalLM' else d // heads)
+  theta, factors = rope(c, name, head_dim)
   return {'model.d_model': d, 'model.num_layers': c['num_hidden_layers'],
           'model.num_heads': heads,
           'model.num_kv_heads': c.get('num_key_value_heads') or heads,
           'model.mlp_dim': c['intermediate_size'],
-          'model.rope_theta': rope_theta(c, name),
+          'model.rope_theta': theta, 'model.rope_factors': factors,
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
           'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],
