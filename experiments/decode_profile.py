@@ -316,7 +316,7 @@ def main(argv):
     loops = [{'S': S, 'iterations': iterations[S], 'seconds': t,
               'r': t / per_iter[0] if per_iter[0] > 0 else None, 'tau': taus[S],
               'speedup': (iterations[0] * per_iter[0] / (iterations[S] * t)
-                          if iterations[S] * t > 0 else None)}
+                          if iterations[S] * t > 0 and per_iter[0] > 0 else None)}
              for S, t in enumerate(per_iter)]
     calls = [{'name': name, 'seconds': t, 'over_ar': t / ar} for name, t in parts.items()]
     result['batches'].append({'batch': B, 'loops': loops, 'calls': calls})
