@@ -23,20 +23,13 @@ def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None
   model.qk_norm) for a ModelConfig,
   with the heads described under 'mtp'; `context_length`: the positions the trunk was made for
   (default: model.max_seq_len)."""
-  if cfg.qkv_bias and cfg.qk_norm:
+  arch = llama.architecture_of({'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm})
+  if arch is None:
     raise PretrainedError('--mode export: no Hugging Face architecture has both q, k and v '
                           'biases (model.qkv_bias) and q and k norms (model.qk_norm)')
-  if cfg.qkv_bias:  # Qwen2's biases on q, k and v, and nothing else
-    arch = {'architectures': ['Qwen2ForCausalLM'], 'model_type': 'qwen2',
-            'use_sliding_window': False, 'sliding_window': None}
-  elif cfg.qk_norm:  # Qwen3's norms of q and k, and nothing else
-    arch = {'architectures': ['Qwen3ForCausalLM'], 'model_type': 'qwen3', 'attention_bias': False,
-            'use_sliding_window': False, 'sliding_window': None}
-  else:
-    arch = {'architectures': ['LlamaForCausalLM'], 'model_type': 'llama', 'attention_bias': False,
-            'mlp_bias': False}
   return {
-      **arch, 'hidden_act': 'silu',
+      'architectures': [arch.hf_class], 'model_type': arch.name, **arch.config,
+      'hidden_act': 'silu',
       'hidden_size': cfg.d_model, 'intermediate_size': cfg.mlp_dim,
       'num_attention_heads': cfg.num_heads, 'num_hidden_layers': cfg.num_layers,
       'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,

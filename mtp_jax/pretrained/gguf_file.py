@@ -22,12 +22,9 @@ _NAMES = {'attn_norm': 'input_layernorm.weight', 'attn_q': 'self_attn.q_proj.wei
           'attn_k': 'self_attn.k_proj.weight', 'attn_v': 'self_attn.v_proj.weight',
           'attn_output': 'self_attn.o_proj.weight', 'ffn_norm': 'post_attention_layernorm.weight',
           'ffn_gate': 'mlp.gate_proj.weight', 'ffn_up': 'mlp.up_proj.weight',
-          'ffn_down': 'mlp.down_proj.weight'}
-# general.architecture -> (whether q, k and v have biases: blk.N.attn_q.bias, ...; whether q
-# and k are normalised per head: blk.N.attn_q_norm.weight, ...)
-ARCHITECTURES = {'llama': (False, False), 'qwen2': (True, False), 'qwen3': (False, True)}
-_BIASES = ('attn_q', 'attn_k', 'attn_v')
-_QK_NORMS = {'attn_q_norm': 'self_attn.q_norm.weight', 'attn_k_norm': 'self_attn.k_norm.weight'}
+          'ffn_down': 'mlp.down_proj.weight', 'attn_q_norm': 'self_attn.q_norm.weight',
+          'attn_k_norm': 'self_attn.k_norm.weight'}
+_BIASES = ('attn_q', 'attn_k', 'attn_v')  # blk.N.attn_q.bias, ...
 ROPE_FREQS = 'rope_freqs'  # its key among the tensors _tensors returns
 _TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
         'output.weight': 'lm_head.weight'}
@@ -39,8 +36,6 @@ def hf_name(name: str) -> str | None:
   parts = name.split('.')
   if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _NAMES:
     return f'model.layers.{parts[1]}.{_NAMES[parts[2]]}'
-  if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'weight' and parts[2] in _QK_NORMS:
-    return f'model.layers.{parts[1]}.{_QK_NORMS[parts[2]]}'
   if len(parts) == 4 and parts[0] == 'blk' and parts[3] == 'bias' and parts[2] in _BIASES:
     return f"model.layers.{parts[1]}.{_NAMES[parts[2]].replace('.weight', '.bias')}"
   return None
@@ -52,9 +47,6 @@ def gguf_name(hf: str) -> str:
     if mapped == hf:
       return name
   _, _, i, suffix = hf.split('.', 3)
-  for name, mapped in _QK_NORMS.items():
-    if mapped == suffix:
-      return f'blk.{i}.{name}.weight'
   base, kind = suffix.rsplit('.', 1)
   return f'blk.{i}.' + next(k for k, v in _NAMES.items() if v == base + '.weight') + '.' + kind
 
@@ -74,7 +66,7 @@ def read(path: str) -> Pretrained:
   """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
   name = os.path.basename(path)
   reader = _open(path, name)
-  arch = _value(reader, 'general.architecture')
+  arch = llama.architecture(_value(reader, 'general.architecture'))
   tensors = _tensors(reader, name)
   tokens = _value(reader, 'tokenizer.ggml.tokens')  # decoded once: 49152 strings for SmolLM2
   fields = _fields(reader, name, tensors, tokens)
@@ -85,16 +77,16 @@ def read(path: str) -> Pretrained:
     t = tensors[hf]
     w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
     w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-    if arch == 'llama' and hf.endswith('q_proj.weight'):
+    if arch.name == 'llama' and hf.endswith('q_proj.weight'):
       w = unpermute(w, fields['model.num_heads'])
-    elif arch == 'llama' and hf.endswith('k_proj.weight'):
+    elif arch.name == 'llama' and hf.endswith('k_proj.weight'):
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
   eos_id = _value(reader, 'tokenizer.ggml.eos_token_id')
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
-      context_length=int(_value(reader, f'{arch}.context_length', 0)) or None,
+      context_length=int(_value(reader, f'{arch.name}.context_length', 0)) or None,
       tokenizer=_tokenizer(reader, name, tokens),
       eos_id=eos_id, bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get,
@@ -115,9 +107,9 @@ def _open(path: str, name: str):
     raise PretrainedError(f'model.init_from: {name} is truncated ({os.path.getsize(path)} of '
                           f'{end} bytes)')
   arch = _value(reader, 'general.architecture', '')
-  if arch not in ARCHITECTURES:
+  if llama.architecture(arch) is None:
     raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only "
-                          f"{', '.join(repr(a) for a in ARCHITECTURES)} are supported")
+                          f"{', '.join(repr(a.name) for a in llama.ARCHITECTURES)} are supported")
   # llama.cpp refuses a file without any of these; the others have defaults it shares
   missing = [k for k in ('block_count', 'embedding_length', 'feed_forward_length',
                          'attention.head_count', 'attention.layer_norm_rms_epsilon')
@@ -137,16 +129,12 @@ def _open(path: str, name: str):
 
 
 def _tensors(reader, name: str) -> dict:
-  """{HF name: the file's tensor}, every tensor one of its architecture's, of a type that can be
-  read."""
+  """{HF name: the file's tensor}, every tensor one this project knows, of a type that can be
+  read (check_tensors checks that they are its architecture's)."""
   tensors = {}
   arch = _value(reader, 'general.architecture')
   for t in reader.tensors:
     hf = hf_name(t.name)
-    biases, qk_norms = ARCHITECTURES[arch]
-    if hf is not None and (hf.endswith('.bias') and not biases
-                           or hf.endswith(('q_norm.weight', 'k_norm.weight')) and not qk_norms):
-      hf = None
     if t.name == 'rope_freqs.weight' and arch == 'llama':  # Llama 3's scaling: each frequency's
       tensors[ROPE_FREQS] = t                               # divisor
       continue
@@ -163,8 +151,8 @@ def _tensors(reader, name: str) -> dict:
 
 def _fields(reader, name: str, tensors: dict, tokens) -> dict:
   """The config fields the file defines (Pretrained.fields)."""
-  arch = _value(reader, 'general.architecture')
-  a = arch + '.'
+  arch = llama.architecture(_value(reader, 'general.architecture'))
+  a = arch.name + '.'
   d = int(_value(reader, a + 'embedding_length'))
   heads = int(_value(reader, a + 'attention.head_count'))
   vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
@@ -195,7 +183,7 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.rope_factors': factors,
       'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
-      'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],
+      **llama.arch_fields(arch),
       # 0 where it is d_model / num_heads (configs of such models keep their keys)
       'model.head_dim': 0 if head_dim * heads == d else head_dim, 'data.vocab_size': vocab}
 
@@ -215,9 +203,15 @@ def _tokenizer(reader, name: str, tokens):
 
 
 def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
-  """Every tensor the fields call for is present with its shape. `shown` maps an HF name to the
-  name the file uses, for the message."""
-  for hf, shape in llama.trunk_shapes(fields).items():
+  """Every tensor the fields call for is present with its shape, and no other. `shown` maps an
+  HF name to the name the file uses, for the message."""
+  wanted = llama.trunk_shapes(fields)
+  extra = sorted(set(shapes) - set(wanted))
+  if extra:
+    raise PretrainedError(f"model.init_from: {name} has tensor '{shown(extra[0])}', which is not "
+                          f'part of a {llama.architecture_of(fields).name} model this project '
+                          'reads')
+  for hf, shape in wanted.items():
     label = shown(hf)
     if hf not in shapes:
       raise PretrainedError(f"model.init_from: {name} has no tensor '{label}'")

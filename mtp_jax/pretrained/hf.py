@@ -119,26 +119,12 @@ def llama3_factors(theta: float, head_dim: int, p: dict) -> tuple:
   return tuple(float(f) for f in freq / scaled)
 
 
-# architecture -> (whether q, k and v have biases, whether q and k are normalised per head)
-ARCHITECTURES = {'LlamaForCausalLM': (False, False), 'Qwen2ForCausalLM': (True, False),
-                 'Qwen3ForCausalLM': (False, True)}
-MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-               'qwen3': 'Qwen3ForCausalLM'}
-
-
-def arch_name(fields: dict) -> str:
-  """The architecture model fields describe."""
-  held = (fields['model.qkv_bias'], fields['model.qk_norm'])
-  return next(a for a, form in ARCHITECTURES.items() if form == held).removesuffix('ForCausalLM')
-
-
 def fields_from_config(c: dict, name: str) -> dict:
-  listed = c.get('architectures') or []
-  arch = (next((a for a in listed if a in ARCHITECTURES), listed[0]) if listed
-          else MODEL_TYPES.get(c.get('model_type'), c.get('model_type', '?')))
-  if arch not in ARCHITECTURES:
-    raise PretrainedError(f"model.init_from: {name} is a {arch}; only "
-                          f"{', '.join(ARCHITECTURES)} are supported")
+  listed = c.get('architectures') or [c.get('model_type', '?')]
+  arch = next((a for a in map(llama.architecture, listed) if a), None)
+  if arch is None:
+    raise PretrainedError(f"model.init_from: {name} is a {listed[0]}; only "
+                          f"{', '.join(a.hf_class for a in llama.ARCHITECTURES)} are supported")
   # Llama's attention_bias would also put one on o_proj
   for key, ok in (('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, ok) not in (ok, None):
@@ -152,7 +138,7 @@ def fields_from_config(c: dict, name: str) -> dict:
                           'silu is supported')
   d, heads = c['hidden_size'], c['num_attention_heads']
   # transformers' Qwen3Config defaults to 128 where config.json says nothing
-  head_dim = c.get('head_dim') or (128 if arch == 'Qwen3ForCausalLM' else d // heads)
+  head_dim = c.get('head_dim') or (128 if arch.name == 'qwen3' else d // heads)
   theta, factors = rope(c, name, head_dim)
   return {'model.d_model': d, 'model.num_layers': c['num_hidden_layers'],
           'model.num_heads': heads,
@@ -161,7 +147,7 @@ def fields_from_config(c: dict, name: str) -> dict:
           'model.rope_theta': theta, 'model.rope_factors': factors,
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
-          'model.qkv_bias': ARCHITECTURES[arch][0], 'model.qk_norm': ARCHITECTURES[arch][1],
+          **llama.arch_fields(arch),
           # 0 where it is d_model / num_heads (configs of such models keep their keys)
           'model.head_dim': 0 if head_dim * heads == d else head_dim,
           'data.vocab_size': c['vocab_size']}
@@ -200,10 +186,6 @@ def read(directory: str) -> Pretrained:
     shapes.pop('lm_head.weight')  # some exports store the tied matrix twice
   for key in [k for k in shapes if k.endswith('.self_attn.rotary_emb.inv_freq')]:
     shapes.pop(key)  # a buffer older transformers saved; the angles come from rope_theta
-  extra = sorted(set(shapes) - set(llama.trunk_shapes(fields)))
-  if extra:
-    raise PretrainedError(f"model.init_from: {name} has tensor '{extra[0]}', which is not part of "
-                          f'a {arch_name(fields)} model this project reads')
   gguf_file.check_tensors(name, shapes, fields)
 
   def get(key: str) -> np.ndarray:

@@ -10,9 +10,46 @@ q (D, H, E), k and v (D, K, E), o (H, E, D). Shape legend: D width, H query head
 E head dim, F MLP width, V vocab.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 from mtp_jax.config import block_name
+
+
+class Architecture(NamedTuple):
+  name: str  # GGUF's general.architecture, and config.json's model_type
+  hf_class: str  # transformers' class, config.json's architectures
+  qkv_bias: bool  # biases on q, k and v (model.qkv_bias)
+  qk_norm: bool  # q and k normalised per head (model.qk_norm)
+  config: dict  # what else an exported config.json says of it
+
+
+# The architectures the readers take, and export writes.
+ARCHITECTURES = (
+    Architecture('llama', 'LlamaForCausalLM', False, False,
+                 {'attention_bias': False, 'mlp_bias': False}),
+    Architecture('qwen2', 'Qwen2ForCausalLM', True, False,
+                 {'use_sliding_window': False, 'sliding_window': None}),
+    Architecture('qwen3', 'Qwen3ForCausalLM', False, True,
+                 {'attention_bias': False, 'use_sliding_window': False, 'sliding_window': None}),
+)
+
+
+def architecture(name: str) -> Architecture | None:
+  """The architecture named `name` (GGUF's, or transformers' class), or None."""
+  return next((a for a in ARCHITECTURES if name in (a.name, a.hf_class)), None)
+
+
+def architecture_of(f: dict) -> Architecture | None:
+  """The architecture model fields (config paths -> values) describe, or None."""
+  return next((a for a in ARCHITECTURES
+               if (a.qkv_bias, a.qk_norm) == (f['model.qkv_bias'], f['model.qk_norm'])), None)
+
+
+def arch_fields(arch: Architecture) -> dict:
+  """The model fields an architecture sets."""
+  return {'model.qkv_bias': arch.qkv_bias, 'model.qk_norm': arch.qk_norm}
 
 # Per block: (HF suffix, our path inside the block).
 _BLOCK = (
