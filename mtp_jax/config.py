@@ -87,6 +87,13 @@ class ModelConfig:
         rope_factors=tuple(float(f) for f in m.rope_factors))
 
 
+def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:
+  """model.head_dim as configs, model files' fields and checkpoints hold it: 0 where the heads
+  are d_model / num_heads wide (so the configs of such models, from before the field, keep their
+  keys), else the width."""
+  return 0 if head_dim * num_heads == d_model else head_dim
+
+
 def block_name(j: int) -> str:
   """The name of an MTP head's block j (from 0) in the params: 'block', then 'block_1', ..."""
   return 'block' if j == 0 else f'block_{j}'
@@ -186,8 +193,7 @@ def validate(config) -> None:
   _check(isinstance(m.head_dim, int) and m.head_dim >= 0 and m.head_dim % 2 == 0,
          f'model.head_dim must be an even integer >= 0 (0: d_model / num_heads), got '
          f'{m.head_dim!r}')
-  if m.head_dim and m.head_dim * m.num_heads == m.d_model:
-    m.head_dim = 0  # one form of the default, as files give it
+  m.head_dim = stored_head_dim(m.d_model, m.num_heads, m.head_dim)
   if not m.head_dim:
     _check(m.d_model % m.num_heads == 0,
            f'model.num_heads={m.num_heads} must divide model.d_model={m.d_model}')

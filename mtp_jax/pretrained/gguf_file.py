@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 
 from mtp_jax import atomic
+from mtp_jax.config import stored_head_dim
 from mtp_jax.pretrained import llama, tokenizer as tok_lib
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
@@ -183,9 +184,8 @@ def _fields(reader, name: str, tensors: dict, tokens) -> dict:
       'model.rope_factors': factors,
       'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
-      **llama.arch_fields(arch),
-      # 0 where it is d_model / num_heads (configs of such models keep their keys)
-      'model.head_dim': 0 if head_dim * heads == d else head_dim, 'data.vocab_size': vocab}
+      **llama.arch_fields(arch), 'model.head_dim': stored_head_dim(d, heads, head_dim),
+      'data.vocab_size': vocab}
 
 
 def _tokenizer(reader, name: str, tokens):

@@ -11,6 +11,7 @@ import numpy as np
 import tokenizers
 from safetensors import safe_open
 
+from mtp_jax.config import stored_head_dim
 from mtp_jax.pretrained import gguf_file, llama
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
@@ -147,9 +148,7 @@ def fields_from_config(c: dict, name: str) -> dict:
           'model.rope_theta': theta, 'model.rope_factors': factors,
           'model.norm_eps': float(c.get('rms_norm_eps', 1e-6)),
           'model.tie_embeddings': bool(c.get('tie_word_embeddings', False)),
-          **llama.arch_fields(arch),
-          # 0 where it is d_model / num_heads (configs of such models keep their keys)
-          'model.head_dim': 0 if head_dim * heads == d else head_dim,
+          **llama.arch_fields(arch), 'model.head_dim': stored_head_dim(d, heads, head_dim),
           'data.vocab_size': c['vocab_size']}
 
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from mtp_jax.config import stored_head_dim
 from mtp_jax.pretrained import fetch as fetch_lib, gguf_file, heads_file, hf, llama
 from mtp_jax.pretrained import FILE_FIELDS, field, set_field, unset_fields
 from mtp_jax.pretrained.base import Pretrained, PretrainedError
@@ -68,9 +69,8 @@ def resolve_config(config):
   resolved = config.copy_and_resolve_references()
   for name, kind in FILE_FIELDS.items():
     have, want = field(config, name), kind(p.fields[name])
-    if name == 'model.head_dim' and have and have * p.fields['model.num_heads'] == (
-        p.fields['model.d_model']):
-      have = 0  # the file's form of d_model / num_heads
+    if name == 'model.head_dim' and have is not None:  # in the file's form
+      have = stored_head_dim(p.fields['model.d_model'], p.fields['model.num_heads'], have)
     if have is None:
       set_field(resolved, name, want)
     elif not _same(kind(have), want):
