@@ -82,7 +82,7 @@ def head_blocks(cfg: ModelConfig, x_BxTxD, positions_BxT, kv, segments_BxT=None)
   width when 0); kv is None or a list with one cache per block. Call inside a compact method."""
   block_cfg = dataclasses.replace(cfg, mlp_dim=cfg.head_mlp_dim or cfg.mlp_dim)
   caches = []
-  angles = rotary(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.max_seq_len, cfg.rope_factors)
+  angles = rotary(positions_BxT, cfg)
   for j in range(cfg.head_blocks):
     x_BxTxD, c = Block(block_cfg, name=block_name(j))(x_BxTxD, positions_BxT, angles,
                                                        None if kv is None else kv[j], None,

@@ -104,12 +104,14 @@ def _angle_table(length: int, half: int, theta: float, factors: tuple = ()):
   return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def rotary(positions_BxT, head_dim: int, theta: float, length: int, factors: tuple = ()):
-  """(cos, sin) of the rotary angles at absolute positions below `length`, B x T x 1 x
-  head_dim / 2, looked up in a table. XLA's CPU backend fuses a sin or cos into every operation
-  that reads it, so angles computed in the forward were evaluated again, element by element, in
-  each of the 60 rotations of a trunk call; a lookup is all those fusions now repeat."""
-  cos, sin = _angle_table(length, head_dim // 2, float(theta), tuple(factors))
+def rotary(positions_BxT, cfg: ModelConfig):
+  """(cos, sin) of cfg's rotary angles (its base, and factors where it scales them) at absolute
+  positions below model.max_seq_len, B x T x 1 x head_dim / 2, looked up in a table. XLA's CPU
+  backend fuses a sin or cos into every operation that reads it, so angles computed in the
+  forward were evaluated again, element by element, in each of the 60 rotations of a trunk call;
+  a lookup is all those fusions now repeat."""
+  cos, sin = _angle_table(cfg.max_seq_len, cfg.head_dim // 2, float(cfg.rope_theta),
+                          tuple(cfg.rope_factors))
   take = lambda table: jnp.take(table, positions_BxT, axis=0, mode='clip')[:, :, None, :]
   return take(cos), take(sin)
 

@@ -48,8 +48,7 @@ class MTPLanguageModel(nn.Module):
     `segments` (a row id per position) keeps rows packed into one window apart."""
     x_BxTxD = self.embed(tokens_BxT)
     new_caches, taken = [], {}
-    angles = rotary(positions_BxT, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_seq_len,
-                    self.cfg.rope_factors)
+    angles = rotary(positions_BxT, self.cfg)
     for i, block in enumerate(self.blocks):
       x_BxTxD, kv = block(x_BxTxD, positions_BxT, angles, None if caches is None else caches[i],
                           slots_BxT, segments_BxT)

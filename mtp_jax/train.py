@@ -271,7 +271,7 @@ class Session(Program):
     if self.model_file is not None and self.model_file.tokenizer is None:
       raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
     super().__init__(config, sharding.make_mesh(config.mesh))
-    self.data = self.features = self.chats = None
+    self.data = self.rows = None
     early = check is not None and self.model_file is not None
     if early:
       check(self)
@@ -361,8 +361,7 @@ class Session(Program):
           train=cache['train'].tokens, valid=cache['valid'].tokens, tokenizer=self.tokenizer,
           eos_id=self.eos_id, vocab_size=self.tokenizer.get_vocab_size())
       self._check_data()
-      self.features = cache if d.features else None
-      self.chats = None if d.features else cache  # its row starts, for token windows
+      self.rows = cache  # features and row starts, or row starts alone (data.features=False)
     else:
       self.data = data_lib.prepare(d, self.workdir, self.model_file and self.model_file.tokenizer,
                                    self.model_file and self.model_file.eos_id)
@@ -371,7 +370,7 @@ class Session(Program):
         tokens = _digest(self.data.train, self.data.valid)
         spec = {'kind': 'text', 'trunk': self.model_file.identity, 'tokens': tokens,
                 'topk': config.train.distill_topk}
-        self.features = self._build(root, spec, lambda trunk, builder: selfdata.write_features(
+        self.rows = self._build(root, spec, lambda trunk, builder: selfdata.write_features(
             trunk, builder, {'train': selfdata.pieces(self.data.train),
                              'valid': selfdata.pieces(self.data.valid)},
             config.train.distill_topk))
@@ -495,12 +494,11 @@ class Session(Program):
     t = self.config.train
     where = dict(seed=seed, step=step, batch_size=t.batch_size, window=self.window,
                  process_index=jax.process_index(), process_count=jax.process_count())
-    cache = self.features if self.features is not None else self.chats
-    if cache is None:
+    if self.rows is None:
       return data_lib.get_batch(getattr(self.data, name), **where)
     # The trunk's cached features, or its chats as tokens: either way the rows' starts go with
     # the tokens (the loss leaves out what reaches into the next row).
-    split = cache[name]
+    split = self.rows[name]
     starts = data_lib.window_starts(len(split.tokens), **where)
     return feat_lib.window_batch(split, starts, t.seq_len, self.cfg.mtp_depth)
 

@@ -293,7 +293,9 @@ def test_rotary_angles_are_looked_up_not_computed_in_the_forward():
   text = jax.jit(MTPLanguageModel(cfg).apply).lower(params, tokens).compile().as_text()
   assert 'sine(' not in text and 'cosine(' not in text
   positions = jnp.array([[0, 5, 127], [3, 64, 100]])
-  cos, sin = layers.rotary(positions, 8, 1e4, 128)
+  cos, sin = layers.rotary(positions, tiny_model(**{
+      'model.d_model': 32, 'model.num_heads': 4, 'model.rope_theta': 1e4,
+      'model.max_seq_len': 128}))  # heads 8 wide
   angle = np.asarray(positions)[:, :, None, None] * 1e4 ** (-np.arange(4) / 4)
   np.testing.assert_allclose(cos, np.cos(angle), atol=1e-7)
   np.testing.assert_allclose(sin, np.sin(angle), atol=1e-7)
