@@ -143,6 +143,22 @@ def _head_states(module: MTPLanguageModel, h0_BxTxD, tokens_BxW, segments_BxT=No
   return hidden, [module.head_weights(k) for k in range(len(hidden))]
 
 
+def _row_ids(row_start_BxW, T: int, spec: LossSpec):
+  """A row id per trunk position (position i holds the state after token i: token i's row), for
+  attention that keeps to rows (spec.mask_rows); else None."""
+  return jnp.cumsum(row_start_BxW[:, :T], axis=1) if spec.mask_rows else None
+
+
+def _crossed(row_start_BxW, T: int, depth: int) -> list:
+  """Per k = 0..depth, where depth k at position i reaches into the next row: one of tokens
+  i + 1..i + k + 1 starts a row (its target, or a head's input, lies there)."""
+  crossed, out = row_start_BxW[:, 1:1 + T], []
+  for k in range(depth + 1):
+    crossed = crossed | row_start_BxW[:, k + 1:k + 1 + T]
+    out.append(crossed)
+  return out
+
+
 def window_sums(params, batch, spec: LossSpec, draft_ids=None):
   """The SUMS over one window: of cached trunk features (feature_sums) or of tokens
   (depth_sums)."""
@@ -163,16 +179,13 @@ def depth_sums(params, batch, spec: LossSpec, draft_ids=None):
   tokens_BxW, row_start = ((batch['tokens'], batch['row_start']) if isinstance(batch, dict)
                            else (batch, None))
   T = tokens_BxW.shape[1] - cfg.mtp_depth - 1
-  rows = (jnp.cumsum(row_start[:, :T], axis=1) if row_start is not None and spec.mask_rows
-          else None)
+  rows = _row_ids(row_start, T, spec) if row_start is not None else None
   hidden, weights = MTPLanguageModel(cfg).apply(params, tokens_BxW[:, :T], tokens_BxW, rows,
                                                 method=_hidden_states)
   data = [tokens_BxW[:, k + 1:k + 1 + T] for k in range(cfg.mtp_depth + 1)]
   if row_start is not None:
-    crossed = jnp.zeros(data[0].shape, bool)
-    for k in range(cfg.mtp_depth + 1):
-      crossed = crossed | row_start[:, k + 1:k + 1 + T]
-      data[k] = jnp.where(crossed, -1, data[k])
+    data = [jnp.where(crossed, -1, d)
+            for crossed, d in zip(_crossed(row_start, T, cfg.mtp_depth), data)]
   distill = spec.head_loss == 'distill' and cfg.mtp_depth > 0
   trunk, top = _stats(spec)(hidden[0], *weights[0], *_one_hot_target(data[0]), data[0], cfg,
                             spec.topk if distill else 0)
@@ -197,13 +210,12 @@ def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
   cfg = spec.cfg
   tokens, h0 = batch['tokens'], batch['h0'].astype(cfg.compute_dtype)
   T = h0.shape[1]
-  # position i holds the trunk's state after token i: it belongs to token i's row
-  rows = jnp.cumsum(batch['row_start'][:, :T], axis=1) if spec.mask_rows else None
+  rows = _row_ids(batch['row_start'], T, spec)
   hidden, weights = MTPLanguageModel(cfg).apply(params, h0, tokens, rows, method=_head_states)
-  crossed = batch['row_start'][:, 1:1 + T]
+  crossed_by_depth = _crossed(batch['row_start'], T, cfg.mtp_depth)
   targets, data = [None], [None]
   for k in range(1, cfg.mtp_depth + 1):
-    crossed = crossed | batch['row_start'][:, k + 1:k + 1 + T]
+    crossed = crossed_by_depth[k]
     data_k = tokens[:, k + 1:k + 1 + T]
     if spec.head_loss == 'distill':
       ids, p = batch['top_ids'][:, k:k + T], batch['top_p'][:, k:k + T].astype(jnp.float32)
