@@ -137,11 +137,13 @@ def write_gguf(path: str, model, arch: str, interleave: bool) -> None:
   w.close()
 
 
-def llama_cpp_logits(path: str, tokens):
+def llama_cpp_logits(path: str, tokens, float32_cache: bool = True):
+  """llama.cpp's logits; its KV cache in float32 (type 0), so that rounding is float32's alone,
+  or in its default float16."""
   import numpy as np
   from llama_cpp import Llama
-  # its KV cache in float32 (type 0), not float16, so that rounding is float32's alone
-  llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+  cache = {'type_k': 0, 'type_v': 0} if float32_cache else {}
+  llm = Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, **cache)
   llm.eval(tokens)
   return np.asarray(llm.scores[:len(tokens)], np.float32)
 
@@ -177,14 +179,17 @@ def main(argv):
         back = transformers.AutoModelForCausalLM.from_pretrained(written).eval()
         print(f'{architecture}: written here, read by transformers as {type(back).__name__}: '
               f'largest logit difference {np.max(np.abs(their_logits(back, tokens) - got)):.2e}')
-      arch = architecture.removesuffix('ForCausalLM').lower()
+      from mtp_jax.pretrained import llama
+      arch = llama.architecture(architecture).name
       path, other = saved + '.gguf', saved + '_other.gguf'
       write_gguf(path, theirs, arch, interleave=arch == 'llama')  # as llama.cpp's converter
       write_gguf(other, theirs, arch, interleave=arch != 'llama')  # the other layout
       _, cfg, params = our_import(path)
       print(f'{arch}.gguf in llama.cpp\'s layout: largest logit difference from transformers\' '
             f'{np.max(np.abs(llama_cpp_logits(path, tokens) - want)):.2e} read by llama.cpp '
-            f'({np.max(np.abs(llama_cpp_logits(other, tokens) - want)):.2e} in the other '
+            f'({np.max(np.abs(llama_cpp_logits(path, tokens, False) - want)):.2e} with its '
+            'default float16 KV cache, '
+            f'{np.max(np.abs(llama_cpp_logits(other, tokens) - want)):.2e} in the other '
             f'layout), {np.max(np.abs(our_logits(cfg, params, tokens) - want)):.2e} read here')
 
 
