@@ -20,10 +20,9 @@ HEADS = 'mtp_heads.safetensors'
 
 def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None) -> dict:
   """config.json of LlamaForCausalLM (Qwen2ForCausalLM with model.qkv_bias, Qwen3ForCausalLM with
-  model.qk_norm) for a ModelConfig,
-  with the heads described under 'mtp'; `context_length`: the positions the trunk was made for
-  (default: model.max_seq_len)."""
-  arch = llama.architecture_of({'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm})
+  model.qk_norm) for a ModelConfig, with the heads described under 'mtp'; `context_length`: the
+  positions the trunk was made for (default: model.max_seq_len)."""
+  arch = llama.architecture_of(cfg.qkv_bias, cfg.qk_norm)
   if arch is None:
     raise PretrainedError('--mode export: no Hugging Face architecture has both q, k and v '
                           'biases (model.qkv_bias) and q and k norms (model.qk_norm)')

@@ -208,9 +208,9 @@ def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
   wanted = llama.trunk_shapes(fields)
   extra = sorted(set(shapes) - set(wanted))
   if extra:
+    arch = llama.architecture_of(fields['model.qkv_bias'], fields['model.qk_norm'])
     raise PretrainedError(f"model.init_from: {name} has tensor '{shown(extra[0])}', which is not "
-                          f'part of a {llama.architecture_of(fields).name} model this project '
-                          'reads')
+                          f'part of a {arch.name} model this project reads')
   for hf, shape in wanted.items():
     label = shown(hf)
     if hf not in shapes:

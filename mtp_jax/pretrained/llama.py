@@ -41,10 +41,10 @@ def architecture(name: str) -> Architecture | None:
   return next((a for a in ARCHITECTURES if name in (a.name, a.hf_class)), None)
 
 
-def architecture_of(f: dict) -> Architecture | None:
-  """The architecture model fields (config paths -> values) describe, or None."""
-  return next((a for a in ARCHITECTURES
-               if (a.qkv_bias, a.qk_norm) == (f['model.qkv_bias'], f['model.qk_norm'])), None)
+def architecture_of(qkv_bias: bool, qk_norm: bool) -> Architecture | None:
+  """The architecture of a trunk with these fields (model.qkv_bias, model.qk_norm), or None."""
+  return next((a for a in ARCHITECTURES if (a.qkv_bias, a.qk_norm) == (qkv_bias, qk_norm)),
+              None)
 
 
 def arch_fields(arch: Architecture) -> dict:
