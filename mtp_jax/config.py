@@ -7,6 +7,8 @@ import dataclasses
 import math
 import os
 
+import numpy as np
+
 # No JAX here: launch.py checks a config with this module before it imports JAX, so bad input is
 # reported in a second.
 KINDS = ('sequential', 'parallel', 'medusa')
@@ -92,6 +94,11 @@ def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:
   are d_model / num_heads wide (so the configs of such models, from before the field, keep their
   keys), else the width."""
   return 0 if head_dim * num_heads == d_model else head_dim
+
+
+def rotary_frequencies(theta: float, half: int):
+  """The rotary angle per position of each of a head's `half` pairs, unscaled, in float64."""
+  return theta ** (-np.arange(half, dtype=np.float64) / half)
 
 
 def block_name(j: int) -> str:

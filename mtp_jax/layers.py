@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtp_jax import kernels
-from mtp_jax.config import ModelConfig
+from mtp_jax.config import ModelConfig, rotary_frequencies
 from mtp_jax.matmul import matmul, precision
 
 
@@ -97,7 +97,7 @@ def _angle_table(length: int, half: int, theta: float, factors: tuple = ()):
   """cos and sin of every position's rotary angles, length x half each, in float64 rounded to
   float32 (NumPy's, so they do not depend on the backend's approximations); each frequency
   divided by its factor when `factors` are given (Llama 3's scaling)."""
-  freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+  freq = rotary_frequencies(theta, half)
   if factors:
     freq = freq / np.asarray(factors, np.float64)
   angle = np.arange(length, dtype=np.float64)[:, None] * freq

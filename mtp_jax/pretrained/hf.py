@@ -11,7 +11,7 @@ import numpy as np
 import tokenizers
 from safetensors import safe_open
 
-from mtp_jax.config import stored_head_dim
+from mtp_jax.config import rotary_frequencies, stored_head_dim
 from mtp_jax.pretrained import gguf_file, llama
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
@@ -109,7 +109,7 @@ def llama3_factors(theta: float, head_dim: int, p: dict) -> tuple:
   """Llama 3's scaling as a factor per frequency: frequencies whose wavelength is past
   original_max_position_embeddings / low_freq_factor are divided by `factor`, those under
   it / high_freq_factor kept, those between divided by a blend of the two."""
-  freq = theta ** (-np.arange(head_dim // 2, dtype=np.float64) / (head_dim // 2))
+  freq = rotary_frequencies(theta, head_dim // 2)
   old = p['original_max_position_embeddings']
   factor, low, high = p['factor'], p['low_freq_factor'], p['high_freq_factor']
   wavelength = 2 * np.pi / freq
