@@ -743,12 +743,17 @@ class _Periodic:
     if boundary or is_eval:
       self.log.flush()  # metrics checked before they are evaluated or saved
     with self.log.paused():
-      if is_eval:
-        self.evaluate(step, state['params'])
+      # The checkpoint first: an evaluation that fails (out of memory while decoding, say) must
+      # not take the steps since the last checkpoint with it, and a preempted run must not wait
+      # for one before its checkpoint. save() returns once the state is copied to host.
       if boundary:
         self.log.reopen()
         self.session.checkpointer.save(step, state, {'step': step,
                                                      'nonfinite_skipped': self.log.skipped})
+      if is_eval:
+        self.evaluate(step, state['params'])
+        if boundary:
+          self.log.reopen()  # the evaluation's events too, before the run goes on from here
 
   def evaluate(self, step: int, params):
     metrics = self.session.evaluate(params)

@@ -169,6 +169,25 @@ def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   assert hooked['eval'] == {**straight_run.summary['eval'], 'hook': 2 * N}
 
 
+def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path):
+  """Step N both checkpoints and evaluates; an evaluation that fails there (a decoding hook out of
+  memory, say) leaves step N saved, and the rerun goes on from it to the uninterrupted result."""
+  config, workdir = shared_config(), str(tmp_path / 'run')
+
+  def fail_at_n(session, params, step, writer):
+    if step == N:
+      raise MemoryError('the eval hook ran out of memory')
+
+  with pytest.raises(MemoryError):
+    train.train(config, workdir, eval_hook=fail_at_n)
+  assert checkpoint_steps(workdir) == [N]
+  resumed = train.train(config, workdir)
+  assert resumed['resumed_from'] == N and resumed['step'] == 2 * N
+  assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
+  # step N's evaluation, logged before the hook failed, is on disk once
+  assert [s for s, _ in scalars(workdir)['eval/loss/depth_0']] == [N, 2 * N]
+
+
 def test_tensorboard_scalars_at_their_steps(straight_run):
   config = shared_config()
   depth = config.mtp.depth
