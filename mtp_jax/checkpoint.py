@@ -178,6 +178,15 @@ def _file_sizes(root: str) -> dict:
 
 
 
+def holds_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds anything: a step, one being saved or one set aside. Until
+  it does, the config.json and tokenizer.json a run left there bind no later run."""
+  try:
+    return bool(os.listdir(os.path.join(workdir, 'checkpoints')))
+  except FileNotFoundError:
+    return False
+
+
 def save_config(workdir: str, config) -> None:
   """Writes WORKDIR/config.json."""
   atomic.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))

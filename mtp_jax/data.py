@@ -162,10 +162,11 @@ def _read(path):
     return f.read()
 
 
-def _tokenizer(data_cfg, path, train_texts, given=None):
+def _tokenizer(data_cfg, path, train_texts, given=None, keep=False):
   """The model's tokenizer (`given`), data.tokenizer, the one at `path`, or a new one trained on
-  the training texts; left at `path`. Returns it and the id that ends each document: EOS, or for
-  a given tokenizer without one, the model's own end token."""
+  the training texts; left at `path`, which with `keep` (the workdir holds checkpoints trained on
+  its ids) it may not replace. Returns it and the id that ends each document: EOS, or for a given
+  tokenizer without one, the model's own end token."""
   source = data_cfg.tokenizer or path
   if given is not None:
     tokenizer, blob = given, given.to_str().encode()
@@ -189,6 +190,11 @@ def _tokenizer(data_cfg, path, train_texts, given=None):
   if eos_id is None and given is None:
     raise DataError(f"data.tokenizer: '{source}' has no {EOS} token")
   if not os.path.exists(path) or _read(path) != blob:
+    if keep and os.path.exists(path):
+      named = 'model.init_from\'s tokenizer' if given is not None else f"data.tokenizer '{source}'"
+      raise DataError(f'{named} is not {path}, the one this workdir\'s checkpoints were trained '
+                      'on (their embeddings are of its ids); train with that one, or use another '
+                      '--workdir')
     atomic.write_bytes(path, blob)
   return tokenizer, eos_id
 
@@ -216,16 +222,18 @@ def _load_cache(cache):
           for split in ('train', 'valid')}
 
 
-def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None) -> TokenData:
+def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None, keep=False) -> TokenData:
   """Returns token arrays for data_cfg, reusing workdir's tokenizer and cached tokens. The
   split, tokenizer and token arrays are deterministic: no seed enters them. A pretrained model
-  brings its `tokenizer` (and `end_id`, which ends documents where it has no EOS token)."""
+  brings its `tokenizer` (and `end_id`, which ends documents where it has no EOS token). With
+  `keep`, a tokenizer other than the workdir's is refused."""
   os.makedirs(workdir, exist_ok=True)
   files = _source_files(data_cfg.sources)
   docs = functools.cache(lambda: split_documents(
       _read_documents(files, data_cfg.text_field), data_cfg.valid_fraction))
   tok_path = os.path.join(workdir, 'tokenizer.json')
-  tokenizer, eos_id = _tokenizer(data_cfg, tok_path, lambda: [t for _, t in docs()[0]], tokenizer)
+  tokenizer, eos_id = _tokenizer(data_cfg, tok_path, lambda: [t for _, t in docs()[0]], tokenizer,
+                                 keep)
   eos_id = end_id if eos_id is None else eos_id
   vocab_size = tokenizer.get_vocab_size()
 

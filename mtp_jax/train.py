@@ -262,9 +262,7 @@ class Session(Program):
     config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
-    saved = self.saved_config = ckpt_lib.load_config(workdir)
-    if saved is not None:
-      ckpt_lib.check_compatible(saved, config)
+    self.check_workdir(config)
     pretrained.check_heads_init(config)
     self.model_file = (pretrained.open_model(config.model.init_from)
                        if config.model.init_from else None)
@@ -280,6 +278,15 @@ class Session(Program):
     if check is not None and not early:
       check(self)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+
+  def check_workdir(self, config):
+    """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
+    checkpoint (bad input, a non-finite first step) binds nothing: what its config.json and
+    tokenizer.json say matters once a checkpoint exists (`bound`)."""
+    self.bound = ckpt_lib.holds_checkpoints(self.workdir)
+    self.saved_config = ckpt_lib.load_config(self.workdir) if self.bound else None
+    if self.saved_config is not None:
+      ckpt_lib.check_compatible(self.saved_config, config)
 
   @property
   def tokenizer(self):
@@ -364,7 +371,7 @@ class Session(Program):
       self.rows = cache  # features and row starts, or row starts alone (data.features=False)
     else:
       self.data = data_lib.prepare(d, self.workdir, self.model_file and self.model_file.tokenizer,
-                                   self.model_file and self.model_file.eos_id)
+                                   self.model_file and self.model_file.eos_id, keep=self.bound)
       self._check_data()  # before the trunk runs over the corpus
       if d.features:
         tokens = _digest(self.data.train, self.data.valid)
@@ -771,7 +778,27 @@ def train(config, workdir: str, eval_hook=None) -> dict:
   hook has one, is the Session's `check`: input the hook would refuse stops the run before any
   step, not at its first evaluation."""
   session = Session(config, workdir, check=getattr(eval_hook, 'check', None))
-  config, t = session.config, session.config.train
+  with _only_run(workdir):
+    return _train(session, eval_hook)
+
+
+@contextlib.contextmanager
+def _only_run(workdir: str):
+  """Held by process 0 of the one run training in `workdir`, from before it restores until its
+  last checkpoint is written: a second run started there (the same config twice, a requeued job
+  while the first still saves) waits, where it would have saved over the first's steps."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with atomic.exclusive(workdir, f'waiting for another run training in {workdir} to stop (one '
+                        'run trains in a workdir at a time)'):
+    yield
+
+
+def _train(session, eval_hook) -> dict:
+  config, workdir, t = session.config, session.workdir, session.config.train
+  session.check_workdir(config)  # again: a run this one waited for may have saved since
   start, state, meta = session.restore_or_init()
   # What a resumed run does differently from the run its config.json recorded.
   changed = (ckpt_lib.changed_settings(session.saved_config, config)

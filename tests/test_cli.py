@@ -143,9 +143,10 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   damaged = tmp_path / 'damaged'
   damaged.mkdir()
   (damaged / 'config.json').write_text('{"model": ')
+  (damaged / 'checkpoints' / '1').mkdir(parents=True)  # the config.json of a run that saved
   assert_user_error(launch(damaged), 'config.json is not readable JSON')
   assert sorted(os.listdir(tmp_path)) == ['a_file', 'broken.py', 'damaged']
-  assert os.listdir(damaged) == ['config.json']
+  assert sorted(os.listdir(damaged)) == ['checkpoints', 'config.json']
 
 
 def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_path):

@@ -6,6 +6,8 @@ import functools
 import os
 import shutil
 import signal
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,9 @@ import pytest
 
 from conftest import (assert_bitwise_equal, checkpoint_steps, flat, raw_steps, restore,
                       scalars, text_config, tiny_config)
+from mtp_jax import atomic
 from mtp_jax import checkpoint as ckpt_lib
+from mtp_jax import data as data_lib
 from mtp_jax import sharding, train
 from mtp_jax.config import ModelConfig
 from mtp_jax.model import init_params
@@ -186,6 +190,67 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path)
   assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
   # step N's evaluation, logged before the hook failed, is on disk once
   assert [s for s, _ in scalars(workdir)['eval/loss/depth_0']] == [N, 2 * N]
+
+
+def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path, capfd):
+  """While a run trains in a workdir (here: the test holds its lock, as that run's process 0
+  does), another started there waits before it restores anything, where it would have saved over
+  the first run's steps; then it goes on as if alone."""
+  config, workdir = shared_config(), str(tmp_path / 'run')
+  os.makedirs(workdir)
+  held, seen = threading.Event(), {}
+
+  def first_run():  # training installs signal handlers, so the second run is the main thread
+    with atomic.exclusive(workdir):
+      held.set()
+      err, give_up = '', time.monotonic() + 300  # a guard against hanging, not a timing
+      while 'waiting for another run' not in err and time.monotonic() < give_up:
+        time.sleep(0.05)
+        err += capfd.readouterr().err
+      seen.update(err=err, saved=os.path.exists(os.path.join(workdir, 'checkpoints')))
+
+  first = threading.Thread(target=first_run, daemon=True)
+  first.start()
+  held.wait()
+  result = train.train(config, workdir)
+  first.join()
+  assert f'waiting for another run training in {workdir}' in seen['err']
+  assert not seen['saved']  # nothing saved while it waited
+  assert result['step'] == 2 * N
+  assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
+
+
+def test_a_run_that_saved_no_checkpoint_binds_nothing(tmp_path):
+  """config.json and tokenizer.json are written when a run starts; one that stopped before its
+  first checkpoint (bad input, a non-finite first step) leaves no model that a rerun with other
+  fields or another tokenizer must match."""
+  config, workdir = shared_config(), str(tmp_path / 'run')
+  other = text_config(**{'model.d_model': 64, 'train.steps': 1})
+  ckpt_lib.save_config(workdir, other)
+  with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
+    f.write(data_lib._train_tokenizer(['a tokenizer of other text'], 280).to_str())
+  train.train(config, workdir)
+  assert checkpoint_steps(workdir) == [N, 2 * N]
+  assert ckpt_lib.load_config(workdir)['model']['d_model'] == config.model.d_model
+
+
+def test_a_workdirs_checkpoints_keep_their_tokenizer(straight_run, tmp_path):
+  """Its checkpoints' embeddings are of the ids of the workdir's tokenizer.json: a run there with
+  another data.tokenizer is refused before anything is written, one with a copy of it goes on."""
+  workdir = copy_run(straight_run, tmp_path)
+  kept = os.path.join(workdir, 'tokenizer.json')
+  before = open(kept, 'rb').read()
+  other = str(tmp_path / 'other.json')
+  with open(other, 'w') as f:
+    f.write(data_lib._train_tokenizer(['a tokenizer of other text'], 280).to_str())
+  config = shared_config()
+  config.data.tokenizer = other
+  with pytest.raises(data_lib.DataError, match=f"data.tokenizer '{other}' is not {kept}"):
+    train.train(config, workdir)
+  assert open(kept, 'rb').read() == before
+  config.data.tokenizer = str(tmp_path / 'copy.json')
+  shutil.copy(kept, config.data.tokenizer)
+  assert train.train(config, workdir)['step'] == 2 * N
 
 
 def test_tensorboard_scalars_at_their_steps(straight_run):
