@@ -164,13 +164,29 @@ def _top5(session, logits_N, token_ids=None) -> str:
   return '  '.join(f'{_text(session, [t])!r} {probs[i]:.2f}' for t, i in zip(ids, top))
 
 
+def _demo_settings(session) -> dec.Settings:
+  """One draft-and-verify iteration of every head: D + 1 new tokens at most."""
+  D = session.cfg.mtp_depth
+  return dec.Settings(draft_len=D, max_new_tokens=D + 1, stop_ids=session.stop_ids)
+
+
+def check_demo(session, prompt: str) -> list[int]:
+  """demo's one-line errors, before it compiles (and, run after training, before the first step);
+  returns the prompt's ids."""
+  if session.cfg.mtp_depth < 1:
+    raise ConfigError('demo shows MTP heads\' drafts, but mtp.depth=0 (leave demo out of '
+                      '--mode and run_after_train)')
+  ids = encode_prompt(session, prompt, session.config.decode.chat)
+  s = _demo_settings(session)
+  check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len)
+  return ids
+
+
 def demo_step(session, params, ids: list[int]) -> dict:
   """Prefill and exactly one draft-and-verify iteration on one prompt (compiled, then timed): the
   trunk's and every depth's logits at the prompt's end, the drafts, and what was committed."""
-  D = session.cfg.mtp_depth
   model = session.decode_model
-  s = dec.Settings(draft_len=D, max_new_tokens=D + 1, stop_ids=session.stop_ids)
-  check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len)
+  s = _demo_settings(session)
   prompts_1xP, lens = dec.pad_prompts([ids])
   cache_len = dec.cache_length(len(ids), s)
 
@@ -182,7 +198,7 @@ def demo_step(session, params, ids: list[int]) -> dict:
     return {'trunk_logits': trunk_logits[0], 'draft_logits': info['draft_logits'][0],
             'draft_index': drafts_index[0], 'drafts': info['drafts'][0],
             'first': first.rows.tokens[0, len(ids)], 'accepted': info['accepted'][0],
-            'committed': after.rows.tokens[0, len(ids) + 1:len(ids) + 1 + D + 1],
+            'committed': after.rows.tokens[0, len(ids) + 1:len(ids) + 1 + s.max_new_tokens],
             'count': info['count'][0]}
   args = (model.prepare(params), prompts_1xP, lens)
   call = functools.partial(jax.jit(one_step).lower(*args).compile(), *args)
@@ -197,9 +213,7 @@ def demo(session, params, prompt: str) -> dict:
   """Each depth's top-5 at the end of the prompt, the step-by-step chain beside the MTP draft,
   and what one verification step accepted, with their times."""
   D = session.cfg.mtp_depth
-  if D < 1:
-    raise ConfigError('demo needs MTP heads, but the checkpoint has mtp.depth=0')
-  ids = encode_prompt(session, prompt, session.config.decode.chat)
+  ids = check_demo(session, prompt)
   one = demo_step(session, params, ids)
   ar_state, ar_time = decode(session, params, [ids], dec.Settings(
       draft_len=0, max_new_tokens=D + 1, stop_ids=session.stop_ids))
@@ -384,11 +398,11 @@ def eval_hook(config):
   """The training-time check: greedy speculative decoding on a few validation prompts, logging
   tau, per-position acceptance and one generated sample to TensorBoard; returns tau and the
   acceptances as metrics. Its `check`, which the run makes before training, also checks the
-  bench that run_after_train will run after it (None when there is neither)."""
+  bench and demo that run_after_train will run after it (None when there is none of them)."""
   d = config.decode
   decodes = d.eval_prompts >= 1 and config.mtp.depth >= 1
-  bench_after = 'bench' in config.run_after_train.split(',')
-  if not decodes and not bench_after:
+  after = config.run_after_train.split(',')
+  if not decodes and 'bench' not in after and 'demo' not in after:
     return None
 
   decode_settings = lambda session: dec.Settings(
@@ -396,15 +410,17 @@ def eval_hook(config):
 
   def check(session):
     """The prompts' one-line errors, at the start of training rather than its first evaluation
-    or the bench after it (validation windows are decode.prompt_len tokens long, known before
-    the data is: stand-ins of that length are checked for them)."""
+    or the bench or demo after it (validation windows are decode.prompt_len tokens long, known
+    before the data is: stand-ins of that length are checked for them)."""
     prompts = lambda count: (held_out_prompts(session, count) if d.prompts
                              else [[0] * d.prompt_len])
     if decodes:
       check_prompts(prompts(d.eval_prompts), session.cfg.vocab_size, decode_settings(session),
                     session.cfg.max_seq_len)
-    if bench_after:
+    if 'bench' in after:
       check_bench(session, config, prompts(d.bench_prompts))
+    if 'demo' in after:
+      check_demo(session, d.demo_prompt)
 
   def hook(session, params, step, writer):
     if not decodes:

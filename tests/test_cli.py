@@ -191,6 +191,20 @@ def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(train
   assert snapshot(workdir) == before
 
 
+def test_a_demo_after_training_that_cannot_run_stops_the_run_at_its_start(trained, tmp_path):
+  """run_after_train=demo: a model without heads to show, or a demo prompt the cache cannot hold,
+  is refused before any step, not after the training it would follow."""
+  result = launch(tmp_path / 'd0', {'mtp.depth': 0, 'run_after_train': 'demo'})
+  assert_user_error(result, "demo shows MTP heads' drafts, but mtp.depth=0")
+  assert not os.path.exists(tmp_path / 'd0' / 'checkpoints')
+  workdir, _ = trained
+  before = snapshot(workdir)
+  result = launch(workdir, {'decode.demo_prompt': 'word ' * 600, 'run_after_train': 'demo',
+                            'train.steps': 999})
+  assert_user_error(result, 'more than model.max_seq_len')
+  assert snapshot(workdir) == before
+
+
 def test_a_workdir_of_another_model_is_refused_untouched(trained):
   workdir, _ = trained
   before = snapshot(workdir)
