@@ -61,7 +61,7 @@ def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str)
     check_mtp_decoding(config)
   # The data is read for its tokenizer (a model trained here) or for validation prompts.
   needs_data = not config.model.init_from or (mode == 'bench' and not config.decode.prompts)
-  session = train_lib.Session(config, workdir, data=needs_data)
+  session = train_lib.Session(config, workdir, data=needs_data, reads=mode)
   prompts = (inference.read_prompts(session, prompt, prompt_file)
              if mode == 'generate' else None)
   step, params = inference.load_params(session)
@@ -79,7 +79,7 @@ def export(config, workdir: str, dtype: str) -> dict:
   Qwen3ForCausalLM with model.qk_norm) and the heads in mtp_heads.safetensors."""
   if dtype not in export_lib.DTYPES:
     raise ConfigError(f"--export_dtype must be one of {', '.join(export_lib.DTYPES)}, got {dtype!r}")
-  session = train_lib.Session(config, workdir, data=not config.model.init_from)
+  session = train_lib.Session(config, workdir, data=not config.model.init_from, reads='export')
   step, params = inference.load_params(session)
   directory = os.path.join(workdir, 'export')
   m = session.model_file

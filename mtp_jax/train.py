@@ -250,20 +250,39 @@ def token_rank(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
   return np.argsort(-counts, kind='stable').astype(np.int32)
 
 
+def check_trained(mode: str, config, workdir: str) -> None:
+  """A mode that reads the workdir's checkpoint finds one, or a model it can use without one: a
+  pretrained trunk, with heads from mtp.init_from where the mode uses heads (export would write
+  random ones). Checked before anything is read or written: a mistyped --workdir built its data
+  and tokenizer there first."""
+  if ckpt_lib.holds_checkpoints(workdir):
+    return
+  if mode == 'eval' or not config.model.init_from:
+    raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')
+  uses_heads = not (mode == 'generate' and config.decode.method == 'ar')
+  if config.mtp.depth >= 1 and uses_heads and not config.mtp.init_from:
+    raise ckpt_lib.CheckpointError(
+        f'no checkpoint in {workdir}, and mtp.init_from is empty: the {config.mtp.depth} MTP heads '
+        'would be random; train them here first, or give mtp.init_from (a heads file)')
+
+
 class Session(Program):
   """Everything one run needs: the checked config, the model file it starts from, data, mesh,
   compiled functions and the workdir's checkpoints. Every check runs before anything is written
   or compiled. `data=False` skips the training data (decoding modes that do not draw prompts
   from it). `check(session)`, when given, makes further checks of its own: before the data is
-  prepared when the model file gives the tokenizer, else right after."""
+  prepared when the model file gives the tokenizer, else right after. `reads`: the mode (eval,
+  a decoding mode, export) that will read the workdir's checkpoint (check_trained)."""
 
-  def __init__(self, config, workdir: str, *, data: bool = True, check=None):
+  def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = ''):
     self.workdir = workdir
     config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count())
     self.check_workdir(config)
     pretrained.check_heads_init(config)
+    if reads:
+      check_trained(reads, config, workdir)
     self.model_file = (pretrained.open_model(config.model.init_from)
                        if config.model.init_from else None)
     if self.model_file is not None and self.model_file.tokenizer is None:
@@ -869,7 +888,7 @@ def save_token_rank(workdir: str, rank: np.ndarray) -> None:
 
 def evaluate(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in workdir on the validation split."""
-  session = Session(config, workdir)
+  session = Session(config, workdir, reads='eval')
   step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
                                                             set_aside=False)
   session.checkpointer.close()

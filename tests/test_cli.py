@@ -191,6 +191,16 @@ def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(train
   assert snapshot(workdir) == before
 
 
+@pytest.mark.parametrize('mode', ['eval', 'demo', 'bench', 'export'])
+def test_a_mode_that_reads_a_checkpoint_refuses_a_workdir_without_one(mode, tmp_path):
+  """A mistyped --workdir: said at once, before the data and tokenizer a model trained here would
+  be read with are made there."""
+  workdir = tmp_path / 'typo'
+  assert_user_error(launch(workdir, flags=[f'--mode={mode}']), f'no checkpoint in {workdir}; '
+                    'train first')
+  assert not workdir.exists()
+
+
 def test_a_demo_after_training_that_cannot_run_stops_the_run_at_its_start(trained, tmp_path):
   """run_after_train=demo: a model without heads to show, or a demo prompt the cache cannot hold,
   is refused before any step, not after the training it would follow."""
@@ -249,8 +259,12 @@ PRETRAINED_CASES = {
     'heads without a trunk': (None, ['--config.mtp.init_from=last_block'],
                               ['mtp.init_from=last_block needs a pretrained trunk']),
     # found only once the model's tokenizer is open, after the run's checkpoints are looked up
-    'missing prompt file': ('good', ['--prompt_file=/nonexistent/prompts.txt'],
+    'missing prompt file': ('good', ['--prompt_file=/nonexistent/prompts.txt',
+                                     '--config.decode.method=ar'],
                             ["--prompt_file: no file '/nonexistent/prompts.txt'"]),
+    # with no checkpoint here and no heads file, the heads would be random
+    'random heads': ('good', [], ['no checkpoint in', 'mtp.init_from is empty: the 2 MTP heads '
+                                  'would be random']),
 }
 
 
