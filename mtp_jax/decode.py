@@ -725,7 +725,8 @@ def step(model, params, state: State, s: Settings):
   active = ~rows.done
   rows, count = _commit(rows, new_BxC, n_acc + 1, s)
   # Drafts count as accepted where they were committed: a stop token or max_new_tokens can cut
-  # the block, and then 1 + the acceptances is tau, as without the cut.
+  # the block. A block so cut ends in a draft, not in a token of the trunk's own, so for its row
+  # 1 + the acceptances per forward passes tau by one over the row's forwards.
   kept = jnp.minimum(n_acc, count)
   accepted = rows.accepted + (active[:, None] &
                               (jnp.arange(max(S, 1))[None] < kept[:, None])).astype(jnp.int32)
