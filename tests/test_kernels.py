@@ -181,6 +181,13 @@ def test_cache_attention_matches_xla(T, G, beside, E):
                       {name: c * prefix for name, c in want_cache.items()},
                       slots_BxT=slots[:, pick])
     np.testing.assert_allclose(got[:, pick], alone, rtol=1e-5, atol=1e-5)
+    # A branch holding the chain's own first r entries: the kernel sums what each sees in the
+    # order of their positions, so it gives the chain's outputs bit for bit (summed in slot order,
+    # they differed by a rounding, and greedy decoding with branches could split from `ar`).
+    twin = lambda x: x.at[:, T - r:].set(x[:, 1:1 + r])
+    same, _ = jax.jit(lambda *a: attend(*a, use_kernel=True, slots_BxT=slots))(
+        twin(q), twin(k_new), twin(v_new), positions, cache)
+    np.testing.assert_array_equal(same[:, T - r:], same[:, 1:1 + r])
 
 
 def test_cache_attention_refuses_shapes_that_disagree():

@@ -768,14 +768,16 @@ inline float hmax(vf v) {  // the largest lane, by the same shuffle tree as hsum
 }
 
 // out[b, t, h] = softmax over the cache slots l that query (b, t) sees, of q[b, t, h] .
-// k[b, l, h / G] (scaled by 1/sqrt(E)), times v[b, l, h / G]: one pass over each row's cache in
-// slot order, kLanes slots at a time, with a running maximum and sum per query head. Slots past
-// the last one any query sees are never read. The query at position p, stored at slot s, is the
-// last of a run of r = p - (the row's lowest new position + 1) new entries (0 at least) in the
-// slots up to s, and sees l < p - r or s - r <= l <= s (layers.visible_slots): a chain of new
-// tokens sits at slot == pos (plain causal attention); a branch of drafts verified beside the
-// chain sits past it, at the positions of the chain tokens it stands in for, and sees the
-// committed prefix and itself.
+// k[b, l, h / G] (scaled by 1/sqrt(E)), times v[b, l, h / G]: one pass over the slots it sees,
+// kLanes at a time, with a running maximum and sum per query head. The query at position p,
+// stored at slot s, is the last of a run of r = p - (the row's lowest new position + 1) new
+// entries (0 at least) in the slots up to s, and sees l < p - r or s - r <= l <= s
+// (layers.visible_slots): a chain of new tokens sits at slot == pos (plain causal attention); a
+// branch of drafts verified beside the chain sits past it, at the positions of the chain tokens
+// it stands in for, and sees the committed prefix and itself. The pass takes the slots in the
+// order of their positions, the prefix and then the run, so that a branch's entry is summed
+// exactly as the chain's entry at its position would be, bit for bit: greedy decoding with
+// branches commits `ar`'s tokens even where two logits differ by a rounding.
 constexpr int kMaxQueries = 64, kMaxVectors = 128 / kLanes;  // per task: G query heads, E / kLanes
 
 // One new position's G query heads (q: G x E, contiguous) over one kv head's cache (k, v: slot
@@ -788,7 +790,9 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
                      int64_t stride, int64_t before, int64_t first, int64_t own,
                      float scale) {
   constexpr int64_t E = EV * kLanes;
-  const int64_t last = std::max(before - 1, own);  // the last slot any of the G heads sees
+  // The slots seen, in order: [0, before), then [from, own] (from == before for a chain entry).
+  const int64_t from = std::max(first, before);
+  const int64_t seen = before + std::max<int64_t>(own + 1 - from, 0);
   float run_max[kMaxQueries], run_sum[kMaxQueries];
   vf acc[kMaxQueries][2][EV], qv[kMaxQueries][EV];
   for (int64_t i = 0; i < G; ++i) {
@@ -799,22 +803,23 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
       qv[i][e] = load(q + i * E + e * kLanes) * scale;
     }
   }
-  for (int64_t l0 = 0; l0 <= last; l0 += kLanes) {
-    const int64_t n = std::min<int64_t>(kLanes, last + 1 - l0);
-    const float* krow = k + l0 * stride;
-    const float* vrow = v + l0 * stride;
-    const vi slot = kIota + static_cast<int>(l0);
-    const vi seen = (slot < static_cast<int>(before)) |
-                    ((slot >= static_cast<int>(first)) & (slot <= static_cast<int>(own)));
+  for (int64_t l0 = 0; l0 < seen; l0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, seen - l0);
+    int64_t at[kLanes];  // the cache offset of each seen slot of the block
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t l = l0 + j;
+      at[j] = (l < before ? l : from + (l - before)) * stride;
+    }
+    const vi in_block = kIota < static_cast<int>(n);
     for (int64_t i = 0; i < G; ++i) {
-      vf partial[kLanes];  // lane sums of q . k, one vector per cache slot of the block
+      vf partial[kLanes];  // lane sums of q . k, one vector per seen slot of the block
       for (int64_t j = 0; j < kLanes; ++j) {
         vf s = vf{};
-        if (n == kLanes || j < n)  // slots past the cache are never read
-          for (int e = 0; e < EV; ++e) s = fma(qv[i][e], load(krow + j * stride + e * kLanes), s);
+        if (j < n)  // past the last seen slot nothing is read
+          for (int e = 0; e < EV; ++e) s = fma(qv[i][e], load(k + at[j] + e * kLanes), s);
         partial[j] = s;
       }
-      const vf sv = seen ? sums_of(partial) : splat(-INFINITY);
+      const vf sv = in_block ? sums_of(partial) : splat(-INFINITY);
       const float block_max = hmax(sv);
       if (block_max == -INFINITY) continue;
       const float new_max = std::max(run_max[i], block_max);
@@ -832,12 +837,12 @@ void attend_position(const float* q, const float* k, const float* v, float* out,
       int64_t j = 0;
       for (; j + 1 < n; j += 2)
         for (int e = 0; e < EV; ++e) {
-          a0[e] = fma(load(vrow + j * stride + e * kLanes), splat(p[j]), a0[e]);
-          a1[e] = fma(load(vrow + (j + 1) * stride + e * kLanes), splat(p[j + 1]), a1[e]);
+          a0[e] = fma(load(v + at[j] + e * kLanes), splat(p[j]), a0[e]);
+          a1[e] = fma(load(v + at[j + 1] + e * kLanes), splat(p[j + 1]), a1[e]);
         }
       if (j < n)
         for (int e = 0; e < EV; ++e)
-          a0[e] = fma(load(vrow + j * stride + e * kLanes), splat(p[j]), a0[e]);
+          a0[e] = fma(load(v + at[j] + e * kLanes), splat(p[j]), a0[e]);
       for (int e = 0; e < EV; ++e) {
         acc[i][0][e] = a0[e];
         acc[i][1][e] = a1[e];
