@@ -32,6 +32,7 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
   cli.check_modes_and_workdir(_MODE.value, workdir)
+  cli.check_prompt_flags(_MODE.value, _PROMPT.value, _PROMPT_FILE.value)
   _check_before_jax(config)
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()

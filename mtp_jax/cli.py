@@ -38,6 +38,17 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
     fail(f'--workdir {workdir}: {existing} is not a directory this user can write in')
 
 
+def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
+  """--prompt is read by demo and generate, --prompt_file by generate: given to modes that do
+  not read them (or both to generate alone, which reads the file) they would be ignored."""
+  if prompt and not {'demo', 'generate'} & set(modes):
+    fail(f'--prompt is read by --mode demo and generate, not by {",".join(modes)}')
+  if prompt_file and 'generate' not in modes:
+    fail(f'--prompt_file is read by --mode generate, not by {",".join(modes)}')
+  if prompt and prompt_file and 'demo' not in modes:
+    fail('give generate --prompt or --prompt_file, not both')
+
+
 def start(argv, persist: bool = True) -> None:
   """What a command does first, its flags parsed: refuses positional arguments (absl leaves them
   in argv), quiets absl's INFO logs, and with `persist` keeps what it compiles for the next run

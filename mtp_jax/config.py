@@ -322,6 +322,9 @@ def validate_decode(config) -> None:
   _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
   _check(d.draft_len == -1 or 1 <= d.draft_len <= max(depth, 1),
          f'decode.draft_len must be in 1..mtp.depth={depth} (or -1 for all), got {d.draft_len}')
+  _check(isinstance(d.eval_prompts, int) and d.eval_prompts >= 0,
+         f'decode.eval_prompts must be an integer >= 0 (0: no decoding while training), got '
+         f'{d.eval_prompts!r}')
   _check(isinstance(d.bench_rounds, int) and d.bench_rounds >= 1,
          f'decode.bench_rounds must be an integer >= 1, got {d.bench_rounds!r}')
   _check(not d.prompts or os.path.isfile(d.prompts), f"decode.prompts: no file '{d.prompts}'")

@@ -227,7 +227,6 @@ def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None, keep=False) -> 
   split, tokenizer and token arrays are deterministic: no seed enters them. A pretrained model
   brings its `tokenizer` (and `end_id`, which ends documents where it has no EOS token). With
   `keep`, a tokenizer other than the workdir's is refused."""
-  os.makedirs(workdir, exist_ok=True)
   files = _source_files(data_cfg.sources)
   docs = functools.cache(lambda: split_documents(
       _read_documents(files, data_cfg.text_field), data_cfg.valid_fraction))

@@ -250,9 +250,10 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
   if prompt_file:
     if not os.path.isfile(prompt_file):
       raise ConfigError(f'--prompt_file: no file {prompt_file!r}')
-    lines = data_lib.prompt_lines(prompt_file)
+    lines, flag = data_lib.prompt_lines(prompt_file), '--prompt_file'
   else:
-    lines = [prompt] if prompt else []
+    lines, flag = [prompt] if prompt else [], '--prompt'
+
   if not lines:
     raise ConfigError('give a non-empty --prompt or --prompt_file')
   prompts = []
@@ -261,7 +262,7 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
       try:
         prompts.append([int(t) for t in line[4:].split()])
       except ValueError:
-        raise ConfigError(f'--prompt_file: bad token ids line {line!r}') from None
+        raise ConfigError(f'{flag}: bad token ids line {line!r}') from None
     else:
       prompts.append(encode_prompt(session, line, session.config.decode.chat))
   return prompts
@@ -283,15 +284,15 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
 
 
 def bench_blocks(session, params, config, prompts):
-  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on `prompts`,
-  yielded as one list of rows per (temperature, batch) as each finishes. A greedy mtp row says
-  whether every prompt's output is ar's, and for how many it is.
-  Batch 1 decodes each prompt alone; batch 8 decodes them all through 8 rows, a row taking the
-  next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
+  """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on `prompts`, yielded as
+  one list of rows per (temperature, batch) as each finishes. A greedy mtp row says whether
+  every prompt's output is ar's, and for how many it is. Batch 1 decodes each prompt alone;
+  batch 8 decodes them all through 8 rows (as many as there are prompts, if fewer), a row taking
+  the next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
   for temperature in (0.0, 1.0):
-    for batch in (1, 8):
+    for batch in sorted({1, min(8, len(prompts))}):  # fewer than 8 prompts fill fewer rows
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
       per_S = [settings(config, draft=S, temperature=temperature, stop_ids=session.stop_ids)
                for S in range(D + 1)]

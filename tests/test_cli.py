@@ -113,10 +113,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, t
   overrides = {k: empty_corpus if v is EMPTY else v for k, v in overrides.items()}
 
   # A fresh workdir: the error comes before any checkpoint, log or config is written (and
-  # so before anything is compiled); at most the empty directory exists.
+  # so before anything is compiled); not even the directory is made.
   fresh = tmp_path / 'fresh'
   assert_user_error(launch(fresh, overrides, flags, config), *words)
-  assert not fresh.exists() or os.listdir(fresh) == []
+  assert not fresh.exists()
 
   # The workdir of a finished run: the same error, and not one file changes.
   workdir, _ = trained
@@ -161,6 +161,14 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
                     'mtp.depth must be an integer >= 0, got -1')
   assert_user_error(launch(tmp_path / 'b', flags=['--mode=nope'], PYTHONPATH=path),
                     '--mode: nope is not one of train, eval')
+  # prompts given to modes that would ignore them
+  assert_user_error(launch(tmp_path / 'b', flags=['--mode=bench', '--prompt=x'], PYTHONPATH=path),
+                    '--prompt is read by --mode demo and generate, not by bench')
+  assert_user_error(launch(tmp_path / 'b', flags=['--mode=demo', '--prompt_file=p.txt'],
+                           PYTHONPATH=path), '--prompt_file is read by --mode generate, not by demo')
+  assert_user_error(launch(tmp_path / 'b', flags=['--mode=generate', '--prompt=x',
+                                                  '--prompt_file=p.txt'], PYTHONPATH=path),
+                    'give generate --prompt or --prompt_file, not both')
   (tmp_path / 'file').write_text('')
   assert_user_error(launch(tmp_path / 'file', flags=['--mode=eval'], PYTHONPATH=path),
                     f'--workdir {tmp_path / "file"} is a file, not a directory')
@@ -274,8 +282,9 @@ def test_bad_pretrained_input_is_one_line_and_writes_nothing(case, tiny_llama, t
   model, flags, words = PRETRAINED_CASES[case]
   fresh = tmp_path / 'fresh'
   config = configs[model] if model else QUICKSTART
+  prompt = [] if any(f.startswith('--prompt_file') for f in flags) else ['--prompt', 'hello']
   result = run_script('launch.py', '--config', config, '--workdir', str(fresh), '--mode',
-                      'generate', '--prompt', 'hello', *flags)
+                      'generate', *prompt, *flags)
   assert_user_error(result, *words)
   assert not fresh.exists() or os.listdir(fresh) == []
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import assert_user_error, launch_summary, run_script, snapshot, text_config
 from mtp_jax import data, inference, run, train
 from mtp_jax import decode as dec
-from mtp_jax.config import ConfigError, as_flags
+from mtp_jax.config import ConfigError, apply_overrides, as_flags
 
 
 @pytest.fixture(scope='module')
@@ -75,6 +75,26 @@ def test_bench_keeps_finished_blocks(trained, monkeypatch):
   assert on_disk['complete'] is False
   assert [(r['temperature'], r['batch']) for r in on_disk['rows']] == \
       [(0.0, 1)] * (config.mtp.depth + 1)
+
+
+def test_a_bench_of_fewer_than_8_prompts_names_the_batch_it_ran(trained, monkeypatch):
+  """3 prompts fill 3 of the 8 rows: the rows of that block say batch 3."""
+  config, workdir = trained
+  config = apply_overrides(config, {'decode.bench_prompts': 3})
+  real = inference.bench_blocks
+
+  def greedy_blocks(*args):  # batch 1 and the batch of all prompts, at temperature 0
+    blocks = real(*args)
+    yield next(blocks)
+    yield next(blocks)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(inference, 'bench_blocks', greedy_blocks)
+  with pytest.raises(KeyboardInterrupt):
+    run.run('bench', config, workdir)
+  rows = json.load(open(os.path.join(workdir, 'bench.json')))['rows']
+  assert [r['batch'] for r in rows] == [1] * (config.mtp.depth + 1) + [3] * (config.mtp.depth + 1)
+  assert all(r['prompts'] == 3 for r in rows)
 
 
 def test_greedy_mtp_equals_ar_as_users_compile(trained, tmp_path):
@@ -157,6 +177,7 @@ def test_training_logs_decode_metrics(trained):
     (['--prompt=x', '--config.decode.candidate_depth=3'], 'decode.candidate_depth'),
     (['--prompt=x', '--config.decode.draft_dtype=float16'], 'decode.draft_dtype'),
     (['--prompt_file=IDS'], 'outside the vocabulary'),
+    (['--prompt=ids: 1 x'], "--prompt: bad token ids line 'ids: 1 x'"),
 ])
 def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
   config, workdir = trained
