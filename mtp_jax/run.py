@@ -107,17 +107,28 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   config = resolve_config(config)
   if mode == 'train':
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
-    if jax.process_index() == 0:
-      train_lib.write_summary(workdir, summary)
-    # A rerun of a finished run only evaluates (and decodes, with decode.eval_prompts);
-    # `--mode demo` or `bench` still runs what run_after_train names.
-    if summary['stopped_by'] is None and summary['resumed_from'] < summary['step']:
-      for m in after:
-        result = run(m, config, workdir)
-        if m == 'bench':
-          summary['bench'] = os.path.join(workdir, 'bench.json')
-        elif m == 'eval':
-          summary['eval'] = result['eval']
+    # What run_after_train finished is recorded in summary.json (`after_train`), so that a rerun
+    # of a finished run runs only what a crash or a signal cut short, not what is done.
+    done = (train_lib.read_summary(workdir).get('after_train', [])
+            if summary['resumed_from'] >= summary['step'] else [])
+    summary['after_train'] = [m for m in after if m in done]
+    bench_json = os.path.join(workdir, 'bench.json')
+    if 'bench' in done:
+      summary['bench'] = bench_json
+
+    def save():
+      if jax.process_index() == 0:
+        train_lib.write_summary(workdir, summary)
+    save()
+    todo = [m for m in after if m not in done] if summary['stopped_by'] is None else []
+    for m in todo:
+      result = run(m, config, workdir)
+      if m == 'bench':
+        summary['bench'] = bench_json
+      elif m == 'eval':
+        summary['eval'] = result['eval']
+      summary['after_train'].append(m)
+      save()
     return summary
   if mode == 'eval':
     return train_lib.evaluate(config, workdir)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -900,3 +901,13 @@ def evaluate(config, workdir: str) -> dict:
 
 def write_summary(workdir: str, summary: dict):
   atomic.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2, default=float)
+
+
+def read_summary(workdir: str) -> dict:
+  """WORKDIR/summary.json as the last run wrote it, {} where there is none (or it is unreadable:
+  it is rewritten by the run that reads it)."""
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}

@@ -3,6 +3,7 @@ generate, the training-time decode check, and one-line errors for bad decoding i
 
 import json
 import os
+import shutil
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -95,6 +96,33 @@ def test_a_bench_of_fewer_than_8_prompts_names_the_batch_it_ran(trained, monkeyp
   rows = json.load(open(os.path.join(workdir, 'bench.json')))['rows']
   assert [r['batch'] for r in rows] == [1] * (config.mtp.depth + 1) + [3] * (config.mtp.depth + 1)
   assert all(r['prompts'] == 3 for r in rows)
+
+
+def test_a_bench_after_training_cut_short_runs_on_the_rerun(trained, monkeypatch, tmp_path):
+  """run_after_train=bench stopped part way (a crash, a time limit): the rerun of the finished
+  run finds it missing from summary.json and runs it; the next rerun finds it done."""
+  config, workdir = trained
+  config = apply_overrides(config, {'run_after_train': 'bench', 'decode.bench_prompts': 2})
+  workdir = shutil.copytree(workdir, str(tmp_path / 'run'))
+  real = inference.bench_blocks
+
+  def stopped_after_one(*args):
+    yield next(real(*args))
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(inference, 'bench_blocks', stopped_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    run.run('train', config, workdir)
+  assert json.load(open(os.path.join(workdir, 'summary.json')))['after_train'] == []
+  monkeypatch.undo()
+  summary = run.run('train', config, workdir)
+  assert summary['after_train'] == ['bench'] and summary['bench'].endswith('bench.json')
+  assert json.load(open(summary['bench']))['complete'] is True
+  assert json.load(open(os.path.join(workdir, 'summary.json'))) == json.loads(
+      json.dumps(summary, default=float))
+  os.remove(summary['bench'])
+  assert run.run('train', config, workdir)['after_train'] == ['bench']
+  assert not os.path.exists(summary['bench'])  # done: not run again
 
 
 def test_greedy_mtp_equals_ar_as_users_compile(trained, tmp_path):
