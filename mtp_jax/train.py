@@ -366,6 +366,13 @@ class Session(Program):
       queries = data_lib.prompt_lines(d.self_prompts) if d.self_prompts else None
       if d.self_prompts and not queries:
         raise ConfigError(f'data.self_prompts: {d.self_prompts} holds no user turn')
+      # A turn's place decides its split: a repeated one could be trained on and held out.
+      seen = {}
+      for i, q in enumerate(queries or []):
+        if seen.setdefault(q, i) != i:
+          raise ConfigError(f'data.self_prompts: turn {i + 1} of {d.self_prompts} repeats turn '
+                            f'{seen[q] + 1} (a repeated turn could be both trained on and held '
+                            'out); keep one of each')
       turns = queries and [selfdata.encode(self, q) for q in queries]
       selfdata.check_fits(self, turns, d.self_answer_len, self.cfg.max_seq_len)
       selfdata.check_held_out(self, turns, tokens=d.self_tokens, answer_len=d.self_answer_len,
