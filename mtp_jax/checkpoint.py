@@ -8,7 +8,9 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from mtp_jax import atomic
 
@@ -127,7 +129,7 @@ class Checkpointer:
         # it, and a new save of the same step replaces it.
         _warn(f'ignoring incomplete checkpoint {name} (its save never finished)')
     steps = self.all_steps()[::-1]
-    damaged = []
+    damaged, found, state, meta = [], None, None, {}
     for step, previous in zip(steps, steps[1:] + [None]):
       then = f'falling back to step {previous}' if previous is not None else 'no step left'
       problem = self._check_files(step)
@@ -136,19 +138,20 @@ class Checkpointer:
           state, meta = self.restore(step, target)
         except Exception as e:  # Orbax and TensorStore raise many types for a damaged file.
           problem = _reason(e)
-      if problem is not None:
-        _warn(f'checkpoint step {step} is damaged ({problem}); {then}')
-        damaged.append(step)
-        last_problem = problem
-        continue
-      if set_aside:
-        self._set_aside(damaged)
-      return step, state, meta
-    if damaged:
+      if problem is None:
+        found = step
+        break
+      _warn(f'checkpoint step {step} is damaged ({problem}); {then}')
+      damaged.append(step)
+      last_problem = problem
+    _agree(found, self.directory)
+    if found is None and damaged:
       raise CheckpointError(
           f'every checkpoint in {self.directory} is damaged (steps {damaged}); '
           f'the last problem: {last_problem}')
-    return None, None, {}
+    if found is not None and set_aside:
+      self._set_aside(damaged)
+    return found, state, meta
 
   def _set_aside(self, steps: list[int]) -> None:
     # Renamed rather than deleted: a restore can also fail for a passing reason (a network
@@ -165,6 +168,21 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _agree(step: int | None, directory: str) -> None:
+  """Every process of a run restores the same step, or all stop: one that read a step the others
+  found damaged (a read error on one host) would otherwise train on from another state, or wait
+  at a barrier the others never reach."""
+  if jax.process_count() == 1:
+    return
+  every = multihost_utils.process_allgather(np.asarray(-1 if step is None else step, np.int64))
+  found = sorted(set(np.asarray(every).ravel().tolist()))
+  if len(found) > 1:
+    by = ', '.join(f'process {i}: {s if s >= 0 else "none"}'
+                   for i, s in enumerate(np.asarray(every).ravel().tolist()))
+    raise CheckpointError(f'the processes found different checkpoints to restore in {directory} '
+                          f'({by}): a step one of them could not read')
 
 
 def _file_sizes(root: str) -> dict:
