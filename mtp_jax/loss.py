@@ -251,20 +251,32 @@ def metrics_of(sums, agreement: bool) -> dict:
   return metrics
 
 
+def positions(sums) -> list:
+  """Per depth, the positions its sums are means over (None where it was not computed)."""
+  return [None if s is None else {n: s[n] for n in ('count', 'feature_count') if n in s}
+          for s in sums]
+
+
+def loss_of(sums, spec: LossSpec, weight, counts=None):
+  """L from SUMS: each depth's mean cross-entropy, a head's plus feature_weight times its mean
+  feature gap; the trunk's plus weight times the heads' mean, or with a frozen trunk the heads'
+  mean alone. The means divide by `counts` (positions() of the whole batch, for sums of one of
+  its micro-batches) where given, else by the sums' own positions."""
+  D, n = spec.cfg.mtp_depth, counts or positions(sums)
+  mean = lambda k, name, count: sums[k][name] / n[k][count].clip(min=1)
+  head = lambda k: mean(k, 'loss', 'count') + (
+      spec.feature_weight * mean(k, 'feature', 'feature_count') if 'feature' in sums[k] else 0.0)
+  heads = sum(head(k) for k in range(1, D + 1)) / D if D else 0.0
+  if spec.frozen:
+    return heads
+  return mean(0, 'loss', 'count') + (weight * heads if D else 0.0)
+
+
 def combined_loss(params, batch, spec: LossSpec, weight, draft_ids=None):
-  """Returns (L, metrics) with per-depth mean loss and top-1 accuracy (and, for heads, agreement
-  with their target's top token, and the feature gap where it is weighted); a head's loss is its
-  cross-entropy plus feature_weight times its feature gap. A frozen trunk's loss is not part of
-  L: then L is the heads' mean loss."""
-  D = spec.cfg.mtp_depth
+  """Returns (L, metrics) over one window (loss_of), with per-depth mean loss and top-1
+  accuracy (and, for heads, agreement with their target's top token, and the feature gap where
+  it is weighted)."""
   sums = window_sums(params, batch, spec, draft_ids)
   metrics = metrics_of(sums, spec.head_loss == 'distill')
-  head_loss = lambda k: (metrics[f'loss/depth_{k}']
-                         + spec.feature_weight * metrics.get(f'feature/depth_{k}', 0.0))
-  heads = sum(head_loss(k) for k in range(1, D + 1)) / D if D else 0.0
-  if spec.frozen:
-    total = heads
-  else:
-    total = metrics['loss/depth_0'] + (weight * heads if D else 0.0)
-  metrics['loss/total'] = total
+  metrics['loss/total'] = total = loss_of(sums, spec, weight)
   return total, metrics

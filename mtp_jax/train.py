@@ -31,7 +31,7 @@ from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
 from mtp_jax.config import ConfigError, ModelConfig, validate
-from mtp_jax.loss import LossSpec, combined_loss, loss_weight, metrics_of, window_sums
+from mtp_jax.loss import LossSpec, loss_of, loss_weight, metrics_of, positions, window_sums
 from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
 from mtp_jax.pretrained import resolve as pretrained
@@ -107,21 +107,38 @@ def train_step(state, batch, draft_ids=None, *, tx, sc: StepConfig):
     full = lambda p: join_params(p, frozen)
   else:
     train_part, full = state['params'], lambda p: p
-  grad_fn = jax.value_and_grad(
-      lambda p, micro: combined_loss(full(p), micro, sc.spec, weight, draft_ids), has_aux=True)
+  sums_of = lambda p, micro: window_sums(full(p), micro, sc.spec, draft_ids)
+
+  def micro_loss(p, micro, counts):
+    sums = sums_of(p, micro)
+    return loss_of(sums, sc.spec, weight, counts), sums
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   micro = jax.tree.map(lambda x: x.reshape(sc.grad_accum, -1, *x.shape[1:]), batch)
+  counts, scale = None, 1.0 / sc.grad_accum
+  if sc.grad_accum > 1 and isinstance(batch, dict):
+    # Rows packed into windows leave micro-batches different numbers of positions, so a mean of
+    # micro-batch means would weigh a position by its micro-batch's size: each micro-batch's
+    # sums are divided by the whole batch's positions instead, as one big batch divides them.
+    # Positions depend on the targets alone; XLA keeps of this pass only what those need (the
+    # trunk's top-k where they are its distribution).
+    counts = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.lax.map(
+        lambda m: positions(sums_of(jax.lax.stop_gradient(train_part), m)), micro))
+    scale = 1.0
 
   def accumulate(carry, micro_batch):
-    (_, metrics), grads = grad_fn(train_part, micro_batch)
-    return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+    (_, sums), grads = grad_fn(train_part, micro_batch, counts)
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
-  zeros = jax.eval_shape(lambda: grad_fn(train_part, first))
+  zeros = jax.eval_shape(lambda: grad_fn(train_part, first, counts))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-  (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
-  grads, metrics = jax.tree.map(lambda x: x / sc.grad_accum, (grads, metrics))
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
+  grads = jax.tree.map(lambda g: g * scale, grads)
+  # the whole batch's means (with equal micro-batches, the mean of their means)
+  metrics = metrics_of(sums, sc.spec.head_loss == 'distill')
   poison = jnp.where(state['step'] + 1 == sc.inject_nan_step, jnp.nan, 1.0)
-  metrics['loss/total'] = metrics['loss/total'] * poison
+  metrics['loss/total'] = loss_of(sums, sc.spec, weight) * poison
 
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(metrics['loss/total']) & jnp.isfinite(grad_norm)

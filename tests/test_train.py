@@ -130,6 +130,26 @@ def test_grad_accumulation_matches_one_big_batch():
   assert off > 1e-4, off
 
 
+def test_grad_accumulation_over_uneven_rows_matches_one_big_batch():
+  """Rows packed into windows (chats the trunk wrote) leave the micro-batches different numbers
+  of positions: here the first holds rows of 2 tokens, where depth 1 and 2 have no position at
+  all, the second one long row. Each position still weighs what it does in one big batch."""
+  config = tiny_config(**{'train.batch_size': 4})
+  tx = optax.sgd(1.0)
+  tokens = random_batch(config)
+  row_start = np.zeros(tokens.shape, bool)
+  row_start[:2, ::2] = True
+  row_start[2:, 0] = True
+  batch = {'tokens': tokens, 'row_start': jnp.asarray(row_start)}
+  start = fresh_state(config, tx)
+  whole, m1 = compiled_step(config, tx, grad_accum=1)(start, batch)
+  split, m2 = compiled_step(config, tx, grad_accum=2)(start, batch)
+  for name in ['loss/total', 'loss/depth_0', 'loss/depth_1', 'accuracy/depth_2', 'grad_norm']:
+    np.testing.assert_allclose(m2[name], m1[name], rtol=1e-6, err_msg=name)
+  for w, s in zip(jax.tree.leaves(whole['params']), jax.tree.leaves(split['params'])):
+    np.testing.assert_allclose(s, w, atol=1e-6, rtol=0)
+
+
 def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   config, workdir = shared_config(), str(tmp_path / 'run')
 
