@@ -227,7 +227,8 @@ def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
 
 
 def loss_weight(step, base: float, schedule: str):
-  """lambda at `step`: `base`, replaced by each 'STEP:WEIGHT' entry from its step on."""
+  """lambda at `step` (updates done before this one): `base`, replaced by each 'STEP:WEIGHT'
+  entry once STEP updates are done (the update logged as step STEP + 1 on)."""
   weight = jnp.float32(base)
   for start, value in parse_schedule(schedule):
     weight = jnp.where(step >= start, jnp.float32(value), weight)
