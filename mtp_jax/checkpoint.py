@@ -101,6 +101,18 @@ class Checkpointer:
         return f'{name} has {actual[name]} of its {size} bytes'
     return None
 
+  def latest_meta(self) -> dict:
+    """The small JSON dict of the latest step, read without its arrays; {} where there is no
+    step or it cannot be read (restore_latest_valid reports a damaged one)."""
+    step = self.latest_step()
+    if step is None:
+      return {}
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore())).meta or {})
+    except Exception:  # Orbax and TensorStore raise many types for a damaged file.
+      return {}
+
   def restore(self, step: int | None, target) -> tuple:
     """Returns (state, meta) of `step` (None: the latest). `target` has the saved structure;
     each leaf, an array or a jax.ShapeDtypeStruct, gives the dtype and, if it has one, the

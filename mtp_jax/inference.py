@@ -104,8 +104,7 @@ def held_out_prompts(session, count: int) -> list[list[int]]:
 def load_params(session):
   """(step, params) of the latest checkpoint; with no checkpoint, a pretrained model's initial
   params (step 0)."""
-  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
-                                                                set_aside=False)
+  step, state, _ = session.restore_latest(set_aside=False)
   if state is not None:
     return step, state['params']
   if session.config.model.init_from:

@@ -303,6 +303,8 @@ class Session(Program):
       check_trained(reads, config, workdir)
     self.model_file = (pretrained.open_model(config.model.init_from)
                        if config.model.init_from else None)
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    self._check_trunk(config)
     if self.model_file is not None and self.model_file.tokenizer is None:
       raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
     super().__init__(config, sharding.make_mesh(config.mesh))
@@ -314,7 +316,6 @@ class Session(Program):
       self._prepare_data()
     if check is not None and not early:
       check(self)
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
 
   def check_workdir(self, config):
     """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
@@ -324,6 +325,18 @@ class Session(Program):
     self.saved_config = ckpt_lib.load_config(self.workdir) if self.bound else None
     if self.saved_config is not None:
       ckpt_lib.check_compatible(self.saved_config, config)
+
+  def _check_trunk(self, config):
+    """Refuses checkpoints trained from another model file than model.init_from now holds (a
+    file replaced at the same path): the heads would be trained on, exported and named for a
+    trunk they never saw. Their latest step records the file's sha256."""
+    trained_on = self.checkpointer.latest_meta().get('trunk', '') if self.bound else ''
+    if trained_on and trained_on != self.trunk_identity:
+      raise ckpt_lib.CheckpointError(
+          f'model.init_from: {config.model.init_from or "(none)"} is not the model file this '
+          f'workdir\'s checkpoints were trained from (sha256 {trained_on[:12]}..., not '
+          f'{self.trunk_identity[:12] or "none"}); give model.init_from that file, or use '
+          'another --workdir')
 
   @property
   def tokenizer(self):
@@ -563,10 +576,18 @@ class Session(Program):
 
   # Params.
 
+  @property
+  def trunk_identity(self) -> str:
+    """What a checkpoint records of the model file it was trained from ('' for none)."""
+    return self.model_file.identity if self.model_file is not None else ''
+
+  def restore_latest(self, set_aside: bool = True):
+    return self.checkpointer.restore_latest_valid(self.abstract_state, set_aside)
+
   def restore_or_init(self):
     """(step, state, meta) of the newest checkpoint that restores, else of a fresh start
     (0, the initial state, {})."""
-    step, state, meta = self.checkpointer.restore_latest_valid(self.abstract_state)
+    step, state, meta = self.restore_latest()
     if state is None:
       given = self.pretrained_parts()
       with sharding.active(self.mesh):
@@ -799,8 +820,9 @@ class _Periodic:
       # for one before its checkpoint. save() returns once the state is copied to host.
       if boundary:
         self.log.reopen()
-        self.session.checkpointer.save(step, state, {'step': step,
-                                                     'nonfinite_skipped': self.log.skipped})
+        self.session.checkpointer.save(step, state, {
+            'step': step, 'nonfinite_skipped': self.log.skipped,
+            'trunk': self.session.trunk_identity})
       if is_eval:
         self.evaluate(step, state['params'])
         if boundary:
@@ -914,8 +936,7 @@ def save_token_rank(workdir: str, rank: np.ndarray) -> None:
 def evaluate(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in workdir on the validation split."""
   session = Session(config, workdir, reads='eval')
-  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
-                                                            set_aside=False)
+  step, state, _ = session.restore_latest(set_aside=False)
   session.checkpointer.close()
   if state is None:
     raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')

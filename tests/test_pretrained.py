@@ -18,7 +18,7 @@ from conftest import (CHAT, LLAMA, QWEN2, QWEN3, assert_bitwise_equal, assert_us
                       run_script, stdlib_corpus, tiny_config, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
-from mtp_jax.config import ConfigError, ModelConfig, validate
+from mtp_jax.config import ConfigError, ModelConfig, apply_overrides, validate
 from mtp_jax.model import MTPLanguageModel, init_params
 from mtp_jax.pretrained import gguf_file, heads_file
 from mtp_jax.pretrained import resolve as pretrained
@@ -496,6 +496,10 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   config.mtp.init_from = other
   with pytest.raises(PretrainedError, match='heads trained on another trunk'):
     pretrained.check_heads_init(config)
+  # ... and do not go on a trunk trained from random
+  with pytest.raises(PretrainedError, match='heads trained on a pretrained trunk; give that model '
+                                            'file as model.init_from'):
+    pretrained.check_heads_init(apply_overrides(config, {'model.init_from': ''}))
   config.mtp.kind = 'parallel'
   with pytest.raises(PretrainedError, match='mtp.kind=sequential, the config has parallel'):
     heads_file.check(out, config)
@@ -553,6 +557,14 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
         session.tx.init(heads))
     assert 'agreement/depth_1' in summary['eval']
     assert ('feature/depth_1' in summary['eval']) == features
+  # The file replaced at its path by other weights of the same shapes: the checkpoints trained
+  # from the first are refused before anything is built for the second, not resumed,
+  # evaluated or exported on it (an export would name it the heads' trunk).
+  write_gguf(path, random_llama(seed=1))
+  for reads in ('', 'eval', 'export'):
+    with pytest.raises(CheckpointError, match=r"tiny.gguf is not the model file this workdir's "
+                                              r'checkpoints were trained from'):
+      train.Session(config, workdir, reads=reads)
 
 
 @pytest.mark.parametrize('heads', ['', 'last_block'])

@@ -121,7 +121,10 @@ def check_heads_init(config) -> None:
                             f'is more blocks than the trunk has ({config.model.num_layers})')
     return
   trained_on = heads_file.check(source, config).get('trunk', '')
-  if trained_on and config.model.init_from:  # the sha256 of each file holding their trunk
+  if trained_on and not config.model.init_from:
+    raise PretrainedError(f'mtp.init_from: {os.path.basename(source)} holds heads trained on a '
+                          'pretrained trunk; give that model file as model.init_from')
+  if trained_on:  # the sha256 of each file holding their trunk
     trunk = open_model(config.model.init_from)
     if trunk.identity not in trained_on.split(','):
       known = ', '.join(f'{t[:12]}...' for t in trained_on.split(','))
