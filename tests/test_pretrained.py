@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -392,6 +393,25 @@ def test_hf_directory_errors(tmp_path):
   with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
     f.write('{"metadata": {}}')
   with pytest.raises(PretrainedError, match='index.json has no weight_map'):
+    pretrained.open_model(directory)
+  # model.safetensors beside an index and its shards (re-saved unsharded over an old copy) is read,
+  # as transformers reads a local directory
+  sharded = write_hf(tmp_path / 'i', tensors, shards=2)
+  single = write_hf(tmp_path / 'j', random_llama(seed=1))
+  shutil.copy(os.path.join(single, 'model.safetensors'), sharded)
+  jax.tree.map(np.testing.assert_array_equal, pretrained.trunk_params(sharded),
+               pretrained.trunk_params(single))
+  # JSON of another shape than transformers writes: one line each, not a traceback
+  for name, extra, words in [('h1', {'num_attention_heads': 0}, 'ZeroDivisionError'),
+                             ('h2', {'hidden_size': None}, 'TypeError'),
+                             ('h3', {'rope_scaling': 'linear'}, 'AttributeError')]:
+    with pytest.raises(PretrainedError, match=f'{name}/config.json has a field of the wrong kind '
+                                              f'or value \\({words}'):
+      pretrained.open_model(write_hf(tmp_path / name, tensors, config_extra=extra))
+  directory = write_hf(tmp_path / 'h4', tensors)
+  with open(os.path.join(directory, 'generation_config.json'), 'w') as f:
+    f.write('[2]')
+  with pytest.raises(PretrainedError, match='generation_config.json holds a JSON list, not an '):
     pretrained.open_model(directory)
   directory = write_hf(tmp_path / 'g', tensors)
   with open(os.path.join(directory, 'tokenizer.json'), 'r+') as f:

@@ -50,27 +50,37 @@ def _chat_template(value, name: str) -> str:
   return value or ''
 
 
-def _json(path: str, name: str):
+def _json(path: str, name: str) -> dict:
+  """A JSON file that holds one object, else the one-line error naming it."""
   try:
     with open(path, encoding='utf-8') as f:
-      return json.load(f)
+      value = json.load(f)
   except json.JSONDecodeError as e:
     raise PretrainedError(f'model.init_from: {name} is not valid JSON ({e.msg})') from None
+  except UnicodeDecodeError:
+    raise PretrainedError(f'model.init_from: {name} is not UTF-8 text') from None
+  if not isinstance(value, dict):
+    raise PretrainedError(f'model.init_from: {name} holds a JSON {type(value).__name__}, not an '
+                          'object')
+  return value
 
 
 def weight_files(directory: str) -> list[str]:
-  index = os.path.join(directory, 'model.safetensors.index.json')
-  if os.path.exists(index):
-    weight_map = _json(index, 'model.safetensors.index.json').get('weight_map')
-    if not isinstance(weight_map, dict) or not weight_map:
-      raise PretrainedError(f'model.init_from: {directory}/model.safetensors.index.json has no '
-                            'weight_map')
-    return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
+  """model.safetensors, else the shards its index names (in that order, as transformers looks
+  for them in a local directory)."""
   single = os.path.join(directory, 'model.safetensors')
-  if not os.path.exists(single):
+  if os.path.exists(single):
+    return [single]
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  if not os.path.exists(index):
     raise PretrainedError(f'model.init_from: {directory} has neither model.safetensors nor '
                           'model.safetensors.index.json')
-  return [single]
+  weight_map = _json(index, 'model.safetensors.index.json').get('weight_map')
+  if (not isinstance(weight_map, dict) or not weight_map
+      or not all(isinstance(s, str) for s in weight_map.values())):
+    raise PretrainedError(f'model.init_from: {directory}/model.safetensors.index.json has no '
+                          'weight_map of tensor names to file names')
+  return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
 
 
 def rope(c: dict, name: str, head_dim: int) -> tuple[float, tuple]:
@@ -162,6 +172,9 @@ def read(directory: str) -> Pretrained:
     fields = fields_from_config(config, name)
   except KeyError as e:
     raise PretrainedError(f'model.init_from: {name}/config.json has no {e.args[0]}') from None
+  except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field's value
+    raise PretrainedError(f'model.init_from: {name}/config.json has a field of the wrong kind '
+                          f'or value ({type(e).__name__}: {e})') from None
   files = weight_files(directory)
   where, shapes = {}, {}
   for path in files:
@@ -215,7 +228,7 @@ def read(directory: str) -> Pretrained:
       chat_template = _chat_template(tok_config.get('chat_template'), name)
     eos = tok_config.get('eos_token')
     eos = eos.get('content') if isinstance(eos, dict) else eos
-    if tokenizer is not None and eos and tokenizer.token_to_id(eos) is not None:
+    if tokenizer is not None and isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
       eos_id = tokenizer.token_to_id(eos)
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     setup_identity=setup_identity(directory),
