@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -17,9 +18,10 @@ def _umask() -> int:
   return mask
 
 
-# The mode a plain open() gives a new file, read once: os.umask can only be read by setting it,
-# which other threads would see for that moment.
-_MODE = 0o666 & ~_umask()
+# The umask, read once (os.umask can only be read by setting it, which other threads would see
+# for that moment), and the mode a plain open() gives a new file.
+_UMASK = _umask()
+_MODE = 0o666 & ~_UMASK
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -50,6 +52,31 @@ def replacing(path: str):
     raise
 
 
+@contextlib.contextmanager
+def replacing_folder(path: str):
+  """Yields a temporary folder beside `path` for the block to fill (libraries' writers
+  included); when the block ends its files are flushed and it takes the place of `path` whole,
+  the old folder renamed aside first and then removed, so a crash never leaves `path` holding
+  some new files beside old ones. If the block fails, `path` stays as it was."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    yield tmp
+    for name in os.listdir(tmp):
+      sync(os.path.join(tmp, name))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's own is 0700
+    old = tmp[:-len('.tmp')] + '.old'
+    if os.path.exists(path):
+      os.replace(path, old)
+    os.replace(tmp, path)
+    sync(parent)
+    shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def sync(path: str) -> None:
   """Flushes a file written with plain writes, or a folder's entries (a rename into it), to
   disk."""
@@ -64,8 +91,10 @@ def sync(path: str) -> None:
 def exclusive(folder: str, waiting: str = ''):
   """Held by one process at a time (a lock on the folder itself, so no lock file is left
   beside what it guards): another waits, printing `waiting` first. The lock goes with the
-  process, so a killed one never leaves it held."""
+  process, so a killed one never leaves it held. Yields whether it holds the lock (False on a
+  file system without locks, where other processes may be inside too)."""
   fd = os.open(folder, os.O_RDONLY)
+  held = True
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,7 +107,8 @@ def exclusive(folder: str, waiting: str = ''):
         raise
       print(f'note: {folder} cannot be locked here ({e.strerror}); not waiting for other '
             'processes', file=sys.stderr)
-    yield
+      held = False
+    yield held
   finally:
     os.close(fd)  # releases the lock
 

@@ -1,6 +1,8 @@
 """Files written whole or not at all: a write that fails part way leaves the old file and no
 temporary file beside it."""
 
+import errno
+import fcntl
 import json
 import os
 
@@ -48,3 +50,39 @@ def test_replacing_renames_a_written_path_over_the_file_or_removes_it(tmp_path):
   mask = os.umask(0)
   os.umask(mask)
   assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_replacing_folder_puts_a_new_folder_in_place_whole_or_not_at_all(tmp_path):
+  """atomic.replacing_folder (an export): the filled folder takes the old one's place, none of
+  the old files left in it; a block that fails leaves the old folder as it was; no temporary
+  folder is left either way."""
+  path = tmp_path / 'export'
+  with atomic.replacing_folder(str(path)) as tmp:
+    for name in ('a', 'b'):
+      (tmp_path / tmp / name).write_text('old')
+  with pytest.raises(RuntimeError):
+    with atomic.replacing_folder(str(path)) as tmp:
+      (tmp_path / tmp / 'a').write_text('new')
+      raise RuntimeError('the writer failed part way')
+  assert sorted(os.listdir(path)) == ['a', 'b'] and (path / 'a').read_text() == 'old'
+  with atomic.replacing_folder(str(path)) as tmp:
+    (tmp_path / tmp / 'a').write_text('new')
+  assert os.listdir(path) == ['a'] and (path / 'a').read_text() == 'new'
+  assert os.listdir(tmp_path) == ['export']
+  mask = os.umask(0)
+  os.umask(mask)
+  assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask  # a plain mkdir's, not mkdtemp's 0700
+
+
+def test_exclusive_says_whether_it_holds_the_lock(tmp_path, monkeypatch):
+  """A fetch cleans up after killed ones only while it holds the lock: on a file system without
+  locks (here flock refused as Lustre without -o flock refuses it) it is not alone."""
+  with atomic.exclusive(str(tmp_path)) as held:
+    assert held is True
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(fcntl, 'flock', no_locks)
+  with atomic.exclusive(str(tmp_path)) as held:
+    assert held is False

@@ -50,7 +50,8 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   from when training left it unchanged: the heads load on either. generation_config.json lists
   every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it.
   A trunk with rotary factors (model.rope_factors) is not written: only the heads, when the
-  trunk is unchanged."""
+  trunk is unchanged. The directory is replaced whole (atomic.replacing_folder): a crash leaves
+  the previous export or none, never one with some files of each."""
   cast = DTYPES[dtype]
   if cfg.rope_factors:  # Llama 3's scaling: a config.json states only the parameters behind it
     if not same_trunk_as or not cfg.mtp_depth:
@@ -58,37 +59,38 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
                             "(model.rope_factors, Llama 3's scaling), which a config.json states "
                             'only as the parameters they came from, so only the heads of an '
                             'unchanged trunk are written (they load beside its own file)')
-    os.makedirs(directory, exist_ok=True)
-    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=same_trunk_as,
-                    token_rank=token_rank, dtype=cast)
-    return [HEADS]
-  config_json = hf_config(cfg, eos_id, bos_id, dtype, context_length)  # refused before writing
-  os.makedirs(directory, exist_ok=True)
-  fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
-            'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm}
-  trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
-  weights = os.path.join(directory, 'model.safetensors')
-  save_file(trunk, weights + '.tmp', metadata={'format': 'pt'})
-  os.replace(weights + '.tmp', weights)
-  written = ['model.safetensors']
-  atomic.write_json(os.path.join(directory, 'config.json'), config_json, indent=2)
-  atomic.write_json(os.path.join(directory, 'generation_config.json'),
-                    {'bos_token_id': bos_id,
-                     'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id}, indent=2)
-  written += ['config.json', 'generation_config.json']
-  if tokenizer is not None:
-    tokenizer.save(os.path.join(directory, 'tokenizer.json'))
-    token = lambda i: tokenizer.id_to_token(i) if i is not None and i >= 0 else None
-    atomic.write_json(os.path.join(directory, 'tokenizer_config.json'),
-                      {'tokenizer_class': 'PreTrainedTokenizerFast',
-                       'chat_template': chat_template, 'eos_token': token(eos_id),
-                       'bos_token': token(bos_id),
-                       'model_max_length': context_length or cfg.max_seq_len},
-                      indent=2)
-    written += ['tokenizer.json', 'tokenizer_config.json']
-  if cfg.mtp_depth:
-    trunks = [sha256([weights])] + ([same_trunk_as] if same_trunk_as else [])
-    heads_file.save(os.path.join(directory, HEADS), params, config, trunk=','.join(trunks),
-                    token_rank=token_rank, dtype=cast)
-    written.append(HEADS)
+    config_json = None
+  else:
+    config_json = hf_config(cfg, eos_id, bos_id, dtype, context_length)  # refused before writing
+  with atomic.replacing_folder(directory) as tmp:
+    heads, written = os.path.join(tmp, HEADS), []
+    if config_json is None:
+      heads_file.save(heads, params, config, trunk=same_trunk_as, token_rank=token_rank,
+                      dtype=cast)
+      return [HEADS]
+    fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
+              'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm}
+    trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
+    weights = os.path.join(tmp, 'model.safetensors')
+    save_file(trunk, weights, metadata={'format': 'pt'})
+    atomic.write_json(os.path.join(tmp, 'config.json'), config_json, indent=2)
+    atomic.write_json(os.path.join(tmp, 'generation_config.json'),
+                      {'bos_token_id': bos_id,
+                       'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id}, indent=2)
+    written += ['model.safetensors', 'config.json', 'generation_config.json']
+    if tokenizer is not None:
+      tokenizer.save(os.path.join(tmp, 'tokenizer.json'))
+      token = lambda i: tokenizer.id_to_token(i) if i is not None and i >= 0 else None
+      atomic.write_json(os.path.join(tmp, 'tokenizer_config.json'),
+                        {'tokenizer_class': 'PreTrainedTokenizerFast',
+                         'chat_template': chat_template, 'eos_token': token(eos_id),
+                         'bos_token': token(bos_id),
+                         'model_max_length': context_length or cfg.max_seq_len},
+                        indent=2)
+      written += ['tokenizer.json', 'tokenizer_config.json']
+    if cfg.mtp_depth:
+      trunks = [sha256([weights])] + ([same_trunk_as] if same_trunk_as else [])
+      heads_file.save(heads, params, config, trunk=','.join(trunks), token_rank=token_rank,
+                      dtype=cast)
+      written.append(HEADS)
   return written

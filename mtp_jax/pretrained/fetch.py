@@ -124,10 +124,11 @@ def _fetch(spec: Packaged, path: str, quiet: bool) -> str:
   os.makedirs(folder, exist_ok=True)
   # a second process fetching the same file (its own folder) waits for the first instead of
   # downloading too
-  with atomic.exclusive(folder, '' if quiet else f'waiting for another process fetching {path}'):
+  with atomic.exclusive(folder, '' if quiet else f'waiting for another process fetching {path}'
+                        ) as alone:
     if _checked(spec, path):  # fetched by the process this one waited for
       return path
-    for name in os.listdir(folder):  # no other fetch runs: these are a killed one's
+    for name in os.listdir(folder) if alone else []:  # no other fetch runs: a killed one's
       if name.startswith(_TMP_PREFIX):
         shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
     _download(spec, path, quiet)
