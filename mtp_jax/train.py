@@ -820,9 +820,9 @@ class _Periodic:
       # for one before its checkpoint. save() returns once the state is copied to host.
       if boundary:
         self.log.reopen()
-        self.session.checkpointer.save(step, state, {
-            'step': step, 'nonfinite_skipped': self.log.skipped,
-            'trunk': self.session.trunk_identity})
+        trunk = self.session.trunk_identity  # the model file it was trained from, if any
+        meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
+        self.session.checkpointer.save(step, state, {**meta, **({'trunk': trunk} if trunk else {})})
       if is_eval:
         self.evaluate(step, state['params'])
         if boundary:
