@@ -165,7 +165,8 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
   assert_user_error(launch(tmp_path / 'b', flags=['--mode=bench', '--prompt=x'], PYTHONPATH=path),
                     '--prompt is read by --mode demo and generate, not by bench')
   assert_user_error(launch(tmp_path / 'b', flags=['--mode=demo', '--prompt_file=p.txt'],
-                           PYTHONPATH=path), '--prompt_file is read by --mode generate, not by demo')
+                           PYTHONPATH=path),
+                    '--prompt_file is read by --mode generate, not by demo')
   assert_user_error(launch(tmp_path / 'b', flags=['--mode=generate', '--prompt=x',
                                                   '--prompt_file=p.txt'], PYTHONPATH=path),
                     'give generate --prompt or --prompt_file, not both')
