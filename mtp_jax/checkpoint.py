@@ -4,7 +4,6 @@ resumes from its newest intact checkpoint and refuses a workdir that holds a dif
 
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -173,8 +172,11 @@ class Checkpointer:
     if jax.process_index() == 0:
       for step in steps:
         path = os.path.join(self.directory, str(step))
-        shutil.rmtree(path + '.damaged', ignore_errors=True)
-        os.replace(path, path + '.damaged')
+        aside, n = path + '.damaged', 0
+        while os.path.exists(aside):  # one set aside before is kept too
+          n += 1
+          aside = f'{path}.damaged.{n}'
+        os.replace(path, aside)
     ocp.multihost.sync_global_processes('mtp_jax:checkpoint_set_aside')
     self._manager.reload()
 

@@ -128,6 +128,11 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, capsys, damage):
   ckpt.save(2, _state(22))
   ckpt.wait()
   assert_bitwise_equal(ckpt.restore(2, _target(_state(0)))[0], _state(22))
+  # damaged again: set aside beside the first, which stays
+  damage(os.path.join(ckpt.directory, '2'))
+  assert ckpt.restore_latest_valid(_target(_state(0)))[0] == 1
+  assert sorted(n for n in os.listdir(ckpt.directory) if n.startswith('2')) == [
+      '2.damaged', '2.damaged.1']
   ckpt.close()
 
 
