@@ -323,6 +323,10 @@ class Session(Program):
     tokenizer.json say matters once a checkpoint exists (`bound`)."""
     self.bound = ckpt_lib.holds_checkpoints(self.workdir)
     self.saved_config = ckpt_lib.load_config(self.workdir) if self.bound else None
+    if self.bound and self.saved_config is None:  # else another model's would read as damaged
+      raise ckpt_lib.CheckpointError(
+          f'{self.workdir} holds checkpoints but no config.json, the record of the model they '
+          'hold: put it back, or use another --workdir')
     if self.saved_config is not None:
       ckpt_lib.check_compatible(self.saved_config, config)
 

@@ -5,6 +5,7 @@ script refuses a stray argument the same way."""
 import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -224,12 +225,19 @@ def test_a_demo_after_training_that_cannot_run_stops_the_run_at_its_start(traine
   assert snapshot(workdir) == before
 
 
-def test_a_workdir_of_another_model_is_refused_untouched(trained):
+def test_a_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
   workdir, _ = trained
   before = snapshot(workdir)
   result = launch(workdir, {'model.d_model': 64})
   assert_user_error(result, 'different model', 'model.d_model: 32 -> 64')
   assert snapshot(workdir) == before
+  # without its config.json the checkpoints cannot be checked (another model's would read as
+  # damaged): said so
+  copy = shutil.copytree(workdir, tmp_path / 'copy')
+  os.remove(copy / 'config.json')
+  before = snapshot(copy)
+  assert_user_error(launch(copy, {'model.d_model': 64}), 'holds checkpoints but no config.json')
+  assert snapshot(copy) == before
 
 
 @pytest.fixture(scope='module')
