@@ -343,8 +343,9 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
     rate = sum(len(o) for o in outs(i)) / sum(seconds[i::per])
     rows.append({'tau': pooled['tau'],
                  'acceptance': np.round(pooled['acceptance_per_position'], 3).tolist(),
-                 # the wall time per trunk forward, the prefill's among them (so an mtp row,
-                 # with fewer forwards to share it, shows a little more than its loop's)
+                 # tau / tokens/s: the wall time per forward, the prefill's spread over them (as
+                 # if its one token took 1/tau of an iteration), so an mtp row, with fewer
+                 # forwards to share it, shows a little more than its loop's (under 1% here)
                  'tokens_per_s': rate, 'ms_per_iteration': 1e3 * pooled['tau'] / rate,
                  'speedup': rate / rows[0]['tokens_per_s'] if rows else 1.0,
                  'identical_to_ar': (outs(i) == outs(same_as[i] if same_as else 0)
