@@ -395,7 +395,9 @@ def _report_throughput(result, markdown: bool):
   order = 'interleaved step by step' if result['interleave'] else 'one (kind, D) after another'
   show(f"2. training throughput (median of {result['steps']} steps after {WARMUP_STEPS} "
        f'warmup, {order}; /dev: per device)', headers, body, markdown)
-  print('model FLOPs: 3 x analytic forward, causal attention counted at T/2. hw: adds the dense '
+  print('model FLOPs: 3 x analytic forward of what trains (a frozen trunk: its forward alone; '
+        'a frozen projection: its forward and input gradient), causal attention counted at T/2. '
+        'hw: adds the dense '
         "T x T attention, the loss's recomputed logits (train.remat_logits) and model.remat. XLA: cost_analysis() of "
         'the lowered step (HLO before optimization; also counts elementwise and optimizer '
         'ops); compiled: of the compiled executable. TFLOP/s, % matmul and MFU use model FLOPs.')
