@@ -285,11 +285,14 @@ def generate(session, params, prompts: list[list[int]], config) -> dict:
 def bench_blocks(session, params, config, prompts):
   """ar and mtp (S = 1..D) at batch 1 and 8, greedy and temperature 1, on `prompts`, yielded as
   one list of rows per (temperature, batch) as each finishes. A greedy mtp row says whether
-  every prompt's output is ar's, and for how many it is. Batch 1 decodes each prompt alone;
+  every prompt's output is ar's at batch 1, and for how many it is (so does the greedy ar row
+  at batch 8: rows decoded beside others give each prompt its own output). Batch 1 decodes each
+  prompt alone;
   batch 8 decodes them all through 8 rows (as many as there are prompts, if fewer), a row taking
   the next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
+  greedy_ar = None  # the outputs every greedy row is compared with: ar's at batch 1
   for temperature in (0.0, 1.0):
     for batch in sorted({1, min(8, len(prompts))}):  # fewer than 8 prompts fill fewer rows
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
@@ -310,8 +313,10 @@ def bench_blocks(session, params, config, prompts):
         tokens_per_s = sum(len(o) for o in outs) / best[S].sum()
         if S == 0:
           reference = {'outs': outs, 'tokens_per_s': tokens_per_s}
-        compared = S > 0 and temperature == 0  # greedy mtp against greedy ar
-        same = sum(o == r for o, r in zip(outs, reference['outs'])) if compared else None
+          if temperature == 0 and batch == 1:
+            greedy_ar = outs
+        compared = temperature == 0 and (S > 0 or batch > 1)
+        same = sum(o == r for o, r in zip(outs, greedy_ar)) if compared else None
         rows.append({
             'method': 'ar' if S == 0 else 'mtp', 'draft_len': S, 'batch': batch,
             'temperature': temperature, 'tau': pooled['tau'],

@@ -43,7 +43,9 @@ def test_bench_json_rows_and_identity(trained, capsys):
     assert r['tokens_per_s'] > 0 and 1 <= r['tau'] <= r['draft_len'] + 1
     assert r['prompts'] == config.decode.bench_prompts
     if r['method'] == 'ar':
-      assert r['tau'] == 1 and r['speedup'] == 1 and r['identical_to_ar'] is None
+      assert r['tau'] == 1 and r['speedup'] == 1
+      # at batch 8, greedy ar is compared with ar at batch 1: rows beside others change nothing
+      assert r['identical_to_ar'] is (True if r['batch'] > 1 and r['temperature'] == 0 else None)
     elif r['temperature'] == 0:
       assert r['identical_to_ar'] is True and r['prompts_identical_to_ar'] == r['prompts']
     else:
