@@ -88,7 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_field = 'text'  # the field holding the text in JSON-lines files.
   c.data.vocab_size = 2048
   c.data.tokenizer = ''  # path of a tokenizer.json to use instead of training one.
-  c.data.valid_fraction = 0.05  # share of files held out for validation (chosen by path hash).
+  c.data.valid_fraction = 0.05  # share held out for validation: files (by path hash), or rows
+  # the trunk wrote (by their key: a turn's answers stay together).
   c.data.cache_dir = ''  # where token arrays and trunk features are cached; '' is WORKDIR/data.
   # With a frozen pretrained trunk: train the heads on cached trunk features (its last hidden
   # state and top-k next-token distribution at every position), so the trunk runs once per

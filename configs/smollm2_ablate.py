@@ -8,6 +8,11 @@ recipe). The recipes are experiments/ablate.py's RECIPES: data tokens or the tru
 distribution as the target, text from the standard library's pydoc topics or chats the trunk
 wrote (answers to given user turns, configs/smollm2_heads.py's cache, or to turns it invented),
 the module started from the trunk's last block or from random.
+
+The sweep in experiments/RESULTS.md ran before three later defaults this config now inherits:
+train.dtype=auto (bfloat16 on a CPU with AMX or AVX512_BF16), train.remat_logits=False and
+train.mask_rows=True; add --config.train.dtype=float32 --config.train.remat_logits=True
+--config.train.mask_rows=False to repeat it as it ran.
 """
 
 import ml_collections

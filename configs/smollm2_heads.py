@@ -12,7 +12,8 @@ last block) and fit the trunk's own distribution at position i + k (self-distill
 8192 most frequent tokens of that data, at a learning rate of 3e-3.
 
 Run:    python launch.py --config configs/smollm2_heads.py
-Export: python launch.py --config configs/smollm2_heads.py --mode export
+Export: python launch.py --config configs/smollm2_heads.py --mode export --export_dtype float16
+        (float16: the form experiments/results/smollm2_heads.safetensors ships in)
 Produces: the feature cache under runs/cache, checkpoints and TensorBoard logs under
 runs/smollm2_heads, and with --mode export runs/smollm2_heads/export/ (the trunk in Hugging Face
 layout and mtp_heads.safetensors).

@@ -52,6 +52,8 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 # runs keep XLA's defaults. Subprocesses get the same flags through cpu_env().
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+# The suite is the CPU's (its kernels, exact decoding, these flags), also on a machine with a GPU.
+os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
