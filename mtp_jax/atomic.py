@@ -18,10 +18,15 @@ def _umask() -> int:
   return mask
 
 
-# The umask, read once (os.umask can only be read by setting it, which other threads would see
-# for that moment), and the mode a plain open() gives a new file.
+# The umask, read once: os.umask can only be read by setting it, which other threads would see
+# for that moment.
 _UMASK = _umask()
-_MODE = 0o666 & ~_UMASK
+
+
+def new_mode(executable: bool = False) -> int:
+  """The mode a plain open() (or, `executable`, a linker or mkdir) gives a new file or folder:
+  the umask applied."""
+  return (0o777 if executable else 0o666) & ~_UMASK
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -42,7 +47,7 @@ def replacing(path: str):
   os.close(fd)
   try:
     yield tmp
-    os.chmod(tmp, _MODE)
+    os.chmod(tmp, new_mode())
     sync(tmp)
     os.replace(tmp, path)
     sync(folder)
@@ -65,7 +70,7 @@ def replacing_folder(path: str):
     yield tmp
     for name in os.listdir(tmp):
       sync(os.path.join(tmp, name))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's own is 0700
+    os.chmod(tmp, new_mode(executable=True))  # mkdtemp's own is 0700
     old = tmp[:-len('.tmp')] + '.old'
     if os.path.exists(path):
       os.replace(path, old)

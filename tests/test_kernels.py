@@ -4,6 +4,7 @@ greedy decodes with and without kernels."""
 
 import ctypes
 import dataclasses
+import glob
 import math
 import os
 
@@ -25,6 +26,11 @@ from mtp_jax.model import (_dense_inputs, _in_heads, _keys, init_params, kernel_
 def test_the_kernels_build_here():
   # CI's machine has a C++ compiler; where one is missing the fallbacks run instead.
   assert kernels.usable()
+  # with the mode a linker gives (others sharing the cache can load it), not mkstemp's 0600
+  mask = os.umask(0)
+  os.umask(mask)
+  library = os.path.join(kernels._cache_root(), kernels._machine_key(), 'decode_ops.so')
+  assert os.stat(library).st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monkeypatch, capsys):
@@ -59,6 +65,20 @@ def test_a_refused_build_is_recorded_and_not_tried_again(tmp_path, monkeypatch, 
   record.unlink()
   assert kernels._build() is None
   assert 'to try the build again' not in capsys.readouterr().err and record.exists()
+  record.unlink()
+  # The linker out of disk space (its reason shown, not its wrapper's summary) may pass: not
+  # recorded. An assembler that does not know an instruction -march=native chose will not.
+  for said, kept in [('/usr/bin/ld: final link failed: No space left on device', False),
+                     ('/tmp/cc1.s:12: Error: no such instruction: vpdpbusd %zmm1,%zmm2,%zmm3',
+                      True)]:
+    fails = tmp_path / 'fails'
+    fails.write_text(f'#!/bin/sh\necho "{said}" >&2\n'
+                     'echo "collect2: error: ld returned 1 exit status" >&2\nexit 1\n')
+    fails.chmod(0o755)
+    monkeypatch.setenv('CXX', str(fails))
+    assert kernels._build() is None
+    assert said in capsys.readouterr().err
+    assert bool(list((tmp_path / 'kernels').glob('*/build_failed.txt'))) == kept, said
 
 
 def test_a_library_it_cannot_load_leaves_decoding_to_xla_and_is_built_again(tmp_path):
@@ -72,6 +92,24 @@ def test_a_library_it_cannot_load_leaves_decoding_to_xla_and_is_built_again(tmp_
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ['False', 'False']
   assert 'decoding kernels not loaded' in result.stderr
+
+
+def test_a_library_built_here_that_does_not_load_is_not_built_again(tmp_path):
+  """A library this process built that does not load (a cache on a noexec mount; here a
+  "compiler" whose output is no library) would not load after another build either: it is
+  recorded as a refused build is, and the next process says so without compiling."""
+  fake = tmp_path / 'fake-gxx'
+  fake.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\necho not-a-library > "$2"\n')
+  fake.chmod(0o755)
+  cache = str(tmp_path / 'cache')
+  code = 'from mtp_jax import kernels; print(kernels.available())'
+  first = run_script('-c', code, MTP_JAX_CACHE=cache, CXX=str(fake))
+  assert first.stdout.split() == ['False'] and 'decoding kernels not loaded' in first.stderr
+  assert 'built again next time' not in first.stderr
+  [record] = glob.glob(os.path.join(cache, 'kernels', '*', 'build_failed.txt'))
+  assert open(record).read().startswith('built, but not loaded')
+  second = run_script('-c', code, MTP_JAX_CACHE=cache, CXX=str(fake))
+  assert second.stdout.split() == ['False'] and 'to try the build again' in second.stderr
 
 
 @pytest.mark.parametrize('rows', [1, 2, 3, 4, 5, 7, 8, 9, 17, 32, 33, 129])

@@ -109,9 +109,30 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE,
     result = subprocess.run(command, capture_output=True, text=True)
   except OSError as e:
     return str(e)
-  if result.returncode:
-    return ([l for l in result.stderr.splitlines() if 'error' in l.lower()] or ['?'])[0].strip()
-  return None
+  if not result.returncode:
+    return None
+  lines = [l.strip() for l in result.stderr.splitlines()]
+  # the line that says why: a diagnostic of the compiler or the assembler, else the linker's
+  # own (a full disk), not its wrapper's summary ('collect2: error: ld returned 1')
+  for telling in (lambda l: ': error:' in l and not l.startswith('collect2'),
+                  lambda l: ': Error:' in l, lambda l: 'ld:' in l, lambda l: 'error' in l.lower()):
+    found = [l for l in lines if telling(l)]
+    if found:
+      return found[0]
+  return '?'
+
+
+def _lasting(reason: str) -> bool:
+  """Whether a build failure would come again with the same source, compiler and CPU (the key):
+  a compiler's diagnostic ('FILE:LINE:COL: error: ...') or an assembler that does not know an
+  instruction -march=native chose. Not GCC's fatal errors (a full disk, a killed compiler, a
+  missing header), the linker's, nor a compiler that did not run."""
+  return ((': error:' in reason and not reason.startswith('collect2'))
+          or (': Error:' in reason and ('no such instruction' in reason
+                                        or 'not supported' in reason)))
+
+
+_BUILT_HERE = set()  # libraries this process built (one that then does not load is recorded)
 
 
 def _build() -> str | None:
@@ -143,14 +164,22 @@ def _build() -> str | None:
           file=sys.stderr)
     if os.path.exists(tmp):  # the linker may have removed it already
       os.remove(tmp)
-    # A diagnostic ('FILE:LINE:COL: error: ...'), not GCC's fatal errors (a full disk, a killed
-    # compiler, a missing header), nor a compiler that did not run.
-    if ': error:' in reason:
-      with contextlib.suppress(OSError):
-        atomic.write_text(failed, reason + '\n')
+    if _lasting(reason):
+      _record_failure(path, reason)
     return None
+  os.chmod(tmp, atomic.new_mode(executable=True))  # mkstemp's own is 0600: others could not load it
   os.replace(tmp, path)
+  _BUILT_HERE.add(path)
   return path
+
+
+def _record_failure(path: str, reason: str) -> None:
+  with contextlib.suppress(OSError):
+    atomic.write_text(os.path.join(os.path.dirname(path), 'build_failed.txt'), reason + '\n')
+
+
+def _off(variable: str) -> bool:
+  return os.environ.get(variable, '1').strip().lower() in ('0', 'false', 'off', 'no')
 
 
 def available() -> bool:
@@ -162,7 +191,7 @@ def available() -> bool:
 def _library():
   """The kernels' library, built, loaded and its FFI targets registered (once per process), or
   None where it cannot be."""
-  if os.environ.get('MTP_JAX_KERNELS', '1') == '0' or sysconfig.get_platform().startswith('win'):
+  if _off('MTP_JAX_KERNELS') or sysconfig.get_platform().startswith('win'):
     return None
   path = _build()
   if path is None:
@@ -174,10 +203,15 @@ def _library():
                 ('mtpjax_cache_attention', 'CacheAttention'), ('mtpjax_argmax', 'Argmax')]]
     library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
-    print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone, and the library '
-          'is built again next time', file=sys.stderr)
+    # One this process built would not load after another build either: recorded, as a refused
+    # build is. One found in the cache may be damaged: removed, to be built again.
+    again = path not in _BUILT_HERE
+    print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone'
+          + (', and the library is built again next time' if again else ''), file=sys.stderr)
     with contextlib.suppress(OSError):
       os.remove(path)
+    if not again:
+      _record_failure(path, f'built, but not loaded: {e}')
     return None
   for name, function in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(function), platform='cpu')
@@ -195,7 +229,7 @@ def tiles_usable() -> bool:
   """Whether tiled products run here: the kernels are usable, the library was built for a CPU
   with AMX (bfloat16 tiles), Linux let this process use the tile registers, and
   MTP_JAX_TILES is not 0."""
-  if os.environ.get('MTP_JAX_TILES', '1') == '0' or not usable():
+  if _off('MTP_JAX_TILES') or not usable():
     return False
   return bool(_library().TiledReady())
 
