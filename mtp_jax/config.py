@@ -7,8 +7,6 @@ import dataclasses
 import math
 import os
 
-import numpy as np
-
 # No JAX here: launch.py checks a config with this module before it imports JAX, so bad input is
 # reported in a second.
 KINDS = ('sequential', 'parallel', 'medusa')
@@ -98,6 +96,7 @@ def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:
 
 def rotary_frequencies(theta: float, half: int):
   """The rotary angle per position of each of a head's `half` pairs, unscaled, in float64."""
+  import numpy as np  # here: the checks before JAX is imported need no NumPy (0.1 s)
   return theta ** (-np.arange(half, dtype=np.float64) / half)
 
 
