@@ -66,11 +66,10 @@ def _value(reader, key, default=None):
 def read(path: str) -> Pretrained:
   """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
   name = os.path.basename(path)
-  reader = _open(path, name)
-  arch = llama.architecture(_value(reader, 'general.architecture'))
-  tensors = _tensors(reader, name)
+  reader, arch = _open(path, name)
+  tensors = _tensors(reader, name, arch)
   tokens = _value(reader, 'tokenizer.ggml.tokens')  # decoded once: 49152 strings for SmolLM2
-  fields = _fields(reader, name, tensors, tokens)
+  fields = _fields(reader, name, arch, tensors, tokens)
   check_tensors(name, {n: tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()},
                 fields, gguf_name)
 
@@ -97,7 +96,8 @@ def read(path: str) -> Pretrained:
 
 
 def _open(path: str, name: str):
-  """The file's reader, once it is known to be whole and a Llama with the metadata needed."""
+  """The file's reader and architecture, once it is known to be whole and of an architecture
+  read here, with the metadata needed."""
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
@@ -126,22 +126,21 @@ def _open(path: str, name: str):
   if kind not in ('', 'none', 'linear') or (kind != 'none' and float(factor) not in (0.0, 1.0)):
     raise PretrainedError(f'model.init_from: {name} uses RoPE scaling ({kind or "linear"}, '
                           f'factor {float(factor) or "unset"}), which is not supported')
-  return reader
+  return reader, llama.architecture(arch)
 
 
-def _tensors(reader, name: str) -> dict:
+def _tensors(reader, name: str, arch: llama.Architecture) -> dict:
   """{HF name: the file's tensor}, every tensor one this project knows, of a type that can be
   read (check_tensors checks that they are its architecture's)."""
   tensors = {}
-  arch = _value(reader, 'general.architecture')
   for t in reader.tensors:
     hf = hf_name(t.name)
-    if t.name == 'rope_freqs.weight' and arch == 'llama':  # Llama 3's scaling: each frequency's
+    if t.name == 'rope_freqs.weight' and arch.name == 'llama':  # Llama 3's scaling: each frequency's
       tensors[ROPE_FREQS] = t                               # divisor
       continue
     if hf is None:
       raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
-                            f'a {arch} model this project reads')
+                            f'a {arch.name} model this project reads')
     if t.tensor_type not in SUPPORTED:
       raise PretrainedError(f"model.init_from: tensor '{t.name}' of {name} has type "
                             f'{t.tensor_type.name}, which is not supported '
@@ -150,9 +149,8 @@ def _tensors(reader, name: str) -> dict:
   return tensors
 
 
-def _fields(reader, name: str, tensors: dict, tokens) -> dict:
+def _fields(reader, name: str, arch: llama.Architecture, tensors: dict, tokens) -> dict:
   """The config fields the file defines (Pretrained.fields)."""
-  arch = llama.architecture(_value(reader, 'general.architecture'))
   a = arch.name + '.'
   d = int(_value(reader, a + 'embedding_length'))
   heads = int(_value(reader, a + 'attention.head_count'))
