@@ -190,11 +190,10 @@ def _agree(step: int | None, directory: str) -> None:
   at a barrier the others never reach."""
   if jax.process_count() == 1:
     return
-  every = multihost_utils.process_allgather(np.asarray(-1 if step is None else step, np.int64))
-  found = sorted(set(np.asarray(every).ravel().tolist()))
-  if len(found) > 1:
-    by = ', '.join(f'process {i}: {s if s >= 0 else "none"}'
-                   for i, s in enumerate(np.asarray(every).ravel().tolist()))
+  every = np.asarray(multihost_utils.process_allgather(
+      np.asarray(-1 if step is None else step, np.int64))).ravel().tolist()
+  if len(set(every)) > 1:
+    by = ', '.join(f'process {i}: {s if s >= 0 else "none"}' for i, s in enumerate(every))
     raise CheckpointError(f'the processes found different checkpoints to restore in {directory} '
                           f'({by}): a step one of them could not read')
 

@@ -104,7 +104,8 @@ def held_out_prompts(session, count: int) -> list[list[int]]:
 def load_params(session):
   """(step, params) of the latest checkpoint; with no checkpoint, a pretrained model's initial
   params (step 0)."""
-  step, state, _ = session.restore_latest(set_aside=False)
+  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
+                                                                set_aside=False)
   if state is not None:
     return step, state['params']
   if session.config.model.init_from:
@@ -252,7 +253,6 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
     lines, flag = data_lib.prompt_lines(prompt_file), '--prompt_file'
   else:
     lines, flag = [prompt] if prompt else [], '--prompt'
-
   if not lines:
     raise ConfigError('give a non-empty --prompt or --prompt_file')
   prompts = []
@@ -287,9 +287,8 @@ def bench_blocks(session, params, config, prompts):
   one list of rows per (temperature, batch) as each finishes. A greedy mtp row says whether
   every prompt's output is ar's at batch 1, and for how many it is (so does the greedy ar row
   at batch 8: rows decoded beside others give each prompt its own output). Batch 1 decodes each
-  prompt alone;
-  batch 8 decodes them all through 8 rows (as many as there are prompts, if fewer), a row taking
-  the next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
+  prompt alone; batch 8 decodes them all through 8 rows (as many as there are prompts, if
+  fewer), a row taking the next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
   d, D = config.decode, session.cfg.mtp_depth
   greedy_ar = None  # the outputs every greedy row is compared with: ar's at batch 1

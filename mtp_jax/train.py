@@ -585,13 +585,10 @@ class Session(Program):
     """What a checkpoint records of the model file it was trained from ('' for none)."""
     return self.model_file.identity if self.model_file is not None else ''
 
-  def restore_latest(self, set_aside: bool = True):
-    return self.checkpointer.restore_latest_valid(self.abstract_state, set_aside)
-
   def restore_or_init(self):
     """(step, state, meta) of the newest checkpoint that restores, else of a fresh start
     (0, the initial state, {})."""
-    step, state, meta = self.restore_latest()
+    step, state, meta = self.checkpointer.restore_latest_valid(self.abstract_state)
     if state is None:
       given = self.pretrained_parts()
       with sharding.active(self.mesh):
@@ -824,9 +821,10 @@ class _Periodic:
       # for one before its checkpoint. save() returns once the state is copied to host.
       if boundary:
         self.log.reopen()
-        trunk = self.session.trunk_identity  # the model file it was trained from, if any
         meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
-        self.session.checkpointer.save(step, state, {**meta, **({'trunk': trunk} if trunk else {})})
+        if self.session.trunk_identity:  # the model file it was trained from
+          meta['trunk'] = self.session.trunk_identity
+        self.session.checkpointer.save(step, state, meta)
       if is_eval:
         self.evaluate(step, state['params'])
         if boundary:
@@ -940,7 +938,8 @@ def save_token_rank(workdir: str, rank: np.ndarray) -> None:
 def evaluate(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in workdir on the validation split."""
   session = Session(config, workdir, reads='eval')
-  step, state, _ = session.restore_latest(set_aside=False)
+  step, state, _ = session.checkpointer.restore_latest_valid(session.abstract_state,
+                                                            set_aside=False)
   session.checkpointer.close()
   if state is None:
     raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')

@@ -114,12 +114,17 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE,
   lines = [l.strip() for l in result.stderr.splitlines()]
   # the line that says why: a diagnostic of the compiler or the assembler, else the linker's
   # own (a full disk), not its wrapper's summary ('collect2: error: ld returned 1')
-  for telling in (lambda l: ': error:' in l and not l.startswith('collect2'),
-                  lambda l: ': Error:' in l, lambda l: 'ld:' in l, lambda l: 'error' in l.lower()):
+  for telling in (_diagnostic, lambda l: ': Error:' in l, lambda l: 'ld:' in l,
+                  lambda l: 'error' in l.lower()):
     found = [l for l in lines if telling(l)]
     if found:
       return found[0]
   return '?'
+
+
+def _diagnostic(line: str) -> bool:
+  """A compiler's diagnostic ('FILE:LINE:COL: error: ...'), not the linker wrapper's summary."""
+  return ': error:' in line and not line.startswith('collect2')
 
 
 def _lasting(reason: str) -> bool:
@@ -127,9 +132,8 @@ def _lasting(reason: str) -> bool:
   a compiler's diagnostic ('FILE:LINE:COL: error: ...') or an assembler that does not know an
   instruction -march=native chose. Not GCC's fatal errors (a full disk, a killed compiler, a
   missing header), the linker's, nor a compiler that did not run."""
-  return ((': error:' in reason and not reason.startswith('collect2'))
-          or (': Error:' in reason and ('no such instruction' in reason
-                                        or 'not supported' in reason)))
+  return _diagnostic(reason) or (': Error:' in reason and ('no such instruction' in reason
+                                                          or 'not supported' in reason))
 
 
 _BUILT_HERE = set()  # libraries this process built (one that then does not load is recorded)
