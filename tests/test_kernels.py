@@ -408,6 +408,17 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
                                               np.argmax(logits, axis=1)))
 
 
+def test_the_compiler_may_be_a_command_of_several_words(tmp_path, monkeypatch):
+  """$CXX is split as a shell splits it, as build systems set it ('ccache g++'; here 'env g++',
+  which needs no ccache): taken whole, it named no program, and the kernels were not built."""
+  source = tmp_path / 'one.cc'
+  source.write_text('extern "C" int One() { return 1; }\n')
+  monkeypatch.setenv('CXX', 'env g++')
+  out = str(tmp_path / 'one.so')
+  assert kernels.compile_library(out, 'x86-64', str(source)) is None
+  assert ctypes.cdll.LoadLibrary(out).One() == 1
+
+
 @pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])
 def test_the_avx512_and_amx_forms_compile(march, tmp_path):
   """The kernels take 16-lane vectors with AVX-512 and 8-lane ones elsewhere, and the tiled

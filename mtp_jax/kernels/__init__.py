@@ -24,6 +24,7 @@ import functools
 import hashlib
 import math
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -77,13 +78,14 @@ def _cache_root() -> str:
   return os.path.join(fetch.cache_dir(), 'kernels')
 
 
-def _compiler() -> str:
-  return os.environ.get('CXX', 'g++')
+def _compiler() -> list[str]:
+  """The compiler's command: $CXX split as a shell would ('ccache g++'), else g++."""
+  return shlex.split(os.environ.get('CXX', '')) or ['g++']
 
 
 def _compiler_version() -> str:
   try:
-    return subprocess.run([_compiler(), '--version'], capture_output=True, text=True).stdout
+    return subprocess.run([*_compiler(), '--version'], capture_output=True, text=True).stdout
   except OSError:  # no compiler: nothing is built, so nothing is keyed
     return ''
 
@@ -103,7 +105,7 @@ def compile_library(out: str, march: str = 'native', source: str = SOURCE,
   """Compiles `source` (decode_ops.cc, or another version of it) into the shared library `out`
   for the instruction set -march=`march`, with the preprocessor `defines` (NAME=VALUE; only
   experiments set any). Returns None, or why it could not (the compiler's first error line)."""
-  command = [_compiler(), f'-march={march}', *_FLAGS, *(f'-D{d}' for d in defines),
+  command = [*_compiler(), f'-march={march}', *_FLAGS, *(f'-D{d}' for d in defines),
              f'-I{jax.ffi.include_dir()}', source, '-o', out]
   try:
     result = subprocess.run(command, capture_output=True, text=True)
