@@ -44,14 +44,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def check_mesh(config, num_devices: int, num_processes: int = 1) -> None:
+def check_mesh(config, num_devices: int, num_processes: int = 1, batch: bool = True) -> None:
   """Raises ConfigError naming the field when a mesh axis does not divide a dimension that RULES
   shard over it (jit rejects uneven shardings with an error that names an array, not a field),
-  or when processes would have to share batch rows."""
+  or when processes would have to share batch rows. `batch=False` leaves out the training
+  batch, for modes that only decode (they lay out their prompts for any count)."""
   cfg, t = ModelConfig.from_config(config), config.train
   sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
   mlp = 'model.mlp_dim' + (' (0: 8/3 * d_model)' if config.model.mlp_dim == 0 else '')
-  fields = {'batch': [('train.batch_size / train.grad_accum', t.batch_size // t.grad_accum)],
+  fields = {'batch': [('train.batch_size / train.grad_accum', t.batch_size // t.grad_accum)]
+                     if batch else [],
             'embed': [('model.d_model', cfg.d_model)], 'heads': [('model.num_heads', cfg.num_heads)],
             'kv_heads': [('model.num_kv_heads', cfg.num_kv_heads)], 'mlp': [(mlp, cfg.mlp_dim)],
             'vocab': [('data.vocab_size', cfg.vocab_size)]}

@@ -290,13 +290,15 @@ class Session(Program):
   or compiled. `data=False` skips the training data (decoding modes that do not draw prompts
   from it). `check(session)`, when given, makes further checks of its own: before the data is
   prepared when the model file gives the tokenizer, else right after. `reads`: the mode (eval,
-  a decoding mode, export) that will read the workdir's checkpoint (check_trained)."""
+  a decoding mode, export) that will read the workdir's checkpoint (check_trained); its
+  training batch need not divide over the mesh, unless it is eval."""
 
   def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = ''):
     self.workdir = workdir
     config = pretrained.resolve_config(config)
     validate(config)
-    sharding.check_mesh(config, jax.device_count(), jax.process_count())
+    sharding.check_mesh(config, jax.device_count(), jax.process_count(),
+                        batch=reads in ('', 'eval'))
     self.check_workdir(config)
     pretrained.check_heads_init(config)
     if reads:

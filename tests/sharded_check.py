@@ -103,6 +103,17 @@ def main(root: str, tokenizer: str):
     result['rejected'] = None
   except ConfigError as e:
     result['rejected'] = str(e)
+  # A mode that only decodes lays out its prompts for any count: a training batch the mesh
+  # does not split (4 rows on 8 devices) refuses training there, not decoding.
+  odd_batch = run_config(root, (8, 1, 1), tokenizer)
+  odd_batch.train.batch_size = 4
+  result['odd_batch'] = {}
+  for mode in ('', 'eval', 'generate', 'export'):
+    try:
+      train.Session(odd_batch, workdir(root, (8, 1, 1)), data=False, reads=mode)
+      result['odd_batch'][mode] = None
+    except ConfigError as e:
+      result['odd_batch'][mode] = str(e)
 
   with open(os.path.join(root, 'sharded.json'), 'w') as f:
     json.dump(result, f, indent=1)

@@ -96,6 +96,10 @@ def test_params_are_laid_out_by_the_rules(runs):
   # The Session names the field a mesh fails to divide before it compiles.
   assert result['rejected'] == ('model.num_kv_heads = 2 is not divisible by mesh.tensor = 4, '
                                 'the mesh axes that shard it')
+  # ... and a training batch it does not split only where the mode trains or evaluates.
+  odd = ('train.batch_size / train.grad_accum = 4 is not divisible by mesh.data * mesh.fsdp = 8, '
+         'the mesh axes that shard it')
+  assert result['odd_batch'] == {'': odd, 'eval': odd, 'generate': None, 'export': None}
 
 
 def test_checkpoint_restores_onto_another_mesh(runs):
