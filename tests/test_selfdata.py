@@ -3,6 +3,7 @@ features it kept while writing equal to a fresh forward over the written rows, a
 an interruption leaves resumable, and written chats given other features by one forward."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from mtp_jax import atomic
 from mtp_jax import features as feat_lib
 from mtp_jax import inference, selfdata, train
 from mtp_jax.config import ConfigError
+from mtp_jax.model import MTPLanguageModel
 from mtp_jax.pretrained import resolve
 
 
@@ -395,6 +397,7 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
   finally:
     selfdata.FORWARD_ROWS = keep
   made = again.finish()
+  first_block = dataclasses.replace(two.model.cfg, num_layers=1, feature_layers=())
   assert feat_lib.rows_source(wide_dir, wide) is None  # finished
   # its shards are forward batches, not chats' shards: never a base for more chats
   assert feat_lib.smaller_cache(root, {**wide, 'tokens': 10 ** 6}) is None
@@ -409,3 +412,11 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
     np.testing.assert_allclose(new.h0[keep_rows, :32].astype(np.float32),
                                old.h0[keep_rows].astype(np.float32), rtol=2e-2, atol=2e-2)
     np.testing.assert_array_equal(new.top_ids[keep_rows, 0], old.top_ids[keep_rows, 0])
+    # the added half is block 0's output: the same params' trunk cut after its first block
+    starts = np.flatnonzero(old.row_start)
+    for start, end in zip(starts, np.append(starts[1:], len(old.tokens))):
+      tokens = jnp.asarray(old.tokens[start:end])[None]
+      block0, _ = MTPLanguageModel(first_block).apply(
+          two.params, tokens, jnp.arange(end - start)[None], method=MTPLanguageModel.trunk)
+      np.testing.assert_allclose(new.h0[start:end - 1, 32:].astype(np.float32),
+                                 block0[0, :-1], rtol=2e-2, atol=2e-2)
