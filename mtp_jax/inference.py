@@ -315,7 +315,7 @@ def bench_blocks(session, params, config, prompts):
           if temperature == 0 and batch == 1:
             greedy_ar = outs
         compared = temperature == 0 and (S > 0 or batch > 1)
-        same = sum(o == r for o, r in zip(outs, greedy_ar)) if compared else None
+        same = prompts_identical(outs, greedy_ar) if compared else None
         rows.append({
             'method': 'ar' if S == 0 else 'mtp', 'draft_len': S, 'batch': batch,
             'temperature': temperature, 'tau': pooled['tau'],
@@ -324,6 +324,14 @@ def bench_blocks(session, params, config, prompts):
             'identical_to_ar': same == len(outs) if compared else None,
             'prompts_identical_to_ar': same, 'prompts': len(outs)})
       yield rows
+
+
+def prompts_identical(outs: list[list[int]], reference: list[list[int]]) -> int:
+  """How many prompts' outputs are the reference's token for token (a bench row's
+  prompts_identical_to_ar; identical_to_ar when it is all of them)."""
+  if len(outs) != len(reference):
+    raise ValueError(f'{len(outs)} outputs against {len(reference)} reference outputs')
+  return sum(o == r for o, r in zip(outs, reference))
 
 
 def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,

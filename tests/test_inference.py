@@ -26,6 +26,18 @@ def trained(tmp_path_factory):
   return config, workdir
 
 
+def test_a_bench_row_counts_the_prompts_whose_output_is_ars():
+  """What a bench row's identical_to_ar rests on: a token changed, or an output cut short or run
+  on, is a prompt that differs; outputs for other prompts are an error, not a count."""
+  ar = [[5, 6, 7], [8, 9], [1]]
+  assert inference.prompts_identical([[5, 6, 7], [8, 9], [1]], ar) == 3
+  assert inference.prompts_identical([[5, 6, 4], [8, 9], [1]], ar) == 2
+  assert inference.prompts_identical([[5, 6], [8, 9, 2], [1]], ar) == 1
+  assert inference.prompts_identical([[1], [8, 9], [5, 6, 7]], ar) == 1
+  with pytest.raises(ValueError):
+    inference.prompts_identical([[5, 6, 7], [8, 9]], ar)
+
+
 def test_bench_json_rows_and_identity(trained, capsys):
   config, workdir = trained
   result = run.run('bench', config, workdir)
