@@ -351,15 +351,19 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
 
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
-  with pytest.raises(PretrainedError, match='only LlamaForCausalLM, Qwen2ForCausalLM, '
-                                            'Qwen3ForCausalLM are supported'):
+  # the refusals of config.json's settings are said as they are (they were wrapped in "a field of
+  # the wrong kind or value")
+  with pytest.raises(PretrainedError, match=r'^model.init_from: \S+ is a GPT2LMHeadModel; only '
+                                            'LlamaForCausalLM, Qwen2ForCausalLM, '
+                                            'Qwen3ForCausalLM are supported$'):
     pretrained.open_model(write_hf(tmp_path / 'a', tensors, architecture='GPT2LMHeadModel'))
   # transformers' Qwen3Config takes heads 128 wide where config.json does not say
   wide = {**QWEN3, 'model.head_dim': 128}
   no_width = write_hf(tmp_path / 'q3', random_llama(wide), wide, architecture='Qwen3ForCausalLM',
                       config_extra={'head_dim': None})
   assert pretrained.open_model(no_width).fields['model.head_dim'] == 128
-  with pytest.raises(PretrainedError, match='use_sliding_window=true; only full attention'):
+  with pytest.raises(PretrainedError, match=r'^model.init_from: \S+ sets use_sliding_window=true; '
+                                            'only full attention is supported$'):
     pretrained.open_model(write_hf(tmp_path / 'q', random_llama(QWEN2), QWEN2,
                                    architecture='Qwen2ForCausalLM',
                                    config_extra={'use_sliding_window': True}))

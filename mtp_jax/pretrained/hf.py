@@ -172,6 +172,8 @@ def read(directory: str) -> Pretrained:
     fields = fields_from_config(config, name)
   except KeyError as e:
     raise PretrainedError(f'model.init_from: {name}/config.json has no {e.args[0]}') from None
+  except PretrainedError:  # a refusal of its own (an architecture, a setting): said as it is
+    raise
   except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field's value
     raise PretrainedError(f'model.init_from: {name}/config.json has a field of the wrong kind '
                           f'or value ({type(e).__name__}: {e})') from None
