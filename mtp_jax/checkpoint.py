@@ -223,6 +223,19 @@ def save_config(workdir: str, config) -> None:
   atomic.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
+def foreign_config(workdir: str) -> bool:
+  """Whether WORKDIR/config.json is there and is not a run's record (a Hugging Face model's, say,
+  where the workdir is the model's own directory): a run would write over it."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    return False
+  except (OSError, ValueError):  # not JSON, not UTF-8, a directory
+    return True
+  return not (isinstance(saved, dict) and {'model', 'mtp', 'train', 'data'} <= saved.keys())
+
+
 def load_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):

@@ -322,8 +322,13 @@ class Session(Program):
   def check_workdir(self, config):
     """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
     checkpoint (bad input, a non-finite first step) binds nothing: what its config.json and
-    tokenizer.json say matters once a checkpoint exists (`bound`)."""
+    tokenizer.json say matters once a checkpoint exists (`bound`). A config.json that is not a
+    run's (the workdir is a model's own directory) is refused: a run writes its own there."""
     self.bound = ckpt_lib.holds_checkpoints(self.workdir)
+    if not self.bound and ckpt_lib.foreign_config(self.workdir):
+      raise ckpt_lib.CheckpointError(
+          f'{self.workdir} holds a config.json that is not a run\'s (a model\'s own directory?), '
+          'which a run would write over: use another --workdir')
     self.saved_config = ckpt_lib.load_config(self.workdir) if self.bound else None
     if self.bound and self.saved_config is None:  # else another model's would read as damaged
       raise ckpt_lib.CheckpointError(

@@ -240,6 +240,21 @@ def test_a_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
   assert snapshot(copy) == before
 
 
+def test_a_workdir_that_is_the_models_own_directory_is_refused_untouched(tmp_path):
+  """--workdir given the model's directory: its config.json is not a run's, and the run would
+  have written its own over it (the directory no longer loaded anywhere)."""
+  from conftest import pretrained_config_file, random_llama, write_hf
+  model = write_hf(tmp_path / 'model', random_llama())
+  config = pretrained_config_file(tmp_path / 'config.py', model, {
+      'mtp.depth': 1, 'mtp.init_from': 'last_block', 'model.max_seq_len': 256})
+  before = snapshot(model)
+  for mode in ('train', 'generate'):
+    result = run_script('launch.py', '--config', config, '--workdir', model, '--mode', mode,
+                        '--config.train.steps=1', *(['--prompt', 'hi'] if mode != 'train' else []))
+    assert_user_error(result, f'{model} holds a config.json that is not a run\'s')
+    assert snapshot(model) == before
+
+
 @pytest.fixture(scope='module')
 def tiny_llama(tmp_path_factory):
   """A tiny random Llama as a GGUF file, good and broken copies, and a config file on it."""
