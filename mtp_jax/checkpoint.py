@@ -298,6 +298,10 @@ def check_compatible(saved: dict, config) -> None:
   decides what the optimizer state holds. Other training fields may differ, and so may the
   fields that choose how the same parameters are computed (COMPUTE_ONLY)."""
   old, new = _both(saved, config)
+  if old.get('model.init_from') and new.get('model.init_from'):
+    # the same file by another path (a trailing slash, relative, moved): its identity, which
+    # the checkpoints record, is checked once it is open (train.Session._check_trunk)
+    new['model.init_from'] = old['model.init_from']
   diffs = _diffs(old, new, lambda n: _in(n, MODEL_FIELDS) and n not in COMPUTE_ONLY)
   if diffs:
     raise CheckpointError('workdir holds a checkpoint of a different model: ' + ', '.join(diffs))

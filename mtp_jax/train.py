@@ -340,8 +340,15 @@ class Session(Program):
   def _check_trunk(self, config):
     """Refuses checkpoints trained from another model file than model.init_from now holds (a
     file replaced at the same path): the heads would be trained on, exported and named for a
-    trunk they never saw. Their latest step records the file's sha256."""
+    trunk they never saw. Their latest step records the file's sha256; the file may have moved.
+    Checkpoints from before that record name it by its path alone."""
     trained_on = self.checkpointer.latest_meta().get('trunk', '') if self.bound else ''
+    if self.bound and not trained_on and config.model.init_from:
+      saved = self.saved_config.get('model', {}).get('init_from', '')
+      if os.path.realpath(saved) != os.path.realpath(config.model.init_from):
+        raise ckpt_lib.CheckpointError(
+            f'workdir holds a checkpoint of a different model: model.init_from: "{saved}" -> '
+            f'"{config.model.init_from}"')
     if trained_on and trained_on != self.trunk_identity:
       raise ckpt_lib.CheckpointError(
           f'model.init_from: {config.model.init_from or "(none)"} is not the model file this '

@@ -5,6 +5,7 @@ back; a frozen trunk stays bit for bit what the file holds."""
 
 import copy
 import functools
+import glob
 import json
 import os
 import shutil
@@ -582,6 +583,30 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
         session.tx.init(heads))
     assert 'agreement/depth_1' in summary['eval']
     assert ('feature/depth_1' in summary['eval']) == features
+  # The same file by another path (moved, or named relatively): the checkpoints record its
+  # sha256, which decides, not how the path is written.
+  moved = str(tmp_path / 'moved' / 'tiny.gguf')
+  os.makedirs(os.path.dirname(moved))
+  shutil.copy(path, moved)
+  for name in (moved, os.path.relpath(moved)):
+    elsewhere = copy.deepcopy(config)
+    elsewhere.model.init_from = name
+    train.Session(elsewhere, workdir, reads='eval').checkpointer.close()
+  # Checkpoints from before that record name the file by its path alone (the record emptied,
+  # padded to its size, which each step's manifest holds).
+  older = shutil.copytree(workdir, tmp_path / 'older')
+  metas = glob.glob(os.path.join(older, 'checkpoints', '*', 'meta', 'metadata'))
+  assert metas
+  for meta in metas:
+    with open(meta) as f:
+      text = f.read()
+    held = json.loads(text)
+    assert len(held.pop('trunk')) == 64
+    with open(meta, 'w') as f:
+      f.write(json.dumps(held).ljust(len(text)))
+  with pytest.raises(CheckpointError, match='different model: model.init_from: '):
+    train.Session(elsewhere, str(older), reads='eval')
+  train.Session(config, str(older), reads='eval').checkpointer.close()
   # The file replaced at its path by other weights of the same shapes: the checkpoints trained
   # from the first are refused before anything is built for the second, not resumed,
   # evaluated or exported on it (an export would name it the heads' trunk).
