@@ -308,7 +308,11 @@ class Session(Program):
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
     self._check_trunk(config)
     if self.model_file is not None and self.model_file.tokenizer is None:
-      raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no tokenizer')
+      needs = ("tokenizer.json (transformers writes one beside the weights: "
+               "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+               if os.path.isdir(config.model.init_from) else 'tokenizer in its metadata')
+      raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no {needs}; the '
+                               'tokenizer comes with the model')
     super().__init__(config, sharding.make_mesh(config.mesh))
     self.data = self.rows = None
     early = check is not None and self.model_file is not None

@@ -350,6 +350,17 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
       gguf_file.read(str(tmp_path / 'cut.gguf'))
 
 
+def test_a_model_without_its_tokenizer_says_what_it_needs(tmp_path):
+  """A Hugging Face directory without tokenizer.json (a tokenizer.model alone, say): the line
+  names the file and how to write it; data.tokenizer is not a way round it."""
+  directory = write_hf(tmp_path / 'm', random_llama())
+  os.remove(os.path.join(directory, 'tokenizer.json'))
+  with pytest.raises(train.data_lib.DataError, match=r'^model.init_from: \S+ has no tokenizer.json \(transformers '
+                                      r'writes one beside the weights: AutoTokenizer'):
+    train.Session(pretrained.resolve_config(pretrained_config(directory)), str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
   # the refusals of config.json's settings are said as they are (they were wrapped in "a field of
