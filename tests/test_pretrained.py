@@ -520,7 +520,7 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
     for j, name in enumerate(['block', 'block_1'][:blocks]):
       jax.tree.map(np.testing.assert_array_equal, head[name], trunk[f'blocks_{L - blocks + j}'])
   config.mtp.head_blocks = 3 - blocks
-  with pytest.raises(PretrainedError, match=f'mtp.head_blocks={blocks}, the config has'):
+  with pytest.raises(PretrainedError, match=f"mtp.head_blocks='{blocks}', the config has '{3 - blocks}'"):
     heads_file.check(out, config)
   config.mtp.head_blocks = blocks
   config.mtp.head_blocks = L + 1
@@ -538,7 +538,11 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
                                             'file as model.init_from'):
     pretrained.check_heads_init(apply_overrides(config, {'model.init_from': ''}))
   config.mtp.kind = 'parallel'
-  with pytest.raises(PretrainedError, match='mtp.kind=sequential, the config has parallel'):
+  with pytest.raises(PretrainedError, match="mtp.kind='sequential', the config has 'parallel'"):
+    heads_file.check(out, config)
+  config.mtp.kind = 'sequential'  # an empty value is shown as one, not as nothing
+  config.mtp.feature_layers = '0'
+  with pytest.raises(PretrainedError, match="mtp.feature_layers='', the config has '0'$"):
     heads_file.check(out, config)
 
 

@@ -69,8 +69,8 @@ def check(path: str, config) -> dict:
   for key, path_ in _MATCH.items():
     held = meta.get(key, _ADDED.get(key))
     if held != _value(config, path_):
-      raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held}, '
-                            f'the config has {_value(config, path_)}')
+      raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held!r}, '
+                            f'the config has {_value(config, path_)!r}')
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
