@@ -163,14 +163,16 @@ def _read(path):
 
 
 def _tokenizer(data_cfg, path, train_texts, given=None, keep=False):
-  """The model's tokenizer (`given`), data.tokenizer, the one at `path`, or a new one trained on
-  the training texts; left at `path`, which with `keep` (the workdir holds checkpoints trained on
-  its ids) it may not replace. Returns it and the id that ends each document: EOS, or for a given
-  tokenizer without one, the model's own end token."""
+  """The model's tokenizer (`given`), data.tokenizer, with `keep` (the workdir holds checkpoints
+  trained on its ids) the one at `path`, else a new one trained on the training texts; left at
+  `path`, which with `keep` it may not replace. A workdir without checkpoints binds nothing: its
+  tokenizer may be of other sources or another data.vocab_size, and is made again. Returns it and
+  the id that ends each document: EOS, or for a given tokenizer without one, the model's own end
+  token."""
   source = data_cfg.tokenizer or path
   if given is not None:
     tokenizer, blob = given, given.to_str().encode()
-  elif os.path.exists(source):
+  elif os.path.exists(source) and (data_cfg.tokenizer or keep):
     try:
       tokenizer = tokenizers.Tokenizer.from_file(source)
     except Exception as e:  # tokenizers raises a bare Exception for malformed files.

@@ -173,13 +173,15 @@ def test_prepare_trains_tokenizer_and_caches_tokens(tmp_path):
 
 
 def test_changed_source_invalidates_cache_but_keeps_tokenizer(tmp_path):
+  """In a workdir whose checkpoints were trained on its tokenizer (keep), changed sources make
+  new tokens with that tokenizer."""
   corpus = make_corpus(tmp_path / 'corpus')
   workdir = str(tmp_path / 'work')
   cfg = data_cfg(corpus, cache_dir=str(tmp_path / 'cache'))
   first = data.prepare(cfg, workdir)
   tokenizer_json = open(os.path.join(workdir, 'tokenizer.json')).read()
   write(os.path.join(corpus, 'a.txt'), 'Entirely new words appear here.\n')
-  second = data.prepare(cfg, workdir)
+  second = data.prepare(cfg, workdir, keep=True)
   assert len(os.listdir(tmp_path / 'cache')) == 2
   assert len(second.train) + len(second.valid) < len(first.train) + len(first.valid)
   assert open(os.path.join(workdir, 'tokenizer.json')).read() == tokenizer_json

@@ -247,11 +247,17 @@ def test_a_run_that_saved_no_checkpoint_binds_nothing(tmp_path):
   config, workdir = shared_config(), str(tmp_path / 'run')
   other = text_config(**{'model.d_model': 64, 'train.steps': 1})
   ckpt_lib.save_config(workdir, other)
+  stale = data_lib._train_tokenizer(['a tokenizer of other text'], 280).to_str()
   with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
-    f.write(data_lib._train_tokenizer(['a tokenizer of other text'], 280).to_str())
+    f.write(stale)
   train.train(config, workdir)
   assert checkpoint_steps(workdir) == [N, 2 * N]
   assert ckpt_lib.load_config(workdir)['model']['d_model'] == config.model.d_model
+  # the tokenizer was made again for this run's data (it trained on the stale one's ids)
+  with open(os.path.join(workdir, 'tokenizer.json')) as f:
+    made = f.read()
+  assert made != stale
+  assert made == data_lib.prepare(config.data, str(tmp_path / 'fresh')).tokenizer.to_str()
 
 
 def test_a_workdirs_checkpoints_keep_their_tokenizer(straight_run, tmp_path):
