@@ -47,6 +47,14 @@ def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
     fail(f'--prompt_file is read by --mode generate, not by {",".join(modes)}')
   if prompt and prompt_file and 'demo' not in modes:
     fail('give generate --prompt or --prompt_file, not both')
+  if prompt_file:  # before the modes before generate run and write
+    try:
+      with open(prompt_file, encoding='utf-8') as f:
+        f.read()
+    except FileNotFoundError:
+      fail(f'--prompt_file: no file {prompt_file!r}')
+    except (OSError, UnicodeDecodeError) as e:
+      fail(f'--prompt_file: cannot read {prompt_file!r} as UTF-8 text ({e})')
 
 
 def start(argv, persist: bool = True) -> None:

@@ -335,8 +335,12 @@ def top_tokens(logits_xN, K: int, taken=None, argmax=greedy):
 
 def probabilities(logits_xV, s: Settings):
   """The sampling distribution, softmax(logits / T) restricted to the top_k tokens and the top_p
-  nucleus (temperature > 0). Drafts and verification both use it."""
-  logits = logits_xV.astype(jnp.float32) / s.temperature
+  nucleus (temperature > 0). Drafts and verification both use it. The largest logit is taken
+  off before the division: at a small temperature (1e-10) logits / T reach 1e10, where XLA's
+  fused softmax can round the largest past its own max by some units (exp of thousands: inf,
+  then NaN); shifted, the largest is exactly 0 at any temperature."""
+  logits = logits_xV.astype(jnp.float32)
+  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
   V = logits.shape[-1]
   if s.top_k and s.top_k < V:
     # The smallest of the top_k, taken over all of them: a slice of lax.top_k's output that does

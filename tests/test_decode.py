@@ -374,6 +374,25 @@ def test_probabilities_filters():
   np.testing.assert_allclose(p, [[0.5, 0.3, 0.15, 0]] / np.float32(0.95), rtol=1e-5)
 
 
+def test_a_tiny_temperature_samples_what_greedy_decoding_writes():
+  """At temperature 1e-10 the distribution is the argmax's one-hot, jitted as the decoder runs
+  it, and sampled decoding writes greedy decoding's tokens (logits / T near 1e10 made XLA's fused
+  softmax NaN, and every sampled token the last id)."""
+  logits = jax.random.normal(jax.random.key(0), (4, 2048)) * 5
+  for T in (1e-10, 1e-30):
+    p = jax.jit(lambda l: dec.probabilities(l, dec.Settings(temperature=T)))(logits)
+    np.testing.assert_array_equal(p, jax.nn.one_hot(jnp.argmax(logits, -1), 2048))
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(7))
+  prompts = [np.random.default_rng(0).integers(0, cfg.vocab_size, n).tolist() for n in (5, 9)]
+  model = dec.DecodeModel(cfg)
+  greedy = dec.outputs(run(model, params, prompts, dec.Settings(draft_len=0, max_new_tokens=17)))
+  for S in (0, 2):
+    sampled = run(model, params, prompts, dec.Settings(draft_len=S, max_new_tokens=17,
+                                                       temperature=1e-10))
+    assert dec.outputs(sampled) == greedy, S
+
+
 def test_top_p_keeps_the_nucleus_a_descending_sort_keeps():
   """The nucleus against a float64 reference that sorts: the smallest prefix of the tokens in
   descending order whose mass reaches top_p, with every token tied to its last value. Flat and
