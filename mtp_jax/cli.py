@@ -29,12 +29,13 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
     fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(MODES)}")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     fail(f'--workdir {workdir} is a file, not a directory')
-  if not any(mode in WRITING_MODES for mode in modes):
-    return
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+  if not os.path.isdir(existing):  # a file above it: no mode can read or write there
+    fail(f'--workdir {workdir}: {existing} is a file, not a directory')
+  if (any(mode in WRITING_MODES for mode in modes)
+      and not os.access(existing, os.W_OK | os.X_OK)):
     fail(f'--workdir {workdir}: {existing} is not a directory this user can write in')
 
 

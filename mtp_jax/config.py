@@ -168,6 +168,18 @@ def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> li
   return [int(v) for v in values]
 
 
+def _numbers(config, prefix: str = ''):
+  """(dotted name, value) of every float field, in sections and in lists of numbers."""
+  for key, value in config.items():
+    name = prefix + key
+    if hasattr(value, 'items'):
+      yield from _numbers(value, name + '.')
+    elif isinstance(value, float):
+      yield name, value
+    elif isinstance(value, (list, tuple)):
+      yield from ((name, v) for v in value if isinstance(v, float))
+
+
 def _check(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)
@@ -183,6 +195,8 @@ def validate(config) -> None:
   mtp.feature_layers in its canonical form ('I,J,...') and model.head_dim as 0 where it is
   d_model / num_heads."""
   m, t, d, mtp = config.model, config.train, config.decode, config.mtp
+  for name, value in _numbers(config):  # inf passes every bound below (train.lr=inf: > 0)
+    _check(math.isfinite(value), f'{name} must be a finite number, got {value}')
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
                       ('model.max_seq_len', m.max_seq_len), ('data.vocab_size', config.data.vocab_size),
@@ -269,6 +283,8 @@ def validate(config) -> None:
   _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
   _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
          f"data.tokenizer: no file '{config.data.tokenizer}'")
+  bad = [m for m in config.run_after_train.split(',') if m not in ('', 'demo', 'bench', 'eval')]
+  _check(not bad, f'run_after_train: {bad[0]!r} is not one of demo, bench, eval' if bad else '')
   validate_pretrained(config)
   validate_decode(config)
 

@@ -100,9 +100,6 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   if mode not in MODES:
     raise ConfigError(f'--mode must be one of {", ".join(MODES)}, got {mode!r}')
   after = [m for m in config.run_after_train.split(',') if m]
-  bad = [m for m in after if m not in ('demo', 'bench', 'eval')]
-  if bad:
-    raise ConfigError(f'run_after_train: {bad[0]!r} is not one of demo, bench, eval')
   init_distributed(config.distributed)
   config = resolve_config(config)
   if mode == 'train':

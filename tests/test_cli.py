@@ -151,8 +151,9 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
 
 
 def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_path):
-  """launch.py reports a bad --mode, a --workdir that is a file and a bad field of a config that
-  names no model file before it imports JAX: with a `jax` that cannot be imported first on the
+  """launch.py reports a bad --mode, a --workdir that is a file or lies under one, a prompt file
+  generate could not read and a bad field of a config that names no model file (an infinite
+  number, an unknown run_after_train mode among them) before it imports JAX: with a `jax` that cannot be imported first on the
   path, each is still its one line, while a run that passes them meets the broken import."""
   fake = tmp_path / 'nojax' / 'jax'
   fake.mkdir(parents=True)
@@ -174,6 +175,20 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
   (tmp_path / 'file').write_text('')
   assert_user_error(launch(tmp_path / 'file', flags=['--mode=eval'], PYTHONPATH=path),
                     f'--workdir {tmp_path / "file"} is a file, not a directory')
+  assert_user_error(launch(tmp_path / 'file' / 'run', flags=['--mode=eval'], PYTHONPATH=path),
+                    f'--workdir {tmp_path / "file" / "run"}: {tmp_path / "file"} is a file')
+  # infinities pass every bound (train.lr=inf is > 0); run_after_train's modes
+  assert_user_error(launch(tmp_path / 'a', {'train.lr': float('inf')}, PYTHONPATH=path),
+                    'train.lr must be a finite number, got inf')
+  assert_user_error(launch(tmp_path / 'a', {'run_after_train': 'bench,nope'}, PYTHONPATH=path),
+                    "run_after_train: 'nope' is not one of demo, bench, eval")
+  # a prompt file generate could not read, said before the modes before it run and write
+  (fake / 'latin1.txt').write_bytes(b'caf\xe9\n')
+  for prompt_file, words in ((tmp_path / 'none.txt', f"--prompt_file: no file '{tmp_path}/none.txt'"),
+                             (fake / 'latin1.txt', 'latin1.txt\' as UTF-8 text')):
+    assert_user_error(launch(tmp_path / 'a', flags=['--mode=train,generate',
+                                                    f'--prompt_file={prompt_file}'],
+                             PYTHONPATH=path), words)
   proc = launch(tmp_path / 'c', flags=['--mode=eval'], PYTHONPATH=path)
   assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
   assert sorted(os.listdir(tmp_path)) == ['file', 'nojax']

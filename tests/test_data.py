@@ -268,6 +268,17 @@ def test_stdlib_path_sources():
     data.list_documents('stdlib/nope.py')
 
 
+def test_a_prompt_file_that_is_not_utf8_text_is_one_error(tmp_path):
+  """decode.prompts or --prompt_file in another encoding: a DataError naming the file (launch.py
+  prints it as its one line), not a traceback."""
+  path = tmp_path / 'latin1.txt'
+  path.write_bytes(b'caf\xe9\n')
+  with pytest.raises(data.DataError, match=f"cannot read '{path}' as UTF-8 text of prompts"):
+    data.prompt_lines(str(path))
+  (tmp_path / 'ok.txt').write_text('one\n\n  \ntwo\n')
+  assert data.prompt_lines(str(tmp_path / 'ok.txt')) == ['one', 'two']
+
+
 def test_stdlib_sources():
   keys = [key for key, _ in data.list_documents('stdlib')]
   assert len(keys) > 100
