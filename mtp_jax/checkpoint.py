@@ -240,12 +240,16 @@ def load_config(workdir: str) -> dict | None:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f'{path} is not readable JSON ({e}); it records the run this '
-                            'workdir holds: restore it, or use another --workdir') from None
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:  # JSON's errors and a file not in UTF-8 are ValueErrors
+    saved = e
+  if not isinstance(saved, dict):
+    reason = saved if isinstance(saved, Exception) else 'not a JSON object'
+    raise CheckpointError(f'{path} is not a readable run config ({reason}); it records the run '
+                          'this workdir holds: restore it, or use another --workdir')
+  return saved
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

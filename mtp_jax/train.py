@@ -973,7 +973,8 @@ def read_summary(workdir: str) -> dict:
   """WORKDIR/summary.json as the last run wrote it, {} where there is none (or it is unreadable:
   it is rewritten by the run that reads it)."""
   try:
-    with open(os.path.join(workdir, 'summary.json')) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
+    with open(os.path.join(workdir, 'summary.json'), encoding='utf-8') as f:
+      summary = json.load(f)
+  except (OSError, ValueError):  # JSON's errors and a file not in UTF-8 are ValueErrors
     return {}
+  return summary if isinstance(summary, dict) else {}

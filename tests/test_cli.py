@@ -140,12 +140,13 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
   assert_user_error(launch(a_file), f'--workdir {a_file} is a file')
-  assert_user_error(launch(a_file / 'run'), f'{a_file} is not a directory this user can write')
+  assert_user_error(launch(a_file / 'run'), f'--workdir {a_file / "run"}: {a_file} is a file')
   damaged = tmp_path / 'damaged'
   damaged.mkdir()
-  (damaged / 'config.json').write_text('{"model": ')
   (damaged / 'checkpoints' / '1').mkdir(parents=True)  # the config.json of a run that saved
-  assert_user_error(launch(damaged), 'config.json is not readable JSON')
+  for text in (b'{"model": ', b'\xff\xfe{}', b'[1, 2]'):  # cut short, not UTF-8, not an object
+    (damaged / 'config.json').write_bytes(text)
+    assert_user_error(launch(damaged), 'config.json is not a readable run config')
   assert sorted(os.listdir(tmp_path)) == ['a_file', 'broken.py', 'damaged']
   assert sorted(os.listdir(damaged)) == ['checkpoints', 'config.json']
 

@@ -240,6 +240,17 @@ def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path,
   assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
 
 
+def test_a_damaged_summary_reads_as_none(tmp_path):
+  """summary.json is rewritten by the run that reads it: cut short, not UTF-8 or not an object,
+  it is read as no summary (a traceback had stopped the rerun of a finished run)."""
+  assert train.read_summary(str(tmp_path)) == {}
+  for text in (b'{"step": ', b'\xff{}', b'[1, 2]'):
+    (tmp_path / 'summary.json').write_bytes(text)
+    assert train.read_summary(str(tmp_path)) == {}
+  (tmp_path / 'summary.json').write_text('{"step": 3, "after_train": ["bench"]}')
+  assert train.read_summary(str(tmp_path)) == {'step': 3, 'after_train': ['bench']}
+
+
 def test_a_run_that_saved_no_checkpoint_binds_nothing(tmp_path):
   """config.json and tokenizer.json are written when a run starts; one that stopped before its
   first checkpoint (bad input, a non-finite first step) leaves no model that a rerun with other
