@@ -6,6 +6,7 @@ function of mtp_jax.run.
 
 import json
 import os
+import re
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -71,7 +72,11 @@ def _parse_or_exit(argv):
   except (AttributeError, KeyError) as e:
     bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
     detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    cli.fail(f'the config has no such field ({detail}); overrides given: {", ".join(bad)}')
+    # ml_collections lists every field of the section; its suggestion, where it makes one, is
+    # what the line needs
+    detail = re.sub(r'\s*Other fields present: ".*?"(?=\s*Did you mean|$)', '', detail)
+    given = f'; overrides given: {", ".join(bad)}' if bad else ' (in the config file)'
+    cli.fail(f'the config has no such field ({detail}){given}')
   except flags.Error as e:
     # An exception inside the config file's get_config comes back with its whole traceback in
     # the message; its last line says what went wrong.

@@ -19,10 +19,11 @@ def get_config():
   c.train.checkpoint_every = 500
   c.train.eval_every = 500
   c.decode.eval_prompts = 8  # tau per point, from greedy decoding of 8 validation prompts
-  c.sweep = ml_collections.ConfigDict()
-  c.sweep.depth = '0,1,2,3'
-  c.sweep.loss_weight = '0.0,0.1,0.3,1.0'
-  c.sweep.kind = 'sequential,parallel,medusa'
-  c.sweep.draft_len = '1,2,3'
-  c.sweep.seed = '0,1,2'  # the run-to-run spread of this config (seed 0 is the base point)
+  with c.unlocked():  # base's fields are locked; the grids are this config's own
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.depth = '0,1,2,3'
+    c.sweep.loss_weight = '0.0,0.1,0.3,1.0'
+    c.sweep.kind = 'sequential,parallel,medusa'
+    c.sweep.draft_len = '1,2,3'
+    c.sweep.seed = '0,1,2'  # the run-to-run spread of this config (seed 0 is the base point)
   return c

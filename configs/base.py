@@ -204,4 +204,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ''  # host:port, 'auto' (the cluster's), '' (one process)
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
+  c.lock()  # a misspelled field in a config file is an error, not a new field
   return c

@@ -34,7 +34,8 @@ def get_config():
   c.train.checkpoint_every = 400
   c.train.eval_every = 400
   c.decode.eval_prompts = 8
-  c.sweep = ml_collections.ConfigDict()
-  c.sweep.recipe = ('text_tokens,text_distill,self_distill,self_invented_distill,'
-                    'self_distill_random_init')
+  with c.unlocked():  # base's fields are locked; the grid is this config's own
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.recipe = ('text_tokens,text_distill,self_distill,self_invented_distill,'
+                      'self_distill_random_init')
   return c

@@ -151,6 +151,18 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   assert sorted(os.listdir(damaged)) == ['checkpoints', 'config.json']
 
 
+def test_a_misspelled_field_in_a_config_file_is_one_line(tmp_path):
+  """base's fields are locked, so a config file's typo is refused as a flag's is (it was a new
+  field, ignored, and recorded in config.json)."""
+  typo = tmp_path / 'typo.py'
+  typo.write_text('from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n'
+                  '  c.train.stepz = 3\n  return c\n')
+  result = run_script('launch.py', '--config', str(typo), '--workdir', str(tmp_path / 'run'))
+  assert_user_error(result, 'the config has no such field', 'Did you mean "steps" instead of '
+                    '"stepz"?', '(in the config file)')
+  assert sorted(os.listdir(tmp_path)) == ['typo.py']
+
+
 def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_path):
   """launch.py reports a bad --mode, a --workdir that is a file or lies under one, a prompt file
   generate could not read and a bad field of a config that names no model file (an infinite
