@@ -6,15 +6,18 @@ function of mtp_jax.run.
 
 import json
 import os
-import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from mtp_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
-                                          'Path to a config file.', lock_config=True)
+try:  # the default file is loaded here, with the --config.FIELD overrides in argv
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
+                                            'Path to a config file.', lock_config=True)
+except Exception as e:
+  cli.config_failed(e, sys.argv)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<config name>).')
 _MODE = flags.DEFINE_list('mode', ['train'], 'train; eval the latest checkpoint; demo, generate or '
                           'bench decoding; export to Hugging Face layout. Several, comma-separated, '
@@ -61,32 +64,5 @@ def _check_before_jax(config) -> None:
     cli.fail(e)
 
 
-def _parse_or_exit(argv):
-  """Parses flags once up front so a misspelled config key is one line, not a traceback."""
-  try:
-    remaining = flags.FLAGS(argv)
-    _CONFIG.value.keys()  # a failed load surfaces lazily; touch the config to report it here
-  except (OSError, SyntaxError, ImportError) as e:
-    reason = str(e).strip().splitlines()[-1].strip()
-    cli.fail(f'cannot load the config file: {reason}')
-  except (AttributeError, KeyError) as e:
-    bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
-    # ml_collections lists every field of the section; its suggestion, where it makes one, is
-    # what the line needs
-    detail = re.sub(r'\s*Other fields present: ".*?"(?=\s*Did you mean|$)', '', detail)
-    given = f'; overrides given: {", ".join(bad)}' if bad else ' (in the config file)'
-    cli.fail(f'the config has no such field ({detail}){given}')
-  except flags.Error as e:
-    # An exception inside the config file's get_config comes back with its whole traceback in
-    # the message; its last line says what went wrong.
-    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    reason = f'{lines[0]} {lines[-1]}' if 'Error whilst parsing' in str(e) else str(e)
-    cli.fail(f'{reason}')
-  except Exception as e:  # anything else the config file's own code raises (a NameError, ...)
-    cli.fail(f'cannot load the config file: {type(e).__name__}: {e}')
-  return remaining
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_or_exit)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

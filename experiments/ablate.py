@@ -21,6 +21,7 @@ that workdir's checkpoints hold the other run.
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -39,8 +40,11 @@ from mtp_jax import cli  # noqa: E402
 from mtp_jax.config import ModelConfig, as_flags  # noqa: E402
 from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
-                                          'Base config of every point.', lock_config=True)
+try:  # the default file is loaded here, with the --config.FIELD overrides in argv
+  _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs/ablate_cpu.py'),
+                                            'Base config of every point.', lock_config=True)
+except Exception as e:
+  cli.config_failed(e, sys.argv)
 _SWEEP = flags.DEFINE_enum('sweep', 'depth', ['depth', 'loss_weight', 'kind', 'draft_len', 'seed',
                                              'recipe'], 'Which question to answer.')
 _ROOT = flags.DEFINE_string('root', 'runs/ablate', 'Where the points\' workdirs go.')
@@ -152,11 +156,15 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
   """(value, launch.py overrides, extra result columns) for each point of the grid."""
   field = FIELDS[sweep]
   values = [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]
+  if not values:
+    cli.fail(f'sweep.{sweep} is empty: give its values, comma-separated')
   if sweep == 'recipe':
     unknown = [v for v in values if v not in RECIPES]
     if unknown:
       cli.fail(f"sweep.recipe: unknown recipe {unknown[0]} ({', '.join(RECIPES)})")
     return [(v, [f'--config.{k}={x}' for k, x in RECIPES[v].items()], {}) for v in values]
+  for v in values:  # each value a config of its own: all checked before the first trains
+    check_point(config, sweep, v, {field: v})
   if sweep != 'kind' or not config.mtp.depth:
     return [(v, [f'--config.{field}={v}'], {}) for v in values]
   target = head_params(config, 'sequential', config.mtp.head_mlp_dim)
@@ -169,6 +177,23 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
     points.append((kind, [f'--config.{field}={kind}', f'--config.mtp.head_mlp_dim={width}']
                    + blocks, {'head_mlp_dim': width, 'head_params': count}))
   return points
+
+
+def check_point(config, sweep: str, value: str, overrides: dict) -> None:
+  """Exits with one line where a grid value, read as its field's type, does not make a valid
+  config (a point that would fail only once the points before it had trained)."""
+  from mtp_jax.config import ConfigError, apply_overrides, validate
+  typed = {}
+  for key, text in overrides.items():
+    kind = type(functools.reduce(lambda node, part: node[part], key.split('.'), config))
+    try:
+      typed[key] = ({'True': True, 'False': False}[text] if kind is bool else kind(text))
+    except (KeyError, ValueError):
+      cli.fail(f'sweep.{sweep}: {text!r} is not a value of {key} ({kind.__name__})')
+  try:
+    validate(apply_overrides(config, typed))
+  except ConfigError as e:
+    cli.fail(f'sweep.{sweep}={value}: {e}')
 
 
 def train_points(config, sweep: str, root: str) -> list[dict]:
@@ -193,14 +218,21 @@ def train_points(config, sweep: str, root: str) -> list[dict]:
     if summary:
       row.update(summary['eval'])
       key = 'loss/depth_0' if 'loss/depth_0' in summary['eval'] else 'loss/depth_1'
-      log_hparams(workdir, {field: value, **columns}, {'loss': summary['eval'][key]})
+      if status == 'trained':  # a finished point logged them when it trained
+        log_hparams(workdir, {field: value, **columns}, {'loss': summary['eval'][key]})
     rows.append(row)
   return rows
 
 
 def draft_len_points(config, root: str) -> list[dict]:
   """One model at D = max S, then bench: tau and speedup vs S (greedy, batch 1 and 8)."""
-  values = sorted(int(v) for v in config.sweep.draft_len.split(',') if v.strip())
+  texts = [v.strip() for v in config.sweep.draft_len.split(',') if v.strip()]
+  if not texts:
+    cli.fail('sweep.draft_len is empty: give its values, comma-separated')
+  if not all(t.isdigit() and int(t) >= 1 for t in texts):
+    cli.fail(f'sweep.draft_len: {config.sweep.draft_len!r} must be integers >= 1')
+  values = sorted(int(v) for v in texts)
+  check_point(config, 'draft_len', str(values[-1]), {'mtp.depth': str(values[-1])})
   workdir = os.path.join(root, 'draft_len', f'depth={values[-1]}')
   args = point_args(config, [f'--config.mtp.depth={values[-1]}', '--config.run_after_train='])
   check_reusable(workdir, args)
@@ -325,9 +357,12 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
 
 def main(argv):
   cli.start(argv, persist=False)
-  config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
+  from mtp_jax.config import ConfigError
+  try:
+    config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
+  except ConfigError as e:  # the model file's errors (a PretrainedError is one)
+    cli.fail(e)
   out_dir = os.path.join(_ROOT.value, sweep)
-  os.makedirs(out_dir, exist_ok=True)
   try:
     rows = (draft_len_points(config, _ROOT.value) if sweep == 'draft_len'
             else train_points(config, sweep, _ROOT.value))
@@ -335,6 +370,7 @@ def main(argv):
     print('stopped: the point that was running wrote a checkpoint; the same command resumes it '
           'and skips the finished points', file=sys.stderr)
     return 130
+  os.makedirs(out_dir, exist_ok=True)
   write_tables(rows, out_dir)
   png = plot(rows, sweep, out_dir, seed_spread(_ROOT.value) if sweep == 'loss_weight' else None)
   failed = [r for r in rows if r['status'] != 'ok']
@@ -344,4 +380,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.flags_parser(_CONFIG))

@@ -5,6 +5,7 @@ it compiles or writes anything). Importing this module does not import JAX (so -
 errors stay quick)."""
 
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -56,6 +57,46 @@ def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
       fail(f'--prompt_file: no file {prompt_file!r}')
     except (OSError, UnicodeDecodeError) as e:
       fail(f'--prompt_file: cannot read {prompt_file!r} as UTF-8 text ({e})')
+
+
+def flags_parser(config_flag):
+  """absl's flags parser for a command with a config flag (launch.py, ablate.py): parses once
+  up front, so a misspelled config key or a config file that fails to load is one line, not a
+  traceback."""
+  from absl import flags
+
+  def parse(argv):
+    try:
+      remaining = flags.FLAGS(argv)
+      config_flag.value.keys()  # a failed load surfaces lazily; touch the config to report it
+    except Exception as e:
+      config_failed(e, argv)
+    return remaining
+  return parse
+
+
+def config_failed(e: Exception, argv: list[str]) -> NoReturn:
+  """The one line for a config that could not be loaded or overridden: while the flags are
+  parsed, or where the config flag's default file is loaded, when it is defined (the overrides
+  in argv are applied to it there)."""
+  from absl import flags
+  if isinstance(e, (OSError, SyntaxError, ImportError)):
+    fail(f'cannot load the config file: {str(e).strip().splitlines()[-1].strip()}')
+  if isinstance(e, (AttributeError, KeyError)):
+    bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
+    # ml_collections lists every field of the section; its suggestion, where it makes one, is
+    # what the line needs
+    detail = re.sub(r'\s*Other fields present: ".*?"(?=\s*Did you mean|$)', '', detail)
+    given = f'; overrides given: {", ".join(bad)}' if bad else ' (in the config file)'
+    fail(f'the config has no such field ({detail}){given}')
+  if isinstance(e, flags.Error):
+    # An exception inside the config file's get_config comes back with its whole traceback in
+    # the message; its last line says what went wrong.
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    fail(f'{lines[0]} {lines[-1]}' if 'Error whilst parsing' in str(e) else str(e))
+  # anything else the config file's own code raises (a NameError, ...)
+  fail(f'cannot load the config file: {type(e).__name__}: {e}')
 
 
 def start(argv, persist: bool = True) -> None:

@@ -56,15 +56,28 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
   assert (tmp_path / 'depth' / 'depth.png').stat().st_size > 0
   assert '| value |' in (tmp_path / 'depth' / 'results.md').read_text().replace('| sweep ', '')
 
-  # A rerun trains nothing; a new point that cannot run (D < 0) is reported, the others stay.
+  # A grid value that makes no valid config (D < 0) is one line before any point runs.
   ckpt = tmp_path / 'depth' / 'depth=1' / 'checkpoints'
   before = sorted(os.listdir(ckpt))
-  proc, rows = sweep(tmp_path, corpus, '0,1,-1')
+  proc, _ = sweep(tmp_path, corpus, '0,1,-1')
+  assert proc.returncode == 2 and proc.stdout == ''
+  assert proc.stderr.strip().splitlines() == [
+      'error: sweep.depth=-1: mtp.depth must be an integer >= 0, got -1']
+  assert not (tmp_path / 'depth' / 'depth=-1').exists()
+  # A rerun trains nothing; a new point that fails when it runs (its workdir another model's
+  # directory) is reported, the others stay.
+  (tmp_path / 'depth' / 'depth=2').mkdir()
+  (tmp_path / 'depth' / 'depth=2' / 'config.json').write_text('{"architectures": []}')
+  proc, rows = sweep(tmp_path, corpus, '0,1,2')
   assert proc.returncode == 1
   assert 'depth=0: skipped (finished)' in proc.stdout and 'depth=1: skipped' in proc.stdout
   assert sorted(os.listdir(ckpt)) == before
   assert [r['status'] for r in rows] == ['ok', 'ok', 'failed']
-  assert 'mtp.depth' in rows[2]['error'] and '1 failed' in proc.stdout
+  assert "not a run's" in rows[2]['error'] and '1 failed' in proc.stdout
+  # TensorBoard's hparams are logged once per point, by the run that trained it
+  for value in (0, 1):
+    events = os.listdir(tmp_path / 'depth' / f'depth={value}' / 'tb' / 'hparams')
+    assert len(events) == 1, events
 
   # A rerun with another setting would resume or reuse runs of the old one: refused up front.
   point = tmp_path / 'depth' / 'depth=0'
@@ -79,6 +92,24 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
                                                  'other settings (')
   assert '--config.train.lr=0.5' in error[0]
   assert sorted(os.listdir(point)) == recorded
+
+
+@pytest.mark.parametrize('args, words', [
+    # the default config file, whose overrides are applied when its flag is defined
+    (['--config.train.stepz=1'], 'the config has no such field (\'stepz\' Did you mean "steps"'),
+    (['--sweep', 'depth', '--config.sweep.depth='], 'sweep.depth is empty'),
+    (['--sweep', 'seed', '--config.sweep.seed=0,1.5'], "sweep.seed: '1.5' is not a value of seed"),
+    (['--sweep', 'kind', '--config.sweep.kind=sequential,foo'],
+     "sweep.kind=foo: mtp.kind must be one of sequential, parallel, medusa, got 'foo'"),
+    (['--sweep', 'loss_weight', '--config.train.lr=-1'], 'train.lr must be > 0, got -1.0'),
+    (['--sweep', 'draft_len', '--config.sweep.draft_len=2,0'], 'must be integers >= 1'),
+])
+def test_bad_sweep_input_is_one_line_before_any_point_runs(tmp_path, args, words):
+  proc = run_script('experiments/ablate.py', '--root', str(tmp_path / 'root'), *args)
+  assert proc.returncode == 2 and proc.stdout == '', proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and words in lines[0], lines
+  assert not (tmp_path / 'root').exists()
 
 
 def test_kind_sweep_matches_head_parameters():

@@ -160,6 +160,10 @@ def test_a_misspelled_field_in_a_config_file_is_one_line(tmp_path):
   result = run_script('launch.py', '--config', str(typo), '--workdir', str(tmp_path / 'run'))
   assert_user_error(result, 'the config has no such field', 'Did you mean "steps" instead of '
                     '"stepz"?', '(in the config file)')
+  # with no --config, the default file is loaded, and its overrides applied, as its flag is
+  # defined (a traceback there)
+  result = run_script('launch.py', '--workdir', str(tmp_path / 'run'), '--config.train.stepz=3')
+  assert_user_error(result, 'the config has no such field', 'overrides given: --config.train.stepz')
   assert sorted(os.listdir(tmp_path)) == ['typo.py']
 
 
