@@ -362,6 +362,10 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   assert sorted(os.listdir(export)) == sorted(
       ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json',
        'tokenizer_config.json', 'mtp_heads.safetensors'])
+  # every file with a plain file's mode (safetensors writes its own 0600, unreadable to others)
+  from mtp_jax import atomic
+  assert {name: os.stat(export / name).st_mode & 0o777 for name in os.listdir(export)} == {
+      name: atomic.new_mode() for name in os.listdir(export)}
   from mtp_jax.pretrained import resolve
   back, original = resolve.open_model(str(export)), resolve.open_model(files['q4'])
   assert back.fields == original.fields and back.eos_id == original.eos_id

@@ -73,6 +73,7 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
     weights = os.path.join(tmp, 'model.safetensors')
     save_file(trunk, weights, metadata={'format': 'pt'})
+    os.chmod(weights, atomic.new_mode())  # safetensors' own is 0600, unlike the files beside it
     atomic.write_json(os.path.join(tmp, 'config.json'), config_json, indent=2)
     atomic.write_json(os.path.join(tmp, 'generation_config.json'),
                       {'bos_token_id': bos_id,

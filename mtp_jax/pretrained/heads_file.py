@@ -10,6 +10,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mtp_jax import atomic
 from mtp_jax.pretrained import field, llama
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -43,9 +44,8 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
     tensors[RANK] = np.asarray(token_rank, np.int32)
   meta = {key: _value(config, path) for key, path in _MATCH.items()}
   meta.update(format=FORMAT, depth=str(depth), trunk=trunk)
-  tmp = f'{path}.tmp{os.getpid()}'
-  save_file(tensors, tmp, metadata=meta)
-  os.replace(tmp, path)
+  with atomic.replacing(path) as tmp:  # whole or not at all, with a plain file's mode
+    save_file(tensors, tmp, metadata=meta)
 
 
 def _read_meta(path: str):
