@@ -325,11 +325,11 @@ def gguf_rounded(w, qtype):
 
 
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
-               extra=None, floats=None, pre='default', chat=CHAT, eot=None):
+               extra=None, floats=None, pre='default', chat=CHAT, eot=None, pad=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
   when given. `drop` (tensors, or the key llama.attention.layer_norm_rms_epsilon), `reshape`,
   `extra` (tensors) and `floats` (metadata keys) make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
-  end-of-turn token id, when given."""
+  end-of-turn token id and `pad` the padding token (its text), when given."""
   import gguf
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
@@ -363,6 +363,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_eos_token_id(tokens.index('<|im_end|>'))
   if eot is not None:
     w.add_eot_token_id(eot)
+  if pad is not None:
+    w.add_pad_token_id(tokens.index(pad))
   w.add_chat_template(chat)
   for key, value in (floats or {}).items():
     w.add_float32(key, value)

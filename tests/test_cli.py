@@ -300,7 +300,7 @@ def tiny_llama(tmp_path_factory):
            'f64': write_gguf(root / 'f64.gguf', {**tensors, 'model.norm.weight':
                                                  tensors['model.norm.weight'].astype(np.float64)}),
            'q4': write_gguf(root / 'q4.gguf', tensors, qtype=gguf.GGMLQuantizationType.Q8_0,
-                            eot=261)}
+                            eot=261, pad='<|im_end|>')}
   data = open(files['good'], 'rb').read()
   files['cut'] = str(root / 'cut.gguf')
   with open(files['cut'], 'wb') as f:
@@ -370,6 +370,9 @@ def test_a_pretrained_model_generates_and_exports(tiny_llama, tmp_path):
   back, original = resolve.open_model(str(export)), resolve.open_model(files['q4'])
   assert back.fields == original.fields and back.eos_id == original.eos_id
   assert back.stop_ids == original.stop_ids == (263, 261)  # the end of a turn too
+  # the padding token passed on (transformers pads a batch with it)
+  assert back.pad_id == original.pad_id == 263
+  assert json.load(open(export / 'tokenizer_config.json'))['pad_token'] == '<|im_end|>'
   from mtp_jax.pretrained import llama
   for name in llama.trunk_shapes(original.fields):  # every tensor of the trunk
     np.testing.assert_array_equal(back.get(name), original.get(name), err_msg=name)

@@ -361,6 +361,22 @@ def test_a_model_without_its_tokenizer_says_what_it_needs(tmp_path):
   assert not os.path.exists(tmp_path / 'run')
 
 
+def test_an_hf_directory_names_its_padding_and_unknown_tokens(tmp_path):
+  """tokenizer_config.json's pad_token and unk_token (text, or {'content': text}), which an export
+  passes on; config.json's pad_token_id where tokenizer_config.json names none."""
+  directory = write_hf(tmp_path / 'm', random_llama(), config_extra={'pad_token_id': 5})
+  assert (pretrained.open_model(directory).pad_id, pretrained.open_model(directory).unk_id) == (
+      5, None)
+  path = os.path.join(directory, 'tokenizer_config.json')
+  with open(path) as f:
+    tok_config = json.load(f)
+  tok_config.update(pad_token='<|im_end|>', unk_token={'content': '<|endoftext|>'})
+  with open(path, 'w') as f:
+    json.dump(tok_config, f)
+  model = pretrained.open_model(directory)
+  assert (model.pad_id, model.unk_id) == (263, 261)
+
+
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
   # the refusals of config.json's settings are said as they are (they were wrapped in "a field of

@@ -26,6 +26,9 @@ class Pretrained:
   chat_template: str
   get: Callable[[str], np.ndarray]  # HF tensor name -> float32 array in HF layout
   stop_ids: tuple[int, ...] = ()  # the tokens that end generation, eos_id first
+  # the padding and unknown tokens the file names (None: none), which an export passes on
+  pad_id: int | None = None
+  unk_id: int | None = None
   # sha256 over the other files that shape what the model computes and writes (its config,
   # tokenizer, chat template) where `identity` does not cover them (a Hugging Face directory's
   # identity is its weights'); '' where it does (a GGUF file)

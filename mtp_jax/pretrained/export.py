@@ -43,12 +43,15 @@ def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None
 
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,
            chat_template: str, stop_ids=(), dtype: str = 'float32', token_rank=None,
-           same_trunk_as: str = '', context_length: int | None = None) -> list[str]:
+           same_trunk_as: str = '', context_length: int | None = None,
+           special: dict | None = None) -> list[str]:
   """Writes the model (`params` is params['params'], `config` the run's config and `cfg` its
   ModelConfig) to `directory`; returns the files written. The heads file names the trunk written
   beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
   from when training left it unchanged: the heads load on either. generation_config.json lists
-  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it.
+  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it;
+  tokenizer_config.json names the tokens in `special` ({'pad_token': id, ...}, None: none) too,
+  as the model file did (without a pad_token, transformers cannot pad a batch).
   A trunk with rotary factors (model.rope_factors) is not written: only the heads, when the
   trunk is unchanged. The directory is replaced whole (atomic.replacing_folder): a crash leaves
   the previous export or none, never one with some files of each."""
@@ -82,10 +85,11 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     if tokenizer is not None:
       tokenizer.save(os.path.join(tmp, 'tokenizer.json'))
       token = lambda i: tokenizer.id_to_token(i) if i is not None and i >= 0 else None
+      named = {k: token(i) for k, i in (special or {}).items() if token(i) is not None}
       atomic.write_json(os.path.join(tmp, 'tokenizer_config.json'),
                         {'tokenizer_class': 'PreTrainedTokenizerFast',
                          'chat_template': chat_template, 'eos_token': token(eos_id),
-                         'bos_token': token(bos_id),
+                         'bos_token': token(bos_id), **named,
                          'model_max_length': context_length or cfg.max_seq_len},
                         indent=2)
       written += ['tokenizer.json', 'tokenizer_config.json']

@@ -92,7 +92,9 @@ def read(path: str) -> Pretrained:
       chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get,
       # llama.cpp ends generation at the end of a turn or a message too (Llama 3's <|eot_id|>).
       stop_ids=stop_tokens(eos_id, *(_value(reader, f'tokenizer.ggml.{kind}_token_id')
-                                     for kind in ('eot', 'eom'))))
+                                     for kind in ('eot', 'eom'))),
+      pad_id=_value(reader, 'tokenizer.ggml.padding_token_id'),
+      unk_id=_value(reader, 'tokenizer.ggml.unknown_token_id'))
 
 
 def _open(path: str, name: str):

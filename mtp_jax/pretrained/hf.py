@@ -207,6 +207,7 @@ def read(directory: str) -> Pretrained:
       return np.asarray(f.get_tensor(key), np.float32)
 
   tokenizer, chat_template, bos_id = None, '', config.get('bos_token_id')
+  pad_id, unk_id = config.get('pad_token_id'), None
   # config.json and generation_config.json may each give one EOS id or a list (Llama 3.1:
   # <|end_of_text|>, <|eom_id|>, <|eot_id|>); generation stops at any of them.
   listed = [config.get('eos_token_id')]
@@ -228,12 +229,20 @@ def read(directory: str) -> Pretrained:
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')
     if not chat_template:
       chat_template = _chat_template(tok_config.get('chat_template'), name)
-    eos = tok_config.get('eos_token')
-    eos = eos.get('content') if isinstance(eos, dict) else eos
-    if tokenizer is not None and isinstance(eos, str) and tokenizer.token_to_id(eos) is not None:
-      eos_id = tokenizer.token_to_id(eos)
+    eos_id = _token_id(tokenizer, tok_config.get('eos_token'), eos_id)
+    pad_id = _token_id(tokenizer, tok_config.get('pad_token'), pad_id)
+    unk_id = _token_id(tokenizer, tok_config.get('unk_token'), unk_id)
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     setup_identity=setup_identity(directory),
                     context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
-                    stop_ids=stop_tokens(eos_id, *listed))
+                    stop_ids=stop_tokens(eos_id, *listed), pad_id=pad_id, unk_id=unk_id)
+
+
+def _token_id(tokenizer, token, default):
+  """The id of a tokenizer_config.json special token (its text, or {'content': text}), else
+  `default`."""
+  token = token.get('content') if isinstance(token, dict) else token
+  if tokenizer is not None and isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+    return tokenizer.token_to_id(token)
+  return default
