@@ -335,23 +335,24 @@ def top_tokens(logits_xN, K: int, taken=None, argmax=greedy):
 
 def probabilities(logits_xV, s: Settings):
   """The sampling distribution, softmax(logits / T) restricted to the top_k tokens and the top_p
-  nucleus (temperature > 0). Drafts and verification both use it. The largest logit is taken
+  nucleus (temperature > 0). Drafts and verification both use it. The filters compare the
+  logits themselves (their order is logits / T's); the softmax reads them with the largest taken
   off before the division: at a small temperature (1e-10) logits / T reach 1e10, where XLA's
   fused softmax can round the largest past its own max by some units (exp of thousands: inf,
   then NaN); shifted, the largest is exactly 0 at any temperature."""
   logits = logits_xV.astype(jnp.float32)
-  logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
+  kept = jnp.ones(logits.shape, bool)
   V = logits.shape[-1]
   if s.top_k and s.top_k < V:
     # The smallest of the top_k, taken over all of them: a slice of lax.top_k's output that does
     # not start at index 0 makes XLA's CPU backend sort the whole vocabulary instead.
-    kth = jnp.min(jax.lax.top_k(logits, s.top_k)[0], axis=-1, keepdims=True)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    kept = logits >= jnp.min(jax.lax.top_k(logits, s.top_k)[0], axis=-1, keepdims=True)
+  shifted = lambda: jnp.where(  # noqa: E731
+      kept, (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature, -jnp.inf)
   if s.top_p < 1.0:
     keys = _ordered_keys(logits)
-    logits = jnp.where(keys < _nucleus_cutoff(keys, jax.nn.softmax(logits, axis=-1), s.top_p),
-                       -jnp.inf, logits)
-  return jax.nn.softmax(logits, axis=-1)
+    kept &= keys >= _nucleus_cutoff(keys, jax.nn.softmax(shifted(), axis=-1), s.top_p)
+  return jax.nn.softmax(shifted(), axis=-1)
 
 
 def _ordered_keys(x_xV):
