@@ -196,7 +196,8 @@ def validate(config) -> None:
   d_model / num_heads."""
   m, t, d, mtp = config.model, config.train, config.decode, config.mtp
   for name, value in _numbers(config):  # inf passes every bound below (train.lr=inf: > 0)
-    _check(math.isfinite(value), f'{name} must be a finite number, got {value}')
+    no_clipping = name == 'train.grad_clip' and value == math.inf
+    _check(math.isfinite(value) or no_clipping, f'{name} must be a finite number, got {value}')
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
                       ('model.max_seq_len', m.max_seq_len), ('data.vocab_size', config.data.vocab_size),

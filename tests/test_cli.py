@@ -197,6 +197,9 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
   # infinities pass every bound (train.lr=inf is > 0); run_after_train's modes
   assert_user_error(launch(tmp_path / 'a', {'train.lr': float('inf')}, PYTHONPATH=path),
                     'train.lr must be a finite number, got inf')
+  # ... but train.grad_clip=inf is no clipping: it passes, to the broken import
+  proc = launch(tmp_path / 'c', {'train.grad_clip': float('inf')}, PYTHONPATH=path)
+  assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
   assert_user_error(launch(tmp_path / 'a', {'run_after_train': 'bench,nope'}, PYTHONPATH=path),
                     "run_after_train: 'nope' is not one of demo, bench, eval")
   # a prompt file generate could not read, said before the modes before it run and write
@@ -273,18 +276,23 @@ def test_a_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
 
 
 def test_a_workdir_that_is_the_models_own_directory_is_refused_untouched(tmp_path):
-  """--workdir given the model's directory: its config.json is not a run's, and the run would
-  have written its own over it (the directory no longer loaded anywhere)."""
+  """--workdir given the model's directory: its config.json is not a run's, and training would
+  have written its own over it (the directory no longer loaded anywhere); generate, which reads
+  the model file alone, writes nothing there and runs."""
   from conftest import pretrained_config_file, random_llama, write_hf
   model = write_hf(tmp_path / 'model', random_llama())
   config = pretrained_config_file(tmp_path / 'config.py', model, {
-      'mtp.depth': 1, 'mtp.init_from': 'last_block', 'model.max_seq_len': 256})
+      'mtp.depth': 1, 'mtp.init_from': 'last_block', 'model.max_seq_len': 256,
+      'decode.max_new_tokens': 4})
   before = snapshot(model)
-  for mode in ('train', 'generate'):
-    result = run_script('launch.py', '--config', config, '--workdir', model, '--mode', mode,
-                        '--config.train.steps=1', *(['--prompt', 'hi'] if mode != 'train' else []))
-    assert_user_error(result, f'{model} holds a config.json that is not a run\'s')
-    assert snapshot(model) == before
+  result = run_script('launch.py', '--config', config, '--workdir', model,
+                      '--config.train.steps=1')
+  assert_user_error(result, f'{model} holds a config.json that is not a run\'s')
+  assert snapshot(model) == before
+  result = run_script('launch.py', '--config', config, '--workdir', model, '--mode', 'generate',
+                      '--prompt', 'hi')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert snapshot(model) == before
 
 
 @pytest.fixture(scope='module')
