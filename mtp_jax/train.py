@@ -295,6 +295,7 @@ class Session(Program):
 
   def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = ''):
     self.workdir = workdir
+    self.writes = not reads or data  # training writes config.json, the data tokenizer.json
     config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count(),
@@ -327,9 +328,10 @@ class Session(Program):
     """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
     checkpoint (bad input, a non-finite first step) binds nothing: what its config.json and
     tokenizer.json say matters once a checkpoint exists (`bound`). A config.json that is not a
-    run's (the workdir is a model's own directory) is refused: a run writes its own there."""
+    run's (the workdir is a model's own directory) is refused where the session would write its
+    own files there."""
     self.bound = ckpt_lib.holds_checkpoints(self.workdir)
-    if not self.bound and ckpt_lib.foreign_config(self.workdir):
+    if not self.bound and self.writes and ckpt_lib.foreign_config(self.workdir):
       raise ckpt_lib.CheckpointError(
           f'{self.workdir} holds a config.json that is not a run\'s (a model\'s own directory?), '
           'which a run would write over: use another --workdir')
@@ -344,15 +346,24 @@ class Session(Program):
   def _check_trunk(self, config):
     """Refuses checkpoints trained from another model file than model.init_from now holds (a
     file replaced at the same path): the heads would be trained on, exported and named for a
-    trunk they never saw. Their latest step records the file's sha256; the file may have moved.
-    Checkpoints from before that record name it by its path alone."""
-    trained_on = self.checkpointer.latest_meta().get('trunk', '') if self.bound else ''
-    if self.bound and not trained_on and config.model.init_from:
+    trunk they never saw. Their latest step records the file's sha256 (a Hugging Face
+    directory's weights'), and a directory's config, tokenizer and chat template apart
+    (trunk_setup); the file may have moved. Checkpoints from before that record name it by its
+    path alone."""
+    meta = self.checkpointer.latest_meta() if self.bound else {}
+    trained_on = meta.get('trunk', '')
+    whole = trained_on and ('trunk_setup' in meta or not self.trunk_setup)
+    if self.bound and not whole and config.model.init_from:
       saved = self.saved_config.get('model', {}).get('init_from', '')
       if os.path.realpath(saved) != os.path.realpath(config.model.init_from):
         raise ckpt_lib.CheckpointError(
             f'workdir holds a checkpoint of a different model: model.init_from: "{saved}" -> '
             f'"{config.model.init_from}"')
+    if trained_on and meta.get('trunk_setup', self.trunk_setup) != self.trunk_setup:
+      raise ckpt_lib.CheckpointError(
+          f'model.init_from: {config.model.init_from} holds the weights this workdir\'s '
+          'checkpoints were trained from, but another config, tokenizer or chat template; give '
+          'model.init_from the directory they were trained from, or use another --workdir')
     if trained_on and trained_on != self.trunk_identity:
       raise ckpt_lib.CheckpointError(
           f'model.init_from: {config.model.init_from or "(none)"} is not the model file this '
@@ -603,6 +614,12 @@ class Session(Program):
     """What a checkpoint records of the model file it was trained from ('' for none)."""
     return self.model_file.identity if self.model_file is not None else ''
 
+  @property
+  def trunk_setup(self) -> str:
+    """What a checkpoint records of a Hugging Face directory's other files ('' for a GGUF file,
+    whose identity covers them, or none)."""
+    return self.model_file.setup_identity if self.model_file is not None else ''
+
   def restore_or_init(self):
     """(step, state, meta) of the newest checkpoint that restores, else of a fresh start
     (0, the initial state, {})."""
@@ -842,6 +859,8 @@ class _Periodic:
         meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
         if self.session.trunk_identity:  # the model file it was trained from
           meta['trunk'] = self.session.trunk_identity
+        if self.session.trunk_setup:  # and a directory's config, tokenizer and template
+          meta['trunk_setup'] = self.session.trunk_setup
         self.session.checkpointer.save(step, state, meta)
       if is_eval:
         self.evaluate(step, state['params'])

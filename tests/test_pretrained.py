@@ -648,6 +648,35 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
       train.Session(config, workdir, reads=reads)
 
 
+def test_checkpoints_follow_a_directorys_weights_and_its_other_files(tmp_path, corpus):
+  """A Hugging Face directory's identity is its weights' sha256; its config, tokenizer and chat
+  template are recorded beside it. A copy elsewhere resumes; a copy with another chat template
+  (the same weights) is refused, as heads exported with it would carry the other template."""
+  directory = write_hf(tmp_path / 'a', random_llama())
+  config = pretrained_config(directory, **{'data.sources': corpus, 'train.freeze_trunk': True,
+                                           'mtp.init_from': 'last_block',
+                                           'model.max_seq_len': 128})
+  workdir = str(tmp_path / 'run')
+  train.train(config, workdir)
+  for name, edit in (('same', None), ('other', 'chat_template')):
+    copy_dir = shutil.copytree(directory, tmp_path / name)
+    if edit:
+      path = os.path.join(copy_dir, 'tokenizer_config.json')
+      with open(path) as f:
+        tok_config = json.load(f)
+      tok_config[edit] = '{{ messages[0].content }}'
+      with open(path, 'w') as f:
+        json.dump(tok_config, f)
+    elsewhere = copy.deepcopy(config)
+    elsewhere.model.init_from = str(copy_dir)
+    if edit:
+      with pytest.raises(CheckpointError, match='holds the weights this workdir\'s checkpoints '
+                                                'were trained from, but another config'):
+        train.Session(elsewhere, workdir, reads='eval')
+    else:
+      train.Session(elsewhere, workdir, reads='eval').checkpointer.close()
+
+
 @pytest.mark.parametrize('heads', ['', 'last_block'])
 def test_a_pretrained_start_is_the_random_start_with_the_files_in_place(tmp_path, heads):
   """The start never computes the random values the files replace (they are most of a real
