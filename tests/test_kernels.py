@@ -7,6 +7,7 @@ import dataclasses
 import glob
 import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -413,10 +414,18 @@ def test_the_compiler_may_be_a_command_of_several_words(tmp_path, monkeypatch):
   which needs no ccache): taken whole, it named no program, and the kernels were not built."""
   source = tmp_path / 'one.cc'
   source.write_text('extern "C" int One() { return 1; }\n')
-  monkeypatch.setenv('CXX', 'env g++')
-  out = str(tmp_path / 'one.so')
-  assert kernels.compile_library(out, 'x86-64', str(source)) is None
-  assert ctypes.cdll.LoadLibrary(out).One() == 1
+  # a program whose path holds a space, named whole as it worked before
+  spaced = tmp_path / 'my tools' / 'g++'
+  spaced.parent.mkdir()
+  spaced.symlink_to(shutil.which('g++'))
+  for i, cxx in enumerate(('env g++', str(spaced))):
+    monkeypatch.setenv('CXX', cxx)
+    out = str(tmp_path / f'one{i}.so')
+    assert kernels.compile_library(out, 'x86-64', str(source)) is None, cxx
+    assert ctypes.cdll.LoadLibrary(out).One() == 1
+  # an unbalanced quote names no program: a reason, not a traceback
+  monkeypatch.setenv('CXX', 'g++ "')
+  assert kernels.compile_library(str(tmp_path / 'two.so'), 'x86-64', str(source))
 
 
 @pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])

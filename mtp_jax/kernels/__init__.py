@@ -25,6 +25,7 @@ import hashlib
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -79,8 +80,17 @@ def _cache_root() -> str:
 
 
 def _compiler() -> list[str]:
-  """The compiler's command: $CXX split as a shell would ('ccache g++'), else g++."""
-  return shlex.split(os.environ.get('CXX', '')) or ['g++']
+  """The compiler's command: $CXX split as a shell would ('ccache g++'), or whole where it names
+  a program as it is (a path with a space), else g++."""
+  given = os.environ.get('CXX', '').strip()
+  if not given:
+    return ['g++']
+  if shutil.which(given):
+    return [given]
+  try:
+    return shlex.split(given)
+  except ValueError:  # an unbalanced quote: as it is, which then names no program
+    return [given]
 
 
 def _compiler_version() -> str:
