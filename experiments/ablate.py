@@ -162,6 +162,8 @@ def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
     unknown = [v for v in values if v not in RECIPES]
     if unknown:
       cli.fail(f"sweep.recipe: unknown recipe {unknown[0]} ({', '.join(RECIPES)})")
+    for v in values:
+      check_point(config, sweep, v, {k: str(x) for k, x in RECIPES[v].items()})
     return [(v, [f'--config.{k}={x}' for k, x in RECIPES[v].items()], {}) for v in values]
   for v in values:  # each value a config of its own: all checked before the first trains
     check_point(config, sweep, v, {field: v})
@@ -229,7 +231,7 @@ def draft_len_points(config, root: str) -> list[dict]:
   texts = [v.strip() for v in config.sweep.draft_len.split(',') if v.strip()]
   if not texts:
     cli.fail('sweep.draft_len is empty: give its values, comma-separated')
-  if not all(t.isdigit() and int(t) >= 1 for t in texts):
+  if not all(t.isascii() and t.isdigit() and int(t) >= 1 for t in texts):
     cli.fail(f'sweep.draft_len: {config.sweep.draft_len!r} must be integers >= 1')
   values = sorted(int(v) for v in texts)
   check_point(config, 'draft_len', str(values[-1]), {'mtp.depth': str(values[-1])})
