@@ -362,6 +362,9 @@ def check_mtp_decoding(config) -> None:
   with the default decode settings is fine)."""
   _check(config.decode.method == 'ar' or config.mtp.depth >= 1,
          'decode.method=mtp needs MTP heads, but mtp.depth=0; use decode.method=ar')
+  _check(config.decode.candidates == 1 or draft_len(config) >= 1,
+         f'decode.candidates={config.decode.candidates} verifies alternatives to the first MTP '
+         'draft, and decode.method=ar drafts none; leave it 1')
 
 
 def draft_len(config) -> int:

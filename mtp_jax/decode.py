@@ -826,8 +826,9 @@ def outputs(state: State) -> list[list[int]]:
 
 def rates(emitted: int, forwards: int, accepted) -> dict:
   """tau (tokens per trunk forward) and the acceptance rate at each draft position, from
-  counts, so runs can be pooled by adding their counts first."""
-  return {'tau': emitted / max(forwards, 1),
+  counts, so runs can be pooled by adding their counts first. With no forward (every row done
+  by its prefill's token) there is no tau: NaN, not 0."""
+  return {'tau': emitted / forwards if forwards else float('nan'),
           'acceptance_per_position': (np.asarray(accepted) / max(forwards, 1)).tolist()}
 
 

@@ -35,9 +35,10 @@ def settings(config, *, stop_ids: tuple[int, ...], draft=None, temperature=None)
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, max_len: int,
-                  width: int = 0):
+                  width: int = 0, new_tokens: str = ''):
   """One-line errors for prompts the decoder cannot take, before anything compiles (`width`:
-  the length they are padded to, when more than their own)."""
+  the length they are padded to, when more than their own; `new_tokens`: what sets the tokens
+  written, when not decode.max_new_tokens)."""
   for i, p in enumerate(prompts):
     if not p:
       raise ConfigError(f'prompt {i} is empty')
@@ -48,10 +49,10 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
   longest = max([width] + [len(p) for p in prompts])
   need = dec.cache_length(longest, s)
   if need > max_len:
+    new_tokens = new_tokens or f'decode.max_new_tokens={s.max_new_tokens}'
     raise ConfigError(
-        f'prompt of {longest} tokens + decode.max_new_tokens={s.max_new_tokens} + '
-        f'{dec.verify_width(s)} draft slots needs a cache of {need}, more than '
-        f'model.max_seq_len={max_len}')
+        f'prompt of {longest} tokens + {new_tokens} + a verify block of {dec.verify_width(s)} '
+        f'positions needs a cache of {need}, more than model.max_seq_len={max_len}')
 
 
 def prepared_decoder(model: dec.DecodeModel, params, prompts: list[list[int]], s: dec.Settings,
@@ -178,7 +179,8 @@ def check_demo(session, prompt: str) -> list[int]:
                       '--mode and run_after_train)')
   ids = encode_prompt(session, prompt, session.config.decode.chat)
   s = _demo_settings(session)
-  check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len)
+  check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len,
+                new_tokens=f"demo's {s.max_new_tokens} new tokens")
   return ids
 
 

@@ -225,6 +225,21 @@ def test_eval_prompts_the_cache_cannot_hold_stop_the_run_at_its_start(trained):
   assert snapshot(workdir) == before
 
 
+def test_decoding_settings_that_would_do_nothing_or_mislead_are_said(trained):
+  """decode.candidates with decode.method=ar (silently ignored), and demo's prompt too long for
+  the cache, whose line named decode.max_new_tokens, which demo does not read."""
+  workdir, _ = trained
+  before = snapshot(workdir)
+  result = launch(workdir, {'decode.method': 'ar', 'decode.candidates': 3},
+                  ['--mode=generate', '--prompt=def'])
+  assert_user_error(result, 'decode.candidates=3 verifies alternatives to the first MTP draft, '
+                    'and decode.method=ar drafts none')
+  result = launch(workdir, flags=['--mode=demo', '--prompt=' + 'word ' * 600])
+  assert_user_error(result, "new tokens + a verify block of", "demo's")
+  assert 'decode.max_new_tokens' not in result.stderr
+  assert snapshot(workdir) == before
+
+
 def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(trained):
   """run_after_train=bench: the bench's prompts at every S are checked before any step, not after
   the training they would follow (with decode.eval_prompts=0 nothing else decodes)."""

@@ -398,6 +398,16 @@ def test_a_tiny_temperature_samples_what_greedy_decoding_writes():
     assert dec.outputs(sampled) == greedy, S
 
 
+def test_tau_is_nan_where_no_verify_ran():
+  """max_new_tokens=1: every row's one token comes from its prefill, no trunk forward runs in the
+  loop, and tokens per forward is undefined (it read 0, as a decoder that emits nothing)."""
+  cfg = tiny_model(**{'mtp.depth': 2})
+  params = init_params(cfg, jax.random.key(7))
+  s = dec.Settings(draft_len=2, max_new_tokens=1)
+  st = dec.stats(run(dec.DecodeModel(cfg), params, [[1, 2, 3]], s), s)
+  assert st['forwards'] == 0 and np.isnan(st['tau'])
+
+
 def test_top_p_keeps_the_nucleus_a_descending_sort_keeps():
   """The nucleus against a float64 reference that sorts: the smallest prefix of the tokens in
   descending order whose mass reaches top_p, with every token tied to its last value. Flat and
