@@ -41,6 +41,7 @@ def main(argv):
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()
   try:
+    run.check_modes(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
     for mode in _MODE.value:
       summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
                         _EXPORT_DTYPE.value)

@@ -56,6 +56,39 @@ def init_distributed(dist_cfg) -> None:
     jax.distributed.initialize(address, num_processes=count, process_id=index)
 
 
+def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file: str) -> None:
+  """Several modes in one command (train,generate; demo,bench): each decoding mode's input
+  (prompts, the cache they need, its settings) checked before the first mode runs, where it was
+  found only after the modes before it had compiled, trained or written. For a pretrained
+  model, whose file gives the tokenizer; a model trained here gets its tokenizer from its data,
+  and its later modes check their input when they start."""
+  decoding = [i for i, mode in enumerate(modes) if mode in ('demo', 'generate', 'bench')]
+  if len(modes) < 2 or not decoding or not config.model.init_from:
+    return
+  init_distributed(config.distributed)
+  config = resolve_config(config)
+  for i in decoding:
+    mode = modes[i]
+    if mode == 'generate':
+      check_mtp_decoding(config)
+    # after a train mode, no checkpoint need be there yet
+    session = train_lib.Session(config, workdir, data=False,
+                                reads='' if 'train' in modes[:i] else mode)
+    try:
+      if mode == 'generate':
+        inference.check_prompts(inference.read_prompts(session, prompt, prompt_file),
+                                session.cfg.vocab_size,
+                                inference.settings(config, stop_ids=session.stop_ids),
+                                session.cfg.max_seq_len)
+      elif mode == 'demo':
+        inference.check_demo(session, prompt or config.decode.demo_prompt)
+      elif config.decode.prompts:  # else validation windows, from the data
+        inference.check_bench(session, config,
+                              inference.held_out_prompts(session, config.decode.bench_prompts))
+    finally:
+      session.checkpointer.close()
+
+
 def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):
   if mode == 'generate':
     check_mtp_decoding(config)

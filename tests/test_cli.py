@@ -334,6 +334,28 @@ def tiny_llama(tmp_path_factory):
   return files, configs
 
 
+def test_several_modes_check_each_decoding_modes_input_before_the_first_runs(tiny_llama,
+                                                                             tmp_path):
+  """demo,generate: generate's prompts and the cache they need are checked before demo runs (it
+  compiled and printed its demo first), as demo's are; nothing is written."""
+  _, configs = tiny_llama
+  empty_ids, short = tmp_path / 'prompts.txt', tmp_path / 'short.txt'
+  empty_ids.write_text('the tin\nids:\n')
+  short.write_text('the tin\n')
+  common = ['--config', configs['good'], '--workdir', str(tmp_path / 'run'),
+            '--config.mtp.init_from=last_block']
+  for flags, words in (
+      (['--mode=demo,generate', f'--prompt_file={empty_ids}'], ['prompt 1 is empty']),
+      (['--mode=demo,generate', '--prompt=hi', '--config.decode.max_new_tokens=3000'],
+       ['decode.max_new_tokens=3000', 'more than model.max_seq_len=256']),
+      (['--mode=generate,demo', f'--prompt_file={short}', '--prompt=' + 'word ' * 300],
+       ["demo's 3 new tokens"])):
+    result = run_script('launch.py', *common, *flags)
+    assert_user_error(result, *words)
+    assert 'top-5' not in result.stdout and '--- prompt' not in result.stdout
+  assert sorted(os.listdir(tmp_path)) == ['prompts.txt', 'short.txt']
+
+
 # name: (model file, flags, words of the error line). The config files leave the file's fields
 # unset, so a field that contradicts the file comes as the flag a user types.
 PRETRAINED_CASES = {
