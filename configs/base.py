@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   # every backend (not TF32 on a GPU): bfloat16 is the fast one there.
   c.model.dtype = 'float32'
   # einsum: attention written out (dense float32 softmax); fused: jax.nn.dot_product_attention
-  # for training (cuDNN's flash attention on a GPU in bfloat16 or float16, XLA's elsewhere).
+  # in every forward without a KV cache (training, evaluation, the feature cache; cuDNN's flash
+  # attention on a GPU in bfloat16 or float16, XLA's elsewhere).
   # Decoding uses einsum, or the cache-attention kernel where the decoding kernels run.
   c.model.attention = 'einsum'
   c.model.tie_embeddings = True

@@ -52,7 +52,7 @@ from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
-from mtp_jax import costs, measure, sharding, train  # noqa: E402
+from mtp_jax import atomic, costs, measure, sharding, train  # noqa: E402
 from mtp_jax.config import KINDS, ConfigError, ModelConfig, apply_overrides, validate  # noqa: E402
 from mtp_jax.loss import combined_loss  # noqa: E402
 from mtp_jax.pretrained.resolve import resolve_config  # noqa: E402
@@ -500,44 +500,59 @@ def main(argv):
     bandwidth = measure.read_bandwidth()
     print(f"  memory read: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     peak = _PEAK.value
-    throughput = bench_throughput(config, mesh, depths, kinds, _STEPS.value, _INTERLEAVE.value)
-    logits, block, mem_rows = (bench_memory(config, mesh, mem_depths) if mem_depths
-                               else (None, None, []))
-    remat = freeze = None
+    t, m = config.train, config.model
+    result = {
+        'machine': machine,
+        'config_file': config_flags.get_config_filename(flags.FLAGS['config']),
+        'config_summary': (f'd_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads '
+                           f'({m.num_kv_heads} kv), vocab {config.data.vocab_size}, '
+                           f'batch {t.batch_size} x seq {t.seq_len}, grad_accum {t.grad_accum}, '
+                           f'{train.step_dtype(config)}, remat {m.remat}'),
+        'config': config.to_dict(),
+        'data': ('no data: each batch is uniform random token ids < data.vocab_size, shape '
+                 '(train.batch_size, train.seq_len + D + 1)'),
+        'steps': _STEPS.value, 'warmup_steps': WARMUP_STEPS, 'interleave': _INTERLEAVE.value,
+        'grad_accum': t.grad_accum,
+        'peak_tflops': peak, 'matmul': mm, 'read_bandwidth': bandwidth, 'throughput': [],
+        'memory': {'logits_bytes': None, 'one_block_temp_bytes': None, 'rows': [],
+                   'logits_shape': (f'{t.batch_size // t.grad_accum} x {t.seq_len} x '
+                                    f'{config.data.vocab_size} per micro-batch')},
+        'remat_compare': None, 'freeze_compare': None, 'complete': False,
+    }
+    # --out is rewritten as each part finishes ('complete' says whether all did): a run stopped
+    # by a time limit keeps what it measured
+    result['throughput'] = bench_throughput(config, mesh, depths, kinds, _STEPS.value,
+                                            _INTERLEAVE.value)
+    add_rates(result['throughput'], mm['flops_per_s'], peak)
+    _write(result)
+    if mem_depths:
+      memory = result['memory']
+      memory['logits_bytes'], memory['one_block_temp_bytes'], memory['rows'] = bench_memory(
+          config, mesh, mem_depths)
+      _write(result)
     if _REMAT.value:
-      remat = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
-               'rows': bench_remat(config, mesh)}
+      result['remat_compare'] = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
+                                 'rows': bench_remat(config, mesh)}
+      _write(result)
     if _FREEZE.value:
       freeze = {'label': f'{config.mtp.kind} D={config.mtp.depth}',
                 'rows': bench_freeze(config, mesh, _STEPS.value)}
+      add_rates(freeze['rows'], mm['flops_per_s'], peak)
+      result['freeze_compare'] = freeze
+      _write(result)
   except ConfigError as e:
     cli.fail(e)
-  add_rates(throughput + (freeze['rows'] if freeze else []), mm['flops_per_s'], peak)
-
-  t, m = config.train, config.model
-  result = {
-      'machine': machine,
-      'config_file': config_flags.get_config_filename(flags.FLAGS['config']),
-      'config_summary': (f'd_model {m.d_model}, {m.num_layers} layers, {m.num_heads} heads '
-                         f'({m.num_kv_heads} kv), vocab {config.data.vocab_size}, '
-                         f'batch {t.batch_size} x seq {t.seq_len}, grad_accum {t.grad_accum}, '
-                         f'{train.step_dtype(config)}, remat {m.remat}'),
-      'config': config.to_dict(),
-      'data': ('no data: each batch is uniform random token ids < data.vocab_size, shape '
-               '(train.batch_size, train.seq_len + D + 1)'),
-      'steps': _STEPS.value, 'warmup_steps': WARMUP_STEPS, 'interleave': _INTERLEAVE.value,
-      'grad_accum': t.grad_accum,
-      'peak_tflops': peak, 'matmul': mm, 'read_bandwidth': bandwidth, 'throughput': throughput,
-      'memory': {'logits_bytes': logits, 'one_block_temp_bytes': block, 'rows': mem_rows,
-                 'logits_shape': (f'{t.batch_size // t.grad_accum} x {t.seq_len} x '
-                                  f'{config.data.vocab_size} per micro-batch')},
-      'remat_compare': remat, 'freeze_compare': freeze,
-  }
+  result['complete'] = True
   report(result, _MARKDOWN.value)
+  _write(result)
   if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=2, default=str)
     print(f'\nwrote {_OUT.value}')
+
+
+def _write(result) -> None:
+  """--out, whole or not at all."""
+  if _OUT.value:
+    atomic.write_text(_OUT.value, json.dumps(result, indent=2, default=str))
 
 
 if __name__ == '__main__':

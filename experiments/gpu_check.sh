@@ -25,7 +25,8 @@
 # quickstart_profile.log, gpu_125m_profile.log, smollm2_profile.log and smollm2_profile.json).
 # PEAK_TFLOPS (default 989, the dense bf16 peak of an H100 SXM and an H200) sets the MFU
 # denominator. Python packages the machine lacks can be carried as wheels in .whl/
-# (pure-Python ml-collections and tensorboardX are the usual ones); they are installed to a
+# (pure-Python ml-collections, tensorboardX and gguf are the usual ones; the SmolLM2 stages read
+# its file with gguf); they are installed to a
 # temporary directory, never from the network.
 # SMOKE=1 shrinks every model so the whole script runs on a CPU in a few minutes, to check it.
 set -euo pipefail
@@ -82,33 +83,33 @@ for stage in $STAGES; do
     1)
       "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
         --kinds sequential --memory_depths 0,1 --remat_compare --steps 10 --interleave \
-        --peak_tflops "$PEAK" --markdown --out "$OUT_DIR/bench_train.json" "${SMALL[@]}" \
+        --peak_tflops "$PEAK" --markdown --out "$OUT_DIR/bench_train.json" ${SMALL[@]+"${SMALL[@]}"} \
         2>&1 | tee "$OUT_DIR/stage1.log"
       ;;
     1f)
       if ! "$PY" experiments/bench_train.py --config configs/gpu_125m.py --depths 0,1 \
         --kinds sequential --memory_depths 1 --steps 10 --interleave --peak_tflops "$PEAK" --markdown \
-        --out "$OUT_DIR/bench_train_fused.json" --config.model.attention=fused "${SMALL[@]}" \
+        --out "$OUT_DIR/bench_train_fused.json" --config.model.attention=fused ${SMALL[@]+"${SMALL[@]}"} \
         2>&1 | tee "$OUT_DIR/stage1_fused.log"; then
         echo "stage 1f: model.attention=fused failed (see stage1_fused.log)" | tee -a "$OUT_DIR/machine.log"
       fi
       ;;
     2)
       rm -rf "$OUT_DIR/quickstart"
-      "$PY" launch.py --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" "${QUICK[@]}" \
+      "$PY" launch.py --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" ${QUICK[@]+"${QUICK[@]}"} \
         2>&1 | tee "$OUT_DIR/stage2.log"
       cp "$OUT_DIR/quickstart/bench.json" "$OUT_DIR/quickstart_bench.json"
       profile quickstart --config configs/quickstart.py --workdir "$OUT_DIR/quickstart" \
-        "${QUICK[@]}"
+        ${QUICK[@]+"${QUICK[@]}"}
       ;;
     3)
       rm -rf "$OUT_DIR/gpu_125m"
       "$PY" launch.py --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" \
         --config.train.steps=$STEPS125 --config.train.eval_every=$STEPS125 \
-        --config.train.checkpoint_every=$STEPS125 --config.run_after_train=bench "${SMALL[@]}" \
+        --config.train.checkpoint_every=$STEPS125 --config.run_after_train=bench ${SMALL[@]+"${SMALL[@]}"} \
         2>&1 | tee "$OUT_DIR/stage3.log"
       cp "$OUT_DIR/gpu_125m/bench.json" "$OUT_DIR/gpu_125m_bench.json"
-      profile gpu_125m --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" "${SMALL[@]}"
+      profile gpu_125m --config configs/gpu_125m.py --workdir "$OUT_DIR/gpu_125m" ${SMALL[@]+"${SMALL[@]}"}
       ;;
     4)
       # The bench first (its greedy batch-1 block is the decoding target's number), then the

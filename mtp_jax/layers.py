@@ -192,6 +192,9 @@ def attend(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, positions_BxT, kv, use_kernel: bool 
   return out_BxTxKxGxE.reshape(B, T, H, E), kv
 
 
+_NOTED = set()  # fused_attention's notes already printed
+
+
 def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segments_BxT=None):
   """Causal jax.nn.dot_product_attention (within each segment, when given, as `attend`):
   cuDNN's flash attention on a GPU for bfloat16 and float16 (jax's own default is XLA's
@@ -206,8 +209,15 @@ def fused_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, segments_BxT=None):
       return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask,
                                           is_causal=True, implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError) as e:
-      print(f"note: model.attention=fused: cuDNN refused these shapes ({e}); using XLA's",
-            file=sys.stderr)
+      # jax raises RuntimeError where this jaxlib has no cuDNN (ROCm, a CUDA build without it),
+      # ValueError / NotImplementedError for shapes cuDNN does not take
+      why = ('cuDNN is not available' if isinstance(e, RuntimeError)
+             else 'cuDNN refused these shapes')
+      note = (f"note: model.attention=fused: {why} ({e}); using XLA's attention, which keeps "
+              'the T x T scores')
+      if note not in _NOTED:  # once, not once per layer and trace
+        _NOTED.add(note)
+        print(note, file=sys.stderr)
   highest = precision(q_BxTxHxE) is not None  # the precision every other product asks for
   with jax.default_matmul_precision('highest') if highest else contextlib.nullcontext():
     return jax.nn.dot_product_attention(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask,

@@ -110,3 +110,23 @@ def test_bench_train_prints_the_step_flops_with_no_device_work():
     tflop = lambda key: f'{count[key] / 1e12:.4g}'
     assert f"{tflop('model')} model TFLOP, {tflop('hardware')} hardware TFLOP" in line
   assert lines[1].endswith(f"F(D)/F(0) {counts[1]['model'] / counts[0]['model']:.3f}")
+
+
+def test_bench_train_writes_every_part_it_measured(tmp_path):
+  """A whole `bench_train.py` run on a tiny model: --out holds the throughput and memory rows,
+  marked complete (it is rewritten as each part finishes, so a run a time limit stops keeps what
+  it measured). Timings are not asserted."""
+  import json
+  from conftest import tiny_config
+  from mtp_jax.config import as_flags
+  out = tmp_path / 'bench_train.json'
+  config = tiny_config(**{'model.num_layers': 1})
+  result = run_script('experiments/bench_train.py', '--config', 'configs/base.py', '--depths',
+                      '0,1', '--kinds', 'sequential', '--steps', '1', '--memory_depths', '0,1',
+                      f'--out={out}', *as_flags(config), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = json.loads(out.read_text())
+  assert written['complete'] is True
+  assert [(r['kind'], r['depth']) for r in written['throughput']] == [('-', 0), ('sequential', 1)]
+  assert all(r['fraction_of_matmul'] > 0 for r in written['throughput'])
+  assert [r['depth'] for r in written['memory']['rows']] == [0, 1]
