@@ -66,7 +66,9 @@ def main(argv):
                         f'--candidates >= 1')
     if not _TEMPERATURE.value >= 0:
       raise ConfigError(f'--temperature must be >= 0, got {_TEMPERATURE.value}')
-    session = train.Session(config, _WORKDIR.value, data=False)
+    # the data: a model trained here brings its tokenizer in it, validation prompts come from it
+    session = train.Session(config, _WORKDIR.value,
+                            data=not (config.model.init_from and config.decode.prompts))
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:
