@@ -56,6 +56,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def reload(self) -> None:
+    """Reads the steps on disk again: Orbax's manager keeps those it saw when it was made, so a
+    run that waited for another to finish in its workdir would restore from before that run's
+    saves, and train over them."""
+    self._manager.reload()
+
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 

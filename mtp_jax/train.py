@@ -904,12 +904,14 @@ def _only_run(workdir: str):
 def _train(session, eval_hook) -> dict:
   config, workdir, t = session.config, session.workdir, session.config.train
   session.check_workdir(config)  # again: a run this one waited for may have saved since
+  session.checkpointer.reload()  # and its steps are on disk, not in the manager's list
   start, state, meta = session.restore_or_init()
   # What a resumed run does differently from the run its config.json recorded.
   changed = (ckpt_lib.changed_settings(session.saved_config, config)
              if start and session.saved_config is not None else [])
-  ckpt_lib.save_config(workdir, config)
-  save_token_rank(workdir, session.data_token_rank())
+  if start < t.steps:  # a finished run's records stay those of the run that trained it
+    ckpt_lib.save_config(workdir, config)
+    save_token_rank(workdir, session.data_token_rank())
   is_main = jax.process_index() == 0
   if start:
     print(f'resuming from step {start}' + (f' with changed settings: {", ".join(changed)}'

@@ -214,8 +214,10 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path)
 
 def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path, capfd):
   """While a run trains in a workdir (here: the test holds its lock, as that run's process 0
-  does), another started there waits before it restores anything, where it would have saved over
-  the first run's steps; then it goes on as if alone."""
+  does, and saves that run's step N while the other waits), another started there waits before
+  it restores anything, where it would have saved over the first run's steps; then it resumes
+  from what the first saved (it had kept the steps it saw before it waited, none, and trained
+  again from step 0 over them)."""
   config, workdir = shared_config(), str(tmp_path / 'run')
   os.makedirs(workdir)
   held, seen = threading.Event(), {}
@@ -228,6 +230,10 @@ def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path,
         time.sleep(0.05)
         err += capfd.readouterr().err
       seen.update(err=err, saved=os.path.exists(os.path.join(workdir, 'checkpoints')))
+      # the first run's work while the second waits: its steps up to N
+      shutil.copytree(straight_run.workdir, workdir, dirs_exist_ok=True)
+      shutil.rmtree(os.path.join(workdir, 'checkpoints', str(2 * N)))
+      os.remove(os.path.join(workdir, 'summary.json'))
 
   first = threading.Thread(target=first_run, daemon=True)
   first.start()
@@ -236,8 +242,23 @@ def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path,
   first.join()
   assert f'waiting for another run training in {workdir}' in seen['err']
   assert not seen['saved']  # nothing saved while it waited
-  assert result['step'] == 2 * N
+  assert result['resumed_from'] == N and result['step'] == 2 * N
   assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
+
+
+def test_a_finished_run_rerun_with_other_data_keeps_its_records(straight_run, tmp_path):
+  """Nothing trains in a finished workdir, so its config.json and the token frequencies its
+  draft vocabulary is cut from stay those of the run that trained it (a rerun with another data
+  setting rewrote both, and the next rerun reported the original setting as a change)."""
+  workdir = copy_run(straight_run, tmp_path)
+  kept = {name: open(os.path.join(workdir, name), 'rb').read()
+          for name in ('config.json', 'token_rank.npy')}
+  config = shared_config()
+  config.data.valid_fraction = 0.3
+  result = train.train(config, workdir)
+  assert result['resumed_from'] == result['step'] == 2 * N
+  for name, before in kept.items():
+    assert open(os.path.join(workdir, name), 'rb').read() == before, name
 
 
 def test_a_damaged_summary_reads_as_none(tmp_path):
