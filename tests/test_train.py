@@ -233,7 +233,6 @@ def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path,
       # the first run's work while the second waits: its steps up to N
       shutil.copytree(straight_run.workdir, workdir, dirs_exist_ok=True)
       shutil.rmtree(os.path.join(workdir, 'checkpoints', str(2 * N)))
-      os.remove(os.path.join(workdir, 'summary.json'))
 
   first = threading.Thread(target=first_run, daemon=True)
   first.start()
