@@ -347,12 +347,12 @@ def probabilities(logits_xV, s: Settings):
     # The smallest of the top_k, taken over all of them: a slice of lax.top_k's output that does
     # not start at index 0 makes XLA's CPU backend sort the whole vocabulary instead.
     kept = logits >= jnp.min(jax.lax.top_k(logits, s.top_k)[0], axis=-1, keepdims=True)
-  shifted = lambda: jnp.where(  # noqa: E731
-      kept, (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature, -jnp.inf)
+  shifted = (logits - jnp.max(logits, axis=-1, keepdims=True)) / s.temperature
   if s.top_p < 1.0:
     keys = _ordered_keys(logits)
-    kept &= keys >= _nucleus_cutoff(keys, jax.nn.softmax(shifted(), axis=-1), s.top_p)
-  return jax.nn.softmax(shifted(), axis=-1)
+    kept &= keys >= _nucleus_cutoff(
+        keys, jax.nn.softmax(jnp.where(kept, shifted, -jnp.inf), axis=-1), s.top_p)
+  return jax.nn.softmax(jnp.where(kept, shifted, -jnp.inf), axis=-1)
 
 
 def _ordered_keys(x_xV):
