@@ -233,13 +233,10 @@ def foreign_config(workdir: str) -> bool:
   """Whether WORKDIR/config.json is there and is not a run's record (a Hugging Face model's, say,
   where the workdir is the model's own directory): a run would write over it."""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    return False
-  except (OSError, ValueError):  # not JSON, not UTF-8, a directory
+    saved = load_config(workdir)
+  except CheckpointError:  # not JSON, not UTF-8, not an object, a directory
     return True
-  return not (isinstance(saved, dict) and {'model', 'mtp', 'train', 'data'} <= saved.keys())
+  return saved is not None and not {'model', 'mtp', 'train', 'data'} <= saved.keys()
 
 
 def load_config(workdir: str) -> dict | None:
