@@ -52,7 +52,7 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
-  from mtp_jax import train
+  from mtp_jax import run, train
   from mtp_jax.config import ConfigError
   config = _CONFIG.value
   try:
@@ -66,9 +66,8 @@ def main(argv):
                         f'--candidates >= 1')
     if not _TEMPERATURE.value >= 0:
       raise ConfigError(f'--temperature must be >= 0, got {_TEMPERATURE.value}')
-    # the data: a model trained here brings its tokenizer in it, validation prompts come from it
-    session = train.Session(config, _WORKDIR.value,
-                            data=not (config.model.init_from and config.decode.prompts))
+    # its prompts are bench's
+    session = train.Session(config, _WORKDIR.value, data=run.needs_data(config, 'bench'))
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:

@@ -89,12 +89,16 @@ def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file
       session.checkpointer.close()
 
 
+def needs_data(config, mode: str) -> bool:
+  """Whether a decoding mode reads the data: for its tokenizer (a model trained here) or, in
+  bench, for validation prompts where decode.prompts names none."""
+  return not config.model.init_from or (mode == 'bench' and not config.decode.prompts)
+
+
 def _decode_mode(mode: str, config, workdir: str, prompt: str, prompt_file: str):
   if mode == 'generate':
     check_mtp_decoding(config)
-  # The data is read for its tokenizer (a model trained here) or for validation prompts.
-  needs_data = not config.model.init_from or (mode == 'bench' and not config.decode.prompts)
-  session = train_lib.Session(config, workdir, data=needs_data, reads=mode)
+  session = train_lib.Session(config, workdir, data=needs_data(config, mode), reads=mode)
   prompts = (inference.read_prompts(session, prompt, prompt_file)
              if mode == 'generate' else None)
   step, params = inference.load_params(session)
