@@ -113,18 +113,30 @@ def test_bench_train_prints_the_step_flops_with_no_device_work():
 
 
 def test_bench_train_writes_every_part_it_measured(tmp_path):
-  """A whole `bench_train.py` run on a tiny model: --out holds the throughput and memory rows,
-  marked complete (it is rewritten as each part finishes, so a run a time limit stops keeps what
-  it measured). Timings are not asserted."""
+  """A whole `bench_train.py` run on a tiny model: --out first holds the throughput rows alone,
+  marked incomplete, while the memory part compiles (it is rewritten as each part finishes, so a
+  run a time limit stops keeps what it measured), then the memory rows too, marked complete.
+  Timings are not asserted."""
   import json
-  from conftest import tiny_config
+  import subprocess
+  import sys
+  import time
+  from conftest import REPO, cpu_env, tiny_config
   from mtp_jax.config import as_flags
   out = tmp_path / 'bench_train.json'
   config = tiny_config(**{'model.num_layers': 1})
-  result = run_script('experiments/bench_train.py', '--config', 'configs/base.py', '--depths',
-                      '0,1', '--kinds', 'sequential', '--steps', '1', '--memory_depths', '0,1',
-                      f'--out={out}', *as_flags(config), timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  proc = subprocess.Popen(
+      [sys.executable, 'experiments/bench_train.py', '--config', 'configs/base.py', '--depths',
+       '0,1', '--kinds', 'sequential', '--steps', '1', '--memory_depths', '0,1', f'--out={out}',
+       *as_flags(config)], cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True)
+  while not out.exists() and proc.poll() is None:  # written whole (replaced), never in part
+    time.sleep(0.02)
+  first = json.loads(out.read_text()) if out.exists() else None
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert first['complete'] is False and len(first['throughput']) == 2
+  assert first['memory']['rows'] == []
   written = json.loads(out.read_text())
   assert written['complete'] is True
   assert [(r['kind'], r['depth']) for r in written['throughput']] == [('-', 0), ('sequential', 1)]
