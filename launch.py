@@ -42,9 +42,9 @@ def main(argv):
   run.persist_compiled_programs()
   try:
     run.check_modes(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
-    for mode in _MODE.value:
+    for i, mode in enumerate(_MODE.value):
       summary = run.run(mode, config, workdir, _PROMPT.value, _PROMPT_FILE.value,
-                        _EXPORT_DTYPE.value)
+                        _EXPORT_DTYPE.value, then=tuple(_MODE.value[i + 1:]))
       if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
   except run.USER_ERRORS as e:

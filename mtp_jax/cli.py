@@ -20,6 +20,7 @@ def fail(message) -> NoReturn:
 
 MODES = ('train', 'eval', 'demo', 'generate', 'bench', 'export')  # launch.py's --mode
 WRITING_MODES = ('train', 'bench', 'export')  # the others only read the workdir
+DECODING_MODES = ('demo', 'generate', 'bench')
 
 
 def check_modes_and_workdir(modes: list[str], workdir: str) -> None:

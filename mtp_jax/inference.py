@@ -16,7 +16,7 @@ from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as dec
 from mtp_jax import measure
-from mtp_jax.config import ConfigError, draft_len
+from mtp_jax.config import ConfigError, check_mtp_decoding, draft_len
 from mtp_jax.pretrained.tokenizer import chat_turn
 
 
@@ -409,37 +409,46 @@ def check_bench(session, config, prompts) -> None:
                   session.cfg.max_seq_len, width)
 
 
+def prompts_to_check(session, count: int) -> list[list[int]]:
+  """held_out_prompts as far as they are known before the data is: decode.prompts' lines, or
+  for validation windows, stand-ins of their length (decode.prompt_len)."""
+  d = session.config.decode
+  return held_out_prompts(session, count) if d.prompts else [[0] * d.prompt_len]
+
+
+def check_mode(session, mode: str, prompt: str = '', prompt_file: str = '') -> None:
+  """The one-line errors of a decoding mode's input (its prompts, the cache they need, its
+  settings), for a mode that runs later in the command: checked before the modes before it run,
+  or, after a training, before its first step. A mode that runs first checks its own."""
+  config = session.config
+  if mode == 'generate':
+    check_mtp_decoding(config)
+    check_prompts(read_prompts(session, prompt, prompt_file), session.cfg.vocab_size,
+                  settings(config, stop_ids=session.stop_ids), session.cfg.max_seq_len)
+  elif mode == 'demo':
+    check_demo(session, prompt or config.decode.demo_prompt)
+  elif mode == 'bench':
+    check_bench(session, config, prompts_to_check(session, config.decode.bench_prompts))
+
+
 def eval_hook(config):
   """The training-time check: greedy speculative decoding on a few validation prompts, logging
   tau, per-position acceptance and one generated sample to TensorBoard; returns tau and the
-  acceptances as metrics. Its `check`, which the run makes before training, also checks the
-  bench and demo that run_after_train will run after it (None when there is none of them)."""
+  acceptances as metrics (None when decode.eval_prompts=0 or the model has no heads). Its
+  `check(session)` says what would stop its first evaluation, for the run to check before any
+  step."""
   d = config.decode
-  decodes = d.eval_prompts >= 1 and config.mtp.depth >= 1
-  after = config.run_after_train.split(',')
-  if not decodes and 'bench' not in after and 'demo' not in after:
+  if d.eval_prompts < 1 or config.mtp.depth < 1:
     return None
 
   decode_settings = lambda session: dec.Settings(
       draft_len=config.mtp.depth, max_new_tokens=d.max_new_tokens, stop_ids=session.stop_ids)
 
   def check(session):
-    """The prompts' one-line errors, at the start of training rather than its first evaluation
-    or the bench or demo after it (validation windows are decode.prompt_len tokens long, known
-    before the data is: stand-ins of that length are checked for them)."""
-    prompts = lambda count: (held_out_prompts(session, count) if d.prompts
-                             else [[0] * d.prompt_len])
-    if decodes:
-      check_prompts(prompts(d.eval_prompts), session.cfg.vocab_size, decode_settings(session),
-                    session.cfg.max_seq_len)
-    if 'bench' in after:
-      check_bench(session, config, prompts(d.bench_prompts))
-    if 'demo' in after:
-      check_demo(session, d.demo_prompt)
+    check_prompts(prompts_to_check(session, d.eval_prompts), session.cfg.vocab_size,
+                  decode_settings(session), session.cfg.max_seq_len)
 
   def hook(session, params, step, writer):
-    if not decodes:
-      return None
     prompts = held_out_prompts(session, d.eval_prompts)
     s = decode_settings(session)
     state = prepared_decoder(session.decode_model, params, prompts, s)()  # untimed: one decode

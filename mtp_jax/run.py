@@ -9,7 +9,7 @@ from mtp_jax import data as data_lib
 from mtp_jax import inference
 from mtp_jax import sharding
 from mtp_jax import train as train_lib
-from mtp_jax.cli import MODES
+from mtp_jax.cli import DECODING_MODES, MODES
 from mtp_jax.config import ConfigError, check_mtp_decoding
 from mtp_jax.pretrained import export as export_lib
 from mtp_jax.pretrained import fetch
@@ -57,34 +57,21 @@ def init_distributed(dist_cfg) -> None:
 
 
 def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file: str) -> None:
-  """Several modes in one command (train,generate; demo,bench): each decoding mode's input
-  (prompts, the cache they need, its settings) checked before the first mode runs, where it was
-  found only after the modes before it had compiled, trained or written. For a pretrained
-  model, whose file gives the tokenizer; a model trained here gets its tokenizer from its data,
-  and its later modes check their input when they start."""
-  decoding = [i for i, mode in enumerate(modes) if mode in ('demo', 'generate', 'bench')]
-  if len(modes) < 2 or not decoding or not config.model.init_from:
+  """Several modes in one command (demo,generate; generate,export): the input of each decoding
+  mode after the first (its prompts, the cache they need, its settings) is checked before the
+  first runs, where it was found only after the modes before it had compiled, run and written.
+  A mode after a train is checked by the training's session, before its first step (a model
+  trained here gets its tokenizer there, from its data); the first mode checks its own."""
+  trained = modes.index('train') if 'train' in modes else len(modes)
+  later = [mode for mode in modes[1:trained] if mode in DECODING_MODES]
+  if not later:
     return
   init_distributed(config.distributed)
   config = resolve_config(config)
-  for i in decoding:
-    mode = modes[i]
-    if mode == 'generate':
-      check_mtp_decoding(config)
-    # after a train mode, no checkpoint need be there yet
-    session = train_lib.Session(config, workdir, data=False,
-                                reads='' if 'train' in modes[:i] else mode)
+  for mode in later:
+    session = train_lib.Session(config, workdir, data=not config.model.init_from, reads=mode)
     try:
-      if mode == 'generate':
-        inference.check_prompts(inference.read_prompts(session, prompt, prompt_file),
-                                session.cfg.vocab_size,
-                                inference.settings(config, stop_ids=session.stop_ids),
-                                session.cfg.max_seq_len)
-      elif mode == 'demo':
-        inference.check_demo(session, prompt or config.decode.demo_prompt)
-      elif config.decode.prompts:  # else validation windows, from the data
-        inference.check_bench(session, config,
-                              inference.held_out_prompts(session, config.decode.bench_prompts))
+      inference.check_mode(session, mode, prompt, prompt_file)
     finally:
       session.checkpointer.close()
 
@@ -134,14 +121,25 @@ def export(config, workdir: str, dtype: str) -> dict:
 
 
 def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = '',
-        export_dtype: str = 'float32'):
+        export_dtype: str = 'float32', then: tuple[str, ...] = ()):
+  """One mode; `then`: the modes the command runs after it, whose input a training checks before
+  its first step, as it checks those run_after_train names."""
   if mode not in MODES:
     raise ConfigError(f'--mode must be one of {", ".join(MODES)}, got {mode!r}')
   after = [m for m in config.run_after_train.split(',') if m]
   init_distributed(config.distributed)
   config = resolve_config(config)
   if mode == 'train':
-    summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config))
+    hook = inference.eval_hook(config)
+    later = [(m, prompt, prompt_file) for m in then] + [(m, '', '') for m in after]
+
+    def check(session):
+      if hook is not None:
+        hook.check(session)
+      for m, text, path in later:
+        if m in DECODING_MODES:
+          inference.check_mode(session, m, text, path)
+    summary = train_lib.train(config, workdir, eval_hook=hook, check=check)
     # What run_after_train finished is recorded in summary.json (`after_train`), so that a rerun
     # of a finished run runs only what a crash or a signal cut short, not what is done.
     done = (train_lib.read_summary(workdir).get('after_train', [])

@@ -876,13 +876,13 @@ class _Periodic:
     self.eval_metrics = metrics
 
 
-def train(config, workdir: str, eval_hook=None) -> dict:
+def train(config, workdir: str, eval_hook=None, check=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
-  metrics it returns, if any, is added to the evaluation's. `eval_hook.check(session)`, where the
-  hook has one, is the Session's `check`: input the hook would refuse stops the run before any
-  step, not at its first evaluation."""
-  session = Session(config, workdir, check=getattr(eval_hook, 'check', None))
+  metrics it returns, if any, is added to the evaluation's. `check(session)` is the Session's:
+  input that the hook, or a mode run after training, would refuse stops the run before any step,
+  not at its first evaluation or after the last."""
+  session = Session(config, workdir, check=check)
   with _only_run(workdir):
     return _train(session, eval_hook)
 

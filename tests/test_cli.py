@@ -275,6 +275,22 @@ def test_a_demo_after_training_that_cannot_run_stops_the_run_at_its_start(traine
   assert snapshot(workdir) == before
 
 
+def test_a_mode_after_training_has_its_input_checked_before_the_first_step(trained, tmp_path):
+  """train,generate and train,demo on a model trained here, whose tokenizer its data gives: the
+  later mode's prompts are checked once the data is ready, before any step, not after the
+  training they follow (nothing is written)."""
+  workdir, _ = trained
+  before = snapshot(workdir)
+  ids = tmp_path / 'ids.txt'
+  ids.write_text('def\nids: 1 2 99999\n')
+  for flags, words in (
+      (['--mode=train,generate', f'--prompt_file={ids}'],
+       ['prompt 1 has token ids outside the vocabulary']),
+      (['--mode=train,demo', '--prompt=' + 'word ' * 600], ['more than model.max_seq_len'])):
+    assert_user_error(launch(workdir, {'train.steps': 3}, flags), *words)
+    assert snapshot(workdir) == before
+
+
 def test_a_workdir_of_another_model_is_refused_untouched(trained, tmp_path):
   workdir, _ = trained
   before = snapshot(workdir)
