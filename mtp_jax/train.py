@@ -836,8 +836,25 @@ def _print_eval(step: int, metrics: dict):
   tqdm.tqdm.write(f'step {step} eval: ' + ', '.join(parts), file=sys.stderr)
 
 
+EVALUATED = 'evaluated.json'
+
+
+def _read_evaluated(workdir: str) -> dict:
+  """WORKDIR/evaluated.json: {'step': the last checkpoint step that also evaluates, 'logged': the
+  parts of its evaluation ('eval', 'hook') whose events are on disk}; {} where there is none."""
+  try:
+    with open(os.path.join(workdir, EVALUATED), encoding='utf-8') as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
 class _Periodic:
-  """What happens between steps: evaluations (with the eval hook), checkpoints and preemption."""
+  """What happens between steps: evaluations (with the eval hook), checkpoints and preemption.
+  A step that both checkpoints and evaluates records how far its evaluation got
+  (WORKDIR/evaluated.json): a run killed during it resumes after that step, which the loop never
+  evaluates again, so the rerun logs what is missing first (finish_evaluation)."""
 
   def __init__(self, session: Session, log: MetricsLog, eval_hook):
     self.session, self.log, self.eval_hook = session, log, eval_hook
@@ -856,6 +873,8 @@ class _Periodic:
       # for one before its checkpoint. save() returns once the state is copied to host.
       if boundary:
         self.log.reopen()
+        if is_eval:  # before the checkpoint exists: a rerun from it finds its evaluation due
+          self._record(step, ())
         meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
         if self.session.trunk_identity:  # the model file it was trained from
           meta['trunk'] = self.session.trunk_identity
@@ -863,17 +882,44 @@ class _Periodic:
           meta['trunk_setup'] = self.session.trunk_setup
         self.session.checkpointer.save(step, state, meta)
       if is_eval:
-        self.evaluate(step, state['params'])
-        if boundary:
-          self.log.reopen()  # the evaluation's events too, before the run goes on from here
+        self.evaluate(step, state['params'], record=boundary)
 
-  def evaluate(self, step: int, params):
+  def evaluate(self, step: int, params, record: bool = False, logged=()):
+    """Evaluates and logs the parts not in `logged`; with `record`, each part's events are
+    written to disk (the event file reopened) and then recorded, before the run goes on."""
     metrics = self.session.evaluate(params)
-    self.log.scalars(metrics, step, 'eval/')
-    _print_eval(step, metrics)
-    if self.eval_hook is not None:  # its metrics join the eval dict that train returns
+    if 'eval' not in logged:
+      self.log.scalars(metrics, step, 'eval/')
+      _print_eval(step, metrics)
+      if record:
+        self.log.reopen()
+        self._record(step, ('eval',))
+    if self.eval_hook is not None and 'hook' not in logged:
+      # its metrics join the eval dict that train returns
       metrics.update(self.eval_hook(self.session, params, step, self.log.writer) or {})
+      if record:
+        self.log.reopen()
+        self._record(step, ('eval', 'hook'))
     self.eval_metrics = metrics
+
+  def finish_evaluation(self, step: int, params) -> bool:
+    """At a rerun's start (from checkpoint `step`): the parts of that step's evaluation that the
+    run which saved it did not log (killed, or an evaluation that failed), logged now. Whether
+    it evaluated."""
+    record = _read_evaluated(self.session.workdir)
+    parts = {'eval'} | ({'hook'} if self.eval_hook is not None else set())
+    logged = set(record.get('logged', ())) if step and record.get('step') == step else parts
+    if parts <= logged:
+      return False
+    tqdm.tqdm.write(f'step {step}: logging its evaluation, which the run that saved it did not '
+                    'finish', file=sys.stderr)
+    self.evaluate(step, params, record=True, logged=logged)
+    return True
+
+  def _record(self, step: int, logged):
+    if jax.process_index() == 0:
+      atomic.write_json(os.path.join(self.session.workdir, EVALUATED),
+                        {'step': step, 'logged': list(logged)})
 
 
 def train(config, workdir: str, eval_hook=None, check=None) -> dict:
@@ -921,10 +967,11 @@ def _train(session, eval_hook) -> dict:
   log = MetricsLog(workdir, t, start, enabled=is_main,
                    skipped=meta.get('nonfinite_skipped', 0))
   periodic = _Periodic(session, log, eval_hook)
-  stopped_by, finished, step = None, False, start
+  stopped_by, finished, step, evaluated = None, False, start, False
   with _Preemption() as preempt, tqdm.tqdm(total=t.steps, initial=start, desc='train',
                                            disable=not is_main, dynamic_ncols=True) as bar:
     try:
+      evaluated = periodic.finish_evaluation(start, state['params'])
       for step in range(start + 1, t.steps + 1):
         with sharding.active(session.mesh):
           state, metrics = session.train_step(state, session.device_batch(session.batch(step - 1)))
@@ -955,9 +1002,10 @@ def _train(session, eval_hook) -> dict:
           file=sys.stderr)
     # The eval dict of a finished run, hook's metrics too (a run stopped in its last step is
     # finished by this rerun; its summary must not lack them).
-    periodic.eval_metrics = session.evaluate(state['params'])
-    if eval_hook is not None:
-      periodic.eval_metrics.update(eval_hook(session, state['params'], start, None) or {})
+    if not evaluated:
+      periodic.eval_metrics = session.evaluate(state['params'])
+      if eval_hook is not None:
+        periodic.eval_metrics.update(eval_hook(session, state['params'], start, None) or {})
   session.checkpointer.close()
   return {'step': int(state['step']), 'resumed_from': start, 'stopped_by': stopped_by,
           'eval': periodic.eval_metrics, 'nonfinite_skipped': log.skipped}

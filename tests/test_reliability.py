@@ -4,6 +4,7 @@ checkpoint files and bad configs. Each test asserts what the user sees: the exit
 message, the step a rerun resumes from, the TensorBoard curve and the params, bit for bit."""
 
 import itertools
+import json
 import os
 import random
 import re
@@ -19,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import (REPO, assert_bitwise_equal, assert_no_traceback, cpu_env, error_line,
-                      launch_summary, raw_events, read_checkpoint, scalars, snapshot, stdlib_corpus,
-                      tiny_config)
+                      launch_summary, raw_events, raw_steps, read_checkpoint, scalars, snapshot,
+                      stdlib_corpus, tiny_config)
 from mtp_jax.config import as_flags
 
 PARTIAL = ocp.utils.TMP_DIR_SUFFIX
@@ -254,6 +255,26 @@ def test_kill_9_at_random_moments_resumes_from_the_last_complete_checkpoint(
   diff = curve_diff(scalars(workdir)[LOSS], losses)
   assert not diff, (diff, kills)
   assert_bitwise_equal(read_checkpoint(workdir, STEPS)[0]['params'], params)
+
+
+def test_kill_9_during_a_checkpoint_steps_evaluation_is_made_good_by_the_rerun(corpus, tmp_path):
+  """Step 5 checkpoints, then evaluates (1024 validation batches): killed once the checkpoint is
+  on disk, while it evaluates, the run leaves an evaluation that the rerun, resuming after step
+  5, would never run. The rerun logs it first; every evaluation is in TensorBoard once."""
+  workdir = str(tmp_path / 'run')
+  overrides = {'train.steps': 10, 'train.checkpoint_every': 5, 'train.eval_every': 5,
+               'train.eval_batches': 1024}
+  run = Launch(workdir, corpus, overrides)
+  run.wait_until(lambda: 5 in steps_on_disk(workdir), poll=0.001)
+  run.kill()
+  assert run.finish(30) == -signal.SIGKILL, 'the run ended before the kill'
+  with open(os.path.join(workdir, 'evaluated.json')) as f:
+    assert json.load(f) == {'step': 5, 'logged': []}, 'the kill came after the evaluation'
+  assert raw_steps(workdir, 'eval/loss/depth_0') == []
+  rerun = launch(workdir, corpus, overrides)
+  assert 'resuming from step 5\n' in rerun.err, rerun.err[-3000:]
+  assert 'step 5: logging its evaluation' in rerun.err
+  assert raw_steps(workdir, 'eval/loss/depth_0') == [5, 10]
 
 
 # 3. Determinism.

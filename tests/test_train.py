@@ -193,23 +193,38 @@ def test_resume_after_preemption_is_bitwise(straight_run, tmp_path, capfd):
   assert hooked['eval'] == {**straight_run.summary['eval'], 'hook': 2 * N}
 
 
-def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path):
+def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path, capfd):
   """Step N both checkpoints and evaluates; an evaluation that fails there (a decoding hook out of
-  memory, say) leaves step N saved, and the rerun goes on from it to the uninterrupted result."""
+  memory, say) leaves step N saved, and the rerun goes on from it to the uninterrupted result,
+  after it has logged the part of step N's evaluation that failed (the loop, going on from step
+  N + 1, would never log it)."""
   config, workdir = shared_config(), str(tmp_path / 'run')
 
-  def fail_at_n(session, params, step, writer):
-    if step == N:
-      raise MemoryError('the eval hook ran out of memory')
+  def hook(fail):
+    def log_step(session, params, step, writer):
+      if fail and step == N:
+        raise MemoryError('the eval hook ran out of memory')
+      if writer is not None:  # None where a finished run's rerun evaluates for its summary
+        writer.add_scalar('hook/step', step, step)
+      return {'hook': step}
+    return log_step
 
   with pytest.raises(MemoryError):
-    train.train(config, workdir, eval_hook=fail_at_n)
+    train.train(config, workdir, eval_hook=hook(fail=True))
   assert checkpoint_steps(workdir) == [N]
-  resumed = train.train(config, workdir)
+  capfd.readouterr()
+  resumed = train.train(config, workdir, eval_hook=hook(fail=False))
+  assert (f'step {N}: logging its evaluation, which the run that saved it did not finish'
+          in capfd.readouterr().err)
   assert resumed['resumed_from'] == N and resumed['step'] == 2 * N
   assert_bitwise_equal(restore(config, workdir)[1], straight_run.state)
-  # step N's evaluation, logged before the hook failed, is on disk once
+  # step N's evaluation, logged before the hook failed, is on disk once, and so is the hook's
   assert [s for s, _ in scalars(workdir)['eval/loss/depth_0']] == [N, 2 * N]
+  assert [s for s, _ in scalars(workdir)['hook/step']] == [N, 2 * N]
+  # finished and recorded: a rerun logs nothing again
+  again = train.train(config, workdir, eval_hook=hook(fail=False))
+  assert again['eval']['hook'] == 2 * N and 'logging its evaluation' not in capfd.readouterr().err
+  assert [s for s, _ in scalars(workdir)['hook/step']] == [N, 2 * N]
 
 
 def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path, capfd):
