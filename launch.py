@@ -47,6 +47,8 @@ def main(argv):
                         _EXPORT_DTYPE.value, then=tuple(_MODE.value[i + 1:]))
       if summary is not None:
         print(json.dumps(summary, indent=2, default=float))
+      if mode == 'train' and summary['stopped_by']:  # preempted: the later modes wait too
+        break
   except run.USER_ERRORS as e:
     cli.fail(e)
 

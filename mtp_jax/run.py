@@ -130,16 +130,13 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   init_distributed(config.distributed)
   config = resolve_config(config)
   if mode == 'train':
-    hook = inference.eval_hook(config)
     later = [(m, prompt, prompt_file) for m in then] + [(m, '', '') for m in after]
 
     def check(session):
-      if hook is not None:
-        hook.check(session)
       for m, text, path in later:
         if m in DECODING_MODES:
           inference.check_mode(session, m, text, path)
-    summary = train_lib.train(config, workdir, eval_hook=hook, check=check)
+    summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config), check=check)
     # What run_after_train finished is recorded in summary.json (`after_train`), so that a rerun
     # of a finished run runs only what a crash or a signal cut short, not what is done.
     done = (train_lib.read_summary(workdir).get('after_train', [])

@@ -291,9 +291,12 @@ class Session(Program):
   from it). `check(session)`, when given, makes further checks of its own: before the data is
   prepared when the model file gives the tokenizer, else right after. `reads`: the mode (eval,
   a decoding mode, export) that will read the workdir's checkpoint (check_trained); its
-  training batch need not divide over the mesh, unless it is eval."""
+  training batch need not divide over the mesh, unless it is eval. `hold()`, for a training, takes
+  the workdir before anything is written there (the data's tokenizer, the cache): the workdir's
+  checks are made again once it holds it, as a run it waited for may have saved meanwhile."""
 
-  def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = ''):
+  def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = '',
+               hold=None):
     self.workdir = workdir
     self.writes = not reads or data  # training writes config.json, the data tokenizer.json
     config = pretrained.resolve_config(config)
@@ -319,6 +322,9 @@ class Session(Program):
     early = check is not None and self.model_file is not None
     if early:
       check(self)
+    if hold is not None:
+      hold()
+      self.recheck()
     if data:
       self._prepare_data()
     if check is not None and not early:
@@ -342,6 +348,14 @@ class Session(Program):
           'hold: put it back, or use another --workdir')
     if self.saved_config is not None:
       ckpt_lib.check_compatible(self.saved_config, config)
+
+  def recheck(self):
+    """The workdir's checks again, once a training holds the workdir: a run it waited for may
+    have saved checkpoints since, of another model or trained from another model file, and the
+    checkpoint manager lists only the steps it saw when it was made."""
+    self.check_workdir(self.config)
+    self.checkpointer.reload()
+    self._check_trunk(self.config)
 
   def _check_trunk(self, config):
     """Refuses checkpoints trained from another model file than model.init_from now holds (a
@@ -837,17 +851,21 @@ def _print_eval(step: int, metrics: dict):
 
 
 EVALUATED = 'evaluated.json'
+PARTS = ('eval', 'hook')  # of an evaluation: the validation split's metrics, then the eval hook
 
 
 def _read_evaluated(workdir: str) -> dict:
   """WORKDIR/evaluated.json: {'step': the last checkpoint step that also evaluates, 'logged': the
-  parts of its evaluation ('eval', 'hook') whose events are on disk}; {} where there is none."""
+  PARTS of its evaluation whose events are on disk, 'retried': whether a rerun has tried the
+  others}; {} where there is none or it cannot be read."""
   try:
     with open(os.path.join(workdir, EVALUATED), encoding='utf-8') as f:
       record = json.load(f)
   except (OSError, ValueError):
     return {}
-  return record if isinstance(record, dict) else {}
+  good = (isinstance(record, dict) and isinstance(record.get('step'), int)
+          and isinstance(record.get('logged'), list) and set(record['logged']) <= set(PARTS))
+  return record if good else {}
 
 
 class _Periodic:
@@ -884,73 +902,100 @@ class _Periodic:
       if is_eval:
         self.evaluate(step, state['params'], record=boundary)
 
-  def evaluate(self, step: int, params, record: bool = False, logged=()):
-    """Evaluates and logs the parts not in `logged`; with `record`, each part's events are
+  def evaluate(self, step: int, params, record: bool = False, logged=(), retried: bool = False):
+    """Evaluates and logs the PARTS not in `logged`; with `record`, each part's events are
     written to disk (the event file reopened) and then recorded, before the run goes on."""
+    logged = set(logged)
     metrics = self.session.evaluate(params)
     if 'eval' not in logged:
       self.log.scalars(metrics, step, 'eval/')
       _print_eval(step, metrics)
+      logged.add('eval')
       if record:
         self.log.reopen()
-        self._record(step, ('eval',))
+        self._record(step, logged, retried)
     if self.eval_hook is not None and 'hook' not in logged:
       # its metrics join the eval dict that train returns
       metrics.update(self.eval_hook(self.session, params, step, self.log.writer) or {})
+      logged.add('hook')
       if record:
         self.log.reopen()
-        self._record(step, ('eval', 'hook'))
+        self._record(step, logged, retried)
     self.eval_metrics = metrics
 
   def finish_evaluation(self, step: int, params) -> bool:
-    """At a rerun's start (from checkpoint `step`): the parts of that step's evaluation that the
-    run which saved it did not log (killed, or an evaluation that failed), logged now. Whether
-    it evaluated."""
-    record = _read_evaluated(self.session.workdir)
-    parts = {'eval'} | ({'hook'} if self.eval_hook is not None else set())
-    logged = set(record.get('logged', ())) if step and record.get('step') == step else parts
-    if parts <= logged:
+    """At a rerun's start (from checkpoint `step`): the parts of that step's evaluation that are
+    not on disk (the run that saved it was killed during it, or a part failed) are logged now,
+    once: a part that fails again is left out by the next rerun, which goes on without it.
+    Process 0 reads the record and decides for every process. Whether it evaluated."""
+    parts = PARTS if self.eval_hook is not None else PARTS[:1]
+    todo = []
+    if step and jax.process_index() == 0:
+      record = _read_evaluated(self.session.workdir)
+      logged = record['logged'] if record.get('step') == step else parts
+      todo = [p for p in parts if p not in logged]
+      if todo and record.get('retried'):
+        tqdm.tqdm.write(f'step {step}: its evaluation ({", ".join(todo)}) failed again when the '
+                        'last run retried it; going on without it', file=sys.stderr)
+        todo = []
+    mask = sum(1 << i for i, p in enumerate(parts) if p in todo)
+    if jax.process_count() > 1:
+      mask = int(multihost_utils.broadcast_one_to_all(np.int32(mask)))
+    todo = [p for i, p in enumerate(parts) if mask >> i & 1]
+    if not todo:
       return False
-    tqdm.tqdm.write(f'step {step}: logging its evaluation, which the run that saved it did not '
-                    'finish', file=sys.stderr)
-    self.evaluate(step, params, record=True, logged=logged)
+    tqdm.tqdm.write(f'step {step}: logging its evaluation ({", ".join(todo)}), which is not on '
+                    'disk from the run that saved the step', file=sys.stderr)
+    logged = [p for p in parts if p not in todo]
+    self._record(step, logged, retried=True)  # tried once: if it fails again, the next goes on
+    self.evaluate(step, params, record=True, logged=logged, retried=True)
     return True
 
-  def _record(self, step: int, logged):
+  def _record(self, step: int, logged, retried: bool = False):
     if jax.process_index() == 0:
       atomic.write_json(os.path.join(self.session.workdir, EVALUATED),
-                        {'step': step, 'logged': list(logged)})
+                        {'step': step, 'logged': [p for p in PARTS if p in logged],
+                         **({'retried': True} if retried else {})})
 
 
 def train(config, workdir: str, eval_hook=None, check=None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
-  metrics it returns, if any, is added to the evaluation's. `check(session)` is the Session's:
-  input that the hook, or a mode run after training, would refuse stops the run before any step,
-  not at its first evaluation or after the last."""
-  session = Session(config, workdir, check=check)
-  with _only_run(workdir):
+  metrics it returns, if any, is added to the evaluation's. `eval_hook.check(session)`, where the
+  hook has one, then `check(session)` are the Session's check: input that the hook, or a mode
+  run after training, would refuse stops the run before any step, not at its first evaluation
+  or after the last."""
+  checks = [c for c in (getattr(eval_hook, 'check', None), check) if c is not None]
+
+  def check_all(session):
+    for c in checks:
+      c(session)
+  with contextlib.ExitStack() as held:
+    session = Session(config, workdir, check=check_all if checks else None,
+                      hold=lambda: held.enter_context(_only_run(workdir)))
     return _train(session, eval_hook)
 
 
 @contextlib.contextmanager
 def _only_run(workdir: str):
-  """Held by process 0 of the one run training in `workdir`, from before it restores until its
-  last checkpoint is written: a second run started there (the same config twice, a requeued job
-  while the first still saves) waits, where it would have saved over the first's steps."""
+  """Held by process 0 of the one run training in `workdir`, from before it writes there until
+  its last checkpoint is written: a second run started there (the same config twice, a
+  requeued job while the first still saves) waits, where it would have written its tokenizer
+  and saved over the first's. The other processes go on once process 0 holds it."""
   if jax.process_index() != 0:
+    multihost_utils.sync_global_devices(f'mtp_jax:hold {workdir}')
     yield
     return
   os.makedirs(workdir, exist_ok=True)
   with atomic.exclusive(workdir, f'waiting for another run training in {workdir} to stop (one '
                         'run trains in a workdir at a time)'):
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'mtp_jax:hold {workdir}')
     yield
 
 
 def _train(session, eval_hook) -> dict:
   config, workdir, t = session.config, session.workdir, session.config.train
-  session.check_workdir(config)  # again: a run this one waited for may have saved since
-  session.checkpointer.reload()  # and its steps are on disk, not in the manager's list
   start, state, meta = session.restore_or_init()
   # What a resumed run does differently from the run its config.json recorded.
   changed = (ckpt_lib.changed_settings(session.saved_config, config)
@@ -971,7 +1016,8 @@ def _train(session, eval_hook) -> dict:
   with _Preemption() as preempt, tqdm.tqdm(total=t.steps, initial=start, desc='train',
                                            disable=not is_main, dynamic_ncols=True) as bar:
     try:
-      evaluated = periodic.finish_evaluation(start, state['params'])
+      with log.paused():
+        evaluated = periodic.finish_evaluation(start, state['params'])
       for step in range(start + 1, t.steps + 1):
         with sharding.active(session.mesh):
           state, metrics = session.train_step(state, session.device_batch(session.batch(step - 1)))

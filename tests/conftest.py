@@ -14,6 +14,8 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -234,6 +236,35 @@ def raw_steps(workdir, tag) -> list[int]:
   """Every step at which any event file under WORKDIR/tb holds `tag`, duplicates included."""
   return sorted(step for path in glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
                 for step, _ in raw_events(path, tag))
+
+
+@contextlib.contextmanager
+def another_run_holding(workdir, capfd, meanwhile):
+  """Holds WORKDIR's lock as the process 0 of a run training there does, in a thread (training
+  installs signal handlers, so the run under test is the main thread's); once that run says it
+  waits, calls meanwhile() (the other run's work while it waits) and lets go. Yields a dict that
+  then holds 'err', what was printed until then, and 'files', what the workdir held then."""
+  from mtp_jax import atomic
+  os.makedirs(workdir, exist_ok=True)
+  held, seen = threading.Event(), {}
+
+  def hold():
+    with atomic.exclusive(workdir):
+      held.set()
+      err, give_up = '', time.monotonic() + 300  # a guard against hanging, not a timing
+      while 'waiting for another run' not in err and time.monotonic() < give_up:
+        time.sleep(0.05)
+        err += capfd.readouterr().err
+      seen.update(err=err, files=sorted(os.listdir(workdir)))
+      meanwhile()
+
+  holder = threading.Thread(target=hold, daemon=True)
+  holder.start()
+  held.wait()
+  try:
+    yield seen
+  finally:
+    holder.join()
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (CHAT, LLAMA, QWEN2, QWEN3, assert_bitwise_equal, assert_user_error,
-                      gguf_rounded, numpy_llama_logits, pretrained_config, random_llama,
+from conftest import (CHAT, LLAMA, QWEN2, QWEN3, another_run_holding, assert_bitwise_equal,
+                      assert_user_error, gguf_rounded, numpy_llama_logits, pretrained_config, random_llama,
                       run_script, stdlib_corpus, tiny_config, write_gguf, write_hf)
 from mtp_jax import sharding, train
 from mtp_jax.checkpoint import CheckpointError
@@ -646,6 +646,26 @@ def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):
     with pytest.raises(CheckpointError, match=r"tiny.gguf is not the model file this workdir's "
                                               r'checkpoints were trained from'):
       train.Session(config, workdir, reads=reads)
+
+
+def test_a_run_that_waited_refuses_what_a_run_on_another_model_file_saved_meanwhile(
+    tmp_path, corpus, capfd):
+  """Two runs started in one workdir on two model files of the same shapes: the second waits for
+  the first, which saves checkpoints meanwhile; once it holds the workdir the second refuses
+  them, which record the first's file (its checks had found the workdir empty, and it resumed
+  them on its own trunk)."""
+  models = [write_gguf(tmp_path / f'{name}.gguf', random_llama(seed=seed))
+            for name, seed in (('a', 0), ('b', 1))]
+  config = lambda model: pretrained_config(model, **{
+      'data.sources': corpus, 'train.freeze_trunk': True, 'mtp.init_from': 'last_block',
+      'model.max_seq_len': 128})
+  trained, workdir = str(tmp_path / 'trained'), str(tmp_path / 'run')
+  train.train(config(models[0]), trained)
+  with another_run_holding(workdir, capfd,
+                           lambda: shutil.copytree(trained, workdir, dirs_exist_ok=True)):
+    with pytest.raises(CheckpointError, match="b.gguf is not the model file this workdir's "
+                                              'checkpoints were trained from'):
+      train.train(config(models[1]), workdir)
 
 
 def test_checkpoints_follow_a_directorys_weights_and_its_other_files(tmp_path, corpus):

@@ -146,9 +146,11 @@ def trained(corpus, tmp_path_factory):
     (signal.SIGTERM, 1),
 ], ids=['SIGTERM', 'SIGINT', 'SIGTERM-during-eval'])
 def test_a_signal_checkpoints_flushes_and_exits_0(corpus, tmp_path, signum, eval_every):
+  """The step finishes, a checkpoint is saved, TensorBoard is flushed and the run exits 0; the
+  modes after train in --mode (eval here) do not run: its summary is the last printed."""
   workdir = str(tmp_path / 'run')
   run = Launch(workdir, corpus, {'train.steps': 200, 'train.checkpoint_every': 1000,
-                                'train.eval_every': eval_every})
+                                'train.eval_every': eval_every}, flags=['--mode=train,eval'])
   run.wait_until(lambda: run.progress() >= 3)
   run.kill(signum)
   assert run.finish(60) == 0, run.err[-3000:]
