@@ -213,15 +213,21 @@ def _tokenize(tokenizer, texts, eos_id, dtype, name):
 
 
 def _load_cache(cache):
-  # meta.json is written after both arrays, so its presence means the arrays are complete.
-  try:
-    with open(os.path.join(cache, 'meta.json')) as f:
-      meta = json.load(f)
-  except FileNotFoundError:
+  """The token arrays of the finished cache in `cache`, or None. meta.json is written after both
+  arrays, so a cache with one is finished; arrays cut short or gone after that (a copy of a
+  shared cache_dir interrupted) are one line naming the cache."""
+  path = os.path.join(cache, 'meta.json')
+  if not os.path.exists(path):
     return None
-  return {split: np.memmap(os.path.join(cache, f'{split}.bin'), dtype=meta['dtype'], mode='r',
-                           shape=(meta[f'{split}_tokens'],))
-          for split in ('train', 'valid')}
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    return {split: np.memmap(os.path.join(cache, f'{split}.bin'), dtype=meta['dtype'], mode='r',
+                             shape=(meta[f'{split}_tokens'],))
+            for split in ('train', 'valid')}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(f'the token cache in {cache} is damaged ({type(e).__name__}: {e}); delete it '
+                    'to build it again') from None
 
 
 def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None, keep=False) -> TokenData:

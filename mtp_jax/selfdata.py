@@ -193,11 +193,13 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
   for split, rows in splits.items():
     chunks += [(split, rows[i:i + FORWARD_ROWS]) for i in range(0, len(rows), FORWARD_ROWS)]
   done = set(builder.done())
-  with tqdm.tqdm(total=sum(len(r) for _, c in chunks for r in c), desc='data: trunk features',
-                 unit='tok', file=sys.stderr, dynamic_ncols=True) as bar:
+  size = lambda rows: sum(len(r) for r in rows)
+  # a resumed build's bar starts where it stopped (a burst of updates would read as its rate)
+  with tqdm.tqdm(total=sum(size(c) for _, c in chunks), desc='data: trunk features', unit='tok',
+                 initial=sum(size(c) for i, (_, c) in enumerate(chunks) if i in done),
+                 file=sys.stderr, dynamic_ncols=True) as bar:
     for index, (split, rows) in enumerate(chunks):
       if index in done:
-        bar.update(sum(len(r) for r in rows))
         continue
       start = time.perf_counter()
       width = -(-max(len(r) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP
@@ -209,4 +211,4 @@ def write_features(trunk: Trunk, builder: feat_lib.Builder, splits: dict, topk: 
               'top_ids': ids[b, :len(r)], 'top_logp': logp[b, :len(r)]}
              for b, r in enumerate(rows)]
       builder.add(index, out, [split == 'valid'] * len(out), time.perf_counter() - start)
-      bar.update(sum(len(r) for r in rows))
+      bar.update(size(rows))

@@ -170,6 +170,19 @@ def test_prepare_trains_tokenizer_and_caches_tokens(tmp_path):
   text = 'def f(x):\n  return x  # ünïcode ✓ and\ttabs\r\n'
   assert data.encode(second.tokenizer, text) == data.encode(first.tokenizer, text)
   assert data.decode(second.tokenizer, data.encode(second.tokenizer, text)) == text
+  # arrays cut short or gone after the cache was finished (a copy of it interrupted): one line
+  # naming the cache, not numpy's traceback
+  del first, second
+  for damage in ('cut', 'gone'):
+    path = os.path.join(cache, 'train.bin')
+    whole = open(path, 'rb').read()
+    if damage == 'cut':
+      open(path, 'wb').write(whole[:len(whole) // 2])
+    else:
+      os.remove(path)
+    with pytest.raises(data.DataError, match=f'the token cache in {cache} is damaged'):
+      data.prepare(cfg, workdir)
+    open(path, 'wb').write(whole)
 
 
 def test_changed_source_invalidates_cache_but_keeps_tokenizer(tmp_path):

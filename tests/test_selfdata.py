@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import time
 
 import jax
@@ -362,10 +363,11 @@ def test_token_windows_of_chats_carry_their_row_starts(tmp_path):
   assert np.all(batch['tokens'][batch['row_start']] == before[0])
 
 
-def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
+def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path, capsys):
   """A cache of the same chats with the trunk's block-0 output beside its last hidden state
   (mtp.feature_layers), made from the written rows: same rows, the last hidden state and the
-  distribution as decoding kept them, and the build resumes from where it was stopped."""
+  distribution as decoding kept them, and the build resumes from where it was stopped (its
+  progress bar too)."""
   trunk = tiny_trunk(tmp_path)
   root = str(tmp_path / 'features')
   spec = {'kind': 'chats', 'tokens': 150, 'topk': 4}
@@ -393,7 +395,12 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path):
     # begun: the build goes on from the same rows (its rows_from file), not from new chats
     assert feat_lib.rows_source(wide_dir, wide) == feat_lib.cache_dir(root, spec)
     again = feat_lib.Builder(wide_dir, wide, features=True)
+    capsys.readouterr()
     selfdata.write_features(two, again, rows, 4)
+    shown = re.findall(r'data: trunk features:[^|]*\|[^|]*\| *(\d+)/(\d+)',
+                       capsys.readouterr().err)
+    assert shown[0] == (str(sum(map(len, rows['train'][:2]))),
+                        str(sum(len(r) for s in rows.values() for r in s)))
   finally:
     selfdata.FORWARD_ROWS = keep
   made = again.finish()
