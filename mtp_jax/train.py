@@ -856,15 +856,17 @@ PARTS = ('eval', 'hook')  # of an evaluation: the validation split's metrics, th
 
 def _read_evaluated(workdir: str) -> dict:
   """WORKDIR/evaluated.json: {'step': the last checkpoint step that also evaluates, 'logged': the
-  PARTS of its evaluation whose events are on disk, 'retried': whether a rerun has tried the
-  others}; {} where there is none or it cannot be read."""
+  PARTS of its evaluation whose events are on disk, 'retried': those a rerun has tried again};
+  {} where there is none or it cannot be read."""
   try:
     with open(os.path.join(workdir, EVALUATED), encoding='utf-8') as f:
       record = json.load(f)
   except (OSError, ValueError):
     return {}
-  good = (isinstance(record, dict) and isinstance(record.get('step'), int)
-          and isinstance(record.get('logged'), list) and set(record['logged']) <= set(PARTS))
+  parts = lambda value: (isinstance(value, list)
+                         and all(isinstance(p, str) and p in PARTS for p in value))
+  good = (isinstance(record, dict) and type(record.get('step')) is int
+          and parts(record.get('logged')) and parts(record.get('retried', [])))
   return record if good else {}
 
 
@@ -878,6 +880,7 @@ class _Periodic:
     self.session, self.log, self.eval_hook = session, log, eval_hook
     self.t = session.config.train
     self.eval_metrics = {}
+    self.left_out = ()  # parts of the resumed step's evaluation that failed again when retried
 
   def after(self, step: int, state, stop) -> None:
     t = self.t
@@ -902,7 +905,7 @@ class _Periodic:
       if is_eval:
         self.evaluate(step, state['params'], record=boundary)
 
-  def evaluate(self, step: int, params, record: bool = False, logged=(), retried: bool = False):
+  def evaluate(self, step: int, params, record: bool = False, logged=(), retried=()):
     """Evaluates and logs the PARTS not in `logged`; with `record`, each part's events are
     written to disk (the event file reopened) and then recorded, before the run goes on."""
     logged = set(logged)
@@ -926,36 +929,44 @@ class _Periodic:
   def finish_evaluation(self, step: int, params) -> bool:
     """At a rerun's start (from checkpoint `step`): the parts of that step's evaluation that are
     not on disk (the run that saved it was killed during it, or a part failed) are logged now,
-    once: a part that fails again is left out by the next rerun, which goes on without it.
-    Process 0 reads the record and decides for every process. Whether it evaluated."""
+    once: a part that fails again is left out by the next rerun, which goes on without it
+    (`left_out`). Process 0 reads the record and decides for every process. Whether it
+    evaluated."""
     parts = PARTS if self.eval_hook is not None else PARTS[:1]
-    todo = []
+    todo, skip, retried = [], [], []
     if step and jax.process_index() == 0:
       record = _read_evaluated(self.session.workdir)
-      logged = record['logged'] if record.get('step') == step else parts
-      todo = [p for p in parts if p not in logged]
-      if todo and record.get('retried'):
-        tqdm.tqdm.write(f'step {step}: its evaluation ({", ".join(todo)}) failed again when the '
-                        'last run retried it; going on without it', file=sys.stderr)
-        todo = []
+      if record.get('step') == step:
+        retried = record.get('retried', [])
+        missing = [p for p in parts if p not in record['logged']]
+        skip = [p for p in missing if p in retried]
+        todo = [p for p in missing if p not in retried]
+        if 'eval' in skip:  # every part runs after the validation split's
+          skip, todo = missing, []
     mask = sum(1 << i for i, p in enumerate(parts) if p in todo)
+    mask += sum(1 << len(parts) + i for i, p in enumerate(parts) if p in skip)
     if jax.process_count() > 1:
       mask = int(multihost_utils.broadcast_one_to_all(np.int32(mask)))
     todo = [p for i, p in enumerate(parts) if mask >> i & 1]
+    self.left_out = [p for i, p in enumerate(parts) if mask >> len(parts) + i & 1]
+    if self.left_out:
+      tqdm.tqdm.write(f'step {step}: its evaluation ({", ".join(self.left_out)}) failed again when '
+                      'a rerun retried it; going on without it', file=sys.stderr)
     if not todo:
       return False
     tqdm.tqdm.write(f'step {step}: logging its evaluation ({", ".join(todo)}), which is not on '
                     'disk from the run that saved the step', file=sys.stderr)
     logged = [p for p in parts if p not in todo]
-    self._record(step, logged, retried=True)  # tried once: if it fails again, the next goes on
-    self.evaluate(step, params, record=True, logged=logged, retried=True)
+    retried = sorted(set(retried) | set(todo))
+    self._record(step, logged, retried)  # tried once: if it fails again, the next goes on
+    self.evaluate(step, params, record=True, logged=logged, retried=retried)
     return True
 
-  def _record(self, step: int, logged, retried: bool = False):
+  def _record(self, step: int, logged, retried=()):
     if jax.process_index() == 0:
       atomic.write_json(os.path.join(self.session.workdir, EVALUATED),
                         {'step': step, 'logged': [p for p in PARTS if p in logged],
-                         **({'retried': True} if retried else {})})
+                         **({'retried': [p for p in PARTS if p in retried]} if retried else {})})
 
 
 def train(config, workdir: str, eval_hook=None, check=None) -> dict:
@@ -981,17 +992,31 @@ def _only_run(workdir: str):
   """Held by process 0 of the one run training in `workdir`, from before it writes there until
   its last checkpoint is written: a second run started there (the same config twice, a
   requeued job while the first still saves) waits, where it would have written its tokenizer
-  and saved over the first's. The other processes go on once process 0 holds it."""
+  and saved over the first's. The other processes go on once process 0 holds it. The folders
+  it makes to hold are removed again if the run stops with them empty (bad input found then,
+  such as a missing corpus, leaves no workdir behind)."""
   if jax.process_index() != 0:
     multihost_utils.sync_global_devices(f'mtp_jax:hold {workdir}')
     yield
     return
+  made, folder = [], os.path.abspath(workdir)
+  while not os.path.exists(folder):
+    made.append(folder)
+    folder = os.path.dirname(folder)
   os.makedirs(workdir, exist_ok=True)
-  with atomic.exclusive(workdir, f'waiting for another run training in {workdir} to stop (one '
-                        'run trains in a workdir at a time)'):
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'mtp_jax:hold {workdir}')
-    yield
+  try:
+    with atomic.exclusive(workdir, f'waiting for another run training in {workdir} to stop '
+                          '(one run trains in a workdir at a time)'):
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'mtp_jax:hold {workdir}')
+      yield
+  except BaseException:
+    for folder in made:  # the workdir first, then the folders above it it needed
+      try:
+        os.rmdir(folder)
+      except OSError:  # not empty: the run wrote there
+        break
+    raise
 
 
 def _train(session, eval_hook) -> dict:
@@ -1048,9 +1073,9 @@ def _train(session, eval_hook) -> dict:
           file=sys.stderr)
     # The eval dict of a finished run, hook's metrics too (a run stopped in its last step is
     # finished by this rerun; its summary must not lack them).
-    if not evaluated:
+    if not evaluated and 'eval' not in periodic.left_out:
       periodic.eval_metrics = session.evaluate(state['params'])
-      if eval_hook is not None:
+      if eval_hook is not None and 'hook' not in periodic.left_out:
         periodic.eval_metrics.update(eval_hook(session, state['params'], start, None) or {})
   session.checkpointer.close()
   return {'step': int(state['step']), 'resumed_from': start, 'stopped_by': stopped_by,

@@ -197,9 +197,9 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path,
   N + 1, would never log it)."""
   config, workdir = shared_config(), str(tmp_path / 'run')
 
-  def hook(fail):
+  def hook(fail, at=N):
     def log_step(session, params, step, writer):
-      if fail and step == N:
+      if fail and step == at:
         raise MemoryError('the eval hook ran out of memory')
       if writer is not None:  # None where a finished run's rerun evaluates for its summary
         writer.add_scalar('hook/step', step, step)
@@ -230,9 +230,17 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path,
   assert checkpoint_steps(failing) == [N]
   capfd.readouterr()
   assert train.train(config, str(failing), eval_hook=hook(fail=True))['step'] == 2 * N
-  assert (f'step {N}: its evaluation (hook) failed again when the last run retried it; going on '
+  assert (f'step {N}: its evaluation (hook) failed again when a rerun retried it; going on '
           'without it' in capfd.readouterr().err)
   assert [s for s, _ in scalars(failing)['hook/step']] == [2 * N]
+  # The same at the last step, where a finished run's rerun evaluates for its summary: it leaves
+  # the part out there too, and writes its summary.
+  last = copy_run(straight_run, tmp_path)
+  with pytest.raises(MemoryError):
+    train.train(config, last, eval_hook=hook(fail=True, at=2 * N))
+  summary = train.train(config, last, eval_hook=hook(fail=True, at=2 * N))
+  assert summary['step'] == 2 * N and 'hook' not in summary['eval']
+  assert summary['eval'] == straight_run.summary['eval']
 
 
 def test_a_second_run_in_the_workdir_waits_for_the_first(straight_run, tmp_path, capfd):
