@@ -228,12 +228,8 @@ def train_points(config, sweep: str, root: str) -> list[dict]:
 
 def draft_len_points(config, root: str) -> list[dict]:
   """One model at D = max S, then bench: tau and speedup vs S (greedy, batch 1 and 8)."""
-  texts = [v.strip() for v in config.sweep.draft_len.split(',') if v.strip()]
-  if not texts:
-    cli.fail('sweep.draft_len is empty: give its values, comma-separated')
-  if not all(t.isascii() and t.isdigit() and int(t) >= 1 for t in texts):
-    cli.fail(f'sweep.draft_len: {config.sweep.draft_len!r} must be integers >= 1')
-  values = sorted(int(v) for v in texts)
+  values = sorted(cli.positive_ints(
+      [v.strip() for v in config.sweep.draft_len.split(',') if v.strip()], 'sweep.draft_len'))
   check_point(config, 'draft_len', str(values[-1]), {'mtp.depth': str(values[-1])})
   workdir = os.path.join(root, 'draft_len', f'depth={values[-1]}')
   args = point_args(config, [f'--config.mtp.depth={values[-1]}', '--config.run_after_train='])

@@ -102,7 +102,8 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
     (['--sweep', 'kind', '--config.sweep.kind=sequential,foo'],
      "sweep.kind=foo: mtp.kind must be one of sequential, parallel, medusa, got 'foo'"),
     (['--sweep', 'loss_weight', '--config.train.lr=-1'], 'train.lr must be > 0, got -1.0'),
-    (['--sweep', 'draft_len', '--config.sweep.draft_len=2,0'], 'must be integers >= 1'),
+    (['--sweep', 'draft_len', '--config.sweep.draft_len=2,0'],
+     'sweep.draft_len takes positive integers, got 2,0'),
 ])
 def test_bad_sweep_input_is_one_line_before_any_point_runs(tmp_path, args, words):
   proc = run_script('experiments/ablate.py', '--root', str(tmp_path / 'root'), *args)
