@@ -88,13 +88,18 @@ def _source_files(sources):
       files.update((path, os.path.normpath(path)) for path in found)
   if not files:
     raise DataError(f"data.sources: no sources given in '{sources}'")
-  return sorted(files.items(), key=lambda item: (item[1], item[0]))
+  # A file named twice (a folder and a file in it, a relative and an absolute spelling) is read
+  # once: its documents, keyed by each spelling, could be trained on and held out.
+  once = {}
+  for path, key in files.items():  # in the order given: a file's first spelling names it
+    once.setdefault(os.path.realpath(path), (path, key))
+  return sorted(once.values(), key=lambda item: (item[1], item[0]))
 
 
 def _read_documents(files, text_field):
   docs = []
   for path, key in files:
-    with open(path, encoding='utf-8', errors='replace') as f:
+    with open(path, encoding='utf-8-sig', errors='replace') as f:  # a byte-order mark left out
       text = f.read()
     if not path.endswith('.jsonl'):
       docs.append((key, text))
@@ -242,6 +247,9 @@ def prepare(data_cfg, workdir: str, tokenizer=None, end_id=None, keep=False) -> 
   tokenizer, eos_id = _tokenizer(data_cfg, tok_path, lambda: [t for _, t in docs()[0]], tokenizer,
                                  keep)
   eos_id = end_id if eos_id is None else eos_id
+  if eos_id is None:
+    raise DataError(f"model.init_from's tokenizer has no {EOS} token and the model names no end "
+                    'token, which text documents need between them')
   vocab_size = tokenizer.get_vocab_size()
 
   # Any change to a source file, to the keys that split them or to the tokenizer changes the

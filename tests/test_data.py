@@ -82,6 +82,11 @@ def test_jsonl_bad_line_names_file_and_line(tmp_path, line, problem):
 def test_jsonl_reads_the_configured_field(tmp_path):
   path = write(tmp_path / 'recs.jsonl', '{"content": "from content"}\n')
   assert data.list_documents(path, text_field='content') == [(f'{path}:1', 'from content')]
+  # a byte-order mark (Windows editors write one) is not part of the first record, nor a text's
+  (tmp_path / 'bom.jsonl').write_bytes('\ufeff{"text": "first"}\n'.encode())
+  (tmp_path / 'bom.txt').write_bytes('\ufefftext'.encode())
+  assert [t for _, t in data.list_documents(f'{tmp_path}/bom.jsonl,{tmp_path}/bom.txt')] == [
+      'first', 'text']
 
 
 def test_missing_sources_raise(tmp_path):
@@ -122,6 +127,10 @@ def test_a_path_spelled_another_way_splits_alike_or_caches_apart(tmp_path, monke
   monkeypatch.chdir(tmp_path)
   split = lambda sources: data.split_documents(data.list_documents(sources), 0.2)
   assert split('corpus') == split('./corpus') == split('corpus/')
+  # named twice in one list, a file is read once (its documents, keyed by each spelling, could
+  # land on both sides of the split)
+  assert (data.list_documents(f'corpus,{tmp_path}/corpus,corpus/gen/file00.txt')
+          == data.list_documents('corpus'))
   for sources in ('corpus', './corpus', str(tmp_path / 'corpus')):
     data.prepare(data_cfg(sources, cache_dir=str(tmp_path / 'cache')), str(tmp_path / 'work'))
   assert len(os.listdir(tmp_path / 'cache')) == 2
@@ -221,6 +230,16 @@ def test_user_tokenizer_is_checked_and_copied(tmp_path):
   loaded = data.prepare(data_cfg(corpus, vocab_size=512, tokenizer=user_tok), str(tmp_path / 'c'))
   assert open(os.path.join(tmp_path, 'c', 'tokenizer.json')).read() == open(user_tok).read()
   np.testing.assert_array_equal(loaded.train, trained.train)
+
+
+def test_a_model_tokenizer_without_an_end_token_is_one_error(tmp_path):
+  """Text documents are joined with an end token between them: a model whose tokenizer has no
+  <|endoftext|> and which names no end token of its own is refused in one line."""
+  given = tokenizers.Tokenizer(tokenizers.models.WordLevel({'[UNK]': 0, 'a': 1}, unk_token='[UNK]'))
+  with pytest.raises(data.DataError, match="model.init_from's tokenizer has no <|endoftext|>"):
+    data.prepare(data_cfg(make_corpus(tmp_path / 'corpus')), str(tmp_path / 'work'), given, None)
+  assert data.prepare(data_cfg(str(tmp_path / 'corpus')), str(tmp_path / 'work'), given,
+                      1).eos_id == 1
 
 
 def test_vocab_size_below_bytes_raises(tmp_path):
