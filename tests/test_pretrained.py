@@ -362,19 +362,23 @@ def test_a_model_without_its_tokenizer_says_what_it_needs(tmp_path):
 
 
 def test_an_hf_directory_names_its_padding_and_unknown_tokens(tmp_path):
-  """tokenizer_config.json's pad_token and unk_token (text, or {'content': text}), which an export
-  passes on; config.json's pad_token_id where tokenizer_config.json names none."""
-  directory = write_hf(tmp_path / 'm', random_llama(), config_extra={'pad_token_id': 5})
-  assert (pretrained.open_model(directory).pad_id, pretrained.open_model(directory).unk_id) == (
-      5, None)
+  """tokenizer_config.json's pad_token, unk_token and bos_token (text, or {'content': text}),
+  which an export passes on; config.json's ids where tokenizer_config.json names none (a
+  config.json's bos_token_id can name another token than the tokenizer's bos_token, as
+  DeepSeek-R1's distills do: a chat template's bos_token is the tokenizer's)."""
+  directory = write_hf(tmp_path / 'm', random_llama(),
+                       config_extra={'pad_token_id': 5, 'bos_token_id': 262})
+  assert (pretrained.open_model(directory).pad_id, pretrained.open_model(directory).unk_id,
+          pretrained.open_model(directory).bos_id) == (5, None, 262)
   path = os.path.join(directory, 'tokenizer_config.json')
   with open(path) as f:
     tok_config = json.load(f)
-  tok_config.update(pad_token='<|im_end|>', unk_token={'content': '<|endoftext|>'})
+  tok_config.update(pad_token='<|im_end|>', unk_token={'content': '<|endoftext|>'},
+                    bos_token='<|endoftext|>')
   with open(path, 'w') as f:
     json.dump(tok_config, f)
   model = pretrained.open_model(directory)
-  assert (model.pad_id, model.unk_id) == (263, 261)
+  assert (model.pad_id, model.unk_id, model.bos_id) == (263, 261, 261)
 
 
 def test_hf_directory_errors(tmp_path):
@@ -571,6 +575,20 @@ def test_a_split_too_short_is_refused_before_the_trunk_writes_features(tmp_path)
   with pytest.raises(train.data_lib.DataError, match='fewer than one window'):
     train.Session(pretrained.resolve_config(config), str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'data' / 'features')
+
+
+def test_heads_that_cannot_start_from_the_last_block_are_refused_before_the_data(tmp_path,
+                                                                                 corpus):
+  """mtp.init_from=last_block with Medusa heads (no block) or another head MLP width: one line
+  before the data is prepared (or, with data.sources=self, written by the trunk)."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  for overrides, words in (({'mtp.kind': 'medusa'}, 'Medusa heads have no block to copy into'),
+                           ({'mtp.head_mlp_dim': 7}, 'needs mtp.head_mlp_dim = 0')):
+    config = pretrained_config(path, **{'data.sources': corpus, 'mtp.init_from': 'last_block',
+                                        **overrides})
+    with pytest.raises(PretrainedError, match=words):
+      train.Session(pretrained.resolve_config(config), str(tmp_path / 'run'))
+    assert not (tmp_path / 'run').exists()
 
 
 def test_frozen_trunk_stays_bitwise_and_heads_train(tmp_path, corpus):

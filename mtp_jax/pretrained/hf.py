@@ -230,6 +230,8 @@ def read(directory: str) -> Pretrained:
     if not chat_template:
       chat_template = _chat_template(tok_config.get('chat_template'), name)
     eos_id = _token_id(tokenizer, tok_config.get('eos_token'), eos_id)
+    # transformers' tokenizer (a chat template's bos_token) reads it here, not from config.json
+    bos_id = _token_id(tokenizer, tok_config.get('bos_token'), bos_id)
     pad_id = _token_id(tokenizer, tok_config.get('pad_token'), pad_id)
     unk_id = _token_id(tokenizer, tok_config.get('unk_token'), unk_id)
   return Pretrained(path=directory, identity=sha256(files), fields=fields,

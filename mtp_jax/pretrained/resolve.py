@@ -95,16 +95,11 @@ def trunk_params(source: str) -> dict:
 def head_params(config, trunk: dict) -> dict:
   """The heads' initial params from mtp.init_from, or {} for a random start: 'last_block'
   copies the trunk's last block into every head's block (its last mtp.head_blocks blocks into a
-  head of several); a path loads a heads file."""
+  head of several); a path loads a heads file. check_heads_init has checked the setting."""
   source, m = config.mtp.init_from, config.model
   if not source or not config.mtp.depth:
     return {}
   if source == 'last_block':
-    if config.mtp.kind == 'medusa':
-      raise PretrainedError('mtp.init_from=last_block: Medusa heads have no block to copy into')
-    if config.mtp.head_mlp_dim not in (0, m.mlp_dim):
-      raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
-                            f'MLP width), got {config.mtp.head_mlp_dim}')
     return {f'mtp_{k}': llama.last_blocks(trunk, m.num_layers, config.mtp.head_blocks)
             for k in range(config.mtp.depth)}
   return heads_file.load(source, config)
@@ -112,13 +107,18 @@ def head_params(config, trunk: dict) -> dict:
 
 def check_heads_init(config) -> None:
   """One-line errors for mtp.init_from before anything is compiled."""
-  source = config.mtp.init_from
+  source, m = config.mtp.init_from, config.model
   if source in HEAD_INITS:
-    if source == 'last_block' and not config.model.init_from:
+    if source == 'last_block' and not m.init_from:
       raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
-    if source == 'last_block' and config.mtp.head_blocks > config.model.num_layers:
+    if source == 'last_block' and config.mtp.depth and config.mtp.kind == 'medusa':
+      raise PretrainedError('mtp.init_from=last_block: Medusa heads have no block to copy into')
+    if source == 'last_block' and config.mtp.head_mlp_dim not in (0, m.mlp_dim):
+      raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
+                            f'MLP width), got {config.mtp.head_mlp_dim}')
+    if source == 'last_block' and config.mtp.head_blocks > m.num_layers:
       raise PretrainedError(f'mtp.init_from=last_block: mtp.head_blocks={config.mtp.head_blocks} '
-                            f'is more blocks than the trunk has ({config.model.num_layers})')
+                            f'is more blocks than the trunk has ({m.num_layers})')
     return
   trained_on = heads_file.check(source, config).get('trunk', '')
   if trained_on and not config.model.init_from:
