@@ -358,7 +358,8 @@ def gguf_rounded(w, qtype):
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
                extra=None, floats=None, pre='default', chat=CHAT, eot=None, pad=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
-  when given. `drop` (tensors, or the key llama.attention.layer_norm_rms_epsilon), `reshape`,
+  when given. `drop` (tensors, or the keys llama.attention.layer_norm_rms_epsilon and
+  llama.attention.head_count), `reshape`,
   `extra` (tensors) and `floats` (metadata keys) make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
   end-of-turn token id and `pad` the padding token (its text), when given."""
   import gguf
@@ -376,7 +377,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_context_length(512)
   w.add_embedding_length(f['model.d_model'])
   w.add_feed_forward_length(f['model.mlp_dim'])
-  w.add_head_count(f['model.num_heads'])
+  if 'llama.attention.head_count' not in drop:
+    w.add_head_count(f['model.num_heads'])
   w.add_head_count_kv(f['model.num_kv_heads'])
   if f['model.head_dim']:
     w.add_key_length(f['model.head_dim'])

@@ -327,6 +327,8 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
      'has no llama.attention.layer_norm_rms_epsilon in its metadata'),
     (dict(floats={'llama.vocab_size': 200.0}),
      'tokens in tokenizer.ggml.tokens, more than its vocabulary of 200 (llama.vocab_size)'),
+    (dict(drop=('llama.attention.head_count',), floats={'llama.attention.head_count': 0.0}),
+     'has llama.attention.head_count=0'),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
@@ -455,6 +457,26 @@ def test_hf_directory_errors(tmp_path):
     f.truncate(100)
   with pytest.raises(PretrainedError, match='g/tokenizer.json cannot be read'):
     pretrained.open_model(directory)
+  for name, extra, words in [('k1', {'eos_token_id': 'x'}, 'eos_token_id must be a token id'),
+                             ('k2', {'max_position_embeddings': '256'},
+                              "max_position_embeddings must be a positive integer, got '256'")]:
+    with pytest.raises(PretrainedError, match=f'{name}/config.json: {words}'):
+      pretrained.open_model(write_hf(tmp_path / name, tensors, config_extra=extra))
+  directory = write_hf(tmp_path / 'k3', tensors)
+  with open(os.path.join(directory, 'generation_config.json'), 'w') as f:
+    json.dump({'eos_token_id': [2, 'x']}, f)
+  with pytest.raises(PretrainedError, match='k3/generation_config.json: eos_token_id must be'):
+    pretrained.open_model(directory)
+  directory = write_hf(tmp_path / 'k4', tensors)
+  with open(os.path.join(directory, 'chat_template.jinja'), 'wb') as f:
+    f.write(b'{{ caf\xe9 }}')
+  with pytest.raises(PretrainedError, match='k4/chat_template.jinja is not UTF-8 text'):
+    pretrained.open_model(directory)
+  # a broken link to a file the model does not read (a cache's deleted blob) is no obstacle
+  directory = write_hf(tmp_path / 'k5', tensors)
+  os.symlink(tmp_path / 'gone', os.path.join(directory, 'README.md'))
+  assert pretrained.open_model(directory).fields == pretrained.open_model(
+      write_hf(tmp_path / 'k6', tensors)).fields
 
 
 def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):

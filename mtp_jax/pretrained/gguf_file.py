@@ -156,6 +156,8 @@ def _fields(reader, name: str, arch: llama.Architecture, tensors: dict, tokens) 
   a = arch.name + '.'
   d = int(_value(reader, a + 'embedding_length'))
   heads = int(_value(reader, a + 'attention.head_count'))
+  if heads < 1:
+    raise PretrainedError(f'model.init_from: {name} has {a}attention.head_count={heads}')
   vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
   if 'model.embed_tokens.weight' in tensors and not vocab:
     vocab = int(tensors['model.embed_tokens.weight'].shape[1])

@@ -214,6 +214,14 @@ def read(directory: str) -> Pretrained:
   generation_path = os.path.join(directory, 'generation_config.json')
   if os.path.exists(generation_path):
     listed.append(_json(generation_path, f'{name}/generation_config.json').get('eos_token_id'))
+  for file, ids in zip(('config.json', 'generation_config.json'), listed):
+    if not all(type(t) is int for t in (ids if isinstance(ids, list) else [ids]) if t is not None):
+      raise PretrainedError(f'model.init_from: {name}/{file}: eos_token_id must be a token id or '
+                            f'a list of them, got {ids!r}')
+  context_length = config.get('max_position_embeddings')
+  if context_length is not None and not (type(context_length) is int and context_length > 0):
+    raise PretrainedError(f'model.init_from: {name}/config.json: max_position_embeddings must be '
+                          f'a positive integer, got {context_length!r}')
   eos_id = next(iter(stop_tokens(*listed)), None)
   if os.path.exists(os.path.join(directory, 'tokenizer.json')):
     try:
@@ -222,8 +230,12 @@ def read(directory: str) -> Pretrained:
       raise PretrainedError(f'model.init_from: {name}/tokenizer.json cannot be read ({e})') from None
   jinja_path = os.path.join(directory, 'chat_template.jinja')  # first, as transformers reads it
   if os.path.exists(jinja_path):
-    with open(jinja_path, encoding='utf-8') as f:
-      chat_template = f.read()
+    try:
+      with open(jinja_path, encoding='utf-8') as f:
+        chat_template = f.read()
+    except UnicodeDecodeError as e:
+      raise PretrainedError(f'model.init_from: {name}/chat_template.jinja is not UTF-8 text ({e})'
+                            ) from None
   tok_config_path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.exists(tok_config_path):
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')
@@ -236,7 +248,7 @@ def read(directory: str) -> Pretrained:
     unk_id = _token_id(tokenizer, tok_config.get('unk_token'), unk_id)
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     setup_identity=setup_identity(directory),
-                    context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
+                    context_length=context_length, tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
                     stop_ids=stop_tokens(eos_id, *listed), pad_id=pad_id, unk_id=unk_id)
 

@@ -43,7 +43,8 @@ def open_model(source: str) -> Pretrained:
   path = os.path.abspath(locate(source))
   stamp = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size)
            for p in ([path] if os.path.isfile(path) else sorted(
-               os.path.join(path, n) for n in os.listdir(path)))]
+               os.path.join(path, n) for n in os.listdir(path)))
+           if os.path.exists(p)]  # a broken link in a directory (a cache's deleted blob) is no file
   return _open(path, tuple(stamp))
 
 
