@@ -115,7 +115,8 @@ def export(config, workdir: str, dtype: str) -> dict:
       stop_ids=session.stop_ids, chat_template=session.chat_template, dtype=dtype,
       token_rank=session.token_rank(), same_trunk_as=m.identity if unchanged else '',
       context_length=m.context_length if m else None,
-      special={'pad_token': m.pad_id, 'unk_token': m.unk_id} if m else {})
+      special={'pad_token': m.pad_id, 'unk_token': m.unk_id} if m else {},
+      generation=m.generation if m else {})
   print(f'step {step} written to {directory}: {", ".join(files)}')
   return {'step': step, 'directory': directory, 'files': files}
 

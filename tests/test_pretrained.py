@@ -383,6 +383,23 @@ def test_an_hf_directory_names_its_padding_and_unknown_tokens(tmp_path):
   assert (model.pad_id, model.unk_id, model.bos_id) == (263, 261, 261)
 
 
+def test_an_export_keeps_the_model_directorys_generation_settings(tmp_path):
+  """generation_config.json's sampling settings go with an export of a Hugging Face directory,
+  and its padding token, so transformers' generate on the export does what it did on the
+  source; the token ids are the export's."""
+  from mtp_jax import run
+  directory = write_hf(tmp_path / 'm', random_llama(), config_extra={'pad_token_id': 5})
+  settings = {'do_sample': True, 'temperature': 0.7, 'top_p': 0.8, 'repetition_penalty': 1.05}
+  with open(os.path.join(directory, 'generation_config.json'), 'w') as f:
+    json.dump({**settings, 'eos_token_id': 263, 'transformers_version': '4.0'}, f)
+  run.run('export', pretrained_config(directory, **{'mtp.init_from': 'last_block'}),
+          str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'export' / 'generation_config.json') as f:
+    written = json.load(f)
+  assert written == {**settings, 'bos_token_id': pretrained.open_model(directory).bos_id,
+                     'eos_token_id': 263, 'pad_token_id': 5}
+
+
 def test_hf_directory_errors(tmp_path):
   tensors = random_llama()
   # the refusals of config.json's settings are said as they are (they were wrapped in "a field of

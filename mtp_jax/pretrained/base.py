@@ -33,6 +33,9 @@ class Pretrained:
   # tokenizer, chat template) where `identity` does not cover them (a Hugging Face directory's
   # identity is its weights'); '' where it does (a GGUF file)
   setup_identity: str = ''
+  # generation_config.json's settings other than its token ids (sampling, penalties), which an
+  # export passes on
+  generation: dict = dataclasses.field(default_factory=dict)
 
 
 def stop_tokens(*ids) -> tuple[int, ...]:

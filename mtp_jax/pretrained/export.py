@@ -44,12 +44,13 @@ def hf_config(cfg, eos_id, bos_id, dtype: str, context_length: int | None = None
 def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_id,
            chat_template: str, stop_ids=(), dtype: str = 'float32', token_rank=None,
            same_trunk_as: str = '', context_length: int | None = None,
-           special: dict | None = None) -> list[str]:
+           special: dict | None = None, generation: dict | None = None) -> list[str]:
   """Writes the model (`params` is params['params'], `config` the run's config and `cfg` its
   ModelConfig) to `directory`; returns the files written. The heads file names the trunk written
   beside it (its sha256) and `same_trunk_as`, the identity of the model file the trunk was read
   from when training left it unchanged: the heads load on either. generation_config.json lists
-  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it;
+  every token in `stop_ids` (the end of a turn beside EOS), as transformers' generate reads it,
+  the padding token and the model file's other settings (`generation`: sampling, penalties);
   tokenizer_config.json names the tokens in `special` ({'pad_token': id, ...}, None: none) too,
   as the model file did (without a pad_token, transformers cannot pad a batch).
   A trunk with rotary factors (model.rope_factors) is not written: only the heads, when the
@@ -78,9 +79,11 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     save_file(trunk, weights, metadata={'format': 'pt'})
     os.chmod(weights, atomic.new_mode())  # safetensors' own is 0600, unlike the files beside it
     atomic.write_json(os.path.join(tmp, 'config.json'), config_json, indent=2)
+    pad_id = (special or {}).get('pad_token')
     atomic.write_json(os.path.join(tmp, 'generation_config.json'),
-                      {'bos_token_id': bos_id,
-                       'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id}, indent=2)
+                      {**(generation or {}), 'bos_token_id': bos_id,
+                       'eos_token_id': list(stop_ids) if len(stop_ids) > 1 else eos_id,
+                       **({} if pad_id is None else {'pad_token_id': pad_id})}, indent=2)
     written += ['model.safetensors', 'config.json', 'generation_config.json']
     if tokenizer is not None:
       tokenizer.save(os.path.join(tmp, 'tokenizer.json'))

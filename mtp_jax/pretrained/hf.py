@@ -16,6 +16,10 @@ from mtp_jax.pretrained import gguf_file, llama
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
 DTYPES = ('F32', 'F16', 'BF16')
+# generation_config.json's fields an export writes from the model it writes (and the version of
+# transformers that wrote the file)
+GENERATION_IDS = ('bos_token_id', 'eos_token_id', 'pad_token_id', 'transformers_version',
+                  '_from_model_config')
 SETUP_FILES = ('config.json', 'generation_config.json', 'tokenizer.json', 'tokenizer_config.json',
                'chat_template.jinja')
 
@@ -210,10 +214,12 @@ def read(directory: str) -> Pretrained:
   pad_id, unk_id = config.get('pad_token_id'), None
   # config.json and generation_config.json may each give one EOS id or a list (Llama 3.1:
   # <|end_of_text|>, <|eom_id|>, <|eot_id|>); generation stops at any of them.
-  listed = [config.get('eos_token_id')]
+  listed, generation = [config.get('eos_token_id')], {}
   generation_path = os.path.join(directory, 'generation_config.json')
   if os.path.exists(generation_path):
-    listed.append(_json(generation_path, f'{name}/generation_config.json').get('eos_token_id'))
+    generation = _json(generation_path, f'{name}/generation_config.json')
+    listed.append(generation.get('eos_token_id'))
+    generation = {k: v for k, v in generation.items() if k not in GENERATION_IDS}
   for file, ids in zip(('config.json', 'generation_config.json'), listed):
     if not all(type(t) is int for t in (ids if isinstance(ids, list) else [ids]) if t is not None):
       raise PretrainedError(f'model.init_from: {name}/{file}: eos_token_id must be a token id or '
@@ -250,7 +256,8 @@ def read(directory: str) -> Pretrained:
                     setup_identity=setup_identity(directory),
                     context_length=context_length, tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
-                    stop_ids=stop_tokens(eos_id, *listed), pad_id=pad_id, unk_id=unk_id)
+                    stop_ids=stop_tokens(eos_id, *listed), pad_id=pad_id, unk_id=unk_id,
+                    generation=generation)
 
 
 def _token_id(tokenizer, token, default):
