@@ -749,10 +749,9 @@ def decode_loop(model, params, prompts_QxP, prompt_len_Q, key, *, s: Settings, c
   Q = prompts_QxP.shape[0]
 
   def body(state):
-    if batch is not None and batch < Q:
-      free = jnp.any(state.rows.done) & (state.next_prompt < Q)
-      state = jax.lax.cond(free, lambda st: _refill(model, params, st, s, cache_len),
-                           lambda st: st, state)
+    if batch is not None and batch < Q:  # every finished row takes a prompt before the step
+      state = jax.lax.while_loop(lambda st: jnp.any(st.rows.done) & (st.next_prompt < Q),
+                                 lambda st: _refill(model, params, st, s, cache_len), state)
     return step(model, params, state, s)[0]
   return jax.lax.while_loop(
       lambda st: ~jnp.all(st.rows.done) | (st.next_prompt < Q), body, state)

@@ -513,6 +513,16 @@ def test_rows_take_the_next_prompt_when_theirs_finishes(sampled):
   assert int(queued.iterations) < int(one_row.iterations)
 
 
+def test_every_finished_row_takes_a_prompt_before_the_next_iteration():
+  """16 prompts through 8 rows that all finish in the same iteration: each takes the next prompt
+  at once, so the loop runs two rows' worth of iterations (one refill an iteration left row j
+  idle, verifying nothing, for j iterations)."""
+  s = dec.Settings(draft_len=0, max_new_tokens=9)
+  state = run_queued(CountingStub(), None, [[i] for i in range(16)], s, batch=8)
+  assert dec.outputs(state) == [list(range(i + 1, i + 10)) for i in range(16)]
+  assert int(state.iterations) == 2 * 8  # the prefill writes each prompt's first token
+
+
 @pytest.mark.parametrize('name', list(MODELS))
 def test_queued_greedy_mtp_equals_ar_on_a_model(name):
   """Through the queue, and with alternatives to the first draft all at once or queued: the
