@@ -352,6 +352,9 @@ def validate_decode(config) -> None:
   _check(isinstance(d.draft_vocab, int) and 0 <= d.draft_vocab <= config.data.vocab_size,
          f'decode.draft_vocab must be in 0..data.vocab_size={config.data.vocab_size} (0: all), '
          f'got {d.draft_vocab!r}')
+  drafts = d.draft_vocab or config.data.vocab_size
+  _check(d.candidates <= drafts, f'decode.candidates={d.candidates}: the draft vocabulary holds '
+         f'{drafts} tokens, fewer than that many different first drafts')
   _check(isinstance(d.tiles, bool), f'decode.tiles must be True or False, got {d.tiles!r}')
   _check(d.draft_dtype in ('float32', 'bfloat16', 'int8', 'q4_1'),
          f"decode.draft_dtype must be float32, bfloat16, int8 or q4_1, got {d.draft_dtype!r}")

@@ -333,7 +333,7 @@ def decode(tokenizer: tokenizers.Tokenizer, ids) -> str:
 def prompt_lines(path: str) -> list[str]:
   """The non-blank lines of a prompt file, one prompt a line."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding='utf-8-sig') as f:  # a byte-order mark is no part of the first
       return [line.rstrip('\n') for line in f if line.strip()]
   except (OSError, UnicodeDecodeError) as e:
     raise DataError(f'cannot read {path!r} as UTF-8 text of prompts ({e})') from None

@@ -77,6 +77,10 @@ def decode(session, params, prompts: list[list[int]], s: dec.Settings, key=0):
 def validation_prompts(session, count: int, length: int) -> list[list[int]]:
   """`count` windows of `length` tokens, evenly spaced over the validation split."""
   valid = session.data.valid
+  if len(valid) <= length:  # else windows cut short, or empty, would be decoded as prompts
+    raise ConfigError(f'decode.prompt_len={length}: the validation split holds {len(valid)} '
+                      'tokens, too few for a prompt of that length; lower decode.prompt_len or '
+                      'raise data.valid_fraction, or give decode.prompts')
   starts = np.linspace(0, len(valid) - length - 1, count).astype(int)
   return [valid[s:s + length].astype(int).tolist() for s in starts]
 
@@ -382,12 +386,12 @@ def bench_table(rows: list[dict]) -> str:
 def bench(session, params, config, step: int) -> dict:
   """bench_blocks, each block printed and WORKDIR/bench.json rewritten as it finishes, so a run
   stopped part way keeps what it measured ('complete' says whether every block is in)."""
+  prompts = held_out_prompts(session, config.decode.bench_prompts)
+  check_bench(session, config, prompts)  # before the params are prepared for the kernels
   result = {'machine': measure.machine(), 'checkpoint_step': step,
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
-  prompts = held_out_prompts(session, config.decode.bench_prompts)
-  check_bench(session, config, prompts)
   path = os.path.join(session.workdir, 'bench.json')
   atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current
   for rows in bench_blocks(session, params, config, prompts):

@@ -309,6 +309,10 @@ def test_a_prompt_file_that_is_not_utf8_text_is_one_error(tmp_path):
     data.prompt_lines(str(path))
   (tmp_path / 'ok.txt').write_text('one\n\n  \ntwo\n')
   assert data.prompt_lines(str(tmp_path / 'ok.txt')) == ['one', 'two']
+  # as a Windows editor writes it: a byte-order mark (an 'ids:' line would read as text) and
+  # CRLF line ends
+  (tmp_path / 'bom.txt').write_bytes(b'\xef\xbb\xbfids: 1 2\r\nhi\r\n')
+  assert data.prompt_lines(str(tmp_path / 'bom.txt')) == ['ids: 1 2', 'hi']
 
 
 def test_stdlib_sources():

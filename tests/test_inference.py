@@ -208,6 +208,19 @@ def test_training_logs_decode_metrics(trained):
         acc.Scalars(f'decode/acceptance_{j}')[0].value, rel=1e-6)
 
 
+def test_validation_windows_longer_than_the_split_are_refused(trained):
+  """Bench and evaluation prompts of decode.prompt_len tokens drawn from a validation split that
+  holds fewer were cut short or empty, then decoded as prompts: one line instead."""
+  config, workdir = trained
+  session = train.Session(config, workdir, reads='bench')
+  session.checkpointer.close()
+  n = len(session.data.valid)
+  assert [len(p) for p in inference.validation_prompts(session, 3, n - 1)] == [n - 1] * 3
+  with pytest.raises(ConfigError, match=f'decode.prompt_len={n}: the validation split holds {n} '
+                                        'tokens, too few'):
+    inference.validation_prompts(session, 3, n)
+
+
 @pytest.mark.parametrize('extra,message', [
     (['--prompt='], 'prompt'),
     (['--prompt=x', '--config.decode.max_new_tokens=200'], 'model.max_seq_len'),
@@ -216,6 +229,8 @@ def test_training_logs_decode_metrics(trained):
     (['--prompt=x', '--config.decode.temperature=-1.0'], 'decode.temperature'),
     (['--prompt=x', '--config.decode.top_p=0.0'], 'decode.top_p'),
     (['--prompt=x', '--config.decode.candidates=0'], 'decode.candidates'),
+    (['--prompt=x', '--config.decode.candidates=5', '--config.decode.draft_vocab=4'],
+     'decode.candidates=5: the draft vocabulary holds 4 tokens'),
     (['--prompt=x', '--config.decode.candidate_depth=3'], 'decode.candidate_depth'),
     (['--prompt=x', '--config.decode.draft_dtype=float16'], 'decode.draft_dtype'),
     (['--prompt_file=IDS'], 'outside the vocabulary'),
