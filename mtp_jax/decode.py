@@ -826,9 +826,11 @@ def outputs(state: State) -> list[list[int]]:
 def rates(emitted: int, forwards: int, accepted) -> dict:
   """tau (tokens per trunk forward) and the acceptance rate at each draft position, from
   counts, so runs can be pooled by adding their counts first. With no forward (every row done
-  by its prefill's token) there is no tau: NaN, not 0."""
+  by its prefill's token) there is no tau and no acceptance: NaN, not 0."""
+  accepted = np.asarray(accepted, np.float64)
   return {'tau': emitted / forwards if forwards else float('nan'),
-          'acceptance_per_position': (np.asarray(accepted) / max(forwards, 1)).tolist()}
+          'acceptance_per_position': (accepted / forwards if forwards
+                                      else np.full_like(accepted, np.nan)).tolist()}
 
 
 def pooled_rates(states: list, s: Settings) -> dict:

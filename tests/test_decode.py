@@ -400,12 +400,14 @@ def test_a_tiny_temperature_samples_what_greedy_decoding_writes():
 
 def test_tau_is_nan_where_no_verify_ran():
   """max_new_tokens=1: every row's one token comes from its prefill, no trunk forward runs in the
-  loop, and tokens per forward is undefined (it read 0, as a decoder that emits nothing)."""
+  loop, and tokens per forward is undefined (it read 0, as a decoder that emits nothing), and so
+  is the acceptance at each position (it read 0, as heads never right)."""
   cfg = tiny_model(**{'mtp.depth': 2})
   params = init_params(cfg, jax.random.key(7))
   s = dec.Settings(draft_len=2, max_new_tokens=1)
   st = dec.stats(run(dec.DecodeModel(cfg), params, [[1, 2, 3]], s), s)
   assert st['forwards'] == 0 and np.isnan(st['tau'])
+  assert len(st['acceptance_per_position']) == 2 and np.isnan(st['acceptance_per_position']).all()
 
 
 def test_top_p_keeps_the_nucleus_a_descending_sort_keeps():
