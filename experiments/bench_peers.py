@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import smollm2  # noqa: E402
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
@@ -356,8 +356,7 @@ def main(argv):
   report(result)
   if _OUT.value:
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, 'w') as f:
-      json.dump(result, f, indent=2)
+    atomic.write_json(_OUT.value, result, indent=2)  # a crash leaves the previous file whole
 
 
 if __name__ == '__main__':

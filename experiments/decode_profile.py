@@ -43,7 +43,6 @@ decode.draft_vocab, ...).
 import collections
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
@@ -54,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
@@ -366,8 +365,7 @@ def main(argv):
                          for S, v in enumerate(ms))
         print(f'  {kind:30} {cells}')
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(result, f, indent=2)
+    atomic.write_json(_JSON.value, result, indent=2)  # a crash leaves the previous file whole
 
 
 if __name__ == '__main__':

@@ -44,7 +44,6 @@ decoding accepts position k only after positions 1..k-1, so its per-position rat
 
 import functools
 import itertools
-import json
 import math
 import os
 import sys
@@ -54,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 from mtp_jax.config import positive_ints  # noqa: E402
 
 
@@ -659,8 +658,8 @@ def main(argv):
                        **({'drafts_made': made[0]} if made else {}),
                        **({'priced_speedup': priced} if priced else {}), **rates})
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'machine': measure.machine(), 'rows': out, 'replayed': replayed}, f, indent=2)
+    atomic.write_json(_JSON.value, {'machine': measure.machine(), 'rows': out,
+                                    'replayed': replayed}, indent=2)
 
 
 if __name__ == '__main__':

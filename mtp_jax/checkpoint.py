@@ -266,8 +266,10 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 
 _ABSENT = object()
-# Model fields that change how the parameters are computed, not what they are.
-COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention')
+# Model fields that change how the parameters are computed, not what they are (max_seq_len sizes
+# the rotary table and bounds a decode's cache: a longer generation on trained heads is the same
+# model).
+COMPUTE_ONLY = ('model.dtype', 'model.remat', 'model.attention', 'model.max_seq_len')
 # The fields that define the model a checkpoint holds (a section means all its fields).
 MODEL_FIELDS = ('model', 'mtp.kind', 'mtp.depth', 'mtp.head_mlp_dim', 'mtp.head_blocks',
                 'mtp.feature_layers', 'data.vocab_size')

@@ -184,7 +184,7 @@ def test_unfinished_save_is_ignored(tmp_path, capsys):
 
 def _config(d_model=128, depth=1, steps=100):
   return ml_collections.ConfigDict({
-      'model': {'d_model': d_model, 'num_layers': 2, 'dtype': 'float32'},
+      'model': {'d_model': d_model, 'num_layers': 2, 'dtype': 'float32', 'max_seq_len': 512},
       'mtp': {'kind': 'sequential', 'depth': depth, 'loss_weight': 0.3},
       'data': {'vocab_size': 2048},
       'train': {'steps': steps, 'lr': 3e-3, 'mask_rows': True},
@@ -222,6 +222,7 @@ def test_check_compatible(tmp_path):
   checkpoint.check_compatible(saved, _config(steps=5000))
   other = _config()
   other.model.dtype, other.model.attention = 'bfloat16', 'fused'  # same parameters
+  other.model.max_seq_len *= 2  # a rotary table over more positions: the same parameters too
   checkpoint.check_compatible(saved, other)
   # A config.json from before mtp.head_mlp_dim existed holds the default-width heads.
   other = _config()
