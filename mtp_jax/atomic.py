@@ -62,22 +62,25 @@ def replacing_folder(path: str):
   """Yields a temporary folder beside `path` for the block to fill (libraries' writers
   included); when the block ends its files are flushed and it takes the place of `path` whole,
   the old folder renamed aside first and then removed, so a crash never leaves `path` holding
-  some new files beside old ones. If the block fails, `path` stays as it was."""
+  some new files beside old ones. If the block or the renames fail, `path` stays as it was."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  old = tmp[:-len('.tmp')] + '.old'
   try:
     yield tmp
     for name in os.listdir(tmp):
       sync(os.path.join(tmp, name))
+    sync(tmp)  # its entries too, before it takes the old one's place
     os.chmod(tmp, new_mode(executable=True))  # mkdtemp's own is 0700
-    old = tmp[:-len('.tmp')] + '.old'
     if os.path.exists(path):
       os.replace(path, old)
     os.replace(tmp, path)
     sync(parent)
     shutil.rmtree(old, ignore_errors=True)
   except BaseException:
+    if os.path.exists(old) and not os.path.exists(path):  # the new one never took its place
+      os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 

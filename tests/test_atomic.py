@@ -52,7 +52,7 @@ def test_replacing_renames_a_written_path_over_the_file_or_removes_it(tmp_path):
   assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
 
 
-def test_replacing_folder_puts_a_new_folder_in_place_whole_or_not_at_all(tmp_path):
+def test_replacing_folder_puts_a_new_folder_in_place_whole_or_not_at_all(tmp_path, monkeypatch):
   """atomic.replacing_folder (an export): the filled folder takes the old one's place, none of
   the old files left in it; a block that fails leaves the old folder as it was; no temporary
   folder is left either way."""
@@ -67,6 +67,21 @@ def test_replacing_folder_puts_a_new_folder_in_place_whole_or_not_at_all(tmp_pat
   assert sorted(os.listdir(path)) == ['a', 'b'] and (path / 'a').read_text() == 'old'
   with atomic.replacing_folder(str(path)) as tmp:
     (tmp_path / tmp / 'a').write_text('new')
+  assert os.listdir(path) == ['a'] and (path / 'a').read_text() == 'new'
+  assert os.listdir(tmp_path) == ['export']
+  # the new folder's rename refused (the old one already set aside): the old one is put back
+  replace = os.replace
+
+  def refuse_the_second(src, dst, calls=[]):
+    calls.append(src)
+    if len(calls) == 2:
+      raise OSError('rename refused')
+    replace(src, dst)
+  monkeypatch.setattr(os, 'replace', refuse_the_second)
+  with pytest.raises(OSError, match='rename refused'):
+    with atomic.replacing_folder(str(path)) as tmp:
+      (tmp_path / tmp / 'c').write_text('newer')
+  monkeypatch.undo()
   assert os.listdir(path) == ['a'] and (path / 'a').read_text() == 'new'
   assert os.listdir(tmp_path) == ['export']
   mask = os.umask(0)
