@@ -414,10 +414,12 @@ def check_bench(session, config, prompts) -> None:
 
 
 def prompts_to_check(session, count: int) -> list[list[int]]:
-  """held_out_prompts as far as they are known before the data is: decode.prompts' lines, or
-  for validation windows, stand-ins of their length (decode.prompt_len)."""
+  """held_out_prompts as far as they are known: decode.prompts' lines, validation windows once
+  the data is there, else stand-ins of their length (decode.prompt_len)."""
   d = session.config.decode
-  return held_out_prompts(session, count) if d.prompts else [[0] * d.prompt_len]
+  if d.prompts or session.data is not None:
+    return held_out_prompts(session, count)
+  return [[0] * d.prompt_len]
 
 
 def check_mode(session, mode: str, prompt: str = '', prompt_file: str = '') -> None:

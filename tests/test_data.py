@@ -4,6 +4,7 @@ Covers sources, the split, the tokenizer, the token cache and batches."""
 
 import json
 import os
+import re
 import time
 
 import ml_collections
@@ -236,7 +237,8 @@ def test_a_model_tokenizer_without_an_end_token_is_one_error(tmp_path):
   """Text documents are joined with an end token between them: a model whose tokenizer has no
   <|endoftext|> and which names no end token of its own is refused in one line."""
   given = tokenizers.Tokenizer(tokenizers.models.WordLevel({'[UNK]': 0, 'a': 1}, unk_token='[UNK]'))
-  with pytest.raises(data.DataError, match="model.init_from's tokenizer has no <|endoftext|>"):
+  with pytest.raises(data.DataError,
+                     match=re.escape("model.init_from's tokenizer has no <|endoftext|> token")):
     data.prepare(data_cfg(make_corpus(tmp_path / 'corpus')), str(tmp_path / 'work'), given, None)
   assert data.prepare(data_cfg(str(tmp_path / 'corpus')), str(tmp_path / 'work'), given,
                       1).eos_id == 1

@@ -221,6 +221,24 @@ def test_validation_windows_longer_than_the_split_are_refused(trained):
     inference.validation_prompts(session, 3, n)
 
 
+def test_validation_windows_the_split_cannot_hold_stop_training_before_its_first_step(tmp_path):
+  """The training-time decode draws decode.prompt_len tokens from the validation split: a split
+  too short for them is found when the data is ready, before any step (stand-ins of that length
+  were checked, and the run stopped at its first evaluation)."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for name, words in (('a', 'the quick brown fox '), ('b', 'jumps over a lazy dog ')):
+    (corpus / f'{name}.txt').write_text(words * 6)
+  overrides = {'data.sources': str(corpus), 'decode.eval_prompts': 1, 'decode.max_new_tokens': 4}
+  probe = train.Session(text_config(**overrides), str(tmp_path / 'probe'))
+  probe.checkpointer.close()
+  n = len(probe.data.valid)
+  config = text_config(**overrides, **{'decode.prompt_len': n})
+  with pytest.raises(ConfigError, match=f'decode.prompt_len={n}: the validation split holds {n}'):
+    train.train(config, str(tmp_path / 'run'), eval_hook=inference.eval_hook(config))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
 @pytest.mark.parametrize('extra,message', [
     (['--prompt='], 'prompt'),
     (['--prompt=x', '--config.decode.max_new_tokens=200'], 'model.max_seq_len'),

@@ -489,11 +489,16 @@ def test_hf_directory_errors(tmp_path):
     f.write(b'{{ caf\xe9 }}')
   with pytest.raises(PretrainedError, match='k4/chat_template.jinja is not UTF-8 text'):
     pretrained.open_model(directory)
-  # a broken link to a file the model does not read (a cache's deleted blob) is no obstacle
+  # a broken link to a file the model does not read (a cache's deleted blob) is no obstacle; to
+  # one it reads, one line (its settings would be lost)
   directory = write_hf(tmp_path / 'k5', tensors)
   os.symlink(tmp_path / 'gone', os.path.join(directory, 'README.md'))
   assert pretrained.open_model(directory).fields == pretrained.open_model(
       write_hf(tmp_path / 'k6', tensors)).fields
+  os.symlink(tmp_path / 'gone', os.path.join(directory, 'generation_config.json'))
+  with pytest.raises(PretrainedError, match='k5/generation_config.json is a link to a file that '
+                                            'is gone'):
+    pretrained.open_model(directory)
 
 
 def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):

@@ -210,6 +210,10 @@ def read(directory: str) -> Pretrained:
     with safe_open(where[key], framework='flax') as f:
       return np.asarray(f.get_tensor(key), np.float32)
 
+  for file in SETUP_FILES:  # a cache's link whose blob is gone: the file's settings would be lost
+    if os.path.islink(os.path.join(directory, file)) and not os.path.exists(
+        os.path.join(directory, file)):
+      raise PretrainedError(f'model.init_from: {name}/{file} is a link to a file that is gone')
   tokenizer, chat_template, bos_id = None, '', config.get('bos_token_id')
   pad_id, unk_id = config.get('pad_token_id'), None
   # config.json and generation_config.json may each give one EOS id or a list (Llama 3.1:

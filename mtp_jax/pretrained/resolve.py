@@ -41,10 +41,10 @@ def _open(path: str, stamp) -> Pretrained:
 
 def open_model(source: str) -> Pretrained:
   path = os.path.abspath(locate(source))
-  stamp = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size)
+  # a broken link in a directory (a cache's deleted blob) has no time or size: read() decides
+  stamp = [(p, os.stat(p).st_mtime_ns, os.stat(p).st_size) if os.path.exists(p) else (p,)
            for p in ([path] if os.path.isfile(path) else sorted(
-               os.path.join(path, n) for n in os.listdir(path)))
-           if os.path.exists(p)]  # a broken link in a directory (a cache's deleted blob) is no file
+               os.path.join(path, n) for n in os.listdir(path)))]
   return _open(path, tuple(stamp))
 
 
