@@ -133,10 +133,9 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
   if mode == 'train':
     later = [(m, prompt, prompt_file) for m in then] + [(m, '', '') for m in after]
 
-    def check(session):
+    def check(session):  # check_mode passes over the modes that are not decoding ones
       for m, text, path in later:
-        if m in DECODING_MODES:
-          inference.check_mode(session, m, text, path)
+        inference.check_mode(session, m, text, path)
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config), check=check)
     # What run_after_train finished is recorded in summary.json (`after_train`), so that a rerun
     # of a finished run runs only what a crash or a signal cut short, not what is done.

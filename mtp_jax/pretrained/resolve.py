@@ -109,17 +109,18 @@ def head_params(config, trunk: dict) -> dict:
 def check_heads_init(config) -> None:
   """One-line errors for mtp.init_from before anything is compiled."""
   source, m = config.mtp.init_from, config.model
-  if source in HEAD_INITS:
-    if source == 'last_block' and not m.init_from:
+  if source == 'last_block':
+    if not m.init_from:
       raise PretrainedError('mtp.init_from=last_block needs a pretrained trunk (model.init_from)')
-    if source == 'last_block' and config.mtp.depth and config.mtp.kind == 'medusa':
+    if config.mtp.depth and config.mtp.kind == 'medusa':
       raise PretrainedError('mtp.init_from=last_block: Medusa heads have no block to copy into')
-    if source == 'last_block' and config.mtp.head_mlp_dim not in (0, m.mlp_dim):
+    if config.mtp.head_mlp_dim not in (0, m.mlp_dim):
       raise PretrainedError('mtp.init_from=last_block needs mtp.head_mlp_dim = 0 (the trunk\'s '
                             f'MLP width), got {config.mtp.head_mlp_dim}')
-    if source == 'last_block' and config.mtp.head_blocks > m.num_layers:
+    if config.mtp.head_blocks > m.num_layers:
       raise PretrainedError(f'mtp.init_from=last_block: mtp.head_blocks={config.mtp.head_blocks} '
                             f'is more blocks than the trunk has ({m.num_layers})')
+  if source in HEAD_INITS:
     return
   trained_on = heads_file.check(source, config).get('trunk', '')
   if trained_on and not config.model.init_from:
