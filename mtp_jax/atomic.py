@@ -62,12 +62,18 @@ def replacing_folder(path: str):
   """Yields a temporary folder beside `path` for the block to fill (libraries' writers
   included); when the block ends its files are flushed and it takes the place of `path` whole,
   the old folder renamed aside first and then removed, so a crash never leaves `path` holding
-  some new files beside old ones. If the block or the renames fail, `path` stays as it was."""
+  some new files beside old ones. If the block or the renames fail, `path` stays as it was.
+  The writer holds a lock on its temporary folder; what a killed writer left (its temporary
+  folder, or the old folder set aside when it died between the renames) is cleared by the next
+  call, the old folder put back where `path` is missing."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
+  _clear_killed_writers(path)
   tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + '.', suffix='.tmp')
   old = tmp[:-len('.tmp')] + '.old'
+  lock = os.open(tmp, os.O_RDONLY)
   try:
+    _try_lock(lock)
     yield tmp
     for name in os.listdir(tmp):
       sync(os.path.join(tmp, name))
@@ -83,6 +89,47 @@ def replacing_folder(path: str):
       os.replace(old, path)
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    os.close(lock)
+
+
+def _try_lock(fd: int) -> bool:
+  """Whether this process now holds `fd`'s lock: False when another holds it, or the file
+  system has no locks (then nothing counts as left by a killed writer)."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except OSError:
+    return False
+
+
+def _clear_killed_writers(path: str) -> None:
+  """replacing_folder's leftovers beside `path` whose writer is gone (nobody holds the lock of
+  their temporary folder): the temporary folders are removed, an old folder set aside is put
+  back if `path` is missing (the writer died between its renames) and removed otherwise."""
+  parent, base = os.path.split(os.path.abspath(path))
+  names = set(os.listdir(parent))
+  for name in sorted(names):
+    stem, ext = os.path.splitext(name)
+    if not (stem.startswith(base + '.') and len(stem) > len(base) + 1 and ext in ('.tmp', '.old')):
+      continue
+    tmp = os.path.join(parent, stem + '.tmp')
+    if stem + '.tmp' in names:
+      try:
+        fd = os.open(tmp, os.O_RDONLY)
+      except OSError:  # gone meanwhile: its writer finished or failed
+        continue
+      try:
+        if not _try_lock(fd):
+          continue  # a writer at work
+      finally:
+        os.close(fd)
+      shutil.rmtree(tmp, ignore_errors=True)
+    if ext == '.old':
+      if not os.path.exists(path):
+        os.replace(os.path.join(parent, name), path)
+      else:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def sync(path: str) -> None:

@@ -5,6 +5,8 @@ import errno
 import fcntl
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,6 +89,38 @@ def test_replacing_folder_puts_a_new_folder_in_place_whole_or_not_at_all(tmp_pat
   mask = os.umask(0)
   os.umask(mask)
   assert os.stat(path).st_mode & 0o777 == 0o777 & ~mask  # a plain mkdir's, not mkdtemp's 0700
+
+
+def test_replacing_folder_clears_what_a_killed_writer_left(tmp_path):
+  """A writer killed (-9) while it fills its folder leaves that folder, and one killed between
+  its two renames leaves the old folder set aside and `path` missing: the next call removes the
+  first and puts the old folder back; a writer still at work keeps its folder."""
+  path = tmp_path / 'export'
+  path.mkdir()
+  (path / 'a').write_text('old')
+  child = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time\nfrom mtp_jax import atomic\n'
+       'with atomic.replacing_folder(sys.argv[1]) as tmp:\n'
+       '  open(tmp + "/a", "w").write("half")\n  print(tmp, flush=True)\n  time.sleep(60)',
+       str(path)], stdout=subprocess.PIPE, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  killed = child.stdout.readline().strip()
+  child.kill()
+  child.wait()
+  assert os.path.isdir(killed)
+  # Died between its renames: its folder (unlocked, filled) and the old one set aside.
+  os.replace(path, str(path) + '.died.old')
+  os.mkdir(str(path) + '.died.tmp')
+  (tmp_path / 'export.old').mkdir()  # a folder of the user's, not a writer's: left alone
+  with atomic.replacing_folder(str(path)) as tmp:
+    with atomic.replacing_folder(str(path)) as inner:  # a second writer meanwhile
+      assert os.path.isdir(tmp) and (path / 'a').read_text() == 'old'
+      assert sorted(os.listdir(tmp_path)) == sorted(
+          ['export', 'export.old', os.path.basename(tmp), os.path.basename(inner)])
+      (tmp_path / inner / 'a').write_text('inner')
+    (tmp_path / tmp / 'a').write_text('new')
+  assert (path / 'a').read_text() == 'new'
+  assert sorted(os.listdir(tmp_path)) == ['export', 'export.old']
 
 
 def test_exclusive_says_whether_it_holds_the_lock(tmp_path, monkeypatch):
