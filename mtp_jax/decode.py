@@ -692,7 +692,8 @@ def _take_branch(n_acc_B, bonus_B, drafts_BxS, branches_BxOxC, logits_BxTxV, h0_
 def step(model, params, state: State, s: Settings):
   """One iteration: draft S tokens, verify them in one trunk forward, commit. Returns the new
   state and what happened: 'draft_logits' (B x S x N, the heads' logits over the draft
-  vocabulary), 'drafts' (B x S token ids), 'accepted' (B) and 'count' (B, tokens committed)."""
+  vocabulary), 'drafts' (B x S token ids), 'accepted' (B, the drafts committed: a stop token or
+  max_new_tokens can cut an accepted block) and 'count' (B, tokens committed)."""
   S = s.draft_len
   rows = state.rows
   key = jax.random.fold_in(state.key, state.iterations + 1)  # unused (and compiled away) at T = 0
@@ -739,7 +740,7 @@ def step(model, params, state: State, s: Settings):
                       emitted=rows.emitted + count, accepted=accepted)
   state = _finish(state.replace(rows=rows, iterations=state.iterations + 1), ~active, s)
   info = {'draft_logits': (jnp.stack(draft_logits, axis=1) if S else None),
-          'drafts': drafts_BxS, 'accepted': n_acc, 'count': count}
+          'drafts': drafts_BxS, 'accepted': kept, 'count': count}
   return state, info
 
 

@@ -239,7 +239,6 @@ def demo(session, params, prompt: str) -> dict:
   print(f"MTP one-shot draft ({one['seconds'] * 1e3:.1f} ms for prefill + one draft-and-verify "
         f'step): {_text(session, [first])!r} + drafts {[_text(session, [t]) for t in drafts]}')
   if first in session.stop_ids:  # the row ended at prefill: the step verified nothing
-    accepted = 0
     print(f'the trunk ended the answer at its first token, {_text(session, [first])!r}: no draft '
           'was verified')
   else:

@@ -273,6 +273,14 @@ def test_stub_decoder_stop_tokens_and_max_length(sampled):
   # A first token that is already EOS ends the row without any iteration.
   state = run(stub, None, [[7]], s)
   assert dec.outputs(state) == [[8]] and int(state.iterations) == 0
+  # One iteration (as `demo` runs it) reports the drafts its rows committed as accepted: row 0's
+  # three drafts 7 8 9 all agree with the trunk, but its stop token 8 commits two.
+  prompts_BxP, lens = dec.pad_prompts([[5], [1]])
+  first, _ = dec.prefill(stub, None, prompts_BxP, lens, jax.random.key(0), s,
+                         dec.cache_length(1, s))
+  _, info = dec.step(stub, None, first, s)
+  np.testing.assert_array_equal(info['count'], [2, 4])
+  np.testing.assert_array_equal(info['accepted'], [2, 3])
 
 
 @dataclasses.dataclass(frozen=True)
