@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from mtp_jax import atomic
+from mtp_jax.config import same_widths
 
 
 MANIFEST = 'mtp_jax_files.json'  # beside Orbax's files in each step: their names and sizes
@@ -285,9 +286,10 @@ def _show(value) -> str:
 
 
 def _both(saved: dict, config) -> tuple[dict, dict]:
-  # Through JSON, so both sides hold the same types (lists, not tuples) as config.json.
-  return ({**ADDED_FIELDS, **_flatten(saved)},
-          {**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))})
+  # Through JSON, so both sides hold the same types (lists, not tuples) as config.json; a width
+  # of 0 as the width it picks.
+  return (same_widths({**ADDED_FIELDS, **_flatten(saved)}),
+          same_widths({**ADDED_FIELDS, **_flatten(json.loads(config.to_json_best_effort()))}))
 
 
 def _diffs(old: dict, new: dict, keep) -> list[str]:

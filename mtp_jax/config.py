@@ -74,7 +74,7 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config) -> 'ModelConfig':
     m = config.model
-    mlp_dim = m.mlp_dim or 64 * -(-(8 * m.d_model // 3) // 64)
+    mlp_dim = m.mlp_dim or default_mlp_dim(m.d_model)
     return cls(
         vocab_size=config.data.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
         num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, mlp_dim=mlp_dim, dtype=m.dtype,
@@ -85,6 +85,25 @@ class ModelConfig:
         feature_layers=parse_layers(config.mtp.feature_layers), qkv_bias=m.qkv_bias,
         qk_norm=m.qk_norm, head_width=m.head_dim,
         rope_factors=tuple(float(f) for f in m.rope_factors))
+
+
+def default_mlp_dim(d_model: int) -> int:
+  """The MLP width model.mlp_dim = 0 picks: 8/3 * d_model, rounded up to a multiple of 64."""
+  return 64 * -(-(8 * d_model // 3) // 64)
+
+
+def same_widths(fields: dict) -> dict:
+  """`fields` (dotted config names: model.d_model, model.mlp_dim, mtp.kind, mtp.head_mlp_dim,
+  as ints or their strings) with each 0 that stands for a width replaced by that width (the
+  trunk's MLP width for the heads of kinds built of blocks; a Medusa head of width 0 is another
+  layer), so that two configs of one model compare equal."""
+  out = dict(fields)
+  mlp, d_model, head = (out.get(k) for k in ('model.mlp_dim', 'model.d_model', 'mtp.head_mlp_dim'))
+  if str(mlp) == '0' and str(d_model).isdigit():
+    out['model.mlp_dim'] = mlp = type(mlp)(default_mlp_dim(int(d_model)))
+  if str(head) == '0' and mlp is not None and out.get('mtp.kind') != 'medusa':
+    out['mtp.head_mlp_dim'] = type(head)(mlp)
+  return out
 
 
 def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:

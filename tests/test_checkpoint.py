@@ -231,6 +231,14 @@ def test_check_compatible(tmp_path):
   other.mtp.head_mlp_dim = 64
   with pytest.raises(CheckpointError, match='mtp.head_mlp_dim: 0 -> 64'):
     checkpoint.check_compatible(saved, other)
+  # A width of 0 is the width it picks: 8/3 * d_model rounded up to 64, the trunk's for the heads.
+  saved_zero = {**saved, 'model': {**saved['model'], 'mlp_dim': 0}}
+  other = _config()
+  other.model.mlp_dim, other.mtp.head_mlp_dim = 384, 384
+  checkpoint.check_compatible(saved_zero, other)
+  other.mtp.head_mlp_dim = 448
+  with pytest.raises(CheckpointError, match='mtp.head_mlp_dim: 384 -> 448'):
+    checkpoint.check_compatible(saved_zero, other)
   other = _config()
   other.mtp.head_blocks = 2
   with pytest.raises(CheckpointError, match='mtp.head_blocks: 1 -> 2'):

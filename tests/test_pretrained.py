@@ -608,6 +608,14 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   config.mtp.feature_layers = '0'
   with pytest.raises(PretrainedError, match="mtp.feature_layers='', the config has '0'$"):
     heads_file.check(out, config)
+  config.mtp.feature_layers = ''
+  # heads of width 0 (the trunk's MLP width) fit a config that names that width, and no other
+  config.mtp.head_mlp_dim = config.model.mlp_dim
+  heads_file.check(out, config)
+  config.mtp.head_mlp_dim = config.model.mlp_dim + 64
+  with pytest.raises(PretrainedError, match=f"mtp.head_mlp_dim='{config.model.mlp_dim}', the "
+                                            f"config has '{config.model.mlp_dim + 64}'"):
+    heads_file.check(out, config)
 
 
 def test_a_split_too_short_is_refused_before_the_trunk_writes_features(tmp_path):

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mtp_jax import atomic
+from mtp_jax.config import same_widths
 from mtp_jax.pretrained import field, llama
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -66,11 +67,12 @@ def check(path: str, config) -> dict:
   name = os.path.basename(path)
   if meta.get('format') != FORMAT:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
-  for key, path_ in _MATCH.items():
-    held = meta.get(key, _ADDED.get(key))
-    if held != _value(config, path_):
-      raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held!r}, '
-                            f'the config has {_value(config, path_)!r}')
+  held = same_widths({path_: meta.get(key, _ADDED.get(key)) for key, path_ in _MATCH.items()})
+  wanted = same_widths({path_: _value(config, path_) for path_ in _MATCH.values()})
+  for path_ in _MATCH.values():
+    if held[path_] != wanted[path_]:
+      raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held[path_]!r}, '
+                            f'the config has {wanted[path_]!r}')
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
