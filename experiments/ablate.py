@@ -155,6 +155,9 @@ def matched_head_mlp_dim(config, kind: str, target: int) -> int:
 def sweep_points(config, sweep: str) -> list[tuple[str, list[str], dict]]:
   """(value, launch.py overrides, extra result columns) for each point of the grid."""
   field = FIELDS[sweep]
+  if sweep not in config.get('sweep', {}):
+    cli.fail(f'the config has no sweep.{sweep}, the values --sweep {sweep} runs (the recipes '
+             'are configs/smollm2_ablate.py\'s)')
   values = [v.strip() for v in config.sweep[sweep].split(',') if v.strip()]
   if not values:
     cli.fail(f'sweep.{sweep} is empty: give its values, comma-separated')

@@ -98,6 +98,7 @@ def test_sweep_collects_skips_and_survives_a_failing_point(tmp_path, corpus):
     # the default config file, whose overrides are applied when its flag is defined
     (['--config.train.stepz=1'], 'the config has no such field (\'stepz\' Did you mean "steps"'),
     (['--sweep', 'depth', '--config.sweep.depth='], 'sweep.depth is empty'),
+    (['--sweep', 'recipe'], 'the config has no sweep.recipe'),
     (['--sweep', 'seed', '--config.sweep.seed=0,1.5'], "sweep.seed: '1.5' is not a value of seed"),
     (['--sweep', 'kind', '--config.sweep.kind=sequential,foo'],
      "sweep.kind=foo: mtp.kind must be one of sequential, parallel, medusa, got 'foo'"),
