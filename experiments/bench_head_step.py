@@ -33,7 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
                                           'Path to a config file.', lock_config=True)
 _VARIANTS = flags.DEFINE_multi_string('variant', [], 'FIELD=VALUE[,FIELD=VALUE...] overrides.')
 _STEPS = flags.DEFINE_integer('steps', 12, 'Timed steps per variant, one of each variant in '
-                              'turn after one warm-up step each; the fastest is kept.')
+                              'turn after one warm-up step each; the fastest is kept.',
+                              lower_bound=1)
 _TRACE = flags.DEFINE_string('trace', '', 'Write a profiler trace of the first variant here.')
 
 
@@ -67,13 +68,14 @@ def main(argv):
   cli.start(argv, persist=False)
   import jax
   from mtp_jax import measure, sharding, train
-  from mtp_jax.config import ConfigError, apply_overrides
+  from mtp_jax.config import ConfigError, apply_overrides, folder_problem
   texts = _VARIANTS.value or ['']
   root = tempfile.mkdtemp(prefix='bench_head_step_')
   try:
     try:
-      if _STEPS.value < 1:
-        raise ConfigError('--steps must be >= 1')
+      problem = _TRACE.value and folder_problem(_TRACE.value, '--trace')
+      if problem:  # before the data and the timings, not after them
+        raise ConfigError(problem)
       configs = [apply_overrides(_CONFIG.value, parse_variant(v)) for v in texts]
       sessions = [train.Session(c, os.path.join(root, str(i))) for i, c in enumerate(configs)]
     except (ConfigError, ValueError, TypeError) as e:  # TypeError: a value of the wrong type
@@ -117,4 +119,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

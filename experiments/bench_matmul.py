@@ -30,7 +30,8 @@ from mtp_jax import cli  # noqa: E402
 _SHAPES = flags.DEFINE_list('shapes', ['2048x576x576', '2048x576x192', '2048x576x1536',
                                        '2048x1536x576', '2048x2880x576', '2048x576x8192'],
                             'Products M x K x N.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -43,6 +44,8 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def main(argv):
   cli.start(argv, persist=False)
   shapes = [parse_shape(s) for s in _SHAPES.value]
+  if not shapes:
+    cli.fail('--shapes: give at least one M x K x N, like 64x32x48')
   import jax
   import jax.numpy as jnp
   from mtp_jax import measure
@@ -76,4 +79,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

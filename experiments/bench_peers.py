@@ -53,19 +53,22 @@ import numpy as np  # noqa: E402
 
 from configs import smollm2  # noqa: E402
 from mtp_jax import atomic, cli  # noqa: E402
-from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import inference, measure, run, sharding, train  # noqa: E402
+from mtp_jax.config import prompt_lines  # noqa: E402
 from mtp_jax.pretrained import fetch, gguf_file  # noqa: E402
 from mtp_jax.pretrained.tokenizer import chat_turn  # noqa: E402
 
 _PROMPTS = flags.DEFINE_string('prompts', 'configs/prompts/instruct_heldout.txt',
                                'Held-out prompts, one user turn a line.')
-_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 8, 'The first N prompts are decoded.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.')
+_NUM_PROMPTS = flags.DEFINE_integer('num_prompts', 8, 'The first N prompts are decoded.',
+                                    lower_bound=1)
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'New tokens per prompt at most.',
+                                lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 _THREADS = flags.DEFINE_integer('threads', 2, 'Cores every system runs on (the process is pinned '
-                                'to the first N it may use).')
+                                'to the first N it may use).', lower_bound=1)
 _OUT = flags.DEFINE_string('out', '', 'Write the results to this JSON file.')
 _SKIP = flags.DEFINE_list('skip', [], 'Peers to leave out: hf, hf_lookup, llama_f32, llama_q4_1, '
                           'llama_lookup.')
@@ -282,18 +285,22 @@ def benchmark(workdir: str) -> dict:
   skip = set(_SKIP.value)
   if skip - set(PEERS):
     cli.fail(f"--skip: unknown {sorted(skip - set(PEERS))} (known: {', '.join(PEERS)})")
+  if {'hf', 'hf_lookup'} - skip:
+    cli.require_peers('torch', 'transformers')
+  if {'llama_f32', 'llama_q4_1', 'llama_lookup'} - skip:
+    cli.require_peers('llama_cpp')
   candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates', allow_empty=True)))
   threads = _THREADS.value
+  texts = prompt_lines(_PROMPTS.value, '--prompts')[:_NUM_PROMPTS.value]
+  if len(texts) < _NUM_PROMPTS.value:
+    cli.fail(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
+             f'--num_prompts={_NUM_PROMPTS.value}')
   cores = pin(threads)
   config = smollm2.get_config()
   if _HEADS.value:
     config.mtp.init_from = _HEADS.value
   session = train.Session(config, workdir, data=False)
   _, params = inference.load_params(session)
-  texts = data_lib.prompt_lines(_PROMPTS.value)[:_NUM_PROMPTS.value]
-  if len(texts) < _NUM_PROMPTS.value:
-    cli.fail(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
-             f'--num_prompts={_NUM_PROMPTS.value}')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
   systems = our_systems(session, params, prompts, max_new, candidates)
@@ -360,4 +367,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -34,10 +34,13 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory (its checkpoint, if
 _RANDOM = flags.DEFINE_bool('random', False, 'Random weights and prompts (costs only).')
 _ROWS = flags.DEFINE_list('rows', ['1', '4', '32'], 'Rows per filter call.')
 _TOP_P = flags.DEFINE_float('top_p', 0.9, 'The nucleus timed.')
-_TOP_K = flags.DEFINE_integer('top_k', 40, 'The top_k timed.')
-_DECODE_PROMPTS = flags.DEFINE_integer('decode_prompts', 8, 'Prompts decoded (0: filters only).')
-_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S of the mtp rows (0: every head, D).')
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.')
+_TOP_K = flags.DEFINE_integer('top_k', 40, 'The top_k timed.', lower_bound=1)
+_DECODE_PROMPTS = flags.DEFINE_integer('decode_prompts', 8, 'Prompts decoded (0: filters only).',
+                                       lower_bound=0)
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S of the mtp rows (0: every head, D).',
+                                  lower_bound=0)
+_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 
@@ -118,4 +121,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

@@ -61,12 +61,13 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
 _DEPTHS = flags.DEFINE_list('depths', ['0', '1', '2', '3'], 'MTP depths D to time.')
 _KINDS = flags.DEFINE_list('kinds', ['sequential', 'parallel'], 'MTP head kinds to time.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps per (kind, D), after 2 warmup.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps per (kind, D), after 2 warmup.',
+                              lower_bound=1)
 _MEMORY_DEPTHS = flags.DEFINE_list('memory_depths', ['0', '1', '2', '3', '4'],
                                    'Depths whose sequential train step is compiled for memory.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0,
                            'Peak dense TFLOP/s of ONE device in the compute dtype, for MFU '
-                           '(e.g. 989 for H100 SXM bf16); 0 leaves MFU out.')
+                           '(e.g. 989 for H100 SXM bf16); 0 leaves MFU out.', lower_bound=0.0)
 _REMAT = flags.DEFINE_bool('remat_compare', False,
                            'Also compile the config as given with model.remat False/True and '
                            'model.dtype float32/bfloat16 and print temp memory.')
@@ -479,11 +480,10 @@ def main(argv):
   kinds = _KINDS.value
   if any(k not in KINDS for k in kinds):
     cli.fail(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
-  if _STEPS.value < 1:
-    cli.fail('--steps must be >= 1')
 
   try:
     config = resolve_config(_CONFIG.value)  # a pretrained trunk's shapes, read from its file
+    validate(config)  # each point's overrides are checked again as it is built
     if config.data.features:
       raise ConfigError('data.features=True trains on cached trunk features, which this does not '
                         'time; pass --config.data.features=False to time token windows')
@@ -556,4 +556,4 @@ def _write(result) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

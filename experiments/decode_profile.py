@@ -62,12 +62,13 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory holding the checkpo
 _RANDOM = flags.DEFINE_bool('random', False, 'Random weights and random prompts instead of a '
                             'checkpoint (per-iteration costs do not depend on the weights).')
 _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.')
-_CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.')
+_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
+_CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.', lower_bound=1)
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops in part 1 (0: '
                                    'greedy), with the config\'s decode.top_k and decode.top_p; '
-                                   'the model calls of part 2 are timed greedy.')
+                                   'the model calls of part 2 are timed greedy.', lower_bound=0.0)
 _POSITIONS = flags.DEFINE_list('positions', [], 'Also time the trunk over these numbers of '
                                'positions in part 2 (a draft tree\'s verify: 1 + S + (K - 1) C).')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the trunk over 1 and over D + 1 '
@@ -369,4 +370,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

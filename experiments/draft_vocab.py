@@ -28,13 +28,20 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its ch
 _SIZES = flags.DEFINE_list('sizes', ['full', '16384', '8192', '4096'], 'Draft vocabulary sizes.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'decode.draft_dtype values (float32, '
                             'bfloat16, int8, q4_1).')
-_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S (0: every head, D).')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S (0: every head, D).', lower_bound=0)
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 
 def main(argv):
   cli.start(argv)
+  from mtp_jax.config import DRAFT_DTYPES
+  if not _SIZES.value or not all(n == 'full' or (n.isascii() and n.isdigit() and int(n) > 0)
+                                 for n in _SIZES.value):
+    cli.fail(f"--sizes takes 'full' or positive integers, got {','.join(_SIZES.value)}")
+  if not _DTYPES.value or set(_DTYPES.value) - set(DRAFT_DTYPES):
+    cli.fail(f"--dtypes takes some of {', '.join(DRAFT_DTYPES)}, got {','.join(_DTYPES.value)}")
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -49,6 +56,13 @@ def main(argv):
     if rank is None and any(sizes):
       raise ConfigError('no token frequencies for this model (train here, or use heads that '
                         'carry them)')
+    largest = max(n or 0 for n in sizes)
+    if largest > session.cfg.vocab_size:
+      raise ConfigError(f'--sizes: the model has {session.cfg.vocab_size} tokens, fewer than '
+                        f'{largest}')
+    if _DRAFT_LEN.value > session.cfg.mtp_depth:
+      raise ConfigError(f'--draft_len={_DRAFT_LEN.value}: the model has '
+                        f'{session.cfg.mtp_depth} heads')
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (ConfigError, ValueError) as e:
     cli.fail(e)
@@ -81,4 +95,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

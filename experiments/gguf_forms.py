@@ -32,8 +32,9 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/smollm2', 'Run directory (its ch
 _TYPES = flags.DEFINE_list('types', ['Q4_1', 'Q4_0', 'Q8_0', 'F32'], 'GGUF tensor types; Q4_1 is '
                            'the file as it ships (those gguf_file.rewritten writes: F32, Q8_0, '
                            'Q4_0, Q4_1, Q5_0).')
-_DRAFT_LEN = flags.DEFINE_integer('draft_len', 1, 'S of the `mtp` rows.')
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.')
+_DRAFT_LEN = flags.DEFINE_integer('draft_len', 1, 'S of the `mtp` rows.', lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 
@@ -106,4 +107,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

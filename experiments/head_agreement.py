@@ -70,7 +70,7 @@ def define_flags():
                                'A feature cache directory: also count its valid split.')
   _TOP = flags.DEFINE_integer('top', 1, 'Count a head as agreeing when the trunk\'s token is '
                               'among its TOP most likely (decode.candidates verifies that many '
-                              'at the first draft position).')
+                              'at the first draft position).', lower_bound=1)
   _JSON = flags.DEFINE_string('json', '', 'Write the results to this JSON file.')
   _BY_CONFIDENCE = flags.DEFINE_boolean(
       'by_confidence', False, 'Split the greedy answers\' positions by the probability the '
@@ -80,9 +80,10 @@ def define_flags():
       'each head gave its own top token (over the draft vocabulary; CONFIDENCE buckets).')
   _ANSWER_SPLIT = flags.DEFINE_integer(
       'answer_split', 0, 'Split the answers\' positions (greedy and, with --cache, the cache\'s) '
-      'into an answer\'s first N tokens and those after them.')
+      'into an answer\'s first N tokens and those after them.', lower_bound=0)
   _MISSES = flags.DEFINE_integer('misses', 0, 'Print the N answer tokens the trunk was surest '
-                                 'of where the first head\'s top token differs, in context.')
+                                 'of where the first head\'s top token differs, in context.',
+                                 lower_bound=0)
   _SIMULATE = flags.DEFINE_boolean(
       'simulate', False, 'Replay greedy decoding of the answers for S = 1..D with the heads\' '
       'drafts, drafts copied from earlier in the text, and the two combined (DRAFTERS); '
@@ -664,4 +665,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(_CONFIG))

@@ -27,7 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
 
-_TOKENS = flags.DEFINE_integer('tokens', 24, 'Positions of the compared sequence.')
+_TOKENS = flags.DEFINE_integer('tokens', 24, 'Positions of the compared sequence.', lower_bound=1)
 
 # Llama 3's scaling, its original context short enough that the compared positions see it:
 # of the 8 frequencies of 16-wide heads at base 1e5, 1 kept, 1 blended, 6 divided by 8
@@ -150,6 +150,7 @@ def llama_cpp_logits(path: str, tokens, float32_cache: bool = True):
 
 def main(argv):
   cli.start(argv, persist=False)
+  cli.require_peers('torch', 'transformers', 'llama_cpp')
   import jax
   import numpy as np
   import transformers
@@ -194,4 +195,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -40,11 +40,13 @@ from absl import app, flags  # noqa: E402
 from mtp_jax import cli  # noqa: E402
 
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '24', '32'], 'Input rows M.')
-_WIDTH = flags.DEFINE_integer('width', 576, 'Model width.')
-_KV_WIDTH = flags.DEFINE_integer('kv_width', 192, 'Width of k and v (kv heads x head size).')
-_FFN = flags.DEFINE_integer('ffn', 1536, 'Feed-forward width.')
-_LAYERS = flags.DEFINE_integer('layers', 30, 'Layers.')
-_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds; the fastest is kept.')
+_WIDTH = flags.DEFINE_integer('width', 576, 'Model width.', lower_bound=1)
+_KV_WIDTH = flags.DEFINE_integer('kv_width', 192, 'Width of k and v (kv heads x head size).',
+                                 lower_bound=1)
+_FFN = flags.DEFINE_integer('ffn', 1536, 'Feed-forward width.', lower_bound=1)
+_LAYERS = flags.DEFINE_integer('layers', 30, 'Layers.', lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds; the fastest is kept.',
+                               lower_bound=1)
 _CACHED = flags.DEFINE_bool('cached', False, 'Every layer multiplies by the first layer\'s '
                             'weights, which stay in the last-level cache where one layer fits '
                             '(SmolLM2\'s: 14 MB): the products\' arithmetic without reads '
@@ -209,4 +211,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

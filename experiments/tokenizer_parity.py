@@ -25,8 +25,8 @@ from mtp_jax import cli  # noqa: E402
 
 _PRES = flags.DEFINE_list('pres', ['default', 'gpt-2', 'smollm'],
                           'tokenizer.ggml.pre names to compare under.')
-_CHARS = flags.DEFINE_integer('chars', 2000, 'Characters per text.')
-_PER_FILE = flags.DEFINE_integer('per_file', 100, 'Texts from each file at most.')
+_CHARS = flags.DEFINE_integer('chars', 2000, 'Characters per text.', lower_bound=1)
+_PER_FILE = flags.DEFINE_integer('per_file', 100, 'Texts from each file at most.', lower_bound=1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser())

@@ -29,13 +29,13 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
   bad = [m for m in modes if m not in MODES]
   if bad or not modes:
     fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(MODES)}")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    fail(f'--workdir {workdir} is a file, not a directory')
+  from mtp_jax.config import folder_problem
+  problem = folder_problem(workdir, '--workdir')
+  if problem:  # no mode can read or write there
+    fail(problem)
   existing = os.path.abspath(workdir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):  # a file above it: no mode can read or write there
-    fail(f'--workdir {workdir}: {existing} is a file, not a directory')
   if (any(mode in WRITING_MODES for mode in modes)
       and not os.access(existing, os.W_OK | os.X_OK)):
     fail(f'--workdir {workdir}: {existing} is not a directory this user can write in')
@@ -51,27 +51,30 @@ def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
   if prompt and prompt_file and 'demo' not in modes:
     fail('give generate --prompt or --prompt_file, not both')
   if prompt_file:  # before the modes before generate run and write
+    from mtp_jax.config import ConfigError, prompt_lines
     try:
-      with open(prompt_file, encoding='utf-8') as f:
-        f.read()
-    except FileNotFoundError:
-      fail(f'--prompt_file: no file {prompt_file!r}')
-    except (OSError, UnicodeDecodeError) as e:
-      fail(f'--prompt_file: cannot read {prompt_file!r} as UTF-8 text ({e})')
+      prompt_lines(prompt_file, '--prompt_file')
+    except ConfigError as e:
+      fail(e)
 
 
-def flags_parser(config_flag):
-  """absl's flags parser for a command with a config flag (launch.py, ablate.py): parses once
-  up front, so a misspelled config key or a config file that fails to load is one line, not a
-  traceback."""
+def flags_parser(config_flag=None):
+  """absl's flags parser for launch.py and the experiments: parses once up front, so a flag's
+  bad value (one out of its bounds, a word for a number), a misspelled config key or a config
+  file that fails to load is one line and exit 2, not a traceback or absl's two lines."""
   from absl import flags
 
   def parse(argv):
     try:
       remaining = flags.FLAGS(argv)
-      config_flag.value.keys()  # a failed load surfaces lazily; touch the config to report it
+      if config_flag is not None:  # a failed load surfaces lazily; touch the config to report it
+        config = config_flag.value
+        config.keys()
     except Exception as e:
       config_failed(e, argv)
+    if config_flag is not None and not ('model' in config and 'data' in config):
+      fail("the config file's get_config() must return an ml_collections ConfigDict with the "
+           'sections of configs/base.py (model, data, ...); start from base.get_config()')
     return remaining
   return parse
 
@@ -83,6 +86,8 @@ def config_failed(e: Exception, argv: list[str]) -> NoReturn:
   from absl import flags
   if isinstance(e, (OSError, SyntaxError, ImportError)):
     fail(f'cannot load the config file: {str(e).strip().splitlines()[-1].strip()}')
+  if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
+    fail('cannot load the config file: it defines no get_config()')
   if isinstance(e, (AttributeError, KeyError)):
     bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
     detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
@@ -110,6 +115,17 @@ def start(argv, persist: bool = True) -> None:
   if persist:
     from mtp_jax import run
     run.persist_compiled_programs()
+
+
+def require_peers(*modules: str) -> None:
+  """The peer packages a comparison script imports, installed in its own environment (never in
+  CI's): one line naming the first one missing."""
+  import importlib.util
+  for name in modules:
+    if importlib.util.find_spec(name) is None:
+      fail(f'{name} is not installed in this Python ({sys.executable}): the peer comparisons run '
+           'in their own environment: python3 -m venv .venv-peers && .venv-peers/bin/pip '
+           'install -r requirements.txt -r requirements-peers.txt')
 
 
 def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> list[int]:

@@ -13,6 +13,7 @@ KINDS = ('sequential', 'parallel', 'medusa')
 ATTENTION = ('einsum', 'fused')
 DTYPES = ('float32', 'bfloat16')
 HEAD_LOSSES = ('data', 'distill')
+DRAFT_DTYPES = ('float32', 'bfloat16', 'int8', 'q4_1')  # decode.draft_dtype
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,46 @@ def same_widths(fields: dict) -> dict:
   if str(head) == '0' and mlp is not None and out.get('mtp.kind') != 'medusa':
     out['mtp.head_mlp_dim'] = type(head)(mlp)
   return out
+
+
+def prompt_lines(path: str, name: str, empty: str = 'has no prompt') -> list[str]:
+  """The non-blank lines of a prompt file, one prompt a line (`name`: the flag or field that
+  gives it; `empty`: what the error says of a file without one); ConfigError where the file is
+  missing, not UTF-8 text or holds no prompt."""
+  try:
+    with open(path, encoding='utf-8-sig') as f:  # a byte-order mark is no part of the first
+      lines = [line.rstrip('\n') for line in f if line.strip()]
+  except FileNotFoundError:
+    raise ConfigError(f"{name}: no file '{path}'") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{name}: cannot read {path!r} as UTF-8 text of prompts ({e})') from None
+  if not lines:
+    raise ConfigError(f'{name}: {path} {empty}')
+  return lines
+
+
+def folder_problem(path: str, name: str) -> str | None:
+  """Why `path` (given as `name`) cannot be a folder to read and make things in (a file, a link
+  to nothing, a file above it), as one line, or None."""
+  if os.path.islink(path) and not os.path.exists(path):
+    return f'{name} {path} is a link to {os.readlink(path)}, which does not exist'
+  existing = os.path.abspath(path)
+  while not os.path.lexists(existing):
+    existing = os.path.dirname(existing)
+  if os.path.isdir(existing):
+    return None
+  if existing == os.path.abspath(path):
+    return f'{name} {path} is a file, not a directory'
+  return f'{name} {path}: {existing} is a file, not a directory'
+
+
+
+def check_address(address: str) -> None:
+  """distributed.coordinator_address: '' (one process), 'auto' or 'host:port'."""
+  host, _, port = address.rpartition(':')
+  _check(address in ('', 'auto') or (host and port.isascii() and port.isdigit()),
+         "distributed.coordinator_address must be '' (one process), 'auto' or 'host:port', got "
+         f'{address!r}')
 
 
 def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:
@@ -247,9 +288,11 @@ def validate(config) -> None:
          f"model.attention must be one of {', '.join(ATTENTION)}, got '{m.attention}'")
   _check(m.rope_theta > 0, f'model.rope_theta must be > 0, got {m.rope_theta}')
   half = (m.head_dim or m.d_model // m.num_heads) // 2
-  _check(not m.rope_factors or (len(m.rope_factors) == half and all(f > 0 for f in m.rope_factors)),
+  bad = [f for f in m.rope_factors
+         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0]
+  _check(not m.rope_factors or (len(m.rope_factors) == half and not bad),
          f'model.rope_factors must be empty or {half} numbers > 0 (one per rotary frequency), got '
-         f'{len(m.rope_factors)}')
+         + (f'{bad[0]!r} among them' if bad else f'{len(m.rope_factors)}'))
   _check(m.norm_eps > 0, f'model.norm_eps must be > 0, got {m.norm_eps}')
   _check(isinstance(m.qkv_bias, bool), f'model.qkv_bias must be True or False, got {m.qkv_bias!r}')
   _check(isinstance(m.qk_norm, bool), f'model.qk_norm must be True or False, got {m.qk_norm!r}')
@@ -301,6 +344,10 @@ def validate(config) -> None:
   _check(0 < config.data.valid_fraction < 1,
          f'data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}')
   _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
+  check_address(config.distributed.coordinator_address)
+  if config.data.cache_dir:
+    problem = folder_problem(config.data.cache_dir, 'data.cache_dir')
+    _check(not problem, problem)
   _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
          f"data.tokenizer: no file '{config.data.tokenizer}'")
   bad = [m for m in config.run_after_train.split(',') if m not in ('', 'demo', 'bench', 'eval')]
@@ -343,8 +390,8 @@ def validate_pretrained(config) -> None:
          f'data.self_tokens must be an integer >= 1, got {data.self_tokens!r}')
   _check(data.self_temperature >= 0,
          f'data.self_temperature must be >= 0 (0: greedy answers), got {data.self_temperature}')
-  _check(not data.self_prompts or os.path.isfile(data.self_prompts),
-         f"data.self_prompts: no file '{data.self_prompts}'")
+  if data.self_prompts:  # read here, before anything is written
+    prompt_lines(data.self_prompts, 'data.self_prompts', 'holds no user turn')
   _check(isinstance(data.self_answer_len, int) and data.self_answer_len >= 1,
          f'data.self_answer_len must be an integer >= 1, got {data.self_answer_len!r}')
 
@@ -362,7 +409,8 @@ def validate_decode(config) -> None:
          f'{d.eval_prompts!r}')
   _check(isinstance(d.bench_rounds, int) and d.bench_rounds >= 1,
          f'decode.bench_rounds must be an integer >= 1, got {d.bench_rounds!r}')
-  _check(not d.prompts or os.path.isfile(d.prompts), f"decode.prompts: no file '{d.prompts}'")
+  if d.prompts:  # read here, before anything is written
+    prompt_lines(d.prompts, 'decode.prompts')
   _check(isinstance(d.candidates, int) and d.candidates >= 1,
          f'decode.candidates must be an integer >= 1, got {d.candidates!r}')
   _check(isinstance(d.candidate_depth, int) and 1 <= d.candidate_depth <= max(depth, 1),
@@ -375,8 +423,8 @@ def validate_decode(config) -> None:
   _check(d.candidates <= drafts, f'decode.candidates={d.candidates}: the draft vocabulary holds '
          f'{drafts} tokens, fewer than that many different first drafts')
   _check(isinstance(d.tiles, bool), f'decode.tiles must be True or False, got {d.tiles!r}')
-  _check(d.draft_dtype in ('float32', 'bfloat16', 'int8', 'q4_1'),
-         f"decode.draft_dtype must be float32, bfloat16, int8 or q4_1, got {d.draft_dtype!r}")
+  _check(d.draft_dtype in DRAFT_DTYPES,
+         f"decode.draft_dtype must be one of {', '.join(DRAFT_DTYPES)}, got {d.draft_dtype!r}")
 
 
 def check_mtp_decoding(config) -> None:

@@ -330,10 +330,3 @@ def decode(tokenizer: tokenizers.Tokenizer, ids) -> str:
   return tokenizer.decode(np.asarray(ids).tolist(), skip_special_tokens=False)
 
 
-def prompt_lines(path: str) -> list[str]:
-  """The non-blank lines of a prompt file, one prompt a line."""
-  try:
-    with open(path, encoding='utf-8-sig') as f:  # a byte-order mark is no part of the first
-      return [line.rstrip('\n') for line in f if line.strip()]
-  except (OSError, UnicodeDecodeError) as e:
-    raise DataError(f'cannot read {path!r} as UTF-8 text of prompts ({e})') from None

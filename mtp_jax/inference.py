@@ -16,7 +16,7 @@ from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as dec
 from mtp_jax import measure
-from mtp_jax.config import ConfigError, check_mtp_decoding, draft_len
+from mtp_jax.config import ConfigError, check_mtp_decoding, draft_len, prompt_lines
 from mtp_jax.pretrained.tokenizer import chat_turn
 
 
@@ -100,9 +100,7 @@ def held_out_prompts(session, count: int) -> list[list[int]]:
   d = session.config.decode
   if not d.prompts:
     return validation_prompts(session, count, d.prompt_len)
-  lines = data_lib.prompt_lines(d.prompts)
-  if not lines:
-    raise ConfigError(f'decode.prompts: {d.prompts} has no prompt')
+  lines = prompt_lines(d.prompts, 'decode.prompts')
   return [encode_prompt(session, lines[i % len(lines)], d.chat) for i in range(count)]
 
 
@@ -253,9 +251,7 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
   """--prompt TEXT, or --prompt_file with one prompt a line ('ids: 1 2 3' for raw token ids; text
   goes through the chat template when decode.chat is on)."""
   if prompt_file:
-    if not os.path.isfile(prompt_file):
-      raise ConfigError(f'--prompt_file: no file {prompt_file!r}')
-    lines, flag = data_lib.prompt_lines(prompt_file), '--prompt_file'
+    lines, flag = prompt_lines(prompt_file, '--prompt_file'), '--prompt_file'
   else:
     lines, flag = [prompt] if prompt else [], '--prompt'
   if not lines:

@@ -10,7 +10,7 @@ from mtp_jax import inference
 from mtp_jax import sharding
 from mtp_jax import train as train_lib
 from mtp_jax.cli import DECODING_MODES, MODES
-from mtp_jax.config import ConfigError, check_mtp_decoding
+from mtp_jax.config import ConfigError, check_address, check_mtp_decoding
 from mtp_jax.pretrained import export as export_lib
 from mtp_jax.pretrained import fetch
 from mtp_jax.pretrained.resolve import resolve_config
@@ -48,6 +48,7 @@ def init_distributed(dist_cfg) -> None:
       raise ConfigError(f'distributed.coordinator_address=auto, but JAX found no cluster to read '
                         f'the address from ({e})') from None
     return
+  check_address(address)
   if not (isinstance(count, int) and count >= 1 and isinstance(index, int)
           and 0 <= index < count):
     raise ConfigError(f'distributed.process_id={index!r} must be in 0..distributed.num_processes-1'

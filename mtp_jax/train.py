@@ -30,7 +30,7 @@ from mtp_jax import features as feat_lib
 from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
-from mtp_jax.config import ConfigError, ModelConfig, validate
+from mtp_jax.config import ConfigError, ModelConfig, prompt_lines, validate
 from mtp_jax.loss import LossSpec, loss_of, loss_weight, metrics_of, positions, window_sums
 from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
@@ -440,9 +440,8 @@ class Session(Program):
     config, d = self.config, self.config.data
     root = d.cache_dir or os.path.join(self.workdir, 'data')
     if d.sources.strip() == 'self':
-      queries = data_lib.prompt_lines(d.self_prompts) if d.self_prompts else None
-      if d.self_prompts and not queries:
-        raise ConfigError(f'data.self_prompts: {d.self_prompts} holds no user turn')
+      queries = (prompt_lines(d.self_prompts, 'data.self_prompts', 'holds no user turn')
+                 if d.self_prompts else None)
       # A turn's place decides its split: a repeated one could be trained on and held out.
       seen = {}
       for i, q in enumerate(queries or []):
@@ -500,8 +499,8 @@ class Session(Program):
         raise data_lib.DataError(
             f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
             f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
-            f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a larger '
-            'data.valid_fraction')
+            f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a '
+            f"{'larger' if split == 'valid' else 'smaller'} data.valid_fraction")
 
   def _build(self, root: str, spec: dict, write) -> dict:
     """The feature cache for `spec` (with the trunk's feature layers, when it keeps features),

@@ -209,6 +209,31 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
     assert_user_error(launch(tmp_path / 'a', flags=['--mode=train,generate',
                                                     f'--prompt_file={prompt_file}'],
                              PYTHONPATH=path), words)
+  # a prompt file that holds no prompt, as --prompt_file and as decode.prompts
+  (fake / 'blank.txt').write_text('\n  \n')
+  assert_user_error(launch(tmp_path / 'a', flags=['--mode=train,generate',
+                                                  f'--prompt_file={fake / "blank.txt"}'],
+                           PYTHONPATH=path), f'--prompt_file: {fake / "blank.txt"} has no prompt')
+  assert_user_error(launch(tmp_path / 'a', {'decode.prompts': str(fake / 'blank.txt')},
+                           PYTHONPATH=path), 'decode.prompts:', 'has no prompt')
+  # folders that cannot be: a cache that is a file, a workdir that links to nothing
+  assert_user_error(launch(tmp_path / 'a', {'data.cache_dir': str(tmp_path / 'file')},
+                           PYTHONPATH=path), f'data.cache_dir {tmp_path / "file"} is a file')
+  os.symlink(tmp_path / 'gone', fake / 'link')
+  assert_user_error(launch(fake / 'link', PYTHONPATH=path),
+                    f'--workdir {fake / "link"} is a link to {tmp_path / "gone"}, which does not')
+  # values of the wrong kind
+  assert_user_error(launch(tmp_path / 'a', {'model.rope_factors': ('a',) * 4}, PYTHONPATH=path),
+                    'model.rope_factors must be empty or', "'a' among them")
+  assert_user_error(launch(tmp_path / 'a', {'distributed.coordinator_address': 'nonsense',
+                                            'distributed.num_processes': 2}, PYTHONPATH=path),
+                    "'host:port', got 'nonsense'")
+  # config files that give no config
+  (fake / 'plain.py').write_text('def get_config():\n  return {"model": 1}\n')
+  for config, words in ((fake / 'plain.py', 'get_config() must return an ml_collections ConfigDict'),
+                        ('configs/__init__.py', 'the config file: it defines no get_config()')):
+    assert_user_error(run_script('launch.py', '--config', str(config), '--workdir',
+                                 str(tmp_path / 'a'), PYTHONPATH=path), words)
   proc = launch(tmp_path / 'c', flags=['--mode=eval'], PYTHONPATH=path)
   assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
   assert sorted(os.listdir(tmp_path)) == ['file', 'nojax']
@@ -457,6 +482,29 @@ def test_every_experiment_refuses_a_stray_argument_in_one_line(script):
   """Each experiment starts through cli.start, as launch.py does: a positional argument (a flag
   typed without its dashes) is one error line and exit 2, before any work."""
   assert_user_error(run_script(script, 'rounds=3'), 'unexpected arguments: rounds=3')
+
+
+def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, capsys):
+  """A count out of its bounds (a timing of 0 rounds printed inf, 0 threads was a traceback), an
+  empty or unknown list value, a folder that is a file: one error line, exit 2, before the
+  script loads or times anything; a peer package missing is said, not an ImportError."""
+  (tmp_path / 'file').write_text('')
+  for args, words in (
+      (['experiments/bench_matmul.py', '--rounds=0'], 'flag --rounds=0: 0 is not a positive'),
+      (['experiments/bench_matmul.py', '--shapes='], '--shapes: give at least one'),
+      (['experiments/bench_peers.py', '--threads=0'], 'flag --threads=0: 0 is not a positive'),
+      (['experiments/draft_vocab.py', '--dtypes=bogus'], '--dtypes takes some of float32,'),
+      (['experiments/draft_vocab.py', '--sizes=-5'], "--sizes takes 'full' or positive"),
+      (['experiments/ablate.py', f'--root={tmp_path / "file"}'], f'--root {tmp_path}/file is a'),
+      (['experiments/bench_train.py', '--flops_only', '--config.train.seq_len=0'],
+       'train.seq_len must be an integer >= 1, got 0')):
+    assert_user_error(run_script(*args), *words)
+  from mtp_jax import cli
+  with pytest.raises(SystemExit) as stop:
+    cli.require_peers('json', 'no_such_peer_package')
+  assert stop.value.code == 2
+  assert capsys.readouterr().err.startswith('error: no_such_peer_package is not installed in')
+  assert sorted(os.listdir(tmp_path)) == ['file']
 
 
 def test_list_flags_take_positive_integers_in_ascii_digits():

@@ -13,6 +13,7 @@ import pytest
 import tokenizers
 
 from mtp_jax import data
+from mtp_jax.config import ConfigError, prompt_lines
 
 TEXTS = {
     'a.txt': 'The quick brown fox jumps over the lazy dog.\n' * 20,
@@ -303,18 +304,21 @@ def test_stdlib_path_sources():
 
 
 def test_a_prompt_file_that_is_not_utf8_text_is_one_error(tmp_path):
-  """decode.prompts or --prompt_file in another encoding: a DataError naming the file (launch.py
-  prints it as its one line), not a traceback."""
+  """decode.prompts or --prompt_file in another encoding, or without a prompt: a ConfigError
+  naming the file (launch.py prints it as its one line), not a traceback."""
   path = tmp_path / 'latin1.txt'
   path.write_bytes(b'caf\xe9\n')
-  with pytest.raises(data.DataError, match=f"cannot read '{path}' as UTF-8 text of prompts"):
-    data.prompt_lines(str(path))
+  with pytest.raises(ConfigError, match=f"^--prompt_file: cannot read '{path}' as UTF-8 text"):
+    prompt_lines(str(path), '--prompt_file')
   (tmp_path / 'ok.txt').write_text('one\n\n  \ntwo\n')
-  assert data.prompt_lines(str(tmp_path / 'ok.txt')) == ['one', 'two']
+  assert prompt_lines(str(tmp_path / 'ok.txt'), 'p') == ['one', 'two']
+  (tmp_path / 'blank.txt').write_text('\n \n')
+  with pytest.raises(ConfigError, match='^decode.prompts: .*blank.txt has no prompt$'):
+    prompt_lines(str(tmp_path / 'blank.txt'), 'decode.prompts')
   # as a Windows editor writes it: a byte-order mark (an 'ids:' line would read as text) and
   # CRLF line ends
   (tmp_path / 'bom.txt').write_bytes(b'\xef\xbb\xbfids: 1 2\r\nhi\r\n')
-  assert data.prompt_lines(str(tmp_path / 'bom.txt')) == ['ids: 1 2', 'hi']
+  assert prompt_lines(str(tmp_path / 'bom.txt'), 'p') == ['ids: 1 2', 'hi']
 
 
 def test_stdlib_sources():

@@ -438,19 +438,24 @@ def test_a_bad_config_is_one_error_line_before_anything_is_written(
   assert not os.path.exists(workdir) or os.listdir(workdir) == [], os.listdir(workdir)
 
 
-def test_a_window_longer_than_a_split_is_refused_before_training(tmp_path):
+@pytest.mark.parametrize('fraction, split, advice', [(0.01, 'valid', 'larger'),
+                                                    (0.99, 'train', 'smaller')])
+def test_a_window_longer_than_a_split_is_refused_before_training(tmp_path, fraction, split,
+                                                                 advice):
   # One document is split by length: its last 1% (a few hundred tokens) is held out, too
-  # short for one window, which the first evaluation (here after step 3) would find out.
+  # short for one window, which the first evaluation (here after step 3) would find out (or
+  # 99% held out, and the training split is too short).
   # The split sizes are known once the data is prepared, so data/ may exist; nothing may be
   # trained, checkpointed or logged.
   workdir = str(tmp_path / 'run')
   run = Launch(workdir, stdlib_corpus('difflib.py'), {
-      'data.valid_fraction': 0.01, 'model.max_seq_len': 1024, 'train.seq_len': 1000,
+      'data.valid_fraction': fraction, 'model.max_seq_len': 1024, 'train.seq_len': 1000,
       'train.steps': 3})
   assert run.finish() != 0
   assert run.progress() == 0
   assert not {'checkpoints', 'tb', 'config.json'} & set(os.listdir(workdir)), os.listdir(workdir)
-  error_line(run.err, r'train\.seq_len=1000', r'valid split', r'train\.seq_len <= \d+')
+  error_line(run.err, r'train\.seq_len=1000', f'{split} split', r'train\.seq_len <= \d+',
+             f'{advice} data\\.valid_fraction')
 
 
 def test_a_deeper_mtp_than_the_checkpoint_is_refused_without_touching_files(
