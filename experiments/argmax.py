@@ -56,11 +56,6 @@ def argmax_loop(argmax, calls: int):
 def main(argv):
   cli.start(argv, persist=False)
   batches = cli.positive_ints(_BATCHES.value, '--batches')
-  for flag in (_ROUNDS, _CALLS):
-    if flag.value < 1:
-      cli.fail(f'--{flag.name} must be at least 1, got {flag.value}')
-  if _PROMPTS.value < 0:
-    cli.fail(f'--prompts must be 0 or more, got {_PROMPTS.value}')
   if not _WORKDIR.value and not _RANDOM.value:
     cli.fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
   import jax.numpy as jnp

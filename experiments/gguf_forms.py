@@ -54,8 +54,6 @@ def main(argv):
   if not types or any(t not in known for t in types) or len(set(types)) < len(types):
     cli.fail(f'--types must be distinct types among {", ".join(known)}, got '
              f'{",".join(_TYPES.value)}')
-  if _DRAFT_LEN.value < 1 or _ROUNDS.value < 1:
-    cli.fail('--draft_len and --rounds must be at least 1')
   if config.model.init_from != 'smollm2':
     cli.fail(f'the config must start from the packaged SmolLM2 file (model.init_from = '
              f'smollm2), got {config.model.init_from!r}')

@@ -570,10 +570,6 @@ def main(argv):
   try:
     if config.mtp.depth < 1:
       raise ConfigError('mtp.depth=0: there are no heads to score')
-    if _TOP.value < 1:
-      raise ConfigError(f'--top must be >= 1, got {_TOP.value}')
-    if _MISSES.value < 0:
-      raise ConfigError(f'--misses must be >= 0, got {_MISSES.value}')
     trees, sparse, depths, stops = replay_options(
         config.mtp.depth, simulate=_SIMULATE.value, top=_TOP.value, trees=_TREE.value,
         sparse=_SPARSE.value, candidate_depth=_DEPTHS.value, table=_TABLE.value,

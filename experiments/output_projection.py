@@ -30,8 +30,6 @@ _ROUNDS = flags.DEFINE_integer('rounds', 20, 'Interleaved timing rounds; the fas
 def main(argv):
   cli.start(argv, persist=False)
   rows = cli.positive_ints(_ROWS.value, '--rows')
-  if _ROUNDS.value < 1:
-    cli.fail(f'--rounds must be at least 1, got {_ROUNDS.value}')
   config = _CONFIG.value
   if not config.model.init_from:
     cli.fail('the config has no pretrained trunk (model.init_from)')

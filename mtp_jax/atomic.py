@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -69,7 +70,7 @@ def replacing_folder(path: str):
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   _clear_killed_writers(path)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + '.', suffix='.tmp')
+  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + _WRITER, suffix='.tmp')
   old = tmp[:-len('.tmp')] + '.old'
   lock = os.open(tmp, os.O_RDONLY)
   try:
@@ -93,6 +94,25 @@ def replacing_folder(path: str):
     os.close(lock)
 
 
+_WRITER = '.writing-'  # replacing_folder's folders: PATH.writing-XXXXXXXX.tmp (mkdtemp's 8), .old
+
+
+def held_elsewhere(folder: str) -> bool:
+  """Whether another process holds `folder`'s lock (exclusive) now; True where the file system
+  has no locks (nothing then says it is free); False for a folder that does not exist."""
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except FileNotFoundError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return False
+  except OSError:
+    return True
+  finally:
+    os.close(fd)  # releases it if this call took it
+
+
 def _try_lock(fd: int) -> bool:
   """Whether this process now holds `fd`'s lock: False when another holds it, or the file
   system has no locks (then nothing counts as left by a killed writer)."""
@@ -109,10 +129,11 @@ def _clear_killed_writers(path: str) -> None:
   back if `path` is missing (the writer died between its renames) and removed otherwise."""
   parent, base = os.path.split(os.path.abspath(path))
   names = set(os.listdir(parent))
+  ours = re.compile(re.escape(base + _WRITER) + r'[a-z0-9_]{8}\.(tmp|old)')
   for name in sorted(names):
-    stem, ext = os.path.splitext(name)
-    if not (stem.startswith(base + '.') and len(stem) > len(base) + 1 and ext in ('.tmp', '.old')):
+    if not ours.fullmatch(name):
       continue
+    stem, ext = os.path.splitext(name)
     tmp = os.path.join(parent, stem + '.tmp')
     if stem + '.tmp' in names:
       try:

@@ -216,13 +216,16 @@ def _file_sizes(root: str) -> dict:
 
 
 
-def holds_checkpoints(workdir: str) -> bool:
-  """Whether WORKDIR/checkpoints holds anything: a step, one being saved or one set aside. Until
-  it does, the config.json and tokenizer.json a run left there bind no later run."""
+def holds_checkpoints(workdir: str, in_flight: bool = True) -> bool:
+  """Whether WORKDIR/checkpoints holds anything: a step, one set aside or, with `in_flight`, one
+  being saved (Orbax's temporary folder: another run may be saving its first step; a run that
+  holds the workdir knows it was left by a killed one). Until it does, the config.json and
+  tokenizer.json a run left there bind no later run."""
   try:
-    return bool(os.listdir(os.path.join(workdir, 'checkpoints')))
+    names = os.listdir(os.path.join(workdir, 'checkpoints'))
   except FileNotFoundError:
     return False
+  return any(in_flight or ocp.utils.TMP_DIR_SUFFIX not in name for name in names)
 
 
 def save_config(workdir: str, config) -> None:

@@ -330,13 +330,15 @@ class Session(Program):
     if check is not None and not early:
       check(self)
 
-  def check_workdir(self, config):
+  def check_workdir(self, config, held: bool = False):
     """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
     checkpoint (bad input, a non-finite first step) binds nothing: what its config.json and
     tokenizer.json say matters once a checkpoint exists (`bound`). A config.json that is not a
     run's (the workdir is a model's own directory) is refused where the session would write its
-    own files there."""
-    self.bound = ckpt_lib.holds_checkpoints(self.workdir)
+    own files there. A checkpoint being saved binds only while a run that may be saving it holds
+    the workdir (`held`: this run does; otherwise another may), else a killed run left it."""
+    saving = not held and atomic.held_elsewhere(self.workdir)
+    self.bound = ckpt_lib.holds_checkpoints(self.workdir, in_flight=saving)
     if not self.bound and self.writes and ckpt_lib.foreign_config(self.workdir):
       raise ckpt_lib.CheckpointError(
           f'{self.workdir} holds a config.json that is not a run\'s (a model\'s own directory?), '
@@ -353,7 +355,7 @@ class Session(Program):
     """The workdir's checks again, once a training holds the workdir: a run it waited for may
     have saved checkpoints since, of another model or trained from another model file, and the
     checkpoint manager lists only the steps it saw when it was made."""
-    self.check_workdir(self.config)
+    self.check_workdir(self.config, held=True)
     self.checkpointer.reload()
     self._check_trunk(self.config)
 

@@ -109,18 +109,21 @@ def test_replacing_folder_clears_what_a_killed_writer_left(tmp_path):
   child.wait()
   assert os.path.isdir(killed)
   # Died between its renames: its folder (unlocked, filled) and the old one set aside.
-  os.replace(path, str(path) + '.died.old')
-  os.mkdir(str(path) + '.died.tmp')
-  (tmp_path / 'export.old').mkdir()  # a folder of the user's, not a writer's: left alone
+  os.replace(path, str(path) + '.writing-died_now.old')
+  os.mkdir(str(path) + '.writing-died_now.tmp')
+  for mine in ('export.old', 'export.step1000.old', 'export.backup.tmp'):  # the user's: left
+    (tmp_path / mine).mkdir()
   with atomic.replacing_folder(str(path)) as tmp:
     with atomic.replacing_folder(str(path)) as inner:  # a second writer meanwhile
       assert os.path.isdir(tmp) and (path / 'a').read_text() == 'old'
       assert sorted(os.listdir(tmp_path)) == sorted(
-          ['export', 'export.old', os.path.basename(tmp), os.path.basename(inner)])
+          ['export', 'export.old', 'export.step1000.old', 'export.backup.tmp',
+           os.path.basename(tmp), os.path.basename(inner)])
       (tmp_path / inner / 'a').write_text('inner')
     (tmp_path / tmp / 'a').write_text('new')
   assert (path / 'a').read_text() == 'new'
-  assert sorted(os.listdir(tmp_path)) == ['export', 'export.old']
+  assert sorted(os.listdir(tmp_path)) == ['export', 'export.backup.tmp', 'export.old',
+                                          'export.step1000.old']
 
 
 def test_exclusive_says_whether_it_holds_the_lock(tmp_path, monkeypatch):

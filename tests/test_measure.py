@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtp_jax import measure
 
@@ -55,11 +56,24 @@ def test_a_rate_repeats_a_short_call_and_keeps_its_fastest_run(monkeypatch):
   assert next(durations, None) is None
 
 
-def test_rooflines_report_the_work_they_timed():
+def test_rooflines_report_the_work_they_timed(monkeypatch):
+  """The work each roofline reports is that of the call it timed: the timing loop (the real one)
+  is watched for what it was given."""
+  timed, real = [], measure._best_rate
+
+  def watched(fn, args, work, runs, **kw):
+    timed.append((fn, args, work))
+    return real(fn, args, work, runs, **kw)
+  monkeypatch.setattr(measure, '_best_rate', watched)
   mm = measure.matmul_roofline('float32', n=64, runs=2)
-  assert mm['n'] == 64 and mm['flops'] == 2 * 64**3 and mm['flops_per_s'] > 0
+  (fn, (a, b), work), = timed
+  assert a.shape == b.shape == (64, 64) and a.dtype == b.dtype == jnp.float32
+  np.testing.assert_allclose(fn(a, b), np.asarray(a) @ np.asarray(b), rtol=1e-5, atol=1e-4)
+  assert mm['n'] == 64 and mm['flops'] == work == 2 * 64**3 and mm['flops_per_s'] > 0
   bw = measure.read_bandwidth(nbytes=2**20, runs=2)
-  assert bw['bytes'] == 2**20 and bw['bytes_per_s'] > 0
+  (fn, (x,), work) = timed[1]
+  assert x.nbytes == work == bw['bytes'] == 2**20 and bw['bytes_per_s'] > 0
+  np.testing.assert_allclose(fn(x), np.asarray(x).sum(), rtol=1e-6)
 
 
 def test_loop_operations_are_those_inside_the_largest_while_loop():
