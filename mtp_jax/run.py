@@ -140,8 +140,10 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
     summary = train_lib.train(config, workdir, eval_hook=inference.eval_hook(config), check=check)
     # What run_after_train finished is recorded in summary.json (`after_train`), so that a rerun
     # of a finished run runs only what a crash or a signal cut short, not what is done.
-    done = (train_lib.read_summary(workdir).get('after_train', [])
-            if summary['resumed_from'] >= summary['step'] else [])
+    # (A summary of an earlier, shorter training in the workdir is not this one's.)
+    old = train_lib.read_summary(workdir)
+    done = (old.get('after_train', []) if summary['resumed_from'] >= summary['step']
+            and old.get('step') == summary['step'] else [])
     summary['after_train'] = [m for m in after if m in done]
     bench_json = os.path.join(workdir, 'bench.json')
     if 'bench' in done:

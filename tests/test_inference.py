@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import assert_user_error, launch_summary, run_script, snapshot, text_config
-from mtp_jax import data, inference, run, train
+from mtp_jax import atomic, data, inference, run, train
 from mtp_jax import decode as dec
 from mtp_jax.config import ConfigError, apply_overrides, as_flags
 
@@ -137,6 +137,12 @@ def test_a_bench_after_training_cut_short_runs_on_the_rerun(trained, monkeypatch
   os.remove(summary['bench'])
   assert run.run('train', config, workdir)['after_train'] == ['bench']
   assert not os.path.exists(summary['bench'])  # done: not run again
+  # The summary of an earlier, shorter training (train.steps raised since, and the longer
+  # training killed before it wrote its own): its bench was of another checkpoint.
+  earlier = json.load(open(os.path.join(workdir, 'summary.json')))
+  atomic.write_json(os.path.join(workdir, 'summary.json'), {**earlier, 'step': earlier['step'] - 1})
+  assert run.run('train', config, workdir)['after_train'] == ['bench']
+  assert json.load(open(summary['bench']))['complete'] is True  # run again
 
 
 def test_greedy_mtp_equals_ar_as_users_compile(trained, tmp_path):
