@@ -855,10 +855,14 @@ EVALUATED = 'evaluated.json'
 PARTS = ('eval', 'hook')  # of an evaluation: the validation split's metrics, then the eval hook
 
 
+RETRIES = 2  # reruns cut short (killed) while they log a step's missing part, before it is left out
+
+
 def _read_evaluated(workdir: str) -> dict:
   """WORKDIR/evaluated.json: {'step': the last checkpoint step that also evaluates, 'logged': the
-  PARTS of its evaluation whose events are on disk, 'retried': those a rerun has tried again};
-  {} where there is none or it cannot be read."""
+  PARTS of its evaluation whose events are on disk, 'tries': {part: how many reruns began to log
+  it}, 'failed': the parts whose retry raised}; {} where there is none or it cannot be read. (A
+  record's 'retried', as runs wrote it before 'tries', are parts that failed.)"""
   try:
     with open(os.path.join(workdir, EVALUATED), encoding='utf-8') as f:
       record = json.load(f)
@@ -866,9 +870,15 @@ def _read_evaluated(workdir: str) -> dict:
     return {}
   parts = lambda value: (isinstance(value, list)
                          and all(isinstance(p, str) and p in PARTS for p in value))
+  tries = record.get('tries', {}) if isinstance(record, dict) else None
   good = (isinstance(record, dict) and type(record.get('step')) is int
-          and parts(record.get('logged')) and parts(record.get('retried', [])))
-  return record if good else {}
+          and parts(record.get('logged')) and parts(record.get('failed', []))
+          and parts(record.get('retried', [])) and isinstance(tries, dict)
+          and parts(list(tries)) and all(type(n) is int for n in tries.values()))
+  if not good:
+    return {}
+  return {'step': record['step'], 'logged': record['logged'], 'tries': tries,
+          'failed': sorted(set(record.get('failed', [])) | set(record.get('retried', [])))}
 
 
 class _Periodic:
@@ -882,6 +892,8 @@ class _Periodic:
     self.t = session.config.train
     self.eval_metrics = {}
     self.left_out = ()  # parts of the resumed step's evaluation that failed again when retried
+    self._attempts = {}  # what evaluated.json says of reruns' tries: 'tries', 'failed'
+    self._logged = set()  # the parts of the evaluation under way that are logged
 
   def after(self, step: int, state, stop) -> None:
     t = self.t
@@ -896,6 +908,7 @@ class _Periodic:
       if boundary:
         self.log.reopen()
         if is_eval:  # before the checkpoint exists: a rerun from it finds its evaluation due
+          self._attempts = {}  # a new step's: no rerun has tried it
           self._record(step, ())
         meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
         if self.session.trunk_identity:  # the model file it was trained from
@@ -906,10 +919,10 @@ class _Periodic:
       if is_eval:
         self.evaluate(step, state['params'], record=boundary)
 
-  def evaluate(self, step: int, params, record: bool = False, logged=(), retried=()):
+  def evaluate(self, step: int, params, record: bool = False, logged=()):
     """Evaluates and logs the PARTS not in `logged`; with `record`, each part's events are
     written to disk (the event file reopened) and then recorded, before the run goes on."""
-    logged = set(logged)
+    logged = self._logged = set(logged)
     metrics = self.session.evaluate(params)
     if 'eval' not in logged:
       self.log.scalars(metrics, step, 'eval/')
@@ -917,31 +930,32 @@ class _Periodic:
       logged.add('eval')
       if record:
         self.log.reopen()
-        self._record(step, logged, retried)
+        self._record(step, logged)
     if self.eval_hook is not None and 'hook' not in logged:
       # its metrics join the eval dict that train returns
       metrics.update(self.eval_hook(self.session, params, step, self.log.writer) or {})
       logged.add('hook')
       if record:
         self.log.reopen()
-        self._record(step, logged, retried)
+        self._record(step, logged)
     self.eval_metrics = metrics
 
   def finish_evaluation(self, step: int, params) -> bool:
     """At a rerun's start (from checkpoint `step`): the parts of that step's evaluation that are
-    not on disk (the run that saved it was killed during it, or a part failed) are logged now,
-    once: a part that fails again is left out by the next rerun, which goes on without it
-    (`left_out`). Process 0 reads the record and decides for every process. Whether it
-    evaluated."""
+    not on disk (the run that saved it was killed during it, or a part failed) are logged now: a
+    part that fails again (raises) is left out by the next rerun, which goes on without it
+    (`left_out`), as is one whose retry was cut short (killed) RETRIES times. Process 0 reads
+    the record and decides for every process. Whether it evaluated."""
     parts = PARTS if self.eval_hook is not None else PARTS[:1]
-    todo, skip, retried = [], [], []
+    todo, skip, tries, failed = [], [], {}, []
     if step and jax.process_index() == 0:
       record = _read_evaluated(self.session.workdir)
       if record.get('step') == step:
-        retried = record.get('retried', [])
+        tries, failed = record['tries'], record['failed']
         missing = [p for p in parts if p not in record['logged']]
-        skip = [p for p in missing if p in retried]
-        todo = [p for p in missing if p not in retried]
+        given_up = set(failed) | {p for p, n in tries.items() if n >= RETRIES}
+        skip = [p for p in missing if p in given_up]
+        todo = [p for p in missing if p not in given_up]
         if 'eval' in skip:  # every part runs after the validation split's
           skip, todo = missing, []
     mask = sum(1 << i for i, p in enumerate(parts) if p in todo)
@@ -952,22 +966,34 @@ class _Periodic:
     self.left_out = [p for i, p in enumerate(parts) if mask >> len(parts) + i & 1]
     if self.left_out:
       tqdm.tqdm.write(f'step {step}: its evaluation ({", ".join(self.left_out)}) failed again when '
-                      'a rerun retried it; going on without it', file=sys.stderr)
+                      f'a rerun retried it (or {RETRIES} reruns were cut short while they did); '
+                      'going on without it', file=sys.stderr)
     if not todo:
       return False
     tqdm.tqdm.write(f'step {step}: logging its evaluation ({", ".join(todo)}), which is not on '
                     'disk from the run that saved the step', file=sys.stderr)
     logged = [p for p in parts if p not in todo]
-    retried = sorted(set(retried) | set(todo))
-    self._record(step, logged, retried)  # tried once: if it fails again, the next goes on
-    self.evaluate(step, params, record=True, logged=logged, retried=retried)
+    # Counted before it runs: a part that kills its run (out of memory) every time is left out
+    # after RETRIES reruns; one that raises, at once (by the next rerun).
+    self._attempts = {'tries': {**tries, **{p: tries.get(p, 0) + 1 for p in todo}},
+                      'failed': failed}
+    self._record(step, logged)
+    try:
+      self.evaluate(step, params, record=True, logged=logged)
+    except Exception:
+      self._attempts['failed'] = sorted(set(failed) | (set(todo) - self._logged))
+      self._record(step, self._logged)
+      raise
     return True
 
-  def _record(self, step: int, logged, retried=()):
+  def _record(self, step: int, logged):
     if jax.process_index() == 0:
+      a = self._attempts
       atomic.write_json(os.path.join(self.session.workdir, EVALUATED),
                         {'step': step, 'logged': [p for p in PARTS if p in logged],
-                         **({'retried': [p for p in PARTS if p in retried]} if retried else {})})
+                         **({'tries': a['tries']} if a.get('tries') else {}),
+                         **({'failed': [p for p in PARTS if p in a['failed']]}
+                            if a.get('failed') else {})})
 
 
 def train(config, workdir: str, eval_hook=None, check=None) -> dict:

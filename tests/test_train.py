@@ -213,6 +213,7 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path,
     train.train(config, workdir, eval_hook=hook(fail=True))
   assert checkpoint_steps(workdir) == [N]
   failing = shutil.copytree(workdir, tmp_path / 'failing')
+  cut = shutil.copytree(workdir, tmp_path / 'cut')
   capfd.readouterr()
   resumed = train.train(config, workdir, eval_hook=hook(fail=False))
   assert (f'step {N}: logging its evaluation (hook), which is not on disk from the run that '
@@ -233,9 +234,25 @@ def test_a_failing_evaluation_keeps_its_steps_checkpoint(straight_run, tmp_path,
   assert checkpoint_steps(failing) == [N]
   capfd.readouterr()
   assert train.train(config, str(failing), eval_hook=hook(fail=True))['step'] == 2 * N
-  assert (f'step {N}: its evaluation (hook) failed again when a rerun retried it; going on '
-          'without it' in capfd.readouterr().err)
+  assert (f'step {N}: its evaluation (hook) failed again when a rerun retried it (or '
+          f'{train.RETRIES} reruns were cut short while they did); going on without it'
+          in capfd.readouterr().err)
   assert [s for s, _ in scalars(failing)['hook/step']] == [2 * N]
+  # A retry cut short (here by an interrupt; a kill -9 runs no code at all) is no failure of the
+  # part: the next rerun tries again, until RETRIES reruns were cut short.
+  def cut_short(session, params, step, writer):
+    raise KeyboardInterrupt
+  for tries in range(1, train.RETRIES + 1):
+    with pytest.raises(KeyboardInterrupt):
+      train.train(config, str(cut), eval_hook=cut_short)
+    rerun = shutil.copytree(cut, tmp_path / f'rerun{tries}')
+    capfd.readouterr()
+    assert train.train(config, str(rerun), eval_hook=hook(fail=False))['step'] == 2 * N
+    steps = [s for s, _ in scalars(rerun)['hook/step']]
+    if tries < train.RETRIES:
+      assert steps == [N, 2 * N] and 'logging its evaluation (hook)' in capfd.readouterr().err
+    else:
+      assert steps == [2 * N] and 'going on without it' in capfd.readouterr().err
   # The same at the last step, where a finished run's rerun evaluates for its summary: it leaves
   # the part out there too, and writes its summary.
   last = copy_run(straight_run, tmp_path)
