@@ -33,8 +33,7 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory holding the heads (
 _RANDOM = flags.DEFINE_bool('random', False, 'Random weights and random prompts instead of a '
                             'checkpoint (the times do not depend on the weights).')
 _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes of part 1.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(5)
 _CALLS = flags.DEFINE_integer('calls', 50, 'Calls per timing loop in part 1.', lower_bound=1)
 _PROMPTS = flags.DEFINE_integer('prompts', 8, 'Held-out prompts decoded in part 2 (0: skip it).',
                                 lower_bound=0)

@@ -30,8 +30,7 @@ from mtp_jax import cli  # noqa: E402
 _SHAPES = flags.DEFINE_list('shapes', ['2048x576x576', '2048x576x192', '2048x576x1536',
                                        '2048x1536x576', '2048x2880x576', '2048x576x8192'],
                             'Products M x K x N.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(5)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:

@@ -39,8 +39,7 @@ _DECODE_PROMPTS = flags.DEFINE_integer('decode_prompts', 8, 'Prompts decoded (0:
                                        lower_bound=0)
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S of the mtp rows (0: every head, D).',
                                   lower_bound=0)
-_ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(3)
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 

@@ -38,8 +38,7 @@ _DEPTHS = flags.DEFINE_list('depths', ['1'], 'Drafts C per alternative\'s branch
                             'with K > 1).')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0: greedy); top_k '
                                    'and top_p come from the config.', lower_bound=0.0)
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(2)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 _TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both', 'forms'], 'config: '
                            'decode.tiles; both: every setting also without the tile unit (where '

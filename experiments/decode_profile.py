@@ -62,8 +62,7 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory holding the checkpo
 _RANDOM = flags.DEFINE_bool('random', False, 'Random weights and random prompts instead of a '
                             'checkpoint (per-iteration costs do not depend on the weights).')
 _BATCHES = flags.DEFINE_list('batches', ['1', '8'], 'Batch sizes.')
-_ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(5)
 _CALLS = flags.DEFINE_integer('calls', 100, 'Model calls per component timing loop.', lower_bound=1)
 _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Temperature of the loops in part 1 (0: '

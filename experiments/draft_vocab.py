@@ -29,8 +29,7 @@ _SIZES = flags.DEFINE_list('sizes', ['full', '16384', '8192', '4096'], 'Draft vo
 _DTYPES = flags.DEFINE_list('dtypes', ['float32'], 'decode.draft_dtype values (float32, '
                             'bfloat16, int8, q4_1).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', 0, 'S (0: every head, D).', lower_bound=0)
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(2)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 

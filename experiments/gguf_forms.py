@@ -33,8 +33,7 @@ _TYPES = flags.DEFINE_list('types', ['Q4_1', 'Q4_0', 'Q8_0', 'F32'], 'GGUF tenso
                            'the file as it ships (those gguf_file.rewritten writes: F32, Q8_0, '
                            'Q4_0, Q4_1, Q5_0).')
 _DRAFT_LEN = flags.DEFINE_integer('draft_len', 1, 'S of the `mtp` rows.', lower_bound=1)
-_ROUNDS = flags.DEFINE_integer('rounds', 2, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(2)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 

@@ -23,8 +23,7 @@ from mtp_jax.config import ConfigError  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
 _ROWS = flags.DEFINE_list('rows', ['1', '2', '4', '8', '16', '32'], 'Input rows M.')
-_ROUNDS = flags.DEFINE_integer('rounds', 20, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(20)
 
 
 def main(argv):

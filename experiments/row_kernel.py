@@ -45,8 +45,7 @@ _KV_WIDTH = flags.DEFINE_integer('kv_width', 192, 'Width of k and v (kv heads x 
                                  lower_bound=1)
 _FFN = flags.DEFINE_integer('ffn', 1536, 'Feed-forward width.', lower_bound=1)
 _LAYERS = flags.DEFINE_integer('layers', 30, 'Layers.', lower_bound=1)
-_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds; the fastest is kept.',
-                               lower_bound=1)
+_ROUNDS = cli.rounds_flag(10)
 _CACHED = flags.DEFINE_bool('cached', False, 'Every layer multiplies by the first layer\'s '
                             'weights, which stay in the last-level cache where one layer fits '
                             '(SmolLM2\'s: 14 MB): the products\' arithmetic without reads '

@@ -117,6 +117,13 @@ def start(argv, persist: bool = True) -> None:
     run.persist_compiled_programs()
 
 
+def rounds_flag(default: int):
+  """The --rounds flag of a script that times things: interleaved rounds, the fastest kept."""
+  from absl import flags
+  return flags.DEFINE_integer('rounds', default, 'Interleaved timing rounds; the fastest is kept.',
+                              lower_bound=1)
+
+
 def require_peers(*modules: str) -> None:
   """The peer packages a comparison script imports, installed in its own environment (never in
   CI's): one line naming the first one missing."""
