@@ -356,12 +356,15 @@ def gguf_rounded(w, qtype):
 
 
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
-               extra=None, floats=None, pre='default', chat=CHAT, eot=None, pad=None):
+               extra=None, floats=None, pre='default', chat=CHAT, eot=None, pad=None, eos=None,
+               types=None, merges=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
   when given. `drop` (tensors, or the keys llama.attention.layer_norm_rms_epsilon and
   llama.attention.head_count), `reshape`,
   `extra` (tensors) and `floats` (metadata keys) make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
-  end-of-turn token id and `pad` the padding token (its text), when given."""
+  end-of-turn token id and `pad` the padding token (its text), when given; `eos` (an id), `types`
+  (token types) and `merges` replace the file's own, and a `chat` that is a number is written as
+  one, for the error tests."""
   import gguf
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
@@ -386,19 +389,22 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
   w.add_rope_freq_base(f['model.rope_theta'])
   if 'llama.attention.layer_norm_rms_epsilon' not in drop:
     w.add_layer_norm_rms_eps(f['model.norm_eps'])
-  tokens, merges = byte_tokens()
+  tokens, own_merges = byte_tokens()
   w.add_tokenizer_model('gpt2')
   w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
-  w.add_token_merges(merges)
-  w.add_token_types([3 if t.startswith('<|') else 1 for t in tokens])
+  w.add_token_merges(own_merges if merges is None else merges)
+  w.add_token_types([3 if t.startswith('<|') else 1 for t in tokens] if types is None else types)
   w.add_bos_token_id(tokens.index('<|im_start|>'))
-  w.add_eos_token_id(tokens.index('<|im_end|>'))
+  w.add_eos_token_id(tokens.index('<|im_end|>') if eos is None else eos)
   if eot is not None:
     w.add_eot_token_id(eot)
   if pad is not None:
     w.add_pad_token_id(tokens.index(pad))
-  w.add_chat_template(chat)
+  if isinstance(chat, int):
+    w.add_uint32('tokenizer.chat_template', chat)
+  else:
+    w.add_chat_template(chat)
   for key, value in (floats or {}).items():
     w.add_float32(key, value)
   for hf, t in tensors.items():

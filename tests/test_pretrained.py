@@ -329,6 +329,13 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
      'tokens in tokenizer.ggml.tokens, more than its vocabulary of 200 (llama.vocab_size)'),
     (dict(drop=('llama.attention.head_count',), floats={'llama.attention.head_count': 0.0}),
      'has llama.attention.head_count=0'),
+    # a tokenizer's metadata that would fail later (an index error, generation that never
+    # stops) or read as another tokenizer (no special tokens)
+    (dict(eos=999), 'tokenizer.ggml.eos_token_id=999 is not a token id of its 264-token vocab'),
+    (dict(eot=264), 'tokenizer.ggml.eot_token_id=264 is not a token id'),
+    (dict(chat=5), 'tokenizer.chat_template is not text (int)'),
+    (dict(types=[1] * 10), 'has 10 token types for 264 tokens (tokenizer.ggml.token_type)'),
+    (dict(merges=['Ġ t', 'zz']), "a merge that is not two tokens apart by a space: 'zz'"),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
@@ -418,6 +425,10 @@ def test_hf_directory_errors(tmp_path):
     pretrained.open_model(write_hf(tmp_path / 'q', random_llama(QWEN2), QWEN2,
                                    architecture='Qwen2ForCausalLM',
                                    config_extra={'use_sliding_window': True}))
+  for key, value in (('num_hidden_layers', 2.0), ('num_attention_heads', 0)):
+    with pytest.raises(PretrainedError, match=f'config.json: {key} must be a positive integer, '
+                                              f'got {value}$'):
+      pretrained.open_model(write_hf(tmp_path / key, tensors, config_extra={key: value}))
   with pytest.raises(PretrainedError, match="has no tensor 'model.layers.0.self_attn.q_proj.bias'"):
     pretrained.open_model(write_hf(tmp_path / 'nb', tensors, architecture='Qwen2ForCausalLM'))
   directory = write_hf(tmp_path / 'b', tensors, shards=2)
@@ -458,8 +469,7 @@ def test_hf_directory_errors(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, pretrained.trunk_params(sharded),
                pretrained.trunk_params(single))
   # JSON of another shape than transformers writes: one line each, not a traceback
-  for name, extra, words in [('h1', {'num_attention_heads': 0}, 'ZeroDivisionError'),
-                             ('h2', {'hidden_size': None}, 'TypeError'),
+  for name, extra, words in [('h2', {'hidden_size': None}, 'TypeError'),
                              ('h3', {'rope_scaling': 'linear'}, 'AttributeError')]:
     with pytest.raises(PretrainedError, match=f'{name}/config.json has a field of the wrong kind '
                                               f'or value \\({words}'):
@@ -499,6 +509,17 @@ def test_hf_directory_errors(tmp_path):
   with pytest.raises(PretrainedError, match='k5/generation_config.json is a link to a file that '
                                             'is gone'):
     pretrained.open_model(directory)
+
+
+def test_a_chat_template_renders_as_transformers_renders_it():
+  """No tools or documents (a template that tests `tools is not none` writes no tool list), loop
+  controls, and a fixed date (a template's default where strftime_now is undefined)."""
+  from mtp_jax.pretrained.tokenizer import render_chat
+  assert render_chat('{% if tools is not none %}TOOLS{% endif %}{% if documents is not none %}'
+                     'DOCS{% endif %}{{ messages[0].content }}', 'hi') == 'hi'
+  assert render_chat('{% for m in messages %}{{ m.content }}{% break %}{% endfor %}', 'x') == 'x'
+  assert render_chat('{% if strftime_now is defined %}{{ strftime_now("%Y") }}{% else %}26 Jul '
+                     '2024{% endif %}', 'x') == '26 Jul 2024'
 
 
 def test_an_hf_chat_template_is_read_in_each_form_transformers_writes(tmp_path):

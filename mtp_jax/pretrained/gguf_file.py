@@ -83,18 +83,37 @@ def read(path: str) -> Pretrained:
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
-  eos_id = _value(reader, 'tokenizer.ggml.eos_token_id')
+  ids = _token_ids(reader, name, fields['data.vocab_size'])
+  chat_template = _value(reader, 'tokenizer.chat_template', '') or ''
+  if not isinstance(chat_template, str):
+    raise PretrainedError(f'model.init_from: {name}: tokenizer.chat_template is not text '
+                          f'({type(chat_template).__name__})')
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
       context_length=int(_value(reader, f'{arch.name}.context_length', 0)) or None,
-      tokenizer=_tokenizer(reader, name, tokens),
-      eos_id=eos_id, bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'),
-      chat_template=_value(reader, 'tokenizer.chat_template', '') or '', get=get,
+      tokenizer=_tokenizer(reader, name, tokens, ids['bos']),
+      eos_id=ids['eos'], bos_id=ids['bos'], chat_template=chat_template, get=get,
       # llama.cpp ends generation at the end of a turn or a message too (Llama 3's <|eot_id|>).
-      stop_ids=stop_tokens(eos_id, *(_value(reader, f'tokenizer.ggml.{kind}_token_id')
-                                     for kind in ('eot', 'eom'))),
-      pad_id=_value(reader, 'tokenizer.ggml.padding_token_id'),
-      unk_id=_value(reader, 'tokenizer.ggml.unknown_token_id'))
+      stop_ids=stop_tokens(ids['eos'], ids['eot'], ids['eom']),
+      pad_id=ids['padding'], unk_id=ids['unknown'])
+
+
+def _token_ids(reader, name: str, vocab: int) -> dict:
+  """The special tokens' ids the metadata names ({'bos': id or None, ...}). One that decoding
+  reads (bos, eos, eot, eom) must be a token of the vocabulary; a padding or unknown id outside
+  it is taken as none, as llama.cpp takes it (only an export writes them)."""
+  ids = {}
+  for kind in ('bos', 'eos', 'eot', 'eom', 'padding', 'unknown'):
+    key = f'tokenizer.ggml.{kind}_token_id'
+    value = _value(reader, key)
+    if value is not None and not (isinstance(value, int) and 0 <= value < vocab):
+      if kind in ('padding', 'unknown'):
+        value = None
+      else:
+        raise PretrainedError(f'model.init_from: {name}: {key}={value!r} is not a token id of '
+                              f'its {vocab}-token vocabulary')
+    ids[kind] = value
+  return ids
 
 
 def _open(path: str, name: str):
@@ -190,7 +209,7 @@ def _fields(reader, name: str, arch: llama.Architecture, tensors: dict, tokens) 
       'data.vocab_size': vocab}
 
 
-def _tokenizer(reader, name: str, tokens):
+def _tokenizer(reader, name: str, tokens, bos_id):
   """The tokenizer the metadata describes, or None when the file has no vocabulary."""
   if not tokens:
     return None
@@ -201,7 +220,7 @@ def _tokenizer(reader, name: str, tokens):
       model=_value(reader, 'tokenizer.ggml.model', ''), pre=pre,
       # llama.cpp's default where the file does not say: a BOS first for Llama 3's tokenizer
       add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', pre == 'llama-bpe')),
-      bos_id=_value(reader, 'tokenizer.ggml.bos_token_id'))
+      bos_id=bos_id)
 
 
 def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):

@@ -140,6 +140,11 @@ def fields_from_config(c: dict, name: str) -> dict:
   if arch is None:
     raise PretrainedError(f"model.init_from: {name} is a {listed[0]}; only "
                           f"{', '.join(a.hf_class for a in llama.ARCHITECTURES)} are supported")
+  for key in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
+              'intermediate_size', 'vocab_size', 'head_dim'):  # the missing: KeyError below
+    if c.get(key) is not None and not (type(c[key]) is int and c[key] > 0):
+      raise PretrainedError(f'model.init_from: {name}/config.json: {key} must be a positive '
+                            f'integer, got {c[key]!r}')
   # Llama's attention_bias would also put one on o_proj
   for key, ok in (('attention_bias', False), ('mlp_bias', False)):
     if c.get(key, ok) not in (ok, None):

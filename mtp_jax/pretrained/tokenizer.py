@@ -59,8 +59,15 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
     raise PretrainedError(f"model.init_from: {name} has pre-tokenizer '{pre}', which is not "
                           'supported (default, gpt-2, smollm, llama-bpe, qwen2, '
                           'deepseek-r1-qwen)')
+  if token_types and len(token_types) != len(tokens):
+    raise PretrainedError(f'model.init_from: {name} has {len(token_types)} token types for '
+                          f'{len(tokens)} tokens (tokenizer.ggml.token_type)')
   vocab = {t: i for i, t in enumerate(tokens)}
   pairs = [tuple(m.split(' ', 1)) for m in merges]
+  bad = next((m for m, pair in zip(merges, pairs) if len(pair) != 2 or not all(pair)), None)
+  if bad is not None:
+    raise PretrainedError(f'model.init_from: {name} has a merge that is not two tokens apart by '
+                          f'a space: {bad!r} (tokenizer.ggml.merges)')
   # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
   # or not the merges reach it (llama.cpp does the same for this pre-tokenizer).
   tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
@@ -87,9 +94,14 @@ def chat_turn(model, prompt: str) -> str:
 
 
 def render_chat(template: str, prompt: str, bos: str = '', eos: str = '') -> str:
-  """One user turn and the assistant's header, through the model's own template (in a sandbox,
-  with the trimming conventions chat templates are written for)."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  """One user turn and the assistant's header, through the model's own template, rendered as
+  transformers renders chat templates: in a sandbox, with the trimming conventions they are
+  written for, {% break %} and {% continue %}, no tools or documents. Unlike transformers, no
+  strftime_now: Llama 3's templates would print today's date, so a prompt, and the data and
+  benchmarks made from it, would change from day to day (they print their fixed default).
+  """
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                     extensions=['jinja2.ext.loopcontrols'])
 
   def raise_exception(message):
     raise PretrainedError(f'chat template: {message}')
@@ -97,6 +109,6 @@ def render_chat(template: str, prompt: str, bos: str = '', eos: str = '') -> str
   try:
     return env.from_string(template).render(
         messages=[{'role': 'user', 'content': prompt}], add_generation_prompt=True,
-        bos_token=bos, eos_token=eos)
+        bos_token=bos, eos_token=eos, tools=None, documents=None)
   except jinja2.TemplateError as e:
     raise PretrainedError(f'chat template: cannot render ({e})') from None
