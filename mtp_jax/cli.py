@@ -44,6 +44,11 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
 def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
   """--prompt is read by demo and generate, --prompt_file by generate: given to modes that do
   not read them (or both to generate alone, which reads the file) they would be ignored."""
+  if prompt:  # absl hands on bytes that are not UTF-8 as lone surrogates
+    try:
+      prompt.encode('utf-8')
+    except UnicodeEncodeError:
+      fail('--prompt is not UTF-8 text')
   if prompt and not {'demo', 'generate'} & set(modes):
     fail(f'--prompt is read by --mode demo and generate, not by {",".join(modes)}')
   if prompt_file and 'generate' not in modes:

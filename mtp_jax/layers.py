@@ -71,10 +71,35 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
 
 
 def rms_norm(x, scale, eps):
-  """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype."""
+  """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype. A row's
+  result does not depend on the rows beside it (row_sums), so a verify of several positions, or
+  a batch, normalises each as one row alone would, which greedy decoding's equality with `ar`
+  needs where logits nearly tie."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  y = x32 * jax.lax.rsqrt(row_sums(x32 * x32) / x.shape[-1] + eps)
   return (y * scale).astype(x.dtype)
+
+
+@jax.custom_vjp
+def row_sums(x):
+  """Sums over the last axis (kept, of size 1) in a fixed order, with elementwise adds alone:
+  halved while its length is even (a zero added to an odd length past 16), then what is left
+  added in turn. XLA's reduction picks its order by the array's size (a (8, 576) array's row
+  sums differ in their last bits from one row's); the adds do not. Its gradient is the
+  cotangent broadcast along the row, as a sum's."""
+  while x.shape[-1] > 16 or x.shape[-1] % 2 == 0 and x.shape[-1] > 1:
+    if x.shape[-1] % 2:
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+    half = x.shape[-1] // 2
+    x = x[..., :half] + x[..., half:]
+  total = x[..., :1]
+  for j in range(1, x.shape[-1]):
+    total = total + x[..., j:j + 1]
+  return total
+
+
+row_sums.defvjp(lambda x: (row_sums(x), x.shape),
+                lambda shape, g: (jnp.broadcast_to(g, shape),))
 
 
 class RMSNorm(nn.Module):

@@ -209,6 +209,8 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
     assert_user_error(launch(tmp_path / 'a', flags=['--mode=train,generate',
                                                     f'--prompt_file={prompt_file}'],
                              PYTHONPATH=path), words)
+  assert_user_error(launch(tmp_path / 'a', flags=['--mode=generate', '--prompt=abc\udcff'],
+                           PYTHONPATH=path), '--prompt is not UTF-8 text')
   # a prompt file that holds no prompt, as --prompt_file and as decode.prompts
   (fake / 'blank.txt').write_text('\n  \n')
   assert_user_error(launch(tmp_path / 'a', flags=['--mode=train,generate',

@@ -548,12 +548,11 @@ def test_queued_greedy_mtp_equals_ar_on_a_model(name):
     assert dec.outputs(run_queued(model, params, prompts, s, batch)) == ar, (S, K, C, batch)
 
 
-def test_draft_trees_keep_ar_where_logits_nearly_tie():
+def nearly_tied(**overrides):
   """A model whose embedding holds every token twice, the copies a rounding apart, so greedy
-  decoding meets near ties. With the kernels a branch of a draft tree, in cache slots past the
-  chain, is summed as the chain entry it stands in for, and its tokens stay ar's (summed in slot
-  order, one prompt of these split from ar at its 28th token)."""
-  cfg = tiny_model(**{'mtp.depth': 3, 'model.num_heads': 2, 'model.num_kv_heads': 2})
+  decoding meets near ties; with its decode model (kernels on)."""
+  cfg = tiny_model(**{'mtp.depth': 3, 'model.num_heads': 2, 'model.num_kv_heads': 2,
+                      **overrides})
   params = init_params(cfg, jax.random.key(0))
   table = np.asarray(params['params']['embedding']).copy()
   half = cfg.vocab_size // 2
@@ -562,12 +561,31 @@ def test_draft_trees_keep_ar_where_logits_nearly_tie():
   params['params']['embedding'] = jnp.asarray(table)
   model = dec.decode_model(cfg)
   assert model.kernels
+  return cfg, params, model
+
+
+def test_draft_trees_keep_ar_where_logits_nearly_tie():
+  """With the kernels a branch of a draft tree, in cache slots past the chain, is summed as the
+  chain entry it stands in for, and its tokens stay ar's (summed in slot order, one prompt of
+  these split from ar at its 28th token)."""
+  cfg, params, model = nearly_tied()
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, 3).tolist() for _ in range(24)]
   ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=40)))
   for S, K, C in [(3, 4, 1), (2, 4, 2)]:
     s = dec.Settings(draft_len=S, max_new_tokens=40, candidates=K, candidate_depth=C)
     assert dec.outputs(run_queued(model, params, prompts, s, batch=1)) == ar, (S, K, C)
+
+
+def test_a_verify_of_many_rows_keeps_ar_where_logits_nearly_tie():
+  """8 prompts verified 4 positions at a time are 32 rows of 128 entries for each norm, past the
+  4096 where XLA's row reduction changed its order (7 of 8 prompts split from ar)."""
+  cfg, params, model = nearly_tied(**{'model.d_model': 128})
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, 3).tolist() for _ in range(8)]
+  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=40)))
+  assert dec.outputs(run(model, params, prompts, dec.Settings(draft_len=3,
+                                                               max_new_tokens=40))) == ar
 
 
 def test_draft_vocabulary_keeps_greedy_exact():
