@@ -201,12 +201,14 @@ class DecodeModel(WholeVocabulary):
   def step_bytes(self, params) -> int:
     """What one decoding step reads of the trunk's weights as this model keeps them: its
     matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and
-    offsets) and the output matrix, as scaled tiles where the tile unit reads it so; the
-    embedding is then only looked up, a row a token, and not counted."""
+    offsets) and the output matrix, as scaled tiles where the tile unit reads it so, else the
+    unembedding, else the embedding it is tied to; an embedding table that is not the output
+    matrix is only looked up, a row a token, and not counted."""
     leaves = [(path[1].key, leaf) for path, leaf in self._trunk_leaves(params)]  # by module
-    tied = any(module == 'output_tiles' for module, _ in leaves)
-    return sum(array.nbytes for module, leaf in leaves
-               if not (tied and module in ('embedding', 'unembedding'))
+    held = {module for module, _ in leaves}
+    output = next(m for m in ('output_tiles', 'unembedding', 'embedding') if m in held)
+    looked_up = {'output_tiles', 'unembedding', 'embedding'} - {output}
+    return sum(array.nbytes for module, leaf in leaves if module not in looked_up
                for array in jax.tree.leaves(leaf))
 
   def _trunk_leaves(self, params) -> list:

@@ -588,6 +588,20 @@ def test_a_verify_of_many_rows_keeps_ar_where_logits_nearly_tie():
                                                                max_new_tokens=40))) == ar
 
 
+def test_a_step_reads_the_output_matrix_once_and_no_embedding_table():
+  """step_bytes (bench_peers' fraction of the memory limit): every trunk matrix and norm, and the
+  output matrix, which is the embedding when the two are tied; an untied model's embedding is
+  only looked up."""
+  for tied in (True, False):
+    cfg = tiny_model(**{'model.tie_embeddings': tied})
+    params = init_params(cfg, jax.random.key(0))
+    trunk = {k: v for k, v in params['params'].items() if not k.startswith('mtp')}
+    everything = sum(a.nbytes for a in jax.tree.leaves(trunk))
+    table = trunk['embedding'].nbytes
+    model = dec.decode_model(cfg, use_tiles=False)
+    assert model.step_bytes(params) == everything - (0 if tied else table), tied
+
+
 def test_draft_vocabulary_keeps_greedy_exact():
   """Heads drafting over the 40 lowest ids only: drafts outside it cannot be made, acceptance
   may drop, but the tokens stay the trunk's."""
