@@ -388,13 +388,17 @@ def bench(session, params, config, step: int) -> dict:
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
   path = os.path.join(session.workdir, 'bench.json')
-  atomic.write_json(path, result, indent=2)  # no earlier run's file is left looking current
+
+  def save():  # by process 0 alone: each process times its own decoding
+    if jax.process_index() == 0:
+      atomic.write_json(path, result, indent=2)
+  save()  # no earlier run's file is left looking current
   for rows in bench_blocks(session, params, config, prompts):
     print(bench_table(rows), flush=True)
     result['rows'] += rows
-    atomic.write_json(path, result, indent=2)
+    save()
   result['complete'] = True
-  atomic.write_json(path, result, indent=2)
+  save()
   return result
 
 

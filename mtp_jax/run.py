@@ -3,6 +3,8 @@
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
@@ -110,15 +112,24 @@ def export(config, workdir: str, dtype: str) -> dict:
   m = session.model_file
   # The trunk is still the file's when no checkpoint was trained, or training froze it.
   unchanged = m is not None and (step == 0 or config.train.freeze_trunk)
-  files = export_lib.export(
-      directory, jax.device_get(params)['params'], session.config, session.cfg,
-      tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=session.bos_id,
-      stop_ids=session.stop_ids, chat_template=session.chat_template, dtype=dtype,
-      token_rank=session.token_rank(), same_trunk_as=m.identity if unchanged else '',
-      context_length=m.context_length if m else None,
-      special={'pad_token': m.pad_id, 'unk_token': m.unk_id} if m else {},
-      generation=m.generation if m else {})
-  print(f'step {step} written to {directory}: {", ".join(files)}')
+  # Every process takes part in gathering params sharded over processes; process 0 writes.
+  host = jax.tree.map(lambda a: np.asarray(a) if a.is_fully_addressable
+                      else multihost_utils.process_allgather(a, tiled=True), params)
+  files = []
+  try:
+    if jax.process_index() == 0:
+      files = export_lib.export(
+          directory, host['params'], session.config, session.cfg,
+          tokenizer=session.tokenizer, eos_id=session.eos_id, bos_id=session.bos_id,
+          stop_ids=session.stop_ids, chat_template=session.chat_template, dtype=dtype,
+          token_rank=session.token_rank(), same_trunk_as=m.identity if unchanged else '',
+          context_length=m.context_length if m else None,
+          special={'pad_token': m.pad_id, 'unk_token': m.unk_id} if m else {},
+          generation=m.generation if m else {})
+      print(f'step {step} written to {directory}: {", ".join(files)}')
+  finally:  # the others wait for it, whether it wrote or refused
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('mtp_jax:export')
   return {'step': step, 'directory': directory, 'files': files}
 
 

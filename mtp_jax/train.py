@@ -337,6 +337,9 @@ class Session(Program):
     run's (the workdir is a model's own directory) is refused where the session would write its
     own files there. A checkpoint being saved binds only while a run that may be saving it holds
     the workdir (`held`: this run does; otherwise another may), else a killed run left it."""
+    # (Every process makes this first check before process 0 takes the lock: the checkpoint
+    # manager each makes first holds them at a barrier; else process 1 could read its own
+    # run's lock as another run's.)
     saving = not held and atomic.held_elsewhere(self.workdir)
     self.bound = ckpt_lib.holds_checkpoints(self.workdir, in_flight=saving)
     if not self.bound and self.writes and ckpt_lib.foreign_config(self.workdir):

@@ -3,7 +3,9 @@ and started with launch.py's command line (through tests/multiprocess_driver.py,
 who opens a TensorBoard writer): they train as one process does on the same global batches, only
 process 0 writes TensorBoard, and their checkpoint restores in a single process."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from conftest import (REPO, cpu_env, flat, launch_summary, pretrained_config_file, random_llama,
                       raw_steps, restore, scalars, text_config, write_gguf)
@@ -73,16 +76,28 @@ def run_processes(commands, logdir: str, **extra_env) -> list[str]:
   return [open(os.path.join(logdir, f'{i}.out')).read() for i in range(len(commands))]
 
 
+def train_summary(stdout: str) -> dict:
+  """The summary of the training launch.py printed, the first of the modes it ran."""
+  start = re.search(r'^\{$', stdout, re.M).start()
+  return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
+
 def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
-  # the evaluation after training is a second mode of the same processes
-  config = text_config(run_after_train='eval')
+  # The evaluation after training is a second mode of the same processes, an export a third.
+  # The params are split over the two processes (FSDP), so neither holds them all.
+  config = text_config(run_after_train='eval', **{'mesh.data': 1, 'mesh.fsdp': 2})
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
-  stdouts = run_processes(pair_commands(config, pair), str(tmp_path))
-  first, second = map(launch_summary, stdouts)
+  stdouts = run_processes([c + ['--mode=train,export'] for c in pair_commands(config, pair)],
+                          str(tmp_path))
+  first, second = (train_summary(out) for out in stdouts)
   assert first == second and first['step'] == config.train.steps
+  # process 0 alone wrote the export, whole
+  assert ['written to' in out for out in stdouts] == [True, False]
+  assert 'export' in os.listdir(pair) and not [n for n in os.listdir(pair) if '.writing-' in n]
 
   # One process, one device, the same global batches: each of the pair read only its half.
-  alone = train.train(config, one)
+  single = apply_overrides(config, {'mesh.data': -1, 'mesh.fsdp': 1})
+  alone = train.train(single, one)
   for name, value in alone['eval'].items():
     np.testing.assert_allclose(first['eval'][name], value, rtol=1e-5, err_msg=name)
   curve, reference = scalars(pair)['train/loss/total'], scalars(one)['train/loss/total']
@@ -94,9 +109,9 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   assert raw_steps(pair, 'train/loss/total') == [1, 2, 3, 4]
 
   # The pair's checkpoint restores here, in one process, to the one-process run's state.
-  session, restored = restore(config, pair)
+  session, restored = restore(single, pair)
   assert int(restored['step']) == config.train.steps
-  _, want = restore(config, one)
+  _, want = restore(single, one)
   got, want = flat(restored), flat(want)
   assert sorted(got) == sorted(want)
   # Adam divides by sqrt(v): a gradient entry near zero, summed in another order across the
@@ -104,6 +119,10 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=0.05 * config.train.lr,
                                err_msg=name)
+  # The export holds the whole trunk, gathered from both processes' halves.
+  exported = load_file(os.path.join(pair, 'export', 'model.safetensors'))
+  np.testing.assert_array_equal(exported['model.embed_tokens.weight'],
+                                np.asarray(restored['params']['params']['embedding']))
   # Evaluated here, the restored params give the pair's own final evaluation.
   evaluated = session.evaluate(restored['params'])
   for name, value in first['eval'].items():
