@@ -70,11 +70,15 @@ def replacing_folder(path: str):
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   _clear_killed_writers(path)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + _WRITER, suffix='.tmp')
+  # Made under another name and locked before it takes a writer's name, so another call never
+  # sees it unlocked and takes it for a killed writer's.
+  made = tempfile.mkdtemp(dir=parent, prefix=os.path.basename(path) + '.making-')
+  lock = os.open(made, os.O_RDONLY)
+  _try_lock(lock)
+  tmp = os.path.join(parent, os.path.basename(path) + _WRITER + made.rsplit('-', 1)[1] + '.tmp')
   old = tmp[:-len('.tmp')] + '.old'
-  lock = os.open(tmp, os.O_RDONLY)
   try:
-    _try_lock(lock)
+    os.rename(made, tmp)
     yield tmp
     for name in os.listdir(tmp):
       sync(os.path.join(tmp, name))
@@ -104,8 +108,8 @@ def held_elsewhere(folder: str) -> bool:
     fd = os.open(folder, os.O_RDONLY)
   except FileNotFoundError:
     return False
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  try:  # shared: two such checks at once do not see each other, a holder's exclusive lock is seen
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     return False
   except OSError:
     return True

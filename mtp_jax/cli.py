@@ -68,18 +68,19 @@ def flags_parser(config_flag=None):
   bad value (one out of its bounds, a word for a number), a misspelled config key or a config
   file that fails to load is one line and exit 2, not a traceback or absl's two lines."""
   from absl import flags
+  from ml_collections import ConfigDict
 
   def parse(argv):
+    logging.set_verbosity(logging.ERROR)  # ml_collections warns of a None config: said below
     try:
       remaining = flags.FLAGS(argv)
       if config_flag is not None:  # a failed load surfaces lazily; touch the config to report it
         config = config_flag.value
-        config.keys()
+        if not (isinstance(config, ConfigDict) and 'model' in config and 'data' in config):
+          fail("the config file's get_config() must return an ml_collections ConfigDict with "
+               'the sections of configs/base.py (model, data, ...); start from base.get_config()')
     except Exception as e:
       config_failed(e, argv)
-    if config_flag is not None and not ('model' in config and 'data' in config):
-      fail("the config file's get_config() must return an ml_collections ConfigDict with the "
-           'sections of configs/base.py (model, data, ...); start from base.get_config()')
     return remaining
   return parse
 
@@ -91,6 +92,8 @@ def config_failed(e: Exception, argv: list[str]) -> NoReturn:
   from absl import flags
   if isinstance(e, (OSError, SyntaxError, ImportError)):
     fail(f'cannot load the config file: {str(e).strip().splitlines()[-1].strip()}')
+  if isinstance(e, flags.Error) and 'Unexpected None value for flag config' in str(e):
+    fail("the config file's get_config() returned None (no return statement?)")
   if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
     fail('cannot load the config file: it defines no get_config()')
   if isinstance(e, (AttributeError, KeyError)):

@@ -126,16 +126,15 @@ def prompt_lines(path: str, name: str, empty: str = 'has no prompt') -> list[str
 def folder_problem(path: str, name: str) -> str | None:
   """Why `path` (given as `name`) cannot be a folder to read and make things in (a file, a link
   to nothing, a file above it), as one line, or None."""
-  if os.path.islink(path) and not os.path.exists(path):
-    return f'{name} {path} is a link to {os.readlink(path)}, which does not exist'
   existing = os.path.abspath(path)
   while not os.path.lexists(existing):
     existing = os.path.dirname(existing)
   if os.path.isdir(existing):
     return None
-  if existing == os.path.abspath(path):
-    return f'{name} {path} is a file, not a directory'
-  return f'{name} {path}: {existing} is a file, not a directory'
+  where = f'{name} {path}' + ('' if existing == os.path.abspath(path) else f': {existing}')
+  if os.path.islink(existing) and not os.path.exists(existing):
+    return f'{where} is a link to {os.readlink(existing)}, which does not exist'
+  return f'{where} is a file, not a directory'
 
 
 

@@ -273,7 +273,8 @@ def check_trained(mode: str, config, workdir: str) -> None:
   pretrained trunk, with heads from mtp.init_from where the mode uses heads (export would write
   random ones). Checked before anything is read or written: a mistyped --workdir built its data
   and tokenizer there first."""
-  if ckpt_lib.holds_checkpoints(workdir):
+  # (a save in flight counts only while the run that may be making it holds the workdir)
+  if ckpt_lib.holds_checkpoints(workdir, in_flight=atomic.held_elsewhere(workdir)):
     return
   if mode == 'eval' or not config.model.init_from:
     raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')

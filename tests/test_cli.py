@@ -222,8 +222,9 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
   assert_user_error(launch(tmp_path / 'a', {'data.cache_dir': str(tmp_path / 'file')},
                            PYTHONPATH=path), f'data.cache_dir {tmp_path / "file"} is a file')
   os.symlink(tmp_path / 'gone', fake / 'link')
-  assert_user_error(launch(fake / 'link', PYTHONPATH=path),
-                    f'--workdir {fake / "link"} is a link to {tmp_path / "gone"}, which does not')
+  for workdir, shown in ((fake / 'link', ''), (fake / 'link' / 'run', f': {fake / "link"}')):
+    assert_user_error(launch(workdir, PYTHONPATH=path),
+                      f'--workdir {workdir}{shown} is a link to {tmp_path / "gone"}, which does not')
   # values of the wrong kind
   assert_user_error(launch(tmp_path / 'a', {'model.rope_factors': ('a',) * 4}, PYTHONPATH=path),
                     'model.rope_factors must be empty or', "'a' among them")
@@ -231,8 +232,10 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
                                             'distributed.num_processes': 2}, PYTHONPATH=path),
                     "'host:port', got 'nonsense'")
   # config files that give no config
-  (fake / 'plain.py').write_text('def get_config():\n  return {"model": 1}\n')
+  (fake / 'plain.py').write_text('def get_config():\n  return {"model": 1, "data": 2}\n')
+  (fake / 'none.py').write_text('def get_config():\n  pass\n')
   for config, words in ((fake / 'plain.py', 'get_config() must return an ml_collections ConfigDict'),
+                        (fake / 'none.py', "get_config() returned None (no return statement?)"),
                         ('configs/__init__.py', 'the config file: it defines no get_config()')):
     assert_user_error(run_script('launch.py', '--config', str(config), '--workdir',
                                  str(tmp_path / 'a'), PYTHONPATH=path), words)

@@ -425,6 +425,10 @@ def test_hf_directory_errors(tmp_path):
     pretrained.open_model(write_hf(tmp_path / 'q', random_llama(QWEN2), QWEN2,
                                    architecture='Qwen2ForCausalLM',
                                    config_extra={'use_sliding_window': True}))
+  for key, value in (('eos_token_id', 999), ('bos_token_id', -1)):
+    with pytest.raises(PretrainedError, match=f'config.json: {key} must be a token id of its '
+                                              f'264-token vocabulary'):
+      pretrained.open_model(write_hf(tmp_path / key, tensors, config_extra={key: value}))
   for key, value in (('num_hidden_layers', 2.0), ('num_attention_heads', 0)):
     with pytest.raises(PretrainedError, match=f'config.json: {key} must be a positive integer, '
                                               f'got {value}$'):

@@ -319,6 +319,8 @@ def test_a_run_that_saved_no_checkpoint_binds_nothing(tmp_path):
   ckpt_lib.save_config(workdir, other)
   killed_save = os.path.join(workdir, 'checkpoints', f'{N}.orbax-checkpoint-tmp-1765000000')
   os.makedirs(os.path.join(killed_save, 'state'))
+  with pytest.raises(ckpt_lib.CheckpointError, match='no checkpoint in'):  # nor for the modes
+    train.check_trained('eval', config, workdir)
   stale = data_lib._train_tokenizer(['a tokenizer of other text'], 280).to_str()
   with open(os.path.join(workdir, 'tokenizer.json'), 'w') as f:
     f.write(stale)

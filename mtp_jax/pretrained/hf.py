@@ -229,10 +229,15 @@ def read(directory: str) -> Pretrained:
     generation = _json(generation_path, f'{name}/generation_config.json')
     listed.append(generation.get('eos_token_id'))
     generation = {k: v for k, v in generation.items() if k not in GENERATION_IDS}
+  vocab = fields['data.vocab_size']
+  token = lambda t: type(t) is int and 0 <= t < vocab
   for file, ids in zip(('config.json', 'generation_config.json'), listed):
-    if not all(type(t) is int for t in (ids if isinstance(ids, list) else [ids]) if t is not None):
-      raise PretrainedError(f'model.init_from: {name}/{file}: eos_token_id must be a token id or '
-                            f'a list of them, got {ids!r}')
+    if not all(token(t) for t in (ids if isinstance(ids, list) else [ids]) if t is not None):
+      raise PretrainedError(f'model.init_from: {name}/{file}: eos_token_id must be a token id of '
+                            f'its {vocab}-token vocabulary or a list of them, got {ids!r}')
+  if bos_id is not None and not token(bos_id):
+    raise PretrainedError(f'model.init_from: {name}/config.json: bos_token_id must be a token id '
+                          f'of its {vocab}-token vocabulary, got {bos_id!r}')
   context_length = config.get('max_position_embeddings')
   if context_length is not None and not (type(context_length) is int and context_length > 0):
     raise PretrainedError(f'model.init_from: {name}/config.json: max_position_embeddings must be '
