@@ -36,8 +36,8 @@ class SequentialModule(nn.Module):
     F = h_prev_BxTxF.shape[-1]
     eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (cfg.d_model + F,),
                           (cfg.d_model,), ('concat_embed',), ('embed',), cfg)
-    e = RMSNorm(cfg.d_model, cfg.norm_eps, name='enorm')(emb_BxTxD)
-    h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model,
+    e = RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels, name='enorm')(emb_BxTxD)
+    h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model, exact_rows=cfg.kernels,
                 name='hnorm')(h_prev_BxTxF.astype(e.dtype))
     x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj, 1, cfg)
     return head_blocks(cfg, x_BxTxD, positions_BxT, kv, segments_BxT)

@@ -70,13 +70,15 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
   return y.reshape(*lead, *out_dims)
 
 
-def rms_norm(x, scale, eps):
-  """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype. A row's
-  result does not depend on the rows beside it (row_sums), so a verify of several positions, or
-  a batch, normalises each as one row alone would, which greedy decoding's equality with `ar`
-  needs where logits nearly tie."""
+def rms_norm(x, scale, eps, exact_rows: bool = False):
+  """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype. With
+  `exact_rows` (decoding with the kernels, model.cfg.kernels) a row's result does not depend on
+  the rows beside it (row_sums), so a verify of several positions, or a batch, normalises each
+  as one row alone would, which greedy decoding's equality with `ar` needs where logits nearly
+  tie; training keeps XLA's reduction, which compiles faster."""
   x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(row_sums(x32 * x32) / x.shape[-1] + eps)
+  sums = row_sums(x32 * x32) if exact_rows else jnp.sum(x32 * x32, axis=-1, keepdims=True)
+  y = x32 * jax.lax.rsqrt(sums / x.shape[-1] + eps)
   return (y * scale).astype(x.dtype)
 
 
@@ -108,13 +110,15 @@ class RMSNorm(nn.Module):
   dim: int
   eps: float
   groups: int = 1
+  exact_rows: bool = False  # rms_norm's
 
   def setup(self):
     self.scale = param_with_axes(self, 'scale', nn.initializers.ones, (self.dim,), ('norm',))
 
   def __call__(self, x):
     sliced = x.reshape(*x.shape[:-1], self.groups, self.dim // self.groups)
-    return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps).reshape(x.shape)
+    return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps,
+                    self.exact_rows).reshape(x.shape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -288,8 +292,8 @@ class Attention(nn.Module):
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
     if cfg.qk_norm:  # Qwen3's, per head, before the rotation
-      q_BxTxHxE = RMSNorm(E, cfg.norm_eps, name='q_norm')(q_BxTxHxE)
-      k_BxTxKxE = RMSNorm(E, cfg.norm_eps, name='k_norm')(k_BxTxKxE)
+      q_BxTxHxE = RMSNorm(E, cfg.norm_eps, exact_rows=cfg.kernels, name='q_norm')(q_BxTxHxE)
+      k_BxTxKxE = RMSNorm(E, cfg.norm_eps, exact_rows=cfg.kernels, name='k_norm')(k_BxTxKxE)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':
@@ -333,11 +337,13 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None,
                segments_BxT=None):
     D, eps = self.cfg.d_model, self.cfg.norm_eps
-    attn_in = RMSNorm(D, eps, name='attn_norm')(x_BxTxD)
+    exact = self.cfg.kernels
+    attn_in = RMSNorm(D, eps, exact_rows=exact, name='attn_norm')(x_BxTxD)
     attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, rotary_BxTx1xE, kv,
                                                     slots_BxT, segments_BxT)
     x_BxTxD = x_BxTxD + attn_out
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(RMSNorm(D, eps, name='mlp_norm')(x_BxTxD))
+    x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(
+        RMSNorm(D, eps, exact_rows=exact, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv
 
 

@@ -27,7 +27,7 @@ class MTPLanguageModel(nn.Module):
     self.embedding = param_with_axes(self, 'embedding', nn.initializers.normal(0.02),
                                      (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels)
     if not cfg.tie_embeddings:
       self.unembedding = dense_param(self, 'unembedding', nn.initializers.normal(0.02),
                                      (cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), cfg)
@@ -35,7 +35,8 @@ class MTPLanguageModel(nn.Module):
     self.mtp = [head(cfg) for _ in range(cfg.mtp_depth)]
     # Sequential modules have their own output norm; the other kinds share the trunk's.
     if cfg.mtp_chains:
-      self.mtp_norms = [RMSNorm(cfg.d_model, cfg.norm_eps) for _ in range(cfg.mtp_depth)]
+      self.mtp_norms = [RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels)
+                        for _ in range(cfg.mtp_depth)]
 
   def embed(self, tokens_BxT):
     emb = jnp.take(self.embedding, tokens_BxT, axis=0, mode='clip')
@@ -120,7 +121,7 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   """Norm then output matrix (V x D when tied to the embedding, D x V otherwise); logits in
   float32. Of the trunk's features (wider than D with mtp.feature_layers) it reads the first D,
   the last hidden state."""
-  x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps)
+  x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps, cfg.kernels)
   if cfg.kernels:  # V x D: kernel_layout's unembedding
     logits = kernels.rows_matmul(x, out)  # widens out to x's dtype
   else:  # V x D when tied to the embedding, D x V otherwise

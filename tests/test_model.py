@@ -269,12 +269,13 @@ def test_depth_targets_alignment_on_hand_made_batch():
 
 
 def test_a_rows_norm_does_not_depend_on_the_rows_beside_it():
-  """RMSNorm over many rows at once gives each row the bits it gets alone (XLA's own row
-  reduction did not, past 4096 entries: SmolLM2's 576 wide from 8 rows, a verify at batch 2),
-  and as RMSNorm's formula gives it, to rounding; in float32 and, with groups, bfloat16."""
+  """RMSNorm as decoding with the kernels runs it (exact_rows) over many rows at once gives each
+  row the bits it gets alone (XLA's own row reduction did not, past 4096 entries: SmolLM2's 576
+  wide from 8 rows, a verify at batch 2), and as RMSNorm's formula gives it, to rounding; in
+  float32 and, with groups, bfloat16."""
   rng = np.random.default_rng(0)
   for D, groups, dtype in ((576, 1, jnp.float32), (128, 1, jnp.float32), (96, 3, jnp.bfloat16)):
-    norm = layers.RMSNorm(D, 1e-5, groups)
+    norm = layers.RMSNorm(D, 1e-5, groups, exact_rows=True)
     x = jnp.asarray(3 * rng.standard_normal((64, D)), dtype)
     params = {'params': {'scale': jnp.asarray(rng.standard_normal(D), jnp.float32)}}
     apply = jax.jit(lambda x: norm.apply(params, x))
