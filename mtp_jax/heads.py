@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mtp_jax.config import ModelConfig, block_name
-from mtp_jax.layers import (Block, RMSNorm, dense, dense_param, fan_in_init, param_with_axes,
+from mtp_jax.layers import (Block, dense, dense_param, fan_in_init, norm_of, param_with_axes,
                              rotary)
 from mtp_jax.matmul import precision
 
@@ -36,9 +36,8 @@ class SequentialModule(nn.Module):
     F = h_prev_BxTxF.shape[-1]
     eh_proj = dense_param(self, 'eh_proj', fan_in_init(0, 1), (cfg.d_model + F,),
                           (cfg.d_model,), ('concat_embed',), ('embed',), cfg)
-    e = RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels, name='enorm')(emb_BxTxD)
-    h = RMSNorm(F, cfg.norm_eps, groups=F // cfg.d_model, exact_rows=cfg.kernels,
-                name='hnorm')(h_prev_BxTxF.astype(e.dtype))
+    e = norm_of(cfg, cfg.d_model, name='enorm')(emb_BxTxD)
+    h = norm_of(cfg, F, groups=F // cfg.d_model, name='hnorm')(h_prev_BxTxF.astype(e.dtype))
     x_BxTxD = dense(jnp.concatenate([e, h], axis=-1), eh_proj, 1, cfg)
     return head_blocks(cfg, x_BxTxD, positions_BxT, kv, segments_BxT)
 

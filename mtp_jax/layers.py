@@ -82,13 +82,11 @@ def rms_norm(x, scale, eps, exact_rows: bool = False):
   return (y * scale).astype(x.dtype)
 
 
-@jax.custom_vjp
 def row_sums(x):
   """Sums over the last axis (kept, of size 1) in a fixed order, with elementwise adds alone:
   halved while its length is even (a zero added to an odd length past 16), then what is left
   added in turn. XLA's reduction picks its order by the array's size (a (8, 576) array's row
-  sums differ in their last bits from one row's); the adds do not. Its gradient is the
-  cotangent broadcast along the row, as a sum's."""
+  sums differ in their last bits from one row's); the adds do not."""
   while x.shape[-1] > 16 or x.shape[-1] % 2 == 0 and x.shape[-1] > 1:
     if x.shape[-1] % 2:
       x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
@@ -98,10 +96,6 @@ def row_sums(x):
   for j in range(1, x.shape[-1]):
     total = total + x[..., j:j + 1]
   return total
-
-
-row_sums.defvjp(lambda x: (row_sums(x), x.shape),
-                lambda shape, g: (jnp.broadcast_to(g, shape),))
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +113,13 @@ class RMSNorm(nn.Module):
     sliced = x.reshape(*x.shape[:-1], self.groups, self.dim // self.groups)
     return rms_norm(sliced, self.scale.reshape(self.groups, -1), self.eps,
                     self.exact_rows).reshape(x.shape)
+
+
+def norm_of(cfg: ModelConfig, dim: int, groups: int = 1, name: str | None = None) -> RMSNorm:
+  """The model's RMSNorm over `dim` features: its epsilon, and rows summed exactly where
+  decoding runs the kernels (cfg.kernels), as every norm of a decoding step must be for greedy
+  `mtp` to equal `ar`."""
+  return RMSNorm(dim, cfg.norm_eps, groups, cfg.kernels, name=name)
 
 
 @functools.lru_cache(maxsize=8)
@@ -292,8 +293,8 @@ class Attention(nn.Module):
     w_o = dense_param(self, 'o', fan_in_init((0, 1), 2), (H, E), (D,), ('heads', 'head_dim'),
                       ('embed',), cfg)
     if cfg.qk_norm:  # Qwen3's, per head, before the rotation
-      q_BxTxHxE = RMSNorm(E, cfg.norm_eps, exact_rows=cfg.kernels, name='q_norm')(q_BxTxHxE)
-      k_BxTxKxE = RMSNorm(E, cfg.norm_eps, exact_rows=cfg.kernels, name='k_norm')(k_BxTxKxE)
+      q_BxTxHxE = norm_of(cfg, E, name='q_norm')(q_BxTxHxE)
+      k_BxTxKxE = norm_of(cfg, E, name='k_norm')(k_BxTxKxE)
     q_BxTxHxE = rope(q_BxTxHxE, rotary_BxTx1xE)
     k_BxTxKxE = rope(k_BxTxKxE, rotary_BxTx1xE)
     if kv is None and cfg.attention == 'fused':
@@ -336,14 +337,12 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, rotary_BxTx1xE, kv=None, slots_BxT=None,
                segments_BxT=None):
-    D, eps = self.cfg.d_model, self.cfg.norm_eps
-    exact = self.cfg.kernels
-    attn_in = RMSNorm(D, eps, exact_rows=exact, name='attn_norm')(x_BxTxD)
+    D = self.cfg.d_model
+    attn_in = norm_of(self.cfg, D, name='attn_norm')(x_BxTxD)
     attn_out, kv = Attention(self.cfg, name='attn')(attn_in, positions_BxT, rotary_BxTx1xE, kv,
                                                     slots_BxT, segments_BxT)
     x_BxTxD = x_BxTxD + attn_out
-    x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(
-        RMSNorm(D, eps, exact_rows=exact, name='mlp_norm')(x_BxTxD))
+    x_BxTxD = x_BxTxD + MLP(self.cfg, name='mlp')(norm_of(self.cfg, D, name='mlp_norm')(x_BxTxD))
     return nn.with_logical_constraint(x_BxTxD, ('batch', 'length', 'embed')), kv
 
 

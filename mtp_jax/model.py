@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from mtp_jax import kernels
 from mtp_jax.config import ModelConfig
 from mtp_jax.heads import HEADS
-from mtp_jax.layers import Block, RMSNorm, dense_param, param_with_axes, rms_norm, rotary
+from mtp_jax.layers import Block, dense_param, norm_of, param_with_axes, rms_norm, rotary
 from mtp_jax.matmul import matmul
 
 
@@ -27,7 +27,7 @@ class MTPLanguageModel(nn.Module):
     self.embedding = param_with_axes(self, 'embedding', nn.initializers.normal(0.02),
                                      (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'))
     self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels)
+    self.final_norm = norm_of(cfg, cfg.d_model)
     if not cfg.tie_embeddings:
       self.unembedding = dense_param(self, 'unembedding', nn.initializers.normal(0.02),
                                      (cfg.d_model,), (cfg.vocab_size,), ('embed',), ('vocab',), cfg)
@@ -35,8 +35,7 @@ class MTPLanguageModel(nn.Module):
     self.mtp = [head(cfg) for _ in range(cfg.mtp_depth)]
     # Sequential modules have their own output norm; the other kinds share the trunk's.
     if cfg.mtp_chains:
-      self.mtp_norms = [RMSNorm(cfg.d_model, cfg.norm_eps, exact_rows=cfg.kernels)
-                        for _ in range(cfg.mtp_depth)]
+      self.mtp_norms = [norm_of(cfg, cfg.d_model) for _ in range(cfg.mtp_depth)]
 
   def embed(self, tokens_BxT):
     emb = jnp.take(self.embedding, tokens_BxT, axis=0, mode='clip')
