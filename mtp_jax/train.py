@@ -896,8 +896,6 @@ class _Periodic:
     self.t = session.config.train
     self.eval_metrics = {}
     self.left_out = ()  # parts of the resumed step's evaluation that failed again when retried
-    self._attempts = {}  # what evaluated.json says of reruns' tries: 'tries', 'failed'
-    self._logged = set()  # the parts of the evaluation under way that are logged
 
   def after(self, step: int, state, stop) -> None:
     t = self.t
@@ -912,7 +910,6 @@ class _Periodic:
       if boundary:
         self.log.reopen()
         if is_eval:  # before the checkpoint exists: a rerun from it finds its evaluation due
-          self._attempts = {}  # a new step's: no rerun has tried it
           self._record(step, ())
         meta = {'step': step, 'nonfinite_skipped': self.log.skipped}
         if self.session.trunk_identity:  # the model file it was trained from
@@ -923,10 +920,12 @@ class _Periodic:
       if is_eval:
         self.evaluate(step, state['params'], record=boundary)
 
-  def evaluate(self, step: int, params, record: bool = False, logged=()):
-    """Evaluates and logs the PARTS not in `logged`; with `record`, each part's events are
-    written to disk (the event file reopened) and then recorded, before the run goes on."""
-    logged = self._logged = set(logged)
+  def evaluate(self, step: int, params, record: bool = False, logged: set | None = None,
+               attempts: dict | None = None):
+    """Evaluates and logs the PARTS not in `logged` (a set, to which each part is added once it
+    is logged); with `record`, each part's events are written to disk (the event file reopened)
+    and then recorded, with reruns' `attempts` at the step, before the run goes on."""
+    logged = set() if logged is None else logged
     metrics = self.session.evaluate(params)
     if 'eval' not in logged:
       self.log.scalars(metrics, step, 'eval/')
@@ -934,14 +933,14 @@ class _Periodic:
       logged.add('eval')
       if record:
         self.log.reopen()
-        self._record(step, logged)
+        self._record(step, logged, attempts)
     if self.eval_hook is not None and 'hook' not in logged:
       # its metrics join the eval dict that train returns
       metrics.update(self.eval_hook(self.session, params, step, self.log.writer) or {})
       logged.add('hook')
       if record:
         self.log.reopen()
-        self._record(step, logged)
+        self._record(step, logged, attempts)
     self.eval_metrics = metrics
 
   def finish_evaluation(self, step: int, params) -> bool:
@@ -976,23 +975,24 @@ class _Periodic:
       return False
     tqdm.tqdm.write(f'step {step}: logging its evaluation ({", ".join(todo)}), which is not on '
                     'disk from the run that saved the step', file=sys.stderr)
-    logged = [p for p in parts if p not in todo]
+    logged = {p for p in parts if p not in todo}
     # Counted before it runs: a part that kills its run (out of memory) every time is left out
     # after RETRIES reruns; one that raises, at once (by the next rerun).
-    self._attempts = {'tries': {**tries, **{p: tries.get(p, 0) + 1 for p in todo}},
-                      'failed': failed}
-    self._record(step, logged)
+    attempts = {'tries': {**tries, **{p: tries.get(p, 0) + 1 for p in todo}}, 'failed': failed}
+    self._record(step, logged, attempts)
     try:
-      self.evaluate(step, params, record=True, logged=logged)
+      self.evaluate(step, params, record=True, logged=logged, attempts=attempts)
     except Exception:
-      self._attempts['failed'] = sorted(set(failed) | (set(todo) - self._logged))
-      self._record(step, self._logged)
+      attempts['failed'] = sorted(set(failed) | (set(todo) - logged))
+      self._record(step, logged, attempts)
       raise
     return True
 
-  def _record(self, step: int, logged):
+  def _record(self, step: int, logged, attempts: dict | None = None):
+    """WORKDIR/evaluated.json (process 0): the PARTS of `step`'s evaluation on disk, and what
+    reruns' `attempts` at it came to ('tries', 'failed'; none for a step no rerun has tried)."""
     if jax.process_index() == 0:
-      a = self._attempts
+      a = attempts or {}
       atomic.write_json(os.path.join(self.session.workdir, EVALUATED),
                         {'step': step, 'logged': [p for p in PARTS if p in logged],
                          **({'tries': a['tries']} if a.get('tries') else {}),
