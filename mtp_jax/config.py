@@ -137,7 +137,6 @@ def folder_problem(path: str, name: str) -> str | None:
   return f'{where} is a file, not a directory'
 
 
-
 def check_address(address: str) -> None:
   """distributed.coordinator_address: '' (one process), 'auto' or 'host:port'."""
   host, _, port = address.rpartition(':')

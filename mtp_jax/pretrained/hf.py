@@ -141,7 +141,8 @@ def fields_from_config(c: dict, name: str) -> dict:
     raise PretrainedError(f"model.init_from: {name} is a {listed[0]}; only "
                           f"{', '.join(a.hf_class for a in llama.ARCHITECTURES)} are supported")
   for key in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads',
-              'intermediate_size', 'vocab_size', 'head_dim'):  # the missing: KeyError below
+              'intermediate_size', 'vocab_size', 'head_dim',
+              'max_position_embeddings'):  # the missing: KeyError below, or optional
     if c.get(key) is not None and not (type(c[key]) is int and c[key] > 0):
       raise PretrainedError(f'model.init_from: {name}/config.json: {key} must be a positive '
                             f'integer, got {c[key]!r}')
@@ -238,10 +239,6 @@ def read(directory: str) -> Pretrained:
   if bos_id is not None and not token(bos_id):
     raise PretrainedError(f'model.init_from: {name}/config.json: bos_token_id must be a token id '
                           f'of its {vocab}-token vocabulary, got {bos_id!r}')
-  context_length = config.get('max_position_embeddings')
-  if context_length is not None and not (type(context_length) is int and context_length > 0):
-    raise PretrainedError(f'model.init_from: {name}/config.json: max_position_embeddings must be '
-                          f'a positive integer, got {context_length!r}')
   eos_id = next(iter(stop_tokens(*listed)), None)
   if os.path.exists(os.path.join(directory, 'tokenizer.json')):
     try:
@@ -268,7 +265,7 @@ def read(directory: str) -> Pretrained:
     unk_id = _token_id(tokenizer, tok_config.get('unk_token'), unk_id)
   return Pretrained(path=directory, identity=sha256(files), fields=fields,
                     setup_identity=setup_identity(directory),
-                    context_length=context_length, tokenizer=tokenizer,
+                    context_length=config.get('max_position_embeddings'), tokenizer=tokenizer,
                     eos_id=eos_id, bos_id=bos_id, chat_template=chat_template, get=get,
                     stop_ids=stop_tokens(eos_id, *listed), pad_id=pad_id, unk_id=unk_id,
                     generation=generation)
