@@ -294,6 +294,24 @@ def test_argmax_leaves_bfloat16_and_disabled_kernels_to_xla():
   assert kernels.argmax(x.astype(jnp.float32), use_kernel=False) is None
 
 
+def test_square_sums_are_row_sums_of_the_squares_bit_for_bit():
+  """kernels.square_sums, the norms' sums where decoding runs the kernels, gives the bits of
+  layers.row_sums(x * x), the norms' sums where it cannot (so both decode alike), at widths
+  halved to 1, to an odd rest of 9 (SmolLM2's 576) or of 17, and odd ones; any leading axes,
+  under jit and vmap; bfloat16 is left to row_sums."""
+  from mtp_jax.layers import row_sums
+  rng = np.random.default_rng(0)
+  for width in (1, 2, 3, 17, 33, 128, 576, 1537):
+    x = jnp.asarray(10 * rng.standard_normal((2, 20, width)), jnp.float32)
+    want = np.asarray(jax.jit(lambda x: row_sums(x * x))(x))
+    np.testing.assert_allclose(want, np.sum(np.asarray(x, np.float64) ** 2, -1, keepdims=True),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(jax.jit(kernels.square_sums)(x)), want)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(kernels.square_sums)(x)), want)
+    np.testing.assert_array_equal(np.asarray(kernels.square_sums(x[1, 3:4])), want[1, 3:4])
+  assert kernels.square_sums(x.astype(jnp.bfloat16)) is None
+
+
 def test_visible_slots_by_hand():
   """Which cache slots each new entry sees, written out: causal for a prompt and for a chain
   verified after its pending token, and the prefix plus its own drafts for each branch stored

@@ -16,6 +16,7 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   tiles in the kernel, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 argmax(x): the first index of each row's largest value, as layers.greedy.
+square_sums(x): each row's sum of squares in layers.row_sums's fixed order, as one call.
 """
 
 import contextlib
@@ -216,7 +217,8 @@ def _library():
     library = ctypes.cdll.LoadLibrary(path)
     targets = [(name, getattr(library, symbol)) for name, symbol in
                [*ROWS_TARGETS.values(), *SCALED_TARGETS.values(),
-                ('mtpjax_cache_attention', 'CacheAttention'), ('mtpjax_argmax', 'Argmax')]]
+                ('mtpjax_cache_attention', 'CacheAttention'), ('mtpjax_argmax', 'Argmax'),
+                ('mtpjax_square_sums', 'SquareSums')]]
     library.TiledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
     # One this process built would not load after another build either: recorded, as a refused
@@ -605,3 +607,15 @@ def argmax(x_xV, use_kernel: bool = True):
     return None
   return jax.ffi.ffi_call('mtpjax_argmax', jax.ShapeDtypeStruct(x_xV.shape[:-1], jnp.int32),
                           vmap_method='broadcast_all')(jax.lax.stop_gradient(x_xV))
+
+
+def square_sums(x_xN):
+  """The sums of x's squares over its last axis (kept, of size 1), each equal bit for bit to
+  layers.row_sums(x * x), as one call that XLA compiles at once where row_sums's adds are tens of
+  operations per norm; None when the kernel cannot run (the caller then takes row_sums). For
+  decoding: it has no gradient (its input's is stopped)."""
+  if not (x_xN.shape[-1] > 0 and _float32(x_xN) and usable()):
+    return None
+  return jax.ffi.ffi_call('mtpjax_square_sums', jax.ShapeDtypeStruct(x_xN.shape[:-1] + (1,),
+                                                                  jnp.float32),
+                          vmap_method='broadcast_all')(jax.lax.stop_gradient(x_xN))

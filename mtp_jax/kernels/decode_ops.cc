@@ -956,6 +956,35 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// The sum of the squares of x[0..n) in layers.row_sums's order, with buf (n + 1 floats) to work
+// in: halved while n is even or past 16 (a zero added to an odd n first), then what is left added
+// in turn. Plain products and adds in a fixed order (the library is built with
+// -ffp-contract=off), so the same numbers as row_sums(x * x)'s elementwise ops in XLA, whatever
+// the number of rows.
+float square_sum(const float* x, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = x[i] * x[i];
+  while (n > 16 || (n % 2 == 0 && n > 1)) {
+    if (n % 2) buf[n++] = 0.0f;
+    const int64_t half = n / 2;
+    for (int64_t i = 0; i < half; ++i) buf[i] = buf[i] + buf[i + half];
+    n = half;
+  }
+  float total = buf[0];
+  for (int64_t j = 1; j < n; ++j) total = total + buf[j];
+  return total;
+}
+
+ffi::Error SquareSumsImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions();
+  if (xd.size() < 1 || xd.back() < 1)
+    return ffi::Error::InvalidArgument("square_sums: x (..., N), N >= 1");
+  const int64_t N = xd.back(), rows = x.element_count() / N;
+  std::vector<float> buf(N + 1);
+  for (int64_t r = 0; r < rows; ++r)
+    out->typed_data()[r] = square_sum(x.typed_data() + r * N, N, buf.data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The row kernels' bindings: x (float32) and a weight buffer of type W, then (scaled tiles) the
@@ -1011,3 +1040,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Argmax, ArgmaxImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSums, SquareSumsImpl,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
