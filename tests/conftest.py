@@ -63,6 +63,7 @@ from tensorboard.backend.event_processing import event_accumulator, event_file_l
 
 from configs import base  # noqa: E402
 from mtp_jax import checkpoint as ckpt_lib  # noqa: E402
+from mtp_jax import decode as dec  # noqa: E402
 from mtp_jax import train  # noqa: E402
 from mtp_jax.config import ModelConfig, apply_overrides  # noqa: E402
 from mtp_jax.model import MTPLanguageModel, init_params  # noqa: E402
@@ -144,6 +145,19 @@ def stdlib_corpus(*names) -> str:
   """data.sources of these standard-library modules (all of CORPUS_FILES when none is named)."""
   stdlib = sysconfig.get_paths()['stdlib']
   return ','.join(os.path.join(stdlib, name) for name in names or CORPUS_FILES)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _programs_of_one_module():
+  """Lets each test file's compiled programs go when it ends (jax's caches, and the decoders
+  decode.compiled_decoder keeps): every XLA CPU executable maps about six memory regions while
+  it lives, and a worker that kept every program of half the suite came within a few thousand of
+  Linux's default limit of 65530 regions a process (vm.max_map_count), past which an mmap fails
+  and XLA crashed (a segmentation fault while compiling or serialising a program). The
+  persistent compilation cache above makes a program compiled again cheap."""
+  yield
+  dec.compiled_decoder.cache_clear()
+  jax.clear_caches()
 
 
 @pytest.fixture(scope='session')
