@@ -73,8 +73,7 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
 def rms_norm(x, scale, eps, exact_rows: bool = False):
   """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype. With
   `exact_rows` (decoding with the kernels, model.cfg.kernels) each row's sum of squares is taken
-  in a fixed order (kernels.square_sums where the kernels run, else row_sums: the same bits), so
-  a row's result does not depend on the rows beside it: a verify of several positions, or a
+  in a fixed order (kernels.square_sums where the kernels run, else row_sums), so a row's result does not depend on the rows beside it: a verify of several positions, or a
   batch, normalises each as one row alone would, which greedy decoding's equality with `ar`
   needs where logits nearly tie. Training keeps XLA's reduction, which compiles faster than
   row_sums."""

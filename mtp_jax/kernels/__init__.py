@@ -16,7 +16,7 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   tiles in the kernel, on the tile unit too).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 argmax(x): the first index of each row's largest value, as layers.greedy.
-square_sums(x): each row's sum of squares in layers.row_sums's fixed order, as one call.
+square_sums(x): each row's sum of squares in a fixed order (layers.row_sums's), as one call.
 """
 
 import contextlib
@@ -610,10 +610,12 @@ def argmax(x_xV, use_kernel: bool = True):
 
 
 def square_sums(x_xN):
-  """The sums of x's squares over its last axis (kept, of size 1), each equal bit for bit to
-  layers.row_sums(x * x), as one call that XLA compiles at once where row_sums's adds are tens of
-  operations per norm; None when the kernel cannot run (the caller then takes row_sums). For
-  decoding: it has no gradient (its input's is stopped)."""
+  """The sums of x's squares over its last axis (kept, of size 1), each in layers.row_sums's
+  order with every operation rounded on its own, so a row's sum does not depend on the rows
+  beside it; one call that XLA compiles at once where row_sums's adds are tens of operations per
+  norm. None when the kernel cannot run (the caller then takes row_sums, whose last bit may
+  differ where XLA fuses a square and an add). For decoding: it has no gradient (its input's is
+  stopped)."""
   if not (x_xN.shape[-1] > 0 and _float32(x_xN) and usable()):
     return None
   return jax.ffi.ffi_call('mtpjax_square_sums', jax.ShapeDtypeStruct(x_xN.shape[:-1] + (1,),

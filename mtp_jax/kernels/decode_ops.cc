@@ -958,9 +958,10 @@ ffi::Error ArgmaxImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // The sum of the squares of x[0..n) in layers.row_sums's order, with buf (n + 1 floats) to work
 // in: halved while n is even or past 16 (a zero added to an odd n first), then what is left added
-// in turn. Plain products and adds in a fixed order (the library is built with
-// -ffp-contract=off), so the same numbers as row_sums(x * x)'s elementwise ops in XLA, whatever
-// the number of rows.
+// in turn. Each product and add rounded on its own (the library is built with -ffp-contract=off),
+// in an order that does not depend on the number of rows. (row_sums(x * x) in XLA takes the same
+// order, but XLA lets LLVM fuse a square and an add into one multiply-add where it optimises, so
+// its last bit may differ.)
 float square_sum(const float* x, int64_t n, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = x[i] * x[i];
   while (n > 16 || (n % 2 == 0 && n > 1)) {
