@@ -294,36 +294,20 @@ def test_argmax_leaves_bfloat16_and_disabled_kernels_to_xla():
   assert kernels.argmax(x.astype(jnp.float32), use_kernel=False) is None
 
 
-def strict_square_sums(x):
-  """Each row's sum of squares in row_sums's order with every product and add rounded to float32
-  on its own, in NumPy: halved while even or past 16 (a zero added to an odd length), then the
-  rest added in turn."""
-  x = np.asarray(x, np.float32)
-  x = x * x
-  while x.shape[-1] > 16 or x.shape[-1] % 2 == 0 and x.shape[-1] > 1:
-    if x.shape[-1] % 2:
-      x = np.concatenate([x, np.zeros(x.shape[:-1] + (1,), np.float32)], -1)
-    half = x.shape[-1] // 2
-    x = x[..., :half] + x[..., half:]
-  total = x[..., :1]
-  for j in range(1, x.shape[-1]):
-    total = total + x[..., j:j + 1]
-  return total
-
-
 def test_square_sums_take_each_row_in_one_fixed_order():
   """kernels.square_sums, the norms' sums where decoding runs the kernels, and layers.row_sums,
   where it cannot: each row's sum the same bits alone as beside others (what greedy decoding's
   equality with `ar` needs), at widths halved to 1, to an odd rest of 9 (SmolLM2's 576) and odd
-  ones; the kernel's the strict order's bits (row_sums's may differ from them in the last bit:
-  XLA lets LLVM fuse a square and an add into one multiply-add); any leading axes, under jit
-  and vmap; bfloat16 is left to row_sums."""
+  ones; the kernel's the bits of row_sums's order with each operation rounded alone (row_sums
+  run op by op, unjitted; compiled, its last bit may differ where XLA lets LLVM fuse a square
+  and an add into one multiply-add); any leading axes, under jit and vmap; bfloat16 is left to
+  row_sums."""
   from mtp_jax.layers import row_sums
   rng = np.random.default_rng(0)
   fallback = jax.jit(lambda x: row_sums(x * x))
   for width in (1, 2, 3, 17, 33, 128, 576, 1537):
     x = jnp.asarray(10 * rng.standard_normal((2, 20, width)), jnp.float32)
-    want = strict_square_sums(x)
+    want = np.asarray(row_sums(np.square(np.asarray(x))))  # eager: no op fused with another
     np.testing.assert_allclose(want, np.sum(np.asarray(x, np.float64) ** 2, -1, keepdims=True),
                                rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(jax.jit(kernels.square_sums)(x)), want)
