@@ -73,14 +73,15 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
 def rms_norm(x, scale, eps, exact_rows: bool = False):
   """RMSNorm in float32 (the statistics are unstable in bfloat16), returned in x's dtype. With
   `exact_rows` (decoding with the kernels, model.cfg.kernels) each row's sum of squares is taken
-  in a fixed order (kernels.square_sums where the kernels run, else row_sums), so a row's result does not depend on the rows beside it: a verify of several positions, or a
-  batch, normalises each as one row alone would, which greedy decoding's equality with `ar`
-  needs where logits nearly tie. Training keeps XLA's reduction, which compiles faster than
-  row_sums."""
+  in a fixed order (kernels.square_sums where the kernels run, else row_sums), so a row's result
+  does not depend on the rows beside it: a verify of several positions, or a batch, normalises
+  each as one row alone would, which greedy decoding's equality with `ar` needs where logits
+  nearly tie. Training keeps XLA's reduction, which compiles faster than row_sums."""
   x32 = x.astype(jnp.float32)
-  sums = kernels.square_sums(x32) if exact_rows else None
-  if sums is None:
-    sums = row_sums(x32 * x32) if exact_rows else jnp.sum(x32 * x32, axis=-1, keepdims=True)
+  if not exact_rows:
+    sums = jnp.sum(x32 * x32, axis=-1, keepdims=True)
+  elif (sums := kernels.square_sums(x32)) is None:
+    sums = row_sums(x32 * x32)
   y = x32 * jax.lax.rsqrt(sums / x.shape[-1] + eps)
   return (y * scale).astype(x.dtype)
 
