@@ -200,12 +200,12 @@ def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS,
                         timeout=timeout, env=cpu_env(xla_flags=xla_flags, **env))
 
 
-def launch_summary(stdout: str) -> dict:
-  """The JSON summary launch.py prints last on stdout (progress lines may come before it, and a
-  run of several modes prints one summary each)."""
+def launch_summary(stdout: str, mode: int = -1) -> dict:
+  """The JSON summary launch.py printed on stdout for its `mode`-th mode, by default the last
+  (progress lines may come before it, and a run of several modes prints one summary each)."""
   starts = [m.start() for m in re.finditer(r'^\{$', stdout, re.M)]
   assert starts, stdout[-3000:]
-  return json.loads(stdout[starts[-1]:])
+  return json.JSONDecoder().raw_decode(stdout[starts[mode]:])[0]
 
 
 def assert_no_traceback(stderr: str):

@@ -3,9 +3,7 @@ and started with launch.py's command line (through tests/multiprocess_driver.py,
 who opens a TensorBoard writer): they train as one process does on the same global batches, only
 process 0 writes TensorBoard, and their checkpoint restores in a single process."""
 
-import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -76,12 +74,6 @@ def run_processes(commands, logdir: str, **extra_env) -> list[str]:
   return [open(os.path.join(logdir, f'{i}.out')).read() for i in range(len(commands))]
 
 
-def train_summary(stdout: str) -> dict:
-  """The summary of the training launch.py printed, the first of the modes it ran."""
-  start = re.search(r'^\{$', stdout, re.M).start()
-  return json.JSONDecoder().raw_decode(stdout[start:])[0]
-
-
 def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   # The evaluation after training is a second mode of the same processes, an export a third.
   # The params are split over the two processes (FSDP), so neither holds them all.
@@ -89,7 +81,7 @@ def test_two_processes_train_as_one_and_restore_in_one(tmp_path):
   pair, one = str(tmp_path / 'pair'), str(tmp_path / 'one')
   stdouts = run_processes([c + ['--mode=train,export'] for c in pair_commands(config, pair)],
                           str(tmp_path))
-  first, second = (train_summary(out) for out in stdouts)
+  first, second = (launch_summary(out, 0) for out in stdouts)  # the training's
   assert first == second and first['step'] == config.train.steps
   # process 0 alone wrote the export, whole
   assert ['written to' in out for out in stdouts] == [True, False]
