@@ -59,7 +59,7 @@ def main(argv):
   reads = {'float32 kernel': w.nbytes, 'xla': w.nbytes,
            'scaled tiles': 0 if scaled is None else scaled.q.nbytes + scaled.scales.nbytes}
   print(f'{os.path.basename(config.model.init_from)}: output matrix {V} x {D}; {form}')
-  kernels.MAX_ROWS = kernels.MAX_EXACT_ROWS = 1 << 30  # the kernel path takes every M at once
+  kernels.MAX_ROWS = kernels.MAX_UNROLLED_ROWS = 1 << 30  # the kernel path takes every M at once
   product = jax.jit(kernels.rows_matmul, static_argnums=2)
   print(f'{"rows":>5} | ' + ' | '.join(f'{p}: ms   GB/s  x float32' for p in operands))
   rng = np.random.default_rng(0)

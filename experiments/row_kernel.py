@@ -142,7 +142,7 @@ def main(argv):
     cli.fail('the random Q4_1 weights are not all in the form of kernels.ScaledTiles')
   bytes_read = sum(n * k * 4 for n, k in shapes)  # float32 bytes multiplied, from cache or not
 
-  kernels.MAX_ROWS = kernels.MAX_EXACT_ROWS = 1 << 30  # the kernel path takes every M at once
+  kernels.MAX_ROWS = kernels.MAX_UNROLLED_ROWS = 1 << 30  # the kernel path takes every M at once
 
   def product(x, w, path):
     if path in extra:

@@ -27,6 +27,7 @@ from mtp_jax import checkpoint as ckpt_lib
 from mtp_jax import data as data_lib
 from mtp_jax import decode as decode_lib
 from mtp_jax import features as feat_lib
+from mtp_jax import kernels
 from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
@@ -430,6 +431,13 @@ class Session(Program):
                if model.draft_dtype == 'float32' else 'the CPU\'s tile unit (AMX)')
       print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs {needs}; drafting '
             f'reads {model.draft_dtype} heads', file=sys.stderr)
+    cfg = self.cfg
+    if model.kernels and not kernels.attention_takes(cfg.head_dim,
+                                                     cfg.num_heads // cfg.num_kv_heads):
+      print(f'note: the attention kernel takes heads 16 to 128 entries wide, by 16, and at most '
+            f'{kernels.MAX_QUERIES} query heads a kv head; these ({cfg.head_dim} wide, '
+            f'{cfg.num_heads // cfg.num_kv_heads} a kv head) attend in XLA instead, so greedy '
+            '`mtp` may split from `ar` at a near tie of two logits', file=sys.stderr)
     return model
 
   @property

@@ -354,6 +354,8 @@ def test_a_workdir_that_is_the_models_own_directory_is_refused_untouched(tmp_pat
                       '--prompt', 'hi')
   assert result.returncode == 0, result.stderr[-3000:]
   assert snapshot(model) == before
+  # its heads, 8 entries wide, are narrower than the attention kernel takes
+  assert 'these (8 wide, 2 a kv head) attend in XLA instead' in result.stderr
 
 
 @pytest.fixture(scope='module')

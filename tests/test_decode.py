@@ -578,14 +578,19 @@ def test_draft_trees_keep_ar_where_logits_nearly_tie():
 
 
 def test_a_verify_of_many_rows_keeps_ar_where_logits_nearly_tie():
-  """8 prompts verified 4 positions at a time are 32 rows of 128 entries for each norm, past the
-  4096 where XLA's row reduction changed its order (7 of 8 prompts split from ar)."""
+  """40 prompts verified 4 positions at a time are 160 rows of 128 entries for each norm, past the
+  4096 where XLA's row reduction changed its order (7 of 8 prompts split from ar then), and past
+  the 128 rows where the products once went to XLA's dot; queued 8 at a time, the prompts are
+  prefilled in other groups (136 rows, then 17) than all at once (680). With XLA's dot past 128
+  rows, 14 of the 40 split from ar in the verify and 11 when queued."""
   cfg, params, model = nearly_tied(**{'model.d_model': 128})
   rng = np.random.default_rng(0)
-  prompts = [rng.integers(0, cfg.vocab_size, 3).tolist() for _ in range(8)]
-  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=40)))
+  prompts = [rng.integers(0, cfg.vocab_size, 17).tolist() for _ in range(40)]
+  ar = dec.outputs(run(model, params, prompts, dec.Settings(max_new_tokens=24)))
   assert dec.outputs(run(model, params, prompts, dec.Settings(draft_len=3,
-                                                               max_new_tokens=40))) == ar
+                                                               max_new_tokens=24))) == ar
+  assert dec.outputs(run_queued(model, params, prompts, dec.Settings(max_new_tokens=24),
+                                batch=8)) == ar
 
 
 def test_a_step_reads_the_output_matrix_once_and_no_embedding_table():

@@ -120,7 +120,7 @@ def test_rows_matmul_matches_xla(rows, K, N):
   w = jax.random.normal(jax.random.key(K + N), (N, K))
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
   got = jax.jit(kernels.rows_matmul)(x, w)
-  # the kernel, MAX_ROWS rows a call, and XLA's dot past MAX_EXACT_ROWS: within float32 rounding
+  # the kernel, MAX_ROWS rows a call (in a loop past MAX_UNROLLED_ROWS): within float32 rounding
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
   assert got.shape == (rows, N)
 
@@ -137,15 +137,15 @@ def narrow_weights(w, dtype: str):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
 def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
   """Bit for bit, so that a verify's rows equal the ar steps' and greedy MTP stays ar's output
-  with no near-tie flips, up to MAX_EXACT_ROWS (128): past MAX_ROWS (32) the rows take several
-  calls. N = 37 leaves rows past every block size (4, 2) over; K = 100 has a tail past the last
-  full vector."""
+  with no near-tie flips, and a batch's prefill gives each prompt its own: past MAX_ROWS (32) the
+  rows take several calls, past MAX_UNROLLED_ROWS (128) in a loop. N = 37 leaves rows past every
+  block size (4, 2) over; K = 100 has a tail past the last full vector."""
   K, N = 100, 37
-  x = jax.random.normal(jax.random.key(0), (128, K))
+  x = jax.random.normal(jax.random.key(0), (200, K))
   w, _ = narrow_weights(jax.random.normal(jax.random.key(1), (N, K)), dtype)
   product = jax.jit(kernels.rows_matmul)
-  alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(128)])
-  for rows in [*range(2, 34), 64, 97, 128]:
+  alone = np.concatenate([np.asarray(product(x[i:i + 1], w)) for i in range(200)])
+  for rows in [*range(2, 34), 64, 97, 128, 129, 200]:
     np.testing.assert_array_equal(np.asarray(product(x[:rows], w)), alone[:rows])
 
 

@@ -1,10 +1,12 @@
 """Native CPU kernels for decoding steps (decode_ops.cc), built with the host's compiler at first
 use and called through XLA's FFI, each beside the pure-JAX computation it replaces. That
-fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16 inputs, more rows
-than a kernel is for (MAX_EXACT_ROWS), or MTP_JAX_KERNELS=0; tests check the two agree.
+fallback runs wherever a kernel cannot: no compiler, another platform, bfloat16 inputs, attention
+heads of a width the kernel does not take (attention_takes), or MTP_JAX_KERNELS=0; tests check
+the two agree.
 
 rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one output per row,
-  which model.kernel_layout makes of the decoding params), for a few rows; w in float32, in
+  which model.kernel_layout makes of the decoding params), each row's result the one it gets
+  alone, however many rows (a few in a decoding step, more in a prefill); w in float32, in
   bfloat16 (half the bytes to read; widened to float32 in the kernel, products in float32), as
   Int8Rows (a quarter: int8 values widened in the kernel, times each row's float32 scale), or
   tiled (`tiled`: a float32 matrix whose entries are each the sum of two bfloat16 numbers, kept
@@ -46,11 +48,11 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'decode_ops.cc
 # Rows per call of a row kernel (in passes of 4 over each thread's chunk of weight rows, the later
 # passes reading it from L2): a batch-8 verify of 4 positions is 32 rows.
 MAX_ROWS = 32
-# Up to this many rows the row kernels take MAX_ROWS a call, each call reading the weights again,
-# so that every row's result is the one a single row gets: a verify of up to 4 positions at batch
-# 32 equals the `ar` steps bit for bit. Past it (a prompt's prefill, a feature pass over text)
-# XLA's dot is faster and nothing compares its rows with single ones: `ar` and `mtp` prefill alike.
-MAX_EXACT_ROWS = 4 * MAX_ROWS
+# The row kernels take MAX_ROWS rows a call, each call reading the weights again, so that every
+# row's result is the one a single row gets: a verify of batch x positions rows equals the `ar`
+# steps bit for bit, and a batch's prefill each prompt's own. Up to this many rows the calls are
+# written out one by one; past it (a prefill) they run in a loop, one program whatever the rows.
+MAX_UNROLLED_ROWS = 4 * MAX_ROWS
 MAX_QUERIES = 64  # attention: query heads per kv head
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
 ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
@@ -545,8 +547,8 @@ def narrowed(w, dtype: str, in_dims: int = 1):
 
 def rows_matmul(x, w, use_kernel: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it). Through a
-  kernel, each row's result is the same whatever the number of rows: up to MAX_EXACT_ROWS the
-  row kernels take them MAX_ROWS at a time (the tile kernels take any number at once)."""
+  kernel, each row's result is the same whatever the number of rows: the row kernels take them
+  MAX_ROWS at a time (the tile kernels take any number at once)."""
   scaled = isinstance(w, ScaledTiles)
   held = (w.q.shape[0], w.q.shape[1] * (2 if w.affine else 1)) if scaled else w.shape
   if len(w.shape) != 2 or w.shape[1] != x.shape[-1] or tuple(held) != tuple(w.shape):
@@ -565,17 +567,28 @@ def rows_matmul(x, w, use_kernel: bool = True):
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
   rows = x.size // max(x.shape[-1], 1)
-  if use_kernel and target and 0 < rows <= MAX_EXACT_ROWS and _float32(x) and usable():
+  if use_kernel and target and rows > 0 and _float32(x) and usable():
+    def call(part):
+      return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((len(part), values.shape[0]),
+                                                              jnp.float32))(part, values)
     flat = x.reshape(-1, x.shape[-1])
-    out = jnp.concatenate([
-        jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((len(part), values.shape[0]),
-                                                         jnp.float32))(part, values)
-        for part in (flat[i:i + MAX_ROWS] for i in range(0, len(flat), MAX_ROWS))])
+    if rows <= MAX_UNROLLED_ROWS:
+      out = jnp.concatenate([call(flat[i:i + MAX_ROWS]) for i in range(0, rows, MAX_ROWS)])
+    else:  # MAX_ROWS-row calls in a loop; the padding rows' results are dropped
+      parts = jnp.pad(flat, ((0, -rows % MAX_ROWS), (0, 0))).reshape(-1, MAX_ROWS, flat.shape[1])
+      out = jax.lax.map(call, parts).reshape(-1, values.shape[0])[:rows]
     out = out.reshape(*x.shape[:-1], -1)
   else:  # values.T widened to x's dtype
     out = matmul(x.reshape(-1, x.shape[-1]), values.T.astype(x.dtype)).reshape(
         *x.shape[:-1], -1)
   return out * w.scale.astype(out.dtype) if narrow else out
+
+
+def attention_takes(width: int, groups: int) -> bool:
+  """Whether the attention kernel takes heads `width` entries wide with `groups` query heads per
+  kv head (where it does not, XLA attends, and a position of a verify or a batch may round as it
+  would not alone)."""
+  return width % 16 == 0 and 0 < width <= 128 and groups <= MAX_QUERIES
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
@@ -589,7 +602,7 @@ def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
     raise ValueError(f'cache_attention: q {q_BxTxHxE.shape}, k {k_BxLxKxE.shape}, v '
                      f'{v_BxLxKxE.shape}, positions {positions_BxT.shape} and slots '
                      f'{slots_BxT.shape} are not (B, T, H, E), (B, L, K, E) twice and (B, T)')
-  if not (use_kernel and E % 16 == 0 and 0 < E <= 128 and H // K <= MAX_QUERIES
+  if not (use_kernel and attention_takes(E, H // K)
           and _float32(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE) and usable()):
     return None
   out = jax.ffi.ffi_call('mtpjax_cache_attention', jax.ShapeDtypeStruct(q_BxTxHxE.shape,
