@@ -40,6 +40,7 @@ def main(argv):
   _check_before_jax(config)
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()
+  mode = _MODE.value[0]
   try:
     run.check_modes(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
     for i, mode in enumerate(_MODE.value):
@@ -51,6 +52,9 @@ def main(argv):
         break
   except run.USER_ERRORS as e:
     cli.fail(e)
+  except KeyboardInterrupt:  # a training stops at its next step and saves; decoding just ends
+    print(f'stopped by Ctrl-C in --mode {mode}', file=sys.stderr)
+    sys.exit(130)
 
 
 def _check_before_jax(config) -> None:

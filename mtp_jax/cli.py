@@ -76,6 +76,8 @@ def flags_parser(config_flag=None):
       remaining = flags.FLAGS(argv)
       if config_flag is not None:  # a failed load surfaces lazily; touch the config to report it
         config = config_flag.value
+        if not isinstance(config, ConfigDict):  # one that failed to load raises its error here
+          getattr(config, 'model', None)
         if not (isinstance(config, ConfigDict) and 'model' in config and 'data' in config):
           fail("the config file's get_config() must return an ml_collections ConfigDict with "
                'the sections of configs/base.py (model, data, ...); start from base.get_config()')

@@ -6,6 +6,7 @@
 import dataclasses
 import math
 import os
+import stat
 
 # No JAX here: launch.py checks a config with this module before it imports JAX, so bad input is
 # reported in a second.
@@ -107,10 +108,27 @@ def same_widths(fields: dict) -> dict:
   return out
 
 
+_PROMPT_FILES: dict[tuple, list[str]] = {}  # _file_key -> lines, as this process read them
+
+
+def _file_key(path: str) -> tuple | None:
+  """A regular file as it is now (rewritten, it is another), a pipe or device by its path."""
+  try:
+    s = os.stat(path)
+  except OSError:
+    return None
+  return (path, s.st_ino, s.st_mtime_ns, s.st_size) if stat.S_ISREG(s.st_mode) else (path,)
+
+
 def prompt_lines(path: str, name: str, empty: str = 'has no prompt') -> list[str]:
   """The non-blank lines of a prompt file, one prompt a line (`name`: the flag or field that
   gives it; `empty`: what the error says of a file without one); ConfigError where the file is
-  missing, not UTF-8 text or holds no prompt."""
+  missing, not UTF-8 text or holds no prompt. A file is read once a process while it stays the same:
+  the prompts checked before the first mode runs are the ones used, and a pipe (--prompt_file
+  /dev/stdin) can be given."""
+  key = _file_key(path)
+  if key in _PROMPT_FILES:
+    return list(_PROMPT_FILES[key])
   try:
     with open(path, encoding='utf-8-sig') as f:  # a byte-order mark is no part of the first
       lines = [line.rstrip('\n') for line in f if line.strip()]
@@ -120,7 +138,9 @@ def prompt_lines(path: str, name: str, empty: str = 'has no prompt') -> list[str
     raise ConfigError(f'{name}: cannot read {path!r} as UTF-8 text of prompts ({e})') from None
   if not lines:
     raise ConfigError(f'{name}: {path} {empty}')
-  return lines
+  if key is not None:
+    _PROMPT_FILES[key] = lines
+  return list(lines)
 
 
 def folder_problem(path: str, name: str) -> str | None:

@@ -380,7 +380,8 @@ def bench_table(rows: list[dict]) -> str:
 
 def bench(session, params, config, step: int) -> dict:
   """bench_blocks, each block printed and WORKDIR/bench.json rewritten as it finishes, so a run
-  stopped part way keeps what it measured ('complete' says whether every block is in)."""
+  stopped part way keeps what it measured ('complete' says whether every block is in). An
+  earlier run's file becomes bench.previous.json: kept, and not looking current."""
   prompts = held_out_prompts(session, config.decode.bench_prompts)
   check_bench(session, config, prompts)  # before the params are prepared for the kernels
   result = {'machine': measure.machine(), 'checkpoint_step': step,
@@ -392,7 +393,9 @@ def bench(session, params, config, step: int) -> dict:
   def save():  # by process 0 alone: each process times its own decoding
     if jax.process_index() == 0:
       atomic.write_json(path, result, indent=2)
-  save()  # no earlier run's file is left looking current
+  if jax.process_index() == 0 and os.path.isfile(path):
+    os.replace(path, os.path.join(session.workdir, 'bench.previous.json'))
+  save()
   for rows in bench_blocks(session, params, config, prompts):
     print(bench_table(rows), flush=True)
     result['rows'] += rows

@@ -62,16 +62,19 @@ def init_distributed(dist_cfg) -> None:
 def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file: str) -> None:
   """Several modes in one command (demo,generate; generate,export): the input of each decoding
   mode after the first (its prompts, the cache they need, its settings) is checked before the
-  first runs, where it was found only after the modes before it had compiled, run and written.
-  A mode after a train is checked by the training's session, before its first step (a model
+  first runs, where it was found only after the modes before it had compiled, run and written;
+  an eval or export after it finds the checkpoint it reads (check_trained). A mode after a train is checked by the training's session, before its first step (a model
   trained here gets its tokenizer there, from its data); the first mode checks its own."""
   trained = modes.index('train') if 'train' in modes else len(modes)
-  later = [mode for mode in modes[1:trained] if mode in DECODING_MODES]
+  later = modes[1:trained]
   if not later:
     return
   init_distributed(config.distributed)
   config = resolve_config(config)
   for mode in later:
+    if mode not in DECODING_MODES:  # eval, export: their checkpoint, or what stands for it
+      train_lib.check_trained(mode, config, workdir)
+      continue
     session = train_lib.Session(config, workdir, data=not config.model.init_from, reads=mode)
     try:
       inference.check_mode(session, mode, prompt, prompt_file)

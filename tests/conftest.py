@@ -191,13 +191,13 @@ def cpu_env(devices: int = 0, xla_flags: str = TEST_XLA_FLAGS, **extra) -> dict:
   return {k: v for k, v in env.items() if v is not None}
 
 
-def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS,
+def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS, stdin='',
                **env) -> subprocess.CompletedProcess:
   """`python SCRIPT ARGS` in the repository on the CPU (`-m MODULE ARGS` runs a module), as a
-  user runs launch.py or an experiment; its output captured as text. `env`: variables to set
-  (None removes one)."""
+  user runs launch.py or an experiment, `stdin` piped to it; its output captured as text. `env`:
+  variables to set (None removes one)."""
   return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=cpu_env(xla_flags=xla_flags, **env))
+                        input=stdin, timeout=timeout, env=cpu_env(xla_flags=xla_flags, **env))
 
 
 def launch_summary(stdout: str, mode: int = -1) -> dict:

@@ -131,6 +131,8 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   code fails, a workdir that is a file or lies under one, a workdir whose config.json is
   damaged."""
   assert_user_error(launch(tmp_path / 'a', flags=['train']), 'unexpected arguments: train')
+  assert_user_error(run_script('launch.py', '--config', 'configs/nope.py'),  # no override
+                    'cannot load the config file', 'nope.py')
   broken = tmp_path / 'broken.py'
   broken.write_text('def get_config():\n  return undefined_name\n')
   assert_user_error(launch(tmp_path / 'b', config=str(broken)), 'cannot load the config file',
@@ -385,7 +387,8 @@ def tiny_llama(tmp_path_factory):
 def test_several_modes_check_each_decoding_modes_input_before_the_first_runs(tiny_llama,
                                                                              tmp_path):
   """demo,generate: generate's prompts and the cache they need are checked before demo runs (it
-  compiled and printed its demo first), as demo's are; nothing is written."""
+  compiled and printed its demo first), as demo's are, and an eval's checkpoint (it ran after
+  the demo); nothing is written. A prompt file read once only (a pipe) is read once."""
   _, configs = tiny_llama
   empty_ids, short = tmp_path / 'prompts.txt', tmp_path / 'short.txt'
   empty_ids.write_text('the tin\nids:\n')
@@ -397,11 +400,16 @@ def test_several_modes_check_each_decoding_modes_input_before_the_first_runs(tin
       (['--mode=demo,generate', '--prompt=hi', '--config.decode.max_new_tokens=3000'],
        ['decode.max_new_tokens=3000', 'more than model.max_seq_len=256']),
       (['--mode=generate,demo', f'--prompt_file={short}', '--prompt=' + 'word ' * 300],
-       ["demo's 3 new tokens"])):
+       ["demo's 3 new tokens"]),
+      (['--mode=demo,eval'], [f'no checkpoint in {tmp_path / "run"}; train first'])):
     result = run_script('launch.py', *common, *flags)
     assert_user_error(result, *words)
     assert 'top-5' not in result.stdout and '--- prompt' not in result.stdout
   assert sorted(os.listdir(tmp_path)) == ['prompts.txt', 'short.txt']
+  result = run_script('launch.py', *common, '--mode=demo,generate', '--prompt_file=/dev/stdin',
+                      stdin='the tin\nids: 5 6\n')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(launch_summary(result.stdout)['outputs']) == 2
 
 
 # name: (model file, flags, words of the error line). The config files leave the file's fields

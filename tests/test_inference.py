@@ -71,11 +71,11 @@ def test_bench_json_rows_and_identity(trained, capsys):
 
 def test_bench_keeps_finished_blocks(trained, monkeypatch):
   """A bench stopped part way (a time limit, a crash) leaves the blocks it finished in
-  bench.json, marked incomplete."""
+  bench.json, marked incomplete, and the earlier run's file as bench.previous.json."""
   config, workdir = trained
   path = os.path.join(workdir, 'bench.json')
-  if os.path.exists(path):
-    os.remove(path)
+  with open(path, 'w') as f:
+    json.dump({'complete': True, 'rows': ['an earlier run']}, f)
   real = inference.bench_blocks
 
   def stopped_after_one(*args):
@@ -90,6 +90,8 @@ def test_bench_keeps_finished_blocks(trained, monkeypatch):
   assert on_disk['complete'] is False
   assert [(r['temperature'], r['batch']) for r in on_disk['rows']] == \
       [(0.0, 1)] * (config.mtp.depth + 1)
+  previous = json.load(open(os.path.join(workdir, 'bench.previous.json')))
+  assert previous == {'complete': True, 'rows': ['an earlier run']}
 
 
 def test_a_bench_of_fewer_than_8_prompts_names_the_batch_it_ran(trained, monkeypatch):
