@@ -52,7 +52,8 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
     new_tokens = new_tokens or f'decode.max_new_tokens={s.max_new_tokens}'
     raise ConfigError(
         f'prompt of {longest} tokens + {new_tokens} + a verify block of {dec.verify_width(s)} '
-        f'positions needs a cache of {need}, more than model.max_seq_len={max_len}')
+        f'position{"s" * (dec.verify_width(s) > 1)} needs a cache of {need}, more than '
+        f'model.max_seq_len={max_len}')
 
 
 def prepared_decoder(model: dec.DecodeModel, params, prompts: list[list[int]], s: dec.Settings,
@@ -87,7 +88,10 @@ def validation_prompts(session, count: int, length: int) -> list[list[int]]:
 
 def encode_prompt(session, text: str, chat: bool) -> list[int]:
   """A text prompt's ids: as a user turn of the model's chat template when `chat` and the model
-  has one (its special tokens each one id), else the text as it is."""
+  has one (its special tokens each one id), else the text as it is. Before a model trained here
+  has its tokenizer (a check made before its data), one id stands in: no prompt has fewer."""
+  if session.tokenizer is None:
+    return [0]
   if chat and session.chat_template:
     text = chat_turn(session, text)
     return session.tokenizer.encode(text, add_special_tokens=False).ids

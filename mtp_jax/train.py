@@ -291,7 +291,8 @@ class Session(Program):
   compiled functions and the workdir's checkpoints. Every check runs before anything is written
   or compiled. `data=False` skips the training data (decoding modes that do not draw prompts
   from it). `check(session)`, when given, makes further checks of its own: before the data is
-  prepared when the model file gives the tokenizer, else right after. `reads`: the mode (eval,
+  prepared when the model file gives the tokenizer, else before it with prompts standing in as
+  one id each (encode_prompt) and again right after. `reads`: the mode (eval,
   a decoding mode, export) that will read the workdir's checkpoint (check_trained); its
   training batch need not divide over the mesh, unless it is eval. `hold()`, for a training, takes
   the workdir before anything is written there (the data's tokenizer, the cache): the workdir's
@@ -322,7 +323,10 @@ class Session(Program):
     super().__init__(config, sharding.make_mesh(config.mesh))
     self.data = self.rows = None
     early = check is not None and self.model_file is not None
-    if early:
+    if check is not None and (early or data):
+      # A model trained here gets its tokenizer from its data: before that, its prompts stand in
+      # as one id each (encode_prompt), so what fails whatever they encode to fails here, before
+      # the data is made, and the rest right after.
       check(self)
     if hold is not None:
       hold()
@@ -394,7 +398,10 @@ class Session(Program):
 
   @property
   def tokenizer(self):
-    return self.model_file.tokenizer if self.model_file else self.data.tokenizer
+    """The model file's tokenizer, else the data's (None before a model trained here has it)."""
+    if self.model_file:
+      return self.model_file.tokenizer
+    return self.data.tokenizer if self.data is not None else None
 
   @property
   def eos_id(self) -> int:

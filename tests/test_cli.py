@@ -298,7 +298,7 @@ def test_a_demo_after_training_that_cannot_run_stops_the_run_at_its_start(traine
   is refused before any step, not after the training it would follow."""
   result = launch(tmp_path / 'd0', {'mtp.depth': 0, 'run_after_train': 'demo'})
   assert_user_error(result, "demo shows MTP heads' drafts, but mtp.depth=0")
-  assert not os.path.exists(tmp_path / 'd0' / 'checkpoints')
+  assert not (tmp_path / 'd0').exists()  # before its data and tokenizer were made
   workdir, _ = trained
   before = snapshot(workdir)
   result = launch(workdir, {'decode.demo_prompt': 'word ' * 600, 'run_after_train': 'demo',
