@@ -22,7 +22,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/<c
 _MODE = flags.DEFINE_list('mode', ['train'], 'train; eval the latest checkpoint; demo, generate or '
                           'bench decoding; export to Hugging Face layout. Several, comma-separated, '
                           'run in turn (e.g. demo,bench).')
-_PROMPT = flags.DEFINE_string('prompt', '', 'Prompt text for demo and generate.')
+_PROMPT = flags.DEFINE_string('prompt', '', "Prompt text for demo and generate ('ids: 1 2 3' for "
+                              'token ids).')
 _PROMPT_FILE = flags.DEFINE_string('prompt_file', '', "generate: one prompt a line ('ids: 1 2 3' "
                                    'for token ids).')
 _EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float16'],

@@ -41,10 +41,10 @@ def check_prompts(prompts: list[list[int]], vocab_size: int, s: dec.Settings, ma
   written, when not decode.max_new_tokens)."""
   for i, p in enumerate(prompts):
     if not p:
-      raise ConfigError(f'prompt {i} is empty')
+      raise ConfigError(f'prompt {i + 1} is empty')
     bad = [t for t in p if not 0 <= t < vocab_size]
     if bad:
-      raise ConfigError(f'prompt {i} has token ids outside the vocabulary 0..{vocab_size - 1}: '
+      raise ConfigError(f'prompt {i + 1} has token ids outside the vocabulary 0..{vocab_size - 1}: '
                         f'{bad[:5]}')
   longest = max([width] + [len(p) for p in prompts])
   need = dec.cache_length(longest, s)
@@ -90,12 +90,23 @@ def encode_prompt(session, text: str, chat: bool) -> list[int]:
   """A text prompt's ids: as a user turn of the model's chat template when `chat` and the model
   has one (its special tokens each one id), else the text as it is. Before a model trained here
   has its tokenizer (a check made before its data), one id stands in: no prompt has fewer."""
-  if session.tokenizer is None:
+  if session.stand_ins:
     return [0]
   if chat and session.chat_template:
     text = chat_turn(session, text)
     return session.tokenizer.encode(text, add_special_tokens=False).ids
   return data_lib.encode(session.tokenizer, text)
+
+
+def prompt_ids(session, line: str, chat: bool, name: str) -> list[int]:
+  """A prompt as every prompt flag and file takes it: 'ids: 1 2 3' gives raw token ids, other
+  text is encoded (encode_prompt); `name` is the flag or field the line came from."""
+  if not line.startswith('ids:'):
+    return encode_prompt(session, line, chat)
+  try:
+    return [int(t) for t in line[4:].split()]
+  except ValueError:
+    raise ConfigError(f'{name}: bad token ids line {line!r}') from None
 
 
 def held_out_prompts(session, count: int) -> list[list[int]]:
@@ -105,7 +116,8 @@ def held_out_prompts(session, count: int) -> list[list[int]]:
   if not d.prompts:
     return validation_prompts(session, count, d.prompt_len)
   lines = prompt_lines(d.prompts, 'decode.prompts')
-  return [encode_prompt(session, lines[i % len(lines)], d.chat) for i in range(count)]
+  return [prompt_ids(session, lines[i % len(lines)], d.chat, 'decode.prompts')
+          for i in range(count)]
 
 
 def load_params(session):
@@ -183,7 +195,7 @@ def check_demo(session, prompt: str) -> list[int]:
   if session.cfg.mtp_depth < 1:
     raise ConfigError('demo shows MTP heads\' drafts, but mtp.depth=0 (leave demo out of '
                       '--mode and run_after_train)')
-  ids = encode_prompt(session, prompt, session.config.decode.chat)
+  ids = prompt_ids(session, prompt, session.config.decode.chat, 'the demo prompt')
   s = _demo_settings(session)
   check_prompts([ids], session.cfg.vocab_size, s, session.cfg.max_seq_len,
                 new_tokens=f"demo's {s.max_new_tokens} new tokens")
@@ -260,16 +272,7 @@ def read_prompts(session, prompt: str, prompt_file: str) -> list[list[int]]:
     lines, flag = [prompt] if prompt else [], '--prompt'
   if not lines:
     raise ConfigError('give a non-empty --prompt or --prompt_file')
-  prompts = []
-  for line in lines:
-    if line.startswith('ids:'):
-      try:
-        prompts.append([int(t) for t in line[4:].split()])
-      except ValueError:
-        raise ConfigError(f'{flag}: bad token ids line {line!r}') from None
-    else:
-      prompts.append(encode_prompt(session, line, session.config.decode.chat))
-  return prompts
+  return [prompt_ids(session, line, session.config.decode.chat, flag) for line in lines]
 
 
 def generate(session, params, prompts: list[list[int]], config) -> dict:

@@ -66,7 +66,8 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
     w = w.astype(cfg.compute_dtype)
     return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
   out_dims = w.shape[:w.ndim - in_dims]
-  y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1))
+  y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1),
+                          exact=cfg.exact_rows)
   return y.reshape(*lead, *out_dims)
 
 

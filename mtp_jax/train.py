@@ -301,6 +301,7 @@ class Session(Program):
   def __init__(self, config, workdir: str, *, data: bool = True, check=None, reads: str = '',
                hold=None):
     self.workdir = workdir
+    self.stand_ins = False  # prompts stand in as one id each (inference.encode_prompt)
     self.writes = not reads or data  # training writes config.json, the data tokenizer.json
     config = pretrained.resolve_config(config)
     validate(config)
@@ -327,7 +328,11 @@ class Session(Program):
       # A model trained here gets its tokenizer from its data: before that, its prompts stand in
       # as one id each (encode_prompt), so what fails whatever they encode to fails here, before
       # the data is made, and the rest right after.
-      check(self)
+      self.stand_ins = self.tokenizer is None
+      try:
+        check(self)
+      finally:
+        self.stand_ins = False
     if hold is not None:
       hold()
       self.recheck()
@@ -586,7 +591,9 @@ class Session(Program):
     """The frozen trunk as data making sees it: its params alone, on a depth-0 config."""
     m = self.model_file
     params = {'params': jax.device_put(pretrained.trunk_params(self.config.model.init_from))}
-    model = decode_lib.decode_model(dataclasses.replace(self.cfg, mtp_depth=0),
+    # (no row of the data is compared with another decoding's: XLA's dot may take its prefills)
+    cfg = dataclasses.replace(self.cfg, mtp_depth=0, exact_rows=False)
+    model = decode_lib.decode_model(cfg,
                                     self.config.decode.kernels,
                                     use_tiles=self.config.decode.tiles)
     return selfdata.Trunk(model=model, params=params,

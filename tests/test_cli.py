@@ -317,6 +317,8 @@ def test_a_mode_after_training_has_its_input_checked_before_the_first_step(train
   ids.write_text('def\nids: 1 2 99999\n')
   for flags, words in (
       (['--mode=train,generate', f'--prompt_file={ids}'],
+       ['prompt 2 has token ids outside the vocabulary']),
+      (['--mode=train,demo', '--prompt=ids: 5 99999'],  # token ids as generate takes them
        ['prompt 1 has token ids outside the vocabulary']),
       (['--mode=train,demo', '--prompt=' + 'word ' * 600], ['more than model.max_seq_len'])):
     assert_user_error(launch(workdir, {'train.steps': 3}, flags), *words)
@@ -396,7 +398,7 @@ def test_several_modes_check_each_decoding_modes_input_before_the_first_runs(tin
   common = ['--config', configs['good'], '--workdir', str(tmp_path / 'run'),
             '--config.mtp.init_from=last_block']
   for flags, words in (
-      (['--mode=demo,generate', f'--prompt_file={empty_ids}'], ['prompt 1 is empty']),
+      (['--mode=demo,generate', f'--prompt_file={empty_ids}'], ['prompt 2 is empty']),
       (['--mode=demo,generate', '--prompt=hi', '--config.decode.max_new_tokens=3000'],
        ['decode.max_new_tokens=3000', 'more than model.max_seq_len=256']),
       (['--mode=generate,demo', f'--prompt_file={short}', '--prompt=' + 'word ' * 300],

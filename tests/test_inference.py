@@ -241,7 +241,8 @@ def test_validation_windows_the_split_cannot_hold_stop_training_before_its_first
   probe = train.Session(text_config(**overrides), str(tmp_path / 'probe'))
   probe.checkpointer.close()
   n = len(probe.data.valid)
-  config = text_config(**overrides, **{'decode.prompt_len': n})
+  # (a cache that holds the prompt: one too short is refused before the data is made)
+  config = text_config(**overrides, **{'decode.prompt_len': n, 'model.max_seq_len': 256})
   with pytest.raises(ConfigError, match=f'decode.prompt_len={n}: the validation split holds {n}'):
     train.train(config, str(tmp_path / 'run'), eval_hook=inference.eval_hook(config))
   assert not (tmp_path / 'run' / 'checkpoints').exists()

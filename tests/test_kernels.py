@@ -119,10 +119,12 @@ def test_rows_matmul_matches_xla(rows, K, N):
   x = jax.random.normal(jax.random.key(rows), (rows, K))
   w = jax.random.normal(jax.random.key(K + N), (N, K))
   want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
-  got = jax.jit(kernels.rows_matmul)(x, w)
-  # the kernel, MAX_ROWS rows a call (in a loop past MAX_UNROLLED_ROWS): within float32 rounding
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
-  assert got.shape == (rows, N)
+  # the kernel, MAX_ROWS rows a call (in a loop past MAX_UNROLLED_ROWS, where XLA's dot takes
+  # them when rows need not be exact): within float32 rounding
+  for exact in (True, False):
+    got = jax.jit(kernels.rows_matmul, static_argnums=(2, 3))(x, w, True, exact)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.sqrt(K))
+    assert got.shape == (rows, N)
 
 
 def narrow_weights(w, dtype: str):

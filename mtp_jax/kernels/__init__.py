@@ -545,10 +545,11 @@ def narrowed(w, dtype: str, in_dims: int = 1):
   return quantize_rows(w, in_dims) if dtype == 'int8' else w.astype(dtype)
 
 
-def rows_matmul(x, w, use_kernel: bool = True):
+def rows_matmul(x, w, use_kernel: bool = True, exact: bool = True):
   """x (..., K) @ w.T for w (N, K), in x's dtype (w, if narrower, widened to it). Through a
   kernel, each row's result is the same whatever the number of rows: the row kernels take them
-  MAX_ROWS at a time (the tile kernels take any number at once)."""
+  MAX_ROWS at a time (the tile kernels take any number at once). Without `exact`, XLA's dot,
+  faster at many rows, takes products past MAX_UNROLLED_ROWS rows."""
   scaled = isinstance(w, ScaledTiles)
   held = (w.q.shape[0], w.q.shape[1] * (2 if w.affine else 1)) if scaled else w.shape
   if len(w.shape) != 2 or w.shape[1] != x.shape[-1] or tuple(held) != tuple(w.shape):
@@ -567,7 +568,8 @@ def rows_matmul(x, w, use_kernel: bool = True):
   dtype = jnp.dtype(values.dtype).name
   target = ROWS_TARGETS.get(dtype) if narrow == (dtype == 'int8') else None
   rows = x.size // max(x.shape[-1], 1)
-  if use_kernel and target and rows > 0 and _float32(x) and usable():
+  if (use_kernel and target and 0 < rows and (exact or rows <= MAX_UNROLLED_ROWS) and _float32(x)
+      and usable()):
     def call(part):
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((len(part), values.shape[0]),
                                                               jnp.float32))(part, values)
