@@ -41,7 +41,6 @@ def main(argv):
   _check_before_jax(config)
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()
-  mode = _MODE.value[0]
   try:
     run.check_modes(_MODE.value, config, workdir, _PROMPT.value, _PROMPT_FILE.value)
     for i, mode in enumerate(_MODE.value):
@@ -54,7 +53,7 @@ def main(argv):
   except run.USER_ERRORS as e:
     cli.fail(e)
   except KeyboardInterrupt:  # a training stops at its next step and saves; decoding just ends
-    print(f'stopped by Ctrl-C in --mode {mode}', file=sys.stderr)
+    print('stopped by Ctrl-C', file=sys.stderr)
     sys.exit(130)
 
 

@@ -4,6 +4,7 @@ speculative-decoding check that runs during training's evaluations.
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -388,7 +389,8 @@ def bench_table(rows: list[dict]) -> str:
 def bench(session, params, config, step: int) -> dict:
   """bench_blocks, each block printed and WORKDIR/bench.json rewritten as it finishes, so a run
   stopped part way keeps what it measured ('complete' says whether every block is in). An
-  earlier run's file becomes bench.previous.json: kept, and not looking current."""
+  earlier run's complete file becomes bench.previous.json: kept, and not looking current (a
+  stopped run's part is replaced)."""
   prompts = held_out_prompts(session, config.decode.bench_prompts)
   check_bench(session, config, prompts)  # before the params are prepared for the kernels
   result = {'machine': measure.machine(), 'checkpoint_step': step,
@@ -400,7 +402,7 @@ def bench(session, params, config, step: int) -> dict:
   def save():  # by process 0 alone: each process times its own decoding
     if jax.process_index() == 0:
       atomic.write_json(path, result, indent=2)
-  if jax.process_index() == 0 and os.path.isfile(path):
+  if jax.process_index() == 0 and _complete(path):
     os.replace(path, os.path.join(session.workdir, 'bench.previous.json'))
   save()
   for rows in bench_blocks(session, params, config, prompts):
@@ -410,6 +412,15 @@ def bench(session, params, config, step: int) -> dict:
   result['complete'] = True
   save()
   return result
+
+
+def _complete(path: str) -> bool:
+  """Whether `path` holds a finished bench's bench.json."""
+  try:
+    with open(path) as f:
+      return json.load(f).get('complete') is True
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def check_bench(session, config, prompts) -> None:
