@@ -424,8 +424,11 @@ def _complete(path: str) -> bool:
 
 
 def check_bench(session, config, prompts) -> None:
-  """bench's one-line errors: its prompts at every S it decodes, before it writes bench.json or
-  compiles anything."""
+  """bench's one-line errors: its prompts at every S it decodes, and a bench.json it could not
+  write, before it writes bench.json or compiles anything."""
+  path = os.path.join(session.workdir, 'bench.json')
+  if os.path.lexists(path) and not os.path.isfile(path):
+    raise ConfigError(f'{path} is not a file, and bench writes one there: move it')
   width = max(len(p) for p in prompts)
   for S in range(session.cfg.mtp_depth + 1):
     check_prompts(prompts, session.cfg.vocab_size,

@@ -109,9 +109,11 @@ def export(config, workdir: str, dtype: str) -> dict:
   Qwen3ForCausalLM with model.qk_norm) and the heads in mtp_heads.safetensors."""
   if dtype not in export_lib.DTYPES:
     raise ConfigError(f"--export_dtype must be one of {', '.join(export_lib.DTYPES)}, got {dtype!r}")
+  directory = os.path.join(workdir, 'export')
+  if os.path.lexists(directory) and not os.path.isdir(directory):
+    raise ConfigError(f'{directory} is not a folder, and export writes one there: move it')
   session = train_lib.Session(config, workdir, data=not config.model.init_from, reads='export')
   step, params = inference.load_params(session)
-  directory = os.path.join(workdir, 'export')
   m = session.model_file
   # The trunk is still the file's when no checkpoint was trained, or training froze it.
   unchanged = m is not None and (step == 0 or config.train.freeze_trunk)

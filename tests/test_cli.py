@@ -272,6 +272,23 @@ def test_decoding_settings_that_would_do_nothing_or_mislead_are_said(trained):
   assert snapshot(workdir) == before
 
 
+def test_what_a_mode_would_write_over_is_refused_untouched(trained):
+  """A folder where bench writes bench.json, a file where export writes its folder: one line,
+  and the thing in the way stays (a traceback, and export's leftovers, before)."""
+  workdir, _ = trained
+  in_the_way = {'bench': workdir / 'bench.json', 'export': workdir / 'export'}
+  in_the_way['bench'].mkdir()
+  in_the_way['export'].write_text('notes')
+  try:
+    for mode, path in in_the_way.items():
+      assert_user_error(launch(workdir, flags=[f'--mode={mode}']), f'{path} is not a')
+    assert in_the_way['bench'].is_dir() and in_the_way['export'].read_text() == 'notes'
+    assert not [name for name in os.listdir(workdir) if name.startswith('export.')]
+  finally:
+    in_the_way['bench'].rmdir()
+    in_the_way['export'].unlink()
+
+
 def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(trained):
   """run_after_train=bench: the bench's prompts at every S are checked before any step, not after
   the training they would follow (with decode.eval_prompts=0 nothing else decodes)."""
