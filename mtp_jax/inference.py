@@ -415,10 +415,11 @@ def bench(session, params, config, step: int) -> dict:
 
 
 def _complete(path: str) -> bool:
-  """Whether `path` holds a finished bench's bench.json."""
+  """Whether `path` holds a finished bench's bench.json (one written before benches said
+  whether they were complete counts as finished)."""
   try:
     with open(path) as f:
-      return json.load(f).get('complete') is True
+      return json.load(f).get('complete', True) is True
   except (OSError, ValueError, AttributeError):
     return False
 
