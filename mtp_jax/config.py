@@ -43,8 +43,8 @@ class ModelConfig:
   kernels: bool = False  # decoding: native CPU kernels for few-row products and cache attention
   # with kernels: every row's product its own however many rows (kernels.rows_matmul); False
   # lets XLA's faster dot take products past kernels.MAX_UNROLLED_ROWS rows (writing data, where
-  # no row is compared with another decoding's)
-  exact_rows: bool = True
+  # no row is compared with another decoding's). The norms' fixed-order sums go with `kernels`.
+  exact_products: bool = True
   feature_layers: tuple = ()  # blocks whose outputs follow h0 in the trunk's features
   detach_chain: bool = False  # training: depth k's loss sends no gradient into modules < k
   qkv_bias: bool = False  # biases on q, k and v (Qwen2)

@@ -397,7 +397,7 @@ def bench(session, params, config, step: int) -> dict:
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
-  path = os.path.join(session.workdir, 'bench.json')
+  path = bench_file(session.workdir)
 
   def save():  # by process 0 alone: each process times its own decoding
     if jax.process_index() == 0:
@@ -414,6 +414,11 @@ def bench(session, params, config, step: int) -> dict:
   return result
 
 
+def bench_file(workdir: str) -> str:
+  """Where bench writes its results."""
+  return os.path.join(workdir, 'bench.json')
+
+
 def _complete(path: str) -> bool:
   """Whether `path` holds a finished bench's bench.json (one written before benches said
   whether they were complete counts as finished)."""
@@ -427,7 +432,7 @@ def _complete(path: str) -> bool:
 def check_bench(session, config, prompts) -> None:
   """bench's one-line errors: its prompts at every S it decodes, and a bench.json it could not
   write, before it writes bench.json or compiles anything."""
-  path = os.path.join(session.workdir, 'bench.json')
+  path = bench_file(session.workdir)
   if os.path.lexists(path) and not os.path.isfile(path):
     raise ConfigError(f'{path} is not a file, and bench writes one there: move it')
   width = max(len(p) for p in prompts)

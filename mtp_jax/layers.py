@@ -67,7 +67,7 @@ def dense(x, w, in_dims: int, cfg: ModelConfig):
     return matmul(x.reshape(-1, k), w.reshape(k, -1)).reshape(*lead, *w.shape[in_dims:])
   out_dims = w.shape[:w.ndim - in_dims]
   y = kernels.rows_matmul(x.reshape(*lead, -1), w.reshape(math.prod(out_dims), -1),
-                          exact=cfg.exact_rows)
+                          exact=cfg.exact_products)
   return y.reshape(*lead, *out_dims)
 
 

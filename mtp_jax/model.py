@@ -122,7 +122,7 @@ def project(h_BxTxD, scale_D, out, cfg: ModelConfig):
   the last hidden state."""
   x = rms_norm(h_BxTxD[..., :cfg.d_model], scale_D, cfg.norm_eps, cfg.kernels)
   if cfg.kernels:  # V x D: kernel_layout's unembedding
-    logits = kernels.rows_matmul(x, out, exact=cfg.exact_rows)  # widens out to x's dtype
+    logits = kernels.rows_matmul(x, out, exact=cfg.exact_products)  # widens out to x's dtype
   else:  # V x D when tied to the embedding, D x V otherwise
     logits = matmul(x.reshape(-1, cfg.d_model), out.T if cfg.tie_embeddings else out,
                     jnp.float32).reshape(*x.shape[:-1], -1)

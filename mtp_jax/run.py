@@ -63,8 +63,9 @@ def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file
   """Several modes in one command (demo,generate; generate,export): the input of each decoding
   mode after the first (its prompts, the cache they need, its settings) is checked before the
   first runs, where it was found only after the modes before it had compiled, run and written;
-  an eval or export after it finds the checkpoint it reads (check_trained). A mode after a train is checked by the training's session, before its first step (a model
-  trained here gets its tokenizer there, from its data); the first mode checks its own."""
+  an eval or export after it finds the checkpoint it reads (check_trained). A mode after a train
+  is checked by the training's session, before its first step (a model trained here gets its
+  tokenizer there, from its data); the first mode checks its own."""
   trained = modes.index('train') if 'train' in modes else len(modes)
   later = modes[1:trained]
   if not later:
@@ -161,7 +162,7 @@ def run(mode: str, config, workdir: str, prompt: str = '', prompt_file: str = ''
     done = (old.get('after_train', []) if summary['resumed_from'] >= summary['step']
             and old.get('step') == summary['step'] else [])
     summary['after_train'] = [m for m in after if m in done]
-    bench_json = os.path.join(workdir, 'bench.json')
+    bench_json = inference.bench_file(workdir)
     if 'bench' in done:
       summary['bench'] = bench_json
 

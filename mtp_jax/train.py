@@ -443,13 +443,13 @@ class Session(Program):
                if model.draft_dtype == 'float32' else 'the CPU\'s tile unit (AMX)')
       print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs {needs}; drafting '
             f'reads {model.draft_dtype} heads', file=sys.stderr)
-    cfg = self.cfg
-    if model.kernels and not kernels.attention_takes(cfg.head_dim,
-                                                     cfg.num_heads // cfg.num_kv_heads):
-      print(f'note: the attention kernel takes heads 16 to 128 entries wide, by 16, and at most '
-            f'{kernels.MAX_QUERIES} query heads a kv head; these ({cfg.head_dim} wide, '
-            f'{cfg.num_heads // cfg.num_kv_heads} a kv head) attend in XLA instead, so greedy '
-            '`mtp` may split from `ar` at a near tie of two logits', file=sys.stderr)
+    width, groups = self.cfg.head_dim, self.cfg.num_heads // self.cfg.num_kv_heads
+    if model.kernels and not kernels.attention_takes(width, groups):
+      print(f'note: the attention kernel takes heads {kernels.HEAD_WIDTH_STEP} to '
+            f'{kernels.MAX_HEAD_WIDTH} entries wide, by {kernels.HEAD_WIDTH_STEP}, and at most '
+            f'{kernels.MAX_QUERIES} query heads a kv head; these ({width} wide, {groups} a kv '
+            'head) attend in XLA instead, so greedy `mtp` may split from `ar` at a near tie of '
+            'two logits', file=sys.stderr)
     return model
 
   @property
@@ -592,9 +592,8 @@ class Session(Program):
     m = self.model_file
     params = {'params': jax.device_put(pretrained.trunk_params(self.config.model.init_from))}
     # (no row of the data is compared with another decoding's: XLA's dot may take its prefills)
-    cfg = dataclasses.replace(self.cfg, mtp_depth=0, exact_rows=False)
-    model = decode_lib.decode_model(cfg,
-                                    self.config.decode.kernels,
+    cfg = dataclasses.replace(self.cfg, mtp_depth=0, exact_products=False)
+    model = decode_lib.decode_model(cfg, self.config.decode.kernels,
                                     use_tiles=self.config.decode.tiles)
     return selfdata.Trunk(model=model, params=params,
                           tokenizer=m.tokenizer, eos_id=self.eos_id, bos_id=m.bos_id,

@@ -54,6 +54,7 @@ MAX_ROWS = 32
 # written out one by one; past it (a prefill) they run in a loop, one program whatever the rows.
 MAX_UNROLLED_ROWS = 4 * MAX_ROWS
 MAX_QUERIES = 64  # attention: query heads per kv head
+HEAD_WIDTH_STEP, MAX_HEAD_WIDTH = 16, 128  # attention: head widths (decode_ops.cc's kMaxVectors)
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
 ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'bfloat16': ('mtpjax_rows_matmul_bf16', 'RowsMatmulBf16'),
@@ -590,7 +591,8 @@ def attention_takes(width: int, groups: int) -> bool:
   """Whether the attention kernel takes heads `width` entries wide with `groups` query heads per
   kv head (where it does not, XLA attends, and a position of a verify or a batch may round as it
   would not alone)."""
-  return width % 16 == 0 and 0 < width <= 128 and groups <= MAX_QUERIES
+  return (width % HEAD_WIDTH_STEP == 0 and 0 < width <= MAX_HEAD_WIDTH
+          and groups <= MAX_QUERIES)
 
 
 def cache_attention(q_BxTxHxE, k_BxLxKxE, v_BxLxKxE, positions_BxT, slots_BxT,
