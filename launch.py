@@ -39,6 +39,14 @@ def main(argv):
   cli.check_modes_and_workdir(_MODE.value, workdir)
   cli.check_prompt_flags(_MODE.value, _PROMPT.value, _PROMPT_FILE.value)
   _check_before_jax(config)
+  try:
+    run_modes(config, workdir)
+  except KeyboardInterrupt:  # a training stops at its next step and saves; the rest just ends
+    print('stopped by Ctrl-C', file=sys.stderr)
+    sys.exit(130)
+
+
+def run_modes(config, workdir: str) -> None:
   from mtp_jax import run  # here, not above: --help, flag and field errors need no JAX
   run.persist_compiled_programs()
   try:
@@ -52,9 +60,6 @@ def main(argv):
         break
   except run.USER_ERRORS as e:
     cli.fail(e)
-  except KeyboardInterrupt:  # a training stops at its next step and saves; decoding just ends
-    print('stopped by Ctrl-C', file=sys.stderr)
-    sys.exit(130)
 
 
 def _check_before_jax(config) -> None:

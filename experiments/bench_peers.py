@@ -290,7 +290,7 @@ def benchmark(workdir: str) -> dict:
     cli.require_peers('llama_cpp')
   candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates', allow_empty=True)))
   threads = _THREADS.value
-  texts = prompt_lines(_PROMPTS.value, '--prompts')[:_NUM_PROMPTS.value]
+  texts = prompt_lines(_PROMPTS.value, '--prompts', ids=False)[:_NUM_PROMPTS.value]
   if len(texts) < _NUM_PROMPTS.value:
     cli.fail(f'--prompts: {_PROMPTS.value} has {len(texts)} prompts, fewer than '
              f'--num_prompts={_NUM_PROMPTS.value}')

@@ -79,12 +79,30 @@ def flags_parser(config_flag=None):
         if not isinstance(config, ConfigDict):  # one that failed to load raises its error here
           getattr(config, 'model', None)
         if not (isinstance(config, ConfigDict) and 'model' in config and 'data' in config):
-          fail("the config file's get_config() must return an ml_collections ConfigDict with "
-               'the sections of configs/base.py (model, data, ...); start from base.get_config()')
+          fail(NOT_A_CONFIG)
     except Exception as e:
       config_failed(e, argv)
     return remaining
   return parse
+
+
+NOT_A_CONFIG = ("the config file's get_config() must return an ml_collections ConfigDict with the "
+                'sections of configs/base.py (model, data, ...); start from base.get_config()')
+
+
+def gives_no_config_dict(argv: list[str]) -> bool:
+  """Whether the --config file in argv loads and its get_config() returns something other than a
+  ConfigDict (a plain dict, say), whose overrides ml_collections reports as a missing field."""
+  import runpy
+  from ml_collections import ConfigDict
+  paths = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+  paths += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == '--config']
+  if not paths:
+    return False
+  try:
+    return not isinstance(runpy.run_path(paths[-1].split(':')[0])['get_config'](), ConfigDict)
+  except Exception:  # a file that does not load is reported by the caller's own lines
+    return False
 
 
 def config_failed(e: Exception, argv: list[str]) -> NoReturn:
@@ -99,6 +117,8 @@ def config_failed(e: Exception, argv: list[str]) -> NoReturn:
   if isinstance(e, AttributeError) and "attribute 'get_config'" in str(e):
     fail('cannot load the config file: it defines no get_config()')
   if isinstance(e, (AttributeError, KeyError)):
+    if gives_no_config_dict(argv):
+      fail(NOT_A_CONFIG)
     bad = [a.split('=')[0] for a in argv if a.startswith('--config.')]
     detail = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ').replace("\\'", "'")
     # ml_collections lists every field of the section; its suggestion, where it makes one, is

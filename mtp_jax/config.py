@@ -124,12 +124,24 @@ def _file_key(path: str) -> tuple | None:
   return (path, s.st_ino, s.st_mtime_ns, s.st_size) if stat.S_ISREG(s.st_mode) else (path,)
 
 
-def prompt_lines(path: str, name: str, empty: str = 'has no prompt') -> list[str]:
+def prompt_lines(path: str, name: str, empty: str = 'has no prompt',
+                 ids: bool = True) -> list[str]:
   """The non-blank lines of a prompt file, one prompt a line (`name`: the flag or field that
   gives it; `empty`: what the error says of a file without one); ConfigError where the file is
-  missing, not UTF-8 text or holds no prompt. A file is read once a process while it stays the same:
-  the prompts checked before the first mode runs are the ones used, and a pipe (--prompt_file
-  /dev/stdin) can be given."""
+  missing, not UTF-8 text or holds no prompt, or, without `ids`, where a line is token ids
+  ('ids: 1 2 3', which only decoding's prompts take). A file is read once a process while it
+  stays the same: the prompts checked before the first mode runs are the ones used, and a pipe
+  (--prompt_file /dev/stdin) can be given."""
+  lines = _read_prompt_lines(path, name, empty)
+  if not ids:
+    for i, line in enumerate(lines, 1):
+      if line.startswith('ids:'):
+        raise ConfigError(f"{name}: prompt {i} of {path} is token ids ('ids: ...'), which only "
+                          'demo, generate and decode.prompts take; give these prompts as text')
+  return lines
+
+
+def _read_prompt_lines(path: str, name: str, empty: str) -> list[str]:
   key = _file_key(path)
   if key in _PROMPT_FILES:
     return list(_PROMPT_FILES[key])
@@ -413,7 +425,7 @@ def validate_pretrained(config) -> None:
   _check(data.self_temperature >= 0,
          f'data.self_temperature must be >= 0 (0: greedy answers), got {data.self_temperature}')
   if data.self_prompts:  # read here, before anything is written
-    prompt_lines(data.self_prompts, 'data.self_prompts', 'holds no user turn')
+    prompt_lines(data.self_prompts, 'data.self_prompts', 'holds no user turn', ids=False)
   _check(isinstance(data.self_answer_len, int) and data.self_answer_len >= 1,
          f'data.self_answer_len must be an integer >= 1, got {data.self_answer_len!r}')
 

@@ -794,7 +794,7 @@ class Decoder:
     return functools.partial(self._executables[form], *args)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # a sweep's settings, not every decoder a long session made
 def compiled_decoder(model, s: Settings, cache_len: int, batch: int | None = None) -> Decoder:
   return Decoder(model, s, cache_len, batch)
 

@@ -314,32 +314,36 @@ class Session(Program):
     self.model_file = (pretrained.open_model(config.model.init_from)
                        if config.model.init_from else None)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    self._check_trunk(config)
-    if self.model_file is not None and self.model_file.tokenizer is None:
-      needs = ("tokenizer.json (transformers writes one beside the weights: "
-               "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
-               if os.path.isdir(config.model.init_from) else 'tokenizer in its metadata')
-      raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no {needs}; the '
-                               'tokenizer comes with the model')
-    super().__init__(config, sharding.make_mesh(config.mesh))
-    self.data = self.rows = None
-    early = check is not None and self.model_file is not None
-    if check is not None and (early or data):
-      # A model trained here gets its tokenizer from its data: before that, its prompts stand in
-      # as one id each (encode_prompt), so what fails whatever they encode to fails here, before
-      # the data is made, and the rest right after.
-      self.stand_ins = self.tokenizer is None
-      try:
+    try:  # a session refused from here on is never returned: its checkpointer is closed
+      self._check_trunk(config)
+      if self.model_file is not None and self.model_file.tokenizer is None:
+        needs = ("tokenizer.json (transformers writes one beside the weights: "
+                 "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+                 if os.path.isdir(config.model.init_from) else 'tokenizer in its metadata')
+        raise data_lib.DataError(f'model.init_from: {config.model.init_from} has no {needs}; the '
+                                 'tokenizer comes with the model')
+      super().__init__(config, sharding.make_mesh(config.mesh))
+      self.data = self.rows = None
+      early = check is not None and self.model_file is not None
+      if check is not None and (early or data):
+        # A model trained here gets its tokenizer from its data: before that, its prompts stand in
+        # as one id each (encode_prompt), so what fails whatever they encode to fails here, before
+        # the data is made, and the rest right after.
+        self.stand_ins = self.tokenizer is None
+        try:
+          check(self)
+        finally:
+          self.stand_ins = False
+      if hold is not None:
+        hold()
+        self.recheck()
+      if data:
+        self._prepare_data()
+      if check is not None and not early:
         check(self)
-      finally:
-        self.stand_ins = False
-    if hold is not None:
-      hold()
-      self.recheck()
-    if data:
-      self._prepare_data()
-    if check is not None and not early:
-      check(self)
+    except BaseException:
+      self.checkpointer.close()
+      raise
 
   def check_workdir(self, config, held: bool = False):
     """Refuses a workdir whose checkpoints hold another model. A run stopped before its first
@@ -466,8 +470,9 @@ class Session(Program):
     config, d = self.config, self.config.data
     root = d.cache_dir or os.path.join(self.workdir, 'data')
     if d.sources.strip() == 'self':
-      queries = (prompt_lines(d.self_prompts, 'data.self_prompts', 'holds no user turn')
-                 if d.self_prompts else None)
+      queries = None
+      if d.self_prompts:
+        queries = prompt_lines(d.self_prompts, 'data.self_prompts', 'holds no user turn', ids=False)
       # A turn's place decides its split: a repeated one could be trained on and held out.
       seen = {}
       for i, q in enumerate(queries or []):

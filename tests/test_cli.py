@@ -6,13 +6,17 @@ import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from configs import quickstart
-from conftest import (REPO, assert_user_error, launch_summary, pretrained_config, run_script,
-                      shrunk, snapshot)
+from conftest import (REPO, assert_no_traceback, assert_user_error, cpu_env, launch_summary,
+                      pretrained_config, run_script, shrunk, snapshot)
 from mtp_jax.config import as_flags
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -241,6 +245,9 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
                         ('configs/__init__.py', 'the config file: it defines no get_config()')):
     assert_user_error(run_script('launch.py', '--config', str(config), '--workdir',
                                  str(tmp_path / 'a'), PYTHONPATH=path), words)
+  assert_user_error(run_script('launch.py', f'--config={fake / "plain.py"}', '--workdir',
+                               str(tmp_path / 'a'), '--config.train.steps=3', PYTHONPATH=path),
+                    'get_config() must return an ml_collections ConfigDict')
   proc = launch(tmp_path / 'c', flags=['--mode=eval'], PYTHONPATH=path)
   assert proc.returncode == 1 and 'ImportError: jax imported' in proc.stderr
   assert sorted(os.listdir(tmp_path)) == ['file', 'nojax']
@@ -298,6 +305,31 @@ def test_a_bench_after_training_that_cannot_run_stops_the_run_at_its_start(train
                            'run_after_train': 'bench', 'train.steps': 999})
   assert_user_error(result, 'decode.max_new_tokens=480', 'more than model.max_seq_len')
   assert snapshot(workdir) == before
+
+
+def test_ctrl_c_while_decoding_is_one_line_and_keeps_what_bench_wrote(trained, tmp_path):
+  """Decoding modes have no signal handler of their own (a training stops at its next step and
+  saves): Ctrl-C there ends the run with one line and exit code 130, not a traceback, and the
+  bench.json a stopped bench has written stays whole, marked incomplete."""
+  workdir = shutil.copytree(trained[0], tmp_path / 'run')
+  tiny = shrunk(quickstart.get_config(), **{'decode.eval_prompts': 0, 'run_after_train': '',
+                                            'decode.bench_rounds': 1000})
+  proc = subprocess.Popen([sys.executable, 'launch.py', '--config', QUICKSTART, '--workdir',
+                           str(workdir), *as_flags(tiny), '--mode=bench'], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+  try:
+    deadline = time.time() + 120  # bench.json is first written before anything is compiled
+    while not (workdir / 'bench.json').exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.2)
+    assert proc.poll() is None and (workdir / 'bench.json').exists()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  assert_no_traceback(stderr)
+  assert stderr.rstrip().endswith('stopped by Ctrl-C')
+  assert json.loads((workdir / 'bench.json').read_text())['complete'] is False
 
 
 @pytest.mark.parametrize('mode', ['eval', 'demo', 'bench', 'export'])
@@ -523,22 +555,25 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
   empty or unknown list value, a folder that is a file: one error line, exit 2, before the
   script loads or times anything; a peer package missing is said, not an ImportError."""
   (tmp_path / 'file').write_text('')
+  (tmp_path / 'ids.txt').write_text('ids: 1 2 3\n')
   for args, words in (
       (['experiments/bench_matmul.py', '--rounds=0'], 'flag --rounds=0: 0 is not a positive'),
       (['experiments/bench_matmul.py', '--shapes='], '--shapes: give at least one'),
       (['experiments/bench_peers.py', '--threads=0'], 'flag --threads=0: 0 is not a positive'),
+      (['experiments/bench_peers.py', '--skip=hf,hf_lookup,llama_f32,llama_q4_1,llama_lookup',
+        f'--prompts={tmp_path / "ids.txt"}'], f'--prompts: prompt 1 of {tmp_path}/ids.txt is token'),
       (['experiments/draft_vocab.py', '--dtypes=bogus'], '--dtypes takes some of float32,'),
       (['experiments/draft_vocab.py', '--sizes=-5'], "--sizes takes 'full' or positive"),
       (['experiments/ablate.py', f'--root={tmp_path / "file"}'], f'--root {tmp_path}/file is a'),
       (['experiments/bench_train.py', '--flops_only', '--config.train.seq_len=0'],
        'train.seq_len must be an integer >= 1, got 0')):
-    assert_user_error(run_script(*args), *words)
+    assert_user_error(run_script(*args), words)
   from mtp_jax import cli
   with pytest.raises(SystemExit) as stop:
     cli.require_peers('json', 'no_such_peer_package')
   assert stop.value.code == 2
   assert capsys.readouterr().err.startswith('error: no_such_peer_package is not installed in')
-  assert sorted(os.listdir(tmp_path)) == ['file']
+  assert sorted(os.listdir(tmp_path)) == ['file', 'ids.txt']
 
 
 def test_list_flags_take_positive_integers_in_ascii_digits():

@@ -265,6 +265,9 @@ def test_chats_past_the_rope_range_are_refused_before_anything_is_written(tmp_pa
   prompts.write_text('\n')
   with pytest.raises(ConfigError, match='holds no user turn'):
     train.Session(config, str(workdir))
+  prompts.write_text('the tin\nids: 5 6\n')  # user turns for the chat template, not token ids
+  with pytest.raises(ConfigError, match=r"prompt 2 of .* is token ids \('ids: ...'\)"):
+    train.Session(config, str(workdir))
   prompts.write_text('the tin\nthe cat\n\nthe tin\n')
   with pytest.raises(ConfigError, match='turn 3 of .* repeats turn 1'):
     train.Session(config, str(workdir))
