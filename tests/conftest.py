@@ -372,14 +372,14 @@ def gguf_rounded(w, qtype):
 
 def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), reshape=None,
                extra=None, floats=None, pre='default', chat=CHAT, eot=None, pad=None, eos=None,
-               types=None, merges=None):
+               types=None, merges=None, texts=None):
   """A GGUF file of `tensors` (HF names) through gguf's own writer; matrices quantized to `qtype`
   when given. `drop` (tensors, or the keys llama.attention.layer_norm_rms_epsilon and
-  llama.attention.head_count), `reshape`,
-  `extra` (tensors) and `floats` (metadata keys) make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat template, `eot` the
-  end-of-turn token id and `pad` the padding token (its text), when given; `eos` (an id), `types`
-  (token types) and `merges` replace the file's own, and a `chat` that is a number is written as
-  one, for the error tests."""
+  llama.attention.head_count), `reshape`, `extra` (tensors), `floats` and `texts` (metadata keys)
+  make broken files for the error tests; `pre` names the pre-tokenizer, `chat` is the chat
+  template, `eot` the end-of-turn token id and `pad` the padding token (its text), when given;
+  `eos` (an id), `types` (token types) and `merges` replace the file's own, and a `chat` that is a
+  number is written as one, for the error tests."""
   import gguf
   f = {**LLAMA, **(fields or {})}
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
@@ -422,6 +422,8 @@ def write_gguf(path, tensors, fields=None, qtype=None, arch='llama', drop=(), re
     w.add_chat_template(chat)
   for key, value in (floats or {}).items():
     w.add_float32(key, value)
+  for key, value in (texts or {}).items():
+    w.add_string(key, value)
   for hf, t in tensors.items():
     if hf in drop:
       continue

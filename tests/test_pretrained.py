@@ -8,6 +8,7 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -242,6 +243,19 @@ def test_export_refuses_a_trunk_no_hugging_face_class_holds(tmp_path):
                           same_trunk_as='0' * 64)
   assert written == ['mtp_heads.safetensors'] == os.listdir(tmp_path / 'out')
   assert json.loads(heads_file.describe(str(tmp_path / 'out' / written[0])))['trunk'] == '0' * 64
+  # a weight past float16's range, in the trunk or a head: refused, the earlier export kept
+  config = tiny_config()
+  cfg = ModelConfig.from_config(config)
+  params = jax.tree.map(np.array, init_params(cfg, jax.random.key(0))['params'])
+  for tree, name in ((params['blocks_1']['mlp']['down'], 'model.layers.1.mlp.down_proj.weight'),
+                     (params['mtp_0']['block']['mlp']['down'], 'mtp.0.block.mlp.down_proj.weight')):
+    tree[0, 0] = 1e5
+    with pytest.raises(PretrainedError, match=f"{re.escape(name)} holds 100000, which float16 "
+                                              'cannot hold finitely'):
+      export.export(str(tmp_path / 'out'), params, config, cfg, tokenizer=None, eos_id=None,
+                    bos_id=None, chat_template='', dtype='float16')
+    assert os.listdir(tmp_path / 'out') == written
+    tree[0, 0] = 0
 
 
 # Llama 3's scaling for 8-wide heads at base 1e4 (frequencies 1, 0.1, 0.01, 0.001: wavelengths
@@ -336,9 +350,16 @@ def test_a_config_field_that_contradicts_the_file_is_refused(tmp_path):
     (dict(chat=5), 'tokenizer.chat_template is not text (int)'),
     (dict(types=[1] * 10), 'has 10 token types for 264 tokens (tokenizer.ggml.token_type)'),
     (dict(merges=['Ġ t', 'zz']), "a merge that is not two tokens apart by a space: 'zz'"),
+    (dict(merges=['Ġ t', 'q zz']), "a merge, 'q zz', whose tokens or their join are not in its"),
+    (dict(texts={'llama.rope.dimension_count': 'eight'}),
+     "llama.rope.dimension_count='eight' is not an integer"),
+    (dict(texts={'llama.rope.freq_base': 'high'}), "llama.rope.freq_base='high' is not a number"),
+    # a vocabulary wider than the tokens listed: an id past them names no token
+    (dict(fields={'data.vocab_size': 300}, floats={'llama.vocab_size': 300.0}, eos=290),
+     'tokenizer.ggml.eos_token_id=290 is not a token id of its 264-token vocab'),
 ])
 def test_broken_gguf_files_are_one_clear_error(tmp_path, break_it, message):
-  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(), **break_it)
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama(break_it.get('fields')), **break_it)
   with pytest.raises(PretrainedError, match=None) as e:
     gguf_file.read(path)
   assert message in str(e.value) and '\n' not in str(e.value)
@@ -349,6 +370,11 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
   tensors['model.norm.weight'] = tensors['model.norm.weight'].astype(np.float64)
   path = write_gguf(tmp_path / 'f64.gguf', tensors)
   with pytest.raises(PretrainedError, match="tensor 'output_norm.weight' of f64.gguf has type F64"):
+    gguf_file.read(path)
+  # Llama 3's frequency divisors too, which were read apart from the other tensors
+  path = write_gguf(tmp_path / 'f64.gguf', random_llama(),
+                    extra={'rope_freqs.weight': np.ones(4)})  # float64
+  with pytest.raises(PretrainedError, match="tensor 'rope_freqs.weight' of f64.gguf has type F64"):
     gguf_file.read(path)
   good = write_gguf(tmp_path / 'tiny.gguf', random_llama())
   data = open(good, 'rb').read()
@@ -513,6 +539,17 @@ def test_hf_directory_errors(tmp_path):
   with pytest.raises(PretrainedError, match='k5/generation_config.json is a link to a file that '
                                             'is gone'):
     pretrained.open_model(directory)
+  directory = write_hf(tmp_path / 'k7', tensors)  # so are the weights, not "has neither"
+  os.remove(os.path.join(directory, 'model.safetensors'))
+  os.symlink(tmp_path / 'gone', os.path.join(directory, 'model.safetensors'))
+  with pytest.raises(PretrainedError, match='k7/model.safetensors is a link to a file that is'):
+    pretrained.open_model(directory)
+  # a tokenizer wider than the embedding would hand out ids past it
+  narrow = {**LLAMA, 'data.vocab_size': 200}
+  with pytest.raises(PretrainedError, match='k8/tokenizer.json has 264 tokens, more than the '
+                                            'vocabulary of 200 in its config.json'):
+    pretrained.open_model(write_hf(tmp_path / 'k8', random_llama(narrow), narrow,
+                                   config_extra={'bos_token_id': 0, 'eos_token_id': 1}))
 
 
 def test_a_chat_template_renders_as_transformers_renders_it():
@@ -641,6 +678,35 @@ def test_heads_file_round_trip_and_mismatch(tmp_path, blocks):
   with pytest.raises(PretrainedError, match=f"mtp.head_mlp_dim='{config.model.mlp_dim}', the "
                                             f"config has '{config.model.mlp_dim + 64}'"):
     heads_file.check(out, config)
+
+
+@pytest.mark.parametrize('kind', ['sequential', 'medusa'])
+def test_a_heads_file_that_lacks_or_misshapes_a_tensor_is_refused(tmp_path, kind):
+  """Every tensor of the config's heads is checked, by the name and shape the file holds, before
+  anything is loaded (a Medusa file lacking a head's matrix was taken, that head left as
+  initialised; a sequential one with a cut matrix failed in a reshape)."""
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 2, 'mtp.kind': kind}))
+  params = init_params(ModelConfig.from_config(config), jax.random.key(3))['params']
+  good = str(tmp_path / 'good.safetensors')
+  heads_file.save(good, params, config, dtype=np.float32)
+  heads_file.check(good, config)
+  with safe_open(good, framework='numpy') as f:
+    meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+  name = sorted(n for n, w in tensors.items() if n.startswith('mtp.1.') and w.ndim == 2)[0]
+  cut = tensors[name][:-2]
+  for edit, words in (
+      (lambda t, m: t.update({name: cut}),
+       f"tensor '{name}' of bad.safetensors has shape {cut.shape}, expected {tensors[name].shape}"),
+      (lambda t, m: t.pop(name), f"bad.safetensors has no tensor '{name}'"),
+      (lambda t, m: m.pop('depth'), "bad.safetensors records no number of heads")):
+    t, m = dict(tensors), dict(meta)
+    edit(t, m)
+    save_file(t, str(tmp_path / 'bad.safetensors'), metadata=m)
+    with pytest.raises(PretrainedError, match=re.escape(words)):
+      heads_file.check(str(tmp_path / 'bad.safetensors'), config)
 
 
 def test_a_split_too_short_is_refused_before_the_trunk_writes_features(tmp_path):

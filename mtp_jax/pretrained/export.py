@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from mtp_jax import atomic
 from mtp_jax.pretrained import heads_file, llama
-from mtp_jax.pretrained.base import PretrainedError, sha256
+from mtp_jax.pretrained.base import PretrainedError, cast, sha256
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 HEADS = 'mtp_heads.safetensors'
@@ -56,7 +56,7 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
   A trunk with rotary factors (model.rope_factors) is not written: only the heads, when the
   trunk is unchanged. The directory is replaced whole (atomic.replacing_folder): a crash leaves
   the previous export or none, never one with some files of each."""
-  cast = DTYPES[dtype]
+  writes = DTYPES[dtype]
   if cfg.rope_factors:  # Llama 3's scaling: a config.json states only the parameters behind it
     if not same_trunk_as or not cfg.mtp_depth:
       raise PretrainedError('--mode export: the trunk scales its rotary frequencies by factors '
@@ -70,11 +70,11 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     heads, written = os.path.join(tmp, HEADS), []
     if config_json is None:
       heads_file.save(heads, params, config, trunk=same_trunk_as, token_rank=token_rank,
-                      dtype=cast)
+                      dtype=writes)
       return [HEADS]
     fields = {'model.num_layers': cfg.num_layers, 'model.tie_embeddings': cfg.tie_embeddings,
               'model.qkv_bias': cfg.qkv_bias, 'model.qk_norm': cfg.qk_norm}
-    trunk = {k: v.astype(cast) for k, v in llama.trunk_from_params(params, fields).items()}
+    trunk = cast(llama.trunk_from_params(params, fields), writes)
     weights = os.path.join(tmp, 'model.safetensors')
     save_file(trunk, weights, metadata={'format': 'pt'})
     os.chmod(weights, atomic.new_mode())  # safetensors' own is 0600, unlike the files beside it
@@ -99,6 +99,6 @@ def export(directory: str, params: dict, config, cfg, *, tokenizer, eos_id, bos_
     if cfg.mtp_depth:
       trunks = [sha256([weights])] + ([same_trunk_as] if same_trunk_as else [])
       heads_file.save(heads, params, config, trunk=','.join(trunks), token_rank=token_rank,
-                      dtype=cast)
+                      dtype=writes)
       written.append(HEADS)
   return written

@@ -4,6 +4,7 @@ put back from llama.cpp's rotary layout (its converter leaves Qwen2's as they ar
 them as Hugging Face does).
 """
 
+import functools
 import os
 
 import gguf
@@ -63,6 +64,19 @@ def _value(reader, key, default=None):
   return default if field is None else field.contents()
 
 
+def _number(reader, name: str, key: str, default=None, kind=int):
+  """A numeric metadata value as `kind` (int, which also takes a whole float, or float), or
+  `default` where the file has none; one line naming the key where it is something else."""
+  value = _value(reader, key, default)
+  if value is None:
+    return None
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      kind is float or float(value).is_integer()):
+    return kind(value)
+  raise PretrainedError(f'model.init_from: {name}: {key}={value!r} is not '
+                        f"{'an integer' if kind is int else 'a number'}")
+
+
 def read(path: str) -> Pretrained:
   """The header of a GGUF file, every check made; tensors are dequantized only when asked for."""
   name = os.path.basename(path)
@@ -83,14 +97,15 @@ def read(path: str) -> Pretrained:
       w = unpermute(w, fields['model.num_kv_heads'])
     return w
 
-  ids = _token_ids(reader, name, fields['data.vocab_size'])
+  # ids of the tokens the file lists (it may list fewer than its vocabulary)
+  ids = _token_ids(reader, name, len(tokens) if tokens else fields['data.vocab_size'])
   chat_template = _value(reader, 'tokenizer.chat_template', '') or ''
   if not isinstance(chat_template, str):
     raise PretrainedError(f'model.init_from: {name}: tokenizer.chat_template is not text '
                           f'({type(chat_template).__name__})')
   return Pretrained(
       path=path, identity=sha256([path]), fields=fields,
-      context_length=int(_value(reader, f'{arch.name}.context_length', 0)) or None,
+      context_length=_number(reader, name, f'{arch.name}.context_length', 0) or None,
       tokenizer=_tokenizer(reader, name, tokens, ids['bos']),
       eos_id=ids['eos'], bos_id=ids['bos'], chat_template=chat_template, get=get,
       # llama.cpp ends generation at the end of a turn or a message too (Llama 3's <|eot_id|>).
@@ -142,11 +157,11 @@ def _open(path: str, name: str):
   # rope.scale_linear; 0 means 1) unless the type is 'none', linear being the type a file that
   # names none gets; YaRN and the like change them further.
   kind = _value(reader, f'{arch}.rope.scaling.type', '') or ''
-  factor = (_value(reader, f'{arch}.rope.scaling.factor')
-            or _value(reader, f'{arch}.rope.scale_linear') or 0.0)
-  if kind not in ('', 'none', 'linear') or (kind != 'none' and float(factor) not in (0.0, 1.0)):
+  factor = (_number(reader, name, f'{arch}.rope.scaling.factor', kind=float)
+            or _number(reader, name, f'{arch}.rope.scale_linear', kind=float) or 0.0)
+  if kind not in ('', 'none', 'linear') or (kind != 'none' and factor not in (0.0, 1.0)):
     raise PretrainedError(f'model.init_from: {name} uses RoPE scaling ({kind or "linear"}, '
-                          f'factor {float(factor) or "unset"}), which is not supported')
+                          f'factor {factor or "unset"}), which is not supported')
   return reader, llama.architecture(arch)
 
 
@@ -157,8 +172,7 @@ def _tensors(reader, name: str, arch: llama.Architecture) -> dict:
   for t in reader.tensors:
     hf = hf_name(t.name)
     if t.name == 'rope_freqs.weight' and arch.name == 'llama':  # Llama 3's scaling: each frequency's
-      tensors[ROPE_FREQS] = t                               # divisor
-      continue
+      hf = ROPE_FREQS                                           # divisor
     if hf is None:
       raise PretrainedError(f"model.init_from: {name} has tensor '{t.name}', which is not part of "
                             f'a {arch.name} model this project reads')
@@ -173,37 +187,38 @@ def _tensors(reader, name: str, arch: llama.Architecture) -> dict:
 def _fields(reader, name: str, arch: llama.Architecture, tensors: dict, tokens) -> dict:
   """The config fields the file defines (Pretrained.fields)."""
   a = arch.name + '.'
-  d = int(_value(reader, a + 'embedding_length'))
-  heads = int(_value(reader, a + 'attention.head_count'))
+  number = functools.partial(_number, reader, name)
+  d = number(a + 'embedding_length')
+  heads = number(a + 'attention.head_count')
   if heads < 1:
     raise PretrainedError(f'model.init_from: {name} has {a}attention.head_count={heads}')
-  vocab = int(_value(reader, a + 'vocab_size', len(tokens) if tokens else 0))
+  vocab = number(a + 'vocab_size', len(tokens) if tokens else 0)
   if 'model.embed_tokens.weight' in tensors and not vocab:
     vocab = int(tensors['model.embed_tokens.weight'].shape[1])
   if tokens and len(tokens) > vocab:  # its tokenizer would hand out ids the embedding lacks
     raise PretrainedError(f'model.init_from: {name} lists {len(tokens)} tokens in '
                           f'tokenizer.ggml.tokens, more than its vocabulary of {vocab} '
                           f'({a}vocab_size)')
-  head_dim = int(_value(reader, a + 'attention.key_length', d // heads))
-  if int(_value(reader, a + 'attention.value_length', head_dim)) != head_dim:
+  head_dim = number(a + 'attention.key_length', d // heads)
+  if number(a + 'attention.value_length', head_dim) != head_dim:
     raise PretrainedError(f'model.init_from: {name} has keys and values of different widths; '
                           'only equal ones are supported')
   factors = ()
   if ROPE_FREQS in tensors:
     t = tensors.pop(ROPE_FREQS)
     factors = tuple(float(f) for f in gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1))
-  rope_dims = _value(reader, a + 'rope.dimension_count', head_dim)
+  rope_dims = number(a + 'rope.dimension_count', head_dim)
   if rope_dims != head_dim:
     raise PretrainedError(f'model.init_from: {name} rotates {rope_dims} of each head\'s '
                           f'{head_dim} dimensions; only full rotary embeddings are supported')
   return {
-      'model.d_model': d, 'model.num_layers': int(_value(reader, a + 'block_count')),
+      'model.d_model': d, 'model.num_layers': number(a + 'block_count'),
       'model.num_heads': heads,
-      'model.num_kv_heads': int(_value(reader, a + 'attention.head_count_kv', heads)),
-      'model.mlp_dim': int(_value(reader, a + 'feed_forward_length')),
-      'model.rope_theta': float(_value(reader, a + 'rope.freq_base', 10000.0)),
+      'model.num_kv_heads': number(a + 'attention.head_count_kv', heads),
+      'model.mlp_dim': number(a + 'feed_forward_length'),
+      'model.rope_theta': number(a + 'rope.freq_base', 10000.0, float),
       'model.rope_factors': factors,
-      'model.norm_eps': float(_value(reader, a + 'attention.layer_norm_rms_epsilon')),
+      'model.norm_eps': number(a + 'attention.layer_norm_rms_epsilon', kind=float),
       'model.tie_embeddings': 'lm_head.weight' not in tensors,
       **llama.arch_fields(arch), 'model.head_dim': stored_head_dim(d, heads, head_dim),
       'data.vocab_size': vocab}

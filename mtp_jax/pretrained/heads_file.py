@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from mtp_jax import atomic
 from mtp_jax.config import same_widths
 from mtp_jax.pretrained import field, llama
-from mtp_jax.pretrained.base import PretrainedError
+from mtp_jax.pretrained.base import PretrainedError, cast
 
 FORMAT = 'mtp_jax.heads.v1'
 RANK = 'token_rank'  # every token id, most frequent in the heads' training data first
@@ -40,7 +40,7 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
   kind, depth = config.mtp.kind, config.mtp.depth
   heads = llama.heads_from_params(params, kind, depth, config.mtp.head_blocks,
                                   config.model.qkv_bias, config.model.qk_norm)
-  tensors = {k: v.astype(dtype) for k, v in heads.items()}
+  tensors = cast(heads, dtype)  # before the file is touched
   if token_rank is not None:
     tensors[RANK] = np.asarray(token_rank, np.int32)
   meta = {key: _value(config, path) for key, path in _MATCH.items()}
@@ -50,20 +50,38 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
 
 
 def _read_meta(path: str):
+  """(metadata, {tensor name: shape}) of a heads file."""
   if not os.path.isfile(path):
     raise PretrainedError(f"mtp.init_from: '{path}' is not a file (use '', 'last_block' or a "
                           'heads file)')
   try:
     with safe_open(path, framework='numpy') as f:
-      return f.metadata() or {}, list(f.keys())
+      return f.metadata() or {}, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
   except Exception as e:  # safetensors' own error type for a damaged header
     raise PretrainedError(f'mtp.init_from: {os.path.basename(path)} is not a readable '
                           f'safetensors file ({e})') from None
 
 
+def expected_shapes(config) -> dict:
+  """{name: shape} of the mtp.depth heads of config's model as a heads file holds them: the
+  model's own head params (abstract, then zeros) put through heads_from_params, so every kind is
+  named and laid out as save writes it."""
+  import jax
+  from mtp_jax.config import ModelConfig
+  from mtp_jax.model import init_params
+  cfg = ModelConfig.from_config(config)
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))['params']
+  zeros = {k: jax.tree.map(lambda a: np.zeros(a.shape, np.float32), v)
+           for k, v in abstract.items() if k.startswith('mtp')}
+  heads = llama.heads_from_params(zeros, config.mtp.kind, config.mtp.depth,
+                                  config.mtp.head_blocks, config.model.qkv_bias,
+                                  config.model.qk_norm)
+  return {n: w.shape for n, w in heads.items()}
+
+
 def check(path: str, config) -> dict:
   """The heads file's metadata, once it is known to fit config (one-line errors otherwise)."""
-  meta, names = _read_meta(path)
+  meta, shapes = _read_meta(path)
   name = os.path.basename(path)
   if meta.get('format') != FORMAT:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
@@ -73,16 +91,18 @@ def check(path: str, config) -> dict:
     if held[path_] != wanted[path_]:
       raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held[path_]!r}, '
                             f'the config has {wanted[path_]!r}')
+  if not str(meta.get('depth', '')).isdigit():
+    raise PretrainedError(f"mtp.init_from: {name} records no number of heads (its 'depth' "
+                          f"metadata is {meta.get('depth')!r})")
   if int(meta['depth']) < config.mtp.depth:
     raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
-  expected = [n for k in range(1, config.mtp.depth + 1)
-              for n, _, _ in (llama.head_names(config.mtp.kind, k, config.mtp.head_blocks,
-                                               config.model.qkv_bias, config.model.qk_norm)
-                              if config.mtp.kind != 'medusa' else [])]
-  missing = [n for n in expected if n not in names]
-  if missing:
-    raise PretrainedError(f"mtp.init_from: {name} has no tensor '{missing[0]}'")
+  for tensor, shape in expected_shapes(config).items():
+    if tensor not in shapes:
+      raise PretrainedError(f"mtp.init_from: {name} has no tensor '{tensor}'")
+    if shapes[tensor] != tuple(shape):
+      raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} has shape "
+                            f'{shapes[tensor]}, expected {tuple(shape)}')
   return meta
 
 
@@ -98,8 +118,8 @@ def load(path: str, config) -> dict:
 
 def token_rank(path: str):
   """The ranking saved with the heads, or None."""
-  _, names = _read_meta(path)
-  if RANK not in names:
+  _, shapes = _read_meta(path)
+  if RANK not in shapes:
     return None
   with safe_open(path, framework='numpy') as f:
     return f.get_tensor(RANK)

@@ -73,9 +73,13 @@ def weight_files(directory: str) -> list[str]:
   """model.safetensors, else the shards its index names (in that order, as transformers looks
   for them in a local directory)."""
   single = os.path.join(directory, 'model.safetensors')
+  index = os.path.join(directory, 'model.safetensors.index.json')
+  for path in (single, index):  # a cache's link whose blob is gone
+    if os.path.islink(path) and not os.path.exists(path):
+      raise PretrainedError(f'model.init_from: {directory}/{os.path.basename(path)} is a link to '
+                            'a file that is gone')
   if os.path.exists(single):
     return [single]
-  index = os.path.join(directory, 'model.safetensors.index.json')
   if not os.path.exists(index):
     raise PretrainedError(f'model.init_from: {directory} has neither model.safetensors nor '
                           'model.safetensors.index.json')
@@ -245,6 +249,10 @@ def read(directory: str) -> Pretrained:
       tokenizer = tokenizers.Tokenizer.from_file(os.path.join(directory, 'tokenizer.json'))
     except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
       raise PretrainedError(f'model.init_from: {name}/tokenizer.json cannot be read ({e})') from None
+    if tokenizer.get_vocab_size() > vocab:  # it would hand out ids the embedding lacks
+      raise PretrainedError(f'model.init_from: {name}/tokenizer.json has '
+                            f'{tokenizer.get_vocab_size()} tokens, more than the vocabulary of '
+                            f'{vocab} in its config.json (vocab_size)')
   jinja_path = os.path.join(directory, 'chat_template.jinja')  # first, as transformers reads it
   if os.path.exists(jinja_path):
     try:

@@ -68,6 +68,11 @@ def from_gguf_metadata(name: str, *, tokens, merges, token_types, model, pre, ad
   if bad is not None:
     raise PretrainedError(f'model.init_from: {name} has a merge that is not two tokens apart by '
                           f'a space: {bad!r} (tokenizer.ggml.merges)')
+  # (tokenizers raises on a part outside the vocabulary and panics on a result outside it)
+  bad = next((m for m, (a, b) in zip(merges, pairs) if not {a, b, a + b} <= vocab.keys()), None)
+  if bad is not None:
+    raise PretrainedError(f'model.init_from: {name} has a merge, {bad!r}, whose tokens or their '
+                          'join are not in its vocabulary (tokenizer.ggml.merges)')
   # Llama 3's tokenizer takes a piece that is a whole vocabulary entry as one token, whether
   # or not the merges reach it (llama.cpp does the same for this pre-tokenizer).
   tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
