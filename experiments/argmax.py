@@ -24,7 +24,6 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtp_jax import cli  # noqa: E402
-from mtp_jax.config import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -69,7 +68,7 @@ def main(argv):
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,
                                      _PROMPTS.value, _RANDOM.value)
-  except ConfigError as e:
+  except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
   model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
   if not model.kernels:

@@ -240,7 +240,10 @@ def mismatches(ids: list[list[int]], prompts) -> list[dict]:
 def pin(threads: int) -> list[int]:
   """Pins this process, before any thread pool starts, to `threads` of the cores it may use, so
   XLA sizes its pool to them as torch and llama.cpp are told to; returns the cores."""
-  cores = sorted(os.sched_getaffinity(0))[:threads]
+  cores = sorted(os.sched_getaffinity(0))
+  if threads > len(cores):  # the peers would be told of threads no core runs
+    cli.fail(f'--threads={threads}: this process may use {len(cores)} cores')
+  cores = cores[:threads]
   os.sched_setaffinity(0, cores)
   return cores
 
@@ -298,7 +301,7 @@ def benchmark(workdir: str) -> dict:
   config = smollm2.get_config()
   if _HEADS.value:
     config.mtp.init_from = _HEADS.value
-  session = train.Session(config, workdir, data=False)
+  session = train.Session(config, workdir, data=False, reads='bench')
   _, params = inference.load_params(session)
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
@@ -354,6 +357,7 @@ def report(result: dict):
 
 def main(argv):
   cli.start(argv)  # Orbax logs its checkpoint manager at INFO
+  cli.output_file(_OUT.value, '--out')
   with tempfile.TemporaryDirectory() as tmp:
     try:
       result = benchmark(_WORKDIR.value or tmp)
@@ -361,7 +365,6 @@ def main(argv):
       cli.fail(e)
   report(result)
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     atomic.write_json(_OUT.value, result, indent=2)  # a crash leaves the previous file whole
 
 

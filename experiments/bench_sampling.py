@@ -16,7 +16,6 @@ Every timing is the fastest of --rounds interleaved rounds. --json FILE keeps th
 """
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -25,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -45,6 +44,7 @@ _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 def main(argv):
   cli.start(argv, persist=False)
+  cli.output_file(_JSON.value, '--json')
   rows = cli.positive_ints(_ROWS.value, '--rows')
   if not 0 < _TOP_P.value < 1:  # the counts' bounds are their flags'
     cli.fail(f'--top_p must be in (0, 1), got {_TOP_P.value}')
@@ -58,11 +58,10 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
-  from mtp_jax.config import ConfigError
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value, _DECODE_PROMPTS.value,
                                      _RANDOM.value)
-  except (ConfigError, ValueError) as e:
+  except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   cfg, prompts, session, d = inputs.cfg, inputs.prompts, inputs.session, inputs.config.decode
   V = cfg.vocab_size
@@ -107,9 +106,8 @@ def main(argv):
       result['decoding'].append(row)
       print(f"{method:6} {name:>16} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
             f"{row['over_unfiltered']:>12.2f}")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(result, f, indent=2)
+  if _JSON.value:  # a crash leaves the previous file whole
+    atomic.write_json(_JSON.value, result, indent=2)
 
 
 if __name__ == '__main__':

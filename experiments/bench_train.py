@@ -464,22 +464,29 @@ def _report_freeze(fc, steps: int, markdown: bool):
         'heads alone.')
 
 
-def _ints(values, name):
+def _ints(values, name, allow_empty=False):
   try:
     out = sorted({int(v) for v in values})
   except ValueError:
     cli.fail(f'--{name} takes integers, got {",".join(values)}')
   if any(d < 0 for d in out):
     cli.fail(f'--{name}: depths must be >= 0')
+  if not out and not allow_empty:
+    cli.fail(f'--{name}: give at least one depth')
   return out
 
 
 def main(argv):
   cli.start(argv, persist=False)
-  depths, mem_depths = _ints(_DEPTHS.value, 'depths'), _ints(_MEMORY_DEPTHS.value, 'memory_depths')
+  cli.output_file(_OUT.value, '--out')
+  depths = _ints(_DEPTHS.value, 'depths')
+  mem_depths = _ints(_MEMORY_DEPTHS.value, 'memory_depths', allow_empty=True)
   kinds = _KINDS.value
-  if any(k not in KINDS for k in kinds):
+  if not kinds or any(k not in KINDS for k in kinds):
     cli.fail(f'--kinds takes {",".join(KINDS)}, got {",".join(kinds)}')
+  ignored = [f'--{f.name}' for f in (_OUT, _MARKDOWN, _REMAT, _FREEZE) if f.value]
+  if _FLOPS_ONLY.value and ignored:
+    cli.fail(f'--flops_only prints the FLOP table alone; it takes no {", ".join(ignored)}')
 
   try:
     config = resolve_config(_CONFIG.value)  # a pretrained trunk's shapes, read from its file

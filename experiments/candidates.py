@@ -18,7 +18,6 @@ and Q8_0's, 1).
 The tiles column names each row's: none, halves or scaled.
 """
 
-import json
 import os
 import sys
 
@@ -27,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -48,6 +47,10 @@ _TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both', 'forms'], 'conf
 
 def main(argv):
   cli.start(argv)
+  cli.output_file(_JSON.value, '--json')
+  lens = cli.positive_ints(_DRAFTS.value, '--draft_lens', allow_empty=True)  # empty: 1..D
+  counts = cli.positive_ints(_CANDIDATES.value, '--candidates')
+  depths = cli.positive_ints(_DEPTHS.value, '--depths')
   import dataclasses
   from mtp_jax import decode as dec
   from mtp_jax import inference
@@ -57,20 +60,17 @@ def main(argv):
   config = _CONFIG.value
   try:
     D = config.mtp.depth
-    lens = [int(S) for S in _DRAFTS.value] or list(range(1, D + 1))
-    counts = [int(K) for K in _CANDIDATES.value]
-    depths = [int(C) for C in _DEPTHS.value]
-    if (D < 1 or not all(1 <= S <= D for S in lens) or not all(K >= 1 for K in counts)
-        or not all(1 <= C <= D for C in depths)):
-      raise ConfigError(f'--draft_lens and --depths must be in 1..mtp.depth={D} and '
-                        f'--candidates >= 1')
+    lens = lens or list(range(1, D + 1))
+    if D < 1 or max(lens + depths) > D:
+      raise ConfigError(f'--draft_lens and --depths must be in 1..mtp.depth={D}')
     if not _TEMPERATURE.value >= 0:
       raise ConfigError(f'--temperature must be >= 0, got {_TEMPERATURE.value}')
     # its prompts are bench's
-    session = train.Session(config, _WORKDIR.value, data=run.needs_data(config, 'bench'))
+    session = train.Session(config, _WORKDIR.value, data=run.needs_data(config, 'bench'),
+                            reads='bench')
     _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
-  except (ConfigError, ValueError) as e:
+  except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   T = _TEMPERATURE.value
   s_ar = inference.settings(session.config, draft=0, temperature=T, stop_ids=session.stop_ids)
@@ -108,9 +108,8 @@ def main(argv):
           f"{r['candidate_depth']:>2} {r['positions']:>4} {r['tau']:>5.2f} {r['tokens_per_s']:>9.1f} "
           f"{r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} {same:>9}  "
           f"{r['acceptance']}")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)
+  if _JSON.value:  # a crash leaves the previous file whole
+    atomic.write_json(_JSON.value, {'machine': measure.machine(), 'rows': rows}, indent=2)
 
 
 if __name__ == '__main__':

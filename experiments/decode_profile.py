@@ -260,6 +260,7 @@ def trunk_breakdown(trunks, S_max, calls):
 
 def main(argv):
   cli.start(argv)
+  cli.output_file(_JSON.value, '--json')
   config = _CONFIG.value
   if not _TEMPERATURE.value >= 0:  # NaN too
     cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
@@ -271,12 +272,11 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
-  from mtp_jax import sharding
-  from mtp_jax.config import ConfigError
+  from mtp_jax import run, sharding
   try:
     inputs = inference.decode_inputs(config, _WORKDIR.value,
                                      max(batches), _RANDOM.value)
-  except ConfigError as e:
+  except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
   config, cfg, params, model, prompts, source, mesh = (
       inputs.config, inputs.cfg, inputs.params, inputs.model, inputs.prompts, inputs.source,

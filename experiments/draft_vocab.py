@@ -11,7 +11,6 @@ decoded alone), ms per iteration, the speedup over `ar` and whether every output
 --json FILE keeps them.
 """
 
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -35,6 +34,7 @@ _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 def main(argv):
   cli.start(argv)
+  cli.output_file(_JSON.value, '--json')
   from mtp_jax.config import DRAFT_DTYPES
   if not _SIZES.value or not all(n == 'full' or (n.isascii() and n.isdigit() and int(n) > 0)
                                  for n in _SIZES.value):
@@ -44,11 +44,11 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
-  from mtp_jax import train
+  from mtp_jax import run, train
   from mtp_jax.config import ConfigError
   config = _CONFIG.value
   try:
-    session = train.Session(config, _WORKDIR.value, data=False)
+    session = train.Session(config, _WORKDIR.value, data=False, reads='bench')
     _, params = inference.load_params(session)
     rank = session.token_rank()
     sizes = [None if n == 'full' else int(n) for n in _SIZES.value]
@@ -63,7 +63,7 @@ def main(argv):
       raise ConfigError(f'--draft_len={_DRAFT_LEN.value}: the model has '
                         f'{session.cfg.mtp_depth} heads')
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
-  except (ConfigError, ValueError) as e:
+  except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   D, cfg = session.cfg.mtp_depth, session.cfg
   s_ar = inference.settings(session.config, draft=0, temperature=0.0, stop_ids=session.stop_ids)
@@ -88,9 +88,8 @@ def main(argv):
           f"{r['tokens_per_s']:>9.1f} {r['ms_per_iteration']:>7.2f} {r['speedup']:>7.2f} "
           f"{'-' if r['draft_vocab'] == 'ar' else str(r['identical_to_ar']):>9}  "
           f"{r['acceptance'] or ''}")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'machine': measure.machine(), 'rows': rows}, f, indent=2)
+  if _JSON.value:  # a crash leaves the previous file whole
+    atomic.write_json(_JSON.value, {'machine': measure.machine(), 'rows': rows}, indent=2)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@ rounds), `ar` against the first type's, tau, `mtp` over that type's `ar`, and wh
 outputs equal that type's `ar`'s (they must); --json FILE keeps them.
 """
 
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mtp_jax import cli  # noqa: E402
+from mtp_jax import atomic, cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2.py', 'Path to a config file.',
                                           lock_config=True)
@@ -39,14 +38,13 @@ _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 
 def main(argv):
   cli.start(argv)
+  cli.output_file(_JSON.value, '--json')
   import gguf
   from mtp_jax import decode as dec
   from mtp_jax import inference
-  from mtp_jax import measure
-  from mtp_jax.config import ConfigError
+  from mtp_jax import measure, run
   from mtp_jax.pretrained import fetch, gguf_file
   from mtp_jax.pretrained import resolve as pretrained
-  from mtp_jax.pretrained.base import PretrainedError
   config = _CONFIG.value
   types = [t.strip().upper() for t in _TYPES.value]
   known = [t.name for t in gguf_file.FILE_TYPES]  # what gguf_file.rewritten writes
@@ -76,7 +74,7 @@ def main(argv):
       made.append({'type': name, 'file_mb': os.path.getsize(path) / 1e6,
                    'tiled_matrices': mtp.tiled_matrices(params),
                    'step_mb': mtp.step_bytes(params) / 1e6, 'draft_dtype': mtp.draft_dtype})
-  except (ConfigError, PretrainedError, ValueError) as e:
+  except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   # each type's mtp against its own ar
   same_as = [i - i % 2 for i in range(len(variants))]
@@ -98,9 +96,8 @@ def main(argv):
     print(f"{r['type']:>5} {r['file_mb']:>8.1f} {r['tiled_matrices']:>5} {r['step_mb']:>7.1f} "
           f"{r['ar_tokens_per_s']:>8.1f} {r['ar_over_first']:>7.2f} {r['mtp_tokens_per_s']:>9.1f} "
           f"{r['tau']:>5.2f} {r['mtp_over_ar']:>6.2f} {str(r['mtp_identical_to_ar']):>9}")
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump({'machine': measure.machine(), 'rows': made}, f, indent=2)
+  if _JSON.value:  # a crash leaves the previous file whole
+    atomic.write_json(_JSON.value, {'machine': measure.machine(), 'rows': made}, indent=2)
 
 
 if __name__ == '__main__':

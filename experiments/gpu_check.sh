@@ -35,6 +35,12 @@ OUT_DIR=${1:-runs/gpu_check}
 STAGES=${2:-1 1f 2 3 4 5}
 PEAK=${PEAK_TFLOPS:-989}
 PY=${PYTHON:-python3}
+for stage in $STAGES; do  # every stage named before any runs (a typo would cost the GPU time)
+  case $stage in
+    1|1f|2|3|4|5) ;;
+    *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3, 4 or 5)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 
@@ -143,7 +149,6 @@ for stage in $STAGES; do
           | tee -a "$OUT_DIR/machine.log"
       fi
       ;;
-    *) echo "error: unknown stage '$stage' (use 1, 1f, 2, 3, 4 or 5)" >&2; exit 2 ;;
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/machine.log"
 done

@@ -558,13 +558,13 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1,
 
 def main(argv):
   cli.start(argv)
+  cli.output_file(_JSON.value, '--json')
   import numpy as np
   from mtp_jax import data as data_lib
   from mtp_jax import decode as dec
   from mtp_jax import features
   from mtp_jax import inference
-  from mtp_jax import measure
-  from mtp_jax import train
+  from mtp_jax import measure, run, train
   from mtp_jax.config import ConfigError
   config = _CONFIG.value
   try:
@@ -581,7 +581,7 @@ def main(argv):
                         'positions in different ways: give one')
     if _ANSWER_SPLIT.value < 0:
       raise ConfigError(f'--answer_split must be >= 0, got {_ANSWER_SPLIT.value}')
-    session = train.Session(config, _WORKDIR.value, data=False)
+    session = train.Session(config, _WORKDIR.value, data=False, reads='bench')
     _, params = inference.load_params(session)
     rank, n = session.token_rank(), config.decode.draft_vocab
     draft_ids = None if not n or rank is None else np.asarray(rank[:n])
@@ -594,7 +594,7 @@ def main(argv):
       if tuple(layers) != session.cfg.feature_layers:
         raise ValueError(f'--cache: {_CACHE.value} keeps the features of blocks {layers}, the '
                          f'heads read {list(session.cfg.feature_layers)} (mtp.feature_layers)')
-  except (ConfigError, ValueError) as e:
+  except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   rows = {}
   missed = [] if _MISSES.value else None

@@ -17,7 +17,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mtp_jax import cli  # noqa: E402
+from absl import app  # noqa: E402
+
+from mtp_jax import atomic, cli  # noqa: E402
 COUNT = 6000
 
 THINGS = [
@@ -150,7 +152,8 @@ PAIR_TEMPLATES = ['What is the difference between {} and {}?', 'Compare {} and {
                   'How are {} and {} alike, and how are they different?']
 
 
-def main():
+def main(argv):
+  cli.start(argv, persist=False)  # it takes no flags but --help: any argument is a mistake
   heldout = open(os.path.join(ROOT, 'configs/prompts/instruct_heldout.txt')).read().splitlines()
   rng = random.Random(0)
   about = [t.format(s) for t in KINDS[0][1] for s in KINDS[0][0]]
@@ -161,11 +164,9 @@ def main():
   rng.shuffle(lines)
   assert not set(lines) & set(heldout) and len(set(lines)) == len(lines) == COUNT
   path = os.path.join(ROOT, 'configs/prompts/instruct_train.txt')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  atomic.write_text(path, '\n'.join(lines) + '\n')  # whole or not at all
   print(f'wrote {len(lines)} prompts to {path}')
 
 
 if __name__ == '__main__':
-  cli.start(sys.argv, persist=False)  # it takes no flags: any argument is a mistake
-  main()
+  app.run(main, flags_parser=cli.flags_parser())

@@ -56,6 +56,7 @@ def renamed_copy(source: str, pre: str, out: str) -> None:
 
 def main(argv):
   cli.start(argv, persist=False)
+  cli.require_peers('llama_cpp')
   from llama_cpp import Llama
   from mtp_jax.pretrained import fetch, resolve
   sys.path.insert(0, os.path.join(ROOT, 'experiments'))

@@ -147,6 +147,19 @@ def start(argv, persist: bool = True) -> None:
     run.persist_compiled_programs()
 
 
+def output_file(path: str, flag: str) -> None:
+  """A script's output file flag, checked before any work (the file itself is written at the end,
+  whole or not at all: atomic.write_json): not a folder, and in a folder that can be made."""
+  if not path:
+    return
+  from mtp_jax.config import folder_problem
+  if os.path.isdir(path):
+    fail(f'{flag} {path} is a directory; give a file to write')
+  problem = folder_problem(os.path.dirname(os.path.abspath(path)), flag)
+  if problem:
+    fail(problem)
+
+
 def rounds_flag(default: int):
   """The --rounds flag of a script that times things: interleaved rounds, the fastest kept."""
   from absl import flags

@@ -27,6 +27,9 @@ def settings(config, *, stop_ids: tuple[int, ...], draft=None, temperature=None)
   drafts (decode.candidate_depth is cut to S)."""
   d = config.decode
   S = draft_len(config) if draft is None else draft
+  if S > config.mtp.depth:
+    raise ConfigError(f'a draft of {S} tokens needs as many heads; the model has '
+                      f'mtp.depth={config.mtp.depth}')
   T = d.temperature if temperature is None else temperature
   K = d.candidates if S > 0 else 1
   # Without alternatives there are no branches: one Settings (and compilation) for the chain.
@@ -164,7 +167,8 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     model = dec.decode_model(cfg, d.kernels, None, d.draft_dtype, d.tiles)
     return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)), model,
                         prompts.tolist(), 'random weights', sharding.make_mesh(config.mesh), None)
-  session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts))
+  session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
+                              reads='bench')  # no checkpoint: said before anything is written
   step, params = load_params(session)
   prompts = held_out_prompts(session, count) if count else []
   return DecodeInputs(config, session.cfg, params, session.decode_model, prompts,

@@ -227,7 +227,7 @@ def error_line(stderr: str, *patterns) -> str:
 def assert_user_error(result, *words):
   """launch.py refused its input as a user error: exit code 2 and one last line 'error: ...' that
   holds every word, no traceback."""
-  assert words and min(map(len, words)) > 1, f'words, not one string spread out: {words}'
+  assert words and max(map(len, words)) > 1, f'words, not one string spread out: {words}'
   assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
   line = error_line(result.stderr, *map(re.escape, words))
   assert result.stderr.strip().splitlines()[-1] == line, result.stderr[-3000:]

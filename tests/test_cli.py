@@ -567,7 +567,17 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
       (['experiments/draft_vocab.py', '--sizes=-5'], "--sizes takes 'full' or positive"),
       (['experiments/ablate.py', f'--root={tmp_path / "file"}'], f'--root {tmp_path}/file is a'),
       (['experiments/bench_train.py', '--flops_only', '--config.train.seq_len=0'],
-       'train.seq_len must be an integer >= 1, got 0')):
+       'train.seq_len must be an integer >= 1, got 0'),
+      (['experiments/bench_train.py', '--flops_only', '--markdown'],
+       '--flops_only prints the FLOP table alone; it takes no --markdown'),
+      (['experiments/bench_train.py', '--flops_only', '--depths='], '--depths: give at least one'),
+      (['experiments/candidates.py', '--candidates=x'], '--candidates takes positive integers'),
+      (['experiments/draft_vocab.py', f'--json={tmp_path}'], f'--json {tmp_path} is a directory'),
+      (['experiments/bench_peers.py', '--threads=999', '--skip=hf,hf_lookup,llama_f32,llama_q4_1,'
+        'llama_lookup'], '--threads=999: this process may use'),
+      # a workdir with no checkpoint: CheckpointError is a user's mistake too
+      (['experiments/decode_profile.py', '--config=configs/quickstart.py',
+        f'--workdir={tmp_path / "none"}'], f'no checkpoint in {tmp_path / "none"}; train first')):
     assert_user_error(run_script(*args), words)
   from mtp_jax import cli
   with pytest.raises(SystemExit) as stop:

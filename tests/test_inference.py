@@ -299,3 +299,8 @@ def test_prompts_padded_past_the_cache_are_one_error(trained):
   inference.prepared_decoder(session.decode_model, params, [[5]], s, width=fits)
   with pytest.raises(ConfigError, match=f'prompt of {fits + 1} tokens'):
     inference.prepared_decoder(session.decode_model, params, [[5]], s, width=fits + 1)
+  # a script's S past the heads (gguf_forms.py --draft_len): said, not an IndexError
+  D = session.cfg.mtp_depth
+  with pytest.raises(ConfigError, match=f'a draft of {D + 1} tokens needs as many heads; the '
+                                        f'model has mtp.depth={D}'):
+    inference.settings(session.config, draft=D + 1, stop_ids=session.stop_ids)
