@@ -168,7 +168,7 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)), model,
                         prompts.tolist(), 'random weights', sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
-                              reads='bench')  # no checkpoint: said before anything is written
+                              reads='profile')  # no checkpoint: said before anything is written
   step, params = load_params(session)
   prompts = held_out_prompts(session, count) if count else []
   return DecodeInputs(config, session.cfg, params, session.decode_model, prompts,

@@ -272,14 +272,15 @@ def token_rank(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 def check_trained(mode: str, config, workdir: str) -> None:
   """A mode that reads the workdir's checkpoint finds one, or a model it can use without one: a
   pretrained trunk, with heads from mtp.init_from where the mode uses heads (export would write
-  random ones). Checked before anything is read or written: a mistyped --workdir built its data
-  and tokenizer there first."""
+  random ones; 'profile', a script timing decoding calls, takes random heads on a pretrained
+  trunk). Checked before anything is read or written: a mistyped --workdir built its data and
+  tokenizer there first."""
   # (a save in flight counts only while the run that may be making it holds the workdir)
   if ckpt_lib.holds_checkpoints(workdir, in_flight=atomic.held_elsewhere(workdir)):
     return
   if mode == 'eval' or not config.model.init_from:
     raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}; train first')
-  uses_heads = not (mode == 'generate' and config.decode.method == 'ar')
+  uses_heads = mode != 'profile' and not (mode == 'generate' and config.decode.method == 'ar')
   if config.mtp.depth >= 1 and uses_heads and not config.mtp.init_from:
     raise ckpt_lib.CheckpointError(
         f'no checkpoint in {workdir}, and mtp.init_from is empty: the {config.mtp.depth} MTP heads '

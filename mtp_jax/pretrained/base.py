@@ -50,16 +50,17 @@ def stop_tokens(*ids) -> tuple[int, ...]:
 
 
 def cast(tensors: dict, dtype) -> dict:
-  """Each tensor as `dtype` for writing, refused (one line naming the first) where one holds a
-  value the dtype cannot (float16 stops at 65504: it would be written as inf)."""
+  """Each tensor as `dtype` for writing, refused (one line naming the first) where a finite value
+  would not stay finite (float16 stops at 65504: it would be written as inf)."""
   out = {}
   for name, w in tensors.items():
     with np.errstate(over='ignore'):  # said below, as one line
       out[name] = w.astype(dtype)
-    if not np.isfinite(out[name]).all():
-      worst = np.max(np.abs(w))
-      raise PretrainedError(f'{name} holds {worst:.6g}, which {np.dtype(dtype).name} cannot hold '
-                            'finitely (inf); export in float32 (--export_dtype float32)')
+    overflowed = np.isfinite(w) & ~np.isfinite(out[name])
+    if overflowed.any():
+      raise PretrainedError(f'{name} holds {w[overflowed].flat[0]:.6g}, which '
+                            f'{np.dtype(dtype).name} cannot hold (it would be written as inf); '
+                            'export in float32 (--export_dtype float32)')
   return out
 
 

@@ -3,6 +3,7 @@
 and metadata saying which model and trunk they belong to.
 """
 
+import functools
 import json
 import os
 
@@ -64,19 +65,18 @@ def _read_meta(path: str):
 
 def expected_shapes(config) -> dict:
   """{name: shape} of the mtp.depth heads of config's model as a heads file holds them: the
-  model's own head params (abstract, then zeros) put through heads_from_params, so every kind is
-  named and laid out as save writes it."""
-  import jax
+  shapes of the model's own head params, laid out as save writes them (llama.head_shapes)."""
   from mtp_jax.config import ModelConfig
+  return _head_shapes(ModelConfig.from_config(config))
+
+
+@functools.lru_cache(maxsize=8)  # a session checks its heads file, then loads it
+def _head_shapes(cfg) -> dict:
+  import jax
   from mtp_jax.model import init_params
-  cfg = ModelConfig.from_config(config)
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))['params']
-  zeros = {k: jax.tree.map(lambda a: np.zeros(a.shape, np.float32), v)
-           for k, v in abstract.items() if k.startswith('mtp')}
-  heads = llama.heads_from_params(zeros, config.mtp.kind, config.mtp.depth,
-                                  config.mtp.head_blocks, config.model.qkv_bias,
-                                  config.model.qk_norm)
-  return {n: w.shape for n, w in heads.items()}
+  return llama.head_shapes(abstract, cfg.mtp_kind, cfg.mtp_depth, cfg.head_blocks, cfg.qkv_bias,
+                           cfg.qk_norm)
 
 
 def check(path: str, config) -> dict:

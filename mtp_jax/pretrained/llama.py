@@ -132,16 +132,21 @@ def _to_ours(suffix: str, w: np.ndarray, heads: int, kv_heads: int) -> np.ndarra
   return np.ascontiguousarray(w.T)  # MLP: (out, in) -> (in, out)
 
 
-def _to_hf(suffix: str, w: np.ndarray) -> np.ndarray:
+def _hf_view(suffix: str, w: np.ndarray) -> np.ndarray:
+  """A block tensor of ours in HF layout, as a view where numpy makes one."""
   if suffix.endswith('norm.weight'):
     return w
   if suffix.endswith('.bias'):  # (N, E) -> (N*E,)
     return w.reshape(-1)
   if suffix == 'self_attn.o_proj.weight':  # (H, E, D) -> (D, H*E)
-    return np.ascontiguousarray(w.reshape(-1, w.shape[-1]).T)
+    return w.reshape(-1, w.shape[-1]).T
   if suffix.startswith('self_attn.'):  # (D, N, E) -> (N*E, D)
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
-  return np.ascontiguousarray(w.T)
+    return w.reshape(w.shape[0], -1).T
+  return w.T
+
+
+def _to_hf(suffix: str, w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(_hf_view(suffix, w))
 
 
 def _set(tree: dict, path: tuple, value):
@@ -205,24 +210,33 @@ def head_names(kind: str, k: int, blocks: int, qkv_bias: bool = False,
   return names
 
 
+def _head_views(params: dict, kind: str, depth: int, blocks: int, qkv_bias: bool,
+                qk_norm: bool, leaf):
+  """(HF name, leaf(param) viewed in HF layout) of every head tensor of params['params']."""
+  for k in range(1, depth + 1):
+    if kind == 'medusa':
+      for name, w in sorted(params[f'mtp_{k - 1}'].items()):
+        yield f'{HEADS_PREFIX}.{k - 1}.{name}', leaf(w)
+      continue
+    for name, path, suffix in head_names(kind, k, blocks, qkv_bias, qk_norm):
+      w = leaf(_get(params, path))
+      yield name, _hf_view(suffix, w) if suffix else w.T if path[-1] == 'eh_proj' else w
+
+
 def heads_from_params(params: dict, kind: str, depth: int, blocks: int = 1,
                       qkv_bias: bool = False, qk_norm: bool = False) -> dict:
   """Every head tensor of params['params'], HF-named and HF-shaped (float32 numpy)."""
-  out = {}
-  for k in range(1, depth + 1):
-    if kind == 'medusa':
-      for name, leaf in sorted(params[f'mtp_{k - 1}'].items()):
-        out[f'{HEADS_PREFIX}.{k - 1}.{name}'] = np.asarray(leaf, np.float32)
-      continue
-    for name, path, suffix in head_names(kind, k, blocks, qkv_bias, qk_norm):
-      w = np.asarray(_get(params, path), np.float32)
-      if suffix:
-        out[name] = _to_hf(suffix, w)
-      elif path[-1] == 'eh_proj':
-        out[name] = np.ascontiguousarray(w.T)
-      else:
-        out[name] = w
-  return out
+  return {name: np.ascontiguousarray(w) for name, w in _head_views(
+      params, kind, depth, blocks, qkv_bias, qk_norm, lambda w: np.asarray(w, np.float32))}
+
+
+def head_shapes(params: dict, kind: str, depth: int, blocks: int = 1, qkv_bias: bool = False,
+                qk_norm: bool = False) -> dict:
+  """{HF name: shape} of what heads_from_params makes of params (abstract values will do), with
+  no data made: each tensor is a view of one zero."""
+  zero = lambda w: np.broadcast_to(np.float32(0), w.shape)
+  return {name: w.shape for name, w in _head_views(params, kind, depth, blocks, qkv_bias,
+                                                    qk_norm, zero)}
 
 
 def heads_to_params(get, names: list[str], kind: str, depth: int, heads: int,
