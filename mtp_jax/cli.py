@@ -29,16 +29,13 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
   bad = [m for m in modes if m not in MODES]
   if bad or not modes:
     fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(MODES)}")
-  from mtp_jax.config import folder_problem
+  from mtp_jax.config import folder_problem, unwritable
   problem = folder_problem(workdir, '--workdir')
   if problem:  # no mode can read or write there
     fail(problem)
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if (any(mode in WRITING_MODES for mode in modes)
-      and not os.access(existing, os.W_OK | os.X_OK)):
-    fail(f'--workdir {workdir}: {existing} is not a directory this user can write in')
+  problem = unwritable(workdir, '--workdir')
+  if problem and any(mode in WRITING_MODES for mode in modes):
+    fail(problem)
 
 
 def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:

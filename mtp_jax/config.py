@@ -13,6 +13,7 @@ import stat
 KINDS = ('sequential', 'parallel', 'medusa')
 ATTENTION = ('einsum', 'fused')
 DTYPES = ('float32', 'bfloat16')
+MAX_COUNT = 2**31 - 1  # steps and sizes: what the step counter (int32) holds
 HEAD_LOSSES = ('data', 'distill')
 DRAFT_DTYPES = ('float32', 'bfloat16', 'int8', 'q4_1')  # decode.draft_dtype
 
@@ -159,6 +160,17 @@ def _read_prompt_lines(path: str, name: str, empty: str) -> list[str]:
   return list(lines)
 
 
+def unwritable(path: str, name: str) -> str | None:
+  """Why this user cannot make files in the folder `path` (given as `name`; made where missing),
+  as one line, or None."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return f'{name} {path}: {existing} is not a directory this user can write in'
+  return None
+
+
 def folder_problem(path: str, name: str) -> str | None:
   """Why `path` (given as `name`) cannot be a folder to read and make things in (a file, a link
   to nothing, a file above it), as one line, or None."""
@@ -303,8 +315,9 @@ def validate(config) -> None:
                       ('train.log_every', t.log_every), ('decode.max_new_tokens', d.max_new_tokens),
                       ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts)]:
     _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
-  _check(isinstance(config.seed, int) and config.seed >= 0,
-         f'seed must be an integer >= 0, got {config.seed!r}')
+    _check(value <= MAX_COUNT, f'{name}={value} is past {MAX_COUNT}, the most a count can be')
+  _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32,  # jax.random.key keeps 32
+         f'seed must be an integer in 0..{2**32 - 1}, got {config.seed!r}')  # bits of larger ones
   _check(isinstance(m.head_dim, int) and m.head_dim >= 0 and m.head_dim % 2 == 0,
          f'model.head_dim must be an even integer >= 0 (0: d_model / num_heads), got '
          f'{m.head_dim!r}')
@@ -356,15 +369,22 @@ def validate(config) -> None:
   # files compare the field as a string.
   mtp.feature_layers = ','.join(map(str, layers))
   _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
-  _check(all(w >= 0 for _, w in parse_schedule(mtp.loss_weight_schedule)),
-         'mtp.loss_weight_schedule: weights must be >= 0')
+  _check(all(0 <= w < math.inf and 0 <= s <= MAX_COUNT
+             for s, w in parse_schedule(mtp.loss_weight_schedule)),
+         f'mtp.loss_weight_schedule: steps must be in 0..{MAX_COUNT} and weights finite and >= 0, '
+         f"got '{mtp.loss_weight_schedule}'")
   _check(t.seq_len + mtp.depth <= m.max_seq_len,
          f'train.seq_len + mtp.depth = {t.seq_len + mtp.depth} exceeds model.max_seq_len='
          f'{m.max_seq_len} (the RoPE range)')
   _check(t.batch_size % t.grad_accum == 0,
          f'train.grad_accum={t.grad_accum} must divide train.batch_size={t.batch_size}')
   _check(t.lr > 0, f'train.lr must be > 0, got {t.lr}')
-  _check(t.warmup_steps >= 0, f'train.warmup_steps must be >= 0, got {t.warmup_steps}')
+  _check(isinstance(t.warmup_steps, int) and 0 <= t.warmup_steps <= MAX_COUNT,
+         f'train.warmup_steps must be an integer in 0..{MAX_COUNT}, got {t.warmup_steps!r}')
+  _check(isinstance(t.inject_nan_step, int) and (t.inject_nan_step == -1
+                                                 or 1 <= t.inject_nan_step <= MAX_COUNT),
+         f'train.inject_nan_step must be -1 (none) or a step in 1..{MAX_COUNT}, got '
+         f'{t.inject_nan_step!r}')
   _check(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}')
   _check(t.weight_decay >= 0, f'train.weight_decay must be >= 0, got {t.weight_decay}')
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'train.b1 and train.b2 must be in [0, 1)')
@@ -380,7 +400,8 @@ def validate(config) -> None:
   _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
   check_address(config.distributed.coordinator_address)
   if config.data.cache_dir:
-    problem = folder_problem(config.data.cache_dir, 'data.cache_dir')
+    problem = (folder_problem(config.data.cache_dir, 'data.cache_dir')
+               or unwritable(config.data.cache_dir, 'data.cache_dir'))
     _check(not problem, problem)
   _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
          f"data.tokenizer: no file '{config.data.tokenizer}'")

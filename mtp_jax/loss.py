@@ -227,8 +227,9 @@ def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
 
 
 def loss_weight(step, base: float, schedule: str):
-  """lambda at `step` (updates done before this one): `base`, replaced by each 'STEP:WEIGHT'
-  entry once STEP updates are done (the update logged as step STEP + 1 on)."""
+  """lambda at `step` (steps done before this one): `base`, replaced by each 'STEP:WEIGHT' entry
+  once STEP steps are done (from the step logged as STEP + 1 on; a step skipped for a non-finite
+  loss counts here, where the learning rate's schedule counts only the updates made)."""
   weight = jnp.float32(base)
   for start, value in parse_schedule(schedule):
     weight = jnp.where(step >= start, jnp.float32(value), weight)

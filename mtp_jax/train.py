@@ -832,16 +832,19 @@ class MetricsLog:
       what = 'gradient' if metrics['nonfinite_grad'] else 'loss'
       if t.nonfinite == 'stop':
         raise TrainingError(f'non-finite {what} at step {step} (loss {metrics["loss/total"]}); '
-                            f'the latest checkpoint keeps the last finite state')
+                            'stopped before saving it: the latest checkpoint, if any, holds the '
+                            'last finite state (train.nonfinite=skip skips such steps)')
       self.skipped += 1
       tqdm.tqdm.write(f'step {step}: non-finite {what}, update skipped '
                       f'({self.skipped} so far)', file=sys.stderr)
     if step % t.log_every == 0 or step == t.steps:
+      # a skipped step leaves the optimizer's count, and so the schedule, where it was; its
+      # first call compiles (eager jnp ops), which is no part of the window's steps
+      with self.paused():
+        metrics['lr'] = lr_schedule(t)(step - 1 - skipped_before)
       now = self.clock()
       metrics['tokens_per_s'] = (t.batch_size * t.seq_len * (step - self.last_step)
                                  / max(now - self.last_time, 1e-9))
-      # a skipped step leaves the optimizer's count, and so the schedule, where it was
-      metrics['lr'] = lr_schedule(t)(step - 1 - skipped_before)
       metrics['nonfinite_skipped'] = self.skipped
       self.last_time, self.last_step = now, step
       self.scalars({k: v for k, v in metrics.items() if k != 'nonfinite_grad'}, step, 'train/')

@@ -108,7 +108,8 @@ CASES = {
     'negative feature weight': ({'train.feature_weight': -0.5}, [], QUICKSTART,
                                 ['train.feature_weight must be a number >= 0', '-0.5']),
     'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
-    'negative seed': ({}, ['--config.seed=-1'], QUICKSTART, ['seed must be an integer >= 0', '-1']),
+    'negative seed': ({}, ['--config.seed=-1'], QUICKSTART,
+                      ['seed must be an integer in 0..4294967295', '-1']),
 }
 
 

@@ -2,6 +2,7 @@
 trunk features the first sequential module reads."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -452,3 +453,19 @@ def test_a_detached_chain_trains_each_module_by_its_own_depth_alone():
   jax.tree.map(np.testing.assert_array_equal, g_detached['mtp_1'], g_chained['mtp_1'])
   with pytest.raises(ConfigError, match='mtp.detach_chain'):
     validate(tiny_config(**{'mtp.kind': 'parallel', 'mtp.detach_chain': True}))
+
+
+@pytest.mark.parametrize('field,value,words', [
+    ('seed', 2**32, 'seed must be an integer in 0..4294967295, got 4294967296'),
+    ('train.steps', 2**31, 'train.steps=2147483648 is past 2147483647'),
+    ('train.warmup_steps', 2**31, 'train.warmup_steps must be an integer in 0..2147483647'),
+    ('train.inject_nan_step', 0, 'train.inject_nan_step must be -1 (none) or a step in 1..'),
+    ('mtp.loss_weight_schedule', '1:inf', 'weights finite and >= 0'),
+    ('mtp.loss_weight_schedule', '99999999999:0.1', 'steps must be in 0..2147483647'),
+])
+def test_numbers_training_cannot_hold_are_refused(field, value, words):
+  """What the step counter (int32), jax.random.key (32 bits of a seed) or a finite loss cannot
+  hold: refused by validate, not an OverflowError after the data is written (nor a seed folded
+  onto another, nor a loss made inf by its weight)."""
+  with pytest.raises(ConfigError, match=re.escape(words)):
+    validate(tiny_config(**{field: value}))

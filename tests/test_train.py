@@ -391,11 +391,18 @@ class Clock:
     return self.now
 
 
-def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path):
+def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path, monkeypatch):
   """A pause (an evaluation, a checkpoint save) between two logged steps is not training time:
-  the window's tokens/s counts only the time outside it."""
+  the window's tokens/s counts only the time outside it; nor is the logged learning rate's
+  evaluation, whose first call compiles."""
   t = tiny_config(**{'train.log_every': 2}).train
   clock = Clock()
+  real = train.lr_schedule
+
+  def compiling(t):
+    clock.now += 7.0
+    return real(t)
+  monkeypatch.setattr(train, 'lr_schedule', compiling)
   log = train.MetricsLog(str(tmp_path), t, start=0, enabled=False, clock=clock)
   metrics = {'nonfinite': False, 'nonfinite_grad': False, 'loss/total': 1.0}
   log.push(1, dict(metrics))
@@ -408,6 +415,11 @@ def test_tokens_per_s_leaves_out_evaluations_and_saves(tmp_path):
   log.flush()
   # one step in 0.5 s outside the pause (over the pause too it would be 10.5 s)
   assert float(log.postfix['tok_s']) == t.batch_size * t.seq_len / 0.5, log.postfix
+  clock.now += 0.5
+  log.push(3, dict(metrics))
+  log.push(4, dict(metrics))
+  log.flush()  # two steps in 0.5 s, the learning rate's 7 s at step 2 left out
+  assert float(log.postfix['tok_s']) == 2 * t.batch_size * t.seq_len / 0.5, log.postfix
 
 
 def test_tokens_per_s_leaves_out_the_first_step(tmp_path):
