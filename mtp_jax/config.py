@@ -398,7 +398,14 @@ def validate(config) -> None:
   _check(0 < config.data.valid_fraction < 1,
          f'data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}')
   _check(bool(config.data.sources.strip()), "data.sources is empty (use 'stdlib', 'self' or paths)")
-  check_address(config.distributed.coordinator_address)
+  dist = config.distributed
+  check_address(dist.coordinator_address)
+  if dist.coordinator_address in ('', 'auto'):  # one process, or the cluster's own count
+    _check((dist.num_processes, dist.process_id) == (1, 0),
+           f'distributed.num_processes={dist.num_processes!r} and process_id='
+           f'{dist.process_id!r} are read only with a coordinator_address of host:port ('
+           + ("'auto' takes them from the cluster" if dist.coordinator_address else
+              "'' is one process") + '); leave them 1 and 0')
   if config.data.cache_dir:
     problem = (folder_problem(config.data.cache_dir, 'data.cache_dir')
                or unwritable(config.data.cache_dir, 'data.cache_dir'))

@@ -34,6 +34,26 @@ def test_the_kernels_build_here():
   assert os.stat(library).st_mode & 0o777 == 0o777 & ~mask
 
 
+def test_a_machine_without_a_compiler_uses_a_library_built_for_its_cpu(monkeypatch):
+  """A cache filled where a compiler ran (a prebuilt image, a shared home) serves a machine with
+  none: the library is found by its source, flags, JAX and CPU."""
+  built = kernels._build()
+  monkeypatch.setenv('CXX', '/nonexistent/g++')
+  assert kernels._compiler_version() == '' and kernels._build() == built
+
+
+def test_a_switch_is_on_off_or_said(monkeypatch, capsys):
+  """MTP_JAX_KERNELS and MTP_JAX_TILES: a value that is neither on nor off (a typo) is said once
+  and taken as off, not silently as on."""
+  for value, off in (('1', False), ('', False), ('Yes', False), ('0', True), ('off', True)):
+    monkeypatch.setenv('MTP_JAX_TILES', value)
+    assert kernels._off('MTP_JAX_TILES') is off, value
+  assert capsys.readouterr().err == ''
+  monkeypatch.setenv('MTP_JAX_TILES', 'disable')
+  assert kernels._off('MTP_JAX_TILES') and kernels._off('MTP_JAX_TILES')
+  assert capsys.readouterr().err.count("note: MTP_JAX_TILES='disable' is neither 1") == 1
+
+
 def test_a_cache_directory_it_cannot_write_leaves_decoding_to_xla(tmp_path, monkeypatch, capsys):
   blocked = tmp_path / 'a_file'
   blocked.write_text('')

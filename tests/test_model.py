@@ -462,10 +462,12 @@ def test_a_detached_chain_trains_each_module_by_its_own_depth_alone():
     ('train.inject_nan_step', 0, 'train.inject_nan_step must be -1 (none) or a step in 1..'),
     ('mtp.loss_weight_schedule', '1:inf', 'weights finite and >= 0'),
     ('mtp.loss_weight_schedule', '99999999999:0.1', 'steps must be in 0..2147483647'),
+    # a forgotten coordinator_address: each process would run alone, as process 0
+    ('distributed.num_processes', 2, "read only with a coordinator_address of host:port ('' is"),
 ])
-def test_numbers_training_cannot_hold_are_refused(field, value, words):
+def test_values_a_run_cannot_use_are_refused(field, value, words):
   """What the step counter (int32), jax.random.key (32 bits of a seed) or a finite loss cannot
   hold: refused by validate, not an OverflowError after the data is written (nor a seed folded
-  onto another, nor a loss made inf by its weight)."""
+  onto another, nor a loss made inf by its weight); process counts with no coordinator."""
   with pytest.raises(ConfigError, match=re.escape(words)):
     validate(tiny_config(**{field: value}))

@@ -24,6 +24,7 @@ square_sums(x): each row's sum of squares in a fixed order (layers.row_sums's), 
 import contextlib
 import ctypes
 import functools
+import glob
 import hashlib
 import math
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 
 import flax
 import jax
@@ -104,14 +106,20 @@ def _compiler_version() -> str:
     return ''
 
 
-def _machine_key() -> str:
-  """The source, compiler and CPU the library is built for (it is built with -march=native)."""
+def _source_key() -> str:
+  """The source, flags, JAX and CPU the library is built for (it is built with -march=native)."""
   digest = hashlib.sha1(open(SOURCE, 'rb').read())
   digest.update(' '.join(_FLAGS).encode())
-  digest.update(_compiler_version().encode())
   digest.update(f'{jax.__version__} {jaxlib.__version__}'.encode())  # ffi.h is jaxlib's
   digest.update(measure.cpu_flags().encode())
   return digest.hexdigest()[:16]
+
+
+def _machine_key(compiler: str | None = None) -> str:
+  """The cache folder's name: _source_key, then the compiler (`compiler`: its --version, '' where
+  there is none; by default the one $CXX names)."""
+  compiler = _compiler_version() if compiler is None else compiler
+  return f'{_source_key()}-{hashlib.sha1(compiler.encode()).hexdigest()[:8]}'
 
 
 def compile_library(out: str, march: str = 'native', source: str = SOURCE,
@@ -161,9 +169,14 @@ def _build() -> str | None:
   same key, would give again) is recorded beside where the library would be, and later
   processes do not try again until that record is removed; a failure that may pass (no
   compiler, a full disk, a killed compiler) is not recorded."""
-  path = os.path.join(_cache_root(), _machine_key(), 'decode_ops.so')
+  compiler = _compiler_version()
+  path = os.path.join(_cache_root(), _machine_key(compiler), 'decode_ops.so')
   if os.path.exists(path):
     return path
+  if not compiler:  # none here: a library another compiler built for this source and CPU will do
+    built = glob.glob(os.path.join(_cache_root(), f'{_source_key()}-*', 'decode_ops.so'))
+    if built:
+      return max(built, key=os.path.getmtime)
   failed = os.path.join(os.path.dirname(path), 'build_failed.txt')
   if os.path.exists(failed):
     with open(failed) as f:
@@ -173,6 +186,10 @@ def _build() -> str | None:
     return None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    for stale in glob.glob(os.path.join(os.path.dirname(path), 'tmp*.so')):  # a killed build's
+      with contextlib.suppress(OSError):
+        if time.time() - os.path.getmtime(stale) > 3600:
+          os.remove(stale)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.so')
     os.close(fd)
   except OSError as e:  # a cache directory it cannot write (set $MTP_JAX_CACHE)
@@ -199,7 +216,20 @@ def _record_failure(path: str, reason: str) -> None:
 
 
 def _off(variable: str) -> bool:
-  return os.environ.get(variable, '1').strip().lower() in ('0', 'false', 'off', 'no')
+  """Whether the switch $variable is off (unset or empty: on); a value that is neither is said
+  once, and taken as off."""
+  value = os.environ.get(variable, '1').strip().lower()
+  if value in ('', '1', 'true', 'on', 'yes'):
+    return False
+  if value not in ('0', 'false', 'off', 'no'):
+    _said_once(f'note: {variable}={value!r} is neither 1 (true, on, yes) nor 0 (false, off, no); '
+               'taken as 0')
+  return True
+
+
+@functools.cache
+def _said_once(line: str) -> None:
+  print(line, file=sys.stderr)
 
 
 def available() -> bool:
@@ -227,10 +257,16 @@ def _library():
     # One this process built would not load after another build either: recorded, as a refused
     # build is. One found in the cache may be damaged: removed, to be built again.
     again = path not in _BUILT_HERE
-    print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone'
-          + (', and the library is built again next time' if again else ''), file=sys.stderr)
+    removed = False
     with contextlib.suppress(OSError):
       os.remove(path)
+      removed = True
+    after = ''
+    if again:
+      after = (', and the library is built again next time' if removed else
+               f'; remove {path} (or set MTP_JAX_CACHE elsewhere) to build it again')
+    print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone{after}',
+          file=sys.stderr)
     if not again:
       _record_failure(path, f'built, but not loaded: {e}')
     return None
