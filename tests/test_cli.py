@@ -315,12 +315,16 @@ def test_ctrl_c_while_decoding_is_one_line_and_keeps_what_bench_wrote(trained, t
   workdir = shutil.copytree(trained[0], tmp_path / 'run')
   tiny = shrunk(quickstart.get_config(), **{'decode.eval_prompts': 0, 'run_after_train': '',
                                             'decode.bench_rounds': 1000})
-  # (pytest-xdist's workers ignore SIGINT, and a child would inherit that: Python turns SIGINT
-  # into KeyboardInterrupt only where it finds the default action, as a terminal's process has)
-  proc = subprocess.Popen([sys.executable, 'launch.py', '--config', QUICKSTART, '--workdir',
-                           str(workdir), *as_flags(tiny), '--mode=bench'], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(),
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # pytest-xdist's workers ignore SIGINT, and a child inherits that: Python turns SIGINT into
+  # KeyboardInterrupt only where it finds the default action, as a terminal's process has. So
+  # launch.py is started by a Python that restores it and execs (a preexec_fn would fork this
+  # process, whose JAX runs threads).
+  default_sigint = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                    'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
+  proc = subprocess.Popen([sys.executable, '-c', default_sigint, 'launch.py', '--config',
+                           QUICKSTART, '--workdir', str(workdir), *as_flags(tiny), '--mode=bench'],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=cpu_env())
   try:
     deadline = time.time() + 120  # bench.json is first written before anything is compiled
     while not (workdir / 'bench.json').exists() and proc.poll() is None and time.time() < deadline:
