@@ -479,7 +479,7 @@ PRETRAINED_CASES = {
     'architecture': ('gemma', [], ["architecture 'gemma'; only 'llama', 'qwen2', 'qwen3'"]),
     'missing tensor': ('qwen', [], ["qwen.gguf has no tensor 'blk.0.attn_q.bias'"]),
     'tensor type': ('f64', [], ["tensor 'output_norm.weight'", 'type F64']),
-    'truncated file': ('cut', [], ['cut.gguf']),
+    'truncated file': ('cut', [], ['cut.gguf is not a readable GGUF file (truncated or damaged']),
     'heads without a trunk': (None, ['--config.mtp.init_from=last_block'],
                               ['mtp.init_from=last_block needs a pretrained trunk']),
     # found only once the model's tokenizer is open, after the run's checkpoints are looked up
