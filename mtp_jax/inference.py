@@ -151,7 +151,8 @@ class DecodeInputs:
 
 def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInputs:
   """With `random`, random weights and `count` random prompts of decode.prompt_len tokens
-  (per-call costs do not depend on the weights); else the checkpoint in `workdir` (or the
+  (per-call costs do not depend on the weights; a draft vocabulary of decode.draft_vocab tokens is
+  the first ids, its cost that of any N); else the checkpoint in `workdir` (or the
   pretrained model, for which any directory does) and `count` held-out prompts."""
   from mtp_jax import sharding
   from mtp_jax import train as train_lib
@@ -164,7 +165,8 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     validate(config)
     cfg = ModelConfig.from_config(config)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
-    model = dec.decode_model(cfg, d.kernels, None, d.draft_dtype, d.tiles)
+    ids = range(d.draft_vocab) if d.draft_vocab else None
+    model = dec.decode_model(cfg, d.kernels, ids, d.draft_dtype, d.tiles)
     return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)), model,
                         prompts.tolist(), 'random weights', sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
@@ -244,7 +246,10 @@ def demo(session, params, prompt: str) -> dict:
       draft_len=0, max_new_tokens=D + 1, stop_ids=session.stop_ids))
   chain = dec.outputs(ar_state)[0]
   print(f'prompt: {prompt!r} ({len(ids)} tokens)')
-  print('top-5 predictions at the end of the prompt:')
+  drafts_over = len(one['draft_tokens'])  # the tokens the heads' probabilities are over
+  print('top-5 predictions at the end of the prompt' + (
+      '' if drafts_over == session.cfg.vocab_size else
+      f" (the heads' over their {drafts_over}-token draft vocabulary)") + ':')
   print(f'  step 0 (t+1, trunk):   {_top5(session, one["trunk_logits"])}')
   for k in range(1, D + 1):
     print(f'  step {k} (t+{k + 1}, depth {k}): '
@@ -397,7 +402,14 @@ def bench(session, params, config, step: int) -> dict:
   stopped run's part is replaced)."""
   prompts = held_out_prompts(session, config.decode.bench_prompts)
   check_bench(session, config, prompts)  # before the params are prepared for the kernels
-  result = {'machine': measure.machine(), 'checkpoint_step': step,
+  d = config.decode
+  # what every row decodes with besides its S, batch and temperature (the sampled rows take the
+  # config's top_k and top_p, every mtp row its candidates)
+  shared = {'prompts': len(prompts), 'max_new_tokens': d.max_new_tokens, 'top_k': d.top_k,
+            'top_p': d.top_p, 'candidates': d.candidates, 'candidate_depth': d.candidate_depth,
+            'rounds': d.bench_rounds}
+  print('bench: ' + ', '.join(f'{k} {v}' for k, v in shared.items()), flush=True)
+  result = {'machine': measure.machine(), 'checkpoint_step': step, 'settings': shared,
             'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}

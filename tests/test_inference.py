@@ -8,7 +8,8 @@ import shutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import assert_user_error, launch_summary, run_script, snapshot, text_config
+from conftest import (assert_user_error, launch_summary, run_script, snapshot, text_config,
+                      tiny_config)
 from mtp_jax import atomic, data, inference, run, train
 from mtp_jax import decode as dec
 from mtp_jax.config import ConfigError, apply_overrides, as_flags
@@ -65,8 +66,17 @@ def test_bench_json_rows_and_identity(trained, capsys):
     # Acceptance can only fall with the draft position: reaching j needs accepting j - 1.
     acc = r['acceptance_per_position']
     assert all(a >= b for a, b in zip(acc, acc[1:]))
-  # Each (temperature, batch) block is printed as it finishes, with its own header.
-  assert capsys.readouterr().out.count('speedup') == 4
+  # Each (temperature, batch) block is printed as it finishes, with its own header, after a line
+  # of the settings every row shares (the sampled rows' filters among them)
+  d = config.decode
+  assert on_disk['settings'] == {
+      'prompts': d.bench_prompts, 'max_new_tokens': d.max_new_tokens, 'top_k': d.top_k,
+      'top_p': d.top_p, 'candidates': d.candidates, 'candidate_depth': d.candidate_depth,
+      'rounds': d.bench_rounds}
+  out = capsys.readouterr().out
+  assert out.count('speedup') == 4
+  assert out.startswith(f'bench: prompts {d.bench_prompts}, max_new_tokens {d.max_new_tokens}, '
+                        f'top_k {d.top_k}, top_p {d.top_p}, ')
 
 
 def test_bench_keeps_finished_blocks(trained, monkeypatch):
@@ -181,6 +191,11 @@ def test_demo_and_generate(trained, capsys, tmp_path):
   out = capsys.readouterr().out
   for k in range(D + 1):
     assert f'step {k} (t+{k + 1}' in out
+  assert 'top-5 predictions at the end of the prompt:' in out
+  # over a draft vocabulary the heads' probabilities are over its tokens, and the header says so
+  run.run('demo', apply_overrides(config, {'decode.draft_vocab': 16}), workdir, prompt='def f(x):')
+  assert ("top-5 predictions at the end of the prompt (the heads' over their 16-token draft "
+          'vocabulary):') in capsys.readouterr().out
   prompts = tmp_path / 'prompts.txt'
   prompts.write_text('import os\nids: 5 6 7 8\n')
   session = train.Session(config, workdir)
@@ -275,6 +290,13 @@ def test_bad_decoding_input_is_one_line(trained, tmp_path, extra, message):
                     'generate', *as_flags(config), *extra)
   assert_user_error(proc, message)
   assert snapshot(workdir) == before
+
+
+def test_random_weights_draft_over_the_configs_draft_vocabulary():
+  """decode_profile.py --random times drafts over decode.draft_vocab tokens, as the config says
+  (it drafted over every token)."""
+  inputs = inference.decode_inputs(tiny_config(**{'decode.draft_vocab': 64}), '', 2, True)
+  assert inputs.model.draft == tuple(range(64)) and len(inputs.prompts) == 2
 
 
 def test_mtp_decoding_needs_heads(tmp_path):
