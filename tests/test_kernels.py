@@ -104,15 +104,21 @@ def test_a_refused_build_is_recorded_and_not_tried_again(tmp_path, monkeypatch, 
 
 def test_a_library_it_cannot_load_leaves_decoding_to_xla_and_is_built_again(tmp_path):
   """A damaged library in the cache (an empty file after a power loss, say) is a note and XLA's
-  ops, not a crash at every run; the file is removed, so the next run builds it again."""
-  code = ('import os; from mtp_jax import kernels; '
-          "p = os.path.join(kernels._cache_root(), kernels._machine_key(), 'decode_ops.so'); "
-          "os.makedirs(os.path.dirname(p)); open(p, 'wb').close(); "
+  ops, not a crash at every run; the file is removed, so the next run builds it again (where a
+  compiler runs: one another compiler built, found where none does, is not promised that)."""
+  code = ('import os, sys; from mtp_jax import kernels; '
+          "p = os.path.join(kernels._cache_root(), kernels._machine_key(sys.argv[1] or None), "
+          "'decode_ops.so'); os.makedirs(os.path.dirname(p)); open(p, 'wb').close(); "
           'print(kernels.available(), os.path.exists(p))')
-  result = run_script('-c', code, MTP_JAX_CACHE=str(tmp_path))
+  result = run_script('-c', code, '', MTP_JAX_CACHE=str(tmp_path / 'a'))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ['False', 'False']
   assert 'decoding kernels not loaded' in result.stderr
+  assert 'and the library is built again next time' in result.stderr
+  result = run_script('-c', code, 'g++ (another) 1.0', MTP_JAX_CACHE=str(tmp_path / 'b'),
+                      CXX=str(tmp_path / 'no-compiler'))
+  assert result.stdout.split() == ['False', 'False'], result.stderr[-2000:]
+  assert 'decoding uses XLA alone; no compiler here builds it again' in result.stderr
 
 
 def test_a_library_built_here_that_does_not_load_is_not_built_again(tmp_path):

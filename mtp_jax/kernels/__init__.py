@@ -262,7 +262,9 @@ def _library():
       os.remove(path)
       removed = True
     after = ''
-    if again:
+    if again and not _compiler_version():  # one another compiler built (_build)
+      after = '; no compiler here builds it again'
+    elif again:
       after = (', and the library is built again next time' if removed else
                f'; remove {path} (or set MTP_JAX_CACHE elsewhere) to build it again')
     print(f'note: decoding kernels not loaded ({e}); decoding uses XLA alone{after}',
