@@ -124,6 +124,7 @@ def rows_source(directory: str, spec: dict) -> str | None:
     return found
   found = same_rows(os.path.dirname(directory), spec)
   if found:
+    load(found)  # a damaged one is said now (delete it), before this cache is begun from it
     atomic.write_text(marker, found)
   elif os.path.exists(marker):  # left by a run stopped before it began; rows are written now
     os.remove(marker)

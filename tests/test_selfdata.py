@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import time
 
 import jax
@@ -384,6 +385,16 @@ def test_written_chats_get_other_features_from_one_forward_per_row(tmp_path, cap
   assert feat_lib.same_rows(root, {**wide, 'tokens': 151}) is None
   assert feat_lib.same_rows(root, spec) is None  # itself is not another
   assert feat_lib.rows_source(wide_dir, wide) == feat_lib.cache_dir(root, spec)
+  # a damaged source is said before a cache is begun from it (one error and one deletion, not a
+  # second error about the cache begun from rows then gone)
+  broken = str(tmp_path / 'broken')
+  os.makedirs(feat_lib.cache_dir(broken, wide))
+  shutil.copytree(feat_lib.cache_dir(root, spec), feat_lib.cache_dir(broken, spec))
+  with open(os.path.join(feat_lib.cache_dir(broken, spec), 'train.tokens'), 'r+b') as f:
+    f.truncate(8)
+  with pytest.raises(feat_lib.DataError, match='is damaged.*; delete it to build it again'):
+    feat_lib.rows_source(feat_lib.cache_dir(broken, wide), wide)
+  assert os.listdir(feat_lib.cache_dir(broken, wide)) == []
 
   (tmp_path / 'two').mkdir()
   two = tiny_trunk(tmp_path / 'two', **{'mtp.feature_layers': '0'})
