@@ -410,7 +410,7 @@ def bench(session, params, config, step: int) -> dict:
             'rounds': d.bench_rounds}
   print('bench: ' + ', '.join(f'{k} {v}' for k, v in shared.items()), flush=True)
   result = {'machine': measure.machine(), 'checkpoint_step': step, 'settings': shared,
-            'draft_vocab': config.decode.draft_vocab, 'kernels': session.decode_model.kernels,
+            'draft_vocab': d.draft_vocab, 'kernels': session.decode_model.kernels,
             'tiled_matrices': session.decode_model.tiled_matrices(params),
             'draft_dtype': session.decode_model.draft_dtype, 'complete': False, 'rows': []}
   path = bench_file(session.workdir)
