@@ -339,6 +339,7 @@ def bench_blocks(session, params, config, prompts):
             'temperature': temperature, 'tau': pooled['tau'],
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
+            'candidates': s.candidates, 'candidate_depth': s.candidate_depth,
             'identical_to_ar': same == len(outs) if compared else None,
             'prompts_identical_to_ar': same, 'prompts': len(outs)})
       yield rows
@@ -404,7 +405,8 @@ def bench(session, params, config, step: int) -> dict:
   check_bench(session, config, prompts)  # before the params are prepared for the kernels
   d = config.decode
   # what every row decodes with besides its S, batch and temperature (the sampled rows take the
-  # config's top_k and top_p, every mtp row its candidates)
+  # config's top_k and top_p, every mtp row its candidates; each row says the candidates and
+  # candidate_depth it ran with: none for ar, a branch cut to S)
   shared = {'prompts': len(prompts), 'max_new_tokens': d.max_new_tokens, 'top_k': d.top_k,
             'top_p': d.top_p, 'candidates': d.candidates, 'candidate_depth': d.candidate_depth,
             'rounds': d.bench_rounds}

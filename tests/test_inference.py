@@ -47,7 +47,8 @@ def test_bench_json_rows_and_identity(trained, capsys):
   assert on_disk['complete'] is True
   rows = on_disk['rows']
   keys = {'method', 'draft_len', 'batch', 'temperature', 'tau', 'acceptance_per_position',
-          'tokens_per_s', 'speedup', 'identical_to_ar', 'prompts_identical_to_ar', 'prompts'}
+          'tokens_per_s', 'speedup', 'candidates', 'candidate_depth', 'identical_to_ar',
+          'prompts_identical_to_ar', 'prompts'}
   assert all(set(r) == keys for r in rows)
   D = config.mtp.depth
   assert len(rows) == 2 * 2 * (D + 1)  # temperatures x batches x (ar + S = 1..D)
@@ -55,6 +56,10 @@ def test_bench_json_rows_and_identity(trained, capsys):
     assert len(r['acceptance_per_position']) == r['draft_len']
     assert r['tokens_per_s'] > 0 and 1 <= r['tau'] <= r['draft_len'] + 1
     assert r['prompts'] == config.decode.bench_prompts
+    # what the row ran with: ar verifies no alternatives, an mtp branch holds at most S drafts
+    K = 1 if r['method'] == 'ar' else config.decode.candidates
+    C = min(config.decode.candidate_depth, r['draft_len']) if K > 1 else 1
+    assert (r['candidates'], r['candidate_depth']) == (K, C)
     if r['method'] == 'ar':
       assert r['tau'] == 1 and r['speedup'] == 1
       # at batch 8, greedy ar is compared with ar at batch 1: rows beside others change nothing
@@ -326,3 +331,11 @@ def test_prompts_padded_past_the_cache_are_one_error(trained):
   with pytest.raises(ConfigError, match=f'a draft of {D + 1} tokens needs as many heads; the '
                                         f'model has mtp.depth={D}'):
     inference.settings(session.config, draft=D + 1, stop_ids=session.stop_ids)
+
+
+def test_each_s_decodes_with_the_branches_it_can_hold():
+  """The settings a bench row records: ar verifies no alternatives, and a branch holds at most
+  S drafts (the config's candidate_depth is cut to each row's S)."""
+  config = text_config(**{'mtp.depth': 3, 'decode.candidates': 3, 'decode.candidate_depth': 2})
+  got = [inference.settings(config, draft=S, stop_ids=()) for S in range(4)]
+  assert [(s.candidates, s.candidate_depth) for s in got] == [(1, 1), (3, 1), (3, 2), (3, 2)]

@@ -177,6 +177,10 @@ def _build() -> str | None:
     built = glob.glob(os.path.join(_cache_root(), f'{_source_key()}-*', 'decode_ops.so'))
     if built:
       return max(built, key=os.path.getmtime)
+    if shutil.which(_compiler()[0]) is None:  # said without making a folder for a library
+      print(f'note: decoding kernels not built (no compiler: {_compiler()[0]} is not found; '
+            'set $CXX); decoding uses XLA alone', file=sys.stderr)
+      return None
   failed = os.path.join(os.path.dirname(path), 'build_failed.txt')
   if os.path.exists(failed):
     with open(failed) as f:
