@@ -19,6 +19,7 @@ def get_config():
   c.train.checkpoint_every = 500
   c.train.eval_every = 500
   c.decode.eval_prompts = 8  # tau per point, from greedy decoding of 8 validation prompts
+  c.decode.bench_prompts = 8  # the draft_len sweep's bench rows (experiments/README.md)
   with c.unlocked():  # base's fields are locked; the grids are this config's own
     c.sweep = ml_collections.ConfigDict()
     c.sweep.depth = '0,1,2,3'

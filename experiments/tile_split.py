@@ -13,8 +13,8 @@ which model.tile_trunk then adds for the projection onto the vocabulary.
 Run: python experiments/tile_split.py --config configs/smollm2.py
 Prints one row per kind (the embedding, each block's q, k, v, o, gate, up and down over every
 block): matrices, entries, the share that splits, whether every matrix of that kind splits
-entirely, the largest gap, the ScaledTiles form of all of them (scale, affine, or no); then one
-line for the output matrix.
+entirely, the largest gap, the ScaledTiles form of all of them (scale, affine, or no; mixed where
+the matrices of the kind differ); then one line for the output matrix.
 """
 
 import collections
