@@ -66,17 +66,17 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state, meta: dict | None = None, *, force: bool = True) -> None:
-    """Starts saving `state` (any pytree of arrays) and `meta` as `step`. It returns once the
-    arrays are copied to host, so the caller may donate or overwrite them; the files are
-    complete after wait(). Without `force`, Orbax's policy decides, which saves only the
-    first checkpoint or at a preemption. Saving a step that exists raises."""
+  def save(self, step: int, state, meta: dict | None = None) -> None:
+    """Starts saving `state` (any pytree of arrays) and `meta` as `step`, whatever Orbax's own
+    save policy would say. It returns once the arrays are copied to host, so the caller may
+    donate or overwrite them; the files are complete after wait(). Saving a step that exists
+    raises."""
     self.wait()
     self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})),
-        force=force,
+        force=True,
     )
 
   def wait(self) -> None:

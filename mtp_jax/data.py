@@ -24,8 +24,8 @@ EOS = '<|endoftext|>'
 TEXT_SUFFIXES = ('.txt', '.md', '.py', '.rst')
 # Test suites are mostly fixtures and assertions, not the code and docstrings we want to model.
 _STDLIB_SKIP = ('site-packages', 'dist-packages', 'test', 'tests', 'idle_test', '__pycache__')
-# Evaluation draws from steps no training run reaches, so evaluating on the training split
-# never replays the first training batches.
+# Evaluation's batches are drawn as at this step: its fixed windows of the validation split,
+# drawn apart from any training step's (the training split's draws count from step 0).
 _EVAL_STEP = 10**9
 
 

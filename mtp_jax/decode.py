@@ -27,9 +27,11 @@ The loop knows the model only through the interface `DecodeModel` implements: tr
 positions, cache, slots) -> (logits, hidden, cache) (slots: where the new cache entries go),
 head(k, hidden_in, tokens, positions, cache) -> (hidden, cache), head_logits(k, hidden) ->
 logits over the draft vocabulary (all tokens, or the N most frequent), draft_tokens(params,
-index) -> token ids, prepare(params) -> params as those
-functions read them, plus the flags `chains` (head k reads head k-1's hidden state and its
-draft) and `attends` (the heads keep a KV cache). Shape legend: Q queued prompts, B rows decoded
+index) -> token ids, draft_to_vocab(params, q, V) -> q over all V tokens, argmax(logits),
+init_cache(batch, length), prepare(params) -> params as those functions read them; the flags
+`chains` (head k reads head k-1's hidden state and its draft) and `attends` (the heads keep a KV
+cache), and hidden_dim, hidden_dtype (the heads' hidden states) and max_positions
+(`WholeVocabulary` gives the parts a model drafting over every token shares). Shape legend: Q queued prompts, B rows decoded
 at once, L cache length, P prompt length, S draft length, D width, V vocab, N draft vocabulary.
 
 Position bookkeeping: a row holds n committed tokens t_0..t_{n-1}; the trunk cache holds
@@ -135,10 +137,6 @@ class DecodeModel(WholeVocabulary):
   # two bfloat16 halves; False: the blocks' in two halves, a tied output matrix still as scaled
   # tiles (model.tile_trunk; for comparisons)
   scaled_trunk: bool = True
-
-  @property
-  def depth(self) -> int:
-    return self.cfg.mtp_depth
 
   @property
   def max_positions(self) -> int:  # past it every position takes the last RoPE angle
@@ -292,7 +290,9 @@ class Rows:
   prompt_len: jax.Array  # B
   done: jax.Array  # B bool: finished (or idle)
   prompt: jax.Array  # B: the queue index of the row's prompt
-  hidden: list  # h^0..h^{S-1}, each B x L x D (h^0: the trunk's features): the inputs heads read
+  # h^0..h^{S-1} (h^0 alone for heads that do not chain), each B x L x D (h^0: the trunk's
+  # features): the inputs heads read
+  hidden: list
   cache: dict
   forwards: jax.Array  # B: trunk forwards while the row was active (prefill excluded)
   emitted: jax.Array  # B: tokens committed by loop iterations (prefill excluded)

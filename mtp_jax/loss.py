@@ -2,8 +2,9 @@
 that only one B x T x V logits tensor is ever live; and the heads-only loss on a frozen trunk,
 from token windows or from cached trunk features.
 
-Shape legend: B batch, W window = T + D + 1 tokens, T positions, D model width, V vocab, K kept
-entries of a sparse target distribution, N draft-vocabulary size.
+Shape legend: B batch, W window = T + D + 1 tokens (D here the MTP depth), T positions, V vocab,
+K kept entries of a sparse target distribution, N draft-vocabulary size, F the width of the
+trunk's cached features (model width, or more with mtp.feature_layers).
 A window holds every target of every depth; a token id < 0 marks a missing token (padding),
 and positions whose target is missing are left out of that depth's mean.
 
@@ -25,7 +26,8 @@ from mtp_jax.config import ModelConfig, parse_schedule
 from mtp_jax.layers import greedy, rms_norm
 from mtp_jax.model import MTPLanguageModel, project
 
-SUMS = ('loss', 'count', 'correct', 'data_count', 'agree')
+# A depth's SUMS, what its metrics are means of: 'loss', 'count', 'correct', 'data_count' and
+# 'agree', and with feature regression 'feature' and 'feature_count' (_feature_gap).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +202,7 @@ def depth_sums(params, batch, spec: LossSpec, draft_ids=None):
 
 def feature_sums(params, batch, spec: LossSpec, draft_ids=None):
   """Per depth k = 1..D, the SUMS over one window of cached trunk features: batch holds
-  'tokens' (B x W), 'h0' (B x T x D), the trunk's 'top_ids' and 'top_p' (B x (T + D) x K) and
+  'tokens' (B x W), 'h0' (B x T x F), the trunk's 'top_ids' and 'top_p' (B x (T + D) x K) and
   'row_start' (B x W), which marks the first token of each row. Head k at position i reads
   tokens i + 1..i + k and aims at token i + k + 1, or the trunk's distribution at i + k; it is
   left out when any of those tokens starts a row: its inputs would mix two texts, or its target

@@ -46,7 +46,7 @@ class TrainingError(RuntimeError):
 
 def lr_schedule(t):
   """Learning rate of optimizer update `count` (0-based): linear warmup reaching t.lr at
-  update warmup_steps, then cosine decay to t.lr * t.min_lr_ratio at the last update. The first
+  the warmup_steps-th update (count warmup_steps - 1), then cosine decay to t.lr * t.min_lr_ratio at the last update. The first
   update already moves (lr / warmup_steps), instead of optax's zero at count 0."""
   warmup = max(t.warmup_steps, 1)
   schedule = optax.warmup_cosine_decay_schedule(
@@ -1031,7 +1031,9 @@ class _Periodic:
 
 
 def train(config, workdir: str, eval_hook=None, check=None) -> dict:
-  """Trains (resuming from the latest checkpoint in workdir) and returns the final eval metrics.
+  """Trains (resuming from the latest checkpoint in workdir) and returns a summary: 'step' (the
+  last), 'resumed_from', 'stopped_by' (what ended it), 'eval' (the final evaluation's metrics)
+  and 'nonfinite_skipped' (steps skipped for a non-finite loss).
   `eval_hook(session, params, step, writer)` runs after each periodic evaluation; the dict of
   metrics it returns, if any, is added to the evaluation's. `eval_hook.check(session)`, where the
   hook has one, then `check(session)` are the Session's check: input that the hook, or a mode

@@ -3,6 +3,7 @@ quantized; safetensors, single and sharded) imports to the logits of an independ
 forward; the tokenizer and chat template come with the model; heads and trunk export and load
 back; a frozen trunk stays bit for bit what the file holds."""
 
+import contextlib
 import copy
 import functools
 import glob
@@ -242,7 +243,8 @@ def test_export_refuses_a_trunk_no_hugging_face_class_holds(tmp_path):
                           config, cfg, tokenizer=None, eos_id=None, bos_id=None, chat_template='',
                           same_trunk_as='0' * 64)
   assert written == ['mtp_heads.safetensors'] == os.listdir(tmp_path / 'out')
-  assert json.loads(heads_file.describe(str(tmp_path / 'out' / written[0])))['trunk'] == '0' * 64
+  meta, _ = heads_file._read_meta(str(tmp_path / 'out' / written[0]))
+  assert meta['trunk'] == '0' * 64
   # a weight past float16's range, in the trunk or a head: refused, the earlier export kept
   config = tiny_config()
   cfg = ModelConfig.from_config(config)
@@ -551,6 +553,14 @@ def test_hf_directory_errors(tmp_path):
                                             'vocabulary of 200 in its config.json'):
     pretrained.open_model(write_hf(tmp_path / 'k8', random_llama(narrow), narrow,
                                    config_extra={'bos_token_id': 0, 'eos_token_id': 1}))
+  # a folder where a file it reads should be: one line, not an IsADirectoryError
+  for name in ('config.json', 'generation_config.json', 'chat_template.jinja'):
+    directory = write_hf(tmp_path / f'k9{name}', tensors)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(directory, name))
+    os.mkdir(os.path.join(directory, name))
+    with pytest.raises(PretrainedError, match=f'{name} cannot be read \\(Is a directory\\)$'):
+      pretrained.open_model(directory)
 
 
 def test_a_chat_template_renders_as_transformers_renders_it():

@@ -56,7 +56,9 @@ MAX_ROWS = 32
 # written out one by one; past it (a prefill) they run in a loop, one program whatever the rows.
 MAX_UNROLLED_ROWS = 4 * MAX_ROWS
 MAX_QUERIES = 64  # attention: query heads per kv head
-HEAD_WIDTH_STEP, MAX_HEAD_WIDTH = 16, 128  # attention: head widths (decode_ops.cc's kMaxVectors)
+# attention: head widths (decode_ops.cc's kMaxVectors); the kernel's step is its vector's lanes,
+# 16 with AVX-512 and 8 without, and the wider step is taken everywhere
+HEAD_WIDTH_STEP, MAX_HEAD_WIDTH = 16, 128
 # The row kernel per weight dtype: its FFI target and the library's symbol for it.
 ROWS_TARGETS = {'float32': ('mtpjax_rows_matmul', 'RowsMatmul'),
                 'bfloat16': ('mtpjax_rows_matmul_bf16', 'RowsMatmulBf16'),

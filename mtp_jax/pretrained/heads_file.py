@@ -4,7 +4,6 @@ and metadata saying which model and trunk they belong to.
 """
 
 import functools
-import json
 import os
 
 import numpy as np
@@ -124,6 +123,3 @@ def token_rank(path: str):
   with safe_open(path, framework='numpy') as f:
     return f.get_tensor(RANK)
 
-
-def describe(path: str) -> str:
-  return json.dumps(_read_meta(path)[0])

@@ -63,6 +63,8 @@ def _json(path: str, name: str) -> dict:
     raise PretrainedError(f'model.init_from: {name} is not valid JSON ({e.msg})') from None
   except UnicodeDecodeError:
     raise PretrainedError(f'model.init_from: {name} is not UTF-8 text') from None
+  except OSError as e:  # a folder where the file should be, a file this user cannot read
+    raise PretrainedError(f'model.init_from: {name} cannot be read ({e.strerror})') from None
   if not isinstance(value, dict):
     raise PretrainedError(f'model.init_from: {name} holds a JSON {type(value).__name__}, not an '
                           'object')
@@ -261,6 +263,9 @@ def read(directory: str) -> Pretrained:
     except UnicodeDecodeError as e:
       raise PretrainedError(f'model.init_from: {name}/chat_template.jinja is not UTF-8 text ({e})'
                             ) from None
+    except OSError as e:
+      raise PretrainedError(f'model.init_from: {name}/chat_template.jinja cannot be read '
+                            f'({e.strerror})') from None
   tok_config_path = os.path.join(directory, 'tokenizer_config.json')
   if os.path.exists(tok_config_path):
     tok_config = _json(tok_config_path, f'{name}/tokenizer_config.json')

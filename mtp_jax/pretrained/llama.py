@@ -1,6 +1,7 @@
 """The one mapping between Llama tensors, named as Hugging Face's LlamaForCausalLM names them, and
 this project's parameter tree (trunk and MTP heads). Format readers translate their own names to
-these; `to_trunk` and `to_heads` build param subtrees from them, `from_params` goes back. Qwen2 is
+these; `to_trunk` and `heads_to_params` build param subtrees from them, `trunk_from_params` and
+`heads_from_params` go back. Qwen2 is
 a Llama with biases on q, k and v (model.qkv_bias), Qwen3 one with q and k normalised per head
 (model.qk_norm) and heads that may be wider than d_model / num_heads (model.head_dim); their
 tensors are named as Qwen2ForCausalLM's and Qwen3ForCausalLM's.
