@@ -33,6 +33,8 @@ _EXPORT_DTYPE = flags.DEFINE_enum('export_dtype', 'float32', ['float32', 'float1
 def main(argv):
   cli.start(argv, persist=False)  # Orbax logs every save step at INFO
   config = _CONFIG.value
+  if _WORKDIR.value is not None and not _WORKDIR.value.strip():  # not the default's folder
+    cli.fail('--workdir is empty: give a folder, or leave the flag out for runs/<config name>')
   workdir = _WORKDIR.value or os.path.join(
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import os
 import stat
+import tempfile
 
 # No JAX here: launch.py checks a config with this module before it imports JAX, so bad input is
 # reported in a second.
@@ -14,6 +15,8 @@ KINDS = ('sequential', 'parallel', 'medusa')
 ATTENTION = ('einsum', 'fused')
 DTYPES = ('float32', 'bfloat16')
 MAX_COUNT = 2**31 - 1  # steps and sizes: what the step counter (int32) holds
+# float32's largest number and smallest normal one: the number fields are used in float32
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38
 HEAD_LOSSES = ('data', 'distill')
 DRAFT_DTYPES = ('float32', 'bfloat16', 'int8', 'q4_1')  # decode.draft_dtype
 
@@ -166,8 +169,13 @@ def unwritable(path: str, name: str) -> str | None:
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
+  problem = f'{name} {path}: {existing} is not a directory this user can write in'
   if not os.access(existing, os.W_OK | os.X_OK):
-    return f'{name} {path}: {existing} is not a directory this user can write in'
+    return problem
+  try:  # os.access says yes to root everywhere, /proc and read-only mounts included
+    os.rmdir(tempfile.mkdtemp(dir=existing, prefix='.mtp_jax-'))
+  except OSError:
+    return problem
   return None
 
 
@@ -188,9 +196,10 @@ def folder_problem(path: str, name: str) -> str | None:
 def check_address(address: str) -> None:
   """distributed.coordinator_address: '' (one process), 'auto' or 'host:port'."""
   host, _, port = address.rpartition(':')
-  _check(address in ('', 'auto') or (host and port.isascii() and port.isdigit()),
-         "distributed.coordinator_address must be '' (one process), 'auto' or 'host:port', got "
-         f'{address!r}')
+  _check(address in ('', 'auto')
+         or (host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535),
+         "distributed.coordinator_address must be '' (one process), 'auto' or 'host:port' (a port "
+         f'in 1..65535), got {address!r}')
 
 
 def stored_head_dim(d_model: int, num_heads: int, head_dim: int) -> int:
@@ -304,6 +313,8 @@ def validate(config) -> None:
   for name, value in _numbers(config):  # inf passes every bound below (train.lr=inf: > 0)
     no_clipping = name == 'train.grad_clip' and value == math.inf
     _check(math.isfinite(value) or no_clipping, f'{name} must be a finite number, got {value}')
+    _check(abs(value) <= FLOAT32_MAX or no_clipping,  # it would turn inf where it is used
+           f'{name}={value} is past float32\'s largest number ({FLOAT32_MAX:.4g})')
   for name, value in [('model.d_model', m.d_model), ('model.num_layers', m.num_layers),
                       ('model.num_heads', m.num_heads), ('model.num_kv_heads', m.num_kv_heads),
                       ('model.max_seq_len', m.max_seq_len), ('data.vocab_size', config.data.vocab_size),
@@ -313,11 +324,16 @@ def validate(config) -> None:
                       ('train.keep_checkpoints', t.keep_checkpoints),
                       ('train.eval_every', t.eval_every), ('train.eval_batches', t.eval_batches),
                       ('train.log_every', t.log_every), ('decode.max_new_tokens', d.max_new_tokens),
-                      ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts)]:
+                      ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts),
+                      ('mtp.head_blocks', mtp.head_blocks)]:
     _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
     _check(value <= MAX_COUNT, f'{name}={value} is past {MAX_COUNT}, the most a count can be')
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32,  # jax.random.key keeps 32
          f'seed must be an integer in 0..{2**32 - 1}, got {config.seed!r}')  # bits of larger ones
+  for name, value in [('model.head_dim', m.head_dim), ('model.mlp_dim', m.mlp_dim),
+                      ('mtp.depth', mtp.depth), ('mtp.head_mlp_dim', mtp.head_mlp_dim)]:
+    _check(not isinstance(value, int) or value <= MAX_COUNT,  # the sizes that may be 0
+           f'{name}={value} is past {MAX_COUNT}, the most a count can be')
   _check(isinstance(m.head_dim, int) and m.head_dim >= 0 and m.head_dim % 2 == 0,
          f'model.head_dim must be an even integer >= 0 (0: d_model / num_heads), got '
          f'{m.head_dim!r}')
@@ -349,8 +365,6 @@ def validate(config) -> None:
   _check(isinstance(mtp.head_mlp_dim, int) and mtp.head_mlp_dim >= 0,
          f'mtp.head_mlp_dim must be an integer >= 0 (0: the kind\'s default), '
          f'got {mtp.head_mlp_dim!r}')
-  _check(isinstance(mtp.head_blocks, int) and mtp.head_blocks >= 1,
-         f'mtp.head_blocks must be an integer >= 1, got {mtp.head_blocks!r}')
   _check(isinstance(mtp.detach_chain, bool)
          and (not mtp.detach_chain or mtp.kind == 'sequential'),
          f'mtp.detach_chain must be True or False, and True only for sequential modules (the '
@@ -369,10 +383,14 @@ def validate(config) -> None:
   # files compare the field as a string.
   mtp.feature_layers = ','.join(map(str, layers))
   _check(mtp.loss_weight >= 0, f'mtp.loss_weight must be >= 0, got {mtp.loss_weight}')
-  _check(all(0 <= w < math.inf and 0 <= s <= MAX_COUNT
-             for s, w in parse_schedule(mtp.loss_weight_schedule)),
+  schedule = parse_schedule(mtp.loss_weight_schedule)
+  _check(all(0 <= w <= FLOAT32_MAX and 0 <= s <= MAX_COUNT for s, w in schedule),
          f'mtp.loss_weight_schedule: steps must be in 0..{MAX_COUNT} and weights finite and >= 0, '
          f"got '{mtp.loss_weight_schedule}'")
+  steps = [s for s, _ in schedule]
+  _check(len(set(steps)) == len(steps),  # which of two weights from one step on would be moot
+         f'mtp.loss_weight_schedule: step {next(s for s in steps if steps.count(s) > 1)} is given '
+         f"twice in '{mtp.loss_weight_schedule}'" if len(set(steps)) < len(steps) else '')
   _check(t.seq_len + mtp.depth <= m.max_seq_len,
          f'train.seq_len + mtp.depth = {t.seq_len + mtp.depth} exceeds model.max_seq_len='
          f'{m.max_seq_len} (the RoPE range)')
@@ -424,7 +442,8 @@ def validate_pretrained(config) -> None:
   _check(t.head_loss in HEAD_LOSSES,
          f"train.head_loss must be one of {', '.join(HEAD_LOSSES)}, got '{t.head_loss}'")
   _check(isinstance(t.distill_topk, int) and 1 <= t.distill_topk <= config.data.vocab_size,
-         f'train.distill_topk must be in 1..data.vocab_size, got {t.distill_topk!r}')
+         f'train.distill_topk must be in 1..data.vocab_size={config.data.vocab_size}, got '
+         f'{t.distill_topk!r}')
   _check(isinstance(t.feature_weight, (int, float)) and 0 <= t.feature_weight < math.inf,
          f'train.feature_weight must be a number >= 0, got {t.feature_weight!r}')
   _check(not t.feature_weight or config.mtp.depth >= 1,
@@ -450,18 +469,25 @@ def validate_pretrained(config) -> None:
   _check(not self_gen or pretrained, "data.sources=self needs a pretrained trunk (model.init_from)")
   _check(isinstance(data.self_tokens, int) and data.self_tokens >= 1,
          f'data.self_tokens must be an integer >= 1, got {data.self_tokens!r}')
-  _check(data.self_temperature >= 0,
-         f'data.self_temperature must be >= 0 (0: greedy answers), got {data.self_temperature}')
+  check_temperature(data.self_temperature, 'data.self_temperature', 'greedy answers')
   if data.self_prompts:  # read here, before anything is written
     prompt_lines(data.self_prompts, 'data.self_prompts', 'holds no user turn', ids=False)
   _check(isinstance(data.self_answer_len, int) and data.self_answer_len >= 1,
          f'data.self_answer_len must be an integer >= 1, got {data.self_answer_len!r}')
 
 
+def check_temperature(value: float, name: str, zero: str) -> None:
+  """0, or a positive float32 number that is not 0 when divided into (one smaller than float32's
+  smallest normal number would make every probability NaN, not the greedy choice)."""
+  _check(value == 0 or value >= FLOAT32_TINY,
+         f'{name} must be 0 ({zero}) or at least {FLOAT32_TINY:.4g} (float32\'s smallest normal '
+         f'number), got {value}')
+
+
 def validate_decode(config) -> None:
   d, depth = config.decode, config.mtp.depth
   _check(d.method in ('ar', 'mtp'), f"decode.method must be ar or mtp, got '{d.method}'")
-  _check(d.temperature >= 0, f'decode.temperature must be >= 0, got {d.temperature}')
+  check_temperature(d.temperature, 'decode.temperature', 'greedy')
   _check(0 < d.top_p <= 1, f'decode.top_p must be in (0, 1], got {d.top_p}')
   _check(d.top_k >= 0, f'decode.top_k must be >= 0 (0: off), got {d.top_k}')
   _check(d.draft_len == -1 or 1 <= d.draft_len <= max(depth, 1),

@@ -4,12 +4,14 @@ Layers name their parameter and activation axes; only this module says where the
 """
 
 import contextlib
+import os
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mtp_jax import costs
 from mtp_jax.config import ConfigError, ModelConfig
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -42,6 +44,45 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f'mesh: {tuple(sizes)} uses {int(np.prod(sizes))} devices, '
                       f'but there are {num_devices}')
   return tuple(sizes)
+
+
+def devices_memory() -> int | None:
+  """Bytes of memory of every device together: each accelerator's own (memory_stats'
+  bytes_limit), or, for CPU devices, which share their host's memory, that memory once per
+  process; None where a device does not say."""
+  local = jax.local_devices()
+  try:
+    if all(d.platform == 'cpu' for d in local):
+      per_process = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    else:
+      limits = [(d.memory_stats() or {}).get('bytes_limit') for d in local]
+      if not all(limits):
+        return None
+      per_process = sum(limits)
+  except (ValueError, OSError, AttributeError):  # no sysconf name here
+    return None
+  return per_process * jax.process_count()
+
+
+def check_memory(config, batch: bool = True, available: int | None = None) -> None:
+  """Raises ConfigError when the model's weights in float32 (and, with `batch`, a training
+  batch of token windows) are more than the memory of all devices together (`available`; by
+  default devices_memory()): less than any run needs, so a size typed wrong (model.d_model=2**30)
+  is one line before anything is made, not an out-of-memory error after the data."""
+  available = devices_memory() if available is None else available
+  if available is None:
+    return
+  cfg, t = ModelConfig.from_config(config), config.train
+  params = costs.param_counts(cfg)['total']
+  need, what = 4 * params, f'{params:,} parameters'
+  if batch:  # int32 token windows of train.seq_len + mtp.depth + 1
+    need += 4 * t.batch_size * (t.seq_len + cfg.mtp_depth + 1)
+    what += f' and a batch of train.batch_size={t.batch_size} token windows'
+  if need > available:
+    fields = 'model.* and mtp.*' + (' and train.batch_size' if batch else '')
+    raise ConfigError(f'the model needs at least {need / 2**30:,.1f} GiB ({what}, in float32), '
+                      f'more than the {available / 2**30:,.1f} GiB of memory of its devices; '
+                      f'check the sizes in {fields}')
 
 
 def check_mesh(config, num_devices: int, num_processes: int = 1, batch: bool = True) -> None:

@@ -226,7 +226,7 @@ class Program:
       return {'step': jnp.zeros((), jnp.int32), 'params': params,
               'opt_state': self.tx.init(trainable(params, frozen))}
 
-    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    boxed = jax.eval_shape(lambda: init_state(jax.random.key(0)))  # the key too: nothing compiles
     self.state_sharding = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh)
     self.abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -308,6 +308,7 @@ class Session(Program):
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count(),
                         batch=reads in ('', 'eval'))
+    sharding.check_memory(config, batch=not reads)
     self.check_workdir(config)
     pretrained.check_heads_init(config)
     if reads:
@@ -528,11 +529,13 @@ class Session(Program):
                                f'data.vocab_size={config.data.vocab_size}')
     for split, tokens in (('train', self.data.train), ('valid', self.data.valid)):
       if len(tokens) < self.window:
+        fits = len(tokens) - config.mtp.depth - 1  # the longest window the split holds
         raise data_lib.DataError(
             f'train.seq_len={config.train.seq_len}: the {split} split has {len(tokens)} tokens, '
             f'fewer than one window of train.seq_len + mtp.depth + 1 = {self.window}; use '
-            f'train.seq_len <= {len(tokens) - config.mtp.depth - 1}, more data or a '
-            f"{'larger' if split == 'valid' else 'smaller'} data.valid_fraction")
+            + (f'train.seq_len <= {fits}, ' if fits >= 1 else '')
+            + f"more data or a {'larger' if split == 'valid' else 'smaller'} "
+            'data.valid_fraction')
 
   def _build(self, root: str, spec: dict, write) -> dict:
     """The feature cache for `spec` (with the trunk's feature layers, when it keeps features),

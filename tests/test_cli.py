@@ -110,6 +110,8 @@ CASES = {
     'missing config file': ({}, [], 'configs/nope.py', ['cannot load the config file', 'nope.py']),
     'negative seed': ({}, ['--config.seed=-1'], QUICKSTART,
                       ['seed must be an integer in 0..4294967295', '-1']),
+    'a model past memory': ({'model.d_model': 2**30}, [], QUICKSTART,
+                            ['the model needs at least', 'more than the', 'model.* and mtp.*']),
 }
 
 
@@ -118,10 +120,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, t
   overrides, flags, config, words = CASES[case]
   overrides = {k: empty_corpus if v is EMPTY else v for k, v in overrides.items()}
 
-  # A fresh workdir: the error comes before any checkpoint, log or config is written (and
-  # so before anything is compiled); not even the directory is made.
+  # A fresh workdir: the error comes before any checkpoint, log or config is written, and
+  # before anything is compiled (JAX says each compilation); not even the directory is made.
   fresh = tmp_path / 'fresh'
-  assert_user_error(launch(fresh, overrides, flags, config), *words)
+  result = launch(fresh, overrides, flags, config, JAX_LOG_COMPILES='1')
+  assert_user_error(result, *words)
+  assert 'Compiling' not in result.stderr, result.stderr[-3000:]
   assert not fresh.exists()
 
   # The workdir of a finished run: the same error, and not one file changes.
@@ -133,8 +137,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, trained, empty_corpus, t
 
 def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path):
   """What launch.py is given besides config fields: an extra argument, a config file whose own
-  code fails, a workdir that is a file or lies under one, a workdir whose config.json is
-  damaged."""
+  code fails, a workdir that is a file or lies under one, or empty, or where it cannot be made, a
+  workdir whose config.json is damaged."""
   assert_user_error(launch(tmp_path / 'a', flags=['train']), 'unexpected arguments: train')
   assert_user_error(run_script('launch.py', '--config', 'configs/nope.py'),  # no override
                     'cannot load the config file', 'nope.py')
@@ -148,6 +152,13 @@ def test_input_outside_the_config_fields_is_one_line_and_writes_nothing(tmp_path
   a_file.write_text('')
   assert_user_error(launch(a_file), f'--workdir {a_file} is a file')
   assert_user_error(launch(a_file / 'run'), f'--workdir {a_file / "run"}: {a_file} is a file')
+  # an empty value is not the default folder (whose run it would resume); a folder no one can
+  # make, though os.access says root may (/proc), is said before anything
+  assert_user_error(launch(''), '--workdir is empty: give a folder, or leave the flag out')
+  assert_user_error(launch('/proc/mtp_jax_run'), '--workdir /proc/mtp_jax_run: /proc is not a '
+                    'directory this user can write in')
+  assert_user_error(launch(tmp_path / 'd', {'data.cache_dir': '/proc/mtp_jax_cache'}),
+                    'data.cache_dir /proc/mtp_jax_cache: /proc is not a directory')
   damaged = tmp_path / 'damaged'
   damaged.mkdir()
   (damaged / 'checkpoints' / '1').mkdir(parents=True)  # the config.json of a run that saved
@@ -237,7 +248,7 @@ def test_a_config_without_a_model_file_is_checked_before_jax_is_imported(tmp_pat
                     'model.rope_factors must be empty or', "'a' among them")
   assert_user_error(launch(tmp_path / 'a', {'distributed.coordinator_address': 'nonsense',
                                             'distributed.num_processes': 2}, PYTHONPATH=path),
-                    "'host:port', got 'nonsense'")
+                    "'host:port' (a port in 1..65535), got 'nonsense'")
   # config files that give no config
   (fake / 'plain.py').write_text('def get_config():\n  return {"model": 1, "data": 2}\n')
   (fake / 'none.py').write_text('def get_config():\n  pass\n')
@@ -329,14 +340,15 @@ def test_ctrl_c_while_decoding_is_one_line_and_keeps_what_bench_wrote(trained, t
     deadline = time.time() + 120  # bench.json is first written before anything is compiled
     while not (workdir / 'bench.json').exists() and proc.poll() is None and time.time() < deadline:
       time.sleep(0.2)
-    assert proc.poll() is None and (workdir / 'bench.json').exists()
+    assert proc.poll() is None and (workdir / 'bench.json').exists(), (
+        proc.poll(), proc.poll() is not None and proc.communicate()[1][-3000:])
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
   finally:
     proc.kill()
   assert proc.returncode == 130, stderr[-3000:]
   assert_no_traceback(stderr)
-  assert stderr.rstrip().endswith('stopped by Ctrl-C')
+  assert stderr.rstrip().endswith('stopped by Ctrl-C'), stderr[-3000:]
   assert json.loads((workdir / 'bench.json').read_text())['complete'] is False
 
 

@@ -464,10 +464,19 @@ def test_a_detached_chain_trains_each_module_by_its_own_depth_alone():
     ('mtp.loss_weight_schedule', '99999999999:0.1', 'steps must be in 0..2147483647'),
     # a forgotten coordinator_address: each process would run alone, as process 0
     ('distributed.num_processes', 2, "read only with a coordinator_address of host:port ('' is"),
+    ('distributed.coordinator_address', 'localhost:99999', "'host:port' (a port in 1..65535)"),
+    # sizes past a count (a hang or a 4 TiB allocation after the data is written)
+    ('model.head_dim', 2**40, 'model.head_dim=1099511627776 is past 2147483647'),
+    ('mtp.head_blocks', 2**40, 'mtp.head_blocks=1099511627776 is past 2147483647'),
+    # numbers float32 turns into inf or 0 where they are used
+    ('mtp.loss_weight', 1e300, "mtp.loss_weight=1e+300 is past float32's largest number"),
+    ('decode.temperature', 1e-300, 'decode.temperature must be 0 (greedy) or at least 1.175e-38'),
+    ('mtp.loss_weight_schedule', '10:0.1,10:0.2', "step 10 is given twice in '10:0.1,10:0.2'"),
 ])
 def test_values_a_run_cannot_use_are_refused(field, value, words):
   """What the step counter (int32), jax.random.key (32 bits of a seed) or a finite loss cannot
   hold: refused by validate, not an OverflowError after the data is written (nor a seed folded
-  onto another, nor a loss made inf by its weight); process counts with no coordinator."""
+  onto another, nor a loss made inf by its weight, nor a temperature made 0, every probability
+  then NaN); process counts with no coordinator, a port no socket has."""
   with pytest.raises(ConfigError, match=re.escape(words)):
     validate(tiny_config(**{field: value}))

@@ -163,6 +163,30 @@ def test_check_mesh_accepts_meshes_that_divide():
   sharding.check_mesh(config, 8)
 
 
+def test_a_model_past_its_devices_memory_is_one_config_error():
+  """A size typed wrong is said before anything is made: the float32 weights (and a training
+  batch's token windows) against the devices' memory together."""
+  config = tiny_config(**{'train.batch_size': 8})
+  cfg = ModelConfig.from_config(config)
+  weights = 4 * model_param_counts(cfg)['total']
+  windows = 4 * 8 * (config.train.seq_len + cfg.mtp_depth + 1)
+  sharding.check_memory(config, available=weights + windows)
+  sharding.check_memory(config, batch=False, available=weights)
+  with pytest.raises(ConfigError, match=r'^the model needs at least .* GiB \(.* parameters and a '
+                     r'batch of train.batch_size=8 token windows, in float32\), more than the .* '
+                     r'GiB of memory of its devices; check the sizes in model.\* and mtp.\* and '
+                     r'train.batch_size$'):
+    sharding.check_memory(config, available=weights + windows - 1)
+  with pytest.raises(ConfigError, match=r'parameters, in float32\), more than .* in model.\* and '
+                                        r'mtp.\*$'):
+    sharding.check_memory(config, batch=False, available=weights - 1)
+  # this machine's own memory: the tiny model fits, one 2**30 wide does not
+  assert sharding.devices_memory() > 0
+  sharding.check_memory(config)
+  with pytest.raises(ConfigError, match='the model needs at least'):
+    sharding.check_memory(tiny_config(**{'model.d_model': 2**30}))
+
+
 @pytest.mark.parametrize('name, devices, processes, params', [
     ('gpu_125m', 1, 1, 118.4e6), ('gpu_1b', 8, 1, 1050.0e6), ('gpu_1b', 16, 2, 1050.0e6)])
 def test_gpu_configs_fit_their_meshes_and_documented_size(name, devices, processes, params):
