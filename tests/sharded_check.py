@@ -115,6 +115,19 @@ def main(root: str, tokenizer: str):
     except ConfigError as e:
       result['odd_batch'][mode] = str(e)
 
+  # Gradient accumulation over the data axis moves no rows between devices: the train step's
+  # only collectives are the gradients' and metrics' all-reduces.
+  accum = run_config(root, (8, 1, 1), tokenizer)
+  accum.train.batch_size, accum.train.grad_accum = 16, 2
+  program = train.Program(accum, sharding.make_mesh(accum.mesh))
+  batch = jax.ShapeDtypeStruct((16, train.window_length(accum)), np.int32,
+                               sharding=program.batch_sharding)
+  with sharding.active(program.mesh):
+    hlo = program.lower_train_step(batch, np.zeros((0,), np.int32)).compile().as_text()
+  result['grad_accum_collectives'] = {
+      op: hlo.count(f' {op}(') + hlo.count(f' {op}-start(')
+      for op in ('all-reduce', 'all-gather', 'all-to-all', 'collective-permute', 'reduce-scatter')}
+
   with open(os.path.join(root, 'sharded.json'), 'w') as f:
     json.dump(result, f, indent=1)
 

@@ -71,6 +71,16 @@ def test_training_on_a_mesh_matches_one_device(runs, mesh):
   assert max(np.max(np.abs(want[n] - init[n])) for n in init) > 1e-3
 
 
+def test_gradient_accumulation_moves_no_rows_between_devices(runs):
+  """On a data-parallel mesh each device holds rows of every micro-batch: the train step's only
+  collectives are all-reduces (micro-batches of consecutive rows were gathered and permuted)."""
+  _, _, result = runs
+  counts = result['grad_accum_collectives']
+  assert counts['all-reduce'] > 0, counts  # the count finds collectives: the gradients' sums
+  assert {op: n for op, n in counts.items() if op != 'all-reduce'} == {
+      'all-gather': 0, 'all-to-all': 0, 'collective-permute': 0, 'reduce-scatter': 0}, counts
+
+
 def test_params_are_laid_out_by_the_rules(runs):
   _, _, result = runs
   layout = result['layout']  # on (data, fsdp, tensor) = (2, 2, 2)
