@@ -56,15 +56,14 @@ def main(argv):
   from mtp_jax import inference
   from mtp_jax import measure
   from mtp_jax import run, train
-  from mtp_jax.config import ConfigError
+  from mtp_jax.config import ConfigError, check_temperature
   config = _CONFIG.value
   try:
     D = config.mtp.depth
     lens = lens or list(range(1, D + 1))
     if D < 1 or max(lens + depths) > D:
       raise ConfigError(f'--draft_lens and --depths must be in 1..mtp.depth={D}')
-    if not _TEMPERATURE.value >= 0:
-      raise ConfigError(f'--temperature must be >= 0, got {_TEMPERATURE.value}')
+    check_temperature(_TEMPERATURE.value, '--temperature', 'greedy')
     # its prompts are bench's
     session = train.Session(config, _WORKDIR.value, data=run.needs_data(config, 'bench'),
                             reads='bench')

@@ -54,6 +54,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mtp_jax import atomic, cli  # noqa: E402
+from mtp_jax.config import ConfigError, check_temperature  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py',
                                           'Path to a config file.', lock_config=True)
@@ -262,8 +263,10 @@ def main(argv):
   cli.start(argv)
   cli.output_file(_JSON.value, '--json')
   config = _CONFIG.value
-  if not _TEMPERATURE.value >= 0:  # NaN too
-    cli.fail(f'--temperature must be 0 (greedy) or more, got {_TEMPERATURE.value}')
+  try:
+    check_temperature(_TEMPERATURE.value, '--temperature', 'greedy')
+  except ConfigError as e:
+    cli.fail(e)
   more = cli.positive_ints(_POSITIONS.value, '--positions', allow_empty=True)
   batches = cli.positive_ints(_BATCHES.value, '--batches')
   if not _RANDOM.value and not _WORKDIR.value:

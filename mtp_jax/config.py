@@ -477,11 +477,11 @@ def validate_pretrained(config) -> None:
 
 
 def check_temperature(value: float, name: str, zero: str) -> None:
-  """0, or a positive float32 number that is not 0 when divided into (one smaller than float32's
-  smallest normal number would make every probability NaN, not the greedy choice)."""
-  _check(value == 0 or value >= FLOAT32_TINY,
-         f'{name} must be 0 ({zero}) or at least {FLOAT32_TINY:.4g} (float32\'s smallest normal '
-         f'number), got {value}')
+  """0, or a positive number float32 holds, from its smallest normal one (one smaller would be 0
+  when divided into, every probability then NaN, not the greedy choice) to its largest."""
+  _check(value == 0 or FLOAT32_TINY <= value <= FLOAT32_MAX,
+         f'{name} must be 0 ({zero}) or from {FLOAT32_TINY:.4g} (float32\'s smallest normal '
+         f'number) to {FLOAT32_MAX:.4g}, got {value}')
 
 
 def validate_decode(config) -> None:

@@ -101,5 +101,8 @@ def test_profile_times_sampled_loops(tmp_path):
   assert all(1 <= row['iterations'] <= 15 and 1.0 <= row['tau'] <= 3.0 for row in loops[1:])
   assert_user_error(run_script('experiments/decode_profile.py', '--random', '--temperature',
                                '-1'), '--temperature', '-1')
+  for bad, said in (('1e-300', '1e-300'), ('1e300', '1e+300')):  # 0 and inf in float32
+    assert_user_error(run_script('experiments/decode_profile.py', '--random', '--temperature',
+                                 bad), '--temperature must be 0 (greedy) or from', f'got {said}')
   assert_user_error(run_script('experiments/decode_profile.py', '--random', '--positions', '4,0'),
                     '--positions', '4,0')

@@ -470,7 +470,7 @@ def test_a_detached_chain_trains_each_module_by_its_own_depth_alone():
     ('mtp.head_blocks', 2**40, 'mtp.head_blocks=1099511627776 is past 2147483647'),
     # numbers float32 turns into inf or 0 where they are used
     ('mtp.loss_weight', 1e300, "mtp.loss_weight=1e+300 is past float32's largest number"),
-    ('decode.temperature', 1e-300, 'decode.temperature must be 0 (greedy) or at least 1.175e-38'),
+    ('decode.temperature', 1e-300, 'decode.temperature must be 0 (greedy) or from 1.175e-38'),
     ('mtp.loss_weight_schedule', '10:0.1,10:0.2', "step 10 is given twice in '10:0.1,10:0.2'"),
 ])
 def test_values_a_run_cannot_use_are_refused(field, value, words):
