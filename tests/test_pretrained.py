@@ -11,10 +11,13 @@ import json
 import os
 import re
 import shutil
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 import pytest
 
 from conftest import (CHAT, LLAMA, QWEN2, QWEN3, another_run_holding, assert_bitwise_equal,
@@ -243,7 +246,7 @@ def test_export_refuses_a_trunk_no_hugging_face_class_holds(tmp_path):
                           config, cfg, tokenizer=None, eos_id=None, bos_id=None, chat_template='',
                           same_trunk_as='0' * 64)
   assert written == ['mtp_heads.safetensors'] == os.listdir(tmp_path / 'out')
-  meta, _ = heads_file._read_meta(str(tmp_path / 'out' / written[0]))
+  meta, _, _ = heads_file._read_meta(str(tmp_path / 'out' / written[0]))
   assert meta['trunk'] == '0' * 64
   # a weight past float16's range, in the trunk or a head: refused, the earlier export kept
   config = tiny_config()
@@ -386,6 +389,44 @@ def test_an_unsupported_tensor_type_and_a_truncated_file_are_refused(tmp_path):
     with pytest.raises(PretrainedError, match='^model.init_from: cut.gguf is not a readable GGUF '
                                               r'file \(truncated or damaged: '):
       gguf_file.read(str(tmp_path / 'cut.gguf'))
+
+
+def test_a_damaged_gguf_header_is_one_line_not_a_hang(tmp_path):
+  """gguf's reader takes a read past the end as an empty one (a count of 2**40 tokens looped,
+  its memory growing, until the machine had none) and a tensor's offset as it is (one that wraps
+  round read the header as weights); text it decodes only when asked. Each is one line."""
+  good = open(write_gguf(tmp_path / 'tiny.gguf', random_llama()), 'rb').read()
+
+  def damaged(after: bytes, fmt: str, value, skip: int = 0) -> str:
+    data = bytearray(good)
+    struct.pack_into(fmt, data, data.index(after) + len(after) + skip, value)
+    path = tmp_path / 'damaged' / after.decode()
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(bytes(data))
+    return str(path)
+
+  cases = [  # (the damage, the end of its line)
+      # the count after token_type's value type and item type
+      (damaged(b'tokenizer.ggml.token_type', '<Q', 2**40, skip=8),
+       'tokenizer.ggml.token_type is an array of 1099511627776 items, past the end of the file'),
+      # the first tensor's offset (after its dimension count and two dimensions, and its type)
+      (damaged(b'token_embd.weight', '<Q', 2**64 - 32, skip=4 + 16 + 4),
+       "tensor 'token_embd.weight' has offset 18446744073709551584, expected 0"),
+      (damaged(b'tokenizer.ggml.model', 'B', 0xFF, skip=4 + 8),  # its value's first byte
+       'tokenizer.ggml.model is not UTF-8 text')]
+  for path, words in cases:
+    with pytest.raises(PretrainedError, match=re.escape(
+        f'model.init_from: {os.path.basename(path)} is not a readable GGUF file (truncated or '
+        f'damaged: {words}')):
+      gguf_file.read(path)
+  # a block count the tensors do not hold is said before every block's shapes are listed
+  with pytest.raises(PretrainedError, match=re.escape(
+      "has no tensor 'blk.2.attn_q.weight' (its fields give 10000000 blocks)")):
+    gguf_file.read(write_gguf(tmp_path / 'deep.gguf', random_llama(),
+                              fields={'model.num_layers': 10**7}))
+  # metadata of another kind than the tokenizer's lists
+  with pytest.raises(PretrainedError, match='tokenizer.ggml.merges is not a list of texts'):
+    gguf_file.read(write_gguf(tmp_path / 'merges.gguf', random_llama(), merges=[1, 2]))
 
 
 def test_a_model_without_its_tokenizer_says_what_it_needs(tmp_path):
@@ -553,6 +594,32 @@ def test_hf_directory_errors(tmp_path):
                                             'vocabulary of 200 in its config.json'):
     pretrained.open_model(write_hf(tmp_path / 'k8', random_llama(narrow), narrow,
                                    config_extra={'bos_token_id': 0, 'eos_token_id': 1}))
+  # JSON nested past Python's stack or with a number past its digits; a number past float's
+  # range; numbers that are not finite (a model of NaNs); Llama 3 scaling whose blend divides
+  # by zero; a tensor in two shards (which one the model was depended on the files' order)
+  directory = write_hf(tmp_path / 'm1', tensors)
+  (tmp_path / 'm1' / 'generation_config.json').write_text('[' * 100000 + ']' * 100000)
+  with pytest.raises(PretrainedError, match='m1/generation_config.json cannot be read as JSON '
+                                            r'\(RecursionError'):
+    pretrained.open_model(directory)
+  for key, value, words in (('rope_theta', 10**400, 'has a field of the wrong kind or value'),
+                            ('rope_theta', float('inf'), 'gives model.rope_theta a value of inf'),
+                            ('rms_norm_eps', float('nan'), 'gives model.norm_eps a value of nan'),
+                            ('rope_scaling', {**LLAMA3, 'high_freq_factor': LLAMA3['low_freq_factor']},
+                             'llama3 rotary scaling has low_freq_factor=')):
+    with pytest.raises(PretrainedError, match=re.escape(words)):
+      pretrained.open_model(write_hf(tmp_path / f'm2{key}{words[:4]}', tensors,
+                                     config_extra={key: value}))
+  directory = write_hf(tmp_path / 'm3', tensors, shards=2)
+  shard = os.path.join(directory, 'model-00002-of-00002.safetensors')
+  with safe_open(os.path.join(directory, 'model-00001-of-00002.safetensors'), 'numpy') as f:
+    first = {n: f.get_tensor(n) for n in f.keys()}
+  with safe_open(shard, 'numpy') as f:
+    save_file({**{n: f.get_tensor(n) for n in f.keys()}, **dict([next(iter(first.items()))])},
+              shard)
+  with pytest.raises(PretrainedError, match=f"tensor '{next(iter(first))}' of m3 is in two files, "
+                                            'model-00001-of-00002.safetensors and model-00002'):
+    pretrained.open_model(directory)
   # a folder where a file it reads should be: one line, not an IsADirectoryError
   for name in ('config.json', 'generation_config.json', 'chat_template.jinja'):
     directory = write_hf(tmp_path / f'k9{name}', tensors)
@@ -696,8 +763,6 @@ def test_a_heads_file_that_lacks_or_misshapes_a_tensor_is_refused(tmp_path, kind
   """Every tensor of the config's heads is checked, by the name and shape the file holds, before
   anything is loaded (a Medusa file lacking a head's matrix was taken, that head left as
   initialised; a sequential one with a cut matrix failed in a reshape)."""
-  from safetensors import safe_open
-  from safetensors.numpy import save_file
   path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
   config = pretrained.resolve_config(pretrained_config(path, **{'mtp.depth': 2, 'mtp.kind': kind}))
   params = init_params(ModelConfig.from_config(config), jax.random.key(3))['params']
@@ -712,12 +777,31 @@ def test_a_heads_file_that_lacks_or_misshapes_a_tensor_is_refused(tmp_path, kind
       (lambda t, m: t.update({name: cut}),
        f"tensor '{name}' of bad.safetensors has shape {cut.shape}, expected {tensors[name].shape}"),
       (lambda t, m: t.pop(name), f"bad.safetensors has no tensor '{name}'"),
-      (lambda t, m: m.pop('depth'), "bad.safetensors records no number of heads")):
+      (lambda t, m: m.pop('depth'), "bad.safetensors records no number of heads"),
+      (lambda t, m: m.update(depth='²'), "bad.safetensors records no number of heads"),
+      # a tensor loading would take into a head, or of another type, or past its heads
+      (lambda t, m: t.update({'mtp.0.foo': cut}),
+       "bad.safetensors has tensor 'mtp.0.foo', which is not part of its 2 heads"),
+      (lambda t, m: t.update({name: tensors[name] > 0}),
+       f"tensor '{name}' of bad.safetensors has type BOOL, not one of F32, F16, BF16"),
+      (lambda t, m: t.update({'mtp.7.x': cut}), "has tensor 'mtp.7.x', which is not part of"),
+      # the ranking a draft vocabulary takes its first N of: every token id once
+      (lambda t, m: t.update({heads_file.RANK: np.zeros(config.data.vocab_size, np.int32)}),
+       f"bad.safetensors's token_rank does not hold each of the {config.data.vocab_size} token "
+       'ids once'),
+      (lambda t, m: t.update({heads_file.RANK: np.arange(10, dtype=np.int32)}),
+       "bad.safetensors's token_rank is I32 of shape (10,), not the")):
     t, m = dict(tensors), dict(meta)
     edit(t, m)
     save_file(t, str(tmp_path / 'bad.safetensors'), metadata=m)
     with pytest.raises(PretrainedError, match=re.escape(words)):
       heads_file.check(str(tmp_path / 'bad.safetensors'), config)
+  # values that are not finite are said as the heads are loaded
+  save_file({**tensors, name: np.full_like(tensors[name], np.nan)},
+            str(tmp_path / 'nan.safetensors'), metadata=meta)
+  with pytest.raises(PretrainedError, match=re.escape(
+      f"tensor '{name}' of nan.safetensors holds values that are not finite numbers")):
+    heads_file.load(str(tmp_path / 'nan.safetensors'), config)
 
 
 def test_timing_scripts_take_random_heads_on_a_pretrained_trunk(tmp_path):

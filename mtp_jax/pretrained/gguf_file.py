@@ -12,7 +12,7 @@ import numpy as np
 
 from mtp_jax import atomic
 from mtp_jax.config import stored_head_dim
-from mtp_jax.pretrained import llama, tokenizer as tok_lib
+from mtp_jax.pretrained import gguf_header, llama, tokenizer as tok_lib
 from mtp_jax.pretrained.base import Pretrained, PretrainedError, sha256, stop_tokens
 
 Q = gguf.GGMLQuantizationType
@@ -64,6 +64,17 @@ def _value(reader, key, default=None):
   return default if field is None else field.contents()
 
 
+def _list(reader, name: str, key: str, kind: type):
+  """An array of `kind` (str or int) in the metadata, or None where the file has none; one line
+  naming the key where it is something else."""
+  value = _value(reader, key)
+  if value is None or (isinstance(value, list) and all(
+      isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+    return value
+  raise PretrainedError(f'model.init_from: {name}: {key} is not a list of '
+                        f"{'texts' if kind is str else 'integers'}")
+
+
 def _number(reader, name: str, key: str, default=None, kind=int):
   """A numeric metadata value as `kind` (int, which also takes a whole float, or float), or
   `default` where the file has none; one line naming the key where it is something else."""
@@ -82,7 +93,7 @@ def read(path: str) -> Pretrained:
   name = os.path.basename(path)
   reader, arch = _open(path, name)
   tensors = _tensors(reader, name, arch)
-  tokens = _value(reader, 'tokenizer.ggml.tokens')  # decoded once: 49152 strings for SmolLM2
+  tokens = _list(reader, name, 'tokenizer.ggml.tokens', str)  # decoded once: 49152 for SmolLM2
   fields = _fields(reader, name, arch, tensors, tokens)
   check_tensors(name, {n: tuple(int(s) for s in reversed(t.shape)) for n, t in tensors.items()},
                 fields, gguf_name)
@@ -134,6 +145,11 @@ def _token_ids(reader, name: str, vocab: int) -> dict:
 def _open(path: str, name: str):
   """The file's reader and architecture, once it is known to be whole and of an architecture
   read here, with the metadata needed."""
+  try:
+    gguf_header.check(path)
+  except gguf_header.Damaged as e:
+    raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file (truncated or '
+                          f'damaged: {e})') from None
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
@@ -228,8 +244,8 @@ def _tokenizer(reader, name: str, tokens, bos_id):
     return None
   pre = _value(reader, 'tokenizer.ggml.pre', 'default')
   return tok_lib.from_gguf_metadata(
-      name, tokens=list(tokens), merges=list(_value(reader, 'tokenizer.ggml.merges', []) or []),
-      token_types=list(_value(reader, 'tokenizer.ggml.token_type', []) or []),
+      name, tokens=list(tokens), merges=_list(reader, name, 'tokenizer.ggml.merges', str) or [],
+      token_types=_list(reader, name, 'tokenizer.ggml.token_type', int) or [],
       model=_value(reader, 'tokenizer.ggml.model', ''), pre=pre,
       # llama.cpp's default where the file does not say: a BOS first for Llama 3's tokenizer
       add_bos=bool(_value(reader, 'tokenizer.ggml.add_bos_token', pre == 'llama-bpe')),
@@ -239,6 +255,14 @@ def _tokenizer(reader, name: str, tokens, bos_id):
 def check_tensors(name: str, shapes: dict, fields: dict, shown=lambda hf: hf):
   """Every tensor the fields call for is present with its shape, and no other. `shown` maps an
   HF name to the name the file uses, for the message."""
+  # a block the fields call for and the file lacks, said before the shapes of all of them are
+  # listed (a damaged count of 2**40 blocks would fill the memory first)
+  blocks = {hf.split('.')[2] for hf in shapes if hf.startswith('model.layers.')}
+  missing = next(i for i in range(len(blocks) + 1) if str(i) not in blocks)
+  if missing < fields['model.num_layers']:
+    raise PretrainedError(f"model.init_from: {name} has no tensor "
+                          f"'{shown(f'model.layers.{missing}.self_attn.q_proj.weight')}' (its "
+                          f"fields give {fields['model.num_layers']} blocks)")
   wanted = llama.trunk_shapes(fields)
   extra = sorted(set(shapes) - set(wanted))
   if extra:

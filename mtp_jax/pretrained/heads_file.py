@@ -49,14 +49,20 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
     save_file(tensors, tmp, metadata=meta)
 
 
+# what the heads' tensors may hold (cast to float32 when loaded), and the ranking
+_FLOATS, _INTEGERS = ('F32', 'F16', 'BF16'), ('I32', 'I64')
+
+
 def _read_meta(path: str):
-  """(metadata, {tensor name: shape}) of a heads file."""
+  """(metadata, {tensor name: shape}, {tensor name: dtype}) of a heads file."""
   if not os.path.isfile(path):
     raise PretrainedError(f"mtp.init_from: '{path}' is not a file (use '', 'last_block' or a "
                           'heads file)')
   try:
     with safe_open(path, framework='numpy') as f:
-      return f.metadata() or {}, {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+      slices = {n: f.get_slice(n) for n in f.keys()}
+      return (f.metadata() or {}, {n: tuple(s.get_shape()) for n, s in slices.items()},
+              {n: s.get_dtype() for n, s in slices.items()})
   except Exception as e:  # safetensors' own error type for a damaged header
     raise PretrainedError(f'mtp.init_from: {os.path.basename(path)} is not a readable '
                           f'safetensors file ({e})') from None
@@ -80,7 +86,7 @@ def _head_shapes(cfg) -> dict:
 
 def check(path: str, config) -> dict:
   """The heads file's metadata, once it is known to fit config (one-line errors otherwise)."""
-  meta, shapes = _read_meta(path)
+  meta, shapes, dtypes = _read_meta(path)
   name = os.path.basename(path)
   if meta.get('format') != FORMAT:
     raise PretrainedError(f'mtp.init_from: {name} is not a heads file written by this project')
@@ -90,26 +96,59 @@ def check(path: str, config) -> dict:
     if held[path_] != wanted[path_]:
       raise PretrainedError(f'mtp.init_from: {name} holds heads with {path_}={held[path_]!r}, '
                             f'the config has {wanted[path_]!r}')
-  if not str(meta.get('depth', '')).isdigit():
+  depth = str(meta.get('depth', ''))
+  if not (depth.isascii() and depth.isdigit() and len(depth) <= 9):  # not '²', nor 5000 digits
     raise PretrainedError(f"mtp.init_from: {name} records no number of heads (its 'depth' "
                           f"metadata is {meta.get('depth')!r})")
-  if int(meta['depth']) < config.mtp.depth:
-    raise PretrainedError(f"mtp.init_from: {name} holds {meta['depth']} heads, fewer than "
+  if int(depth) < config.mtp.depth:
+    raise PretrainedError(f"mtp.init_from: {name} holds {depth} heads, fewer than "
                           f'mtp.depth={config.mtp.depth}')
-  for tensor, shape in expected_shapes(config).items():
+  expected = expected_shapes(config)
+  for tensor, shape in expected.items():
     if tensor not in shapes:
       raise PretrainedError(f"mtp.init_from: {name} has no tensor '{tensor}'")
     if shapes[tensor] != tuple(shape):
       raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} has shape "
                             f'{shapes[tensor]}, expected {tuple(shape)}')
+    if dtypes[tensor] not in _FLOATS:
+      raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} has type "
+                            f"{dtypes[tensor]}, not one of {', '.join(_FLOATS)}")
+  # any other tensor is the ranking or one of the heads past mtp.depth the file records
+  later = lambda t: (t.startswith('mtp.') and t.split('.')[1].isdigit()
+                     and config.mtp.depth <= int(t.split('.')[1]) < int(depth))
+  extra = sorted(t for t in shapes if t not in expected and t != RANK and not later(t))
+  if extra:
+    raise PretrainedError(f"mtp.init_from: {name} has tensor '{extra[0]}', which is not part of "
+                          f'its {depth} heads')
+  if RANK in shapes:
+    _check_rank(path, name, shapes[RANK], dtypes[RANK], config.data.vocab_size)
   return meta
+
+
+def _check_rank(path: str, name: str, shape: tuple, dtype: str, vocab: int) -> None:
+  """The ranking is every token id once (a draft vocabulary is its first N)."""
+  if shape != (vocab,) or dtype not in _INTEGERS:
+    raise PretrainedError(f"mtp.init_from: {name}'s {RANK} is {dtype} of shape {shape}, not the "
+                          f'{vocab} token ids of the vocabulary as integers')
+  with safe_open(path, framework='numpy') as f:
+    rank = f.get_tensor(RANK)
+  if not np.array_equal(np.sort(rank), np.arange(vocab)):
+    raise PretrainedError(f"mtp.init_from: {name}'s {RANK} does not hold each of the {vocab} "
+                          'token ids once')
 
 
 def load(path: str, config) -> dict:
   check(path, config)
+  name = os.path.basename(path)
   with safe_open(path, framework='numpy') as f:
+    def get(tensor: str) -> np.ndarray:
+      w = f.get_tensor(tensor).astype(np.float32)
+      if not np.isfinite(w).all():
+        raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} holds values that are "
+                              'not finite numbers')
+      return w
     names = list(f.keys())
-    return llama.heads_to_params(lambda n: f.get_tensor(n).astype(np.float32), names,
+    return llama.heads_to_params(get, names,
                                  config.mtp.kind, config.mtp.depth, config.model.num_heads,
                                  config.model.num_kv_heads, config.mtp.head_blocks,
                                  config.model.qkv_bias, config.model.qk_norm)
@@ -117,7 +156,7 @@ def load(path: str, config) -> dict:
 
 def token_rank(path: str):
   """The ranking saved with the heads, or None."""
-  _, shapes = _read_meta(path)
+  _, shapes, _ = _read_meta(path)
   if RANK not in shapes:
     return None
   with safe_open(path, framework='numpy') as f:

@@ -43,7 +43,7 @@ def _chat_template(value, name: str) -> str:
   """tokenizer_config.json's chat_template: a template, or a list of named ones, of which the one
   named 'default' is the chat's (as transformers takes it); '' when there is none."""
   if isinstance(value, list):
-    named = {t.get('name'): t.get('template') for t in value if isinstance(t, dict)}
+    named = {str(t.get('name')): t.get('template') for t in value if isinstance(t, dict)}
     value = named.get('default')
     if value is None:
       raise PretrainedError(f'model.init_from: {name}/tokenizer_config.json lists chat templates '
@@ -63,6 +63,9 @@ def _json(path: str, name: str) -> dict:
     raise PretrainedError(f'model.init_from: {name} is not valid JSON ({e.msg})') from None
   except UnicodeDecodeError:
     raise PretrainedError(f'model.init_from: {name} is not UTF-8 text') from None
+  except (RecursionError, ValueError) as e:  # nested past Python's stack, a 5000-digit number
+    raise PretrainedError(f'model.init_from: {name} cannot be read as JSON '
+                          f'({type(e).__name__}: {str(e)[:80]})') from None
   except OSError as e:  # a folder where the file should be, a file this user cannot read
     raise PretrainedError(f'model.init_from: {name} cannot be read ({e.strerror})') from None
   if not isinstance(value, dict):
@@ -122,6 +125,10 @@ def rope(c: dict, name: str, head_dim: int) -> tuple[float, tuple]:
                          'original_max_position_embeddings') if params.get(k) is None]
   if missing:
     raise PretrainedError(f"model.init_from: {name}'s llama3 rotary scaling has no {missing[0]}")
+  if not params['low_freq_factor'] < params['high_freq_factor']:  # the blend between divides
+    raise PretrainedError(f"model.init_from: {name}'s llama3 rotary scaling has low_freq_factor="
+                          f"{params['low_freq_factor']}, not below high_freq_factor="
+                          f"{params['high_freq_factor']}")
   return theta, llama3_factors(theta, head_dim, params)
 
 
@@ -190,7 +197,7 @@ def read(directory: str) -> Pretrained:
     raise PretrainedError(f'model.init_from: {name}/config.json has no {e.args[0]}') from None
   except PretrainedError:  # a refusal of its own (an architecture, a setting): said as it is
     raise
-  except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field's value
+  except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:  # a value
     raise PretrainedError(f'model.init_from: {name}/config.json has a field of the wrong kind '
                           f'or value ({type(e).__name__}: {e})') from None
   files = weight_files(directory)
@@ -206,6 +213,9 @@ def read(directory: str) -> Pretrained:
           if s.get_dtype() not in DTYPES:
             raise PretrainedError(f"model.init_from: tensor '{key}' of {name} has type "
                                   f"{s.get_dtype()}, which is not supported ({', '.join(DTYPES)})")
+          if key in where:  # which one the model is would be a matter of the files' order
+            raise PretrainedError(f"model.init_from: tensor '{key}' of {name} is in two files, "
+                                  f'{os.path.basename(where[key])} and {os.path.basename(path)}')
           where[key], shapes[key] = path, tuple(s.get_shape())
     except PretrainedError:
       raise

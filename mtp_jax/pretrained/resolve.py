@@ -4,6 +4,7 @@ trunk's and heads' params.
 """
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -30,13 +31,26 @@ def locate(source: str) -> str:
 def _open(path: str, stamp) -> Pretrained:
   del stamp  # part of the cache key only: a rewritten file is read again
   if os.path.isdir(path):
-    return hf.read(path)
+    return _numbers_checked(hf.read(path))
   with open(path, 'rb') as f:
     magic = f.read(4)
   if magic == b'GGUF':
-    return gguf_file.read(path)
+    return _numbers_checked(gguf_file.read(path))
   raise PretrainedError(f"model.init_from: '{path}' is neither a GGUF file nor a Hugging Face "
                         'directory')
+
+
+def _numbers_checked(p: Pretrained) -> Pretrained:
+  """p, once the real numbers its file gives are finite and > 0 (a damaged rope_theta of inf,
+  Llama 3 scaling whose two wavelengths meet, would make a model of NaNs)."""
+  numbers = [('model.rope_theta', p.fields['model.rope_theta']),
+             ('model.norm_eps', p.fields['model.norm_eps']),
+             *(('model.rope_factors', f) for f in p.fields['model.rope_factors'])]
+  for name, value in numbers:
+    if not (math.isfinite(value) and value > 0):
+      raise PretrainedError(f'model.init_from: {os.path.basename(os.path.normpath(p.path))} '
+                            f'gives {name} a value of {value}, not a finite number > 0')
+  return p
 
 
 def open_model(source: str) -> Pretrained:
@@ -90,7 +104,15 @@ def resolve_config(config):
 def trunk_params(source: str) -> dict:
   """The trunk's params (keys of params['params']) as float32 numpy arrays."""
   p = open_model(source)
-  return llama.to_trunk(p.get, p.fields)
+  name = os.path.basename(os.path.normpath(p.path))
+
+  def get(key: str) -> np.ndarray:
+    w = p.get(key)
+    if not np.isfinite(w).all():  # damaged data: a model of NaNs, said by no error
+      raise PretrainedError(f"model.init_from: tensor '{key}' of {name} holds values that are "
+                            'not finite numbers')
+    return w
+  return llama.to_trunk(get, p.fields)
 
 
 def head_params(config, trunk: dict) -> dict:
