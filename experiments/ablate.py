@@ -358,10 +358,10 @@ def plot(rows: list[dict], sweep: str, out_dir: str, spread=None) -> str:
 
 def main(argv):
   cli.start(argv, persist=False)
-  from mtp_jax.config import ConfigError, folder_problem
+  from mtp_jax.config import ConfigError, write_problem
   try:
     config, sweep = resolve_config(_CONFIG.value), _SWEEP.value
-    problem = folder_problem(_ROOT.value, '--root')
+    problem = write_problem(_ROOT.value, '--root')
     if problem:
       raise ConfigError(problem)
   except ConfigError as e:  # the model file's errors (a PretrainedError is one)

@@ -64,6 +64,8 @@ def main(argv):
   if not kernels.usable():
     cli.fail('the kernels are not available here (MTP_JAX_KERNELS=0, no compiler, or several '
              'devices)')
+  if not _CONFIG.value.decode.kernels:  # before the model is made
+    cli.fail('the config decodes without kernels (decode.kernels)')
   run.persist_compiled_programs()
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value,
@@ -71,8 +73,6 @@ def main(argv):
   except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
   model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
-  if not model.kernels:
-    cli.fail('the config decodes without kernels (decode.kernels)')
 
   @dataclasses.dataclass(frozen=True)
   class XlaArgmax(type(model)):  # the same model, its argmax XLA's

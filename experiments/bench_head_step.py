@@ -68,12 +68,12 @@ def main(argv):
   cli.start(argv, persist=False)
   import jax
   from mtp_jax import measure, sharding, train
-  from mtp_jax.config import ConfigError, apply_overrides, folder_problem
+  from mtp_jax.config import ConfigError, apply_overrides, write_problem
   texts = _VARIANTS.value or ['']
   root = tempfile.mkdtemp(prefix='bench_head_step_')
   try:
     try:
-      problem = _TRACE.value and folder_problem(_TRACE.value, '--trace')
+      problem = _TRACE.value and write_problem(_TRACE.value, '--trace')
       if problem:  # before the data and the timings, not after them
         raise ConfigError(problem)
       configs = [apply_overrides(_CONFIG.value, parse_variant(v)) for v in texts]

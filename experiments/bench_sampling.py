@@ -58,17 +58,23 @@ def main(argv):
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
+  from mtp_jax.pretrained.resolve import resolve_config
+  try:  # the flags against the model, before it is made
+    config = resolve_config(_CONFIG.value)
+  except run.USER_ERRORS as e:
+    cli.fail(e)
+  D, V = config.mtp.depth, config.data.vocab_size
+  S = _DRAFT_LEN.value or D
+  if _DECODE_PROMPTS.value and not 1 <= S <= D:
+    cli.fail(f'the mtp rows draft 1 to {D} tokens (the model\'s heads), got --draft_len {S}')
+  if _TOP_K.value >= V:
+    cli.fail(f'--top_k {_TOP_K.value} keeps every one of the {V} tokens: give fewer')
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value, _DECODE_PROMPTS.value,
                                      _RANDOM.value)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
-  cfg, prompts, session, d = inputs.cfg, inputs.prompts, inputs.session, inputs.config.decode
-  V = cfg.vocab_size
-  S = _DRAFT_LEN.value or cfg.mtp_depth
-  if prompts and not 1 <= S <= cfg.mtp_depth:
-    cli.fail(f'the mtp rows draft 1 to {cfg.mtp_depth} tokens (the model\'s heads), got '
-             f'--draft_len {S}')
+  prompts, session, d = inputs.prompts, inputs.session, inputs.config.decode
   filters = {'temperature only': dec.Settings(temperature=1.0),
              f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
              f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}

@@ -37,6 +37,7 @@ on cached trunk features, no trunk in the step) is refused.
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import sys
@@ -494,6 +495,11 @@ def main(argv):
     if config.data.features:
       raise ConfigError('data.features=True trains on cached trunk features, which this does not '
                         'time; pass --config.data.features=False to time token windows')
+    for kind in kinds:  # every point, before any is timed (or counted: --flops_only)
+      for depth in sorted(set(depths) | set(mem_depths)):
+        validate(apply_overrides(config, at_depth(depth, kind)))
+    if not math.isfinite(_PEAK.value):
+      raise ConfigError(f'--peak_tflops must be a finite number, got {_PEAK.value}')
     if _FLOPS_ONLY.value:
       print_flops(config, depths, kinds)
       return

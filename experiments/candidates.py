@@ -67,17 +67,23 @@ def main(argv):
     # its prompts are bench's
     session = train.Session(config, _WORKDIR.value, data=run.needs_data(config, 'bench'),
                             reads='bench')
-    _, params = inference.load_params(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+    T = _TEMPERATURE.value
+    s_ar = inference.settings(session.config, draft=0, temperature=T, stop_ids=session.stop_ids)
+    s_mtp = inference.settings(session.config, draft=1, temperature=T, stop_ids=session.stop_ids)
+    # K = 1 has no branches: one row per S; K > 1 one per depth C up to S.
+    settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
+                         for S in lens for K in counts
+                         for C in ([1] if K == 1 else [C for C in depths if C <= S])]
+    drafts = config.decode.draft_vocab or session.cfg.vocab_size
+    if max(counts) > drafts:
+      raise ConfigError(f'--candidates {max(counts)}: the heads draft over {drafts} tokens')
+    width = max(len(p) for p in prompts)
+    for s in settings:  # what the decoder would refuse, before the params are made
+      inference.check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len, width)
+    _, params = inference.load_params(session)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
-  T = _TEMPERATURE.value
-  s_ar = inference.settings(session.config, draft=0, temperature=T, stop_ids=session.stop_ids)
-  s_mtp = inference.settings(session.config, draft=1, temperature=T, stop_ids=session.stop_ids)
-  # K = 1 has no branches: one row per S; K > 1 one per depth C up to S.
-  settings = [s_ar] + [dataclasses.replace(s_mtp, draft_len=S, candidates=K, candidate_depth=C)
-                       for S in lens for K in counts
-                       for C in ([1] if K == 1 else [C for C in depths if C <= S])]
   models = [session.decode_model]
   tiled = session.decode_model.tiled_matrices(params)
   if _TILES.value != 'config' and tiled:

@@ -272,6 +272,8 @@ def main(argv):
   if not _RANDOM.value and not _WORKDIR.value:
     cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
              'or --random')
+  if config.mtp.depth < 1:  # before the model is made
+    cli.fail('the model has no MTP heads (mtp.depth=0)')
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure
@@ -288,8 +290,6 @@ def main(argv):
   # No end-of-sequence token, so every row runs its decode.max_new_tokens.
   base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, stop_ids=())
   D = cfg.mtp_depth
-  if D < 1:
-    cli.fail('the model has no MTP heads (mtp.depth=0)')
   vocab = len(model.draft) if model.draft else cfg.vocab_size
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,
             'width': cfg.d_model, 'vocab': cfg.vocab_size, 'draft_vocab': vocab,
@@ -302,6 +302,9 @@ def main(argv):
         f"{f'temperature {_TEMPERATURE.value:g}' if _TEMPERATURE.value else 'greedy'} loops, "
         f"kernels {'on' if model.kernels else 'off'}, {result['tiled_matrices']} matrices tiled")
   prompt_len = max(len(p) for p in prompts)
+  if more and prompt_len + max(more) > cfg.max_seq_len:  # the positions RoPE encodes
+    cli.fail(f'--positions {max(more)}: after a prompt of {prompt_len} tokens they pass '
+             f'model.max_seq_len={cfg.max_seq_len}')
   cache_len = dec.cache_length(prompt_len, dec.Settings(draft_len=D,
                                                         max_new_tokens=d.max_new_tokens))
   with sharding.active(mesh):

@@ -49,19 +49,19 @@ def main(argv):
   config = _CONFIG.value
   try:
     session = train.Session(config, _WORKDIR.value, data=False, reads='bench')
-    _, params = inference.load_params(session)
-    rank = session.token_rank()
     sizes = [None if n == 'full' else int(n) for n in _SIZES.value]
-    if rank is None and any(sizes):
-      raise ConfigError('no token frequencies for this model (train here, or use heads that '
-                        'carry them)')
-    largest = max(n or 0 for n in sizes)
+    largest = max(n or 0 for n in sizes)  # the flags against the model, before its params
     if largest > session.cfg.vocab_size:
       raise ConfigError(f'--sizes: the model has {session.cfg.vocab_size} tokens, fewer than '
                         f'{largest}')
     if _DRAFT_LEN.value > session.cfg.mtp_depth:
       raise ConfigError(f'--draft_len={_DRAFT_LEN.value}: the model has '
                         f'{session.cfg.mtp_depth} heads')
+    _, params = inference.load_params(session)
+    rank = session.token_rank()
+    if rank is None and any(sizes):
+      raise ConfigError('no token frequencies for this model (train here, or use heads that '
+                        'carry them)')
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)

@@ -58,6 +58,7 @@ def main(argv):
              f'smollm2), got {config.model.init_from!r}')
   try:
     source = fetch.fetch('smollm2', quiet=True)
+    inference.settings(config, draft=_DRAFT_LEN.value, stop_ids=())  # S past the heads: said first
     # the Q4_1 trunk and the config's heads
     inputs = inference.decode_inputs(config, _WORKDIR.value, config.decode.bench_prompts, False)
     session, shipped, prompts, mtp = inputs.session, inputs.params, inputs.prompts, inputs.model

@@ -582,10 +582,10 @@ def main(argv):
     if _ANSWER_SPLIT.value < 0:
       raise ConfigError(f'--answer_split must be >= 0, got {_ANSWER_SPLIT.value}')
     session = train.Session(config, _WORKDIR.value, data=False, reads='bench')
-    _, params = inference.load_params(session)
-    rank, n = session.token_rank(), config.decode.draft_vocab
-    draft_ids = None if not n or rank is None else np.asarray(rank[:n])
-    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
+    # the flags against the model, before its params are made
+    drafts = config.decode.draft_vocab or session.cfg.vocab_size
+    if _TOP.value > drafts:
+      raise ConfigError(f'--top {_TOP.value}: the heads draft over {drafts} tokens')
     cache = features.load(_CACHE.value) if _CACHE.value else None
     if _CACHE.value and (cache is None or not cache['valid'].has_features):
       raise ValueError(f'--cache: {_CACHE.value} is not a finished feature cache')
@@ -594,6 +594,10 @@ def main(argv):
       if tuple(layers) != session.cfg.feature_layers:
         raise ValueError(f'--cache: {_CACHE.value} keeps the features of blocks {layers}, the '
                          f'heads read {list(session.cfg.feature_layers)} (mtp.feature_layers)')
+    _, params = inference.load_params(session)
+    rank, n = session.token_rank(), config.decode.draft_vocab
+    draft_ids = None if not n or rank is None else np.asarray(rank[:n])
+    prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   rows = {}

@@ -149,10 +149,10 @@ def output_file(path: str, flag: str) -> None:
   whole or not at all: atomic.write_json): not a folder, and in a folder that can be made."""
   if not path:
     return
-  from mtp_jax.config import folder_problem
+  from mtp_jax.config import write_problem
   if os.path.isdir(path):
     fail(f'{flag} {path} is a directory; give a file to write')
-  problem = folder_problem(os.path.dirname(os.path.abspath(path)), flag)
+  problem = write_problem(os.path.dirname(os.path.abspath(path)), flag)
   if problem:
     fail(problem)
 

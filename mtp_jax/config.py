@@ -193,6 +193,11 @@ def folder_problem(path: str, name: str) -> str | None:
   return f'{where} is a file, not a directory'
 
 
+def write_problem(path: str, name: str) -> str | None:
+  """Why `path` (given as `name`) cannot be a folder to make things in, as one line, or None."""
+  return folder_problem(path, name) or unwritable(path, name)
+
+
 def check_address(address: str) -> None:
   """distributed.coordinator_address: '' (one process), 'auto' or 'host:port'."""
   host, _, port = address.rpartition(':')
@@ -274,12 +279,17 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
 
 
 def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> list[int]:
-  """A list flag's values (absl's DEFINE_list) as positive integers, in order, at least one
-  unless `allow_empty`; ConfigError naming the flag otherwise."""
+  """A list flag's values (absl's DEFINE_list) as distinct positive integers of at most MAX_COUNT,
+  in order, at least one unless `allow_empty`; ConfigError naming the flag otherwise."""
   if not values and not allow_empty:
     raise ConfigError(f'{flag} takes positive integers, got none')
   if not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):  # not '²': isdigit
     raise ConfigError(f'{flag} takes positive integers, got {",".join(values)}')
+  if max(map(int, values), default=0) > MAX_COUNT:
+    raise ConfigError(f'{flag}: {max(map(int, values))} is past {MAX_COUNT}, the most a count can '
+                      'be')
+  if len(set(map(int, values))) < len(values):  # each would be timed or swept twice
+    raise ConfigError(f'{flag} takes each value once, got {",".join(values)}')
   return [int(v) for v in values]
 
 
@@ -425,8 +435,7 @@ def validate(config) -> None:
            + ("'auto' takes them from the cluster" if dist.coordinator_address else
               "'' is one process") + '); leave them 1 and 0')
   if config.data.cache_dir:
-    problem = (folder_problem(config.data.cache_dir, 'data.cache_dir')
-               or unwritable(config.data.cache_dir, 'data.cache_dir'))
+    problem = write_problem(config.data.cache_dir, 'data.cache_dir')
     _check(not problem, problem)
   _check(not config.data.tokenizer or os.path.isfile(config.data.tokenizer),
          f"data.tokenizer: no file '{config.data.tokenizer}'")

@@ -31,7 +31,7 @@ from mtp_jax import kernels
 from mtp_jax import measure
 from mtp_jax import selfdata
 from mtp_jax import sharding
-from mtp_jax.config import ConfigError, ModelConfig, prompt_lines, validate
+from mtp_jax.config import ConfigError, ModelConfig, folder_problem, prompt_lines, validate
 from mtp_jax.loss import LossSpec, loss_of, loss_weight, metrics_of, positions, window_sums
 from mtp_jax.model import MTPLanguageModel, init_tokens
 from mtp_jax.pretrained import heads_file
@@ -308,6 +308,9 @@ class Session(Program):
     self.workdir = workdir
     self.stand_ins = False  # prompts stand in as one id each (inference.encode_prompt)
     self.writes = not reads or data  # training writes config.json, the data tokenizer.json
+    problem = folder_problem(workdir, '--workdir')  # launch.py says it first; scripts, here
+    if problem:
+      raise ConfigError(problem)
     config = pretrained.resolve_config(config)
     validate(config)
     sharding.check_mesh(config, jax.device_count(), jax.process_count(),

@@ -597,8 +597,28 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
         'llama_lookup'], '--threads=999: this process may use'),
       # a workdir with no checkpoint: CheckpointError is a user's mistake too
       (['experiments/decode_profile.py', '--config=configs/quickstart.py',
-        f'--workdir={tmp_path / "none"}'], f'no checkpoint in {tmp_path / "none"}; train first')):
-    assert_user_error(run_script(*args), words)
+        f'--workdir={tmp_path / "none"}'], f'no checkpoint in {tmp_path / "none"}; train first'),
+      # a workdir that is a file, an output where no file can be made, the flags against the
+      # model: before the model is made (they were tracebacks, or said after compiling)
+      (['experiments/argmax.py', f'--workdir={tmp_path / "file"}'],
+       f'--workdir {tmp_path / "file"} is a file, not a directory'),
+      ([*tiny_random('experiments/bench_sampling.py'), '--json=/proc/mtp_jax.json'],
+       '--json /proc: /proc is not a directory this user can write in'),
+      ([*tiny_random('experiments/bench_sampling.py'), '--draft_len=5'],
+       "the mtp rows draft 1 to 1 tokens (the model's heads), got --draft_len 5"),
+      ([*tiny_random('experiments/bench_sampling.py'), '--top_k=256'],
+       '--top_k 256 keeps every one of the 256 tokens'),
+      ([*tiny_random('experiments/argmax.py'), '--config.decode.kernels=False'],
+       'the config decodes without kernels'),
+      ([*tiny_random('experiments/decode_profile.py'), '--config.mtp.depth=0'],
+       'the model has no MTP heads'),
+      (['experiments/bench_train.py', '--flops_only', f'--depths={2**40}'],
+       'mtp.depth=1099511627776 is past 2147483647'),
+      (['experiments/bench_train.py', '--peak_tflops=nan'],
+       '--peak_tflops must be a finite number, got nan')):
+    result = run_script(*args, JAX_LOG_COMPILES='1')
+    assert_user_error(result, words)
+    assert 'Compiling' not in result.stderr, (args, result.stderr[-3000:])
   from mtp_jax import cli
   with pytest.raises(SystemExit) as stop:
     cli.require_peers('json', 'no_such_peer_package')
@@ -607,10 +627,16 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
   assert sorted(os.listdir(tmp_path)) == ['file', 'ids.txt']
 
 
+def tiny_random(script: str) -> list[str]:
+  """A decoding script on random weights in a tiny shape."""
+  return [script, '--config=configs/base.py', '--random', '--config.model.num_layers=1',
+          '--config.model.d_model=64', '--config.data.vocab_size=256']
+
+
 def test_list_flags_take_positive_integers_in_ascii_digits():
   """config.positive_ints, which every experiment's list flags go through: '²' is a digit to
   str.isdigit but not to int(), and was a traceback; an empty list only where the flag allows
-  none."""
+  none; counts a run can hold, each once."""
   from mtp_jax.config import ConfigError, positive_ints
   assert positive_ints(['1', '32'], '--rows') == [1, 32]
   assert positive_ints([], '--rows', allow_empty=True) == []
@@ -619,3 +645,9 @@ def test_list_flags_take_positive_integers_in_ascii_digits():
   for bad in ('0', 'x', '²', '-1', ' 2', ''):
     with pytest.raises(ConfigError, match='--rows takes positive integers'):
       positive_ints(['4', bad], '--rows')
+  # a count past the step counter's (a memory error after compiling), a value given twice (timed
+  # twice)
+  with pytest.raises(ConfigError, match='--rows: 1099511627776 is past 2147483647'):
+    positive_ints(['4', str(2**40)], '--rows')
+  with pytest.raises(ConfigError, match='--rows takes each value once, got 4,1,4'):
+    positive_ints(['4', '1', '4'], '--rows')
