@@ -73,6 +73,8 @@ def main(argv):
   except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
   model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
+  if not model.kernels:  # what else turns them off (model.dtype bfloat16)
+    cli.fail(f'the model decodes without kernels (model.dtype={cfg.dtype})')
 
   @dataclasses.dataclass(frozen=True)
   class XlaArgmax(type(model)):  # the same model, its argmax XLA's

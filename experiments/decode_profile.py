@@ -274,6 +274,8 @@ def main(argv):
              'or --random')
   if config.mtp.depth < 1:  # before the model is made
     cli.fail('the model has no MTP heads (mtp.depth=0)')
+  if more and max(more) >= config.model.max_seq_len:  # with any prompt (checked again below)
+    cli.fail(f'--positions {max(more)}: past model.max_seq_len={config.model.max_seq_len}')
   from mtp_jax import decode as dec
   from mtp_jax import inference
   from mtp_jax import measure

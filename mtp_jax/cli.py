@@ -33,9 +33,10 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
   problem = folder_problem(workdir, '--workdir')
   if problem:  # no mode can read or write there
     fail(problem)
-  problem = unwritable(workdir, '--workdir')
-  if problem and any(mode in WRITING_MODES for mode in modes):
-    fail(problem)
+  if any(mode in WRITING_MODES for mode in modes):  # (unwritable makes a folder there to see)
+    problem = unwritable(workdir, '--workdir')
+    if problem:
+      fail(problem)
 
 
 def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:

@@ -339,7 +339,8 @@ def bench_blocks(session, params, config, prompts):
             'temperature': temperature, 'tau': pooled['tau'],
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
-            'candidates': s.candidates, 'candidate_depth': s.candidate_depth,
+            'candidates': s.candidates,
+            'candidate_depth': s.candidate_depth if s.candidates > 1 else 0,
             'identical_to_ar': same == len(outs) if compared else None,
             'prompts_identical_to_ar': same, 'prompts': len(outs)})
       yield rows
@@ -406,7 +407,8 @@ def bench(session, params, config, step: int) -> dict:
   d = config.decode
   # what every row decodes with besides its S, batch and temperature (the sampled rows take the
   # config's top_k and top_p, every mtp row its candidates; each row says the candidates and
-  # candidate_depth it ran with: none for ar, a branch cut to S)
+  # candidate_depth it ran with, as candidates.py's rows do: 1 and 0 without alternatives, a
+  # branch cut to S)
   shared = {'prompts': len(prompts), 'max_new_tokens': d.max_new_tokens, 'top_k': d.top_k,
             'top_p': d.top_p, 'candidates': d.candidates, 'candidate_depth': d.candidate_depth,
             'rounds': d.bench_rounds}

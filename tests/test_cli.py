@@ -600,8 +600,8 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
         f'--workdir={tmp_path / "none"}'], f'no checkpoint in {tmp_path / "none"}; train first'),
       # a workdir that is a file, an output where no file can be made, the flags against the
       # model: before the model is made (they were tracebacks, or said after compiling)
-      (['experiments/argmax.py', f'--workdir={tmp_path / "file"}'],
-       f'--workdir {tmp_path / "file"} is a file, not a directory'),
+      (['experiments/decode_profile.py', '--config=configs/quickstart.py',
+        f'--workdir={tmp_path / "file"}'], f'--workdir {tmp_path / "file"} is a file, not a'),
       ([*tiny_random('experiments/bench_sampling.py'), '--json=/proc/mtp_jax.json'],
        '--json /proc: /proc is not a directory this user can write in'),
       ([*tiny_random('experiments/bench_sampling.py'), '--draft_len=5'],

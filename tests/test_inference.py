@@ -58,7 +58,7 @@ def test_bench_json_rows_and_identity(trained, capsys):
     assert r['prompts'] == config.decode.bench_prompts
     # what the row ran with: ar verifies no alternatives, an mtp branch holds at most S drafts
     K = 1 if r['method'] == 'ar' else config.decode.candidates
-    C = min(config.decode.candidate_depth, r['draft_len']) if K > 1 else 1
+    C = min(config.decode.candidate_depth, r['draft_len']) if K > 1 else 0
     assert (r['candidates'], r['candidate_depth']) == (K, C)
     if r['method'] == 'ar':
       assert r['tau'] == 1 and r['speedup'] == 1

@@ -595,8 +595,9 @@ def test_hf_directory_errors(tmp_path):
     pretrained.open_model(write_hf(tmp_path / 'k8', random_llama(narrow), narrow,
                                    config_extra={'bos_token_id': 0, 'eos_token_id': 1}))
   # JSON nested past Python's stack or with a number past its digits; a number past float's
-  # range; numbers that are not finite (a model of NaNs); Llama 3 scaling whose blend divides
-  # by zero; a tensor in two shards (which one the model was depended on the files' order)
+  # range; numbers that are not finite (a model of NaNs); a tensor in two shards is taken from
+  # the one the index names, as transformers takes it (it was the one of the last file read),
+  # and refused where the index names neither
   directory = write_hf(tmp_path / 'm1', tensors)
   (tmp_path / 'm1' / 'generation_config.json').write_text('[' * 100000 + ']' * 100000)
   with pytest.raises(PretrainedError, match='m1/generation_config.json cannot be read as JSON '
@@ -604,21 +605,25 @@ def test_hf_directory_errors(tmp_path):
     pretrained.open_model(directory)
   for key, value, words in (('rope_theta', 10**400, 'has a field of the wrong kind or value'),
                             ('rope_theta', float('inf'), 'gives model.rope_theta a value of inf'),
-                            ('rms_norm_eps', float('nan'), 'gives model.norm_eps a value of nan'),
-                            ('rope_scaling', {**LLAMA3, 'high_freq_factor': LLAMA3['low_freq_factor']},
-                             'llama3 rotary scaling has low_freq_factor=')):
+                            ('rms_norm_eps', float('nan'), 'gives model.norm_eps a value of nan')):
     with pytest.raises(PretrainedError, match=re.escape(words)):
       pretrained.open_model(write_hf(tmp_path / f'm2{key}{words[:4]}', tensors,
                                      config_extra={key: value}))
   directory = write_hf(tmp_path / 'm3', tensors, shards=2)
   shard = os.path.join(directory, 'model-00002-of-00002.safetensors')
   with safe_open(os.path.join(directory, 'model-00001-of-00002.safetensors'), 'numpy') as f:
-    first = {n: f.get_tensor(n) for n in f.keys()}
+    key = next(iter(f.keys()))
+    first = f.get_tensor(key)
   with safe_open(shard, 'numpy') as f:
-    save_file({**{n: f.get_tensor(n) for n in f.keys()}, **dict([next(iter(first.items()))])},
-              shard)
-  with pytest.raises(PretrainedError, match=f"tensor '{next(iter(first))}' of m3 is in two files, "
-                                            'model-00001-of-00002.safetensors and model-00002'):
+    save_file({**{n: f.get_tensor(n) for n in f.keys()}, key: first + 1}, shard)
+  assert pretrained.open_model(directory).get(key).tolist() == first.tolist()
+  index = json.load(open(os.path.join(directory, 'model.safetensors.index.json')))
+  del index['weight_map'][key]
+  json.dump(index, open(os.path.join(directory, 'model.safetensors.index.json'), 'w'))
+  with pytest.raises(PretrainedError, match=f"tensor '{key}' of m3 is in two files, model-00001-"
+                                            'of-00002.safetensors and model-00002-of-00002.'
+                                            'safetensors, and model.safetensors.index.json names '
+                                            'neither'):
     pretrained.open_model(directory)
   # a folder where a file it reads should be: one line, not an IsADirectoryError
   for name in ('config.json', 'generation_config.json', 'chat_template.jinja'):

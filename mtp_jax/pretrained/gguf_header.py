@@ -114,8 +114,11 @@ def _check(data) -> None:
   alignment = 32
   for _ in range(keys):
     key = c.text('a metadata key')
-    value = _value(c, c.take('I', key), key)
-    if key == 'general.alignment' and value is not None:
+    kind = c.take('I', key)
+    value = _value(c, kind, key)
+    if key == 'general.alignment':
+      if kind != _UINT32:  # as gguf's reader and llama.cpp take it
+        raise Damaged('general.alignment is not a 32-bit unsigned integer')
       alignment = value
   if alignment < 1 or alignment & (alignment - 1):
     raise Damaged(f'general.alignment={alignment} is not a power of two')
@@ -138,8 +141,8 @@ def _check(data) -> None:
     if entries % block:
       raise Damaged(f"tensor '{name}' has {entries} entries, not whole blocks of {block}")
     if offset != expected:
-      raise Damaged(f"tensor '{name}' has offset {offset}, expected {expected} (the aligned end "
-                    'of the tensor before it)')
+      raise Damaged(f"tensor '{name}' has offset {offset}, expected {expected}"
+                    + (' (the aligned end of the tensor before it)' if expected else ''))
     nbytes = entries // block * size
     if start + offset + nbytes > len(data):
       raise Damaged(f"tensor '{name}' runs past the end of the file")

@@ -74,9 +74,9 @@ def _json(path: str, name: str) -> dict:
   return value
 
 
-def weight_files(directory: str) -> list[str]:
+def weight_files(directory: str) -> tuple[list[str], dict]:
   """model.safetensors, else the shards its index names (in that order, as transformers looks
-  for them in a local directory)."""
+  for them in a local directory), with the index's weight_map ({} for one file)."""
   single = os.path.join(directory, 'model.safetensors')
   index = os.path.join(directory, 'model.safetensors.index.json')
   for path in (single, index):  # a cache's link whose blob is gone
@@ -84,7 +84,7 @@ def weight_files(directory: str) -> list[str]:
       raise PretrainedError(f'model.init_from: {directory}/{os.path.basename(path)} is a link to '
                             'a file that is gone')
   if os.path.exists(single):
-    return [single]
+    return [single], {}
   if not os.path.exists(index):
     raise PretrainedError(f'model.init_from: {directory} has neither model.safetensors nor '
                           'model.safetensors.index.json')
@@ -93,7 +93,7 @@ def weight_files(directory: str) -> list[str]:
       or not all(isinstance(s, str) for s in weight_map.values())):
     raise PretrainedError(f'model.init_from: {directory}/model.safetensors.index.json has no '
                           'weight_map of tensor names to file names')
-  return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))]
+  return [os.path.join(directory, s) for s in sorted(set(weight_map.values()))], weight_map
 
 
 def rope(c: dict, name: str, head_dim: int) -> tuple[float, tuple]:
@@ -125,10 +125,6 @@ def rope(c: dict, name: str, head_dim: int) -> tuple[float, tuple]:
                          'original_max_position_embeddings') if params.get(k) is None]
   if missing:
     raise PretrainedError(f"model.init_from: {name}'s llama3 rotary scaling has no {missing[0]}")
-  if not params['low_freq_factor'] < params['high_freq_factor']:  # the blend between divides
-    raise PretrainedError(f"model.init_from: {name}'s llama3 rotary scaling has low_freq_factor="
-                          f"{params['low_freq_factor']}, not below high_freq_factor="
-                          f"{params['high_freq_factor']}")
   return theta, llama3_factors(theta, head_dim, params)
 
 
@@ -140,7 +136,8 @@ def llama3_factors(theta: float, head_dim: int, p: dict) -> tuple:
   old = p['original_max_position_embeddings']
   factor, low, high = p['factor'], p['low_freq_factor'], p['high_freq_factor']
   wavelength = 2 * np.pi / freq
-  smooth = (old / wavelength - low) / (high - low)
+  with np.errstate(divide='ignore', invalid='ignore'):  # low == high: no band between them
+    smooth = (old / wavelength - low) / (high - low)
   scaled = np.where(wavelength > old / low, freq / factor,
                     np.where(wavelength < old / high, freq,
                              (1 - smooth) * freq / factor + smooth * freq))
@@ -200,7 +197,7 @@ def read(directory: str) -> Pretrained:
   except (TypeError, ValueError, ZeroDivisionError, AttributeError, OverflowError) as e:  # a value
     raise PretrainedError(f'model.init_from: {name}/config.json has a field of the wrong kind '
                           f'or value ({type(e).__name__}: {e})') from None
-  files = weight_files(directory)
+  files, weight_map = weight_files(directory)
   where, shapes = {}, {}
   for path in files:
     if not os.path.exists(path):
@@ -213,9 +210,15 @@ def read(directory: str) -> Pretrained:
           if s.get_dtype() not in DTYPES:
             raise PretrainedError(f"model.init_from: tensor '{key}' of {name} has type "
                                   f"{s.get_dtype()}, which is not supported ({', '.join(DTYPES)})")
-          if key in where:  # which one the model is would be a matter of the files' order
-            raise PretrainedError(f"model.init_from: tensor '{key}' of {name} is in two files, "
-                                  f'{os.path.basename(where[key])} and {os.path.basename(path)}')
+          if key in where:  # the copy the index names, as transformers reads it
+            owner = weight_map.get(key)
+            if owner == os.path.basename(where[key]):
+              continue
+            if owner != os.path.basename(path):
+              raise PretrainedError(
+                  f"model.init_from: tensor '{key}' of {name} is in two files, "
+                  f'{os.path.basename(where[key])} and {os.path.basename(path)}, and '
+                  f'model.safetensors.index.json names neither')
           where[key], shapes[key] = path, tuple(s.get_shape())
     except PretrainedError:
       raise
