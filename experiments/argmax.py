@@ -54,8 +54,7 @@ def argmax_loop(argmax, calls: int):
 def main(argv):
   cli.start(argv, persist=False)
   batches = cli.positive_ints(_BATCHES.value, '--batches')
-  if not _WORKDIR.value and not _RANDOM.value:
-    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
+  cli.weights_source(_WORKDIR.value, _RANDOM.value)
   import jax.numpy as jnp
   import numpy as np
   from mtp_jax import inference, kernels, measure, run

@@ -48,9 +48,9 @@ def main(argv):
   rows = cli.positive_ints(_ROWS.value, '--rows')
   if not 0 < _TOP_P.value < 1:  # the counts' bounds are their flags'
     cli.fail(f'--top_p must be in (0, 1), got {_TOP_P.value}')
-  if not _RANDOM.value and not _WORKDIR.value:
-    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
-             'or --random')
+  cli.weights_source(_WORKDIR.value, _RANDOM.value)
+  if not _DECODE_PROMPTS.value and _DRAFT_LEN.value:
+    cli.fail('--draft_len sets the mtp rows of --decode_prompts, which is 0')
   from mtp_jax import run
   run.persist_compiled_programs()  # as launch.py: a rerun compiles nothing
   import jax

@@ -269,9 +269,7 @@ def main(argv):
     cli.fail(e)
   more = cli.positive_ints(_POSITIONS.value, '--positions', allow_empty=True)
   batches = cli.positive_ints(_BATCHES.value, '--batches')
-  if not _RANDOM.value and not _WORKDIR.value:
-    cli.fail('give --workdir (a trained run, or any directory for a pretrained model) '
-             'or --random')
+  cli.weights_source(_WORKDIR.value, _RANDOM.value)
   if config.mtp.depth < 1:  # before the model is made
     cli.fail('the model has no MTP heads (mtp.depth=0)')
   if more and max(more) >= config.model.max_seq_len:  # with any prompt (checked again below)

@@ -385,12 +385,16 @@ def parse_fraction(text: str) -> float:
 
 
 def replay_options(depth: int, *, simulate: bool, top: int, trees, sparse, candidate_depth,
-                   table, stop_below) -> tuple[list, list, list, list]:
+                   table, stop_below, prompts: int = 2) -> tuple[list, list, list, list]:
   """(tree widths, sparse tree sizes, candidate depths, stop thresholds: each once, in
   order) from --simulate's flags as given (lists of strings), or ValueError naming the flag
-  that is malformed, out of range for heads of this depth, or given without --simulate."""
+  that is malformed, out of range for heads of this depth or `prompts` (decode.bench_prompts),
+  or given without --simulate."""
   widths = [parse_tree(t, top, depth) for t in trees]
   sizes = positive_ints(sparse, '--sparse', allow_empty=True)
+  if sizes and prompts < 2:  # each half of the prompts chooses the other's tree
+    raise ValueError('--sparse chooses each tree on one half of the prompts and replays it on '
+                     f'the other: decode.bench_prompts={prompts} has no two halves')
   depths = positive_ints(candidate_depth, '--candidate_depth')
   if max(depths) > depth:
     raise ValueError(f'--candidate_depth must be 1..mtp.depth={depth}, got '
@@ -573,7 +577,7 @@ def main(argv):
     trees, sparse, depths, stops = replay_options(
         config.mtp.depth, simulate=_SIMULATE.value, top=_TOP.value, trees=_TREE.value,
         sparse=_SPARSE.value, candidate_depth=_DEPTHS.value, table=_TABLE.value,
-        stop_below=_STOP_BELOW.value)
+        stop_below=_STOP_BELOW.value, prompts=config.decode.bench_prompts)
     table_splits = table_sources(_TABLE.value)
     costs = parse_costs(_PRICE.value, _SIMULATE.value)
     if _BY_CONFIDENCE.value + _BY_HEAD_CONFIDENCE.value + (_ANSWER_SPLIT.value > 0) > 1:

@@ -145,6 +145,15 @@ def start(argv, persist: bool = True) -> None:
     run.persist_compiled_programs()
 
 
+def weights_source(workdir: str, random: bool) -> None:
+  """A decoding script's weights: a workdir's (or a pretrained model's) or --random, one of the
+  two (random weights would leave a given workdir unread)."""
+  if not workdir and not random:
+    fail('give --workdir (a trained run, or any directory for a pretrained model) or --random')
+  if workdir and random:
+    fail('--random decodes random weights and reads no --workdir: give one of the two')
+
+
 def output_file(path: str, flag: str) -> None:
   """A script's output file flag, checked before any work (the file itself is written at the end,
   whole or not at all: atomic.write_json): not a folder, and in a folder that can be made."""

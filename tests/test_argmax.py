@@ -28,5 +28,7 @@ def test_argmax_script_refuses_bad_flags_before_anything_runs():
   for flags, words in [(['--random', '--rounds', '0'], ['--rounds', '0']),
                        (['--random', '--prompts', '-1'], ['--prompts', '-1']),
                        (['--random', '--batches', '0'], ['--batches']),
-                       ([], ['--workdir', '--random'])]:
+                       ([], ['--workdir', '--random']),
+                       (['--random', '--workdir=runs/x'],
+                        ['--random decodes random weights and reads no --workdir'])]:
     assert_user_error(run_script('experiments/argmax.py', *flags), *words)

@@ -608,6 +608,8 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
        "the mtp rows draft 1 to 1 tokens (the model's heads), got --draft_len 5"),
       ([*tiny_random('experiments/bench_sampling.py'), '--top_k=256'],
        '--top_k 256 keeps every one of the 256 tokens'),
+      ([*tiny_random('experiments/bench_sampling.py'), '--decode_prompts=0', '--draft_len=1'],
+       '--draft_len sets the mtp rows of --decode_prompts, which is 0'),
       ([*tiny_random('experiments/argmax.py'), '--config.decode.kernels=False'],
        'the config decodes without kernels'),
       ([*tiny_random('experiments/decode_profile.py'), '--config.mtp.depth=0'],

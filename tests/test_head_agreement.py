@@ -328,6 +328,7 @@ def test_bad_replay_flags_are_refused(tmp_path):
   refused('--tree is replayed by --simulate', simulate=False, trees=['1'])
   refused('--sparse takes positive integers', sparse=['4', '0'])
   refused('--sparse is replayed by --simulate', simulate=False, sparse=['4'])
+  refused('decode.bench_prompts=1 has no two halves', sparse=['4'], prompts=1)
   refused('--candidate_depth takes positive integers', candidate_depth=['0'])
   refused('--candidate_depth must be', depth=2, candidate_depth=['3'])
   refused('--candidate_depth takes positive integers, got none', candidate_depth=[])
