@@ -285,12 +285,12 @@ def positive_ints(values: list[str], flag: str, allow_empty: bool = False) -> li
     raise ConfigError(f'{flag} takes positive integers, got none')
   if not all(v.isascii() and v.isdigit() and int(v) > 0 for v in values):  # not '²': isdigit
     raise ConfigError(f'{flag} takes positive integers, got {",".join(values)}')
-  if max(map(int, values), default=0) > MAX_COUNT:
-    raise ConfigError(f'{flag}: {max(map(int, values))} is past {MAX_COUNT}, the most a count can '
-                      'be')
-  if len(set(map(int, values))) < len(values):  # each would be timed or swept twice
+  ints = [int(v) for v in values]
+  if max(ints, default=0) > MAX_COUNT:
+    raise ConfigError(f'{flag}: {max(ints)} is past {MAX_COUNT}, the most a count can be')
+  if len(set(ints)) < len(ints):  # each would be timed or swept twice
     raise ConfigError(f'{flag} takes each value once, got {",".join(values)}')
-  return [int(v) for v in values]
+  return ints
 
 
 def _numbers(config, prefix: str = ''):
@@ -334,8 +334,8 @@ def validate(config) -> None:
                       ('train.keep_checkpoints', t.keep_checkpoints),
                       ('train.eval_every', t.eval_every), ('train.eval_batches', t.eval_batches),
                       ('train.log_every', t.log_every), ('decode.max_new_tokens', d.max_new_tokens),
-                      ('decode.prompt_len', d.prompt_len), ('decode.bench_prompts', d.bench_prompts),
-                      ('mtp.head_blocks', mtp.head_blocks)]:
+                      ('decode.prompt_len', d.prompt_len),
+                      ('decode.bench_prompts', d.bench_prompts), ('mtp.head_blocks', mtp.head_blocks)]:
     _check(isinstance(value, int) and value >= 1, f'{name} must be an integer >= 1, got {value!r}')
     _check(value <= MAX_COUNT, f'{name}={value} is past {MAX_COUNT}, the most a count can be')
   _check(isinstance(config.seed, int) and 0 <= config.seed < 2**32,  # jax.random.key keeps 32
@@ -397,10 +397,11 @@ def validate(config) -> None:
   _check(all(0 <= w <= FLOAT32_MAX and 0 <= s <= MAX_COUNT for s, w in schedule),
          f'mtp.loss_weight_schedule: steps must be in 0..{MAX_COUNT} and weights finite and >= 0, '
          f"got '{mtp.loss_weight_schedule}'")
-  steps = [s for s, _ in schedule]
-  _check(len(set(steps)) == len(steps),  # which of two weights from one step on would be moot
-         f'mtp.loss_weight_schedule: step {next(s for s in steps if steps.count(s) > 1)} is given '
-         f"twice in '{mtp.loss_weight_schedule}'" if len(set(steps)) < len(steps) else '')
+  steps = [s for s, _ in schedule]  # sorted
+  twice = [a for a, b in zip(steps, steps[1:]) if a == b]
+  if twice:  # which of two weights from one step on would be moot
+    raise ConfigError(f"mtp.loss_weight_schedule: step {twice[0]} is given twice in "
+                      f"'{mtp.loss_weight_schedule}'")
   _check(t.seq_len + mtp.depth <= m.max_seq_len,
          f'train.seq_len + mtp.depth = {t.seq_len + mtp.depth} exceeds model.max_seq_len='
          f'{m.max_seq_len} (the RoPE range)')

@@ -31,8 +31,9 @@ index) -> token ids, draft_to_vocab(params, q, V) -> q over all V tokens, argmax
 init_cache(batch, length), prepare(params) -> params as those functions read them; the flags
 `chains` (head k reads head k-1's hidden state and its draft) and `attends` (the heads keep a KV
 cache), and hidden_dim, hidden_dtype (the heads' hidden states) and max_positions
-(`WholeVocabulary` gives the parts a model drafting over every token shares). Shape legend: Q queued prompts, B rows decoded
-at once, L cache length, P prompt length, S draft length, D width, V vocab, N draft vocabulary.
+(`WholeVocabulary` gives the parts a model drafting over every token shares). Shape legend: Q
+queued prompts, B rows decoded at once, L cache length, P prompt length, S draft length, D width,
+V vocab, N draft vocabulary.
 
 Position bookkeeping: a row holds n committed tokens t_0..t_{n-1}; the trunk cache holds
 positions 0..n-2 and t_{n-1} is the pending input of the next verify. Head k at position i reads

@@ -45,9 +45,10 @@ class TrainingError(RuntimeError):
 
 
 def lr_schedule(t):
-  """Learning rate of optimizer update `count` (0-based): linear warmup reaching t.lr at
-  the warmup_steps-th update (count warmup_steps - 1), then cosine decay to t.lr * t.min_lr_ratio at the last update. The first
-  update already moves (lr / warmup_steps), instead of optax's zero at count 0."""
+  """Learning rate of optimizer update `count` (0-based): linear warmup reaching t.lr at the
+  warmup_steps-th update (count warmup_steps - 1), then cosine decay to t.lr * t.min_lr_ratio at
+  the last update. The first update already moves (lr / warmup_steps), instead of optax's zero
+  at count 0."""
   warmup = max(t.warmup_steps, 1)
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=warmup,
@@ -117,8 +118,8 @@ def train_step(state, batch, draft_ids=None, *, tx, sc: StepConfig):
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
   # Micro-batch i holds rows i, i + grad_accum, ...: the batch is split over the devices in
   # blocks of rows, so each device holds rows of every micro-batch and none moves (micro-batches
-  # of consecutive rows made XLA move each one onto all devices: 28 collective permutes and 19
-  # all-gathers a step on 8 devices with grad_accum=4).
+  # of consecutive rows made XLA gather and permute each one onto all devices; tests/
+  # sharded_check.py counts the step's collectives).
   micro = jax.tree.map(lambda x: x.reshape(-1, sc.grad_accum, *x.shape[1:]).swapaxes(0, 1), batch)
   counts, scale = None, 1.0 / sc.grad_accum
   if sc.grad_accum > 1 and isinstance(batch, dict):

@@ -64,6 +64,19 @@ def cast(tensors: dict, dtype) -> dict:
   return out
 
 
+def finite(get, field: str, name: str):
+  """`get` (tensor name -> float32 array) checking each array it returns: values that are not
+  finite (damaged data, a model of NaNs said by no error) are one line naming the tensor and the
+  file `name` that `field` gives."""
+  def checked(tensor: str) -> np.ndarray:
+    w = get(tensor)
+    if not np.isfinite(w).all():
+      raise PretrainedError(f"{field}: tensor '{tensor}' of {name} holds values that are not "
+                            'finite numbers')
+    return w
+  return checked
+
+
 def sha256(paths: list[str]) -> str:
   digest = hashlib.sha256()
   for path in paths:

@@ -146,17 +146,12 @@ def _open(path: str, name: str):
   """The file's reader and architecture, once it is known to be whole and of an architecture
   read here, with the metadata needed."""
   try:
-    gguf_header.check(path)
-  except gguf_header.Damaged as e:
-    raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file (truncated or '
-                          f'damaged: {e})') from None
-  try:
+    gguf_header.check(path)  # first: the reader loops on a damaged count, and reads past the end
     reader = gguf.GGUFReader(path)
   except Exception as e:  # the reader raises ValueError, struct errors or IndexError on damage
-    # (a file cut anywhere, its tensors' data included: their arrays, views of the mapped file,
-    # come out short and do not take their shapes)
+    reason = str(e) if isinstance(e, gguf_header.Damaged) else f'{type(e).__name__}: {e}'
     raise PretrainedError(f'model.init_from: {name} is not a readable GGUF file '
-                          f'(truncated or damaged: {type(e).__name__}: {e})') from None
+                          f'(truncated or damaged: {reason})') from None
   arch = _value(reader, 'general.architecture', '')
   if llama.architecture(arch) is None:
     raise PretrainedError(f"model.init_from: {name} has architecture '{arch}'; only "

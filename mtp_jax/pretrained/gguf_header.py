@@ -12,10 +12,12 @@ import mmap
 import struct
 
 import gguf
+import numpy as np
 
-# Value types (GGUFValueType): the bytes of each fixed-size one, and the two that are not
-_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+# Value types (gguf's GGUFValueType): the bytes of each fixed-size one, as gguf's reader reads it
+_SIZES = {int(t): np.dtype(d).itemsize for t, d in gguf.GGUFReader.gguf_scalar_to_np.items()}
+_STRING, _ARRAY, _UINT32 = (int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY),
+                            int(gguf.GGUFValueType.UINT32))
 _MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
 _NESTING = 4  # arrays of arrays a file may hold (llama.cpp's own files hold none)
 _QUANT_SIZES = {int(t): sizes for t, sizes in gguf.GGML_QUANT_SIZES.items()}

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from mtp_jax import atomic
 from mtp_jax.config import same_widths
 from mtp_jax.pretrained import field, llama
-from mtp_jax.pretrained.base import PretrainedError, cast
+from mtp_jax.pretrained.base import PretrainedError, cast, finite
 
 FORMAT = 'mtp_jax.heads.v1'
 RANK = 'token_rank'  # every token id, most frequent in the heads' training data first
@@ -139,15 +139,10 @@ def _check_rank(path: str, name: str, shape: tuple, dtype: str, vocab: int) -> N
 
 def load(path: str, config) -> dict:
   check(path, config)
-  name = os.path.basename(path)
   with safe_open(path, framework='numpy') as f:
-    def get(tensor: str) -> np.ndarray:
-      w = f.get_tensor(tensor).astype(np.float32)
-      if not np.isfinite(w).all():
-        raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} holds values that are "
-                              'not finite numbers')
-      return w
     names = list(f.keys())
+    get = finite(lambda n: f.get_tensor(n).astype(np.float32), 'mtp.init_from',
+                 os.path.basename(path))
     return llama.heads_to_params(get, names,
                                  config.mtp.kind, config.mtp.depth, config.model.num_heads,
                                  config.model.num_kv_heads, config.mtp.head_blocks,

@@ -12,7 +12,7 @@ import numpy as np
 from mtp_jax.config import stored_head_dim
 from mtp_jax.pretrained import fetch as fetch_lib, gguf_file, heads_file, hf, llama
 from mtp_jax.pretrained import FILE_FIELDS, field, set_field, unset_fields
-from mtp_jax.pretrained.base import Pretrained, PretrainedError
+from mtp_jax.pretrained.base import Pretrained, PretrainedError, finite
 
 HEAD_INITS = ('', 'last_block')  # or a heads file
 
@@ -104,15 +104,8 @@ def resolve_config(config):
 def trunk_params(source: str) -> dict:
   """The trunk's params (keys of params['params']) as float32 numpy arrays."""
   p = open_model(source)
-  name = os.path.basename(os.path.normpath(p.path))
-
-  def get(key: str) -> np.ndarray:
-    w = p.get(key)
-    if not np.isfinite(w).all():  # damaged data: a model of NaNs, said by no error
-      raise PretrainedError(f"model.init_from: tensor '{key}' of {name} holds values that are "
-                            'not finite numbers')
-    return w
-  return llama.to_trunk(get, p.fields)
+  return llama.to_trunk(finite(p.get, 'model.init_from', os.path.basename(os.path.normpath(
+      p.path))), p.fields)
 
 
 def head_params(config, trunk: dict) -> dict:
