@@ -304,12 +304,10 @@ def benchmark(workdir: str) -> dict:
   session = train.Session(config, workdir, data=False, reads='bench')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
-  width = max(len(ids) for ids in prompts)
-  for S in range(session.cfg.mtp_depth + 1):  # what our decoder would refuse, before the params
-    for K in ([1] if S == 0 else [1, *candidates]):
-      inference.check_prompts(prompts, session.cfg.vocab_size, dec.Settings(
-          draft_len=S, max_new_tokens=max_new, candidates=K), session.cfg.max_seq_len, width,
-          new_tokens=f'--max_new_tokens={max_new}')
+  inference.check_batch1(session, prompts, [  # our decoder's refusals, before the params
+      dec.Settings(draft_len=S, max_new_tokens=max_new, candidates=K)
+      for S in range(session.cfg.mtp_depth + 1) for K in ([1] if S == 0 else [1, *candidates])],
+      new_tokens=f'--max_new_tokens={max_new}')
   _, params = inference.load_params(session)
   systems = our_systems(session, params, prompts, max_new, candidates)
   checks = {}

@@ -78,9 +78,7 @@ def main(argv):
     drafts = config.decode.draft_vocab or session.cfg.vocab_size
     if max(counts) > drafts:
       raise ConfigError(f'--candidates {max(counts)}: the heads draft over {drafts} tokens')
-    width = max(len(p) for p in prompts)
-    for s in settings:  # what the decoder would refuse, before the params are made
-      inference.check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len, width)
+    inference.check_batch1(session, prompts, settings)  # before the params are made
     _, params = inference.load_params(session)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)

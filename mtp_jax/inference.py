@@ -449,17 +449,23 @@ def _complete(path: str) -> bool:
     return False
 
 
+def check_batch1(session, prompts: list[list[int]], settings_list, new_tokens: str = '') -> None:
+  """check_prompts for each of `settings_list` as a sweep decodes them (each prompt alone,
+  padded to the longest so that all share a compilation), on the session's model."""
+  width = max(len(p) for p in prompts)
+  for s in settings_list:
+    check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len, width, new_tokens)
+
+
 def check_bench(session, config, prompts) -> None:
   """bench's one-line errors: its prompts at every S it decodes, and a bench.json it could not
   write, before it writes bench.json or compiles anything."""
   path = bench_file(session.workdir)
   if os.path.lexists(path) and not os.path.isfile(path):
     raise ConfigError(f'{path} is not a file, and bench writes one there: move it')
-  width = max(len(p) for p in prompts)
-  for S in range(session.cfg.mtp_depth + 1):
-    check_prompts(prompts, session.cfg.vocab_size,
-                  settings(config, draft=S, temperature=0.0, stop_ids=session.stop_ids),
-                  session.cfg.max_seq_len, width)
+  check_batch1(session, prompts, [settings(config, draft=S, temperature=0.0,
+                                           stop_ids=session.stop_ids)
+                                  for S in range(session.cfg.mtp_depth + 1)])
 
 
 def prompts_to_check(session, count: int) -> list[list[int]]:
