@@ -10,11 +10,11 @@ Prints one row per (S, K, C): the positions (rows) one verify forward takes, tau
 position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), ms per iteration
 (tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` (at the
 same temperature) and, greedy, whether every output equals `ar`'s; --json FILE keeps them.
---tiles both (on a CPU with AMX) times every row with and without the tile unit in the same
-rounds (decode.tiles), each against `ar` without it; --tiles forms also with the trunk's matrices
-all in two bfloat16 halves (kernels.tiled, 4 bytes an entry) where the config's decoder keeps
-those that have the form as kernels.ScaledTiles (a GGUF file's Q4_1 tensors, half a byte an entry,
-and Q8_0's, 1).
+--tiles both (where scaled tiles run: on the tile unit, AMX, or on AVX-512's FMAs) times every
+row with and without tiles in the same rounds (decode.tiles), each against `ar` without them;
+--tiles forms (on a CPU with AMX) also with the trunk's matrices all in two bfloat16 halves
+(kernels.tiled, 4 bytes an entry) where the config's decoder keeps those that have the form as
+kernels.ScaledTiles (a GGUF file's Q4_1 tensors, half a byte an entry, and Q8_0's, 1).
 The tiles column names each row's: none, halves or scaled.
 """
 
@@ -40,9 +40,10 @@ _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature (0: 
 _ROUNDS = cli.rounds_flag(2)
 _JSON = flags.DEFINE_string('json', '', 'Write the rows to this JSON file.')
 _TILES = flags.DEFINE_enum('tiles', 'config', ['config', 'both', 'forms'], 'config: '
-                           'decode.tiles; both: every setting also without the tile unit (where '
-                           'it runs), in the same interleaved rounds, the reference being `ar` '
-                           'without it; forms: also with the trunk tiled in two halves only.')
+                           'decode.tiles; both: every setting also without tiles (where they '
+                           'run), in the same interleaved rounds, the reference being `ar` '
+                           'without them; forms: also with the trunk tiled in two halves only '
+                           '(the tile unit alone).')
 
 
 def main(argv):
@@ -54,6 +55,7 @@ def main(argv):
   import dataclasses
   from mtp_jax import decode as dec
   from mtp_jax import inference
+  from mtp_jax import kernels
   from mtp_jax import measure
   from mtp_jax import run, train
   from mtp_jax.config import ConfigError, check_temperature
@@ -79,6 +81,9 @@ def main(argv):
     if max(counts) > drafts:
       raise ConfigError(f'--candidates {max(counts)}: the heads draft over {drafts} tokens')
     inference.check_batch1(session, prompts, settings)  # before the params are made
+    if _TILES.value == 'forms' and not kernels.tiles_usable():
+      raise ConfigError('--tiles forms times two bfloat16 halves, which only the tile unit (AMX) '
+                        'multiplies; this CPU does not have it')
     _, params = inference.load_params(session)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)

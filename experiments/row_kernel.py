@@ -3,11 +3,12 @@ products a decoding step makes (in every layer q, k and v as one product, o, gat
 down, as model.kernel_layout stacks them; M = batch x positions), with random float32 weights in
 the kernel's layout (one output per row) in the form of a GGUF Q4_1 tensor dequantized (each run
 of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 offset), whose
-entries are also each the sum of two bfloat16 numbers; where the CPU has AMX
-(kernels.tiles_usable) and the shapes are whole tiles, also the products of the same weights on
-the tile unit, which decoding uses there (decode.tiles): `tiled`, in two bfloat16 halves
-(kernels.tiled, 4 bytes an entry), and `scaled`, as kernels.ScaledTiles (the integers two to a
-byte, a float16 scale and offset a run of 32).
+entries are also each the sum of two bfloat16 numbers; where the shapes are whole tiles, also
+the products of the same weights as decoding keeps them there (decode.tiles): `scaled`, as
+kernels.ScaledTiles (the integers two to a byte, a float16 scale and offset a run of 32), where
+they run (kernels.scaled_usable: on the tile unit, AMX, else on AVX-512's FMAs), and `tiled`, in
+two bfloat16 halves (kernels.tiled, 4 bytes an entry), where the CPU has AMX
+(kernels.tiles_usable).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
      python experiments/row_kernel.py --rows 1,4,32 --layers 8
@@ -89,7 +90,8 @@ def main(argv):
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   whole = all(n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in shapes)
-  tiles = kernels.tiles_usable() and whole
+  halves = kernels.tiles_usable() and whole  # two bfloat16 halves: the tile unit alone
+  scaled_here = kernels.scaled_usable() and whole  # the tile unit, or AVX-512's FMAs
   if _DECOMPOSE.value and not kernels.tiles_usable():
     cli.fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
   if _DECOMPOSE.value and not whole:
@@ -114,8 +116,9 @@ def main(argv):
     loaded = load(f'--baseline {_BASELINE.value}', _BASELINE.value)
     if not add('baseline', loaded, 'RowsMatmul', 'float32'):
       cli.fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
-    if tiles:
+    if halves:
       add('baseline tiled', loaded, 'RowsMatmulTiled', 'tiled')
+    if scaled_here:
       add('baseline scaled', loaded, scaled_symbol, 'scaled')
   for name, parts in _PARTS * _DECOMPOSE.value:
     define = f'MTPJAX_SCALED_PARTS={parts}'
@@ -134,10 +137,11 @@ def main(argv):
                       for s in distinct]
   repeat = len(shapes) // len(distinct_weights)
   weights = distinct_weights * repeat
-  if tiles and not all(kernels.two_bfloat16(w) for w in distinct_weights):
+  if halves and not all(kernels.two_bfloat16(w) for w in distinct_weights):
     cli.fail('the random Q4_1 weights do not all split into two bfloat16 numbers')
-  tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if tiles else []
-  scaled = [kernels.scaled_tiles_if_exact(w) for w in distinct_weights] * repeat if tiles else []
+  tiled = [kernels.tiled(w) for w in distinct_weights] * repeat if halves else []
+  scaled = ([kernels.scaled_tiles_if_exact(w) for w in distinct_weights] * repeat
+            if scaled_here else [])
   if any(t is None for t in scaled):
     cli.fail('the random Q4_1 weights are not all in the form of kernels.ScaledTiles')
   bytes_read = sum(n * k * 4 for n, k in shapes)  # float32 bytes multiplied, from cache or not
@@ -165,7 +169,7 @@ def main(argv):
       return total
     return run
 
-  names = ['kernel'] + ['tiled', 'scaled'] * tiles + list(extra) + ['xla']
+  names = ['kernel'] + ['tiled'] * halves + ['scaled'] * scaled_here + list(extra) + ['xla']
   paths = {p: chain(p) for p in names}
   forms = {'tiled': 'tiled', 'scaled': 'scaled', **{p: form for p, (_, form) in extra.items()}}
   operands = {p: {'tiled': tiled, 'scaled': scaled}.get(forms.get(p), weights) for p in names}

@@ -108,12 +108,13 @@ def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
   """The decoder's view of a model: with the native kernels where they can run (a float32 model
   on one CPU device whose kernels built, mtp_jax.kernels), drafting over `draft_ids` (a reduced
   vocabulary; None: every token) with the heads' matrices in `draft_dtype` (kernels only: XLA
-  would widen them at every call; q4_1 on the tile unit only, int8 where it is not); with
-  `use_tiles`, the trunk's matrices that the CPU's tile unit takes exactly are multiplied there
-  (kernels.tiles_usable, model.tile_trunk)."""
+  would widen them at every call; q4_1 where scaled tiles run, int8 where they do not); with
+  `use_tiles`, the trunk's matrices that a scaled-tile kernel takes exactly are multiplied there
+  (kernels.scaled_usable, model.tile_trunk: on the tile unit, where two bfloat16 halves run too,
+  else on AVX-512's FMAs)."""
   draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
   kernels = use_kernels and cfg.dtype == 'float32' and kernels_lib.usable()
-  tiles = kernels and kernels_lib.tiles_usable()
+  tiles = kernels and kernels_lib.scaled_usable()
   if not kernels:
     draft_dtype = 'float32'
   elif draft_dtype == 'q4_1' and not tiles:
@@ -133,7 +134,7 @@ class DecodeModel(WholeVocabulary):
   kernels: bool = False
   draft: tuple | None = None
   draft_dtype: str = 'float32'  # the heads' matrices and draft output rows (kernels only)
-  tiles: bool = False  # the trunk's matrices the tile unit takes exactly, tiled (kernels only)
+  tiles: bool = False  # the trunk's matrices the tile kernels take exactly, tiled (kernels only)
   # with tiles: the trunk's matrices as kernels.ScaledTiles where they have the form, else in
   # two bfloat16 halves; False: the blocks' in two halves, a tied output matrix still as scaled
   # tiles (model.tile_trunk; for comparisons)
@@ -166,8 +167,9 @@ class DecodeModel(WholeVocabulary):
   def prepare(self, params):
     """The params as this model's functions read them, converted once per params object: with
     kernels every dense matrix one output per row (model.kernel_layout), the heads' in
-    draft_dtype, and with tiles the trunk's matrices that the tile unit takes exactly stored for
-    it (model.tile_trunk); with a draft vocabulary, its ids and output rows (N x D) under 'draft'.
+    draft_dtype, and with tiles the trunk's matrices that the tile kernels take exactly stored for
+    them (model.tile_trunk; two halves on the tile unit only); with a draft vocabulary, its ids
+    and output rows (N x D) under 'draft'.
     Models share the kernel layouts of the same params (one per tile form, one without; only the
     heads' narrowed copies and the draft rows differ), and all of it is dropped with the params
     object it was made from."""
@@ -181,7 +183,8 @@ class DecodeModel(WholeVocabulary):
           layout = made.get('layout')
           layout = jax.jit(kernel_layout)(params) if layout is None else layout
           # the tiled layouts alone are kept (a model without tiles makes the other again)
-          made[base] = tile_trunk(layout, self.scaled_trunk) if self.tiles else layout
+          made[base] = (tile_trunk(layout, self.scaled_trunk, kernels_lib.tiles_usable())
+                        if self.tiles else layout)
         out = narrow_heads(made[base], self.draft_dtype)
       if self.draft is not None:
         out = {**out, 'draft': _draft(out, self.draft, self.kernels, self.draft_dtype)}
@@ -200,7 +203,7 @@ class DecodeModel(WholeVocabulary):
   def step_bytes(self, params) -> int:
     """What one decoding step reads of the trunk's weights as this model keeps them: its
     matrices (tiled ones as their tiles: two halves, or scaled tiles' integers, scales and
-    offsets) and the output matrix, as scaled tiles where the tile unit reads it so, else the
+    offsets) and the output matrix, as scaled tiles where the tile kernels read it so, else the
     unembedding, else the embedding it is tied to; an embedding table that is not the output
     matrix is only looked up, a row a token, and not counted."""
     leaves = [(path[1].key, leaf) for path, leaf in self._trunk_leaves(params)]  # by module

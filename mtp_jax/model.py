@@ -218,9 +218,9 @@ def output_matrix(inner, kernel_layout_: bool):
   return inner['unembedding'] if kernel_layout_ else inner['unembedding'].T
 
 
-def tile_trunk(layout, scaled: bool = True):
-  """kernel_layout's params with each of the trunk's dense matrices that the tile unit can take
-  exactly (its shape in whole tiles) stored for it: as kernels.ScaledTiles where every run of 32
+def tile_trunk(layout, scaled: bool = True, halves: bool = True):
+  """kernel_layout's params with each of the trunk's dense matrices that the tile kernels can take
+  exactly (its shape in whole tiles) stored for them: as kernels.ScaledTiles where every run of 32
   entries along a row is a scale times small integers, with or without an offset (a GGUF Q8_0,
   Q4_0, Q5_0 or Q4_1 tensor: 1 byte an entry, or half of one for Q4_1 and Q4_0), else tiled in
   two bfloat16 halves where every entry splits so (kernels.tiled: 4 bytes an entry). The heads'
@@ -228,7 +228,9 @@ def tile_trunk(layout, scaled: bool = True):
   embedding) in ScaledTiles' form is added beside it as such, under 'output_tiles', which the
   projections onto the vocabulary then read; the embedding stays for looking tokens up. Without
   `scaled` (kept for comparisons), the blocks' matrices are all in two halves, as before
-  ScaledTiles; a tied output matrix is still added."""
+  ScaledTiles; a tied output matrix is still added. Without `halves` (a CPU without the tile
+  unit, whose FMAs multiply ScaledTiles but gain nothing from two halves), no matrix is tiled in
+  two halves."""
   def tile(path, leaf):
     w = matrix_rows(path, leaf)
     if w is None or _in_heads(_keys(path)) or leaf.dtype != jnp.float32:
@@ -236,7 +238,7 @@ def tile_trunk(layout, scaled: bool = True):
     if w.shape[0] % kernels.TILE_ROWS or w.shape[1] % kernels.TILE_COLUMNS:
       return leaf
     t = kernels.scaled_tiles_if_exact(w) if scaled else None
-    if t is None:
+    if t is None and halves:
       t = kernels.tiled_if_exact(w)
     return leaf if t is None else t.reshape(*leaf.shape)
   tiled = jax.tree_util.tree_map_with_path(tile, layout)

@@ -436,6 +436,7 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   K, N = 100, 37  # a tail past the last full vector, rows past every block size
   x = jax.random.normal(jax.random.key(0), (5, K))
   assert library.TiledReady() == 0  # no tile unit in these instruction sets
+  assert library.ScaledReady() == 0  # nor AVX-512 for the scaled tiles' FMAs
   for dtype in ('float32', 'bfloat16', 'int8'):
     symbol = kernels.ROWS_TARGETS[dtype][1]
     name = f'test_rows_matmul_{march}_{dtype}'
@@ -493,7 +494,7 @@ def test_the_avx512_and_amx_forms_compile(march, tmp_path):
 @pytest.mark.parametrize('dtype,gap', [('bfloat16', 0.02), ('int8', 0.02), ('q4_1', 0.2)])
 def test_narrow_drafts_keep_greedy_output(dtype, gap):
   """Heads and draft rows in bfloat16, int8 or Q4_1's form change what is drafted, never what is
-  committed; Q4_1's form where the tile unit runs (int8 elsewhere), for every matrix in whole
+  committed; Q4_1's form where scaled tiles run (int8 elsewhere), for every matrix in whole
   tiles (the 40 draft rows are not: int8)."""
   cfg = tiny_model(**{'model.d_model': 64})
   params = init_params(cfg, jax.random.key(1))
@@ -506,9 +507,9 @@ def test_narrow_drafts_keep_greedy_output(dtype, gap):
   prepared = model.prepare(params)
   gate_up = prepared['params']['mtp_1']['block']['mlp']['gate_up']
   if dtype == 'q4_1':
-    assert model.draft_dtype == ('q4_1' if kernels.tiles_usable() else 'int8')
+    assert model.draft_dtype == ('q4_1' if kernels.scaled_usable() else 'int8')
     assert prepared['draft']['out'].dtype == 'int8'
-    if kernels.tiles_usable():
+    if kernels.scaled_usable():
       assert isinstance(gate_up, kernels.ScaledTiles) and gate_up.affine
       as_int8 = dec.decode_model(cfg, True, None, 'int8').prepare(params)
       assert gate_up.shape == as_int8['params']['mtp_1']['block']['mlp']['gate_up'].shape
@@ -704,6 +705,9 @@ def test_the_tile_unit_runs_where_the_cpu_has_one():
     assert amx
   if amx and kernels.usable() and os.environ.get('MTP_JAX_TILES', '1') != '0':
     assert kernels.tiles_usable()
+  # scaled tiles: on the tile unit, else on AVX-512's FMAs
+  assert kernels.scaled_usable() == (
+      'avx512f' in flags and kernels.usable() and os.environ.get('MTP_JAX_TILES', '1') != '0')
 
 
 @pytest.mark.parametrize('layout', ['tiled', 'q8_0', 'q4_1', 'q4_0'])
@@ -712,8 +716,9 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
   """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 or Q4_1 matrix): within float32
   rounding of the product in float64 for every row count (1-16 rows take one input block, more
   take several) and for groups of 3, 2 and 1 weight-row blocks (48 / 80 / 112 rows); where the
-  tile unit runs, also bit for bit the same for a row whatever the rows beside it, as the float32
-  kernel's (the XLA fallback elsewhere)."""
+  layout's kernel runs (two halves: the tile unit; scaled tiles: it or AVX-512's FMAs), also bit
+  for bit the same for a row whatever the rows beside it, as the float32 kernel's (the XLA
+  fallback elsewhere)."""
   w = jax.random.normal(jax.random.key(K), (N, K)) * 0.05
   if layout == 'tiled':
     w = two_bfloat16_exact(w)
@@ -730,7 +735,7 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
   for rows in (2, 5, 16, 17, 32, 33, 40):
     got = np.asarray(product(x[:rows], t))
     np.testing.assert_allclose(got, want[:rows], rtol=1e-5, atol=1e-5 * np.sqrt(K))
-    if kernels.tiles_usable():
+    if kernels.tiles_usable() if layout == 'tiled' else kernels.scaled_usable():
       np.testing.assert_array_equal(got, alone[:rows])
   np.testing.assert_allclose(kernels.rows_matmul(x, t, use_kernel=False), want, rtol=1e-5,
                              atol=1e-5 * np.sqrt(K))
@@ -836,9 +841,12 @@ def test_decoding_with_tiles_keeps_greedy_output(S, K, tied, draft, form):
   outputs, hidden = {}, {}
   for tiles in (True, False):
     model = dec.decode_model(cfg, True, draft, use_tiles=tiles)
-    assert model.tiles == (tiles and kernels.tiles_usable())
-    # the blocks' matrices and the output matrix (heads drafting in Q4_1's form not counted)
-    assert model.tiled_matrices(params) == (4 * cfg.num_layers + 1 if model.tiles else 0)
+    assert model.tiles == (tiles and kernels.scaled_usable())
+    # the blocks' matrices and the output matrix, an untied one in two halves too (two halves
+    # only on the tile unit; heads drafting in Q4_1's form not counted)
+    scaled = form == 'q4_1' or kernels.tiles_usable()
+    assert model.tiled_matrices(params) == (
+        4 * cfg.num_layers * scaled + (tied or scaled) if model.tiles else 0)
     assert dec.decode_model(cfg, True, draft, 'q4_1', use_tiles=tiles).tiled_matrices(
         params) == model.tiled_matrices(params)
     for s in (dec.Settings(draft_len=0, max_new_tokens=24),

@@ -1,5 +1,5 @@
 """experiments/output_projection.py on the real SmolLM2 file: a row per M with each path's time
-(the scaled tiles where the tile unit runs; every output checked against XLA's dot by the
+(the scaled tiles where they run; every output checked against XLA's dot by the
 script), and bad flags are one line and exit 2. Timings themselves are not asserted."""
 
 import re
@@ -13,10 +13,10 @@ def test_output_projection_times_each_path_on_smollm2s_matrix():
                     '--rows', '1,3', '--rounds', '1', timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  paths = ['float32 kernel'] + ['scaled tiles'] * kernels.tiles_usable() + ['xla']
+  paths = ['float32 kernel'] + ['scaled tiles'] * kernels.scaled_usable() + ['xla']
   assert lines[0] == 'smollm2: output matrix 49152 x 576; ' + (
-      'scaled tiles' if kernels.tiles_usable() else
-      'in the form of scaled tiles, but no tile unit here')
+      'scaled tiles' if kernels.scaled_usable() else
+      'in the form of scaled tiles, but no scaled-tile kernel here')
   assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == paths
   assert [line.split('|')[0].strip() for line in lines[2:]] == ['1', '3']
   for line in lines[2:]:

@@ -14,8 +14,9 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   any number of rows), or as ScaledTiles (`scaled_tiles_if_exact`: a matrix whose every run of
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
   file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors dequantize: Q8_0's and Q5_0's integers one byte
-  each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte, widened to bfloat16
-  tiles in the kernel, on the tile unit too).
+  each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte: on the tile unit, widened
+  to bfloat16 tiles in the kernel, any number of rows; on a CPU with AVX-512 but no AMX, widened
+  to float32 on its FMAs, each row's arithmetic its own: scaled_usable).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 argmax(x): the first index of each row's largest value, as layers.greedy.
 square_sums(x): each row's sum of squares in a fixed order (layers.row_sums's), as one call.
@@ -259,6 +260,7 @@ def _library():
                 ('mtpjax_cache_attention', 'CacheAttention'), ('mtpjax_argmax', 'Argmax'),
                 ('mtpjax_square_sums', 'SquareSums')]]
     library.TiledReady.restype = ctypes.c_int
+    library.ScaledReady.restype = ctypes.c_int
   except (OSError, AttributeError) as e:  # a damaged file, a missing libstdc++ symbol, noexec
     # One this process built would not load after another build either: recorded, as a refused
     # build is. One found in the cache may be damaged: removed, to be built again.
@@ -287,6 +289,16 @@ def usable() -> bool:
   """Kernels on this process's devices: built, and a single CPU device (a custom call has no
   sharding rule, so a mesh of several devices keeps XLA's own ops)."""
   return jax.default_backend() == 'cpu' and jax.device_count() == 1 and available()
+
+
+@functools.cache
+def scaled_usable() -> bool:
+  """Whether ScaledTiles' products run in a kernel here: the kernels are usable, the library was
+  built for AVX-512 (the tile unit multiplies them where tiles_usable, else AVX-512's FMAs), and
+  MTP_JAX_TILES is not 0."""
+  if _off('MTP_JAX_TILES') or not usable():
+    return False
+  return bool(_library().ScaledReady())
 
 
 @functools.cache
@@ -600,8 +612,8 @@ def rows_matmul(x, w, use_kernel: bool = True, exact: bool = True):
   if len(w.shape) != 2 or w.shape[1] != x.shape[-1] or tuple(held) != tuple(w.shape):
     raise ValueError(f'rows_matmul takes w as (N, K={x.shape[-1]}), got {tuple(w.shape)}'
                      + (f' holding {tuple(held)}' if scaled else ''))
-  if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows where the unit runs, else XLA
-    if use_kernel and _float32(x) and tiles_usable():
+  if scaled or w.dtype == jnp.uint32:  # tiles: any number of rows in a kernel, else XLA
+    if use_kernel and _float32(x) and (scaled_usable() if scaled else tiles_usable()):
       target, operands = ((SCALED_TARGETS[jnp.dtype(w.q.dtype).name], (w.q, w.scales)) if scaled
                           else (ROWS_TARGETS['uint32'], (w,)))
       return jax.ffi.ffi_call(target[0], jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]),

@@ -39,6 +39,8 @@
 
 namespace ffi = xla::ffi;
 
+extern "C" int TiledReady();
+
 namespace {
 
 #if defined(__AVX512F__)
@@ -190,6 +192,10 @@ inline void lane_sums(const vf* v, float* out) {
     const vf s = sums_of(pad);
     for (int j = 0; i + j < C; ++j) out[i + j] = s[j];
   }
+}
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {  // one prefetch a cache line
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
 }
 
 // A hint to the core that this thread spins on a flag.
@@ -449,9 +455,6 @@ void split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, uint16_t* piec
 // it, 15.8 / 16.2 / 18.2 / 19.2 two / four / eight / sixteen blocks ahead (the float32 kernel
 // 14.5-15.1 in the same runs).
 constexpr int64_t kAheadHalves = 2 * kTileHalves;
-inline void prefetch_bytes(const void* p, int64_t bytes) {  // one prefetch a cache line
-  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(static_cast<const char*>(p) + at);
-}
 
 // One weight block's five tile products into sum tile C: its (hi, lo) tiles at w. Macros, not
 // functions: GCC's tile intrinsics take the tile's number as a literal.
@@ -575,6 +578,140 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
+#if defined(__AVX512F__)
+constexpr int64_t kRun = 32, kRunRows = 16;  // a scaled block: 16 weight rows by a run of 32
+
+// Each input row's sums over its runs of 32 (M x K / 32): two vectors added, then their lanes.
+std::vector<float> sums_of_runs(const float* x, int64_t M, int64_t K) {
+  std::vector<float> sums(M * (K / kRun));
+  for (int64_t i = 0; i < M * (K / kRun); ++i)
+    sums[i] = hsum(load(x + i * kRun) + load(x + i * kRun + kLanes));
+  return sums;
+}
+
+// Scaled products without the tile unit, on AVX-512's FMAs: the same ScaledTiles, for CPUs
+// without AMX. A block's tile holds its 32 columns as 16 pairs, each pair's 32 integers row by
+// row (16 rows x 2 columns); half h of a pair (rows 8h to 8h + 7) widens to one float vector,
+// lane 2i + j holding row 8h + i's column 2p + j, and an FMA with the input's two entries of that
+// pair (x[2p], x[2p + 1] repeated) adds to each row's even and odd columns' sums in its own
+// lanes. A run's sums are scaled once (its 16 row scales, each in its row's two lanes), its
+// offsets times the input run's sum added (in the even lanes alone), and at the end each row's
+// two lanes added. Every input row's sums take the same steps whatever the rows beside it.
+// Input rows a pass over a block: 4 rows keep 16 sums of a run, 8 totals, 2 weight vectors
+// and an input pair in AVX-512's 32 registers; more rows take more passes, which read the
+// block's integers again from L1 or L2.
+constexpr int kScaledRows = 4;
+
+// Half h of pair p of a tile of int8 integers (512 bytes: pair p at 32 p), widened.
+inline __m512 pair_half(const int8_t* tile, int p, int h) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 32 * p + 16 * h))));
+}
+// Half h of pair p of a tile of integers 0 to 15 two to a byte (256 bytes: pairs 2c and 2c + 1
+// in the low and high nibbles of bytes 32 c to 32 c + 31), widened through a table of the 16
+// numbers (vpermps reads an index's low 4 bits, so a low nibble needs no mask).
+inline __m512 pair_half(const uint8_t* tile, int p, int h) {
+  const __m512 numbers = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i bytes = _mm512_cvtepu8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 32 * (p / 2) + 16 * h)));
+  if (p % 2) bytes = _mm512_srli_epi32(bytes, 4);
+  return _mm512_permutexvar_ps(bytes, numbers);
+}
+inline __m512 widen_halves(const uint16_t* p) {  // 16 float16 numbers
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// y's 16 columns of one scaled block for M <= kScaledRows input rows (x, run_sums: K and K / 32
+// apart; y: N apart): the block's tiles (K / 32 of them) and its scales (K / 32 x S x 16).
+template <int M, bool kAffine, typename Q>
+void fma_block(const float* x, const float* run_sums, const Q* tiles, const uint16_t* scales,
+               float* y, int64_t K, int64_t N) {
+  constexpr int64_t S = kAffine ? 2 : 1;
+  constexpr int64_t kBytes = std::is_same_v<Q, uint8_t> ? kRun * kRunRows / 2 : kRun * kRunRows;
+  const __m512i both0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i both1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14,
+                                          15, 15);
+  const int64_t runs = K / kRun;
+  __m512 total[M][2];
+  for (int m = 0; m < M; ++m) total[m][0] = total[m][1] = _mm512_setzero_ps();
+  for (int64_t kb = 0; kb < runs; ++kb) {
+    const Q* tile = tiles + kb * kBytes;
+    prefetch_bytes(tile + 4 * kBytes, kBytes);
+    __m512 sum[M][2][2];  // input row, half, pair parity: two chains of 8 FMAs a run
+    for (int m = 0; m < M; ++m)
+      for (int h = 0; h < 2; ++h) sum[m][h][0] = sum[m][h][1] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int p = 0; p < 16; ++p) {
+      const __m512 w0 = pair_half(tile, p, 0), w1 = pair_half(tile, p, 1);
+      for (int m = 0; m < M; ++m) {
+        double pair;
+        std::memcpy(&pair, x + m * K + kb * kRun + 2 * p, sizeof(pair));
+        const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        sum[m][0][p % 2] = _mm512_fmadd_ps(w0, xv, sum[m][0][p % 2]);
+        sum[m][1][p % 2] = _mm512_fmadd_ps(w1, xv, sum[m][1][p % 2]);
+      }
+    }
+    const __m512 scale = widen_halves(scales + kb * S * kRunRows);
+    const __m512 scale0 = _mm512_permutexvar_ps(both0, scale);
+    const __m512 scale1 = _mm512_permutexvar_ps(both1, scale);
+    __m512 offset0 = _mm512_setzero_ps(), offset1 = _mm512_setzero_ps();
+    if constexpr (kAffine) {  // in the even lanes only: added once per row
+      const __m512 offset = widen_halves(scales + (kb * S + 1) * kRunRows);
+      offset0 = _mm512_maskz_permutexvar_ps(0x5555, both0, offset);
+      offset1 = _mm512_maskz_permutexvar_ps(0x5555, both1, offset);
+    }
+    for (int m = 0; m < M; ++m) {
+      total[m][0] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][0][0], sum[m][0][1]), scale0,
+                                    total[m][0]);
+      total[m][1] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][1][0], sum[m][1][1]), scale1,
+                                    total[m][1]);
+      if constexpr (kAffine) {
+        const __m512 run = _mm512_set1_ps(run_sums[m * runs + kb]);
+        total[m][0] = _mm512_fmadd_ps(offset0, run, total[m][0]);
+        total[m][1] = _mm512_fmadd_ps(offset1, run, total[m][1]);
+      }
+    }
+  }
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
+                                         30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int m = 0; m < M; ++m)
+    _mm512_storeu_ps(y + m * N,
+                     _mm512_add_ps(_mm512_permutex2var_ps(total[m][0], even, total[m][1]),
+                                   _mm512_permutex2var_ps(total[m][0], odd, total[m][1])));
+}
+
+template <bool kAffine, typename Q>
+void fma_block_rows(int rows, const float* x, const float* run_sums, const Q* tiles,
+                    const uint16_t* scales, float* y, int64_t K, int64_t N) {
+  switch (rows) {
+    case 1: return fma_block<1, kAffine>(x, run_sums, tiles, scales, y, K, N);
+    case 2: return fma_block<2, kAffine>(x, run_sums, tiles, scales, y, K, N);
+    case 3: return fma_block<3, kAffine>(x, run_sums, tiles, scales, y, K, N);
+    default: return fma_block<4, kAffine>(x, run_sums, tiles, scales, y, K, N);
+  }
+}
+
+// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed on FMAs: the blocks of 16
+// weight rows split among the threads in chunks of 4 (64 rows, as the row kernel's), each
+// block's passes of kScaledRows input rows one after another.
+template <bool kAffine, typename Q>
+void fma_scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
+                        const Q* q, const uint16_t* s, float* y) {
+  const std::vector<float> run_sums = kAffine ? sums_of_runs(x, M, K) : std::vector<float>();
+  constexpr int64_t S = kAffine ? 2 : 1, kChunk = 4;
+  const int64_t blocks = N / kRunRows, runs = K / kRun;
+  const int64_t block_bytes = std::is_same_v<Q, uint8_t> ? K * kRunRows / 2 : K * kRunRows;
+  parallel(pool, (blocks + kChunk - 1) / kChunk, [&](int64_t c) {
+    for (int64_t b = c * kChunk; b < std::min(blocks, (c + 1) * kChunk); ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += kScaledRows)
+        fma_block_rows<kAffine>(static_cast<int>(std::min<int64_t>(kScaledRows, M - m0)),
+                                x + m0 * K, run_sums.data() + m0 * runs, q + b * block_bytes,
+                                s + b * runs * S * kRunRows, y + m0 * N + b * kRunRows, K, N);
+  });
+}
+#endif
+
 #if MTPJAX_AMX
 static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
@@ -703,12 +840,7 @@ void scaled_group(const uint16_t* pieces, int64_t Mp, int64_t K, const Q* q,
 template <bool kAffine, typename Q>
 void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t N,
                     const Q* q, const uint16_t* s, float* y) {
-  std::vector<float> run_sums;
-  if constexpr (kAffine) {  // each row's runs summed alike: two vectors, then their lanes
-    run_sums.resize(M * (K / kPair));
-    for (int64_t i = 0; i < M * (K / kPair); ++i)
-      run_sums[i] = hsum(load(x + i * kPair) + load(x + i * kPair + kLanes));
-  }
+  const std::vector<float> run_sums = kAffine ? sums_of_runs(x, M, K) : std::vector<float>();
   const float* rs = run_sums.data();
   over_groups(pool, x, M, K, N,
               [&](auto G, const uint16_t* xs, int64_t Mp, int64_t nb, int64_t m0) {
@@ -732,14 +864,14 @@ template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<T> q, ffi::Buffer<ffi::F16> s,
                                 ffi::ResultBuffer<ffi::F32> y) {
-#if MTPJAX_AMX
+#if defined(__AVX512F__)
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
   const auto sd = s.dimensions();
   constexpr int64_t kPerByte = T == ffi::DataType::U8 ? 2 : 1;
-  if (qd.size() != 2 || xd.size() < 1 || qd[1] * kPerByte != xd.back() || qd[0] % kTile ||
-      xd.back() % kPair || sd.size() != 4 || sd[0] != qd[0] / kTile ||
-      sd[1] != xd.back() / kPair || (sd[2] != 1 && sd[2] != 2) || sd[3] != kTile)
+  if (qd.size() != 2 || xd.size() < 1 || qd[1] * kPerByte != xd.back() || qd[0] % kRunRows ||
+      xd.back() % kRun || sd.size() != 4 || sd[0] != qd[0] / kRunRows ||
+      sd[1] != xd.back() / kRun || (sd[2] != 1 && sd[2] != 2) || sd[3] != kRunRows)
     return ffi::Error::InvalidArgument(
         "rows_matmul: x (..., K), scaled tiles q (N, K, or K / 2 for integers 0 to 15) and "
         "scales (N / 16, K / 32, 1 or 2, 16), N % 16 == 0 and K % 32 == 0, expected");
@@ -751,13 +883,22 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (T == ffi::DataType::U8 && sd[2] != 2)
     return ffi::Error::InvalidArgument("rows_matmul: integers 0 to 15 come with offsets");
   const auto* qp = reinterpret_cast<const Q*>(q.typed_data());
+#if MTPJAX_AMX
+  if (TiledReady()) {
+    if (sd[2] == 2)
+      scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    else
+      scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    return ffi::Error::Success();
+  }
+#endif
   if (sd[2] == 2)
-    scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    fma_scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
   else
-    scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    fma_scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
   return ffi::Error::Success();
 #else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AMX");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AVX-512");
 #endif
 }
 
@@ -1015,7 +1156,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RowsMatmulScaled8, RowsMatmulScaledImpl<ffi::U8>,
                               scaled_binding<ffi::U8>());
 
 // 1 when tiled products can run here: built for AMX, and the kernel let this process use the
-// tile registers (Linux asks each process to request them once).
+// tile registers (Linux asks each process to request them once). Declared near the top, for the
+// scaled products, which fall back to FMAs where it is 0.
 extern "C" int TiledReady() {
 #if MTPJAX_AMX
   static const int ready = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
@@ -1044,3 +1186,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Argmax, ArgmaxImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSums, SquareSumsImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+
+// 1 when scaled products (kernels.ScaledTiles) run here: on the tile unit where TiledReady, else
+// on AVX-512's FMAs.
+extern "C" int ScaledReady() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
