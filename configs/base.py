@@ -169,10 +169,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Native CPU kernels for decoding steps (built with the host's C++ compiler at first use;
   # XLA's own ops wherever they cannot run).
   c.decode.kernels = True
-  # With the kernels, on a CPU with AVX-512: a GGUF file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors
+  # With the kernels, on a CPU with AVX-512 or AVX2: a GGUF file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors
   # multiplied as they are stored, a float16 scale (and offset) per 32 entries times integers
   # (half a byte an entry for Q4_1's and Q4_0's, 1 for Q8_0's and Q5_0's), on the tile unit where
-  # the CPU has AMX (up to 16 rows for the cost of one), else on AVX-512's FMAs (each row's
+  # the CPU has AMX (up to 16 rows for the cost of one), else on its FMAs (each row's
   # arithmetic its own); with AMX also other matrices whose entries are each the sum of two
   # bfloat16 numbers, in those two (4 bytes). Every decoding step uses them, so verifying drafts
   # stays exact.

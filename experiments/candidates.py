@@ -10,8 +10,9 @@ Prints one row per (S, K, C): the positions (rows) one verify forward takes, tau
 position, tokens/s at batch 1 on held-out prompts (each prompt decoded alone), ms per iteration
 (tau / tokens/s: one verify forward, its drafts and bookkeeping), the speedup over `ar` (at the
 same temperature) and, greedy, whether every output equals `ar`'s; --json FILE keeps them.
---tiles both (where scaled tiles run: on the tile unit, AMX, or on AVX-512's FMAs) times every
-row with and without tiles in the same rounds (decode.tiles), each against `ar` without them;
+--tiles both (where scaled tiles run: on the tile unit, AMX, or on the FMAs of AVX-512 or
+AVX2) times every row with and without tiles in the same rounds (decode.tiles), each against
+`ar` without them;
 --tiles forms (on a CPU with AMX) also with the trunk's matrices all in two bfloat16 halves
 (kernels.tiled, 4 bytes an entry) where the config's decoder keeps those that have the form as
 kernels.ScaledTiles (a GGUF file's Q4_1 tensors, half a byte an entry, and Q8_0's, 1).

@@ -2,12 +2,11 @@
 it ships, and its weights quantized again to other types by gguf's own quantizer
 (gguf_file.rewritten: each quantized matrix dequantized, then quantized to the type; written
 once beside the file as NAME.TYPE.gguf), each decoded as the decoder keeps it (model.tile_trunk,
-on a CPU with AVX-512: each matrix by its values, whatever the file's type, as scaled tiles where
-every run of 32 entries is a scale times small integers, Q4_1's and Q4_0's integers half a byte
-an entry, Q8_0's and Q5_0's one byte (so the F32 file rewritten from Q4_1's values is read as
-the Q4_1 file is), else, with AMX, as two bfloat16 halves where every entry splits so, else
-float32). The
-heads are the config's, trained on the Q4_1 trunk.
+on a CPU with AVX-512 or AVX2: each matrix by its values, whatever the file's type, as scaled
+tiles where every run of 32 entries is a scale times small integers, Q4_1's and Q4_0's integers
+half a byte an entry, Q8_0's and Q5_0's one byte (so the F32 file rewritten from Q4_1's values is
+read as the Q4_1 file is), else, with AMX, as two bfloat16 halves where every entry splits so,
+else float32). The heads are the config's, trained on the Q4_1 trunk.
 
 Run: python experiments/gguf_forms.py --config configs/smollm2.py --workdir runs/smollm2
      python experiments/gguf_forms.py ... --types Q4_1,Q4_0 --draft_len 2

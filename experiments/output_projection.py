@@ -1,7 +1,8 @@
 """The projection onto the vocabulary, on a pretrained trunk's own output matrix (the embedding,
 when tied), for M input rows: the float32 row kernel, the scaled tiles that model.tile_trunk
 makes of a Q8_0 matrix (kernels.ScaledTiles: 1 byte an entry and a scale per 32, on the CPU's
-tile unit or else AVX-512's FMAs; where the matrix has that form and they run) and XLA's dot.
+tile unit or else the FMAs of AVX-512 or AVX2; where the matrix has that form and they run) and
+XLA's dot.
 
 Run: python experiments/output_projection.py --config configs/smollm2.py [--rows 1,8,32]
 Prints, per M: ms for one product through each (fastest of --rounds interleaved rounds, after a

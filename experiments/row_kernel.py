@@ -6,8 +6,8 @@ of 32 entries along a row a float16 scale times integers 0 to 15 plus a float16 
 entries are also each the sum of two bfloat16 numbers; where the shapes are whole tiles, also
 the products of the same weights as decoding keeps them there (decode.tiles): `scaled`, as
 kernels.ScaledTiles (the integers two to a byte, a float16 scale and offset a run of 32), where
-they run (kernels.scaled_usable: on the tile unit, AMX, else on AVX-512's FMAs), and `tiled`, in
-two bfloat16 halves (kernels.tiled, 4 bytes an entry), where the CPU has AMX
+they run (kernels.scaled_usable: on the tile unit, AMX, else on the FMAs of AVX-512 or AVX2),
+and `tiled`, in two bfloat16 halves (kernels.tiled, 4 bytes an entry), where the CPU has AMX
 (kernels.tiles_usable).
 
 Run: python experiments/row_kernel.py                   (SmolLM2-135M's shapes)
@@ -91,7 +91,7 @@ def main(argv):
   shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
   whole = all(n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in shapes)
   halves = kernels.tiles_usable() and whole  # two bfloat16 halves: the tile unit alone
-  scaled_here = kernels.scaled_usable() and whole  # the tile unit, or AVX-512's FMAs
+  scaled_here = kernels.scaled_usable() and whole  # the tile unit, or the FMAs of AVX-512 or AVX2
   if _DECOMPOSE.value and not kernels.tiles_usable():
     cli.fail('--decompose times the tile unit\'s scaled products, which this CPU does not have')
   if _DECOMPOSE.value and not whole:

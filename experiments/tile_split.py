@@ -1,6 +1,6 @@
 """How much of a pretrained trunk the tile kernels take exactly (decode.tiles), in either of their
-forms (two halves on the tile unit alone; scaled tiles there or on AVX-512's FMAs). Per kind of
-matrix: the share of entries that are each the sum of two bfloat16 numbers (hi,
+forms (two halves on the tile unit alone; scaled tiles there or on the FMAs of AVX-512 or
+AVX2). Per kind of matrix: the share of entries that are each the sum of two bfloat16 numbers (hi,
 its bfloat16 rounding, and lo, that of the rest; kernels.two_bfloat16), the largest relative gap
 |hi + lo - w| / |w| of the others, and whether every matrix of the kind has the form of
 kernels.ScaledTiles along its input axis (as decoding's params hold it): each run of 32 entries

@@ -111,7 +111,7 @@ def decode_model(cfg: ModelConfig, use_kernels: bool = True, draft_ids=None,
   would widen them at every call; q4_1 where scaled tiles run, int8 where they do not); with
   `use_tiles`, the trunk's matrices that a scaled-tile kernel takes exactly are multiplied there
   (kernels.scaled_usable, model.tile_trunk: on the tile unit, where two bfloat16 halves run too,
-  else on AVX-512's FMAs)."""
+  else on the FMAs of AVX-512 or AVX2)."""
   draft = None if draft_ids is None else tuple(sorted(int(t) for t in draft_ids))
   kernels = use_kernels and cfg.dtype == 'float32' and kernels_lib.usable()
   tiles = kernels and kernels_lib.scaled_usable()

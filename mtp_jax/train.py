@@ -455,7 +455,7 @@ class Session(Program):
     if model.draft_dtype != self.config.decode.draft_dtype:
       needs = ('the decoding kernels (float32 model, one CPU device, kernels built)'
                if model.draft_dtype == 'float32'
-               else 'a CPU with AVX-512 (the scaled-tile kernels)')
+               else 'a CPU with AVX-512 or AVX2 (the scaled-tile kernels)')
       print(f'note: decode.draft_dtype={self.config.decode.draft_dtype} needs {needs}; drafting '
             f'reads {model.draft_dtype} heads', file=sys.stderr)
     width, groups = self.cfg.head_dim, self.cfg.num_heads // self.cfg.num_kv_heads

@@ -429,14 +429,15 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   build takes one of them; here the library is also built for AVX2 (haswell) and for plain
   x86-64, loaded as FFI targets of its own, and its row products for 1 to 5 rows (every block
   form) checked against float64 and, bit for bit, against the same rows taken one at a time;
-  its argmax against NumPy's."""
+  with AVX2 (its FMAs and F16C), scaled tiles' products (Q8_0's and Q4_1's forms) alike for 1
+  to 9 rows; its argmax against NumPy's."""
   out = str(tmp_path / 'decode_ops.so')
   assert kernels.compile_library(out, march) is None
   library = ctypes.cdll.LoadLibrary(out)
   K, N = 100, 37  # a tail past the last full vector, rows past every block size
   x = jax.random.normal(jax.random.key(0), (5, K))
   assert library.TiledReady() == 0  # no tile unit in these instruction sets
-  assert library.ScaledReady() == 0  # nor AVX-512 for the scaled tiles' FMAs
+  assert library.ScaledReady() == (march == 'haswell')  # scaled tiles on AVX2's FMAs
   for dtype in ('float32', 'bfloat16', 'int8'):
     symbol = kernels.ROWS_TARGETS[dtype][1]
     name = f'test_rows_matmul_{march}_{dtype}'
@@ -454,6 +455,21 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
         got = got * np.asarray(w.scale)
       np.testing.assert_allclose(got, np.asarray(x[:rows], np.float64) @ wide.T, rtol=1e-5,
                                  atol=1e-4 * np.sqrt(K))
+  for form in ('q8_0', 'q4_1') if march == 'haswell' else ():
+    w = EXACT[form](jax.random.normal(jax.random.key(2), (48, 96)) * 0.05)  # 3 blocks of 16
+    t = kernels.scaled_tiles_if_exact(w)
+    name = f'test_scaled_{march}_{form}'
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(
+        library, kernels.SCALED_TARGETS[jnp.dtype(t.q.dtype).name][1])), platform='cpu')
+    product = lambda x: np.asarray(jax.ffi.ffi_call(  # noqa: E731
+        name, jax.ShapeDtypeStruct((x.shape[0], 48), jnp.float32))(x, t.q, t.scales))
+    xs = jax.random.normal(jax.random.key(3), (9, 96))
+    alone = np.concatenate([product(xs[i:i + 1]) for i in range(9)])
+    for rows in range(1, 10):
+      got = product(xs[:rows])
+      np.testing.assert_array_equal(got, alone[:rows])
+      np.testing.assert_allclose(got, np.asarray(xs[:rows], np.float64) @ np.asarray(
+          w, np.float64).T, rtol=1e-5, atol=1e-5 * np.sqrt(96))
   # The argmax's 8-lane form: ties, -inf, a tail past the last vector set
   jax.ffi.register_ffi_target(f'test_argmax_{march}', jax.ffi.pycapsule(library.Argmax),
                               platform='cpu')
@@ -705,9 +721,10 @@ def test_the_tile_unit_runs_where_the_cpu_has_one():
     assert amx
   if amx and kernels.usable() and os.environ.get('MTP_JAX_TILES', '1') != '0':
     assert kernels.tiles_usable()
-  # scaled tiles: on the tile unit, else on AVX-512's FMAs
+  # scaled tiles: on the tile unit, else on the FMAs of AVX-512 or AVX2 (with F16C)
+  fmas = 'avx512f' in flags or {'avx2', 'fma', 'f16c'} <= set(flags)
   assert kernels.scaled_usable() == (
-      'avx512f' in flags and kernels.usable() and os.environ.get('MTP_JAX_TILES', '1') != '0')
+      fmas and kernels.usable() and os.environ.get('MTP_JAX_TILES', '1') != '0')
 
 
 @pytest.mark.parametrize('layout', ['tiled', 'q8_0', 'q4_1', 'q4_0'])
@@ -716,7 +733,7 @@ def test_a_tiled_product_is_the_float32_product_whatever_the_rows_beside_it(layo
   """Both tile layouts (two bfloat16 halves; ScaledTiles of a Q8_0 or Q4_1 matrix): within float32
   rounding of the product in float64 for every row count (1-16 rows take one input block, more
   take several) and for groups of 3, 2 and 1 weight-row blocks (48 / 80 / 112 rows); where the
-  layout's kernel runs (two halves: the tile unit; scaled tiles: it or AVX-512's FMAs), also bit
+  layout's kernel runs (two halves: the tile unit; scaled tiles: it or the FMAs), also bit
   for bit the same for a row whatever the rows beside it, as the float32 kernel's (the XLA
   fallback elsewhere)."""
   w = jax.random.normal(jax.random.key(K), (N, K)) * 0.05

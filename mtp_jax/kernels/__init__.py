@@ -15,8 +15,8 @@ rows_matmul(x, w): x (..., K) times w (N, K) transposed (weights stored one outp
   32 entries along a row is a scale times small integers, plus an offset or not, as a GGUF
   file's Q4_1, Q4_0, Q8_0 and Q5_0 tensors dequantize: Q8_0's and Q5_0's integers one byte
   each, a quarter of float32's bytes, Q4_1's and Q4_0's two to a byte: on the tile unit, widened
-  to bfloat16 tiles in the kernel, any number of rows; on a CPU with AVX-512 but no AMX, widened
-  to float32 on its FMAs, each row's arithmetic its own: scaled_usable).
+  to bfloat16 tiles in the kernel, any number of rows; on a CPU with AVX-512 or AVX2 but no AMX,
+  widened to float32 on its FMAs, each row's arithmetic its own: scaled_usable).
 cache_attention(q, k, v, positions, slots): new entries' attention over a KV cache.
 argmax(x): the first index of each row's largest value, as layers.greedy.
 square_sums(x): each row's sum of squares in a fixed order (layers.row_sums's), as one call.
@@ -294,7 +294,8 @@ def usable() -> bool:
 @functools.cache
 def scaled_usable() -> bool:
   """Whether ScaledTiles' products run in a kernel here: the kernels are usable, the library was
-  built for AVX-512 (the tile unit multiplies them where tiles_usable, else AVX-512's FMAs), and
+  built for AVX-512 or AVX2 with F16C (the tile unit multiplies them where tiles_usable, else the
+  FMAs), and
   MTP_JAX_TILES is not 0."""
   if _off('MTP_JAX_TILES') or not usable():
     return False

@@ -578,117 +578,143 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // y = the sum over the row's runs of scale x (x0 q + x1 q + x2 q) (+ offset x the run's sum of
 // x): each piece product is exact in float32; a run's are summed in its tile (rounded as float32
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define MTPJAX_SCALED_FMA 1
 constexpr int64_t kRun = 32, kRunRows = 16;  // a scaled block: 16 weight rows by a run of 32
 
-// Each input row's sums over its runs of 32 (M x K / 32): two vectors added, then their lanes.
+// Each input row's sums over its runs of 32 (M x K / 32): the run's vectors added, then their
+// lanes.
 std::vector<float> sums_of_runs(const float* x, int64_t M, int64_t K) {
   std::vector<float> sums(M * (K / kRun));
-  for (int64_t i = 0; i < M * (K / kRun); ++i)
-    sums[i] = hsum(load(x + i * kRun) + load(x + i * kRun + kLanes));
+  for (int64_t i = 0; i < M * (K / kRun); ++i) {
+    vf v = load(x + i * kRun);
+    for (int j = kLanes; j < kRun; j += kLanes) v += load(x + i * kRun + j);
+    sums[i] = hsum(v);
+  }
   return sums;
 }
 
-// Scaled products without the tile unit, on AVX-512's FMAs: the same ScaledTiles, for CPUs
-// without AMX. A block's tile holds its 32 columns as 16 pairs, each pair's 32 integers row by
-// row (16 rows x 2 columns); half h of a pair (rows 8h to 8h + 7) widens to one float vector,
-// lane 2i + j holding row 8h + i's column 2p + j, and an FMA with the input's two entries of that
-// pair (x[2p], x[2p + 1] repeated) adds to each row's even and odd columns' sums in its own
-// lanes. A run's sums are scaled once (its 16 row scales, each in its row's two lanes), its
-// offsets times the input run's sum added (in the even lanes alone), and at the end each row's
-// two lanes added. Every input row's sums take the same steps whatever the rows beside it.
-// Input rows a pass over a block: 4 rows keep 16 sums of a run, 8 totals, 2 weight vectors
-// and an input pair in AVX-512's 32 registers; more rows take more passes, which read the
-// block's integers again from L1 or L2.
-constexpr int kScaledRows = 4;
+// Scaled products without the tile unit, on the FMAs of AVX-512 (16 lanes) or AVX2 (8): the
+// same ScaledTiles, for CPUs without AMX. A block's tile holds its 32 columns as 16 pairs, each
+// pair's 32 integers row by row (16 rows x 2 columns). A part of a pair (kPartRows rows: 8 with
+// 16 lanes, 4 with 8) widens to one float vector, lane 2i + j holding row i's column 2p + j, and
+// an FMA with the input's two entries of that pair (x[2p], x[2p + 1] repeated) adds to each
+// row's even and odd columns' sums in its own lanes. A run's sums are scaled once (each row's
+// scale in its two lanes), its offsets times the input run's sum added (in the even lanes
+// alone), and at the end each row's two lanes added. Every input row's sums take the same steps
+// whatever the rows beside it.
+constexpr int kPartRows = kLanes / 2, kParts = kRunRows / kPartRows;
+// Parts of a block taken in one pass over its runs, and input rows a pass: with 16 lanes both
+// parts and 4 rows (16 sums of a run, 8 totals, 2 weight vectors and an input pair in AVX-512's
+// 32 registers); with 8 lanes one part and 4 rows (8 sums, 4 totals, a weight vector and an
+// input pair in AVX2's 16), the block's four parts in four passes, which find its integers in
+// L1 after the first. More rows take more passes, which read them from L1 or L2.
+constexpr int kPassParts = kLanes == 16 ? 2 : 1, kScaledRows = 4;
 
-// Half h of pair p of a tile of int8 integers (512 bytes: pair p at 32 p), widened.
-inline __m512 pair_half(const int8_t* tile, int p, int h) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 32 * p + 16 * h))));
-}
-// Half h of pair p of a tile of integers 0 to 15 two to a byte (256 bytes: pairs 2c and 2c + 1
-// in the low and high nibbles of bytes 32 c to 32 c + 31), widened through a table of the 16
-// numbers (vpermps reads an index's low 4 bits, so a low nibble needs no mask).
-inline __m512 pair_half(const uint8_t* tile, int p, int h) {
+// Part s of pair p of a tile of int8 integers (512 bytes: pair p at 32 p), widened.
+inline vf pair_part(const int8_t* tile, int p, int s) { return load(tile + 32 * p + kLanes * s); }
+// Part s of pair p of a tile of integers 0 to 15 two to a byte (256 bytes: pairs 2c and 2c + 1
+// in the low and high nibbles of bytes 32 c to 32 c + 31), widened.
+inline vf pair_part(const uint8_t* tile, int p, int s) {
+  const uint8_t* at = tile + 32 * (p / 2) + kLanes * s;
+#if defined(__AVX512F__)
+  // through a table of the 16 numbers (vpermps reads an index's low 4 bits: a low nibble needs
+  // no mask)
   const __m512 numbers = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512i bytes = _mm512_cvtepu8_epi32(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + 32 * (p / 2) + 16 * h)));
+  __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
   if (p % 2) bytes = _mm512_srli_epi32(bytes, 4);
-  return _mm512_permutexvar_ps(bytes, numbers);
+  return (vf)_mm512_permutexvar_ps(bytes, numbers);
+#else
+  __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(at)));
+  bytes = p % 2 ? _mm256_srli_epi32(bytes, 4) : _mm256_and_si256(bytes, _mm256_set1_epi32(15));
+  return (vf)_mm256_cvtepi32_ps(bytes);
+#endif
 }
-inline __m512 widen_halves(const uint16_t* p) {  // 16 float16 numbers
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+// x[0], x[1] in every pair of lanes.
+inline vf pair_splat(const float* x) {
+  double pair;
+  std::memcpy(&pair, x, sizeof(pair));
+#if defined(__AVX512F__)
+  return (vf)_mm512_castpd_ps(_mm512_set1_pd(pair));
+#else
+  return (vf)_mm256_castpd_ps(_mm256_set1_pd(pair));
+#endif
 }
+// 16 float16 numbers widened into out[0, 16).
+inline void widen_halves(const uint16_t* p, float* out) {
+#if defined(__AVX512F__)
+  _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+  for (int i = 0; i < 16; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(p + i))));
+#endif
+}
+const vi kPairOf = kIota / 2;  // lane 2i + j takes row i's number
+const vi kEven = (kIota & 1) == 0;
 
-// y's 16 columns of one scaled block for M <= kScaledRows input rows (x, run_sums: K and K / 32
-// apart; y: N apart): the block's tiles (K / 32 of them) and its scales (K / 32 x S x 16).
-template <int M, bool kAffine, typename Q>
-void fma_block(const float* x, const float* run_sums, const Q* tiles, const uint16_t* scales,
-               float* y, int64_t K, int64_t N) {
+// y's kPartRows x G columns of parts [s0, s0 + G) of one scaled block, for M <= kScaledRows
+// input rows (x, run_sums: K and K / 32 apart; y: N apart): the block's tiles (K / 32 of them)
+// and its scales (K / 32 x S x 16).
+template <int M, int G, bool kAffine, typename Q>
+void fma_parts(const float* x, const float* run_sums, const Q* tiles, const uint16_t* scales,
+               float* y, int64_t K, int64_t N, int s0) {
   constexpr int64_t S = kAffine ? 2 : 1;
   constexpr int64_t kBytes = std::is_same_v<Q, uint8_t> ? kRun * kRunRows / 2 : kRun * kRunRows;
-  const __m512i both0 = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-  const __m512i both1 = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14,
-                                          15, 15);
   const int64_t runs = K / kRun;
-  __m512 total[M][2];
-  for (int m = 0; m < M; ++m) total[m][0] = total[m][1] = _mm512_setzero_ps();
+  vf total[M][G];
+  for (int m = 0; m < M; ++m)
+    for (int g = 0; g < G; ++g) total[m][g] = vf{};
+  // each run's scales (and offsets), widened; past 16, zeros that a part's last load reaches
+  float numbers[S][kRunRows + kLanes] = {};
   for (int64_t kb = 0; kb < runs; ++kb) {
     const Q* tile = tiles + kb * kBytes;
-    prefetch_bytes(tile + 4 * kBytes, kBytes);
-    __m512 sum[M][2][2];  // input row, half, pair parity: two chains of 8 FMAs a run
+    if (s0 == 0) prefetch_bytes(tile + 4 * kBytes, kBytes);
+    vf sum[M][G][2];  // input row, part, pair parity: two chains of 8 FMAs a run
     for (int m = 0; m < M; ++m)
-      for (int h = 0; h < 2; ++h) sum[m][h][0] = sum[m][h][1] = _mm512_setzero_ps();
+      for (int g = 0; g < G; ++g) sum[m][g][0] = sum[m][g][1] = vf{};
 #pragma GCC unroll 16
     for (int p = 0; p < 16; ++p) {
-      const __m512 w0 = pair_half(tile, p, 0), w1 = pair_half(tile, p, 1);
+      vf w[G];
+      for (int g = 0; g < G; ++g) w[g] = pair_part(tile, p, s0 + g);
       for (int m = 0; m < M; ++m) {
-        double pair;
-        std::memcpy(&pair, x + m * K + kb * kRun + 2 * p, sizeof(pair));
-        const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(pair));
-        sum[m][0][p % 2] = _mm512_fmadd_ps(w0, xv, sum[m][0][p % 2]);
-        sum[m][1][p % 2] = _mm512_fmadd_ps(w1, xv, sum[m][1][p % 2]);
+        const vf xv = pair_splat(x + m * K + kb * kRun + 2 * p);
+        for (int g = 0; g < G; ++g) sum[m][g][p % 2] = fma(w[g], xv, sum[m][g][p % 2]);
       }
     }
-    const __m512 scale = widen_halves(scales + kb * S * kRunRows);
-    const __m512 scale0 = _mm512_permutexvar_ps(both0, scale);
-    const __m512 scale1 = _mm512_permutexvar_ps(both1, scale);
-    __m512 offset0 = _mm512_setzero_ps(), offset1 = _mm512_setzero_ps();
-    if constexpr (kAffine) {  // in the even lanes only: added once per row
-      const __m512 offset = widen_halves(scales + (kb * S + 1) * kRunRows);
-      offset0 = _mm512_maskz_permutexvar_ps(0x5555, both0, offset);
-      offset1 = _mm512_maskz_permutexvar_ps(0x5555, both1, offset);
-    }
-    for (int m = 0; m < M; ++m) {
-      total[m][0] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][0][0], sum[m][0][1]), scale0,
-                                    total[m][0]);
-      total[m][1] = _mm512_fmadd_ps(_mm512_add_ps(sum[m][1][0], sum[m][1][1]), scale1,
-                                    total[m][1]);
-      if constexpr (kAffine) {
-        const __m512 run = _mm512_set1_ps(run_sums[m * runs + kb]);
-        total[m][0] = _mm512_fmadd_ps(offset0, run, total[m][0]);
-        total[m][1] = _mm512_fmadd_ps(offset1, run, total[m][1]);
+    for (int64_t i = 0; i < S; ++i) widen_halves(scales + (kb * S + i) * kRunRows, numbers[i]);
+    for (int g = 0; g < G; ++g) {
+      const int row = kPartRows * (s0 + g);
+      const vf scale = __builtin_shuffle(load(numbers[0] + row), kPairOf);
+      for (int m = 0; m < M; ++m) total[m][g] = fma(sum[m][g][0] + sum[m][g][1], scale,
+                                                     total[m][g]);
+      if constexpr (kAffine) {  // in the even lanes only: added once per row
+        const vf offset = kEven ? __builtin_shuffle(load(numbers[1] + row), kPairOf) : vf{};
+        for (int m = 0; m < M; ++m)
+          total[m][g] = fma(offset, splat(run_sums[m * runs + kb]), total[m][g]);
       }
     }
   }
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28,
-                                         30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int m = 0; m < M; ++m)
-    _mm512_storeu_ps(y + m * N,
-                     _mm512_add_ps(_mm512_permutex2var_ps(total[m][0], even, total[m][1]),
-                                   _mm512_permutex2var_ps(total[m][0], odd, total[m][1])));
+    for (int g = 0; g < G; ++g) {
+      const vf both = total[m][g] + swapped(total[m][g], 1);  // row i's two lanes, in lane 2i
+      for (int i = 0; i < kPartRows; ++i) y[m * N + kPartRows * (s0 + g) + i] = both[2 * i];
+    }
 }
 
+// y's 16 columns of one scaled block for M <= kScaledRows input rows, its parts kPassParts at a
+// time.
 template <bool kAffine, typename Q>
-void fma_block_rows(int rows, const float* x, const float* run_sums, const Q* tiles,
-                    const uint16_t* scales, float* y, int64_t K, int64_t N) {
-  switch (rows) {
-    case 1: return fma_block<1, kAffine>(x, run_sums, tiles, scales, y, K, N);
-    case 2: return fma_block<2, kAffine>(x, run_sums, tiles, scales, y, K, N);
-    case 3: return fma_block<3, kAffine>(x, run_sums, tiles, scales, y, K, N);
-    default: return fma_block<4, kAffine>(x, run_sums, tiles, scales, y, K, N);
+void fma_block(int rows, const float* x, const float* run_sums, const Q* tiles,
+               const uint16_t* scales, float* y, int64_t K, int64_t N) {
+  constexpr int G = kPassParts;
+  for (int s0 = 0; s0 < kParts; s0 += G) {
+    switch (rows) {
+      case 1: fma_parts<1, G, kAffine>(x, run_sums, tiles, scales, y, K, N, s0); break;
+      case 2: fma_parts<2, G, kAffine>(x, run_sums, tiles, scales, y, K, N, s0); break;
+      case 3: fma_parts<3, G, kAffine>(x, run_sums, tiles, scales, y, K, N, s0); break;
+      default: fma_parts<4, G, kAffine>(x, run_sums, tiles, scales, y, K, N, s0);
+    }
   }
 }
 
@@ -705,9 +731,9 @@ void fma_scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_
   parallel(pool, (blocks + kChunk - 1) / kChunk, [&](int64_t c) {
     for (int64_t b = c * kChunk; b < std::min(blocks, (c + 1) * kChunk); ++b)
       for (int64_t m0 = 0; m0 < M; m0 += kScaledRows)
-        fma_block_rows<kAffine>(static_cast<int>(std::min<int64_t>(kScaledRows, M - m0)),
-                                x + m0 * K, run_sums.data() + m0 * runs, q + b * block_bytes,
-                                s + b * runs * S * kRunRows, y + m0 * N + b * kRunRows, K, N);
+        fma_block<kAffine>(static_cast<int>(std::min<int64_t>(kScaledRows, M - m0)),
+                           x + m0 * K, run_sums.data() + m0 * runs, q + b * block_bytes,
+                           s + b * runs * S * kRunRows, y + m0 * N + b * kRunRows, K, N);
   });
 }
 #endif
@@ -864,7 +890,7 @@ template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<T> q, ffi::Buffer<ffi::F16> s,
                                 ffi::ResultBuffer<ffi::F32> y) {
-#if defined(__AVX512F__)
+#if MTPJAX_SCALED_FMA
   const auto xd = x.dimensions();
   const auto qd = q.dimensions();
   const auto sd = s.dimensions();
@@ -898,7 +924,7 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     fma_scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
   return ffi::Error::Success();
 #else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AVX-512");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AVX-512 or AVX2");
 #endif
 }
 
@@ -1188,9 +1214,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SquareSums, SquareSumsImpl,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
 
 // 1 when scaled products (kernels.ScaledTiles) run here: on the tile unit where TiledReady, else
-// on AVX-512's FMAs.
+// on the FMAs of AVX-512 or AVX2 (with F16C).
 extern "C" int ScaledReady() {
-#if defined(__AVX512F__)
+#if MTPJAX_SCALED_FMA
   return 1;
 #else
   return 0;
