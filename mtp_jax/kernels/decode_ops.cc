@@ -909,22 +909,23 @@ ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (T == ffi::DataType::U8 && sd[2] != 2)
     return ffi::Error::InvalidArgument("rows_matmul: integers 0 to 15 come with offsets");
   const auto* qp = reinterpret_cast<const Q*>(q.typed_data());
+  // on the tile unit where it runs, else on the FMAs
+  const auto product = [&](auto affine) {
+    constexpr bool kAffine = decltype(affine)::value;
 #if MTPJAX_AMX
-  if (TiledReady()) {
-    if (sd[2] == 2)
-      scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
-    else
-      scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
-    return ffi::Error::Success();
-  }
+    if (TiledReady())
+      return scaled_product<kAffine>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
 #endif
+    fma_scaled_product<kAffine>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+  };
   if (sd[2] == 2)
-    fma_scaled_product<true>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    product(std::true_type{});
   else
-    fma_scaled_product<false>(pool, x.typed_data(), M, K, N, qp, sp, y->typed_data());
+    product(std::false_type{});
   return ffi::Error::Success();
 #else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "rows_matmul: built without AVX-512 or AVX2");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "rows_matmul: built without AVX-512 or AVX2");
 #endif
 }
 
