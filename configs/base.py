@@ -191,7 +191,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Drafting reads the heads' matrices and the draft vocabulary's output rows in this dtype:
   # 'bfloat16' halves their bytes, 'int8' (a scale per output row) quarters them, 'q4_1' (GGUF's
   # Q4_1 form: a float16 scale and offset per 32 entries, 4-bit integers) takes 0.625 bytes an
-  # entry, on the CPU's tile unit (AMX; int8 where there is none). All need the decoding kernels;
+  # entry, where scaled tiles run (the tile unit, else AVX-512's or AVX2's FMAs; int8 elsewhere).
+  # All need the decoding kernels;
   # without them drafting reads float32 heads. Verification stays float32, so greedy output is
   # unchanged; the drafts, and so tau, may differ slightly.
   c.decode.draft_dtype = 'float32'

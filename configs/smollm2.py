@@ -19,7 +19,7 @@ def get_config():
   c.mtp.init_from = 'experiments/results/smollm2_heads.safetensors'
   c.decode.prompts = 'configs/prompts/instruct_heldout.txt'
   c.decode.draft_vocab = 8192  # the tokens the heads were trained on
-  c.decode.draft_dtype = 'q4_1'  # drafts read the heads in Q4_1's form (int8 without AMX)
+  c.decode.draft_dtype = 'q4_1'  # drafts read the heads in Q4_1's form (int8 without AVX-512 or AVX2)
   # generate drafts one token a step: the fastest S in the bench at batch 1 and 8 on these CPUs
   # (the heads' acceptance makes further drafts cost more than they add; bench still runs 1..3)
   c.decode.draft_len = 1

@@ -118,7 +118,9 @@ def main(argv):
       cli.fail(f'--baseline {_BASELINE.value} has no RowsMatmul (the float32 row kernel)')
     if halves:
       add('baseline tiled', loaded, 'RowsMatmulTiled', 'tiled')
-    if scaled_here:
+    # a version before the FMA form multiplies scaled tiles on the tile unit alone
+    ready = getattr(loaded, 'ScaledReady', None)
+    if scaled_here and (kernels.tiles_usable() or (ready is not None and ready())):
       add('baseline scaled', loaded, scaled_symbol, 'scaled')
   for name, parts in _PARTS * _DECOMPOSE.value:
     define = f'MTPJAX_SCALED_PARTS={parts}'

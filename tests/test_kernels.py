@@ -429,8 +429,8 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
   build takes one of them; here the library is also built for AVX2 (haswell) and for plain
   x86-64, loaded as FFI targets of its own, and its row products for 1 to 5 rows (every block
   form) checked against float64 and, bit for bit, against the same rows taken one at a time;
-  with AVX2 (its FMAs and F16C), scaled tiles' products (Q8_0's and Q4_1's forms) alike for 1
-  to 9 rows; its argmax against NumPy's."""
+  with AVX2 (its FMAs and F16C), scaled tiles' products alike (check_scaled_fma); its argmax
+  against NumPy's."""
   out = str(tmp_path / 'decode_ops.so')
   assert kernels.compile_library(out, march) is None
   library = ctypes.cdll.LoadLibrary(out)
@@ -455,21 +455,8 @@ def test_the_kernels_built_for_older_instruction_sets_agree(march, tmp_path):
         got = got * np.asarray(w.scale)
       np.testing.assert_allclose(got, np.asarray(x[:rows], np.float64) @ wide.T, rtol=1e-5,
                                  atol=1e-4 * np.sqrt(K))
-  for form in ('q8_0', 'q4_1') if march == 'haswell' else ():
-    w = EXACT[form](jax.random.normal(jax.random.key(2), (48, 96)) * 0.05)  # 3 blocks of 16
-    t = kernels.scaled_tiles_if_exact(w)
-    name = f'test_scaled_{march}_{form}'
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(
-        library, kernels.SCALED_TARGETS[jnp.dtype(t.q.dtype).name][1])), platform='cpu')
-    product = lambda x: np.asarray(jax.ffi.ffi_call(  # noqa: E731
-        name, jax.ShapeDtypeStruct((x.shape[0], 48), jnp.float32))(x, t.q, t.scales))
-    xs = jax.random.normal(jax.random.key(3), (9, 96))
-    alone = np.concatenate([product(xs[i:i + 1]) for i in range(9)])
-    for rows in range(1, 10):
-      got = product(xs[:rows])
-      np.testing.assert_array_equal(got, alone[:rows])
-      np.testing.assert_allclose(got, np.asarray(xs[:rows], np.float64) @ np.asarray(
-          w, np.float64).T, rtol=1e-5, atol=1e-5 * np.sqrt(96))
+  if march == 'haswell':
+    check_scaled_fma(library, march)
   # The argmax's 8-lane form: ties, -inf, a tail past the last vector set
   jax.ffi.register_ffi_target(f'test_argmax_{march}', jax.ffi.pycapsule(library.Argmax),
                               platform='cpu')
@@ -499,12 +486,39 @@ def test_the_compiler_may_be_a_command_of_several_words(tmp_path, monkeypatch):
   assert kernels.compile_library(str(tmp_path / 'two.so'), 'x86-64', str(source))
 
 
+def check_scaled_fma(library, march):
+  """A library's scaled products on FMAs (ScaledReady, no tile unit), every GGUF form ScaledTiles
+  holds, 3 blocks of 16 rows, 1 to 9 input rows: each row bit for bit its product alone, and all
+  within float32 rounding of float64's."""
+  assert library.ScaledReady() == 1 and library.TiledReady() == 0
+  for form in EXACT:
+    w = EXACT[form](jax.random.normal(jax.random.key(2), (48, 96)) * 0.05)
+    t = kernels.scaled_tiles_if_exact(w)
+    name = f'test_scaled_{march}_{form}'
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(
+        library, kernels.SCALED_TARGETS[jnp.dtype(t.q.dtype).name][1])), platform='cpu')
+    product = lambda x: np.asarray(jax.ffi.ffi_call(  # noqa: E731
+        name, jax.ShapeDtypeStruct((x.shape[0], 48), jnp.float32))(x, t.q, t.scales))
+    xs = jax.random.normal(jax.random.key(3), (9, 96))
+    alone = np.concatenate([product(xs[i:i + 1]) for i in range(9)])
+    for rows in range(1, 10):
+      got = product(xs[:rows])
+      np.testing.assert_array_equal(got, alone[:rows])
+      np.testing.assert_allclose(got, np.asarray(xs[:rows], np.float64) @ np.asarray(
+          w, np.float64).T, rtol=1e-5, atol=1e-5 * np.sqrt(96))
+
+
 @pytest.mark.parametrize('march', ['skylake-avx512', 'sapphirerapids'])
 def test_the_avx512_and_amx_forms_compile(march, tmp_path):
   """The kernels take 16-lane vectors with AVX-512 and 8-lane ones elsewhere, and the tiled
   product is built only for a CPU with AMX; a machine without them runs neither, so they are at
-  least compiled everywhere (not loaded: they may not run here)."""
-  assert kernels.compile_library(str(tmp_path / 'decode_ops.so'), march) is None
+  least compiled everywhere. Where the CPU has AVX-512, the skylake-avx512 build is also loaded
+  and its scaled products on FMAs checked (a CPU with AMX takes the tile unit in its own build,
+  so this is where its FMA form runs)."""
+  out = str(tmp_path / 'decode_ops.so')
+  assert kernels.compile_library(out, march) is None
+  if march == 'skylake-avx512' and 'avx512f' in kernels.measure.cpu_flags().split():
+    check_scaled_fma(ctypes.cdll.LoadLibrary(out), march)
 
 
 @pytest.mark.parametrize('dtype,gap', [('bfloat16', 0.02), ('int8', 0.02), ('q4_1', 0.2)])

@@ -101,7 +101,7 @@ def test_a_gguf_file_rewritten_in_another_type_holds_that_types_rounding(tmp_pat
 @pytest.mark.parametrize('qtype,arch', [('Q4_0', 'llama'), ('Q4_1', 'llama'), ('Q4_1', 'qwen2'),
                                         ('Q4_1', 'qwen3')])
 def test_a_quantized_trunk_decodes_from_scaled_tiles(tmp_path, qtype, arch):
-  """A Q4_0 or Q4_1 file's block matrices are scaled tiles for the tile unit where it runs (both
+  """A Q4_0 or Q4_1 file's block matrices are scaled tiles where they run (both
   as integers 0 to 15 two to a byte with offsets), and the trunk's logits through them (and
   through the kernels' stacked q, k and v, Qwen2's biases stacked alike) are the float32 ones
   to rounding."""

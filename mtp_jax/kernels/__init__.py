@@ -294,9 +294,8 @@ def usable() -> bool:
 @functools.cache
 def scaled_usable() -> bool:
   """Whether ScaledTiles' products run in a kernel here: the kernels are usable, the library was
-  built for AVX-512 or AVX2 with F16C (the tile unit multiplies them where tiles_usable, else the
-  FMAs), and
-  MTP_JAX_TILES is not 0."""
+  built for AVX-512, or AVX2 with FMA and F16C (the tile unit multiplies them where tiles_usable,
+  else the FMAs), and MTP_JAX_TILES is not 0."""
   if _off('MTP_JAX_TILES') or not usable():
     return False
   return bool(_library().ScaledReady())
@@ -593,8 +592,8 @@ def quantize_rows(w, in_dims: int = 1) -> Int8Rows:
 
 def narrowed(w, dtype: str, in_dims: int = 1):
   """A float matrix w (out..., in...) stored in `dtype` as the kernels read it: float32 or
-  bfloat16 as it is, int8 as Int8Rows, q4_1 as ScaledTiles (q4_1_tiles; for the tile unit, which
-  takes any number of rows; as Int8Rows where the shape is not in whole tiles)."""
+  bfloat16 as it is, int8 as Int8Rows, q4_1 as ScaledTiles (q4_1_tiles, for the scaled tiles'
+  kernels; as Int8Rows where the shape is not in whole tiles)."""
   if dtype == 'q4_1':
     tiles = q4_1_tiles(w.reshape(-1, math.prod(w.shape[w.ndim - in_dims:])))
     if tiles is not None:

@@ -23,6 +23,7 @@
 #include <memory>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
@@ -32,7 +33,6 @@
 #define MTPJAX_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-#include <vector>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -608,7 +608,8 @@ constexpr int kPartRows = kLanes / 2, kParts = kRunRows / kPartRows;
 // parts and 4 rows (16 sums of a run, 8 totals, 2 weight vectors and an input pair in AVX-512's
 // 32 registers); with 8 lanes one part and 4 rows (8 sums, 4 totals, a weight vector and an
 // input pair in AVX2's 16), the block's four parts in four passes, which find its integers in
-// L1 after the first. More rows take more passes, which read them from L1 or L2.
+// L1 after the first (a block holds K x 16 bytes, or K x 8 for 4-bit integers: SmolLM2's K of
+// 576 and 1536 fit a 32 KiB L1). More rows take more passes, which read them from L1 or L2.
 constexpr int kPassParts = kLanes == 16 ? 2 : 1, kScaledRows = 4;
 
 // Part s of pair p of a tile of int8 integers (512 bytes: pair p at 32 p), widened.
@@ -738,6 +739,9 @@ void fma_scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_
 }
 #endif
 
+#if MTPJAX_AMX && !MTPJAX_SCALED_FMA
+#error "an AMX build has AVX-512, whose FMA form of the scaled products (sums_of_runs) it uses"
+#endif
 #if MTPJAX_AMX
 static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
 inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
@@ -884,7 +888,7 @@ void scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 }
 #endif
 
-// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M (over_groups); q's
+// y (M, N) = x (M, K) times the scaled matrix (q, s) transposed, any M; q's
 // integers as int8 (S8: N x K) or Q4_1's 0 to 15 two to a byte (U8: N x K / 2, with offsets).
 template <ffi::DataType T>
 ffi::Error RowsMatmulScaledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
