@@ -291,14 +291,17 @@ def usable() -> bool:
   return jax.default_backend() == 'cpu' and jax.device_count() == 1 and available()
 
 
+def _tiles_ready(symbol: str) -> bool:
+  """The kernels are usable, MTP_JAX_TILES is not 0 and the library's `symbol` says yes."""
+  return not _off('MTP_JAX_TILES') and usable() and bool(getattr(_library(), symbol)())
+
+
 @functools.cache
 def scaled_usable() -> bool:
   """Whether ScaledTiles' products run in a kernel here: the kernels are usable, the library was
   built for AVX-512, or AVX2 with FMA and F16C (the tile unit multiplies them where tiles_usable,
   else the FMAs), and MTP_JAX_TILES is not 0."""
-  if _off('MTP_JAX_TILES') or not usable():
-    return False
-  return bool(_library().ScaledReady())
+  return _tiles_ready('ScaledReady')
 
 
 @functools.cache
@@ -306,9 +309,7 @@ def tiles_usable() -> bool:
   """Whether tiled products run here: the kernels are usable, the library was built for a CPU
   with AMX (bfloat16 tiles), Linux let this process use the tile registers, and
   MTP_JAX_TILES is not 0."""
-  if _off('MTP_JAX_TILES') or not usable():
-    return False
-  return bool(_library().TiledReady())
+  return _tiles_ready('TiledReady')
 
 
 def halves(w):

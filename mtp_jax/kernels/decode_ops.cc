@@ -387,6 +387,9 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 }
 
 
+// A block of a tiled or scaled matrix: 16 weight rows by 32 columns (a scaled matrix's run).
+constexpr int64_t kRun = 32, kRunRows = 16;
+
 // Tiled matrices (kernels.tiled): an N x K float32 matrix whose every entry w is the sum of two
 // bfloat16 numbers, hi = bf16(w) and lo = bf16(w - hi), kept as those two in AMX's layout for the
 // second operand of a tile product. For each block of 16 rows (n) by 32 columns (k), in
@@ -403,7 +406,7 @@ ffi::Error RowsMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // zero. A row's sums are the same whatever the rows beside it: the tile unit computes each row
 // of a product on its own.
 #if MTPJAX_AMX
-constexpr int kTile = 16, kPair = 32;  // a tile block: 16 weight rows by 32 columns
+constexpr int kTile = kRunRows, kPair = kRun;  // a tile block: 16 weight rows by 32 columns
 constexpr int64_t kTileHalves = kTile * kPair;  // bfloat16 values in one tile (1 KiB)
 constexpr int kGroup = 3;  // weight-row blocks a task multiplies at once: three sum chains
 
@@ -580,7 +583,6 @@ ffi::Error RowsMatmulTiledImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // sums are), then scaled and added in float32, in the same order whatever the rows beside it.
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #define MTPJAX_SCALED_FMA 1
-constexpr int64_t kRun = 32, kRunRows = 16;  // a scaled block: 16 weight rows by a run of 32
 
 // Each input row's sums over its runs of 32 (M x K / 32): the run's vectors added, then their
 // lanes.
