@@ -114,8 +114,8 @@ def main(argv):
     for name in ('xla', 'kernel'):
       variants.append((models[name], dataclasses.replace(base, draft_len=S, stop_ids=stop)))
       names.append(f"{'ar' if S == 0 else 'mtp'} S = {S}, {name} argmax")
-  rows = inference.batch1_sweep(params, prompts[:_PROMPTS.value], variants, _ROUNDS.value,
-                                desc='argmax')
+  rows = cli.batch1_sweep(params, prompts[:_PROMPTS.value], variants, _ROUNDS.value,
+                          desc='argmax')
   for name, row in zip(names, rows):
     print(f"  {name:26} tau {row['tau']:.2f}  {row['tokens_per_s']:7.1f} tokens/s  "
           f"x{row['speedup']:.3f} over ar (xla)  same as it: {row['identical_to_ar']}")

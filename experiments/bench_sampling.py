@@ -99,9 +99,9 @@ def main(argv):
     variants = [(name, method, dataclasses.replace(s, draft_len=draft, stop_ids=stop_ids,
                                                    max_new_tokens=d.max_new_tokens))
                 for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
-    found = inference.batch1_sweep(inputs.params, prompts,
-                                   [(inputs.model, s) for _, _, s in variants], _ROUNDS.value,
-                                   'bench_sampling: decoding')
+    found = cli.batch1_sweep(inputs.params, prompts,
+                             [(inputs.model, s) for _, _, s in variants], _ROUNDS.value,
+                             'bench_sampling: decoding')
     print(f'\n2. decoding {len(prompts)} prompts at batch 1, temperature 1, up to '
           f'{d.max_new_tokens} new tokens (mtp: S = {S})')
     print(f"{'method':6} {'filter':>16} {'tau':>5} {'tokens/s':>9} {'x unfiltered':>12}")

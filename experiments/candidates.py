@@ -95,8 +95,8 @@ def main(argv):
     if _TILES.value == 'forms':
       models.insert(1, dataclasses.replace(session.decode_model, scaled_trunk=False))
   variants = [(m, s) for m in models for s in settings]
-  rows = inference.batch1_sweep(params, prompts, variants, _ROUNDS.value, 'candidates: decoding',
-                                same_as=[i - i % len(settings) for i in range(len(variants))])
+  rows = cli.batch1_sweep(params, prompts, variants, _ROUNDS.value, 'candidates: decoding',
+                          same_as=[i - i % len(settings) for i in range(len(variants))])
   for row, (m, s) in zip(rows, variants):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
                candidate_depth=s.candidate_depth if s.candidates > 1 else 0,

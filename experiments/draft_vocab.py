@@ -73,8 +73,8 @@ def main(argv):
   grid = [(n, t) for n in sizes for t in _DTYPES.value]
   models = [dec.decode_model(cfg, config.decode.kernels, None if n is None else rank[:n], t,
                              config.decode.tiles) for n, t in grid]
-  rows = inference.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
-                                _ROUNDS.value, 'draft_vocab: decoding')
+  rows = cli.batch1_sweep(params, prompts, [(ar_model, s_ar)] + [(m, s_mtp) for m in models],
+                          _ROUNDS.value, 'draft_vocab: decoding')
   rows[0]['draft_vocab'], rows[0]['draft_dtype'] = 'ar', '-'
   for row, (n, _), m in zip(rows[1:], grid, models):
     row['draft_vocab'], row['draft_dtype'] = ('full' if n is None else n), m.draft_dtype

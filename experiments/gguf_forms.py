@@ -81,8 +81,8 @@ def main(argv):
     cli.fail(e)
   # each type's mtp against its own ar
   same_as = [i - i % 2 for i in range(len(variants))]
-  rows = inference.batch1_sweep(None, prompts, variants, _ROUNDS.value, 'gguf_forms: decoding',
-                                same_as=same_as)
+  rows = cli.batch1_sweep(None, prompts, variants, _ROUNDS.value, 'gguf_forms: decoding',
+                          same_as=same_as)
   for i, row in enumerate(made):
     ar, mtp = rows[2 * i], rows[2 * i + 1]
     row.update({'ar_tokens_per_s': ar['tokens_per_s'], 'mtp_tokens_per_s': mtp['tokens_per_s'],

@@ -167,6 +167,17 @@ def output_file(path: str, flag: str) -> None:
     fail(problem)
 
 
+def batch1_sweep(*args, **kwargs) -> list[dict]:
+  """inference.batch1_sweep for a script: prompts a variant cannot decode (a cache past
+  model.max_seq_len, say) are one line, before anything compiles."""
+  from mtp_jax import inference
+  from mtp_jax.config import ConfigError
+  try:
+    return inference.batch1_sweep(*args, **kwargs)
+  except ConfigError as e:
+    fail(e)
+
+
 def rounds_flag(default: int):
   """The --rounds flag of a script that times things: interleaved rounds, the fastest kept."""
   from absl import flags

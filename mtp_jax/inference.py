@@ -362,8 +362,11 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
   acceptance per position, tokens/s, ms per loop iteration (tau / tokens/s: one verify forward,
   its drafts and bookkeeping, plus the prompt's prefill spread over the iterations), the speedup
   over the reference and whether every output equals the reference's (greedy variants; None
-  when sampling), or with `same_as` that of variant same_as[i] (another model's `ar`, say)."""
+  when sampling), or with `same_as` that of variant same_as[i] (another model's `ar`, say).
+  Prompts a variant cannot decode are a ConfigError before anything compiles."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
+  for model, s, *_ in variants:
+    check_prompts(prompts, model.cfg.vocab_size, s, model.cfg.max_seq_len, width)
   calls = [prepared_decoder(v[0], v[2] if len(v) > 2 else params, [p], v[1], width=width)
            for p in prompts for v in variants]
   seconds, states = measure.fastest(calls, rounds, desc=desc)

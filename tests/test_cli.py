@@ -629,6 +629,14 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
   assert sorted(os.listdir(tmp_path)) == ['file', 'ids.txt']
 
 
+def test_a_sweeps_prompts_past_the_cache_are_one_line():
+  """A script's sweep of prompts the decoder cannot hold (cli.batch1_sweep: each variant's prompts
+  checked before any is compiled) is one line, exit 2: argmax.py's was a traceback."""
+  result = run_script(*tiny_random('experiments/argmax.py'), '--config.decode.prompt_len=250',
+                      '--config.model.max_seq_len=256')
+  assert_user_error(result, 'prompt of 250 tokens', 'more than model.max_seq_len=256')
+
+
 def tiny_random(script: str) -> list[str]:
   """A decoding script on random weights in a tiny shape."""
   return [script, '--config=configs/base.py', '--random', '--config.model.num_layers=1',
