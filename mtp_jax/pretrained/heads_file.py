@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from mtp_jax import atomic
 from mtp_jax.config import same_widths
-from mtp_jax.pretrained import field, llama
+from mtp_jax.pretrained import field, hf, llama
 from mtp_jax.pretrained.base import PretrainedError, cast, finite
 
 FORMAT = 'mtp_jax.heads.v1'
@@ -50,7 +50,7 @@ def save(path: str, params: dict, config, trunk: str = '', token_rank=None,
 
 
 # what the heads' tensors may hold (cast to float32 when loaded), and the ranking
-_FLOATS, _INTEGERS = ('F32', 'F16', 'BF16'), ('I32', 'I64')
+_FLOATS, _INTEGERS = hf.DTYPES, ('I32', 'I64')
 
 
 def _read_meta(path: str):
@@ -114,7 +114,7 @@ def check(path: str, config) -> dict:
       raise PretrainedError(f"mtp.init_from: tensor '{tensor}' of {name} has type "
                             f"{dtypes[tensor]}, not one of {', '.join(_FLOATS)}")
   # any other tensor is the ranking or one of the heads past mtp.depth the file records
-  later = lambda t: (t.startswith('mtp.') and t.split('.')[1].isdigit()
+  later = lambda t: (t.startswith(f'{llama.HEADS_PREFIX}.') and t.split('.')[1].isdigit()
                      and config.mtp.depth <= int(t.split('.')[1]) < int(depth))
   extra = sorted(t for t in shapes if t not in expected and t != RANK and not later(t))
   if extra:
