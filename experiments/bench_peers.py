@@ -100,17 +100,22 @@ def float32_bytes(params) -> int:
              if not key.startswith('mtp') for leaf in jax.tree.leaves(tree))
 
 
-def our_systems(session, params, prompts: list[list[int]], max_new: int,
-                candidates: list[int]) -> list[System]:
-  """`ar` and `mtp` at S = 1..D for each number of first-draft candidates K, each prompt its own
-  compiled call, as inference.bench_blocks does at batch 1."""
+def our_settings(session, max_new: int, candidates: list[int]) -> list[dec.Settings]:
+  """`ar`, then `mtp` at S = 1..D for each number of first-draft candidates K."""
+  runs = [(0, 1)] + [(S, K) for K in candidates for S in range(1, session.cfg.mtp_depth + 1)]
+  return [dec.Settings(draft_len=S, max_new_tokens=max_new, stop_ids=session.stop_ids,
+                       candidates=K) for S, K in runs]
+
+
+def our_systems(session, params, prompts: list[list[int]],
+                settings: list[dec.Settings]) -> list[System]:
+  """A system per settings (our_settings), each prompt its own compiled call, as
+  inference.bench_blocks does at batch 1."""
   step_bytes = session.decode_model.step_bytes(params)
   systems = []
   width = max(len(ids) for ids in prompts)  # one compilation per S, shared by the prompts
-  runs = [(0, 1)] + [(S, K) for K in candidates for S in range(1, session.cfg.mtp_depth + 1)]
-  for S, K in runs:
-    s = dec.Settings(draft_len=S, max_new_tokens=max_new, stop_ids=session.stop_ids,
-                     candidates=K)
+  for s in settings:
+    S, K = s.draft_len, s.candidates
     calls = [inference.prepared_decoder(session.decode_model, params, [ids], s, width=width)
              for ids in prompts]
     name = 'ours ar' if S == 0 else f'ours mtp S={S}' + (f' K={K}' if K > 1 else '')
@@ -304,12 +309,11 @@ def benchmark(workdir: str) -> dict:
   session = train.Session(config, workdir, data=False, reads='bench')
   prompts = [inference.encode_prompt(session, t, chat=True) for t in texts]
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
-  inference.check_batch1(session, prompts, [  # our decoder's refusals, before the params
-      dec.Settings(draft_len=S, max_new_tokens=max_new, candidates=K)
-      for S in range(session.cfg.mtp_depth + 1) for K in ([1] if S == 0 else [1, *candidates])],
-      new_tokens=f'--max_new_tokens={max_new}')
+  ours = our_settings(session, max_new, candidates)
+  # our decoder's refusals, before the params
+  inference.check_batch1(session, prompts, ours, new_tokens=f'--max_new_tokens={max_new}')
   _, params = inference.load_params(session)
-  systems = our_systems(session, params, prompts, max_new, candidates)
+  systems = our_systems(session, params, prompts, ours)
   checks = {}
   if not {'hf', 'hf_lookup'} <= skip:
     export_dir = run.export(config, workdir, 'float32')['directory']

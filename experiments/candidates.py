@@ -99,7 +99,7 @@ def main(argv):
                           same_as=[i - i % len(settings) for i in range(len(variants))])
   for row, (m, s) in zip(rows, variants):
     row.update(draft_len=s.draft_len, candidates=s.candidates,
-               candidate_depth=s.candidate_depth if s.candidates > 1 else 0,
+               candidate_depth=s.branch_depth,
                positions=dec.verify_width(s),
                tiles=('scaled' if m.scaled_trunk else 'halves') if m.tiles and tiled else 'none')
   print(f'machine: {measure.machine()}')

@@ -284,6 +284,11 @@ class Settings:
   candidates: int = 1  # K > 1 (S >= 1): first drafts verified, see the module doc
   candidate_depth: int = 1  # C in 1..S: drafts per branch, the alternative and C - 1 after it
 
+  @property
+  def branch_depth(self) -> int:
+    """The drafts per alternative's branch as results record it: 0 without alternatives."""
+    return self.candidate_depth if self.candidates > 1 else 0
+
 
 @flax.struct.dataclass
 class Rows:

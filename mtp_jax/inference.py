@@ -308,13 +308,12 @@ def bench_blocks(session, params, config, prompts):
   prompt alone; batch 8 decodes them all through 8 rows (as many as there are prompts, if
   fewer), a row taking the next prompt when its own finishes. Each call's time is its fastest of decode.bench_rounds
   rounds, every round running all methods in turn, so a slow spell slows them alike."""
-  d, D = config.decode, session.cfg.mtp_depth
+  d = config.decode
   greedy_ar = None  # the outputs every greedy row is compared with: ar's at batch 1
   for temperature in (0.0, 1.0):
     for batch in sorted({1, min(8, len(prompts))}):  # fewer than 8 prompts fill fewer rows
       groups = [[p] for p in prompts] if batch == 1 else [prompts]
-      per_S = [settings(config, draft=S, temperature=temperature, stop_ids=session.stop_ids)
-               for S in range(D + 1)]
+      per_S = bench_settings(session, config, temperature)
       width = max(len(p) for p in prompts)  # one compilation per setting, not per prompt
       calls = [prepared_decoder(session.decode_model, params, group, s, key=g, batch=batch,
                                 width=width)
@@ -340,7 +339,7 @@ def bench_blocks(session, params, config, prompts):
             'acceptance_per_position': np.round(pooled['acceptance_per_position'], 4).tolist(),
             'tokens_per_s': tokens_per_s, 'speedup': tokens_per_s / reference['tokens_per_s'],
             'candidates': s.candidates,
-            'candidate_depth': s.candidate_depth if s.candidates > 1 else 0,
+            'candidate_depth': s.branch_depth,
             'identical_to_ar': same == len(outs) if compared else None,
             'prompts_identical_to_ar': same, 'prompts': len(outs)})
       yield rows
@@ -452,6 +451,12 @@ def _complete(path: str) -> bool:
     return False
 
 
+def bench_settings(session, config, temperature: float) -> list[dec.Settings]:
+  """The settings bench decodes at a temperature: `ar`, then `mtp` at S = 1..D."""
+  return [settings(config, draft=S, temperature=temperature, stop_ids=session.stop_ids)
+          for S in range(session.cfg.mtp_depth + 1)]
+
+
 def check_batch1(session, prompts: list[list[int]], settings_list, new_tokens: str = '') -> None:
   """check_prompts for each of `settings_list` as a sweep decodes them (each prompt alone,
   padded to the longest so that all share a compilation), on the session's model."""
@@ -466,9 +471,7 @@ def check_bench(session, config, prompts) -> None:
   path = bench_file(session.workdir)
   if os.path.lexists(path) and not os.path.isfile(path):
     raise ConfigError(f'{path} is not a file, and bench writes one there: move it')
-  check_batch1(session, prompts, [settings(config, draft=S, temperature=0.0,
-                                           stop_ids=session.stop_ids)
-                                  for S in range(session.cfg.mtp_depth + 1)])
+  check_batch1(session, prompts, bench_settings(session, config, 0.0))
 
 
 def prompts_to_check(session, count: int) -> list[list[int]]:
