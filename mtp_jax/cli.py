@@ -29,14 +29,13 @@ def check_modes_and_workdir(modes: list[str], workdir: str) -> None:
   bad = [m for m in modes if m not in MODES]
   if bad or not modes:
     fail(f"--mode: {bad[0] if bad else 'nothing'} is not one of {', '.join(MODES)}")
-  from mtp_jax.config import folder_problem, unwritable
-  problem = folder_problem(workdir, '--workdir')
-  if problem:  # no mode can read or write there
+  from mtp_jax.config import folder_problem, write_problem
+  # a mode that writes there also needs to make things there (write_problem makes a folder to
+  # see); no mode can read or write where folder_problem says why not
+  writes = any(mode in WRITING_MODES for mode in modes)
+  problem = (write_problem if writes else folder_problem)(workdir, '--workdir')
+  if problem:
     fail(problem)
-  if any(mode in WRITING_MODES for mode in modes):  # (unwritable makes a folder there to see)
-    problem = unwritable(workdir, '--workdir')
-    if problem:
-      fail(problem)
 
 
 def check_prompt_flags(modes: list[str], prompt: str, prompt_file: str) -> None:
