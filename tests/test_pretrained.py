@@ -774,6 +774,8 @@ def test_a_heads_file_that_lacks_or_misshapes_a_tensor_is_refused(tmp_path, kind
   good = str(tmp_path / 'good.safetensors')
   heads_file.save(good, params, config, dtype=np.float32)
   heads_file.check(good, config)
+  # a file of more heads than the config takes: its first, the later one's tensors no extra
+  heads_file.check(good, apply_overrides(config, {'mtp.depth': 1}))
   with safe_open(good, framework='numpy') as f:
     meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
   name = sorted(n for n, w in tensors.items() if n.startswith('mtp.1.') and w.ndim == 2)[0]
