@@ -71,9 +71,15 @@ def main(argv):
                                      _PROMPTS.value, _RANDOM.value)
   except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
-  model, params, prompts, cfg = inputs.model, inputs.params, inputs.prompts, inputs.cfg
+  model, prompts, cfg = inputs.model, inputs.prompts, inputs.cfg
   if not model.kernels:  # what else turns them off (model.dtype bfloat16)
     cli.fail(f'the model decodes without kernels (model.dtype={cfg.dtype})')
+  D = cfg.mtp_depth
+  base = inference.settings(_CONFIG.value, draft=0, temperature=0.0, stop_ids=())
+  stop = inputs.session.stop_ids if inputs.session else ()  # random prompts: no stop token
+  sweep = [dataclasses.replace(base, draft_len=S, stop_ids=stop) for S in range(D + 1)]
+  if prompts:  # part 2's prompts, before part 1 compiles (and the params are made)
+    cli.batch1_checked(cfg, prompts, sweep)
 
   @dataclasses.dataclass(frozen=True)
   class XlaArgmax(type(model)):  # the same model, its argmax XLA's
@@ -82,7 +88,6 @@ def main(argv):
   models = {'kernel': model,
             'xla': XlaArgmax(**{f.name: getattr(model, f.name)
                                 for f in dataclasses.fields(model)})}
-  D = cfg.mtp_depth
   draft_vocab = len(model.draft) if model.draft else cfg.vocab_size
   print(f'machine: {measure.machine()}')
   print(f'model: {cfg.num_layers} layers, vocab {cfg.vocab_size} (drafts over {draft_vocab}), '
@@ -107,15 +112,12 @@ def main(argv):
   if not _PROMPTS.value:
     return
   print(f'\n2. greedy decoding of {_PROMPTS.value} held-out prompts, each alone')
-  base = inference.settings(_CONFIG.value, draft=0, temperature=0.0, stop_ids=())
-  stop = inputs.session.stop_ids if inputs.session else ()  # random prompts: no stop token
   variants, names = [], []
-  for S in range(D + 1):
+  for s in sweep:
     for name in ('xla', 'kernel'):
-      variants.append((models[name], dataclasses.replace(base, draft_len=S, stop_ids=stop)))
-      names.append(f"{'ar' if S == 0 else 'mtp'} S = {S}, {name} argmax")
-  rows = cli.batch1_sweep(params, prompts[:_PROMPTS.value], variants, _ROUNDS.value,
-                          desc='argmax')
+      variants.append((models[name], s))
+      names.append(f"{'ar' if s.draft_len == 0 else 'mtp'} S = {s.draft_len}, {name} argmax")
+  rows = cli.batch1_sweep(inputs.params, prompts, variants, _ROUNDS.value, desc='argmax')
   for name, row in zip(names, rows):
     print(f"  {name:26} tau {row['tau']:.2f}  {row['tokens_per_s']:7.1f} tokens/s  "
           f"x{row['speedup']:.3f} over ar (xla)  same as it: {row['identical_to_ar']}")

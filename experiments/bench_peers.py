@@ -311,7 +311,7 @@ def benchmark(workdir: str) -> dict:
   max_new, stop_ids = _MAX_NEW.value, session.stop_ids
   ours = our_settings(session, max_new, candidates)
   # our decoder's refusals, before the params
-  inference.check_batch1(session, prompts, ours, new_tokens=f'--max_new_tokens={max_new}')
+  inference.check_batch1(session.cfg, prompts, ours, new_tokens=f'--max_new_tokens={max_new}')
   _, params = inference.load_params(session)
   systems = our_systems(session, params, prompts, ours)
   checks = {}

@@ -75,9 +75,15 @@ def main(argv):
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
   prompts, session, d = inputs.prompts, inputs.session, inputs.config.decode
+  stop_ids = session.stop_ids if session else ()
   filters = {'temperature only': dec.Settings(temperature=1.0),
              f'top_p {_TOP_P.value:g}': dec.Settings(temperature=1.0, top_p=_TOP_P.value),
              f'top_k {_TOP_K.value}': dec.Settings(temperature=1.0, top_k=_TOP_K.value)}
+  variants = [(name, method, dataclasses.replace(s, draft_len=draft, stop_ids=stop_ids,
+                                                 max_new_tokens=d.max_new_tokens))
+              for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
+  if prompts:  # part 2's prompts, before part 1 compiles (and the params are made)
+    cli.batch1_checked(inputs.cfg, prompts, [s for *_, s in variants])
   result = {'machine': measure.machine(), 'source': inputs.source, 'vocab': V,
             'top_p': _TOP_P.value, 'top_k': _TOP_K.value, 'rounds': _ROUNDS.value,
             'prompts': len(prompts), 'draft_len': S, 'max_new_tokens': d.max_new_tokens,
@@ -95,10 +101,6 @@ def main(argv):
                                                         [t * 1e3 for t in seconds]))})
     print(f'{R:>5} ' + ' '.join(f'{t * 1e3:>16.3f}' for t in seconds), flush=True)
   if prompts:
-    stop_ids = session.stop_ids if session else ()
-    variants = [(name, method, dataclasses.replace(s, draft_len=draft, stop_ids=stop_ids,
-                                                   max_new_tokens=d.max_new_tokens))
-                for method, draft in (('ar', 0), ('mtp', S)) for name, s in filters.items()]
     found = cli.batch1_sweep(inputs.params, prompts,
                              [(inputs.model, s) for _, _, s in variants], _ROUNDS.value,
                              'bench_sampling: decoding')

@@ -81,7 +81,7 @@ def main(argv):
     drafts = config.decode.draft_vocab or session.cfg.vocab_size
     if max(counts) > drafts:
       raise ConfigError(f'--candidates {max(counts)}: the heads draft over {drafts} tokens')
-    inference.check_batch1(session, prompts, settings)  # before the params are made
+    inference.check_batch1(session.cfg, prompts, settings)  # before the params are made
     if _TILES.value == 'forms' and not kernels.tiles_usable():
       raise ConfigError('--tiles forms times two bfloat16 halves, which only the tile unit (AMX) '
                         'multiplies; this CPU does not have it')

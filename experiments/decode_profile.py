@@ -283,13 +283,18 @@ def main(argv):
                                      max(batches), _RANDOM.value)
   except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
-  config, cfg, params, model, prompts, source, mesh = (
-      inputs.config, inputs.cfg, inputs.params, inputs.model, inputs.prompts, inputs.source,
-      inputs.mesh)
+  config, cfg, model, prompts, mesh = (
+      inputs.config, inputs.cfg, inputs.model, inputs.prompts, inputs.mesh)
+  prompt_len = max(len(p) for p in prompts)
+  if more and prompt_len + max(more) > cfg.max_seq_len:  # the positions RoPE encodes
+    cli.fail(f'--positions {max(more)}: after a prompt of {prompt_len} tokens they pass '
+             f'model.max_seq_len={cfg.max_seq_len}')
   d = config.decode
   # No end-of-sequence token, so every row runs its decode.max_new_tokens.
   base = inference.settings(config, draft=0, temperature=_TEMPERATURE.value, stop_ids=())
   D = cfg.mtp_depth
+  cli.batch1_checked(cfg, prompts, [dataclasses.replace(base, draft_len=S) for S in range(D + 1)])
+  params, source = inputs.params, inputs.source  # made (random weights compiled) after the checks
   vocab = len(model.draft) if model.draft else cfg.vocab_size
   result = {'machine': measure.machine(), 'source': source, 'layers': cfg.num_layers,
             'width': cfg.d_model, 'vocab': cfg.vocab_size, 'draft_vocab': vocab,
@@ -301,10 +306,6 @@ def main(argv):
         f'over {vocab}), D = {D} {cfg.mtp_kind} ({source}); {d.max_new_tokens} new tokens, '
         f"{f'temperature {_TEMPERATURE.value:g}' if _TEMPERATURE.value else 'greedy'} loops, "
         f"kernels {'on' if model.kernels else 'off'}, {result['tiled_matrices']} matrices tiled")
-  prompt_len = max(len(p) for p in prompts)
-  if more and prompt_len + max(more) > cfg.max_seq_len:  # the positions RoPE encodes
-    cli.fail(f'--positions {max(more)}: after a prompt of {prompt_len} tokens they pass '
-             f'model.max_seq_len={cfg.max_seq_len}')
   cache_len = dec.cache_length(prompt_len, dec.Settings(draft_len=D,
                                                         max_new_tokens=d.max_new_tokens))
   with sharding.active(mesh):

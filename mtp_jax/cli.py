@@ -170,9 +170,21 @@ def batch1_sweep(*args, **kwargs) -> list[dict]:
   """inference.batch1_sweep for a script: prompts a variant cannot decode (a cache past
   model.max_seq_len, say) are one line, before anything compiles."""
   from mtp_jax import inference
+  return _one_line(inference.batch1_sweep, *args, **kwargs)
+
+
+def batch1_checked(*args, **kwargs) -> None:
+  """inference.check_batch1 for a script whose decoding comes after other compiled work or after
+  its params are made: the same line, before any of it (batched loops pad their prompts to the
+  longest too, so it holds for them)."""
+  from mtp_jax import inference
+  _one_line(inference.check_batch1, *args, **kwargs)
+
+
+def _one_line(fn, *args, **kwargs):
   from mtp_jax.config import ConfigError
   try:
-    return inference.batch1_sweep(*args, **kwargs)
+    return fn(*args, **kwargs)
   except ConfigError as e:
     fail(e)
 

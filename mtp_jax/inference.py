@@ -138,15 +138,29 @@ def load_params(session):
 
 @dataclasses.dataclass
 class DecodeInputs:
-  """What the decoding experiments time (experiments/decode_profile.py, bench_sampling.py)."""
+  """What the decoding experiments time (experiments/decode_profile.py, bench_sampling.py).
+  `params`, and `source` (which weights, for the printout), are made or read when first asked
+  for (random weights are compiled, and so are the random parts of a pretrained model's params),
+  so that a script checks its flags against the rest first."""
   config: object  # resolved: a pretrained model's fields filled in from its file
   cfg: object  # ModelConfig
-  params: dict
+  load: object  # () -> (source, params)
   model: dec.DecodeModel
   prompts: list
-  source: str  # which weights, for the printout
   mesh: object
   session: object  # train.Session, or None for random weights
+
+  @functools.cached_property
+  def _loaded(self) -> tuple:
+    return self.load()
+
+  @property
+  def params(self) -> dict:
+    return self._loaded[1]
+
+  @property
+  def source(self) -> str:
+    return self._loaded[0]
 
 
 def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInputs:
@@ -161,20 +175,26 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
   from mtp_jax.pretrained.resolve import resolve_config
   config = resolve_config(config)
   d = config.decode
-  if random:
+  if random:  # the checks a Session makes for a decoding mode
     validate(config)
+    sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=False)
+    sharding.check_memory(config, batch=False)
     cfg = ModelConfig.from_config(config)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
     ids = range(d.draft_vocab) if d.draft_vocab else None
     model = dec.decode_model(cfg, d.kernels, ids, d.draft_dtype, d.tiles)
-    return DecodeInputs(config, cfg, init_params(cfg, jax.random.key(config.seed)), model,
-                        prompts.tolist(), 'random weights', sharding.make_mesh(config.mesh), None)
+    return DecodeInputs(config, cfg,
+                        lambda: ('random weights', init_params(cfg, jax.random.key(config.seed))),
+                        model, prompts.tolist(), sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
                               reads='profile')  # no checkpoint: said before anything is written
-  step, params = load_params(session)
   prompts = held_out_prompts(session, count) if count else []
-  return DecodeInputs(config, session.cfg, params, session.decode_model, prompts,
-                      f'{workdir} step {step}', session.mesh, session)
+
+  def load():
+    step, params = load_params(session)
+    return f'{workdir} step {step}', params
+  return DecodeInputs(config, session.cfg, load, session.decode_model, prompts, session.mesh,
+                      session)
 
 
 def _text(session, ids) -> str:
@@ -457,12 +477,12 @@ def bench_settings(session, config, temperature: float) -> list[dec.Settings]:
           for S in range(session.cfg.mtp_depth + 1)]
 
 
-def check_batch1(session, prompts: list[list[int]], settings_list, new_tokens: str = '') -> None:
+def check_batch1(cfg, prompts: list[list[int]], settings_list, new_tokens: str = '') -> None:
   """check_prompts for each of `settings_list` as a sweep decodes them (each prompt alone,
-  padded to the longest so that all share a compilation), on the session's model."""
+  padded to the longest so that all share a compilation), on the model of ModelConfig `cfg`."""
   width = max(len(p) for p in prompts)
   for s in settings_list:
-    check_prompts(prompts, session.cfg.vocab_size, s, session.cfg.max_seq_len, width, new_tokens)
+    check_prompts(prompts, cfg.vocab_size, s, cfg.max_seq_len, width, new_tokens)
 
 
 def check_bench(session, config, prompts) -> None:
@@ -471,7 +491,7 @@ def check_bench(session, config, prompts) -> None:
   path = bench_file(session.workdir)
   if os.path.lexists(path) and not os.path.isfile(path):
     raise ConfigError(f'{path} is not a file, and bench writes one there: move it')
-  check_batch1(session, prompts, bench_settings(session, config, 0.0))
+  check_batch1(session.cfg, prompts, bench_settings(session, config, 0.0))
 
 
 def prompts_to_check(session, count: int) -> list[list[int]]:

@@ -314,9 +314,9 @@ class Session(Program):
       raise ConfigError(problem)
     config = pretrained.resolve_config(config)
     validate(config)
-    sharding.check_mesh(config, jax.device_count(), jax.process_count(),
-                        batch=reads in ('', 'eval'))
-    sharding.check_memory(config, batch=not reads)
+    batches = reads in ('', 'eval')  # training's batches, and eval's of the same size
+    sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=batches)
+    sharding.check_memory(config, batch=batches)
     self.check_workdir(config)
     pretrained.check_heads_init(config)
     if reads:

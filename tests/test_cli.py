@@ -112,6 +112,10 @@ CASES = {
                       ['seed must be an integer in 0..4294967295', '-1']),
     'a model past memory': ({'model.d_model': 2**30}, [], QUICKSTART,
                             ['the model needs at least', 'more than the', 'model.* and mtp.*']),
+    # eval reads batches of train.batch_size windows too
+    'eval batches past memory': ({'train.batch_size': 2**31 - 1}, ['--mode=eval'], QUICKSTART,
+                                 ['a batch of train.batch_size=2147483647 token windows',
+                                  'model.* and mtp.* and train.batch_size']),
 }
 
 
@@ -629,15 +633,28 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
   assert sorted(os.listdir(tmp_path)) == ['file', 'ids.txt']
 
 
-def test_a_sweeps_prompts_past_the_cache_are_one_line():
-  """A script's sweep of prompts the decoder cannot hold (cli.batch1_sweep: each variant's prompts
-  checked before any is compiled) is one line, exit 2: argmax.py's was a traceback. Its random
-  weights are made (compiled) first, so JAX_LOG_COMPILES shows here that compilations reach a
-  script's stderr: the other tests' 'Compiling' not in stderr can fail."""
-  result = run_script(*tiny_random('experiments/argmax.py'), '--config.decode.prompt_len=250',
-                      '--config.model.max_seq_len=256', JAX_LOG_COMPILES='1')
-  assert_user_error(result, 'prompt of 250 tokens', 'more than model.max_seq_len=256')
-  assert 'Compiling' in result.stderr
+@pytest.mark.parametrize('script, flags, words', [
+    ('experiments/argmax.py', [], ['prompt of 250 tokens', 'more than model.max_seq_len=256']),
+    ('experiments/bench_sampling.py', [],
+     ['prompt of 250 tokens', 'more than model.max_seq_len=256']),
+    ('experiments/decode_profile.py', [],
+     ['prompt of 250 tokens', 'more than model.max_seq_len=256']),
+    ('experiments/decode_profile.py', ['--positions=8'],
+     ['--positions 8: after a prompt of 250 tokens they pass model.max_seq_len=256']),
+    # the memory check a Session makes, on the random weights' path too
+    ('experiments/decode_profile.py', ['--config.model.d_model=1048576'],
+     ['the model needs at least', 'check the sizes in model.* and mtp.*'])])
+def test_random_weights_come_after_the_checks(script, flags, words):
+  """Random weights (inference.decode_inputs) are made, and compiled, only when a script reads
+  them: a prompt its sweep or loops cannot hold (a cache past model.max_seq_len) is one line, exit
+  2, before anything compiles, though each script compiles other work first (argmax.py's and
+  bench_sampling.py's parts 1). argmax.py's was a traceback; then a line after compiling. That
+  compilations reach a script's stderr is shown where decode_profile.py runs
+  (test_decode_profile)."""
+  result = run_script(*tiny_random(script), '--config.decode.prompt_len=250',
+                      '--config.model.max_seq_len=256', *flags, JAX_LOG_COMPILES='1')
+  assert_user_error(result, *words)
+  assert 'Compiling' not in result.stderr, result.stderr[-3000:]
 
 
 def tiny_random(script: str) -> list[str]:

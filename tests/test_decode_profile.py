@@ -16,8 +16,11 @@ def test_profile_reports_loop_and_model_calls(tmp_path):
   proc = run_script('experiments/decode_profile.py', '--config', 'configs/base.py', '--random',
                     '--batches', '1,2', '--rounds', '2', '--calls', '3', '--breakdown',
                     '--positions', '6', f'--json={out}',
-                    *as_flags(config), timeout=600)
+                    *as_flags(config), timeout=600, JAX_LOG_COMPILES='1')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # the positive control of the tests that no compilation comes before a script's one-line
+  # error (test_cli): compilations do reach a script's stderr
+  assert 'Compiling' in proc.stderr
   result = json.loads(out.read_text())
   assert [b['batch'] for b in result['batches']] == [1, 2]
   for batch in result['batches']:
