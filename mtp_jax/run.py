@@ -12,7 +12,7 @@ from mtp_jax import inference
 from mtp_jax import sharding
 from mtp_jax import train as train_lib
 from mtp_jax.cli import DECODING_MODES, MODES
-from mtp_jax.config import ConfigError, check_address, check_mtp_decoding
+from mtp_jax.config import ConfigError, check_address, check_mtp_decoding, validate
 from mtp_jax.pretrained import export as export_lib
 from mtp_jax.pretrained import fetch
 from mtp_jax.pretrained.resolve import resolve_config
@@ -63,7 +63,8 @@ def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file
   """Several modes in one command (demo,generate; generate,export): the input of each decoding
   mode after the first (its prompts, the cache they need, its settings) is checked before the
   first runs, where it was found only after the modes before it had compiled, run and written;
-  an eval or export after it finds the checkpoint it reads (check_trained). A mode after a train
+  an eval or export after it finds the checkpoint it reads (check_trained), and its model (an
+  eval's batches too) divides over the mesh and fits memory (check_fits). A mode after a train
   is checked by the training's session, before its first step (a model trained here gets its
   tokenizer there, from its data); the first mode checks its own."""
   trained = modes.index('train') if 'train' in modes else len(modes)
@@ -74,6 +75,8 @@ def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file
   config = resolve_config(config)
   for mode in later:
     if mode not in DECODING_MODES:  # eval, export: their checkpoint, or what stands for it
+      validate(config)
+      train_lib.check_fits(config, mode)
       train_lib.check_trained(mode, config, workdir)
       continue
     session = train_lib.Session(config, workdir, data=not config.model.init_from, reads=mode)

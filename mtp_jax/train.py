@@ -274,6 +274,14 @@ def token_rank(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
   return np.argsort(-counts, kind='stable').astype(np.int32)
 
 
+def check_fits(config, reads: str = '') -> None:
+  """The model (and, for training and eval, a batch of train.batch_size windows) divides over the
+  config's mesh and fits the devices' memory (`reads`: as Session's)."""
+  batches = reads in ('', 'eval')  # training's batches, and eval's of the same size
+  sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=batches)
+  sharding.check_memory(config, batch=batches)
+
+
 def check_trained(mode: str, config, workdir: str) -> None:
   """A mode that reads the workdir's checkpoint finds one, or a model it can use without one: a
   pretrained trunk, with heads from mtp.init_from where the mode uses heads (export would write
@@ -314,9 +322,7 @@ class Session(Program):
       raise ConfigError(problem)
     config = pretrained.resolve_config(config)
     validate(config)
-    batches = reads in ('', 'eval')  # training's batches, and eval's of the same size
-    sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=batches)
-    sharding.check_memory(config, batch=batches)
+    check_fits(config, reads)
     self.check_workdir(config)
     pretrained.check_heads_init(config)
     if reads:

@@ -112,10 +112,13 @@ CASES = {
                       ['seed must be an integer in 0..4294967295', '-1']),
     'a model past memory': ({'model.d_model': 2**30}, [], QUICKSTART,
                             ['the model needs at least', 'more than the', 'model.* and mtp.*']),
-    # eval reads batches of train.batch_size windows too
+    # eval reads batches of train.batch_size windows too, also as a later mode (run.check_modes)
     'eval batches past memory': ({'train.batch_size': 2**31 - 1}, ['--mode=eval'], QUICKSTART,
                                  ['a batch of train.batch_size=2147483647 token windows',
                                   'model.* and mtp.* and train.batch_size']),
+    'eval after demo past memory': ({'train.batch_size': 2**31 - 1}, ['--mode=demo,eval'],
+                                    QUICKSTART,
+                                    ['a batch of train.batch_size=2147483647 token windows']),
 }
 
 
