@@ -35,7 +35,7 @@ _ROUNDS = cli.rounds_flag(5)
 
 def parse_shape(text: str) -> tuple[int, int, int]:
   parts = text.lower().split('x')
-  if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+  if len(parts) != 3 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
     cli.fail(f'--shapes takes M x K x N in positive integers, like 64x32x48; got {text!r}')
   return tuple(int(p) for p in parts)
 
@@ -49,6 +49,9 @@ def main(argv):
   import jax.numpy as jnp
   from mtp_jax import measure
   from mtp_jax.matmul import matmul
+  M, K, N = max(shapes, key=lambda s: s[0] * s[1] + s[1] * s[2] + s[0] * s[2])
+  cli.check_bytes(4 * (M * K + K * N + M * N), f'the product {M}x{K}x{N} needs',
+                  'its operands in float32', '--shapes')
 
   def step(product):
     """The product and both gradients, as a training step's backward pass makes them."""

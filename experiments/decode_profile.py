@@ -279,8 +279,8 @@ def main(argv):
   from mtp_jax import measure
   from mtp_jax import run, sharding
   try:
-    inputs = inference.decode_inputs(config, _WORKDIR.value,
-                                     max(batches), _RANDOM.value)
+    inputs = inference.decode_inputs(config, _WORKDIR.value, max(batches), _RANDOM.value,
+                                     rows=max(batches), rows_flag='--batches')
   except run.USER_ERRORS as e:  # a missing checkpoint too
     cli.fail(e)
   config, cfg, model, prompts, mesh = (

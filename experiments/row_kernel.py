@@ -88,7 +88,11 @@ def main(argv):
       return ctypes.cdll.LoadLibrary(library)
 
   d, kv, f = _WIDTH.value, _KV_WIDTH.value, _FFN.value
-  shapes = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)] * _LAYERS.value
+  layer = [(d + 2 * kv, d), (d, d), (2 * f, d), (d, f)]
+  cli.check_bytes(4 * _LAYERS.value * sum(n * k for n, k in layer), 'the matrices need',
+                  f'{4 * _LAYERS.value:,} of them in float32',
+                  '--width, --kv_width, --ffn and --layers')
+  shapes = layer * _LAYERS.value
   whole = all(n % kernels.TILE_ROWS == 0 and k % kernels.TILE_COLUMNS == 0 for n, k in shapes)
   halves = kernels.tiles_usable() and whole  # two bfloat16 halves: the tile unit alone
   scaled_here = kernels.scaled_usable() and whole  # the tile unit, or the FMAs of AVX-512 or AVX2

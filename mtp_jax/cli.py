@@ -181,6 +181,12 @@ def batch1_checked(*args, **kwargs) -> None:
   _one_line(inference.check_batch1, *args, **kwargs)
 
 
+def check_bytes(*args, **kwargs) -> None:
+  """sharding.check_bytes for a script: sizes its flags set past memory are one line."""
+  from mtp_jax import sharding
+  _one_line(sharding.check_bytes, *args, **kwargs)
+
+
 def _one_line(fn, *args, **kwargs):
   from mtp_jax.config import ConfigError
   try:

@@ -819,6 +819,13 @@ def cache_length(prompt_len: int, s: Settings) -> int:
   return prompt_len + s.max_new_tokens + verify_width(s)
 
 
+def cache_bytes(cfg, batch: int, length: int) -> int:
+  """Bytes of DecodeModel.init_cache's caches for `batch` rows of `length` slots."""
+  blocks = cfg.num_layers + (cfg.mtp_depth * cfg.head_blocks if cfg.mtp_attends else 0)
+  return (2 * batch * length * cfg.num_kv_heads * cfg.head_dim * blocks
+          * np.dtype(cfg.compute_dtype).itemsize)
+
+
 def pad_prompts(prompts: list[list[int]], width: int = 0):
   """Right-padded prompts (to the longest, or to `width`, so that calls share one compilation)
   and their lengths."""

@@ -163,11 +163,14 @@ class DecodeInputs:
     return self._loaded[0]
 
 
-def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInputs:
+def decode_inputs(config, workdir: str, count: int, random: bool, rows: int = 1,
+                  rows_flag: str = '') -> DecodeInputs:
   """With `random`, random weights and `count` random prompts of decode.prompt_len tokens
   (per-call costs do not depend on the weights; a draft vocabulary of decode.draft_vocab tokens is
   the first ids, its cost that of any N); else the checkpoint in `workdir` (or the
-  pretrained model, for which any directory does) and `count` held-out prompts."""
+  pretrained model, for which any directory does) and `count` held-out prompts. `rows`: the most
+  the caller decodes at once (set by its `rows_flag`), whose caches must fit memory (checked
+  before the prompts are made)."""
   from mtp_jax import sharding
   from mtp_jax import train as train_lib
   from mtp_jax.config import ModelConfig, validate
@@ -180,6 +183,7 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=False)
     sharding.check_memory(config, batch=False)
     cfg = ModelConfig.from_config(config)
+    _check_rows(cfg, d, rows, rows_flag)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
     ids = range(d.draft_vocab) if d.draft_vocab else None
     model = dec.decode_model(cfg, d.kernels, ids, d.draft_dtype, d.tiles)
@@ -188,6 +192,7 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
                         model, prompts.tolist(), sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
                               reads='profile')  # no checkpoint: said before anything is written
+  _check_rows(session.cfg, d, rows, rows_flag)
   prompts = held_out_prompts(session, count) if count else []
 
   def load():
@@ -195,6 +200,16 @@ def decode_inputs(config, workdir: str, count: int, random: bool) -> DecodeInput
     return f'{workdir} step {step}', params
   return DecodeInputs(config, session.cfg, load, session.decode_model, prompts, session.mesh,
                       session)
+
+
+def _check_rows(cfg, d, rows: int, flag: str) -> None:
+  """`rows` rows' KV caches, each at least as long as one token's prompt and the decode.* tokens
+  after it at the deepest draft, fit memory."""
+  from mtp_jax import sharding
+  length = dec.cache_length(1, dec.Settings(draft_len=cfg.mtp_depth,
+                                            max_new_tokens=d.max_new_tokens))
+  sharding.check_bytes(dec.cache_bytes(cfg, rows, length), f'decoding {rows:,} rows at once needs',
+                       f'their KV caches of {length} slots', flag)
 
 
 def _text(session, ids) -> str:

@@ -69,20 +69,24 @@ def check_memory(config, batch: bool = True, available: int | None = None) -> No
   batch of token windows) are more than the memory of all devices together (`available`; by
   default devices_memory()): less than any run needs, so a size typed wrong (model.d_model=2**30)
   is one line before anything is made, not an out-of-memory error after the data."""
-  available = devices_memory() if available is None else available
-  if available is None:
-    return
   cfg, t = ModelConfig.from_config(config), config.train
   params = costs.param_counts(cfg)['total']
   need, what = 4 * params, f'{params:,} parameters'
   if batch:  # int32 token windows of train.seq_len + mtp.depth + 1
     need += 4 * t.batch_size * (t.seq_len + cfg.mtp_depth + 1)
     what += f' and a batch of train.batch_size={t.batch_size} token windows'
-  if need > available:
-    fields = 'model.* and mtp.*' + (' and train.batch_size' if batch else '')
-    raise ConfigError(f'the model needs at least {need / 2**30:,.1f} GiB ({what}, in float32), '
-                      f'more than the {available / 2**30:,.1f} GiB of memory of its devices; '
-                      f'check the sizes in {fields}')
+  fields = 'model.* and mtp.*' + (' and train.batch_size' if batch else '')
+  check_bytes(need, 'the model needs', f'{what}, in float32', f'the sizes in {fields}', available)
+
+
+def check_bytes(need: int, who: str, what: str, fields: str, available: int | None = None) -> None:
+  """Raises ConfigError when `need` bytes (what `who` needs at least: `what`) are more than the
+  memory of all devices together (`available`; by default devices_memory()), naming the flags or
+  fields that set them."""
+  available = devices_memory() if available is None else available
+  if available is not None and need > available:
+    raise ConfigError(f'{who} at least {need / 2**30:,.1f} GiB ({what}), more than the '
+                      f'{available / 2**30:,.1f} GiB of memory of its devices; check {fields}')
 
 
 def check_mesh(config, num_devices: int, num_processes: int = 1, batch: bool = True) -> None:

@@ -624,7 +624,14 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
       (['experiments/bench_train.py', '--flops_only', f'--depths={2**40}'],
        'mtp.depth=1099511627776 is past 2147483647'),
       (['experiments/bench_train.py', '--peak_tflops=nan'],
-       '--peak_tflops must be a finite number, got nan')):
+       '--peak_tflops must be a finite number, got nan'),
+      # sizes past memory (they were out-of-memory errors after minutes of work)
+      ([*tiny_random('experiments/decode_profile.py'), '--batches=1,100000000'],
+       'decoding 100,000,000 rows at once needs at least'),
+      (['experiments/row_kernel.py', '--layers=100000000'], 'the matrices need at least'),
+      (['experiments/bench_matmul.py', '--shapes=8x8x8,100000x100000x100000'],
+       'the product 100000x100000x100000 needs at least'),
+      (['experiments/bench_matmul.py', '--shapes=2x\u00b2x3'], '--shapes takes M x K x N')):
     result = run_script(*args, JAX_LOG_COMPILES='1')
     assert_user_error(result, words)
     assert 'Compiling' not in result.stderr, (args, result.stderr[-3000:])
