@@ -80,6 +80,9 @@ def main(argv):
   sweep = [dataclasses.replace(base, draft_len=S, stop_ids=stop) for S in range(D + 1)]
   if prompts:  # part 2's prompts, before part 1 compiles (and the params are made)
     cli.batch1_checked(cfg, prompts, sweep)
+  cli.check_bytes(4 * max(batches) * (D + 1) * cfg.vocab_size,
+                  f'logits of {max(batches):,} x {D + 1} x {cfg.vocab_size} need', 'float32',
+                  '--batches')
 
   @dataclasses.dataclass(frozen=True)
   class XlaArgmax(type(model)):  # the same model, its argmax XLA's

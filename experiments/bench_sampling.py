@@ -69,6 +69,8 @@ def main(argv):
     cli.fail(f'the mtp rows draft 1 to {D} tokens (the model\'s heads), got --draft_len {S}')
   if _TOP_K.value >= V:
     cli.fail(f'--top_k {_TOP_K.value} keeps every one of the {V} tokens: give fewer')
+  cli.check_bytes(8 * max(rows) * V, f'{max(rows):,} rows of logits need',
+                  'them and their probabilities in float32', '--rows')
   try:
     inputs = inference.decode_inputs(_CONFIG.value, _WORKDIR.value, _DECODE_PROMPTS.value,
                                      _RANDOM.value)

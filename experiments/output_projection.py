@@ -48,6 +48,8 @@ def main(argv):
     cli.fail(e)
   w = jnp.asarray(output_matrix(trunk, kernel_layout_=False), jnp.float32)  # one output a row
   V, D = w.shape
+  cli.check_bytes(4 * max(rows) * (D + 2 * V), f'{max(rows):,} rows need',
+                  'their inputs and two products in float32', '--rows')
   scaled = kernels.scaled_tiles_if_exact(w)
   operands = {'float32 kernel': w, 'xla': w}
   if scaled is None:

@@ -629,6 +629,12 @@ def test_an_experiments_bad_flag_value_is_one_line_before_any_work(tmp_path, cap
       ([*tiny_random('experiments/decode_profile.py'), '--batches=1,100000000'],
        'decoding 100,000,000 rows at once needs at least'),
       (['experiments/row_kernel.py', '--layers=100000000'], 'the matrices need at least'),
+      ([*tiny_random('experiments/argmax.py'), '--batches=8,2147483647'],
+       'logits of 2,147,483,647 x 2 x 256 need at least'),
+      ([*tiny_random('experiments/bench_sampling.py'), '--rows=4,2147483647'],
+       '2,147,483,647 rows of logits need at least'),
+      (['experiments/output_projection.py', '--rows=2147483647'],
+       '2,147,483,647 rows need at least'),
       (['experiments/bench_matmul.py', '--shapes=8x8x8,100000x100000x100000'],
        'the product 100000x100000x100000 needs at least'),
       (['experiments/bench_matmul.py', '--shapes=2x\u00b2x3'], '--shapes takes M x K x N')):
