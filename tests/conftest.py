@@ -556,6 +556,19 @@ def pretrained_config_file(path, source, fields: dict) -> str:
   return str(path)
 
 
+def heads_config_file(tmp_path, **fields) -> str:
+  """A config file training two heads on chats and features a tiny random trunk writes;
+  `fields` ({'data.self_tokens': 500}) change it."""
+  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
+  return pretrained_config_file(tmp_path / 'heads.py', path, {
+      'model.max_seq_len': 128, 'mtp.depth': 2, 'mtp.init_from': 'last_block',
+      'train.freeze_trunk': True, 'train.head_loss': 'distill', 'train.distill_topk': 4,
+      'data.sources': 'self', 'data.features': True, 'data.self_tokens': 300,
+      'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'train.steps': 2,
+      'train.batch_size': 4, 'train.seq_len': 16, 'train.warmup_steps': 1,
+      'train.eval_every': 2, 'train.checkpoint_every': 2, 'decode.eval_prompts': 0, **fields})
+
+
 def pretrained_config(source, **overrides):
   """configs/base.pretrained(source) shrunk for tests: tiny training and decoding settings."""
   from configs import base as base_cfg

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import (REPO, cpu_env, flat, launch_summary, pretrained_config_file, random_llama,
-                      raw_steps, restore, scalars, text_config, write_gguf)
+from conftest import (REPO, cpu_env, flat, heads_config_file, launch_summary, raw_steps, restore,
+                      scalars, text_config)
 from mtp_jax import train
 from mtp_jax.config import apply_overrides, as_flags
 from mtp_jax.features import is_valid_row
@@ -135,19 +135,6 @@ def test_a_signal_to_one_process_stops_both_at_the_same_checkpoint(tmp_path, sig
   assert second['stopped_by'] == 'SIGTERM' and first['stopped_by'] == 'a signal to another process'
   session, restored = restore(config, pair)
   assert int(restored['step']) == stopped
-
-
-def heads_config_file(tmp_path, **fields) -> str:
-  """A config file training two heads on chats and features a tiny random trunk writes;
-  `fields` ({'data.self_tokens': 500}) change it."""
-  path = write_gguf(tmp_path / 'tiny.gguf', random_llama())
-  return pretrained_config_file(tmp_path / 'heads.py', path, {
-      'model.max_seq_len': 128, 'mtp.depth': 2, 'mtp.init_from': 'last_block',
-      'train.freeze_trunk': True, 'train.head_loss': 'distill', 'train.distill_topk': 4,
-      'data.sources': 'self', 'data.features': True, 'data.self_tokens': 300,
-      'data.self_answer_len': 16, 'data.valid_fraction': 0.3, 'train.steps': 2,
-      'train.batch_size': 4, 'train.seq_len': 16, 'train.warmup_steps': 1,
-      'train.eval_every': 2, 'train.checkpoint_every': 2, 'decode.eval_prompts': 0, **fields})
 
 
 def test_two_processes_share_the_data_the_trunk_writes(tmp_path):
