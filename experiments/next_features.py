@@ -5,15 +5,16 @@ hidden state, and the outputs of the blocks mtp.feature_layers names) and the em
 t_{i+1}. Here it is trained to read one of those blocks, B, at position i + 1 instead: the
 trunk's view of t_{i+1} itself after blocks 0..B. In decoding that would mean running those
 B + 1 blocks of the trunk on t_{i+1} before each draft; this script decodes nothing, it measures
-the agreement that cost would buy. The last position of a window (and of an answer, where the
-features end) keeps its own block-B output.
+the agreement that cost would buy. The last position of a training window keeps its own block-B
+output (1 in train.seq_len positions; the positions scored all have a next one).
 
 For 'none' (the config's module as it is) and each block of --blocks: one training of the config
-in ROOT/next_B (its feature cache made once under data.cache_dir and shared, as any training
-shares it), then head_agreement.py's count of the first module's top draft token against the
-trunk's: on the trunk's greedy answers to the held-out prompts (the text decoding drafts on) and,
-with --cache, on that cache's held-out answers. A run already trained is scored again, not
-retrained.
+in ROOT/next_B (the feature cache made once under data.cache_dir, ROOT/cache when the config
+leaves it empty, and shared), then head_agreement.py's count of the first module's top draft
+token against the trunk's (--config.mtp.depth=1 trains that module alone): on the trunk's greedy
+answers to the held-out prompts (the text decoding drafts on) and, with --cache, on that cache's
+held-out answers. A run already trained is scored again, not retrained; a training stopped by a
+signal stops the script.
 
 Run: python experiments/next_features.py --config configs/smollm2_heads.py \
        --config.mtp.depth=1 --config.train.steps=400 --config.train.warmup_steps=40 \
@@ -34,15 +35,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mtp_jax import atomic, cli  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
-                                          'Path to a config file.', lock_config=True)
-_BLOCKS = flags.DEFINE_list('blocks', ['none', '2', '15', '27'], 'Blocks of mtp.feature_layers '
-                            'the first module reads at the next position, one run each; none: '
-                            'the module as the config has it.')
-_ROOT = flags.DEFINE_string('root', 'runs/next_features', 'Folder of the runs, ROOT/next_B.')
-_CACHE = flags.DEFINE_string('cache', '', 'A feature cache directory: also count its held-out '
-                             'answers (as head_agreement.py --cache).')
-_JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
+
+def define_flags():
+  """The command line's flags, defined only when run as a script (tests import this module
+  beside other scripts that define flags of the same names)."""
+  global _CONFIG, _BLOCKS, _ROOT, _CACHE, _JSON
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/smollm2_heads.py',
+                                            'Path to a config file.', lock_config=True)
+  _BLOCKS = flags.DEFINE_list('blocks', ['none', '2', '15', '27'], 'Blocks of '
+                              'mtp.feature_layers the first module reads at the next position, '
+                              'one run each; none: the module as the config has it.')
+  _ROOT = flags.DEFINE_string('root', 'runs/next_features', 'Folder of the runs, ROOT/next_B.')
+  _CACHE = flags.DEFINE_string('cache', '', 'A feature cache directory: also count its held-out '
+                               'answers (as head_agreement.py --cache).')
+  _JSON = flags.DEFINE_string('json', '', 'Write every number to this JSON file.')
 
 
 @contextlib.contextmanager
@@ -89,6 +95,19 @@ def parse_blocks(values: list[str], feature_layers: tuple) -> list[int | None]:
   return blocks
 
 
+def check_cache(directory: str, layers: tuple) -> None:
+  """--cache is a finished feature cache of the blocks the module reads (as head_agreement.py
+  checks it)."""
+  from mtp_jax import features
+  found = features.load(directory)
+  if found is None or not found['valid'].has_features:
+    raise ValueError(f'--cache: {directory} is not a finished feature cache')
+  kept = features.meta(directory)['spec'].get('feature_layers', [])
+  if tuple(kept) != layers:
+    raise ValueError(f'--cache: {directory} keeps the features of blocks {kept}, the module '
+                     f'reads {list(layers)} (mtp.feature_layers)')
+
+
 def score(config, workdir: str, cache: str) -> dict:
   """head_agreement.py's counts of the first module in `workdir`: {data: agreement}."""
   import numpy as np
@@ -101,10 +120,10 @@ def score(config, workdir: str, cache: str) -> dict:
     draft_ids = None if not n or rank is None else np.asarray(rank[:n])
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
     sums, _ = head_agreement.greedy_agreement(session, params, prompts, draft_ids)
-    rows = {'held-out prompts': sums[('answer', 1)]}
+    rows = {'held-out prompts': sums.get(('answer', 1), (0, 0))}
     if cache:
       found = head_agreement.cache_agreement(session, params, cache, draft_ids)
-      rows["cache's held-out answers"] = found[('answer', 1)]
+      rows["cache's held-out answers"] = found.get(('answer', 1), (0, 0))
   finally:
     session.checkpointer.close()
   return {name: agree / max(count, 1) for name, (agree, count) in rows.items()}
@@ -131,8 +150,12 @@ def main(argv):
     problem = folder_problem(_ROOT.value, '--root')
     if problem:
       raise ConfigError(problem)
-  except run.USER_ERRORS as e:
+    if _CACHE.value:
+      check_cache(_CACHE.value, layers)
+  except (*run.USER_ERRORS, ValueError) as e:
     cli.fail(e)
+  if not config.data.cache_dir:  # one cache for every run, not one in each workdir
+    config.data.cache_dir = os.path.join(_ROOT.value, 'cache')
   result = {'machine': measure.machine(), 'feature_layers': list(layers), 'runs': []}
   for block in blocks:
     name = 'none' if block is None else str(block)
@@ -140,6 +163,9 @@ def main(argv):
     with reading_next(layers, block):
       try:
         summary = run.run('train', config, workdir)
+        if summary['stopped_by']:
+          cli.fail(f'{workdir}: training stopped by {summary["stopped_by"]} at step '
+                   f'{summary["step"]}; run the same command to go on')
         found = score(config, workdir, _CACHE.value)
       except run.USER_ERRORS as e:
         cli.fail(e)
@@ -165,4 +191,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.flags_parser(_CONFIG))

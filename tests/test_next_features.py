@@ -57,14 +57,18 @@ def test_a_run_per_block_trained_and_scored(tmp_path):
     assert list(run['agreement']) == ['held-out prompts']
     assert 0 <= run['agreement']['held-out prompts'] <= 1
   assert '| block 0 at i + 1, the others at i | 1 |' in proc.stdout
-  # the same data, seed and steps: only the shifted features tell the runs apart
+  # the same data (one cache, under ROOT/cache), seed and steps: only the shifted features tell
+  # the runs apart
   losses = [json.loads((root / f'next_{b}' / 'summary.json').read_text())['eval']['loss/depth_1']
             for b in ('none', '0')]
   assert losses[0] != losses[1]
+  assert os.listdir(root / 'cache' / 'features')  # made once, for both
 
   for flags, words in ((['--blocks=1'], "--blocks takes 'none' and blocks of mtp.feature_layers "
                                         "(0), got '1'"),
                        (['--blocks=0,0'], '--blocks names 0 twice'),
+                       (['--blocks=none', f'--cache={tmp_path / "none"}'],
+                        f'--cache: {tmp_path / "none"} is not a finished feature cache'),
                        (['--blocks=0', '--config.decode.eval_prompts=2'],
                         'a run whose module reads one at i + 1 cannot decode')):
     result = run_script('experiments/next_features.py', '--config', config, *flags,
