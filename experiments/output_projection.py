@@ -43,13 +43,15 @@ def main(argv):
   if not kernels.usable():
     cli.fail('the row kernel is not available here (MTP_JAX_KERNELS=0, or no compiler)')
   try:
+    fields = resolve.resolve_config(config)  # the file's header, before its weights
+    V, D = fields.data.vocab_size, fields.model.d_model
+    cli.check_bytes(4 * max(rows) * (D + 2 * V), f'{max(rows):,} rows need',
+                    'their inputs and two products in float32', '--rows')
     trunk = resolve.trunk_params(config.model.init_from)
   except (ConfigError, ValueError) as e:
     cli.fail(e)
   w = jnp.asarray(output_matrix(trunk, kernel_layout_=False), jnp.float32)  # one output a row
-  V, D = w.shape
-  cli.check_bytes(4 * max(rows) * (D + 2 * V), f'{max(rows):,} rows need',
-                  'their inputs and two products in float32', '--rows')
+  assert w.shape == (V, D), (w.shape, V, D)
   scaled = kernels.scaled_tiles_if_exact(w)
   operands = {'float32 kernel': w, 'xla': w}
   if scaled is None:
