@@ -36,7 +36,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from mtp_jax import kernels, measure
+  from mtp_jax import kernels, measure, sharding
   from mtp_jax.model import output_matrix
   from mtp_jax.pretrained import resolve
 
@@ -45,13 +45,12 @@ def main(argv):
   try:
     fields = resolve.resolve_config(config)  # the file's header, before its weights
     V, D = fields.data.vocab_size, fields.model.d_model
-    cli.check_bytes(4 * max(rows) * (D + 2 * V), f'{max(rows):,} rows need',
-                    'their inputs and two products in float32', '--rows')
+    sharding.check_bytes(4 * max(rows) * (D + 2 * V), f'{max(rows):,} rows need',
+                         'their inputs and two products in float32', '--rows')
     trunk = resolve.trunk_params(config.model.init_from)
   except (ConfigError, ValueError) as e:
     cli.fail(e)
   w = jnp.asarray(output_matrix(trunk, kernel_layout_=False), jnp.float32)  # one output a row
-  assert w.shape == (V, D), (w.shape, V, D)
   scaled = kernels.scaled_tiles_if_exact(w)
   operands = {'float32 kernel': w, 'xla': w}
   if scaled is None:

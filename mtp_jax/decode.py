@@ -229,6 +229,11 @@ class DecodeModel(WholeVocabulary):
     return {'trunk': [empty_kv(self.cfg, batch, length) for _ in range(self.cfg.num_layers)],
             'heads': [head() for _ in range(self.cfg.mtp_depth)]}
 
+  def cache_bytes(self, batch: int, length: int) -> int:
+    """Bytes of init_cache(batch, length), counted from its shapes without making it."""
+    from mtp_jax.costs import tree_bytes
+    return tree_bytes(jax.eval_shape(lambda: self.init_cache(batch, length)))
+
   def trunk(self, params, tokens_BxT, positions_BxT, cache, slots_BxT=None, logits_at_BxN=None):
     """(logits, the trunk's features, caches): logits at every position, or only at the indices
     into T that logits_at gives (a prompt's last position: the projection onto the vocabulary
@@ -817,13 +822,6 @@ def verify_width(s: Settings) -> int:
 def cache_length(prompt_len: int, s: Settings) -> int:
   """Room for the prompt, the new tokens and one verify block past the end."""
   return prompt_len + s.max_new_tokens + verify_width(s)
-
-
-def cache_bytes(cfg, batch: int, length: int) -> int:
-  """Bytes of DecodeModel.init_cache's caches for `batch` rows of `length` slots."""
-  blocks = cfg.num_layers + (cfg.mtp_depth * cfg.head_blocks if cfg.mtp_attends else 0)
-  return (2 * batch * length * cfg.num_kv_heads * cfg.head_dim * blocks
-          * np.dtype(cfg.compute_dtype).itemsize)
 
 
 def pad_prompts(prompts: list[list[int]], width: int = 0):

@@ -180,19 +180,18 @@ def decode_inputs(config, workdir: str, count: int, random: bool, rows: int = 1,
   d = config.decode
   if random:  # the checks a Session makes for a decoding mode
     validate(config)
-    sharding.check_mesh(config, jax.device_count(), jax.process_count(), batch=False)
-    sharding.check_memory(config, batch=False)
+    train_lib.check_fits(config, 'profile')
     cfg = ModelConfig.from_config(config)
-    _check_rows(cfg, d, rows, rows_flag)
-    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
     ids = range(d.draft_vocab) if d.draft_vocab else None
     model = dec.decode_model(cfg, d.kernels, ids, d.draft_dtype, d.tiles)
+    _check_rows(model, d, rows, rows_flag)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (count, d.prompt_len))
     return DecodeInputs(config, cfg,
                         lambda: ('random weights', init_params(cfg, jax.random.key(config.seed))),
                         model, prompts.tolist(), sharding.make_mesh(config.mesh), None)
   session = train_lib.Session(config, workdir, data=not (config.model.init_from and d.prompts),
                               reads='profile')  # no checkpoint: said before anything is written
-  _check_rows(session.cfg, d, rows, rows_flag)
+  _check_rows(session.decode_model, d, rows, rows_flag)
   prompts = held_out_prompts(session, count) if count else []
 
   def load():
@@ -202,13 +201,13 @@ def decode_inputs(config, workdir: str, count: int, random: bool, rows: int = 1,
                       session)
 
 
-def _check_rows(cfg, d, rows: int, flag: str) -> None:
-  """`rows` rows' KV caches, each at least as long as one token's prompt and the decode.* tokens
-  after it at the deepest draft, fit memory."""
+def _check_rows(model, d, rows: int, flag: str) -> None:
+  """`rows` rows' KV caches (the decode model's), each at least as long as one token's prompt and
+  the decode.* tokens after it at the deepest draft, fit memory."""
   from mtp_jax import sharding
-  length = dec.cache_length(1, dec.Settings(draft_len=cfg.mtp_depth,
+  length = dec.cache_length(1, dec.Settings(draft_len=model.cfg.mtp_depth,
                                             max_new_tokens=d.max_new_tokens))
-  sharding.check_bytes(dec.cache_bytes(cfg, rows, length), f'decoding {rows:,} rows at once needs',
+  sharding.check_bytes(model.cache_bytes(rows, length), f'decoding {rows:,} rows at once needs',
                        f'their KV caches of {length} slots', flag)
 
 
@@ -400,7 +399,7 @@ def batch1_sweep(params, prompts: list[list[int]], variants: list, rounds: int,
   Prompts a variant cannot decode are a ConfigError before anything compiles."""
   width = max(len(p) for p in prompts)  # one compilation per variant, not per prompt
   for model, s, *_ in variants:
-    check_prompts(prompts, model.cfg.vocab_size, s, model.cfg.max_seq_len, width)
+    check_batch1(model.cfg, prompts, [s])
   calls = [prepared_decoder(v[0], v[2] if len(v) > 2 else params, [p], v[1], width=width)
            for p in prompts for v in variants]
   seconds, states = measure.fastest(calls, rounds, desc=desc)

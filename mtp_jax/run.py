@@ -73,9 +73,9 @@ def check_modes(modes: list[str], config, workdir: str, prompt: str, prompt_file
     return
   init_distributed(config.distributed)
   config = resolve_config(config)
+  validate(config)
   for mode in later:
     if mode not in DECODING_MODES:  # eval, export: their checkpoint, or what stands for it
-      validate(config)
       train_lib.check_fits(config, mode)
       train_lib.check_trained(mode, config, workdir)
       continue

@@ -756,10 +756,10 @@ def test_a_branch_is_accepted_past_its_first_draft(sampled):
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_cache_bytes_are_the_caches_a_decoder_makes(kind):
-  """decode.cache_bytes, by which a script refuses rows past memory before it makes them, counts
+  """DecodeModel.cache_bytes, by which a script refuses rows past memory before it makes them, counts
   the bytes of init_cache's caches: the trunk's layers and the heads' blocks where they attend
   (Medusa heads do not)."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'mtp.head_blocks': 2})
-  caches = dec.decode_model(cfg, use_kernels=False).init_cache(3, 17)
-  made = sum(leaf.nbytes for leaf in jax.tree.leaves(caches))
-  assert made > 0 and dec.cache_bytes(cfg, 3, 17) == made
+  model = dec.decode_model(cfg, use_kernels=False)
+  made = sum(leaf.nbytes for leaf in jax.tree.leaves(model.init_cache(3, 17)))
+  assert made > 0 and model.cache_bytes(3, 17) == made

@@ -35,6 +35,11 @@ def test_the_heads_read_the_block_at_the_next_position():
   for got, want in zip(shifted[1:], by_hand[1:]):
     np.testing.assert_array_equal(got, want)
   assert not np.allclose(shifted[1], plain[1])
+  with next_features.reading_next((0, 1), 0):  # a block with another after it
+    first = states(h0)
+  by_hand = states(h0.at[:, :-1, D:2 * D].set(h0[:, 1:, D:2 * D]))
+  for got, want in zip(first[1:], by_hand[1:]):
+    np.testing.assert_array_equal(got, want)
   with next_features.reading_next((0, 1), None):
     np.testing.assert_array_equal(states(h0)[1], plain[1])
   np.testing.assert_array_equal(states(h0)[2], plain[2])  # the patch is gone after it
