@@ -4,9 +4,13 @@ a user's mistake told as one `error:` line with exit code 2 (each caller checks 
 it compiles or writes anything). Importing this module does not import JAX (so --help and flag
 errors stay quick)."""
 
+import _thread
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from typing import NoReturn
 
 from absl import logging
@@ -135,13 +139,36 @@ def config_failed(e: Exception, argv: list[str]) -> NoReturn:
 def start(argv, persist: bool = True) -> None:
   """What a command does first, its flags parsed: refuses positional arguments (absl leaves them
   in argv), quiets absl's INFO logs, and with `persist` keeps what it compiles for the next run
-  (run.persist_compiled_programs: a rerun of a bench or an experiment compiles nothing)."""
+  (run.persist_compiled_programs: a rerun of a bench or an experiment compiles nothing), and
+  makes sure a Ctrl-C is not lost (_keep_ctrl_c)."""
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.set_verbosity(logging.WARNING)
+  sys.unraisablehook = _keep_ctrl_c
   if persist:
     from mtp_jax import run
     run.persist_compiled_programs()
+
+
+def _keep_ctrl_c(unraisable) -> None:
+  """Python raises Ctrl-C's KeyboardInterrupt in whatever code the main thread runs, and where that
+  is a callback whose exceptions Python only prints (JAX's garbage-collection hook, which runs
+  often while a program compiles; a __del__), it was printed as 'Exception ignored' and lost: the
+  command ran on. Such a KeyboardInterrupt is delivered again to the main thread, where it stops
+  the command as any other Ctrl-C does; other exceptions are printed as before. Another thread
+  delivers it a moment later, once this hook has returned (one delivered here would be raised in
+  the hook itself, and printed); should it land in such a callback again, it comes back here."""
+  if (issubclass(unraisable.exc_type, KeyboardInterrupt)
+      and callable(signal.getsignal(signal.SIGINT))):
+    _thread.start_new_thread(_interrupt_main_soon, ())
+  else:
+    sys.__unraisablehook__(unraisable)
+
+
+def _interrupt_main_soon() -> None:
+  """SIGINT to the main thread, as a terminal sends it (a wait or sleep there ends at once)."""
+  time.sleep(0.01)
+  signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def weights_source(workdir: str, random: bool) -> None:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -357,6 +358,41 @@ def test_ctrl_c_while_decoding_is_one_line_and_keeps_what_bench_wrote(trained, t
   assert_no_traceback(stderr)
   assert stderr.rstrip().endswith('stopped by Ctrl-C'), stderr[-3000:]
   assert json.loads((workdir / 'bench.json').read_text())['complete'] is False
+
+
+def test_a_ctrl_c_that_lands_in_a_callback_python_only_prints_still_stops_the_command():
+  """The race the test above can meet: Ctrl-C while the main thread runs a garbage-collection
+  callback (JAX's runs often while a program compiles). Python prints an exception raised there
+  and goes on, so without cli.start's hook the command ran on to its end; with it the
+  KeyboardInterrupt reaches the command's own code. Other exceptions there are printed as before."""
+  script = textwrap.dedent('''
+      import gc, signal, sys, time
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's process
+      from mtp_jax import cli
+      cli.start(['command'], persist=False)
+      raised = []
+      def callback(phase, info):
+        if not raised:
+          raised.append(phase)
+          raise ValueError('printed, not raised')
+        if len(raised) == 1:
+          raised.append(phase)
+          signal.raise_signal(signal.SIGINT)  # KeyboardInterrupt here, inside the callback
+      gc.callbacks.append(callback)
+      try:
+        gc.collect()
+        gc.collect()
+        time.sleep(30)  # a signal ends it at once
+        print('ran on')
+      except KeyboardInterrupt:
+        print('stopped')
+        sys.exit(130)
+      ''')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=cpu_env())
+  assert (result.returncode, result.stdout) == (130, 'stopped\n'), result.stderr[-3000:]
+  assert 'ValueError: printed, not raised' in result.stderr
+  assert 'KeyboardInterrupt' not in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize('mode', ['eval', 'demo', 'bench', 'export'])
