@@ -21,6 +21,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.append(os.path.join(REPO, 'experiments'))  # tests import scripts' functions; last, so
+# a script's name never hides a package
 
 # One persistent XLA compilation cache for this test process and every subprocess it starts
 # (they inherit the environment): tests build the same small programs again and again, in new

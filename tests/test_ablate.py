@@ -115,7 +115,6 @@ def test_bad_sweep_input_is_one_line_before_any_point_runs(tmp_path, args, words
 
 
 def test_kind_sweep_matches_head_parameters():
-  sys.path.insert(0, os.path.join(REPO, 'experiments'))
   import ablate
   config = ablate_cpu.get_config()
   points = ablate.sweep_points(config, 'kind')
@@ -135,7 +134,6 @@ def test_kind_sweep_matches_head_parameters():
 
 
 def test_seed_spread_shades_the_loss_weight_plot(tmp_path):
-  sys.path.insert(0, os.path.join(REPO, 'experiments'))
   import ablate
   assert ablate.seed_spread(str(tmp_path)) is None  # no seed sweep yet
   (tmp_path / 'seed').mkdir()

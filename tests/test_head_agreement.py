@@ -4,20 +4,15 @@ next token t_{i+1}, and its agreement must be how often that equals the token k 
 and its confidence the trunk's at i; on a feature cache, the user turn and the answer are told
 apart at the assistant header. Contradicting flags are one line and exit 2."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, pretrained_config, random_llama, run_script, write_gguf
+import head_agreement  # experiments/, on the path conftest sets
+from conftest import pretrained_config, random_llama, run_script, write_gguf
 from mtp_jax import features as feat_lib
 from mtp_jax import inference, selfdata, train
-
-sys.path.insert(0, os.path.join(REPO, 'experiments'))
-import head_agreement  # noqa: E402
 
 
 def medusa_at_init(tmp_path, prompts: list[str], max_new_tokens: int):

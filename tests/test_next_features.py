@@ -5,16 +5,13 @@ the shifted features reach training (the runs differ); its flags are one line be
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 
-from conftest import REPO, assert_user_error, heads_config_file, run_script, tiny_model
+import next_features  # experiments/, on the path conftest sets
+from conftest import assert_user_error, heads_config_file, run_script, tiny_model
 from mtp_jax.model import MTPLanguageModel, init_params
-
-sys.path.insert(0, os.path.join(REPO, 'experiments'))
-import next_features  # noqa: E402
 
 
 def test_the_heads_read_the_block_at_the_next_position():

@@ -643,14 +643,12 @@ inline vf pair_splat(const float* x) {
   return (vf)_mm256_castpd_ps(_mm256_set1_pd(pair));
 #endif
 }
-// 16 float16 numbers widened into out[0, 16).
-inline void widen_halves(const uint16_t* p, float* out) {
+// kLanes float16 numbers, widened.
+inline vf load_halves(const uint16_t* p) {
 #if defined(__AVX512F__)
-  _mm512_storeu_ps(out, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #else
-  for (int i = 0; i < 16; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                  reinterpret_cast<const __m128i*>(p + i))));
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #endif
 }
 const vi kPairOf = kIota / 2;  // lane 2i + j takes row i's number
@@ -665,11 +663,13 @@ void fma_parts(const float* x, const float* run_sums, const Q* tiles, const uint
   constexpr int64_t S = kAffine ? 2 : 1;
   constexpr int64_t kBytes = std::is_same_v<Q, uint8_t> ? kRun * kRunRows / 2 : kRun * kRunRows;
   const int64_t runs = K / kRun;
+  // The pass's rows (kPassParts x kPartRows <= kLanes) are among the kLanes of a run's 16 row
+  // scales (and offsets) that start at `first`: each run widens those to one vector, and part g
+  // takes its rows' from it in registers.
+  const int first = kPartRows * s0 / kLanes * kLanes;
   vf total[M][G];
   for (int m = 0; m < M; ++m)
     for (int g = 0; g < G; ++g) total[m][g] = vf{};
-  // each run's scales (and offsets), widened; past 16, zeros that a part's last load reaches
-  float numbers[S][kRunRows + kLanes] = {};
   for (int64_t kb = 0; kb < runs; ++kb) {
     const Q* tile = tiles + kb * kBytes;
     if (s0 == 0) prefetch_bytes(tile + 4 * kBytes, kBytes);
@@ -685,14 +685,16 @@ void fma_parts(const float* x, const float* run_sums, const Q* tiles, const uint
         for (int g = 0; g < G; ++g) sum[m][g][p % 2] = fma(w[g], xv, sum[m][g][p % 2]);
       }
     }
-    for (int64_t i = 0; i < S; ++i) widen_halves(scales + (kb * S + i) * kRunRows, numbers[i]);
+    const uint16_t* run_scales = scales + kb * S * kRunRows + first;
+    const vf scales_here = load_halves(run_scales);
+    const vf offsets_here = kAffine ? load_halves(run_scales + kRunRows) : vf{};
     for (int g = 0; g < G; ++g) {
-      const int row = kPartRows * (s0 + g);
-      const vf scale = __builtin_shuffle(load(numbers[0] + row), kPairOf);
+      const vi pick = kPairOf + (kPartRows * (s0 + g) - first);
+      const vf scale = __builtin_shuffle(scales_here, pick);
       for (int m = 0; m < M; ++m) total[m][g] = fma(sum[m][g][0] + sum[m][g][1], scale,
                                                      total[m][g]);
       if constexpr (kAffine) {  // in the even lanes only: added once per row
-        const vf offset = kEven ? __builtin_shuffle(load(numbers[1] + row), kPairOf) : vf{};
+        const vf offset = kEven ? __builtin_shuffle(offsets_here, pick) : vf{};
         for (int m = 0; m < M; ++m)
           total[m][g] = fma(offset, splat(run_sums[m * runs + kb]), total[m][g]);
       }
@@ -745,10 +747,8 @@ void fma_scaled_product(ffi::ThreadPool& pool, const float* x, int64_t M, int64_
 #error "an AMX build has AVX-512, whose FMA form of the scaled products (sums_of_runs) it uses"
 #endif
 #if MTPJAX_AMX
-static_assert(kLanes == kTile, "a row of a tile's sums is one float vector");
-inline vf load_halves(const uint16_t* p) {  // 16 float16 numbers, widened
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
+static_assert(kLanes == kTile, "a row of a tile's sums is one float vector (load_halves: its "
+              "16 scales)");
 // A tile of integers 0 to 15 (Q4_1's), two to a byte (256 bytes: in each run of 32 bytes the low
 // nibbles hold 32 entries and the high ones the next 32), as the bfloat16 tile `out`: each
 // nibble an index into a table of the 16 numbers' bfloat16 bits (vpermw reads an index's low 5
