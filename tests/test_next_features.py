@@ -64,7 +64,9 @@ def test_a_run_per_block_trained_and_scored(tmp_path):
   losses = [json.loads((root / f'next_{b}' / 'summary.json').read_text())['eval']['loss/depth_1']
             for b in ('none', '0')]
   assert losses[0] != losses[1]
-  assert os.listdir(root / 'cache' / 'features')  # made once, for both
+  # one feature cache for both, under ROOT/cache: none in a run's own workdir
+  assert len(os.listdir(root / 'cache' / 'features')) == 1
+  assert not any((root / f'next_{b}' / 'data').exists() for b in ('none', '0'))
 
   for flags, words in ((['--blocks=1'], "--blocks takes 'none' and blocks of mtp.feature_layers "
                                         "(0), got '1'"),
