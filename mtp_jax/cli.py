@@ -160,9 +160,12 @@ def _keep_ctrl_c(unraisable) -> None:
   the hook itself, and printed); should it land in such a callback again, it comes back here."""
   if (issubclass(unraisable.exc_type, KeyboardInterrupt)
       and callable(signal.getsignal(signal.SIGINT))):
-    _thread.start_new_thread(_interrupt_main_soon, ())
-  else:
-    sys.__unraisablehook__(unraisable)
+    try:
+      _thread.start_new_thread(_interrupt_main_soon, ())
+      return
+    except RuntimeError:  # no new threads while Python shuts down: then it is only printed
+      pass
+  sys.__unraisablehook__(unraisable)
 
 
 def _interrupt_main_soon() -> None:
