@@ -139,12 +139,15 @@ def config_failed(e: Exception, argv: list[str]) -> NoReturn:
 def start(argv, persist: bool = True) -> None:
   """What a command does first, its flags parsed: refuses positional arguments (absl leaves them
   in argv), quiets absl's INFO logs, and with `persist` keeps what it compiles for the next run
-  (run.persist_compiled_programs: a rerun of a bench or an experiment compiles nothing), and
-  makes sure a Ctrl-C is not lost (_keep_ctrl_c)."""
+  (run.persist_compiled_programs: a rerun of a bench or an experiment compiles nothing), makes
+  sure a Ctrl-C is not lost (_keep_ctrl_c), and has one that ends the command say so in one line
+  instead of a traceback through JAX (the process still ends as Ctrl-C ends it: exit code 130 in
+  a shell)."""
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
   logging.set_verbosity(logging.WARNING)
   sys.unraisablehook = _keep_ctrl_c
+  sys.excepthook = _ctrl_c_in_one_line
   if persist:
     from mtp_jax import run
     run.persist_compiled_programs()
@@ -166,6 +169,13 @@ def _keep_ctrl_c(unraisable) -> None:
     except RuntimeError:  # no new threads while Python shuts down: then it is only printed
       pass
   sys.__unraisablehook__(unraisable)
+
+
+def _ctrl_c_in_one_line(kind, value, traceback) -> None:
+  if issubclass(kind, KeyboardInterrupt):
+    print('stopped by Ctrl-C', file=sys.stderr)
+  else:
+    sys.__excepthook__(kind, value, traceback)
 
 
 def _interrupt_main_soon() -> None:

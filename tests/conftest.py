@@ -193,6 +193,18 @@ def cpu_env(devices: int = 0, xla_flags: str = TEST_XLA_FLAGS, **extra) -> dict:
   return {k: v for k, v in env.items() if v is not None}
 
 
+def start_as_in_a_terminal(*args, env=None, **popen) -> subprocess.Popen:
+  """`python ARGS` in the repository on the CPU, started with SIGINT at its default action, as a
+  terminal's foreground job has it, so that a SIGINT sent to it is a Ctrl-C: pytest-xdist's
+  workers ignore SIGINT, as a shell's background job does, a child inherits that, and Python
+  raises KeyboardInterrupt only where it finds the default. A Python that restores it execs the
+  command (a preexec_fn would fork this process, whose JAX runs threads). Output piped, as text."""
+  restore = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+             'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
+  return subprocess.Popen([sys.executable, '-c', restore, *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env or cpu_env(), **popen)
+
+
 def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS, stdin='',
                **env) -> subprocess.CompletedProcess:
   """`python SCRIPT ARGS` in the repository on the CPU (`-m MODULE ARGS` runs a module), as a

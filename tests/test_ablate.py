@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import ablate_cpu
-from conftest import REPO, cpu_env, model_param_counts, run_script, shrunk
+from conftest import model_param_counts, run_script, shrunk, start_as_in_a_terminal
 from mtp_jax.config import ModelConfig, as_flags
 
 
@@ -158,16 +156,10 @@ def test_a_stopped_sweep_lets_the_running_point_checkpoint(tmp_path, corpus, how
   config = shrunk(ablate_cpu.get_config(), **{
       'data.sources': corpus, 'train.steps': 2000, 'train.eval_every': 2000,
       'train.checkpoint_every': 2000, 'decode.eval_prompts': 0, 'sweep.depth': '1'})
-  # SIGINT as a terminal's foreground job has it: a shell's background job, as CI may run the
-  # tests in, ignores it, and so would the sweep (set before the sweep's Python starts)
-  default_sigint = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
-                    'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
-  command = [sys.executable, '-c', default_sigint, 'experiments/ablate.py', '--config',
-             'configs/ablate_cpu.py', '--sweep', 'depth', '--root', str(tmp_path),
-             *as_flags(config)]
   log = tmp_path / 'depth' / 'depth=1' / 'train.log'
-  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True, env=cpu_env())
+  proc = start_as_in_a_terminal('experiments/ablate.py', '--config', 'configs/ablate_cpu.py',
+                                '--sweep', 'depth', '--root', str(tmp_path), *as_flags(config),
+                                start_new_session=True)
   deadline = time.monotonic() + 300
   while not (log.exists() and re.search(r'train: +\d+%.*\| [1-9]\d*/2000', log.read_text())):
     assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

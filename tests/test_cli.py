@@ -17,7 +17,7 @@ import pytest
 
 from configs import quickstart
 from conftest import (REPO, assert_no_traceback, assert_user_error, cpu_env, launch_summary,
-                      pretrained_config, run_script, shrunk, snapshot)
+                      pretrained_config, run_script, shrunk, snapshot, start_as_in_a_terminal)
 from mtp_jax.config import as_flags
 from mtp_jax.pretrained.base import PretrainedError
 
@@ -334,16 +334,8 @@ def test_ctrl_c_while_decoding_is_one_line_and_keeps_what_bench_wrote(trained, t
   workdir = shutil.copytree(trained[0], tmp_path / 'run')
   tiny = shrunk(quickstart.get_config(), **{'decode.eval_prompts': 0, 'run_after_train': '',
                                             'decode.bench_rounds': 1000})
-  # pytest-xdist's workers ignore SIGINT, and a child inherits that: Python turns SIGINT into
-  # KeyboardInterrupt only where it finds the default action, as a terminal's process has. So
-  # launch.py is started by a Python that restores it and execs (a preexec_fn would fork this
-  # process, whose JAX runs threads).
-  default_sigint = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
-                    'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
-  proc = subprocess.Popen([sys.executable, '-c', default_sigint, 'launch.py', '--config',
-                           QUICKSTART, '--workdir', str(workdir), *as_flags(tiny), '--mode=bench'],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=cpu_env())
+  proc = start_as_in_a_terminal('launch.py', '--config', QUICKSTART, '--workdir', str(workdir),
+                                *as_flags(tiny), '--mode=bench')
   try:
     deadline = time.time() + 120  # bench.json is first written before anything is compiled
     while not (workdir / 'bench.json').exists() and proc.poll() is None and time.time() < deadline:
@@ -393,6 +385,24 @@ def test_a_ctrl_c_that_lands_in_a_callback_python_only_prints_still_stops_the_co
   assert (result.returncode, result.stdout) == (130, 'stopped\n'), result.stderr[-3000:]
   assert 'ValueError: printed, not raised' in result.stderr
   assert 'KeyboardInterrupt' not in result.stderr, result.stderr[-3000:]
+
+
+def test_ctrl_c_in_an_experiment_is_one_line():
+  """An experiment stopped by Ctrl-C says so in one line (cli.start), not in a traceback through
+  JAX, and ends as Ctrl-C ends a process (exit code 130 in a shell)."""
+  proc = start_as_in_a_terminal('experiments/bench_matmul.py', '--shapes=8x8x8',
+                                '--rounds=100000000', env=cpu_env(JAX_LOG_COMPILES='1'))
+  try:
+    for line in proc.stderr:  # its main has started: it compiles
+      if 'Compiling' in line:
+        break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == -signal.SIGINT, stderr[-3000:]
+  assert stderr.rstrip().endswith('stopped by Ctrl-C'), stderr[-3000:]
+  assert_no_traceback(stderr)
 
 
 @pytest.mark.parametrize('mode', ['eval', 'demo', 'bench', 'export'])
