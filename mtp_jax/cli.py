@@ -160,15 +160,25 @@ def _keep_ctrl_c(unraisable) -> None:
   command ran on. Such a KeyboardInterrupt is delivered again to the main thread, where it stops
   the command as any other Ctrl-C does; other exceptions are printed as before. Another thread
   delivers it a moment later, once this hook has returned (one delivered here would be raised in
-  the hook itself, and printed); should it land in such a callback again, it comes back here."""
+  the hook itself, and printed); should it land in such a callback again, it comes back here.
+  Once the command is ending (Python waits for its threads, runs its exit callbacks, shuts
+  down), there is nothing left to stop: a Ctrl-C then is printed as before, and ends only the
+  one callback it landed in."""
   if (issubclass(unraisable.exc_type, KeyboardInterrupt)
-      and callable(signal.getsignal(signal.SIGINT))):
+      and callable(signal.getsignal(signal.SIGINT)) and not _ending(unraisable)):
     try:
       _thread.start_new_thread(_interrupt_main_soon, ())
       return
-    except RuntimeError:  # no new threads while Python shuts down: then it is only printed
+    except RuntimeError:  # no new thread could be started
       pass
   sys.__unraisablehook__(unraisable)
+
+
+def _ending(unraisable) -> bool:
+  """Whether Python reports this exception from its own exit: waiting for the threads (it names
+  the threading module), an exit callback, or the shutdown."""
+  return (sys.is_finalizing() or unraisable.object is sys.modules.get('threading')
+          or 'atexit' in (unraisable.err_msg or ''))
 
 
 def _ctrl_c_in_one_line(kind, value, traceback) -> None:

@@ -198,11 +198,13 @@ def start_as_in_a_terminal(*args, env=None, **popen) -> subprocess.Popen:
   terminal's foreground job has it, so that a SIGINT sent to it is a Ctrl-C: pytest-xdist's
   workers ignore SIGINT, as a shell's background job does, a child inherits that, and Python
   raises KeyboardInterrupt only where it finds the default. A Python that restores it execs the
-  command (a preexec_fn would fork this process, whose JAX runs threads). Output piped, as text."""
+  command (a preexec_fn would fork this process, whose JAX runs threads). Output piped, as text,
+  unless `popen` says otherwise."""
   restore = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
              'os.execv(sys.executable, [sys.executable, *sys.argv[1:]])')
-  return subprocess.Popen([sys.executable, '-c', restore, *args], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env or cpu_env(), **popen)
+  popen = {'stdout': subprocess.PIPE, 'stderr': subprocess.PIPE, **popen}
+  return subprocess.Popen([sys.executable, '-c', restore, *args], cwd=REPO, text=True,
+                          env=env or cpu_env(), **popen)
 
 
 def run_script(script, *args, timeout=300, xla_flags=TEST_XLA_FLAGS, stdin='',

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -356,9 +357,11 @@ def test_a_ctrl_c_that_lands_in_a_callback_python_only_prints_still_stops_the_co
   """The race the test above can meet: Ctrl-C while the main thread runs a garbage-collection
   callback (JAX's runs often while a program compiles). Python prints an exception raised there
   and goes on, so without cli.start's hook the command ran on to its end; with it the
-  KeyboardInterrupt reaches the command's own code. Other exceptions there are printed as before."""
+  KeyboardInterrupt reaches the command's own code. Other exceptions there are printed as before,
+  and so is a Ctrl-C in an exit callback, which ends that callback alone (delivered again, it
+  would cut the next one short)."""
   script = textwrap.dedent('''
-      import gc, signal, sys, time
+      import atexit, gc, signal, sys, time
       signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal's process
       from mtp_jax import cli
       cli.start(['command'], persist=False)
@@ -377,29 +380,45 @@ def test_a_ctrl_c_that_lands_in_a_callback_python_only_prints_still_stops_the_co
         time.sleep(30)  # a signal ends it at once
         print('ran on')
       except KeyboardInterrupt:
-        print('stopped')
+        print('stopped', flush=True)
+        atexit.register(lambda: (time.sleep(0.5), print('the next exit callback ran')))
+        atexit.register(signal.raise_signal, signal.SIGINT)  # the first to run
         sys.exit(130)
       ''')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
                           text=True, timeout=60, env=cpu_env())
-  assert (result.returncode, result.stdout) == (130, 'stopped\n'), result.stderr[-3000:]
+  assert (result.returncode, result.stdout) == (
+      130, 'stopped\nthe next exit callback ran\n'), result.stderr[-3000:]
   assert 'ValueError: printed, not raised' in result.stderr
-  assert 'KeyboardInterrupt' not in result.stderr, result.stderr[-3000:]
+  # the exit callback's KeyboardInterrupt alone is printed
+  assert result.stderr.count('KeyboardInterrupt') == 1, result.stderr[-3000:]
+  assert 'Exception ignored in atexit callback' in result.stderr
 
 
 def test_ctrl_c_in_an_experiment_is_one_line():
   """An experiment stopped by Ctrl-C says so in one line (cli.start), not in a traceback through
   JAX, and ends as Ctrl-C ends a process (exit code 130 in a shell)."""
   proc = start_as_in_a_terminal('experiments/bench_matmul.py', '--shapes=8x8x8',
-                                '--rounds=100000000', env=cpu_env(JAX_LOG_COMPILES='1'))
-  try:
-    for line in proc.stderr:  # its main has started: it compiles
+                                '--rounds=100000000', env=cpu_env(JAX_LOG_COMPILES='1'),
+                                stdout=subprocess.DEVNULL)
+  lines, compiling = [], threading.Event()
+
+  def read():  # all of stderr; `compiling` once main has started, as it compiles
+    for line in proc.stderr:
+      lines.append(line)
       if 'Compiling' in line:
-        break
+        compiling.set()
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  try:
+    started = compiling.wait(timeout=120)
+    assert started, ''.join(lines)[-3000:]
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
   finally:
     proc.kill()
+  reader.join(timeout=10)
+  stderr = ''.join(lines)
   assert proc.returncode == -signal.SIGINT, stderr[-3000:]
   assert stderr.rstrip().endswith('stopped by Ctrl-C'), stderr[-3000:]
   assert_no_traceback(stderr)
