@@ -1,6 +1,7 @@
 """What launch.py and every experiment share at the command line: stray arguments refused, absl's
-INFO logs (Orbax's, gguf's) kept off the terminal, compiled programs kept for the next run, and
-a user's mistake told as one `error:` line with exit code 2 (each caller checks its flags before
+INFO logs (Orbax's, gguf's) kept off the terminal, compiled programs kept for the next run, a
+Ctrl-C never lost and told in one line, and a user's mistake told as one `error:` line with exit
+code 2 (each caller checks its flags before
 it compiles or writes anything). Importing this module does not import JAX (so --help and flag
 errors stay quick)."""
 
