@@ -527,6 +527,27 @@ def simulate(prompts, answers, tops, depth: int, trees=(), sparse=(), branch_dep
   return totals
 
 
+def check_cache(directory: str, feature_layers: tuple) -> None:
+  """A --cache to count on: a finished feature cache that keeps the blocks the heads read
+  (mtp.feature_layers); ValueError otherwise."""
+  from mtp_jax import features
+  found = features.load(directory)
+  if found is None or not found['valid'].has_features:
+    raise ValueError(f'--cache: {directory} is not a finished feature cache')
+  kept = features.meta(directory)['spec'].get('feature_layers', [])
+  if tuple(kept) != tuple(feature_layers):
+    raise ValueError(f'--cache: {directory} keeps the features of blocks {kept}, the heads read '
+                     f'{list(feature_layers)} (mtp.feature_layers)')
+
+
+def draft_ids(session):
+  """The token ids the heads draft over (decode.draft_vocab of the session's token ranking), or
+  None for the whole vocabulary."""
+  import numpy as np
+  rank, n = session.token_rank(), session.config.decode.draft_vocab
+  return None if not n or rank is None else np.asarray(rank[:n])
+
+
 def cache_agreement(session, params, directory: str, draft_ids, top: int = 1,
                     answer_split: int = 0) -> dict:
   """Sums as `count` keeps them over the cache's valid split, from its h0 (as training reads it),
@@ -563,10 +584,8 @@ def cache_agreement(session, params, directory: str, draft_ids, top: int = 1,
 def main(argv):
   cli.start(argv)
   cli.output_file(_JSON.value, '--json')
-  import numpy as np
   from mtp_jax import data as data_lib
   from mtp_jax import decode as dec
-  from mtp_jax import features
   from mtp_jax import inference
   from mtp_jax import measure, run, train
   from mtp_jax.config import ConfigError
@@ -590,17 +609,10 @@ def main(argv):
     drafts = config.decode.draft_vocab or session.cfg.vocab_size
     if _TOP.value > drafts:
       raise ConfigError(f'--top {_TOP.value}: the heads draft over {drafts} tokens')
-    cache = features.load(_CACHE.value) if _CACHE.value else None
-    if _CACHE.value and (cache is None or not cache['valid'].has_features):
-      raise ValueError(f'--cache: {_CACHE.value} is not a finished feature cache')
     if _CACHE.value:
-      layers = features.meta(_CACHE.value)['spec'].get('feature_layers', [])
-      if tuple(layers) != session.cfg.feature_layers:
-        raise ValueError(f'--cache: {_CACHE.value} keeps the features of blocks {layers}, the '
-                         f'heads read {list(session.cfg.feature_layers)} (mtp.feature_layers)')
+      check_cache(_CACHE.value, session.cfg.feature_layers)
     _, params = inference.load_params(session)
-    rank, n = session.token_rank(), config.decode.draft_vocab
-    draft_ids = None if not n or rank is None else np.asarray(rank[:n])
+    ids = draft_ids(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
   except (*run.USER_ERRORS, ValueError) as e:  # a missing checkpoint too
     cli.fail(e)
@@ -609,16 +621,16 @@ def main(argv):
   by = 'trunk' if _BY_CONFIDENCE.value else 'head' if _BY_HEAD_CONFIDENCE.value else ''
   tops = [] if _SIMULATE.value else None
   sure = [] if _SIMULATE.value else None
-  sums, answers = greedy_agreement(session, params, prompts, draft_ids, _TOP.value, by, missed,
+  sums, answers = greedy_agreement(session, params, prompts, ids, _TOP.value, by, missed,
                                    tops, _ANSWER_SPLIT.value, sure)
   rows['greedy answers to held-out prompts'] = sums
   if _CACHE.value:
     rows[f'valid split of {_CACHE.value}'] = cache_agreement(session, params, _CACHE.value,
-                                                             draft_ids, _TOP.value,
+                                                             ids, _TOP.value,
                                                              _ANSWER_SPLIT.value)
   print(f'machine: {measure.machine()}')
   print(f'heads: depth {config.mtp.depth}, draft vocabulary '
-        f'{"all" if draft_ids is None else len(draft_ids)} tokens, agreeing when the trunk\'s '
+        f'{"all" if ids is None else len(ids)} tokens, agreeing when the trunk\'s '
         f'token is among the top {_TOP.value}; {len(prompts)} held-out prompts answered greedily')
   out = []
   for name, s in rows.items():

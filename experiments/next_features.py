@@ -31,8 +31,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import head_agreement  # noqa: E402  (beside this script: its path when run, conftest's in tests)
 from mtp_jax import atomic, cli  # noqa: E402
 
 
@@ -95,29 +95,13 @@ def parse_blocks(values: list[str], feature_layers: tuple) -> list[int | None]:
   return blocks
 
 
-def check_cache(directory: str, layers: tuple) -> None:
-  """--cache is a finished feature cache of the blocks the module reads (as head_agreement.py
-  checks it)."""
-  from mtp_jax import features
-  found = features.load(directory)
-  if found is None or not found['valid'].has_features:
-    raise ValueError(f'--cache: {directory} is not a finished feature cache')
-  kept = features.meta(directory)['spec'].get('feature_layers', [])
-  if tuple(kept) != layers:
-    raise ValueError(f'--cache: {directory} keeps the features of blocks {kept}, the module '
-                     f'reads {list(layers)} (mtp.feature_layers)')
-
-
 def score(config, workdir: str, cache: str) -> dict:
   """head_agreement.py's counts of the first module in `workdir`: {data: agreement}."""
-  import numpy as np
-  import head_agreement
   from mtp_jax import inference, train
   session = train.Session(config, workdir, data=False, reads='bench')
   try:
     _, params = inference.load_params(session)
-    rank, n = session.token_rank(), config.decode.draft_vocab
-    draft_ids = None if not n or rank is None else np.asarray(rank[:n])
+    draft_ids = head_agreement.draft_ids(session)
     prompts = inference.held_out_prompts(session, config.decode.bench_prompts)
     sums, _ = head_agreement.greedy_agreement(session, params, prompts, draft_ids)
     rows = {'held-out prompts': sums.get(('answer', 1), (0, 0))}
@@ -151,7 +135,7 @@ def main(argv):
     if problem:
       raise ConfigError(problem)
     if _CACHE.value:
-      check_cache(_CACHE.value, layers)
+      head_agreement.check_cache(_CACHE.value, layers)
   except (*run.USER_ERRORS, ValueError) as e:
     cli.fail(e)
   if not config.data.cache_dir:  # one cache for every run, not one in each workdir

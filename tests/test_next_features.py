@@ -8,8 +8,10 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
-import next_features  # experiments/, on the path conftest sets
+import head_agreement  # experiments/, on the path conftest sets
+import next_features
 from conftest import assert_user_error, heads_config_file, run_script, tiny_model
 from mtp_jax.model import MTPLanguageModel, init_params
 
@@ -67,6 +69,11 @@ def test_a_run_per_block_trained_and_scored(tmp_path):
   # one feature cache for both, under ROOT/cache: none in a run's own workdir
   assert len(os.listdir(root / 'cache' / 'features')) == 1
   assert not any((root / f'next_{b}' / 'data').exists() for b in ('none', '0'))
+  # that cache as --cache (head_agreement.check_cache): it keeps block 0's features, not 1's
+  cache = str(root / 'cache' / 'features' / os.listdir(root / 'cache' / 'features')[0])
+  head_agreement.check_cache(cache, (0,))
+  with pytest.raises(ValueError, match=r'keeps the features of blocks \[0\], the heads read \[1\]'):
+    head_agreement.check_cache(cache, (1,))
 
   for flags, words in ((['--blocks=1'], "--blocks takes 'none' and blocks of mtp.feature_layers "
                                         "(0), got '1'"),
