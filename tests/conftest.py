@@ -149,36 +149,17 @@ def stdlib_corpus(*names) -> str:
   return ','.join(os.path.join(stdlib, name) for name in names or CORPUS_FILES)
 
 
-# Compiled programs are kept from one test file to the next (tests of different files build many
-# of the same small programs: six in-process test files ran in 316 s in one process against 373 s
-# with every program let go after each file) until a worker's memory maps pass half of Linux's default limit of 65530
-# regions a process (vm.max_map_count): every XLA CPU executable maps about six while it lives,
-# and a worker that kept every program of half the suite came within a few thousand of that
-# limit, past which an mmap fails and XLA crashed (a segmentation fault while compiling or
-# serialising a program). One test file adds up to about 16,000 (test_kernels.py), so the limit
-# keeps a margin.
-MAPS_KEPT = 32768
-
-
-def memory_maps() -> float:
-  """How many memory regions this process has mapped (the lines of /proc/self/maps); infinity
-  where that cannot be read, so that each file's programs are let go there."""
-  try:
-    with open('/proc/self/maps', 'rb') as f:
-      return sum(1 for _ in f)
-  except OSError:
-    return float('inf')
-
-
 @pytest.fixture(autouse=True, scope='module')
-def _programs_let_go_near_the_map_limit():
-  """After each test file, lets every compiled program go (jax's caches, and the decoders
-  decode.compiled_decoder keeps) once the worker maps more than MAPS_KEPT regions. The
+def _programs_of_one_module():
+  """Lets each test file's compiled programs go when it ends (jax's caches, and the decoders
+  decode.compiled_decoder keeps): every XLA CPU executable maps about six memory regions while
+  it lives, and a worker that kept every program of half the suite came within a few thousand of
+  Linux's default limit of 65530 regions a process (vm.max_map_count), past which an mmap fails
+  and XLA crashed (a segmentation fault while compiling or serialising a program). The
   persistent compilation cache above makes a program compiled again cheap."""
   yield
-  if memory_maps() > MAPS_KEPT:
-    dec.compiled_decoder.cache_clear()
-    jax.clear_caches()
+  dec.compiled_decoder.cache_clear()
+  jax.clear_caches()
 
 
 @pytest.fixture(scope='session')
