@@ -757,8 +757,8 @@ def test_a_branch_is_accepted_past_its_first_draft(sampled):
 @pytest.mark.parametrize('kind', KINDS)
 def test_cache_bytes_are_the_caches_a_decoder_makes(kind):
   """DecodeModel.cache_bytes, by which a script refuses rows past memory before it makes them,
-  counts the bytes of init_cache's caches: the trunk's layers and the heads' blocks where they attend
-  (Medusa heads do not)."""
+  counts the bytes of init_cache's caches: the trunk's layers and the heads' blocks where they
+  attend (Medusa heads do not)."""
   cfg = tiny_model(**{'mtp.kind': kind, 'mtp.depth': 2, 'mtp.head_blocks': 2})
   model = dec.decode_model(cfg, use_kernels=False)
   made = sum(leaf.nbytes for leaf in jax.tree.leaves(model.init_cache(3, 17)))
